@@ -1,0 +1,341 @@
+"""Engine: load a model once, then generate, stream or score.
+
+    eng = Engine.from_pretrained()                 # the bundled SmolLM2-135M-Instruct
+    out = eng.generate(["Hello", "Bonjour"], max_new_tokens=32)[0].text
+
+Generation is batched: prompts of different lengths are left-padded into one prefill, then every
+decode step advances all unfinished requests together; a request that finishes (EOS, stop string,
+token budget) leaves the batch and its KV-cache rows are dropped, so it costs no more work.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .config import ModelConfig
+from .errors import PFError, RequestError
+from .loading import check_model_path, load_weights
+from .model import Decoder, attention_mask
+from .sampling import Sampler, SamplingParams
+from .tokenizer import Detokenizer, Tokenizer
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+          "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    token_ids: list[int]
+    finish_reason: str                  # "stop" (EOS or a stop string) or "length"
+    usage: dict = field(default_factory=dict)   # prompt_tokens, completion_tokens
+    gates: dict | None = None           # persona weights used (with an adapter bank)
+
+
+@dataclass
+class Stats:
+    """Timings of the last generate/stream call (seconds, tokens)."""
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise PFError(f"dtype={dtype!r}: expected one of fp32, fp16, bf16")
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise PFError(f"device={device!r}: expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PFError(f"device={device!r}: no CUDA GPU is available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise PFError(f"device={device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    return dev
+
+
+def resolve_model(model, progress: bool) -> str:
+    """None -> the bundled default; a .gguf -> its cached conversion; else an HF folder."""
+    if model is None:
+        from . import bundled
+        return bundled.default_model_dir(progress=progress)
+    model = os.fspath(model)
+    if model.endswith(".gguf"):
+        if not os.path.isfile(model):
+            raise PFError(f"model path {model} does not exist")
+        from . import bundled
+        st = os.stat(model)
+        key = hashlib.sha1(f"{os.path.abspath(model)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        out = os.path.join(bundled.pf_home(), "models",
+                           f"{os.path.basename(model)[:-5]}-{key}")
+        if not os.path.isfile(os.path.join(out, "config.json")):
+            from .gguf_import import convert_gguf
+            convert_gguf(model, out, overwrite=True, progress=progress)
+        return out
+    return check_model_path(model)
+
+
+class Engine:
+    def __init__(self, folder: str, device: torch.device, dtype: torch.dtype):
+        self.folder, self.device, self.dtype = folder, device, dtype
+        self.config = ModelConfig.from_file(os.path.join(folder, "config.json"))
+        self.model = Decoder(self.config, load_weights(folder, self.config, dtype, device), device)
+        self.tokenizer = Tokenizer.maybe(folder)
+        eos = set(self.config.eos_token_id)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_ids = eos
+        self.stats = Stats()
+        self.load_s = 0.0
+
+    @classmethod
+    def from_pretrained(cls, model=None, adapters=None, device=None, dtype=None, backend=None,
+                        progress: bool = True) -> "Engine":
+        """Load a model (None: the bundled SmolLM2-135M-Instruct; an HF folder; a .gguf file).
+
+        device: "cpu" / "cuda" (default: cuda when present); dtype: fp32 / fp16 / bf16 (default
+        fp32 on CPU, bf16 on GPU).  ``adapters`` and ``backend`` belong to the persona experts.
+        """
+        t0 = time.perf_counter()
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        if adapters is not None:
+            raise PFError("adapter banks are not supported by this build yet")
+        if backend not in (None, "auto", "torch"):
+            raise PFError(f"backend={backend!r}: expected auto or torch")
+        eng = cls(resolve_model(model, progress), dev, dt)
+        eng.load_s = time.perf_counter() - t0
+        return eng
+
+    # Prompts ------------------------------------------------------------------------------
+    def _encode(self, prompts, chat: bool) -> list[list[int]]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                        and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise RequestError("prompts: expected a string, a list of strings or a list of token-id lists")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if not p:
+                    raise RequestError(f"prompt {i} is empty")
+                if self.tokenizer is None:
+                    raise RequestError(f"this model ({self.folder}) has no tokenizer.json: pass token ids")
+                ids = self.tokenizer.encode(p, chat=chat)
+            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
+                if chat:
+                    raise RequestError("chat=True needs text prompts, not token ids")
+                ids = list(p)
+            else:
+                raise RequestError(f"prompt {i}: expected a string or a list of token ids")
+            if not ids:
+                raise RequestError(f"prompt {i} is empty")
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise RequestError(f"prompt {i}: token id {bad[0]} is outside the vocabulary "
+                                   f"[0, {self.config.vocab_size})")
+            out.append(ids)
+        return out
+
+    def _fit_context(self, prompts: list[list[int]], max_new: int, truncate: bool):
+        ctx = self.config.max_position_embeddings
+        fitted = []
+        for i, ids in enumerate(prompts):
+            if len(ids) >= ctx:
+                if not truncate:
+                    raise RequestError(
+                        f"prompt {i} has {len(ids)} tokens; the context holds {ctx} "
+                        "(pass truncate=True / --truncate to keep its last tokens)")
+                ids = ids[-max(1, ctx - max_new):]
+            fitted.append(ids)
+        return fitted
+
+    # The generation loop ------------------------------------------------------------------
+    def _steps(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list]:
+        """Yields, after each step, [(request, token, finish_reason | None), ...].
+
+        Finished requests leave the batch (their KV-cache rows are dropped).
+        """
+        dev, cfg = self.device, self.config
+        B = len(prompts)
+        lens = [len(p) for p in prompts]
+        P = max(lens)
+        budget = [min(params.max_new_tokens, cfg.max_position_embeddings - n) for n in lens]
+        cache = self.model.new_cache(B, P + max(budget))
+        pad = torch.tensor([P - n for n in lens], device=dev)
+        tokens = torch.zeros(B, P, dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            tokens[i, P - len(p):] = torch.tensor(p, device=dev)
+        sampler = Sampler(params, B, cfg.vocab_size, dev)
+        for i, p in enumerate(prompts):
+            sampler.observe(torch.tensor([i], device=dev), torch.tensor([p], device=dev))
+        detok = ([Detokenizer(self.tokenizer, params.stop) for _ in range(B)]
+                 if params.stop and self.tokenizer is not None else None)
+        self.stats = st = Stats(prefill_tokens=sum(lens))
+
+        t0 = time.perf_counter()
+        positions = (torch.arange(P, device=dev).unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)
+        logits = self.model(tokens, positions, cache, 0, attention_mask(pad, 0, P, cfg.sliding_window),
+                            last_only=True)[:, -1]
+        active = list(range(B))
+        col, produced = P, [0] * B
+        while True:
+            nxt = sampler(logits, active)
+            if st.prefill_s == 0.0:
+                st.prefill_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+            nxt_list = nxt.tolist()
+            sampler.observe(torch.tensor(active, device=dev), nxt.unsqueeze(1))
+            events, keep = [], []
+            for j, (r, t) in enumerate(zip(active, nxt_list)):
+                produced[r] += 1
+                reason = None
+                if t in self.eos_ids:
+                    reason = "stop"
+                elif detok is not None:
+                    detok[r].add(t)
+                    if detok[r].stopped:
+                        reason = "stop"
+                if reason is None and produced[r] >= budget[r]:
+                    reason = "length"
+                events.append((r, t, reason))
+                if reason is None:
+                    keep.append(j)
+            st.decode_tokens += len(active)
+            yield events
+            if not keep:
+                break
+            if len(keep) < len(active):
+                idx = torch.tensor(keep, device=dev)
+                cache.keep(idx)
+                pad, nxt = pad[idx], nxt[idx]
+                active = [active[j] for j in keep]
+            positions = (col - pad).unsqueeze(1)
+            logits = self.model(nxt.unsqueeze(1), positions, cache, col,
+                                attention_mask(pad, col, 1, cfg.sliding_window))[:, -1]
+            col += 1
+        st.decode_s = time.perf_counter() - t0
+        # The first token comes from the prefill's logits: count decode work as the rest.
+        st.decode_tokens -= B
+
+    def _prepare(self, prompts, persona, chat, truncate, **sampling):
+        params = SamplingParams(**sampling)
+        if persona is not None:
+            raise PFError("persona given but this engine has no adapter bank (pass adapters=...)")
+        return self._fit_context(self._encode(prompts, chat), params.max_new_tokens, truncate), params
+
+    def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+                 seed: int | None = None, stop=None, persona=None, chat: bool = False,
+                 truncate: bool = False) -> list[GenerationOutput]:
+        """Generate for one prompt or a batch; returns one GenerationOutput per prompt.
+
+        prompts: str | list[str] | list[int] | list[list[int]].  temperature 0 is greedy.
+        seed: request i is seeded with seed + i.  stop: str or list of str (cut from the text).
+        chat: wrap each text prompt in the tokenizer's chat template as a user message.
+        truncate: keep the last tokens of a prompt longer than the context instead of failing.
+        """
+        ids, params = self._prepare(prompts, persona, chat, truncate,
+                                    max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                                    seed=seed, stop=stop)
+        gen = [[] for _ in ids]
+        reasons = [None] * len(ids)
+        for events in self._steps(ids, params):
+            for r, t, reason in events:
+                gen[r].append(t)
+                reasons[r] = reason
+        return [self._output(p, g, why, params) for p, g, why in zip(ids, gen, reasons)]
+
+    def _output(self, prompt, gen, reason, params) -> GenerationOutput:
+        text = ""
+        if self.tokenizer is not None:
+            body = gen[:-1] if gen and gen[-1] in self.eos_ids else gen
+            text = self.tokenizer.decode(body)
+            for s in params.stop:
+                i = text.find(s)
+                if i >= 0:
+                    text = text[:i]
+        return GenerationOutput(text=text, token_ids=gen, finish_reason=reason,
+                                usage={"prompt_tokens": len(prompt), "completion_tokens": len(gen)})
+
+    def stream(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+               seed: int | None = None, stop=None, persona=None, chat: bool = False,
+               truncate: bool = False) -> Iterator[str]:
+        """Yield the text of one prompt piece by piece as it is generated."""
+        if self.tokenizer is None:
+            raise RequestError(f"this model ({self.folder}) has no tokenizer.json: stream needs one")
+        if not isinstance(prompt, str) and not (isinstance(prompt, list) and prompt
+                                                and isinstance(prompt[0], int)):
+            raise RequestError("stream takes one prompt: a string or a list of token ids")
+        ids, params = self._prepare(prompt, persona, chat, truncate,
+                                    max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                                    seed=seed, stop=stop)
+        detok = Detokenizer(self.tokenizer, params.stop)
+        for events in self._steps(ids, params):
+            for _, t, _ in events:
+                if t in self.eos_ids:
+                    continue
+                piece = detok.add(t)
+                if piece:
+                    yield piece
+        tail = detok.flush()
+        if tail:
+            yield tail
+
+    @torch.inference_mode()
+    def logits(self, token_ids, persona=None) -> torch.Tensor:
+        """Float32 logits [B, T, vocab] for token ids [B, T] (a tensor or equal-length lists)."""
+        if persona is not None:
+            raise PFError("persona given but this engine has no adapter bank (pass adapters=...)")
+        try:
+            ids = torch.as_tensor(token_ids, dtype=torch.long) if not isinstance(token_ids, torch.Tensor) \
+                else token_ids.long()
+        except (ValueError, TypeError):
+            raise RequestError("token_ids: expected a [B, T] tensor or equal-length lists of ints") from None
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise RequestError(f"token_ids: expected a non-empty [B, T] batch, got shape {list(ids.shape)}")
+        B, T = ids.shape
+        if T > self.config.max_position_embeddings:
+            raise RequestError(f"token_ids has {T} positions; the context holds "
+                               f"{self.config.max_position_embeddings}")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise RequestError(f"token_ids: ids must lie in [0, {self.config.vocab_size})")
+        ids = ids.to(self.device)
+        pad = torch.zeros(B, dtype=torch.long, device=self.device)
+        positions = torch.arange(T, device=self.device).expand(B, T)
+        return self.model(ids, positions, self.model.new_cache(B, T), 0,
+                          attention_mask(pad, 0, T, self.config.sliding_window))
+
+
+for _name in ("generate", "stream"):
+    setattr(Engine, _name, torch.inference_mode()(getattr(Engine, _name)))

@@ -1,0 +1,124 @@
+"""The decoder: embedding, N identical blocks, final norm, LM head.
+
+One block, written once and looped over layers:
+
+    h = x + o( attn( rope(q), rope(k), v ) )      q, k, v = qkv( rmsnorm(x) )
+    y = h + down( silu(gate) * up )               gate, up = gate_up( rmsnorm(h) )
+
+Attention is causal with grouped-query heads (H query heads share H / H_kv key/value heads), an
+optional sliding window (Mistral), and reads/writes the preallocated KV cache.  Batches are
+left-padded (see kv_cache.py): ``positions`` are per row, and ``attention_mask`` says which cache
+columns each query may see.  Shapes are noted as (B, T, ...) where they change.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .loading import LayerWeights, ModelWeights
+from .mixing import Linear
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as HF Llama does)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class Rotary:
+    """RoPE tables: cos/sin [max_pos, head_dim] in fp32 (the half-split layout HF Llama uses)."""
+
+    def __init__(self, cfg: ModelConfig, device):
+        pos = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(pos, cfg.inv_freq())                      # [P, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1).to(device)             # [P, D]
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def __call__(self, positions: torch.Tensor, dtype):
+        """positions [B, T] -> cos, sin [B, 1, T, D] in ``dtype``."""
+        return (self.cos[positions].unsqueeze(1).to(dtype),
+                self.sin[positions].unsqueeze(1).to(dtype))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D] rotated: x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rot * sin
+
+
+def attention_mask(pad: torch.Tensor, start: int, T: int, window: int | None) -> torch.Tensor:
+    """Which cache columns each query sees: bool [B, 1, T, start + T] (True = attend).
+
+    Row b's real tokens occupy columns pad[b]: of the cache.  Query column q sees key column j iff
+    pad[b] <= j <= q and (no window or q - j < window).  A padding query (q < pad[b]) sees only
+    itself, so that no row of the softmax is empty (its output is never used).
+    """
+    L = start + T
+    q = torch.arange(start, L, device=pad.device).view(1, T, 1)
+    j = torch.arange(L, device=pad.device).view(1, 1, L)
+    p = pad.view(-1, 1, 1)
+    ok = (j >= p) & (j <= q)
+    if window is not None:
+        ok &= (q - j) < window
+    ok |= (q < p) & (j == q)
+    return ok.unsqueeze(1)
+
+
+class Block:
+    def __init__(self, cfg: ModelConfig, w: LayerWeights, index: int):
+        self.index, self.eps = index, cfg.rms_norm_eps
+        self.H, self.H_kv, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.attn_norm, self.mlp_norm = w.attn_norm, w.mlp_norm
+        f = cfg.intermediate_size
+        self.qkv = Linear(w.qkv, w.qkv_bias, (cfg.q_size, cfg.kv_size, cfg.kv_size))
+        self.o = Linear(w.o, w.o_bias)
+        self.gate_up = Linear(w.gate_up, w.gate_up_bias, (f, f))
+        self.down = Linear(w.down, w.down_bias)
+
+    def __call__(self, x, cos, sin, cache: KVCache, start: int, mask):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(rms_norm(x, self.attn_norm, self.eps))
+        q = q.view(B, T, self.H, self.D).transpose(1, 2)               # (B, H, T, D)
+        k = k.view(B, T, self.H_kv, self.D).transpose(1, 2)            # (B, H_kv, T, D)
+        v = v.view(B, T, self.H_kv, self.D).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_all, v_all = cache.update(self.index, start, k, v)          # (B, H_kv, start+T, D)
+        a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
+                                           enable_gqa=self.H != self.H_kv)
+        x = x + self.o(a.transpose(1, 2).reshape(B, T, self.H * self.D))
+        gate, up = self.gate_up(rms_norm(x, self.mlp_norm, self.eps))
+        return x + self.down(F.silu(gate) * up)
+
+
+class Decoder:
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, device):
+        self.cfg = cfg
+        self.embed, self.norm, self.lm_head = weights.embed, weights.norm, weights.lm_head
+        self.blocks = [Block(cfg, w, i) for i, w in enumerate(weights.layers)]
+        self.rotary = Rotary(cfg, device)
+        self.dtype, self.device = weights.embed.dtype, device
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        c = self.cfg
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
+                       self.dtype, self.device)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
+                 mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """tokens, positions [B, T] -> float32 logits [B, T, vocab] ([B, 1, vocab] if last_only).
+
+        Writes keys/values of the T new tokens into cache columns start:start+T.
+        """
+        x = self.embed[tokens]                                         # (B, T, d)
+        cos, sin = self.rotary(positions, self.dtype)
+        for blk in self.blocks:
+            x = blk(x, cos, sin, cache, start, mask)
+        if last_only:
+            x = x[:, -1:]
+        x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()

@@ -1,0 +1,113 @@
+"""Sampling: parameters, logits processors and the per-request samplers.
+
+Order of operations on the last-position logits [B, V] (the same as transformers'):
+repetition penalty -> temperature -> top-k -> top-p -> sample (or argmax when temperature == 0).
+Each request owns a ``torch.Generator``: with ``seed`` given, request i of a call is seeded with
+``seed + i``, so the same seed gives the same text whatever else shares the batch.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import RequestError
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        checks = [
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+             f"max_new_tokens={self.max_new_tokens!r}: expected an integer >= 1"),
+            (_finite(self.temperature) and self.temperature >= 0,
+             f"temperature={self.temperature!r}: expected a finite number >= 0"),
+            (_finite(self.top_p) and 0 < self.top_p <= 1,
+             f"top_p={self.top_p!r}: expected a number in (0, 1]"),
+            (isinstance(self.top_k, int) and self.top_k >= 0,
+             f"top_k={self.top_k!r}: expected an integer >= 0 (0 disables it)"),
+            (_finite(self.repetition_penalty) and self.repetition_penalty > 0,
+             f"repetition_penalty={self.repetition_penalty!r}: expected a number > 0 (1 disables it)"),
+            (self.seed is None or isinstance(self.seed, int),
+             f"seed={self.seed!r}: expected an integer or None"),
+            (all(isinstance(s, str) and s for s in self.stop),
+             f"stop={self.stop!r}: expected non-empty strings"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise RequestError(msg)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits [B, V]; seen [B, V] bool: tokens already in the sequence get l / p (l > 0) or l * p."""
+    pen = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, pen, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+    probs = sorted_logits.softmax(-1)
+    drop = (probs.cumsum(-1) - probs) >= p        # mass before this token already reaches p
+    drop[..., 0] = False
+    return logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+
+
+class Sampler:
+    """Chooses the next token of each active request from its logits."""
+
+    def __init__(self, params: SamplingParams, batch: int, vocab: int, device):
+        self.params = params
+        self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+        self.generators = None
+        if not params.greedy:
+            base = params.seed if params.seed is not None else secrets.randbits(62)
+            self.generators = [torch.Generator(device=device).manual_seed(base + i)
+                               for i in range(batch)]
+
+    def observe(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Record tokens [n, T] of requests ``rows`` for the repetition penalty."""
+        if self.params.repetition_penalty != 1.0:
+            self.seen[rows.unsqueeze(1).expand_as(tokens), tokens] = True
+
+    def __call__(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """logits [n, V] of requests ``rows`` (indices into the original batch) -> tokens [n]."""
+        p = self.params
+        if p.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, self.seen[rows], p.repetition_penalty)
+        if p.greedy:
+            return logits.argmax(-1)
+        logits = top_p_filter(top_k_filter(logits / p.temperature, p.top_k), p.top_p)
+        probs = logits.softmax(-1)
+        return torch.cat([torch.multinomial(probs[i], 1, generator=self.generators[r])
+                          for i, r in enumerate(rows)])

@@ -1,0 +1,217 @@
+"""Engine API on text: tokenizer, chat template, stop strings, streaming, and bad input."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from pf_engine import Engine, LoadError, PFError, RequestError
+from pf_engine.cli import generate as cli
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_chat_model):
+    folder, hf = tiny_chat_model
+    return Engine.from_pretrained(folder), hf
+
+
+def test_text_generation_matches_transformers(chat):
+    eng, hf = chat
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(eng.folder)
+    prompt = "the quick brown fox"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    ref = hf.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
+    out = eng.generate(prompt, max_new_tokens=20)[0]
+    assert out.token_ids == ref
+    body = ref[:-1] if ref and ref[-1] == tok.eos_token_id else ref
+    assert out.text == tok.decode(body, skip_special_tokens=True)
+
+
+def test_chat_template_is_applied(chat):
+    eng, _ = chat
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(eng.folder)
+    want = tok.apply_chat_template([{"role": "user", "content": "hello"}],
+                                   add_generation_prompt=True, tokenize=True)
+    if isinstance(want, dict) or hasattr(want, "input_ids"):
+        want = want["input_ids"]
+    out = eng.generate("hello", max_new_tokens=3, chat=True)[0]
+    assert out.usage["prompt_tokens"] == len(want)
+    assert eng.tokenizer.encode("hello", chat=True) == list(want)
+
+
+def test_stream_yields_the_generated_text(chat):
+    eng, _ = chat
+    kw = dict(max_new_tokens=24, temperature=0.9, seed=7)
+    pieces = list(eng.stream("hello world", **kw))
+    assert "".join(pieces) == eng.generate("hello world", **kw)[0].text
+    assert len(pieces) >= 2
+
+
+def test_stop_string_cuts_text_and_finishes(chat):
+    eng, _ = chat
+    full = eng.generate("the lazy", max_new_tokens=24)[0]
+    assert len(full.text) > 6
+    stop = full.text[3:6]
+    out = eng.generate("the lazy", max_new_tokens=24, stop=[stop])[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[:full.text.find(stop)]
+    assert "".join(eng.stream("the lazy", max_new_tokens=24, stop=stop)) == out.text
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(max_new_tokens=0), "max_new_tokens=0"),
+    (dict(temperature=-0.5), "temperature=-0.5"),
+    (dict(top_p=0.0), "top_p=0.0"),
+    (dict(top_p=1.5), "top_p=1.5"),
+    (dict(top_k=-1), "top_k=-1"),
+    (dict(repetition_penalty=0.0), "repetition_penalty=0.0"),
+])
+def test_bad_sampling_arguments(chat, kw, match):
+    eng, _ = chat
+    with pytest.raises(RequestError, match=match):
+        eng.generate("hi", **kw)
+
+
+def test_empty_and_bad_prompts(chat):
+    eng, _ = chat
+    for bad in ("", [""], [], [[]]):
+        with pytest.raises(RequestError, match="empty|expected"):
+            eng.generate(bad)
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        eng.generate([[1, 2, 10**6]])
+
+
+def test_prompt_longer_than_context(hf_model_dir):
+    folder, _ = hf_model_dir("llama", "llama_short_ctx", max_position_embeddings=32)
+    eng = Engine.from_pretrained(folder)
+    long = list(range(3, 43))
+    with pytest.raises(RequestError, match="40 tokens; the context holds 32"):
+        eng.generate(long, max_new_tokens=4)
+    out = eng.generate(long, max_new_tokens=4, truncate=True)[0]
+    assert out.usage["prompt_tokens"] == 28 and len(out.token_ids) == 4
+    # a prompt that fits but leaves less room than max_new_tokens stops at the context's end
+    out = eng.generate(list(range(3, 33)), max_new_tokens=8)[0]
+    assert len(out.token_ids) <= 2 and out.finish_reason in ("length", "stop")
+
+
+def test_missing_paths_and_pickles(tmp_path):
+    with pytest.raises(LoadError, match="does not exist"):
+        Engine.from_pretrained(str(tmp_path / "nope"))
+    with pytest.raises(LoadError, match="no config.json"):
+        Engine.from_pretrained(str(tmp_path))
+    (tmp_path / "model.bin").write_bytes(b"\x80\x02}q\x00.")
+    with pytest.raises(LoadError, match="pickled checkpoint"):
+        Engine.from_pretrained(str(tmp_path / "model.bin"))
+
+
+def copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_bin_folder_refused(hf_model_dir, tmp_path):
+    folder, _ = hf_model_dir("llama", "llama_untied")
+    d = copy_model(folder, tmp_path / "m")
+    os.rename(os.path.join(d, "model.safetensors"), os.path.join(d, "pytorch_model.bin"))
+    with pytest.raises(LoadError, match="pytorch_model.bin is a pickled checkpoint"):
+        Engine.from_pretrained(d)
+
+
+def rewrite_safetensors(folder, edit):
+    from safetensors.torch import load_file, save_file
+    p = os.path.join(folder, "model.safetensors")
+    sd = load_file(p)
+    edit(sd)
+    save_file(sd, p, metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(hf_model_dir, tmp_path):
+    folder, _ = hf_model_dir("llama", "llama_untied")
+    d = copy_model(folder, tmp_path / "m")
+    rewrite_safetensors(d, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(LoadError, match=r"model.layers.1.mlp.up_proj.weight is missing.*\[128, 64\]"):
+        Engine.from_pretrained(d)
+
+
+def test_wrong_shape_names_both_shapes(hf_model_dir, tmp_path):
+    folder, _ = hf_model_dir("llama", "llama_untied")
+    d = copy_model(folder, tmp_path / "m")
+
+    def shrink(sd):
+        sd["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 64)
+    rewrite_safetensors(d, shrink)
+    with pytest.raises(LoadError, match=r"k_proj.weight has shape \[16, 64\], expected \[32, 64\]"):
+        Engine.from_pretrained(d)
+
+
+def test_truncated_safetensors(hf_model_dir, tmp_path):
+    folder, _ = hf_model_dir("llama", "llama_untied")
+    d = copy_model(folder, tmp_path / "m")
+    p = os.path.join(d, "model.safetensors")
+    data = open(p, "rb").read()
+    open(p, "wb").write(data[: len(data) // 2])
+    with pytest.raises(LoadError, match="model.safetensors"):
+        Engine.from_pretrained(d)
+
+
+def test_unsupported_architecture(hf_model_dir, tmp_path):
+    folder, _ = hf_model_dir("llama", "llama_untied")
+    d = copy_model(folder, tmp_path / "m")
+    p = os.path.join(d, "config.json")
+    cfg = json.load(open(p))
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    json.dump(cfg, open(p, "w"))
+    with pytest.raises(PFError, match="'GPT2LMHeadModel'.*LlamaForCausalLM, MistralForCausalLM, "
+                                      "Qwen2ForCausalLM"):
+        Engine.from_pretrained(d)
+
+
+def test_bad_device_and_dtype(hf_model_dir):
+    folder, _ = hf_model_dir("llama", "llama_untied")
+    with pytest.raises(PFError, match="dtype='int8'"):
+        Engine.from_pretrained(folder, dtype="int8")
+    with pytest.raises(PFError, match="device='tpu'"):
+        Engine.from_pretrained(folder, device="tpu")
+
+
+# The CLI -------------------------------------------------------------------------------------
+def test_cli_json(chat, capsys):
+    eng, _ = chat
+    assert cli.main(["the quick", "hello", "--model", eng.folder, "--json", "--max-new-tokens", "5",
+                     "--quiet"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    objs = [json.loads(ln) for ln in lines]
+    assert len(objs) == 2
+    want = eng.generate(["the quick", "hello"], max_new_tokens=5)
+    assert [o["token_ids"] for o in objs] == [w.token_ids for w in want]
+    assert all(o["usage"]["completion_tokens"] == len(o["token_ids"]) for o in objs)
+
+
+def test_cli_stdin_and_timings(chat, capsys, monkeypatch):
+    import io
+    eng, _ = chat
+    monkeypatch.setattr("sys.stdin", io.StringIO("the lazy dog\n"))
+    assert cli.main(["--model", eng.folder, "--max-new-tokens", "4"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.strip() == eng.generate("the lazy dog", max_new_tokens=4)[0].text.strip()
+    assert "prefill" in cap.err and "decode" in cap.err and "tok/s" in cap.err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["x", "--top-p", "2"], "top_p=2.0"),
+    (["x", "--max-new-tokens", "0"], "max_new_tokens=0"),
+    (["x", "--temperature", "-1"], "temperature=-1.0"),
+    (["x", "--model", "/nonexistent/model"], "does not exist"),
+    (["x", "--max-new-tokens", "many"], "invalid int value"),
+])
+def test_cli_bad_arguments_one_line_exit_2(argv, match, capsys):
+    try:
+        code = cli.main(argv + ["--quiet"])
+    except SystemExit as e:       # argparse's own usage errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err and err.startswith("pf-generate: error:")
