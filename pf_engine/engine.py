@@ -20,7 +20,9 @@ import torch
 from .config import ModelConfig
 from .errors import PFError, RequestError
 from .loading import check_model_path, load_weights
+from .mixing import Mix, resolve_backend
 from .model import Decoder, attention_mask
+from .persona import Personas
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Detokenizer, Tokenizer
 
@@ -101,10 +103,20 @@ def resolve_model(model, progress: bool) -> str:
 
 
 class Engine:
-    def __init__(self, folder: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, folder: str, device: torch.device, dtype: torch.dtype, adapters=None,
+                 backend: str | None = None):
         self.folder, self.device, self.dtype = folder, device, dtype
         self.config = ModelConfig.from_file(os.path.join(folder, "config.json"))
+        self.backend = resolve_backend(backend, device)
+        self.bank = None
+        if adapters is not None:
+            from .adapters import AdapterBank
+            self.bank = adapters if isinstance(adapters, AdapterBank) else AdapterBank.load(
+                os.fspath(adapters), self.config, dtype=dtype, device=device)
         self.model = Decoder(self.config, load_weights(folder, self.config, dtype, device), device)
+        if self.bank is not None:
+            self.bank.to(dtype=dtype, device=device)
+            self.model.attach(self.bank)
         self.tokenizer = Tokenizer.maybe(folder)
         eos = set(self.config.eos_token_id)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -119,16 +131,14 @@ class Engine:
         """Load a model (None: the bundled SmolLM2-135M-Instruct; an HF folder; a .gguf file).
 
         device: "cpu" / "cuda" (default: cuda when present); dtype: fp32 / fp16 / bf16 (default
-        fp32 on CPU, bf16 on GPU).  ``adapters`` and ``backend`` belong to the persona experts.
+        fp32 on CPU, bf16 on GPU).  adapters: a persona adapter bank (path or AdapterBank),
+        checked against the model.  backend: how experts are mixed: auto (default: the fastest
+        available for the device), torch, naive, triton, cuda.
         """
         t0 = time.perf_counter()
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        if adapters is not None:
-            raise PFError("adapter banks are not supported by this build yet")
-        if backend not in (None, "auto", "torch"):
-            raise PFError(f"backend={backend!r}: expected auto or torch")
-        eng = cls(resolve_model(model, progress), dev, dt)
+        eng = cls(resolve_model(model, progress), dev, dt, adapters, backend)
         eng.load_s = time.perf_counter() - t0
         return eng
 
@@ -176,7 +186,24 @@ class Engine:
         return fitted
 
     # The generation loop ------------------------------------------------------------------
-    def _steps(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list]:
+    def _mix(self, personas: Personas, rows: list[int], T: int) -> Mix | None:
+        """The Mix for requests ``rows`` with T tokens each (None when all run the base model)."""
+        if not personas.any or all(personas.kinds[r] == "base" for r in rows):
+            return None
+        g = personas.rows[rows].to(self.device).repeat_interleave(T, 0)
+        tok = personas.token_rows[rows].to(self.device).repeat_interleave(T, 0)
+        return Mix(g, self.backend, self.bank.token_router, tok)
+
+    def _forward(self, personas, rows, tokens, positions, cache, start, mask, valid, last_only):
+        """One model step for requests ``rows``; accumulates token-routed gates for reporting."""
+        mix = self._mix(personas, rows, tokens.shape[1])
+        logits = self.model(tokens, positions, cache, start, mask, last_only=last_only, mix=mix)
+        if mix is not None and mix.token_sum is not None:
+            personas.add_token_gates(rows, mix.token_sum, valid, self.config.num_hidden_layers)
+        return logits
+
+    def _steps(self, prompts: list[list[int]], params: SamplingParams,
+               personas: Personas) -> Iterator[list]:
         """Yields, after each step, [(request, token, finish_reason | None), ...].
 
         Finished requests leave the batch (their KV-cache rows are dropped).
@@ -199,9 +226,14 @@ class Engine:
         self.stats = st = Stats(prefill_tokens=sum(lens))
 
         t0 = time.perf_counter()
-        positions = (torch.arange(P, device=dev).unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)
-        logits = self.model(tokens, positions, cache, 0, attention_mask(pad, 0, P, cfg.sliding_window),
-                            last_only=True)[:, -1]
+        cols = torch.arange(P, device=dev).unsqueeze(0)
+        positions = (cols - pad.unsqueeze(1)).clamp(min=0)
+        mask = attention_mask(pad, 0, P, cfg.sliding_window)
+        real = cols >= pad.unsqueeze(1)                                 # (B, P) not padding
+        if personas.any:
+            personas.route(self.model, tokens, positions, mask, real)
+        logits = self._forward(personas, list(range(B)), tokens, positions, cache, 0, mask, real,
+                               True)[:, -1]
         active = list(range(B))
         col, produced = P, [0] * B
         while True:
@@ -236,8 +268,9 @@ class Engine:
                 pad, nxt = pad[idx], nxt[idx]
                 active = [active[j] for j in keep]
             positions = (col - pad).unsqueeze(1)
-            logits = self.model(nxt.unsqueeze(1), positions, cache, col,
-                                attention_mask(pad, col, 1, cfg.sliding_window))[:, -1]
+            logits = self._forward(personas, active, nxt.unsqueeze(1), positions, cache, col,
+                                   attention_mask(pad, col, 1, cfg.sliding_window),
+                                   torch.ones(len(active), 1, dtype=torch.bool), False)[:, -1]
             col += 1
         st.decode_s = time.perf_counter() - t0
         # The first token comes from the prefill's logits: count decode work as the rest.
@@ -245,9 +278,8 @@ class Engine:
 
     def _prepare(self, prompts, persona, chat, truncate, **sampling):
         params = SamplingParams(**sampling)
-        if persona is not None:
-            raise PFError("persona given but this engine has no adapter bank (pass adapters=...)")
-        return self._fit_context(self._encode(prompts, chat), params.max_new_tokens, truncate), params
+        ids = self._fit_context(self._encode(prompts, chat), params.max_new_tokens, truncate)
+        return ids, params, Personas(self.bank, persona, len(ids))
 
     def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
@@ -260,19 +292,20 @@ class Engine:
         chat: wrap each text prompt in the tokenizer's chat template as a user message.
         truncate: keep the last tokens of a prompt longer than the context instead of failing.
         """
-        ids, params = self._prepare(prompts, persona, chat, truncate,
+        ids, params, personas = self._prepare(prompts, persona, chat, truncate,
                                     max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                                     seed=seed, stop=stop)
         gen = [[] for _ in ids]
         reasons = [None] * len(ids)
-        for events in self._steps(ids, params):
+        for events in self._steps(ids, params, personas):
             for r, t, reason in events:
                 gen[r].append(t)
                 reasons[r] = reason
-        return [self._output(p, g, why, params) for p, g, why in zip(ids, gen, reasons)]
+        return [self._output(p, g, why, params, personas.report(i))
+                for i, (p, g, why) in enumerate(zip(ids, gen, reasons))]
 
-    def _output(self, prompt, gen, reason, params) -> GenerationOutput:
+    def _output(self, prompt, gen, reason, params, gates) -> GenerationOutput:
         text = ""
         if self.tokenizer is not None:
             body = gen[:-1] if gen and gen[-1] in self.eos_ids else gen
@@ -281,7 +314,7 @@ class Engine:
                 i = text.find(s)
                 if i >= 0:
                     text = text[:i]
-        return GenerationOutput(text=text, token_ids=gen, finish_reason=reason,
+        return GenerationOutput(text=text, token_ids=gen, finish_reason=reason, gates=gates,
                                 usage={"prompt_tokens": len(prompt), "completion_tokens": len(gen)})
 
     def stream(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -294,12 +327,12 @@ class Engine:
         if not isinstance(prompt, str) and not (isinstance(prompt, list) and prompt
                                                 and isinstance(prompt[0], int)):
             raise RequestError("stream takes one prompt: a string or a list of token ids")
-        ids, params = self._prepare(prompt, persona, chat, truncate,
+        ids, params, personas = self._prepare(prompt, persona, chat, truncate,
                                     max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                                     seed=seed, stop=stop)
         detok = Detokenizer(self.tokenizer, params.stop)
-        for events in self._steps(ids, params):
+        for events in self._steps(ids, params, personas):
             for _, t, _ in events:
                 if t in self.eos_ids:
                     continue
@@ -312,9 +345,9 @@ class Engine:
 
     @torch.inference_mode()
     def logits(self, token_ids, persona=None) -> torch.Tensor:
-        """Float32 logits [B, T, vocab] for token ids [B, T] (a tensor or equal-length lists)."""
-        if persona is not None:
-            raise PFError("persona given but this engine has no adapter bank (pass adapters=...)")
+        """Float32 logits [B, T, vocab] for token ids [B, T] (a tensor or equal-length lists).
+
+        persona: as for generate (one for all rows or one per row)."""
         try:
             ids = torch.as_tensor(token_ids, dtype=torch.long) if not isinstance(token_ids, torch.Tensor) \
                 else token_ids.long()
@@ -331,10 +364,16 @@ class Engine:
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise RequestError(f"token_ids: ids must lie in [0, {self.config.vocab_size})")
         ids = ids.to(self.device)
+        personas = Personas(self.bank, persona, B)
         pad = torch.zeros(B, dtype=torch.long, device=self.device)
         positions = torch.arange(T, device=self.device).expand(B, T)
-        return self.model(ids, positions, self.model.new_cache(B, T), 0,
-                          attention_mask(pad, 0, T, self.config.sliding_window))
+        mask = attention_mask(pad, 0, T, self.config.sliding_window)
+        real = torch.ones(B, T, dtype=torch.bool, device=self.device)
+        if personas.any:
+            personas.route(self.model, ids, positions, mask, real)
+        self.last_personas = personas
+        return self._forward(personas, list(range(B)), ids, positions, self.model.new_cache(B, T),
+                             0, mask, real, False)
 
 
 for _name in ("generate", "stream"):

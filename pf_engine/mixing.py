@@ -1,30 +1,244 @@
-"""The one place every linear layer of the model goes through.
+"""The one place every linear layer of the model goes through, and where persona experts mix.
 
-A ``Linear`` holds the weight of one or several projections that read the same input, fused
-along the output dimension (q|k|v, gate|up), and computes
+A ``Linear`` holds one or several projections that read the same input, fused along the output
+dimension (q|k|v, gate|up), and computes for N token rows x [N, d_in]
 
-    y = x W^T + b                     x: [..., d_in]   W: [d_out, d_in]   y: [..., d_out]
+    y = x W^T + b + sum_k g[t,k] s_k B_k A_k x          W [d_out, d_in], A_k [r_k, d_in], B_k [d_out, r_k]
 
-returning the per-projection slices when fused.  Persona adapters plug in here (see the adapters
-issue): the model never multiplies a weight itself.
+where the sum runs over the experts of the adapter bank that target each projection.  Stacking
+the experts (A_cat [R, d_in], B_cat [d_out, R], G_exp[t, j] = g[t, k(j)] * s_k(j)) turns the sum
+into two GEMMs whatever K is:
+
+    h = x A_cat^T                 shrink  [N, R]
+    y += (h * G_exp) B_cat^T      expand  [N, d_out]
+
+Backends (``Mix.backend``):
+* ``torch``: grouped.  W and A_cat live in one tensor W_aug = [W; A_cat], so the base GEMM and the
+  shrink are one GEMM of width d_out + R; the expand is one GEMM per projection, written into its
+  slice of y.  Experts whose gate is zero for the whole batch are skipped: the rows/columns of
+  the active experts are gathered once per active set (cached on the Linear, keyed by the set)
+  and the shrink reads only those.
+* ``naive``: the baseline and a reference: a loop over projections and active experts, two small
+  GEMMs, a scale and an add each.
+* ``triton`` / ``cuda``: the fused kernels of pf_kernels (same function, one pass on a GPU).
 """
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .errors import PFError
+
+BACKENDS = ("torch", "naive", "triton", "cuda")
+
+
+def backend_status(name: str, device: torch.device) -> tuple[bool, str]:
+    """(usable, why not) for a backend on ``device``."""
+    if name in ("torch", "naive"):
+        return True, ""
+    if name == "triton":
+        try:
+            import pf_kernels
+        except ImportError as e:
+            return False, f"pf_kernels cannot be imported ({e})"
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return False, "no GPU (on CPU tensors triton runs only with TRITON_INTERPRET=1)"
+        return pf_kernels.available()
+    if name == "cuda":
+        if device.type != "cuda":
+            return False, "no GPU: the cuda backend needs device='cuda'"
+        try:
+            from pf_kernels import cuda_ops
+        except ImportError as e:
+            return False, f"pf_kernels cannot be imported ({e})"
+        return cuda_ops.cuda_available()
+    return False, f"unknown backend; expected one of auto, {', '.join(BACKENDS)}"
+
+
+def resolve_backend(name: str | None, device: torch.device) -> str:
+    """auto (or None) -> the fastest usable backend for ``device``; a named one must be usable."""
+    if name in (None, "auto"):
+        for cand in (("cuda", "triton") if device.type == "cuda" else ()):
+            if backend_status(cand, device)[0]:
+                return cand
+        return "torch"
+    ok, why = backend_status(name, device)
+    if not ok:
+        raise PFError(f"backend={name!r} is not available: {why}")
+    return name
+
+
+@dataclass
+class Part:
+    """One projection of a group that experts target: its columns in y and its block of h."""
+    out0: int
+    out1: int
+    r0: int
+    r1: int
+    b: torch.Tensor                      # [d_out_m, R_m]
+    blocks: list                         # naive: [(expert, row0, row1)] within this part's a/b
+    a: torch.Tensor                      # [R_m, d_in] (a view into W_aug)
+
+
+@dataclass
+class Active:
+    """The experts of one group restricted to an active set (gathered copies, built once)."""
+    a: torch.Tensor                      # [R_act, d_in]
+    col_expert: torch.Tensor             # [R_act]
+    col_scaling: torch.Tensor            # [R_act] fp32
+    parts: list                          # [(out0, out1, r0, r1, b_act [d_out_m, R_act_m])]
+
+
+class Mix:
+    """Per-forward mixing state: the gates of every token row and the backend.
+
+    gates: [N, K] fp32 for the N = B * T rows of this forward, the same for every layer (explicit
+    personas, the sequence router; zero rows run the base model).  With a ``token_router``, the
+    rows flagged in ``token_rows`` [N] bool get fresh gates in every layer from the hidden state
+    entering it; ``token_sum`` [N, K] adds them up over layers (for reporting).  ``active``: the
+    sorted expert ids whose gate is nonzero somewhere in the batch (the others are skipped).
+    """
+
+    def __init__(self, gates: torch.Tensor, backend: str = "torch", token_router=None,
+                 token_rows: torch.Tensor | None = None):
+        self.backend, self.fixed = backend, gates
+        self.token_router = token_router if token_rows is not None and bool(token_rows.any()) else None
+        self.token_rows = token_rows
+        self.token_sum = None
+        self._set(gates)
+
+    def _set(self, gates: torch.Tensor) -> None:
+        self.gates = gates
+        self.active = tuple(torch.nonzero(gates.abs().sum(0)).flatten().tolist())
+
+    def for_layer(self, layer: int, x: torch.Tensor) -> "Mix":
+        """The gates to use in ``layer`` given its input x [B, T, d] (token routing recomputes)."""
+        if self.token_router is not None:
+            g = self.token_router(layer, x.reshape(-1, x.shape[-1])).float()
+            g = torch.where(self.token_rows.unsqueeze(1), g, self.fixed)
+            self.token_sum = g if self.token_sum is None else self.token_sum + g
+            self._set(g)
+        return self
+
 
 class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 splits: tuple[int, ...] | None = None):
+                 splits: tuple[int, ...] | None = None, modules: tuple[str, ...] = ()):
         self.weight = weight                     # [d_out, d_in]
         self.bias = bias                         # [d_out] or None
         self.splits = splits                     # output sizes of the fused projections
+        self.modules = modules                   # their names (q, k, v, ...), for adapters
+        self.w_aug = None                        # [d_out + R, d_in] once experts are attached
+        self.parts: list[Part] = []
+        self._active: tuple | None = None
 
     @property
     def d_out(self) -> int:
         return self.weight.shape[0]
 
-    def __call__(self, x: torch.Tensor):
-        y = F.linear(x, self.weight, self.bias)
+    def attach(self, loras: dict) -> None:
+        """Attach the experts of each projection: ``loras[module]`` is a LoraWeights or None.
+
+        The base weight becomes a view of W_aug = [W; A_cat] (no second copy of W is kept).
+        """
+        d_out = self.d_out
+        sizes = self.splits or (d_out,)
+        offs = [0]
+        for s in sizes:
+            offs.append(offs[-1] + s)
+        parts, a_list, cols, scal, r = [], [], [], [], 0
+        for i, m in enumerate(self.modules):
+            lw = loras.get(m)
+            if lw is None:
+                continue
+            ro = lw.rank_offsets.tolist()
+            blocks = [(int(e), ro[j], ro[j + 1]) for j, e in enumerate(lw.expert_ids.tolist())]
+            parts.append(Part(offs[i], offs[i + 1], r, r + lw.rank, lw.b.to(self.weight.dtype),
+                              blocks, None))
+            a_list.append(lw.a.to(self.weight.dtype))
+            cols.append(lw.col_expert)
+            scal.append(lw.col_scaling.float())
+            r += lw.rank
+        if not parts:
+            return
+        self.w_aug = torch.cat([self.weight] + a_list, 0)
+        self.weight = self.w_aug[:d_out]
+        for p in parts:
+            p.a = self.w_aug[d_out + p.r0:d_out + p.r1]
+        self.parts = parts
+        self.col_expert = torch.cat(cols).to(self.weight.device)
+        self.col_scaling = torch.cat(scal).to(self.weight.device)
+        self.bias_aug = None if self.bias is None else torch.cat(
+            [self.bias, self.bias.new_zeros(r)])
+        self.experts = tuple(sorted({e for p in parts for e, _, _ in p.blocks}))
+        self._active = None
+
+    def __call__(self, x: torch.Tensor, mix: Mix | None = None):
+        if mix is None or not self.parts or not set(mix.active).intersection(self.experts):
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1])                                   # (N, d_in)
+            if mix.backend == "naive":
+                y = self._naive(x2, mix)
+            elif mix.backend == "torch":
+                y = self._grouped(x2, mix)
+            else:
+                y = self._kernel(x2, mix)
+            y = y.view(*shape[:-1], self.d_out)
         return y.split(self.splits, dim=-1) if self.splits else y
+
+    # Backends -----------------------------------------------------------------------------
+    def _grouped(self, x2: torch.Tensor, mix: Mix) -> torch.Tensor:
+        d_out = self.d_out
+        act = [e for e in mix.active if e in self.experts]
+        if len(act) == len(self.experts):
+            out = F.linear(x2, self.w_aug, self.bias_aug)                  # (N, d_out + R)
+            y, h = out[:, :d_out], out[:, d_out:]
+            g = mix.gates[:, self.col_expert] * self.col_scaling          # (N, R)
+            parts = [(p.out0, p.out1, p.r0, p.r1, p.b) for p in self.parts]
+        else:
+            A = self._gather(tuple(act))
+            y = F.linear(x2, self.weight, self.bias)
+            h = F.linear(x2, A.a)                                          # (N, R_act)
+            g = mix.gates[:, A.col_expert] * A.col_scaling
+            parts = A.parts
+        h = h * g.to(h.dtype)
+        for o0, o1, r0, r1, b in parts:
+            y[:, o0:o1].addmm_(h[:, r0:r1], b.t())
+        return y
+
+    def _gather(self, act: tuple) -> Active:
+        """The active experts' rows of A_cat and columns of B, built once per active set."""
+        if self._active is not None and self._active[0] == act:
+            return self._active[1]
+        keep = torch.isin(self.col_expert, torch.tensor(act, device=self.col_expert.device))
+        d_out, parts, r = self.d_out, [], 0
+        for p in self.parts:
+            cols = keep[p.r0:p.r1].nonzero().flatten()
+            if cols.numel():
+                parts.append((p.out0, p.out1, r, r + cols.numel(), p.b[:, cols].contiguous()))
+                r += cols.numel()
+        rows = keep.nonzero().flatten()
+        A = Active(self.w_aug[d_out:][rows].contiguous(), self.col_expert[rows],
+                   self.col_scaling[rows], parts)
+        self._active = (act, A)
+        return A
+
+    def _naive(self, x2: torch.Tensor, mix: Mix) -> torch.Tensor:
+        y = F.linear(x2, self.weight, self.bias)
+        active = set(mix.active)
+        for p in self.parts:
+            for e, r0, r1 in p.blocks:
+                if e not in active:
+                    continue
+                s = float(self.col_scaling[p.r0 + r0])
+                delta = F.linear(F.linear(x2, p.a[r0:r1]), p.b[:, r0:r1])
+                y[:, p.out0:p.out1] += (mix.gates[:, e:e + 1] * s).to(delta.dtype) * delta
+        return y
+
+    def _kernel(self, x2: torch.Tensor, mix: Mix) -> torch.Tensor:
+        raise NotImplementedError(f"backend {mix.backend!r} is not wired in this build")

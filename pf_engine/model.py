@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .loading import LayerWeights, ModelWeights
-from .mixing import Linear
+from .mixing import Linear, Mix
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -75,14 +75,17 @@ class Block:
         self.H, self.H_kv, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.attn_norm, self.mlp_norm = w.attn_norm, w.mlp_norm
         f = cfg.intermediate_size
-        self.qkv = Linear(w.qkv, w.qkv_bias, (cfg.q_size, cfg.kv_size, cfg.kv_size))
-        self.o = Linear(w.o, w.o_bias)
-        self.gate_up = Linear(w.gate_up, w.gate_up_bias, (f, f))
-        self.down = Linear(w.down, w.down_bias)
+        self.qkv = Linear(w.qkv, w.qkv_bias, (cfg.q_size, cfg.kv_size, cfg.kv_size), ("q", "k", "v"))
+        self.o = Linear(w.o, w.o_bias, None, ("o",))
+        self.gate_up = Linear(w.gate_up, w.gate_up_bias, (f, f), ("gate", "up"))
+        self.down = Linear(w.down, w.down_bias, None, ("down",))
+        self.linears = (self.qkv, self.o, self.gate_up, self.down)
 
-    def __call__(self, x, cos, sin, cache: KVCache, start: int, mask):
+    def __call__(self, x, cos, sin, cache: KVCache, start: int, mask, mix: Mix | None = None):
         B, T, _ = x.shape
-        q, k, v = self.qkv(rms_norm(x, self.attn_norm, self.eps))
+        if mix is not None:
+            mix = mix.for_layer(self.index, x)
+        q, k, v = self.qkv(rms_norm(x, self.attn_norm, self.eps), mix)
         q = q.view(B, T, self.H, self.D).transpose(1, 2)               # (B, H, T, D)
         k = k.view(B, T, self.H_kv, self.D).transpose(1, 2)            # (B, H_kv, T, D)
         v = v.view(B, T, self.H_kv, self.D).transpose(1, 2)
@@ -90,9 +93,9 @@ class Block:
         k_all, v_all = cache.update(self.index, start, k, v)          # (B, H_kv, start+T, D)
         a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
                                            enable_gqa=self.H != self.H_kv)
-        x = x + self.o(a.transpose(1, 2).reshape(B, T, self.H * self.D))
-        gate, up = self.gate_up(rms_norm(x, self.mlp_norm, self.eps))
-        return x + self.down(F.silu(gate) * up)
+        x = x + self.o(a.transpose(1, 2).reshape(B, T, self.H * self.D), mix)
+        gate, up = self.gate_up(rms_norm(x, self.mlp_norm, self.eps), mix)
+        return x + self.down(F.silu(gate) * up, mix)
 
 
 class Decoder:
@@ -108,16 +111,35 @@ class Decoder:
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
                        self.dtype, self.device)
 
+    def attach(self, bank) -> None:
+        """Attach an AdapterBank's experts to every adapted projection."""
+        for i, blk in enumerate(self.blocks):
+            for lin in blk.linears:
+                lin.attach({m: bank.lora(i, m) for m in lin.modules})
+
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+               layers: int) -> torch.Tensor:
+        """The base model's hidden states [B, T, d] after the first ``layers`` blocks (0: the
+        embeddings), on a scratch cache: what the sequence router reads."""
+        x = self.embed[tokens]
+        if layers:
+            cos, sin = self.rotary(positions, self.dtype)
+            cache = self.new_cache(tokens.shape[0], tokens.shape[1])
+            for blk in self.blocks[:layers]:
+                x = blk(x, cos, sin, cache, 0, mask)
+        return x
+
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
-                 mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+                 mask: torch.Tensor, last_only: bool = False, mix: Mix | None = None) -> torch.Tensor:
         """tokens, positions [B, T] -> float32 logits [B, T, vocab] ([B, 1, vocab] if last_only).
 
-        Writes keys/values of the T new tokens into cache columns start:start+T.
+        Writes keys/values of the T new tokens into cache columns start:start+T.  ``mix``: the
+        persona gates of the B * T rows (None: the base model).
         """
         x = self.embed[tokens]                                         # (B, T, d)
         cos, sin = self.rotary(positions, self.dtype)
         for blk in self.blocks:
-            x = blk(x, cos, sin, cache, start, mask)
+            x = blk(x, cos, sin, cache, start, mask, mix)
         if last_only:
             x = x[:, -1:]
         x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)

@@ -78,3 +78,6 @@ def tiny_chat_model(tmp_path_factory):
                            bos_token_id=tok.bos_token_id)
     model.save_pretrained(folder)
     return str(folder), model
+
+
+from gguf_fixtures import bundled_pf_home, converted_smollm2  # noqa: E402,F401

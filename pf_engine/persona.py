@@ -1,0 +1,96 @@
+"""From the user's ``persona`` argument to per-request gate rows.
+
+``persona`` is one spec for all prompts or a list with one per prompt, each of:
+
+* None: the base model (a zero gate row: the request gets nothing from any expert);
+* a dict ``{expert name: weight}`` or its string form ``"extraversion+=0.8,agreeableness+=0.4"``:
+  explicit weights, used as given (router.explicit_gates);
+* ``"auto"``: the bank's sequence router reads the prompt once (PersonaFuse's persona encoder);
+  a bank with only a token router routes per token instead;
+* ``"token"``: the bank's token router, fresh gates per token and layer.
+
+Requests with different specs share one batch and one pass.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import RequestError
+from .router import explicit_gates, parse_persona
+
+BASE, EXPLICIT, SEQUENCE, TOKEN = "base", "explicit", "sequence", "token"
+
+
+class Personas:
+    """rows [B, K] fp32 (fixed gates; sequence rows filled by ``route``), kinds [B]."""
+
+    def __init__(self, bank, persona, n: int):
+        specs = list(persona) if isinstance(persona, (list, tuple)) else [persona] * n
+        if len(specs) != n:
+            raise RequestError(f"persona: got {len(specs)} specs for {n} prompts; "
+                               "expected one for all or one per prompt")
+        if bank is None:
+            if any(s is not None for s in specs):
+                raise RequestError("persona given but this engine has no adapter bank "
+                                   "(load one with adapters=BANK / --adapters BANK)")
+            self.rows, self.kinds = None, [BASE] * n
+            return
+        self.bank = bank
+        self.rows = torch.zeros(n, bank.num_experts, dtype=torch.float32)
+        self.kinds = []
+        for i, spec in enumerate(specs):
+            if isinstance(spec, str):
+                spec = "token" if spec.strip() == "token" else parse_persona(spec)
+            if spec is None:
+                self.kinds.append(BASE)
+            elif spec == "auto":
+                kind = SEQUENCE if bank.router is not None or bank.token_router is None else TOKEN
+                bank.require_router(kind)
+                self.kinds.append(kind)
+            elif spec == "token":
+                bank.require_router("token")
+                self.kinds.append(TOKEN)
+            elif isinstance(spec, dict):
+                self.rows[i] = explicit_gates(spec, bank.expert_names)
+                self.kinds.append(EXPLICIT)
+            else:
+                raise RequestError(f"persona {spec!r}: expected None, a dict of weights, "
+                                   "'auto' or 'token'")
+        self.token_sum = torch.zeros_like(self.rows)
+        self.token_count = torch.zeros(n, dtype=torch.float32)
+
+    @property
+    def any(self) -> bool:
+        return self.rows is not None and any(k != BASE for k in self.kinds)
+
+    @property
+    def token_rows(self) -> torch.Tensor:
+        return torch.tensor([k == TOKEN for k in self.kinds])
+
+    def route(self, model, tokens, positions, mask, real) -> None:
+        """Fill the sequence-routed rows from the prompt: tokens/positions [B, P], the prefill's
+        attention mask, real [B, P] bool (not padding)."""
+        idx = [i for i, k in enumerate(self.kinds) if k == SEQUENCE]
+        if not idx:
+            return
+        r = self.bank.router
+        sel = torch.tensor(idx, device=tokens.device)
+        h = model.hidden(tokens[sel], positions[sel], mask[sel], r.layer)
+        self.rows[idx] = r(h, real[sel]).to(self.rows.device)
+
+    def add_token_gates(self, rows: list[int], token_sum: torch.Tensor, valid: torch.Tensor,
+                        layers: int) -> None:
+        """Accumulate token-routed gates: token_sum [n * T, K] summed over layers, valid [n, T]."""
+        n, T = valid.shape
+        s = (token_sum.view(n, T, -1).float().cpu() * valid.unsqueeze(-1).cpu()).sum(1)
+        self.token_sum[rows] += s
+        self.token_count[rows] += valid.sum(1).float().cpu() * layers
+
+    def report(self, i: int) -> dict | None:
+        """The gates request i used: {expert: weight} (token routing: mean over tokens, layers)."""
+        kind = self.kinds[i]
+        if kind == BASE:
+            return None
+        row = self.rows[i] if kind != TOKEN else self.token_sum[i] / self.token_count[i].clamp_min(1)
+        return {"kind": kind, "weights": {n: round(float(w), 6) for n, w in
+                                          zip(self.bank.expert_names, row) if w != 0}}
