@@ -366,3 +366,33 @@ def test_default_model_dir_lost_race_uses_winner(converted_smollm2, monkeypatch,
     assert default_model_dir(progress=False) == target
     assert "winner" in _listing(target)
     assert _listing(os.path.dirname(target)) == ["smollm2-135m-instruct"]
+
+
+# The engine itself on the converted bundled model ---------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2_engine(converted_smollm2):
+    from pf_engine import Engine
+    return Engine.from_pretrained(converted_smollm2, device="cpu", dtype="fp32")
+
+
+def test_engine_logits_match_transformers_gguf(smollm2_engine, smollm2_pair, smollm2_tokenizers):
+    _, ref = smollm2_pair
+    tok, _ = smollm2_tokenizers
+    ids = tok(["The capital of France is", "Persona experts mix per token"], padding=False).input_ids
+    for row in ids:
+        with torch.no_grad():
+            want = ref(torch.tensor([row])).logits
+        assert (smollm2_engine.logits([row]) - want).abs().max().item() <= 1e-4
+
+
+def test_engine_greedy_32_tokens_match_transformers_gguf(smollm2_engine, smollm2_pair):
+    _, ref = smollm2_pair
+    prompt = "Write a long story about a lighthouse keeper and the sea."
+    ids = smollm2_engine.tokenizer.encode(prompt, chat=True)
+    out = smollm2_engine.generate(prompt, chat=True, max_new_tokens=32)[0]
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                            pad_token_id=2)[0, len(ids):].tolist()
+    assert len(out.token_ids) == 32 and out.finish_reason == "length"
+    assert out.token_ids == want
+    assert out.text.strip()
