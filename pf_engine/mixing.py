@@ -81,6 +81,9 @@ class Part:
     b: torch.Tensor                      # [d_out_m, R_m]
     blocks: list                         # naive: [(expert, row0, row1)] within this part's a/b
     a: torch.Tensor                      # [R_m, d_in] (a view into W_aug)
+    experts: torch.Tensor                # [n] bank ids of this part's experts (kernel backends)
+    offsets: list                        # [n + 1] their rank offsets within the part
+    scalings: torch.Tensor               # [n] fp32
 
 
 @dataclass
@@ -157,7 +160,8 @@ class Linear:
             ro = lw.rank_offsets.tolist()
             blocks = [(int(e), ro[j], ro[j + 1]) for j, e in enumerate(lw.expert_ids.tolist())]
             parts.append(Part(offs[i], offs[i + 1], r, r + lw.rank, lw.b.to(self.weight.dtype),
-                              blocks, None))
+                              blocks, None, lw.expert_ids.to(self.weight.device), ro,
+                              lw.col_scaling[lw.rank_offsets[:-1]].float().to(self.weight.device)))
             a_list.append(lw.a.to(self.weight.dtype))
             cols.append(lw.col_expert)
             scal.append(lw.col_scaling.float())
@@ -241,4 +245,19 @@ class Linear:
         return y
 
     def _kernel(self, x2: torch.Tensor, mix: Mix) -> torch.Tensor:
-        raise NotImplementedError(f"backend {mix.backend!r} is not wired in this build")
+        """pf_kernels: one fused launch per projection (a single projection: base GEMM and shrink
+        in one pass over W_aug); each projection's experts are a small bank of their own."""
+        import pf_kernels
+        if mix.backend == "triton" and len(self.parts) == 1 and self.splits is None:
+            p = self.parts[0]
+            return pf_kernels.fused_linear(x2, self.w_aug, p.b, mix.gates[:, p.experts],
+                                           p.offsets, p.scalings, self.d_out, bias=self.bias)
+        y = F.linear(x2, self.weight, self.bias)
+        for p in self.parts:
+            g = mix.gates[:, p.experts]
+            if mix.backend == "triton":
+                pf_kernels.grouped_lora(y[:, p.out0:p.out1], x2, p.a, p.b, g, p.offsets, p.scalings)
+            else:
+                pf_kernels.cuda_ops.grouped_lora_cuda(y[:, p.out0:p.out1], x2, p.a, p.b, g,
+                                                      p.offsets, p.scalings)
+        return y
