@@ -166,6 +166,11 @@ class AdapterBank:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
+    def for_model(self, config: ModelConfig, where: str = "adapter bank (in memory)") -> "AdapterBank":
+        """A new bank checked against ``config`` exactly as ``load`` checks a file (LoadError
+        naming the first mismatch); it shares tensors with this one until cast or moved."""
+        return self._from_file(where, self.metadata(), self.tensors(), config)
+
     def to(self, dtype: torch.dtype | None = None, device=None) -> "AdapterBank":
         """Cast the LoRA weights to ``dtype`` and move everything to ``device``, in place.
 

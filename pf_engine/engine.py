@@ -111,8 +111,8 @@ class Engine:
         self.bank = None
         if adapters is not None:
             from .adapters import AdapterBank
-            self.bank = adapters if isinstance(adapters, AdapterBank) else AdapterBank.load(
-                os.fspath(adapters), self.config, dtype=dtype, device=device)
+            self.bank = adapters.for_model(self.config) if isinstance(adapters, AdapterBank) \
+                else AdapterBank.load(os.fspath(adapters), self.config)
         self.model = Decoder(self.config, load_weights(folder, self.config, dtype, device), device)
         if self.bank is not None:
             self.bank.to(dtype=dtype, device=device)
