@@ -5,7 +5,51 @@ The Triton kernels live in kernels/ and install under the import name ``pf_kerne
 kernel in csrc/ is compiled by nvcc when nvcc is found and PF_SKIP_CUDA_BUILD is unset (see
 csrc/build.py); without nvcc the build warns and the engine falls back to the other backends.
 """
+import importlib.util
+import os
+import shutil
+import warnings
+from pathlib import Path
+
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = Path(__file__).resolve().parent
+
+
+def build_cuda_extension() -> Path | None:
+    """Compile csrc/ into kernels/_pf_cuda*.so when nvcc is found; warn and skip otherwise.
+
+    Never fails the install: set PF_SKIP_CUDA_BUILD=1 to skip on purpose.
+    """
+    if os.environ.get("PF_SKIP_CUDA_BUILD"):
+        print("pf-engine: PF_SKIP_CUDA_BUILD is set: not building the CUDA kernel")
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location("pf_csrc_build", HERE / "csrc" / "build.py")
+        builder = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(builder)
+        if builder.find_nvcc() is None:
+            warnings.warn("pf-engine: nvcc not found: the CUDA kernel is not built "
+                          "(the triton and torch backends still work)")
+            return None
+        return builder.build(quiet=True)
+    except Exception as e:  # noqa: BLE001 - an optional build must never fail the install
+        warnings.warn(f"pf-engine: the CUDA kernel failed to build and is skipped: {e}")
+        return None
+
+
+class BuildPyWithCuda(build_py):
+    """build_py that also builds the optional CUDA kernel into the pf_kernels package."""
+
+    def run(self):
+        built = build_cuda_extension()
+        super().run()
+        if built is not None and not getattr(self, "editable_mode", False):
+            dest = Path(self.build_lib) / "pf_kernels"
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(built, dest / built.name)
+
 
 setup(
     name="pf-engine",
@@ -34,4 +78,5 @@ setup(
             "pf-bank=pf_engine.cli.bank:main",
         ],
     },
+    cmdclass={"build_py": BuildPyWithCuda},
 )

@@ -1,0 +1,190 @@
+"""Routing metadata for the grouped-LoRA kernels, built once per step from the gates.
+
+A token t uses expert k when gates[t, k] != 0; such a (token, expert) pair is *active*.  The
+expert-major kernels (the prefill shrink) walk the active pairs grouped by expert, so that each
+program reads one expert's A rows once for a block of its tokens and inactive pairs cost nothing.
+
+Worked example: T = 4 tokens, K = 3 experts with ranks (8, 16, 8), top-2 routing.
+
+    gates = [[0.6, 0.4, 0  ],        token 0 -> experts 0, 1
+             [0,   0,   0  ],        token 1 -> none (all-zero row: the base model)
+             [0.5, 0,   0.5],        token 2 -> experts 0, 2
+             [0.7, 0.3, 0  ]]        token 3 -> experts 0, 1
+    scalings = [2, 1, 2], rank_offsets = [0, 8, 24, 32]
+
+    num_tokens_per_expert = [3, 2, 1]                     active pairs P = 6
+    expert_start          = [0, 3, 5, 6]                  exclusive cumsum, [K+1]
+    sorted_token_ids      = [0, 2, 3 | 0, 3 | 2 | -1 ...] expert 0's tokens, then 1's, then 2's;
+                                                          capacity T*K = 12, padding -1
+    pair_weights          = [1.2, 1.0, 1.4 | 0.4, 0.3 | 1.0 | 0 ...]   g[t, k] * s_k per pair
+    active_expert_ids     = [0, 1, 2]                     experts with >= 1 token, then -1 padding
+    num_active_experts    = [3]
+    expert_of_rank        = [0]*8 + [1]*16 + [2]*8        k(j) for each of the R = 32 rank rows
+
+Every per-step tensor has a fixed capacity (T*K pairs, K experts), so ``refill_`` recomputes them
+in place without a device-to-host sync: the metadata can live inside a captured CUDA graph.
+Only the bank layout (rank offsets, max rank, R) is read on the host, in ``build``: pass the
+offsets as a CPU tensor or a list.  The gates are shared by every adapted layer of a step, so one
+LoRAMeta per step serves them all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+
+__all__ = ["BankLayout", "LoRAMeta", "bank_layout", "check_scalings", "host_rank_offsets"]
+
+
+class BankLayout(NamedTuple):
+    """The static shape of an adapter bank on one device."""
+    rank_offsets: torch.Tensor    # [K+1] int32, on the device
+    scalings: torch.Tensor        # [K] fp32, on the device
+    num_experts: int              # K
+    total_rank: int               # R = rank_offsets[K]
+    max_rank: int                 # max_k r_k
+
+
+def host_rank_offsets(rank_offsets: torch.Tensor | Sequence[int]) -> list[int]:
+    """rank_offsets [K+1] as a validated list of ints (a CUDA tensor costs a sync)."""
+    if isinstance(rank_offsets, torch.Tensor):
+        if rank_offsets.dim() != 1:
+            raise ValueError(f"rank_offsets must be 1-D [K+1], got shape {tuple(rank_offsets.shape)}")
+        if rank_offsets.dtype.is_floating_point or rank_offsets.dtype == torch.bool:
+            raise ValueError(f"rank_offsets must be an integer tensor, got {rank_offsets.dtype}")
+        offs = [int(v) for v in rank_offsets.tolist()]
+    else:
+        offs = [int(v) for v in rank_offsets]
+    if len(offs) < 2:
+        raise ValueError(f"rank_offsets must have K+1 >= 2 entries, got {offs}")
+    if offs[0] != 0 or any(b < a for a, b in zip(offs, offs[1:])):
+        raise ValueError(f"rank_offsets must start at 0 and never decrease, got {offs}")
+    return offs
+
+
+def check_scalings(scalings, num_experts: int) -> None:
+    if not isinstance(scalings, torch.Tensor) or scalings.dim() != 1:
+        raise ValueError(f"scalings must be a 1-D tensor [K], got {type(scalings).__name__} "
+                         f"of shape {tuple(getattr(scalings, 'shape', ()))}")
+    if scalings.numel() != num_experts:
+        raise ValueError(f"scalings has {scalings.numel()} entries but rank_offsets implies "
+                         f"K={num_experts} experts")
+    if scalings.dtype != torch.float32:
+        raise ValueError(f"scalings must be float32, got {scalings.dtype}")
+
+
+def bank_layout(rank_offsets: torch.Tensor | Sequence[int], scalings: torch.Tensor,
+                device: torch.device | str) -> BankLayout:
+    """Validate rank_offsets [K+1] / scalings [K] and move them to ``device`` (int32 / fp32).
+
+    The offsets are read on the host: pass a CPU tensor or a list (a device tensor costs a sync).
+    """
+    offs = host_rank_offsets(rank_offsets)
+    k = len(offs) - 1
+    check_scalings(scalings, k)
+    ro = torch.tensor(offs, dtype=torch.int32).to(device)
+    max_rank = max(b - a for a, b in zip(offs, offs[1:]))
+    return BankLayout(ro, scalings.to(device), k, offs[-1], max_rank)
+
+
+@dataclass
+class LoRAMeta:
+    """Active (token, expert) pairs grouped by expert, plus the bank layout.  See the module doc.
+
+    Build it with :meth:`build`; refill it in place for the next step's gates with :meth:`refill_`
+    (same T and K).  A launcher given ``meta`` trusts it to describe the gates it is given.
+    """
+    num_tokens: int                      # T
+    num_experts: int                     # K
+    total_rank: int                      # R
+    max_rank: int                        # max_k r_k
+    rank_offsets: torch.Tensor           # [K+1] int32
+    scalings: torch.Tensor               # [K] fp32
+    expert_of_rank: torch.Tensor         # [R] int32: k(j)
+    sorted_token_ids: torch.Tensor       # [T*K] int32: active tokens grouped by expert, -1 padding
+    pair_weights: torch.Tensor           # [T*K] fp32: g[t, k] * s_k of each pair, 0 padding
+    num_tokens_per_expert: torch.Tensor  # [K] int32
+    expert_start: torch.Tensor           # [K+1] int32: exclusive cumsum of the counts
+    active_expert_ids: torch.Tensor      # [K] int32: experts with >= 1 token, ascending, -1 padding
+    num_active_experts: torch.Tensor     # [1] int32
+
+    @property
+    def device(self) -> torch.device:
+        return self.rank_offsets.device
+
+    @property
+    def layout(self) -> BankLayout:
+        return BankLayout(self.rank_offsets, self.scalings, self.num_experts, self.total_rank,
+                          self.max_rank)
+
+    @classmethod
+    def build(cls, gates: torch.Tensor, rank_offsets: torch.Tensor | Sequence[int],
+              scalings: torch.Tensor) -> "LoRAMeta":
+        """gates [T, K] fp32, rank_offsets [K+1] int, scalings [K] fp32 -> LoRAMeta on gates.device.
+
+        rank_offsets is read on the host (pass a CPU tensor or a list to avoid a sync).
+        """
+        if not isinstance(gates, torch.Tensor) or gates.dim() != 2:
+            raise ValueError(f"gates must be a 2-D tensor [T, K], got shape {tuple(getattr(gates, 'shape', ()))}")
+        return cls.from_layout(gates, bank_layout(rank_offsets, scalings, gates.device))
+
+    @classmethod
+    def from_layout(cls, gates: torch.Tensor, layout: BankLayout) -> "LoRAMeta":
+        """As :meth:`build`, from a validated :func:`bank_layout` on gates.device."""
+        if gates.dim() != 2:
+            raise ValueError(f"gates must be 2-D [T, K], got shape {tuple(gates.shape)}")
+        if gates.dtype != torch.float32:
+            raise ValueError(f"gates must be float32, got {gates.dtype}")
+        t, k = gates.shape
+        if k != layout.num_experts:
+            raise ValueError(f"gates has K={k} columns but rank_offsets describes {layout.num_experts} experts")
+        dev = gates.device
+        ranks = layout.rank_offsets[1:] - layout.rank_offsets[:-1]                  # (K,)
+        expert_of_rank = torch.repeat_interleave(
+            torch.arange(k, device=dev, dtype=torch.int32), ranks.long(), output_size=layout.total_rank)
+        i32 = dict(device=dev, dtype=torch.int32)
+        meta = cls(num_tokens=t, num_experts=k, total_rank=layout.total_rank,
+                   max_rank=layout.max_rank, rank_offsets=layout.rank_offsets,
+                   scalings=layout.scalings, expert_of_rank=expert_of_rank,
+                   sorted_token_ids=torch.empty(t * k, **i32),
+                   pair_weights=torch.empty(t * k, device=dev, dtype=torch.float32),
+                   num_tokens_per_expert=torch.empty(k, **i32),
+                   expert_start=torch.empty(k + 1, **i32),
+                   active_expert_ids=torch.empty(k, **i32),
+                   num_active_experts=torch.empty(1, **i32))
+        return meta.refill_(gates)
+
+    def refill_(self, gates: torch.Tensor) -> "LoRAMeta":
+        """Recompute the per-step tensors from ``gates`` [T, K] in place; no host sync."""
+        t, k = self.num_tokens, self.num_experts
+        if tuple(gates.shape) != (t, k):
+            raise ValueError(f"gates has shape {tuple(gates.shape)} but this LoRAMeta was built for ({t}, {k})")
+        if gates.device != self.device:
+            raise ValueError(f"gates is on {gates.device} but this LoRAMeta lives on {self.device}")
+        dev = gates.device
+        active = (gates != 0).t()                                                   # (K, T)
+        counts = active.sum(dim=1, dtype=torch.int32)                               # (K,)
+        start = torch.zeros(k + 1, device=dev, dtype=torch.int32)
+        start[1:] = torch.cumsum(counts, 0)
+        # Pair (k, t) goes to slot start[k] + (its rank among expert k's tokens); inactive pairs to a
+        # dump slot at index T*K that is sliced off.
+        rank_in_expert = torch.cumsum(active.to(torch.int32), dim=1) - 1            # (K, T)
+        slot = torch.where(active, start[:-1, None] + rank_in_expert, t * k).long()
+        tok = torch.arange(t, device=dev, dtype=torch.int32).expand(k, t)
+        sorted_tok = torch.full((t * k + 1,), -1, device=dev, dtype=torch.int32)
+        sorted_tok.scatter_(0, slot.flatten(), tok.flatten())
+        weights = torch.zeros(t * k + 1, device=dev, dtype=torch.float32)
+        weights.scatter_(0, slot.flatten(), (gates.t() * self.scalings[:, None]).flatten())
+        has_tokens = counts > 0                                                     # (K,)
+        aslot = torch.where(has_tokens, torch.cumsum(has_tokens.to(torch.int32), 0) - 1, k).long()
+        act_ids = torch.full((k + 1,), -1, device=dev, dtype=torch.int32)
+        act_ids.scatter_(0, aslot, torch.arange(k, device=dev, dtype=torch.int32))
+
+        self.sorted_token_ids.copy_(sorted_tok[:t * k])
+        self.pair_weights.copy_(weights[:t * k])
+        self.num_tokens_per_expert.copy_(counts)
+        self.expert_start.copy_(start)
+        self.active_expert_ids.copy_(act_ids[:k])
+        self.num_active_experts.copy_(has_tokens.sum(dtype=torch.int32).reshape(1))
+        return self
