@@ -67,6 +67,7 @@ setup(
         "gguf>=0.10",
         "tqdm",
         "jinja2",
+        "threadpoolctl",
     ],
     extras_require={
         "dev": ["pytest", "peft", "accelerate", "matplotlib", "triton", "pybind11"],

@@ -57,6 +57,38 @@ class Stats:
         return self.decode_tokens / self.decode_s if self.decode_s else 0.0
 
 
+class CpuThreads:
+    """Thread policy for CPU decode steps (see mixing.mm).
+
+    A step with a single row runs its GEMVs in numpy's BLAS with the caller's torch thread count,
+    and torch itself at one thread: torch's OpenMP workers would otherwise spin between their
+    parallel regions and starve the BLAS threads on the same cores.  Steps with several rows
+    (prefill, batched decode) use torch's GEMM with its threads as set.  ``rows`` switches only
+    when the mode changes; ``restore`` puts everything back.
+    """
+
+    def __init__(self, device: torch.device):
+        self.enabled = device.type == "cpu"
+        self.threads = torch.get_num_threads()
+        self.limit = None
+
+    def rows(self, n: int) -> None:
+        if not self.enabled or (n == 1) == (self.limit is not None):
+            return
+        if n == 1:
+            from threadpoolctl import threadpool_limits
+            self.limit = threadpool_limits(self.threads, user_api="blas")
+            torch.set_num_threads(1)
+        else:
+            self.restore()
+
+    def restore(self) -> None:
+        if self.limit is not None:
+            torch.set_num_threads(self.threads)
+            self.limit.restore_original_limits()
+            self.limit = None
+
+
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -236,42 +268,44 @@ class Engine:
                                True)[:, -1]
         active = list(range(B))
         col, produced = P, [0] * B
-        while True:
-            nxt = sampler(logits, active)
-            if st.prefill_s == 0.0:
-                st.prefill_s = time.perf_counter() - t0
-                t0 = time.perf_counter()
-            nxt_list = nxt.tolist()
-            sampler.observe(torch.tensor(active, device=dev), nxt.unsqueeze(1))
-            events, keep = [], []
-            for j, (r, t) in enumerate(zip(active, nxt_list)):
-                produced[r] += 1
-                reason = None
-                if t in self.eos_ids:
-                    reason = "stop"
-                elif detok is not None:
-                    detok[r].add(t)
-                    if detok[r].stopped:
+        threads = CpuThreads(dev)
+        try:
+            while True:
+                nxt = sampler(logits, active)
+                if st.prefill_s == 0.0:
+                    st.prefill_s = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                sampler.observe(torch.tensor(active, device=dev), nxt.unsqueeze(1))
+                events, keep = [], []
+                for j, (r, t) in enumerate(zip(active, nxt.tolist())):
+                    produced[r] += 1
+                    reason = None
+                    if t in self.eos_ids:
                         reason = "stop"
-                if reason is None and produced[r] >= budget[r]:
-                    reason = "length"
-                events.append((r, t, reason))
-                if reason is None:
-                    keep.append(j)
-            st.decode_tokens += len(active)
-            yield events
-            if not keep:
-                break
-            if len(keep) < len(active):
-                idx = torch.tensor(keep, device=dev)
-                cache.keep(idx)
-                pad, nxt = pad[idx], nxt[idx]
-                active = [active[j] for j in keep]
-            positions = (col - pad).unsqueeze(1)
-            logits = self._forward(personas, active, nxt.unsqueeze(1), positions, cache, col,
-                                   attention_mask(pad, col, 1, cfg.sliding_window),
-                                   torch.ones(len(active), 1, dtype=torch.bool), False)[:, -1]
-            col += 1
+                    elif detok is not None:
+                        detok[r].add(t)
+                        reason = "stop" if detok[r].stopped else None
+                    if reason is None and produced[r] >= budget[r]:
+                        reason = "length"
+                    events.append((r, t, reason))
+                    if reason is None:
+                        keep.append(j)
+                st.decode_tokens += len(active)
+                yield events
+                if not keep:
+                    break
+                if len(keep) < len(active):                # finished requests leave the batch
+                    idx = torch.tensor(keep, device=dev)
+                    cache.keep(idx)
+                    pad, nxt = pad[idx], nxt[idx]
+                    active = [active[j] for j in keep]
+                threads.rows(len(active))
+                logits = self._forward(personas, active, nxt.unsqueeze(1), (col - pad).unsqueeze(1),
+                                       cache, col, attention_mask(pad, col, 1, cfg.sliding_window),
+                                       torch.ones(len(active), 1, dtype=torch.bool), False)[:, -1]
+                col += 1
+        finally:
+            threads.restore()
         st.decode_s = time.perf_counter() - t0
         # The first token comes from the prefill's logits: count decode work as the rest.
         st.decode_tokens -= B

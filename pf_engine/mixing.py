@@ -71,6 +71,41 @@ def resolve_backend(name: str | None, device: torch.device) -> str:
     return name
 
 
+def columns(x2: torch.Tensor) -> torch.Tensor:
+    """x2 [N, d_in] -> xT [d_in, N]: the torch and naive backends compute y^T = W x^T.
+
+    With W row-major [d_out, d_in], y^T = W x^T is a GEMM with a small second dimension, which
+    MKL streams about 1.5x faster than the y = x W^T form for N = 2..64 (and prefill); a single
+    row is a GEMV, done by numpy's BLAS on CPU (see ``mm``).  benchmarks/bench_mixing.py times
+    the base linear both ways.
+    """
+    return x2.t()
+
+
+def mm(w: torch.Tensor, xT: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W xT (+ bias as a column): [d_out, d_in] @ [d_in, N] -> [d_out, N].
+
+    On CPU a single fp32 column goes to numpy's BLAS (OpenBLAS in the PyPI wheels), whose GEMV
+    reads weights about 1.5x faster than MKL's here; two or more columns use torch's GEMM.  The
+    engine runs single-row decode with torch at one thread so that torch's OpenMP workers do not
+    spin against the BLAS threads (engine.CpuThreads).
+    """
+    if xT.shape[1] == 1 and w.device.type == "cpu":
+        if w.dtype == torch.float32:
+            y = torch.from_numpy(w.numpy() @ xT[:, 0].numpy()).unsqueeze(1)
+            return y if bias is None else y.add_(bias.unsqueeze(1))
+        xT = torch.cat([xT, xT], 1)            # MKL: a two-column GEMM beats its GEMV
+        return (torch.mm(w, xT) if bias is None else torch.addmm(bias.unsqueeze(1), w, xT))[:, :1]
+    return torch.mm(w, xT) if bias is None else torch.addmm(bias.unsqueeze(1), w, xT)
+
+
+def linear(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x2 W^T + b for x2 [N, d_in] -> [N, d_out] (on CPU a transposed view of ``mm``)."""
+    if x2.device.type != "cpu":
+        return F.linear(x2, w, bias)
+    return mm(w, columns(x2), bias).t()
+
+
 @dataclass
 class Part:
     """One projection of a group that experts target: its columns in y and its block of h."""
@@ -79,7 +114,7 @@ class Part:
     r0: int
     r1: int
     b: torch.Tensor                      # [d_out_m, R_m]
-    blocks: list                         # naive: [(expert, row0, row1)] within this part's a/b
+    blocks: list                         # naive: [(expert, row0, row1, scaling)] in this part's a/b
     a: torch.Tensor                      # [R_m, d_in] (a view into W_aug)
     experts: torch.Tensor                # [n] bank ids of this part's experts (kernel backends)
     offsets: list                        # [n + 1] their rank offsets within the part
@@ -158,10 +193,12 @@ class Linear:
             if lw is None:
                 continue
             ro = lw.rank_offsets.tolist()
-            blocks = [(int(e), ro[j], ro[j + 1]) for j, e in enumerate(lw.expert_ids.tolist())]
+            sc = lw.col_scaling[lw.rank_offsets[:-1]].float()
+            blocks = [(int(e), ro[j], ro[j + 1], float(sc[j]))
+                      for j, e in enumerate(lw.expert_ids.tolist())]
             parts.append(Part(offs[i], offs[i + 1], r, r + lw.rank, lw.b.to(self.weight.dtype),
                               blocks, None, lw.expert_ids.to(self.weight.device), ro,
-                              lw.col_scaling[lw.rank_offsets[:-1]].float().to(self.weight.device)))
+                              sc.to(self.weight.device)))
             a_list.append(lw.a.to(self.weight.dtype))
             cols.append(lw.col_expert)
             scal.append(lw.col_scaling.float())
@@ -177,43 +214,48 @@ class Linear:
         self.col_scaling = torch.cat(scal).to(self.weight.device)
         self.bias_aug = None if self.bias is None else torch.cat(
             [self.bias, self.bias.new_zeros(r)])
-        self.experts = tuple(sorted({e for p in parts for e, _, _ in p.blocks}))
+        self.experts = tuple(sorted({b[0] for p in parts for b in p.blocks}))
         self._active = None
 
     def __call__(self, x: torch.Tensor, mix: Mix | None = None):
-        if mix is None or not self.parts or not set(mix.active).intersection(self.experts):
-            y = F.linear(x, self.weight, self.bias)
-        else:
-            shape = x.shape
-            x2 = x.reshape(-1, shape[-1])                                   # (N, d_in)
-            if mix.backend == "naive":
-                y = self._naive(x2, mix)
-            elif mix.backend == "torch":
-                y = self._grouped(x2, mix)
-            else:
-                y = self._kernel(x2, mix)
-            y = y.view(*shape[:-1], self.d_out)
+        """x [..., d_in] -> y [..., d_out], or its per-projection slices for a fused group."""
+        y = self.full(x, mix)
         return y.split(self.splits, dim=-1) if self.splits else y
 
-    # Backends -----------------------------------------------------------------------------
-    def _grouped(self, x2: torch.Tensor, mix: Mix) -> torch.Tensor:
+    def full(self, x: torch.Tensor, mix: Mix | None = None) -> torch.Tensor:
+        """x [..., d_in] -> y [..., d_out] (all projections of the group side by side)."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])                                       # (N, d_in)
+        if mix is None or not self.parts or not set(mix.active).intersection(self.experts):
+            y = linear(x2, self.weight, self.bias)
+        elif mix.backend in ("torch", "naive"):
+            xT = columns(x2)                                                # (d_in, N)
+            yT = self._grouped(xT, mix) if mix.backend == "torch" else self._naive(xT, mix)
+            y = yT.t()
+        else:
+            y = self._kernel(x2, mix)
+        return y.view(*shape[:-1], self.d_out)
+
+    # Backends: torch and naive work on transposed activations, yT = W xT (see ``columns``) ------
+    def _grouped(self, xT: torch.Tensor, mix: Mix) -> torch.Tensor:
+        """Two GEMMs whatever K is: [y; h]^T = W_aug xT, then y^T += B (G_exp^T * h^T) per part."""
         d_out = self.d_out
         act = [e for e in mix.active if e in self.experts]
         if len(act) == len(self.experts):
-            out = F.linear(x2, self.w_aug, self.bias_aug)                  # (N, d_out + R)
-            y, h = out[:, :d_out], out[:, d_out:]
-            g = mix.gates[:, self.col_expert] * self.col_scaling          # (N, R)
+            outT = mm(self.w_aug, xT, self.bias_aug)                        # (d_out + R, N)
+            yT, hT = outT[:d_out], outT[d_out:]
+            col_expert, col_scaling = self.col_expert, self.col_scaling
             parts = [(p.out0, p.out1, p.r0, p.r1, p.b) for p in self.parts]
         else:
             A = self._gather(tuple(act))
-            y = F.linear(x2, self.weight, self.bias)
-            h = F.linear(x2, A.a)                                          # (N, R_act)
-            g = mix.gates[:, A.col_expert] * A.col_scaling
-            parts = A.parts
-        h = h * g.to(h.dtype)
+            yT = mm(self.weight, xT, self.bias)                             # (d_out, N)
+            hT = mm(A.a, xT)                                                # (R_act, N)
+            col_expert, col_scaling, parts = A.col_expert, A.col_scaling, A.parts
+        g = (mix.gates[:, col_expert] * col_scaling).t()                    # (R, N)
+        hT = hT * g.to(hT.dtype)
         for o0, o1, r0, r1, b in parts:
-            y[:, o0:o1].addmm_(h[:, r0:r1], b.t())
-        return y
+            yT[o0:o1] += mm(b, hT[r0:r1])
+        return yT
 
     def _gather(self, act: tuple) -> Active:
         """The active experts' rows of A_cat and columns of B, built once per active set."""
@@ -232,17 +274,16 @@ class Linear:
         self._active = (act, A)
         return A
 
-    def _naive(self, x2: torch.Tensor, mix: Mix) -> torch.Tensor:
-        y = F.linear(x2, self.weight, self.bias)
+    def _naive(self, xT: torch.Tensor, mix: Mix) -> torch.Tensor:
+        """The baseline: for each projection and active expert, y += g s B_k (A_k x)."""
+        yT = mm(self.weight, xT, self.bias)
         active = set(mix.active)
         for p in self.parts:
-            for e, r0, r1 in p.blocks:
-                if e not in active:
-                    continue
-                s = float(self.col_scaling[p.r0 + r0])
-                delta = F.linear(F.linear(x2, p.a[r0:r1]), p.b[:, r0:r1])
-                y[:, p.out0:p.out1] += (mix.gates[:, e:e + 1] * s).to(delta.dtype) * delta
-        return y
+            for e, r0, r1, s in p.blocks:
+                if e in active:
+                    delta = mm(p.b[:, r0:r1], mm(p.a[r0:r1], xT))                # (d_m, N)
+                    yT[p.out0:p.out1] += (mix.gates[:, e] * s).to(delta.dtype) * delta
+        return yT
 
     def _kernel(self, x2: torch.Tensor, mix: Mix) -> torch.Tensor:
         """pf_kernels: one fused launch per projection (a single projection: base GEMM and shrink
@@ -252,7 +293,7 @@ class Linear:
             p = self.parts[0]
             return pf_kernels.fused_linear(x2, self.w_aug, p.b, mix.gates[:, p.experts],
                                            p.offsets, p.scalings, self.d_out, bias=self.bias)
-        y = F.linear(x2, self.weight, self.bias)
+        y = linear(x2, self.weight, self.bias)
         for p in self.parts:
             g = mix.gates[:, p.experts]
             if mix.backend == "triton":

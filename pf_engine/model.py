@@ -18,37 +18,50 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .loading import LayerWeights, ModelWeights
-from .mixing import Linear, Mix
+from .mixing import Linear, Mix, linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as HF Llama does)."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    """weight * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as HF Llama does).
+
+    Written out (sum rather than mean, in-place tails): on a decode row this is ~1.5x cheaper
+    than F.rms_norm or the textbook form on CPU, where per-op overhead dominates."""
+    xf = x if x.dtype == torch.float32 else x.float()
+    inv = (xf * xf).sum(-1, keepdim=True).mul_(1.0 / x.shape[-1]).add_(eps).rsqrt_()
+    y = xf * inv
+    return weight * (y if y.dtype == x.dtype else y.to(x.dtype))
 
 
 class Rotary:
-    """RoPE tables: cos/sin [max_pos, head_dim] in fp32 (the half-split layout HF Llama uses)."""
+    """RoPE for q and k together, in the half-split layout HF Llama uses.
+
+    x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1) = roll(x, D/2) * sign,
+    sign = [-1] * D/2 + [1] * D/2; the tables hold cos and sign * sin [max_pos, D] in fp32.
+    ``tables`` also folds the attention scale 1/sqrt(D) into the q heads, so that attention
+    needs no separate scaling.
+    """
 
     def __init__(self, cfg: ModelConfig, device):
         pos = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(pos, cfg.inv_freq())                      # [P, D/2]
         emb = torch.cat([freqs, freqs], dim=-1).to(device)             # [P, D]
-        self.cos, self.sin = emb.cos(), emb.sin()
+        half = cfg.head_dim // 2
+        sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device)
+        self.cos, self.sin = emb.cos(), emb.sin() * sign
+        H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_scale = torch.cat([torch.full((H,), cfg.head_dim ** -0.5),
+                                     torch.ones(H_kv)]).view(H + H_kv, 1).to(device)
 
-    def __call__(self, positions: torch.Tensor, dtype):
-        """positions [B, T] -> cos, sin [B, 1, T, D] in ``dtype``."""
-        return (self.cos[positions].unsqueeze(1).to(dtype),
-                self.sin[positions].unsqueeze(1).to(dtype))
+    def tables(self, positions: torch.Tensor, dtype):
+        """positions [B, T] -> cos, sin [B, T, H + H_kv, D] in ``dtype`` (q heads pre-scaled)."""
+        cos = self.cos[positions].unsqueeze(2) * self.head_scale
+        sin = self.sin[positions].unsqueeze(2) * self.head_scale
+        return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D] rotated: x * cos + rotate_half(x) * sin."""
-    half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rot * sin
+    """x [..., D] rotated: x * cos + roll(x, D/2) * sin (sin carries rotate_half's sign)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 def attention_mask(pad: torch.Tensor, start: int, T: int, window: int | None) -> torch.Tensor:
@@ -69,12 +82,17 @@ def attention_mask(pad: torch.Tensor, start: int, T: int, window: int | None) ->
     return ok.unsqueeze(1)
 
 
+def decode_bias(mask: torch.Tensor, dtype) -> torch.Tensor:
+    """bool mask [B, 1, 1, L] -> additive bias [B, 1, 1, L] (0 where seen, -inf elsewhere)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 class Block:
     def __init__(self, cfg: ModelConfig, w: LayerWeights, index: int):
         self.index, self.eps = index, cfg.rms_norm_eps
         self.H, self.H_kv, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.attn_norm, self.mlp_norm = w.attn_norm, w.mlp_norm
         f = cfg.intermediate_size
+        self.attn_norm, self.mlp_norm = w.attn_norm, w.mlp_norm
         self.qkv = Linear(w.qkv, w.qkv_bias, (cfg.q_size, cfg.kv_size, cfg.kv_size), ("q", "k", "v"))
         self.o = Linear(w.o, w.o_bias, None, ("o",))
         self.gate_up = Linear(w.gate_up, w.gate_up_bias, (f, f), ("gate", "up"))
@@ -82,18 +100,27 @@ class Block:
         self.linears = (self.qkv, self.o, self.gate_up, self.down)
 
     def __call__(self, x, cos, sin, cache: KVCache, start: int, mask, mix: Mix | None = None):
+        """x [B, T, d]; cos/sin from Rotary.tables; mask: bool [B, 1, T, L] for T > 1, or the
+        additive decode_bias [B, 1, 1, L] for T == 1."""
         B, T, _ = x.shape
+        H, H_kv, D = self.H, self.H_kv, self.D
         if mix is not None:
             mix = mix.for_layer(self.index, x)
-        q, k, v = self.qkv(rms_norm(x, self.attn_norm, self.eps), mix)
-        q = q.view(B, T, self.H, self.D).transpose(1, 2)               # (B, H, T, D)
-        k = k.view(B, T, self.H_kv, self.D).transpose(1, 2)            # (B, H_kv, T, D)
-        v = v.view(B, T, self.H_kv, self.D).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all, v_all = cache.update(self.index, start, k, v)          # (B, H_kv, start+T, D)
-        a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
-                                           enable_gqa=self.H != self.H_kv)
-        x = x + self.o(a.transpose(1, 2).reshape(B, T, self.H * self.D), mix)
+        qkv = self.qkv.full(rms_norm(x, self.attn_norm, self.eps), mix).view(B, T, H + 2 * H_kv, D)
+        qk = apply_rope(qkv[:, :, :H + H_kv], cos, sin)                 # (B, T, H + H_kv, D)
+        q = qk[:, :, :H].transpose(1, 2)                                 # (B, H, T, D), pre-scaled
+        k = qk[:, :, H:].transpose(1, 2)                                 # (B, H_kv, T, D)
+        v = qkv[:, :, H + H_kv:].transpose(1, 2)
+        k_all, v_all = cache.update(self.index, start, k, v)            # (B, H_kv, L, D)
+        if T == 1:   # decode: grouped heads as one batched matmul, no SDPA dispatch
+            s = torch.matmul(q.reshape(B, H_kv, H // H_kv, D), k_all.transpose(-1, -2)) + mask
+            a = torch.matmul(s.softmax(-1, dtype=torch.float32).to(v_all.dtype), v_all)
+            a = a.reshape(B, 1, H * D)                                   # (B, 1, H * D)
+        else:
+            a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=1.0,
+                                               enable_gqa=H != H_kv)
+            a = a.transpose(1, 2).reshape(B, T, H * D)
+        x = x + self.o(a, mix)
         gate, up = self.gate_up(rms_norm(x, self.mlp_norm, self.eps), mix)
         return x + self.down(F.silu(gate) * up, mix)
 
@@ -123,8 +150,10 @@ class Decoder:
         embeddings), on a scratch cache: what the sequence router reads."""
         x = self.embed[tokens]
         if layers:
-            cos, sin = self.rotary(positions, self.dtype)
+            cos, sin = self.rotary.tables(positions, self.dtype)
             cache = self.new_cache(tokens.shape[0], tokens.shape[1])
+            if tokens.shape[1] == 1:
+                mask = decode_bias(mask, self.dtype)
             for blk in self.blocks[:layers]:
                 x = blk(x, cos, sin, cache, 0, mask)
         return x
@@ -137,10 +166,13 @@ class Decoder:
         persona gates of the B * T rows (None: the base model).
         """
         x = self.embed[tokens]                                         # (B, T, d)
-        cos, sin = self.rotary(positions, self.dtype)
+        cos, sin = self.rotary.tables(positions, self.dtype)
+        if tokens.shape[1] == 1:
+            mask = decode_bias(mask, self.dtype)
         for blk in self.blocks:
             x = blk(x, cos, sin, cache, start, mask, mix)
         if last_only:
             x = x[:, -1:]
+        B, T, d = x.shape
         x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return linear(x.reshape(B * T, d), self.lm_head).float().view(B, T, -1)
