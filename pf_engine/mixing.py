@@ -25,6 +25,7 @@ Backends (``Mix.backend``):
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,9 @@ def columns(x2: torch.Tensor) -> torch.Tensor:
     return x2.t()
 
 
+GEMV_MIN_NUMEL = 1 << 18
+
+
 def mm(w: torch.Tensor, xT: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """W xT (+ bias as a column): [d_out, d_in] @ [d_in, N] -> [d_out, N].
 
@@ -90,7 +94,7 @@ def mm(w: torch.Tensor, xT: torch.Tensor, bias: torch.Tensor | None = None) -> t
     engine runs single-row decode with torch at one thread so that torch's OpenMP workers do not
     spin against the BLAS threads (engine.CpuThreads).
     """
-    if xT.shape[1] == 1 and w.device.type == "cpu":
+    if xT.shape[1] == 1 and w.device.type == "cpu" and w.numel() >= GEMV_MIN_NUMEL:
         if w.dtype == torch.float32:
             y = torch.from_numpy(w.numpy() @ xT[:, 0].numpy()).unsqueeze(1)
             return y if bias is None else y.add_(bias.unsqueeze(1))
@@ -121,12 +125,32 @@ class Part:
     scalings: torch.Tensor               # [n] fp32
 
 
+class RankLayout:
+    """Which bank expert and scaling each stacked rank row belongs to.
+
+    col_expert [R] (bank expert ids), col_scaling [R] fp32.  Interned by value: every layer
+    whose projections are targeted by the same experts shares one instance, so a forward expands
+    the gates, G_exp = (gates[:, col_expert] * col_scaling)^T, once per layout, not per layer.
+    """
+    _interned = weakref.WeakValueDictionary()
+
+    def __init__(self, col_expert: torch.Tensor, col_scaling: torch.Tensor):
+        self.col_expert, self.col_scaling = col_expert, col_scaling
+
+    @classmethod
+    def of(cls, col_expert: torch.Tensor, col_scaling: torch.Tensor) -> "RankLayout":
+        key = (str(col_expert.device), tuple(col_expert.tolist()), tuple(col_scaling.tolist()))
+        layout = cls._interned.get(key)
+        if layout is None:
+            layout = cls._interned[key] = cls(col_expert, col_scaling.float())
+        return layout
+
+
 @dataclass
 class Active:
     """The experts of one group restricted to an active set (gathered copies, built once)."""
     a: torch.Tensor                      # [R_act, d_in]
-    col_expert: torch.Tensor             # [R_act]
-    col_scaling: torch.Tensor            # [R_act] fp32
+    layout: RankLayout                   # [R_act] rows
     parts: list                          # [(out0, out1, r0, r1, b_act [d_out_m, R_act_m])]
 
 
@@ -151,6 +175,15 @@ class Mix:
     def _set(self, gates: torch.Tensor) -> None:
         self.gates = gates
         self.active = tuple(torch.nonzero(gates.abs().sum(0)).flatten().tolist())
+        self._expanded = {}
+
+    def expanded(self, layout: RankLayout, dtype: torch.dtype) -> torch.Tensor:
+        """G_exp^T [R, N] = (gates[:, col_expert] * col_scaling)^T, computed once per layout."""
+        g = self._expanded.get((layout, dtype))
+        if g is None:
+            g = (self.gates[:, layout.col_expert] * layout.col_scaling).t().to(dtype)
+            self._expanded[(layout, dtype)] = g
+        return g
 
     def for_layer(self, layer: int, x: torch.Tensor) -> "Mix":
         """The gates to use in ``layer`` given its input x [B, T, d] (token routing recomputes)."""
@@ -210,8 +243,8 @@ class Linear:
         for p in parts:
             p.a = self.w_aug[d_out + p.r0:d_out + p.r1]
         self.parts = parts
-        self.col_expert = torch.cat(cols).to(self.weight.device)
-        self.col_scaling = torch.cat(scal).to(self.weight.device)
+        self.layout = RankLayout.of(torch.cat(cols).to(self.weight.device),
+                                    torch.cat(scal).to(self.weight.device))
         self.bias_aug = None if self.bias is None else torch.cat(
             [self.bias, self.bias.new_zeros(r)])
         self.experts = tuple(sorted({b[0] for p in parts for b in p.blocks}))
@@ -244,24 +277,24 @@ class Linear:
         if len(act) == len(self.experts):
             outT = mm(self.w_aug, xT, self.bias_aug)                        # (d_out + R, N)
             yT, hT = outT[:d_out], outT[d_out:]
-            col_expert, col_scaling = self.col_expert, self.col_scaling
+            layout = self.layout
             parts = [(p.out0, p.out1, p.r0, p.r1, p.b) for p in self.parts]
         else:
             A = self._gather(tuple(act))
             yT = mm(self.weight, xT, self.bias)                             # (d_out, N)
             hT = mm(A.a, xT)                                                # (R_act, N)
-            col_expert, col_scaling, parts = A.col_expert, A.col_scaling, A.parts
-        g = (mix.gates[:, col_expert] * col_scaling).t()                    # (R, N)
-        hT = hT * g.to(hT.dtype)
+            layout, parts = A.layout, A.parts
+        hT = hT * mix.expanded(layout, hT.dtype)                            # (R, N) gated
         for o0, o1, r0, r1, b in parts:
-            yT[o0:o1] += mm(b, hT[r0:r1])
+            yT[o0:o1].addmm_(b, hT[r0:r1])
         return yT
 
     def _gather(self, act: tuple) -> Active:
         """The active experts' rows of A_cat and columns of B, built once per active set."""
         if self._active is not None and self._active[0] == act:
             return self._active[1]
-        keep = torch.isin(self.col_expert, torch.tensor(act, device=self.col_expert.device))
+        col_expert = self.layout.col_expert
+        keep = torch.isin(col_expert, torch.tensor(act, device=col_expert.device))
         d_out, parts, r = self.d_out, [], 0
         for p in self.parts:
             cols = keep[p.r0:p.r1].nonzero().flatten()
@@ -269,8 +302,8 @@ class Linear:
                 parts.append((p.out0, p.out1, r, r + cols.numel(), p.b[:, cols].contiguous()))
                 r += cols.numel()
         rows = keep.nonzero().flatten()
-        A = Active(self.w_aug[d_out:][rows].contiguous(), self.col_expert[rows],
-                   self.col_scaling[rows], parts)
+        A = Active(self.w_aug[d_out:][rows].contiguous(),
+                   RankLayout.of(col_expert[rows], self.layout.col_scaling[rows]), parts)
         self._active = (act, A)
         return A
 

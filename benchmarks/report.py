@@ -1,0 +1,115 @@
+"""Plots and the README's Performance section, from the JSON files the benchmarks wrote.
+
+    python -m benchmarks.report [--results benchmarks/results] [--readme README.md]
+
+The README section lies between the markers <!-- perf:start --> and <!-- perf:end --> and is
+rewritten whole each time: the command, the machine, the tables and the plots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+START, END = "<!-- perf:start -->", "<!-- perf:end -->"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def plot_generate(result: dict, out_png: str) -> str | None:
+    """Bar chart: decode tokens/s per configuration (pf_engine rows and peers)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in result["rows"] if "error" not in r]
+    labels = [f"{r['engine'].replace('pf_engine', 'pf')}\n{r['config']}"
+              + (f"/{r['backend']}" if r["backend"] != "-" else "") + f" B={r['batch']}"
+              for r in rows]
+    vals = [r["decode_tok_s"] for r in rows]
+    colours = ["tab:blue" if r["engine"] == "pf_engine" else "tab:gray" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows)), 4))
+    ax.bar(range(len(rows)), vals, color=colours)
+    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("decode tokens/s (all requests)")
+    ax.set_title(f"End-to-end decode, {result['device']} {result['dtype']}, "
+                 f"{result['threads']} threads")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(out_png), exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def section(results_dir: str, readme_dir: str, command: str) -> str:
+    from benchmarks import bench_generate
+    parts = [START, "", f"Made by `{command}`; the JSON files (with the machine, the versions "
+             "and the commit) are in `benchmarks/results/`.", ""]
+    gen = load(os.path.join(results_dir, "bench_generate.json"))
+    if gen:
+        m = gen["machine"]
+        parts += ["### End to end (bundled SmolLM2-135M-Instruct)", "",
+                  f"Commit {m.get('commit')}, {m['date']}, torch {m['torch']}, transformers "
+                  f"{m.get('transformers')}; copy bandwidth "
+                  + (f"{gen['copy_bandwidth_GBps']:.1f} GB/s; " if gen.get("copy_bandwidth_GBps")
+                     else "") + f"base weights {gen['weight_bytes_per_token'] / 1e6:.0f} MB "
+                  "read per decode step.", "", bench_generate.markdown(gen), ""]
+        png = plot_generate(gen, os.path.join(results_dir, "plots", "generate_decode.png"))
+        if png:
+            parts += [f"![decode tokens/s]({os.path.relpath(png, readme_dir)})", ""]
+    mix = load(os.path.join(results_dir, "bench_mixing.json"))
+    if mix:
+        try:
+            from benchmarks import bench_mixing
+            table = bench_mixing.markdown(mix, headline=True)
+        except (ImportError, AttributeError, TypeError):
+            table = None
+        parts += ["### One adapted linear (op level)", ""]
+        if table:
+            parts += [table, ""]
+        for name in sorted(os.listdir(os.path.join(results_dir, "plots"))
+                           if os.path.isdir(os.path.join(results_dir, "plots")) else []):
+            if name.startswith("mixing") and name.endswith(".png"):
+                p = os.path.join(results_dir, "plots", name)
+                parts += [f"![{name[:-4]}]({os.path.relpath(p, readme_dir)})", ""]
+    parts.append(END)
+    return "\n".join(parts)
+
+
+def update_readme(readme: str, text: str) -> None:
+    with open(readme) as f:
+        old = f.read()
+    if START in old and END in old:
+        new = old[:old.index(START)] + text + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    tmp = readme + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(new)
+    os.replace(tmp, readme)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default=os.path.join(HERE, "results"))
+    ap.add_argument("--readme", default=os.path.join(os.path.dirname(HERE), "README.md"))
+    ap.add_argument("--command", default="python -m benchmarks")
+    args = ap.parse_args(argv)
+    update_readme(args.readme, section(args.results, os.path.dirname(os.path.abspath(args.readme)),
+                                       args.command))
+    print(f"updated {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
