@@ -17,7 +17,8 @@ Backends (``Mix.backend``):
   shrink are one GEMM of width d_out + R; the expand is one GEMM per projection, written into its
   slice of y.  Experts whose gate is zero for the whole batch are skipped: the rows/columns of
   the active experts are gathered once per active set (cached on the Linear, keyed by the set)
-  and the shrink reads only those.
+  and the shrink reads only those.  Token-routed gates, whose active set changes per layer and
+  step, take the all-experts GEMM instead.
 * ``naive``: the baseline and a reference: a loop over projections and active experts, two small
   GEMMs, a scale and an add each.
 * ``triton`` / ``cuda``: the fused kernels of pf_kernels (same function, one pass on a GPU).
@@ -271,7 +272,10 @@ class Linear:
         """Two GEMMs whatever K is: [y; h]^T = W_aug xT, then y^T += B (G_exp^T * h^T) per part."""
         d_out = self.d_out
         act = [e for e in mix.active if e in self.experts]
-        if len(act) == len(self.experts):
+        # Gather the active experts' rows only when the set holds for the request (explicit and
+        # sequence-routed gates); token-routed sets change every layer and step, and re-gathering
+        # would copy more than reading all experts once, zero gates included.
+        if len(act) == len(self.experts) or mix.token_router is not None:
             outT = mm(self.w_aug, xT, self.bias_aug)                        # (d_out + R, N)
             yT, hT = outT[:d_out], outT[d_out:]
             layout = self.layout
