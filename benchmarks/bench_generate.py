@@ -11,8 +11,10 @@ persona usually is), ``auto`` (the bank's sequence router, top-2), ``token`` (th
 top-2 per token and layer); ``mixed`` (a batch with a different persona per request, some none).
 Batch sizes: ``--batches`` (default 1; ``mixed`` runs at 4 and 16).
 Peers in the same run (``--no-peers`` skips them): transformers' ``generate`` on the base model,
-and transformers + PEFT with the same experts combined by ``add_weighted_adapter(...,
-combination_type="cat")`` into one adapter per persona (dense and top-2), what a user does today.
+transformers + PEFT with the same experts combined by ``add_weighted_adapter(...,
+combination_type="cat")`` into one adapter per persona (dense and top-2), what a user does today,
+and PEFT X-LoRA over the same experts (top-2 per token; its row records an error where it does
+not run).
 
 Timing, the same for every row: t1 = a generate of 1 token (prefill + one sample), tN = a
 generate of N tokens, EOS ignored so every row makes exactly N; prefill tok/s = prompt tokens /
@@ -203,6 +205,18 @@ def peft_cat_model(folder, peft_dirs, names, weights: dict, device, dtype):
     return model.eval()
 
 
+def xlora_model(folder, peft_dirs, names, hidden_size, device, dtype, top_k=2):
+    """PEFT X-LoRA over the same experts: per-token mixing by a (random) X-LoRA classifier,
+    computed with PEFT's extra scaling pass and a Python loop over adapters."""
+    from peft import XLoraConfig, get_peft_model
+    cfg = XLoraConfig(task_type="CAUSAL_LM", hidden_size=hidden_size, xlora_depth=1,
+                      adapters={f"expert{i}": d for i, d in enumerate(peft_dirs)}, top_k_lora=top_k,
+                      enable_softmax=False, enable_softmax_topk=True)
+    model = hf_model(folder, device, dtype)
+    model.config.use_cache = False
+    return get_peft_model(model, cfg).eval()
+
+
 # The run --------------------------------------------------------------------------------------
 def run(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -287,6 +301,15 @@ def run(argv=None) -> dict:
             except Exception as e:  # noqa: BLE001
                 rows.append({"engine": "transformers+peft (cat)", "config": "top2",
                              "backend": "-", "batch": 1, "error": f"{type(e).__name__}: {e}"})
+            try:   # X-LoRA "where it runs": its own per-token router (random here), top-2
+                model = xlora_model(base.folder, dirs, bank.expert_names, base.config.hidden_size,
+                                    device, dtype)
+                rows.append({"engine": "peft x-lora", "config": "token", "backend": "-",
+                             "batch": 1, **hf_row(model, ids, n, reps, device)})
+                del model
+            except Exception as e:  # noqa: BLE001
+                rows.append({"engine": "peft x-lora", "config": "token", "backend": "-",
+                             "batch": 1, "error": f"{type(e).__name__}: {str(e)[:200]}"})
 
     # derived figures: ratios to base at the same batch size, naive/torch, the bytes floor
     bw = copy_bandwidth() if device.type == "cpu" else None

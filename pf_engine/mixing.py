@@ -77,9 +77,9 @@ def columns(x2: torch.Tensor) -> torch.Tensor:
     """x2 [N, d_in] -> xT [d_in, N]: the torch and naive backends compute y^T = W x^T.
 
     With W row-major [d_out, d_in], y^T = W x^T is a GEMM with a small second dimension, which
-    MKL streams about 1.5x faster than the y = x W^T form for N = 2..64 (and prefill); a single
-    row is a GEMV, done by numpy's BLAS on CPU (see ``mm``).  benchmarks/bench_mixing.py times
-    the base linear both ways.
+    MKL streams 1.5-2x faster than the y = x W^T form for N = 2..16 (a batched decode step); a
+    single row is a GEMV, done by numpy's BLAS on CPU (see ``mm``).  benchmarks/bench_mixing.py
+    times the base linear both ways.
     """
     return x2.t()
 
@@ -101,9 +101,16 @@ def mm(w: torch.Tensor, xT: torch.Tensor, bias: torch.Tensor | None = None) -> t
     return torch.mm(w, xT) if bias is None else torch.addmm(bias.unsqueeze(1), w, xT)
 
 
-def linear(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x2 W^T + b for x2 [N, d_in] -> [N, d_out] (on CPU a transposed view of ``mm``)."""
-    if x2.device.type != "cpu":
+def linear(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+           decode: bool = False) -> torch.Tensor:
+    """y = x2 W^T + b for x2 [N, d_in] -> [N, d_out].
+
+    ``decode``: the N rows are one new token per sequence.  On CPU those take ``mm``'s forms
+    (W x^T, numpy's GEMV for one row), which stream the weights fastest for few rows; passes
+    over several tokens per sequence (prefill, scoring) use x W^T, the form transformers uses,
+    so that their logits round as transformers' do (the parity tests hold them to 1e-4).
+    """
+    if x2.device.type != "cpu" or not decode:
         return F.linear(x2, w, bias)
     return mm(w, columns(x2), bias).t()
 
@@ -258,7 +265,7 @@ class Linear:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])                                       # (N, d_in)
         if mix is None or not self.parts or not set(mix.active).intersection(self.experts):
-            y = linear(x2, self.weight, self.bias)
+            y = linear(x2, self.weight, self.bias, decode=len(shape) > 2 and shape[-2] == 1)
         elif mix.backend in ("torch", "naive"):
             xT = columns(x2)                                                # (d_in, N)
             yT = self._grouped(xT, mix) if mix.backend == "torch" else self._naive(xT, mix)

@@ -175,4 +175,4 @@ class Decoder:
             x = x[:, -1:]
         B, T, d = x.shape
         x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
-        return linear(x.reshape(B * T, d), self.lm_head).float().view(B, T, -1)
+        return linear(x.reshape(B * T, d), self.lm_head, decode=T == 1).float().view(B, T, -1)
