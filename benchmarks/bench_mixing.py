@@ -5,7 +5,8 @@
     python benchmarks/bench_mixing.py --device cuda --dtype bf16 --T 1,8,64,512
 
 Each row goes through the engine's own path: ``pf_engine.mixing.Linear`` with K random experts of
-rank r attached (``Linear.attach``), called as ``Linear.full(x, Mix(gates, backend))`` on x [T, d_in].
+rank r attached (``Linear.attach``), called as ``Linear.full(x, Mix(gates, backend))`` on x [T, 1, d_in]: T sequences in one decode
+step (so ``base`` takes the engine's decode forms, see ``mixing.linear``).
 Backends: ``base`` (the same projection with no experts: the roofline), ``F.linear`` (CPU only:
 torch's y = x W^T form beside the engine's W x^T one, see ``mixing.columns``; timed with torch's
 threads as set), ``naive`` (a loop over experts), ``torch`` (grouped: two GEMMs whatever K is),
@@ -373,7 +374,8 @@ def bench_proj(p: Proj, pi: int, c: dict, seed: int, esize: int, bw: float, thre
                .to(device, dtype) for i in range(n_copies(w_bytes, c["rotate_mb"]))]
     base = [Linear(w, None, p.splits, p.modules) for w in weights]            # no experts
     base32 = Linear(weights[0].float(), None, p.splits, p.modules)
-    xs = {T: [torch.randn(T, p.d_in, generator=_gen(seed, pi, "x", T, i)).to(device, dtype)
+    # [T, 1, d_in]: T sequences with one new token each, a decode step (the engine's hot path)
+    xs = {T: [torch.randn(T, 1, p.d_in, generator=_gen(seed, pi, "x", T, i)).to(device, dtype)
               for i in range(N_INPUTS)] for T in c["T"]}
     ctx = dict(p=p, c=c, esize=esize, w_bytes=w_bytes, bw=bw, threads=threads, timing=timing,
                failures=failures, base=base, base32=base32, base_cache={})
