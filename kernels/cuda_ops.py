@@ -11,6 +11,7 @@ import importlib
 import torch
 
 from .meta import check_scalings, host_rank_offsets
+from .ops import grouped_shapes
 
 __all__ = ["cuda_available", "grouped_lora_cuda"]
 
@@ -78,14 +79,7 @@ def grouped_lora_cuda(y: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, b_c
             raise ValueError(f"{name} has dtype {named[name].dtype} but x has {x.dtype}")
     if gates.dtype != torch.float32:
         raise ValueError(f"gates must be float32, got {gates.dtype}")
-    T, d_in = x.shape
-    R, d_out = a_cat.shape[0], y.shape[1]
-    if y.shape[0] != T:
-        raise ValueError(f"y has {y.shape[0]} rows but x has T={T}")
-    if a_cat.shape[1] != d_in:
-        raise ValueError(f"a_cat has d_in={a_cat.shape[1]} columns but x has d_in={d_in}")
-    if tuple(b_cat.shape) != (d_out, R):
-        raise ValueError(f"b_cat has shape {tuple(b_cat.shape)} but (d_out, R) = ({d_out}, {R}) from y and a_cat")
+    T, d_in, R, d_out = grouped_shapes(y, x, a_cat, b_cat)
     offsets = host_rank_offsets(rank_offsets)
     K = len(offsets) - 1
     check_scalings(scalings, K)

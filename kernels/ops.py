@@ -118,6 +118,19 @@ def _layout(gates, rank_offsets, scalings, meta: LoRAMeta | None, T: int, R: int
     return layout
 
 
+def grouped_shapes(y, x, a_cat, b_cat) -> tuple[int, int, int, int]:
+    """(T, d_in, R, d_out) of a grouped-LoRA call, or a ValueError naming both sizes."""
+    T, d_in = x.shape
+    R, d_out = a_cat.shape[0], y.shape[1]
+    if y.shape[0] != T:
+        raise ValueError(f"y has {y.shape[0]} rows but x has T={T}")
+    if a_cat.shape[1] != d_in:
+        raise ValueError(f"a_cat has d_in={a_cat.shape[1]} columns but x has d_in={d_in}")
+    if tuple(b_cat.shape) != (d_out, R):
+        raise ValueError(f"b_cat has shape {tuple(b_cat.shape)} but (d_out, R) = ({d_out}, {R}) from y and a_cat")
+    return T, d_in, R, d_out
+
+
 def _require_mode(x: torch.Tensor) -> bool:
     """Check that the kernels can run on x's device; returns True when interpreting."""
     interp = _interpreting()
@@ -151,14 +164,7 @@ def grouped_lora(y: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, b_cat: t
                           ("b_cat", b_cat, "[d_out, R]")):
         _check_tensor(name, t, 2, what)
     _check_same(x, {"y": y, "a_cat": a_cat, "b_cat": b_cat})
-    T, d_in = x.shape
-    R, d_out = a_cat.shape[0], y.shape[1]
-    if y.shape[0] != T:
-        raise ValueError(f"y has {y.shape[0]} rows but x has T={T}")
-    if a_cat.shape[1] != d_in:
-        raise ValueError(f"a_cat has d_in={a_cat.shape[1]} columns but x has d_in={d_in}")
-    if tuple(b_cat.shape) != (d_out, R):
-        raise ValueError(f"b_cat has shape {tuple(b_cat.shape)} but (d_out, R) = ({d_out}, {R}) from y and a_cat")
+    T, d_in, R, d_out = grouped_shapes(y, x, a_cat, b_cat)
     K = _num_experts(rank_offsets, meta)
     _check_gates(gates, T, K, x)
     layout = _layout(gates, rank_offsets, scalings, meta, T, R, x)
