@@ -26,6 +26,8 @@ File format (safetensors, format version 1):
                target_modules  ["q", "k", ...]                   modules any expert covers
                fingerprint     {"architecture", "hidden_size", "num_hidden_layers", "vocab_size"}
                router          {"sequence": {...}, "token": {...}}   only when routers are present
+               recipe          {...}   how pf-train made the bank (data hash, seeds, versions,
+                                       commit); only for trained banks, informative
 """
 from __future__ import annotations
 
@@ -93,7 +95,7 @@ class AdapterBank:
     def __init__(self, expert_names, ranks, scalings, fingerprint: dict,
                  module_experts: dict[str, list[int]], weights: dict[tuple[int, str], tuple],
                  router: SequenceRouter | None = None, token_router: TokenRouter | None = None,
-                 lora_alpha=None, use_rslora=None):
+                 lora_alpha=None, use_rslora=None, recipe: dict | None = None):
         self.expert_names = [_check_name(n) for n in expert_names]
         if len(set(self.expert_names)) != len(self.expert_names):
             raise PFError(f"expert names are not unique: {self.expert_names}")
@@ -116,6 +118,7 @@ class AdapterBank:
             raise PFError("the bank adapts no module: give its experts target modules")
         self.router = router
         self.token_router = token_router
+        self.recipe = recipe
         self._build_index()
 
     # Layout ---------------------------------------------------------------------------------
@@ -239,6 +242,8 @@ class AdapterBank:
             router["token"] = self.token_router.config()
         if router:
             meta["router"] = json.dumps(router)
+        if self.recipe is not None:
+            meta["recipe"] = json.dumps(self.recipe)
         return meta
 
     def save(self, path, overwrite: bool = False) -> None:
@@ -310,6 +315,7 @@ class AdapterBank:
             router_cfg = json.loads(meta.get("router", "{}"))
             alphas = json.loads(meta["lora_alpha"]) if "lora_alpha" in meta else None
             rslora = json.loads(meta["use_rslora"]) if "use_rslora" in meta else None
+            recipe = json.loads(meta["recipe"]) if "recipe" in meta else None
         except (KeyError, ValueError) as e:
             raise LoadError(f"{path}: bad or missing bank metadata ({e})") from None
         missing = [f for f in FINGERPRINT_FIELDS if f not in fingerprint]
@@ -385,7 +391,7 @@ class AdapterBank:
         try:
             return cls(names, ranks, scalings, fingerprint, module_experts, weights,
                        router=router, token_router=token_router, lora_alpha=alphas,
-                       use_rslora=rslora)
+                       use_rslora=rslora, recipe=recipe if isinstance(recipe, dict) else None)
         except PFError as e:
             raise LoadError(f"{path}: {e}") from None
 

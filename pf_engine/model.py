@@ -148,7 +148,15 @@ class Decoder:
                layers: int) -> torch.Tensor:
         """The base model's hidden states [B, T, d] after the first ``layers`` blocks (0: the
         embeddings), on a scratch cache: what the sequence router reads."""
+        *_, x = self.layer_states(tokens, positions, mask, layers)
+        return x
+
+    def layer_states(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                     layers: int):
+        """Yields the base model's hidden states [B, T, d]: the embeddings, then the output of
+        each of the first ``layers`` blocks (a scratch cache; router training reads them all)."""
         x = self.embed[tokens]
+        yield x
         if layers:
             cos, sin = self.rotary.tables(positions, self.dtype)
             cache = self.new_cache(tokens.shape[0], tokens.shape[1])
@@ -156,7 +164,7 @@ class Decoder:
                 mask = decode_bias(mask, self.dtype)
             for blk in self.blocks[:layers]:
                 x = blk(x, cos, sin, cache, 0, mask)
-        return x
+                yield x
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
                  mask: torch.Tensor, last_only: bool = False, mix: Mix | None = None) -> torch.Tensor:

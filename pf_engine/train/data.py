@@ -1,0 +1,202 @@
+"""The persona corpus: JSON Lines files the project wrote, read and checked in one place.
+
+Layout of a data folder (data/personas/ ships the project's own; every text was written for it):
+
+    poles.jsonl                  {"pole": "openness+", "trait": "openness", "sign": "+",
+                                  "description": "Curious and imaginative: ..."}      10 lines
+    train/  and  heldout/        the same files in each split; heldout/ is never read by pf-train
+      messages.jsonl             {"id": "m001", "text": "I have a free weekend coming up. ..."}
+      replies.jsonl              {"message_id": "m001", "pole": "openness+", "text": "..."}
+                                 one reply per pole to every message of the split
+      statements.jsonl           {"pole": "openness-", "text": "I like ..."}  first-person
+                                 self-descriptions, the trait-expression probe
+      situations.jsonl           {"id": "s001", "category": "distress", "text": "...",
+                                  "target": {"agreeableness+": 0.6, "neuroticism-": 0.4}}
+                                 target: the persona mix the situation calls for, sums to 1
+      neutral.jsonl              {"prompt": "...", "reply": "..."}  plain answers with no
+                                 persona colouring (retention in training, perplexity guard in eval)
+
+Every problem is one ``PFError`` line naming the file, the line number and what was expected.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+from ..adapters import BIG_FIVE
+from ..errors import PFError
+
+TRAITS = ["openness", "conscientiousness", "extraversion", "agreeableness", "neuroticism"]
+SPLITS = ("train", "heldout")
+FILES = ("messages", "replies", "statements", "situations", "neutral")
+# file -> {field: type}; every field is required
+SCHEMA = {
+    "poles": {"pole": str, "trait": str, "sign": str, "description": str},
+    "messages": {"id": str, "text": str},
+    "replies": {"message_id": str, "pole": str, "text": str},
+    "statements": {"pole": str, "text": str},
+    "situations": {"id": str, "category": str, "text": str, "target": dict},
+    "neutral": {"prompt": str, "reply": str},
+}
+
+
+def trait_of(pole: str) -> str:
+    return pole[:-1]
+
+
+def opposite(pole: str) -> str:
+    return pole[:-1] + ("-" if pole.endswith("+") else "+")
+
+
+def read_jsonl(path: str, schema: dict[str, type]) -> list[dict]:
+    """Records of a JSON Lines file, each checked against ``schema`` {field: type}."""
+    if not os.path.isfile(path):
+        raise PFError(f"missing data file {path}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise PFError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise PFError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+            for key, typ in schema.items():
+                if key not in rec:
+                    raise PFError(f"{path}:{n}: missing field {key!r}")
+                if not isinstance(rec[key], typ) or (typ is str and not rec[key].strip()):
+                    raise PFError(f"{path}:{n}: field {key!r} must be a non-empty "
+                                  f"{typ.__name__}, got {rec[key]!r}")
+            rec["_where"] = f"{path}:{n}"
+            out.append(rec)
+    if not out:
+        raise PFError(f"{path} holds no records")
+    return out
+
+
+def _check_pole(rec: dict, key: str, poles) -> str:
+    if rec[key] not in poles:
+        raise PFError(f"{rec['_where']}: unknown pole {rec[key]!r}; expected one of "
+                      f"{', '.join(poles)}")
+    return rec[key]
+
+
+def check_target(rec: dict, poles) -> dict[str, float]:
+    """A situation's target mix: known poles, weights finite and >= 0, summing to 1."""
+    target = {}
+    for pole, w in rec["target"].items():
+        if pole not in poles:
+            raise PFError(f"{rec['_where']}: unknown pole {pole!r} in target; expected one of "
+                          f"{', '.join(poles)}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise PFError(f"{rec['_where']}: target weight of {pole!r} must be a number >= 0, "
+                          f"got {w!r}")
+        target[pole] = float(w)
+    total = sum(target.values())
+    if abs(total - 1.0) > 1e-3:
+        raise PFError(f"{rec['_where']}: target mix sums to {total:g}, expected 1")
+    return target
+
+
+@dataclass
+class Split:
+    """One split of the corpus; texts keyed the way training and evaluation use them."""
+    messages: dict[str, str]                              # id -> text
+    replies: dict[str, dict[str, str]]                    # pole -> {message id -> text}
+    statements: dict[str, list[str]]                      # pole -> texts
+    situations: list[dict] = field(default_factory=list)  # {"id", "category", "text", "target"}
+    neutral: list[tuple[str, str]] = field(default_factory=list)   # (prompt, reply)
+
+
+@dataclass
+class Corpus:
+    poles: list[str]                 # bank order (BIG_FIVE)
+    descriptions: dict[str, str]     # pole -> description
+    train: Split | None
+    heldout: Split | None
+    digest: dict[str, str]           # split -> sha256 of its files (and poles.jsonl)
+
+
+def _read_split(folder: str, poles: list[str]) -> Split:
+    rec = {name: read_jsonl(os.path.join(folder, f"{name}.jsonl"), SCHEMA[name]) for name in FILES}
+    messages = {}
+    for r in rec["messages"]:
+        if r["id"] in messages:
+            raise PFError(f"{r['_where']}: message id {r['id']!r} appears twice")
+        messages[r["id"]] = r["text"]
+    replies: dict[str, dict[str, str]] = {p: {} for p in poles}
+    for r in rec["replies"]:
+        pole = _check_pole(r, "pole", poles)
+        if r["message_id"] not in messages:
+            raise PFError(f"{r['_where']}: reply to unknown message {r['message_id']!r}")
+        if r["message_id"] in replies[pole]:
+            raise PFError(f"{r['_where']}: second {pole} reply to message {r['message_id']!r}")
+        replies[pole][r["message_id"]] = r["text"]
+    for pole in poles:
+        missing = sorted(set(messages) - set(replies[pole]))
+        if missing:
+            raise PFError(f"{folder}/replies.jsonl: no {pole} reply to message {missing[0]!r} "
+                          f"(every pole answers every message)")
+    statements: dict[str, list[str]] = {p: [] for p in poles}
+    for r in rec["statements"]:
+        statements[_check_pole(r, "pole", poles)].append(r["text"])
+    empty = [p for p in poles if not statements[p]]
+    if empty:
+        raise PFError(f"{folder}/statements.jsonl: no statement for pole {empty[0]!r}")
+    situations, seen = [], set()
+    for r in rec["situations"]:
+        if r["id"] in seen:
+            raise PFError(f"{r['_where']}: situation id {r['id']!r} appears twice")
+        seen.add(r["id"])
+        situations.append({"id": r["id"], "category": r["category"], "text": r["text"],
+                           "target": check_target(r, poles)})
+    neutral = [(r["prompt"], r["reply"]) for r in rec["neutral"]]
+    return Split(messages, replies, statements, situations, neutral)
+
+
+def _digest(paths: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(os.path.relpath(p, os.path.dirname(os.path.dirname(p))).encode())
+        with open(p, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def load_corpus(folder: str, splits=SPLITS) -> Corpus:
+    """Read and check ``folder`` (the layout above); only the named ``splits`` are opened."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise PFError(f"data folder {folder} does not exist")
+    for s in splits:
+        if s not in SPLITS:
+            raise PFError(f"unknown split {s!r}; expected one of {', '.join(SPLITS)}")
+    pole_recs = read_jsonl(os.path.join(folder, "poles.jsonl"), SCHEMA["poles"])
+    descriptions = {}
+    for r in pole_recs:
+        pole = _check_pole(r, "pole", BIG_FIVE)
+        if r["trait"] != trait_of(pole) or r["sign"] != pole[-1]:
+            raise PFError(f"{r['_where']}: pole {pole!r} has trait {r['trait']!r} and sign "
+                          f"{r['sign']!r}, expected {trait_of(pole)!r} and {pole[-1]!r}")
+        descriptions[pole] = r["description"]
+    if sorted(descriptions) != sorted(BIG_FIVE):
+        missing = [p for p in BIG_FIVE if p not in descriptions]
+        raise PFError(f"{folder}/poles.jsonl: no entry for pole {missing[0]!r}")
+    poles = list(BIG_FIVE)
+    loaded, digest = {}, {}
+    for s in splits:
+        loaded[s] = _read_split(os.path.join(folder, s), poles)
+        digest[s] = _digest([os.path.join(folder, "poles.jsonl")] +
+                            [os.path.join(folder, s, f"{name}.jsonl") for name in FILES])
+    return Corpus(poles, descriptions, loaded.get("train"), loaded.get("heldout"), digest)
+
+
+def default_data_dir() -> str:
+    """data/personas/ of this checkout (the corpus ships with the source, not the wheel)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "data", "personas")

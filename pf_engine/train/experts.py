@@ -1,0 +1,146 @@
+"""Persona experts: one LoRA per Big Five pole, trained with peft on the base model, on CPU.
+
+Only the top layers ``first_layer .. L-1`` are adapted (peft ``layers_to_transform``), so the
+frozen bottom of the network is the same for every expert and every step: its output for each
+training sequence is computed once (``Trunk.cache``) and training runs the top layers alone.
+
+Loss for the expert of pole p (trait T), per step, on per-token mean log-likelihoods
+``lp(x) = mean_t log pi(x_t | x_<t)`` of reply tokens and ``d(x) = lp(x) - lp_base(x)``:
+
+    L = NLL(p's replies and self-descriptions)                          say it as p
+      + w_pair * -log sigmoid(beta * (d(x_p) - d(x_p')))                 p' = opposite pole, same
+                                                                         message: move along T
+      + w_retain * mean d(x_o)^2                                         x_o: other traits' and
+                                                                         neutral texts stay put
+
+The retention term is what keeps the other four traits where the base model has them
+(specificity); the pairwise term (DPO-like, base model as the reference) pushes p away from its
+opposite on the same content.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .sequences import Sequence, pad_batch
+
+
+@dataclass
+class Item:
+    """A training sequence with its cached trunk output and base log-likelihood."""
+    seq: Sequence
+    hidden: torch.Tensor | None = None      # [T, d] output of layer first_layer - 1
+    base_lp: float = 0.0
+
+
+def load_hf_model(folder: str):
+    """The base model as a transformers module (fp32, eval mode, frozen)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class Trunk:
+    """Runs a causal LM (transformers Llama-family, optionally peft-wrapped) from a cached layer.
+
+    ``model``: the transformers *ForCausalLM (not the peft wrapper: peft injects its LoRA layers
+    into this same module tree, so the top layers see the active adapter).
+    """
+
+    def __init__(self, model, first_layer: int):
+        self.model, self.first = model, first_layer
+        self.inner = model.model
+        if not 0 <= first_layer < len(self.inner.layers):
+            raise ValueError(f"first_layer {first_layer} outside 0..{len(self.inner.layers) - 1}")
+
+    @torch.no_grad()
+    def cache(self, items: list[Item], batch: int = 16, progress=None) -> None:
+        """Fill ``item.hidden``: the input of layer ``first_layer`` for every sequence."""
+        for i in range(0, len(items), batch):
+            chunk = items[i:i + batch]
+            ids, _, _ = pad_batch([it.seq for it in chunk])
+            h = self._run(self.inner.embed_tokens(ids), 0, self.first)
+            for j, it in enumerate(chunk):
+                it.hidden = h[j, :len(it.seq.ids)].clone()
+            if progress is not None:
+                progress.update(len(chunk))
+
+    def _run(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        pos = torch.arange(h.shape[1]).unsqueeze(0)
+        pe = self.inner.rotary_emb(h, position_ids=pos)
+        for layer in self.inner.layers[start:stop]:
+            h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=pos)
+        return h
+
+    def log_likelihood(self, items: list[Item]) -> torch.Tensor:
+        """Per-sequence mean log-likelihood of the reply tokens [B], from the cached trunk."""
+        seqs = [it.seq for it in items]
+        _, targets, mask = pad_batch(seqs)
+        T, d = targets.shape[1], items[0].hidden.shape[-1]
+        h = torch.zeros(len(items), T, d)
+        for j, it in enumerate(items):
+            h[j, :it.hidden.shape[0]] = it.hidden
+        h = self.inner.norm(self._run(h, self.first, len(self.inner.layers)))
+        logits = self.model.lm_head(h[mask])                             # (N, vocab)
+        lp = torch.gather(F.log_softmax(logits.float(), -1), 1, targets[mask].unsqueeze(1))[:, 0]
+        row = torch.arange(len(items)).unsqueeze(1).expand_as(mask)[mask]
+        total = torch.zeros(len(items)).index_add(0, row, lp)
+        return total / mask.sum(1)
+
+
+@dataclass
+class Pools:
+    """What one expert trains on: its own texts, their opposite-pole twins, texts to keep."""
+    own: list[Item]
+    twin: list[Item]              # twin[i]: the opposite pole on the same message / slot
+    keep: list[Item]
+
+
+def train_expert(trunk: Trunk, params: list[torch.nn.Parameter], pools: Pools, steps: int,
+                 lr: float, pairs: int, retain: int, beta: float, w_pair: float,
+                 w_retain: float, seed: int, progress=None) -> list[dict]:
+    """Optimise ``params`` (the active adapter's) for ``steps`` steps; returns the loss log."""
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * (1 - s / steps) ** 0.5)
+    log = []
+    order = list(range(len(pools.own)))
+    rng.shuffle(order)
+    cursor = 0
+    for step in range(steps):
+        if cursor + pairs > len(order):
+            rng.shuffle(order)
+            cursor = 0
+        pick = order[cursor:cursor + pairs]
+        cursor += pairs
+        own = [pools.own[i] for i in pick]
+        twin = [pools.twin[i] for i in pick]
+        keep = rng.sample(pools.keep, min(retain, len(pools.keep)))
+        batch = own + twin + keep
+        lp = trunk.log_likelihood(batch)
+        base = torch.tensor([it.base_lp for it in batch])
+        d = lp - base
+        n = len(own)
+        nll = -lp[:n].mean()
+        pair = -F.logsigmoid(beta * (d[:n] - d[n:2 * n])).mean()
+        keep_loss = d[2 * n:].pow(2).mean() if keep else torch.zeros(())
+        loss = nll + w_pair * pair + w_retain * keep_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        log.append({"step": step, "loss": round(float(loss), 5), "nll": round(float(nll), 5),
+                    "pair": round(float(pair), 5), "keep": round(float(keep_loss), 6)})
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(nll=f"{float(nll):.3f}", pair=f"{float(pair):.3f}",
+                                 keep=f"{float(keep_loss):.4f}")
+    return log

@@ -1,0 +1,114 @@
+"""Training the sequence router (``persona="auto"``) from situations to target persona mixes.
+
+Features are what the engine's router reads at inference: the mean over the prompt's tokens of
+the base model's hidden state after layer l, for the chat-formatted situation (router.py).  The
+router is the engine's MLP, trained full-batch on the train split:
+
+    p = softmax(W2 silu(W1 x + b1) + b2)                     x standardised: folded into W1, b1
+    L = mean_i KL(target_i || p_i)  +  w_balance * KL(mean_i p_i || uniform)
+
+The balance term keeps every expert in use without fighting the targets (it acts on the batch
+mean).  The layer l is chosen by k-fold cross-validation on the train split alone (top-2 hit
+rate, then KL), never on held-out data.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..model import attention_mask
+from ..router import SequenceRouter
+
+
+@torch.inference_mode()
+def pooled_states(model, prompts: list[list[int]], progress=None) -> torch.Tensor:
+    """Mean-pooled hidden states [N, L+1, d] (fp32) of each prompt after every layer."""
+    cfg = model.cfg
+    out = []
+    for ids in prompts:
+        tokens = torch.tensor([ids], device=model.device)
+        T = len(ids)
+        positions = torch.arange(T, device=model.device).unsqueeze(0)
+        mask = attention_mask(torch.zeros(1, dtype=torch.long, device=model.device), 0, T,
+                              cfg.sliding_window)
+        states = model.layer_states(tokens, positions, mask, cfg.num_hidden_layers)
+        out.append(torch.stack([h[0].float().mean(0) for h in states]).cpu())
+        if progress is not None:
+            progress.update(1)
+    return torch.stack(out)
+
+
+def top2_hits(gates: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row: does one of the two largest gates fall on an expert the target uses? [N] bool."""
+    top = gates.topk(min(2, gates.shape[1]), dim=1).indices
+    return (targets.gather(1, top) > 0).any(1)
+
+
+def _fit(x: torch.Tensor, targets: torch.Tensor, hidden: int, steps: int, lr: float,
+         weight_decay: float, w_balance: float, seed: int):
+    """Train the MLP on standardised features; returns (w1, b1, w2, b2) in the raw feature space."""
+    g = torch.Generator().manual_seed(seed)
+    N, d = x.shape
+    K = targets.shape[1]
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-4)
+    z = (x - mu) / sd
+    w1 = (torch.randn(hidden, d, generator=g) / math.sqrt(d)).requires_grad_()
+    b1 = torch.zeros(hidden, requires_grad=True)
+    w2 = (torch.randn(K, hidden, generator=g) / math.sqrt(hidden)).requires_grad_()
+    b2 = torch.zeros(K, requires_grad=True)
+    opt = torch.optim.AdamW([w1, b1, w2, b2], lr=lr, weight_decay=weight_decay)
+    log_t = torch.where(targets > 0, targets.clamp_min(1e-12).log(), torch.zeros(()))
+    for _ in range(steps):
+        logp = F.log_softmax(F.linear(F.silu(F.linear(z, w1, b1)), w2, b2), -1)
+        kl = (targets * (log_t - logp)).sum(1).mean()
+        mean_p = logp.exp().mean(0)
+        balance = (mean_p * (mean_p * K).clamp_min(1e-12).log()).sum()
+        loss = kl + w_balance * balance
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        w1f = w1 / sd
+        b1f = b1 - w1f @ mu
+    return w1f.detach(), b1f.detach(), w2.detach(), b2.detach()
+
+
+def _score(router: SequenceRouter, x: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """(top-2 hit rate, mean KL(target || router softmax before top-k)) on pooled features x."""
+    with torch.no_grad():
+        z = F.silu(F.linear(x, router.w1, router.b1))
+        p = torch.softmax(F.linear(z, router.w2, router.b2) / router.temperature, -1)
+        log_t = torch.where(targets > 0, targets.clamp_min(1e-12).log(), torch.zeros(()))
+        kl = (targets * (log_t - p.clamp_min(1e-12).log())).sum(1).mean()
+    return float(top2_hits(p, targets).float().mean()), float(kl)
+
+
+def train_router(features: torch.Tensor, targets: torch.Tensor, layers: list[int],
+                 hidden: int = 64, steps: int = 300, lr: float = 1e-2, weight_decay: float = 1e-2,
+                 w_balance: float = 0.05, top_k: int = 2, folds: int = 4, seed: int = 0):
+    """Choose the layer by k-fold CV, then fit on all of the train split.
+
+    features [N, L+1, d] (``pooled_states``), targets [N, K] (rows sum to 1).  Returns
+    (SequenceRouter, report) where report holds each candidate layer's CV figures.
+    """
+    N = features.shape[0]
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
+    fold_of = torch.empty(N, dtype=torch.long)
+    fold_of[perm] = torch.arange(N) % folds
+    cv = {}
+    for layer in layers:
+        hits, kls = [], []
+        for f in range(folds):
+            tr, te = fold_of != f, fold_of == f
+            w = _fit(features[tr, layer], targets[tr], hidden, steps, lr, weight_decay,
+                     w_balance, seed)
+            h, k = _score(SequenceRouter(*w, layer=layer), features[te, layer], targets[te])
+            hits.append(h * int(te.sum()))
+            kls.append(k * int(te.sum()))
+        cv[layer] = {"top2_hit": sum(hits) / N, "kl": sum(kls) / N}
+    best = min(layers, key=lambda l: (-round(cv[l]["top2_hit"], 6), cv[l]["kl"], l))
+    w = _fit(features[:, best], targets, hidden, steps, lr, weight_decay, w_balance, seed)
+    router = SequenceRouter(*w, layer=best, top_k=top_k)
+    return router, {"layer": best, "cv": {str(l): v for l, v in cv.items()}}
