@@ -166,13 +166,13 @@ def _rope_scaling(reader, arch: str, theta: float, head_dim: int, path: str) -> 
                           f"(factor {f:g}); cannot express it in config.json")
     if kind in (None, "", "none") and not factor:
         return None
-    if kind in (None, "", "linear"):
-        return None if float(factor) == 1.0 else {"rope_type": "linear", "factor": float(factor)}
-    if kind == "yarn":
-        out = {"rope_type": "yarn", "factor": float(factor or 1.0)}
-        if orig:
-            out["original_max_position_embeddings"] = int(orig)
-        return out
+    if kind in (None, "", "linear", "yarn"):
+        if kind != "yarn" and float(factor) == 1.0:
+            return None
+        # The runtime implements default and llama3 rope only: refuse here, before anything is
+        # written, rather than convert a model that cannot load.
+        raise ConfigError(f"{path}: rope scaling {kind or 'linear'!r} (factor {float(factor or 1):g}) "
+                          "is not supported by the engine; supported: none, llama3")
     if kind == "llama3":
         return {"rope_type": "llama3", "factor": float(factor or 8.0), "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": int(orig or 8192)}

@@ -89,7 +89,7 @@ _TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_nor
 
 def write_tiny_gguf(path, *, tied: bool = True, qtype: str = "F32", arch: str = "llama",
                     rope_freqs: np.ndarray | None = None, seed: int = 0, heads: int = 4,
-                    kv_heads: int = 2, **sizes) -> dict[str, np.ndarray]:
+                    kv_heads: int = 2, meta: dict | None = None, **sizes) -> dict[str, np.ndarray]:
     """Write a tiny Llama GGUF as llama.cpp would (permuted Q/K, ggml names, byte-level BPE
     tokenizer with a chat template); return its HF weights.  ``qtype`` applies to the 2-D
     matrices (F32, F16, Q8_0, Q4_0, ...); norms stay F32."""
@@ -122,6 +122,8 @@ def write_tiny_gguf(path, *, tied: bool = True, qtype: str = "F32", arch: str = 
     w.add_uint32("tokenizer.ggml.padding_token_id", 2)
     w.add_bool("tokenizer.ggml.add_bos_token", False)
     w.add_string("tokenizer.chat_template", TINY_TEMPLATE)
+    for key, value in (meta or {}).items():          # extra metadata, e.g. rope scaling
+        (w.add_string if isinstance(value, str) else w.add_float32)(key, value)
     quant = gguf.GGMLQuantizationType[qtype]
 
     def add(name, arr):

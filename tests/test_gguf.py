@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -173,6 +174,28 @@ def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
 
     with safe_open(os.path.join(out, "model.safetensors"), "np") as f:
         assert not any("rope" in k for k in f.keys())
+
+
+@pytest.mark.parametrize("meta, words", [
+    ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0}, "'linear' (factor 2)"),
+    ({"llama.rope.scale_linear": 4.0}, "'linear' (factor 4)"),
+    ({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}, "'yarn' (factor 4)"),
+])
+def test_unsupported_rope_scaling_is_refused_at_conversion(tmp_path, meta, words):
+    """The runtime has no linear/yarn rope: converting such a GGUF must fail, writing nothing."""
+    write_tiny_gguf(tmp_path / "tiny.gguf", meta=meta)
+    with pytest.raises(ConfigError, match=re.escape(words)) as e:
+        convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out", progress=False)
+    assert "\n" not in str(e.value) and "supported: none, llama3" in str(e.value)
+    assert _listing(tmp_path) == ["tiny.gguf"]
+
+
+def test_unit_linear_rope_factor_is_no_scaling(tmp_path):
+    write_tiny_gguf(tmp_path / "tiny.gguf", meta={"llama.rope.scaling.type": "linear",
+                                                  "llama.rope.scaling.factor": 1.0})
+    out = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out", progress=False)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f).get("rope_scaling") is None
 
 
 def test_other_architecture_is_refused(tmp_path):
