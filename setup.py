@@ -56,7 +56,8 @@ setup(
     version="0.1.0",
     description="Inference engine for persona-adaptive LLMs with per-token mixed LoRA experts",
     python_requires=">=3.10",
-    packages=["pf_engine", "pf_engine.cli", "pf_kernels"],
+    packages=["pf_engine", "pf_engine.cli", "pf_engine.train", "pf_kernels"],
+    package_data={"pf_engine": ["banks/*.safetensors"]},
     package_dir={"pf_kernels": "kernels"},
     install_requires=[
         "torch>=2.1",
@@ -68,6 +69,7 @@ setup(
         "tqdm",
         "jinja2",
         "threadpoolctl",
+        "peft",
     ],
     extras_require={
         "dev": ["pytest", "peft", "accelerate", "matplotlib", "triton", "pybind11"],
@@ -77,6 +79,8 @@ setup(
             "pf-generate=pf_engine.cli.generate:main",
             "pf-convert=pf_engine.cli.convert:main",
             "pf-bank=pf_engine.cli.bank:main",
+            "pf-train=pf_engine.cli.train:main",
+            "pf-eval=pf_engine.cli.eval:main",
         ],
     },
     cmdclass={"build_py": BuildPyWithCuda},

@@ -50,6 +50,9 @@ def nvcc_command(nvcc: str, out: Path, archs=DEFAULT_ARCHS) -> list[str]:
            "-Xcompiler", "-fPIC,-fvisibility=hidden", "--expt-relaxed-constexpr"]
     for arch in archs:
         cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    # PTX of the newest arch too, so GPUs newer than it JIT-compile the kernel instead of failing.
+    top = max(archs, key=int)
+    cmd += ["-gencode", f"arch=compute_{top},code=compute_{top}"]
     cmd += ["-I", str(CSRC), "-I", pybind11.get_include(), "-I", sysconfig.get_paths()["include"]]
     cmd += [str(CSRC / s) for s in SOURCES]
     cmd += ["-o", str(out)]

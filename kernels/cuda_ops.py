@@ -18,6 +18,9 @@ __all__ = ["cuda_available", "grouped_lora_cuda"]
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+MIN_CAPABILITY = (8, 0)      # sm_80 SASS runs on 8.x, sm_90 SASS on 9.0, compute_90 PTX on newer
+
+
 def _load():
     """(module, None) or (None, reason)."""
     try:
@@ -39,6 +42,11 @@ def _unavailable_reason():
         return None, f"CUDA runtime unusable for the extension: {e}"
     if n == 0:
         return None, "no GPU (cudaGetDeviceCount() found none)"
+    cap = torch.cuda.get_device_capability()
+    if cap < MIN_CAPABILITY:
+        return None, (f"compute capability {cap[0]}.{cap[1]} is below "
+                      f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}: the kernel is built as sm_80 / "
+                      "sm_90 SASS plus compute_90 PTX (csrc/build.py)")
     return mod, None
 
 

@@ -50,6 +50,7 @@ BIG_FIVE = ["openness+", "openness-", "conscientiousness+", "conscientiousness-"
             "neuroticism+", "neuroticism-"]
 FINGERPRINT_FIELDS = ("architecture", "hidden_size", "num_hidden_layers", "vocab_size")
 _HF_TO_SHORT = {hf.split(".")[-1]: m for m, hf in HF_MODULE_NAMES.items()}    # "q_proj" -> "q"
+SHIPPED_BANKS = {"bigfive": "bigfive.safetensors"}     # name -> file in pf_engine/banks/
 _PEFT_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
                        r"\.lora_(A|B)(?:\.[^.]+)?\.weight$")
 
@@ -80,6 +81,27 @@ def _check_name(name) -> str:
         raise PFError(f"bad expert name {name!r}: expected a non-empty name without spaces around "
                       "it, ',', '=', braces, and not 'auto'")
     return name
+
+
+def resolve_bank(spec) -> str:
+    """A bank path from ``spec``: an existing file as it is, or a shipped bank's name.
+
+    Shipped banks (``SHIPPED_BANKS``): ``"bigfive"``, the ten Big Five experts and the situation
+    router trained by pf-train for the bundled SmolLM2-135M-Instruct.  A path always wins over a
+    name, so a local file called ``bigfive`` is still read as a file.
+    """
+    path = os.fspath(spec)
+    if os.path.exists(path) or path not in SHIPPED_BANKS:
+        if not os.path.exists(path):
+            raise LoadError(f"no adapter bank at {path} (expected a bank file or a shipped bank "
+                            f"name: {', '.join(SHIPPED_BANKS)})")
+        return path
+    shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "banks",
+                           SHIPPED_BANKS[path])
+    if not os.path.isfile(shipped):
+        raise LoadError(f"the shipped bank {path!r} is missing from this install ({shipped}); "
+                        "reinstall pf-engine or pass a bank file")
+    return shipped
 
 
 def _fmt_shape(shape) -> str:
@@ -153,13 +175,6 @@ class AdapterBank:
     def lora(self, layer: int, module: str) -> LoraWeights | None:
         """The stacked experts of ``module`` in ``layer``; None when no expert targets it."""
         return self._lora.get((layer, module))
-
-    def expert_index(self, name: str) -> int:
-        try:
-            return self.expert_names.index(name)
-        except ValueError:
-            raise PFError(f"unknown expert {name!r}; this bank's experts are: "
-                          f"{', '.join(self.expert_names)}") from None
 
     def expert_modules(self, k: int) -> list[str]:
         """The modules expert ``k`` adapts."""
@@ -276,14 +291,15 @@ class AdapterBank:
     @classmethod
     def load(cls, path, config: ModelConfig | None = None, dtype: torch.dtype | None = None,
              device=None) -> "AdapterBank":
-        """Read a bank file, checking it against ``config`` (the base model) when given.
+        """Read a bank file (or a shipped bank by name: ``"bigfive"``), checking it against
+        ``config`` (the base model) when given.
 
         Checks: the fingerprint (first mismatching field named with both values), every tensor's
         shape against ``config.module_shape(m)`` and the ranks, the router shapes.  A missing,
         truncated or foreign file raises LoadError naming ``path``.
         """
         from safetensors import safe_open
-        path = os.fspath(path)
+        path = resolve_bank(path)
         if not os.path.isfile(path):
             raise LoadError(f"no adapter bank at {path}")
         try:

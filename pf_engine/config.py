@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -157,9 +157,6 @@ class ModelConfig:
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot read {path}: {e}") from None
         return cls.from_dict(d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # Named presets; "tiny" is what CPU tests build random models from.

@@ -163,9 +163,9 @@ class Engine:
         """Load a model (None: the bundled SmolLM2-135M-Instruct; an HF folder; a .gguf file).
 
         device: "cpu" / "cuda" (default: cuda when present); dtype: fp32 / fp16 / bf16 (default
-        fp32 on CPU, bf16 on GPU).  adapters: a persona adapter bank (path or AdapterBank),
-        checked against the model.  backend: how experts are mixed: auto (default: the fastest
-        available for the device), torch, naive, triton, cuda.
+        fp32 on CPU, bf16 on GPU).  adapters: a persona adapter bank (a path, an AdapterBank, or
+        a shipped bank's name: "bigfive"), checked against the model.  backend: how experts are
+        mixed: auto (default: the fastest available for the device), torch, naive, triton, cuda.
         """
         t0 = time.perf_counter()
         dev = resolve_device(device)
@@ -235,10 +235,12 @@ class Engine:
         return logits
 
     def _steps(self, prompts: list[list[int]], params: SamplingParams,
-               personas: Personas) -> Iterator[list]:
+               personas: Personas, release_threads: bool = False) -> Iterator[list]:
         """Yields, after each step, [(request, token, finish_reason | None), ...].
 
-        Finished requests leave the batch (their KV-cache rows are dropped).
+        Finished requests leave the batch (their KV-cache rows are dropped).  release_threads:
+        put the process-wide thread settings back while paused at each yield (``stream`` hands
+        control to the caller's code there; ``generate`` does not).
         """
         dev, cfg = self.device, self.config
         B = len(prompts)
@@ -291,6 +293,8 @@ class Engine:
                     if reason is None:
                         keep.append(j)
                 st.decode_tokens += len(active)
+                if release_threads:
+                    threads.restore()
                 yield events
                 if not keep:
                     break
@@ -366,7 +370,7 @@ class Engine:
                                     top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                                     seed=seed, stop=stop)
         detok = Detokenizer(self.tokenizer, params.stop)
-        for events in self._steps(ids, params, personas):
+        for events in self._steps(ids, params, personas, release_threads=True):
             for _, t, _ in events:
                 if t in self.eos_ids:
                     continue
@@ -405,7 +409,6 @@ class Engine:
         real = torch.ones(B, T, dtype=torch.bool, device=self.device)
         if personas.any:
             personas.route(self.model, ids, positions, mask, real)
-        self.last_personas = personas
         return self._forward(personas, list(range(B)), ids, positions, self.model.new_cache(B, T),
                              0, mask, real, False)
 

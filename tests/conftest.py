@@ -22,10 +22,15 @@ def build_hf_model(arch: str, seed: int = 0, **overrides):
     kw.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**kw)).eval()
+    g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():   # random init gives near-uniform logits: widen them so greedy is decisive
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.mul_(3.0)
+            elif "norm" in name:          # norms and biases random too: a loader that drops
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))    # one must fail
+            else:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
     return model
 
 

@@ -1,6 +1,7 @@
 """Engine API on text: tokenizer, chat template, stop strings, streaming, and bad input."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -13,7 +14,7 @@ from pf_engine.cli import generate as cli
 @pytest.fixture(scope="module")
 def chat(tiny_chat_model):
     folder, hf = tiny_chat_model
-    return Engine.from_pretrained(folder), hf
+    return Engine.from_pretrained(folder, device="cpu", dtype="fp32"), hf
 
 
 def test_text_generation_matches_transformers(chat):
@@ -48,6 +49,24 @@ def test_stream_yields_the_generated_text(chat):
     pieces = list(eng.stream("hello world", **kw))
     assert "".join(pieces) == eng.generate("hello world", **kw)[0].text
     assert len(pieces) >= 2
+
+
+def test_stream_restores_thread_settings_while_paused(chat):
+    """Single-row CPU decode runs torch at one thread; the caller's code between pieces must
+    see its own settings (CpuThreads is put back at every yield), and decode still works."""
+    eng, _ = chat
+    before = torch.get_num_threads()
+    if before < 2:
+        torch.set_num_threads(2)
+    try:
+        want = torch.get_num_threads()
+        seen = []
+        for piece in eng.stream("hello world", max_new_tokens=12, temperature=0.9, seed=3):
+            seen.append(torch.get_num_threads())
+        assert len(seen) >= 3 and set(seen) == {want}
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_stop_string_cuts_text_and_finishes(chat):
@@ -86,7 +105,7 @@ def test_empty_and_bad_prompts(chat):
 
 def test_prompt_longer_than_context(hf_model_dir):
     folder, _ = hf_model_dir("llama", "llama_short_ctx", max_position_embeddings=32)
-    eng = Engine.from_pretrained(folder)
+    eng = Engine.from_pretrained(folder, device="cpu", dtype="fp32")
     long = list(range(3, 43))
     with pytest.raises(RequestError, match="40 tokens; the context holds 32"):
         eng.generate(long, max_new_tokens=4)
@@ -198,6 +217,41 @@ def test_cli_stdin_and_timings(chat, capsys, monkeypatch):
     cap = capsys.readouterr()
     assert cap.out.strip() == eng.generate("the lazy dog", max_new_tokens=4)[0].text.strip()
     assert "prefill" in cap.err and "decode" in cap.err and "tok/s" in cap.err
+
+
+def test_cli_lines_one_prompt_per_non_empty_line(chat, capsys, monkeypatch):
+    import io
+    eng, _ = chat
+    monkeypatch.setattr("sys.stdin", io.StringIO("the quick\n\n  \nhello world\n"))
+    assert cli.main(["--model", eng.folder, "--lines", "--json", "--max-new-tokens", "4",
+                     "--quiet"]) == 0
+    objs = [json.loads(ln) for ln in capsys.readouterr().out.strip().splitlines()]
+    want = eng.generate(["the quick", "hello world"], max_new_tokens=4)
+    assert [o["token_ids"] for o in objs] == [w.token_ids for w in want]
+    monkeypatch.setattr("sys.stdin", io.StringIO("the quick\nhello world\n"))
+    assert cli.main(["--model", eng.folder, "--json", "--max-new-tokens", "4", "--quiet"]) == 0
+    objs = [json.loads(ln) for ln in capsys.readouterr().out.strip().splitlines()]
+    assert len(objs) == 1          # without --lines, stdin is one prompt
+
+
+def test_backend_status_and_resolution(monkeypatch):
+    from pf_engine.mixing import backend_status, resolve_backend
+    cpu = torch.device("cpu")
+    assert backend_status("torch", cpu) == (True, "") and backend_status("naive", cpu)[0]
+    ok, why = backend_status("cuda", cpu)
+    assert not ok and "no GPU" in why
+    ok, why = backend_status("tpu", cpu)
+    assert not ok and "unknown backend" in why
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ok, why = backend_status("triton", cpu)
+    assert not ok and ("TRITON_INTERPRET=1" in why or "cannot be imported" in why)
+    assert resolve_backend(None, cpu) == "torch" and resolve_backend("auto", cpu) == "torch"
+    assert resolve_backend("naive", cpu) == "naive"
+    for name, words in (("cuda", "backend='cuda' is not available: no GPU"),
+                        ("triton", "backend='triton' is not available"),
+                        ("tpu", "unknown backend; expected one of auto, torch")):
+        with pytest.raises(PFError, match=re.escape(words)):
+            resolve_backend(name, cpu)
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -30,6 +30,7 @@ needs_nvcc = pytest.mark.skipif(builder.find_nvcc() is None, reason="nvcc not fo
 def test_nvcc_command_targets_sm80_and_sm90(tmp_path):
     cmd = " ".join(builder.nvcc_command("nvcc", tmp_path / "m.so"))
     assert "-gencode arch=compute_80,code=sm_80" in cmd and "-gencode arch=compute_90,code=sm_90" in cmd
+    assert "-gencode arch=compute_90,code=compute_90" in cmd       # PTX for newer GPUs
     assert "grouped_lora.cu" in cmd and "binding.cpp" in cmd
     assert builder.output_path(tmp_path).name.startswith("_pf_cuda")
 
@@ -69,3 +70,25 @@ def test_build_without_nvcc_raises_clearly(tmp_path, monkeypatch):
     monkeypatch.setattr(builder, "find_nvcc", lambda: None)
     with pytest.raises(RuntimeError, match="nvcc not found"):
         builder.build(tmp_path)
+
+
+@pytest.mark.parametrize("cap, ok", [((7, 5), False), ((8, 0), True), ((8, 9), True),
+                                     ((9, 0), True), ((12, 0), True)])
+def test_cuda_backend_checks_compute_capability(monkeypatch, cap, ok):
+    """The kernel is sm_80/sm_90 SASS + compute_90 PTX: older GPUs fall back, with the reason."""
+    import torch
+
+    from pf_kernels import cuda_ops
+
+    class FakeModule:
+        @staticmethod
+        def device_count():
+            return 1
+    monkeypatch.setattr(cuda_ops, "_load", lambda: (FakeModule, None))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: cap)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    usable, why = cuda_ops.cuda_available()
+    assert usable == ok
+    if not ok:
+        assert f"compute capability {cap[0]}.{cap[1]} is below 8.0" in why

@@ -94,7 +94,7 @@ def single_experts(base, tmp_path_factory):
 def test_single_expert_weight_one_matches_peft(base, single_experts, rank, rslora, backend):
     folder, hf, _ = base
     path, ref = single_experts[(rank, rslora)]
-    eng = Engine.from_pretrained(folder, adapters=path, backend=backend, progress=False)
+    eng = Engine.from_pretrained(folder, adapters=path, backend=backend, progress=False, device="cpu", dtype="fp32")
     assert eng.bank.scalings == [1.5 * rank / (math.sqrt(rank) if rslora else rank)]
     ours = eng.logits(SINGLE_IDS, persona={"solo": 1.0})
     assert ours.dtype == torch.float32
@@ -140,7 +140,7 @@ def test_fixed_mixture_matches_peft_cat(base, mix_experts, backend, weights):
     pm.set_adapter("mix")
     assert pm.base_model.model.model.layers[0].self_attn.q_proj.scaling["mix"] == 1.0
     ref = peft_logits(pm, MIX_IDS)
-    eng = Engine.from_pretrained(folder, adapters=path, backend=backend, progress=False)
+    eng = Engine.from_pretrained(folder, adapters=path, backend=backend, progress=False, device="cpu", dtype="fp32")
     persona = {n: w for n, w in zip(names, weights) if w}
     assert _maxdiff(eng.logits(MIX_IDS, persona=persona), ref) <= PEFT_ATOL
     # the same mixture in the CLI's string form
@@ -173,7 +173,7 @@ def test_experts_with_different_targets_mix_correctly(base, mix_experts, backend
     folder, _, _ = base
     _, _, path, pm = mix_experts
     names = list(MIX_SPECS)
-    eng = Engine.from_pretrained(folder, adapters=path, backend=backend, progress=False)
+    eng = Engine.from_pretrained(folder, adapters=path, backend=backend, progress=False, device="cpu", dtype="fp32")
     for n in names:
         pm.set_adapter(n)
         assert _maxdiff(eng.logits(MIX_IDS, persona={n: 1.0}), peft_logits(pm, MIX_IDS)) \
@@ -210,7 +210,7 @@ def random_banks(base, tmp_path_factory):
 @pytest.fixture(scope="module")
 def backend_engines(base, random_banks):
     folder, _, _ = base
-    return {(name, be): Engine.from_pretrained(folder, adapters=bank, backend=be, progress=False)
+    return {(name, be): Engine.from_pretrained(folder, adapters=bank, backend=be, progress=False, device="cpu", dtype="fp32")
             for name, bank in random_banks.items() for be in BACKENDS}
 
 
@@ -279,7 +279,7 @@ BATCH_PERSONAS = {
 
 @pytest.fixture(scope="module")
 def plain_engine(base):
-    return Engine.from_pretrained(base[0], progress=False)
+    return Engine.from_pretrained(base[0], progress=False, device="cpu", dtype="fp32")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -328,8 +328,8 @@ def routed(base, tmp_path_factory):
                                         layer=1, temperature=0.5, top_k=SEQ_TOP_K, seed=10)
     path = str(tmp_path_factory.mktemp("persona_routed") / "routed.safetensors")
     bank.save(path)
-    before = Engine.from_pretrained(folder, adapters=bank, progress=False)
-    after = Engine.from_pretrained(folder, adapters=path, progress=False)
+    before = Engine.from_pretrained(folder, adapters=bank, progress=False, device="cpu", dtype="fp32")
+    after = Engine.from_pretrained(folder, adapters=path, progress=False, device="cpu", dtype="fp32")
     return bank, path, before, after
 
 
@@ -380,7 +380,7 @@ def test_router_round_trips_through_the_bank_file(routed):
 
 def test_auto_without_router_weights_is_refused(base, random_banks):
     folder, _, _ = base
-    eng = Engine.from_pretrained(folder, adapters=random_banks["uniform"], progress=False)
+    eng = Engine.from_pretrained(folder, adapters=random_banks["uniform"], progress=False, device="cpu", dtype="fp32")
     assert eng.bank.router is None and eng.bank.token_router is None
     for call in (lambda: eng.logits([[5, 6, 7]], persona="auto"),
                  lambda: eng.generate([[5, 6, 7]], max_new_tokens=2, persona="auto"),
@@ -395,7 +395,7 @@ def test_auto_without_router_weights_is_refused(base, random_banks):
 def test_auto_with_only_a_token_router_routes_per_token(base):
     folder, _, cfg = base
     bank = AdapterBank.random(cfg, rank=4, seed=12, router="token")
-    eng = Engine.from_pretrained(folder, adapters=bank, progress=False)
+    eng = Engine.from_pretrained(folder, adapters=bank, progress=False, device="cpu", dtype="fp32")
     out = eng.generate([[5, 9, 11, 40]], max_new_tokens=4, persona="auto")[0]
     assert out.gates["kind"] == "token"
     assert abs(sum(out.gates["weights"].values()) - 1) <= 1e-4
@@ -421,7 +421,7 @@ def test_bank_file_for_another_model_is_refused(base, tmp_path, kind):
     path = str(tmp_path / "other.safetensors")
     AdapterBank.random(dataclasses.replace(cfg, **change), rank=4, seed=0).save(path)
     with pytest.raises(LoadError, match=pattern):
-        Engine.from_pretrained(folder, adapters=path, progress=False)
+        Engine.from_pretrained(folder, adapters=path, progress=False, device="cpu", dtype="fp32")
 
 
 # the field (or module) named, and both values
@@ -438,7 +438,7 @@ def test_bank_object_for_another_model_is_refused(base, kind):
     change, _ = OTHER_MODELS[kind]
     bank = AdapterBank.random(dataclasses.replace(cfg, **change), rank=4, seed=0)
     with pytest.raises(PFError) as err:
-        eng = Engine.from_pretrained(folder, adapters=bank, progress=False)
+        eng = Engine.from_pretrained(folder, adapters=bank, progress=False, device="cpu", dtype="fp32")
         eng.logits([[5, 6, 7]], persona={BIG_FIVE[0]: 1.0})   # (it must not get this far)
     msg = str(err.value)
     for word in OBJECT_PATTERNS[kind]:
@@ -447,7 +447,7 @@ def test_bank_object_for_another_model_is_refused(base, kind):
 
 @pytest.fixture(scope="module")
 def uniform_engine(base, random_banks):
-    return Engine.from_pretrained(base[0], adapters=random_banks["uniform"], progress=False)
+    return Engine.from_pretrained(base[0], adapters=random_banks["uniform"], progress=False, device="cpu", dtype="fp32")
 
 
 BAD_PERSONAS = [
@@ -524,7 +524,7 @@ def test_cli_generate_with_persona(chat_bank, capsys):
     assert err == ""
     lines = [json.loads(ln) for ln in out.splitlines()]
     assert len(lines) == 2
-    eng = Engine.from_pretrained(folder, adapters=bank, progress=False)
+    eng = Engine.from_pretrained(folder, adapters=bank, progress=False, device="cpu", dtype="fp32")
     api = eng.generate(prompts, max_new_tokens=4, persona={"x": 0.5, "y": 0.5})
     for ln, o in zip(lines, api):
         assert ln["gates"] == {"kind": "explicit", "weights": {"x": 0.5, "y": 0.5}}

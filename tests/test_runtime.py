@@ -22,7 +22,7 @@ MODELS = {
 def pair(request, hf_model_dir):
     arch, shard, kw = MODELS[request.param]
     folder, hf = hf_model_dir(arch, request.param, shard=shard, **kw)
-    return Engine.from_pretrained(folder), hf
+    return Engine.from_pretrained(folder, device="cpu", dtype="fp32"), hf
 
 
 def hf_greedy(hf, ids, n):
@@ -34,6 +34,23 @@ def test_sharded_fixture_really_is_sharded(hf_model_dir):
     import os
     folder, _ = hf_model_dir("qwen2", "qwen2_sharded", shard=True)
     assert os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))
+
+
+def test_fixture_parameters_are_random_and_a_lost_bias_is_caught(hf_model_dir):
+    """Norm weights and q/k/v biases are random, so an engine that drops one fails parity."""
+    folder, hf = hf_model_dir("qwen2", "qwen2_sharded", shard=True)
+    sd = hf.state_dict()
+    for key in ("model.layers.0.self_attn.q_proj.bias", "model.layers.1.input_layernorm.weight",
+                "model.norm.weight"):
+        assert sd[key].std() > 0.1, key
+    eng = Engine.from_pretrained(folder, device="cpu", dtype="fp32")
+    ids = torch.randint(3, eng.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert (eng.logits(ids) - ref).abs().max().item() <= 1e-4
+    for blk in eng.model.blocks:           # what a loader that ignored the bias would build
+        blk.qkv.bias = None
+    assert (eng.logits(ids) - ref).abs().max().item() > 1e-2
 
 
 def test_logits_match_transformers(pair):
@@ -90,7 +107,7 @@ def test_batch_of_different_lengths_equals_each_alone(pair):
 
 def test_early_finishers_leave_the_batch(hf_model_dir):
     folder, _ = hf_model_dir("llama", "llama_untied")
-    eng = Engine.from_pretrained(folder)
+    eng = Engine.from_pretrained(folder, device="cpu", dtype="fp32")
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 256, (6,), generator=g).tolist() for _ in range(3)]
     # Request 0 gets a short budget by being alone with max 2; in a batch the budget is shared, so
@@ -107,7 +124,7 @@ def test_early_finishers_leave_the_batch(hf_model_dir):
 
 def test_sampling_is_reproducible_with_a_seed(hf_model_dir):
     folder, _ = hf_model_dir("llama", "llama_untied")
-    eng = Engine.from_pretrained(folder)
+    eng = Engine.from_pretrained(folder, device="cpu", dtype="fp32")
     kw = dict(max_new_tokens=16, temperature=1.5, top_k=50, top_p=0.95, repetition_penalty=1.2)
     a = eng.generate([[5, 6, 7], [8, 9]], seed=1234, **kw)
     b = eng.generate([[5, 6, 7], [8, 9]], seed=1234, **kw)
@@ -121,7 +138,7 @@ def test_sampling_is_reproducible_with_a_seed(hf_model_dir):
 
 def test_bf16_runs_close_to_fp32(hf_model_dir):
     folder, hf = hf_model_dir("llama", "llama_untied")
-    eng = Engine.from_pretrained(folder, dtype="bf16")
+    eng = Engine.from_pretrained(folder, device="cpu", dtype="bf16")
     ids = torch.randint(3, 256, (2, 10))
     ref = hf(ids).logits.detach()
     got = eng.logits(ids)

@@ -1,7 +1,7 @@
 """pf-bank: build, inspect or randomly make an adapter bank.
 
     pf-bank build  [--base MODEL_DIR] --expert NAME=PEFT_DIR [--expert ...] -o BANK [--overwrite]
-    pf-bank inspect BANK [--json]
+    pf-bank inspect BANK [--json]          BANK: a file or a shipped bank's name (bigfive)
     pf-bank random [--base MODEL_DIR] [--experts a,b,...] [--rank 16] [--modules q,k,...]
                    [--seed 0] [--router] -o BANK [--overwrite]
 
@@ -97,7 +97,7 @@ def _inspect(args) -> int:
                                                           bank.scalings))],
             "modules": {m: [bank.expert_names[k] for k in ids]
                         for m, ids in bank.module_experts.items()},
-            "router": routers or None}, indent=2))
+            "router": routers or None, "recipe": bank.recipe}, indent=2))
         return 0
     fp = bank.fingerprint
     print(f"bank     {args.bank}")
@@ -116,6 +116,12 @@ def _inspect(args) -> int:
         print("router   none (explicit persona weights only)")
     for kind, cfg in routers.items():
         print(f"router   {kind}: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+    if bank.recipe:
+        r = bank.recipe
+        print(f"recipe   pf-train{' --quick' if r.get('quick') else ''}, data sha256 "
+              f"{str(r.get('data_sha256'))[:12]}, seed {r.get('seed')}, commit "
+              f"{str(r.get('commit'))[:10]}{' (dirty tree)' if r.get('dirty') else ''}, "
+              f"{r.get('train_seconds')} s")
     return 0
 
 

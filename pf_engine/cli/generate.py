@@ -22,7 +22,8 @@ def build_parser() -> Parser:
     p.add_argument("prompt", nargs="*", help="prompt text (several: one batch); default: stdin")
     p.add_argument("--model", default=None,
                    help="HF-layout folder or .gguf (default: bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--adapters", default=None, help="persona adapter bank (.safetensors)")
+    p.add_argument("--adapters", default=None,
+                   help="persona adapter bank: a .safetensors file or a shipped name (bigfive)")
     p.add_argument("--persona", default=None,
                    help="'auto' or weights, e.g. extraversion+=0.8,agreeableness+=0.4")
     p.add_argument("--backend", default=None, help="mixing backend: auto, torch, naive, ...")

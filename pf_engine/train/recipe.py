@@ -130,6 +130,7 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
         raise PFError(f"{peft_dir} is not empty: pass overwrite=True (--overwrite) to reuse it")
     model_dir = resolve_model(model, progress)
     t_start = time.perf_counter()
+    source = _git_commit()          # the code that trains, read before anything can change it
     torch.manual_seed(recipe.seed)
     enc = ChatEncoder(Tokenizer(model_dir).hf)
     items = build_items(corpus, enc, recipe.limit)
@@ -189,7 +190,7 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
     targets = torch.tensor([[s["target"].get(p, 0.0) for p in corpus.poles] for s in sits])
     with tqdm(total=len(prompts), desc="router features", disable=not progress) as bar:
         feats = pooled_states(eng.model, prompts, progress=bar)
-    layers = [l for l in recipe.router_layers if l <= L]
+    layers = [l for l in recipe.router_layers if l <= L] or [L]
     bank.router, router_report = train_router(
         feats, targets, layers, hidden=recipe.router_hidden, steps=recipe.router_steps,
         w_balance=recipe.router_balance, top_k=recipe.router_top_k, seed=recipe.seed)
@@ -198,7 +199,7 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
         "recipe": {k: list(v) if isinstance(v, tuple) else v
                    for k, v in dataclasses.asdict(recipe).items()},
         "quick": quick, "data_sha256": corpus.digest["train"], "seed": recipe.seed,
-        "versions": _versions(), **_git_commit(), "threads": torch.get_num_threads(),
+        "versions": _versions(), **source, "threads": torch.get_num_threads(),
         "train_seconds": round(time.perf_counter() - t_start, 1),
         "router": router_report, "traits": TRAITS,
         "final_loss": {p: log[-1] for p, log in logs.items()},

@@ -20,9 +20,12 @@ SELF_PROMPTS = ["Describe yourself in one sentence.", "Tell me about yourself.",
 EVAL_SELF_PROMPT = SELF_PROMPTS[0]
 
 
-def system_prompt(description: str) -> str:
-    """The prompting baseline's system prompt for one pole (its description)."""
-    return f"You are a helpful assistant with this personality: {description}"
+def system_prompt(description: str, default: str | None = None) -> str:
+    """The prompting baseline's system prompt for one pole: the model's own default system
+    prompt (when its chat template has one) followed by the pole's description."""
+    lead = (default or "You are a helpful assistant").rstrip()
+    lead += "" if lead.endswith((".", "!", "?")) else "."
+    return f"{lead} Your personality: {description}"
 
 
 @dataclass
@@ -42,6 +45,18 @@ class ChatEncoder:
     def __init__(self, hf_tokenizer):
         self.hf = hf_tokenizer
         self.end = hf_tokenizer.convert_tokens_to_ids(hf_tokenizer.eos_token)
+
+    def default_system(self) -> str | None:
+        """The system prompt the template adds when none is given (SmolLM2: "You are a helpful
+        AI assistant named SmolLM, ..."), or None when it adds none."""
+        render = self.hf.apply_chat_template
+        plain = render([{"role": "user", "content": "\x00"}], tokenize=False)
+        pre, _, post = render([{"role": "system", "content": "\x01"},
+                               {"role": "user", "content": "\x00"}], tokenize=False).partition("\x01")
+        if not plain.startswith(pre) or post not in plain[len(pre):]:
+            return None
+        rest = plain[len(pre):]
+        return rest[:rest.index(post)] or None
 
     def prompt(self, user: str, system: str | None = None) -> list[int]:
         turns = ([{"role": "system", "content": system}] if system else []) + \

@@ -1,0 +1,90 @@
+"""pf-eval: measure the persona experts and the router on the held-out split.
+
+    pf-eval [--adapters bigfive] [--data DIR] [--model M] [--out benchmarks/results/personas.json]
+            [--plot PNG] [--readme README.md] [--limit N] [--max-new-tokens 48]
+            [--sample MESSAGE_ID] [--quiet]
+
+Writes the JSON (every figure, the generated replies, provenance), the trait x pole heat map and,
+with --readme, regenerates the README's Personas section from that JSON.  Errors print one line
+``pf-eval: error: ...`` and exit with 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from .common import Parser, fail
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="pf-eval", description="Evaluate persona experts and the router on held-out "
+               "data beside the base model and system-prompt baselines.")
+    p.add_argument("--adapters", default="bigfive", help="bank file or shipped name (bigfive)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="persona corpus folder (default: data/personas of this checkout)")
+    p.add_argument("--model", default=None, help="base model (default: the bundled SmolLM2)")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results", "personas.json"),
+                   help="JSON to write")
+    p.add_argument("--plot", default=os.path.join("benchmarks", "results", "plots",
+                                                  "personas_heatmap.png"),
+                   help="heat map PNG to write ('' for none)")
+    p.add_argument("--readme", default=None, help="regenerate this README's Personas section")
+    p.add_argument("--limit", type=int, default=0,
+                   help="use at most N items of each kind (0: all; a smoke test)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--sample", default=None, metavar="MESSAGE_ID",
+                   help="held-out message whose replies the README shows (default: the first)")
+    p.add_argument("--quiet", "-q", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from pf_engine.errors import PFError
+    from pf_engine.train import report
+    from pf_engine.train.evaluate import evaluate
+
+    try:
+        if args.limit < 0 or args.max_new_tokens < 1:
+            raise PFError(f"--limit must be >= 0 and --max-new-tokens >= 1, got {args.limit} "
+                          f"and {args.max_new_tokens}")
+        for path in [args.out] + ([args.plot] if args.plot else []):
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                raise PFError(f"cannot write {path}: folder {folder} does not exist")
+        if args.readme and not os.path.isfile(args.readme):
+            raise PFError(f"--readme {args.readme}: no such file")
+        if args.sample is not None:
+            from pf_engine.train.data import default_data_dir, load_corpus
+            held = load_corpus(args.data or default_data_dir(), ("heldout",)).heldout.messages
+            if args.sample not in held:
+                raise PFError(f"--sample {args.sample!r} is not a held-out message id; expected "
+                              f"one of {', '.join(sorted(held))}")
+        result = evaluate(args.adapters, args.data, args.model, limit=args.limit,
+                          max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+        result["provenance"] = report.provenance()
+        result["command"] = "pf-eval " + " ".join(argv if argv is not None else sys.argv[1:])
+        report.write_json(result, args.out)
+        if args.plot:
+            report.plot_heatmap(result, args.plot)
+        if args.readme:
+            rel = os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.readme))) \
+                if args.plot else None
+            report.update_readme(args.readme, report.readme_section(
+                result, os.path.relpath(args.out, os.path.dirname(os.path.abspath(args.readme))),
+                rel, result["command"], sample_message=args.sample))
+    except PFError as e:
+        return fail("pf-eval", e)
+    if not args.quiet:
+        fam = result["families"]
+        print(f"pf-eval: wrote {args.out}: experts move their own trait "
+              f"{fam['expert']['statements']['moves_own_count']}/10, specificity "
+              f"{fam['expert']['statements']['specificity']:.2f} (prompting "
+              f"{fam['prompt']['statements']['specificity']:.2f}); router top-2 "
+              f"{(result['router'] or {}).get('top2_agreement', float('nan')):.0%}; "
+              f"{result['seconds']:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""pf-eval's outputs: the JSON's provenance, the trait x pole heat map, the README section.
+
+Every number in the README's "Personas" section is read from the JSON pf-eval wrote; the section
+sits between ``<!-- personas:start -->`` and ``<!-- personas:end -->`` and is replaced whole.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+
+from ..errors import PFError
+from .data import TRAITS
+from .recipe import _git_commit, _versions
+
+START, END = "<!-- personas:start -->", "<!-- personas:end -->"
+GOALS = {"moves_own": 9, "specificity": 1.5, "router_top2": 0.8, "ppl_ratio": 1.3}
+
+
+def provenance() -> dict:
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": platform.machine(), "cpus": os.cpu_count(), **_git_commit(),
+            "versions": _versions()}
+
+
+def write_json(result: dict, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise PFError(f"cannot write {path}: folder {folder} does not exist")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def plot_heatmap(result: dict, path: str) -> None:
+    """Two panels (expert, prompt): rows poles, columns traits, colour the statement shift."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    poles = result["poles"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), constrained_layout=True)
+    mats = {fam: [[result["families"][fam]["statements"]["shift"][p][t] for t in TRAITS]
+                  for p in poles] for fam in ("expert", "prompt")}
+    vmax = max(abs(v) for m in mats.values() for row in m for v in row) or 1.0
+    for ax, fam in zip(axes, ("expert", "prompt")):
+        im = ax.imshow(mats[fam], cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+        ax.set_xticks(range(len(TRAITS)), [t[:5] for t in TRAITS])
+        ax.set_yticks(range(len(poles)), poles)
+        for i, row in enumerate(mats[fam]):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=7)
+        ax.set_title({"expert": "LoRA expert {p: 1.0}", "prompt": "system prompt"}[fam])
+    fig.colorbar(im, ax=axes, shrink=0.8, label="shift of S_T vs base (nats/token)")
+    fig.suptitle("Held-out self-descriptions: trait score shift per pole")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _row(fam_name: str, fam: dict) -> str:
+    st, rp = fam["statements"], fam["replies"]
+    return (f"| {fam_name} | {st['moves_own_count']}/10 | {st['separated_count']}/5 | "
+            f"{st['separation_sum']:.3f} | {st['specificity']:.2f} | "
+            f"{rp['moves_own_count']}/10 | {rp['separated_count']}/5 | "
+            f"{rp['separation_sum']:.3f} | {rp['specificity']:.2f} |")
+
+
+def readme_section(result: dict, json_path: str, plot_path: str | None, command: str,
+                   sample_message: str | None = None, sample_poles=None) -> str:
+    fams = result["families"]
+    prov = result.get("provenance", {})
+    commit = (prov.get("commit") or "unknown")[:10] + (" (dirty tree)" if prov.get("dirty") else "")
+    rec = result.get("recipe") or {}
+    lines = [START, "",
+             f"Made by `{command}` at commit {commit}, {prov.get('date', '?')}; the numbers are "
+             f"read from `{json_path}`.  Bank recipe: data sha256 "
+             f"{str(rec.get('data_sha256'))[:12]}, trained at commit "
+             f"{str(rec.get('commit'))[:10]} in {rec.get('train_seconds')} s "
+             f"({rec.get('threads')} threads).", "",
+             "Trait expression on the held-out split (higher is better; goals in brackets):", "",
+             "| condition | statements: own trait moved [>= 9/10] | traits separated [5/5] | "
+             "separation sum | specificity [>= 1.5] | replies: own trait moved | "
+             "traits separated | separation sum | specificity |",
+             "|---|---|---|---|---|---|---|---|---|",
+             _row("LoRA expert", fams["expert"]), _row("system prompt", fams["prompt"]), ""]
+    acc = result["classifier_heldout_accuracy"]
+    lines += ["Statements: per-token log-likelihood shift of held-out self-descriptions "
+              "(metrics.py); replies: greedy replies to held-out messages scored by bag-of-words "
+              "trait classifiers fitted on the train split (held-out accuracy " +
+              ", ".join(f"{t} {acc[t]:.2f}" for t in TRAITS) + ").", ""]
+    ppl = result["perplexity"]
+    worst = max((k for k in ppl["ratio"] if k != "base"), key=lambda k: ppl["ratio"][k])
+    q = result["quality"]
+    degen = sum(v["degenerate"] for v in q.values())
+    n = sum(v["n"] for v in q.values())
+    d2 = {fam: sum(v["distinct2"] for k, v in q.items() if k.startswith(fam)) /
+          max(1, sum(1 for k in q if k.startswith(fam))) for fam in ("expert", "prompt")}
+    lines += [f"Guards: perplexity of held-out neutral replies, base {ppl['ppl']['base']:.2f}, "
+              f"worst expert {worst} {ppl['ppl'][worst]:.2f} ({ppl['max_ratio']:.2f}x base; goal "
+              f"<= 1.3x); distinct-2 of generated replies base {q['base']['distinct2']:.2f}, "
+              f"experts {d2['expert']:.2f}, prompted {d2['prompt']:.2f}; degenerate replies "
+              f"{degen} of {n}.", ""]
+    r = result.get("router")
+    if r:
+        lines += [f"Router (`persona=\"auto\"`): a target pole in the top 2 for "
+                  f"{r['top2_agreement']:.0%} of {r['situations']} held-out situations (goal >= "
+                  f"80%); {r['distinct_top2']} distinct top-2 sets, mean gate std "
+                  f"{r['mean_std']:.3f}.  Per category: " +
+                  ", ".join(f"{c} {v:.0%}" for c, v in r["per_category"].items()) + ".", ""]
+    if plot_path:
+        lines += [f"![trait x pole shifts]({plot_path})", ""]
+    replies = result["replies"]
+    mid = sample_message or sorted(result["messages"])[0]
+    poles = sample_poles or ["agreeableness+", "agreeableness-", "extraversion+"]
+    lines += [f"Sample greedy replies to the held-out message *\"{result['messages'][mid]}\"*:", ""]
+    for cond in ["base"] + [f"expert:{p}" for p in poles]:
+        text = replies[cond].get(mid, "").replace("\n", " ").replace("|", "\\|")
+        lines.append(f"- **{cond}**: {text}")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def update_readme(readme: str, section: str) -> None:
+    with open(readme, encoding="utf-8") as f:
+        text = f.read()
+    if START in text and END in text:
+        text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
+    else:
+        raise PFError(f"{readme} has no {START} ... {END} markers for the Personas section")
+    with open(readme, "w", encoding="utf-8") as f:
+        f.write(text)
