@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import HF_MODULE_NAMES
 from ..errors import PFError
 from .data import TRAITS, Corpus, load_corpus, opposite, trait_of
 from .experts import Item, Pools, Trunk, load_hf_model, train_expert
@@ -116,10 +117,7 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
     (default ``Recipe()``, or ``Recipe.quick()`` with quick=True).  peft_dir: also keep the
     experts' PEFT folders there.  Returns the AdapterBank written.
     """
-    from tqdm.auto import tqdm
-
-    from ..adapters import AdapterBank
-    from ..engine import DTYPES, Engine, resolve_model
+    from ..engine import DTYPES, resolve_model
     from ..tokenizer import Tokenizer
 
     output = _check_output(output, overwrite)
@@ -133,6 +131,28 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
     source = _git_commit()          # the code that trains, read before anything can change it
     torch.manual_seed(recipe.seed)
     enc = ChatEncoder(Tokenizer(model_dir).hf)
+    items, neutral, trunk = _cached_items(corpus, enc, model_dir, recipe, progress)
+    pm, names, logs = _train_experts(corpus, items, neutral, trunk, recipe, progress)
+    bank = _assemble(pm, names, corpus.poles, model_dir, peft_dir)
+    bank.router, router_report = _train_router(corpus, enc, model_dir, recipe,
+                                               len(trunk.inner.layers), progress)
+    bank.recipe = {
+        "recipe": {k: list(v) if isinstance(v, tuple) else v
+                   for k, v in dataclasses.asdict(recipe).items()},
+        "quick": quick, "data_sha256": corpus.digest["train"], "seed": recipe.seed,
+        "versions": _versions(), **source, "threads": torch.get_num_threads(),
+        "train_seconds": round(time.perf_counter() - t_start, 1),
+        "router": router_report, "traits": TRAITS,
+        "final_loss": {p: log[-1] for p, log in logs.items()},
+    }
+    bank.to(dtype=DTYPES[recipe.storage_dtype])
+    bank.save(output, overwrite=overwrite)
+    return bank
+
+
+def _cached_items(corpus, enc, model_dir, recipe: Recipe, progress: bool):
+    """Tokenised items per pole and the neutral ones, with trunk outputs and base likelihoods."""
+    from tqdm.auto import tqdm
     items = build_items(corpus, enc, recipe.limit)
     hf = load_hf_model(model_dir)
     L = hf.config.num_hidden_layers
@@ -150,16 +170,21 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
             chunk = every[i:i + 16]
             for it, lp in zip(chunk, trunk.log_likelihood(chunk).tolist()):
                 it.base_lp = lp
+    return items, neutral, trunk
 
+
+def _train_experts(corpus, items, neutral, trunk: Trunk, recipe: Recipe, progress: bool):
+    """One peft adapter per pole (named e0.. in bank order) on the trunk's top layers."""
     from peft import LoraConfig, get_peft_model
-    hf_mod = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
-              "up": "up_proj", "down": "down_proj"}
+    from tqdm.auto import tqdm
+    L = len(trunk.inner.layers)
     config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0, bias="none",
-                        target_modules=[hf_mod[m] for m in recipe.modules],
-                        layers_to_transform=list(range(first, L)))
+                        target_modules=[HF_MODULE_NAMES[m].split(".")[-1]
+                                        for m in recipe.modules],
+                        layers_to_transform=list(range(trunk.first, L)))
     names = [f"e{k}" for k in range(len(corpus.poles))]
     torch.manual_seed(recipe.seed)
-    pm = get_peft_model(hf, config, adapter_name=names[0])
+    pm = get_peft_model(trunk.model, config, adapter_name=names[0])
     for n in names[1:]:
         pm.add_adapter(n, config)
     logs = {}
@@ -172,38 +197,35 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
             logs[pole] = train_expert(trunk, params, pools, recipe.steps, recipe.lr, recipe.pairs,
                                       recipe.retain, recipe.beta, recipe.w_pair,
                                       recipe.w_retain, recipe.seed + k, progress=bar)
+    return pm, names, logs
 
+
+def _assemble(pm, names: list[str], poles: list[str], model_dir: str, peft_dir):
+    """Save each adapter as a PEFT folder and stack them with the bank's own PEFT import."""
+    from ..adapters import AdapterBank
     from ..config import ModelConfig
     base_config = ModelConfig.from_file(os.path.join(model_dir, "config.json"))
     with tempfile.TemporaryDirectory(prefix="pf-train-") as tmp:
         where = peft_dir or tmp
         folders = {}
-        for k, pole in enumerate(corpus.poles):
-            pm.save_pretrained(where, selected_adapters=[names[k]])
-            folders[pole] = os.path.join(where, names[k])
-        bank = AdapterBank.from_peft(base_config, folders, dtype=torch.float32)
+        for name, pole in zip(names, poles):
+            pm.save_pretrained(where, selected_adapters=[name])
+            folders[pole] = os.path.join(where, name)
+        return AdapterBank.from_peft(base_config, folders, dtype=torch.float32)
 
-    # The router reads the engine's own hidden states, exactly as persona="auto" does.
+
+def _train_router(corpus, enc, model_dir: str, recipe: Recipe, num_layers: int, progress: bool):
+    """The sequence router on the engine's own pooled hidden states (what persona="auto" reads)."""
+    from tqdm.auto import tqdm
+
+    from ..engine import Engine
     eng = Engine(model_dir, torch.device("cpu"), torch.float32)
     sits = corpus.train.situations[:recipe.limit * 4 or None]
     prompts = [enc.prompt(s["text"]) for s in sits]
     targets = torch.tensor([[s["target"].get(p, 0.0) for p in corpus.poles] for s in sits])
     with tqdm(total=len(prompts), desc="router features", disable=not progress) as bar:
         feats = pooled_states(eng.model, prompts, progress=bar)
-    layers = [l for l in recipe.router_layers if l <= L] or [L]
-    bank.router, router_report = train_router(
-        feats, targets, layers, hidden=recipe.router_hidden, steps=recipe.router_steps,
-        w_balance=recipe.router_balance, top_k=recipe.router_top_k, seed=recipe.seed)
-
-    bank.recipe = {
-        "recipe": {k: list(v) if isinstance(v, tuple) else v
-                   for k, v in dataclasses.asdict(recipe).items()},
-        "quick": quick, "data_sha256": corpus.digest["train"], "seed": recipe.seed,
-        "versions": _versions(), **source, "threads": torch.get_num_threads(),
-        "train_seconds": round(time.perf_counter() - t_start, 1),
-        "router": router_report, "traits": TRAITS,
-        "final_loss": {p: log[-1] for p, log in logs.items()},
-    }
-    bank.to(dtype=DTYPES[recipe.storage_dtype])
-    bank.save(output, overwrite=overwrite)
-    return bank
+    layers = [l for l in recipe.router_layers if l <= num_layers] or [num_layers]
+    return train_router(feats, targets, layers, hidden=recipe.router_hidden,
+                        steps=recipe.router_steps, w_balance=recipe.router_balance,
+                        top_k=recipe.router_top_k, seed=recipe.seed)
