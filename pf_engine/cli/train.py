@@ -26,7 +26,7 @@ def build_parser() -> Parser:
     p.add_argument("--quick", action="store_true", help="a tiny recipe for tests (about a minute)")
     p.add_argument("--overwrite", action="store_true", help="replace BANK if it exists")
     p.add_argument("--peft-dir", default=None, metavar="DIR",
-                   help="also keep each expert as a PEFT folder in DIR")
+                   help="also keep each expert as a PEFT folder DIR/POLE (e.g. DIR/openness+)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: the recipe's, 0)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per expert")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no summary")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -210,7 +211,9 @@ def _assemble(pm, names: list[str], poles: list[str], model_dir: str, peft_dir):
         folders = {}
         for name, pole in zip(names, poles):
             pm.save_pretrained(where, selected_adapters=[name])
-            folders[pole] = os.path.join(where, name)
+            folders[pole] = os.path.join(where, pole)       # PEFT names it after the adapter
+            shutil.rmtree(folders[pole], ignore_errors=True)
+            os.replace(os.path.join(where, name), folders[pole])
         return AdapterBank.from_peft(base_config, folders, dtype=torch.float32)
 
 
