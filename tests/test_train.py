@@ -277,6 +277,12 @@ def test_quick_eval_writes_json_plot_and_readme(quick_bank, bundled_pf_home, tmp
     text = readme.read_text()
     assert "old" not in text and text.endswith("<!-- personas:end -->\ntail\n")
     assert "| LoRA expert |" in text and "Made by `pf-eval" in text
+    # the README section is a function of the JSON alone
+    readme.write_text("<!-- personas:start -->\n<!-- personas:end -->\ntail\n")
+    assert main(["--from-json", str(out), "--plot", str(plot), "--readme", str(readme), "-q"]) == 0
+    assert readme.read_text() == text[text.index("<!-- personas:start"):]
+    assert main(["--from-json", str(tmp_path / "none.json"), "--plot", "", "-q"]) == 2
+    assert "cannot read pf-eval results" in capsys.readouterr().err
 
 
 def test_shipped_bank_resolves_by_name(bundled_pf_home, capsys):

@@ -34,6 +34,8 @@ def build_parser() -> Parser:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--sample", default=None, metavar="MESSAGE_ID",
                    help="held-out message whose replies the README shows (default: the first)")
+    p.add_argument("--from-json", default=None, metavar="JSON",
+                   help="skip the evaluation: redraw the plot and README section from this JSON")
     p.add_argument("--quiet", "-q", action="store_true")
     return p
 
@@ -60,11 +62,16 @@ def main(argv=None) -> int:
             if args.sample not in held:
                 raise PFError(f"--sample {args.sample!r} is not a held-out message id; expected "
                               f"one of {', '.join(sorted(held))}")
-        result = evaluate(args.adapters, args.data, args.model, limit=args.limit,
-                          max_new_tokens=args.max_new_tokens, progress=not args.quiet)
-        result["provenance"] = report.provenance()
-        result["command"] = "pf-eval " + " ".join(argv if argv is not None else sys.argv[1:])
-        report.write_json(result, args.out)
+        if args.from_json:
+            result = report.read_json(args.from_json)
+            args.out = args.from_json
+        else:
+            source = report.provenance()      # the code that evaluates, read before it runs
+            result = evaluate(args.adapters, args.data, args.model, limit=args.limit,
+                              max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+            result["provenance"] = source
+            result["command"] = "pf-eval " + " ".join(argv if argv is not None else sys.argv[1:])
+            report.write_json(result, args.out)
         if args.plot:
             report.plot_heatmap(result, args.plot)
         if args.readme:
@@ -72,7 +79,7 @@ def main(argv=None) -> int:
                 if args.plot else None
             report.update_readme(args.readme, report.readme_section(
                 result, os.path.relpath(args.out, os.path.dirname(os.path.abspath(args.readme))),
-                rel, result["command"], sample_message=args.sample))
+                rel, result["command"], sample_message=args.sample or result.get("sample")))
     except PFError as e:
         return fail("pf-eval", e)
     if not args.quiet:

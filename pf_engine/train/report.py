@@ -34,6 +34,17 @@ def write_json(result: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            result = json.load(f)
+    except (OSError, ValueError) as e:
+        raise PFError(f"cannot read pf-eval results {path}: {e}") from None
+    if not isinstance(result, dict) or "families" not in result:
+        raise PFError(f"{path} is not a pf-eval results file (no 'families')")
+    return result
+
+
 def plot_heatmap(result: dict, path: str) -> None:
     """Two panels (expert, prompt): rows poles, columns traits, colour the statement shift."""
     import matplotlib
@@ -96,11 +107,19 @@ def readme_section(result: dict, json_path: str, plot_path: str | None, command:
     n = sum(v["n"] for v in q.values())
     d2 = {fam: sum(v["distinct2"] for k, v in q.items() if k.startswith(fam)) /
           max(1, sum(1 for k in q if k.startswith(fam))) for fam in ("expert", "prompt")}
+    fam_degen = {fam: (sum(v["degenerate"] for k, v in q.items() if k.startswith(fam)),
+                       sum(v["n"] for k, v in q.items() if k.startswith(fam)))
+                 for fam in ("base", "expert", "prompt")}
+    loopy = sorted((k for k in q if k.startswith("expert:") and q[k]["degenerate"]),
+                   key=lambda k: -q[k]["degenerate"])
     lines += [f"Guards: perplexity of held-out neutral replies, base {ppl['ppl']['base']:.2f}, "
               f"worst expert {worst} {ppl['ppl'][worst]:.2f} ({ppl['max_ratio']:.2f}x base; goal "
               f"<= 1.3x); distinct-2 of generated replies base {q['base']['distinct2']:.2f}, "
-              f"experts {d2['expert']:.2f}, prompted {d2['prompt']:.2f}; degenerate replies "
-              f"{degen} of {n}.", ""]
+              f"experts {d2['expert']:.2f}, prompted {d2['prompt']:.2f}.  Degenerate greedy "
+              f"replies (under 3 words, or a word 3-gram repeated 3 times; goal: none): {degen} "
+              f"of {n}; " + ", ".join(f"{fam} {a}/{b}" for fam, (a, b) in fam_degen.items()) +
+              ("; by expert: " + ", ".join(f"{k[7:]} {q[k]['degenerate']}/{q[k]['n']}"
+                                          for k in loopy) if loopy else "") + ".", ""]
     r = result.get("router")
     if r:
         lines += [f"Router (`persona=\"auto\"`): a target pole in the top 2 for "
