@@ -100,11 +100,13 @@ def _replies(eng, enc, corpus, conds, limit, max_new_tokens, bar):
 
 
 def _classifiers(corpus):
+    """Per trait: a classifier fitted on the train split, and its held-out accuracy."""
+    def texts(split, pole):
+        return list(split.replies[pole].values()) + split.statements[pole]
+
     tr, ho = corpus.train, corpus.heldout
     clf, acc = {}, {}
     for t in TRAITS:
-        def texts(split, pole):
-            return list(split.replies[pole].values()) + split.statements[pole]
         clf[t] = TraitClassifier(texts(tr, t + "+"), texts(tr, t + "-"))
         acc[t] = clf[t].accuracy(texts(ho, t + "+"), texts(ho, t + "-"))
     return clf, acc

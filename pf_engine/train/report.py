@@ -15,7 +15,6 @@ from .data import TRAITS
 from .recipe import _git_commit, _versions
 
 START, END = "<!-- personas:start -->", "<!-- personas:end -->"
-GOALS = {"moves_own": 9, "specificity": 1.5, "router_top2": 0.8, "ppl_ratio": 1.3}
 
 
 def provenance() -> dict:
