@@ -277,6 +277,10 @@ def run(argv=None) -> dict:
                 row = {"error": f"{type(e).__name__}: {e}"}
             rows.append({"engine": "pf_engine", "config": name, "backend": backend or "-",
                          "batch": B, **row})
+            # a run cut short (a lent GPU's time) keeps the rows it made
+            write_json(args.out, {"benchmark": "bench_generate", "complete": False,
+                                  "device": str(device), "dtype": dname, "model": base.folder,
+                                  "new_tokens": n, "repeats": reps, "rows": rows})
             print(f"  {name:6s} {backend or '-':6s} B={B:<3d} "
                   + (f"{row['decode_ms_per_token']:.1f} ms/token" if "error" not in row
                      else row["error"]), file=sys.stderr)
@@ -332,7 +336,7 @@ def run(argv=None) -> dict:
             floor_bytes = w_bytes + k * bank_bytes_per_expert(bank, dtype)
             r["floor_ms_per_token"] = 1e3 * floor_bytes / bw
     result = {"benchmark": "bench_generate", "machine": machine_info(), "threads": args.threads,
-              "device": str(device), "dtype": dname, "model": base.folder,
+              "device": str(device), "dtype": dname, "model": base.folder, "complete": True,
               "new_tokens": n, "repeats": reps, "bank": {"experts": bank.num_experts,
                                                          "rank": args.rank, "modules": 7},
               "weight_bytes_per_token": w_bytes,

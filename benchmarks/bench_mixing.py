@@ -326,32 +326,38 @@ def run(argv=None) -> dict:
     bw = device_copy_bandwidth(device)
     timing = dict(warmup=c["warmup"], repeats=c["repeats"], budget=c["budget"])
     rows, failures, t_start = [], [], time.perf_counter()
+
+    def result_so_far(complete: bool) -> dict:
+        return {
+            "benchmark": "bench_mixing", "machine": machine_info(), "device": str(device),
+            "dtype": c["dtype_name"], "threads": args.threads,
+            "config": {"shapes": [p.label for p in c["projs"]], "K": c["K"], "r": c["r"], "T": c["T"],
+                       "gates": c["gates"], "backends": c["backends"], "quick": args.quick,
+                       "rotate_mb": c["rotate_mb"], "seed": args.seed, "allow_fail": args.allow_fail,
+                       **timing},
+            "backend_status": {b: {"available": ok, "why": why} for b, (ok, why) in c["status"].items()},
+            "check_rule": (f"max|y - y_ref| <= tol * max|y_ref|, y_ref = naive backend in fp32 on the "
+                           f"same weights, tol = {TOL[dtype]:g} for {c['dtype_name']}" + (
+                               "" if dtype not in ROUNDOFF else
+                               f" (naive: max(tol, (4 * active experts + 2) * {ROUNDOFF[dtype]:.3g}), "
+                               "for its four roundings per expert)")),
+            "cpu_t1_policy": ("engine.CpuThreads: T=1 rows run torch at 1 thread, BLAS at --threads"
+                              if device.type == "cpu" else None),
+            "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
+            "copy_bandwidth_GBps": bw / 1e9, "seconds": time.perf_counter() - t_start,
+            "complete": complete, "rows": rows, "failures": failures, "ok": complete and not failures}
+
     try:
         with torch.inference_mode():
             for pi, p in enumerate(c["projs"]):
                 rows += bench_proj(p, pi, c, args.seed, esize, bw, threads, timing, failures)
+                if pi + 1 < len(c["projs"]):   # a run cut short (a lent GPU's time) keeps its rows
+                    write_json(args.out, result_so_far(complete=False))
     finally:
         if threads is not None:
             threads.restore()
         torch.set_num_threads(threads_before)
-    result = {
-        "benchmark": "bench_mixing", "machine": machine_info(), "device": str(device),
-        "dtype": c["dtype_name"], "threads": args.threads,
-        "config": {"shapes": [p.label for p in c["projs"]], "K": c["K"], "r": c["r"], "T": c["T"],
-                   "gates": c["gates"], "backends": c["backends"], "quick": args.quick,
-                   "rotate_mb": c["rotate_mb"], "seed": args.seed, "allow_fail": args.allow_fail,
-                   **timing},
-        "backend_status": {b: {"available": ok, "why": why} for b, (ok, why) in c["status"].items()},
-        "check_rule": (f"max|y - y_ref| <= tol * max|y_ref|, y_ref = naive backend in fp32 on the "
-                       f"same weights, tol = {TOL[dtype]:g} for {c['dtype_name']}" + (
-                           "" if dtype not in ROUNDOFF else
-                           f" (naive: max(tol, (4 * active experts + 2) * {ROUNDOFF[dtype]:.3g}), "
-                           "for its four roundings per expert)")),
-        "cpu_t1_policy": ("engine.CpuThreads: T=1 rows run torch at 1 thread, BLAS at --threads"
-                          if device.type == "cpu" else None),
-        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
-        "copy_bandwidth_GBps": bw / 1e9, "seconds": time.perf_counter() - t_start,
-        "rows": rows, "failures": failures, "ok": not failures}
+    result = result_so_far(complete=True)
     write_json(args.out, result)
     table = markdown(result)
     print(table)

@@ -23,13 +23,28 @@ def copy_bandwidth(mbytes: int = 256, repeats: int = 10) -> float:
     return 2 * a.numel() * 4 / best
 
 
-def git_commit() -> str | None:
+def _git(*args) -> str | None:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or None
+        proc = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5)
+        return proc.stdout if proc.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def git_commit() -> str | None:
+    out = _git("rev-parse", "--short", "HEAD")
+    return out.strip() or None if out is not None else None
+
+
+def git_dirty() -> list[str] | None:
+    """Tracked files changed since the commit (results folders aside): the code that made a
+    result is that commit only when this is empty.  None when git cannot tell."""
+    out = _git("status", "--porcelain", "--untracked-files=no")
+    if out is None:
+        return None
+    files = [line[3:] for line in out.splitlines() if line[3:]]
+    return [f for f in files if not f.startswith("benchmarks/results/")]
 
 
 def cpu_name() -> str:
@@ -46,7 +61,7 @@ def cpu_name() -> str:
 def machine_info() -> dict:
     info = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
-            "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "commit": git_commit(), "dirty": git_dirty(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
         import transformers
         info["transformers"] = transformers.__version__

