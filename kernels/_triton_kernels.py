@@ -1,8 +1,10 @@
 """The Triton kernels (layer 1 of 3).  Launchers live in ops.py; references in reference.py.
 
 Shapes and notation as in reference.py.  Every kernel accumulates in fp32 and takes explicit
-strides.  Rank tiles are BR = max(16, next_pow2(max_k r_k)) wide and loaded with a mask
-(column < r_k), so banks need no padding: the zero-filled columns satisfy tl.dot's K >= 16.
+strides.  Rank tiles are BR = min(BR_MAX, max(16, next_pow2(max_k r_k))) wide (ops.rank_tile) and
+loaded with a mask (column < r_k), so banks need no padding: the zero-filled columns satisfy
+tl.dot's K >= 16.  An expert of rank above BR is walked in chunks of BR, so shared memory stays
+bounded whatever the rank.
 
 Constexpr flags common to all kernels:
     INTERP_BF16  set when interpreting bf16 inputs, to work around two interpreter artefacts: its
@@ -90,26 +92,27 @@ def _shrink(x_ptr, a_ptr, h_ptr, tok_ptr, pair_w_ptr, count_ptr, start_ptr, acti
     m_p = offs_p < count
     tok = tl.load(tok_ptr + start + offs_p, mask=m_p, other=0).to(tl.int64)       # (BT,)
     w = tl.load(pair_w_ptr + start + offs_p, mask=m_p, other=0.0)                 # (BT,)
-    offs_r = tl.arange(0, BR)
-    m_r = offs_r < rk
-    rows = (r0 + offs_r).to(tl.int64)
     offs_k = tl.arange(0, BK)
 
-    acc = tl.full((BT, BR), 0.0, tl.float32)
-    for k0 in range(0, d_in, BK):
-        kk = k0 + offs_k
-        m_k = kk < d_in
-        xt = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :] * stride_xd,
-                     mask=m_p[:, None] & m_k[None, :], other=0.0)                  # (BT, BK)
-        at = tl.load(a_ptr + rows[None, :] * stride_ar + kk[:, None] * stride_ad,
-                     mask=m_r[None, :] & m_k[:, None], other=0.0)                  # (BK, BR)
-        if INTERP_BF16:
-            xt = xt.to(tl.float32)
-            at = at.to(tl.float32)
-        acc = tl.dot(xt, at, acc, input_precision=PREC)
-    acc = acc * w[:, None]
-    tl.store(h_ptr + tok[:, None] * stride_ht + (r0 + offs_r)[None, :], acc,
-             mask=m_p[:, None] & m_r[None, :])
+    for rc in range(0, rk, BR):                  # rank chunks of BR (a bounded tile, any rank)
+        offs_r = rc + tl.arange(0, BR)
+        m_r = offs_r < rk
+        rows = (r0 + offs_r).to(tl.int64)
+        acc = tl.full((BT, BR), 0.0, tl.float32)
+        for k0 in range(0, d_in, BK):
+            kk = k0 + offs_k
+            m_k = kk < d_in
+            xt = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :] * stride_xd,
+                         mask=m_p[:, None] & m_k[None, :], other=0.0)              # (BT, BK)
+            at = tl.load(a_ptr + rows[None, :] * stride_ar + kk[:, None] * stride_ad,
+                         mask=m_r[None, :] & m_k[:, None], other=0.0)              # (BK, BR)
+            if INTERP_BF16:
+                xt = xt.to(tl.float32)
+                at = at.to(tl.float32)
+            acc = tl.dot(xt, at, acc, input_precision=PREC)
+        acc = acc * w[:, None]
+        tl.store(h_ptr + tok[:, None] * stride_ht + (r0 + offs_r)[None, :], acc,
+                 mask=m_p[:, None] & m_r[None, :])
 
 
 def _expand(y_ptr, h_ptr, b_ptr, g_ptr, ro_ptr, T, d_out, K,
@@ -126,7 +129,6 @@ def _expand(y_ptr, h_ptr, b_ptr, g_ptr, ro_ptr, T, d_out, K,
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     m_t = offs_t < T
     m_n = offs_n < d_out
-    offs_r = tl.arange(0, BR)
     t64 = offs_t.to(tl.int64)
     n64 = offs_n.to(tl.int64)
 
@@ -136,17 +138,19 @@ def _expand(y_ptr, h_ptr, b_ptr, g_ptr, ro_ptr, T, d_out, K,
         if tl.reduce(tl.abs(g), 0, _MAX) > 0:
             r0 = tl.load(ro_ptr + ex)
             rk = tl.load(ro_ptr + ex + 1) - r0
-            m_r = offs_r < rk
-            cols = (r0 + offs_r).to(tl.int64)
-            h = tl.load(h_ptr + t64[:, None] * stride_ht + cols[None, :],
-                        mask=m_t[:, None] & m_r[None, :], other=0.0)               # (BT, BR)
-            b = tl.load(b_ptr + n64[None, :] * stride_bn + cols[:, None] * stride_br,
-                        mask=m_r[:, None] & m_n[None, :], other=0.0)               # (BR, BN)
-            if INTERP_BF16:
-                b = b.to(tl.float32)
-            else:
-                h = h.to(b.dtype)
-            acc = tl.dot(h, b, acc, input_precision=PREC)
+            for rc in range(0, rk, BR):          # rank chunks of BR
+                offs_r = rc + tl.arange(0, BR)
+                m_r = offs_r < rk
+                cols = (r0 + offs_r).to(tl.int64)
+                h = tl.load(h_ptr + t64[:, None] * stride_ht + cols[None, :],
+                            mask=m_t[:, None] & m_r[None, :], other=0.0)           # (BT, BR)
+                b = tl.load(b_ptr + n64[None, :] * stride_bn + cols[:, None] * stride_br,
+                            mask=m_r[:, None] & m_n[None, :], other=0.0)           # (BR, BN)
+                if INTERP_BF16:
+                    b = b.to(tl.float32)
+                else:
+                    h = h.to(b.dtype)
+                acc = tl.dot(h, b, acc, input_precision=PREC)
     y_ptrs = y_ptr + t64[:, None] * stride_yt + n64[None, :] * stride_yn
     m_y = m_t[:, None] & m_n[None, :]
     y = tl.load(y_ptrs, mask=m_y, other=0.0).to(tl.float32) + acc
@@ -171,7 +175,6 @@ def _fused_lora(y_ptr, x_ptr, a_ptr, b_ptr, g_ptr, ro_ptr, scal_ptr, T, d_in, d_
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     m_t = offs_t < T
     m_n = offs_n < d_out
-    offs_r = tl.arange(0, BR)
     offs_k = tl.arange(0, BK)
     t64 = offs_t.to(tl.int64)
     n64 = offs_n.to(tl.int64)
@@ -182,28 +185,31 @@ def _fused_lora(y_ptr, x_ptr, a_ptr, b_ptr, g_ptr, ro_ptr, scal_ptr, T, d_in, d_
         if tl.reduce(tl.abs(g), 0, _MAX) > 0:
             r0 = tl.load(ro_ptr + ex)
             rk = tl.load(ro_ptr + ex + 1) - r0
-            m_r = offs_r < rk
-            rows = (r0 + offs_r).to(tl.int64)
-            h = tl.full((BT, BR), 0.0, tl.float32)
-            for k0 in range(0, d_in, BK):
-                kk = k0 + offs_k
-                m_k = kk < d_in
-                xt = tl.load(x_ptr + t64[:, None] * stride_xt + kk[None, :] * stride_xd,
-                             mask=m_t[:, None] & m_k[None, :], other=0.0)          # (BT, BK)
-                at = tl.load(a_ptr + rows[None, :] * stride_ar + kk[:, None] * stride_ad,
-                             mask=m_r[None, :] & m_k[:, None], other=0.0)          # (BK, BR)
+            gs = g * tl.load(scal_ptr + ex)
+            for rc in range(0, rk, BR):          # rank chunks of BR: the expand is linear in rank
+                offs_r = rc + tl.arange(0, BR)
+                m_r = offs_r < rk
+                rows = (r0 + offs_r).to(tl.int64)
+                h = tl.full((BT, BR), 0.0, tl.float32)
+                for k0 in range(0, d_in, BK):
+                    kk = k0 + offs_k
+                    m_k = kk < d_in
+                    xt = tl.load(x_ptr + t64[:, None] * stride_xt + kk[None, :] * stride_xd,
+                                 mask=m_t[:, None] & m_k[None, :], other=0.0)      # (BT, BK)
+                    at = tl.load(a_ptr + rows[None, :] * stride_ar + kk[:, None] * stride_ad,
+                                 mask=m_r[None, :] & m_k[:, None], other=0.0)      # (BK, BR)
+                    if INTERP_BF16:
+                        xt = xt.to(tl.float32)
+                        at = at.to(tl.float32)
+                    h = tl.dot(xt, at, h, input_precision=PREC)
+                h = h * gs[:, None]
+                b = tl.load(b_ptr + n64[None, :] * stride_bn + rows[:, None] * stride_br,
+                            mask=m_r[:, None] & m_n[None, :], other=0.0)           # (BR, BN)
                 if INTERP_BF16:
-                    xt = xt.to(tl.float32)
-                    at = at.to(tl.float32)
-                h = tl.dot(xt, at, h, input_precision=PREC)
-            h = h * (g * tl.load(scal_ptr + ex))[:, None]
-            b = tl.load(b_ptr + n64[None, :] * stride_bn + rows[:, None] * stride_br,
-                        mask=m_r[:, None] & m_n[None, :], other=0.0)               # (BR, BN)
-            if INTERP_BF16:
-                b = b.to(tl.float32)
-                acc = tl.dot(h, b, acc, input_precision=PREC)
-            else:
-                acc = tl.dot(h.to(b.dtype), b, acc, input_precision=PREC)
+                    b = b.to(tl.float32)
+                    acc = tl.dot(h, b, acc, input_precision=PREC)
+                else:
+                    acc = tl.dot(h.to(b.dtype), b, acc, input_precision=PREC)
     y_ptrs = y_ptr + t64[:, None] * stride_yt + n64[None, :] * stride_yn
     m_y = m_t[:, None] & m_n[None, :]
     y = tl.load(y_ptrs, mask=m_y, other=0.0).to(tl.float32) + acc

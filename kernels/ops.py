@@ -20,7 +20,8 @@ import torch
 
 from .meta import BankLayout, LoRAMeta, bank_layout
 
-__all__ = ["DECODE_MAX_TOKENS", "available", "grouped_lora", "fused_linear", "block_config"]
+__all__ = ["DECODE_MAX_TOKENS", "available", "grouped_lora", "fused_linear", "block_config",
+           "rank_tile"]
 
 DECODE_MAX_TOKENS = 16          # at or below this many tokens grouped_lora runs its one-launch path
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -51,22 +52,35 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def block_config(kind: str, T: int, d_in: int, d_out: int, interpret: bool) -> dict:
-    """Block sizes for ``kind`` in {"fused", "shrink", "expand", "linear"}.
+BR_MAX = 64                   # widest rank tile; larger ranks are walked in chunks of it
+SMEM_LIMIT = 99 * 1024        # shared memory per block on sm_86 / sm_89, the smallest of 8.x-9.0
+
+
+def rank_tile(max_rank: int) -> int:
+    """BR: the rank tile, >= 16 for tl.dot, <= BR_MAX so shared memory is bounded."""
+    return min(BR_MAX, max(16, _next_pow2(max_rank)))
+
+
+def block_config(kind: str, T: int, d_in: int, d_out: int, interpret: bool, esize: int = 2) -> dict:
+    """Block sizes and pipeline stages for ``kind`` in {"fused", "shrink", "expand", "linear"}.
 
     The interpreter runs each program in numpy at a cost of milliseconds, so it gets big blocks;
-    the GPU gets tensor-core-sized ones (every dot dimension >= 16).
+    the GPU gets tensor-core-sized ones (every dot dimension >= 16) whose pipelined tiles fit
+    SMEM_LIMIT with the rank tile at BR_MAX, for element size ``esize`` (4: fp32 halves BK; a
+    test compiles every configuration for sm_80 and sm_86 and reads the shared memory it takes).
     """
     if interpret:
         bt = min(64, max(16, _next_pow2(T)))
         return dict(BT=bt, BM=bt, BN=min(512, max(16, _next_pow2(d_out))),
-                    BK=min(512, max(16, _next_pow2(d_in))), num_warps=4)
+                    BK=min(512, max(16, _next_pow2(d_in))), num_warps=4, num_stages=1)
+    wide = esize >= 4
     bt = 16 if T <= 16 else (32 if T <= 32 else 64)
     if kind == "fused":
-        return dict(BT=16, BN=64, BK=128, num_warps=4)
+        return dict(BT=16, BN=64, BK=64 if wide else 128, num_warps=4, num_stages=2 if wide else 3)
     if kind == "linear":
-        return dict(BM=min(128, max(16, _next_pow2(T))), BN=128, BK=64, num_warps=8 if T > 64 else 4)
-    return dict(BT=bt, BN=128, BK=64, num_warps=4)
+        return dict(BM=min(128, max(16, _next_pow2(T))), BN=128, BK=32 if wide else 64,
+                    num_warps=8 if T > 64 else 4, num_stages=2 if wide else 3)
+    return dict(BT=bt, BN=128, BK=32 if wide else 64, num_warps=4, num_stages=2 if wide else 3)
 
 
 def _dot_flags(x: torch.Tensor, interpret: bool) -> dict:
@@ -173,27 +187,30 @@ def grouped_lora(y: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, b_cat: t
         return y
 
     from . import _triton_kernels as tk
-    br = max(16, _next_pow2(layout.max_rank))
+    br = rank_tile(layout.max_rank)
     flags = _dot_flags(x, interp)
+    es = x.element_size()
     if T <= DECODE_MAX_TOKENS:
-        cfg = block_config("fused", T, d_in, d_out, interp)
+        cfg = block_config("fused", T, d_in, d_out, interp, es)
         grid = (_cdiv(T, cfg["BT"]), _cdiv(d_out, cfg["BN"]))
         tk.fused_lora_kernel[grid](
             y, x, a_cat, b_cat, gates, layout.rank_offsets, layout.scalings, T, d_in, d_out, K,
             y.stride(0), y.stride(1), x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1),
             b_cat.stride(0), b_cat.stride(1), gates.stride(0), gates.stride(1),
-            BT=cfg["BT"], BN=cfg["BN"], BR=br, BK=cfg["BK"], num_warps=cfg["num_warps"], **flags)
+            BT=cfg["BT"], BN=cfg["BN"], BR=br, BK=cfg["BK"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"], **flags)
         return y
 
     if meta is None:
         meta = LoRAMeta.from_layout(gates, layout)
     h = torch.zeros(T, R, device=x.device, dtype=torch.float32)           # (T, R) gated shrink
-    cfg = block_config("shrink", T, d_in, d_out, interp)
+    cfg = block_config("shrink", T, d_in, d_out, interp, es)
     tk.shrink_kernel[(_cdiv(T, cfg["BT"]), K)](
         x, a_cat, h, meta.sorted_token_ids, meta.pair_weights, meta.num_tokens_per_expert,
         meta.expert_start, meta.active_expert_ids, layout.rank_offsets,
         d_in, x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1), h.stride(0),
-        BT=cfg["BT"], BR=br, BK=cfg["BK"], num_warps=cfg["num_warps"], **flags)
+        BT=cfg["BT"], BR=br, BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **flags)
     _launch_expand(y, h, b_cat, gates, layout, br, interp, flags)
     return y
 
@@ -201,13 +218,14 @@ def grouped_lora(y: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, b_cat: t
 def _launch_expand(y, h, b_cat, gates, layout: BankLayout, br: int, interp: bool, flags: dict) -> None:
     from . import _triton_kernels as tk
     T, d_out = y.shape
-    cfg = block_config("expand", T, 0, d_out, interp)
+    cfg = block_config("expand", T, 0, d_out, interp, y.element_size())
     grid = (_cdiv(T, cfg["BT"]), _cdiv(d_out, cfg["BN"]))
     tk.expand_kernel[grid](
         y, h, b_cat, gates, layout.rank_offsets, T, d_out, layout.num_experts,
         y.stride(0), y.stride(1), h.stride(0), b_cat.stride(0), b_cat.stride(1),
         gates.stride(0), gates.stride(1),
-        BT=cfg["BT"], BN=cfg["BN"], BR=br, num_warps=cfg["num_warps"], **flags)
+        BT=cfg["BT"], BN=cfg["BN"], BR=br, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **flags)
 
 
 def fused_linear(x: torch.Tensor, w_aug: torch.Tensor, b_cat: torch.Tensor, gates: torch.Tensor,
@@ -260,7 +278,7 @@ def fused_linear(x: torch.Tensor, w_aug: torch.Tensor, b_cat: torch.Tensor, gate
     from . import _triton_kernels as tk
     flags = _dot_flags(x, interp)
     h = torch.empty(T, R, device=x.device, dtype=torch.float32)           # (T, R) gated shrink
-    cfg = block_config("linear", T, d_in, d_out, interp)
+    cfg = block_config("linear", T, d_in, d_out, interp, x.element_size())
     bm, bn = cfg["BM"], cfg["BN"]
     grid = (_cdiv(T, bm), _cdiv(d_out, bn) + _cdiv(R, bn))
     tk.linear_shrink_kernel[grid](
@@ -268,9 +286,10 @@ def fused_linear(x: torch.Tensor, w_aug: torch.Tensor, b_cat: torch.Tensor, gate
         T, d_in, d_out, R,
         y.stride(0), y.stride(1), h.stride(0), x.stride(0), x.stride(1),
         w_aug.stride(0), w_aug.stride(1), gates.stride(0), gates.stride(1),
-        HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=cfg["BK"], num_warps=cfg["num_warps"], **flags)
+        HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=cfg["BK"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **flags)
     if R > 0:
-        _launch_expand(y, h, b_cat, gates, layout, max(16, _next_pow2(layout.max_rank)), interp, flags)
+        _launch_expand(y, h, b_cat, gates, layout, rank_tile(layout.max_rank), interp, flags)
     return y
 
 

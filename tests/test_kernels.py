@@ -340,7 +340,8 @@ def test_strided_inputs(interp, seed):
 def test_gpu_block_sizes_in_interpreter(interp, seed, monkeypatch, dtype):
     """The GPU's small blocks (several token, column and d_in blocks per program grid)."""
     gpu = pf_ops.block_config
-    monkeypatch.setattr(pf_ops, "block_config", lambda kind, T, d_in, d_out, interpret: gpu(kind, T, d_in, d_out, False))
+    monkeypatch.setattr(pf_ops, "block_config",
+                        lambda kind, T, d_in, d_out, interpret, esize=2: gpu(kind, T, d_in, d_out, False, esize))
     for T in (5, 70):
         p = make_problem(T, 200, 300, "mixed", 5, "zero_rows", dtype)
         check_grouped(p, seed, what=f"grouped_lora gpu blocks T={T}")
@@ -371,7 +372,8 @@ def test_import_order_does_not_matter(tmp_path):
     assert err < 1e-3
 
 
-def _compile_for_gpu(fn, pointers: dict, constexprs: dict, arch: int):
+def _compile_for_gpu(fn, pointers: dict, constexprs: dict, arch: int, num_warps: int = 4,
+                     num_stages: int = 3):
     """triton.compile for a CUDA target without a GPU: the compiled path's types and shapes."""
     import inspect
 
@@ -381,7 +383,64 @@ def _compile_for_gpu(fn, pointers: dict, constexprs: dict, arch: int):
     sig = {p: ("constexpr" if p in constexprs else pointers[p] if p.endswith("_ptr")
                else "i64" if p.startswith("stride") else "i32") for p in params}
     src = ASTSource(triton.jit(fn), sig, constexprs={(params.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+@pytest.mark.parametrize("T", [5, 40])               # the one-launch path and shrink + expand
+def test_ranks_above_the_rank_tile(interp, seed, T):
+    """Experts of rank above BR_MAX are walked in rank chunks (bounded tiles), not dropped."""
+    ranks = [pf_ops.BR_MAX + 36, 16, 2 * pf_ops.BR_MAX + 3]
+    assert pf_ops.rank_tile(max(ranks)) == pf_ops.BR_MAX
+    p = make_problem(T, 96, 80, ranks, 3, "dense", "fp32")
+    check_grouped(p, seed)
+    check_fused(p, seed)
+
+
+def _smem_builds(dtype: str, br: int):
+    """(kernel, pointer types, constexprs) for every GPU configuration block_config can return."""
+    from pf_kernels import _triton_kernels as tk
+    p, i32, f32 = f"*{dtype}", "*i32", "*fp32"
+    es = DTYPES[dtype].itemsize
+    flags = dict(INTERP_BF16=False, PREC="ieee" if dtype == "fp32" else "tf32")
+    out = []
+    for T in (1, 512):              # the smallest and the largest tiles of each kind
+        cfg = {k: pf_ops.block_config(k, T, 4096, 4096, False, es) for k in ("fused", "shrink", "expand", "linear")}
+        out += [
+            (tk._fused_lora, dict(y_ptr=p, x_ptr=p, a_ptr=p, b_ptr=p, g_ptr=f32, ro_ptr=i32, scal_ptr=f32),
+             dict(BT=cfg["fused"]["BT"], BN=cfg["fused"]["BN"], BR=br, BK=cfg["fused"]["BK"]), cfg["fused"]),
+            (tk._shrink, dict(x_ptr=p, a_ptr=p, h_ptr=f32, tok_ptr=i32, pair_w_ptr=f32, count_ptr=i32,
+                              start_ptr=i32, active_ptr=i32, ro_ptr=i32),
+             dict(BT=cfg["shrink"]["BT"], BR=br, BK=cfg["shrink"]["BK"]), cfg["shrink"]),
+            (tk._expand, dict(y_ptr=p, h_ptr=f32, b_ptr=p, g_ptr=f32, ro_ptr=i32),
+             dict(BT=cfg["expand"]["BT"], BN=cfg["expand"]["BN"], BR=br), cfg["expand"]),
+            (tk._linear_shrink, dict(y_ptr=p, h_ptr=f32, x_ptr=p, w_ptr=p, bias_ptr=p, g_ptr=f32, scal_ptr=f32,
+                                     eor_ptr=i32),
+             dict(HAS_BIAS=True, BM=cfg["linear"]["BM"], BN=cfg["linear"]["BN"], BK=cfg["linear"]["BK"]),
+             cfg["linear"]),
+        ]
+    seen, unique = set(), []
+    for fn, ptrs, consts, cfg in out:
+        key = (fn.__name__, tuple(sorted(consts.items())), cfg["num_warps"], cfg["num_stages"])
+        if key not in seen:
+            seen.add(key)
+            unique.append((fn, ptrs, dict(consts, **flags), cfg))
+    return unique
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_block_configs_fit_shared_memory(compiled, dtype):
+    """The GPU tile configurations (smallest and largest of each kind), at the widest rank tile,
+    compiled for sm_86 (Ampere's pipelining, as sm_80): the shared memory each takes fits
+    SMEM_LIMIT (99 KiB, sm_86's per-block maximum)."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"this triton has no GPUTarget: {e}")
+    for fn, ptrs, consts, cfg in _smem_builds(dtype, pf_ops.BR_MAX):
+        k = _compile_for_gpu(fn, ptrs, consts, 86, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        assert k.metadata.shared <= pf_ops.SMEM_LIMIT, (fn.__name__, consts, cfg, k.metadata.shared)
 
 
 @needs_triton
