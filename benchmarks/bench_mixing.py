@@ -21,8 +21,9 @@ Gates [T, K] fp32:
 The top-2 kinds need K >= 3 to differ from dense and are skipped for K < 3; at T = 1 the two
 top-2 kinds are the same computation (two rows as a noise check).
 
-Check before timing: every backend's output y against the naive backend's, run in fp32 on the same
-weights (for --dtype fp32 this is the naive backend itself); the row passes when
+Check before timing: every backend's output y (base included) against an fp64 reference computed
+apart from every backend: x W^T in fp64 plus pf_kernels.reference.grouped_lora_ref per projection,
+on the same (rounded) weights and input; the row passes when
 max |y - y_ref| <= tol * max |y_ref|, tol = 1e-5 (fp32), 1e-2 (fp16, bf16), as tests/test_kernels;
 in fp16/bf16 the naive backend rounds four times per active expert (A_k x, B_k h, g s delta and
 y += delta, each in the low dtype), so its tol is max(1e-2, (4 n_active + 2) u), u the unit
@@ -65,6 +66,7 @@ from benchmarks.common import copy_bandwidth, machine_info, write_json  # noqa: 
 from pf_engine.adapters import LoraWeights  # noqa: E402
 from pf_engine.engine import DTYPES, CpuThreads  # noqa: E402
 from pf_engine.mixing import BACKENDS, Linear, Mix, backend_status  # noqa: E402
+from pf_kernels.reference import grouped_lora_ref  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 ROUNDOFF = {torch.float16: 2.0**-12, torch.bfloat16: 2.0**-9}     # unit roundoff (see check rule)
@@ -336,8 +338,8 @@ def run(argv=None) -> dict:
                        "rotate_mb": c["rotate_mb"], "seed": args.seed, "allow_fail": args.allow_fail,
                        **timing},
             "backend_status": {b: {"available": ok, "why": why} for b, (ok, why) in c["status"].items()},
-            "check_rule": (f"max|y - y_ref| <= tol * max|y_ref|, y_ref = naive backend in fp32 on the "
-                           f"same weights, tol = {TOL[dtype]:g} for {c['dtype_name']}" + (
+            "check_rule": (f"max|y - y_ref| <= tol * max|y_ref|, y_ref = fp64 x W^T + grouped_lora_ref "
+                           f"on the same weights, tol = {TOL[dtype]:g} for {c['dtype_name']}" + (
                                "" if dtype not in ROUNDOFF else
                                f" (naive: max(tol, (4 * active experts + 2) * {ROUNDOFF[dtype]:.3g}), "
                                "for its four roundings per expert)")),
@@ -379,12 +381,12 @@ def bench_proj(p: Proj, pi: int, c: dict, seed: int, esize: int, bw: float, thre
     weights = [(torch.randn(p.d_out, p.d_in, generator=_gen(seed, pi, "w", i)) / math.sqrt(p.d_in))
                .to(device, dtype) for i in range(n_copies(w_bytes, c["rotate_mb"]))]
     base = [Linear(w, None, p.splits, p.modules) for w in weights]            # no experts
-    base32 = Linear(weights[0].float(), None, p.splits, p.modules)
     # [T, 1, d_in]: T sequences with one new token each, a decode step (the engine's hot path)
     xs = {T: [torch.randn(T, 1, p.d_in, generator=_gen(seed, pi, "x", T, i)).to(device, dtype)
               for i in range(N_INPUTS)] for T in c["T"]}
-    ctx = dict(p=p, c=c, esize=esize, w_bytes=w_bytes, bw=bw, threads=threads, timing=timing,
-               failures=failures, base=base, base32=base32, base_cache={})
+    ctx = dict(p=p, c=c, xs=xs, esize=esize, w_bytes=w_bytes, bw=bw, threads=threads, timing=timing,
+               failures=failures, base=base, base_cache={},
+               base64={T: v[0].double() @ weights[0].double().t() for T, v in xs.items()})
     out = []
     for K in c["K"]:
         for r in c["r"]:
@@ -397,12 +399,7 @@ def bench_proj(p: Proj, pi: int, c: dict, seed: int, esize: int, bw: float, thre
                 lin = Linear(weights[i], None, p.splits, p.modules)
                 lin.attach(loras)
                 lins.append(lin)
-            ref = lins[0]                    # the naive backend in fp32 on copy 0's weights
-            if dtype != torch.float32:
-                ref = Linear(weights[0].float(), None, p.splits, p.modules)
-                ref.attach({m: LoraWeights(lw.a.float(), lw.b.float(), lw.expert_ids,
-                                           lw.rank_offsets, lw.col_expert, lw.col_scaling)
-                            for m, lw in loras0.items()})
+            ref = loras0                     # copy 0's experts: the check calls copy 0
             for T in c["T"]:
                 for kind in c["gates"]:
                     if kind != "dense" and K < 3:
@@ -423,9 +420,24 @@ def _threads_label(threads, T: int, backend: str) -> str:
 
 def check(y: torch.Tensor, ref: torch.Tensor, tol: float) -> tuple[bool, float]:
     """(passed, max |y - ref| / max |ref|) under the rule in the module docstring."""
-    err = (y.float() - ref).abs().max().item()
+    err = (y.double() - ref).abs().max().item()
     scale = max(ref.abs().max().item(), 1e-30)
     return bool(math.isfinite(err) and err <= tol * scale), err / scale
+
+
+def reference(ctx: dict, T: int, loras: dict, g: torch.Tensor) -> torch.Tensor:
+    """fp64 y_ref [T, 1, d_out] for copy 0 and input 0: x W^T plus, per projection, grouped_lora_ref
+    of its experts (independent of every backend's code)."""
+    p = ctx["p"]
+    x = ctx["xs"][T][0].reshape(T, p.d_in)
+    y = ctx["base64"][T].reshape(T, p.d_out).clone()
+    o = 0
+    for m, d_out in zip(p.modules, p.splits):
+        lw = loras[m]
+        y[:, o:o + d_out] += grouped_lora_ref(x, lw.a, lw.b, g[:, lw.expert_ids], lw.rank_offsets.cpu(),
+                                              torch.full((len(lw.expert_ids),), SCALING, device=x.device))
+        o += d_out
+    return y.reshape(T, 1, p.d_out)
 
 
 def bench_row(ctx: dict, K: int, r: int, T: int, kind: str, g: torch.Tensor, lins, ref, xs) -> list:
@@ -433,11 +445,10 @@ def bench_row(ctx: dict, K: int, r: int, T: int, kind: str, g: torch.Tensor, lin
     p, c, esize, threads = ctx["p"], ctx["c"], ctx["esize"], ctx["threads"]
     device, dtype, tol = c["device"], c["dtype"], TOL[c["dtype"]]
     base, nb, nl = ctx["base"], len(ctx["base"]), len(lins)
-    x32 = xs[0].float()
     active = Mix(g, "naive").active
     acts = T * (p.d_in + p.d_out) * esize
     mix_bytes = ctx["w_bytes"] + expert_bytes(lins[0], active, esize) + acts + g.numel() * 4
-    y_ref = ref.full(x32, Mix(g, "naive"))
+    y_ref = reference(ctx, T, ref, g)
     rows, ms_of = [], {}
     for b in c["backends"]:
         row = dict(shape=p.label, d_in=p.d_in, d_out=p.d_out, K=K, r=r, T=T, gates=kind, backend=b,
@@ -450,7 +461,7 @@ def bench_row(ctx: dict, K: int, r: int, T: int, kind: str, g: torch.Tensor, lin
             if key not in ctx["base_cache"]:
                 w_fn = ((lambda i: base[i % nb].full(xs[i % N_INPUTS])) if b == "base" else
                         (lambda i: F.linear(xs[i % N_INPUTS], base[i % nb].weight)))
-                ctx["base_cache"][key] = measure(w_fn, ctx["base32"].full(x32), tol, T, ctx,
+                ctx["base_cache"][key] = measure(w_fn, ctx["base64"][T].reshape(T, 1, -1), tol, T, ctx,
                                                  own_threads=(b == "F.linear"))
             res = ctx["base_cache"][key]
         else:

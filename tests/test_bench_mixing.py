@@ -98,3 +98,23 @@ def test_backend_that_raises_is_a_failed_row(tmp_path, monkeypatch):
     assert rows["torch"]["status"] == "FAILED run: RuntimeError: kernel exploded"
     assert set(rows["torch"]) >= ROW_FIELDS and rows["torch"]["ms"] is None
     assert rows["naive"]["status"] == "ok" and not result["ok"]
+
+
+@pytest.mark.parametrize("backend", ["naive", "base"])
+def test_reference_is_independent_of_every_backend(tmp_path, monkeypatch, backend):
+    """The check's y_ref is fp64 from pf_kernels' reference: a wrong naive backend (the old
+    reference) or a wrong base projection fails its own row."""
+    if backend == "naive":
+        naive = mixing.Linear._naive
+        monkeypatch.setattr(mixing.Linear, "_naive", lambda self, xT, mix: naive(self, xT, mix) * 1.001)
+    else:
+        full = mixing.Linear.full
+        monkeypatch.setattr(mixing.Linear, "full", lambda self, x, mix=None: full(self, x, mix) * (
+            1.001 if mix is None else 1.0))
+    argv = TINY[:]
+    for flag, value in (("--shapes", "tiny/o"), ("--K", "3"), ("--T", "2"), ("--gates", "dense")):
+        argv[argv.index(flag) + 1] = value
+    result = bench_mixing.run(argv + ["--out", str(tmp_path / "bad.json")])
+    status = {w["backend"]: w["status"] for w in result["rows"]}
+    assert status[backend] == "FAILED check", status
+    assert all(s == "ok" for b, s in status.items() if b != backend), status
