@@ -19,16 +19,24 @@ not run).
 Timing, the same for every row: t1 = a generate of 1 token (prefill + one sample), tN = a
 generate of N tokens, EOS ignored so every row makes exactly N; prefill tok/s = prompt tokens /
 t1, decode ms/token = (tN - t1) / (N - 1) per step, decode tok/s = batch / that.  Medians over
---repeats after a warm-up.  Peak RSS per row (VmHWM, reset before each row) and, on CUDA, peak
-allocated GPU memory.  The bytes floor: the weight bytes one decode step must read over the
-measured copy bandwidth (base weights, plus the active experts' A and B).
+--repeats after two warm-up calls of each.  "vs base": ms/token over pf_engine's base at the same
+batch; "mixing ms": ms/token added over the row's own engine's base (pf_engine's for pf rows,
+transformers' for the PEFT rows), the cost of the experts alone.
+Memory: each row runs in its own process (``--in-process`` runs them all in this one), so its
+peak RSS (VmHWM) is that row's engine alone, loading included; on CUDA also peak allocated GPU
+memory.  The read floor: the weight bytes one decode step must read (base weights, plus the active
+experts' A and B) over the measured read bandwidth (``common.read_bandwidth``, CPU only).  The
+1-minute load average before the run is checked: a busy machine's warning goes into the JSON
+and the table.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +45,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import copy_bandwidth, machine_info, write_json  # noqa: E402
+from benchmarks.common import busy_warning, machine_info, read_bandwidth, write_json  # noqa: E402
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who discovers that the light has been "
@@ -114,8 +122,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_time(fn, repeats: int, device) -> float:
-    fn()
+def median_time(fn, repeats: int, device, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
     sync(device)
     times = []
     for _ in range(repeats):
@@ -145,12 +154,6 @@ def engine_row(eng, prompts, persona, n, repeats) -> dict:
     return {**row, **mem}
 
 
-# Peers ----------------------------------------------------------------------------------------
-def hf_model(folder, device, dtype):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-
-
 def hf_row(model, tok_ids, n, repeats, device) -> dict:
     x = torch.tensor([tok_ids], device=device)
 
@@ -163,62 +166,8 @@ def hf_row(model, tok_ids, n, repeats, device) -> dict:
     return {**row, **mem}
 
 
-def bank_to_peft(bank, folder: str, out_dir: str) -> list[str]:
-    """Write each expert of ``bank`` as a PEFT LoRA folder (same A, B and scaling)."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    from pf_engine.config import HF_MODULE_NAMES
-    dirs = []
-    for k, name in enumerate(bank.expert_names):
-        d = os.path.join(out_dir, f"expert{k}")
-        os.makedirs(d)
-        targets = [HF_MODULE_NAMES[m].split(".")[-1] for m in bank.expert_modules(k)]
-        r = bank.ranks[k]
-        LoraConfig(r=r, lora_alpha=bank.scalings[k] * r, target_modules=targets,
-                   base_model_name_or_path=folder).save_pretrained(d)
-        tensors = {}
-        for l in range(bank.num_layers):
-            for m in bank.expert_modules(k):
-                lw = bank.lora(l, m)
-                j = lw.expert_ids.tolist().index(k)
-                r0, r1 = lw.rank_offsets[j].item(), lw.rank_offsets[j + 1].item()
-                stem = f"base_model.model.model.layers.{l}.{HF_MODULE_NAMES[m]}"
-                tensors[stem + ".lora_A.weight"] = lw.a[r0:r1].float().contiguous()
-                tensors[stem + ".lora_B.weight"] = lw.b[:, r0:r1].float().contiguous()
-        save_file(tensors, os.path.join(d, "adapter_model.safetensors"))
-        dirs.append(d)
-    return dirs
-
-
-def peft_cat_model(folder, peft_dirs, names, weights: dict, device, dtype):
-    """transformers + PEFT: the persona's experts combined by add_weighted_adapter(cat)."""
-    from peft import PeftModel
-    model = PeftModel.from_pretrained(hf_model(folder, device, dtype), peft_dirs[0],
-                                      adapter_name=names[0])
-    for d, n in zip(peft_dirs[1:], names[1:]):
-        model.load_adapter(d, adapter_name=n)
-    used = [n for n in names if weights.get(n, 0)]
-    model.add_weighted_adapter(used, [weights[n] for n in used], adapter_name="persona",
-                               combination_type="cat")
-    model.set_adapter("persona")
-    return model.eval()
-
-
-def xlora_model(folder, peft_dirs, names, hidden_size, device, dtype, top_k=2):
-    """PEFT X-LoRA over the same experts: per-token mixing by a (random) X-LoRA classifier,
-    computed with PEFT's extra scaling pass and a Python loop over adapters."""
-    from peft import XLoraConfig, get_peft_model
-    cfg = XLoraConfig(task_type="CAUSAL_LM", hidden_size=hidden_size, xlora_depth=1,
-                      adapters={f"expert{i}": d for i, d in enumerate(peft_dirs)}, top_k_lora=top_k,
-                      enable_softmax=False, enable_softmax_topk=True)
-    model = hf_model(folder, device, dtype)
-    model.config.use_cache = False
-    return get_peft_model(model, cfg).eval()
-
-
 # The run --------------------------------------------------------------------------------------
-def run(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="HF folder (default: the bundled model)")
     ap.add_argument("--device", default="cpu")
@@ -231,116 +180,163 @@ def run(argv=None) -> dict:
     ap.add_argument("--mixed-batches", default="4,16")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--no-peers", action="store_true", help="skip transformers and PEFT rows")
+    ap.add_argument("--in-process", action="store_true",
+                    help="every row in this process (faster; peak RSS then accumulates across rows)")
     ap.add_argument("--quick", action="store_true",
                     help=f"{QUICK_CONFIGS} + transformers, 16 new tokens, 1 repeat")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "bench_generate.json"))
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.configs = args.configs or QUICK_CONFIGS
-        args.new_tokens, args.repeats = min(args.new_tokens, 16), 1
-    configs = parse_configs(args.configs or FULL_CONFIGS)
-    torch.set_num_threads(args.threads)
+    ap.add_argument("--row", default=None, help=argparse.SUPPRESS)     # internal: one row, JSON
+    return ap
 
-    from pf_engine import Engine
-    from pf_engine.adapters import AdapterBank
-    from pf_engine.engine import resolve_device, resolve_dtype
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    dname = str(dtype).replace("torch.", "")
-    base = Engine.from_pretrained(args.model, device=device, dtype=dtype, progress=False)
-    base.eos_ids = set()        # every row generates exactly N tokens
-    bank = AdapterBank.random(base.config, rank=args.rank, seed=0, router=True)
-    bank.router.top_k = 2
-    bank.token_router.top_k = 2
-    engines = {}
 
-    def engine(backend):
-        if backend is None:
-            return base
-        if backend not in engines:
-            engines[backend] = Engine.from_pretrained(base.folder, adapters=bank, device=device,
-                                                      dtype=dtype, backend=backend, progress=False)
-            engines[backend].eos_ids = set()
-        return engines[backend]
-
-    n, reps = args.new_tokens, args.repeats
-    rows = []
-    batches = [int(b) for b in args.batches.split(",")]
-    for name, backend in configs:
-        for B in ([int(b) for b in args.mixed_batches.split(",")] if name == "mixed" else batches):
-            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(B)]
-            persona = persona_for(name, bank.expert_names, B)
-            try:
-                row = engine_row(engine(backend), prompts, persona, n, reps)
-            except Exception as e:  # noqa: BLE001 - a backend that cannot run is reported
-                row = {"error": f"{type(e).__name__}: {e}"}
-            rows.append({"engine": "pf_engine", "config": name, "backend": backend or "-",
-                         "batch": B, **row})
-            # a run cut short (a lent GPU's time) keeps the rows it made
-            write_json(args.out, {"benchmark": "bench_generate", "complete": False,
-                                  "device": str(device), "dtype": dname, "model": base.folder,
-                                  "new_tokens": n, "repeats": reps, "rows": rows})
-            print(f"  {name:6s} {backend or '-':6s} B={B:<3d} "
-                  + (f"{row['decode_ms_per_token']:.1f} ms/token" if "error" not in row
-                     else row["error"]), file=sys.stderr)
-
+def row_specs(args) -> list[dict]:
+    """The rows to run, in order: pf_engine configurations by batch, then the peers."""
+    specs = []
+    for name, backend in parse_configs(args.configs or FULL_CONFIGS):
+        sizes = args.mixed_batches if name == "mixed" else args.batches
+        specs += [{"engine": "pf_engine", "config": name, "backend": backend or "-", "batch": int(B)}
+                  for B in sizes.split(",")]
     if not args.no_peers:
-        ids = base.tokenizer.encode(PROMPTS[0], chat=True)
-        hf = hf_model(base.folder, device, dtype)
-        rows.append({"engine": "transformers", "config": "base", "backend": "-", "batch": 1,
-                     **hf_row(hf, ids, n, reps, device)})
-        del hf
-        peers = ["top2"] if args.quick else ["top2", "dense"]
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                dirs = bank_to_peft(bank, base.folder, tmp)
-                for name in peers:
-                    model = peft_cat_model(base.folder, dirs, bank.expert_names,
-                                           persona_for(name, bank.expert_names, 1), device, dtype)
-                    rows.append({"engine": "transformers+peft (cat)", "config": name,
-                                 "backend": "-", "batch": 1,
-                                 **hf_row(model, ids, n, reps, device)})
-                    del model
-            except Exception as e:  # noqa: BLE001
-                rows.append({"engine": "transformers+peft (cat)", "config": "top2",
-                             "backend": "-", "batch": 1, "error": f"{type(e).__name__}: {e}"})
-            try:   # X-LoRA "where it runs": its own per-token router (random here), top-2
-                model = xlora_model(base.folder, dirs, bank.expert_names, base.config.hidden_size,
-                                    device, dtype)
-                rows.append({"engine": "peft x-lora", "config": "token", "backend": "-",
-                             "batch": 1, **hf_row(model, ids, n, reps, device)})
-                del model
-            except Exception as e:  # noqa: BLE001
-                rows.append({"engine": "peft x-lora", "config": "token", "backend": "-",
-                             "batch": 1, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        specs.append({"engine": "transformers", "config": "base", "backend": "-", "batch": 1})
+        specs += [{"engine": "transformers+peft (cat)", "config": c, "backend": "-", "batch": 1}
+                  for c in (["top2"] if args.quick else ["top2", "dense"])]
+        specs.append({"engine": "peft x-lora", "config": "token", "backend": "-", "batch": 1})
+    return specs
 
-    # derived figures: ratios to base at the same batch size, naive/torch, the bytes floor
-    bw = copy_bandwidth() if device.type == "cpu" else None
-    base_ms = {r["batch"]: r["decode_ms_per_token"] for r in rows
-               if r["engine"] == "pf_engine" and r["config"] == "base" and "error" not in r}
-    w_bytes = weight_bytes(base)
+
+class Setup:
+    """What every row shares: device, dtype, the base engine and the seeded random bank (the same
+    tensors in every process: AdapterBank.random is seeded)."""
+
+    def __init__(self, args):
+        from pf_engine import Engine
+        from pf_engine.adapters import AdapterBank
+        from pf_engine.engine import resolve_device, resolve_dtype
+        self.args = args
+        self.device = resolve_device(args.device)
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        self.base = Engine.from_pretrained(args.model, device=self.device, dtype=self.dtype,
+                                           progress=False)
+        self.base.eos_ids = set()        # every row generates exactly N tokens
+        self.bank = AdapterBank.random(self.base.config, rank=args.rank, seed=0, router=True)
+        self.bank.router.top_k = 2
+        self.bank.token_router.top_k = 2
+
+    def engine(self, backend: str):
+        from pf_engine import Engine
+        if backend == "-":
+            return self.base
+        eng = Engine.from_pretrained(self.base.folder, adapters=self.bank, device=self.device,
+                                     dtype=self.dtype, backend=backend, progress=False)
+        eng.eos_ids = set()
+        return eng
+
+
+def run_row(setup: Setup, spec: dict) -> dict:
+    """One row's figures (or {"error": ...}); loads what the row needs."""
+    from benchmarks import peers
+    args, dev, dt, bank = setup.args, setup.device, setup.dtype, setup.bank
+    n, reps, folder = args.new_tokens, args.repeats, setup.base.folder
+    try:
+        if spec["engine"] == "pf_engine":
+            B = spec["batch"]
+            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(B)]
+            return engine_row(setup.engine(spec["backend"]), prompts,
+                              persona_for(spec["config"], bank.expert_names, B), n, reps)
+        ids = setup.base.tokenizer.encode(PROMPTS[0], chat=True)
+        if spec["engine"] == "transformers":
+            return hf_row(peers.hf_model(folder, dev, dt), ids, n, reps, dev)
+        with tempfile.TemporaryDirectory() as tmp:
+            dirs = peers.bank_to_peft(bank, folder, tmp)
+            if spec["engine"] == "peft x-lora":   # its own (random) per-token router, top-2
+                model = peers.xlora_model(folder, dirs, bank.expert_names,
+                                          setup.base.config.hidden_size, dev, dt)
+            else:
+                model = peers.peft_cat_model(folder, dirs, bank.expert_names,
+                                             persona_for(spec["config"], bank.expert_names, 1), dev, dt)
+            return hf_row(model, ids, n, reps, dev)
+    except Exception as e:  # noqa: BLE001 - a configuration that cannot run is reported
+        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+
+def run_isolated(argv: list[str], spec: dict) -> dict:
+    """run_row in a fresh process, so that its peak RSS is this row's alone (load + run)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "row.json")
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--row", json.dumps(spec), "--out", out]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not os.path.exists(out):
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"error": f"row process failed (exit {proc.returncode}): {tail[:200]}"}
+        with open(out) as f:
+            return json.load(f)
+
+
+def derive(rows: list[dict], setup: Setup, bw: float | None) -> None:
+    """Ratios to each engine's own base at the same batch, mixing ms over that base, naive/torch,
+    the read floor."""
+    own_base = {"pf_engine": "pf_engine", "transformers": "transformers",
+                "transformers+peft (cat)": "transformers", "peft x-lora": "transformers"}
+    base_ms = {(r["engine"], r["batch"]): r["decode_ms_per_token"] for r in rows
+               if r["config"] == "base" and "error" not in r}
+    pf_base = {b: ms for (e, b), ms in base_ms.items() if e == "pf_engine"}
+    w_bytes = weight_bytes(setup.base)
     for r in rows:
         if "error" in r:
             continue
-        if r["batch"] in base_ms:
-            r["vs_base"] = r["decode_ms_per_token"] / base_ms[r["batch"]]
+        ms = r["decode_ms_per_token"]
+        if r["batch"] in pf_base:
+            r["vs_base"] = ms / pf_base[r["batch"]]
+        own = base_ms.get((own_base[r["engine"]], r["batch"]))
+        if own is not None and r["config"] != "base":
+            r["mixing_ms"] = ms - own
         if r["engine"] == "pf_engine" and r["backend"] == "naive":
             fused = next((x for x in rows if x["engine"] == "pf_engine" and x["config"] == r["config"]
                           and x["batch"] == r["batch"] and x["backend"] == "torch"
                           and "error" not in x), None)
             if fused:
-                r["naive_over_torch"] = r["decode_ms_per_token"] / fused["decode_ms_per_token"]
+                r["naive_over_torch"] = ms / fused["decode_ms_per_token"]
         if bw and r["engine"] == "pf_engine":
-            k = active_experts(r["config"], bank.expert_names)
-            floor_bytes = w_bytes + k * bank_bytes_per_expert(bank, dtype)
-            r["floor_ms_per_token"] = 1e3 * floor_bytes / bw
-    result = {"benchmark": "bench_generate", "machine": machine_info(), "threads": args.threads,
-              "device": str(device), "dtype": dname, "model": base.folder, "complete": True,
-              "new_tokens": n, "repeats": reps, "bank": {"experts": bank.num_experts,
-                                                         "rank": args.rank, "modules": 7},
-              "weight_bytes_per_token": w_bytes,
-              "copy_bandwidth_GBps": bw / 1e9 if bw else None, "rows": rows}
+            k = active_experts(r["config"], setup.bank.expert_names)
+            r["floor_ms_per_token"] = 1e3 * (w_bytes + k * bank_bytes_per_expert(setup.bank, setup.dtype)) / bw
+
+
+def run(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.configs = args.configs or QUICK_CONFIGS
+        args.new_tokens, args.repeats = min(args.new_tokens, 16), 1
+    torch.set_num_threads(args.threads)
+    setup = Setup(args)
+    if args.row:                                         # a child process: one row, then exit
+        write_json(args.out, run_row(setup, json.loads(args.row)))
+        return {}
+    load_before = os.getloadavg()[0]
+    child_argv = [a for i, a in enumerate(argv) if a != "--out" and (i == 0 or argv[i - 1] != "--out")]
+    dname = str(setup.dtype).replace("torch.", "")
+    rows = []
+    head = {"benchmark": "bench_generate", "command": "python benchmarks/bench_generate.py " + " ".join(argv),
+            "device": str(setup.device), "dtype": dname, "model": setup.base.folder,
+            "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "rss": ("each row in its own process: peak RSS covers loading and running it"
+                    if not args.in_process else "one process: peak RSS accumulates across rows")}
+    for spec in row_specs(args):
+        row = run_row(setup, spec) if args.in_process else run_isolated(child_argv, spec)
+        rows.append({**spec, **row})
+        # a run cut short (a lent GPU's time) keeps the rows it made
+        write_json(args.out, {**head, "complete": False, "rows": rows})
+        print(f"  {spec['engine'][:12]:12s} {spec['config']:6s} {spec['backend']:6s} B={spec['batch']:<3d} "
+              + (f"{row['decode_ms_per_token']:.1f} ms/token" if "error" not in row else row["error"]),
+              file=sys.stderr)
+    bw = read_bandwidth(setup.device) if setup.device.type == "cpu" else None
+    derive(rows, setup, bw)
+    result = {**head, "machine": machine_info(), "threads": args.threads, "complete": True,
+              "bank": {"experts": setup.bank.num_experts, "rank": args.rank, "modules": 7},
+              "weight_bytes_per_token": weight_bytes(setup.base),
+              "read_bandwidth_GBps": bw / 1e9 if bw else None,
+              "busy": busy_warning(load_before, os.getloadavg()[0]), "rows": rows}
     write_json(args.out, result)
     print(markdown(result))
     print(f"\nwrote {args.out}")
@@ -366,22 +362,26 @@ def bank_bytes_per_expert(bank, dtype) -> float:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
-    lines = [f"{m['cpu']}, {result['threads']} threads, {result['device']}, {result['dtype']}, "
+    where = m.get("gpu") if result["device"].startswith("cuda") else m["cpu"]
+    lines = [f"{where}, {result['threads']} threads, {result['device']}, {result['dtype']}, "
              f"{result['new_tokens']} new tokens, median of {result['repeats']}; bank: "
-             f"{result['bank']['experts']} experts, rank {result['bank']['rank']}, 7 modules",
-             "",
-             "| engine | persona | backend | batch | prefill tok/s | decode tok/s | ms/token "
-             "| vs base | naive/torch | floor ms/token | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{result['bank']['experts']} experts, rank {result['bank']['rank']}, 7 modules; "
+             f"{result.get('rss', 'one process')}", ""]
+    if result.get("busy"):
+        lines += [f"**Warning: {result['busy']}.**", ""]
+    lines += ["| engine | persona | backend | batch | prefill tok/s | decode tok/s | ms/token "
+              "| vs base | mixing ms | naive/torch | read floor ms | peak RSS MB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda r, k, fmt: (fmt % r[k]) if r.get(k) is not None else "-"  # noqa: E731
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['engine']} | {r['config']} | {r['backend']} | {r['batch']} | "
-                         f"error: {r['error'][:80]} | | | | | | |")
+                         f"error: {r['error'][:80]} | | | | | | | |")
             continue
         lines.append(f"| {r['engine']} | {r['config']} | {r['backend']} | {r['batch']} | "
                      f"{f(r, 'prefill_tok_s', '%.0f')} | {f(r, 'decode_tok_s', '%.1f')} | "
                      f"{f(r, 'decode_ms_per_token', '%.1f')} | {f(r, 'vs_base', '%.2fx')} | "
+                     f"{f(r, 'mixing_ms', '%+.1f')} | "
                      f"{f(r, 'naive_over_torch', '%.2fx')} | {f(r, 'floor_ms_per_token', '%.1f')} | "
                      f"{f(r, 'peak_rss_mb', '%.0f')} |")
     return "\n".join(lines)

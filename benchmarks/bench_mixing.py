@@ -18,7 +18,14 @@ Gates [T, K] fp32:
                 over many tokens the union of active experts is usually all K)
     top2-seq    one pair of experts and one pair of weights for every token (explicit personas and
                 the sequence router: the grouped backend reads only those two experts)
-The top-2 kinds need K >= 3 to differ from dense and are skipped for K < 3; at T = 1 the two
+    token-router  the engine's token path: each call builds Mix(..., token_router, rows) and
+                calls for_layer on its input, so a random TokenRouter (top-2) computes the gates
+                inside the timed call, as in every layer of a token-routed decode step (the router
+                reads the projection's input, [T, d_in])
+    regather    top2-seq whose pair changes on every visit to a layer copy (a persona switch, a
+                request that finishes): the grouped backend re-gathers the active experts' rows
+                each call, and each call builds its Mix, as the engine does per forward
+The top-2 kinds (and token-router, regather) need K >= 3 to differ from dense and are skipped for K < 3; at T = 1 the two
 top-2 kinds are the same computation (two rows as a noise check).
 
 Check before timing: every backend's output y (base included) against an fp64 reference computed
@@ -40,10 +47,10 @@ CPU: torch.set_num_threads(--threads); rows with T = 1 run under the engine's th
 (``engine.CpuThreads``: torch at 1 thread, the BLAS GEMV at --threads), as the engine decodes.
 
 Bytes that must move: the base weight, the A and B blocks of the experts active anywhere in the
-batch, the activations x and y, the gates.  GB/s = bytes / median time; floor = bytes / the
-measured copy bandwidth (``common.copy_bandwidth`` on CPU, a device-to-device copy on CUDA).  A
-decode GEMV mostly reads, and reads stream faster than a copy (which also pays for its writes), so
-"% of floor" can pass 100% on CPU.
+batch, the activations x and y, the gates.  GB/s = bytes / median time; read floor = bytes / the
+measured read bandwidth (``common.read_bandwidth``: a sum over 256 MB on CPU, 1 GiB on CUDA),
+since a decode GEMV mostly reads; "% of floor" = floor / time.  The 1-minute load average before
+the run is checked: a busy machine's warning goes into the JSON and the tables.
 Writes --out (JSON) and prints a markdown table (also --md PATH); --plots DIR draws PNGs.
 """
 from __future__ import annotations
@@ -62,7 +69,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import copy_bandwidth, machine_info, write_json  # noqa: E402
+from benchmarks.common import busy_warning, machine_info, read_bandwidth, write_json  # noqa: E402
+from benchmarks.mixing_report import draw_plots, markdown  # noqa: E402,F401
 from pf_engine.adapters import LoraWeights  # noqa: E402
 from pf_engine.engine import DTYPES, CpuThreads  # noqa: E402
 from pf_engine.mixing import BACKENDS, Linear, Mix, backend_status  # noqa: E402
@@ -70,7 +78,7 @@ from pf_kernels.reference import grouped_lora_ref  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 ROUNDOFF = {torch.float16: 2.0**-12, torch.bfloat16: 2.0**-9}     # unit roundoff (see check rule)
-GATE_KINDS = ("dense", "top2-token", "top2-seq")
+GATE_KINDS = ("dense", "top2-token", "top2-seq", "token-router", "regather")
 ALL_BACKENDS = ("base", "F.linear", "naive", "torch", "triton", "cuda")
 N_INPUTS = 4
 MAX_COPIES = 64
@@ -108,7 +116,8 @@ SHAPES = {
                 Proj("llama7b", "down", 11008, (4096,), ("down",))],  # 11008 -> 4096
 }
 FULL = dict(shapes="smollm2,llama7b", K="1,2,4,10,16", r="8,16,64", T="1,4,16,64,256",
-            gates="dense,top2", backends="auto", repeats=50, warmup=5, budget=2.0)
+            gates="dense,top2,token-router,regather", backends="auto", repeats=50, warmup=5,
+            budget=2.0)
 QUICK = dict(shapes="smollm2", K="1,4,10", r="16", T="1,16", gates="dense,top2", backends="auto",
              repeats=30, warmup=3, budget=0.25)
 
@@ -142,10 +151,25 @@ def make_gates(kind: str, T: int, K: int, gen) -> torch.Tensor:
     if kind == "top2-token":
         top, idx = logits.topk(2, dim=-1)
         return torch.zeros(T, K).scatter_(1, idx, top.softmax(-1))
-    pair = torch.randperm(K, generator=gen)[:2]                     # top2-seq
+    if kind == "token-router":                  # every row token-routed: fixed gates unused
+        return torch.zeros(T, K)
+    pair = torch.randperm(K, generator=gen)[:2]                     # top2-seq, regather
     g = torch.zeros(T, K)
     g[:, pair] = torch.randn(2, generator=gen).softmax(-1)
     return g
+
+
+def other_pair(g: torch.Tensor, gen) -> torch.Tensor:
+    """regather's second gates: another pair of experts (at least one new), other weights."""
+    K = g.shape[1]
+    old = set(torch.nonzero(g[0]).flatten().tolist())
+    while True:
+        pair = torch.randperm(K, generator=gen)[:2]
+        if set(pair.tolist()) != old:
+            break
+    g2 = torch.zeros_like(g)
+    g2[:, pair] = torch.randn(2, generator=gen).softmax(-1)
+    return g2
 
 
 def expert_bytes(lin: Linear, active, esize: int) -> int:
@@ -153,27 +177,6 @@ def expert_bytes(lin: Linear, active, esize: int) -> int:
     d_in, act = lin.weight.shape[1], set(active)
     return sum((r1 - r0) * (d_in + p.out1 - p.out0) * esize
                for p in lin.parts for e, r0, r1, _ in p.blocks if e in act)
-
-
-def device_copy_bandwidth(device: torch.device) -> float:
-    """Copy bandwidth in bytes/s (read + write): STREAM-style on CPU, a 1 GiB device-to-device
-    copy timed with CUDA events (best of 20) on a GPU."""
-    if device.type != "cuda":
-        return copy_bandwidth()
-    a = torch.empty(2**28, device=device).uniform_()
-    b = torch.empty_like(a)
-    b.copy_(a)
-    best = float("inf")
-    for _ in range(20):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        best = min(best, s.elapsed_time(e) / 1e3)
-    n = 2 * a.numel() * a.element_size()
-    del a, b
-    return n / best
 
 
 # Timing -------------------------------------------------------------------------------------------
@@ -231,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--K", help=f"numbers of experts (default {FULL['K']})")
     ap.add_argument("--r", help=f"ranks (default {FULL['r']})")
     ap.add_argument("--T", help=f"token rows per call (default {FULL['T']})")
-    ap.add_argument("--gates", help="dense, top2 (= top2-token,top2-seq), top2-token, top2-seq "
+    ap.add_argument("--gates", help="dense, top2 (= top2-token,top2-seq), top2-token, top2-seq, "
+                    "token-router, regather "
                                     f"(default {FULL['gates']})")
     ap.add_argument("--backends", help=f"auto (every available one) or some of "
                                        f"{', '.join(ALL_BACKENDS)} (base is always timed)")
@@ -281,7 +285,7 @@ def resolve(ap, args) -> dict:
     for g in _csv(get("gates")):
         for k in (("top2-token", "top2-seq") if g == "top2" else (g,)):
             if k not in GATE_KINDS:
-                ap.error(f"--gates: unknown {g!r}; expected dense, top2, top2-token or top2-seq")
+                ap.error(f"--gates: unknown {g!r}; expected dense, top2, {', '.join(GATE_KINDS[1:])}")
             gates += [k] if k not in gates else []
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -317,7 +321,8 @@ def n_copies(bytes_per_copy: int, rotate_mb: float) -> int:
 def run(argv=None) -> dict:
     """Run the benchmark for command-line ``argv``; returns the result dict written to --out."""
     ap = build_parser()
-    args = ap.parse_args(argv)
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(argv_list)
     c = resolve(ap, args)
     device, dtype = c["device"], c["dtype"]
     esize = torch.empty(0, dtype=dtype).element_size()
@@ -325,7 +330,7 @@ def run(argv=None) -> dict:
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     threads = CpuThreads(torch.device("cpu")) if device.type == "cpu" else None
-    bw = device_copy_bandwidth(device)
+    bw = read_bandwidth(device)
     timing = dict(warmup=c["warmup"], repeats=c["repeats"], budget=c["budget"])
     rows, failures, t_start = [], [], time.perf_counter()
 
@@ -346,7 +351,9 @@ def run(argv=None) -> dict:
             "cpu_t1_policy": ("engine.CpuThreads: T=1 rows run torch at 1 thread, BLAS at --threads"
                               if device.type == "cpu" else None),
             "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
-            "copy_bandwidth_GBps": bw / 1e9, "seconds": time.perf_counter() - t_start,
+            "read_bandwidth_GBps": bw / 1e9, "seconds": time.perf_counter() - t_start,
+            "busy": busy_warning(load_before, os.getloadavg()[0]),
+            "command": "python benchmarks/bench_mixing.py " + " ".join(argv_list),
             "complete": complete, "rows": rows, "failures": failures, "ok": complete and not failures}
 
     try:
@@ -404,7 +411,14 @@ def bench_proj(p: Proj, pi: int, c: dict, seed: int, esize: int, bw: float, thre
                 for kind in c["gates"]:
                     if kind != "dense" and K < 3:
                         continue
-                    g = make_gates(kind, T, K, _gen(seed, pi, "g", kind, K, T)).to(device)
+                    gen_g = _gen(seed, pi, "g", kind, K, T)
+                    g = make_gates(kind, T, K, gen_g).to(device)
+                    if kind == "regather":
+                        ctx["g2"] = other_pair(g, gen_g)
+                    if kind == "token-router":
+                        from pf_engine.router import TokenRouter
+                        ctx["router"] = TokenRouter.random(K, p.d_in, 1, top_k=2,
+                                                           seed=zlib.crc32(repr((seed, pi, K)).encode())).to(device)
                     out += bench_row(ctx, K, r, T, kind, g, lins, ref, xs[T])
             del lins, ref
     return out
@@ -440,15 +454,28 @@ def reference(ctx: dict, T: int, loras: dict, g: torch.Tensor) -> torch.Tensor:
     return y.reshape(T, 1, p.d_out)
 
 
+def mixes(ctx: dict, kind: str, g: torch.Tensor, T: int, nl: int, xs):
+    """backend -> (call index i -> the Mix that call uses), as the engine builds it for ``kind``."""
+    if kind == "token-router":
+        router, rows = ctx["router"], torch.ones(T, dtype=torch.bool, device=g.device)
+        return lambda b: (lambda i: Mix(g, b, router, rows).for_layer(0, xs[i % N_INPUTS]))
+    if kind == "regather":                     # the pair changes on each visit to a copy
+        pair = (g, ctx["g2"].to(g.device))
+        return lambda b: (lambda i: Mix(pair[(i // nl) % 2], b))
+    return lambda b: (lambda i, m=Mix(g, b): m)
+
+
 def bench_row(ctx: dict, K: int, r: int, T: int, kind: str, g: torch.Tensor, lins, ref, xs) -> list:
     """The rows of one (projection, K, r, T, gates) configuration, one per backend."""
     p, c, esize, threads = ctx["p"], ctx["c"], ctx["esize"], ctx["threads"]
-    device, dtype, tol = c["device"], c["dtype"], TOL[c["dtype"]]
+    dtype, tol = c["dtype"], TOL[c["dtype"]]
     base, nb, nl = ctx["base"], len(ctx["base"]), len(lins)
-    active = Mix(g, "naive").active
+    mix_of = mixes(ctx, kind, g, T, nl, xs)                  # backend -> (call i -> Mix)
+    g_check = mix_of("naive")(0).gates                        # the gates call 0 uses
+    active = Mix(g_check, "naive").active
     acts = T * (p.d_in + p.d_out) * esize
     mix_bytes = ctx["w_bytes"] + expert_bytes(lins[0], active, esize) + acts + g.numel() * 4
-    y_ref = reference(ctx, T, ref, g)
+    y_ref = reference(ctx, T, ref, g_check)
     rows, ms_of = [], {}
     for b in c["backends"]:
         row = dict(shape=p.label, d_in=p.d_in, d_out=p.d_out, K=K, r=r, T=T, gates=kind, backend=b,
@@ -466,10 +493,10 @@ def bench_row(ctx: dict, K: int, r: int, T: int, kind: str, g: torch.Tensor, lin
             res = ctx["base_cache"][key]
         else:
             nbytes = mix_bytes
-            mix = Mix(g, b)
+            mix_i = mix_of(b)
             tol_b = tol if b != "naive" or dtype not in ROUNDOFF else \
                 max(tol, (4 * len(active) + 2) * ROUNDOFF[dtype])
-            res = measure(lambda i: lins[i % nl].full(xs[i % N_INPUTS], mix), y_ref, tol_b, T, ctx)
+            res = measure(lambda i: lins[i % nl].full(xs[i % N_INPUTS], mix_i(i)), y_ref, tol_b, T, ctx)
         row.update(res)
         row.update(tol=tol if b in ("base", "F.linear") else tol_b, bytes=nbytes, floor_ms=1e3 * nbytes / ctx["bw"])
         row.update({k: row.get(k) for k in ("calls", "GBps", "floor_frac", "ratio_to_base",
@@ -504,161 +531,6 @@ def measure(fn, y_ref, tol: float, T: int, ctx: dict, own_threads: bool = False)
         return dict(status="FAILED check", max_err_rel=err, ms=None)
     s, n = median_time(fn, ctx["c"]["device"], **ctx["timing"])
     return dict(status="ok", max_err_rel=err, ms=1e3 * s, calls=n)
-
-
-# Output -------------------------------------------------------------------------------------------
-def _f(v, fmt):
-    return "-" if v is None else format(v, fmt)
-
-
-def markdown(result: dict, headline: bool = False) -> str:
-    """The markdown table of a result: every row, or (headline) one line per shape, T and gates
-    at K = 10 and r = 16 (or the nearest run) with each backend's ms side by side."""
-    return headline_table(result) if headline else format_table(result)
-
-
-def headline_table(result: dict) -> str:
-    cfg = result["config"]
-    K0 = 10 if 10 in cfg["K"] else max(cfg["K"])
-    r0 = 16 if 16 in cfg["r"] else cfg["r"][len(cfg["r"]) // 2]
-    backends = cfg["backends"]
-    ms = {(w["shape"], w["T"], w["gates"], w["backend"]): w["ms"] for w in result["rows"]
-          if w["K"] == K0 and w["r"] == r0}
-    lines = [f"{result['device']}, {result['dtype']}, K={K0} experts of rank {r0}; ms per call "
-             f"(median), copy bandwidth {result['copy_bandwidth_GBps']:.1f} GB/s", "",
-             "| shape | T | gates | " + " | ".join(f"{b} ms" for b in backends)
-             + " | naive / torch | torch / base |",
-             "|---|---|---|" + "---|" * (len(backends) + 2)]
-    seen = []
-    for w in result["rows"]:
-        key = (w["shape"], w["T"], w["gates"])
-        if w["K"] != K0 or w["r"] != r0 or key in seen:
-            continue
-        seen.append(key)
-        t = {b: ms.get(key + (b,)) for b in backends}
-        ratio = lambda a, b: (f"{t[a] / t[b]:.2f}" if t.get(a) and t.get(b) else "-")  # noqa: E731
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | "
-                     + " | ".join("FAILED" if t[b] is None else f"{t[b]:.3f}" for b in backends)
-                     + f" | {ratio('naive', 'torch')} | {ratio('torch', 'base')} |")
-    return "\n".join(lines)
-
-
-def format_table(result: dict) -> str:
-    m = result["machine"]
-    where = m.get("gpu") if result["device"].startswith("cuda") else m["cpu"]
-    cfg = result["config"]
-    lines = [f"\n{where}, {result['device']}, {result['dtype']}, {result['threads']} threads, "
-             f"copy bandwidth {result['copy_bandwidth_GBps']:.1f} GB/s; median of up to "
-             f"{cfg['repeats']} calls ({cfg['budget']:g} s per row), rotating over >= "
-             f"{cfg['rotate_mb']:g} MB of layer copies\n",
-             "| shape | K | r | T | gates | backend | ms | x base | naive/this | GB/s | floor ms "
-             "| % of floor |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for w in result["rows"]:
-        head = f"| {w['shape']} | {w['K']} | {w['r']} | {w['T']} | {w['gates']} | {w['backend']} |"
-        if w["status"] != "ok":
-            err = "" if w.get("max_err_rel") is None else f" (err {w['max_err_rel']:.1e})"
-            lines.append(f"{head} {w['status']}{err} | - | - | - | {w['floor_ms']:.4f} | - |")
-            continue
-        lines.append(f"{head} {w['ms']:.4f} | {_f(w.get('ratio_to_base'), '.2f')} | "
-                     f"{_f(w.get('naive_over_this'), '.2f')} | {w['GBps']:.1f} | "
-                     f"{w['floor_ms']:.4f} | {100 * w['floor_frac']:.0f}% |")
-    lines.append("")
-    lines.append("gates: dense = every expert for every token; top2-token = per-token top-2 "
-                 "(token router); top2-seq = all tokens share the same 2 experts (explicit "
-                 "personas, sequence router). base = the projection without experts (roofline). "
-                 "% of floor = bytes-floor time / measured time (a read-mostly GEMV can beat the "
-                 "copy bandwidth: > 100%).")
-    lines.append(f"check: {result['check_rule']}.")
-    load = result["load_average_1min"]["before"]
-    if not result["device"].startswith("cuda") and load > 0.5:
-        lines.append(f"WARNING: the machine was busy before the run (1-min load average {load:.1f} "
-                     f"on {m['cores']} cores): CPU timings may be inflated by other processes.")
-    if result.get("cpu_t1_policy"):
-        lines.append(f"T=1 on CPU: {result['cpu_t1_policy']} (F.linear rows: torch's threads).")
-    for b, s in result["backend_status"].items():
-        if b in cfg["backends"]:
-            continue
-        why = s["why"] or ("not asked for" if s["available"] else "unavailable")
-        if b == "triton" and s["available"] and result["device"] == "cpu":
-            why = "interpreted on CPU (TRITON_INTERPRET=1): only timed when asked for"
-        lines.append(f"not timed: {b}: {why}")
-    for f in result["failures"]:
-        lines.append(f"FAILED: {f}")
-    return "\n".join(lines)
-
-
-def draw_plots(result: dict, folder: str) -> list[str]:
-    """Per shape: time vs K (smallest T) and time vs T (largest K <= 10), one line per backend and
-    gates; and naive/torch vs K per T (dense).  Returns the PNG paths."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(folder, exist_ok=True)
-    rows = [w for w in result["rows"] if w["status"] == "ok"]
-    cfg = result["config"]
-    r0 = 16 if 16 in cfg["r"] else cfg["r"][len(cfg["r"]) // 2]
-    T0 = min(cfg["T"])
-    K0 = max([k for k in cfg["K"] if k <= 10] or cfg["K"])
-    style = {"dense": "-", "top2-token": ":", "top2-seq": "--"}
-    paths = []
-
-    def series(sel, key):
-        pts = sorted((w[key], w["ms"]) for w in rows if sel(w))
-        return [a for a, _ in pts], [b for _, b in pts]
-
-    for shape in cfg["shapes"]:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-        for b in cfg["backends"]:
-            for kind in cfg["gates"]:
-                if b in ("base", "F.linear") and kind != "dense":
-                    continue
-                xs_, ys_ = series(lambda w: (w["shape"], w["backend"], w["gates"], w["r"], w["T"])
-                                  == (shape, b, kind, r0, T0), "K")
-                if xs_:
-                    ax1.plot(xs_, ys_, style[kind], marker="o", label=f"{b} {kind}")
-                xs_, ys_ = series(lambda w: (w["shape"], w["backend"], w["gates"], w["r"], w["K"])
-                                  == (shape, b, kind, r0, K0), "T")
-                if xs_:
-                    ax2.plot(xs_, ys_, style[kind], marker="o", label=f"{b} {kind}")
-        ax1.set(xlabel="K experts", ylabel="ms", title=f"{shape}: time vs K (T={T0}, r={r0})")
-        ax2.set(xlabel="T tokens", ylabel="ms", title=f"{shape}: time vs T (K={K0}, r={r0})",
-                xscale="log", yscale="log")
-        for ax in (ax1, ax2):
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(folder, f"mixing_{shape.replace('/', '_')}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-
-    shapes = cfg["shapes"]
-    if "naive" in cfg["backends"] and "torch" in cfg["backends"] and shapes:
-        n = len(shapes)
-        cols = min(n, 4)
-        fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4 * cols, 3.5 * ((n + cols - 1) // cols)),
-                                 squeeze=False)
-        for ax, shape in zip(axes.flat, shapes):
-            for T in cfg["T"]:
-                pts = sorted((w["K"], w["naive_over_this"]) for w in rows
-                             if (w["shape"], w["backend"], w["gates"], w["r"], w["T"])
-                             == (shape, "torch", "dense", r0, T) and w.get("naive_over_this"))
-                if pts:
-                    ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=f"T={T}")
-            ax.axhline(1.0, color="grey", lw=0.8)
-            ax.set(xlabel="K", ylabel="naive ms / torch ms", title=f"{shape} (dense, r={r0})")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        for ax in list(axes.flat)[n:]:
-            ax.set_visible(False)
-        fig.tight_layout()
-        path = os.path.join(folder, "naive_over_torch.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
 
 
 def main(argv=None) -> int:

@@ -23,6 +23,40 @@ def copy_bandwidth(mbytes: int = 256, repeats: int = 10) -> float:
     return 2 * a.numel() * 4 / best
 
 
+def read_bandwidth(device: torch.device | str = "cpu", mbytes: int = 256, repeats: int = 10) -> float:
+    """Read bandwidth in bytes/s: a sum over ``mbytes`` of fp32 (reads only, as a decode step's
+    weights), best of N; on CUDA a 1 GiB tensor timed with device events.  Torch's threads as set."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        mbytes = max(mbytes, 1024)
+    a = torch.empty(mbytes * 2**20 // 4, device=device).uniform_()
+    a.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            a.sum()
+            e.record()
+            torch.cuda.synchronize()
+            best = min(best, s.elapsed_time(e) / 1e3)
+        else:
+            t = time.perf_counter()
+            a.sum()
+            best = min(best, time.perf_counter() - t)
+    return a.numel() * 4 / best
+
+
+def busy_warning(load_before: float, load_after: float, cores: int | None = None) -> str | None:
+    """A one-line warning when the 1-minute load average before the run shows other work on the
+    cores (above half of them): the timings may then be inflated.  None otherwise."""
+    cores = cores or os.cpu_count() or 1
+    if load_before <= 0.5 * cores:
+        return None
+    return (f"machine busy: 1-minute load average {load_before:.2f} before the run ({load_after:.2f} "
+            f"after) on {cores} cores; timings may be inflated")
+
+
 def _git(*args) -> str | None:
     try:
         here = os.path.dirname(os.path.abspath(__file__))

@@ -108,19 +108,71 @@ def gpu_section(results_dir: str, readme_dir: str) -> list[str]:
     return parts
 
 
+def _row(gen: dict, engine: str, config: str, backend: str = "-", batch: int = 1) -> dict | None:
+    return next((r for r in gen["rows"] if (r["engine"], r["config"], r["backend"], r["batch"])
+                 == (engine, config, backend, batch) and "error" not in r), None)
+
+
+def reading(gen: dict) -> list[str]:
+    """Bullets that read the end-to-end table, every figure computed from it."""
+    out = []
+    base = _row(gen, "pf_engine", "base")
+    if base and base.get("floor_ms_per_token"):
+        out.append(f"- Base decode: {base['decode_ms_per_token']:.1f} ms/token, "
+                   f"{base['decode_ms_per_token'] / base['floor_ms_per_token']:.1f}x its read floor "
+                   f"({base['floor_ms_per_token']:.1f} ms: {gen['weight_bytes_per_token'] / 1e6:.0f} MB "
+                   f"at {gen['read_bandwidth_GBps']:.1f} GB/s); the rest is per-op overhead of eager PyTorch.")
+    for cfg in ("top2", "dense"):
+        r = _row(gen, "pf_engine", cfg, "torch")
+        if r and base and r.get("mixing_ms") is not None:
+            extra = (f", {r['floor_ms_per_token'] / base['floor_ms_per_token']:.2f}x by its bytes alone"
+                     if r.get("floor_ms_per_token") and base.get("floor_ms_per_token") else "")
+            out.append(f"- {cfg} mixing (torch backend) adds {r['mixing_ms']:.1f} ms/token: "
+                       f"{r['vs_base']:.2f}x base{extra}.")
+    nv = _row(gen, "pf_engine", "dense", "naive")
+    if nv and nv.get("naive_over_torch"):
+        out.append(f"- The naive loop over experts is {nv['naive_over_torch']:.2f}x slower than the "
+                   "grouped torch backend for dense mixing.")
+    hf = _row(gen, "transformers", "base")
+    for cfg in ("top2", "dense"):
+        ours, peft = _row(gen, "pf_engine", cfg, "torch"), _row(gen, "transformers+peft (cat)", cfg)
+        if ours and peft and hf and base and peft.get("mixing_ms") is not None:
+            out.append(f"- {cfg} against transformers + PEFT (experts merged by cat): PEFT adds "
+                       f"{peft['mixing_ms']:.1f} ms/token over transformers' base, we add "
+                       f"{ours['mixing_ms']:.1f} over ours; the totals ({peft['decode_ms_per_token']:.1f} "
+                       f"vs {ours['decode_ms_per_token']:.1f} ms) differ mostly by the base path "
+                       f"({hf['decode_ms_per_token']:.1f} vs {base['decode_ms_per_token']:.1f} ms).")
+    xl = next((r for r in gen["rows"] if r["engine"] == "peft x-lora"), None)
+    if xl and "error" in xl:
+        out.append(f"- PEFT X-LoRA did not run here: {xl['error'][:120]}.")
+    elif xl:
+        out.append(f"- PEFT X-LoRA (per-token, top-2): {xl['decode_ms_per_token']:.1f} ms/token.")
+    if gen.get("busy"):
+        out.append(f"- Warning: {gen['busy']}.")
+    return out
+
+
 def section(results_dir: str, readme_dir: str, command: str) -> str:
     from benchmarks import bench_generate
-    parts = [START, "", f"Made by `{command}`; the JSON files (with the machine, the versions "
-             "and the commit) are in `benchmarks/results/`.", ""]
+    parts = [START, "", f"Made by `{command}`, which ran the commands below; the JSON files (with the "
+             "machine, the versions, the commit and whether the tree was clean) are in "
+             "`benchmarks/results/`.", ""]
     gen = load(os.path.join(results_dir, "bench_generate.json"))
     if gen:
         m = gen["machine"]
-        parts += ["### End to end (bundled SmolLM2-135M-Instruct)", "",
-                  f"{provenance(m)[0].upper()}{provenance(m)[1:]}, {m['date']}, torch {m['torch']}, transformers "
-                  f"{m.get('transformers')}; copy bandwidth "
-                  + (f"{gen['copy_bandwidth_GBps']:.1f} GB/s; " if gen.get("copy_bandwidth_GBps")
-                     else "") + f"base weights {gen['weight_bytes_per_token'] / 1e6:.0f} MB "
-                  "read per decode step.", "", bench_generate.markdown(gen), ""]
+        bw = (f"read bandwidth {gen['read_bandwidth_GBps']:.1f} GB/s; " if gen.get("read_bandwidth_GBps")
+              else f"copy bandwidth {gen['copy_bandwidth_GBps']:.1f} GB/s; " if gen.get("copy_bandwidth_GBps")
+              else "")
+        parts += ["### End to end (bundled SmolLM2-135M-Instruct)", ""]
+        if gen.get("command"):
+            parts += [f"`{gen['command']}`", ""]
+        parts += [f"{provenance(m)[0].upper()}{provenance(m)[1:]}, {m['date']}, torch {m['torch']}, "
+                  f"transformers {m.get('transformers')}; {bw}base weights "
+                  f"{gen['weight_bytes_per_token'] / 1e6:.0f} MB read per decode step.", "",
+                  bench_generate.markdown(gen), ""]
+        bullets = reading(gen)
+        if bullets:
+            parts += ["Reading it:", ""] + bullets + [""]
         png = plot_generate(gen, os.path.join(results_dir, "plots", "generate_decode.png"))
         if png:
             parts += [f"![decode tokens/s]({os.path.relpath(png, readme_dir)})", ""]
@@ -129,9 +181,11 @@ def section(results_dir: str, readme_dir: str, command: str) -> str:
         try:
             from benchmarks import bench_mixing
             table = bench_mixing.markdown(mix, headline=True)
-        except (ImportError, AttributeError, TypeError):
+        except (ImportError, AttributeError, TypeError, KeyError):
             table = None
         parts += ["### One adapted linear (op level)", ""]
+        if mix.get("command"):
+            parts += [f"`{mix['command']}`; {provenance(mix['machine'])}.", ""]
         if table:
             parts += [table, ""]
         for name in sorted(os.listdir(os.path.join(results_dir, "plots"))

@@ -14,7 +14,6 @@ Ranks need no padding: rank tiles are max(16, next_pow2(max r_k)) wide, loaded u
 """
 from __future__ import annotations
 
-import os
 
 import torch
 

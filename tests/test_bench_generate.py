@@ -12,7 +12,7 @@ def test_bench_generate_quick_writes_wellformed_json(tiny_chat_model, tmp_path):
     out = tmp_path / "bench_generate.json"
     result = bench_generate.run(["--model", folder, "--quick", "--new-tokens", "3", "--rank", "4",
                                  "--configs", "base,top2,mixed:torch", "--mixed-batches", "3",
-                                 "--out", str(out)])
+                                 "--in-process", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(result))
     assert data["machine"]["torch"] and data["bank"] == {"experts": 10, "rank": 4, "modules": 7}
@@ -31,9 +31,32 @@ def test_bench_generate_quick_writes_wellformed_json(tiny_chat_model, tmp_path):
             assert isinstance(r[k], float) and math.isfinite(r[k]), (k, r)
     naive = next(r for r in rows if r["backend"] == "naive")
     assert math.isfinite(naive["naive_over_torch"])
+    by = {(r["engine"], r["config"], r["backend"], r["batch"]): r for r in rows}
+    top2 = by[("pf_engine", "top2", "torch", 1)]           # ms added over the engine's own base
+    assert math.isclose(top2["mixing_ms"], top2["decode_ms_per_token"]
+                        - by[("pf_engine", "base", "-", 1)]["decode_ms_per_token"])
+    peft = by[("transformers+peft (cat)", "top2", "-", 1)]
+    assert math.isclose(peft["mixing_ms"], peft["decode_ms_per_token"]
+                        - by[("transformers", "base", "-", 1)]["decode_ms_per_token"])
+    assert "mixing_ms" not in by[("pf_engine", "base", "-", 1)]
+    assert data["read_bandwidth_GBps"] > 0 and data["command"].startswith("python benchmarks/")
     # the README section and the plot render from it
     text = report.section(str(tmp_path), str(tmp_path), "python -m benchmarks --quick")
     assert text.startswith(report.START) and text.endswith(report.END)
     assert "| pf_engine | top2 | torch | 1 |" in text
     png = report.plot_generate(data, str(tmp_path / "plots" / "gen.png"))
     assert png and os.path.getsize(png) > 1000
+
+
+def test_rows_run_in_their_own_process(tiny_chat_model, tmp_path):
+    """By default each row is a child process: its peak RSS is its own, not the runs' before it."""
+    folder, _ = tiny_chat_model
+    out = tmp_path / "iso.json"
+    result = bench_generate.run(["--model", folder, "--quick", "--new-tokens", "2", "--rank", "4",
+                                 "--configs", "base,top2:torch", "--no-peers", "--out", str(out)])
+    assert result["rss"].startswith("each row in its own process")
+    rows = result["rows"]
+    assert [(r["config"], r["backend"]) for r in rows] == [("base", "-"), ("top2", "torch")]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["peak_rss_mb"] > 0 and r["decode_ms_per_token"] > 0

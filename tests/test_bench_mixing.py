@@ -25,11 +25,11 @@ def test_tiny_grid_writes_well_formed_json(tmp_path):
     on_disk = json.loads(out.read_text())
     assert on_disk["rows"] == json.loads(json.dumps(result["rows"]))
     for key in ("benchmark", "machine", "device", "dtype", "threads", "config", "backend_status",
-                "check_rule", "copy_bandwidth_GBps", "rows", "failures", "ok"):
+                "check_rule", "read_bandwidth_GBps", "busy", "command", "rows", "failures", "ok"):
         assert key in on_disk, key
     assert on_disk["ok"] is True and on_disk["failures"] == []
     assert on_disk["config"]["backends"] == ["base", "naive", "torch"]
-    assert on_disk["copy_bandwidth_GBps"] > 0
+    assert on_disk["read_bandwidth_GBps"] > 0 and on_disk["command"].startswith("python benchmarks/")
     rows = on_disk["rows"]
     shapes = {"tiny/qkv", "tiny/o", "tiny/gate_up", "tiny/down"}
     assert {w["shape"] for w in rows} == shapes
@@ -118,3 +118,46 @@ def test_reference_is_independent_of_every_backend(tmp_path, monkeypatch, backen
     status = {w["backend"]: w["status"] for w in result["rows"]}
     assert status[backend] == "FAILED check", status
     assert all(s == "ok" for b, s in status.items() if b != backend), status
+
+
+def test_busy_machine_warning_reaches_the_tables(tmp_path, monkeypatch):
+    """A load average above half the cores before the run is recorded and printed in both tables."""
+    from benchmarks import common
+    assert common.busy_warning(0.4, 0.4, cores=2) is None
+    monkeypatch.setattr(bench_mixing.os, "getloadavg", lambda: (7.5, 7.0, 6.0))
+    argv = TINY[:]
+    for flag, value in (("--shapes", "tiny/o"), ("--K", "1"), ("--T", "1")):
+        argv[argv.index(flag) + 1] = value
+    result = bench_mixing.run(argv + ["--out", str(tmp_path / "busy.json")])
+    assert result["busy"].startswith("machine busy: 1-minute load average 7.50")
+    for table in (bench_mixing.markdown(result), bench_mixing.markdown(result, headline=True)):
+        assert "machine busy" in table
+
+
+def test_token_router_and_regather_rows(tmp_path, monkeypatch):
+    """token-router rows run the router inside each call; regather rows miss the active-set cache
+    on every visit (the cost of a persona switch), and both pass the fp64 check."""
+    misses = []
+    gather = mixing.Linear._gather
+
+    def spy(self, act):
+        if self._active is None or self._active[0] != act:
+            misses.append(act)
+        return gather(self, act)
+    monkeypatch.setattr(mixing.Linear, "_gather", spy)
+    calls = []
+    route = mixing.Mix.for_layer
+    monkeypatch.setattr(mixing.Mix, "for_layer", lambda self, l, x: calls.append(l) or route(self, l, x))
+    argv = TINY[:]
+    for flag, value in (("--shapes", "tiny/o"), ("--K", "3"), ("--T", "2"), ("--gates", "regather"),
+                        ("--backends", "torch")):
+        argv[argv.index(flag) + 1] = value
+    result = bench_mixing.run(argv + ["--out", str(tmp_path / "re.json")])
+    row = next(w for w in result["rows"] if w["backend"] == "torch")
+    assert row["status"] == "ok" and row["gates"] == "regather"
+    assert len(misses) >= row["calls"]              # a re-gather per timed call, at least
+    argv[argv.index("--gates") + 1] = "token-router"
+    result = bench_mixing.run(argv + ["--out", str(tmp_path / "tok.json")])
+    row = next(w for w in result["rows"] if w["backend"] == "torch")
+    assert row["status"] == "ok" and row["active_experts"] >= 2
+    assert len(calls) >= row["calls"]
