@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import fail, is_int, is_number, need_dict, need_int, need_list, need_str, one_line
 from .config import HF_MODULE_NAMES, MODULES, ModelConfig
 from .errors import LoadError, PFError
 from .router import SequenceRouter, TokenRouter
@@ -102,6 +103,39 @@ def resolve_bank(spec) -> str:
         raise LoadError(f"the shipped bank {path!r} is missing from this install ({shipped}); "
                         "reinstall pf-engine or pass a bank file")
     return shipped
+
+
+def _check_meta(path, names, ranks, scalings, modules, fingerprint, router_cfg, alphas, rslora):
+    """Every metadata value the loader reads, by type and range (LoadError naming the first)."""
+    def where(key):
+        return f"{path}: bank metadata {key}"
+    need_list(names, where("expert_names"), lambda n: isinstance(n, str) and n != "",
+              "non-empty strings", err=LoadError)
+    K = len(names)
+    if K == 0 or len(set(names)) != K:
+        fail(LoadError, where("expert_names"), names, "one or more distinct names")
+    need_list(ranks, where("ranks"), lambda r: is_int(r) and r > 0, "integers >= 1", K, err=LoadError)
+    need_list(scalings, where("scalings"), is_number, "finite numbers", K, err=LoadError)
+    need_dict(modules, where("modules"), err=LoadError)
+    for m, experts in modules.items():
+        need_list(experts, where(f"modules[{m!r}]"), lambda e: isinstance(e, str), "expert names",
+                  err=LoadError)
+    need_dict(fingerprint, where("fingerprint"), err=LoadError)
+    missing = [f for f in FINGERPRINT_FIELDS if f not in fingerprint]
+    if missing:
+        raise LoadError(f"{path}: fingerprint lacks {', '.join(missing)}")
+    need_str(fingerprint["architecture"], where("fingerprint.architecture"), err=LoadError)
+    for field in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        need_int(fingerprint[field], where(f"fingerprint.{field}"), lo=1, err=LoadError)
+    need_dict(router_cfg, where("router"), err=LoadError)
+    for kind in ("sequence", "token"):
+        if kind in router_cfg:
+            need_dict(router_cfg[kind], where(f"router.{kind}"), err=LoadError)
+    if alphas is not None:
+        need_list(alphas, where("lora_alpha"), is_number, "finite numbers", K, err=LoadError)
+    if rslora is not None:
+        need_list(rslora, where("use_rslora"), lambda b: isinstance(b, bool), "true/false", K,
+                  err=LoadError)
 
 
 def _fmt_shape(shape) -> str:
@@ -333,10 +367,8 @@ class AdapterBank:
             rslora = json.loads(meta["use_rslora"]) if "use_rslora" in meta else None
             recipe = json.loads(meta["recipe"]) if "recipe" in meta else None
         except (KeyError, ValueError) as e:
-            raise LoadError(f"{path}: bad or missing bank metadata ({e})") from None
-        missing = [f for f in FINGERPRINT_FIELDS if f not in fingerprint]
-        if missing:
-            raise LoadError(f"{path}: fingerprint lacks {', '.join(missing)}")
+            raise LoadError(f"{path}: bad or missing bank metadata ({one_line(e)})") from None
+        _check_meta(path, names, ranks, scalings, modules, fingerprint, router_cfg, alphas, rslora)
         if config is not None:
             model_fp = config.fingerprint()
             for field in FINGERPRINT_FIELDS:
@@ -344,11 +376,6 @@ class AdapterBank:
                     raise LoadError(f"adapter bank {path} was built for another model: "
                                     f"{field} is {fingerprint[field]!r} in the bank, "
                                     f"{model_fp[field]!r} in the model")
-        if not (isinstance(names, list) and isinstance(ranks, list) and isinstance(scalings, list)
-                and len(names) == len(ranks) == len(scalings) and names
-                and all(isinstance(r, int) and r > 0 for r in ranks)):
-            raise LoadError(f"{path}: bad bank metadata: expert names {names}, ranks {ranks}, "
-                            f"scalings {scalings}")
         index = {n: k for k, n in enumerate(names)}
         module_experts = {}
         for m, experts in modules.items():

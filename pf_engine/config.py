@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checks import is_int, need_bool, need_dict, need_int, need_list, need_number, need_str
 from .errors import ConfigError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -62,6 +63,10 @@ class ModelConfig:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
+                    f"{self.num_attention_heads} (and config.json gives no head_dim)")
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
@@ -117,34 +122,69 @@ class ModelConfig:
     # I/O ------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """From config.json's fields, each checked by type and range (ConfigError naming it)."""
+        need_dict(d, "config.json", err=ConfigError)
+
+        def get(key, check, default=None, nullable=True, **kw):
+            """d[key] checked; absent -> default; null -> default where config.json may say null."""
+            v = d.get(key)
+            if v is None and (nullable or key not in d):
+                return default
+            return check(v, f"config.json field {key}", err=ConfigError, **kw)
+
+        def ids(key):
+            v = d.get(key)
+            if v is None or (is_int(v) and v >= 0):
+                return v
+            return need_list(v, f"config.json field {key}", lambda t: is_int(t) and t >= 0,
+                             "token ids >= 0", err=ConfigError)
+
         archs = d.get("architectures") or []
+        need_list(archs, "config.json field architectures", lambda a: isinstance(a, str), "names",
+                  err=ConfigError)
+        model_type = get("model_type", need_str)
         arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                                       "qwen2": "Qwen2ForCausalLM"}.get(d.get("model_type"), None)
+                                       "qwen2": "Qwen2ForCausalLM"}.get(model_type, None)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
-                f"unsupported architecture {arch or d.get('model_type')!r}; "
+                f"unsupported architecture {arch or model_type!r}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-        rope = d.get("rope_parameters") or {}
-        rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-        scaling = d.get("rope_scaling")
+        sizes = {}
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"):
+            if d.get(key) is None:
+                raise ConfigError(f"config.json lacks {key}")
+            sizes[key] = need_int(d[key], f"config.json field {key}", lo=1, err=ConfigError)
+        rope = get("rope_parameters", need_dict, {})
+        rope_theta = rope.get("rope_theta", d.get("rope_theta"))
+        rope_theta = 10000.0 if rope_theta is None else need_number(
+            rope_theta, "config.json field rope_theta", positive=True, err=ConfigError)
+        scaling = get("rope_scaling", need_dict)
         if scaling is None and rope.get("rope_type", "default") != "default":
             scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-        sliding = d.get("sliding_window")
-        if arch == "Qwen2ForCausalLM" and not d.get("use_sliding_window", False):
+        if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "llama3":
+            for key in ("factor", "low_freq_factor", "high_freq_factor",
+                        "original_max_position_embeddings"):
+                need_number(scaling.get(key), f"config.json rope_scaling.{key}", positive=True,
+                            err=ConfigError)
+            if scaling["low_freq_factor"] == scaling["high_freq_factor"]:
+                raise ConfigError("config.json rope_scaling: low_freq_factor equals "
+                                  "high_freq_factor; expected two different factors")
+        sliding = get("sliding_window", need_int, lo=1)
+        if arch == "Qwen2ForCausalLM" and not get("use_sliding_window", need_bool, False):
             sliding = None
         return cls(
-            architecture=arch,
-            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=d["num_attention_heads"],
-            num_key_value_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta),
-            rope_scaling=scaling, max_position_embeddings=d.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", False)) and arch != "Qwen2ForCausalLM",
-            qkv_bias=arch == "Qwen2ForCausalLM", mlp_bias=bool(d.get("mlp_bias", False)),
-            sliding_window=sliding, bos_token_id=d.get("bos_token_id"),
-            eos_token_id=d.get("eos_token_id") or [], hidden_act=d.get("hidden_act", "silu"),
+            architecture=arch, **sizes,
+            num_key_value_heads=get("num_key_value_heads", need_int, lo=1),
+            head_dim=get("head_dim", need_int, lo=1),
+            rms_norm_eps=get("rms_norm_eps", need_number, 1e-6, nullable=False, positive=True),
+            rope_theta=rope_theta, rope_scaling=scaling,
+            max_position_embeddings=get("max_position_embeddings", need_int, 2048, nullable=False, lo=1),
+            tie_word_embeddings=get("tie_word_embeddings", need_bool, False, nullable=False),
+            attention_bias=get("attention_bias", need_bool, False, nullable=False) and arch != "Qwen2ForCausalLM",
+            qkv_bias=arch == "Qwen2ForCausalLM", mlp_bias=get("mlp_bias", need_bool, False, nullable=False),
+            sliding_window=sliding, bos_token_id=ids("bos_token_id"),
+            eos_token_id=ids("eos_token_id") or [], hidden_act=get("hidden_act", need_str, "silu", nullable=False),
         )
 
     @classmethod

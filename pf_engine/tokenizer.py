@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+from .checks import one_line
 from .errors import LoadError, RequestError
 
 
@@ -18,7 +19,7 @@ class Tokenizer:
         try:
             self.hf = AutoTokenizer.from_pretrained(folder)
         except Exception as e:  # transformers raises many types for a broken folder
-            raise LoadError(f"cannot load the tokenizer in {folder}: {e}") from None
+            raise LoadError(f"cannot load the tokenizer in {folder}: {one_line(e)}") from None
         self.eos_token_id = self.hf.eos_token_id
 
     @staticmethod
