@@ -81,10 +81,83 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
         .reshape(w.shape)
 
 
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of _permute (GGUF -> HF rows)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2) \
+        .reshape(w.shape)
+
+
 _TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+# K-quants: random blocks and a decoder written from ggml's block layouts (ggml-quants.c,
+# dequantize_row_q4_K / dequantize_row_q6_K), independent of the gguf package's numpy port.
+QK_K = 256
+K_BLOCK_BYTES = {"Q4_K": 2 + 2 + 12 + QK_K // 2, "Q6_K": QK_K // 2 + QK_K // 4 + QK_K // 16 + 2}
+
+
+def _scale_min_k4(j: int, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's get_scale_min_k4 over blocks: q [n_blocks, 12] uint8 -> (scale, min) [n_blocks]."""
+    q = q.astype(np.int32)
+    if j < 4:
+        return q[:, j] & 63, q[:, j + 4] & 63
+    return ((q[:, j + 4] & 0xF) | ((q[:, j - 4] >> 6) << 4),
+            (q[:, j + 4] >> 4) | ((q[:, j] >> 6) << 4))
+
+
+def decode_q4_k(blocks: np.ndarray) -> np.ndarray:
+    """[n, 144] uint8 block_q4_K -> [n, 256] fp32: y = d*sc*(q & 0xF or q >> 4) - dmin*m."""
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)[:, 0]
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0]
+    scales, qs = blocks[:, 4:16], blocks[:, 16:144]
+    y = np.empty((blocks.shape[0], QK_K), np.float32)
+    for j in range(4):
+        q = qs[:, 32 * j:32 * j + 32]
+        for half, nib in ((0, q & 0xF), (1, q >> 4)):
+            sc, m = _scale_min_k4(2 * j + half, scales)
+            d1 = (d * sc.astype(np.float32))[:, None]
+            m1 = (dmin * m.astype(np.float32))[:, None]
+            y[:, 64 * j + 32 * half:64 * j + 32 * half + 32] = d1 * nib.astype(np.float32) - m1
+    return y
+
+
+def decode_q6_k(blocks: np.ndarray) -> np.ndarray:
+    """[n, 210] uint8 block_q6_K -> [n, 256] fp32: y = d * scale * (6-bit q - 32)."""
+    ql, qh = blocks[:, 0:128].astype(np.int32), blocks[:, 128:192].astype(np.int32)
+    sc = blocks[:, 192:208].copy().view(np.int8).astype(np.float32)
+    d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)[:, 0]
+    y = np.empty((blocks.shape[0], QK_K), np.float32)
+    for h in range(2):                                   # two halves of 128
+        L, H, S = ql[:, 64 * h:64 * h + 64], qh[:, 32 * h:32 * h + 32], sc[:, 8 * h:8 * h + 8]
+        for l in range(32):
+            i = l // 16
+            q = ((L[:, l] & 0xF) | ((H[:, l] & 3) << 4),
+                 (L[:, l + 32] & 0xF) | (((H[:, l] >> 2) & 3) << 4),
+                 (L[:, l] >> 4) | (((H[:, l] >> 4) & 3) << 4),
+                 (L[:, l + 32] >> 4) | (((H[:, l] >> 6) & 3) << 4))
+            for k in range(4):
+                y[:, 128 * h + l + 32 * k] = d * S[:, i + 2 * k] * (q[k] - 32).astype(np.float32)
+    return y
+
+
+def random_k_blocks(rows: int, cols: int, qtype: str, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Random K-quant data for a [rows, cols] matrix (cols a multiple of 256): (the uint8 bytes
+    [rows, cols / 256 * block bytes] as gguf stores them, their fp32 values by our decoder).
+    The fp16 scales are drawn small and finite; every other byte is random."""
+    assert cols % QK_K == 0, cols
+    n = rows * cols // QK_K
+    blocks = rng.integers(0, 256, size=(n, K_BLOCK_BYTES[qtype]), dtype=np.uint8)
+    scale = lambda: (rng.random(n) * 0.004 + 0.001).astype(np.float16).view(np.uint8).reshape(n, 2)  # noqa: E731
+    if qtype == "Q4_K":
+        blocks[:, 0:2], blocks[:, 2:4] = scale(), scale()
+        values = decode_q4_k(blocks)
+    else:
+        blocks[:, 208:210] = scale()
+        values = decode_q6_k(blocks)
+    return blocks.reshape(rows, -1), values.reshape(rows, cols)
 
 
 def write_tiny_gguf(path, *, tied: bool = True, qtype: str = "F32", arch: str = "llama",
@@ -92,7 +165,9 @@ def write_tiny_gguf(path, *, tied: bool = True, qtype: str = "F32", arch: str = 
                     kv_heads: int = 2, meta: dict | None = None, **sizes) -> dict[str, np.ndarray]:
     """Write a tiny Llama GGUF as llama.cpp would (permuted Q/K, ggml names, byte-level BPE
     tokenizer with a chat template); return its HF weights.  ``qtype`` applies to the 2-D
-    matrices (F32, F16, Q8_0, Q4_0, ...); norms stay F32."""
+    matrices (F32, F16, Q8_0, Q4_0, ...; norms stay F32).  Q4_K and Q6_K (which the gguf package
+    cannot quantise) store random blocks instead, and the returned weights are their values by
+    this module's decoder, un-permuted for Q/K: pass hidden and inter as multiples of 256."""
     import gguf
 
     hf = tiny_hf_weights(tied=tied, seed=seed, heads=heads, kv_heads=kv_heads, **sizes)
@@ -125,24 +200,33 @@ def write_tiny_gguf(path, *, tied: bool = True, qtype: str = "F32", arch: str = 
     for key, value in (meta or {}).items():          # extra metadata, e.g. rope scaling
         (w.add_string if isinstance(value, str) else w.add_float32)(key, value)
     quant = gguf.GGMLQuantizationType[qtype]
+    rng = np.random.default_rng(seed + 100)
+    gguf_to_hf = {}                                      # gguf name -> (hf name, n_head to un-permute)
 
     def add(name, arr):
-        if arr.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
+        if arr.ndim == 2 and qtype in K_BLOCK_BYTES:
+            raw, values = random_k_blocks(*arr.shape, qtype, rng)
+            hf_name, n_head = gguf_to_hf[name]
+            hf[hf_name] = _unpermute(values, n_head) if n_head else values
+            w.add_tensor(name, raw, raw_dtype=quant)
+        elif arr.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, gguf.quants.quantize(arr, quant), raw_dtype=quant)
         else:
             w.add_tensor(name, arr)
 
+    gguf_to_hf["token_embd.weight"] = ("model.embed_tokens.weight", 0)
     add("token_embd.weight", hf["model.embed_tokens.weight"])
     for i in range(layers):
         for hf_mod, g_mod in _TO_GGUF.items():
             arr = hf[f"model.layers.{i}.{hf_mod}.weight"]
-            if hf_mod == "self_attn.q_proj":
-                arr = _permute(arr, heads)
-            elif hf_mod == "self_attn.k_proj":
-                arr = _permute(arr, kv_heads)
+            n_head = {"self_attn.q_proj": heads, "self_attn.k_proj": kv_heads}.get(hf_mod, 0)
+            if n_head:
+                arr = _permute(arr, n_head)
+            gguf_to_hf[f"blk.{i}.{g_mod}.weight"] = (f"model.layers.{i}.{hf_mod}.weight", n_head)
             add(f"blk.{i}.{g_mod}.weight", arr)
     add("output_norm.weight", hf["model.norm.weight"])
     if not tied:
+        gguf_to_hf["output.weight"] = ("lm_head.weight", 0)
         add("output.weight", hf["lm_head.weight"])
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))

@@ -147,6 +147,39 @@ def test_tiny_weights_roundtrip(tmp_path, qtype, tied, atol):
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (4, 2, 16)
 
 
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_k_quants_import(tmp_path, qtype):
+    """K-quant blocks (random bytes, small fp16 scales) convert to the values ggml's layout gives
+    (decoded in gguf_fixtures from the block structs, not by the gguf package), Q/K un-permuted;
+    the engine then runs the converted model and matches transformers on it."""
+    from safetensors.numpy import load_file
+
+    from gguf_fixtures import _permute, _unpermute, decode_q4_k, random_k_blocks
+    x = np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)
+    assert np.array_equal(_unpermute(_permute(x, 2), 2), x)
+    raw, values = random_k_blocks(2, 256, "Q4_K", np.random.default_rng(1))
+    blk = raw[:1].copy()                  # the decoder itself, on one hand-checked element:
+    d, dmin = (float(blk[0, i:i + 2].view(np.float16)[0]) for i in (0, 2))
+    sc, m = blk[0, 4] & 63, blk[0, 8] & 63                    # sub-block 0's 6-bit scale and min
+    assert np.isclose(values[0, 0], d * sc * (blk[0, 16] & 0xF) - dmin * m, rtol=1e-6)
+    assert np.array_equal(decode_q4_k(raw.reshape(-1, 144)).reshape(2, 256), values)
+    hf = write_tiny_gguf(tmp_path / "k.gguf", qtype=qtype, tied=False, seed=3, hidden=256, inter=256)
+    out = convert_gguf(tmp_path / "k.gguf", tmp_path / "out", progress=False)
+    got = load_file(os.path.join(out, "model.safetensors"))
+    assert set(got) == set(hf)
+    for name, want in hf.items():
+        assert got[name].shape == want.shape, name
+        np.testing.assert_allclose(got[name], want, rtol=1e-6, atol=1e-7, err_msg=name)
+    from transformers import AutoModelForCausalLM
+    ids = torch.randint(0, 200, (1, 9), generator=torch.Generator().manual_seed(0))
+    ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(ids).logits
+    from pf_engine import Engine
+    got = Engine.from_pretrained(out, device="cpu", dtype="fp32", progress=False).logits(ids)
+    assert (got - want).abs().max().item() <= 1e-4 * (1 + want.abs().max().item())
+
+
 def test_tiny_matches_transformers_gguf_loader(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
