@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 
@@ -47,8 +48,8 @@ def main(argv=None) -> int:
     bench_generate.run(gen + args.generate_args.split())
     report.plot_generate(report.load(os.path.join(args.out_dir, "bench_generate.json")),
                          os.path.join(plots, "generate_decode.png"))
-    if not args.no_readme:
-        cmd = "python -m benchmarks" + (" --quick" if args.quick else "")
+    if not args.no_readme:      # the "Made by" line: this very command, flags and all
+        cmd = shlex.join(["python", "-m", "benchmarks"] + list(sys.argv[1:] if argv is None else argv))
         report.update_readme(os.path.join(os.path.dirname(HERE), "README.md"),
                              report.section(args.out_dir, os.path.dirname(HERE), cmd))
     print(f"benchmarks: done in {time.perf_counter() - t0:.0f} s; results in {args.out_dir}",

@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import busy_warning, machine_info, read_bandwidth, write_json  # noqa: E402
+from benchmarks.common import CpuWatch, busy_warning, machine_info, read_bandwidth, write_json  # noqa: E402
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who discovers that the light has been "
@@ -313,7 +313,7 @@ def run(argv=None) -> dict:
     if args.row:                                         # a child process: one row, then exit
         write_json(args.out, run_row(setup, json.loads(args.row)))
         return {}
-    load_before = os.getloadavg()[0]
+    watch = CpuWatch()
     child_argv = [a for i, a in enumerate(argv) if a != "--out" and (i == 0 or argv[i - 1] != "--out")]
     dname = str(setup.dtype).replace("torch.", "")
     rows = []
@@ -336,7 +336,8 @@ def run(argv=None) -> dict:
               "bank": {"experts": setup.bank.num_experts, "rank": args.rank, "modules": 7},
               "weight_bytes_per_token": weight_bytes(setup.base),
               "read_bandwidth_GBps": bw / 1e9 if bw else None,
-              "busy": busy_warning(load_before, os.getloadavg()[0]), "rows": rows}
+              "other_cpu_cores": watch.other_cores(), "busy": busy_warning(watch.other_cores()),
+              "rows": rows}
     write_json(args.out, result)
     print(markdown(result))
     print(f"\nwrote {args.out}")

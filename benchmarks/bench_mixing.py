@@ -69,7 +69,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import busy_warning, machine_info, read_bandwidth, write_json  # noqa: E402
+from benchmarks.common import CpuWatch, busy_warning, machine_info, read_bandwidth, write_json  # noqa: E402
 from benchmarks.mixing_report import draw_plots, markdown  # noqa: E402,F401
 from pf_engine.adapters import LoraWeights  # noqa: E402
 from pf_engine.engine import DTYPES, CpuThreads  # noqa: E402
@@ -326,7 +326,7 @@ def run(argv=None) -> dict:
     c = resolve(ap, args)
     device, dtype = c["device"], c["dtype"]
     esize = torch.empty(0, dtype=dtype).element_size()
-    load_before = os.getloadavg()[0]
+    watch = CpuWatch()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     threads = CpuThreads(torch.device("cpu")) if device.type == "cpu" else None
@@ -350,9 +350,8 @@ def run(argv=None) -> dict:
                                "for its four roundings per expert)")),
             "cpu_t1_policy": ("engine.CpuThreads: T=1 rows run torch at 1 thread, BLAS at --threads"
                               if device.type == "cpu" else None),
-            "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
             "read_bandwidth_GBps": bw / 1e9, "seconds": time.perf_counter() - t_start,
-            "busy": busy_warning(load_before, os.getloadavg()[0]),
+            "other_cpu_cores": watch.other_cores(), "busy": busy_warning(watch.other_cores()),
             "command": "python benchmarks/bench_mixing.py " + " ".join(argv_list),
             "complete": complete, "rows": rows, "failures": failures, "ok": complete and not failures}
 

@@ -47,14 +47,46 @@ def read_bandwidth(device: torch.device | str = "cpu", mbytes: int = 256, repeat
     return a.numel() * 4 / best
 
 
-def busy_warning(load_before: float, load_after: float, cores: int | None = None) -> str | None:
-    """A one-line warning when the 1-minute load average before the run shows other work on the
-    cores (above half of them): the timings may then be inflated.  None otherwise."""
-    cores = cores or os.cpu_count() or 1
-    if load_before <= 0.5 * cores:
+def _cpu_ticks() -> tuple[float, float] | None:
+    """(busy ticks of all cores, ticks of this process and its waited-for children), or None."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [float(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
         return None
-    return (f"machine busy: 1-minute load average {load_before:.2f} before the run ({load_after:.2f} "
-            f"after) on {cores} cores; timings may be inflated")
+    busy = sum(vals) - vals[3] - (vals[4] if len(vals) > 4 else 0.0)      # minus idle, iowait
+    t = os.times()
+    own = (t.user + t.system + t.children_user + t.children_system) * os.sysconf("SC_CLK_TCK")
+    return busy, own
+
+
+class CpuWatch:
+    """How much of the cores other processes used while a benchmark ran.
+
+    /proc/stat's busy time of all cores minus this process's own (and its finished children's)
+    CPU time, over the wall time: ``other_cores()`` is the average number of cores kept busy by
+    someone else (0 on an idle machine, whatever the benchmark itself does)."""
+
+    def __init__(self):
+        self.t0, self.c0 = time.perf_counter(), _cpu_ticks()
+
+    def other_cores(self) -> float | None:
+        c1 = _cpu_ticks()
+        if self.c0 is None or c1 is None:
+            return None
+        wall = time.perf_counter() - self.t0
+        ticks = (c1[0] - self.c0[0]) - (c1[1] - self.c0[1])
+        return max(0.0, ticks / os.sysconf("SC_CLK_TCK") / max(wall, 1e-9))
+
+
+def busy_warning(other_cores: float | None, cores: int | None = None) -> str | None:
+    """A one-line warning when other processes kept more than a quarter of a core busy on
+    average during the run (CpuWatch): the timings may then be inflated.  None otherwise."""
+    cores = cores or os.cpu_count() or 1
+    if other_cores is None or other_cores <= 0.25:
+        return None
+    return (f"machine busy: other processes kept {other_cores:.2f} of {cores} cores busy on average "
+            "during the run; timings may be inflated")
 
 
 def _git(*args) -> str | None:
