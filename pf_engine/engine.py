@@ -35,7 +35,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 class GenerationOutput:
     text: str
     token_ids: list[int]
-    finish_reason: str                  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str                  # "stop" (EOS or a stop string), "length" or "cancelled"
     usage: dict = field(default_factory=dict)   # prompt_tokens, completion_tokens
     gates: dict | None = None           # persona weights used (with an adapter bank)
 
@@ -380,6 +380,41 @@ class Engine:
         tail = detok.flush()
         if tail:
             yield tail
+
+    # Continuous batching --------------------------------------------------------------------
+    def scheduler(self, slots: int | None = None, max_len: int | None = None,
+                  prefill_chunk: int | None = None, background: bool | None = None):
+        """The engine's continuous-batching scheduler (scheduler.Scheduler).  With no arguments:
+        the current one, or a default one (8 slots, background thread).  With arguments: a new
+        one built with them (defaults for the rest), once the current one is idle."""
+        from .scheduler import Scheduler
+        cur = getattr(self, "_scheduler", None)
+        asked = (slots, max_len, prefill_chunk, background)
+        if cur is not None and all(a is None for a in asked):
+            return cur
+        if cur is not None and cur.pending():
+            raise RequestError("the scheduler has requests in flight: wait for them (or cancel "
+                               "them) before building another")
+        self._scheduler = Scheduler(self, 8 if slots is None else slots, max_len,
+                                    256 if prefill_chunk is None else prefill_chunk,
+                                    True if background is None else background)
+        return self._scheduler
+
+    def submit(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+               seed: int | None = None, stop=None, persona=None, chat: bool = False,
+               truncate: bool = False):
+        """Submit one request to the continuous batch and return at once with its handle
+        (scheduler.Request): iterate it for token ids, ``.result()`` for the GenerationOutput,
+        ``.cancel()`` to stop it.  Arguments as for ``generate``, for one prompt."""
+        if not isinstance(prompt, str) and not (isinstance(prompt, list) and prompt
+                                                and isinstance(prompt[0], int)):
+            raise RequestError("submit takes one prompt: a string or a list of token ids")
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
+                                stop=stop)
+        ids = self._fit_context(self._encode(prompt, chat), params.max_new_tokens, truncate)[0]
+        return self.scheduler().submit(ids, params, persona)
 
     @torch.inference_mode()
     def logits(self, token_ids, persona=None) -> torch.Tensor:

@@ -1,0 +1,164 @@
+"""Continuous batching (pf_engine/scheduler.py): requests joining and leaving the running batch
+give what each gives alone, slots and gate rows are freed and reused, errors are clear.
+
+Offline, CPU, fp32: one tiny random Llama with a random bank of ten experts (both routers).
+"""
+import threading
+
+import pytest
+import torch
+
+from pf_engine import Engine
+from pf_engine.adapters import BIG_FIVE, AdapterBank
+from pf_engine.config import ModelConfig
+from pf_engine.errors import RequestError
+from pf_engine.sampling import SamplingParams
+
+TOP2 = {BIG_FIVE[0]: 0.7, BIG_FIVE[3]: 0.3}
+DENSE = {n: 0.1 * (i + 1) for i, n in enumerate(BIG_FIVE)}
+PERSONAS = [None, TOP2, "auto", "token", DENSE, {BIG_FIVE[6]: 1.2}]
+
+
+@pytest.fixture(scope="module")
+def engines(hf_model_dir):
+    folder, _ = hf_model_dir("llama", "sched_base")
+    cfg = ModelConfig.from_file(f"{folder}/config.json")
+    bank = AdapterBank.random(cfg, rank=[4, 8, 2, 8, 4, 2, 8, 4, 2, 8], seed=21, router=True)
+    return {be: Engine.from_pretrained(folder, adapters=bank, backend=be, progress=False,
+                                       device="cpu", dtype="fp32") for be in ("torch", "naive")}
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def alone(eng, ids, persona, n):
+    return eng.generate([ids], max_new_tokens=n, persona=[persona])[0]
+
+
+def test_requests_joining_and_leaving_match_each_alone(engines):
+    """Arrivals at different steps, different prompt and output lengths, every persona kind,
+    fewer slots than requests (some wait): each request's greedy tokens and gates are its own."""
+    eng = engines["torch"]
+    sched = eng.scheduler(slots=3, max_len=64, prefill_chunk=4, background=False)
+    specs = [(prompt(3 + 2 * i, i), PERSONAS[i % len(PERSONAS)], 4 + 3 * (i % 3)) for i in range(8)]
+    arrive = [0, 0, 1, 2, 2, 5, 7, 7]                       # the step each request is submitted at
+    reqs = {}
+    step = 0
+    while len(reqs) < len(specs) or sched.pending():
+        for i, s in enumerate(arrive):
+            if s == step:
+                ids, persona, n = specs[i]
+                reqs[i] = sched.submit(ids, SamplingParams(max_new_tokens=n), persona)
+        sched.step()
+        assert len(sched.running) <= 3
+        step += 1
+    for i, (ids, persona, n) in enumerate(specs):
+        want = alone(eng, ids, persona, n)
+        got = reqs[i].result()
+        assert got.token_ids == want.token_ids, (i, persona)
+        assert got.finish_reason == want.finish_reason
+        assert (got.gates is None) == (want.gates is None)
+        if want.gates is not None:
+            assert got.gates["kind"] == want.gates["kind"]
+            for k, w in want.gates["weights"].items():
+                assert abs(got.gates["weights"][k] - w) <= 1e-4, (i, k)
+
+
+def test_naive_backend_through_the_scheduler(engines):
+    eng = engines["naive"]
+    sched = eng.scheduler(slots=2, max_len=48, background=False)
+    reqs = [sched.submit(prompt(5 + i, 40 + i), SamplingParams(max_new_tokens=5), p)
+            for i, p in enumerate([TOP2, None, "token"])]
+    for r, p in zip(reqs, [TOP2, None, "token"]):
+        assert r.result().token_ids == alone(engines["torch"], r.ids, p, 5).token_ids
+
+
+def test_cancel_frees_the_slot_and_slots_are_reused(engines):
+    eng = engines["torch"]
+    sched = eng.scheduler(slots=2, max_len=64, background=False)
+    a = sched.submit(prompt(6, 1), SamplingParams(max_new_tokens=30), TOP2)
+    b = sched.submit(prompt(4, 2), SamplingParams(max_new_tokens=30), DENSE)
+    c = sched.submit(prompt(5, 3), SamplingParams(max_new_tokens=6), "token")
+    sched.step()
+    assert [r.slot for r in sched.running] == [0, 1] and list(sched.waiting) == [c]
+    a.cancel()
+    sched.step()                      # a leaves, b moves to slot 0, c is admitted into slot 1
+    assert a.result().finish_reason == "cancelled" and a.slot == -1
+    assert sched.running[0] is b and b.slot == 0 and c.slot == 1
+    assert torch.equal(sched.gates[0], b.personas.rows[0]) and not sched.token_rows[0]
+    assert sched.token_rows[1]                       # c's row: token routing
+    out_c = c.result()
+    assert out_c.token_ids == alone(eng, c.ids, "token", 6).token_ids
+    b.cancel()
+    out_b = b.result()
+    assert out_b.finish_reason == "cancelled" and 0 < len(out_b.token_ids) < 30
+    assert not sched.pending() and sched.running == []
+
+
+def test_many_short_requests_leak_nothing(engines):
+    eng = engines["torch"]
+    sched = eng.scheduler(slots=4, max_len=32, background=False)
+    shapes = (sched.cache.k.shape, sched.gates.shape)
+    reqs = [sched.submit(prompt(2 + i % 5, i), SamplingParams(max_new_tokens=1 + i % 2),
+                         PERSONAS[i % len(PERSONAS)]) for i in range(1000)]
+    while sched.pending():
+        sched.step()
+    assert all(r.done and r.slot == -1 for r in reqs)
+    assert not sched.waiting and not sched.running
+    assert (sched.cache.k.shape, sched.gates.shape) == shapes
+    for i, r in enumerate(reqs):                     # its budget, or an EOS before it
+        assert len(r.tokens) == 1 + i % 2 or (r.finish_reason == "stop" and r.tokens[-1] in eng.eos_ids)
+
+
+def test_a_request_larger_than_a_slot_is_refused(engines):
+    eng = engines["torch"]
+    sched = eng.scheduler(slots=2, max_len=16, background=False)
+    with pytest.raises(RequestError, match=r"needs 21 cache columns; a slot holds 16"):
+        sched.submit(prompt(11, 0), SamplingParams(max_new_tokens=10))
+    assert not sched.pending()
+    with pytest.raises(RequestError, match="unknown expert 'nobody'"):
+        sched.submit(prompt(3, 0), SamplingParams(max_new_tokens=2), {"nobody": 1.0})
+    assert not sched.pending()
+
+
+def test_submit_in_the_background(engines):
+    """Engine.submit returns at once; the background thread produces tokens; iteration and
+    result() agree with generate; requests from several threads."""
+    eng = engines["torch"]
+    eng.scheduler(slots=3)                   # a background one (the tests above drove steps)
+    outs = {}
+
+    def client(i):
+        req = eng.submit(prompt(4 + i, 100 + i), max_new_tokens=5, persona=PERSONAS[i])
+        toks = list(req)
+        outs[i] = (toks, req.result())
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(outs) == 4
+    for i in range(4):
+        toks, out = outs[i]
+        assert toks == out.token_ids == alone(eng, prompt(4 + i, 100 + i), PERSONAS[i], 5).token_ids
+    with pytest.raises(RequestError, match="one prompt"):
+        eng.submit(["a", "b"])
+
+
+def test_triton_kernels_through_the_scheduler(engines, hf_model_dir, monkeypatch):
+    """The kernel path (Triton's CPU interpreter) under continuous batching equals torch's."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch_eng = engines["torch"]
+    eng = Engine.from_pretrained(torch_eng.folder, adapters=torch_eng.bank, backend="triton",
+                                 progress=False, device="cpu", dtype="fp32")
+    assert eng.backend == "triton"
+    got, want = {}, {}
+    for e, out in ((eng, got), (torch_eng, want)):
+        sched = e.scheduler(slots=2, max_len=48, background=False)
+        reqs = [sched.submit(prompt(4 + i, 70 + i), SamplingParams(max_new_tokens=4), p)
+                for i, p in enumerate([TOP2, "token", None])]
+        for i, r in enumerate(reqs):
+            out[i] = r.result().token_ids
+    assert got == want
