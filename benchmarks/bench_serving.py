@@ -1,0 +1,197 @@
+"""A stream of requests with Poisson arrivals and mixed personas: continuous batching against static
+batching, on the bundled model.
+
+    python benchmarks/bench_serving.py                      # 24 requests, ~2 req/s, CPU fp32
+    python benchmarks/bench_serving.py --requests 8 --rate 4 --model DIR --out results/x.json
+
+The stream (seeded): arrival gaps ~ Exp(1 / rate); each request takes one of the prompts below,
+max_new_tokens uniform in [--min-new, --max-new] (EOS ignored, so every request makes exactly
+that many), and a persona cycling through none, an explicit top-2 mix and "auto" (the bank's
+sequence router; a seeded random bank of ten rank-16 experts).  The same stream runs through:
+
+    continuous      Engine.submit at each arrival; the scheduler admits between decode steps
+    static          what generate() alone gives: when the engine is free, every request that has
+                    arrived goes into one generate() call, and later arrivals wait for it to end
+    continuous-base the continuous run with every persona dropped (the base model): the persona
+                    mix's cost is throughput(base) / throughput(mixed)
+    continuous-naive  the continuous run with the naive mixing backend
+
+Per run: throughput = generated tokens / (last completion - first arrival); time to first token
+(TTFT) = first token - arrival; time per output token (TPOT) = (completion - first token) /
+(tokens - 1); p50 and p99 of both.  Static batches cannot report a request's first token before
+the call returns, so their TTFT is the batch start + its prefill time (engine.stats).
+Writes --out (JSON with the machine and commit) and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import CpuWatch, busy_warning, machine_info, write_json  # noqa: E402
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "I failed my driving test again and I feel like giving up.",
+    "My parcel was supposed to arrive on Monday and it still has not shown up.",
+    "Plan a weekend trip to the mountains for two friends who like photography.",
+    "Explain how a refrigerator keeps food cold, for a ten year old.",
+    "Give me three ideas for a birthday party on a small budget.",
+]
+TOP2 = {"extraversion+": 0.6, "agreeableness+": 0.4}
+
+
+def make_stream(n: int, rate: float, lo: int, hi: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for i in range(n):
+        out.append({"arrival": t, "prompt": PROMPTS[i % len(PROMPTS)],
+                    "max_new": rng.randint(lo, hi), "persona": [None, TOP2, "auto"][i % 3]})
+        t += rng.expovariate(rate)
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def summary(name: str, recs: list[dict], t0: float) -> dict:
+    """recs: arrival, first, done (absolute), tokens -> the run's figures."""
+    ttft = [r["first"] - r["arrival"] for r in recs]
+    tpot = [(r["done"] - r["first"]) / (r["tokens"] - 1) for r in recs if r["tokens"] > 1]
+    span = max(r["done"] for r in recs) - t0
+    return {"run": name, "requests": len(recs), "tokens": sum(r["tokens"] for r in recs),
+            "seconds": span, "throughput_tok_s": sum(r["tokens"] for r in recs) / span,
+            "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": pct(ttft, 0.99),
+            "tpot_p50_s": statistics.median(tpot) if tpot else None,
+            "tpot_p99_s": pct(tpot, 0.99) if tpot else None}
+
+
+def run_continuous(eng, stream: list[dict], slots: int, drop_personas: bool = False) -> list[dict]:
+    eng.scheduler(slots=slots)                     # a fresh one: empty pool, background thread
+    t0 = time.perf_counter()
+    reqs = []
+    for s in stream:
+        wait = t0 + s["arrival"] - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        reqs.append((t0 + s["arrival"], eng.submit(s["prompt"], max_new_tokens=s["max_new"], chat=True,
+                                                   persona=None if drop_personas else s["persona"])))
+    recs = []
+    for arrival, r in reqs:
+        out = r.result()
+        recs.append({"arrival": arrival, "first": r.t_first, "done": r.t_done,
+                     "tokens": len(out.token_ids)})
+    return recs, t0
+
+
+def run_static(eng, stream: list[dict], slots: int) -> list[dict]:
+    """generate() alone: each call takes every request arrived by then (up to ``slots``)."""
+    t0 = time.perf_counter()
+    recs, i = [], 0
+    while i < len(stream):
+        now = time.perf_counter() - t0
+        if stream[i]["arrival"] > now:
+            time.sleep(stream[i]["arrival"] - now)
+            now = time.perf_counter() - t0
+        batch = [s for s in stream[i:i + slots] if s["arrival"] <= now]
+        i += len(batch)
+        start = time.perf_counter()
+        # one max_new_tokens per call: the batch runs to its longest request, each keeps its own
+        outs = eng.generate([s["prompt"] for s in batch], max_new_tokens=max(s["max_new"] for s in batch),
+                            chat=True, persona=[s["persona"] for s in batch])
+        end = time.perf_counter()
+        first = start + eng.stats.prefill_s
+        for s, o in zip(batch, outs):
+            n = s["max_new"]        # the request's own budget; tokens past it are not counted
+            # its last token came at the decode step that made it (steps take equal time here)
+            step = (end - first) / max(1, len(o.token_ids) - 1)
+            recs.append({"arrival": t0 + s["arrival"], "first": first,
+                         "done": first + step * (n - 1), "tokens": n})
+    return recs, t0
+
+
+def markdown(result: dict) -> str:
+    lines = [f"{result['machine']['cpu']}, {result['threads']} threads, {result['device']}, "
+             f"{result['requests']} requests at {result['rate']} req/s (Poisson), {result['slots']} "
+             f"slots, {result['min_new']}-{result['max_new']} new tokens", ""]
+    if result.get("busy"):
+        lines += [f"**Warning: {result['busy']}.**", ""]
+    lines += ["| run | tokens/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | TPOT p99 ms |",
+              "|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['run']} | {r['throughput_tok_s']:.1f} | {r['ttft_p50_s']:.2f} | "
+                     f"{r['ttft_p99_s']:.2f} | {1e3 * r['tpot_p50_s']:.0f} | {1e3 * r['tpot_p99_s']:.0f} |")
+    g = result["goals"]
+    lines += ["", f"continuous / static throughput: {g['throughput_ratio']:.2f}x (goal >= 2); static / "
+              f"continuous p99 TTFT: {g['ttft_p99_ratio']:.2f}x (goal >= 3); base / mixed throughput: "
+              f"{g['persona_cost']:.2f}x (goal <= 1.3)"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="HF folder (default: the bundled model)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--rate", type=float, default=2.0, help="mean arrivals per second")
+    ap.add_argument("--min-new", type=int, default=8)
+    ap.add_argument("--max-new", type=int, default=40)
+    ap.add_argument("--slots", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive-backend run")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                  "results", "bench_serving.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from pf_engine import Engine
+    from pf_engine.adapters import AdapterBank
+    watch = CpuWatch()
+    base = Engine.from_pretrained(args.model, device=args.device, progress=False)
+    bank = AdapterBank.random(base.config, rank=16, seed=0, router=True)
+    bank.router.top_k = 2
+    engines = {b: Engine.from_pretrained(base.folder, adapters=bank, device=args.device, backend=b,
+                                         progress=False) for b in (["torch"] + ([] if args.no_naive else ["naive"]))}
+    for e in engines.values():
+        e.eos_ids = set()
+    stream = make_stream(args.requests, args.rate, args.min_new, args.max_new, args.seed)
+    eng = engines["torch"]
+    eng.generate(PROMPTS[0], max_new_tokens=2, chat=True)                  # warm-up
+    runs = []
+    for name, fn in (("continuous", lambda: run_continuous(eng, stream, args.slots)),
+                     ("static", lambda: run_static(eng, stream, args.slots)),
+                     ("continuous-base", lambda: run_continuous(eng, stream, args.slots, True)),
+                     ("continuous-naive", lambda: run_continuous(engines.get("naive"), stream, args.slots))):
+        if name == "continuous-naive" and args.no_naive:
+            continue
+        recs, t0 = fn()
+        runs.append(summary(name, recs, t0))
+        print(f"  {name}: {runs[-1]['throughput_tok_s']:.1f} tok/s", file=sys.stderr)
+    by = {r["run"]: r for r in runs}
+    goals = {"throughput_ratio": by["continuous"]["throughput_tok_s"] / by["static"]["throughput_tok_s"],
+             "ttft_p99_ratio": by["static"]["ttft_p99_s"] / by["continuous"]["ttft_p99_s"],
+             "persona_cost": by["continuous-base"]["throughput_tok_s"] / by["continuous"]["throughput_tok_s"]}
+    result = {"benchmark": "bench_serving", "command": "python benchmarks/bench_serving.py " + " ".join(argv),
+              "machine": machine_info(), "device": args.device, "threads": args.threads,
+              "model": base.folder, "requests": args.requests, "rate": args.rate, "slots": args.slots,
+              "min_new": args.min_new, "max_new": args.max_new, "seed": args.seed,
+              "other_cpu_cores": watch.other_cores(), "busy": busy_warning(watch.other_cores()),
+              "runs": runs, "goals": goals}
+    write_json(args.out, result)
+    print(markdown(result))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
