@@ -56,10 +56,10 @@ class SlotCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slots, self.max_len = slots, max_len
 
-    def prefill_view(self, slot: int) -> "KVCache":
-        """A one-row KVCache over slot ``slot`` (its writes land in the pool)."""
+    def prefill_view(self, slot: int, rows: int = 1) -> "KVCache":
+        """A KVCache over slots slot..slot+rows-1 (its writes land in the pool)."""
         view = KVCache.__new__(KVCache)
-        view.k, view.v = self.k[:, slot:slot + 1], self.v[:, slot:slot + 1]
+        view.k, view.v = self.k[:, slot:slot + rows], self.v[:, slot:slot + rows]
         view.max_len = self.max_len
         return view
 

@@ -167,8 +167,10 @@ class Decoder:
                 yield x
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
-                 mask: torch.Tensor, last_only: bool = False, mix: Mix | None = None) -> torch.Tensor:
-        """tokens, positions [B, T] -> float32 logits [B, T, vocab] ([B, 1, vocab] if last_only).
+                 mask: torch.Tensor, last_only: bool = False, mix: Mix | None = None,
+                 pick: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, positions [B, T] -> float32 logits [B, T, vocab] ([B, 1, vocab] if last_only;
+        with ``pick`` [B], the logits of row b's position pick[b] only, [B, 1, vocab]).
 
         Writes keys/values of the T new tokens into cache columns start:start+T.  ``mix``: the
         persona gates of the B * T rows (None: the base model).
@@ -179,7 +181,9 @@ class Decoder:
             mask = decode_bias(mask, self.dtype)
         for blk in self.blocks:
             x = blk(x, cos, sin, cache, start, mask, mix)
-        if last_only:
+        if pick is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), pick].unsqueeze(1)
+        elif last_only:
             x = x[:, -1:]
         B, T, d = x.shape
         x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)

@@ -6,9 +6,9 @@ decode steps.
     out = req.result()                # GenerationOutput (text, token_ids, finish_reason, gates)
     req.cancel()                      # finish_reason "cancelled"
 
-Each ``step``: admit waiting requests while slots are free (each prompt is prefilled on its own,
-in chunks of ``prefill_chunk`` tokens, into its slot of the KV pool; its first token is sampled
-from the prefill), then one decode step for every running request (B rows of one token each,
+Each ``step``: admit waiting requests while slots are free (their prompts are prefilled together,
+right-padded, in chunks of ``prefill_chunk`` tokens, into their slots of the KV pool; each one's
+first token is sampled from the prefill), then one decode step for every running request (B rows of one token each,
 every row at its own position), then retire the finished and the cancelled.  The KV pool
 (kv_cache.SlotCache) holds ``slots`` rows of ``max_len`` columns; running requests occupy slots
 0..n-1, and the gate matrix [slots, K] on the model's device keeps one row per slot in the same
@@ -226,8 +226,11 @@ class Scheduler:
                 self.waiting.remove(r)
                 r._finish("cancelled")
             self._retire()                   # cancelled since the last step: their slots are free
-            while self.waiting and len(self.running) < self.slots:
-                self._admit(self.waiting.popleft())
+            admit = []
+            while self.waiting and len(self.running) + len(admit) < self.slots:
+                admit.append(self.waiting.popleft())
+            if admit:
+                self._admit(admit)
             self._retire()
             if self.running:
                 self._decode()
@@ -236,33 +239,48 @@ class Scheduler:
             if not self.background:          # the caller's thread: leave its settings as found
                 self._threads.restore()
 
-    def _admit(self, r: Request) -> None:
-        """Prefill r's prompt into the next free slot and sample its first token."""
-        eng, slot = self.engine, len(self.running)
-        dev, T = eng.device, len(r.ids)
-        tokens = torch.tensor([r.ids], device=dev)
-        positions = torch.arange(T, device=dev).unsqueeze(0)
-        if r.personas.any:
-            mask = attention_mask(torch.zeros(1, dtype=torch.long, device=dev), 0, T,
+    def _admit(self, reqs: list[Request]) -> None:
+        """Prefill the prompts of ``reqs`` together into the next free slots (right-padded: row b
+        fills columns 0..len_b-1; the padding's columns are overwritten by its decode steps before
+        they are ever attended to) and sample each request's first token."""
+        eng, s0, m = self.engine, len(self.running), len(reqs)
+        dev = eng.device
+        lens = torch.tensor([len(r.ids) for r in reqs], device=dev)
+        P = int(lens.max())
+        tokens = torch.zeros(m, P, dtype=torch.long, device=dev)
+        for b, r in enumerate(reqs):
+            tokens[b, :len(r.ids)] = torch.tensor(r.ids, device=dev)
+            slot = s0 + b
+            if r.personas.any:
+                T = len(r.ids)
+                mask = attention_mask(torch.zeros(1, dtype=torch.long, device=dev), 0, T,
+                                      eng.config.sliding_window)
+                r.personas.route(eng.model, tokens[b:b + 1, :T], torch.arange(T, device=dev).unsqueeze(0),
+                                 mask, torch.ones(1, T, dtype=torch.bool))
+                self.gates[slot] = r.personas.rows[0].to(dev)
+                self.token_rows[slot] = r.kind == TOKEN
+            else:
+                self.gates[slot] = 0
+                self.token_rows[slot] = False
+            r.slot, r.length = slot, 0
+            self.running.append(r)
+        positions = torch.arange(P, device=dev).expand(m, P)
+        view = self.cache.prefill_view(s0, m)
+        self._threads.rows(m * P)
+        first = [None] * m
+        for c0 in range(0, P, self.prefill_chunk):
+            c1 = min(P, c0 + self.prefill_chunk)
+            mask = attention_mask(torch.zeros(m, dtype=torch.long, device=dev), c0, c1 - c0,
                                   eng.config.sliding_window)
-            r.personas.route(eng.model, tokens, positions, mask, torch.ones(1, T, dtype=torch.bool))
-            self.gates[slot] = r.personas.rows[0].to(dev)
-            self.token_rows[slot] = r.kind == TOKEN
-        else:
-            self.gates[slot] = 0
-            self.token_rows[slot] = False
-        r.slot, r.length = slot, 0
-        self.running.append(r)
-        view = self.cache.prefill_view(slot)
-        self._threads.rows(T)
-        for c0 in range(0, T, self.prefill_chunk):
-            c1 = min(T, c0 + self.prefill_chunk)
-            mask = attention_mask(torch.zeros(1, dtype=torch.long, device=dev), c0, c1 - c0,
-                                  eng.config.sliding_window)
-            logits = self._forward([r], tokens[:, c0:c1], positions[:, c0:c1], view, c0, mask,
-                                   last_only=c1 == T)
-        r.length = T
-        r._emit(int(r.sampler(logits[:, -1], [0])[0]))
+            last = lens - 1 - c0                       # each row's last prompt token, in this chunk?
+            valid = positions[:, c0:c1] < lens.view(-1, 1)
+            logits = self._forward(reqs, tokens[:, c0:c1], positions[:, c0:c1], view, c0, mask,
+                                   valid, pick=last.clamp(0, c1 - c0 - 1))[:, -1]
+            for b in ((last >= 0) & (last < c1 - c0)).nonzero().flatten().tolist():
+                first[b] = logits[b:b + 1]
+        for b, r in enumerate(reqs):
+            r.length = len(r.ids)
+            r._emit(int(r.sampler(first[b], [0])[0]))
 
     def _decode(self) -> None:
         """One token for every running request, each at its own position."""
@@ -278,15 +296,16 @@ class Scheduler:
             seen &= (lengths.view(-1, 1) - j) < w
         self._threads.rows(n)
         logits = self._forward(self.running, tokens, lengths.view(-1, 1), view, 0,
-                               seen.view(n, 1, 1, -1), last_only=False)[:, -1]
+                               seen.view(n, 1, 1, -1), torch.ones(n, 1, dtype=torch.bool))[:, -1]
         for b, r in enumerate(self.running):
             r.length += 1
             if not r.done:
                 r._emit(int(r.sampler(logits[b:b + 1], [0])[0]))
 
-    def _forward(self, reqs: list[Request], tokens, positions, cache, start, mask, last_only):
-        """The model on rows ``reqs`` (slots 0..n-1 or one admitted request); token-routed gates
-        are accumulated on each request for its report."""
+    def _forward(self, reqs: list[Request], tokens, positions, cache, start, mask, valid,
+                 pick=None):
+        """The model on rows ``reqs`` (their slots' gates); valid [n, T] marks real tokens, whose
+        token-routed gates are accumulated on each request for its report."""
         eng = self.engine
         mix = None
         if any(r.kind != BASE for r in reqs):
@@ -295,9 +314,9 @@ class Scheduler:
             g = self.gates[rows].repeat_interleave(T, 0)
             tok = self.token_rows[rows].repeat_interleave(T, 0)
             mix = Mix(g, eng.backend, eng.bank.token_router, tok)
-        logits = eng.model(tokens, positions, cache, start, mask, last_only=last_only, mix=mix)
+        logits = eng.model(tokens, positions, cache, start, mask, mix=mix, pick=pick)
         if mix is not None and mix.token_sum is not None:
-            valid = torch.ones(len(reqs), tokens.shape[1], dtype=torch.bool)
+            valid = valid.cpu()
             for b, r in enumerate(reqs):
                 if r.kind == TOKEN:
                     r.personas.add_token_gates([0], mix.token_sum.view(len(reqs), -1,
