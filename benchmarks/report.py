@@ -77,6 +77,17 @@ def fastest_counts(mix: dict) -> dict:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def serving_section(results_dir: str) -> list[str]:
+    """The stream-of-requests table from bench_serving.json (benchmarks/bench_serving.py)."""
+    from benchmarks import bench_serving
+    srv = load(os.path.join(results_dir, "bench_serving.json"))
+    if not srv:
+        return []
+    return ["### A stream of requests: continuous against static batching", "",
+            f"`{srv['command'].strip()}`; {provenance(srv['machine'])}.", "",
+            bench_serving.markdown(srv), ""]
+
+
 def gpu_section(results_dir: str, readme_dir: str) -> list[str]:
     """The GPU subsection from gpu_generate.json / gpu_mixing.json (bash benchmarks/gpu_suite.sh)."""
     from benchmarks import bench_generate, bench_mixing
@@ -193,6 +204,7 @@ def section(results_dir: str, readme_dir: str, command: str) -> str:
             if name.startswith("mixing") and name.endswith(".png"):
                 p = os.path.join(results_dir, "plots", name)
                 parts += [f"![{name[:-4]}]({os.path.relpath(p, readme_dir)})", ""]
+    parts += serving_section(results_dir)
     parts += gpu_section(results_dir, readme_dir)
     parts.append(END)
     return "\n".join(parts)
