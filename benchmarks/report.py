@@ -180,7 +180,8 @@ def section(results_dir: str, readme_dir: str, command: str) -> str:
         parts += ["### End to end (bundled SmolLM2-135M-Instruct)", ""]
         if gen.get("command"):
             parts += [f"`{gen['command']}`", ""]
-        parts += [f"{provenance(m)[0].upper()}{provenance(m)[1:]}, {m['date']}, torch {m['torch']}, "
+        prov = provenance(m)
+        parts += [f"{prov[0].upper()}{prov[1:]}, {m['date']}, torch {m['torch']}, "
                   f"transformers {m.get('transformers')}; {bw}base weights "
                   f"{gen['weight_bytes_per_token'] / 1e6:.0f} MB read per decode step.", "",
                   bench_generate.markdown(gen), ""]

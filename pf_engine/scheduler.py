@@ -309,10 +309,10 @@ class Scheduler:
         eng = self.engine
         mix = None
         if any(r.kind != BASE for r in reqs):
-            rows = torch.tensor([r.slot for r in reqs], device=eng.device)
-            T = tokens.shape[1]
-            g = self.gates[rows].repeat_interleave(T, 0)
-            tok = self.token_rows[rows].repeat_interleave(T, 0)
+            s0, T = reqs[0].slot, tokens.shape[1]    # reqs hold consecutive slots (running or admitted)
+            g, tok = self.gates[s0:s0 + len(reqs)], self.token_rows[s0:s0 + len(reqs)]
+            if T > 1:
+                g, tok = g.repeat_interleave(T, 0), tok.repeat_interleave(T, 0)
             mix = Mix(g, eng.backend, eng.bank.token_router, tok)
         logits = eng.model(tokens, positions, cache, start, mask, mix=mix, pick=pick)
         if mix is not None and mix.token_sum is not None:
