@@ -45,8 +45,8 @@ class SlotCache:
         k, v: [layers, slots, H_kv, max_len, head_dim]
 
     Each request owns one slot while it runs; its tokens fill columns 0..length-1 of that row.
-    The running requests occupy slots 0..n-1 (the scheduler moves the last one into a freed
-    slot: one row is copied, never the pool), so a decode step reads views of the first n rows.
+    The scheduler keeps its requests in slots 0..n-1 (it moves one into a freed slot: the used
+    columns of one row are copied, never the pool), so a forward reads views of consecutive rows.
     """
 
     def __init__(self, n_layers: int, slots: int, n_kv_heads: int, max_len: int, head_dim: int,
@@ -56,38 +56,64 @@ class SlotCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slots, self.max_len = slots, max_len
 
-    def prefill_view(self, slot: int, rows: int = 1) -> "KVCache":
-        """A KVCache over slots slot..slot+rows-1 (its writes land in the pool)."""
-        view = KVCache.__new__(KVCache)
-        view.k, view.v = self.k[:, slot:slot + rows], self.v[:, slot:slot + rows]
-        view.max_len = self.max_len
-        return view
+    def rows_view(self, s0: int, starts: list[int], counts: list[int]) -> "RowsView":
+        """Slots s0..s0+m-1 (m = len(starts)), row b writing its counts[b] new tokens at columns
+        starts[b]..starts[b]+counts[b]-1: a prefill chunk, or a decode step (every count 1)."""
+        return RowsView(self, s0, starts, counts)
 
-    def decode_view(self, lengths: torch.Tensor) -> "DecodeView":
-        """Rows 0..n-1, each writing its one new token at column lengths[b] (n = len(lengths))."""
-        return DecodeView(self, lengths)
-
-    def move(self, src: int, dst: int) -> None:
-        """Copy slot ``src``'s row into slot ``dst`` (a request changes slot)."""
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` columns of slot ``src`` into slot ``dst`` (a request changes
+        slot; columns beyond its length are never read before they are written)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
 
-class DecodeView:
-    """What a decode step's blocks see: ``update`` writes k, v [n, H_kv, 1, D] at each row's own
-    column and returns the first n rows up to the longest one, [n, H_kv, max(lengths) + 1, D];
-    the attention bias masks each row's columns beyond its own length."""
+class RowsView:
+    """What the blocks of one scheduler forward see, for m consecutive slots with a right-padded
+    chunk of T = max(counts) tokens each: ``update`` writes row b's counts[b] real tokens at
+    columns starts[b].. (padding is not written) and returns views of the m rows up to
+    end = max(starts + counts) columns, [m, H_kv, end, D].  ``mask`` says which of them each
+    query sees; ``positions`` are the tokens' positions.  Index tensors are built once here,
+    not per layer.
+    """
 
-    def __init__(self, pool: SlotCache, lengths: torch.Tensor):
-        self.pool, self.lengths = pool, lengths
-        self.rows = torch.arange(len(lengths), device=lengths.device)
-        self.end = int(lengths.max()) + 1
+    def __init__(self, pool: SlotCache, s0: int, starts: list[int], counts: list[int]):
+        self.pool, self.s0, self.m, self.counts = pool, s0, len(starts), counts
+        self.T = max(counts)
+        self.end = max(s + c for s, c in zip(starts, counts))
         if self.end > pool.max_len:
             raise IndexError(f"KV slot holds {pool.max_len} columns; asked to write column {self.end - 1}")
+        dev = pool.k.device
+        start = torch.tensor(starts, device=dev).view(-1, 1)
+        t = torch.arange(self.T, device=dev).view(1, -1)
+        self.valid = t < torch.tensor(counts, device=dev).view(-1, 1)           # [m, T]
+        self.positions = start + t                                              # [m, T]
+        if self.T == 1:
+            self.rows, self.cols = torch.arange(self.m, device=dev) + s0, self.positions[:, 0]
+        else:
+            b, tt = self.valid.nonzero(as_tuple=True)
+            self.rows, self.cols, self.sel = b + s0, self.positions[b, tt], (b, tt)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """bool [m, 1, T, end]: query t of row b sees column j iff j <= starts[b] + t (and, with a
+        sliding window, starts[b] + t - j < window).  A padding query sees its row's real columns
+        and columns it did not write, whose outputs are never used."""
+        j = torch.arange(self.end, device=self.positions.device).view(1, 1, -1)
+        q = self.positions.unsqueeze(-1)                                        # [m, T, 1]
+        ok = j <= q
+        if window is not None:
+            ok &= (q - j) < window
+        return ok.unsqueeze(1)
 
     def update(self, layer: int, start, k: torch.Tensor, v: torch.Tensor):
-        n = len(self.lengths)
+        """k, v [m, H_kv, T, D] -> the m rows' keys and values [m, H_kv, end, D] (views)."""
         kc, vc = self.pool.k[layer], self.pool.v[layer]
-        kc[self.rows, :, self.lengths] = k[:, :, 0]
-        vc[self.rows, :, self.lengths] = v[:, :, 0]
-        return kc[:n, :, :self.end], vc[:n, :, :self.end]
+        if self.T == 1:
+            kc[self.rows, :, self.cols] = k[:, :, 0]
+            vc[self.rows, :, self.cols] = v[:, :, 0]
+        else:
+            b, t = self.sel
+            kc[self.rows, :, self.cols] = k.transpose(1, 2)[b, t]
+            vc[self.rows, :, self.cols] = v.transpose(1, 2)[b, t]
+        s = slice(self.s0, self.s0 + self.m)
+        return kc[s, :, :self.end], vc[s, :, :self.end]

@@ -16,7 +16,7 @@ Backends (``Mix.backend``):
 * ``torch``: grouped.  W and A_cat live in one tensor W_aug = [W; A_cat], so the base GEMM and the
   shrink are one GEMM of width d_out + R; the expand is one GEMM per projection, written into its
   slice of y.  Experts whose gate is zero for the whole batch are skipped: the rows/columns of
-  the active experts are gathered once per active set (cached on the Linear, keyed by the set)
+  the active experts are gathered once per active set (the Linear caches the last GATHERED_SETS)
   and the shrink reads only those.  Token-routed gates, whose active set changes per layer and
   step, take the all-experts GEMM instead.
 * ``naive``: the baseline and a reference: a loop over projections and active experts, two small
@@ -25,6 +25,7 @@ Backends (``Mix.backend``):
 """
 from __future__ import annotations
 
+import collections
 import os
 import weakref
 from dataclasses import dataclass
@@ -133,6 +134,12 @@ class Part:
     scalings: torch.Tensor               # [n] fp32
 
 
+# Active sets whose gathered copies a Linear keeps (least recently used dropped): a continuous
+# batch alternates between the decode batch's set and each admitted prompt's own set, and a
+# single cached set made every Linear re-gather twice per step (10% of a serving run's time).
+GATHERED_SETS = 4
+
+
 class RankLayout:
     """Which bank expert and scaling each stacked rank row belongs to.
 
@@ -173,16 +180,23 @@ class Mix:
     """
 
     def __init__(self, gates: torch.Tensor, backend: str = "torch", token_router=None,
-                 token_rows: torch.Tensor | None = None):
+                 token_rows: torch.Tensor | None = None, active: tuple | None = None,
+                 any_token: bool | None = None):
+        """active / any_token: what the caller knows on the host (the scheduler does): the active
+        expert ids and whether any row is token-routed.  Left None, they are read from the
+        tensors, which costs a host sync on a GPU."""
         self.backend, self.fixed = backend, gates
-        self.token_router = token_router if token_rows is not None and bool(token_rows.any()) else None
+        if any_token is None:
+            any_token = token_rows is not None and bool(token_rows.any())
+        self.token_router = token_router if any_token else None
         self.token_rows = token_rows
         self.token_sum = None
-        self._set(gates)
+        self._set(gates, None if self.token_router is not None else active)
 
-    def _set(self, gates: torch.Tensor) -> None:
+    def _set(self, gates: torch.Tensor, active: tuple | None = None) -> None:
         self.gates = gates
-        self.active = tuple(torch.nonzero(gates.abs().sum(0)).flatten().tolist())
+        self.active = active if active is not None else tuple(
+            torch.nonzero(gates.abs().sum(0)).flatten().tolist())
         self._expanded = {}
 
     def expanded(self, layout: RankLayout, dtype: torch.dtype) -> torch.Tensor:
@@ -199,7 +213,9 @@ class Mix:
             g = self.token_router(layer, x.reshape(-1, x.shape[-1])).float()
             g = torch.where(self.token_rows.unsqueeze(1), g, self.fixed)
             self.token_sum = g if self.token_sum is None else self.token_sum + g
-            self._set(g)
+            # Only the naive loop skips experts per layer; the grouped and kernel paths read all
+            # experts under token routing, so they need no host sync for the active set.
+            self._set(g, None if self.backend == "naive" else tuple(range(g.shape[1])))
         return self
 
 
@@ -212,7 +228,7 @@ class Linear:
         self.modules = modules                   # their names (q, k, v, ...), for adapters
         self.w_aug = None                        # [d_out + R, d_in] once experts are attached
         self.parts: list[Part] = []
-        self._active: tuple | None = None
+        self._active: collections.OrderedDict = collections.OrderedDict()   # act -> Active, LRU
 
     @property
     def d_out(self) -> int:
@@ -256,7 +272,7 @@ class Linear:
         self.bias_aug = None if self.bias is None else torch.cat(
             [self.bias, self.bias.new_zeros(r)])
         self.experts = tuple(sorted({b[0] for p in parts for b in p.blocks}))
-        self._active = None
+        self._active.clear()
 
     def __call__(self, x: torch.Tensor, mix: Mix | None = None):
         """x [..., d_in] -> y [..., d_out], or its per-projection slices for a fused group."""
@@ -302,8 +318,10 @@ class Linear:
 
     def _gather(self, act: tuple) -> Active:
         """The active experts' rows of A_cat and columns of B, built once per active set."""
-        if self._active is not None and self._active[0] == act:
-            return self._active[1]
+        A = self._active.get(act)
+        if A is not None:
+            self._active.move_to_end(act)
+            return A
         col_expert = self.layout.col_expert
         keep = torch.isin(col_expert, torch.tensor(act, device=col_expert.device))
         d_out, parts, r = self.d_out, [], 0
@@ -315,7 +333,9 @@ class Linear:
         rows = keep.nonzero().flatten()
         A = Active(self.w_aug[d_out:][rows].contiguous(),
                    RankLayout.of(col_expert[rows], self.layout.col_scaling[rows]), parts)
-        self._active = (act, A)
+        self._active[act] = A
+        if len(self._active) > GATHERED_SETS:
+            self._active.popitem(last=False)
         return A
 
     def _naive(self, xT: torch.Tensor, mix: Mix) -> torch.Tensor:

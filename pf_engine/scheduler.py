@@ -6,21 +6,29 @@ decode steps.
     out = req.result()                # GenerationOutput (text, token_ids, finish_reason, gates)
     req.cancel()                      # finish_reason "cancelled"
 
-Each ``step``: admit waiting requests while slots are free (their prompts are prefilled together,
-right-padded, in chunks of ``prefill_chunk`` tokens, into their slots of the KV pool; each one's
-first token is sampled from the prefill), then one decode step for every running request (B rows of one token each,
-every row at its own position), then retire the finished and the cancelled.  The KV pool
-(kv_cache.SlotCache) holds ``slots`` rows of ``max_len`` columns; running requests occupy slots
-0..n-1, and the gate matrix [slots, K] on the model's device keeps one row per slot in the same
-order: a request that leaves is replaced by the last one (one slot row and one gate row copied).
+Each ``step``: admit waiting requests into free slots; prefill up to ``prefill_budget`` prompt
+tokens of the requests being admitted (several prompts right-padded into one chunk, each row at
+its own columns; a prompt longer than the budget takes several steps, so the running requests
+are never stalled for more than one chunk); sample the first token of every prompt completed;
+one decode step for every request past its prompt (one token per row, every row at its own
+position); retire the finished and the cancelled.
+
+The KV pool (kv_cache.SlotCache) holds ``slots`` rows of ``max_len`` columns.  Requests occupy
+slots 0..n-1, the decoding ones first, so each forward reads views of consecutive rows; the
+device-side gate matrix [slots, K], token-routing flags and last tokens keep one row per slot in
+the same order.  A request that leaves is replaced by the last one of its group (at most two
+slot rows copied, only their used columns).
+
+Host syncs per step: the sampled tokens (one ``tolist`` per forward that samples).  The active
+expert set comes from host copies of the gate rows made at admission (one sync per sequence-
+routed request), token-routed gates are summed on the device and read back when the request
+ends.  Not captured in CUDA graphs yet (positions and views are built on the host per step).
 
 Personas per request, as ``generate`` takes them: None, explicit weights, "auto" (the sequence
 router reads the prompt at admission) or "token" (the token router in every layer and step).
 A background thread runs steps while requests are pending (``Engine.submit`` starts it); tests
 and benchmarks can drive ``step()`` themselves with ``background=False``.
 
-Not yet here (issue 10): the decode step still syncs with the host when it builds its Mix (the
-active expert set), sampling runs per request, and nothing is captured in CUDA graphs.
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ from .errors import RequestError
 from .kv_cache import SlotCache
 from .mixing import Mix
 from .model import attention_mask
-from .persona import BASE, TOKEN, Personas
+from .persona import BASE, SEQUENCE, TOKEN, Personas
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Detokenizer
 
@@ -53,6 +61,9 @@ class Request:
         self.sampler = Sampler(params, 1, eng.config.vocab_size, eng.device)
         self.sampler.observe(torch.tensor([0], device=eng.device), torch.tensor([ids], device=eng.device))
         self.detok = Detokenizer(eng.tokenizer, params.stop) if params.stop and eng.tokenizer else None
+        self.simple = params.greedy and params.repetition_penalty == 1.0   # one batched argmax
+        self.active: set[int] = set()                     # expert ids with a nonzero gate
+        self.token_sum, self.token_count = None, 0        # token routing: gates summed on device
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
@@ -102,8 +113,9 @@ class Request:
         self.tokens.append(tok)
         if self.t_first is None:
             self.t_first = time.perf_counter()
-        self.sampler.observe(torch.tensor([0], device=self.sched.engine.device),
-                             torch.tensor([[tok]], device=self.sched.engine.device))
+        if self.params.repetition_penalty != 1.0:
+            self.sampler.observe(torch.tensor([0], device=self.sched.engine.device),
+                                 torch.tensor([[tok]], device=self.sched.engine.device))
         reason = None
         if tok in self.sched.engine.eos_ids:
             reason = "stop"
@@ -117,6 +129,9 @@ class Request:
         self._cond.notify_all()
 
     def _finish(self, reason: str) -> None:
+        if self.token_sum is not None:                    # the report reads the host copies
+            self.personas.token_sum[0] = self.token_sum.float().cpu()
+            self.personas.token_count[0] = float(self.token_count)
         self.finish_reason, self.t_done = reason, time.perf_counter()
         self._cond.notify_all()
 
@@ -124,30 +139,34 @@ class Request:
 class Scheduler:
     """The step loop over a pool of KV slots; see the module docstring.
 
-    slots: requests decoded together at most; max_len: cache columns per slot (prompt + new
-    tokens of one request; default the model's context, capped at 4096); prefill_chunk: prompt
-    tokens per prefill forward (a long prompt does not stall the running requests for long).
+    slots: requests in flight at most; max_len: cache columns per slot (prompt + new tokens of
+    one request; default the model's context, capped at 4096); prefill_budget: prompt tokens
+    prefilled per step, over all requests being prefilled (a long prompt or a burst of arrivals
+    delays the running requests' next token by one chunk of this size at most).
     """
 
     def __init__(self, engine, slots: int = 8, max_len: int | None = None,
-                 prefill_chunk: int = 256, background: bool = True):
-        if not isinstance(slots, int) or slots < 1:
-            raise RequestError(f"slots={slots!r}: expected an integer >= 1")
+                 prefill_budget: int = 128, background: bool = True):
+        for name, v in (("slots", slots), ("prefill_budget", prefill_budget)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise RequestError(f"{name}={v!r}: expected an integer >= 1")
         cfg = engine.config
         self.engine, self.background = engine, background
         self.max_len = int(max_len or min(cfg.max_position_embeddings, 4096))
         if self.max_len < 2:
             raise RequestError(f"max_len={max_len!r}: expected an integer >= 2")
-        self.prefill_chunk = max(1, int(prefill_chunk))
+        self.prefill_budget = prefill_budget
         m = engine.model
         self.cache = SlotCache(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, self.max_len,
                                cfg.head_dim, m.dtype, m.device)
         K = engine.bank.num_experts if engine.bank is not None else 0
-        self.gates = torch.zeros(slots, K, dtype=torch.float32, device=engine.device)
-        self.token_rows = torch.zeros(slots, dtype=torch.bool, device=engine.device)
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=engine.device)
+        dev = engine.device
+        self.gates = torch.zeros(slots, K, dtype=torch.float32, device=dev)      # a row per slot
+        self.token_rows = torch.zeros(slots, dtype=torch.bool, device=dev)
+        self.last_tok = torch.zeros(slots, dtype=torch.long, device=dev)       # each slot's last token
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []                   # running[i] owns slot i
+        self.decoding = 0                                  # running[:decoding] have their prompt in
         self.lock = threading.RLock()
         self._wake = threading.Condition(self.lock)
         self._thread: threading.Thread | None = None
@@ -220,126 +239,153 @@ class Scheduler:
     # the step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
-        """Retire the cancelled, admit, decode once, retire the finished."""
+        """Retire the cancelled, admit into free slots, prefill one budget of prompt tokens,
+        decode once, retire the finished."""
         with self.lock:
             for r in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(r)
                 r._finish("cancelled")
             self._retire()                   # cancelled since the last step: their slots are free
-            admit = []
-            while self.waiting and len(self.running) + len(admit) < self.slots:
-                admit.append(self.waiting.popleft())
-            if admit:
-                self._admit(admit)
-            self._retire()
-            if self.running:
+            while self.waiting and len(self.running) < self.slots:
+                self._admit(self.waiting.popleft())
+            if len(self.running) > self.decoding:
+                self._prefill()
+                self._retire()
+            if self.decoding:
                 self._decode()
                 self._retire()
             self.steps += 1
             if not self.background:          # the caller's thread: leave its settings as found
                 self._threads.restore()
 
-    def _admit(self, reqs: list[Request]) -> None:
-        """Prefill the prompts of ``reqs`` together into the next free slots (right-padded: row b
-        fills columns 0..len_b-1; the padding's columns are overwritten by its decode steps before
-        they are ever attended to) and sample each request's first token."""
-        eng, s0, m = self.engine, len(self.running), len(reqs)
-        dev = eng.device
-        lens = torch.tensor([len(r.ids) for r in reqs], device=dev)
-        P = int(lens.max())
-        tokens = torch.zeros(m, P, dtype=torch.long, device=dev)
-        for b, r in enumerate(reqs):
-            tokens[b, :len(r.ids)] = torch.tensor(r.ids, device=dev)
-            slot = s0 + b
-            if r.personas.any:
+    def _admit(self, r: Request) -> None:
+        """Give ``r`` the next free slot and its gate row (the sequence router reads its prompt
+        here); its prompt is prefilled by the following steps."""
+        eng, slot, dev = self.engine, len(self.running), self.engine.device
+        if r.personas.any:
+            if r.kind == SEQUENCE:
                 T = len(r.ids)
                 mask = attention_mask(torch.zeros(1, dtype=torch.long, device=dev), 0, T,
                                       eng.config.sliding_window)
-                r.personas.route(eng.model, tokens[b:b + 1, :T], torch.arange(T, device=dev).unsqueeze(0),
-                                 mask, torch.ones(1, T, dtype=torch.bool))
-                self.gates[slot] = r.personas.rows[0].to(dev)
-                self.token_rows[slot] = r.kind == TOKEN
-            else:
-                self.gates[slot] = 0
-                self.token_rows[slot] = False
-            r.slot, r.length = slot, 0
-            self.running.append(r)
-        positions = torch.arange(P, device=dev).expand(m, P)
-        view = self.cache.prefill_view(s0, m)
-        self._threads.rows(m * P)
-        first = [None] * m
-        for c0 in range(0, P, self.prefill_chunk):
-            c1 = min(P, c0 + self.prefill_chunk)
-            mask = attention_mask(torch.zeros(m, dtype=torch.long, device=dev), c0, c1 - c0,
-                                  eng.config.sliding_window)
-            last = lens - 1 - c0                       # each row's last prompt token, in this chunk?
-            valid = positions[:, c0:c1] < lens.view(-1, 1)
-            logits = self._forward(reqs, tokens[:, c0:c1], positions[:, c0:c1], view, c0, mask,
-                                   valid, pick=last.clamp(0, c1 - c0 - 1))[:, -1]
-            for b in ((last >= 0) & (last < c1 - c0)).nonzero().flatten().tolist():
-                first[b] = logits[b:b + 1]
-        for b, r in enumerate(reqs):
-            r.length = len(r.ids)
-            r._emit(int(r.sampler(first[b], [0])[0]))
+                r.personas.route(eng.model, torch.tensor([r.ids], device=dev),
+                                 torch.arange(T, device=dev).unsqueeze(0), mask,
+                                 torch.ones(1, T, dtype=torch.bool))
+            row = r.personas.rows[0]                # host copy: the active set costs no sync later
+            r.active = set(row.nonzero().flatten().tolist())
+            self.gates[slot] = row.to(dev)
+            self.token_rows[slot] = r.kind == TOKEN
+        else:
+            self.gates[slot] = 0
+            self.token_rows[slot] = False
+        r.slot, r.length = slot, 0
+        self.running.append(r)
+
+    def _prefill(self) -> None:
+        """One forward over the next ``prefill_budget`` prompt tokens of the prefilling requests
+        (slots decoding..n-1, in slot order, several requests right-padded into one chunk).  A
+        request whose prompt is complete samples its first token and starts decoding; since the
+        budget goes in slot order, those are always the first of the group."""
+        d, left, reqs, counts = self.decoding, self.prefill_budget, [], []
+        for r in self.running[d:]:
+            take = min(len(r.ids) - r.length, left)
+            if take <= 0:
+                break
+            reqs.append(r)
+            counts.append(take)
+            left -= take
+        view = self.cache.rows_view(d, [r.length for r in reqs], counts)
+        rows = [r.ids[r.length:r.length + c] + [0] * (view.T - c) for r, c in zip(reqs, counts)]
+        dev = self.engine.device
+        self._threads.rows(len(reqs) * view.T)
+        logits = self._forward(reqs, torch.tensor(rows, device=dev), view,
+                               pick=torch.tensor(counts, device=dev) - 1)[:, -1]
+        done = 0
+        for r, c in zip(reqs, counts):
+            r.length += c
+            done += r.length == len(r.ids)
+        if done:
+            self.decoding += done
+            self._sample(reqs[:done], logits[:done], d)
 
     def _decode(self) -> None:
-        """One token for every running request, each at its own position."""
-        n, dev = len(self.running), self.engine.device
-        lengths = self.lengths[:n]
-        lengths.copy_(torch.tensor([r.length for r in self.running], device=dev))
-        tokens = torch.tensor([[r.tokens[-1]] for r in self.running], device=dev)
-        view = self.cache.decode_view(lengths)
-        j = torch.arange(view.end, device=dev).view(1, -1)
-        seen = j <= lengths.view(-1, 1)
-        w = self.engine.config.sliding_window
-        if w is not None:
-            seen &= (lengths.view(-1, 1) - j) < w
+        """One token for every decoding request (slots 0..decoding-1), each at its own column."""
+        reqs = self.running[:self.decoding]
+        n = len(reqs)
+        view = self.cache.rows_view(0, [r.length for r in reqs], [1] * n)
         self._threads.rows(n)
-        logits = self._forward(self.running, tokens, lengths.view(-1, 1), view, 0,
-                               seen.view(n, 1, 1, -1), torch.ones(n, 1, dtype=torch.bool))[:, -1]
-        for b, r in enumerate(self.running):
+        logits = self._forward(reqs, self.last_tok[:n].view(n, 1), view)[:, -1]
+        for r in reqs:
             r.length += 1
-            if not r.done:
-                r._emit(int(r.sampler(logits[b:b + 1], [0])[0]))
+        self._sample(reqs, logits, 0)
 
-    def _forward(self, reqs: list[Request], tokens, positions, cache, start, mask, valid,
-                 pick=None):
-        """The model on rows ``reqs`` (their slots' gates); valid [n, T] marks real tokens, whose
-        token-routed gates are accumulated on each request for its report."""
+    def _sample(self, reqs: list[Request], logits: torch.Tensor, s0: int) -> None:
+        """Next tokens of ``reqs`` (slots s0..) from logits [n, V]: greedy rows by one argmax, the
+        others by their own samplers; one host sync for all of them."""
+        toks = logits.argmax(-1)
+        for b, r in enumerate(reqs):
+            if not r.simple:
+                toks[b] = r.sampler(logits[b:b + 1], [0])[0]
+        self.last_tok[s0:s0 + len(reqs)] = toks
+        for r, t in zip(reqs, toks.tolist()):
+            if not r.done:
+                r._emit(t)
+
+    def _forward(self, reqs: list[Request], tokens, view, pick=None):
+        """The model on the consecutive slots of ``reqs`` (their gate rows) through ``view``
+        (kv_cache.RowsView); token-routed gates are added up per request, on the device."""
         eng = self.engine
         mix = None
         if any(r.kind != BASE for r in reqs):
-            s0, T = reqs[0].slot, tokens.shape[1]    # reqs hold consecutive slots (running or admitted)
-            g, tok = self.gates[s0:s0 + len(reqs)], self.token_rows[s0:s0 + len(reqs)]
+            s0, n, T = reqs[0].slot, len(reqs), tokens.shape[1]
+            g, tok = self.gates[s0:s0 + n], self.token_rows[s0:s0 + n]
             if T > 1:
                 g, tok = g.repeat_interleave(T, 0), tok.repeat_interleave(T, 0)
-            mix = Mix(g, eng.backend, eng.bank.token_router, tok)
-        logits = eng.model(tokens, positions, cache, start, mask, mix=mix, pick=pick)
+            any_token = any(r.kind == TOKEN for r in reqs)
+            active = None if any_token else tuple(sorted(set().union(*(r.active for r in reqs))))
+            mix = Mix(g, eng.backend, eng.bank.token_router, tok, active=active, any_token=any_token)
+        positions = view.positions.clamp(max=eng.config.max_position_embeddings - 1)
+        logits = eng.model(tokens, positions, view, 0, view.mask(eng.config.sliding_window),
+                           mix=mix, pick=pick)
         if mix is not None and mix.token_sum is not None:
-            valid = valid.cpu()
+            sums = mix.token_sum.view(len(reqs), tokens.shape[1], -1) * view.valid.unsqueeze(-1)
+            layers = eng.config.num_hidden_layers
             for b, r in enumerate(reqs):
                 if r.kind == TOKEN:
-                    r.personas.add_token_gates([0], mix.token_sum.view(len(reqs), -1,
-                                                                       mix.token_sum.shape[-1])[b],
-                                               valid[b:b + 1], eng.config.num_hidden_layers)
+                    r.token_sum = sums[b].sum(0) + (0 if r.token_sum is None else r.token_sum)
+                    r.token_count += layers * view.counts[b]
         return logits
 
     def _retire(self) -> None:
-        """Drop finished and cancelled requests; the last running one takes each freed slot."""
+        """Drop finished and cancelled requests; the slots stay consecutive (see ``_vacate``)."""
         i = 0
         while i < len(self.running):
             r = self.running[i]
             if r.cancelled and not r.done:
                 r._finish("cancelled")
-            if not r.done:
+            if r.done:
+                self._vacate(i)
+                r.slot = -1
+            else:
                 i += 1
-                continue
-            last = len(self.running) - 1
-            if i != last:
-                moved = self.running[last]
-                self.cache.move(last, i)
-                self.gates[i], self.token_rows[i] = self.gates[last], self.token_rows[last]
-                moved.slot = i
-                self.running[i] = moved
-            self.running.pop()
-            r.slot = -1
+
+    def _vacate(self, i: int) -> None:
+        """Free slot i.  Decoding requests hold slots 0..d-1, prefilling ones d..n-1: a decoding
+        slot is refilled by the last decoding request and that one's by the last prefilling one;
+        a prefilling slot by the last prefilling one.  At most two slot rows are copied."""
+        d, last = self.decoding, len(self.running) - 1
+        if i < d:
+            if i != d - 1:
+                self._move(d - 1, i)
+            if last != d - 1:
+                self._move(last, d - 1)
+            self.decoding -= 1
+        elif i != last:
+            self._move(last, i)
+        self.running.pop()
+
+    def _move(self, src: int, dst: int) -> None:
+        r = self.running[src]
+        self.cache.move(src, dst, r.length)
+        self.gates[dst], self.token_rows[dst] = self.gates[src], self.token_rows[src]
+        self.last_tok[dst] = self.last_tok[src]
+        r.slot, self.running[dst] = dst, r

@@ -138,3 +138,27 @@ def test_token_router_against_independent_reference(bank):
     want[3:] = fixed[3:].double()
     assert (mix.gates.double() - want).abs().max() <= 1e-6
     assert mix.active == tuple(k for k in range(K) if want[:, k].abs().sum() > 0)
+
+
+def test_gathered_sets_are_kept_while_batches_alternate(bank):
+    """A continuous batch alternates active sets (the decode batch's, each admitted prompt's): the
+    Linear keeps the gathered copies of recent sets instead of rebuilding them every call, and the
+    outputs with a host-given active set equal those it finds itself."""
+    from pf_engine import mixing
+    lin, w, b, shapes = make_linear(bank, "qkv", True, seed=9)
+    x = torch.randn(1, 2, shapes[0][1])
+    g1, g2 = torch.zeros(2, len(NAMES)), torch.zeros(2, len(NAMES))
+    g1[:, [0, 3]], g2[:, 1] = 0.5, 0.8
+    lin(x, Mix(g1, "torch"))
+    first = lin._active[(0, 3)]
+    for _ in range(3):
+        out2 = lin(x, Mix(g2, "torch", active=(1,)))
+        out1 = lin(x, Mix(g1, "torch"))
+    assert lin._active[(0, 3)] is first
+    want = reference(bank, "qkv", w, b, shapes, x[0], g2)
+    assert (torch.cat(out2, -1)[0].double() - want).abs().max() <= 1e-5 * (1 + want.abs().max())
+    for e in range(len(NAMES)):                             # more sets than are kept
+        g = torch.zeros(2, len(NAMES))
+        g[:, e] = 1.0
+        lin(x, Mix(g, "torch"))
+    assert len(lin._active) == mixing.GATHERED_SETS < len(NAMES) and (0, 3) not in lin._active

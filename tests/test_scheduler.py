@@ -40,7 +40,7 @@ def test_requests_joining_and_leaving_match_each_alone(engines):
     """Arrivals at different steps, different prompt and output lengths, every persona kind,
     fewer slots than requests (some wait): each request's greedy tokens and gates are its own."""
     eng = engines["torch"]
-    sched = eng.scheduler(slots=3, max_len=64, prefill_chunk=4, background=False)
+    sched = eng.scheduler(slots=3, max_len=64, prefill_budget=4, background=False)
     specs = [(prompt(3 + 2 * i, i), PERSONAS[i % len(PERSONAS)], 4 + 3 * (i % 3)) for i in range(8)]
     arrive = [0, 0, 1, 2, 2, 5, 7, 7]                       # the step each request is submitted at
     reqs = {}
@@ -120,6 +120,29 @@ def test_a_request_larger_than_a_slot_is_refused(engines):
     with pytest.raises(RequestError, match="unknown expert 'nobody'"):
         sched.submit(prompt(3, 0), SamplingParams(max_new_tokens=2), {"nobody": 1.0})
     assert not sched.pending()
+
+
+def test_a_long_prompt_is_prefilled_a_budget_per_step_while_others_decode(engines):
+    """prefill_budget bounds the prompt tokens per step: a 19-token prompt arriving beside a
+    decoding request takes five steps of at most 4 tokens, and the decoding request gets one
+    token in every one of them; both still equal their runs alone."""
+    eng = engines["torch"]
+    sched = eng.scheduler(slots=2, max_len=64, prefill_budget=4, background=False)
+    a = sched.submit(prompt(3, 5), SamplingParams(max_new_tokens=12), DENSE)
+    sched.step()                                     # a's prompt fits one budget: it decodes
+    assert sched.decoding == 1 and len(a.tokens) == 2
+    b = sched.submit(prompt(19, 6), SamplingParams(max_new_tokens=3), "auto")
+    seen = []
+    while not b.tokens:
+        before = len(a.tokens)
+        sched.step()
+        seen.append(b.length)
+        assert len(a.tokens) == before + 1           # a is never stalled by b's prompt
+    assert seen == [4, 8, 12, 16, 20] and sched.decoding == 2    # 19 prompt + its first decode
+    assert a.result().token_ids == alone(eng, a.ids, DENSE, 12).token_ids
+    assert b.result().token_ids == alone(eng, b.ids, "auto", 3).token_ids
+    with pytest.raises(RequestError, match=r"prefill_budget=0: expected an integer >= 1"):
+        eng.scheduler(prefill_budget=0)
 
 
 def test_submit_in_the_background(engines):
