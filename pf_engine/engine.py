@@ -9,10 +9,10 @@ token budget) leaves the batch and its KV-cache rows are dropped, so it costs no
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -23,70 +23,14 @@ from .loading import check_model_path, load_weights
 from .mixing import Mix, resolve_backend
 from .model import Decoder, attention_mask
 from .persona import Personas
-from .sampling import Sampler, SamplingParams
+from .sampling import SamplingParams
+from .outputs import GenerationOutput, Stats  # noqa: F401 - re-exported
+from .threads import CpuThreads  # noqa: F401 - re-exported
 from .tokenizer import Detokenizer, Tokenizer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class GenerationOutput:
-    text: str
-    token_ids: list[int]
-    finish_reason: str                  # "stop" (EOS or a stop string), "length" or "cancelled"
-    usage: dict = field(default_factory=dict)   # prompt_tokens, completion_tokens
-    gates: dict | None = None           # persona weights used (with an adapter bank)
-
-
-@dataclass
-class Stats:
-    """Timings of the last generate/stream call (seconds, tokens)."""
-    prefill_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_tokens: int = 0
-    decode_s: float = 0.0
-
-    @property
-    def prefill_tps(self) -> float:
-        return self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0
-
-    @property
-    def decode_tps(self) -> float:
-        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
-
-
-class CpuThreads:
-    """Thread policy for CPU decode steps (see mixing.mm).
-
-    A step with a single row runs its GEMVs in numpy's BLAS with the caller's torch thread count,
-    and torch itself at one thread: torch's OpenMP workers would otherwise spin between their
-    parallel regions and starve the BLAS threads on the same cores.  Steps with several rows
-    (prefill, batched decode) use torch's GEMM with its threads as set.  ``rows`` switches only
-    when the mode changes; ``restore`` puts everything back.
-    """
-
-    def __init__(self, device: torch.device):
-        self.enabled = device.type == "cpu"
-        self.threads = torch.get_num_threads()
-        self.limit = None
-
-    def rows(self, n: int) -> None:
-        if not self.enabled or (n == 1) == (self.limit is not None):
-            return
-        if n == 1:
-            from threadpoolctl import threadpool_limits
-            self.limit = threadpool_limits(self.threads, user_api="blas")
-            torch.set_num_threads(1)
-        else:
-            self.restore()
-
-    def restore(self) -> None:
-        if self.limit is not None:
-            torch.set_num_threads(self.threads)
-            self.limit.restore_original_limits()
-            self.limit = None
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -234,90 +178,25 @@ class Engine:
             personas.add_token_gates(rows, mix.token_sum, valid, self.config.num_hidden_layers)
         return logits
 
-    def _steps(self, prompts: list[list[int]], params: SamplingParams,
-               personas: Personas, release_threads: bool = False) -> Iterator[list]:
-        """Yields, after each step, [(request, token, finish_reason | None), ...].
-
-        Finished requests leave the batch (their KV-cache rows are dropped).  release_threads:
-        put the process-wide thread settings back while paused at each yield (``stream`` hands
-        control to the caller's code there; ``generate`` does not).
-        """
-        dev, cfg = self.device, self.config
-        B = len(prompts)
-        lens = [len(p) for p in prompts]
-        P = max(lens)
-        budget = [min(params.max_new_tokens, cfg.max_position_embeddings - n) for n in lens]
-        cache = self.model.new_cache(B, P + max(budget))
-        pad = torch.tensor([P - n for n in lens], device=dev)
-        tokens = torch.zeros(B, P, dtype=torch.long, device=dev)
-        for i, p in enumerate(prompts):
-            tokens[i, P - len(p):] = torch.tensor(p, device=dev)
-        sampler = Sampler(params, B, cfg.vocab_size, dev)
-        for i, p in enumerate(prompts):
-            sampler.observe(torch.tensor([i], device=dev), torch.tensor([p], device=dev))
-        detok = ([Detokenizer(self.tokenizer, params.stop) for _ in range(B)]
-                 if params.stop and self.tokenizer is not None else None)
-        self.stats = st = Stats(prefill_tokens=sum(lens))
-
-        t0 = time.perf_counter()
-        cols = torch.arange(P, device=dev).unsqueeze(0)
-        positions = (cols - pad.unsqueeze(1)).clamp(min=0)
-        mask = attention_mask(pad, 0, P, cfg.sliding_window)
-        real = cols >= pad.unsqueeze(1)                                 # (B, P) not padding
-        if personas.any:
-            personas.route(self.model, tokens, positions, mask, real)
-        logits = self._forward(personas, list(range(B)), tokens, positions, cache, 0, mask, real,
-                               True)[:, -1]
-        active = list(range(B))
-        col, produced = P, [0] * B
-        threads = CpuThreads(dev)
-        try:
-            while True:
-                nxt = sampler(logits, active)
-                if st.prefill_s == 0.0:
-                    st.prefill_s = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                sampler.observe(torch.tensor(active, device=dev), nxt.unsqueeze(1))
-                events, keep = [], []
-                for j, (r, t) in enumerate(zip(active, nxt.tolist())):
-                    produced[r] += 1
-                    reason = None
-                    if t in self.eos_ids:
-                        reason = "stop"
-                    elif detok is not None:
-                        detok[r].add(t)
-                        reason = "stop" if detok[r].stopped else None
-                    if reason is None and produced[r] >= budget[r]:
-                        reason = "length"
-                    events.append((r, t, reason))
-                    if reason is None:
-                        keep.append(j)
-                st.decode_tokens += len(active)
-                if release_threads:
-                    threads.restore()
-                yield events
-                if not keep:
-                    break
-                if len(keep) < len(active):                # finished requests leave the batch
-                    idx = torch.tensor(keep, device=dev)
-                    cache.keep(idx)
-                    pad, nxt = pad[idx], nxt[idx]
-                    active = [active[j] for j in keep]
-                threads.rows(len(active))
-                logits = self._forward(personas, active, nxt.unsqueeze(1), (col - pad).unsqueeze(1),
-                                       cache, col, attention_mask(pad, col, 1, cfg.sliding_window),
-                                       torch.ones(len(active), 1, dtype=torch.bool), False)[:, -1]
-                col += 1
-        finally:
-            threads.restore()
-        st.decode_s = time.perf_counter() - t0
-        # The first token comes from the prefill's logits: count decode work as the rest.
-        st.decode_tokens -= B
-
     def _prepare(self, prompts, persona, chat, truncate, **sampling):
+        """Encoded prompts, their SamplingParams (request i seeded with seed + i) and persona
+        specs, all checked before anything runs."""
         params = SamplingParams(**sampling)
         ids = self._fit_context(self._encode(prompts, chat), params.max_new_tokens, truncate)
-        return ids, params, Personas(self.bank, persona, len(ids))
+        Personas(self.bank, persona, len(ids))                  # checks every spec and the count
+        specs = list(persona) if isinstance(persona, (list, tuple)) else [persona] * len(ids)
+        per = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+               for i in range(len(ids))]
+        return ids, per, specs
+
+    def _private(self, ids: list[list[int]], per: list[SamplingParams], specs: list):
+        """A scheduler of its own for one generate/stream call: a slot per prompt, a pool just
+        long enough, every prompt prefilled in the first step (all arrive at once)."""
+        from .scheduler import Scheduler
+        ctx = self.config.max_position_embeddings
+        need = max(len(p) + min(q.max_new_tokens, ctx - len(p)) for p, q in zip(ids, per))
+        sched = Scheduler(self, len(ids), max(2, need), sum(len(p) for p in ids), background=False)
+        return sched, [sched.submit(p, q, s) for p, q, s in zip(ids, per, specs)]
 
     def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
@@ -329,19 +208,18 @@ class Engine:
         seed: request i is seeded with seed + i.  stop: str or list of str (cut from the text).
         chat: wrap each text prompt in the tokenizer's chat template as a user message.
         truncate: keep the last tokens of a prompt longer than the context instead of failing.
+
+        A static batch is a continuous batch whose requests all arrive at once: the prompts run
+        through a scheduler of their own (scheduler.py), each leaving when it is done.
         """
-        ids, params, personas = self._prepare(prompts, persona, chat, truncate,
-                                    max_new_tokens=max_new_tokens, temperature=temperature,
-                                    top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                                    seed=seed, stop=stop)
-        gen = [[] for _ in ids]
-        reasons = [None] * len(ids)
-        for events in self._steps(ids, params, personas):
-            for r, t, reason in events:
-                gen[r].append(t)
-                reasons[r] = reason
-        return [self._output(p, g, why, params, personas.report(i))
-                for i, (p, g, why) in enumerate(zip(ids, gen, reasons))]
+        ids, per, specs = self._prepare(prompts, persona, chat, truncate,
+                                        max_new_tokens=max_new_tokens, temperature=temperature,
+                                        top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                                        seed=seed, stop=stop)
+        sched, reqs = self._private(ids, per, specs)
+        sched.run()
+        self.stats = sched.stats
+        return [r.result() for r in reqs]
 
     def _output(self, prompt, gen, reason, params, gates) -> GenerationOutput:
         text = ""
@@ -365,18 +243,19 @@ class Engine:
         if not isinstance(prompt, str) and not (isinstance(prompt, list) and prompt
                                                 and isinstance(prompt[0], int)):
             raise RequestError("stream takes one prompt: a string or a list of token ids")
-        ids, params, personas = self._prepare(prompt, persona, chat, truncate,
-                                    max_new_tokens=max_new_tokens, temperature=temperature,
-                                    top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                                    seed=seed, stop=stop)
-        detok = Detokenizer(self.tokenizer, params.stop)
-        for events in self._steps(ids, params, personas, release_threads=True):
-            for _, t, _ in events:
-                if t in self.eos_ids:
-                    continue
-                piece = detok.add(t)
-                if piece:
-                    yield piece
+        ids, per, specs = self._prepare(prompt, persona, chat, truncate,
+                                        max_new_tokens=max_new_tokens, temperature=temperature,
+                                        top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                                        seed=seed, stop=stop)
+        sched, (req,) = self._private(ids, per, specs)
+        detok = Detokenizer(self.tokenizer, per[0].stop)
+        for t in req:                       # each step runs in here; settings restored between
+            if t in self.eos_ids:
+                continue
+            piece = detok.add(t)
+            if piece:
+                yield piece
+        self.stats = sched.stats
         tail = detok.flush()
         if tail:
             yield tail

@@ -1,9 +1,9 @@
-"""Preallocated KV cache for a batch of sequences.
+"""KV caches.
 
-Buffers are allocated once per generation for ``max_len`` columns.  All sequences share column
-indices: prompts are left-padded so that they end in the same column, and every decode step writes
-the same column for every row.  Which columns a row may attend to is the mask's business
-(engine.attention_mask), not the cache's.
+``KVCache``: one forward over whole sequences (``Engine.logits``, the router's hidden states):
+every row writes the same columns; which columns a row may attend to is the mask's business
+(model.attention_mask), not the cache's.  ``SlotCache`` and ``RowsView``: the scheduler's pool,
+where every row writes at its own columns (generation, continuous batching).
 
     k, v: [layers, B, H_kv, max_len, head_dim]
 """
@@ -32,11 +32,6 @@ class KVCache:
         kc[:, :, start:end] = k
         vc[:, :, start:end] = v
         return kc[:, :, :end], vc[:, :, :end]
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Drop finished sequences: keep only batch ``rows`` (a LongTensor of row indices)."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
 
 
 class SlotCache:
@@ -78,7 +73,7 @@ class RowsView:
     """
 
     def __init__(self, pool: SlotCache, s0: int, starts: list[int], counts: list[int]):
-        self.pool, self.s0, self.m, self.counts = pool, s0, len(starts), counts
+        self.pool, self.s0, self.m, self.starts, self.counts = pool, s0, len(starts), starts, counts
         self.T = max(counts)
         self.end = max(s + c for s, c in zip(starts, counts))
         if self.end > pool.max_len:
@@ -108,7 +103,11 @@ class RowsView:
     def update(self, layer: int, start, k: torch.Tensor, v: torch.Tensor):
         """k, v [m, H_kv, T, D] -> the m rows' keys and values [m, H_kv, end, D] (views)."""
         kc, vc = self.pool.k[layer], self.pool.v[layer]
-        if self.T == 1:
+        if self.m == 1:                     # one row: a slice write (cheaper than indexing)
+            c0, c1 = self.starts[0], self.starts[0] + self.counts[0]
+            kc[self.s0, :, c0:c1] = k[0, :, :c1 - c0]
+            vc[self.s0, :, c0:c1] = v[0, :, :c1 - c0]
+        elif self.T == 1:
             kc[self.rows, :, self.cols] = k[:, :, 0]
             vc[self.rows, :, self.cols] = v[:, :, 0]
         else:

@@ -5,6 +5,8 @@ decode steps.
     for token_id in req: ...          # as they are produced
     out = req.result()                # GenerationOutput (text, token_ids, finish_reason, gates)
     req.cancel()                      # finish_reason "cancelled"
+    async for token_id in req: ...    # from asyncio (the server), and
+    out = await req                   # without blocking the event loop
 
 Each ``step``: admit waiting requests into free slots; prefill up to ``prefill_budget`` prompt
 tokens of the requests being admitted (several prompts right-padded into one chunk, each row at
@@ -27,8 +29,8 @@ ends.  Not captured in CUDA graphs yet (positions and views are built on the hos
 Personas per request, as ``generate`` takes them: None, explicit weights, "auto" (the sequence
 router reads the prompt at admission) or "token" (the token router in every layer and step).
 A background thread runs steps while requests are pending (``Engine.submit`` starts it); tests
-and benchmarks can drive ``step()`` themselves with ``background=False``.
-
+and benchmarks can drive ``step()`` themselves with ``background=False``.  The client's side,
+``Request``, is in request.py.
 """
 from __future__ import annotations
 
@@ -38,102 +40,15 @@ import time
 
 import torch
 
-from .engine import CpuThreads, GenerationOutput
 from .errors import RequestError
 from .kv_cache import SlotCache
 from .mixing import Mix
 from .model import attention_mask
-from .persona import BASE, SEQUENCE, TOKEN, Personas
-from .sampling import Sampler, SamplingParams
-from .tokenizer import Detokenizer
-
-
-class Request:
-    """One submitted request: iterate it for its token ids, ``result()`` for the whole output."""
-
-    def __init__(self, sched: "Scheduler", ids: list[int], params: SamplingParams, persona):
-        eng = sched.engine
-        self.sched, self.ids, self.params = sched, list(ids), params
-        self.personas = Personas(eng.bank, [persona], 1)       # validates the spec now
-        self.kind = self.personas.kinds[0]
-        ctx = eng.config.max_position_embeddings
-        self.budget = min(params.max_new_tokens, ctx - len(ids))
-        self.sampler = Sampler(params, 1, eng.config.vocab_size, eng.device)
-        self.sampler.observe(torch.tensor([0], device=eng.device), torch.tensor([ids], device=eng.device))
-        self.detok = Detokenizer(eng.tokenizer, params.stop) if params.stop and eng.tokenizer else None
-        self.simple = params.greedy and params.repetition_penalty == 1.0   # one batched argmax
-        self.active: set[int] = set()                     # expert ids with a nonzero gate
-        self.token_sum, self.token_count = None, 0        # token routing: gates summed on device
-        self.tokens: list[int] = []
-        self.finish_reason: str | None = None
-        self.error: BaseException | None = None
-        self.cancelled = False
-        self.slot = -1
-        self.length = 0                                   # cache columns filled
-        self.t_submit, self.t_first, self.t_done = time.perf_counter(), None, None
-        self._cond = threading.Condition(sched.lock)
-
-    # client side ------------------------------------------------------------------------------
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None or self.error is not None
-
-    def __iter__(self):
-        i = 0
-        while True:
-            with self._cond:
-                self.sched._pump_until(self, lambda: len(self.tokens) > i or self.done)
-                if self.error is not None:
-                    raise self.error
-                if len(self.tokens) > i:
-                    tok, i = self.tokens[i], i + 1
-                else:
-                    return
-            yield tok
-
-    def result(self, timeout: float | None = None) -> GenerationOutput:
-        with self._cond:
-            if not self.sched._pump_until(self, lambda: self.done, timeout):
-                raise TimeoutError(f"request not finished after {timeout} s")
-            if self.error is not None:
-                raise self.error
-        return self.sched.engine._output(self.ids, self.tokens, self.finish_reason, self.params,
-                                         self.personas.report(0))
-
-    def cancel(self) -> None:
-        """Stop the request: it leaves at the next step (finish_reason "cancelled")."""
-        with self._cond:
-            if not self.done:
-                self.cancelled = True
-                self.sched._wake.notify_all()
-
-    # scheduler side ---------------------------------------------------------------------------
-    def _emit(self, tok: int) -> None:
-        """Record a sampled token and decide whether the request is finished."""
-        self.tokens.append(tok)
-        if self.t_first is None:
-            self.t_first = time.perf_counter()
-        if self.params.repetition_penalty != 1.0:
-            self.sampler.observe(torch.tensor([0], device=self.sched.engine.device),
-                                 torch.tensor([[tok]], device=self.sched.engine.device))
-        reason = None
-        if tok in self.sched.engine.eos_ids:
-            reason = "stop"
-        elif self.detok is not None:
-            self.detok.add(tok)
-            reason = "stop" if self.detok.stopped else None
-        if reason is None and len(self.tokens) >= self.budget:
-            reason = "length"
-        if reason is not None:
-            self._finish(reason)
-        self._cond.notify_all()
-
-    def _finish(self, reason: str) -> None:
-        if self.token_sum is not None:                    # the report reads the host copies
-            self.personas.token_sum[0] = self.token_sum.float().cpu()
-            self.personas.token_count[0] = float(self.token_count)
-        self.finish_reason, self.t_done = reason, time.perf_counter()
-        self._cond.notify_all()
+from .outputs import Stats
+from .persona import BASE, SEQUENCE, TOKEN
+from .request import Request
+from .sampling import SamplingParams
+from .threads import CpuThreads
 
 
 class Scheduler:
@@ -172,6 +87,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._threads = CpuThreads(engine.device)
         self.steps = 0
+        self.stats = Stats()
 
     @property
     def slots(self) -> int:
@@ -229,7 +145,7 @@ class Scheduler:
                 with self.lock:
                     for r in list(self.waiting) + self.running:
                         r.error = e
-                        r._cond.notify_all()
+                        r._notify()
                     self.waiting.clear()
                     self.running.clear()
                     self._threads.restore()
@@ -238,25 +154,37 @@ class Scheduler:
 
     # the step -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self) -> None:
+    def step(self, restore: bool = True) -> None:
         """Retire the cancelled, admit into free slots, prefill one budget of prompt tokens,
-        decode once, retire the finished."""
+        decode once, retire the finished.  ``stats`` adds up the time and tokens of both."""
         with self.lock:
             for r in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(r)
                 r._finish("cancelled")
             self._retire()                   # cancelled since the last step: their slots are free
+            st, t0 = self.stats, time.perf_counter()
             while self.waiting and len(self.running) < self.slots:
                 self._admit(self.waiting.popleft())
             if len(self.running) > self.decoding:
                 self._prefill()
                 self._retire()
+            t1 = time.perf_counter()
             if self.decoding:
                 self._decode()
                 self._retire()
+            st.prefill_s, st.decode_s = st.prefill_s + t1 - t0, st.decode_s + time.perf_counter() - t1
             self.steps += 1
-            if not self.background:          # the caller's thread: leave its settings as found
+            if not self.background and restore:   # the caller's thread: leave it as found
                 self._threads.restore()
+
+    def run(self) -> None:
+        """Step until nothing is pending (the caller's thread; thread settings put back once,
+        at the end): what ``generate`` does with its private scheduler."""
+        try:
+            while self.pending():
+                self.step(restore=False)
+        finally:
+            self._threads.restore()
 
     def _admit(self, r: Request) -> None:
         """Give ``r`` the next free slot and its gate row (the sequence router reads its prompt
@@ -299,6 +227,7 @@ class Scheduler:
         self._threads.rows(len(reqs) * view.T)
         logits = self._forward(reqs, torch.tensor(rows, device=dev), view,
                                pick=torch.tensor(counts, device=dev) - 1)[:, -1]
+        self.stats.prefill_tokens += sum(counts)
         done = 0
         for r, c in zip(reqs, counts):
             r.length += c
@@ -316,6 +245,7 @@ class Scheduler:
         logits = self._forward(reqs, self.last_tok[:n].view(n, 1), view)[:, -1]
         for r in reqs:
             r.length += 1
+        self.stats.decode_tokens += n
         self._sample(reqs, logits, 0)
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor, s0: int) -> None:

@@ -12,6 +12,8 @@ from pf_engine import Engine
 from pf_engine.adapters import BIG_FIVE, AdapterBank
 from pf_engine.config import ModelConfig
 from pf_engine.errors import RequestError
+from pf_engine.model import attention_mask
+from pf_engine.persona import Personas
 from pf_engine.sampling import SamplingParams
 
 TOP2 = {BIG_FIVE[0]: 0.7, BIG_FIVE[3]: 0.3}
@@ -32,8 +34,30 @@ def prompt(n: int, seed: int) -> list[int]:
     return torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+class Alone:
+    """A request run alone without a KV cache or a scheduler: each token is the argmax of
+    ``Engine.logits`` over the whole sequence so far (a different code path from the one under
+    test).  "auto" routes on the prompt only, as the scheduler does; its gates are then passed
+    as explicit weights."""
+
+    def __init__(self, token_ids, finish_reason):
+        self.token_ids, self.finish_reason = token_ids, finish_reason
+
+
 def alone(eng, ids, persona, n):
-    return eng.generate([ids], max_new_tokens=n, persona=[persona])[0]
+    if persona == "auto":
+        p = Personas(eng.bank, ["auto"], 1)
+        T = len(ids)
+        mask = attention_mask(torch.zeros(1, dtype=torch.long), 0, T, None)
+        p.route(eng.model, torch.tensor([ids]), torch.arange(T).unsqueeze(0), mask,
+                torch.ones(1, T, dtype=torch.bool))
+        persona = {name: float(w) for name, w in zip(eng.bank.expert_names, p.rows[0]) if w != 0}
+    seq = list(ids)
+    for _ in range(n):
+        seq.append(int(eng.logits([seq], persona=[persona])[0, -1].argmax()))
+        if seq[-1] in eng.eos_ids:
+            return Alone(seq[len(ids):], "stop")
+    return Alone(seq[len(ids):], "length")
 
 
 def test_requests_joining_and_leaving_match_each_alone(engines):
@@ -54,10 +78,12 @@ def test_requests_joining_and_leaving_match_each_alone(engines):
         assert len(sched.running) <= 3
         step += 1
     for i, (ids, persona, n) in enumerate(specs):
-        want = alone(eng, ids, persona, n)
         got = reqs[i].result()
+        want = alone(eng, ids, persona, n)
         assert got.token_ids == want.token_ids, (i, persona)
         assert got.finish_reason == want.finish_reason
+        want = eng.generate([ids], max_new_tokens=n, persona=[persona])[0]     # the gates used
+        assert got.token_ids == want.token_ids
         assert (got.gates is None) == (want.gates is None)
         if want.gates is not None:
             assert got.gates["kind"] == want.gates["kind"]
@@ -185,3 +211,33 @@ def test_triton_kernels_through_the_scheduler(engines, hf_model_dir, monkeypatch
         for i, r in enumerate(reqs):
             out[i] = r.result().token_ids
     assert got == want
+
+
+def test_asyncio_clients(engines):
+    """``async for`` and ``await`` on requests from one event loop, run concurrently by the
+    background scheduler: the same tokens as the blocking forms; cancel from a coroutine."""
+    import asyncio
+    eng = engines["torch"]
+    eng.scheduler(slots=2)
+
+    async def main():
+        async def one(i):
+            req = eng.submit(prompt(5 + i, 200 + i), max_new_tokens=4 + i, persona=PERSONAS[i])
+            toks = [t async for t in req]
+            return toks, await req
+        outs = await asyncio.gather(*(one(i) for i in range(3)))
+        long = eng.submit(prompt(6, 300), max_new_tokens=40)
+        async for _ in long:
+            long.cancel()
+        return outs, await long
+    outs, cancelled = asyncio.run(asyncio.wait_for(main(), 120))
+    for i, (toks, out) in enumerate(outs):
+        assert toks == out.token_ids == alone(eng, prompt(5 + i, 200 + i), PERSONAS[i], 4 + i).token_ids
+    assert cancelled.finish_reason == "cancelled" and len(cancelled.token_ids) < 40
+
+    sched = eng.scheduler(slots=1, background=False)
+    req = sched.submit(prompt(3, 1), SamplingParams(max_new_tokens=2))
+    with pytest.raises(RequestError, match="need a background scheduler"):
+        asyncio.run(req._aresult())
+    req.cancel()
+    sched.step()

@@ -1,0 +1,30 @@
+"""What generation returns: per-request outputs and per-call timings."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    token_ids: list[int]
+    finish_reason: str                  # "stop" (EOS or a stop string), "length" or "cancelled"
+    usage: dict = field(default_factory=dict)   # prompt_tokens, completion_tokens
+    gates: dict | None = None           # persona weights used (with an adapter bank)
+
+
+@dataclass
+class Stats:
+    """Timings of the last generate/stream call (seconds, tokens)."""
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
