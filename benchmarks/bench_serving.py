@@ -1,8 +1,8 @@
 """A stream of requests with Poisson arrivals and mixed personas: continuous batching against static
 batching, on the bundled model.
 
-    python benchmarks/bench_serving.py                      # 24 requests, ~2 req/s, CPU fp32
-    python benchmarks/bench_serving.py --requests 8 --rate 4 --model DIR --out results/x.json
+    python benchmarks/bench_serving.py                      # 24 requests at 0.5, 1, 2 req/s
+    python benchmarks/bench_serving.py --requests 8 --rates 4 --model DIR --out results/x.json
 
 The stream (seeded): arrival gaps ~ Exp(1 / rate); each request takes one of the prompts below,
 max_new_tokens uniform in [--min-new, --max-new] (EOS ignored, so every request makes exactly
@@ -16,7 +16,10 @@ sequence router; a seeded random bank of ten rank-16 experts).  The same stream 
                     mix's cost is throughput(base) / throughput(mixed)
     continuous-naive  the continuous run with the naive mixing backend
 
-Per run: throughput = generated tokens / (last completion - first arrival); time to first token
+Each rate runs continuous and static; the highest rate (the most loaded) also runs continuous-base
+and continuous-naive.  Per run: throughput = generated tokens / (last completion - first
+arrival); engine busy = the engine's compute time / that span (near 1: the machine is saturated and
+throughput is bounded by compute, not by scheduling); time to first token
 (TTFT) = first token - arrival; time per output token (TPOT) = (completion - first token) /
 (tokens - 1); p50 and p99 of both.  Static batches cannot report a request's first token before
 the call returns, so their TTFT is the batch start + its prefill time (engine.stats).
@@ -63,20 +66,20 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def summary(name: str, recs: list[dict], t0: float) -> dict:
-    """recs: arrival, first, done (absolute), tokens -> the run's figures."""
+def summary(name: str, rate: float, recs: list[dict], t0: float, busy: float) -> dict:
+    """recs: arrival, first, done (absolute), tokens; busy: compute seconds -> the run's figures."""
     ttft = [r["first"] - r["arrival"] for r in recs]
     tpot = [(r["done"] - r["first"]) / (r["tokens"] - 1) for r in recs if r["tokens"] > 1]
     span = max(r["done"] for r in recs) - t0
-    return {"run": name, "requests": len(recs), "tokens": sum(r["tokens"] for r in recs),
-            "seconds": span, "throughput_tok_s": sum(r["tokens"] for r in recs) / span,
+    return {"run": name, "rate": rate, "requests": len(recs), "tokens": sum(r["tokens"] for r in recs),
+            "seconds": span, "engine_busy": busy / span, "throughput_tok_s": sum(r["tokens"] for r in recs) / span,
             "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": pct(ttft, 0.99),
             "tpot_p50_s": statistics.median(tpot) if tpot else None,
             "tpot_p99_s": pct(tpot, 0.99) if tpot else None}
 
 
-def run_continuous(eng, stream: list[dict], slots: int, drop_personas: bool = False) -> list[dict]:
-    eng.scheduler(slots=slots)                     # a fresh one: empty pool, background thread
+def run_continuous(eng, stream: list[dict], slots: int, budget: int, drop_personas: bool = False):
+    eng.scheduler(slots=slots, prefill_budget=budget)   # a fresh one: empty pool, background thread
     t0 = time.perf_counter()
     reqs = []
     for s in stream:
@@ -90,13 +93,14 @@ def run_continuous(eng, stream: list[dict], slots: int, drop_personas: bool = Fa
         out = r.result()
         recs.append({"arrival": arrival, "first": r.t_first, "done": r.t_done,
                      "tokens": len(out.token_ids)})
-    return recs, t0
+    st = eng.scheduler().stats
+    return recs, t0, st.prefill_s + st.decode_s
 
 
 def run_static(eng, stream: list[dict], slots: int) -> list[dict]:
     """generate() alone: each call takes every request arrived by then (up to ``slots``)."""
     t0 = time.perf_counter()
-    recs, i = [], 0
+    recs, i, busy = [], 0, 0.0
     while i < len(stream):
         now = time.perf_counter() - t0
         if stream[i]["arrival"] > now:
@@ -109,6 +113,7 @@ def run_static(eng, stream: list[dict], slots: int) -> list[dict]:
         outs = eng.generate([s["prompt"] for s in batch], max_new_tokens=max(s["max_new"] for s in batch),
                             chat=True, persona=[s["persona"] for s in batch])
         end = time.perf_counter()
+        busy += end - start
         first = start + eng.stats.prefill_s
         for s, o in zip(batch, outs):
             n = s["max_new"]        # the request's own budget; tokens past it are not counted
@@ -116,24 +121,42 @@ def run_static(eng, stream: list[dict], slots: int) -> list[dict]:
             step = (end - first) / max(1, len(o.token_ids) - 1)
             recs.append({"arrival": t0 + s["arrival"], "first": first,
                          "done": first + step * (n - 1), "tokens": n})
-    return recs, t0
+    return recs, t0, busy
+
+
+def goals(runs: list[dict]) -> list[dict]:
+    """Per rate: continuous / static throughput (goal >= 2), static / continuous p99 TTFT
+    (goal >= 3); at the rate with a base run, base / mixed throughput (goal <= 1.3)."""
+    out = []
+    for rate in sorted({r["rate"] for r in runs}):
+        by = {r["run"]: r for r in runs if r["rate"] == rate}
+        g = {"rate": rate,
+             "throughput_ratio": by["continuous"]["throughput_tok_s"] / by["static"]["throughput_tok_s"],
+             "ttft_p99_ratio": by["static"]["ttft_p99_s"] / by["continuous"]["ttft_p99_s"]}
+        if "continuous-base" in by:
+            g["persona_cost"] = by["continuous-base"]["throughput_tok_s"] / by["continuous"]["throughput_tok_s"]
+        out.append(g)
+    return out
 
 
 def markdown(result: dict) -> str:
     lines = [f"{result['machine']['cpu']}, {result['threads']} threads, {result['device']}, "
-             f"{result['requests']} requests at {result['rate']} req/s (Poisson), {result['slots']} "
-             f"slots, {result['min_new']}-{result['max_new']} new tokens", ""]
+             f"{result['requests']} requests per rate (Poisson arrivals), {result['slots']} slots, "
+             f"prefill budget {result['prefill_budget']} tokens/step, {result['min_new']}-"
+             f"{result['max_new']} new tokens", ""]
     if result.get("busy"):
         lines += [f"**Warning: {result['busy']}.**", ""]
-    lines += ["| run | tokens/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | TPOT p99 ms |",
-              "|---|---|---|---|---|---|"]
+    lines += ["| req/s | run | tokens/s | engine busy | TTFT p50 s | TTFT p99 s | TPOT p50 ms | TPOT p99 ms |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
-        lines.append(f"| {r['run']} | {r['throughput_tok_s']:.1f} | {r['ttft_p50_s']:.2f} | "
-                     f"{r['ttft_p99_s']:.2f} | {1e3 * r['tpot_p50_s']:.0f} | {1e3 * r['tpot_p99_s']:.0f} |")
-    g = result["goals"]
-    lines += ["", f"continuous / static throughput: {g['throughput_ratio']:.2f}x (goal >= 2); static / "
-              f"continuous p99 TTFT: {g['ttft_p99_ratio']:.2f}x (goal >= 3); base / mixed throughput: "
-              f"{g['persona_cost']:.2f}x (goal <= 1.3)"]
+        lines.append(f"| {r['rate']:g} | {r['run']} | {r['throughput_tok_s']:.1f} | {r['engine_busy']:.2f} | "
+                     f"{r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | {1e3 * r['tpot_p50_s']:.0f} | "
+                     f"{1e3 * r['tpot_p99_s']:.0f} |")
+    lines += ["", "| req/s | continuous / static throughput (goal >= 2) | static / continuous p99 TTFT "
+              "(goal >= 3) | base / mixed throughput (goal <= 1.3) |", "|---|---|---|---|"]
+    for g in result["goals"]:
+        cost = f"{g['persona_cost']:.2f}x" if "persona_cost" in g else "-"
+        lines.append(f"| {g['rate']:g} | {g['throughput_ratio']:.2f}x | {g['ttft_p99_ratio']:.2f}x | {cost} |")
     return "\n".join(lines)
 
 
@@ -144,7 +167,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--requests", type=int, default=24)
-    ap.add_argument("--rate", type=float, default=2.0, help="mean arrivals per second")
+    ap.add_argument("--rates", default="0.5,1,2", help="mean arrivals per second, comma-separated")
+    ap.add_argument("--prefill-budget", type=int, default=128, help="prompt tokens per scheduler step")
     ap.add_argument("--min-new", type=int, default=8)
     ap.add_argument("--max-new", type=int, default=40)
     ap.add_argument("--slots", type=int, default=8)
@@ -153,6 +177,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results", "bench_serving.json"))
     args = ap.parse_args(argv)
+    try:
+        rates = sorted(float(r) for r in args.rates.split(","))
+    except ValueError:
+        ap.error(f"--rates {args.rates!r}: expected comma-separated numbers > 0")
+    if not rates or min(rates) <= 0:
+        ap.error(f"--rates {args.rates!r}: expected comma-separated numbers > 0")
     torch.set_num_threads(args.threads)
     from pf_engine import Engine
     from pf_engine.adapters import AdapterBank
@@ -164,29 +194,30 @@ def main(argv=None) -> int:
                                          progress=False) for b in (["torch"] + ([] if args.no_naive else ["naive"]))}
     for e in engines.values():
         e.eos_ids = set()
-    stream = make_stream(args.requests, args.rate, args.min_new, args.max_new, args.seed)
     eng = engines["torch"]
     eng.generate(PROMPTS[0], max_new_tokens=2, chat=True)                  # warm-up
     runs = []
-    for name, fn in (("continuous", lambda: run_continuous(eng, stream, args.slots)),
-                     ("static", lambda: run_static(eng, stream, args.slots)),
-                     ("continuous-base", lambda: run_continuous(eng, stream, args.slots, True)),
-                     ("continuous-naive", lambda: run_continuous(engines.get("naive"), stream, args.slots))):
-        if name == "continuous-naive" and args.no_naive:
-            continue
-        recs, t0 = fn()
-        runs.append(summary(name, recs, t0))
-        print(f"  {name}: {runs[-1]['throughput_tok_s']:.1f} tok/s", file=sys.stderr)
-    by = {r["run"]: r for r in runs}
-    goals = {"throughput_ratio": by["continuous"]["throughput_tok_s"] / by["static"]["throughput_tok_s"],
-             "ttft_p99_ratio": by["static"]["ttft_p99_s"] / by["continuous"]["ttft_p99_s"],
-             "persona_cost": by["continuous-base"]["throughput_tok_s"] / by["continuous"]["throughput_tok_s"]}
+    for rate in rates:
+        stream = make_stream(args.requests, rate, args.min_new, args.max_new, args.seed)
+        kinds = [("continuous", eng, False), ("static", eng, False)]
+        if rate == rates[-1]:
+            kinds += [("continuous-base", eng, True)] + (
+                [] if args.no_naive else [("continuous-naive", engines["naive"], False)])
+        for name, e, drop in kinds:
+            if name == "static":
+                recs, t0, busy = run_static(e, stream, args.slots)
+            else:
+                recs, t0, busy = run_continuous(e, stream, args.slots, args.prefill_budget, drop)
+            runs.append(summary(name, rate, recs, t0, busy))
+            print(f"  {rate:g} req/s {name}: {runs[-1]['throughput_tok_s']:.1f} tok/s, "
+                  f"engine busy {runs[-1]['engine_busy']:.2f}", file=sys.stderr)
     result = {"benchmark": "bench_serving", "command": "python benchmarks/bench_serving.py " + " ".join(argv),
               "machine": machine_info(), "device": args.device, "threads": args.threads,
-              "model": base.folder, "requests": args.requests, "rate": args.rate, "slots": args.slots,
+              "model": base.folder, "requests": args.requests, "rates": rates, "slots": args.slots,
+              "prefill_budget": args.prefill_budget,
               "min_new": args.min_new, "max_new": args.max_new, "seed": args.seed,
               "other_cpu_cores": watch.other_cores(), "busy": busy_warning(watch.other_cores()),
-              "runs": runs, "goals": goals}
+              "runs": runs, "goals": goals(runs)}
     write_json(args.out, result)
     print(markdown(result))
     print(f"\nwrote {args.out}")
