@@ -12,16 +12,10 @@ into two GEMMs whatever K is:
     h = x A_cat^T                 shrink  [N, R]
     y += (h * G_exp) B_cat^T      expand  [N, d_out]
 
-Backends (``Mix.backend``):
-* ``torch``: grouped.  W and A_cat live in one tensor W_aug = [W; A_cat], so the base GEMM and the
-  shrink are one GEMM of width d_out + R; the expand is one GEMM per projection, written into its
-  slice of y.  Experts whose gate is zero for the whole batch are skipped: the rows/columns of
-  the active experts are gathered once per active set (the Linear caches the last GATHERED_SETS)
-  and the shrink reads only those.  Token-routed gates, whose active set changes per layer and
-  step, take the all-experts GEMM instead.
-* ``naive``: the baseline and a reference: a loop over projections and active experts, two small
-  GEMMs, a scale and an add each.
-* ``triton`` / ``cuda``: the fused kernels of pf_kernels (same function, one pass on a GPU).
+Backends (``Mix.backend``, implemented in backends.py): ``torch`` (grouped: the base GEMM and the
+shrink as one GEMM over W_aug = [W; A_cat], then one expand GEMM per projection; inactive experts
+skipped), ``naive`` (the baseline: a loop over projections and experts), ``triton`` / ``cuda``
+(the fused kernels of pf_kernels).
 """
 from __future__ import annotations
 
@@ -132,9 +126,11 @@ class Part:
     experts: torch.Tensor                # [n] bank ids of this part's experts (kernel backends)
     offsets: list                        # [n + 1] their rank offsets within the part
     scalings: torch.Tensor               # [n] fp32
+    experts_host: tuple = ()             # the ids on the host (keys of per-forward metadata)
+    kernel_layout: object = None         # pf_kernels.BankLayout, built at first kernel use
 
 
-# Active sets whose gathered copies a Linear keeps (least recently used dropped): a continuous
+# Active sets whose gathered copies a Linear keeps (backends.Torch; least recently used dropped): a continuous
 # batch alternates between the decode batch's set and each admitted prompt's own set, and a
 # single cached set made every Linear re-gather twice per step (10% of a serving run's time).
 GATHERED_SETS = 4
@@ -185,7 +181,8 @@ class Mix:
         """active / any_token: what the caller knows on the host (the scheduler does): the active
         expert ids and whether any row is token-routed.  Left None, they are read from the
         tensors, which costs a host sync on a GPU."""
-        self.backend, self.fixed = backend, gates
+        from .backends import implementation
+        self.backend, self.impl, self.fixed = backend, implementation(backend), gates
         if any_token is None:
             any_token = token_rows is not None and bool(token_rows.any())
         self.token_router = token_router if any_token else None
@@ -198,6 +195,7 @@ class Mix:
         self.active = active if active is not None else tuple(
             torch.nonzero(gates.abs().sum(0)).flatten().tolist())
         self._expanded = {}
+        self.cache = {}                  # the backend's metadata for these gates (backends.py)
 
     def expanded(self, layout: RankLayout, dtype: torch.dtype) -> torch.Tensor:
         """G_exp^T [R, N] = (gates[:, col_expert] * col_scaling)^T, computed once per layout."""
@@ -255,7 +253,7 @@ class Linear:
                       for j, e in enumerate(lw.expert_ids.tolist())]
             parts.append(Part(offs[i], offs[i + 1], r, r + lw.rank, lw.b.to(self.weight.dtype),
                               blocks, None, lw.expert_ids.to(self.weight.device), ro,
-                              sc.to(self.weight.device)))
+                              sc.to(self.weight.device), tuple(lw.expert_ids.tolist())))
             a_list.append(lw.a.to(self.weight.dtype))
             cols.append(lw.col_expert)
             scal.append(lw.col_scaling.float())
@@ -285,84 +283,6 @@ class Linear:
         x2 = x.reshape(-1, shape[-1])                                       # (N, d_in)
         if mix is None or not self.parts or not set(mix.active).intersection(self.experts):
             y = linear(x2, self.weight, self.bias, decode=len(shape) > 2 and shape[-2] == 1)
-        elif mix.backend in ("torch", "naive"):
-            xT = columns(x2)                                                # (d_in, N)
-            yT = self._grouped(xT, mix) if mix.backend == "torch" else self._naive(xT, mix)
-            y = yT.t()
         else:
-            y = self._kernel(x2, mix)
+            y = mix.impl.linear(self, x2, mix)                              # backends.py
         return y.view(*shape[:-1], self.d_out)
-
-    # Backends: torch and naive work on transposed activations, yT = W xT (see ``columns``) ------
-    def _grouped(self, xT: torch.Tensor, mix: Mix) -> torch.Tensor:
-        """Two GEMMs whatever K is: [y; h]^T = W_aug xT, then y^T += B (G_exp^T * h^T) per part."""
-        d_out = self.d_out
-        act = [e for e in mix.active if e in self.experts]
-        # Gather the active experts' rows only when the set holds for the request (explicit and
-        # sequence-routed gates); token-routed sets change every layer and step, and re-gathering
-        # would copy more than reading all experts once, zero gates included.
-        if len(act) == len(self.experts) or mix.token_router is not None:
-            outT = mm(self.w_aug, xT, self.bias_aug)                        # (d_out + R, N)
-            yT, hT = outT[:d_out], outT[d_out:]
-            layout = self.layout
-            parts = [(p.out0, p.out1, p.r0, p.r1, p.b) for p in self.parts]
-        else:
-            A = self._gather(tuple(act))
-            yT = mm(self.weight, xT, self.bias)                             # (d_out, N)
-            hT = mm(A.a, xT)                                                # (R_act, N)
-            layout, parts = A.layout, A.parts
-        hT = hT * mix.expanded(layout, hT.dtype)                            # (R, N) gated
-        for o0, o1, r0, r1, b in parts:
-            yT[o0:o1] += mm(b, hT[r0:r1])
-        return yT
-
-    def _gather(self, act: tuple) -> Active:
-        """The active experts' rows of A_cat and columns of B, built once per active set."""
-        A = self._active.get(act)
-        if A is not None:
-            self._active.move_to_end(act)
-            return A
-        col_expert = self.layout.col_expert
-        keep = torch.isin(col_expert, torch.tensor(act, device=col_expert.device))
-        d_out, parts, r = self.d_out, [], 0
-        for p in self.parts:
-            cols = keep[p.r0:p.r1].nonzero().flatten()
-            if cols.numel():
-                parts.append((p.out0, p.out1, r, r + cols.numel(), p.b[:, cols].contiguous()))
-                r += cols.numel()
-        rows = keep.nonzero().flatten()
-        A = Active(self.w_aug[d_out:][rows].contiguous(),
-                   RankLayout.of(col_expert[rows], self.layout.col_scaling[rows]), parts)
-        self._active[act] = A
-        if len(self._active) > GATHERED_SETS:
-            self._active.popitem(last=False)
-        return A
-
-    def _naive(self, xT: torch.Tensor, mix: Mix) -> torch.Tensor:
-        """The baseline: for each projection and active expert, y += g s B_k (A_k x)."""
-        yT = mm(self.weight, xT, self.bias)
-        active = set(mix.active)
-        for p in self.parts:
-            for e, r0, r1, s in p.blocks:
-                if e in active:
-                    delta = mm(p.b[:, r0:r1], mm(p.a[r0:r1], xT))                # (d_m, N)
-                    yT[p.out0:p.out1] += (mix.gates[:, e] * s).to(delta.dtype) * delta
-        return yT
-
-    def _kernel(self, x2: torch.Tensor, mix: Mix) -> torch.Tensor:
-        """pf_kernels: one fused launch per projection (a single projection: base GEMM and shrink
-        in one pass over W_aug); each projection's experts are a small bank of their own."""
-        import pf_kernels
-        if mix.backend == "triton" and len(self.parts) == 1 and self.splits is None:
-            p = self.parts[0]
-            return pf_kernels.fused_linear(x2, self.w_aug, p.b, mix.gates[:, p.experts],
-                                           p.offsets, p.scalings, self.d_out, bias=self.bias)
-        y = linear(x2, self.weight, self.bias)
-        for p in self.parts:
-            g = mix.gates[:, p.experts]
-            if mix.backend == "triton":
-                pf_kernels.grouped_lora(y[:, p.out0:p.out1], x2, p.a, p.b, g, p.offsets, p.scalings)
-            else:
-                pf_kernels.cuda_ops.grouped_lora_cuda(y[:, p.out0:p.out1], x2, p.a, p.b, g,
-                                                      p.offsets, p.scalings)
-        return y

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import bench_mixing  # noqa: E402
-from pf_engine import mixing  # noqa: E402
+from pf_engine import backends, mixing  # noqa: E402
 
 TINY = ["--shapes", "tiny", "--K", "1,3", "--r", "4", "--T", "1,3", "--gates", "dense,top2",
         "--backends", "naive,torch", "--repeats", "2", "--warmup", "1", "--budget", "0.02",
@@ -58,11 +58,11 @@ def test_tiny_grid_writes_well_formed_json(tmp_path):
 
 
 def test_backend_that_disagrees_is_refused(tmp_path, monkeypatch):
-    grouped = mixing.Linear._grouped
+    grouped = backends.Torch.linear
 
-    def wrong(self, xT, mix):                      # the torch backend, off by a little
-        return grouped(self, xT, mix) * 1.001
-    monkeypatch.setattr(mixing.Linear, "_grouped", wrong)
+    def wrong(self, lin, x2, mix):                 # the torch backend, off by a little
+        return grouped(self, lin, x2, mix) * 1.001
+    monkeypatch.setattr(backends.Torch, "linear", wrong)
     argv = TINY[:]
     argv[argv.index("--shapes") + 1] = "tiny/o"
     argv[argv.index("--K") + 1] = "3"
@@ -87,9 +87,9 @@ def test_bad_flags_are_one_clear_error(capsys):
 
 
 def test_backend_that_raises_is_a_failed_row(tmp_path, monkeypatch):
-    def boom(self, xT, mix):
+    def boom(self, lin, x2, mix):
         raise RuntimeError("kernel exploded")
-    monkeypatch.setattr(mixing.Linear, "_grouped", boom)
+    monkeypatch.setattr(backends.Torch, "linear", boom)
     argv = ["--shapes", "tiny/down", "--K", "3", "--r", "4", "--T", "1", "--gates", "top2-seq",
             "--backends", "naive,torch", "--repeats", "2", "--warmup", "1", "--budget", "0.02",
             "--rotate-mb", "0", "--out", str(tmp_path / "boom.json")]
@@ -105,8 +105,8 @@ def test_reference_is_independent_of_every_backend(tmp_path, monkeypatch, backen
     """The check's y_ref is fp64 from pf_kernels' reference: a wrong naive backend (the old
     reference) or a wrong base projection fails its own row."""
     if backend == "naive":
-        naive = mixing.Linear._naive
-        monkeypatch.setattr(mixing.Linear, "_naive", lambda self, xT, mix: naive(self, xT, mix) * 1.001)
+        naive = backends.Naive.linear
+        monkeypatch.setattr(backends.Naive, "linear", lambda self, lin, x2, mix: naive(self, lin, x2, mix) * 1.001)
     else:
         full = mixing.Linear.full
         monkeypatch.setattr(mixing.Linear, "full", lambda self, x, mix=None: full(self, x, mix) * (

@@ -226,14 +226,18 @@ def test_asyncio_clients(engines):
             toks = [t async for t in req]
             return toks, await req
         outs = await asyncio.gather(*(one(i) for i in range(3)))
-        long = eng.submit(prompt(6, 300), max_new_tokens=40)
+        long = eng.submit(prompt(6, 300), max_new_tokens=200)
         async for _ in long:
-            long.cancel()
-        return outs, await long
-    outs, cancelled = asyncio.run(asyncio.wait_for(main(), 120))
+            with eng.scheduler().lock:             # between two steps: nothing comes after this
+                seen = list(long.tokens)
+                long.cancel()
+            break
+        return outs, seen, await long
+    outs, seen, cancelled = asyncio.run(asyncio.wait_for(main(), 120))
     for i, (toks, out) in enumerate(outs):
         assert toks == out.token_ids == alone(eng, prompt(5 + i, 200 + i), PERSONAS[i], 4 + i).token_ids
-    assert cancelled.finish_reason == "cancelled" and len(cancelled.token_ids) < 40
+    assert cancelled.token_ids == seen
+    assert cancelled.finish_reason == "cancelled" or len(seen) == 200   # (unless it had finished)
 
     sched = eng.scheduler(slots=1, background=False)
     req = sched.submit(prompt(3, 1), SamplingParams(max_new_tokens=2))
@@ -241,3 +245,35 @@ def test_asyncio_clients(engines):
         asyncio.run(req._aresult())
     req.cancel()
     sched.step()
+
+
+def test_kernel_metadata_is_built_once_per_forward(engines, monkeypatch):
+    """The triton backend builds the bank layout of each expert subset once (not per call) and
+    its routing metadata once per forward and subset (not per layer call)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import pf_kernels
+    torch_eng = engines["torch"]
+    eng = Engine.from_pretrained(torch_eng.folder, adapters=torch_eng.bank, backend="triton",
+                                 progress=False, device="cpu", dtype="fp32")
+    calls = {"layout": 0, "meta": 0}
+    bank_layout, from_layout = pf_kernels.bank_layout, pf_kernels.LoRAMeta.from_layout
+
+    def count_layout(*a, **k):
+        calls["layout"] += 1
+        return bank_layout(*a, **k)
+
+    def count_meta(*a, **k):
+        calls["meta"] += 1
+        return from_layout(*a, **k)
+    monkeypatch.setattr(pf_kernels, "bank_layout", count_layout)
+    monkeypatch.setattr(pf_kernels.LoRAMeta, "from_layout", count_meta)
+    parts = [p for blk in eng.model.blocks for lin in blk.linears for p in lin.parts]
+    subsets = {(p.experts_host, tuple(p.offsets)) for p in parts}
+    assert len(parts) > len(subsets)                 # layers share subsets: the test can tell
+    ids = [prompt(6, 1)]
+    want = torch_eng.logits(ids, persona=DENSE)
+    for i in range(2):
+        got = eng.logits(ids, persona=DENSE)
+        assert calls == {"layout": len(subsets), "meta": len(subsets) * (i + 1)}
+    assert (got - want).abs().max() <= 1e-4

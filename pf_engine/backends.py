@@ -1,0 +1,151 @@
+"""The mixing backends: how a ``mixing.Linear`` with attached experts computes
+
+    y = x W^T + b + sum_k g[t,k] s_k B_k A_k x
+
+for a forward's gates (``mixing.Mix``).  One object per backend, looked up once per Mix; each
+keeps what it derives from the bank on the Linear's parts (built at first use, then reused) and
+what it derives from the gates in ``Mix.cache`` (built once per forward, or per layer under token
+routing, and shared by every layer and projection with the same experts).
+
+* ``Torch``: grouped.  [y; h]^T = W_aug x^T is one GEMM (W_aug = [W; A_cat]); then
+  y^T += B (G_exp^T * h^T) per projection.  Experts whose gate is zero for the whole batch are
+  skipped by gathering the active experts' rows once per active set (the Linear caches the last
+  mixing.GATHERED_SETS sets); token routing reads all experts instead.
+* ``Naive``: the baseline: a loop over projections and active experts, two small GEMMs each.
+* ``Kernels`` (triton, cuda): the fused kernels of pf_kernels, one launch per projection (a lone
+  projection: base GEMM and shrink in one pass over W_aug).  Each part's BankLayout (rank offsets
+  and scalings on the device) is built once; each forward gathers the part's gate columns and
+  builds the Triton LoRAMeta once per expert subset, so no layer call reads anything on the host.
+"""
+from __future__ import annotations
+
+import torch
+
+from .mixing import Active, Mix, RankLayout, columns, linear, mm
+
+
+class Torch:
+    name = "torch"
+
+    def linear(self, lin, x2: torch.Tensor, mix: Mix) -> torch.Tensor:
+        """x2 [N, d_in] -> y [N, d_out]; works on transposed activations, yT = W xT (``columns``)."""
+        xT = columns(x2)                                                    # (d_in, N)
+        d_out = lin.d_out
+        act = [e for e in mix.active if e in lin.experts]
+        # Gather the active experts' rows only when the set holds for the request (explicit and
+        # sequence-routed gates); token-routed sets change every layer and step, and re-gathering
+        # would copy more than reading all experts once, zero gates included.
+        if len(act) == len(lin.experts) or mix.token_router is not None:
+            outT = mm(lin.w_aug, xT, lin.bias_aug)                          # (d_out + R, N)
+            yT, hT = outT[:d_out], outT[d_out:]
+            layout = lin.layout
+            parts = [(p.out0, p.out1, p.r0, p.r1, p.b) for p in lin.parts]
+        else:
+            A = self.gather(lin, tuple(act))
+            yT = mm(lin.weight, xT, lin.bias)                               # (d_out, N)
+            hT = mm(A.a, xT)                                                # (R_act, N)
+            layout, parts = A.layout, A.parts
+        hT = hT * mix.expanded(layout, hT.dtype)                            # (R, N) gated
+        for o0, o1, r0, r1, b in parts:
+            yT[o0:o1] += mm(b, hT[r0:r1])
+        return yT.t()
+
+    @staticmethod
+    def gather(lin, act: tuple) -> Active:
+        """The active experts' rows of A_cat and columns of B, built once per active set."""
+        from .mixing import GATHERED_SETS
+        A = lin._active.get(act)
+        if A is not None:
+            lin._active.move_to_end(act)
+            return A
+        col_expert = lin.layout.col_expert
+        keep = torch.isin(col_expert, torch.tensor(act, device=col_expert.device))
+        parts, r = [], 0
+        for p in lin.parts:
+            cols = keep[p.r0:p.r1].nonzero().flatten()
+            if cols.numel():
+                parts.append((p.out0, p.out1, r, r + cols.numel(), p.b[:, cols].contiguous()))
+                r += cols.numel()
+        rows = keep.nonzero().flatten()
+        A = Active(lin.w_aug[lin.d_out:][rows].contiguous(),
+                   RankLayout.of(col_expert[rows], lin.layout.col_scaling[rows]), parts)
+        lin._active[act] = A
+        if len(lin._active) > GATHERED_SETS:
+            lin._active.popitem(last=False)
+        return A
+
+
+class Naive:
+    name = "naive"
+
+    def linear(self, lin, x2: torch.Tensor, mix: Mix) -> torch.Tensor:
+        """The baseline: for each projection and active expert, y += g s B_k (A_k x)."""
+        xT = columns(x2)
+        yT = mm(lin.weight, xT, lin.bias)
+        active = set(mix.active)
+        for p in lin.parts:
+            for e, r0, r1, s in p.blocks:
+                if e in active:
+                    delta = mm(p.b[:, r0:r1], mm(p.a[r0:r1], xT))                # (d_m, N)
+                    yT[p.out0:p.out1] += (mix.gates[:, e] * s).to(delta.dtype) * delta
+        return yT.t()
+
+
+class Kernels:
+    """triton or cuda: pf_kernels, one launch per projection."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @staticmethod
+    def layout(p):
+        """The part's BankLayout (rank offsets, scalings on the device): built once."""
+        if p.kernel_layout is None:
+            from pf_kernels import bank_layout
+            p.kernel_layout = bank_layout(p.offsets, p.scalings, p.b.device)
+        return p.kernel_layout
+
+    def inputs(self, p, mix: Mix, triton: bool):
+        """(gates of the part's experts [N, n], LoRAMeta or None) for this forward: built once
+        per expert subset and shared by every layer and projection with the same experts."""
+        key = (self.name, tuple(p.experts_host), tuple(p.offsets))
+        got = mix.cache.get(key)
+        if got is None:
+            g = mix.gates[:, p.experts].contiguous()
+            meta = None
+            if triton:
+                from pf_kernels import LoRAMeta
+                meta = LoRAMeta.from_layout(g, self.layout(p))
+            got = mix.cache[key] = (g, meta)
+        return got
+
+    def linear(self, lin, x2: torch.Tensor, mix: Mix) -> torch.Tensor:
+        import pf_kernels
+        triton = self.name == "triton"
+        if triton and len(lin.parts) == 1 and lin.splits is None:
+            p = lin.parts[0]
+            g, meta = self.inputs(p, mix, True)
+            return pf_kernels.fused_linear(x2, lin.w_aug, p.b, g, p.offsets, p.scalings, lin.d_out,
+                                           bias=lin.bias, meta=meta)
+        y = linear(x2, lin.weight, lin.bias)
+        for p in lin.parts:
+            g, meta = self.inputs(p, mix, triton)
+            if triton:
+                pf_kernels.grouped_lora(y[:, p.out0:p.out1], x2, p.a, p.b, g, p.offsets, p.scalings,
+                                        meta=meta)
+            else:
+                pf_kernels.cuda_ops.grouped_lora_cuda(y[:, p.out0:p.out1], x2, p.a, p.b, g,
+                                                      p.offsets, p.scalings)
+        return y
+
+
+IMPLEMENTATIONS = {"torch": Torch(), "naive": Naive(), "triton": Kernels("triton"),
+                   "cuda": Kernels("cuda")}
+
+
+def implementation(name: str):
+    """The backend object for ``name`` (mixing.BACKENDS)."""
+    try:
+        return IMPLEMENTATIONS[name]
+    except KeyError:
+        raise ValueError(f"backend {name!r}: expected one of {', '.join(IMPLEMENTATIONS)}") from None
