@@ -262,21 +262,23 @@ class Engine:
 
     # Continuous batching --------------------------------------------------------------------
     def scheduler(self, slots: int | None = None, max_len: int | None = None,
-                  prefill_budget: int | None = None, background: bool | None = None):
+                  prefill_budget: int | None = None, background: bool | None = None,
+                  kv_cache_gb: float | None = None):
         """The engine's continuous-batching scheduler (scheduler.Scheduler).  With no arguments:
         the current one, or a default one (8 slots, background thread).  With arguments: a new
-        one built with them (defaults for the rest), once the current one is idle."""
+        one built with them (defaults for the rest), once the current one is idle.  kv_cache_gb
+        sizes the pool by memory: as many slots of max_len columns as fit."""
         from .scheduler import Scheduler
         cur = getattr(self, "_scheduler", None)
-        asked = (slots, max_len, prefill_budget, background)
+        asked = (slots, max_len, prefill_budget, background, kv_cache_gb)
         if cur is not None and all(a is None for a in asked):
             return cur
         if cur is not None and cur.pending():
             raise RequestError("the scheduler has requests in flight: wait for them (or cancel "
                                "them) before building another")
-        self._scheduler = Scheduler(self, 8 if slots is None else slots, max_len,
+        self._scheduler = Scheduler(self, slots, max_len,
                                     128 if prefill_budget is None else prefill_budget,
-                                    True if background is None else background)
+                                    True if background is None else background, kv_cache_gb)
         return self._scheduler
 
     def submit(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,

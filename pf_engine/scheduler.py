@@ -54,22 +54,24 @@ from .threads import CpuThreads
 class Scheduler:
     """The step loop over a pool of KV slots; see the module docstring.
 
-    slots: requests in flight at most; max_len: cache columns per slot (prompt + new tokens of
-    one request; default the model's context, capped at 4096); prefill_budget: prompt tokens
+    slots: requests in flight at most (default 8, or as many as kv_cache_gb GiB of KV cache
+    hold); max_len: cache columns per slot (prompt + new tokens of one request; default the
+    model's context, capped at 4096); prefill_budget: prompt tokens
     prefilled per step, over all requests being prefilled (a long prompt or a burst of arrivals
     delays the running requests' next token by one chunk of this size at most).
     """
 
-    def __init__(self, engine, slots: int = 8, max_len: int | None = None,
-                 prefill_budget: int = 128, background: bool = True):
-        for name, v in (("slots", slots), ("prefill_budget", prefill_budget)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise RequestError(f"{name}={v!r}: expected an integer >= 1")
+    def __init__(self, engine, slots: int | None = 8, max_len: int | None = None,
+                 prefill_budget: int = 128, background: bool = True,
+                 kv_cache_gb: float | None = None):
         cfg = engine.config
         self.engine, self.background = engine, background
         self.max_len = int(max_len or min(cfg.max_position_embeddings, 4096))
         if self.max_len < 2:
             raise RequestError(f"max_len={max_len!r}: expected an integer >= 2")
+        slots = self.slots_for(engine, self.max_len, slots, kv_cache_gb)
+        if not isinstance(prefill_budget, int) or isinstance(prefill_budget, bool) or prefill_budget < 1:
+            raise RequestError(f"prefill_budget={prefill_budget!r}: expected an integer >= 1")
         self.prefill_budget = prefill_budget
         m = engine.model
         self.cache = SlotCache(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, self.max_len,
@@ -88,6 +90,36 @@ class Scheduler:
         self._threads = CpuThreads(engine.device)
         self.steps = 0
         self.stats = Stats()
+
+    @staticmethod
+    def slot_bytes(engine, max_len: int) -> int:
+        """Bytes of one slot: keys and values of ``max_len`` columns in every layer."""
+        c = engine.config
+        return (2 * c.num_hidden_layers * c.num_key_value_heads * max_len * c.head_dim
+                * engine.model.dtype.itemsize)
+
+    @classmethod
+    def slots_for(cls, engine, max_len: int, slots, kv_cache_gb) -> int:
+        """The pool's slot count: ``slots`` as given, or as many as ``kv_cache_gb`` GiB hold."""
+        if kv_cache_gb is not None:
+            ok = isinstance(kv_cache_gb, (int, float)) and not isinstance(kv_cache_gb, bool) \
+                and kv_cache_gb > 0
+            if not ok:
+                raise RequestError(f"kv_cache_gb={kv_cache_gb!r}: expected a number > 0")
+            per = cls.slot_bytes(engine, max_len)
+            fit = int(kv_cache_gb * 2 ** 30 // per)
+            if fit < 1:
+                raise RequestError(f"kv_cache_gb={kv_cache_gb}: one slot of {max_len} columns needs "
+                                   f"{per / 2 ** 30:.3f} GiB (lower max_len or raise the budget)")
+            if slots is not None and slots > fit:
+                raise RequestError(f"slots={slots}: {slots} slots of {max_len} columns need "
+                                   f"{slots * per / 2 ** 30:.3f} GiB; kv_cache_gb={kv_cache_gb}")
+            slots = fit if slots is None else slots
+        if slots is None:
+            slots = 8
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+            raise RequestError(f"slots={slots!r}: expected an integer >= 1")
+        return slots
 
     @property
     def slots(self) -> int:

@@ -171,6 +171,22 @@ def test_a_long_prompt_is_prefilled_a_budget_per_step_while_others_decode(engine
         eng.scheduler(prefill_budget=0)
 
 
+def test_pool_sized_from_a_memory_budget(engines):
+    """kv_cache_gb gives as many slots of max_len columns as fit; too small a budget, or more
+    slots than it holds, is one clear error."""
+    eng = engines["torch"]
+    cfg = eng.config
+    per = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 32 * cfg.head_dim * 4   # fp32
+    sched = eng.scheduler(max_len=32, kv_cache_gb=3.5 * per / 2 ** 30, background=False)
+    assert sched.slots == 3 and sched.cache.k.numel() * 4 * 2 == 3 * per
+    with pytest.raises(RequestError, match=r"kv_cache_gb=.*: one slot of 32 columns needs"):
+        eng.scheduler(max_len=32, kv_cache_gb=0.5 * per / 2 ** 30)
+    with pytest.raises(RequestError, match=r"slots=4: 4 slots of 32 columns need"):
+        eng.scheduler(slots=4, max_len=32, kv_cache_gb=3.5 * per / 2 ** 30)
+    with pytest.raises(RequestError, match=r"kv_cache_gb=-1: expected a number > 0"):
+        eng.scheduler(kv_cache_gb=-1)
+
+
 def test_submit_in_the_background(engines):
     """Engine.submit returns at once; the background thread produces tokens; iteration and
     result() agree with generate; requests from several threads."""
