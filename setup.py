@@ -56,7 +56,7 @@ setup(
     version="0.1.0",
     description="Inference engine for persona-adaptive LLMs with per-token mixed LoRA experts",
     python_requires=">=3.10",
-    packages=["pf_engine", "pf_engine.cli", "pf_engine.train", "pf_kernels"],
+    packages=["pf_engine", "pf_engine.cli", "pf_engine.serve", "pf_engine.train", "pf_kernels"],
     package_data={"pf_engine": ["banks/*.safetensors"]},
     package_dir={"pf_kernels": "kernels"},
     install_requires=[
@@ -70,9 +70,12 @@ setup(
         "jinja2",
         "threadpoolctl",
         "peft",
+        "fastapi",
+        "uvicorn",
+        "prometheus_client",
     ],
     extras_require={
-        "dev": ["pytest", "peft", "accelerate", "matplotlib", "triton", "pybind11"],
+        "dev": ["pytest", "peft", "accelerate", "matplotlib", "triton", "pybind11", "openai", "httpx"],
     },
     entry_points={
         "console_scripts": [
@@ -81,6 +84,7 @@ setup(
             "pf-bank=pf_engine.cli.bank:main",
             "pf-train=pf_engine.cli.train:main",
             "pf-eval=pf_engine.cli.eval:main",
+            "pf-serve=pf_engine.cli.serve:main",
         ],
     },
     cmdclass={"build_py": BuildPyWithCuda},

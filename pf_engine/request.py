@@ -70,8 +70,11 @@ class Request:
         with self._cond:
             if not self.sched._pump_until(self, lambda: self.done, timeout):
                 raise TimeoutError(f"request not finished after {timeout} s")
-            if self.error is not None:
-                raise self.error
+        return self._output()
+
+    def _output(self) -> GenerationOutput:
+        if self.error is not None:
+            raise self.error
         return self.sched.engine._output(self.ids, self.tokens, self.finish_reason, self.params,
                                          self.personas.report(0))
 
@@ -93,49 +96,50 @@ class Request:
         """``await req``: its GenerationOutput once it is done."""
         async for _ in self._await(lambda: False, None):
             pass
-        return self.result()
+        return self._output()
 
     async def _await(self, ready, take):
-        """Yields take() whenever ready(), until the request is done; raises its error."""
+        """Yields take() whenever ready(), until the request is done; raises its error.
+
+        Lock-free: a step holds the scheduler's lock for a whole forward, and an event loop must
+        not wait for that.  The scheduler thread appends a token (or sets the finish reason or
+        error) before it schedules ``ev.set`` on this loop, and this loop clears ``ev`` before it
+        looks, so no wake-up is lost."""
         if not self.sched.background:
             raise RequestError("await / async for need a background scheduler "
                                "(Engine.scheduler(background=True), the default)")
         ev = asyncio.Event()
-        with self._cond:
-            self._watchers.append((asyncio.get_running_loop(), ev))
+        self._watchers = self._watchers + [(asyncio.get_running_loop(), ev)]
         try:
             while True:
-                with self._cond:
-                    ev.clear()                 # under the lock: a later token sets it again
-                    if self.error is not None:
-                        raise self.error
-                    item = take() if ready() else None
-                    over = item is None and self.done
-                if over:
+                ev.clear()
+                if self.error is not None:
+                    raise self.error
+                done = self.done                   # read before the tokens: none comes after
+                if ready():
+                    yield take()
+                elif done:
                     return
-                if item is not None:
-                    yield item
                 else:
                     await ev.wait()
         finally:
-            with self._cond:
-                self._watchers = [w for w in self._watchers if w[1] is not ev]
+            self._watchers = [w for w in self._watchers if w[1] is not ev]
 
     def _notify(self) -> None:
-        """Wake the waiting clients, threads and event loops (lock held)."""
+        """Wake the waiting clients: threads (lock held) and event loops."""
         self._cond.notify_all()
-        for loop, ev in self._watchers:
+        for loop, ev in self._watchers:            # a snapshot: clients rebind, never mutate
             try:
                 loop.call_soon_threadsafe(ev.set)
             except RuntimeError:               # that client's loop has closed: nobody to wake
                 pass
 
     def cancel(self) -> None:
-        """Stop the request: it leaves at the next step (finish_reason "cancelled")."""
-        with self._cond:
-            if not self.done:
-                self.cancelled = True
-                self.sched._wake.notify_all()
+        """Stop the request: it leaves at the next step (finish_reason "cancelled").  Needs no
+        lock: the step reads the flag at its start."""
+        if not self.done:
+            self.cancelled = True
+            self.sched._kick.set()
 
     # scheduler side ---------------------------------------------------------------------------
     def _emit(self, tok: int) -> None:

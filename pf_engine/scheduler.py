@@ -84,12 +84,14 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []                   # running[i] owns slot i
         self.decoding = 0                                  # running[:decoding] have their prompt in
-        self.lock = threading.RLock()
-        self._wake = threading.Condition(self.lock)
+        self.lock = threading.RLock()                      # held by a step, and by sync clients
+        self._kick = threading.Event()                     # work arrived (submit, cancel, resume)
+        self._thread_lock = threading.Lock()               # the background thread's start and exit
         self._thread: threading.Thread | None = None
         self._threads = CpuThreads(engine.device)
         self.steps = 0
         self.stats = Stats()
+        self.paused = False
 
     @staticmethod
     def slot_bytes(engine, max_len: int) -> int:
@@ -133,14 +135,27 @@ class Scheduler:
             raise RequestError(f"a request of {len(ids)} prompt tokens and up to "
                                f"{need - len(ids)} new ones needs {need} cache columns; a slot "
                                f"holds {self.max_len} (Scheduler max_len)")
-        with self.lock:
-            req = Request(self, ids, params, persona)
-            self.waiting.append(req)
-            self._wake.notify_all()
-            if self.background and (self._thread is None or not self._thread.is_alive()):
-                self._thread = threading.Thread(target=self._loop, name="pf-scheduler", daemon=True)
-                self._thread.start()
+        # No step lock here: a step holds it for a whole forward, and an event loop submitting
+        # must not wait for that.  The deque append is atomic; the kick wakes an idle thread.
+        req = Request(self, ids, params, persona)
+        self.waiting.append(req)
+        self._kick.set()
+        if self.background:
+            with self._thread_lock:          # against the thread deciding to exit (see _loop)
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name="pf-scheduler",
+                                                    daemon=True)
+                    self._thread.start()
         return req
+
+    def pause(self) -> None:
+        """Stop stepping after the current step (submissions still queue); ``resume`` goes on.
+        Only the background thread pauses."""
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self._kick.set()
 
     def pending(self) -> bool:
         return bool(self.waiting or self.running)
@@ -161,16 +176,20 @@ class Scheduler:
         return True
 
     def _loop(self) -> None:
-        """The background thread: steps while requests are pending (the lock is released between
-        steps, so clients can submit and cancel); exits after 5 s with nothing to do."""
+        """The background thread: steps while requests are pending and it is not paused (the
+        lock is released between steps); exits after 5 s with nothing to do."""
         while True:
-            with self.lock:
-                if not self.pending():
-                    self._threads.restore()
-                    self._wake.wait(timeout=5.0)
-                    if not self.pending():
-                        self._thread = None
-                        return
+            if self.paused or not self.pending():
+                self._threads.restore()
+                self._kick.clear()
+                if not self.paused and self.pending():
+                    continue                              # arrived before the clear
+                if not self._kick.wait(timeout=5.0) and not self.paused:
+                    with self._thread_lock:
+                        if not self.pending():
+                            self._thread = None
+                            return
+                continue
             try:
                 self.step()
             except BaseException as e:  # noqa: BLE001 - every waiting client gets the error
@@ -181,6 +200,7 @@ class Scheduler:
                     self.waiting.clear()
                     self.running.clear()
                     self._threads.restore()
+                with self._thread_lock:
                     self._thread = None
                 return
 
@@ -190,7 +210,7 @@ class Scheduler:
         """Retire the cancelled, admit into free slots, prefill one budget of prompt tokens,
         decode once, retire the finished.  ``stats`` adds up the time and tokens of both."""
         with self.lock:
-            for r in [r for r in self.waiting if r.cancelled]:
+            for r in [r for r in list(self.waiting) if r.cancelled]:   # list(): clients append
                 self.waiting.remove(r)
                 r._finish("cancelled")
             self._retire()                   # cancelled since the last step: their slots are free

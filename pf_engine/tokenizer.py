@@ -35,6 +35,14 @@ class Tokenizer:
             return self.hf.encode(text, add_special_tokens=False)
         return self.hf.encode(text)
 
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """A conversation [{"role": ..., "content": ...}, ...] in the chat template, ending with the
+        assistant's turn to speak."""
+        if not self.hf.chat_template:
+            raise RequestError("this model's tokenizer has no chat template")
+        text = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.hf.encode(text, add_special_tokens=False)
+
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
 

@@ -1,0 +1,148 @@
+"""The FastAPI application of pf-serve: OpenAI-compatible endpoints over the engine's scheduler.
+
+    POST /v1/chat/completions, POST /v1/completions   (stream: true -> server-sent events)
+    GET  /v1/models, /health, /metrics
+
+Every request is one ``Engine.submit`` on the shared continuous-batching scheduler (its
+background thread decodes; the handlers await tokens without blocking the event loop).
+Backpressure: when ``max_queue`` requests already wait for a slot the answer is 429 with
+Retry-After.  A streaming client that goes away cancels its request at the next token (its slot
+is freed); ``timeout_s`` bounds a request from arrival to its last token (504).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from ..errors import RequestError
+from ..tokenizer import Detokenizer
+from .metrics import Metrics
+from .protocol import APIError, Catalog, Parsed, chunk, new_id, parse, response
+
+
+def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = None,
+              timeout_s: float = 600.0) -> FastAPI:
+    """The app for ``engine`` (its scheduler as configured, e.g. ``engine.scheduler(slots=8)``)."""
+    app = FastAPI(title="pf-serve", docs_url=None, redoc_url=None, openapi_url=None)
+    catalog = Catalog(model_id, engine.bank)
+    metrics = Metrics(engine.scheduler)
+    app.state.engine, app.state.catalog, app.state.metrics = engine, catalog, metrics
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if api_key is not None and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                e = APIError(401, "missing or wrong API key (Authorization: Bearer ...)", None,
+                             "authentication_error", "invalid_api_key")
+                return JSONResponse(e.body(), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": 0,
+                                            "owned_by": "pf-engine"} for i in catalog.ids()]}
+
+    @app.get("/metrics")
+    async def metrics_text():
+        return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
+
+    async def handle(request: Request, kind: str):
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise APIError(400, "body: expected a JSON object", "body") from None
+        p = parse(body, kind, catalog, engine)
+        sched = engine.scheduler()
+        endpoint = "chat" if kind == "chat" else "completions"
+        if len(sched.waiting) >= max_queue:
+            metrics.finished(endpoint, "-", "rejected")
+            raise APIError(429, f"the queue is full ({max_queue} requests wait for a slot); retry later",
+                           None, "rate_limit_error", "queue_full", {"Retry-After": "1"})
+        try:
+            req = sched.submit(p.ids, p.params, p.persona)
+        except RequestError as e:
+            raise APIError(400, str(e), "max_tokens") from None
+        deadline = time.monotonic() + timeout_s
+        if p.stream:
+            return StreamingResponse(events(p, req, endpoint, deadline), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            out = await asyncio.wait_for(req._aresult(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            req.cancel()
+            metrics.finished(endpoint, req.kind, "timeout", req)
+            raise APIError(504, f"the request took longer than {timeout_s:g} s", None,
+                           "timeout", "timeout") from None
+        except asyncio.CancelledError:             # the client went away
+            req.cancel()
+            metrics.finished(endpoint, req.kind, "cancelled", req)
+            raise
+        metrics.finished(endpoint, req.kind, "ok", req)
+        usage = dict(out.usage, total_tokens=sum(out.usage.values()))
+        return response(p, new_id(kind), out.text, out.finish_reason, usage, out.gates)
+
+    async def events(p: Parsed, req, endpoint: str, deadline: float):
+        """Server-sent events: text pieces as they are decoded, the final chunk (finish reason,
+        gates), the usage chunk if asked, then [DONE]."""
+        rid, created = new_id(p.kind), int(time.time())
+        detok = Detokenizer(engine.tokenizer, p.params.stop) if engine.tokenizer is not None else None
+        status, first = "cancelled", True
+        tokens = req.__aiter__()
+        try:
+            while True:
+                try:
+                    tok = await asyncio.wait_for(tokens.__anext__(), max(0.0, deadline - time.monotonic()))
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    status = "timeout"
+                    yield sse({"error": APIError(504, "the request timed out", None, "timeout",
+                                                 "timeout").body()["error"]})
+                    return
+                if tok in engine.eos_ids or detok is None:
+                    continue
+                piece = detok.add(tok)
+                if piece or first:
+                    yield sse(chunk(p, rid, created, piece, first=first))
+                    first = False
+            out = req.result()
+            tail = detok.flush() if detok is not None else ""
+            yield sse(chunk(p, rid, created, tail, out.finish_reason, first=first, gates=out.gates))
+            if p.include_usage:
+                usage = dict(out.usage, total_tokens=sum(out.usage.values()))
+                yield sse(chunk(p, rid, created, None, usage=usage))
+            yield "data: [DONE]\n\n"
+            status = "ok"
+        finally:                                   # done, timed out, or the client went away
+            if not req.done:
+                req.cancel()
+            await tokens.aclose()
+            metrics.finished(endpoint, req.kind, status, req)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await handle(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, "completion")
+
+    return app
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"

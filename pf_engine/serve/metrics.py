@@ -1,0 +1,68 @@
+"""Prometheus metrics of a pf-serve process (GET /metrics, text format 0.0.4).
+
+    pf_requests_total{endpoint, persona_kind, status}      finished requests (ok, cancelled,
+                                                            timeout, rejected, error)
+    pf_queue_depth, pf_running_requests                     the scheduler, read at scrape time
+    pf_generated_tokens_total{persona_kind}
+    pf_tokens_per_second                                    generated tokens over the last 10 s
+    pf_time_to_first_token_seconds{persona_kind}            histograms
+    pf_time_per_output_token_seconds{persona_kind}
+
+persona_kind: base, explicit, sequence or token (persona.Personas kinds).
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+WINDOW_S = 10.0
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
+TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2)
+
+
+class Metrics:
+    def __init__(self, scheduler_of):
+        """scheduler_of(): the engine's current scheduler (read at each scrape)."""
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("pf_requests", "Finished requests", ["endpoint", "persona_kind", "status"],
+                                registry=r)
+        self.tokens = Counter("pf_generated_tokens", "Generated tokens", ["persona_kind"], registry=r)
+        self.ttft = Histogram("pf_time_to_first_token_seconds", "Arrival to first token",
+                              ["persona_kind"], buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("pf_time_per_output_token_seconds", "Mean time per output token after "
+                              "the first", ["persona_kind"], buckets=TPOT_BUCKETS, registry=r)
+        Gauge("pf_queue_depth", "Requests waiting for a slot", registry=r).set_function(
+            lambda: len(scheduler_of().waiting))
+        Gauge("pf_running_requests", "Requests holding a slot", registry=r).set_function(
+            lambda: len(scheduler_of().running))
+        Gauge("pf_tokens_per_second", f"Generated tokens per second over the last {WINDOW_S:g} s",
+              registry=r).set_function(self._rate)
+        self._recent: collections.deque = collections.deque()       # (time, tokens)
+        self._lock = threading.Lock()
+
+    def finished(self, endpoint: str, kind: str, status: str, req=None) -> None:
+        """Count a request; with its scheduler.Request, its tokens and latencies too."""
+        self.requests.labels(endpoint, kind, status).inc()
+        if req is None or not req.tokens:
+            return
+        n = len(req.tokens)
+        self.tokens.labels(kind).inc(n)
+        with self._lock:
+            self._recent.append((time.monotonic(), n))
+        if req.t_first is not None:
+            self.ttft.labels(kind).observe(req.t_first - req.t_submit)
+            if n > 1 and req.t_done is not None:
+                self.tpot.labels(kind).observe((req.t_done - req.t_first) / (n - 1))
+
+    def _rate(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            while self._recent and self._recent[0][0] < now - WINDOW_S:
+                self._recent.popleft()
+            return sum(n for _, n in self._recent) / WINDOW_S
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
