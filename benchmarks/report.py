@@ -88,6 +88,17 @@ def serving_section(results_dir: str) -> list[str]:
             bench_serving.markdown(srv), ""] + serving_reading(srv)
 
 
+def http_section(results_dir: str) -> list[str]:
+    """The same stream over HTTP (benchmarks/bench_http.py): what pf-serve adds."""
+    from benchmarks import bench_http
+    res = load(os.path.join(results_dir, "bench_http.json"))
+    if not res:
+        return []
+    return ["### The same stream over HTTP: pf-serve against in-process", "",
+            f"`{res['command'].strip()}`; {provenance(res['machine'])}.", "",
+            bench_http.markdown(res), ""]
+
+
 def serving_reading(srv: dict) -> list[str]:
     """Which goals each rate meets, and whether the machine was saturated (computed)."""
     goals = srv.get("goals")
@@ -242,6 +253,7 @@ def section(results_dir: str, readme_dir: str, command: str) -> str:
                 p = os.path.join(results_dir, "plots", name)
                 parts += [f"![{name[:-4]}]({os.path.relpath(p, readme_dir)})", ""]
     parts += serving_section(results_dir)
+    parts += http_section(results_dir)
     parts += gpu_section(results_dir, readme_dir)
     parts.append(END)
     return "\n".join(parts)

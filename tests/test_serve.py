@@ -5,8 +5,6 @@ Outputs are compared token for token (greedy) with ``Engine.generate`` offline; 
 made deterministic by pausing the scheduler rather than by timing.
 """
 import asyncio
-import socket
-import threading
 import time
 
 import httpx
@@ -20,33 +18,15 @@ from pf_engine import Engine  # noqa: E402
 from pf_engine.adapters import BIG_FIVE, AdapterBank  # noqa: E402
 from pf_engine.config import ModelConfig  # noqa: E402
 from pf_engine.serve import build_app  # noqa: E402
+from pf_engine.serve.threaded import ThreadedServer  # noqa: E402
 
 MID = "tiny"
 TOP2 = {BIG_FIVE[0]: 0.7, BIG_FIVE[3]: 0.3}
 
 
-class Server:
-    """uvicorn in a thread on a socket bound to 127.0.0.1:0 (the port is free by construction)."""
-
-    def __init__(self, app):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-
+class Server(ThreadedServer):
     def client(self, key="none", cls=None):
         return (cls or openai.OpenAI)(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
