@@ -127,6 +127,29 @@ def test_a_client_gone_mid_stream_frees_its_slot(engine, server):
     assert not engine.scheduler().running and metric(server, "pf_running_requests") == 0
 
 
+def test_a_client_gone_before_its_answer_is_cancelled(engine, server):
+    """Non-streamed: the client hangs up while its request waits (the scheduler is paused); the
+    request is cancelled without producing a token."""
+    before = metric(server, "pf_requests_total", status="cancelled")
+    tokens = metric(server, "pf_generated_tokens_total")
+    body = {"model": MID, "prompt": "wait for me", "max_tokens": 50, "temperature": 0}
+    engine.scheduler().pause()
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", json=body, timeout=0.5)
+        deadline = time.monotonic() + 20
+        while not any(r.cancelled for r in engine.scheduler().waiting):
+            assert time.monotonic() < deadline, "the abandoned request was not cancelled"
+            time.sleep(0.05)
+    finally:
+        engine.scheduler().resume()
+    deadline = time.monotonic() + 20
+    while metric(server, "pf_requests_total", status="cancelled") == before:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert metric(server, "pf_generated_tokens_total") == tokens
+
+
 def test_queue_full_timeouts_and_bad_requests(engine, server):
     c = server.client()
     sched = engine.scheduler()

@@ -6,8 +6,9 @@
 Every request is one ``Engine.submit`` on the shared continuous-batching scheduler (its
 background thread decodes; the handlers await tokens without blocking the event loop).
 Backpressure: when ``max_queue`` requests already wait for a slot the answer is 429 with
-Retry-After.  A streaming client that goes away cancels its request at the next token (its slot
-is freed); ``timeout_s`` bounds a request from arrival to its last token (504).
+Retry-After.  A client that goes away cancels its request (its slot is freed): a streamed one
+at its next token, a non-streamed one within 0.1 s; ``timeout_s`` bounds a request from arrival to
+its last token (504).
 """
 from __future__ import annotations
 
@@ -37,15 +38,8 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
     async def api_error(_, e: APIError):
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                e = APIError(401, "missing or wrong API key (Authorization: Bearer ...)", None,
-                             "authentication_error", "invalid_api_key")
-                return JSONResponse(e.body(), status_code=401)
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(KeyAuth, key=api_key)
 
     @app.get("/health")
     async def health():
@@ -80,6 +74,7 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
         if p.stream:
             return StreamingResponse(events(p, req, endpoint, deadline), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
+        watch = asyncio.ensure_future(cancel_if_gone(request, req))
         try:
             out = await asyncio.wait_for(req._aresult(), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
@@ -87,11 +82,13 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
             metrics.finished(endpoint, req.kind, "timeout", req)
             raise APIError(504, f"the request took longer than {timeout_s:g} s", None,
                            "timeout", "timeout") from None
-        except asyncio.CancelledError:             # the client went away
+        except asyncio.CancelledError:             # the server is shutting down
             req.cancel()
             metrics.finished(endpoint, req.kind, "cancelled", req)
             raise
-        metrics.finished(endpoint, req.kind, "ok", req)
+        finally:
+            watch.cancel()
+        metrics.finished(endpoint, req.kind, "cancelled" if out.finish_reason == "cancelled" else "ok", req)
         usage = dict(out.usage, total_tokens=sum(out.usage.values()))
         return response(p, new_id(kind), out.text, out.finish_reason, usage, out.gates)
 
@@ -142,6 +139,34 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
         return await handle(request, "completion")
 
     return app
+
+
+class KeyAuth:
+    """Plain ASGI middleware (it leaves ``receive`` alone, so handlers still see a disconnect):
+    every path but /health needs ``Authorization: Bearer <key>``."""
+
+    def __init__(self, app, key: str):
+        self.app, self.want = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.want):
+                e = APIError(401, "missing or wrong API key (Authorization: Bearer ...)", None,
+                             "authentication_error", "invalid_api_key")
+                await JSONResponse(e.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def cancel_if_gone(request: Request, req, every_s: float = 0.1) -> None:
+    """A non-streamed request whose client hangs up is cancelled (its slot freed) within
+    ``every_s``; a streamed one notices at its next event instead."""
+    while not req.done:
+        if await request.is_disconnected():
+            req.cancel()
+            return
+        await asyncio.sleep(every_s)
 
 
 def sse(obj: dict) -> str:
