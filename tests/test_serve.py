@@ -209,6 +209,8 @@ def test_timeout_and_api_key(engine):
             == offline(engine, "hi", None, 2, chat=False).text
     finally:
         s.close()
+    with Server(build_app(engine, MID, max_queue=0)) as s:    # no queue: free slots still serve
+        assert s.client().completions.create(model=MID, prompt="hi", max_tokens=2).usage.completion_tokens >= 1
 
 
 def test_metrics_parse(engine, server):

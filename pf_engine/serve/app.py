@@ -38,6 +38,11 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
     async def api_error(_, e: APIError):
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
+    @app.exception_handler(Exception)
+    async def internal_error(_, e: Exception):
+        err = APIError(500, f"internal error: {type(e).__name__}: {e}", None, "server_error")
+        return JSONResponse(err.body(), status_code=500)
+
     if api_key is not None:
         app.add_middleware(KeyAuth, key=api_key)
 
@@ -62,7 +67,8 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
         p = parse(body, kind, catalog, engine)
         sched = engine.scheduler()
         endpoint = "chat" if kind == "chat" else "completions"
-        if len(sched.waiting) >= max_queue:
+        waiting = len(sched.waiting)
+        if waiting >= max_queue and waiting + len(sched.running) >= sched.slots:   # it would wait
             metrics.finished(endpoint, "-", "rejected")
             raise APIError(429, f"the queue is full ({max_queue} requests wait for a slot); retry later",
                            None, "rate_limit_error", "queue_full", {"Retry-After": "1"})
@@ -124,6 +130,10 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
                 yield sse(chunk(p, rid, created, None, usage=usage))
             yield "data: [DONE]\n\n"
             status = "ok"
+        except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
+            status = "error"
+            yield sse({"error": APIError(500, f"internal error: {type(e).__name__}: {e}", None,
+                                         "server_error").body()["error"]})
         finally:                                   # done, timed out, or the client went away
             if not req.done:
                 req.cancel()
