@@ -68,10 +68,11 @@ def markdown(result: dict) -> str:
              f"slots, {result['min_new']}-{result['max_new']} new tokens", ""]
     if result.get("busy"):
         lines += [f"**Warning: {result['busy']}.**", ""]
-    lines += ["| run | tokens/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | TPOT p99 ms |",
-              "|---|---|---|---|---|---|"]
+    lines += ["| run | requests/s | tokens/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | TPOT p99 ms |",
+              "|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
-        lines.append(f"| {r['run']} | {r['throughput_tok_s']:.1f} | {r['ttft_p50_s']:.3f} | "
+        lines.append(f"| {r['run']} | {r['requests'] / r['seconds']:.2f} | {r['throughput_tok_s']:.1f} | "
+                     f"{r['ttft_p50_s']:.3f} | "
                      f"{r['ttft_p99_s']:.3f} | {1e3 * r['tpot_p50_s']:.1f} | {1e3 * r['tpot_p99_s']:.1f} |")
     o = result["overhead"]
     lines += ["", f"HTTP over in-process: TTFT p50 {o['ttft_p50_ms']:+.1f} ms, TPOT p50 "
