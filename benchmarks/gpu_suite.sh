@@ -2,21 +2,22 @@
 # One command for a lent GPU box: install, build the CUDA kernel, run the GPU tests, benchmark.
 #
 #   bash benchmarks/gpu_suite.sh                      # every step
-#   STEPS="tests mixing" bash benchmarks/gpu_suite.sh # some steps (install build tests mixing generate)
+#   STEPS="tests mixing" bash benchmarks/gpu_suite.sh # some steps (install build tests decode mixing generate)
 #   TIMEOUT_TESTS=150 TIMEOUT_MIXING=200 bash ...       # cap a step (seconds; partial results kept)
 #   TESTS="tests/test_kernels.py" bash ...              # fewer test files
 #   GEN_MODEL_SRC=DIR bash ...                          # no bundled model there (offline box):
 #       time generate on DIR's config and tokenizer with random weights (benchmarks/random_weights.py)
 #
 # Writes benchmarks/results/gpu_mixing.json, gpu_mixing.md and gpu_plots/ (bench_mixing.py, llama7b
-# shapes, bf16), and gpu_generate.json (bench_generate.py, every backend, bf16).  Stops at once
+# shapes, bf16), gpu_decode.json (bench_decode.py: the scheduler's decode step, dynamic / static /
+# CUDA graphs) and gpu_generate.json (bench_generate.py, every backend, bf16).  Stops at once
 # (exit 1) when no GPU is visible; a failing test or benchmark step does not stop the later ones
 # (the data of a rare GPU loan is kept) but the suite exits 1 at the end, naming the failed steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 PY=${PYTHON:-python}
-STEPS=${STEPS-install build tests mixing generate}
+STEPS=${STEPS-install build tests decode mixing generate}
 RESULTS=benchmarks/results
 FAILED=()
 
@@ -106,14 +107,21 @@ if want mixing; then
         --out "$RESULTS/gpu_mixing.json" --md "$RESULTS/gpu_mixing.md" --plots "$RESULTS/gpu_plots"
 fi
 
+model_args=()
+if [[ -n "${GEN_MODEL_SRC:-}" ]] && { want generate || want decode; }; then
+    gen_model=/tmp/$(basename "$GEN_MODEL_SRC")-random-weights
+    $PY benchmarks/random_weights.py "$GEN_MODEL_SRC" "$gen_model" || die "random_weights.py failed"
+    model_args=(--model "$gen_model")
+fi
+
+if want decode; then
+    step "bench_decode: the scheduler's decode step, dynamic vs static vs CUDA graphs"
+    run_step decode env -u TRITON_INTERPRET $PY benchmarks/bench_decode.py --device cuda --dtype bf16 \
+        "${model_args[@]}" --batches 1,8,32 --out "$RESULTS/gpu_decode.json"
+fi
+
 if want generate; then
     step "bench_generate"
-    model_args=()
-    if [[ -n "${GEN_MODEL_SRC:-}" ]]; then
-        gen_model=/tmp/$(basename "$GEN_MODEL_SRC")-random-weights
-        $PY benchmarks/random_weights.py "$GEN_MODEL_SRC" "$gen_model" || die "random_weights.py failed"
-        model_args=(--model "$gen_model")
-    fi
     # every backend on dense, top-2, token routing and mixed batches; naive once (dense) as the
     # baseline; 32 tokens: a lent GPU's minutes are few
     gpu_configs="base,dense:torch,dense:naive,dense:triton,dense:cuda,top2:torch,top2:triton,top2:cuda"

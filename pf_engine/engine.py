@@ -195,7 +195,9 @@ class Engine:
         from .scheduler import Scheduler
         ctx = self.config.max_position_embeddings
         need = max(len(p) + min(q.max_new_tokens, ctx - len(p)) for p, q in zip(ids, per))
-        sched = Scheduler(self, len(ids), max(2, need), sum(len(p) for p in ids), background=False)
+        # dynamic decode: capturing graphs for one call would cost more than it saves
+        sched = Scheduler(self, len(ids), max(2, need), sum(len(p) for p in ids), background=False,
+                          decode="dynamic")
         return sched, [sched.submit(p, q, s) for p, q, s in zip(ids, per, specs)]
 
     def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -263,14 +265,15 @@ class Engine:
     # Continuous batching --------------------------------------------------------------------
     def scheduler(self, slots: int | None = None, max_len: int | None = None,
                   prefill_budget: int | None = None, background: bool | None = None,
-                  kv_cache_gb: float | None = None):
+                  kv_cache_gb: float | None = None, decode: str | None = None):
         """The engine's continuous-batching scheduler (scheduler.Scheduler).  With no arguments:
         the current one, or a default one (8 slots, background thread).  With arguments: a new
         one built with them (defaults for the rest), once the current one is idle.  kv_cache_gb
-        sizes the pool by memory: as many slots of max_len columns as fit."""
+        sizes the pool by memory: as many slots of max_len columns as fit.  decode: "dynamic",
+        "static" or "graphs" (CUDA graphs, the default on CUDA; see static_decode.py)."""
         from .scheduler import Scheduler
         cur = getattr(self, "_scheduler", None)
-        asked = (slots, max_len, prefill_budget, background, kv_cache_gb)
+        asked = (slots, max_len, prefill_budget, background, kv_cache_gb, decode)
         if cur is not None and all(a is None for a in asked):
             return cur
         if cur is not None and cur.pending():
@@ -278,7 +281,8 @@ class Engine:
                                "them) before building another")
         self._scheduler = Scheduler(self, slots, max_len,
                                     128 if prefill_budget is None else prefill_budget,
-                                    True if background is None else background, kv_cache_gb)
+                                    True if background is None else background, kv_cache_gb,
+                                    decode)
         return self._scheduler
 
     def submit(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,

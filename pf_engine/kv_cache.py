@@ -89,6 +89,18 @@ class RowsView:
             b, tt = self.valid.nonzero(as_tuple=True)
             self.rows, self.cols, self.sel = b + s0, self.positions[b, tt], (b, tt)
 
+    @classmethod
+    def static(cls, pool: SlotCache, nb: int, lengths: torch.Tensor, end: int) -> "RowsView":
+        """A decode view built from device tensors only (static_decode.py): rows 0..nb-1 write
+        at columns ``lengths`` [nb] and read columns :end (a fixed bucket, not the longest row)."""
+        view = cls.__new__(cls)
+        view.pool, view.s0, view.m, view.T, view.end = pool, 0, nb, 1, end
+        view.starts, view.counts = None, [1] * nb
+        view.positions = lengths.view(nb, 1)
+        view.valid = torch.ones(nb, 1, dtype=torch.bool, device=lengths.device)
+        view.rows, view.cols = torch.arange(nb, device=lengths.device), lengths
+        return view
+
     def mask(self, window: int | None) -> torch.Tensor:
         """bool [m, 1, T, end]: query t of row b sees column j iff j <= starts[b] + t (and, with a
         sliding window, starts[b] + t - j < window).  A padding query sees its row's real columns
@@ -103,7 +115,7 @@ class RowsView:
     def update(self, layer: int, start, k: torch.Tensor, v: torch.Tensor):
         """k, v [m, H_kv, T, D] -> the m rows' keys and values [m, H_kv, end, D] (views)."""
         kc, vc = self.pool.k[layer], self.pool.v[layer]
-        if self.m == 1:                     # one row: a slice write (cheaper than indexing)
+        if self.m == 1 and self.starts is not None:   # one row: a slice write, not an index
             c0, c1 = self.starts[0], self.starts[0] + self.counts[0]
             kc[self.s0, :, c0:c1] = k[0, :, :c1 - c0]
             vc[self.s0, :, c0:c1] = v[0, :, :c1 - c0]

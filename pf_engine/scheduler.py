@@ -24,7 +24,8 @@ slot rows copied, only their used columns).
 Host syncs per step: the sampled tokens (one ``tolist`` per forward that samples).  The active
 expert set comes from host copies of the gate rows made at admission (one sync per sequence-
 routed request), token-routed gates are summed on the device and read back when the request
-ends.  Not captured in CUDA graphs yet (positions and views are built on the host per step).
+ends.  On CUDA the decode step defaults to static shapes captured in CUDA graphs per batch and
+length bucket (static_decode.py; ``decode="dynamic"`` turns it off).
 
 Personas per request, as ``generate`` takes them: None, explicit weights, "auto" (the sequence
 router reads the prompt at admission) or "token" (the token router in every layer and step).
@@ -47,6 +48,7 @@ from .model import attention_mask
 from .outputs import Stats
 from .persona import BASE, SEQUENCE, TOKEN
 from .request import Request
+from .static_decode import StaticDecode
 from .sampling import SamplingParams
 from .threads import CpuThreads
 
@@ -56,14 +58,15 @@ class Scheduler:
 
     slots: requests in flight at most (default 8, or as many as kv_cache_gb GiB of KV cache
     hold); max_len: cache columns per slot (prompt + new tokens of one request; default the
-    model's context, capped at 4096); prefill_budget: prompt tokens
+    model's context, capped at 4096); decode: "dynamic" (shapes fit each batch; the default on
+    CPU), "static" or "graphs" (static_decode.py; graphs is the default on CUDA); prefill_budget: prompt tokens
     prefilled per step, over all requests being prefilled (a long prompt or a burst of arrivals
     delays the running requests' next token by one chunk of this size at most).
     """
 
     def __init__(self, engine, slots: int | None = 8, max_len: int | None = None,
                  prefill_budget: int = 128, background: bool = True,
-                 kv_cache_gb: float | None = None):
+                 kv_cache_gb: float | None = None, decode: str | None = None):
         cfg = engine.config
         self.engine, self.background = engine, background
         self.max_len = int(max_len or min(cfg.max_position_embeddings, 4096))
@@ -92,6 +95,10 @@ class Scheduler:
         self.steps = 0
         self.stats = Stats()
         self.paused = False
+        decode = decode or ("graphs" if dev.type == "cuda" else "dynamic")
+        if decode not in ("dynamic", "static", "graphs"):
+            raise RequestError(f"decode={decode!r}: expected dynamic, static or graphs")
+        self.static = None if decode == "dynamic" else StaticDecode(self, decode == "graphs")
 
     @staticmethod
     def slot_bytes(engine, max_len: int) -> int:
@@ -258,6 +265,8 @@ class Scheduler:
             self.gates[slot] = 0
             self.token_rows[slot] = False
         r.slot, r.length = slot, 0
+        if self.static is not None:
+            self.static.lengths[slot] = 0
         self.running.append(r)
 
     def _prefill(self) -> None:
@@ -284,6 +293,8 @@ class Scheduler:
         for r, c in zip(reqs, counts):
             r.length += c
             done += r.length == len(r.ids)
+            if self.static is not None:
+                self.static.lengths[r.slot] = r.length
         if done:
             self.decoding += done
             self._sample(reqs[:done], logits[:done], d)
@@ -292,9 +303,18 @@ class Scheduler:
         """One token for every decoding request (slots 0..decoding-1), each at its own column."""
         reqs = self.running[:self.decoding]
         n = len(reqs)
-        view = self.cache.rows_view(0, [r.length for r in reqs], [1] * n)
-        self._threads.rows(n)
-        logits = self._forward(reqs, self.last_tok[:n].view(n, 1), view)[:, -1]
+        if self.static is not None:              # static shapes, captured in graphs on CUDA
+            self._threads.rows(n)
+            mixed = any(r.kind != BASE for r in reqs)
+            any_token = any(r.kind == TOKEN for r in reqs)
+            logits, mix = self.static.forward(reqs, mixed, any_token)
+            logits = logits[:n]
+            self._add_token_gates(reqs, mix, 1, None, [1] * n)
+            self.static.lengths[:n] += 1
+        else:
+            view = self.cache.rows_view(0, [r.length for r in reqs], [1] * n)
+            self._threads.rows(n)
+            logits = self._forward(reqs, self.last_tok[:n].view(n, 1), view)[:, -1]
         for r in reqs:
             r.length += 1
         self.stats.decode_tokens += n
@@ -328,14 +348,22 @@ class Scheduler:
         positions = view.positions.clamp(max=eng.config.max_position_embeddings - 1)
         logits = eng.model(tokens, positions, view, 0, view.mask(eng.config.sliding_window),
                            mix=mix, pick=pick)
-        if mix is not None and mix.token_sum is not None:
-            sums = mix.token_sum.view(len(reqs), tokens.shape[1], -1) * view.valid.unsqueeze(-1)
-            layers = eng.config.num_hidden_layers
-            for b, r in enumerate(reqs):
-                if r.kind == TOKEN:
-                    r.token_sum = sums[b].sum(0) + (0 if r.token_sum is None else r.token_sum)
-                    r.token_count += layers * view.counts[b]
+        self._add_token_gates(reqs, mix, tokens.shape[1], view.valid, view.counts)
         return logits
+
+    def _add_token_gates(self, reqs, mix, T: int, valid, counts: list[int]) -> None:
+        """Add each token-routed request's gates (rows b*T..b*T+T-1 of mix.token_sum, where
+        ``valid``) to its sums, on the device; rows past len(reqs) are padding."""
+        if mix is None or mix.token_sum is None:
+            return
+        sums = mix.token_sum[:len(reqs) * T].view(len(reqs), T, -1)
+        if valid is not None:
+            sums = sums * valid.unsqueeze(-1)
+        layers = self.engine.config.num_hidden_layers
+        for b, r in enumerate(reqs):
+            if r.kind == TOKEN:
+                r.token_sum = sums[b].sum(0) + (0 if r.token_sum is None else r.token_sum)
+                r.token_count += layers * counts[b]
 
     def _retire(self) -> None:
         """Drop finished and cancelled requests; the slots stay consecutive (see ``_vacate``)."""
@@ -370,4 +398,6 @@ class Scheduler:
         self.cache.move(src, dst, r.length)
         self.gates[dst], self.token_rows[dst] = self.gates[src], self.token_rows[src]
         self.last_tok[dst] = self.last_tok[src]
+        if self.static is not None:
+            self.static.lengths[dst] = self.static.lengths[src]
         r.slot, self.running[dst] = dst, r

@@ -106,3 +106,34 @@ def test_engine_generation_on_gpu_matches_cpu(model_and_bank, backend):
     want = cpu.generate(prompts, max_new_tokens=8, persona=persona)
     got = eng.generate(prompts, max_new_tokens=8, persona=persona)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_graph_decode_matches_dynamic(model_and_bank, backend):
+    """The scheduler's decode captured in CUDA graphs (static_decode.py) gives the dynamic step's
+    tokens, with requests joining and leaving (several batch buckets, padding rows) and every
+    persona kind; replays reuse the captured graphs."""
+    from pf_engine.sampling import SamplingParams
+    need(backend)
+    folder, bank, _ = model_and_bank
+    eng = Engine.from_pretrained(folder, adapters=bank, backend=backend, progress=False,
+                                 device="cuda", dtype="fp32")
+    kinds = [None, {BIG_FIVE[0]: 0.7, BIG_FIVE[3]: 0.3}, "auto", "token"]
+    specs = [(torch.randint(3, 256, (3 + 2 * i,), generator=torch.Generator().manual_seed(i)).tolist(),
+              kinds[i % 4], 4 + 3 * (i % 3)) for i in range(7)]
+    arrive = [0, 0, 1, 2, 2, 5, 6]
+    out = {}
+    for mode in ("dynamic", "graphs"):
+        sched = eng.scheduler(slots=4, max_len=64, prefill_budget=8, background=False, decode=mode)
+        reqs, step = {}, 0
+        while len(reqs) < len(specs) or sched.pending():
+            for i, s in enumerate(arrive):
+                if s == step:
+                    reqs[i] = sched.submit(specs[i][0], SamplingParams(max_new_tokens=specs[i][2]),
+                                           specs[i][1])
+            sched.step()
+            step += 1
+        out[mode] = [reqs[i].result().token_ids for i in range(len(specs))]
+        if mode == "graphs":
+            assert 1 <= len(sched.static._captured) < sched.steps       # replayed, not recaptured
+    assert out["graphs"] == out["dynamic"]

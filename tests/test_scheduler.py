@@ -91,6 +91,38 @@ def test_requests_joining_and_leaving_match_each_alone(engines):
                 assert abs(got.gates["weights"][k] - w) <= 1e-4, (i, k)
 
 
+@pytest.mark.parametrize("backend", ["torch", "naive"])
+def test_static_decode_equals_dynamic(engines, backend):
+    """The capturable decode step (static shapes: batch and column buckets, padding rows, all
+    experts read) gives the dynamic step's tokens and gates, with requests joining and leaving
+    and every persona kind; its device-side lengths track the host's."""
+    eng = engines[backend]
+    specs = [(prompt(3 + 2 * i, 50 + i), PERSONAS[i % len(PERSONAS)], 3 + 2 * (i % 4)) for i in range(7)]
+    arrive = [0, 0, 1, 3, 3, 4, 6]
+    out = {}
+    for mode in ("dynamic", "static"):
+        sched = eng.scheduler(slots=5, max_len=64, prefill_budget=6, background=False, decode=mode)
+        reqs, step = {}, 0
+        while len(reqs) < len(specs) or sched.pending():
+            for i, s in enumerate(arrive):
+                if s == step:
+                    reqs[i] = sched.submit(specs[i][0], SamplingParams(max_new_tokens=specs[i][2]),
+                                           specs[i][1])
+            sched.step()
+            if mode == "static":
+                n = len(sched.running)
+                assert sched.static.lengths[:n].tolist() == [r.length for r in sched.running]
+            step += 1
+        out[mode] = [reqs[i].result() for i in range(len(specs))]
+    for i, (d, s) in enumerate(zip(out["dynamic"], out["static"])):
+        assert s.token_ids == d.token_ids, i
+        if d.gates is not None:
+            for k, w in d.gates["weights"].items():
+                assert abs(s.gates["weights"][k] - w) <= 1e-4, (i, k)
+    with pytest.raises(RequestError, match="decode='fast': expected dynamic, static or graphs"):
+        eng.scheduler(decode="fast")
+
+
 def test_naive_backend_through_the_scheduler(engines):
     eng = engines["naive"]
     sched = eng.scheduler(slots=2, max_len=48, background=False)

@@ -1,0 +1,90 @@
+"""A decode step with static shapes, which a GPU can capture in CUDA graphs.
+
+The scheduler's dynamic decode (scheduler._decode) shapes each forward to its batch: n rows, the
+attention over max(length) + 1 columns, the active experts' rows gathered.  Replaying a captured
+graph needs every shape and address fixed, so this step is a function of device buffers only:
+
+    tokens   scheduler.last_tok[:nb]        the last token of each slot
+    lengths  StaticDecode.lengths[:nb]      the column each slot writes next (kept on the device)
+    gates    scheduler.gates[:nb], token_rows[:nb]
+
+for nb = the batch-size bucket (the next power of two >= the decoding requests, at most the pool)
+and the attention over ``end`` = the longest length rounded up to COLUMN_BUCKET columns.  Rows
+past the decoding requests are padding: they belong to slots being prefilled or free, and write
+their garbage key/value at their own next column, which is overwritten before anything reads it;
+their outputs are dropped.  The mixing reads all experts (no active-set gather), so a batch's
+persona mix never changes a shape.  Graphs are keyed by (nb, end, any persona, any token routing).
+
+mode "static": the same function run eagerly (CPU tests compare it with the dynamic step);
+mode "graphs": captured per key on first use (after a warm-up on a side stream) and replayed.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kv_cache import RowsView
+from .mixing import Mix
+
+COLUMN_BUCKET = 256
+
+
+def batch_bucket(n: int, slots: int) -> int:
+    return min(slots, 1 << max(0, n - 1).bit_length())
+
+
+def column_bucket(end: int, max_len: int) -> int:
+    return min(max_len, -(-end // COLUMN_BUCKET) * COLUMN_BUCKET)
+
+
+class StaticDecode:
+    def __init__(self, sched, graphs: bool):
+        if graphs and sched.engine.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.sched, self.graphs = sched, graphs
+        self.lengths = torch.zeros(sched.slots, dtype=torch.long, device=sched.engine.device)
+        self._captured: dict = {}
+        self._pool = None
+
+    def forward(self, reqs: list, mixed: bool, any_token: bool):
+        """Logits [nb, V] of the nb-row step for the decoding ``reqs`` (slots 0..n-1), and its Mix
+        (None without personas) whose ``token_sum`` holds the token-routed gates."""
+        s = self.sched
+        nb = batch_bucket(len(reqs), s.slots)
+        end = column_bucket(max(r.length for r in reqs) + 1, s.max_len)
+        key = (nb, end, mixed, any_token)
+        if not self.graphs:
+            return self._step(*key)
+        got = self._captured.get(key)
+        if got is None:
+            got = self._captured[key] = self._capture(key)
+        graph, out = got
+        graph.replay()
+        return out
+
+    def _step(self, nb: int, end: int, mixed: bool, any_token: bool):
+        s, eng = self.sched, self.sched.engine
+        mix = None
+        if mixed:
+            K = s.gates.shape[1]
+            mix = Mix(s.gates[:nb], eng.backend, eng.bank.token_router, s.token_rows[:nb],
+                      active=tuple(range(K)), any_token=any_token)
+        view = RowsView.static(s.cache, nb, self.lengths[:nb], end)
+        positions = view.positions.clamp(max=eng.config.max_position_embeddings - 1)
+        logits = eng.model(s.last_tok[:nb].view(nb, 1), positions, view, 0,
+                           view.mask(eng.config.sliding_window), mix=mix)[:, -1]
+        return logits, mix
+
+    def _capture(self, key):
+        """Warm up on a side stream (allocations, lazy initialisation, kernel compilation), then
+        capture one step into a graph sharing one memory pool with the others."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):        # writes the same keys/values the real step writes
+                self._step(*key)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._step(*key)
+        self._pool = graph.pool()
+        return graph, out
