@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import warnings
 
 import torch
 
@@ -48,7 +49,7 @@ from .model import attention_mask
 from .outputs import Stats
 from .persona import BASE, SEQUENCE, TOKEN
 from .request import Request
-from .static_decode import StaticDecode
+from .static_decode import CaptureFailed, StaticDecode
 from .sampling import SamplingParams
 from .threads import CpuThreads
 
@@ -303,15 +304,21 @@ class Scheduler:
         """One token for every decoding request (slots 0..decoding-1), each at its own column."""
         reqs = self.running[:self.decoding]
         n = len(reqs)
+        logits = None
         if self.static is not None:              # static shapes, captured in graphs on CUDA
             self._threads.rows(n)
             mixed = any(r.kind != BASE for r in reqs)
             any_token = any(r.kind == TOKEN for r in reqs)
-            logits, mix = self.static.forward(reqs, mixed, any_token)
-            logits = logits[:n]
-            self._add_token_gates(reqs, mix, 1, None, [1] * n)
-            self.static.lengths[:n] += 1
-        else:
+            try:
+                logits, mix = self.static.forward(reqs, mixed, any_token)
+            except CaptureFailed as e:
+                warnings.warn(str(e), RuntimeWarning, stacklevel=2)
+                self.static = None
+            else:
+                logits = logits[:n]
+                self._add_token_gates(reqs, mix, 1, None, [1] * n)
+                self.static.lengths[:n] += 1
+        if logits is None:
             view = self.cache.rows_view(0, [r.length for r in reqs], [1] * n)
             self._threads.rows(n)
             logits = self._forward(reqs, self.last_tok[:n].view(n, 1), view)[:, -1]

@@ -28,6 +28,10 @@ from .mixing import Mix
 COLUMN_BUCKET = 256
 
 
+class CaptureFailed(RuntimeError):
+    """Capturing a step failed; the scheduler warns once and goes on with dynamic decoding."""
+
+
 def batch_bucket(n: int, slots: int) -> int:
     return min(slots, 1 << max(0, n - 1).bit_length())
 
@@ -56,7 +60,11 @@ class StaticDecode:
             return self._step(*key)
         got = self._captured.get(key)
         if got is None:
-            got = self._captured[key] = self._capture(key)
+            try:
+                got = self._captured[key] = self._capture(key)
+            except Exception as e:  # noqa: BLE001 - any failure: the scheduler decodes without
+                raise CaptureFailed(f"CUDA graph capture failed ({type(e).__name__}: {e}); "
+                                    "decoding without graphs") from e
         graph, out = got
         graph.replay()
         return out

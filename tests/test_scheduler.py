@@ -325,3 +325,18 @@ def test_kernel_metadata_is_built_once_per_forward(engines, monkeypatch):
         got = eng.logits(ids, persona=DENSE)
         assert calls == {"layout": len(subsets), "meta": len(subsets) * (i + 1)}
     assert (got - want).abs().max() <= 1e-4
+
+
+def test_a_failed_graph_capture_falls_back_to_dynamic_decoding(engines):
+    """If capturing a step fails, the scheduler warns once and decodes dynamically: the requests
+    in flight lose nothing (here capture is forced on a CPU, where it must fail)."""
+    eng = engines["torch"]
+    sched = eng.scheduler(slots=2, max_len=48, background=False, decode="static")
+    sched.static.graphs = True
+    reqs = [sched.submit(prompt(5 + i, 90 + i), SamplingParams(max_new_tokens=5), p)
+            for i, p in enumerate([TOP2, "token"])]
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+        sched.step()
+    assert sched.static is None
+    for r, p in zip(reqs, [TOP2, "token"]):
+        assert r.result().token_ids == alone(eng, r.ids, p, 5).token_ids
