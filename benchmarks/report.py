@@ -99,6 +99,19 @@ def http_section(results_dir: str) -> list[str]:
             bench_http.markdown(res), ""]
 
 
+def decode_section(results_dir: str) -> list[str]:
+    """The scheduler's decode step per mode (benchmarks/bench_decode.py)."""
+    from benchmarks import bench_decode
+    res = load(os.path.join(results_dir, "bench_decode.json"))
+    if not res:
+        return []
+    return ["### The scheduler's decode step: dynamic, static, CUDA graphs", "",
+            f"`{res['command'].strip()}`; {provenance(res['machine'])}.  On CPU the static step "
+            "(the shapes a CUDA graph needs) is measured beside the dynamic one, which stays the "
+            "CPU default; graphs run only on CUDA (`bash benchmarks/gpu_suite.sh`).", "",
+            bench_decode.markdown(res), ""]
+
+
 def serving_reading(srv: dict) -> list[str]:
     """Which goals each rate meets, and whether the machine was saturated (computed)."""
     goals = srv.get("goals")
@@ -254,6 +267,7 @@ def section(results_dir: str, readme_dir: str, command: str) -> str:
                 parts += [f"![{name[:-4]}]({os.path.relpath(p, readme_dir)})", ""]
     parts += serving_section(results_dir)
     parts += http_section(results_dir)
+    parts += decode_section(results_dir)
     parts += gpu_section(results_dir, readme_dir)
     parts.append(END)
     return "\n".join(parts)
