@@ -4,6 +4,8 @@ The Triton kernels live in kernels/ and install under the import name ``pf_kerne
 ``kernels``: that name belongs to Hugging Face's package, which transformers probes).  The CUDA
 kernel in csrc/ is compiled by nvcc when nvcc is found and PF_SKIP_CUDA_BUILD is unset (see
 csrc/build.py); without nvcc the build warns and the engine falls back to the other backends.
+The CPU kernel in csrc/cpu/ is compiled with the system C++ compiler unless PF_SKIP_CPU_BUILD
+is set (csrc/cpu/build.py); a failed build warns and leaves the torch backend in place.
 """
 import importlib.util
 import os
@@ -39,16 +41,34 @@ def build_cuda_extension() -> Path | None:
         return None
 
 
+def build_cpu_extension() -> Path | None:
+    """Compile csrc/cpu into kernels/_pf_cpu*.so with the system C++ compiler (AVX2/FMA, OpenMP);
+    warn and skip when that fails.  Never fails the install: PF_SKIP_CPU_BUILD=1 skips it."""
+    if os.environ.get("PF_SKIP_CPU_BUILD"):
+        print("pf-engine: PF_SKIP_CPU_BUILD is set: not building the CPU kernel")
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location("pf_cpu_build", HERE / "csrc" / "cpu" / "build.py")
+        builder = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(builder)
+        return builder.build(quiet=True)
+    except Exception as e:  # noqa: BLE001 - an optional build must never fail the install
+        warnings.warn(f"pf-engine: the CPU kernel failed to build and is skipped (the torch "
+                      f"backend still works): {e}")
+        return None
+
+
 class BuildPyWithCuda(build_py):
-    """build_py that also builds the optional CUDA kernel into the pf_kernels package."""
+    """build_py that also builds the optional CUDA and CPU kernels into the pf_kernels package."""
 
     def run(self):
-        built = build_cuda_extension()
+        built = [b for b in (build_cuda_extension(), build_cpu_extension()) if b is not None]
         super().run()
-        if built is not None and not getattr(self, "editable_mode", False):
+        if built and not getattr(self, "editable_mode", False):
             dest = Path(self.build_lib) / "pf_kernels"
             dest.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(built, dest / built.name)
+            for b in built:
+                shutil.copy2(b, dest / b.name)
 
 
 setup(

@@ -12,6 +12,7 @@ routing, and shared by every layer and projection with the same experts).
   skipped by gathering the active experts' rows once per active set (the Linear caches the last
   mixing.GATHERED_SETS sets); token routing reads all experts instead.
 * ``Naive``: the baseline: a loop over projections and active experts, two small GEMMs each.
+* ``Cpu``: csrc/cpu's fused AVX2/OpenMP call per projection group for a decode step's rows.
 * ``Kernels`` (triton, cuda): the fused kernels of pf_kernels, one launch per projection (a lone
   projection: base GEMM and shrink in one pass over W_aug).  Each part's BankLayout (rank offsets
   and scalings on the device) is built once; each forward gathers the part's gate columns and
@@ -139,8 +140,44 @@ class Kernels:
         return y
 
 
+class Cpu:
+    """csrc/cpu: one fused call per projection group for a decode step's few rows on CPU (fp32);
+    larger batches (prefill, scoring) take the torch backend's GEMMs."""
+    name = "cpu"
+
+    @staticmethod
+    def meta(lin) -> dict:
+        """The group's parts and blocks as the kernel reads them (built once per Linear)."""
+        m = getattr(lin, "cpu_meta", None)
+        if m is None:
+            parts, bptrs, blocks, scale, bs = [], [], [], [], []
+            for p in lin.parts:
+                b = p.b.contiguous()
+                bs.append(b)
+                j0 = len(blocks)
+                for e, r0, r1, s in p.blocks:
+                    blocks.append((e, p.r0 + r0, p.r0 + r1))
+                    scale.append(s)
+                parts.append((p.out0, p.out1, p.r0, p.r1, j0, len(blocks)))
+                bptrs.append(b.data_ptr())
+            m = lin.cpu_meta = {"parts": torch.tensor(parts, dtype=torch.int64),
+                                "bptrs": torch.tensor(bptrs, dtype=torch.int64),
+                                "blocks": torch.tensor(blocks, dtype=torch.int64).view(-1, 3),
+                                "scale": torch.tensor(scale, dtype=torch.float32), "b": bs}
+        return m
+
+    def linear(self, lin, x2: torch.Tensor, mix: Mix) -> torch.Tensor:
+        from pf_kernels import cpu_ops
+        from .threads import user_threads
+        if x2.shape[0] > cpu_ops.MAX_TOKENS or x2.dtype != torch.float32 or x2.device.type != "cpu":
+            return IMPLEMENTATIONS["torch"].linear(lin, x2, mix)
+        y = torch.empty(x2.shape[0], lin.d_out, dtype=x2.dtype)
+        return cpu_ops.fused_linear_cpu(y, x2.contiguous(), lin.w_aug, lin.bias, mix.gates.contiguous(),
+                                        self.meta(lin), user_threads())
+
+
 IMPLEMENTATIONS = {"torch": Torch(), "naive": Naive(), "triton": Kernels("triton"),
-                   "cuda": Kernels("cuda")}
+                   "cuda": Kernels("cuda"), "cpu": Cpu()}
 
 
 def implementation(name: str):

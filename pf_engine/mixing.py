@@ -20,6 +20,7 @@ skipped), ``naive`` (the baseline: a loop over projections and experts), ``trito
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import weakref
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from .errors import PFError
 
-BACKENDS = ("torch", "naive", "triton", "cuda")
+BACKENDS = ("torch", "naive", "triton", "cuda", "cpu")
 
 
 def backend_status(name: str, device: torch.device) -> tuple[bool, str]:
@@ -44,6 +45,14 @@ def backend_status(name: str, device: torch.device) -> tuple[bool, str]:
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return False, "no GPU (on CPU tensors triton runs only with TRITON_INTERPRET=1)"
         return pf_kernels.available()
+    if name == "cpu":
+        if device.type != "cpu":
+            return False, f"the cpu backend runs on CPU tensors, not {device.type}"
+        try:
+            from pf_kernels import cpu_ops
+        except ImportError as e:
+            return False, f"pf_kernels cannot be imported ({e})"
+        return cpu_ops.cpu_available()
     if name == "cuda":
         if device.type != "cuda":
             return False, "no GPU: the cuda backend needs device='cuda'"
@@ -82,6 +91,21 @@ def columns(x2: torch.Tensor) -> torch.Tensor:
     return x2.t()
 
 
+SMALL_N = 16     # fp32 CPU products with at most this many columns go to csrc/cpu when built
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_kernel() -> bool:
+    """csrc/cpu is built and this CPU runs it (PF_NO_CPU_KERNEL=1 turns it off)."""
+    if os.environ.get("PF_NO_CPU_KERNEL"):
+        return False
+    try:
+        from pf_kernels import cpu_ops
+    except ImportError:
+        return False
+    return cpu_ops.cpu_available()[0]
+
+
 def mm(w: torch.Tensor, xT: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """W xT (+ bias as a column): [d_out, d_in] @ [d_in, N] -> [d_out, N].
 
@@ -90,6 +114,11 @@ def mm(w: torch.Tensor, xT: torch.Tensor, bias: torch.Tensor | None = None) -> t
     engine runs single-row decode with torch at one thread so that torch's OpenMP workers do not
     spin against the BLAS threads (engine.CpuThreads).
     """
+    if w.device.type == "cpu" and w.dtype == torch.float32 and xT.shape[1] <= SMALL_N and \
+            w.is_contiguous() and (bias is None or bias.is_contiguous()) and cpu_kernel():
+        from pf_kernels.cpu_ops import gemm_small
+        from .threads import user_threads
+        return gemm_small(w, xT.t().contiguous(), bias, user_threads()).t()
     if xT.shape[1] == 1 and w.device.type == "cpu":
         if w.dtype == torch.float32:
             y = torch.from_numpy(w.numpy() @ xT[:, 0].numpy()).unsqueeze(1)

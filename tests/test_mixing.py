@@ -11,7 +11,7 @@ import torch
 
 from pf_engine.adapters import AdapterBank
 from pf_engine.config import ModelConfig
-from pf_engine.mixing import Linear, Mix
+from pf_engine.mixing import Linear, Mix, backend_status
 from pf_kernels.reference import grouped_lora_ref
 
 CFG = ModelConfig.from_dict(dict(architectures=["LlamaForCausalLM"], vocab_size=64,
@@ -27,6 +27,8 @@ def backends():
     out = ["torch", "naive"]
     if os.environ.get("TRITON_INTERPRET") == "1":
         out.append("triton")
+    if backend_status("cpu", torch.device("cpu"))[0]:
+        out.append("cpu")
     return out
 
 

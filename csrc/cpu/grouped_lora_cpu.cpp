@@ -1,0 +1,197 @@
+// Fused grouped-LoRA linear for CPU decode steps (AVX2/FMA, OpenMP), fp32.
+//
+// For N token rows x [N, d_in] (N small: one decode step) and one projection group (q|k|v,
+// gate|up, o, down) with experts stacked as W_aug = [W; A_cat] ([d_out + R, d_in], row-major):
+//
+//   y[t, o] = W[o] . x[t] + bias[o] + sum over active blocks j of o's part:
+//             sum_{r in j} B_p[o - out0_p, r - r0_p] * h[t, r]
+//   h[t, r] = (A_cat[r] . x[t]) * g[t, e_j] * s_j                     for r in block j
+//
+// A block j is one expert's rank rows in one part (projection); it is active when its expert's
+// gate is nonzero for some row t.  Pass 1 streams the d_out rows of W and the active blocks' rows
+// of A_cat once (parallel over rows); pass 2 adds the expand, reading each output row's active
+// columns of B (parallel over output rows).  Inactive experts cost nothing: they are skipped by
+// the routing metadata, not by gathering copies.  Scratch buffers are reused across calls.
+//
+// Metadata (built once per Linear in Python, pf_engine/backends.py):
+//   parts  int64 [P, 6]: out0, out1, r0, r1 (the part's rows of A_cat), block_start, block_end
+//   bptrs  int64 [P]: address of each part's B [out1 - out0, r1 - r0] (row-major, contiguous)
+//   blocks int64 [J, 3]: expert, r0, r1 (absolute rows of A_cat);  scale fp32 [J]
+#include <immintrin.h>
+#include <omp.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+inline float hsum(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_hadd_ps(lo, lo);
+    lo = _mm_hadd_ps(lo, lo);
+    return _mm_cvtss_f32(lo);
+}
+
+// out[j] = w . x[t0 + j] for j < NT (NT rows of x at stride xs), d elements.
+template <int NT>
+inline void dots(const float* w, const float* x, int64_t xs, int d, float* out) {
+    __m256 acc[NT];
+    for (int j = 0; j < NT; ++j) acc[j] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= d; k += 8) {
+        __m256 wv = _mm256_loadu_ps(w + k);
+        for (int j = 0; j < NT; ++j) acc[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + j * xs + k), acc[j]);
+    }
+    for (int j = 0; j < NT; ++j) {
+        float s = hsum(acc[j]);
+        for (int kk = k; kk < d; ++kk) s += w[kk] * x[j * xs + kk];
+        out[j] = s;
+    }
+}
+
+// out[t] = w . x[t] for all T rows (chunks of 4 rows: 4 accumulators, w read from L1 again).
+inline void row_dots(const float* w, const float* x, int64_t xs, int T, int d, float* out) {
+    int t = 0;
+    for (; t + 4 <= T; t += 4) dots<4>(w, x + t * xs, xs, d, out + t);
+    switch (T - t) {
+        case 3: dots<3>(w, x + t * xs, xs, d, out + t); break;
+        case 2: dots<2>(w, x + t * xs, xs, d, out + t); break;
+        case 1: dots<1>(w, x + t * xs, xs, d, out + t); break;
+        default: break;
+    }
+}
+
+// y[(t0 + jj) * ys] += sum over the active blocks of brow[block cols] . h[t0 + jj, block cols]
+// for jj < NT: vectorised over the rank columns, one horizontal sum per row at the end.
+template <int NT>
+inline void expand(const float* brow, int64_t pr0, const int64_t* blocks, const int64_t* act,
+                   int64_t nact, const float* h, int64_t R, float* y, int64_t ys) {
+    __m256 acc[NT];
+    float tail[NT];
+    for (int j = 0; j < NT; ++j) { acc[j] = _mm256_setzero_ps(); tail[j] = 0.0f; }
+    for (int64_t a = 0; a < nact; ++a) {
+        const int64_t r0 = blocks[3 * act[a] + 1], r1 = blocks[3 * act[a] + 2];
+        const float* bb = brow + (r0 - pr0);
+        const int64_t len = r1 - r0;
+        int64_t k = 0;
+        for (; k + 8 <= len; k += 8) {
+            __m256 bv = _mm256_loadu_ps(bb + k);
+            for (int j = 0; j < NT; ++j)
+                acc[j] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(h + j * R + r0 + k), acc[j]);
+        }
+        for (; k < len; ++k)
+            for (int j = 0; j < NT; ++j) tail[j] += bb[k] * h[j * R + r0 + k];
+    }
+    for (int j = 0; j < NT; ++j) y[j * ys] += hsum(acc[j]) + tail[j];
+}
+
+template <typename T>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+struct ActiveRow { int64_t r; int64_t expert; float scale; };
+
+}  // namespace
+
+// y [T, d_out] (row stride ys) = the fused linear; see the file comment.
+void fused_linear(uintptr_t x_p, int64_t T, int64_t xs, int64_t d_in,
+                  uintptr_t w_aug_p, int64_t d_out, int64_t R, uintptr_t bias_p,
+                  uintptr_t g_p, int64_t K, int64_t gs, uintptr_t y_p, int64_t ys,
+                  uintptr_t parts_p, uintptr_t bptrs_p, int64_t P, uintptr_t blocks_p,
+                  uintptr_t scale_p, int64_t J, int64_t threads) {
+    if (T < 1 || T > 64) throw std::invalid_argument("fused_linear: T must be in [1, 64]");
+    const float* x = ptr<const float>(x_p);
+    const float* w = ptr<const float>(w_aug_p);
+    const float* bias = ptr<const float>(bias_p);
+    const float* g = ptr<const float>(g_p);
+    float* y = ptr<float>(y_p);
+    const int64_t* parts = ptr<const int64_t>(parts_p);
+    const int64_t* bptrs = ptr<const int64_t>(bptrs_p);
+    const int64_t* blocks = ptr<const int64_t>(blocks_p);
+    const float* scale = ptr<const float>(scale_p);
+
+    thread_local std::vector<ActiveRow> rows;
+    thread_local std::vector<char> active;
+    thread_local std::vector<int64_t> act_blocks;               // active block ids, by part
+    thread_local std::vector<float> h;                          // [T, R] gated shrink
+    rows.clear();
+    active.assign(J, 0);
+    for (int64_t j = 0; j < J; ++j) {
+        const int64_t e = blocks[3 * j];
+        if (e < 0 || e >= K) throw std::invalid_argument("fused_linear: block expert outside [0, K)");
+        for (int64_t t = 0; t < T; ++t) {
+            if (g[t * gs + e] != 0.0f) { active[j] = 1; break; }
+        }
+        if (active[j]) {
+            for (int64_t r = blocks[3 * j + 1]; r < blocks[3 * j + 2]; ++r) rows.push_back({r, e, scale[j]});
+        }
+    }
+    if (h.size() < static_cast<size_t>(T * R)) h.resize(T * R);
+    float* hp = h.data();
+    const int64_t n1 = d_out + static_cast<int64_t>(rows.size());
+    const ActiveRow* ar = rows.data();
+    act_blocks.clear();
+    for (int64_t j = 0; j < J; ++j) if (active[j]) act_blocks.push_back(j);  // parts' blocks are in order
+    const int64_t* actb = act_blocks.data();
+    const int64_t nab = static_cast<int64_t>(act_blocks.size());   // thread_local: read it here
+
+    py::gil_scoped_release release;
+    #pragma omp parallel num_threads(static_cast<int>(threads))
+    {
+        float tmp[64];
+        // Pass 1: base rows into y (+ bias), active A rows into h (gated).
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < n1; ++i) {
+            if (i < d_out) {
+                row_dots(w + i * d_in, x, xs, static_cast<int>(T), static_cast<int>(d_in), tmp);
+                const float b = bias ? bias[i] : 0.0f;
+                for (int64_t t = 0; t < T; ++t) y[t * ys + i] = tmp[t] + b;
+            } else {
+                const ActiveRow& a = ar[i - d_out];
+                row_dots(w + (d_out + a.r) * d_in, x, xs, static_cast<int>(T), static_cast<int>(d_in), tmp);
+                for (int64_t t = 0; t < T; ++t) hp[t * R + a.r] = tmp[t] * g[t * gs + a.expert] * a.scale;
+            }
+        }
+        // Pass 2: y[t, o] += B_p[o - out0, active columns] . h[t, active columns].
+        int64_t a0 = 0;                                  // this part's first active block
+        for (int64_t p = 0; p < P; ++p) {
+            const int64_t out0 = parts[6 * p], out1 = parts[6 * p + 1], pr0 = parts[6 * p + 2];
+            const int64_t pr1 = parts[6 * p + 3], j1 = parts[6 * p + 5];
+            const float* B = ptr<const float>(static_cast<uintptr_t>(bptrs[p]));
+            const int64_t Rp = pr1 - pr0;
+            int64_t a1 = a0;
+            while (a1 < nab && actb[a1] < j1) ++a1;
+            const int64_t nact = a1 - a0;
+            if (nact > 0) {
+                #pragma omp for schedule(static)
+                for (int64_t o = out0; o < out1; ++o) {
+                    const float* brow = B + (o - out0) * Rp;
+                    int64_t t = 0;
+                    for (; t + 4 <= T; t += 4)
+                        expand<4>(brow, pr0, blocks, actb + a0, nact, hp + t * R, R, y + t * ys + o, ys);
+                    switch (T - t) {
+                        case 3: expand<3>(brow, pr0, blocks, actb + a0, nact, hp + t * R, R, y + t * ys + o, ys); break;
+                        case 2: expand<2>(brow, pr0, blocks, actb + a0, nact, hp + t * R, R, y + t * ys + o, ys); break;
+                        case 1: expand<1>(brow, pr0, blocks, actb + a0, nact, hp + t * R, R, y + t * ys + o, ys); break;
+                        default: break;
+                    }
+                }
+            }
+            a0 = a1;
+        }
+    }
+}
+
+bool cpu_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+PYBIND11_MODULE(_pf_cpu, m) {
+    m.doc() = "Fused grouped-LoRA linear for CPU decode steps (AVX2/FMA, OpenMP): csrc/cpu";
+    m.def("fused_linear", &fused_linear, "see csrc/cpu/grouped_lora_cpu.cpp");
+    m.def("cpu_supported", &cpu_supported, "AVX2 and FMA present on this CPU");
+    m.attr("MAX_TOKENS") = 64;
+}
