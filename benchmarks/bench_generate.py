@@ -58,9 +58,10 @@ DENSE_WEIGHT = 0.1
 TOP2 = {"extraversion+": 0.6, "agreeableness+": 0.4}
 MIXED = [{"agreeableness+": 0.8, "extraversion+": 0.4}, {"conscientiousness+": 1.0},
          None, {"openness+": 0.5, "neuroticism-": 0.5}]
-QUICK_CONFIGS = "base,top2:torch,dense:torch,dense:naive"
-FULL_CONFIGS = ("base,dense:torch,dense:naive,top2:torch,top2:naive,auto:torch,auto:naive,"
-                "token:torch,token:naive,mixed:torch,mixed:naive")
+QUICK_CONFIGS = "base,top2:cpu,top2:torch,dense:cpu,dense:torch,dense:naive"
+FULL_CONFIGS = ("base,dense:cpu,dense:torch,dense:naive,top2:cpu,top2:torch,top2:naive,auto:cpu,"
+                "auto:torch,auto:naive,token:cpu,token:torch,token:naive,mixed:cpu,mixed:torch,"
+                "mixed:naive")
 
 
 def parse_configs(spec: str) -> list[tuple[str, str | None]]:

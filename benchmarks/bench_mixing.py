@@ -79,7 +79,7 @@ from pf_kernels.reference import grouped_lora_ref  # noqa: E402
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 ROUNDOFF = {torch.float16: 2.0**-12, torch.bfloat16: 2.0**-9}     # unit roundoff (see check rule)
 GATE_KINDS = ("dense", "top2-token", "top2-seq", "token-router", "regather")
-ALL_BACKENDS = ("base", "F.linear", "naive", "torch", "triton", "cuda")
+ALL_BACKENDS = ("base", "F.linear", "naive", "torch", "cpu", "triton", "cuda")
 N_INPUTS = 4
 MAX_COPIES = 64
 SCALING = 2.0                                    # alpha / r with alpha = 2r, as AdapterBank.random

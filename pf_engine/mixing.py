@@ -67,13 +67,15 @@ def backend_status(name: str, device: torch.device) -> tuple[bool, str]:
 def resolve_backend(name: str | None, device: torch.device) -> str:
     """auto (or None) -> the fastest backend as measured; a named one must be usable.
 
-    That is torch on every device for now: on an H200 (bf16, benchmarks/results/gpu_mixing.json
-    and gpu_generate.json) the grouped torch backend was the fastest in 242 of 252 op-level rows,
-    and decoded 1.6x faster than the cuda kernel and 3.6x faster than triton end to end.  The
-    kernels stay available by name.
+    On CPU that is ``cpu`` (csrc/cpu's fused kernel) when it is built and the CPU has AVX2/FMA
+    (benchmarks/results/bench_generate.json: faster than torch in every persona row), else
+    ``torch``.  On a GPU it is torch for now: on an H200 (bf16, gpu_mixing.json and
+    gpu_generate.json) the grouped torch backend was the fastest in 242 of 252 op-level rows, and
+    decoded 1.6x faster than the cuda kernel and 3.6x faster than triton end to end.  The kernels
+    stay available by name.
     """
     if name in (None, "auto"):
-        return "torch"
+        return "cpu" if device.type == "cpu" and backend_status("cpu", device)[0] else "torch"
     ok, why = backend_status(name, device)
     if not ok:
         raise PFError(f"backend={name!r} is not available: {why}")

@@ -245,7 +245,12 @@ def test_backend_status_and_resolution(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     ok, why = backend_status("triton", cpu)
     assert not ok and ("TRITON_INTERPRET=1" in why or "cannot be imported" in why)
-    assert resolve_backend(None, cpu) == "torch" and resolve_backend("auto", cpu) == "torch"
+    auto = "cpu" if backend_status("cpu", cpu)[0] else "torch"      # csrc/cpu built: it wins
+    assert resolve_backend(None, cpu) == auto and resolve_backend("auto", cpu) == auto
+    monkeypatch.setattr("pf_engine.mixing.backend_status",
+                        lambda name, device: (name != "cpu", "not built"))
+    assert resolve_backend("auto", cpu) == "torch"                     # the build failed: torch
+    monkeypatch.undo()
     assert resolve_backend("naive", cpu) == "naive"
     for name, words in (("cuda", "backend='cuda' is not available: no GPU"),
                         ("triton", "backend='triton' is not available"),
