@@ -265,6 +265,8 @@ def section(results_dir: str, readme_dir: str, command: str) -> str:
             if name.startswith("mixing") and name.endswith(".png"):
                 p = os.path.join(results_dir, "plots", name)
                 parts += [f"![{name[:-4]}]({os.path.relpath(p, readme_dir)})", ""]
+    from benchmarks.cpu_report import cpu_section
+    parts += cpu_section(results_dir)
     parts += serving_section(results_dir)
     parts += http_section(results_dir)
     parts += decode_section(results_dir)
