@@ -139,10 +139,11 @@ def serving_reading(srv: dict) -> list[str]:
                    f"{100 * low:.0f}% of the run in both modes: the machine is saturated, so "
                    "throughput is bounded by the compute per token, which scheduling does not "
                    "change.")
-    idle = [r for r in busy if r["run"] == "continuous" and r["rate"] not in sat]
-    for r in idle:
-        out.append(f"- At {r['rate']:g} req/s the continuous engine idles {100 * (1 - r['engine_busy']):.0f}% "
-                   "of the run: its throughput follows the arrivals, and so does static's.")
+    for x in (x for x in rates if x not in sat):
+        c, s_ = (next(r for r in busy if r["rate"] == x and r["run"] == k) for k in ("continuous", "static"))
+        out.append(f"- At {x:g} req/s the continuous engine idles {100 * (1 - c['engine_busy']):.0f}% of "
+                   f"the run (static: {100 * (1 - s_['engine_busy']):.0f}%): its throughput follows the "
+                   "arrivals, not the compute.")
     return out + [""]
 
 
