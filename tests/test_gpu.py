@@ -113,7 +113,7 @@ def test_cuda_graph_decode_matches_dynamic(model_and_bank, backend):
     """The scheduler's decode captured in CUDA graphs (static_decode.py) gives the dynamic step's
     tokens, with requests joining and leaving (several batch buckets, padding rows) and every
     persona kind; replays reuse the captured graphs."""
-    from pf_engine.sampling import SamplingParams
+    from test_scheduler import run_arrivals
     need(backend)
     folder, bank, _ = model_and_bank
     eng = Engine.from_pretrained(folder, adapters=bank, backend=backend, progress=False,
@@ -125,15 +125,7 @@ def test_cuda_graph_decode_matches_dynamic(model_and_bank, backend):
     out = {}
     for mode in ("dynamic", "graphs"):
         sched = eng.scheduler(slots=4, max_len=64, prefill_budget=8, background=False, decode=mode)
-        reqs, step = {}, 0
-        while len(reqs) < len(specs) or sched.pending():
-            for i, s in enumerate(arrive):
-                if s == step:
-                    reqs[i] = sched.submit(specs[i][0], SamplingParams(max_new_tokens=specs[i][2]),
-                                           specs[i][1])
-            sched.step()
-            step += 1
-        out[mode] = [reqs[i].result().token_ids for i in range(len(specs))]
+        out[mode] = [r.result().token_ids for r in run_arrivals(sched, specs, arrive)]
         if mode == "graphs":
             assert 1 <= len(sched.static._captured) < sched.steps       # replayed, not recaptured
     assert out["graphs"] == out["dynamic"]

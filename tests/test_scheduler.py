@@ -60,6 +60,22 @@ def alone(eng, ids, persona, n):
     return Alone(seq[len(ids):], "length")
 
 
+def run_arrivals(sched, specs, arrive, each_step=None) -> list:
+    """Submit specs[i] = (ids, persona, max_new) at step arrive[i] and step until all are done
+    (``each_step(sched)`` after every step); returns the requests in spec order."""
+    reqs, step = {}, 0
+    while len(reqs) < len(specs) or sched.pending():
+        for i, s in enumerate(arrive):
+            if s == step:
+                ids, persona, n = specs[i]
+                reqs[i] = sched.submit(ids, SamplingParams(max_new_tokens=n), persona)
+        sched.step()
+        if each_step is not None:
+            each_step(sched)
+        step += 1
+    return [reqs[i] for i in range(len(specs))]
+
+
 def test_requests_joining_and_leaving_match_each_alone(engines):
     """Arrivals at different steps, different prompt and output lengths, every persona kind,
     fewer slots than requests (some wait): each request's greedy tokens and gates are its own."""
@@ -67,16 +83,9 @@ def test_requests_joining_and_leaving_match_each_alone(engines):
     sched = eng.scheduler(slots=3, max_len=64, prefill_budget=4, background=False)
     specs = [(prompt(3 + 2 * i, i), PERSONAS[i % len(PERSONAS)], 4 + 3 * (i % 3)) for i in range(8)]
     arrive = [0, 0, 1, 2, 2, 5, 7, 7]                       # the step each request is submitted at
-    reqs = {}
-    step = 0
-    while len(reqs) < len(specs) or sched.pending():
-        for i, s in enumerate(arrive):
-            if s == step:
-                ids, persona, n = specs[i]
-                reqs[i] = sched.submit(ids, SamplingParams(max_new_tokens=n), persona)
-        sched.step()
+    def at_most_three(sched):
         assert len(sched.running) <= 3
-        step += 1
+    reqs = run_arrivals(sched, specs, arrive, at_most_three)
     for i, (ids, persona, n) in enumerate(specs):
         got = reqs[i].result()
         want = alone(eng, ids, persona, n)
@@ -102,18 +111,12 @@ def test_static_decode_equals_dynamic(engines, backend):
     out = {}
     for mode in ("dynamic", "static"):
         sched = eng.scheduler(slots=5, max_len=64, prefill_budget=6, background=False, decode=mode)
-        reqs, step = {}, 0
-        while len(reqs) < len(specs) or sched.pending():
-            for i, s in enumerate(arrive):
-                if s == step:
-                    reqs[i] = sched.submit(specs[i][0], SamplingParams(max_new_tokens=specs[i][2]),
-                                           specs[i][1])
-            sched.step()
-            if mode == "static":
+
+        def lengths_on_device(sched):
+            if sched.static is not None:
                 n = len(sched.running)
                 assert sched.static.lengths[:n].tolist() == [r.length for r in sched.running]
-            step += 1
-        out[mode] = [reqs[i].result() for i in range(len(specs))]
+        out[mode] = [r.result() for r in run_arrivals(sched, specs, arrive, lengths_on_device)]
     for i, (d, s) in enumerate(zip(out["dynamic"], out["static"])):
         assert s.token_ids == d.token_ids, i
         if d.gates is not None:
