@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_serving import PROMPTS, TOP2, make_stream, run_continuous, summary  # noqa: E402
+from benchmarks.bench_serving import (PROMPTS, header, make_stream,  # noqa: E402
+                                      run_continuous, summary)
 from benchmarks.common import CpuWatch, busy_warning, machine_info, write_json  # noqa: E402
 
 MID = "bench"
@@ -63,11 +64,7 @@ def run_http(url: str, stream: list[dict]) -> tuple[list[dict], float]:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"{result['machine']['cpu']}, {result['threads']} threads, {result['device']}, "
-             f"{result['requests']} requests at {result['rate']:g} req/s (Poisson), {result['slots']} "
-             f"slots, {result['min_new']}-{result['max_new']} new tokens", ""]
-    if result.get("busy"):
-        lines += [f"**Warning: {result['busy']}.**", ""]
+    lines = header(result, f"{result['requests']} requests at {result['rate']:g} req/s (Poisson)")
     lines += ["| run | requests/s | tokens/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | TPOT p99 ms |",
               "|---|---|---|---|---|---|---|"]
     for r in result["runs"]:

@@ -139,13 +139,19 @@ def goals(runs: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(result: dict) -> str:
+def header(result: dict, load: str) -> list[str]:
+    """The machine and the stream in one line (``load``: how requests arrive), and the warning
+    of a busy machine; bench_http.py's tables open the same way."""
     lines = [f"{result['machine']['cpu']}, {result['threads']} threads, {result['device']}, "
-             f"{result['requests']} requests per rate (Poisson arrivals), {result['slots']} slots, "
-             f"prefill budget {result['prefill_budget']} tokens/step, {result['min_new']}-"
-             f"{result['max_new']} new tokens", ""]
+             f"{load}, {result['slots']} slots, {result['min_new']}-{result['max_new']} new tokens", ""]
     if result.get("busy"):
         lines += [f"**Warning: {result['busy']}.**", ""]
+    return lines
+
+
+def markdown(result: dict) -> str:
+    lines = header(result, f"{result['requests']} requests per rate (Poisson arrivals), prefill "
+                           f"budget {result['prefill_budget']} tokens/step")
     lines += ["| req/s | run | tokens/s | engine busy | TTFT p50 s | TTFT p99 s | TPOT p50 ms | TPOT p99 ms |",
               "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
