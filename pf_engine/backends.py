@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .mixing import Active, Mix, RankLayout, columns, linear, mm
+from .mixing import SMALL_N, Active, Mix, RankLayout, columns, linear, mm
+from .threads import user_threads
 
 
 class Torch:
@@ -141,13 +142,14 @@ class Kernels:
 
 
 class Cpu:
-    """csrc/cpu: one fused call per projection group for a decode step's few rows on CPU (fp32);
+    """csrc/cpu: one fused call per projection group for a decode step's rows on CPU (fp32);
     larger batches (prefill, scoring) take the torch backend's GEMMs."""
     name = "cpu"
 
     @staticmethod
     def meta(lin) -> dict:
-        """The group's parts and blocks as the kernel reads them (built once per Linear)."""
+        """The group's parts and blocks as the kernel reads them, checked and built once per
+        Linear (the decode hot path passes only pointers)."""
         m = getattr(lin, "cpu_meta", None)
         if m is None:
             parts, bptrs, blocks, scale, bs = [], [], [], [], []
@@ -160,20 +162,36 @@ class Cpu:
                     scale.append(s)
                 parts.append((p.out0, p.out1, p.r0, p.r1, j0, len(blocks)))
                 bptrs.append(b.data_ptr())
-            m = lin.cpu_meta = {"parts": torch.tensor(parts, dtype=torch.int64),
-                                "bptrs": torch.tensor(bptrs, dtype=torch.int64),
-                                "blocks": torch.tensor(blocks, dtype=torch.int64).view(-1, 3),
-                                "scale": torch.tensor(scale, dtype=torch.float32), "b": bs}
+            m = {"parts": torch.tensor(parts, dtype=torch.int64),
+                 "bptrs": torch.tensor(bptrs, dtype=torch.int64),
+                 "blocks": torch.tensor(blocks, dtype=torch.int64).view(-1, 3),
+                 "scale": torch.tensor(scale, dtype=torch.float32), "b": bs}
+            ok = lin.w_aug.dtype == torch.float32 and lin.w_aug.is_contiguous() and \
+                lin.w_aug.device.type == "cpu" and (lin.bias is None or lin.bias.is_contiguous())
+            m["args"] = None if not ok else (
+                lin.w_aug.data_ptr(), lin.d_out, lin.w_aug.shape[0] - lin.d_out,
+                0 if lin.bias is None else lin.bias.data_ptr())
+            m["tail"] = (m["parts"].data_ptr(), m["bptrs"].data_ptr(), len(parts),
+                         m["blocks"].data_ptr(), m["scale"].data_ptr(), len(blocks))
+            lin.cpu_meta = m
         return m
 
     def linear(self, lin, x2: torch.Tensor, mix: Mix) -> torch.Tensor:
-        from pf_kernels import cpu_ops
-        from .threads import user_threads
-        if x2.shape[0] > cpu_ops.MAX_TOKENS or x2.dtype != torch.float32 or x2.device.type != "cpu":
+        m = self.meta(lin)
+        N = x2.shape[0]
+        if N > SMALL_N or m["args"] is None or x2.dtype != torch.float32 or x2.device.type != "cpu":
             return IMPLEMENTATIONS["torch"].linear(lin, x2, mix)
-        y = torch.empty(x2.shape[0], lin.d_out, dtype=x2.dtype)
-        return cpu_ops.fused_linear_cpu(y, x2.contiguous(), lin.w_aug, lin.bias, mix.gates.contiguous(),
-                                        self.meta(lin), user_threads())
+        x2, g = x2.contiguous(), mix.gates.contiguous()
+        y = torch.empty(N, lin.d_out, dtype=torch.float32)
+        _cpu_module().fused_linear(x2.data_ptr(), N, x2.stride(0), x2.shape[1], *m["args"],
+                                   g.data_ptr(), g.shape[1], g.stride(0), y.data_ptr(), lin.d_out,
+                                   *m["tail"], user_threads())
+        return y
+
+
+def _cpu_module():
+    from pf_kernels import cpu_ops
+    return cpu_ops._load()[0]
 
 
 IMPLEMENTATIONS = {"torch": Torch(), "naive": Naive(), "triton": Kernels("triton"),
