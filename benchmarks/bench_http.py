@@ -19,12 +19,11 @@ import os
 import sys
 import time
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_serving import (PROMPTS, header, make_stream,  # noqa: E402
-                                      run_continuous, summary)
+from benchmarks.bench_serving import (header, make_stream, run_continuous,  # noqa: E402
+                                      stream_engines, stream_flags, summary)
 from benchmarks.common import CpuWatch, busy_warning, machine_info, write_json  # noqa: E402
 
 MID = "bench"
@@ -80,32 +79,16 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="HF folder (default: the bundled model)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--requests", type=int, default=24)
+    stream_flags(ap, "bench_http.json")
     ap.add_argument("--rate", type=float, default=1.0, help="mean arrivals per second")
-    ap.add_argument("--min-new", type=int, default=8)
-    ap.add_argument("--max-new", type=int, default=40)
-    ap.add_argument("--slots", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "results", "bench_http.json"))
     args = ap.parse_args(argv)
     if args.rate <= 0 or args.requests < 1:
         ap.error(f"--rate {args.rate} / --requests {args.requests}: expected > 0 and >= 1")
-    torch.set_num_threads(args.threads)
-    from pf_engine import Engine
-    from pf_engine.adapters import AdapterBank
     from pf_engine.serve import build_app
     from pf_engine.serve.threaded import ThreadedServer
     watch = CpuWatch()
-    base = Engine.from_pretrained(args.model, device=args.device, progress=False)
-    bank = AdapterBank.random(base.config, rank=16, seed=0, router=True)
-    bank.router.top_k = 2
-    eng = Engine.from_pretrained(base.folder, adapters=bank, device=args.device, progress=False)
-    eng.eos_ids = set()
-    eng.generate(PROMPTS[0], max_new_tokens=2, chat=True)                  # warm-up
+    base, engines = stream_engines(args, [None])                          # the default backend
+    eng = engines[None]
     stream = make_stream(args.requests, args.rate, args.min_new, args.max_new, args.seed)
     recs, t0, busy = run_continuous(eng, stream, args.slots, 128)
     runs = [summary("in-process", args.rate, recs, t0, busy)]

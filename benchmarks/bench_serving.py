@@ -166,22 +166,44 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def stream_flags(ap: argparse.ArgumentParser, out_name: str) -> None:
+    """The flags of a stream benchmark (this one and bench_http.py): model, machine, stream."""
     ap.add_argument("--model", default=None, help="HF folder (default: the bundled model)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--requests", type=int, default=24)
-    ap.add_argument("--rates", default="0.5,1,2", help="mean arrivals per second, comma-separated")
-    ap.add_argument("--prefill-budget", type=int, default=128, help="prompt tokens per scheduler step")
     ap.add_argument("--min-new", type=int, default=8)
     ap.add_argument("--max-new", type=int, default=40)
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-naive", action="store_true", help="skip the naive-backend run")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "results", "bench_serving.json"))
+                                                  "results", out_name))
+
+
+def stream_engines(args, backends: list) -> tuple:
+    """(base engine, {backend: engine with the stream's bank}): a seeded random bank of ten
+    rank-16 experts whose sequence router picks two; EOS ignored, one warm-up generate each."""
+    from pf_engine import Engine
+    from pf_engine.adapters import AdapterBank
+    torch.set_num_threads(args.threads)
+    base = Engine.from_pretrained(args.model, device=args.device, progress=False)
+    bank = AdapterBank.random(base.config, rank=16, seed=0, router=True)
+    bank.router.top_k = 2
+    engines = {b: Engine.from_pretrained(base.folder, adapters=bank, device=args.device, backend=b,
+                                         progress=False) for b in backends}
+    for e in engines.values():
+        e.eos_ids = set()
+        e.generate(PROMPTS[0], max_new_tokens=2, chat=True)                  # warm-up
+    return base, engines
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    stream_flags(ap, "bench_serving.json")
+    ap.add_argument("--rates", default="0.5,1,2", help="mean arrivals per second, comma-separated")
+    ap.add_argument("--prefill-budget", type=int, default=128, help="prompt tokens per scheduler step")
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive-backend run")
     args = ap.parse_args(argv)
     try:
         rates = sorted(float(r) for r in args.rates.split(","))
@@ -189,19 +211,9 @@ def main(argv=None) -> int:
         ap.error(f"--rates {args.rates!r}: expected comma-separated numbers > 0")
     if not rates or min(rates) <= 0:
         ap.error(f"--rates {args.rates!r}: expected comma-separated numbers > 0")
-    torch.set_num_threads(args.threads)
-    from pf_engine import Engine
-    from pf_engine.adapters import AdapterBank
     watch = CpuWatch()
-    base = Engine.from_pretrained(args.model, device=args.device, progress=False)
-    bank = AdapterBank.random(base.config, rank=16, seed=0, router=True)
-    bank.router.top_k = 2
-    engines = {b: Engine.from_pretrained(base.folder, adapters=bank, device=args.device, backend=b,
-                                         progress=False) for b in (["torch"] + ([] if args.no_naive else ["naive"]))}
-    for e in engines.values():
-        e.eos_ids = set()
+    base, engines = stream_engines(args, ["torch"] + ([] if args.no_naive else ["naive"]))
     eng = engines["torch"]
-    eng.generate(PROMPTS[0], max_new_tokens=2, chat=True)                  # warm-up
     runs = []
     for rate in rates:
         stream = make_stream(args.requests, rate, args.min_new, args.max_new, args.seed)
