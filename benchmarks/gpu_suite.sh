@@ -2,23 +2,25 @@
 # One command for a lent GPU box: install, build the CUDA kernel, run the GPU tests, benchmark.
 #
 #   bash benchmarks/gpu_suite.sh                      # every step
-#   STEPS="tests mixing" bash benchmarks/gpu_suite.sh # some steps (install build tests decode mixing generate)
+#   STEPS="tests mixing" bash benchmarks/gpu_suite.sh # some steps (install build tests decode serving mixing generate)
 #   TIMEOUT_TESTS=150 TIMEOUT_MIXING=200 bash ...       # cap a step (seconds; partial results kept)
 #   TESTS="tests/test_kernels.py" bash ...              # fewer test files
+#   GEN_CONFIGS="base,top2:cuda" bash ...               # fewer bench_generate rows
 #   GEN_MODEL_SRC=DIR bash ...                          # no bundled model there (offline box):
 #       time generate on DIR's config and tokenizer with random weights (benchmarks/random_weights.py)
 #
 # Writes benchmarks/results/gpu_mixing.json, gpu_mixing.md and gpu_plots/ (bench_mixing.py, llama7b
 # shapes, bf16), gpu_decode.json (bench_decode.py: the scheduler's decode step, dynamic / static /
-# CUDA graphs) and gpu_generate.json (bench_generate.py, every backend, bf16).  Stops at once
+# CUDA graphs), gpu_serving.json (bench_serving.py: Poisson arrivals, continuous batching
+# with CUDA-graph decode against static batches, at GPU rates) and gpu_generate.json (bench_generate.py, every backend, bf16).  Stops at once
 # (exit 1) when no GPU is visible; a failing test or benchmark step does not stop the later ones
 # (the data of a rare GPU loan is kept) but the suite exits 1 at the end, naming the failed steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 PY=${PYTHON:-python}
-STEPS=${STEPS-install build tests decode mixing generate}
-RESULTS=benchmarks/results
+STEPS=${STEPS-install build tests decode serving mixing generate}
+RESULTS=${RESULTS:-benchmarks/results}  # RESULTS=$OUT on a lent box: partial results come back even if cut off
 FAILED=()
 
 step() { echo; echo "=== gpu_suite: $* ==="; }
@@ -108,7 +110,7 @@ if want mixing; then
 fi
 
 model_args=()
-if [[ -n "${GEN_MODEL_SRC:-}" ]] && { want generate || want decode; }; then
+if [[ -n "${GEN_MODEL_SRC:-}" ]] && { want generate || want decode || want serving; }; then
     gen_model=/tmp/$(basename "$GEN_MODEL_SRC")-random-weights
     $PY benchmarks/random_weights.py "$GEN_MODEL_SRC" "$gen_model" || die "random_weights.py failed"
     model_args=(--model "$gen_model")
@@ -120,12 +122,20 @@ if want decode; then
         "${model_args[@]}" --batches 1,8,32 --out "$RESULTS/gpu_decode.json"
 fi
 
+if want serving; then
+    step "bench_serving: continuous batching (CUDA-graph decode) against static batches"
+    run_step serving env -u TRITON_INTERPRET $PY benchmarks/bench_serving.py --device cuda \
+        "${model_args[@]}" --rates 4,16,64 --requests 64 --slots 16 --no-naive \
+        --out "$RESULTS/gpu_serving.json"
+fi
+
 if want generate; then
     step "bench_generate"
     # every backend on dense, top-2, token routing and mixed batches; naive once (dense) as the
     # baseline; 32 tokens: a lent GPU's minutes are few
     gpu_configs="base,dense:torch,dense:naive,dense:triton,dense:cuda,top2:torch,top2:triton,top2:cuda"
     gpu_configs+=",token:torch,token:triton,token:cuda,mixed:torch,mixed:triton,mixed:cuda"
+    gpu_configs=${GEN_CONFIGS:-$gpu_configs}
     run_step generate env -u TRITON_INTERPRET $PY benchmarks/bench_generate.py --device cuda \
         "${model_args[@]}" --configs "$gpu_configs" --new-tokens 32 --out "$RESULTS/gpu_generate.json"
 fi
