@@ -208,18 +208,22 @@ class Mix:
 
     def __init__(self, gates: torch.Tensor, backend: str = "torch", token_router=None,
                  token_rows: torch.Tensor | None = None, active: tuple | None = None,
-                 any_token: bool | None = None):
+                 any_token: bool | None = None, static: bool = False):
         """active / any_token: what the caller knows on the host (the scheduler does): the active
         expert ids and whether any row is token-routed.  Left None, they are read from the
-        tensors, which costs a host sync on a GPU."""
+        tensors, which costs a host sync on a GPU.  static: never read the device (a step captured
+        in a CUDA graph): the naive loop then runs every expert under token routing too."""
         from .backends import implementation
         self.backend, self.impl, self.fixed = backend, implementation(backend), gates
+        self.static = static
         if any_token is None:
             any_token = token_rows is not None and bool(token_rows.any())
         self.token_router = token_router if any_token else None
         self.token_rows = token_rows
         self.token_sum = None
-        self._set(gates, None if self.token_router is not None else active)
+        if self.token_router is not None:     # every layer sets its own gates (for_layer)
+            active = tuple(range(gates.shape[1]))
+        self._set(gates, active)
 
     def _set(self, gates: torch.Tensor, active: tuple | None = None) -> None:
         self.gates = gates
@@ -244,7 +248,8 @@ class Mix:
             self.token_sum = g if self.token_sum is None else self.token_sum + g
             # Only the naive loop skips experts per layer; the grouped and kernel paths read all
             # experts under token routing, so they need no host sync for the active set.
-            self._set(g, None if self.backend == "naive" else tuple(range(g.shape[1])))
+            per_layer = self.backend == "naive" and not self.static
+            self._set(g, None if per_layer else tuple(range(g.shape[1])))
         return self
 
 

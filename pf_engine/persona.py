@@ -76,7 +76,7 @@ class Personas:
         r = self.bank.router
         sel = torch.tensor(idx, device=tokens.device)
         h = model.hidden(tokens[sel], positions[sel], mask[sel], r.layer)
-        self.rows[idx] = r(h, real[sel]).to(self.rows.device)
+        self.rows[idx] = r(h, real.to(tokens.device)[sel]).to(self.rows.device)
 
     def add_token_gates(self, rows: list[int], token_sum: torch.Tensor, valid: torch.Tensor,
                         layers: int) -> None:

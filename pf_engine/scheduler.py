@@ -257,7 +257,7 @@ class Scheduler:
                                       eng.config.sliding_window)
                 r.personas.route(eng.model, torch.tensor([r.ids], device=dev),
                                  torch.arange(T, device=dev).unsqueeze(0), mask,
-                                 torch.ones(1, T, dtype=torch.bool))
+                                 torch.ones(1, T, dtype=torch.bool, device=dev))
             row = r.personas.rows[0]                # host copy: the active set costs no sync later
             r.active = set(row.nonzero().flatten().tolist())
             self.gates[slot] = row.to(dev)

@@ -75,7 +75,7 @@ class StaticDecode:
         if mixed:
             K = s.gates.shape[1]
             mix = Mix(s.gates[:nb], eng.backend, eng.bank.token_router, s.token_rows[:nb],
-                      active=tuple(range(K)), any_token=any_token)
+                      active=tuple(range(K)), any_token=any_token, static=True)
         view = RowsView.static(s.cache, nb, self.lengths[:nb], end)
         positions = view.positions.clamp(max=eng.config.max_position_embeddings - 1)
         logits = eng.model(s.last_tok[:nb].view(nb, 1), positions, view, 0,
@@ -92,7 +92,9 @@ class StaticDecode:
                 self._step(*key)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: a client thread's CUDA work (submit's small copies, a server's handlers)
+        # may go on during the capture; "global" mode fails the capture for it.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             out = self._step(*key)
         self._pool = graph.pool()
         return graph, out

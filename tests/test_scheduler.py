@@ -343,3 +343,45 @@ def test_a_failed_graph_capture_falls_back_to_dynamic_decoding(engines):
     assert sched.static is None
     for r, p in zip(reqs, [TOP2, "token"]):
         assert r.result().token_ids == alone(eng, r.ids, p, 5).token_ids
+
+
+class CaptureProbe:
+    """Records the ops inside a step that a CUDA graph capture refuses or bakes in: a read of a
+    device value on the host (item/tolist/bool: _local_scalar_dense), a data-dependent shape
+    (nonzero, masked_select) and a tensor made from host data (lift_fresh: torch.tensor(...)),
+    which on CUDA is a host-to-device copy.  On CPU none of these fail, so the probe is what lets
+    this test fail here."""
+    FORBIDDEN = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select",
+                 "aten.lift_fresh", "aten.item")
+
+    def __init__(self):
+        import traceback
+        from torch.utils._python_dispatch import TorchDispatchMode
+        hits = self.hits = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if str(func).startswith(CaptureProbe.FORBIDDEN):
+                    hits.setdefault(str(func), "".join(traceback.format_stack(limit=6)[:-1]))
+                return func(*args, **(kwargs or {}))
+        self.mode = Mode
+
+
+@pytest.mark.parametrize("backend", ["torch", "naive"])
+def test_static_step_is_capturable(engines, backend, monkeypatch):
+    """The step a CUDA graph captures (StaticDecode._step) reads nothing back to the host and
+    copies nothing from it, with every persona kind in the batch: such an op fails the capture
+    on a GPU (or is baked into the graph), which CPU tests would not otherwise see."""
+    from pf_engine import static_decode
+    eng = engines[backend]
+    probe = CaptureProbe()
+    step = static_decode.StaticDecode._step
+
+    def probed(self, *key):
+        with probe.mode():
+            return step(self, *key)
+    monkeypatch.setattr(static_decode.StaticDecode, "_step", probed)
+    specs = [(prompt(3 + i, 70 + i), PERSONAS[i % len(PERSONAS)], 4) for i in range(6)]
+    sched = eng.scheduler(slots=8, max_len=64, prefill_budget=64, background=False, decode="static")
+    run_arrivals(sched, specs, [0] * len(specs))
+    assert not probe.hits, "\n\n".join(f"{k} at\n{v}" for k, v in probe.hits.items())
