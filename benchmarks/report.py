@@ -137,8 +137,7 @@ def serving_reading(srv: dict) -> list[str]:
         low = min(r["engine_busy"] for r in busy if r["rate"] in sat)
         out.append(f"- At {', '.join(f'{x:g}' for x in sat)} req/s the engine computes at least "
                    f"{100 * low:.0f}% of the run in both modes: the machine is saturated, so "
-                   "throughput is bounded by the compute per token, which scheduling does not "
-                   "change.")
+                   "throughput is bounded by the engine's time per step, not by the arrivals.")
     for x in (x for x in rates if x not in sat):
         c, s_ = (next(r for r in busy if r["rate"] == x and r["run"] == k) for k in ("continuous", "static"))
         out.append(f"- At {x:g} req/s the continuous engine idles {100 * (1 - c['engine_busy']):.0f}% of "
@@ -153,7 +152,7 @@ def gpu_section(results_dir: str, readme_dir: str) -> list[str]:
     gen = load(os.path.join(results_dir, "gpu_generate.json"))
     mix = load(os.path.join(results_dir, "gpu_mixing.json"))
     if not gen and not mix:
-        return []
+        return gpu_scheduler_parts(results_dir)
     m = (gen or mix)["machine"]
     parts = [f"### On a GPU ({m.get('gpu')}, `bash benchmarks/gpu_suite.sh`)", "",
              f"{provenance(m)}; {m['date']}, torch {m['torch']}, transformers {m.get('transformers')}.", ""]
@@ -175,6 +174,26 @@ def gpu_section(results_dir: str, readme_dir: str) -> list[str]:
         for name in sorted(os.listdir(folder) if os.path.isdir(folder) else []):
             if name.endswith(".png"):
                 parts += [f"![gpu {name[:-4]}]({os.path.relpath(os.path.join(folder, name), readme_dir)})", ""]
+    return parts + gpu_scheduler_parts(results_dir)
+
+
+def gpu_scheduler_parts(results_dir: str) -> list[str]:
+    """The scheduler on a GPU: gpu_decode.json (dynamic / static / CUDA-graph decode steps) and
+    gpu_serving.json (the request stream), each with its own machine and commit."""
+    from benchmarks import bench_decode, bench_serving
+    dec = load(os.path.join(results_dir, "gpu_decode.json"))
+    srv = load(os.path.join(results_dir, "gpu_serving.json"))
+    parts = []
+    if dec:
+        m = dec["machine"]
+        parts += [f"The scheduler's decode step on {m.get('gpu')} ({provenance(m)}; {m['date']}), "
+                  f"`{dec['command'].strip()}`: \"graphs\" replays the static step captured in "
+                  "CUDA graphs (the default on CUDA).", "", bench_decode.markdown(dec), ""]
+    if srv:
+        m = srv["machine"]
+        parts += [f"A stream of requests on {m.get('gpu')} ({provenance(m)}; {m['date']}), "
+                  f"`{srv['command'].strip()}`: continuous batching decodes through the CUDA graphs.",
+                  "", bench_serving.markdown(srv), ""] + serving_reading(srv)
     return parts
 
 
