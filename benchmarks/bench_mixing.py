@@ -74,6 +74,7 @@ from benchmarks.mixing_report import draw_plots, markdown  # noqa: E402,F401
 from pf_engine.adapters import LoraWeights  # noqa: E402
 from pf_engine.engine import DTYPES, CpuThreads  # noqa: E402
 from pf_engine.mixing import BACKENDS, Linear, Mix, backend_status  # noqa: E402
+from pf_kernels.layout import RankLayout  # noqa: E402
 from pf_kernels.reference import grouped_lora_ref  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -132,14 +133,11 @@ def make_experts(p: Proj, K: int, r: int, gen, dtype, device) -> dict:
     """Per module, K experts of rank r as the LoraWeights a bank gives (A ~ U(+-1/sqrt(d_in)) as
     PEFT; B ~ N(0, 1/r) so that g * s * B A x is of the order of W x: the check sees every expert)."""
     loras = {}
-    col = torch.arange(K).repeat_interleave(r)
+    layout = RankLayout.interned(range(K), [r] * K, [SCALING] * K, device)
     for m, d_out in zip(p.modules, p.splits):
         a = (torch.rand(K * r, p.d_in, generator=gen) * 2 - 1) / math.sqrt(p.d_in)
         b = torch.randn(d_out, K * r, generator=gen) / math.sqrt(r)
-        loras[m] = LoraWeights(a.to(device, dtype), b.to(device, dtype),
-                               torch.arange(K, device=device),
-                               (torch.arange(K + 1) * r).to(device), col.to(device),
-                               torch.full((K * r,), SCALING, device=device))
+        loras[m] = LoraWeights(a.to(device, dtype), b.to(device, dtype), layout)
     return loras
 
 
@@ -176,7 +174,7 @@ def expert_bytes(lin: Linear, active, esize: int) -> int:
     """Bytes of the A rows and B columns of the ``active`` experts over every projection."""
     d_in, act = lin.weight.shape[1], set(active)
     return sum((r1 - r0) * (d_in + p.out1 - p.out0) * esize
-               for p in lin.parts for e, r0, r1, _ in p.blocks if e in act)
+               for p in lin.parts for e, r0, r1, _ in p.layout.blocks if e in act)
 
 
 # Timing -------------------------------------------------------------------------------------------

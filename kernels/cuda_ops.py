@@ -10,7 +10,7 @@ import importlib
 
 import torch
 
-from .meta import check_scalings, host_rank_offsets
+from .layout import RankLayout, check_scalings, host_rank_offsets
 from .ops import grouped_shapes
 
 __all__ = ["cuda_available", "grouped_lora_cuda"]
@@ -89,6 +89,8 @@ def grouped_lora_cuda(y: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, b_c
         raise ValueError(f"gates must be float32, got {gates.dtype}")
     T, d_in, R, d_out = grouped_shapes(y, x, a_cat, b_cat)
     offsets = host_rank_offsets(rank_offsets)
+    if isinstance(rank_offsets, RankLayout) and scalings is None:
+        scalings = rank_offsets.scalings
     K = len(offsets) - 1
     check_scalings(scalings, K)
     if scalings.device != x.device:

@@ -30,62 +30,29 @@ LoRAMeta per step serves them all.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
+
+from .layout import RankLayout, check_scalings, host_rank_offsets  # noqa: F401 - re-exported
 
 __all__ = ["BankLayout", "LoRAMeta", "bank_layout", "check_scalings", "host_rank_offsets"]
 
 
-class BankLayout(NamedTuple):
-    """The static shape of an adapter bank on one device."""
-    rank_offsets: torch.Tensor    # [K+1] int32, on the device
-    scalings: torch.Tensor        # [K] fp32, on the device
-    num_experts: int              # K
-    total_rank: int               # R = rank_offsets[K]
-    max_rank: int                 # max_k r_k
+BankLayout = RankLayout      # the kernels' name for it: rank_offsets, scalings on the device
 
 
-def host_rank_offsets(rank_offsets: torch.Tensor | Sequence[int]) -> list[int]:
-    """rank_offsets [K+1] as a validated list of ints (a CUDA tensor costs a sync)."""
-    if isinstance(rank_offsets, torch.Tensor):
-        if rank_offsets.dim() != 1:
-            raise ValueError(f"rank_offsets must be 1-D [K+1], got shape {tuple(rank_offsets.shape)}")
-        if rank_offsets.dtype.is_floating_point or rank_offsets.dtype == torch.bool:
-            raise ValueError(f"rank_offsets must be an integer tensor, got {rank_offsets.dtype}")
-        offs = [int(v) for v in rank_offsets.tolist()]
-    else:
-        offs = [int(v) for v in rank_offsets]
-    if len(offs) < 2:
-        raise ValueError(f"rank_offsets must have K+1 >= 2 entries, got {offs}")
-    if offs[0] != 0 or any(b < a for a, b in zip(offs, offs[1:])):
-        raise ValueError(f"rank_offsets must start at 0 and never decrease, got {offs}")
-    return offs
-
-
-def check_scalings(scalings, num_experts: int) -> None:
-    if not isinstance(scalings, torch.Tensor) or scalings.dim() != 1:
-        raise ValueError(f"scalings must be a 1-D tensor [K], got {type(scalings).__name__} "
-                         f"of shape {tuple(getattr(scalings, 'shape', ()))}")
-    if scalings.numel() != num_experts:
-        raise ValueError(f"scalings has {scalings.numel()} entries but rank_offsets implies "
-                         f"K={num_experts} experts")
-    if scalings.dtype != torch.float32:
-        raise ValueError(f"scalings must be float32, got {scalings.dtype}")
-
-
-def bank_layout(rank_offsets: torch.Tensor | Sequence[int], scalings: torch.Tensor,
-                device: torch.device | str) -> BankLayout:
-    """Validate rank_offsets [K+1] / scalings [K] and move them to ``device`` (int32 / fp32).
+def bank_layout(rank_offsets, scalings: torch.Tensor | None, device: torch.device | str) -> RankLayout:
+    """Validate rank_offsets [K+1] / scalings [K] and place them on ``device`` (int32 / fp32);
+    a RankLayout (scalings None) is moved to ``device``.
 
     The offsets are read on the host: pass a CPU tensor or a list (a device tensor costs a sync).
     """
-    offs = host_rank_offsets(rank_offsets)
-    k = len(offs) - 1
-    check_scalings(scalings, k)
-    ro = torch.tensor(offs, dtype=torch.int32).to(device)
-    max_rank = max(b - a for a, b in zip(offs, offs[1:]))
-    return BankLayout(ro, scalings.to(device), k, offs[-1], max_rank)
+    if isinstance(rank_offsets, RankLayout):
+        if scalings is not None and scalings is not rank_offsets.scalings:
+            raise ValueError("scalings must be None when rank_offsets is a RankLayout (it holds them)")
+        return rank_offsets.to(device)
+    return RankLayout(rank_offsets, scalings, device)
 
 
 @dataclass
@@ -108,20 +75,23 @@ class LoRAMeta:
     expert_start: torch.Tensor           # [K+1] int32: exclusive cumsum of the counts
     active_expert_ids: torch.Tensor      # [K] int32: experts with >= 1 token, ascending, -1 padding
     num_active_experts: torch.Tensor     # [1] int32
+    bank: RankLayout | None = None       # the layout it was built from
 
     @property
     def device(self) -> torch.device:
         return self.rank_offsets.device
 
     @property
-    def layout(self) -> BankLayout:
-        return BankLayout(self.rank_offsets, self.scalings, self.num_experts, self.total_rank,
-                          self.max_rank)
+    def layout(self) -> RankLayout:
+        if self.bank is None:
+            self.bank = RankLayout(self.rank_offsets.cpu(), self.scalings)
+        return self.bank
 
     @classmethod
-    def build(cls, gates: torch.Tensor, rank_offsets: torch.Tensor | Sequence[int],
-              scalings: torch.Tensor) -> "LoRAMeta":
-        """gates [T, K] fp32, rank_offsets [K+1] int, scalings [K] fp32 -> LoRAMeta on gates.device.
+    def build(cls, gates: torch.Tensor, rank_offsets: torch.Tensor | Sequence[int] | RankLayout,
+              scalings: torch.Tensor | None) -> "LoRAMeta":
+        """gates [T, K] fp32, rank_offsets [K+1] int, scalings [K] fp32 -> LoRAMeta on gates.device
+        (or a RankLayout as rank_offsets, scalings None).
 
         rank_offsets is read on the host (pass a CPU tensor or a list to avoid a sync).
         """
@@ -152,7 +122,7 @@ class LoRAMeta:
                    num_tokens_per_expert=torch.empty(k, **i32),
                    expert_start=torch.empty(k + 1, **i32),
                    active_expert_ids=torch.empty(k, **i32),
-                   num_active_experts=torch.empty(1, **i32))
+                   num_active_experts=torch.empty(1, **i32), bank=layout)
         return meta.refill_(gates)
 
     def refill_(self, gates: torch.Tensor) -> "LoRAMeta":

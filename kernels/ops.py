@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .meta import BankLayout, LoRAMeta, bank_layout
+from .meta import BankLayout, LoRAMeta, RankLayout, bank_layout
 
 __all__ = ["DECODE_MAX_TOKENS", "available", "grouped_lora", "fused_linear", "block_config",
            "rank_tile"]
@@ -167,7 +167,8 @@ def grouped_lora(y: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, b_cat: t
 
     y [T, d_out] and x [T, d_in], a_cat [R, d_in], b_cat [d_out, R]: one dtype among fp16, bf16,
     fp32 (accumulation is fp32), one device, any strides.  gates [T, K] fp32, scalings [K] fp32,
-    rank_offsets [K+1] int (a CPU tensor or list: it is read on the host unless ``meta`` is given).
+    rank_offsets [K+1] int (a CPU tensor or list: it is read on the host unless ``meta`` is given),
+    or a RankLayout holding both (scalings None).
     meta: a LoRAMeta built from these gates (``LoRAMeta.build`` or ``refill_``); with it the call
     never synchronises with the host, so it can be captured in a CUDA graph.  Returns y.
     T <= DECODE_MAX_TOKENS: one launch (shrink + expand); else shrink over the active pairs, then
@@ -299,6 +300,8 @@ def _cdiv(a: int, b: int) -> int:
 def _num_experts(rank_offsets, meta: LoRAMeta | None) -> int:
     if meta is not None:
         return meta.num_experts
+    if isinstance(rank_offsets, RankLayout):
+        return rank_offsets.num_experts
     try:
         return len(rank_offsets) - 1
     except TypeError:

@@ -7,7 +7,7 @@ Notation (shared by every module of pf_kernels):
     b_cat    [d_out, R]       B_1 ... B_K side by side: expert k owns the same columns
     gates    [T, K]  fp32     g[t, k], many zeros under top-k routing
     scalings [K]     fp32     s_k (alpha / r_k, or alpha / sqrt(r_k) for rsLoRA)
-    rank_offsets [K+1] int    0 = o_0 <= o_1 <= ... <= o_K = R
+    rank_offsets [K+1] int    0 = o_0 <= o_1 <= ... <= o_K = R (or a RankLayout, scalings None)
 
     delta[t] = sum_k g[t, k] * s_k * B_k (A_k x[t])
              = ((x A_cat^T) * G_exp) B_cat^T          G_exp[t, j] = g[t, k(j)] * s_k(j)   [T, R]
@@ -21,13 +21,24 @@ from typing import Sequence
 
 import torch
 
+from .layout import RankLayout
+
 __all__ = ["expand_gates", "grouped_lora_ref", "grouped_lora_loop_ref", "fused_linear_ref"]
 
 
-def _offsets_list(rank_offsets: torch.Tensor | Sequence[int]) -> list[int]:
+def _offsets_list(rank_offsets) -> list[int]:
+    if isinstance(rank_offsets, RankLayout):
+        return list(rank_offsets.offsets)
     if isinstance(rank_offsets, torch.Tensor):
         return [int(v) for v in rank_offsets.tolist()]
     return [int(v) for v in rank_offsets]
+
+
+def _scalings(rank_offsets, scalings):
+    """The scalings beside rank_offsets, or a RankLayout's own (scalings None)."""
+    if scalings is None and isinstance(rank_offsets, RankLayout):
+        return rank_offsets.scalings
+    return scalings
 
 
 def expand_gates(gates: torch.Tensor, rank_offsets, scalings: torch.Tensor,
@@ -36,7 +47,7 @@ def expand_gates(gates: torch.Tensor, rank_offsets, scalings: torch.Tensor,
 
     gates [T, K], rank_offsets [K+1], scalings [K]  ->  G_exp[t, j] = gates[t, k(j)] * scalings[k(j)].
     """
-    offs = _offsets_list(rank_offsets)
+    offs, scalings = _offsets_list(rank_offsets), _scalings(rank_offsets, scalings)
     ranks = torch.tensor([offs[k + 1] - offs[k] for k in range(len(offs) - 1)], device=gates.device)
     per_expert = gates.to(dtype) * scalings.to(gates.device, dtype)[None, :]    # (T, K)
     return torch.repeat_interleave(per_expert, ranks, dim=1)                     # (T, R)
@@ -58,7 +69,7 @@ def grouped_lora_loop_ref(x: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Ten
                           gates: torch.Tensor, rank_offsets, scalings: torch.Tensor,
                           acc_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The same delta as :func:`grouped_lora_ref`, one expert at a time (the naive baseline's maths)."""
-    offs = _offsets_list(rank_offsets)
+    offs, scalings = _offsets_list(rank_offsets), _scalings(rank_offsets, scalings)
     xd = x.to(acc_dtype)
     delta = torch.zeros(x.shape[0], b_cat.shape[0], dtype=acc_dtype, device=x.device)
     for k in range(len(offs) - 1):

@@ -7,8 +7,8 @@ in bank order (ascending expert index):
     B_cat = [B_e1  B_e2  ...]      [d_out, R_m]
 
 Tiny example: experts 0 (r=2) and 2 (r=3) target "q", expert 1 does not.  Then
-``lora(l, "q")`` has expert_ids [0, 2], rank_offsets [0, 2, 5], col_expert [0, 0, 2, 2, 2], and
-the runtime expands gates g [T, K] to G_exp = g[:, col_expert] * scalings[col_expert] [T, 5].
+``lora(l, "q").layout`` (pf_kernels.RankLayout) has experts (0, 2), offsets (0, 2, 5),
+col_expert [0, 0, 2, 2, 2], and the runtime expands gates g [T, K] to G_exp = g[:, col_expert] * scalings[col_expert] [T, 5].
 An expert whose PEFT folder adapts m only in some layers (``layers_to_transform``) gets zero
 blocks in the other layers: its delta there is exactly zero.
 
@@ -39,6 +39,7 @@ import uuid
 from dataclasses import dataclass
 
 import torch
+from pf_kernels.layout import RankLayout
 
 from .checks import fail, is_int, is_number, need_dict, need_int, need_list, need_str, one_line
 from .config import HF_MODULE_NAMES, MODULES, ModelConfig
@@ -58,22 +59,22 @@ _PEFT_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(q|k|v|o|gate
 
 @dataclass
 class LoraWeights:
-    """The stacked experts of one (layer, module); all tensors on the bank's device.
-
-    a [R_m, d_in], b [d_out, R_m] in the bank's dtype; expert_ids [n] (bank index of each block),
-    rank_offsets [n+1] (block i owns rows rank_offsets[i]:rank_offsets[i+1] of a / columns of b),
-    col_expert [R_m] (bank index of each rank row), col_scaling [R_m] fp32 = scalings[col_expert].
-    """
+    """The stacked experts of one (layer, module): a [R_m, d_in], b [d_out, R_m] in the bank's
+    dtype on its device, and their ``layout`` (pf_kernels.RankLayout: the bank id, rank rows and
+    scaling of each block; shared by every layer with the same experts for the module)."""
     a: torch.Tensor
     b: torch.Tensor
-    expert_ids: torch.Tensor
-    rank_offsets: torch.Tensor
-    col_expert: torch.Tensor
-    col_scaling: torch.Tensor
+    layout: RankLayout
 
     @property
     def rank(self) -> int:
         return self.a.shape[0]
+
+    # The layout's fields, read through it.
+    expert_ids = property(lambda self: self.layout.expert_ids)        # [n] int64
+    rank_offsets = property(lambda self: self.layout.rank_offsets)    # [n+1] int32
+    col_expert = property(lambda self: self.layout.col_expert)        # [R_m] int64
+    col_scaling = property(lambda self: self.layout.col_scaling)      # [R_m] fp32
 
 
 def _check_name(name) -> str:
@@ -190,20 +191,11 @@ class AdapterBank:
         return next(iter(self._weights.values()))[0].device
 
     def _build_index(self):
-        """Per module the index tensors of LoraWeights (shared by all layers), then the views."""
-        device = self.device
-        scal = torch.tensor(self.scalings, dtype=torch.float32)
-        self._index = {}
-        for m, ids in self.module_experts.items():
-            offsets = [0]
-            for k in ids:
-                offsets.append(offsets[-1] + self.ranks[k])
-            col = torch.repeat_interleave(torch.tensor(ids, dtype=torch.long),
-                                          torch.tensor([self.ranks[k] for k in ids]))
-            self._index[m] = (torch.tensor(ids, dtype=torch.long, device=device),
-                              torch.tensor(offsets, dtype=torch.long, device=device),
-                              col.to(device), scal[col].to(device))
-        self._lora = {(l, m): LoraWeights(a, b, *self._index[m])
+        """Per module the RankLayout of its experts (shared by all layers), then the views."""
+        self._index = {m: RankLayout.interned(ids, [self.ranks[k] for k in ids],
+                                              [self.scalings[k] for k in ids], self.device)
+                       for m, ids in self.module_experts.items()}
+        self._lora = {(l, m): LoraWeights(a, b, self._index[m])
                       for (l, m), (a, b) in self._weights.items()}
 
     def lora(self, layer: int, module: str) -> LoraWeights | None:

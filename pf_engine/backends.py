@@ -14,15 +14,17 @@ routing, and shared by every layer and projection with the same experts).
 * ``Naive``: the baseline: a loop over projections and active experts, two small GEMMs each.
 * ``Cpu``: csrc/cpu's fused AVX2/OpenMP call per projection group for a decode step's rows.
 * ``Kernels`` (triton, cuda): the fused kernels of pf_kernels, one launch per projection (a lone
-  projection: base GEMM and shrink in one pass over W_aug).  Each part's BankLayout (rank offsets
-  and scalings on the device) is built once; each forward gathers the part's gate columns and
+  projection: base GEMM and shrink in one pass over W_aug).  Each part's RankLayout (rank offsets
+  and scalings on the device, pf_kernels.layout) is built at attach; each forward gathers the part's gate columns and
   builds the Triton LoRAMeta once per expert subset, so no layer call reads anything on the host.
 """
 from __future__ import annotations
 
 import torch
 
-from .mixing import SMALL_N, Active, Mix, RankLayout, columns, linear, mm
+from pf_kernels.layout import RankLayout
+
+from .mixing import SMALL_N, Active, Mix, columns, linear, mm
 from .threads import user_threads
 
 
@@ -60,17 +62,17 @@ class Torch:
         if A is not None:
             lin._active.move_to_end(act)
             return A
-        col_expert = lin.layout.col_expert
-        keep = torch.isin(col_expert, torch.tensor(act, device=col_expert.device))
-        parts, r = [], 0
+        parts, layouts, rows, r = [], [], [], 0
         for p in lin.parts:
-            cols = keep[p.r0:p.r1].nonzero().flatten()
-            if cols.numel():
-                parts.append((p.out0, p.out1, r, r + cols.numel(), p.b[:, cols].contiguous()))
-                r += cols.numel()
-        rows = keep.nonzero().flatten()
-        A = Active(lin.w_aug[lin.d_out:][rows].contiguous(),
-                   RankLayout.of(col_expert[rows], lin.layout.col_scaling[rows]), parts)
+            sub, cols = p.layout.select(act)
+            if sub is not None:
+                cols_t = torch.tensor(cols, device=p.b.device)
+                parts.append((p.out0, p.out1, r, r + len(cols), p.b[:, cols_t].contiguous()))
+                layouts.append(sub)
+                rows += [lin.d_out + p.r0 + c for c in cols]
+                r += len(cols)
+        A = Active(lin.w_aug[torch.tensor(rows, device=lin.w_aug.device)].contiguous(),
+                   RankLayout.concat(layouts), parts)
         lin._active[act] = A
         if len(lin._active) > GATHERED_SETS:
             lin._active.popitem(last=False)
@@ -86,7 +88,7 @@ class Naive:
         yT = mm(lin.weight, xT, lin.bias)
         active = set(mix.active)
         for p in lin.parts:
-            for e, r0, r1, s in p.blocks:
+            for e, r0, r1, s in p.layout.blocks:
                 if e in active:
                     delta = mm(p.b[:, r0:r1], mm(p.a[r0:r1], xT))                # (d_m, N)
                     yT[p.out0:p.out1] += (mix.gates[:, e] * s).to(delta.dtype) * delta
@@ -99,25 +101,17 @@ class Kernels:
     def __init__(self, name: str):
         self.name = name
 
-    @staticmethod
-    def layout(p):
-        """The part's BankLayout (rank offsets, scalings on the device): built once."""
-        if p.kernel_layout is None:
-            from pf_kernels import bank_layout
-            p.kernel_layout = bank_layout(p.offsets, p.scalings, p.b.device)
-        return p.kernel_layout
-
     def inputs(self, p, mix: Mix, triton: bool):
         """(gates of the part's experts [N, n], LoRAMeta or None) for this forward: built once
         per expert subset and shared by every layer and projection with the same experts."""
-        key = (self.name, tuple(p.experts_host), tuple(p.offsets))
+        key = (self.name, p.layout)
         got = mix.cache.get(key)
         if got is None:
-            g = mix.gates[:, p.experts].contiguous()
+            g = mix.gates[:, p.layout.expert_ids].contiguous()
             meta = None
             if triton:
                 from pf_kernels import LoRAMeta
-                meta = LoRAMeta.from_layout(g, self.layout(p))
+                meta = LoRAMeta.from_layout(g, p.layout)
             got = mix.cache[key] = (g, meta)
         return got
 
@@ -127,17 +121,17 @@ class Kernels:
         if triton and len(lin.parts) == 1 and lin.splits is None:
             p = lin.parts[0]
             g, meta = self.inputs(p, mix, True)
-            return pf_kernels.fused_linear(x2, lin.w_aug, p.b, g, p.offsets, p.scalings, lin.d_out,
+            return pf_kernels.fused_linear(x2, lin.w_aug, p.b, g, p.layout, None, lin.d_out,
                                            bias=lin.bias, meta=meta)
         y = linear(x2, lin.weight, lin.bias)
         for p in lin.parts:
             g, meta = self.inputs(p, mix, triton)
             if triton:
-                pf_kernels.grouped_lora(y[:, p.out0:p.out1], x2, p.a, p.b, g, p.offsets, p.scalings,
+                pf_kernels.grouped_lora(y[:, p.out0:p.out1], x2, p.a, p.b, g, p.layout, None,
                                         meta=meta)
             else:
                 pf_kernels.cuda_ops.grouped_lora_cuda(y[:, p.out0:p.out1], x2, p.a, p.b, g,
-                                                      p.offsets, p.scalings)
+                                                      p.layout, None)
         return y
 
 
@@ -157,7 +151,7 @@ class Cpu:
                 b = p.b.contiguous()
                 bs.append(b)
                 j0 = len(blocks)
-                for e, r0, r1, s in p.blocks:
+                for e, r0, r1, s in p.layout.blocks:
                     blocks.append((e, p.r0 + r0, p.r0 + r1))
                     scale.append(s)
                 parts.append((p.out0, p.out1, p.r0, p.r1, j0, len(blocks)))

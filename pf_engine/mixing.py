@@ -22,11 +22,11 @@ from __future__ import annotations
 import collections
 import functools
 import os
-import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from pf_kernels.layout import RankLayout
 
 from .errors import PFError
 
@@ -152,40 +152,14 @@ class Part:
     r0: int
     r1: int
     b: torch.Tensor                      # [d_out_m, R_m]
-    blocks: list                         # naive: [(expert, row0, row1, scaling)] in this part's a/b
     a: torch.Tensor                      # [R_m, d_in] (a view into W_aug)
-    experts: torch.Tensor                # [n] bank ids of this part's experts (kernel backends)
-    offsets: list                        # [n + 1] their rank offsets within the part
-    scalings: torch.Tensor               # [n] fp32
-    experts_host: tuple = ()             # the ids on the host (keys of per-forward metadata)
-    kernel_layout: object = None         # pf_kernels.BankLayout, built at first kernel use
+    layout: RankLayout                   # its experts' blocks within rows r0:r1 (pf_kernels)
 
 
 # Active sets whose gathered copies a Linear keeps (backends.Torch; least recently used dropped): a continuous
 # batch alternates between the decode batch's set and each admitted prompt's own set, and a
 # single cached set made every Linear re-gather twice per step (10% of a serving run's time).
 GATHERED_SETS = 4
-
-
-class RankLayout:
-    """Which bank expert and scaling each stacked rank row belongs to.
-
-    col_expert [R] (bank expert ids), col_scaling [R] fp32.  Interned by value: every layer
-    whose projections are targeted by the same experts shares one instance, so a forward expands
-    the gates, G_exp = (gates[:, col_expert] * col_scaling)^T, once per layout, not per layer.
-    """
-    _interned = weakref.WeakValueDictionary()
-
-    def __init__(self, col_expert: torch.Tensor, col_scaling: torch.Tensor):
-        self.col_expert, self.col_scaling = col_expert, col_scaling
-
-    @classmethod
-    def of(cls, col_expert: torch.Tensor, col_scaling: torch.Tensor) -> "RankLayout":
-        key = (str(col_expert.device), tuple(col_expert.tolist()), tuple(col_scaling.tolist()))
-        layout = cls._interned.get(key)
-        if layout is None:
-            layout = cls._interned[key] = cls(col_expert, col_scaling.float())
-        return layout
 
 
 @dataclass
@@ -278,21 +252,15 @@ class Linear:
         offs = [0]
         for s in sizes:
             offs.append(offs[-1] + s)
-        parts, a_list, cols, scal, r = [], [], [], [], 0
+        parts, a_list, r = [], [], 0
         for i, m in enumerate(self.modules):
             lw = loras.get(m)
             if lw is None:
                 continue
-            ro = lw.rank_offsets.tolist()
-            sc = lw.col_scaling[lw.rank_offsets[:-1]].float()
-            blocks = [(int(e), ro[j], ro[j + 1], float(sc[j]))
-                      for j, e in enumerate(lw.expert_ids.tolist())]
+            layout = lw.layout.to(self.weight.device)
             parts.append(Part(offs[i], offs[i + 1], r, r + lw.rank, lw.b.to(self.weight.dtype),
-                              blocks, None, lw.expert_ids.to(self.weight.device), ro,
-                              sc.to(self.weight.device), tuple(lw.expert_ids.tolist())))
+                              None, layout))
             a_list.append(lw.a.to(self.weight.dtype))
-            cols.append(lw.col_expert)
-            scal.append(lw.col_scaling.float())
             r += lw.rank
         if not parts:
             return
@@ -301,11 +269,10 @@ class Linear:
         for p in parts:
             p.a = self.w_aug[d_out + p.r0:d_out + p.r1]
         self.parts = parts
-        self.layout = RankLayout.of(torch.cat(cols).to(self.weight.device),
-                                    torch.cat(scal).to(self.weight.device))
+        self.layout = RankLayout.concat([p.layout for p in parts])
         self.bias_aug = None if self.bias is None else torch.cat(
             [self.bias, self.bias.new_zeros(r)])
-        self.experts = tuple(sorted({b[0] for p in parts for b in p.blocks}))
+        self.experts = tuple(sorted({e for p in parts for e in p.layout.experts}))
         self._active.clear()
 
     def __call__(self, x: torch.Tensor, mix: Mix | None = None):

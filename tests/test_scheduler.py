@@ -299,8 +299,9 @@ def test_asyncio_clients(engines):
 
 
 def test_kernel_metadata_is_built_once_per_forward(engines, monkeypatch):
-    """The triton backend builds the bank layout of each expert subset once (not per call) and
-    its routing metadata once per forward and subset (not per layer call)."""
+    """Equal expert subsets share one RankLayout, built at attach (no forward builds one), and
+    the triton backend builds its routing metadata once per forward and subset (not per layer
+    call)."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     import pf_kernels
@@ -308,25 +309,26 @@ def test_kernel_metadata_is_built_once_per_forward(engines, monkeypatch):
     eng = Engine.from_pretrained(torch_eng.folder, adapters=torch_eng.bank, backend="triton",
                                  progress=False, device="cpu", dtype="fp32")
     calls = {"layout": 0, "meta": 0}
-    bank_layout, from_layout = pf_kernels.bank_layout, pf_kernels.LoRAMeta.from_layout
+    layout_init, from_layout = pf_kernels.RankLayout.__init__, pf_kernels.LoRAMeta.from_layout
 
     def count_layout(*a, **k):
         calls["layout"] += 1
-        return bank_layout(*a, **k)
+        return layout_init(*a, **k)
 
     def count_meta(*a, **k):
         calls["meta"] += 1
         return from_layout(*a, **k)
-    monkeypatch.setattr(pf_kernels, "bank_layout", count_layout)
+    monkeypatch.setattr(pf_kernels.RankLayout, "__init__", count_layout)
     monkeypatch.setattr(pf_kernels.LoRAMeta, "from_layout", count_meta)
     parts = [p for blk in eng.model.blocks for lin in blk.linears for p in lin.parts]
-    subsets = {(p.experts_host, tuple(p.offsets)) for p in parts}
+    subsets = {id(p.layout) for p in parts}
     assert len(parts) > len(subsets)                 # layers share subsets: the test can tell
+    assert len({(p.layout.experts, p.layout.offsets, p.layout.host_scalings) for p in parts}) == len(subsets)
     ids = [prompt(6, 1)]
     want = torch_eng.logits(ids, persona=DENSE)
     for i in range(2):
         got = eng.logits(ids, persona=DENSE)
-        assert calls == {"layout": len(subsets), "meta": len(subsets) * (i + 1)}
+        assert calls == {"layout": 0, "meta": len(subsets) * (i + 1)}
     assert (got - want).abs().max() <= 1e-4
 
 
