@@ -126,6 +126,14 @@ def serving_reading(srv: dict) -> list[str]:
            f"{max(g['throughput_ratio'] for g in goals):.2f}x).",
            f"- p99 TTFT >= 3x lower: met at {rates(lambda g: g['ttft_p99_ratio'] >= 3)}; "
            f"missed at {rates(lambda g: g['ttft_p99_ratio'] < 3)}."]
+    bound = [g for g in goals if "step_bound" in g]
+    if bound:
+        top = max(bound, key=lambda g: g["rate"])
+        out.append(f"- step bound at {top['rate']:g} req/s: {top['step_bound']:.2f}x (static's decode "
+                   "steps over the fewest a continuous run could take): once both runs are saturated, "
+                   "continuous batching cannot gain more than this over static when a step costs "
+                   "about the same whatever its batch size; the 2x goal "
+                   f"{'is within' if top['step_bound'] >= 2 else 'lies beyond'} it for this stream.")
     cost = [g for g in goals if "persona_cost" in g]
     if cost:
         out.append(f"- persona mix <= 1.3x the base model's throughput: {cost[0]['persona_cost']:.2f}x at "

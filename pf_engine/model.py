@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu_decode
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .loading import LayerWeights, ModelWeights
@@ -179,8 +180,13 @@ class Decoder:
         cos, sin = self.rotary.tables(positions, self.dtype)
         if tokens.shape[1] == 1:
             mask = decode_bias(mask, self.dtype)
-        for blk in self.blocks:
-            x = blk(x, cos, sin, cache, start, mask, mix)
+        if tokens.shape[1] == 1 and cpu_decode.eligible(self, x, cache, mix):
+            cos, sin, mask = cpu_decode.prepare(cache, cos, sin, mask)
+            for blk in self.blocks:                                    # csrc/cpu, same maths
+                x = cpu_decode.block_step(blk, x, cos, sin, cache, mask, mix)
+        else:
+            for blk in self.blocks:
+                x = blk(x, cos, sin, cache, start, mask, mix)
         if pick is not None:
             x = x[torch.arange(x.shape[0], device=x.device), pick].unsqueeze(1)
         elif last_only:

@@ -25,6 +25,12 @@ def test_bench_serving_writes_wellformed_json(tiny_chat_model, tmp_path, capsys)
         for k in ("throughput_tok_s", "engine_busy", "ttft_p99_s", "tpot_p50_s"):
             assert math.isfinite(r[k]) and r[k] > 0, (k, r)
     assert [g["rate"] for g in data["goals"]] == [100.0, 200.0]
+    for r in data["runs"]:       # static's steps: its batches' longest requests, >= tokens / slots
+        assert ("decode_steps" in r) == (r["run"] == "static")
+        if r["run"] == "static":
+            assert max(s["max_new"] for s in stream) <= r["decode_steps"] <= r["tokens"]
+    for g in data["goals"]:
+        assert g["step_bound"] >= 1.0
     assert "persona_cost" in data["goals"][1] and "persona_cost" not in data["goals"][0]
     assert "| 200 | continuous-naive |" in capsys.readouterr().out
 

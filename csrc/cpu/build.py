@@ -1,4 +1,4 @@
-"""Build the _pf_cpu extension (csrc/cpu/grouped_lora_cpu.cpp) with the system C++ compiler.
+"""Build the _pf_cpu extension (csrc/cpu/*.cpp) with the system C++ compiler.
 
     python csrc/cpu/build.py [--out-dir DIR] [--quiet]
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE.parent.parent / "kernels"
-SOURCE = HERE / "grouped_lora_cpu.cpp"
+SOURCES = [HERE / "grouped_lora_cpu.cpp", HERE / "decode_attention.cpp"]   # the first binds all
 MODULE = "_pf_cpu"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
          "-fvisibility=hidden"]
@@ -40,7 +40,7 @@ def build(out_dir: Path | str = DEFAULT_OUT, quiet: bool = False) -> Path:
         raise RuntimeError("no C++ compiler (set CXX, or install g++)")
     out = Path(out_dir) / (MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
     cmd = [cxx, *FLAGS, f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
-           str(SOURCE), "-o", str(out)]
+           *map(str, SOURCES), "-o", str(out)]
     if not quiet:
         print(" ".join(cmd))
     r = subprocess.run(cmd, capture_output=True, text=True)

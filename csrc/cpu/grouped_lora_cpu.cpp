@@ -13,6 +13,10 @@
 // columns of B (parallel over output rows).  Inactive experts cost nothing: they are skipped by
 // the routing metadata, not by gathering copies.  Scratch buffers are reused across calls.
 //
+// fused_linear_pe adds what a decode block needs around the GEMVs (pf_engine/cpu_decode.py): a
+// prologue on x (the RMS norm, or silu(gate) * up) computed once into a scratch row before
+// pass 1, and a residual added to y in pass 1.  fused_linear is fused_linear_pe without them.
+//
 // Metadata (built once per Linear in Python, pf_engine/backends.py):
 //   parts  int64 [P, 6]: out0, out1, r0, r1 (the part's rows of A_cat), block_start, block_end
 //   bptrs  int64 [P]: address of each part's B [out1 - out0, r1 - r0] (row-major, contiguous)
@@ -22,11 +26,18 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <vector>
 
 namespace py = pybind11;
+
+// csrc/cpu/decode_attention.cpp
+void decode_attention(uintptr_t qkv_p, int64_t B, int64_t qkv_s, int64_t H, int64_t H_kv, int64_t D,
+                      uintptr_t cos_p, uintptr_t sin_p, uintptr_t k_p, uintptr_t v_p,
+                      int64_t s_slot, int64_t s_head, int64_t row0, uintptr_t cols_p, int64_t L,
+                      uintptr_t bias_p, int64_t bias_s, uintptr_t out_p, int64_t threads);
 
 namespace {
 
@@ -98,14 +109,51 @@ struct ActiveRow { int64_t r; int64_t expert; float scale; };
 
 }  // namespace
 
-// y [T, d_out] (row stride ys) = the fused linear; see the file comment.
-void fused_linear(uintptr_t x_p, int64_t T, int64_t xs, int64_t d_in,
-                  uintptr_t w_aug_p, int64_t d_out, int64_t R, uintptr_t bias_p,
-                  uintptr_t g_p, int64_t K, int64_t gs, uintptr_t y_p, int64_t ys,
-                  uintptr_t parts_p, uintptr_t bptrs_p, int64_t P, uintptr_t blocks_p,
-                  uintptr_t scale_p, int64_t J, int64_t threads) {
+// The input the GEMVs read: x itself, or a prologue of it written into ``buf`` [T, d_in]:
+//   PRO_RMSNORM  buf[t] = (x[t] / sqrt(mean(x[t]^2) + eps)) * pw          (the block's norms)
+//   PRO_SILU_MUL buf[t, k] = silu(x[t, k]) * x[t, d_in + k]  (x [T, 2 d_in]: gate | up)
+enum Prologue : int64_t { PRO_NONE = 0, PRO_RMSNORM = 1, PRO_SILU_MUL = 2 };
+
+static const float* apply_prologue(int64_t pro, const float* x, int64_t& xs, int64_t T, int64_t d_in,
+                            const float* pw, float eps, std::vector<float>& buf) {
+    if (pro == PRO_NONE) return x;
+    buf.resize(static_cast<size_t>(T * d_in));
+    for (int64_t t = 0; t < T; ++t) {
+        const float* xr = x + t * xs;
+        float* o = buf.data() + t * d_in;
+        if (pro == PRO_RMSNORM) {
+            __m256 acc = _mm256_setzero_ps();
+            int64_t k = 0;
+            for (; k + 8 <= d_in; k += 8) { __m256 v = _mm256_loadu_ps(xr + k); acc = _mm256_fmadd_ps(v, v, acc); }
+            float ss = hsum(acc);
+            for (; k < d_in; ++k) ss += xr[k] * xr[k];
+            const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d_in) + eps);
+            for (k = 0; k < d_in; ++k) o[k] = pw[k] * (xr[k] * inv);
+        } else {
+            for (int64_t k = 0; k < d_in; ++k) {
+                const float g = xr[k];
+                o[k] = g / (1.0f + std::exp(-g)) * xr[d_in + k];
+            }
+        }
+    }
+    xs = d_in;
+    return buf.data();
+}
+
+// y [T, d_out] (row stride ys) = the fused linear of the prologue of x (see above), plus res
+// [T, d_out] (row stride rs) when res_p is set (the block's residual adds); see the file comment.
+void fused_linear_pe(uintptr_t x_p, int64_t T, int64_t xs, int64_t d_in,
+                     uintptr_t w_aug_p, int64_t d_out, int64_t R, uintptr_t bias_p,
+                     uintptr_t g_p, int64_t K, int64_t gs, uintptr_t y_p, int64_t ys,
+                     uintptr_t parts_p, uintptr_t bptrs_p, int64_t P, uintptr_t blocks_p,
+                     uintptr_t scale_p, int64_t J, int64_t threads, int64_t pro, uintptr_t pw_p,
+                     double eps, uintptr_t res_p, int64_t rs) {
     if (T < 1 || T > 64) throw std::invalid_argument("fused_linear: T must be in [1, 64]");
-    const float* x = ptr<const float>(x_p);
+    if (pro < PRO_NONE || pro > PRO_SILU_MUL) throw std::invalid_argument("fused_linear: unknown prologue");
+    thread_local std::vector<float> xbuf;
+    const float* x = apply_prologue(pro, ptr<const float>(x_p), xs, T, d_in, ptr<const float>(pw_p),
+                                    static_cast<float>(eps), xbuf);
+    const float* res = ptr<const float>(res_p);
     const float* w = ptr<const float>(w_aug_p);
     const float* bias = ptr<const float>(bias_p);
     const float* g = ptr<const float>(g_p);
@@ -150,7 +198,8 @@ void fused_linear(uintptr_t x_p, int64_t T, int64_t xs, int64_t d_in,
             if (i < d_out) {
                 row_dots(w + i * d_in, x, xs, static_cast<int>(T), static_cast<int>(d_in), tmp);
                 const float b = bias ? bias[i] : 0.0f;
-                for (int64_t t = 0; t < T; ++t) y[t * ys + i] = tmp[t] + b;
+                if (res) for (int64_t t = 0; t < T; ++t) y[t * ys + i] = res[t * rs + i] + (tmp[t] + b);
+                else for (int64_t t = 0; t < T; ++t) y[t * ys + i] = tmp[t] + b;
             } else {
                 const ActiveRow& a = ar[i - d_out];
                 row_dots(w + (d_out + a.r) * d_in, x, xs, static_cast<int>(T), static_cast<int>(d_in), tmp);
@@ -187,11 +236,23 @@ void fused_linear(uintptr_t x_p, int64_t T, int64_t xs, int64_t d_in,
     }
 }
 
+void fused_linear(uintptr_t x_p, int64_t T, int64_t xs, int64_t d_in,
+                  uintptr_t w_aug_p, int64_t d_out, int64_t R, uintptr_t bias_p,
+                  uintptr_t g_p, int64_t K, int64_t gs, uintptr_t y_p, int64_t ys,
+                  uintptr_t parts_p, uintptr_t bptrs_p, int64_t P, uintptr_t blocks_p,
+                  uintptr_t scale_p, int64_t J, int64_t threads) {
+    fused_linear_pe(x_p, T, xs, d_in, w_aug_p, d_out, R, bias_p, g_p, K, gs, y_p, ys, parts_p,
+                    bptrs_p, P, blocks_p, scale_p, J, threads, PRO_NONE, 0, 0.0, 0, 0);
+}
+
 bool cpu_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 
 PYBIND11_MODULE(_pf_cpu, m) {
     m.doc() = "Fused grouped-LoRA linear for CPU decode steps (AVX2/FMA, OpenMP): csrc/cpu";
     m.def("fused_linear", &fused_linear, "see csrc/cpu/grouped_lora_cpu.cpp");
+    m.def("fused_linear_pe", &fused_linear_pe, "fused_linear with a prologue (0 none, 1 rmsnorm, "
+          "2 silu-mul) and a residual: see csrc/cpu/grouped_lora_cpu.cpp");
+    m.def("decode_attention", &decode_attention, "see csrc/cpu/decode_attention.cpp");
     m.def("cpu_supported", &cpu_supported, "AVX2 and FMA present on this CPU");
     m.attr("MAX_TOKENS") = 64;
 }
