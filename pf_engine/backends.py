@@ -148,7 +148,7 @@ class Cpu:
         if m is None:
             parts, bptrs, blocks, scale, bs = [], [], [], [], []
             for p in lin.parts:
-                b = p.b.contiguous()
+                b = p.b.t().contiguous()              # B^T [R_m, d_out_m]: see the kernel's pass 2
                 bs.append(b)
                 j0 = len(blocks)
                 for e, r0, r1, s in p.layout.blocks:

@@ -9,8 +9,8 @@
 //
 // A block j is one expert's rank rows in one part (projection); it is active when its expert's
 // gate is nonzero for some row t.  Pass 1 streams the d_out rows of W and the active blocks' rows
-// of A_cat once (parallel over rows); pass 2 adds the expand, reading each output row's active
-// columns of B (parallel over output rows).  Inactive experts cost nothing: they are skipped by
+// of A_cat once (parallel over rows); pass 2 adds the expand, streaming the active rank rows of
+// B^T across each thread's share of the output columns.  Inactive experts cost nothing: they are skipped by
 // the routing metadata, not by gathering copies.  Scratch buffers are reused across calls.
 //
 // fused_linear_pe adds what a decode block needs around the GEMVs (pf_engine/cpu_decode.py): a
@@ -19,7 +19,8 @@
 //
 // Metadata (built once per Linear in Python, pf_engine/backends.py):
 //   parts  int64 [P, 6]: out0, out1, r0, r1 (the part's rows of A_cat), block_start, block_end
-//   bptrs  int64 [P]: address of each part's B [out1 - out0, r1 - r0] (row-major, contiguous)
+//   bptrs  int64 [P]: address of each part's B^T [r1 - r0, out1 - out0] (row-major, contiguous:
+//          pass 2 streams the active rank rows across output columns)
 //   blocks int64 [J, 3]: expert, r0, r1 (absolute rows of A_cat);  scale fp32 [J]
 #include <immintrin.h>
 #include <omp.h>
@@ -78,34 +79,11 @@ inline void row_dots(const float* w, const float* x, int64_t xs, int T, int d, f
     }
 }
 
-// y[(t0 + jj) * ys] += sum over the active blocks of brow[block cols] . h[t0 + jj, block cols]
-// for jj < NT: vectorised over the rank columns, one horizontal sum per row at the end.
-template <int NT>
-inline void expand(const float* brow, int64_t pr0, const int64_t* blocks, const int64_t* act,
-                   int64_t nact, const float* h, int64_t R, float* y, int64_t ys) {
-    __m256 acc[NT];
-    float tail[NT];
-    for (int j = 0; j < NT; ++j) { acc[j] = _mm256_setzero_ps(); tail[j] = 0.0f; }
-    for (int64_t a = 0; a < nact; ++a) {
-        const int64_t r0 = blocks[3 * act[a] + 1], r1 = blocks[3 * act[a] + 2];
-        const float* bb = brow + (r0 - pr0);
-        const int64_t len = r1 - r0;
-        int64_t k = 0;
-        for (; k + 8 <= len; k += 8) {
-            __m256 bv = _mm256_loadu_ps(bb + k);
-            for (int j = 0; j < NT; ++j)
-                acc[j] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(h + j * R + r0 + k), acc[j]);
-        }
-        for (; k < len; ++k)
-            for (int j = 0; j < NT; ++j) tail[j] += bb[k] * h[j * R + r0 + k];
-    }
-    for (int j = 0; j < NT; ++j) y[j * ys] += hsum(acc[j]) + tail[j];
-}
-
 template <typename T>
 T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 struct ActiveRow { int64_t r; int64_t expert; float scale; };
+struct Chunk { int64_t part, c, a0, a1; };   // a part, its first column in pass 2's concatenation, active blocks a0:a1
 
 }  // namespace
 
@@ -187,6 +165,20 @@ void fused_linear_pe(uintptr_t x_p, int64_t T, int64_t xs, int64_t d_in,
     for (int64_t j = 0; j < J; ++j) if (active[j]) act_blocks.push_back(j);  // parts' blocks are in order
     const int64_t* actb = act_blocks.data();
     const int64_t nab = static_cast<int64_t>(act_blocks.size());   // thread_local: read it here
+    thread_local std::vector<Chunk> chunks;                    // pass 2: the parts with active
+    chunks.clear();                                            // blocks, columns concatenated
+    int64_t ncols = 0;
+    for (int64_t p = 0, a0 = 0; p < P; ++p) {
+        int64_t a1 = a0;
+        while (a1 < nab && actb[a1] < parts[6 * p + 5]) ++a1;
+        if (a1 > a0) {
+            chunks.push_back({p, ncols, a0, a1});
+            ncols += parts[6 * p + 1] - parts[6 * p];
+        }
+        a0 = a1;
+    }
+    const Chunk* chp = chunks.data();
+    const int64_t nch = static_cast<int64_t>(chunks.size());
 
     py::gil_scoped_release release;
     #pragma omp parallel num_threads(static_cast<int>(threads))
@@ -206,32 +198,35 @@ void fused_linear_pe(uintptr_t x_p, int64_t T, int64_t xs, int64_t d_in,
                 for (int64_t t = 0; t < T; ++t) hp[t * R + a.r] = tmp[t] * g[t * gs + a.expert] * a.scale;
             }
         }
-        // Pass 2: y[t, o] += B_p[o - out0, active columns] . h[t, active columns].
-        int64_t a0 = 0;                                  // this part's first active block
-        for (int64_t p = 0; p < P; ++p) {
-            const int64_t out0 = parts[6 * p], out1 = parts[6 * p + 1], pr0 = parts[6 * p + 2];
-            const int64_t pr1 = parts[6 * p + 3], j1 = parts[6 * p + 5];
-            const float* B = ptr<const float>(static_cast<uintptr_t>(bptrs[p]));
-            const int64_t Rp = pr1 - pr0;
-            int64_t a1 = a0;
-            while (a1 < nab && actb[a1] < j1) ++a1;
-            const int64_t nact = a1 - a0;
-            if (nact > 0) {
-                #pragma omp for schedule(static)
-                for (int64_t o = out0; o < out1; ++o) {
-                    const float* brow = B + (o - out0) * Rp;
-                    int64_t t = 0;
-                    for (; t + 4 <= T; t += 4)
-                        expand<4>(brow, pr0, blocks, actb + a0, nact, hp + t * R, R, y + t * ys + o, ys);
-                    switch (T - t) {
-                        case 3: expand<3>(brow, pr0, blocks, actb + a0, nact, hp + t * R, R, y + t * ys + o, ys); break;
-                        case 2: expand<2>(brow, pr0, blocks, actb + a0, nact, hp + t * R, R, y + t * ys + o, ys); break;
-                        case 1: expand<1>(brow, pr0, blocks, actb + a0, nact, hp + t * R, R, y + t * ys + o, ys); break;
-                        default: break;
+        // Pass 2: y[t, o] += sum over active rank rows r of h[t, r] * B_p^T[r, o].  Each thread
+        // takes one contiguous share of the active parts' output columns (after pass 1's
+        // barrier) and streams each active rank row of B^T across it: long sequential runs.
+        const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
+        const int64_t c0 = (ncols * tid / nth) & ~int64_t(7), c1 = tid + 1 == nth ? ncols : (ncols * (tid + 1) / nth) & ~int64_t(7);
+        for (int64_t q = 0; q < nch; ++q) {
+            const Chunk& ch = chp[q];                  // a part: columns ch.o0 - ch.c (concatenated)
+            const int64_t out0 = parts[6 * ch.part], pr0 = parts[6 * ch.part + 2];
+            const int64_t dp = parts[6 * ch.part + 1] - out0;
+            const int64_t lo = std::max(c0, ch.c), hi = std::min(c1, ch.c + dp);
+            if (lo >= hi) continue;
+            const int64_t o0 = out0 + (lo - ch.c), width = hi - lo, nv = width / 8;
+            const float* BT = ptr<const float>(static_cast<uintptr_t>(bptrs[ch.part])) + (o0 - out0);
+            for (int64_t t = 0; t < T; ++t) {
+                float* yr = y + t * ys + o0;
+                const float* hr = hp + t * R;
+                for (int64_t a = ch.a0; a < ch.a1; ++a) {
+                    const int64_t r0 = blocks[3 * actb[a] + 1], r1 = blocks[3 * actb[a] + 2];
+                    for (int64_t r = r0; r < r1; ++r) {
+                        const float hv = hr[r];
+                        const __m256 hb = _mm256_set1_ps(hv);
+                        const float* brow = BT + (r - pr0) * dp;
+                        for (int64_t v = 0; v < nv; ++v)
+                            _mm256_storeu_ps(yr + 8 * v, _mm256_fmadd_ps(hb, _mm256_loadu_ps(brow + 8 * v),
+                                                                         _mm256_loadu_ps(yr + 8 * v)));
+                        for (int64_t k = 8 * nv; k < width; ++k) yr[k] += hv * brow[k];
                     }
                 }
             }
-            a0 = a1;
         }
     }
 }
