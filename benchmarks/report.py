@@ -211,28 +211,35 @@ def _row(gen: dict, engine: str, config: str, backend: str = "-", batch: int = 1
 
 
 def reading(gen: dict) -> list[str]:
-    """Bullets that read the end-to-end table, every figure computed from it."""
+    """Bullets that read the end-to-end table, every figure computed from it; the mixing
+    bullets read the default backend's rows (cpu when the table has them, else torch)."""
     out = []
     base = _row(gen, "pf_engine", "base")
+    be = "cpu" if _row(gen, "pf_engine", "top2", "cpu") or _row(gen, "pf_engine", "dense", "cpu") else "torch"
     if base and base.get("floor_ms_per_token"):
         out.append(f"- Base decode: {base['decode_ms_per_token']:.1f} ms/token, "
                    f"{base['decode_ms_per_token'] / base['floor_ms_per_token']:.1f}x its read floor "
                    f"({base['floor_ms_per_token']:.1f} ms: {gen['weight_bytes_per_token'] / 1e6:.0f} MB "
-                   f"at {gen['read_bandwidth_GBps']:.1f} GB/s); the rest is per-op overhead of eager PyTorch.")
+                   f"at {gen['read_bandwidth_GBps']:.1f} GB/s).")
     for cfg in ("top2", "dense"):
-        r = _row(gen, "pf_engine", cfg, "torch")
+        r = _row(gen, "pf_engine", cfg, be)
         if r and base and r.get("mixing_ms") is not None:
             extra = (f", {r['floor_ms_per_token'] / base['floor_ms_per_token']:.2f}x by its bytes alone"
                      if r.get("floor_ms_per_token") and base.get("floor_ms_per_token") else "")
-            out.append(f"- {cfg} mixing (torch backend) adds {r['mixing_ms']:.1f} ms/token: "
+            out.append(f"- {cfg} mixing ({be} backend) adds {r['mixing_ms']:.1f} ms/token: "
                        f"{r['vs_base']:.2f}x base{extra}.")
+    neg = [r for r in gen["rows"] if r.get("mixing_ms") is not None and r["mixing_ms"] < 0]
+    if neg:
+        out.append("- A negative mixing ms (" + ", ".join(f"{r['config']} {r['backend']}" for r in neg)
+                   + ") is this run's noise exceeding the experts' cost: the rows ran one after "
+                   "another, each in its own process, on a shared machine.")
     nv = _row(gen, "pf_engine", "dense", "naive")
     if nv and nv.get("naive_over_torch"):
         out.append(f"- The naive loop over experts is {nv['naive_over_torch']:.2f}x slower than the "
                    "grouped torch backend for dense mixing.")
     hf = _row(gen, "transformers", "base")
     for cfg in ("top2", "dense"):
-        ours, peft = _row(gen, "pf_engine", cfg, "torch"), _row(gen, "transformers+peft (cat)", cfg)
+        ours, peft = _row(gen, "pf_engine", cfg, be), _row(gen, "transformers+peft (cat)", cfg)
         if ours and peft and hf and base and peft.get("mixing_ms") is not None:
             d_base = hf["decode_ms_per_token"] - base["decode_ms_per_token"]
             d_mix = peft["mixing_ms"] - ours["mixing_ms"]

@@ -49,15 +49,20 @@ def cpu_available() -> tuple[bool, str]:
 _EMPTY = {}
 
 
-def gemm_small(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
-    """y = x W^T (+ bias) for a few rows x [N, d_in] (N <= MAX_TOKENS), fp32 CPU, W [d_out, d_in]
-    contiguous: the same kernel with no experts (one streaming pass over W, T rows at a time)."""
-    mod, _ = _load()
+def empty_meta() -> dict:
+    """The metadata of a call with no experts (zero parts and blocks) and a dummy gate row."""
     if not _EMPTY:
         _EMPTY.update(parts=torch.zeros(0, 6, dtype=torch.int64), bptrs=torch.zeros(0, dtype=torch.int64),
                       blocks=torch.zeros(0, 3, dtype=torch.int64), scale=torch.zeros(0),
                       gates=torch.zeros(1, 1))
-    e = _EMPTY
+    return _EMPTY
+
+
+def gemm_small(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
+    """y = x W^T (+ bias) for a few rows x [N, d_in] (N <= MAX_TOKENS), fp32 CPU, W [d_out, d_in]
+    contiguous: the same kernel with no experts (one streaming pass over W, T rows at a time)."""
+    mod, _ = _load()
+    e = empty_meta()
     N, d_in = x.shape
     y = torch.empty(N, w.shape[0], dtype=torch.float32)
     mod.fused_linear(x.data_ptr(), N, x.stride(0), d_in, w.data_ptr(), w.shape[0], 0,

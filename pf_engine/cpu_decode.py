@@ -30,9 +30,16 @@ PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
 ENABLED = not os.environ.get("PF_NO_CPU_DECODE")
 
 
+_MODULE = None
+
+
 def _module():
-    from pf_kernels import cpu_ops
-    return cpu_ops._load()[0]
+    """pf_kernels._pf_cpu, looked up once (a decode step calls it ~150 times)."""
+    global _MODULE
+    if _MODULE is None:
+        from pf_kernels import cpu_ops
+        _MODULE = cpu_ops._load()[0]
+    return _MODULE
 
 
 def eligible(model, x: torch.Tensor, cache, mix: Mix | None) -> bool:
@@ -58,33 +65,25 @@ def _weights(blk):
 
 
 def _static(lin) -> tuple:
-    """(base args, expert tail or None) of a Linear for fused_linear_pe, built once."""
+    """A Linear's arguments for fused_linear_pe, built once: (base: (args, tail, dummy gate row's
+    address), with experts: (args, tail) or None)."""
     got = getattr(lin, "_cpu_pe", None)
     if got is None:
+        from pf_kernels.cpu_ops import empty_meta
+
         from .backends import Cpu
         w = lin.w_aug if lin.parts else lin.weight
         bias = 0 if lin.bias is None else lin.bias.data_ptr()
-        empty = _empty()
+        empty = empty_meta()
         base = ((w.data_ptr(), lin.d_out, 0, bias),
                 (empty["parts"].data_ptr(), empty["bptrs"].data_ptr(), 0, empty["blocks"].data_ptr(),
-                 empty["scale"].data_ptr(), 0))
+                 empty["scale"].data_ptr(), 0), empty["gates"].data_ptr())
         mixed = None
         if lin.parts:
             m = Cpu.meta(lin)
             mixed = (m["args"], m["tail"])
         got = lin._cpu_pe = (base, mixed)
     return got
-
-
-_EMPTY: dict = {}
-
-
-def _empty() -> dict:
-    if not _EMPTY:
-        _EMPTY.update(parts=torch.zeros(0, 6, dtype=torch.int64), bptrs=torch.zeros(0, dtype=torch.int64),
-                      blocks=torch.zeros(0, 3, dtype=torch.int64), scale=torch.zeros(0),
-                      gates=torch.zeros(1, 1))
-    return _EMPTY
 
 
 def linear(lin, x2: torch.Tensor, mix: Mix | None, pro: int = PRO_NONE, pro_w=None, eps: float = 0.0,
@@ -99,7 +98,7 @@ def linear(lin, x2: torch.Tensor, mix: Mix | None, pro: int = PRO_NONE, pro_w=No
         (args, tail), g = mixed, mix.gates.contiguous()
         gp, K, gs = g.data_ptr(), g.shape[1], g.stride(0)
     else:
-        (args, tail), gp, K, gs = base, _EMPTY["gates"].data_ptr(), 1, 0
+        (args, tail, gp), K, gs = base, 1, 0
     y = torch.empty(B, lin.d_out, dtype=torch.float32)
     _module().fused_linear_pe(
         x2.data_ptr(), B, x2.stride(0), d_in, *args, gp, K, gs, y.data_ptr(), lin.d_out, *tail,
