@@ -23,17 +23,14 @@
 #include <stdexcept>
 #include <vector>
 
+#include "simd.h"
+
 namespace py = pybind11;
 
 namespace {
 
-inline float hsum8(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_hadd_ps(lo, lo);
-    lo = _mm_hadd_ps(lo, lo);
-    return _mm_cvtss_f32(lo);
-}
+using pf_cpu::hsum;
+using pf_cpu::ptr;
 
 inline void rope(const float* x, const float* c, const float* s, int64_t D, float* out) {
     const int64_t half = D / 2;
@@ -44,13 +41,10 @@ inline float dot(const float* a, const float* b, int64_t D) {
     __m256 acc = _mm256_setzero_ps();
     int64_t d = 0;
     for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
-    float r = hsum8(acc);
+    float r = hsum(acc);
     for (; d < D; ++d) r += a[d] * b[d];
     return r;
 }
-
-template <typename T>
-T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 }  // namespace
 

@@ -32,6 +32,8 @@
 #include <stdexcept>
 #include <vector>
 
+#include "simd.h"
+
 namespace py = pybind11;
 
 // csrc/cpu/decode_attention.cpp
@@ -42,13 +44,8 @@ void decode_attention(uintptr_t qkv_p, int64_t B, int64_t qkv_s, int64_t H, int6
 
 namespace {
 
-inline float hsum(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_hadd_ps(lo, lo);
-    lo = _mm_hadd_ps(lo, lo);
-    return _mm_cvtss_f32(lo);
-}
+using pf_cpu::hsum;
+using pf_cpu::ptr;
 
 // out[j] = w . x[t0 + j] for j < NT (NT rows of x at stride xs), d elements.
 template <int NT>
@@ -78,9 +75,6 @@ inline void row_dots(const float* w, const float* x, int64_t xs, int T, int d, f
         default: break;
     }
 }
-
-template <typename T>
-T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 struct ActiveRow { int64_t r; int64_t expert; float scale; };
 struct Chunk { int64_t part, c, a0, a1; };   // a part, its first column in pass 2's concatenation, active blocks a0:a1
