@@ -1,9 +1,9 @@
 """PersonaFuse Engine: persona-adaptive LLM inference with fused grouped-LoRA mixing.
 
-The Triton kernels live in kernels/ and install under the import name ``pf_kernels`` (never
-``kernels``: that name belongs to Hugging Face's package, which transformers probes).  The CUDA
-kernel in csrc/ is compiled by nvcc when nvcc is found and PF_SKIP_CUDA_BUILD is unset (see
-csrc/build.py); without nvcc the build warns and the engine falls back to the other backends.
+The Triton kernels live in pf_kernels/ (the folder is the import name; never ``kernels``: that
+name belongs to Hugging Face's package, which transformers probes).  The CUDA kernel in
+csrc/cuda/ is compiled by nvcc when nvcc is found and PF_SKIP_CUDA_BUILD is unset (see
+csrc/cuda/build.py); without nvcc the build warns and the engine falls back to the other backends.
 The CPU kernel in csrc/cpu/ is compiled with the system C++ compiler unless PF_SKIP_CPU_BUILD
 is set (csrc/cpu/build.py); a failed build warns and leaves the torch backend in place.
 """
@@ -13,14 +13,14 @@ import shutil
 import warnings
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
 
 
 def build_cuda_extension() -> Path | None:
-    """Compile csrc/ into kernels/_pf_cuda*.so when nvcc is found; warn and skip otherwise.
+    """Compile csrc/cuda/ into pf_kernels/_pf_cuda*.so when nvcc is found; warn and skip otherwise.
 
     Never fails the install: set PF_SKIP_CUDA_BUILD=1 to skip on purpose.
     """
@@ -28,7 +28,7 @@ def build_cuda_extension() -> Path | None:
         print("pf-engine: PF_SKIP_CUDA_BUILD is set: not building the CUDA kernel")
         return None
     try:
-        spec = importlib.util.spec_from_file_location("pf_csrc_build", HERE / "csrc" / "build.py")
+        spec = importlib.util.spec_from_file_location("pf_csrc_build", HERE / "csrc" / "cuda" / "build.py")
         builder = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(builder)
         if builder.find_nvcc() is None:
@@ -42,7 +42,7 @@ def build_cuda_extension() -> Path | None:
 
 
 def build_cpu_extension() -> Path | None:
-    """Compile csrc/cpu into kernels/_pf_cpu*.so with the system C++ compiler (AVX2/FMA, OpenMP);
+    """Compile csrc/cpu into pf_kernels/_pf_cpu*.so with the system C++ compiler (AVX2/FMA, OpenMP);
     warn and skip when that fails.  Never fails the install: PF_SKIP_CPU_BUILD=1 skips it."""
     if os.environ.get("PF_SKIP_CPU_BUILD"):
         print("pf-engine: PF_SKIP_CPU_BUILD is set: not building the CPU kernel")
@@ -76,9 +76,8 @@ setup(
     version="0.1.0",
     description="Inference engine for persona-adaptive LLMs with per-token mixed LoRA experts",
     python_requires=">=3.10",
-    packages=["pf_engine", "pf_engine.cli", "pf_engine.serve", "pf_engine.train", "pf_kernels"],
-    package_data={"pf_engine": ["banks/*.safetensors"]},
-    package_dir={"pf_kernels": "kernels"},
+    packages=find_packages(include=["pf_engine", "pf_engine.*", "pf_kernels"]),
+    package_data={"pf_engine.persona": ["banks/*.safetensors"]},
     install_requires=[
         "torch>=2.1",
         "safetensors>=0.4",

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         ap.error("--batches, --steps and --repeats must be >= 1")
     torch.set_num_threads(args.threads)
     from pf_engine import Engine
-    from pf_engine.adapters import AdapterBank
+    from pf_engine.persona.bank import AdapterBank
     watch = CpuWatch()
     base = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=False)
     bank = AdapterBank.random(base.config, rank=16, seed=0, router=True)

@@ -212,7 +212,7 @@ class Setup:
 
     def __init__(self, args):
         from pf_engine import Engine
-        from pf_engine.adapters import AdapterBank
+        from pf_engine.persona.bank import AdapterBank
         from pf_engine.engine import resolve_device, resolve_dtype
         self.args = args
         self.device = resolve_device(args.device)

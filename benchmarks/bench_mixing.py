@@ -71,9 +71,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import CpuWatch, busy_warning, machine_info, read_bandwidth, write_json  # noqa: E402
 from benchmarks.mixing_report import draw_plots, markdown  # noqa: E402,F401
-from pf_engine.adapters import LoraWeights  # noqa: E402
+from pf_engine.persona.bank import LoraWeights  # noqa: E402
 from pf_engine.engine import DTYPES, CpuThreads  # noqa: E402
-from pf_engine.mixing import BACKENDS, Linear, Mix, backend_status  # noqa: E402
+from pf_engine.persona.mix import BACKENDS, Linear, Mix, backend_status  # noqa: E402
 from pf_kernels.layout import RankLayout  # noqa: E402
 from pf_kernels.reference import grouped_lora_ref  # noqa: E402
 
@@ -413,7 +413,7 @@ def bench_proj(p: Proj, pi: int, c: dict, seed: int, esize: int, bw: float, thre
                     if kind == "regather":
                         ctx["g2"] = other_pair(g, gen_g)
                     if kind == "token-router":
-                        from pf_engine.router import TokenRouter
+                        from pf_engine.persona.router import TokenRouter
                         ctx["router"] = TokenRouter.random(K, p.d_in, 1, top_k=2,
                                                            seed=zlib.crc32(repr((seed, pi, K)).encode())).to(device)
                     out += bench_row(ctx, K, r, T, kind, g, lins, ref, xs[T])

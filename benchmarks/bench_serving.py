@@ -201,7 +201,7 @@ def stream_engines(args, backends: list) -> tuple:
     """(base engine, {backend: engine with the stream's bank}): a seeded random bank of ten
     rank-16 experts whose sequence router picks two; EOS ignored, one warm-up generate each."""
     from pf_engine import Engine
-    from pf_engine.adapters import AdapterBank
+    from pf_engine.persona.bank import AdapterBank
     torch.set_num_threads(args.threads)
     base = Engine.from_pretrained(args.model, device=args.device, progress=False)
     bank = AdapterBank.random(base.config, rank=16, seed=0, router=True)

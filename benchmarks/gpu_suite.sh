@@ -88,8 +88,8 @@ if want install; then
 fi
 
 if want build; then
-    step "CUDA kernel: python csrc/build.py"
-    run_step build $PY csrc/build.py
+    step "CUDA kernel: python csrc/cuda/build.py"
+    run_step build $PY csrc/cuda/build.py
     $PY -c "from pf_kernels import cuda_ops; ok, why = cuda_ops.cuda_available(); print('cuda backend:', ok, why)"
     $PY -c "from pf_kernels import available; ok, why = available(); print('triton backend:', ok, why)"
 fi

@@ -15,7 +15,7 @@ def bank_to_peft(bank, folder: str, out_dir: str) -> list[str]:
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    from pf_engine.config import HF_MODULE_NAMES
+    from pf_engine.model.config import HF_MODULE_NAMES
     dirs = []
     for k, name in enumerate(bank.expert_names):
         d = os.path.join(out_dir, f"expert{k}")

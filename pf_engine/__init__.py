@@ -1,5 +1,5 @@
 """PersonaFuse Engine: serve LLMs whose LoRA persona experts are mixed per token."""
-from .errors import ConfigError, LoadError, PFError, RequestError
+from pf_engine.errors import ConfigError, LoadError, PFError, RequestError
 
 __version__ = "0.1.0"
 __all__ = ["Engine", "PFError", "ConfigError", "LoadError", "RequestError", "__version__"]
@@ -7,6 +7,6 @@ __all__ = ["Engine", "PFError", "ConfigError", "LoadError", "RequestError", "__v
 
 def __getattr__(name):  # lazy: `import pf_engine` stays cheap for the CLIs' --help
     if name == "Engine":
-        from .engine import Engine
+        from pf_engine.engine import Engine
         return Engine
     raise AttributeError(name)

@@ -17,16 +17,16 @@ from typing import Iterator
 
 import torch
 
-from .config import ModelConfig
-from .errors import PFError, RequestError
-from .loading import check_model_path, load_weights
-from .mixing import Mix, resolve_backend
-from .model import Decoder, attention_mask
-from .persona import Personas
-from .sampling import SamplingParams
-from .outputs import GenerationOutput, Stats  # noqa: F401 - re-exported
-from .threads import CpuThreads  # noqa: F401 - re-exported
-from .tokenizer import Detokenizer, Tokenizer
+from pf_engine.model.config import ModelConfig
+from pf_engine.errors import PFError, RequestError
+from pf_engine.model.loading import check_model_path, load_weights
+from pf_engine.persona.mix import Mix, resolve_backend
+from pf_engine.model.decoder import Decoder, attention_mask
+from pf_engine.persona.specs import Personas
+from pf_engine.sampling import SamplingParams
+from pf_engine.outputs import GenerationOutput, Stats  # noqa: F401 - re-exported
+from pf_engine.runtime.threads import CpuThreads  # noqa: F401 - re-exported
+from pf_engine.tokenizer import Detokenizer, Tokenizer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
@@ -60,19 +60,19 @@ def resolve_device(device) -> torch.device:
 def resolve_model(model, progress: bool) -> str:
     """None -> the bundled default; a .gguf -> its cached conversion; else an HF folder."""
     if model is None:
-        from . import bundled
+        from pf_engine.model import bundled
         return bundled.default_model_dir(progress=progress)
     model = os.fspath(model)
     if model.endswith(".gguf"):
         if not os.path.isfile(model):
             raise PFError(f"model path {model} does not exist")
-        from . import bundled
+        from pf_engine.model import bundled
         st = os.stat(model)
         key = hashlib.sha1(f"{os.path.abspath(model)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         out = os.path.join(bundled.pf_home(), "models",
                            f"{os.path.basename(model)[:-5]}-{key}")
         if not os.path.isfile(os.path.join(out, "config.json")):
-            from .gguf_import import convert_gguf
+            from pf_engine.model.gguf_import import convert_gguf
             convert_gguf(model, out, overwrite=True, progress=progress)
         return out
     return check_model_path(model)
@@ -86,7 +86,7 @@ class Engine:
         self.backend = resolve_backend(backend, device)
         self.bank = None
         if adapters is not None:
-            from .adapters import AdapterBank
+            from pf_engine.persona.bank import AdapterBank
             self.bank = adapters.for_model(self.config) if isinstance(adapters, AdapterBank) \
                 else AdapterBank.load(os.fspath(adapters), self.config)
         self.model = Decoder(self.config, load_weights(folder, self.config, dtype, device), device)
@@ -192,7 +192,7 @@ class Engine:
     def _private(self, ids: list[list[int]], per: list[SamplingParams], specs: list):
         """A scheduler of its own for one generate/stream call: a slot per prompt, a pool just
         long enough, every prompt prefilled in the first step (all arrive at once)."""
-        from .scheduler import Scheduler
+        from pf_engine.runtime.scheduler import Scheduler
         ctx = self.config.max_position_embeddings
         need = max(len(p) + min(q.max_new_tokens, ctx - len(p)) for p, q in zip(ids, per))
         # dynamic decode: capturing graphs for one call would cost more than it saves
@@ -271,7 +271,7 @@ class Engine:
         one built with them (defaults for the rest), once the current one is idle.  kv_cache_gb
         sizes the pool by memory: as many slots of max_len columns as fit.  decode: "dynamic",
         "static" or "graphs" (CUDA graphs, the default on CUDA; see static_decode.py)."""
-        from .scheduler import Scheduler
+        from pf_engine.runtime.scheduler import Scheduler
         cur = getattr(self, "_scheduler", None)
         asked = (slots, max_len, prefill_budget, background, kv_cache_gb, decode)
         if cur is not None and all(a is None for a in asked):

@@ -15,11 +15,11 @@ import time
 
 import torch
 
-from .errors import RequestError
-from .outputs import GenerationOutput
-from .persona import Personas
-from .sampling import Sampler, SamplingParams
-from .tokenizer import Detokenizer
+from pf_engine.errors import RequestError
+from pf_engine.outputs import GenerationOutput
+from pf_engine.persona.specs import Personas
+from pf_engine.sampling import Sampler, SamplingParams
+from pf_engine.tokenizer import Detokenizer
 
 
 class Request:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import RequestError
+from pf_engine.errors import RequestError
 
 
 @dataclass

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import os
 
-from .checks import one_line
-from .errors import LoadError, RequestError
+from pf_engine.model.checks import one_line
+from pf_engine.errors import LoadError, RequestError
 
 
 class Tokenizer:

@@ -241,7 +241,7 @@ def write_tiny_gguf(path, *, tied: bool = True, qtype: str = "F32", arch: str = 
 def converted_smollm2(tmp_path_factory) -> str:
     """Folder of the bundled SmolLM2-135M-Instruct, converted once into a temporary PF_HOME."""
     if "dir" not in _SESSION:
-        from pf_engine.bundled import bundled_gguf_path, default_model_dir
+        from pf_engine.model.bundled import bundled_gguf_path, default_model_dir
         from pf_engine.errors import PFError
 
         try:

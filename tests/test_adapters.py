@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pf_engine.adapters import BIG_FIVE, AdapterBank, LoraWeights
+from pf_engine.persona.bank import BIG_FIVE, AdapterBank, LoraWeights
 from pf_engine.cli.bank import main
-from pf_engine.config import HF_MODULE_NAMES, MODULES, ModelConfig
+from pf_engine.model.config import HF_MODULE_NAMES, MODULES, ModelConfig
 from pf_engine.errors import LoadError, PFError
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -445,9 +445,9 @@ def test_cli_random(tmp_path, model_dir, capsys, monkeypatch):
     assert "lm_head" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
     # without --base: the bundled default model's folder
-    fake = types.ModuleType("pf_engine.bundled")
+    fake = types.ModuleType("pf_engine.model.bundled")
     fake.default_model_dir = lambda: model_dir
-    monkeypatch.setitem(sys.modules, "pf_engine.bundled", fake)
+    monkeypatch.setitem(sys.modules, "pf_engine.model.bundled", fake)
     assert main(["random", "--experts", "a,b", "--rank", "2", "-o",
                  str(tmp_path / "d.safetensors")]) == 0
     assert AdapterBank.load(tmp_path / "d.safetensors").expert_names == ["a", "b"]

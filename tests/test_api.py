@@ -235,7 +235,7 @@ def test_cli_lines_one_prompt_per_non_empty_line(chat, capsys, monkeypatch):
 
 
 def test_backend_status_and_resolution(monkeypatch):
-    from pf_engine.mixing import backend_status, resolve_backend
+    from pf_engine.persona.mix import backend_status, resolve_backend
     cpu = torch.device("cpu")
     assert backend_status("torch", cpu) == (True, "") and backend_status("naive", cpu)[0]
     ok, why = backend_status("cuda", cpu)
@@ -247,7 +247,7 @@ def test_backend_status_and_resolution(monkeypatch):
     assert not ok and ("TRITON_INTERPRET=1" in why or "cannot be imported" in why)
     auto = "cpu" if backend_status("cpu", cpu)[0] else "torch"      # csrc/cpu built: it wins
     assert resolve_backend(None, cpu) == auto and resolve_backend("auto", cpu) == auto
-    monkeypatch.setattr("pf_engine.mixing.backend_status",
+    monkeypatch.setattr("pf_engine.persona.mix.backend_status",
                         lambda name, device: (name != "cpu", "not built"))
     assert resolve_backend("auto", cpu) == "torch"                     # the build failed: torch
     monkeypatch.undo()
@@ -258,7 +258,7 @@ def test_backend_status_and_resolution(monkeypatch):
         with pytest.raises(PFError, match=re.escape(words)):
             resolve_backend(name, cpu)
     # on a GPU too, even where both kernels run: torch measured fastest there (gpu_mixing.json)
-    monkeypatch.setattr("pf_engine.mixing.backend_status", lambda name, device: (True, ""))
+    monkeypatch.setattr("pf_engine.persona.mix.backend_status", lambda name, device: (True, ""))
     assert resolve_backend("auto", torch.device("cuda")) == "torch"
 
 

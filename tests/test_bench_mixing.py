@@ -9,7 +9,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import bench_mixing  # noqa: E402
-from pf_engine import backends, mixing  # noqa: E402
+from pf_engine import backends
+from pf_engine.persona import mix as mixing
 
 TINY = ["--shapes", "tiny", "--K", "1,3", "--r", "4", "--T", "1,3", "--gates", "dense,top2",
         "--backends", "naive,torch", "--repeats", "2", "--warmup", "1", "--budget", "0.02",

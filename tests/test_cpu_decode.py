@@ -6,11 +6,12 @@ experts, explicit dense gates, token routing; rows at a slot offset, different l
 import pytest
 import torch
 
-from pf_engine import Engine, cpu_decode
-from pf_engine.adapters import AdapterBank
-from pf_engine.config import ModelConfig
-from pf_engine.kv_cache import SlotCache
-from pf_engine.mixing import Mix, backend_status
+from pf_engine import Engine
+from pf_engine.backends.cpu import decode as cpu_decode
+from pf_engine.persona.bank import AdapterBank
+from pf_engine.model.config import ModelConfig
+from pf_engine.runtime.kv_cache import SlotCache
+from pf_engine.persona.mix import Mix, backend_status
 
 ok, why = backend_status("cpu", torch.device("cpu"))
 pytestmark = pytest.mark.skipif(not ok, reason=f"cpu backend unavailable: {why}")

@@ -5,9 +5,9 @@ not built or the CPU lacks AVX2/FMA."""
 import pytest
 import torch
 
-from pf_engine.adapters import AdapterBank
-from pf_engine.config import ModelConfig
-from pf_engine.mixing import Linear, Mix, backend_status
+from pf_engine.persona.bank import AdapterBank
+from pf_engine.model.config import ModelConfig
+from pf_engine.persona.mix import Linear, Mix, backend_status
 from pf_kernels.reference import grouped_lora_ref
 
 ok, why = backend_status("cpu", torch.device("cpu"))

@@ -1,4 +1,4 @@
-"""csrc/ builds with nvcc for sm_80 and sm_90 into a temporary folder (skipped without nvcc).
+"""csrc/cuda/ builds with nvcc for sm_80 and sm_90 into a temporary folder (skipped without nvcc).
 
 The build takes ~30 s on two cores.  Only the compile and the module's Python surface are checked
 here; running the kernel needs a GPU (tests/test_kernels.py::test_cuda_kernel_*).
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _builder():
-    spec = importlib.util.spec_from_file_location("pf_csrc_build", ROOT / "csrc" / "build.py")
+    spec = importlib.util.spec_from_file_location("pf_csrc_build", ROOT / "csrc" / "cuda" / "build.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

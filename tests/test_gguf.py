@@ -15,11 +15,11 @@ import torch
 
 from gguf_fixtures import (TINY_TEMPLATE, bundled_pf_home, converted_smollm2,  # noqa: F401
                            write_tiny_gguf)
-from pf_engine import bundled
-from pf_engine.bundled import bundled_gguf_path, default_model_dir, pf_home
+from pf_engine.model import bundled
+from pf_engine.model.bundled import bundled_gguf_path, default_model_dir, pf_home
 from pf_engine.cli.convert import main as convert_main
 from pf_engine.errors import ConfigError, LoadError, PFError
-from pf_engine.gguf_import import MARKER, _llama3_factors, convert_gguf
+from pf_engine.model.gguf_import import MARKER, _llama3_factors, convert_gguf
 
 
 def _listing(folder) -> list[str]:
@@ -66,7 +66,7 @@ def test_smollm2_config(converted_smollm2):
         assert f.get_slice("model.layers.0.self_attn.k_proj.weight").get_shape() == [192, 576]
     assert len(names) == 2 + 30 * 9 and "lm_head.weight" not in names
     # the engine's own config reader accepts it
-    from pf_engine.config import PRESETS, ModelConfig
+    from pf_engine.model.config import PRESETS, ModelConfig
 
     mc = ModelConfig.from_file(os.path.join(converted_smollm2, "config.json"))
     for k, v in PRESETS["smollm2-135m"].items():
@@ -302,7 +302,7 @@ def test_empty_out_dir_and_overwrite(tmp_path):
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
 @pytest.mark.parametrize("existing", [False, True])
 def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch, exc, existing):
-    import pf_engine.gguf_import as gi
+    import pf_engine.model.gguf_import as gi
 
     write_tiny_gguf(tmp_path / "tiny.gguf")
     out = tmp_path / "out"

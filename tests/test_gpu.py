@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pf_engine import Engine
-from pf_engine.adapters import BIG_FIVE, AdapterBank
-from pf_engine.mixing import BACKENDS, Mix, backend_status
+from pf_engine.persona.bank import BIG_FIVE, AdapterBank
+from pf_engine.persona.mix import BACKENDS, Mix, backend_status
 from test_mixing import NAMES, gate_patterns, make_bank, make_linear, reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -65,7 +65,7 @@ PERSONAS = {
 
 @pytest.fixture(scope="module")
 def model_and_bank(hf_model_dir):
-    from pf_engine.config import ModelConfig
+    from pf_engine.model.config import ModelConfig
     folder, _ = hf_model_dir("llama", "gpu_base")
     cfg = ModelConfig.from_file(f"{folder}/config.json")
     bank = AdapterBank.random(cfg, rank=[4, 8, 16, 8, 4, 2, 8, 16, 4, 8], seed=11, router=True)

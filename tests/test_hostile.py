@@ -17,8 +17,8 @@ import time
 import pytest
 
 from pf_engine import Engine
-from pf_engine.adapters import AdapterBank
-from pf_engine.config import ModelConfig
+from pf_engine.persona.bank import AdapterBank
+from pf_engine.model.config import ModelConfig
 from pf_engine.errors import PFError
 
 CASE_SECONDS = 30          # a case that takes longer counts as a hang
@@ -229,7 +229,7 @@ def test_mutated_gguf_bytes(tmp_path):
     pytest.importorskip("gguf")
     from gguf_fixtures import write_tiny_gguf
 
-    from pf_engine.gguf_import import convert_gguf
+    from pf_engine.model.gguf_import import convert_gguf
     good = tmp_path / "tiny.gguf"
     write_tiny_gguf(good)
     data = good.read_bytes()

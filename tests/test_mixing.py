@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from pf_engine.adapters import AdapterBank
-from pf_engine.config import ModelConfig
-from pf_engine.mixing import Linear, Mix, backend_status
+from pf_engine.persona.bank import AdapterBank
+from pf_engine.model.config import ModelConfig
+from pf_engine.persona.mix import Linear, Mix, backend_status
 from pf_kernels.reference import grouped_lora_ref
 
 CFG = ModelConfig.from_dict(dict(architectures=["LlamaForCausalLM"], vocab_size=64,
@@ -123,7 +123,7 @@ def test_reference_is_not_blind(bank):
 def test_token_router_against_independent_reference(bank):
     """Token-routed rows get softmax -> top-k -> renormalised gates from the layer input, the
     other rows keep their fixed gates; computed here from the router's raw weights."""
-    from pf_engine.router import TokenRouter
+    from pf_engine.persona.router import TokenRouter
     d, K = CFG.hidden_size, len(NAMES)
     router = TokenRouter.random(K, d, CFG.num_hidden_layers, top_k=2, seed=5)
     g = torch.Generator().manual_seed(6)
@@ -146,7 +146,7 @@ def test_gathered_sets_are_kept_while_batches_alternate(bank):
     """A continuous batch alternates active sets (the decode batch's, each admitted prompt's): the
     Linear keeps the gathered copies of recent sets instead of rebuilding them every call, and the
     outputs with a host-given active set equal those it finds itself."""
-    from pf_engine import mixing
+    from pf_engine.persona import mix as mixing
     lin, w, b, shapes = make_linear(bank, "qkv", True, seed=9)
     x = torch.randn(1, 2, shapes[0][1])
     g1, g2 = torch.zeros(2, len(NAMES)), torch.zeros(2, len(NAMES))

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from pf_engine import Engine
-from pf_engine.adapters import BIG_FIVE, AdapterBank
+from pf_engine.persona.bank import BIG_FIVE, AdapterBank
 from pf_engine.cli.generate import main as generate_main
-from pf_engine.config import MODULES, ModelConfig
+from pf_engine.model.config import MODULES, ModelConfig
 from pf_engine.errors import LoadError, PFError, RequestError
-from pf_engine.router import SequenceRouter
+from pf_engine.persona.router import SequenceRouter
 
 PEFT_ATOL = 1e-4          # engine vs PEFT
 ATOL = 1e-5               # engine vs engine (backends, batch vs alone)

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pf_engine.adapters import AdapterBank
-from pf_engine.config import PRESETS, ModelConfig
+from pf_engine.persona.bank import AdapterBank
+from pf_engine.model.config import PRESETS, ModelConfig
 from pf_engine.errors import LoadError, PFError, RequestError
-from pf_engine.router import (SequenceRouter, TokenRouter, explicit_gates, parse_persona,
+from pf_engine.persona.router import (SequenceRouter, TokenRouter, explicit_gates, parse_persona,
                               top_k_renormalise)
 
 NAMES = ["openness+", "openness-", "extraversion+", "agreeableness+"]

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from pf_engine import Engine
-from pf_engine.adapters import BIG_FIVE, AdapterBank
-from pf_engine.config import ModelConfig
+from pf_engine.persona.bank import BIG_FIVE, AdapterBank
+from pf_engine.model.config import ModelConfig
 from pf_engine.errors import RequestError
-from pf_engine.model import attention_mask
-from pf_engine.persona import Personas
+from pf_engine.model.decoder import attention_mask
+from pf_engine.persona.specs import Personas
 from pf_engine.sampling import SamplingParams
 
 TOP2 = {BIG_FIVE[0]: 0.7, BIG_FIVE[3]: 0.3}
@@ -374,7 +374,7 @@ def test_static_step_is_capturable(engines, backend, monkeypatch):
     """The step a CUDA graph captures (StaticDecode._step) reads nothing back to the host and
     copies nothing from it, with every persona kind in the batch: such an op fails the capture
     on a GPU (or is baked into the graph), which CPU tests would not otherwise see."""
-    from pf_engine import static_decode
+    from pf_engine.runtime import static_decode
     eng = engines[backend]
     probe = CaptureProbe()
     step = static_decode.StaticDecode._step

@@ -15,8 +15,8 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from pf_engine import Engine  # noqa: E402
-from pf_engine.adapters import BIG_FIVE, AdapterBank  # noqa: E402
-from pf_engine.config import ModelConfig  # noqa: E402
+from pf_engine.persona.bank import BIG_FIVE, AdapterBank  # noqa: E402
+from pf_engine.model.config import ModelConfig  # noqa: E402
 from pf_engine.serve import build_app  # noqa: E402
 from pf_engine.serve.threaded import ThreadedServer  # noqa: E402
 

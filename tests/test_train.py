@@ -243,7 +243,7 @@ def quick_bank(tmp_path_factory, converted_smollm2):
 
 def test_quick_train_end_to_end(quick_bank, bundled_pf_home, capsys):
     from pf_engine import Engine
-    from pf_engine.adapters import AdapterBank
+    from pf_engine.persona.bank import AdapterBank
     from pf_engine.cli.bank import main as bank_main
     bank = AdapterBank.load(quick_bank)
     assert bank.expert_names[0] == "openness+" and bank.num_experts == 10
@@ -287,7 +287,7 @@ def test_quick_eval_writes_json_plot_and_readme(quick_bank, bundled_pf_home, tmp
 
 def test_shipped_bank_resolves_by_name(bundled_pf_home, capsys):
     from pf_engine import Engine
-    from pf_engine.adapters import SHIPPED_BANKS, AdapterBank, resolve_bank
+    from pf_engine.persona.bank import SHIPPED_BANKS, AdapterBank, resolve_bank
     from pf_engine.cli.bank import main as bank_main
     from pf_engine.errors import LoadError
     assert "bigfive" in SHIPPED_BANKS

@@ -3,7 +3,7 @@
     python csrc/cpu/build.py [--out-dir DIR] [--quiet]
 
 Plain c++ + pybind11 + OpenMP, AVX2/FMA code (the module checks the CPU before it is imported:
-pf_kernels.cpu_ops).  The module lands in kernels/ by default, i.e. it imports as
+pf_kernels.cpu_ops).  The module lands in pf_kernels/ by default, i.e. it imports as
 ``pf_kernels._pf_cpu``.  setup.py calls :func:`build` on every install unless PF_SKIP_CPU_BUILD
 is set; a failed build warns and leaves the torch backend in place.
 """
@@ -18,7 +18,7 @@ import sysconfig
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_OUT = HERE.parent.parent / "kernels"
+DEFAULT_OUT = HERE.parent.parent / "pf_kernels"
 SOURCES = [HERE / "grouped_lora_cpu.cpp", HERE / "decode_attention.cpp"]   # the first binds all
 MODULE = "_pf_cpu"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17",

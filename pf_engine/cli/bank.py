@@ -16,14 +16,14 @@ import json
 import os
 import sys
 
-from ..errors import PFError
+from pf_engine.errors import PFError
 
 
 def _base_config(base: str | None):
-    from ..config import ModelConfig
+    from pf_engine.model.config import ModelConfig
     if base is None:
         try:
-            from ..bundled import default_model_dir
+            from pf_engine.model.bundled import default_model_dir
         except ImportError as e:
             raise PFError(f"no --base given and the bundled default model is unavailable ({e})"
                           ) from None
@@ -47,7 +47,7 @@ def _summary(bank, path: str) -> str:
 
 
 def _build(args) -> int:
-    from ..adapters import AdapterBank
+    from pf_engine.persona.bank import AdapterBank
     experts = {}
     for spec in args.expert:
         name, eq, folder = spec.partition("=")
@@ -66,7 +66,7 @@ def _build(args) -> int:
 
 
 def _random(args) -> int:
-    from ..adapters import BIG_FIVE, AdapterBank
+    from pf_engine.persona.bank import BIG_FIVE, AdapterBank
     names = [n.strip() for n in args.experts.split(",")] if args.experts else list(BIG_FIVE)
     modules = [m.strip() for m in args.modules.split(",") if m.strip()]
     if args.rank < 1:
@@ -81,7 +81,7 @@ def _random(args) -> int:
 
 
 def _inspect(args) -> int:
-    from ..adapters import AdapterBank
+    from pf_engine.persona.bank import AdapterBank
     bank = AdapterBank.load(args.bank)
     routers = {}
     if bank.router is not None:

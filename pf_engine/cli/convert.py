@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from pf_engine.errors import PFError
-    from pf_engine.gguf_import import convert_gguf, read_marker
+    from pf_engine.model.gguf_import import convert_gguf, read_marker
 
     t0 = time.perf_counter()
     try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .common import Parser, fail
+from pf_engine.cli.common import Parser, fail
 
 
 def build_parser() -> Parser:

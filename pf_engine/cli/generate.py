@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import sys
 
-from ..errors import PFError
-from .common import Parser, fail
+from pf_engine.errors import PFError
+from pf_engine.cli.common import Parser, fail
 
 
 def build_parser() -> Parser:
@@ -62,8 +62,8 @@ def main(argv=None) -> int:
     try:
         import torch
 
-        from ..engine import Engine
-        from ..sampling import SamplingParams
+        from pf_engine.engine import Engine
+        from pf_engine.sampling import SamplingParams
         sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, top_k=args.top_k,
                         repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)

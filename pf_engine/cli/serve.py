@@ -13,8 +13,8 @@ import os
 import re
 import sys
 
-from ..errors import PFError
-from .common import Parser, fail
+from pf_engine.errors import PFError
+from pf_engine.cli.common import Parser, fail
 
 
 def build_parser() -> Parser:
@@ -57,8 +57,8 @@ def main(argv=None) -> int:
         return fail("pf-serve", PFError(f"--timeout {args.timeout}: expected seconds > 0"))
     import torch
     import uvicorn
-    from ..engine import Engine
-    from ..serve import build_app
+    from pf_engine.engine import Engine
+    from pf_engine.serve import build_app
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .common import Parser, fail
+from pf_engine.cli.common import Parser, fail
 
 
 def build_parser() -> Parser:

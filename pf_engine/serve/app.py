@@ -20,10 +20,10 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from ..errors import RequestError
-from ..tokenizer import Detokenizer
-from .metrics import Metrics
-from .protocol import APIError, Catalog, Parsed, chunk, new_id, parse, response
+from pf_engine.errors import RequestError
+from pf_engine.tokenizer import Detokenizer
+from pf_engine.serve.metrics import Metrics
+from pf_engine.serve.protocol import APIError, Catalog, Parsed, chunk, new_id, parse, response
 
 
 def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = None,

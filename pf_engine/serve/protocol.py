@@ -13,9 +13,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from ..errors import RequestError
-from ..persona import Personas
-from ..sampling import SamplingParams
+from pf_engine.errors import RequestError
+from pf_engine.persona.specs import Personas
+from pf_engine.sampling import SamplingParams
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4

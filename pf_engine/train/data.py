@@ -26,8 +26,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from ..adapters import BIG_FIVE
-from ..errors import PFError
+from pf_engine.persona.bank import BIG_FIVE
+from pf_engine.errors import PFError
 
 TRAITS = ["openness", "conscientiousness", "extraversion", "agreeableness", "neuroticism"]
 SPLITS = ("train", "heldout")

@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from .data import TRAITS, load_corpus
-from .metrics import (TraitClassifier, degenerate, distinct_n, expression_summary, gate_spread,
+from pf_engine.train.data import TRAITS, load_corpus
+from pf_engine.train.metrics import (TraitClassifier, degenerate, distinct_n, expression_summary, gate_spread,
                       perplexity, top2_agreement, trait_scores)
-from .sequences import EVAL_SELF_PROMPT, ChatEncoder, Sequence, pad_batch, system_prompt
+from pf_engine.train.sequences import EVAL_SELF_PROMPT, ChatEncoder, Sequence, pad_batch, system_prompt
 
 
 def conditions(corpus, default_system: str | None = None) -> list[dict]:
@@ -149,8 +149,8 @@ def evaluate(adapters="bigfive", data_dir=None, model=None, limit: int = 0,
     """Run every measure on the held-out split; returns the results (pf-eval writes them)."""
     from tqdm.auto import tqdm
 
-    from ..engine import Engine
-    from .data import default_data_dir
+    from pf_engine.engine import Engine
+    from pf_engine.train.data import default_data_dir
     t0 = time.perf_counter()
     corpus = load_corpus(data_dir or default_data_dir())
     eng = Engine.from_pretrained(model=model, adapters=adapters, device="cpu", dtype="fp32",

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .sequences import Sequence, pad_batch
+from pf_engine.train.sequences import Sequence, pad_batch
 
 
 @dataclass

@@ -22,7 +22,7 @@ from collections import Counter
 
 import torch
 
-from .data import TRAITS, trait_of
+from pf_engine.train.data import TRAITS, trait_of
 
 
 def sign(pole: str) -> int:

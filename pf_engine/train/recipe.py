@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import HF_MODULE_NAMES
-from ..errors import PFError
-from .data import TRAITS, Corpus, load_corpus, opposite, trait_of
-from .experts import Item, Pools, Trunk, load_hf_model, train_expert
-from .router import pooled_states, train_router
-from .sequences import SELF_PROMPTS, ChatEncoder
+from pf_engine.model.config import HF_MODULE_NAMES
+from pf_engine.errors import PFError
+from pf_engine.train.data import TRAITS, Corpus, load_corpus, opposite, trait_of
+from pf_engine.train.experts import Item, Pools, Trunk, load_hf_model, train_expert
+from pf_engine.train.router import pooled_states, train_router
+from pf_engine.train.sequences import SELF_PROMPTS, ChatEncoder
 
 
 @dataclass
@@ -118,8 +118,8 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
     (default ``Recipe()``, or ``Recipe.quick()`` with quick=True).  peft_dir: also keep the
     experts' PEFT folders there.  Returns the AdapterBank written.
     """
-    from ..engine import DTYPES, resolve_model
-    from ..tokenizer import Tokenizer
+    from pf_engine.engine import DTYPES, resolve_model
+    from pf_engine.tokenizer import Tokenizer
 
     output = _check_output(output, overwrite)
     recipe = recipe or (Recipe.quick() if quick else Recipe())
@@ -203,8 +203,8 @@ def _train_experts(corpus, items, neutral, trunk: Trunk, recipe: Recipe, progres
 
 def _assemble(pm, names: list[str], poles: list[str], model_dir: str, peft_dir):
     """Save each adapter as a PEFT folder and stack them with the bank's own PEFT import."""
-    from ..adapters import AdapterBank
-    from ..config import ModelConfig
+    from pf_engine.persona.bank import AdapterBank
+    from pf_engine.model.config import ModelConfig
     base_config = ModelConfig.from_file(os.path.join(model_dir, "config.json"))
     with tempfile.TemporaryDirectory(prefix="pf-train-") as tmp:
         where = peft_dir or tmp
@@ -221,7 +221,7 @@ def _train_router(corpus, enc, model_dir: str, recipe: Recipe, num_layers: int, 
     """The sequence router on the engine's own pooled hidden states (what persona="auto" reads)."""
     from tqdm.auto import tqdm
 
-    from ..engine import Engine
+    from pf_engine.engine import Engine
     eng = Engine(model_dir, torch.device("cpu"), torch.float32)
     sits = corpus.train.situations[:recipe.limit * 4 or None]
     prompts = [enc.prompt(s["text"]) for s in sits]

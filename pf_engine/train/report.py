@@ -10,9 +10,9 @@ import json
 import os
 import platform
 
-from ..errors import PFError
-from .data import TRAITS
-from .recipe import _git_commit, _versions
+from pf_engine.errors import PFError
+from pf_engine.train.data import TRAITS
+from pf_engine.train.recipe import _git_commit, _versions
 
 START, END = "<!-- personas:start -->", "<!-- personas:end -->"
 

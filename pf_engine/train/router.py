@@ -18,8 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..model import attention_mask
-from ..router import SequenceRouter
+from pf_engine.model.decoder import attention_mask
+from pf_engine.persona.router import SequenceRouter
 
 
 @torch.inference_mode()

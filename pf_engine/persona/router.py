@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .errors import LoadError, PFError, RequestError
+from pf_engine.errors import LoadError, PFError, RequestError
 
 
 # Explicit persona weights -------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from .errors import ConfigError, LoadError, PFError
+from pf_engine.errors import ConfigError, LoadError, PFError
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
 # Written last into every converted folder: what it came from; its presence marks a whole folder.

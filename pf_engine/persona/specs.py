@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .errors import RequestError
-from .router import explicit_gates, parse_persona
+from pf_engine.errors import RequestError
+from pf_engine.persona.router import explicit_gates, parse_persona
 
 BASE, EXPLICIT, SEQUENCE, TOKEN = "base", "explicit", "sequence", "token"
 

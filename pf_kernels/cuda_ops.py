@@ -1,6 +1,6 @@
-"""The nvcc-built decode kernel (csrc/grouped_lora.cu), behind a guard that falls back.
+"""The nvcc-built decode kernel (csrc/cuda/grouped_lora.cu), behind a guard that falls back.
 
-The extension ``pf_kernels._pf_cuda`` exists only where setup.py (or ``python csrc/build.py``)
+The extension ``pf_kernels._pf_cuda`` exists only where setup.py (or ``python csrc/cuda/build.py``)
 found nvcc.  :func:`cuda_available` says whether it can run here and, if not, why;
 :func:`grouped_lora_cuda` raises RuntimeError with that reason instead of failing obscurely.
 """
@@ -26,7 +26,7 @@ def _load():
     try:
         return importlib.import_module("pf_kernels._pf_cuda"), None
     except ImportError as e:
-        return None, f"extension not built (pf_kernels._pf_cuda: {e}); run python csrc/build.py with nvcc"
+        return None, f"extension not built (pf_kernels._pf_cuda: {e}); run python csrc/cuda/build.py with nvcc"
 
 
 def _unavailable_reason():
@@ -46,7 +46,7 @@ def _unavailable_reason():
     if cap < MIN_CAPABILITY:
         return None, (f"compute capability {cap[0]}.{cap[1]} is below "
                       f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}: the kernel is built as sm_80 / "
-                      "sm_90 SASS plus compute_90 PTX (csrc/build.py)")
+                      "sm_90 SASS plus compute_90 PTX (csrc/cuda/build.py)")
     return mod, None
 
 

@@ -24,8 +24,8 @@ import torch
 
 from pf_kernels.layout import RankLayout
 
-from .mixing import SMALL_N, Active, Mix, columns, linear, mm
-from .threads import user_threads
+from pf_engine.persona.mix import SMALL_N, Active, Mix, columns, linear, mm
+from pf_engine.runtime.threads import user_threads
 
 
 class Torch:
@@ -57,7 +57,7 @@ class Torch:
     @staticmethod
     def gather(lin, act: tuple) -> Active:
         """The active experts' rows of A_cat and columns of B, built once per active set."""
-        from .mixing import GATHERED_SETS
+        from pf_engine.persona.mix import GATHERED_SETS
         A = lin._active.get(act)
         if A is not None:
             lin._active.move_to_end(act)

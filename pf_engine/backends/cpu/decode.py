@@ -22,9 +22,9 @@ import os
 
 import torch
 
-from .kv_cache import RowsView
-from .mixing import SMALL_N, Mix, cpu_kernel
-from .threads import user_threads
+from pf_engine.runtime.kv_cache import RowsView
+from pf_engine.persona.mix import SMALL_N, Mix, cpu_kernel
+from pf_engine.runtime.threads import user_threads
 
 PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
 ENABLED = not os.environ.get("PF_NO_CPU_DECODE")
@@ -71,7 +71,7 @@ def _static(lin) -> tuple:
     if got is None:
         from pf_kernels.cpu_ops import empty_meta
 
-        from .backends import Cpu
+        from pf_engine.backends import Cpu
         w = lin.w_aug if lin.parts else lin.weight
         bias = 0 if lin.bias is None else lin.bias.data_ptr()
         empty = empty_meta()

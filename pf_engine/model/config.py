@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checks import is_int, need_bool, need_dict, need_int, need_list, need_number, need_str
-from .errors import ConfigError
+from pf_engine.model.checks import is_int, need_bool, need_dict, need_int, need_list, need_number, need_str
+from pf_engine.errors import ConfigError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # The seven projections an adapter may target, in our short names, and their HF names.

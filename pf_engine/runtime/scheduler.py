@@ -42,16 +42,16 @@ import warnings
 
 import torch
 
-from .errors import RequestError
-from .kv_cache import SlotCache
-from .mixing import Mix
-from .model import attention_mask
-from .outputs import Stats
-from .persona import BASE, SEQUENCE, TOKEN
-from .request import Request
-from .static_decode import CaptureFailed, StaticDecode
-from .sampling import SamplingParams
-from .threads import CpuThreads
+from pf_engine.errors import RequestError
+from pf_engine.runtime.kv_cache import SlotCache
+from pf_engine.persona.mix import Mix
+from pf_engine.model.decoder import attention_mask
+from pf_engine.outputs import Stats
+from pf_engine.persona.specs import BASE, SEQUENCE, TOKEN
+from pf_engine.request import Request
+from pf_engine.runtime.static_decode import CaptureFailed, StaticDecode
+from pf_engine.sampling import SamplingParams
+from pf_engine.runtime.threads import CpuThreads
 
 
 class Scheduler:

@@ -41,10 +41,10 @@ from dataclasses import dataclass
 import torch
 from pf_kernels.layout import RankLayout
 
-from .checks import fail, is_int, is_number, need_dict, need_int, need_list, need_str, one_line
-from .config import HF_MODULE_NAMES, MODULES, ModelConfig
-from .errors import LoadError, PFError
-from .router import SequenceRouter, TokenRouter
+from pf_engine.model.checks import fail, is_int, is_number, need_dict, need_int, need_list, need_str, one_line
+from pf_engine.model.config import HF_MODULE_NAMES, MODULES, ModelConfig
+from pf_engine.errors import LoadError, PFError
+from pf_engine.persona.router import SequenceRouter, TokenRouter
 
 FORMAT_VERSION = 1
 BIG_FIVE = ["openness+", "openness-", "conscientiousness+", "conscientiousness-",

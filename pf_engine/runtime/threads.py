@@ -60,7 +60,7 @@ class CpuThreads:
         """Row counts that run with torch at one thread: those whose products go to csrc/cpu's
         kernel (mixing.mm: up to SMALL_N rows, its own OpenMP threads) when it is built, else
         single rows (numpy's BLAS)."""
-        from .mixing import SMALL_N, cpu_kernel
+        from pf_engine.persona.mix import SMALL_N, cpu_kernel
         return SMALL_N if cpu_kernel() else 1
 
     def restore(self) -> None:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .kv_cache import RowsView
-from .mixing import Mix
+from pf_engine.runtime.kv_cache import RowsView
+from pf_engine.persona.mix import Mix
 
 COLUMN_BUCKET = 256
 

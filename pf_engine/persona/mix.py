@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from pf_kernels.layout import RankLayout
 
-from .errors import PFError
+from pf_engine.errors import PFError
 
 BACKENDS = ("torch", "naive", "triton", "cuda", "cpu")
 
@@ -119,7 +119,7 @@ def mm(w: torch.Tensor, xT: torch.Tensor, bias: torch.Tensor | None = None) -> t
     if w.device.type == "cpu" and w.dtype == torch.float32 and xT.shape[1] <= SMALL_N and \
             w.is_contiguous() and (bias is None or bias.is_contiguous()) and cpu_kernel():
         from pf_kernels.cpu_ops import gemm_small
-        from .threads import user_threads
+        from pf_engine.runtime.threads import user_threads
         return gemm_small(w, xT.t().contiguous(), bias, user_threads()).t()
     if xT.shape[1] == 1 and w.device.type == "cpu":
         if w.dtype == torch.float32:
@@ -187,7 +187,7 @@ class Mix:
         expert ids and whether any row is token-routed.  Left None, they are read from the
         tensors, which costs a host sync on a GPU.  static: never read the device (a step captured
         in a CUDA graph): the naive loop then runs every expert under token routing too."""
-        from .backends import implementation
+        from pf_engine.backends import implementation
         self.backend, self.impl, self.fixed = backend, implementation(backend), gates
         self.static = static
         if any_token is None:

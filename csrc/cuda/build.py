@@ -1,9 +1,9 @@
-"""Build the _pf_cuda extension (csrc/grouped_lora.cu + csrc/binding.cpp) with nvcc.
+"""Build the _pf_cuda extension (csrc/cuda/grouped_lora.cu + csrc/cuda/binding.cpp) with nvcc.
 
-    python csrc/build.py [--out-dir DIR] [--arch 80 --arch 90] [--quiet]
+    python csrc/cuda/build.py [--out-dir DIR] [--arch 80 --arch 90] [--quiet]
 
 Plain nvcc + pybind11, not torch's CUDAExtension (a CPU-only torch refuses to build one).  The
-module lands in kernels/ by default, i.e. it imports as ``pf_kernels._pf_cuda``.  The CUDA
+module lands in pf_kernels/ by default, i.e. it imports as ``pf_kernels._pf_cuda``.  The CUDA
 runtime is linked statically, so the module needs only the driver at run time.  setup.py calls
 :func:`build` when nvcc is found and PF_SKIP_CUDA_BUILD is unset.
 """
@@ -18,7 +18,7 @@ import sysconfig
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent
-DEFAULT_OUT = CSRC.parent / "kernels"
+DEFAULT_OUT = CSRC.parent.parent / "pf_kernels"
 SOURCES = ("grouped_lora.cu", "binding.cpp")
 DEFAULT_ARCHS = ("80", "90")
 MODULE = "_pf_cuda"
@@ -82,7 +82,7 @@ def build(out_dir: Path | str = DEFAULT_OUT, archs=DEFAULT_ARCHS, quiet: bool = 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out-dir", default=str(DEFAULT_OUT), help="where the module goes (default: kernels/)")
+    ap.add_argument("--out-dir", default=str(DEFAULT_OUT), help="where the module goes (default: pf_kernels/)")
     ap.add_argument("--arch", action="append", help="SM version, repeatable (default: 80 and 90)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)

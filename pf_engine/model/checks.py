@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import PFError
+from pf_engine.errors import PFError
 
 
 def short(value, n: int = 60) -> str:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import HF_MODULE_NAMES, ModelConfig
-from .errors import LoadError
+from pf_engine.model.config import HF_MODULE_NAMES, ModelConfig
+from pf_engine.errors import LoadError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 

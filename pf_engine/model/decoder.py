@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import cpu_decode
-from .config import ModelConfig
-from .kv_cache import KVCache
-from .loading import LayerWeights, ModelWeights
-from .mixing import Linear, Mix, linear
+from pf_engine.backends.cpu import decode as cpu_decode
+from pf_engine.model.config import ModelConfig
+from pf_engine.runtime.kv_cache import KVCache
+from pf_engine.model.loading import LayerWeights, ModelWeights
+from pf_engine.persona.mix import Linear, Mix, linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

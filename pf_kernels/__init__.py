@@ -9,7 +9,7 @@ Layers, as in the kernel libraries this follows:
     layout      RankLayout (= BankLayout): how the experts' ranks stack into A_cat / B_cat
     meta        LoRAMeta: active (token, expert) pairs grouped by expert, built once per step
     ops         Triton launchers: grouped_lora (y += delta), fused_linear ([W; A_cat] in one GEMM)
-    cuda_ops    the optional nvcc-built decode kernel (csrc/), behind a guard that falls back
+    cuda_ops    the optional nvcc-built decode kernel (csrc/cuda/), behind a guard that falls back
 
 Importing this package never imports triton or the CUDA extension; they load at first use.
 """
