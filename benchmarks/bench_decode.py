@@ -37,14 +37,14 @@ def time_mode(eng, mode: str, B: int, personas: list, steps: int, repeats: int, 
     reqs = [sched.submit(eng._encode([PROMPTS[i % len(PROMPTS)]], True)[0],
                          SamplingParams(max_new_tokens=budget), personas[i % len(personas)])
             for i in range(B)]
-    sched.step(restore=False)                       # admit + prefill + first decode
-    sched.step(restore=False)                       # warm-up (captures the graph)
+    sched.step()                       # admit + prefill + first decode
+    sched.step()                       # warm-up (captures the graph)
     times = []
     for _ in range(repeats):
         sync(device)
         t = time.perf_counter()
         for _ in range(steps):
-            sched.step(restore=False)
+            sched.step()
         sync(device)
         times.append((time.perf_counter() - t) / steps)
     for r in reqs:

@@ -348,7 +348,8 @@ def run(argv=None) -> dict:
 def weight_bytes(eng) -> int:
     """Base weight bytes one decode step reads: every block's matrices and norms, the head."""
     m = eng.model
-    total = m.lm_head.numel() * m.lm_head.element_size() + m.norm.numel() * m.norm.element_size()
+    head = m.head.weight
+    total = head.numel() * head.element_size() + m.norm.numel() * m.norm.element_size()
     for b in m.blocks:
         total += sum(lin.weight.numel() * lin.weight.element_size() for lin in b.linears)
         total += 2 * b.attn_norm.numel() * b.attn_norm.element_size()

@@ -4,13 +4,15 @@
     python benchmarks/bench_mixing.py --shapes llama7b --K 1,4,10 --T 1,64 --plots results/
     python benchmarks/bench_mixing.py --device cuda --dtype bf16 --T 1,8,64,512
 
-Each row goes through the engine's own path: ``pf_engine.mixing.Linear`` with K random experts of
-rank r attached (``Linear.attach``), called as ``Linear.full(x, Mix(gates, backend))`` on x [T, 1, d_in]: T sequences in one decode
-step (so ``base`` takes the engine's decode forms, see ``mixing.linear``).
-Backends: ``base`` (the same projection with no experts: the roofline), ``F.linear`` (CPU only:
-torch's y = x W^T form beside the engine's W x^T one, see ``mixing.columns``; timed with torch's
-threads as set), ``naive`` (a loop over experts), ``torch`` (grouped: two GEMMs whatever K is),
-and ``triton`` / ``cuda`` where ``mixing.backend_status`` says they run.
+Each row goes through the engine's own path: ``pf_engine.model.linear.Linear`` with K random
+experts of rank r attached (``Linear.attach``) and bound to the backend under test
+(``Linear.bind``: its prepared state), called as ``Linear.full(x, Mix(gates))`` on x [T, 1, d_in]:
+T sequences in one decode step.
+Backends: ``base`` (the same projection with no experts on the backend ``auto`` picks: the
+roofline, what the engine's base model runs), ``F.linear`` (CPU only: torch's y = x W^T form
+beside the engine's W x^T one, see ``backends/gemm.py``; timed with torch's threads as set),
+``naive`` (a loop over experts), ``torch`` (grouped: two GEMMs whatever K is), ``cpu`` (csrc/cpu's
+fused pass) and ``triton`` / ``cuda`` where ``backends.backend_status`` says they run.
 
 Gates [T, K] fp32:
     dense       softmax of random logits: every expert active for every token
@@ -18,7 +20,7 @@ Gates [T, K] fp32:
                 over many tokens the union of active experts is usually all K)
     top2-seq    one pair of experts and one pair of weights for every token (explicit personas and
                 the sequence router: the grouped backend reads only those two experts)
-    token-router  the engine's token path: each call builds Mix(..., token_router, rows) and
+    token-router  the engine's token path: each call builds Mix(g, token_router, rows) and
                 calls for_layer on its input, so a random TokenRouter (top-2) computes the gates
                 inside the timed call, as in every layer of a token-routed decode step (the router
                 reads the projection's input, [T, d_in])
@@ -43,8 +45,9 @@ Timing: warm-up calls (until the call times settle), then up to --repeats calls 
 median.  Calls rotate among 4 inputs and among enough copies of the layer (weights and experts) to
 hold at least --rotate-mb, so that the weights come from memory as in a decode step through all
 layers, not from a warm cache.  CUDA: device events around each call, synchronised at the end.
-CPU: torch.set_num_threads(--threads); rows with T = 1 run under the engine's thread policy
-(``engine.CpuThreads``: torch at 1 thread, the BLAS GEMV at --threads), as the engine decodes.
+CPU: torch.set_num_threads(--threads); rows of at most the backend's ``few_rows`` run under the
+engine's thread policy (``runtime.threads.POLICY``: torch at 1 thread, the kernel's or BLAS's
+threads at --threads), as the engine decodes.
 
 Bytes that must move: the base weight, the A and B blocks of the experts active anywhere in the
 batch, the activations x and y, the gates.  GB/s = bytes / median time; read floor = bytes / the
@@ -72,8 +75,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import CpuWatch, busy_warning, machine_info, read_bandwidth, write_json  # noqa: E402
 from benchmarks.mixing_report import draw_plots, markdown  # noqa: E402,F401
 from pf_engine.persona.bank import LoraWeights  # noqa: E402
-from pf_engine.engine import DTYPES, CpuThreads  # noqa: E402
-from pf_engine.persona.mix import BACKENDS, Linear, Mix, backend_status  # noqa: E402
+from pf_engine.backends import BACKENDS, backend_status, create, resolve_backend  # noqa: E402
+from pf_engine.engine import DTYPES  # noqa: E402
+from pf_engine.model.linear import Linear  # noqa: E402
+from pf_engine.persona.mix import Mix  # noqa: E402
+from pf_engine.runtime.threads import POLICY  # noqa: E402
 from pf_kernels.layout import RankLayout  # noqa: E402
 from pf_kernels.reference import grouped_lora_ref  # noqa: E402
 
@@ -305,7 +311,9 @@ def resolve(ap, args) -> dict:
         if bad:
             ap.error(f"--backends: unknown {bad}; expected auto or some of {', '.join(ALL_BACKENDS)}")
         backends = ["base"] + [b for b in ALL_BACKENDS if b in want and b != "base" and status[b][0]]
+    objects = {b: create(b, device) for b in backends if b not in ("base", "F.linear")}
     return dict(projs=projs, K=Ks, r=rs, T=Ts, gates=gates, backends=backends, status=status,
+                objects=objects, base_backend=resolve_backend(None, device),
                 device=device, dtype_name=dtype_name, dtype=DTYPES[dtype_name],
                 repeats=get("repeats"), warmup=get("warmup"), budget=get("budget"),
                 rotate_mb=args.rotate_mb if args.rotate_mb is not None else
@@ -327,7 +335,7 @@ def run(argv=None) -> dict:
     watch = CpuWatch()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    threads = CpuThreads(torch.device("cpu")) if device.type == "cpu" else None
+    threads = args.threads if device.type == "cpu" else None
     bw = read_bandwidth(device)
     timing = dict(warmup=c["warmup"], repeats=c["repeats"], budget=c["budget"])
     rows, failures, t_start = [], [], time.perf_counter()
@@ -346,8 +354,10 @@ def run(argv=None) -> dict:
                                "" if dtype not in ROUNDOFF else
                                f" (naive: max(tol, (4 * active experts + 2) * {ROUNDOFF[dtype]:.3g}), "
                                "for its four roundings per expert)")),
-            "cpu_t1_policy": ("engine.CpuThreads: T=1 rows run torch at 1 thread, BLAS at --threads"
+            "cpu_t1_policy": ("runtime.threads.POLICY: rows of at most the backend's few_rows run "
+                              "torch at 1 thread, its kernel or BLAS at --threads"
                               if device.type == "cpu" else None),
+            "base_backend": c["base_backend"].name,
             "read_bandwidth_GBps": bw / 1e9, "seconds": time.perf_counter() - t_start,
             "other_cpu_cores": watch.other_cores(), "busy": busy_warning(watch.other_cores()),
             "command": "python benchmarks/bench_mixing.py " + " ".join(argv_list),
@@ -360,8 +370,6 @@ def run(argv=None) -> dict:
                 if pi + 1 < len(c["projs"]):   # a run cut short (a lent GPU's time) keeps its rows
                     write_json(args.out, result_so_far(complete=False))
     finally:
-        if threads is not None:
-            threads.restore()
         torch.set_num_threads(threads_before)
     result = result_so_far(complete=True)
     write_json(args.out, result)
@@ -384,7 +392,7 @@ def bench_proj(p: Proj, pi: int, c: dict, seed: int, esize: int, bw: float, thre
     w_bytes = p.d_out * p.d_in * esize
     weights = [(torch.randn(p.d_out, p.d_in, generator=_gen(seed, pi, "w", i)) / math.sqrt(p.d_in))
                .to(device, dtype) for i in range(n_copies(w_bytes, c["rotate_mb"]))]
-    base = [Linear(w, None, p.splits, p.modules) for w in weights]            # no experts
+    base = [Linear(w, None, p.splits, p.modules, c["base_backend"]) for w in weights]   # no experts
     # [T, 1, d_in]: T sequences with one new token each, a decode step (the engine's hot path)
     xs = {T: [torch.randn(T, 1, p.d_in, generator=_gen(seed, pi, "x", T, i)).to(device, dtype)
               for i in range(N_INPUTS)] for T in c["T"]}
@@ -400,7 +408,7 @@ def bench_proj(p: Proj, pi: int, c: dict, seed: int, esize: int, bw: float, thre
             for i in range(n_copies(w_bytes + all_experts, c["rotate_mb"])):
                 loras = make_experts(p, K, r, gen, dtype, device)
                 loras0 = loras0 or loras
-                lin = Linear(weights[i], None, p.splits, p.modules)
+                lin = Linear(weights[i], None, p.splits, p.modules, c["base_backend"])
                 lin.attach(loras)
                 lins.append(lin)
             ref = loras0                     # copy 0's experts: the check calls copy 0
@@ -421,12 +429,13 @@ def bench_proj(p: Proj, pi: int, c: dict, seed: int, esize: int, bw: float, thre
     return out
 
 
-def _threads_label(threads, T: int, backend: str) -> str:
+def _threads_label(threads, T: int, backend) -> str:
+    """How the row's threads ran: ``backend`` the Backend timed (None: F.linear)."""
     if threads is None:
         return f"torch {torch.get_num_threads()} (host)"
-    if T == 1 and backend != "F.linear":
-        return f"engine.CpuThreads: torch 1, BLAS {threads.threads}"
-    return f"torch {threads.threads}"
+    if backend is not None and T <= backend.few_rows:
+        return f"runtime.threads.POLICY: torch 1, {backend.name} {threads}"
+    return f"torch {threads}"
 
 
 def check(y: torch.Tensor, ref: torch.Tensor, tol: float) -> tuple[bool, float]:
@@ -455,11 +464,11 @@ def mixes(ctx: dict, kind: str, g: torch.Tensor, T: int, nl: int, xs):
     """backend -> (call index i -> the Mix that call uses), as the engine builds it for ``kind``."""
     if kind == "token-router":
         router, rows = ctx["router"], torch.ones(T, dtype=torch.bool, device=g.device)
-        return lambda b: (lambda i: Mix(g, b, router, rows).for_layer(0, xs[i % N_INPUTS]))
+        return lambda b: (lambda i: Mix(g, router, rows).for_layer(0, xs[i % N_INPUTS]))
     if kind == "regather":                     # the pair changes on each visit to a copy
         pair = (g, ctx["g2"].to(g.device))
-        return lambda b: (lambda i: Mix(pair[(i // nl) % 2], b))
-    return lambda b: (lambda i, m=Mix(g, b): m)
+        return lambda b: (lambda i: Mix(pair[(i // nl) % 2]))
+    return lambda b: (lambda i, m=Mix(g): m)
 
 
 def bench_row(ctx: dict, K: int, r: int, T: int, kind: str, g: torch.Tensor, lins, ref, xs) -> list:
@@ -469,7 +478,7 @@ def bench_row(ctx: dict, K: int, r: int, T: int, kind: str, g: torch.Tensor, lin
     base, nb, nl = ctx["base"], len(ctx["base"]), len(lins)
     mix_of = mixes(ctx, kind, g, T, nl, xs)                  # backend -> (call i -> Mix)
     g_check = mix_of("naive")(0).gates                        # the gates call 0 uses
-    active = Mix(g_check, "naive").active
+    active = Mix(g_check).active
     acts = T * (p.d_in + p.d_out) * esize
     mix_bytes = ctx["w_bytes"] + expert_bytes(lins[0], active, esize) + acts + g.numel() * 4
     y_ref = reference(ctx, T, ref, g_check)
@@ -478,7 +487,8 @@ def bench_row(ctx: dict, K: int, r: int, T: int, kind: str, g: torch.Tensor, lin
         row = dict(shape=p.label, d_in=p.d_in, d_out=p.d_out, K=K, r=r, T=T, gates=kind, backend=b,
                    active_experts=len(active) if b not in ("base", "F.linear") else 0,
                    copies=nb if b in ("base", "F.linear") else nl,
-                   threads=_threads_label(threads, T, b))
+                   threads=_threads_label(threads, T, None if b == "F.linear" else
+                                          c["base_backend"] if b == "base" else c["objects"][b]))
         if b in ("base", "F.linear"):
             nbytes = ctx["w_bytes"] + acts
             key = (b, T, K, r)            # timed once per configuration, beside its backends
@@ -486,14 +496,17 @@ def bench_row(ctx: dict, K: int, r: int, T: int, kind: str, g: torch.Tensor, lin
                 w_fn = ((lambda i: base[i % nb].full(xs[i % N_INPUTS])) if b == "base" else
                         (lambda i: F.linear(xs[i % N_INPUTS], base[i % nb].weight)))
                 ctx["base_cache"][key] = measure(w_fn, ctx["base64"][T].reshape(T, 1, -1), tol, T, ctx,
-                                                 own_threads=(b == "F.linear"))
+                                                 None if b == "F.linear" else c["base_backend"])
             res = ctx["base_cache"][key]
         else:
             nbytes = mix_bytes
             mix_i = mix_of(b)
             tol_b = tol if b != "naive" or dtype not in ROUNDOFF else \
                 max(tol, (4 * len(active) + 2) * ROUNDOFF[dtype])
-            res = measure(lambda i: lins[i % nl].full(xs[i % N_INPUTS], mix_i(i)), y_ref, tol_b, T, ctx)
+            for lin in lins:                       # the backend under test prepares its state
+                lin.bind(c["objects"][b])
+            res = measure(lambda i: lins[i % nl].full(xs[i % N_INPUTS], mix_i(i)), y_ref, tol_b, T, ctx,
+                          c["objects"][b])
         row.update(res)
         row.update(tol=tol if b in ("base", "F.linear") else tol_b, bytes=nbytes, floor_ms=1e3 * nbytes / ctx["bw"])
         row.update({k: row.get(k) for k in ("calls", "GBps", "floor_frac", "ratio_to_base",
@@ -514,19 +527,20 @@ def bench_row(ctx: dict, K: int, r: int, T: int, kind: str, g: torch.Tensor, lin
     return rows
 
 
-def measure(fn, y_ref, tol: float, T: int, ctx: dict, own_threads: bool = False) -> dict:
-    """Check fn(0) against y_ref, then time it (not timed when the check fails)."""
-    threads = ctx["threads"]
-    if threads is not None:
-        threads.restore() if own_threads else threads.rows(T)
-    try:
-        ok, err = check(fn(0), y_ref, tol)
-    except Exception as e:  # noqa: BLE001 - a backend that raises is a failed row, not a crash
-        return dict(status=f"FAILED run: {type(e).__name__}: {e}".splitlines()[0], max_err_rel=None,
-                    ms=None)
-    if not ok:
-        return dict(status="FAILED check", max_err_rel=err, ms=None)
-    s, n = median_time(fn, ctx["c"]["device"], **ctx["timing"])
+def measure(fn, y_ref, tol: float, T: int, ctx: dict, backend) -> dict:
+    """Check fn(0) against y_ref, then time it (not timed when the check fails), under the
+    engine's thread policy for ``backend`` (None: F.linear, torch's threads as set)."""
+    device = ctx["c"]["device"]
+    few = backend is not None and T <= backend.few_rows
+    with POLICY.forward(device, few):
+        try:
+            ok, err = check(fn(0), y_ref, tol)
+        except Exception as e:  # noqa: BLE001 - a backend that raises is a failed row, not a crash
+            return dict(status=f"FAILED run: {type(e).__name__}: {e}".splitlines()[0],
+                        max_err_rel=None, ms=None)
+        if not ok:
+            return dict(status="FAILED check", max_err_rel=err, ms=None)
+        s, n = median_time(fn, device, **ctx["timing"])
     return dict(status="ok", max_err_rel=err, ms=1e3 * s, calls=n)
 
 

@@ -3,13 +3,13 @@
     eng = Engine.from_pretrained()                 # the bundled SmolLM2-135M-Instruct
     out = eng.generate(["Hello", "Bonjour"], max_new_tokens=32)[0].text
 
-Generation is batched: prompts of different lengths are left-padded into one prefill, then every
-decode step advances all unfinished requests together; a request that finishes (EOS, stop string,
-token budget) leaves the batch and its KV-cache rows are dropped, so it costs no more work.
+Every generation runs on the continuous-batching scheduler (runtime/scheduler.py): prompts are
+prefilled in chunks, every decode step advances all unfinished requests together, and a request
+that finishes (EOS, stop string, token budget) leaves the batch and frees its KV slot.  The
+backend chosen here (backends.resolve_backend) runs every layer of the model.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import time
@@ -17,16 +17,17 @@ from typing import Iterator
 
 import torch
 
-from pf_engine.model.config import ModelConfig
+from pf_engine.backends import resolve_backend
 from pf_engine.errors import PFError, RequestError
+from pf_engine.model.config import ModelConfig
+from pf_engine.model.decoder import Decoder, Scratch, causal_mask
 from pf_engine.model.loading import check_model_path, load_weights
-from pf_engine.persona.mix import Mix, resolve_backend
-from pf_engine.model.decoder import Decoder, attention_mask
+from pf_engine.outputs import GenerationOutput, Stats
+from pf_engine.persona.mix import Mix
 from pf_engine.persona.specs import Personas
+from pf_engine.runtime.threads import POLICY
 from pf_engine.sampling import SamplingParams
-from pf_engine.outputs import GenerationOutput, Stats  # noqa: F401 - re-exported
-from pf_engine.runtime.threads import CpuThreads  # noqa: F401 - re-exported
-from pf_engine.tokenizer import Detokenizer, Tokenizer
+from pf_engine.tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
@@ -89,7 +90,8 @@ class Engine:
             from pf_engine.persona.bank import AdapterBank
             self.bank = adapters.for_model(self.config) if isinstance(adapters, AdapterBank) \
                 else AdapterBank.load(os.fspath(adapters), self.config)
-        self.model = Decoder(self.config, load_weights(folder, self.config, dtype, device), device)
+        self.model = Decoder(self.config, load_weights(folder, self.config, dtype, device), device,
+                             self.backend)
         if self.bank is not None:
             self.bank.to(dtype=dtype, device=device)
             self.model.attach(self.bank)
@@ -108,8 +110,9 @@ class Engine:
 
         device: "cpu" / "cuda" (default: cuda when present); dtype: fp32 / fp16 / bf16 (default
         fp32 on CPU, bf16 on GPU).  adapters: a persona adapter bank (a path, an AdapterBank, or
-        a shipped bank's name: "bigfive"), checked against the model.  backend: how experts are
-        mixed: auto (default: torch, measured fastest on CPU and GPU), torch, naive, triton, cuda.
+        a shipped bank's name: "bigfive"), checked against the model.  backend: how the model's
+        layers run and experts mix: auto (default: cpu on a CPU where csrc/cpu is built, else
+        torch; $PF_BACKEND overrides it), cpu, torch, naive, triton, cuda (backends/).
         """
         t0 = time.perf_counter()
         dev = resolve_device(device)
@@ -161,33 +164,15 @@ class Engine:
             fitted.append(ids)
         return fitted
 
-    # The generation loop ------------------------------------------------------------------
-    def _mix(self, personas: Personas, rows: list[int], T: int) -> Mix | None:
-        """The Mix for requests ``rows`` with T tokens each (None when all run the base model)."""
-        if not personas.any or all(personas.kinds[r] == "base" for r in rows):
-            return None
-        g = personas.rows[rows].to(self.device).repeat_interleave(T, 0)
-        tok = personas.token_rows[rows].to(self.device).repeat_interleave(T, 0)
-        return Mix(g, self.backend, self.bank.token_router, tok)
-
-    def _forward(self, personas, rows, tokens, positions, cache, start, mask, valid, last_only):
-        """One model step for requests ``rows``; accumulates token-routed gates for reporting."""
-        mix = self._mix(personas, rows, tokens.shape[1])
-        logits = self.model(tokens, positions, cache, start, mask, last_only=last_only, mix=mix)
-        if mix is not None and mix.token_sum is not None:
-            personas.add_token_gates(rows, mix.token_sum, valid, self.config.num_hidden_layers)
-        return logits
-
-    def _prepare(self, prompts, persona, chat, truncate, **sampling):
+    # Generation -----------------------------------------------------------------------------
+    def _requests(self, prompts, sampling, persona, chat: bool, truncate: bool, kw: dict):
         """Encoded prompts, their SamplingParams (request i seeded with seed + i) and persona
         specs, all checked before anything runs."""
-        params = SamplingParams(**sampling)
+        params = SamplingParams.merged(sampling, kw)
         ids = self._fit_context(self._encode(prompts, chat), params.max_new_tokens, truncate)
         Personas(self.bank, persona, len(ids))                  # checks every spec and the count
         specs = list(persona) if isinstance(persona, (list, tuple)) else [persona] * len(ids)
-        per = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-               for i in range(len(ids))]
-        return ids, per, specs
+        return ids, [params.for_request(i) for i in range(len(ids))], specs
 
     def _private(self, ids: list[list[int]], per: list[SamplingParams], specs: list):
         """A scheduler of its own for one generate/stream call: a slot per prompt, a pool just
@@ -200,67 +185,37 @@ class Engine:
                           decode="dynamic")
         return sched, [sched.submit(p, q, s) for p, q, s in zip(ids, per, specs)]
 
-    def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-                 seed: int | None = None, stop=None, persona=None, chat: bool = False,
-                 truncate: bool = False) -> list[GenerationOutput]:
+    def generate(self, prompts, sampling: SamplingParams | None = None, *, persona=None,
+                 chat: bool = False, truncate: bool = False, **kw) -> list[GenerationOutput]:
         """Generate for one prompt or a batch; returns one GenerationOutput per prompt.
 
-        prompts: str | list[str] | list[int] | list[list[int]].  temperature 0 is greedy.
-        seed: request i is seeded with seed + i.  stop: str or list of str (cut from the text).
-        chat: wrap each text prompt in the tokenizer's chat template as a user message.
-        truncate: keep the last tokens of a prompt longer than the context instead of failing.
+        prompts: str | list[str] | list[int] | list[list[int]].  sampling: a SamplingParams, and
+        / or its fields as keywords (max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0,
+        repetition_penalty=1.0, seed=None, stop=None; keywords override ``sampling``'s).
+        temperature 0 is greedy; request i is seeded with seed + i; stop strings are cut from
+        the text.  chat: wrap each text prompt in the tokenizer's chat template as a user
+        message.  truncate: keep the last tokens of a prompt longer than the context.
 
         A static batch is a continuous batch whose requests all arrive at once: the prompts run
-        through a scheduler of their own (scheduler.py), each leaving when it is done.
+        through a scheduler of their own (runtime/scheduler.py), each leaving when it is done.
         """
-        ids, per, specs = self._prepare(prompts, persona, chat, truncate,
-                                        max_new_tokens=max_new_tokens, temperature=temperature,
-                                        top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                                        seed=seed, stop=stop)
+        ids, per, specs = self._requests(prompts, sampling, persona, chat, truncate, kw)
         sched, reqs = self._private(ids, per, specs)
         sched.run()
         self.stats = sched.stats
         return [r.result() for r in reqs]
 
-    def _output(self, prompt, gen, reason, params, gates) -> GenerationOutput:
-        text = ""
-        if self.tokenizer is not None:
-            body = gen[:-1] if gen and gen[-1] in self.eos_ids else gen
-            text = self.tokenizer.decode(body)
-            for s in params.stop:
-                i = text.find(s)
-                if i >= 0:
-                    text = text[:i]
-        return GenerationOutput(text=text, token_ids=gen, finish_reason=reason, gates=gates,
-                                usage={"prompt_tokens": len(prompt), "completion_tokens": len(gen)})
-
-    def stream(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-               seed: int | None = None, stop=None, persona=None, chat: bool = False,
-               truncate: bool = False) -> Iterator[str]:
-        """Yield the text of one prompt piece by piece as it is generated."""
+    def stream(self, prompt, sampling: SamplingParams | None = None, *, persona=None,
+               chat: bool = False, truncate: bool = False, **kw) -> Iterator[str]:
+        """Yield the text of one prompt piece by piece as it is generated (arguments as for
+        ``generate``)."""
         if self.tokenizer is None:
             raise RequestError(f"this model ({self.folder}) has no tokenizer.json: stream needs one")
-        if not isinstance(prompt, str) and not (isinstance(prompt, list) and prompt
-                                                and isinstance(prompt[0], int)):
-            raise RequestError("stream takes one prompt: a string or a list of token ids")
-        ids, per, specs = self._prepare(prompt, persona, chat, truncate,
-                                        max_new_tokens=max_new_tokens, temperature=temperature,
-                                        top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                                        seed=seed, stop=stop)
+        _one_prompt(prompt, "stream")
+        ids, per, specs = self._requests(prompt, sampling, persona, chat, truncate, kw)
         sched, (req,) = self._private(ids, per, specs)
-        detok = Detokenizer(self.tokenizer, per[0].stop)
-        for t in req:                       # each step runs in here; settings restored between
-            if t in self.eos_ids:
-                continue
-            piece = detok.add(t)
-            if piece:
-                yield piece
+        yield from req.text()                # each step runs in here
         self.stats = sched.stats
-        tail = detok.flush()
-        if tail:
-            yield tail
 
     # Continuous batching --------------------------------------------------------------------
     def scheduler(self, slots: int | None = None, max_len: int | None = None,
@@ -285,19 +240,14 @@ class Engine:
                                     decode)
         return self._scheduler
 
-    def submit(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-               seed: int | None = None, stop=None, persona=None, chat: bool = False,
-               truncate: bool = False):
+    def submit(self, prompt, sampling: SamplingParams | None = None, *, persona=None,
+               chat: bool = False, truncate: bool = False, **kw):
         """Submit one request to the continuous batch and return at once with its handle
-        (scheduler.Request): iterate it for token ids, ``.result()`` for the GenerationOutput,
-        ``.cancel()`` to stop it.  Arguments as for ``generate``, for one prompt."""
-        if not isinstance(prompt, str) and not (isinstance(prompt, list) and prompt
-                                                and isinstance(prompt[0], int)):
-            raise RequestError("submit takes one prompt: a string or a list of token ids")
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-                                stop=stop)
+        (request.Request): iterate it for token ids, ``.text()`` for text pieces,
+        ``.result()`` for the GenerationOutput, ``.cancel()`` to stop it.  Arguments as for
+        ``generate``, for one prompt."""
+        _one_prompt(prompt, "submit")
+        params = SamplingParams.merged(sampling, kw)
         ids = self._fit_context(self._encode(prompt, chat), params.max_new_tokens, truncate)[0]
         return self.scheduler().submit(ids, params, persona)
 
@@ -323,14 +273,21 @@ class Engine:
             raise RequestError(f"token_ids: ids must lie in [0, {self.config.vocab_size})")
         ids = ids.to(self.device)
         personas = Personas(self.bank, persona, B)
-        pad = torch.zeros(B, dtype=torch.long, device=self.device)
-        positions = torch.arange(T, device=self.device).expand(B, T)
-        mask = attention_mask(pad, 0, T, self.config.sliding_window)
-        real = torch.ones(B, T, dtype=torch.bool, device=self.device)
+        mix = None
         if personas.any:
-            personas.route(self.model, ids, positions, mask, real)
-        return self._forward(personas, list(range(B)), ids, positions, self.model.new_cache(B, T),
-                             0, mask, real, False)
+            personas.route(self.model, ids)
+            mix = Mix.for_rows(personas.rows.to(self.device), personas.token_rows.to(self.device), T,
+                               self.bank.token_router)
+        positions = torch.arange(T, device=self.device).expand(B, T)
+        with POLICY.forward(self.device, B * T <= self.backend.few_rows):
+            return self.model(ids, positions, Scratch, causal_mask(T, self.config.sliding_window,
+                                                                   self.device), mix=mix)
+
+
+def _one_prompt(prompt, what: str) -> None:
+    if not isinstance(prompt, str) and not (isinstance(prompt, list) and prompt
+                                            and isinstance(prompt[0], int)):
+        raise RequestError(f"{what} takes one prompt: a string or a list of token ids")
 
 
 for _name in ("generate", "stream"):

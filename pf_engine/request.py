@@ -1,11 +1,16 @@
-"""A request submitted to the continuous batch (scheduler.py): the client's handle.
+"""A request submitted to the continuous batch (runtime/scheduler.py): the client's handle.
 
     for token_id in req: ...          # blocking, as they are produced
+    for piece in req.text(): ...      # the text as it grows (stop strings cut, EOS dropped)
     async for token_id in req: ...    # from asyncio, without blocking the event loop
+    async for piece in req.atext(): ...
     out = req.result() / await req    # GenerationOutput
     req.cancel()                      # it leaves at the next step, finish_reason "cancelled"
 
-Everything here runs under the scheduler's lock; the scheduler calls ``_emit`` and ``_finish``.
+The scheduler side (``emit``, ``finish``, ``fail``, ``add_token_gates``) runs in the step, under
+the scheduler's lock.  Each sampled token goes through the request's one Detokenizer there, which
+decides a stop string and records the text piece it releases; the final text is that
+Detokenizer's, so streamed pieces always add up to ``result().text``.
 """
 from __future__ import annotations
 
@@ -32,13 +37,15 @@ class Request:
         self.kind = self.personas.kinds[0]
         ctx = eng.config.max_position_embeddings
         self.budget = min(params.max_new_tokens, ctx - len(ids))
+        self.eos_ids = eng.eos_ids
         self.sampler = Sampler(params, 1, eng.config.vocab_size, eng.device)
         self.sampler.observe(torch.tensor([0], device=eng.device), torch.tensor([ids], device=eng.device))
-        self.detok = Detokenizer(eng.tokenizer, params.stop) if params.stop and eng.tokenizer else None
+        self.detok = Detokenizer(eng.tokenizer, params.stop) if eng.tokenizer is not None else None
         self.simple = params.greedy and params.repetition_penalty == 1.0   # one batched argmax
         self.active: set[int] = set()                     # expert ids with a nonzero gate
         self.token_sum, self.token_count = None, 0        # token routing: gates summed on device
         self.tokens: list[int] = []
+        self.pieces: list[str] = []                       # text released so far, in pieces
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.cancelled = False
@@ -54,70 +61,83 @@ class Request:
         return self.finish_reason is not None or self.error is not None
 
     def __iter__(self):
+        """Its token ids as they are produced (blocking; steps the scheduler without a thread)."""
+        return self._follow(self.tokens)
+
+    def text(self):
+        """Its text in pieces as they are released (blocking)."""
+        return self._follow(self.pieces)
+
+    def _follow(self, items: list):
         i = 0
         while True:
             with self._cond:
-                self.sched._pump_until(self, lambda: len(self.tokens) > i or self.done)
+                self.sched.wait(self._cond, lambda: len(items) > i or self.done)
                 if self.error is not None:
                     raise self.error
-                if len(self.tokens) > i:
-                    tok, i = self.tokens[i], i + 1
-                else:
+                if len(items) <= i:
                     return
-            yield tok
+                item, i = items[i], i + 1
+            yield item
 
     def result(self, timeout: float | None = None) -> GenerationOutput:
         with self._cond:
-            if not self.sched._pump_until(self, lambda: self.done, timeout):
+            if not self.sched.wait(self._cond, lambda: self.done, timeout):
                 raise TimeoutError(f"request not finished after {timeout} s")
-        return self._output()
+        return self.output()
 
-    def _output(self) -> GenerationOutput:
+    def output(self) -> GenerationOutput:
+        """The GenerationOutput of a finished request (its error, if it failed)."""
         if self.error is not None:
             raise self.error
-        return self.sched.engine._output(self.ids, self.tokens, self.finish_reason, self.params,
-                                         self.personas.report(0))
+        token_mean = None
+        if self.token_sum is not None:
+            token_mean = self.token_sum.float().cpu() / max(1, self.token_count)
+        return GenerationOutput(text="".join(self.pieces), token_ids=list(self.tokens),
+                                finish_reason=self.finish_reason,
+                                gates=self.personas.report(0, token_mean),
+                                usage={"prompt_tokens": len(self.ids),
+                                       "completion_tokens": len(self.tokens)})
 
     # asyncio clients (the server): the scheduler thread wakes them through their event loop -----
     def __aiter__(self):
-        return self._atokens()
+        return self._afollow(self.tokens)
+
+    def atext(self):
+        """``async for piece in req.atext()``: its text in pieces as they are released."""
+        return self._afollow(self.pieces)
 
     def __await__(self):
-        return self._aresult().__await__()
+        return self.aresult().__await__()
 
-    async def _atokens(self):
-        """``async for tok in req``: its token ids as they are produced."""
-        i = 0
-        async for tok in self._await(lambda: len(self.tokens) > i, lambda: self.tokens[i]):
-            i += 1
-            yield tok
-
-    async def _aresult(self) -> GenerationOutput:
+    async def aresult(self) -> GenerationOutput:
         """``await req``: its GenerationOutput once it is done."""
-        async for _ in self._await(lambda: False, None):
+        async for _ in self._afollow([]):
             pass
-        return self._output()
+        return self.output()
 
-    async def _await(self, ready, take):
-        """Yields take() whenever ready(), until the request is done; raises its error.
+    async def _afollow(self, items: list):
+        """Yields items[i] as they appear, until the request is done; raises its error.
 
         Lock-free: a step holds the scheduler's lock for a whole forward, and an event loop must
-        not wait for that.  The scheduler thread appends a token (or sets the finish reason or
-        error) before it schedules ``ev.set`` on this loop, and this loop clears ``ev`` before it
+        not wait for that.  The scheduler thread appends (or sets the finish reason or error)
+        before it schedules ``ev.set`` on this loop, and this loop clears ``ev`` before it
         looks, so no wake-up is lost."""
         if not self.sched.background:
             raise RequestError("await / async for need a background scheduler "
                                "(Engine.scheduler(background=True), the default)")
         ev = asyncio.Event()
         self._watchers = self._watchers + [(asyncio.get_running_loop(), ev)]
+        i = 0
         try:
             while True:
                 ev.clear()
                 if self.error is not None:
                     raise self.error
-                done = self.done                   # read before the tokens: none comes after
-                if ready():
-                    yield take()
+                done = self.done                   # read before the items: none comes after
+                if len(items) > i:
+                    i += 1
+                    yield items[i - 1]
                 elif done:
                     return
                 else:
@@ -139,10 +159,10 @@ class Request:
         lock: the step reads the flag at its start."""
         if not self.done:
             self.cancelled = True
-            self.sched._kick.set()
+            self.sched.wake()
 
     # scheduler side ---------------------------------------------------------------------------
-    def _emit(self, tok: int) -> None:
+    def emit(self, tok: int) -> None:
         """Record a sampled token and decide whether the request is finished."""
         self.tokens.append(tok)
         if self.t_first is None:
@@ -151,20 +171,35 @@ class Request:
             self.sampler.observe(torch.tensor([0], device=self.sched.engine.device),
                                  torch.tensor([[tok]], device=self.sched.engine.device))
         reason = None
-        if tok in self.sched.engine.eos_ids:
+        if tok in self.eos_ids:
             reason = "stop"
         elif self.detok is not None:
-            self.detok.add(tok)
+            piece = self.detok.add(tok)
+            if piece:
+                self.pieces.append(piece)
             reason = "stop" if self.detok.stopped else None
         if reason is None and len(self.tokens) >= self.budget:
             reason = "length"
         if reason is not None:
-            self._finish(reason)
+            self.finish(reason)
         self._notify()
 
-    def _finish(self, reason: str) -> None:
-        if self.token_sum is not None:                    # the report reads the host copies
-            self.personas.token_sum[0] = self.token_sum.float().cpu()
-            self.personas.token_count[0] = float(self.token_count)
+    def finish(self, reason: str) -> None:
+        """End the request with ``reason`` (its held-back text is released)."""
+        if self.detok is not None:
+            tail = self.detok.flush()
+            if tail:
+                self.pieces.append(tail)
         self.finish_reason, self.t_done = reason, time.perf_counter()
         self._notify()
+
+    def fail(self, error: BaseException) -> None:
+        """End the request with ``error`` (raised to every client)."""
+        self.error = error
+        self._notify()
+
+    def add_token_gates(self, gate_sum: torch.Tensor, count: int) -> None:
+        """Add the token-routed gates of one forward: their sum [K] over ``count`` (token, layer)
+        pairs, kept on the device until the request reports them."""
+        self.token_sum = gate_sum if self.token_sum is None else self.token_sum + gate_sum
+        self.token_count += count

@@ -7,6 +7,7 @@ Each request owns a ``torch.Generator``: with ``seed`` given, request i of a cal
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -53,6 +54,26 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @classmethod
+    def merged(cls, sampling: "SamplingParams | None", kw: dict) -> "SamplingParams":
+        """``sampling`` (None: the defaults) with the fields given as keywords replaced: what
+        ``Engine.generate(prompts, sampling, **kw)`` and its siblings accept.  An unknown
+        keyword is a RequestError naming it."""
+        if sampling is not None and not isinstance(sampling, cls):
+            raise RequestError(f"sampling={sampling!r}: expected a SamplingParams or None")
+        names = [f.name for f in dataclasses.fields(cls)]
+        bad = [k for k in kw if k not in names]
+        if bad:
+            raise RequestError(f"unknown argument {bad[0]!r}: expected persona, chat, truncate or "
+                               f"a sampling field ({', '.join(names)})")
+        if sampling is None:
+            return cls(**kw)
+        return dataclasses.replace(sampling, **kw) if kw else sampling
+
+    def for_request(self, i: int) -> "SamplingParams":
+        """The parameters of request i of a call: seeded with seed + i when a seed is given."""
+        return self if self.seed is None else dataclasses.replace(self, seed=self.seed + i)
 
 
 def _finite(v) -> bool:

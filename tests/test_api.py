@@ -53,7 +53,7 @@ def test_stream_yields_the_generated_text(chat):
 
 def test_stream_restores_thread_settings_while_paused(chat):
     """Single-row CPU decode runs torch at one thread; the caller's code between pieces must
-    see its own settings (CpuThreads is put back at every yield), and decode still works."""
+    see its own settings (runtime.threads.POLICY puts it back after every forward), and decode still works."""
     eng, _ = chat
     before = torch.get_num_threads()
     if before < 2:
@@ -235,7 +235,7 @@ def test_cli_lines_one_prompt_per_non_empty_line(chat, capsys, monkeypatch):
 
 
 def test_backend_status_and_resolution(monkeypatch):
-    from pf_engine.persona.mix import backend_status, resolve_backend
+    from pf_engine.backends import backend_status, resolve_backend
     cpu = torch.device("cpu")
     assert backend_status("torch", cpu) == (True, "") and backend_status("naive", cpu)[0]
     ok, why = backend_status("cuda", cpu)
@@ -246,20 +246,20 @@ def test_backend_status_and_resolution(monkeypatch):
     ok, why = backend_status("triton", cpu)
     assert not ok and ("TRITON_INTERPRET=1" in why or "cannot be imported" in why)
     auto = "cpu" if backend_status("cpu", cpu)[0] else "torch"      # csrc/cpu built: it wins
-    assert resolve_backend(None, cpu) == auto and resolve_backend("auto", cpu) == auto
-    monkeypatch.setattr("pf_engine.persona.mix.backend_status",
+    assert resolve_backend(None, cpu).name == auto and resolve_backend("auto", cpu).name == auto
+    monkeypatch.setattr("pf_engine.backends.backend_status",
                         lambda name, device: (name != "cpu", "not built"))
-    assert resolve_backend("auto", cpu) == "torch"                     # the build failed: torch
+    assert resolve_backend("auto", cpu).name == "torch"                # the build failed: torch
     monkeypatch.undo()
-    assert resolve_backend("naive", cpu) == "naive"
+    assert resolve_backend("naive", cpu).name == "naive"
     for name, words in (("cuda", "backend='cuda' is not available: no GPU"),
                         ("triton", "backend='triton' is not available"),
                         ("tpu", "unknown backend; expected one of auto, torch")):
         with pytest.raises(PFError, match=re.escape(words)):
             resolve_backend(name, cpu)
     # on a GPU too, even where both kernels run: torch measured fastest there (gpu_mixing.json)
-    monkeypatch.setattr("pf_engine.persona.mix.backend_status", lambda name, device: (True, ""))
-    assert resolve_backend("auto", torch.device("cuda")) == "torch"
+    monkeypatch.setattr("pf_engine.backends.backend_status", lambda name, device: (True, ""))
+    assert resolve_backend("auto", torch.device("cuda")).name == "torch"
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -9,8 +9,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import bench_mixing  # noqa: E402
-from pf_engine import backends
-from pf_engine.persona import mix as mixing
+from pf_engine.backends.grouped import Torch
+from pf_engine.backends.naive import Naive
+from pf_engine.model.linear import Linear
 
 TINY = ["--shapes", "tiny", "--K", "1,3", "--r", "4", "--T", "1,3", "--gates", "dense,top2",
         "--backends", "naive,torch", "--repeats", "2", "--warmup", "1", "--budget", "0.02",
@@ -52,18 +53,18 @@ def test_tiny_grid_writes_well_formed_json(tmp_path):
     dense = by[("tiny/o", 3, 3, "dense", "torch")]
     assert seq["active_experts"] == 2 and dense["active_experts"] == 3
     assert seq["bytes"] < dense["bytes"]
-    assert by[("tiny/o", 3, 1, "dense", "torch")]["threads"].startswith("engine.CpuThreads")
+    assert by[("tiny/o", 3, 1, "dense", "torch")]["threads"].startswith("runtime.threads.POLICY")
     head = bench_mixing.markdown(on_disk, headline=True)
     assert "| tiny/qkv | 1 | top2-seq |" in head and "naive / torch" in head
     assert "| tiny/down | 3 | 4 | 3 | top2-token | torch |" in bench_mixing.markdown(on_disk)
 
 
 def test_backend_that_disagrees_is_refused(tmp_path, monkeypatch):
-    grouped = backends.Torch.linear
+    grouped = Torch.mixed
 
-    def wrong(self, lin, x2, mix):                 # the torch backend, off by a little
-        return grouped(self, lin, x2, mix) * 1.001
-    monkeypatch.setattr(backends.Torch, "linear", wrong)
+    def wrong(self, lin, x2, mix, decode):         # the torch backend, off by a little
+        return grouped(self, lin, x2, mix, decode) * 1.001
+    monkeypatch.setattr(Torch, "mixed", wrong)
     argv = TINY[:]
     argv[argv.index("--shapes") + 1] = "tiny/o"
     argv[argv.index("--K") + 1] = "3"
@@ -88,9 +89,9 @@ def test_bad_flags_are_one_clear_error(capsys):
 
 
 def test_backend_that_raises_is_a_failed_row(tmp_path, monkeypatch):
-    def boom(self, lin, x2, mix):
+    def boom(self, lin, x2, mix, decode):
         raise RuntimeError("kernel exploded")
-    monkeypatch.setattr(backends.Torch, "linear", boom)
+    monkeypatch.setattr(Torch, "mixed", boom)
     argv = ["--shapes", "tiny/down", "--K", "3", "--r", "4", "--T", "1", "--gates", "top2-seq",
             "--backends", "naive,torch", "--repeats", "2", "--warmup", "1", "--budget", "0.02",
             "--rotate-mb", "0", "--out", str(tmp_path / "boom.json")]
@@ -106,11 +107,11 @@ def test_reference_is_independent_of_every_backend(tmp_path, monkeypatch, backen
     """The check's y_ref is fp64 from pf_kernels' reference: a wrong naive backend (the old
     reference) or a wrong base projection fails its own row."""
     if backend == "naive":
-        naive = backends.Naive.linear
-        monkeypatch.setattr(backends.Naive, "linear", lambda self, lin, x2, mix: naive(self, lin, x2, mix) * 1.001)
+        naive = Naive.mixed
+        monkeypatch.setattr(Naive, "mixed", lambda self, lin, x2, mix, decode: naive(self, lin, x2, mix, decode) * 1.001)
     else:
-        full = mixing.Linear.full
-        monkeypatch.setattr(mixing.Linear, "full", lambda self, x, mix=None: full(self, x, mix) * (
+        full = Linear.full
+        monkeypatch.setattr(Linear, "full", lambda self, x, mix=None: full(self, x, mix) * (
             1.001 if mix is None else 1.0))
     argv = TINY[:]
     for flag, value in (("--shapes", "tiny/o"), ("--K", "3"), ("--T", "2"), ("--gates", "dense")):

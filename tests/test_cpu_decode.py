@@ -1,4 +1,4 @@
-"""pf_engine/cpu_decode.py: a block's decode step in five csrc/cpu calls (rmsnorm and silu-mul
+"""pf_engine/backends/cpu/decode.py: a block's decode step in csrc/cpu calls (rmsnorm and silu-mul
 prologues, residual epilogues, RoPE + KV write + attention in C++) against model.Block's torch
 ops, on the scheduler's slot cache: Llama, Mistral with a sliding window shorter than the
 prompts, Qwen2 (qkv biases) with a head size that is not a multiple of the AVX2 width; no
@@ -7,11 +7,14 @@ import pytest
 import torch
 
 from pf_engine import Engine
-from pf_engine.backends.cpu import decode as cpu_decode
+from pf_engine.backends.base import Blocks
+from pf_engine.backends.cpu.decode import CpuRunner
 from pf_engine.persona.bank import AdapterBank
 from pf_engine.model.config import ModelConfig
 from pf_engine.runtime.kv_cache import SlotCache
-from pf_engine.persona.mix import Mix, backend_status
+from pf_engine.backends import backend_status
+from pf_engine.model.decoder import Scratch
+from pf_engine.persona.mix import Mix
 
 ok, why = backend_status("cpu", torch.device("cpu"))
 pytestmark = pytest.mark.skipif(not ok, reason=f"cpu backend unavailable: {why}")
@@ -42,7 +45,7 @@ def prefilled(eng, lengths, s0):
     T = max(lengths)
     view = pool.rows_view(s0, [0] * len(lengths), lengths)
     tokens = torch.randint(3, 256, (len(lengths), T), generator=g)
-    m(tokens, view.positions, view, 0, view.mask(c.sliding_window))
+    m(tokens, view.positions, view, view.mask(c.sliding_window))
     view = pool.rows_view(s0, lengths, [1] * len(lengths))
     return pool, view, torch.randint(3, 256, (len(lengths), 1), generator=g)
 
@@ -54,43 +57,53 @@ def mix_for(eng, kind, B):
     gates = torch.rand(B, eng.bank.num_experts, generator=g)
     gates[0] = 0                                           # a base-model row among mixed ones
     if kind == "token":
-        return Mix(gates, "cpu", eng.bank.token_router, torch.tensor([i % 2 == 1 for i in range(B)]))
-    return Mix(gates, "cpu")
+        return Mix(gates, eng.bank.token_router, torch.tensor([i % 2 == 1 for i in range(B)]))
+    return Mix(gates)
+
+
+def use_runner(eng, fast: bool):
+    """The C++ decode step (the cpu backend's runner) or model.decoder.Block's torch ops."""
+    eng.model.runner = CpuRunner(eng.model) if fast else Blocks(eng.model)
 
 
 @pytest.mark.parametrize("kind", [None, "dense", "token"])
 @pytest.mark.parametrize("lengths, s0", [([3], 0), ([7, 2, 5, 9], 1)])
-def test_decode_step_matches_the_torch_blocks(engine, kind, lengths, s0, monkeypatch):
+def test_decode_step_matches_the_torch_blocks(engine, kind, lengths, s0):
     """Logits and the keys/values written equal model.Block's (fp32, 1e-4)."""
     eng, out = engine, {}
     for fast in (True, False):
-        monkeypatch.setattr(cpu_decode, "ENABLED", fast)
+        use_runner(eng, fast)
         pool, view, tok = prefilled(eng, lengths, s0)
         mix = mix_for(eng, kind, len(lengths))
         x = eng.model.embed[tok]
-        assert cpu_decode.eligible(eng.model, x, view, mix) == fast     # the path under test ran
-        logits = eng.model(tok, view.positions, view, 0, view.mask(eng.config.sliding_window), mix=mix)
+        runner = eng.model.runner                                        # the path under test ran
+        assert (isinstance(runner, CpuRunner) and runner.applies(x, view)) == fast
+        logits = eng.model(tok, view.positions, view, view.mask(eng.config.sliding_window), mix=mix)
         out[fast] = (logits, pool.k.clone(), pool.v.clone(), None if mix is None else mix.token_sum)
     for a, b in zip(out[True], out[False]):
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_eligibility(engine):
-    """Only CPU fp32 decode steps of at most SMALL_N rows on a slot cache, with the cpu backend's
-    experts or none, take the C++ path."""
+def test_eligibility(engine, hf_model_dir):
+    """Only CPU fp32 decode steps of at most MAX_ROWS rows on a slot cache take the C++ path, and
+    only on the cpu backend (the backend chosen for the engine decides its runner)."""
     eng = engine
+    use_runner(eng, True)
     pool, view, tok = prefilled(eng, [3, 4], 0)
     x = eng.model.embed[tok]
-    assert cpu_decode.eligible(eng.model, x, view, None)
-    assert not cpu_decode.eligible(eng.model, x, view, Mix(torch.rand(2, 10), "torch"))
-    assert not cpu_decode.eligible(eng.model, x.double(), view, None)
-    assert not cpu_decode.eligible(eng.model, torch.cat([x, x], 1), view, None)
-    assert not cpu_decode.eligible(eng.model, x[:1].expand(17, 1, x.shape[-1]), view, None)
-    assert not cpu_decode.eligible(eng.model, x, eng.model.new_cache(2, 8), None)
+    runner = eng.model.runner
+    assert runner.applies(x, view)
+    assert not runner.applies(x.double(), view)
+    assert not runner.applies(torch.cat([x, x], 1), view)
+    assert not runner.applies(x[:1].expand(17, 1, x.shape[-1]), view)
+    assert not runner.applies(x, Scratch)
+    other = Engine.from_pretrained(eng.folder, adapters=eng.bank, backend="torch", progress=False,
+                                   device="cpu", dtype="fp32")
+    assert type(other.model.runner) is Blocks
 
 
-def test_generation_is_unchanged(engine, monkeypatch):
+def test_generation_is_unchanged(engine):
     """Greedy generation through the scheduler, every persona kind in one batch, gives the same
     tokens with the C++ decode step and without it."""
     eng = engine
@@ -98,6 +111,6 @@ def test_generation_is_unchanged(engine, monkeypatch):
     prompts = [[5 + i, 17, 33 + 2 * i, 9][: 2 + i] for i in range(4)]
     out = {}
     for fast in (True, False):
-        monkeypatch.setattr(cpu_decode, "ENABLED", fast)
+        use_runner(eng, fast)
         out[fast] = [o.token_ids for o in eng.generate(prompts, max_new_tokens=6, persona=personas)]
     assert out[True] == out[False]

@@ -7,11 +7,14 @@ import torch
 
 from pf_engine.persona.bank import AdapterBank
 from pf_engine.model.config import ModelConfig
-from pf_engine.persona.mix import Linear, Mix, backend_status
+from pf_engine.backends import backend_status, create
+from pf_engine.model.linear import Linear
+from pf_engine.persona.mix import Mix
 from pf_kernels.reference import grouped_lora_ref
 
 ok, why = backend_status("cpu", torch.device("cpu"))
 pytestmark = pytest.mark.skipif(not ok, reason=f"cpu backend unavailable: {why}")
+CPU = create("cpu", "cpu")
 
 CFG = ModelConfig.from_dict(dict(architectures=["LlamaForCausalLM"], vocab_size=64,
                                  hidden_size=44, intermediate_size=75, num_hidden_layers=1,
@@ -59,12 +62,12 @@ def test_cpu_kernel_matches_fp64(K, group, T):
     w = torch.randn(sum(s[0] for s in shapes), d_in, generator=g) / d_in ** 0.5
     for bias in (None, torch.randn(w.shape[0], generator=g)):
         lin = Linear(w.clone(), None if bias is None else bias.clone(),
-                     tuple(s[0] for s in shapes) if len(mods) > 1 else None, mods)
+                     tuple(s[0] for s in shapes) if len(mods) > 1 else None, mods, CPU)
         lin.attach({m: b.lora(0, m) for m in mods})
         x = torch.randn(T, 1, d_in, generator=g)
         for kind in ("dense", "top2-token", "one-per-token", "zero", "mixed-rows"):
             gt = gates(kind, T, K, g)
-            out = lin(x, Mix(gt, "cpu"))
+            out = lin(x, Mix(gt))
             got = torch.cat(out, -1) if isinstance(out, tuple) else out
             want = x[:, 0].double() @ w.double().t() + (0 if bias is None else bias.double())
             o = 0
@@ -80,10 +83,12 @@ def test_cpu_kernel_matches_fp64(K, group, T):
 
 
 def test_cpu_backend_hands_large_batches_to_torch():
-    """Prefill-sized batches (more rows than cpu_ops.MAX_TOKENS) take the torch GEMMs: same result."""
+    """Prefill-sized batches (more rows than the kernel's MAX_ROWS) take the torch GEMMs: same result."""
     b = bank(4, seed=7)
-    lin = Linear(torch.randn(75, 44), None, None, ("up",))
-    lin.attach({"up": b.lora(0, "up")})
+    w = torch.randn(75, 44)
+    lins = [Linear(w, None, None, ("up",), create(name, "cpu")) for name in ("cpu", "torch")]
+    for lin in lins:
+        lin.attach({"up": b.lora(0, "up")})
     x = torch.randn(40, 44)
     gt = torch.rand(40, 4)
-    assert torch.allclose(lin(x, Mix(gt, "cpu")), lin(x, Mix(gt, "torch")), atol=1e-5)
+    assert torch.allclose(lins[0](x, Mix(gt)), lins[1](x, Mix(gt)), atol=1e-5)

@@ -2,7 +2,7 @@
 
 Skipped as a whole without a GPU; a backend that cannot run on the GPU here (triton not
 installed, the CUDA extension not built) skips with the reason.  References are independent of
-the backend under test: fp64 x W^T + b + grouped_lora_ref for one mixing.Linear (the weights
+the backend under test: fp64 x W^T + b + grouped_lora_ref for one model.linear.Linear (the weights
 rounded to the tested dtype first, so only the arithmetic differs), and the fp32 CPU engine
 (itself checked against transformers and PEFT in test_runtime / test_persona) for whole models.
 """
@@ -11,7 +11,8 @@ import torch
 
 from pf_engine import Engine
 from pf_engine.persona.bank import BIG_FIVE, AdapterBank
-from pf_engine.persona.mix import BACKENDS, Mix, backend_status
+from pf_engine.backends import BACKENDS, backend_status
+from pf_engine.persona.mix import Mix
 from test_mixing import NAMES, gate_patterns, make_bank, make_linear, reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -34,7 +35,7 @@ def gpu_banks():
     return {name: make_bank().to(dt, CUDA) for name, dt in DTYPES.items()}
 
 
-# One mixing.Linear on the GPU vs fp64 -------------------------------------------------------------
+# One Linear on the GPU vs fp64 -------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("group", ["qkv", "o", "gate_up", "down"])
 @pytest.mark.parametrize("T", [1, 7, 40])
@@ -42,13 +43,13 @@ def gpu_banks():
 def test_linear_on_gpu_matches_fp64(gpu_banks, backend, group, T, dtype):
     need(backend)
     bank = gpu_banks[dtype]
-    lin, w, b, shapes = make_linear(bank, group, True, seed=T)
+    lin, w, b, shapes = make_linear(bank, group, True, seed=T, backend=backend)
     assert lin.weight.device.type == "cuda" and lin.weight.dtype == DTYPES[dtype]
     g = torch.Generator().manual_seed(1000 + T)
     x = torch.randn(1, T, shapes[0][1], generator=g).to(DTYPES[dtype])
     for name, gates in gate_patterns(T, len(NAMES), g).items():
         want = reference(bank, group, w, b, shapes, x[0].double(), gates)
-        out = lin(x.to(CUDA), Mix(gates.to(CUDA), backend))
+        out = lin(x.to(CUDA), Mix(gates.to(CUDA)))
         got = torch.cat(out, -1) if isinstance(out, tuple) else out
         assert got.device.type == "cuda" and got.dtype == DTYPES[dtype]
         err = (got[0].double().cpu() - want).abs().max().item()

@@ -11,7 +11,9 @@ import torch
 
 from pf_engine.persona.bank import AdapterBank
 from pf_engine.model.config import ModelConfig
-from pf_engine.persona.mix import Linear, Mix, backend_status
+from pf_engine.backends import backend_status, create
+from pf_engine.model.linear import Linear
+from pf_engine.persona.mix import Mix
 from pf_kernels.reference import grouped_lora_ref
 
 CFG = ModelConfig.from_dict(dict(architectures=["LlamaForCausalLM"], vocab_size=64,
@@ -46,7 +48,7 @@ def bank():
     return make_bank()
 
 
-def make_linear(bank, group: str, bias: bool, seed: int):
+def make_linear(bank, group: str, bias: bool, seed: int, backend: str = "torch"):
     """(Linear on the bank's device and dtype, its weight and bias as CPU fp32 tensors, shapes)."""
     g = torch.Generator().manual_seed(seed)
     mods = GROUPS[group]
@@ -56,7 +58,7 @@ def make_linear(bank, group: str, bias: bool, seed: int):
     w = (torch.randn(sum(s[0] for s in shapes), d_in, generator=g) / d_in ** 0.5).to(dt).float()
     b = torch.randn(w.shape[0], generator=g).to(dt).float() if bias else None
     lin = Linear(w.to(dev, dt), None if b is None else b.to(dev, dt),
-                 tuple(s[0] for s in shapes) if len(mods) > 1 else None, mods)
+                 tuple(s[0] for s in shapes) if len(mods) > 1 else None, mods, create(backend, dev))
     lin.attach({m: bank.lora(0, m) for m in mods})
     return lin, w, b, shapes
 
@@ -97,11 +99,11 @@ def gate_patterns(T, K, g):
 @pytest.mark.parametrize("T", [1, 7])
 def test_linear_matches_fp64_reference(bank, backend, group, bias, T):
     g = torch.Generator().manual_seed(hash((group, bias, T)) % 2**31)
-    lin, w, b, shapes = make_linear(bank, group, bias, seed=T)
+    lin, w, b, shapes = make_linear(bank, group, bias, seed=T, backend=backend)
     x = torch.randn(1, T, shapes[0][1], generator=g)
     for name, gates in gate_patterns(T, len(NAMES), g).items():
         want = reference(bank, group, w, b, shapes, x[0], gates)
-        out = lin(x, Mix(gates, backend))
+        out = lin(x, Mix(gates))
         got = torch.cat(out, -1) if isinstance(out, tuple) else out
         assert got.shape == (1, T, want.shape[1])
         if isinstance(out, tuple):          # fused groups come back as per-projection slices
@@ -130,7 +132,7 @@ def test_token_router_against_independent_reference(bank):
     x = torch.randn(2, 3, d, generator=g)                       # (B, T, d) entering layer 1
     fixed = torch.rand(6, K, generator=g)
     rows = torch.tensor([True, True, True, False, False, False])
-    mix = Mix(fixed.clone(), "torch", router, rows).for_layer(1, x)
+    mix = Mix(fixed.clone(), router, rows).for_layer(1, x)
     logits = x.reshape(6, d).double() @ router.w[1].double().t() + router.b[1].double()
     p = torch.softmax(logits, -1)
     want = torch.zeros_like(p)
@@ -146,21 +148,21 @@ def test_gathered_sets_are_kept_while_batches_alternate(bank):
     """A continuous batch alternates active sets (the decode batch's, each admitted prompt's): the
     Linear keeps the gathered copies of recent sets instead of rebuilding them every call, and the
     outputs with a host-given active set equal those it finds itself."""
-    from pf_engine.persona import mix as mixing
+    from pf_engine.backends import grouped
     lin, w, b, shapes = make_linear(bank, "qkv", True, seed=9)
     x = torch.randn(1, 2, shapes[0][1])
     g1, g2 = torch.zeros(2, len(NAMES)), torch.zeros(2, len(NAMES))
     g1[:, [0, 3]], g2[:, 1] = 0.5, 0.8
-    lin(x, Mix(g1, "torch"))
-    first = lin._active[(0, 3)]
+    lin(x, Mix(g1))
+    first = lin.state.sets[(0, 3)]
     for _ in range(3):
-        out2 = lin(x, Mix(g2, "torch", active=(1,)))
-        out1 = lin(x, Mix(g1, "torch"))
-    assert lin._active[(0, 3)] is first
+        out2 = lin(x, Mix(g2, active=(1,)))
+        out1 = lin(x, Mix(g1))
+    assert lin.state.sets[(0, 3)] is first
     want = reference(bank, "qkv", w, b, shapes, x[0], g2)
     assert (torch.cat(out2, -1)[0].double() - want).abs().max() <= 1e-5 * (1 + want.abs().max())
     for e in range(len(NAMES)):                             # more sets than are kept
         g = torch.zeros(2, len(NAMES))
         g[:, e] = 1.0
-        lin(x, Mix(g, "torch"))
-    assert len(lin._active) == mixing.GATHERED_SETS < len(NAMES) and (0, 3) not in lin._active
+        lin(x, Mix(g))
+    assert len(lin.state.sets) == grouped.GATHERED_SETS < len(NAMES) and (0, 3) not in lin.state.sets

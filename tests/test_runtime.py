@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pf_engine import Engine
-from pf_engine.model.decoder import attention_mask
+from pf_engine.runtime.kv_cache import SlotCache
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -80,15 +80,14 @@ def test_cached_decode_equals_full_recompute(pair):
     ids = torch.randint(3, eng.config.vocab_size, (2, T))
     full = eng.logits(ids)
     with torch.inference_mode():
-        cache = m.new_cache(2, T)
-        pad = torch.zeros(2, dtype=torch.long)
+        c = eng.config
+        cache = SlotCache(c.num_hidden_layers, 2, c.num_key_value_heads, T, c.head_dim, m.dtype, "cpu")
         P = 5
-        pos = torch.arange(P).expand(2, P)
-        step = [m(ids[:, :P], pos, cache, 0, attention_mask(pad, 0, P, eng.config.sliding_window))]
-        for c in range(P, T):
-            pos = torch.full((2, 1), c)
-            step.append(m(ids[:, c:c + 1], pos, cache, c,
-                          attention_mask(pad, c, 1, eng.config.sliding_window)))
+        view = cache.rows_view(0, [0, 0], [P, P])
+        step = [m(ids[:, :P], view.positions, view, view.mask(c.sliding_window))]
+        for col in range(P, T):
+            view = cache.rows_view(0, [col, col], [1, 1])
+            step.append(m(ids[:, col:col + 1], view.positions, view, view.mask(c.sliding_window)))
     assert (torch.cat(step, 1) - full).abs().max().item() <= 1e-4
 
 

@@ -5,21 +5,22 @@ One block, written once and looped over layers:
     h = x + o( attn( rope(q), rope(k), v ) )      q, k, v = qkv( rmsnorm(x) )
     y = h + down( silu(gate) * up )               gate, up = gate_up( rmsnorm(h) )
 
-Attention is causal with grouped-query heads (H query heads share H / H_kv key/value heads), an
-optional sliding window (Mistral), and reads/writes the preallocated KV cache.  Batches are
-left-padded (see kv_cache.py): ``positions`` are per row, and ``attention_mask`` says which cache
-columns each query may see.  Shapes are noted as (B, T, ...) where they change.
+Attention is causal with grouped-query heads (H query heads share H / H_kv key/value heads) and an
+optional sliding window (Mistral).  It reads and writes a KV cache through ``cache.update(layer,
+k, v)``: the scheduler's slot view (runtime/kv_cache.RowsView: every row at its own columns,
+rows of a prefill chunk right-padded) or ``Scratch`` for one pass over whole sequences (scoring,
+the router's hidden states).  ``positions`` are per row, and the mask says which cache columns
+each query may see.  The backend the model was built with runs the blocks (``backend.runner``)
+and every product (``Linear.backend``).  Shapes are noted as (B, T, ...) where they change.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from pf_engine.backends.cpu import decode as cpu_decode
 from pf_engine.model.config import ModelConfig
-from pf_engine.runtime.kv_cache import KVCache
+from pf_engine.model.linear import Linear
 from pf_engine.model.loading import LayerWeights, ModelWeights
-from pf_engine.persona.mix import Linear, Mix, linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -65,22 +66,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
-def attention_mask(pad: torch.Tensor, start: int, T: int, window: int | None) -> torch.Tensor:
-    """Which cache columns each query sees: bool [B, 1, T, start + T] (True = attend).
+def causal_mask(T: int, window: int | None, device) -> torch.Tensor:
+    """Which columns each query of a whole-sequence pass sees: bool [1, 1, T, T] (True = attend).
 
-    Row b's real tokens occupy columns pad[b]: of the cache.  Query column q sees key column j iff
-    pad[b] <= j <= q and (no window or q - j < window).  A padding query (q < pad[b]) sees only
-    itself, so that no row of the softmax is empty (its output is never used).
-    """
-    L = start + T
-    q = torch.arange(start, L, device=pad.device).view(1, T, 1)
-    j = torch.arange(L, device=pad.device).view(1, 1, L)
-    p = pad.view(-1, 1, 1)
-    ok = (j >= p) & (j <= q)
+    Query q sees key j iff j <= q and (no window or q - j < window); broadcast over the batch."""
+    q = torch.arange(T, device=device).view(T, 1)
+    j = torch.arange(T, device=device).view(1, T)
+    ok = j <= q
     if window is not None:
         ok &= (q - j) < window
-    ok |= (q < p) & (j == q)
-    return ok.unsqueeze(1)
+    return ok.view(1, 1, T, T)
+
+
+class Scratch:
+    """The KV "cache" of one pass over whole sequences: each layer attends to the keys and values
+    it just computed (nothing is kept, nothing preallocated)."""
+
+    @staticmethod
+    def update(layer: int, k: torch.Tensor, v: torch.Tensor):
+        return k, v
 
 
 def decode_bias(mask: torch.Tensor, dtype) -> torch.Tensor:
@@ -89,20 +93,21 @@ def decode_bias(mask: torch.Tensor, dtype) -> torch.Tensor:
 
 
 class Block:
-    def __init__(self, cfg: ModelConfig, w: LayerWeights, index: int):
+    def __init__(self, cfg: ModelConfig, w: LayerWeights, index: int, backend):
         self.index, self.eps = index, cfg.rms_norm_eps
         self.H, self.H_kv, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         f = cfg.intermediate_size
         self.attn_norm, self.mlp_norm = w.attn_norm, w.mlp_norm
-        self.qkv = Linear(w.qkv, w.qkv_bias, (cfg.q_size, cfg.kv_size, cfg.kv_size), ("q", "k", "v"))
-        self.o = Linear(w.o, w.o_bias, None, ("o",))
-        self.gate_up = Linear(w.gate_up, w.gate_up_bias, (f, f), ("gate", "up"))
-        self.down = Linear(w.down, w.down_bias, None, ("down",))
+        self.qkv = Linear(w.qkv, w.qkv_bias, (cfg.q_size, cfg.kv_size, cfg.kv_size), ("q", "k", "v"),
+                          backend)
+        self.o = Linear(w.o, w.o_bias, None, ("o",), backend)
+        self.gate_up = Linear(w.gate_up, w.gate_up_bias, (f, f), ("gate", "up"), backend)
+        self.down = Linear(w.down, w.down_bias, None, ("down",), backend)
         self.linears = (self.qkv, self.o, self.gate_up, self.down)
 
-    def __call__(self, x, cos, sin, cache: KVCache, start: int, mask, mix: Mix | None = None):
-        """x [B, T, d]; cos/sin from Rotary.tables; mask: bool [B, 1, T, L] for T > 1, or the
-        additive decode_bias [B, 1, 1, L] for T == 1."""
+    def __call__(self, x, cos, sin, cache, mask, mix=None):
+        """x [B, T, d]; cos/sin from Rotary.tables; mask: bool [B or 1, 1, T, L] for T > 1, or
+        the additive decode_bias [B, 1, 1, L] for T == 1; mix: persona.mix.Mix or None."""
         B, T, _ = x.shape
         H, H_kv, D = self.H, self.H_kv, self.D
         if mix is not None:
@@ -112,7 +117,7 @@ class Block:
         q = qk[:, :, :H].transpose(1, 2)                                 # (B, H, T, D), pre-scaled
         k = qk[:, :, H:].transpose(1, 2)                                 # (B, H_kv, T, D)
         v = qkv[:, :, H + H_kv:].transpose(1, 2)
-        k_all, v_all = cache.update(self.index, start, k, v)            # (B, H_kv, L, D)
+        k_all, v_all = cache.update(self.index, k, v)                   # (B, H_kv, L, D)
         if T == 1:   # decode: grouped heads as one batched matmul, no SDPA dispatch
             s = torch.matmul(q.reshape(B, H_kv, H // H_kv, D), k_all.transpose(-1, -2)) + mask
             a = torch.matmul(s.softmax(-1, dtype=torch.float32).to(v_all.dtype), v_all)
@@ -127,70 +132,62 @@ class Block:
 
 
 class Decoder:
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, device):
-        self.cfg = cfg
-        self.embed, self.norm, self.lm_head = weights.embed, weights.norm, weights.lm_head
-        self.blocks = [Block(cfg, w, i) for i, w in enumerate(weights.layers)]
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, device, backend):
+        """``backend`` (pf_engine.backends.Backend): how every product and block runs."""
+        self.cfg, self.backend = cfg, backend
+        self.embed, self.norm = weights.embed, weights.norm
+        self.blocks = [Block(cfg, w, i, backend) for i, w in enumerate(weights.layers)]
+        self.head = Linear(weights.lm_head, None, None, (), backend)
         self.rotary = Rotary(cfg, device)
         self.dtype, self.device = weights.embed.dtype, device
-
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        c = self.cfg
-        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
-                       self.dtype, self.device)
+        self.runner = backend.runner(self)
 
     def attach(self, bank) -> None:
-        """Attach an AdapterBank's experts to every adapted projection."""
+        """Attach an AdapterBank's experts to every adapted projection (the backend's prepared
+        state is rebuilt with them)."""
         for i, blk in enumerate(self.blocks):
             for lin in blk.linears:
                 lin.attach({m: bank.lora(i, m) for m in lin.modules})
+        self.runner = self.backend.runner(self)
 
-    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-               layers: int) -> torch.Tensor:
-        """The base model's hidden states [B, T, d] after the first ``layers`` blocks (0: the
-        embeddings), on a scratch cache: what the sequence router reads."""
-        *_, x = self.layer_states(tokens, positions, mask, layers)
+    def hidden(self, tokens: torch.Tensor, layers: int) -> torch.Tensor:
+        """The base model's hidden states [B, T, d] of whole sequences tokens [B, T] after the
+        first ``layers`` blocks (0: the embeddings): what the sequence router reads."""
+        *_, x = self.layer_states(tokens, layers)
         return x
 
-    def layer_states(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                     layers: int):
-        """Yields the base model's hidden states [B, T, d]: the embeddings, then the output of
-        each of the first ``layers`` blocks (a scratch cache; router training reads them all)."""
+    def layer_states(self, tokens: torch.Tensor, layers: int):
+        """Yields the base model's hidden states [B, T, d] of whole sequences tokens [B, T]: the
+        embeddings, then the output of each of the first ``layers`` blocks (router training
+        reads them all)."""
         x = self.embed[tokens]
         yield x
         if layers:
+            T = tokens.shape[1]
+            positions = torch.arange(T, device=tokens.device).expand(tokens.shape)
             cos, sin = self.rotary.tables(positions, self.dtype)
-            cache = self.new_cache(tokens.shape[0], tokens.shape[1])
-            if tokens.shape[1] == 1:
+            mask = causal_mask(T, self.cfg.sliding_window, tokens.device)
+            if T == 1:
                 mask = decode_bias(mask, self.dtype)
             for blk in self.blocks[:layers]:
-                x = blk(x, cos, sin, cache, 0, mask)
+                x = blk(x, cos, sin, Scratch, mask)
                 yield x
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
-                 mask: torch.Tensor, last_only: bool = False, mix: Mix | None = None,
-                 pick: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens, positions [B, T] -> float32 logits [B, T, vocab] ([B, 1, vocab] if last_only;
-        with ``pick`` [B], the logits of row b's position pick[b] only, [B, 1, vocab]).
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor,
+                 mix=None, pick: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, positions [B, T] -> float32 logits [B, T, vocab] (with ``pick`` [B], the logits
+        of row b's position pick[b] only, [B, 1, vocab]).
 
-        Writes keys/values of the T new tokens into cache columns start:start+T.  ``mix``: the
-        persona gates of the B * T rows (None: the base model).
+        Writes the keys/values of the T new tokens through ``cache`` (a RowsView or Scratch);
+        mask: bool [B or 1, 1, T, L].  ``mix``: the persona gates of the B * T rows (None: the
+        base model).
         """
         x = self.embed[tokens]                                         # (B, T, d)
         cos, sin = self.rotary.tables(positions, self.dtype)
         if tokens.shape[1] == 1:
             mask = decode_bias(mask, self.dtype)
-        if tokens.shape[1] == 1 and cpu_decode.eligible(self, x, cache, mix):
-            cos, sin, mask = cpu_decode.prepare(cache, cos, sin, mask)
-            for blk in self.blocks:                                    # csrc/cpu, same maths
-                x = cpu_decode.block_step(blk, x, cos, sin, cache, mask, mix)
-        else:
-            for blk in self.blocks:
-                x = blk(x, cos, sin, cache, start, mask, mix)
+        x = self.runner(x, cos, sin, cache, mask, mix)                 # every block
         if pick is not None:
             x = x[torch.arange(x.shape[0], device=x.device), pick].unsqueeze(1)
-        elif last_only:
-            x = x[:, -1:]
-        B, T, d = x.shape
         x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
-        return linear(x.reshape(B * T, d), self.lm_head, decode=T == 1).float().view(B, T, -1)
+        return self.head(x).float()

@@ -56,8 +56,6 @@ class Personas:
             else:
                 raise RequestError(f"persona {spec!r}: expected None, a dict of weights, "
                                    "'auto' or 'token'")
-        self.token_sum = torch.zeros_like(self.rows)
-        self.token_count = torch.zeros(n, dtype=torch.float32)
 
     @property
     def any(self) -> bool:
@@ -67,30 +65,22 @@ class Personas:
     def token_rows(self) -> torch.Tensor:
         return torch.tensor([k == TOKEN for k in self.kinds])
 
-    def route(self, model, tokens, positions, mask, real) -> None:
-        """Fill the sequence-routed rows from the prompt: tokens/positions [B, P], the prefill's
-        attention mask, real [B, P] bool (not padding)."""
+    def route(self, model, tokens: torch.Tensor) -> None:
+        """Fill the sequence-routed rows from their prompts tokens [B, T] (whole sequences, no
+        padding): the bank's router reads the base model's hidden states."""
         idx = [i for i, k in enumerate(self.kinds) if k == SEQUENCE]
         if not idx:
             return
         r = self.bank.router
         sel = torch.tensor(idx, device=tokens.device)
-        h = model.hidden(tokens[sel], positions[sel], mask[sel], r.layer)
-        self.rows[idx] = r(h, real.to(tokens.device)[sel]).to(self.rows.device)
+        self.rows[idx] = r(model.hidden(tokens[sel], r.layer)).to(self.rows.device)
 
-    def add_token_gates(self, rows: list[int], token_sum: torch.Tensor, valid: torch.Tensor,
-                        layers: int) -> None:
-        """Accumulate token-routed gates: token_sum [n * T, K] summed over layers, valid [n, T]."""
-        n, T = valid.shape
-        s = (token_sum.view(n, T, -1).float().cpu() * valid.unsqueeze(-1).cpu()).sum(1)
-        self.token_sum[rows] += s
-        self.token_count[rows] += valid.sum(1).float().cpu() * layers
-
-    def report(self, i: int) -> dict | None:
-        """The gates request i used: {expert: weight} (token routing: mean over tokens, layers)."""
+    def report(self, i: int, token_mean: torch.Tensor | None = None) -> dict | None:
+        """The gates request i used: {expert: weight}; for token routing ``token_mean`` [K], the
+        mean of its gates over tokens and layers."""
         kind = self.kinds[i]
         if kind == BASE:
             return None
-        row = self.rows[i] if kind != TOKEN else self.token_sum[i] / self.token_count[i].clamp_min(1)
+        row = self.rows[i] if kind != TOKEN else token_mean
         return {"kind": kind, "weights": {n: round(float(w), 6) for n, w in
                                           zip(self.bank.expert_names, row) if w != 0}}

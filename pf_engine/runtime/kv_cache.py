@@ -1,37 +1,12 @@
-"""KV caches.
+"""The scheduler's KV pool: ``SlotCache`` holds a row of columns per request in flight, and
+``RowsView`` is what the blocks of one forward see of it (every row writing at its own columns).
+A pass over whole sequences needs no cache (model.decoder.Scratch).
 
-``KVCache``: one forward over whole sequences (``Engine.logits``, the router's hidden states):
-every row writes the same columns; which columns a row may attend to is the mask's business
-(model.attention_mask), not the cache's.  ``SlotCache`` and ``RowsView``: the scheduler's pool,
-where every row writes at its own columns (generation, continuous batching).
-
-    k, v: [layers, B, H_kv, max_len, head_dim]
+    k, v: [layers, slots, H_kv, max_len, head_dim]
 """
 from __future__ import annotations
 
 import torch
-
-
-class KVCache:
-    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device):
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [B, H_kv, T, D] into columns start:start+T of ``layer``.
-
-        Returns the filled prefix (columns 0:start+T) of that layer's keys and values, as views.
-        """
-        end = start + k.shape[2]
-        if end > self.max_len:
-            raise IndexError(f"KV cache holds {self.max_len} columns; asked to write up to {end}")
-        kc, vc = self.k[layer], self.v[layer]
-        kc[:, :, start:end] = k
-        vc[:, :, start:end] = v
-        return kc[:, :, :end], vc[:, :, :end]
 
 
 class SlotCache:
@@ -112,7 +87,7 @@ class RowsView:
             ok &= (q - j) < window
         return ok.unsqueeze(1)
 
-    def update(self, layer: int, start, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """k, v [m, H_kv, T, D] -> the m rows' keys and values [m, H_kv, end, D] (views)."""
         kc, vc = self.pool.k[layer], self.pool.v[layer]
         if self.m == 1 and self.starts is not None:   # one row: a slice write, not an index

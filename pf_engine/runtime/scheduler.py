@@ -43,15 +43,14 @@ import warnings
 import torch
 
 from pf_engine.errors import RequestError
-from pf_engine.runtime.kv_cache import SlotCache
-from pf_engine.persona.mix import Mix
-from pf_engine.model.decoder import attention_mask
 from pf_engine.outputs import Stats
+from pf_engine.persona.mix import Mix
 from pf_engine.persona.specs import BASE, SEQUENCE, TOKEN
 from pf_engine.request import Request
+from pf_engine.runtime.kv_cache import SlotCache
 from pf_engine.runtime.static_decode import CaptureFailed, StaticDecode
+from pf_engine.runtime.threads import POLICY
 from pf_engine.sampling import SamplingParams
-from pf_engine.runtime.threads import CpuThreads
 
 
 class Scheduler:
@@ -92,7 +91,6 @@ class Scheduler:
         self._kick = threading.Event()                     # work arrived (submit, cancel, resume)
         self._thread_lock = threading.Lock()               # the background thread's start and exit
         self._thread: threading.Thread | None = None
-        self._threads = CpuThreads(engine.device)
         self.steps = 0
         self.stats = Stats()
         self.paused = False
@@ -147,7 +145,7 @@ class Scheduler:
         # must not wait for that.  The deque append is atomic; the kick wakes an idle thread.
         req = Request(self, ids, params, persona)
         self.waiting.append(req)
-        self._kick.set()
+        self.wake()
         if self.background:
             with self._thread_lock:          # against the thread deciding to exit (see _loop)
                 if self._thread is None:
@@ -163,13 +161,18 @@ class Scheduler:
 
     def resume(self) -> None:
         self.paused = False
+        self.wake()
+
+    def wake(self) -> None:
+        """Work arrived (a submission, a cancellation, a resume): an idle thread goes on."""
         self._kick.set()
 
     def pending(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _pump_until(self, req: Request, cond, timeout: float | None = None) -> bool:
-        """Wait (lock held) until cond(); without a background thread, run steps meanwhile."""
+    def wait(self, cond_var: threading.Condition, cond, timeout: float | None = None) -> bool:
+        """Wait (the scheduler's lock held, through ``cond_var``, a Condition on it) until
+        cond(); without a background thread, run steps meanwhile.  False on a timeout."""
         deadline = None if timeout is None else time.perf_counter() + timeout
         while not cond():
             if not self.background:
@@ -180,7 +183,7 @@ class Scheduler:
             left = None if deadline is None else deadline - time.perf_counter()
             if left is not None and left <= 0:
                 return False
-            req._cond.wait(left)
+            cond_var.wait(left)
         return True
 
     def _loop(self) -> None:
@@ -188,7 +191,6 @@ class Scheduler:
         lock is released between steps); exits after 5 s with nothing to do."""
         while True:
             if self.paused or not self.pending():
-                self._threads.restore()
                 self._kick.clear()
                 if not self.paused and self.pending():
                     continue                              # arrived before the clear
@@ -203,24 +205,22 @@ class Scheduler:
             except BaseException as e:  # noqa: BLE001 - every waiting client gets the error
                 with self.lock:
                     for r in list(self.waiting) + self.running:
-                        r.error = e
-                        r._notify()
+                        r.fail(e)
                     self.waiting.clear()
                     self.running.clear()
-                    self._threads.restore()
                 with self._thread_lock:
                     self._thread = None
                 return
 
     # the step -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, restore: bool = True) -> None:
+    def step(self) -> None:
         """Retire the cancelled, admit into free slots, prefill one budget of prompt tokens,
         decode once, retire the finished.  ``stats`` adds up the time and tokens of both."""
         with self.lock:
             for r in [r for r in list(self.waiting) if r.cancelled]:   # list(): clients append
                 self.waiting.remove(r)
-                r._finish("cancelled")
+                r.finish("cancelled")
             self._retire()                   # cancelled since the last step: their slots are free
             st, t0 = self.stats, time.perf_counter()
             while self.waiting and len(self.running) < self.slots:
@@ -234,30 +234,20 @@ class Scheduler:
                 self._retire()
             st.prefill_s, st.decode_s = st.prefill_s + t1 - t0, st.decode_s + time.perf_counter() - t1
             self.steps += 1
-            if not self.background and restore:   # the caller's thread: leave it as found
-                self._threads.restore()
 
     def run(self) -> None:
-        """Step until nothing is pending (the caller's thread; thread settings put back once,
-        at the end): what ``generate`` does with its private scheduler."""
-        try:
-            while self.pending():
-                self.step(restore=False)
-        finally:
-            self._threads.restore()
+        """Step until nothing is pending, in the caller's thread: what ``generate`` does with
+        its private scheduler."""
+        while self.pending():
+            self.step()
 
     def _admit(self, r: Request) -> None:
         """Give ``r`` the next free slot and its gate row (the sequence router reads its prompt
         here); its prompt is prefilled by the following steps."""
-        eng, slot, dev = self.engine, len(self.running), self.engine.device
+        slot, dev = len(self.running), self.engine.device
         if r.personas.any:
             if r.kind == SEQUENCE:
-                T = len(r.ids)
-                mask = attention_mask(torch.zeros(1, dtype=torch.long, device=dev), 0, T,
-                                      eng.config.sliding_window)
-                r.personas.route(eng.model, torch.tensor([r.ids], device=dev),
-                                 torch.arange(T, device=dev).unsqueeze(0), mask,
-                                 torch.ones(1, T, dtype=torch.bool, device=dev))
+                r.personas.route(self.engine.model, torch.tensor([r.ids], device=dev))
             row = r.personas.rows[0]                # host copy: the active set costs no sync later
             r.active = set(row.nonzero().flatten().tolist())
             self.gates[slot] = row.to(dev)
@@ -286,7 +276,6 @@ class Scheduler:
         view = self.cache.rows_view(d, [r.length for r in reqs], counts)
         rows = [r.ids[r.length:r.length + c] + [0] * (view.T - c) for r, c in zip(reqs, counts)]
         dev = self.engine.device
-        self._threads.rows(len(reqs) * view.T)
         logits = self._forward(reqs, torch.tensor(rows, device=dev), view,
                                pick=torch.tensor(counts, device=dev) - 1)[:, -1]
         self.stats.prefill_tokens += sum(counts)
@@ -306,11 +295,11 @@ class Scheduler:
         n = len(reqs)
         logits = None
         if self.static is not None:              # static shapes, captured in graphs on CUDA
-            self._threads.rows(n)
             mixed = any(r.kind != BASE for r in reqs)
             any_token = any(r.kind == TOKEN for r in reqs)
             try:
-                logits, mix = self.static.forward(reqs, mixed, any_token)
+                with POLICY.forward(self.engine.device, n <= self.engine.backend.few_rows):
+                    logits, mix = self.static.forward(reqs, mixed, any_token)
             except CaptureFailed as e:
                 warnings.warn(str(e), RuntimeWarning, stacklevel=2)
                 self.static = None
@@ -320,7 +309,6 @@ class Scheduler:
                 self.static.lengths[:n] += 1
         if logits is None:
             view = self.cache.rows_view(0, [r.length for r in reqs], [1] * n)
-            self._threads.rows(n)
             logits = self._forward(reqs, self.last_tok[:n].view(n, 1), view)[:, -1]
         for r in reqs:
             r.length += 1
@@ -337,7 +325,7 @@ class Scheduler:
         self.last_tok[s0:s0 + len(reqs)] = toks
         for r, t in zip(reqs, toks.tolist()):
             if not r.done:
-                r._emit(t)
+                r.emit(t)
 
     def _forward(self, reqs: list[Request], tokens, view, pick=None):
         """The model on the consecutive slots of ``reqs`` (their gate rows) through ``view``
@@ -345,32 +333,28 @@ class Scheduler:
         eng = self.engine
         mix = None
         if any(r.kind != BASE for r in reqs):
-            s0, n, T = reqs[0].slot, len(reqs), tokens.shape[1]
-            g, tok = self.gates[s0:s0 + n], self.token_rows[s0:s0 + n]
-            if T > 1:
-                g, tok = g.repeat_interleave(T, 0), tok.repeat_interleave(T, 0)
             any_token = any(r.kind == TOKEN for r in reqs)
             active = None if any_token else tuple(sorted(set().union(*(r.active for r in reqs))))
-            mix = Mix(g, eng.backend, eng.bank.token_router, tok, active=active, any_token=any_token)
+            s0, n = reqs[0].slot, len(reqs)
+            mix = Mix.for_rows(self.gates[s0:s0 + n], self.token_rows[s0:s0 + n], tokens.shape[1],
+                               eng.bank.token_router, active, any_token)
         positions = view.positions.clamp(max=eng.config.max_position_embeddings - 1)
-        logits = eng.model(tokens, positions, view, 0, view.mask(eng.config.sliding_window),
-                           mix=mix, pick=pick)
+        with POLICY.forward(eng.device, tokens.numel() <= eng.backend.few_rows):
+            logits = eng.model(tokens, positions, view, view.mask(eng.config.sliding_window),
+                               mix=mix, pick=pick)
         self._add_token_gates(reqs, mix, tokens.shape[1], view.valid, view.counts)
         return logits
 
     def _add_token_gates(self, reqs, mix, T: int, valid, counts: list[int]) -> None:
-        """Add each token-routed request's gates (rows b*T..b*T+T-1 of mix.token_sum, where
-        ``valid``) to its sums, on the device; rows past len(reqs) are padding."""
-        if mix is None or mix.token_sum is None:
+        """Hand each token-routed request its gates of this forward (summed over its valid
+        tokens and the layers, on the device); rows past len(reqs) are padding."""
+        sums = None if mix is None else mix.request_sums(len(reqs), T, valid)
+        if sums is None:
             return
-        sums = mix.token_sum[:len(reqs) * T].view(len(reqs), T, -1)
-        if valid is not None:
-            sums = sums * valid.unsqueeze(-1)
         layers = self.engine.config.num_hidden_layers
         for b, r in enumerate(reqs):
             if r.kind == TOKEN:
-                r.token_sum = sums[b].sum(0) + (0 if r.token_sum is None else r.token_sum)
-                r.token_count += layers * counts[b]
+                r.add_token_gates(sums[b], layers * counts[b])
 
     def _retire(self) -> None:
         """Drop finished and cancelled requests; the slots stay consecutive (see ``_vacate``)."""
@@ -378,7 +362,7 @@ class Scheduler:
         while i < len(self.running):
             r = self.running[i]
             if r.cancelled and not r.done:
-                r._finish("cancelled")
+                r.finish("cancelled")
             if r.done:
                 self._vacate(i)
                 r.slot = -1

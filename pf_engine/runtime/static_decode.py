@@ -73,12 +73,11 @@ class StaticDecode:
         s, eng = self.sched, self.sched.engine
         mix = None
         if mixed:
-            K = s.gates.shape[1]
-            mix = Mix(s.gates[:nb], eng.backend, eng.bank.token_router, s.token_rows[:nb],
-                      active=tuple(range(K)), any_token=any_token, static=True)
+            mix = Mix.for_rows(s.gates[:nb], s.token_rows[:nb], 1, eng.bank.token_router,
+                               tuple(range(s.gates.shape[1])), any_token, static=True)
         view = RowsView.static(s.cache, nb, self.lengths[:nb], end)
         positions = view.positions.clamp(max=eng.config.max_position_embeddings - 1)
-        logits = eng.model(s.last_tok[:nb].view(nb, 1), positions, view, 0,
+        logits = eng.model(s.last_tok[:nb].view(nb, 1), positions, view,
                            view.mask(eng.config.sliding_window), mix=mix)[:, -1]
         return logits, mix
 

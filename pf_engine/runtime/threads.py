@@ -1,72 +1,64 @@
-"""Thread settings for CPU forwards (see mixing.mm)."""
+"""The CPU thread settings of the process: one policy object, entered by every forward on CPU.
+
+A forward with few rows (a decode step: at most ``backend.few_rows``) runs its products in the
+backend's own threads (csrc/cpu's pool, or numpy's BLAS for one row on the torch backend) with
+the caller's thread count, and torch itself at one thread: torch's OpenMP workers would
+otherwise spin between their small ops and starve the kernel's threads on the same cores.
+Forwards with more rows (prefill, scoring) use torch's GEMMs with its threads as set.
+
+``POLICY.forward(device, few)`` is a context: it takes the policy's lock (the background
+scheduler and a ``generate`` call's private scheduler never flip torch's settings under each
+other), records the caller's thread count (``threads()``, what the kernels are given), sets
+torch and BLAS for the mode, and puts everything back on exit.  The caller's count is torch's
+``get_num_threads()`` as found at entry (``pf-generate --threads N`` sets it).
+"""
 from __future__ import annotations
+
+import contextlib
+import threading
 
 import torch
 
-_USER_THREADS = 1         # torch's thread count as the user set it, while _LIMITED > 0
-_LIMITED = 0              # CpuThreads in single-row mode (torch at 1 thread) right now
 
+class ThreadPolicy:
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._threads: int | None = None          # the caller's count, inside a forward
+        self._controller = None
 
-def user_threads() -> int:
-    """The caller's CPU thread count, even while a single-row step has put torch at 1."""
-    return _USER_THREADS if _LIMITED else torch.get_num_threads()
+    def threads(self) -> int:
+        """The thread count the backend's kernels use: the caller's, even while torch is at 1."""
+        return self._threads or torch.get_num_threads()
 
+    def _blas(self):
+        """One threadpoolctl controller per process (making one scans the loaded libraries)."""
+        if self._controller is None:
+            from threadpoolctl import ThreadpoolController
+            self._controller = ThreadpoolController()
+        return self._controller
 
-_CONTROLLER = None
-
-
-def _controller():
-    """One threadpoolctl controller per process: making one scans the loaded libraries (~1.4 ms),
-    which ``threadpool_limits`` did at every limited step."""
-    global _CONTROLLER
-    if _CONTROLLER is None:
-        from threadpoolctl import ThreadpoolController
-        _CONTROLLER = ThreadpoolController()
-    return _CONTROLLER
-
-
-class CpuThreads:
-    """Thread policy for CPU decode steps (see mixing.mm).
-
-    A step with few rows (``few``: up to 16 with csrc/cpu's kernel built, else 1) runs its
-    products in that kernel (or numpy's BLAS) with the caller's thread count, and torch itself at
-    one thread: torch's OpenMP workers would otherwise spin between their parallel regions and
-    starve the kernel's threads on the same cores.  Steps with more rows (prefill) use torch's
-    GEMM with its threads as set.  ``rows`` switches only when the mode changes; ``restore`` puts
-    everything back.
-    """
-
-    def __init__(self, device: torch.device):
-        self.enabled = device.type == "cpu"
-        self.threads = user_threads()
-        self.limit = None
-
-    def rows(self, n: int) -> None:
-        global _USER_THREADS, _LIMITED
-        few = n <= self.few()
-        if not self.enabled or few == (self.limit is not None):
+    @contextlib.contextmanager
+    def forward(self, device: torch.device, few: bool):
+        """Run one forward under the policy (see the module doc); re-entering is a no-op."""
+        if device.type != "cpu":
+            yield
             return
-        if few:
-            self.limit = _controller().limit(limits=self.threads, user_api="blas")
-            if not _LIMITED:
-                _USER_THREADS = self.threads
-            _LIMITED += 1
-            torch.set_num_threads(1)
-        else:
-            self.restore()
+        with self._lock:
+            if self._threads is not None:          # nested (a step's forward inside a step)
+                yield
+                return
+            n = torch.get_num_threads()
+            self._threads, limit = n, None
+            if few:
+                limit = self._blas().limit(limits=n, user_api="blas")
+                torch.set_num_threads(1)
+            try:
+                yield
+            finally:
+                if few:
+                    torch.set_num_threads(n)
+                    limit.restore_original_limits()
+                self._threads = None
 
-    @staticmethod
-    def few() -> int:
-        """Row counts that run with torch at one thread: those whose products go to csrc/cpu's
-        kernel (mixing.mm: up to SMALL_N rows, its own OpenMP threads) when it is built, else
-        single rows (numpy's BLAS)."""
-        from pf_engine.persona.mix import SMALL_N, cpu_kernel
-        return SMALL_N if cpu_kernel() else 1
 
-    def restore(self) -> None:
-        global _LIMITED
-        if self.limit is not None:
-            _LIMITED -= 1
-            torch.set_num_threads(self.threads)
-            self.limit.restore_original_limits()
-            self.limit = None
+POLICY = ThreadPolicy()

@@ -21,7 +21,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from pf_engine.errors import RequestError
-from pf_engine.tokenizer import Detokenizer
 from pf_engine.serve.metrics import Metrics
 from pf_engine.serve.protocol import APIError, Catalog, Parsed, chunk, new_id, parse, response
 
@@ -82,7 +81,7 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
                                      headers={"Cache-Control": "no-cache"})
         watch = asyncio.ensure_future(cancel_if_gone(request, req))
         try:
-            out = await asyncio.wait_for(req._aresult(), max(0.0, deadline - time.monotonic()))
+            out = await asyncio.wait_for(req.aresult(), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             req.cancel()
             metrics.finished(endpoint, req.kind, "timeout", req)
@@ -99,16 +98,15 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
         return response(p, new_id(kind), out.text, out.finish_reason, usage, out.gates)
 
     async def events(p: Parsed, req, endpoint: str, deadline: float):
-        """Server-sent events: text pieces as they are decoded, the final chunk (finish reason,
+        """Server-sent events: text pieces as they are released, the final chunk (finish reason,
         gates), the usage chunk if asked, then [DONE]."""
         rid, created = new_id(p.kind), int(time.time())
-        detok = Detokenizer(engine.tokenizer, p.params.stop) if engine.tokenizer is not None else None
         status, first = "cancelled", True
-        tokens = req.__aiter__()
+        pieces = req.atext()
         try:
             while True:
                 try:
-                    tok = await asyncio.wait_for(tokens.__anext__(), max(0.0, deadline - time.monotonic()))
+                    piece = await asyncio.wait_for(pieces.__anext__(), max(0.0, deadline - time.monotonic()))
                 except StopAsyncIteration:
                     break
                 except asyncio.TimeoutError:
@@ -116,15 +114,10 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
                     yield sse({"error": APIError(504, "the request timed out", None, "timeout",
                                                  "timeout").body()["error"]})
                     return
-                if tok in engine.eos_ids or detok is None:
-                    continue
-                piece = detok.add(tok)
-                if piece or first:
-                    yield sse(chunk(p, rid, created, piece, first=first))
-                    first = False
+                yield sse(chunk(p, rid, created, piece, first=first))
+                first = False
             out = req.result()
-            tail = detok.flush() if detok is not None else ""
-            yield sse(chunk(p, rid, created, tail, out.finish_reason, first=first, gates=out.gates))
+            yield sse(chunk(p, rid, created, "", out.finish_reason, first=first, gates=out.gates))
             if p.include_usage:
                 usage = dict(out.usage, total_tokens=sum(out.usage.values()))
                 yield sse(chunk(p, rid, created, None, usage=usage))
@@ -137,7 +130,7 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
         finally:                                   # done, timed out, or the client went away
             if not req.done:
                 req.cancel()
-            await tokens.aclose()
+            await pieces.aclose()
             metrics.finished(endpoint, req.kind, status, req)
 
     @app.post("/v1/chat/completions")

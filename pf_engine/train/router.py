@@ -18,7 +18,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pf_engine.model.decoder import attention_mask
 from pf_engine.persona.router import SequenceRouter
 
 
@@ -29,11 +28,7 @@ def pooled_states(model, prompts: list[list[int]], progress=None) -> torch.Tenso
     out = []
     for ids in prompts:
         tokens = torch.tensor([ids], device=model.device)
-        T = len(ids)
-        positions = torch.arange(T, device=model.device).unsqueeze(0)
-        mask = attention_mask(torch.zeros(1, dtype=torch.long, device=model.device), 0, T,
-                              cfg.sliding_window)
-        states = model.layer_states(tokens, positions, mask, cfg.num_hidden_layers)
+        states = model.layer_states(tokens, cfg.num_hidden_layers)
         out.append(torch.stack([h[0].float().mean(0) for h in states]).cpu())
         if progress is not None:
             progress.update(1)

@@ -1,1 +1,52 @@
-"""The cpu backend: csrc/cpu's fused kernels for decode steps on CPU."""
+"""The ``cpu`` backend: csrc/cpu's fused AVX2/FMA kernels for the few rows of a decode step.
+
+* Every product of at most ``MAX_ROWS`` fp32 rows (a decode step's projections and LM head, the
+  mixed projections of a short prompt chunk) is one kernel call per projection group: pass 1
+  streams W and the active experts' rows of A_cat once, pass 2 adds the expand
+  (csrc/cpu/grouped_lora_cpu.cpp).  Larger batches take the torch backend's grouped GEMMs.
+* A decode step on the scheduler's slot cache runs each block as csrc/cpu calls with the RMS
+  norm and silu-mul prologues and the residual epilogues fused in (``decode.CpuRunner``).
+
+The per-Linear state (``CpuLinear``) is built once when the Linear is bound or its experts
+change: the kernel's view of its weights and blocks, and the torch backend's gathered sets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pf_engine.backends import gemm
+from pf_engine.backends.base import Backend
+from pf_engine.backends.cpu import kernel
+from pf_engine.backends.grouped import Gathered, grouped
+from pf_engine.runtime.threads import POLICY
+
+
+@dataclass
+class CpuLinear:
+    """What the cpu backend keeps per Linear (``lin.state``)."""
+    plan: kernel.Plan | None      # the weights and blocks as the kernel reads them (fp32 only)
+    gathered: Gathered | None     # the torch backend's state, for batches of more rows
+
+
+class Cpu(Backend):
+    name = "cpu"
+    few_rows = kernel.MAX_ROWS
+
+    def prepare(self, lin) -> CpuLinear:
+        return CpuLinear(kernel.plan(lin), Gathered() if lin.parts else None)
+
+    def runner(self, model):
+        from pf_engine.backends.cpu.decode import CpuRunner
+        return CpuRunner(model)
+
+    def linear(self, lin, x2, mix, decode):
+        N, plan = x2.shape[0], lin.state.plan
+        if plan is None or N > kernel.MAX_ROWS or (mix is None and not decode):
+            if mix is None:
+                return gemm.linear(x2, lin.weight, lin.bias, decode)
+            return grouped(lin, x2, mix, lin.state.gathered)
+        y = torch.empty(N, lin.d_out, dtype=torch.float32)
+        plan.run(x2.contiguous(), y, None if mix is None else mix.gates, POLICY.threads())
+        return y

@@ -1,0 +1,58 @@
+"""What a backend is: the one object, chosen when an engine is built, that decides how every layer
+of its model runs.
+
+    prepare(lin)    -> the backend's prepared state for one Linear (``lin.state``), built when
+                       the Linear is bound and rebuilt whenever its experts change (attach)
+    linear(lin, x2, mix, decode) -> y [N, d_out] for rows x2 [N, d_in]; mix None: the base
+                       product (no expert has a gate in these rows)
+    runner(model)   -> the callable that runs all blocks of a forward (model.decoder's loop by
+                       default; the cpu backend's fuses each block's decode step in C++)
+    few_rows        -> steps with at most this many rows run their products in the backend's
+                       own threads, torch at one thread (runtime/threads.py)
+
+A backend never reads environment variables or re-tests the machine per call: what it can run
+was settled by ``backends.resolve_backend`` when the engine was built.
+"""
+from __future__ import annotations
+
+import torch
+
+from pf_engine.backends import gemm
+
+
+class Blocks:
+    """Runs the model's blocks one after another (model.decoder.Block): every backend's default."""
+
+    def __init__(self, model):
+        self.blocks = model.blocks
+
+    def __call__(self, x, cos, sin, cache, mask, mix):
+        for blk in self.blocks:
+            x = blk(x, cos, sin, cache, mask, mix)
+        return x
+
+
+class Backend:
+    name = "?"
+    few_rows = 1        # a single decode row: numpy's BLAS GEMV (gemm.mm) at the caller's threads
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.device})"
+
+    def prepare(self, lin):
+        return None
+
+    def runner(self, model):
+        return Blocks(model)
+
+    def linear(self, lin, x2: torch.Tensor, mix, decode: bool) -> torch.Tensor:
+        if mix is None:
+            return gemm.linear(x2, lin.weight, lin.bias, decode)
+        return self.mixed(lin, x2, mix, decode)
+
+    def mixed(self, lin, x2: torch.Tensor, mix, decode: bool) -> torch.Tensor:
+        """y for rows whose gates give some attached expert a weight (``mix``)."""
+        raise NotImplementedError
