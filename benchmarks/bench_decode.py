@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_serving import PROMPTS, TOP2  # noqa: E402
-from benchmarks.common import CpuWatch, busy_warning, machine_info, write_json  # noqa: E402
+from benchmarks.common import CpuWatch, busy_warning, command_line, default_out, machine_info, write_json  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     ap.add_argument("--personas", choices=["mixed", "none"], default="mixed")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "results", "bench_decode.json"))
+    ap.add_argument("--out", default=default_out("bench_decode.json"),
+                    help="the JSON to write (default: bench_decode.json under $PF_BENCH_DIR or /tmp/pf-bench)")
     args = ap.parse_args(argv)
     try:
         batches = [int(b) for b in args.batches.split(",")]
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         for m in modes:
             rows.append({"batch": B, "mode": m, "ms_per_step": ms[m], "vs_dynamic": ms[m] / ms["dynamic"]})
             print(f"  B={B} {m}: {ms[m]:.2f} ms/step", file=sys.stderr)
-    result = {"benchmark": "bench_decode", "command": "python benchmarks/bench_decode.py " + " ".join(argv),
+    result = {"benchmark": "bench_decode", "command": command_line("python benchmarks/bench_decode.py", argv),
               "machine": machine_info(), "device": args.device, "dtype": str(eng.dtype),
               "threads": args.threads, "backend": args.backend, "model": base.folder,
               "personas": args.personas, "steps": args.steps, "repeats": args.repeats,

@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import CpuWatch, busy_warning, machine_info, read_bandwidth, write_json  # noqa: E402
+from benchmarks.common import CpuWatch, busy_warning, command_line, default_out, machine_info, read_bandwidth, write_json  # noqa: E402
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who discovers that the light has been "
@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="every row in this process (faster; peak RSS then accumulates across rows)")
     ap.add_argument("--quick", action="store_true",
                     help=f"{QUICK_CONFIGS} + transformers, 16 new tokens, 1 repeat")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                  "bench_generate.json"))
+    ap.add_argument("--out", default=default_out("bench_generate.json"),
+                    help="the JSON to write (default: bench_generate.json under $PF_BENCH_DIR or /tmp/pf-bench)")
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)     # internal: one row, JSON
     return ap
 
@@ -318,7 +318,7 @@ def run(argv=None) -> dict:
     child_argv = [a for i, a in enumerate(argv) if a != "--out" and (i == 0 or argv[i - 1] != "--out")]
     dname = str(setup.dtype).replace("torch.", "")
     rows = []
-    head = {"benchmark": "bench_generate", "command": "python benchmarks/bench_generate.py " + " ".join(argv),
+    head = {"benchmark": "bench_generate", "command": command_line("python benchmarks/bench_generate.py", argv),
             "device": str(setup.device), "dtype": dname, "model": setup.base.folder,
             "new_tokens": args.new_tokens, "repeats": args.repeats,
             "rss": ("each row in its own process: peak RSS covers loading and running it"

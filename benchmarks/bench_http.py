@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_serving import (header, make_stream, run_continuous,  # noqa: E402
                                       stream_engines, stream_flags, summary)
-from benchmarks.common import CpuWatch, busy_warning, machine_info, write_json  # noqa: E402
+from benchmarks.common import CpuWatch, busy_warning, command_line, machine_info, write_json  # noqa: E402
 
 MID = "bench"
 
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     overhead = {"ttft_p50_ms": 1e3 * (http["ttft_p50_s"] - inp["ttft_p50_s"]),
                 "tpot_p50_ms": 1e3 * (http["tpot_p50_s"] - inp["tpot_p50_s"]),
                 "throughput_ratio": http["throughput_tok_s"] / inp["throughput_tok_s"]}
-    result = {"benchmark": "bench_http", "command": "python benchmarks/bench_http.py " + " ".join(argv),
+    result = {"benchmark": "bench_http", "command": command_line("python benchmarks/bench_http.py", argv),
               "machine": machine_info(), "device": args.device, "threads": args.threads,
               "model": base.folder, "requests": args.requests, "rate": args.rate, "slots": args.slots,
               "min_new": args.min_new, "max_new": args.max_new, "seed": args.seed,

@@ -72,7 +72,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import CpuWatch, busy_warning, machine_info, read_bandwidth, write_json  # noqa: E402
+from benchmarks.common import CpuWatch, busy_warning, command_line, default_out, machine_info, read_bandwidth, write_json  # noqa: E402
 from benchmarks.mixing_report import draw_plots, markdown  # noqa: E402,F401
 from pf_engine.persona.bank import LoraWeights  # noqa: E402
 from pf_engine.backends import BACKENDS, backend_status, create, resolve_backend  # noqa: E402
@@ -258,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                          f"T {QUICK['T']} (explicit flags still win)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--allow-fail", action="store_true", help="exit 0 even if a backend fails the check")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "results", "bench_mixing.json"))
+    ap.add_argument("--out", default=default_out("bench_mixing.json"),
+                    help="the JSON to write (default: bench_mixing.json under $PF_BENCH_DIR or /tmp/pf-bench)")
     ap.add_argument("--md", default=None, help="also write the markdown table to this path")
     ap.add_argument("--plots", default=None, help="draw PNG plots into this folder")
     return ap
@@ -360,7 +360,7 @@ def run(argv=None) -> dict:
             "base_backend": c["base_backend"].name,
             "read_bandwidth_GBps": bw / 1e9, "seconds": time.perf_counter() - t_start,
             "other_cpu_cores": watch.other_cores(), "busy": busy_warning(watch.other_cores()),
-            "command": "python benchmarks/bench_mixing.py " + " ".join(argv_list),
+            "command": command_line("python benchmarks/bench_mixing.py", argv_list),
             "complete": complete, "rows": rows, "failures": failures, "ok": complete and not failures}
 
     try:

@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import CpuWatch, busy_warning, machine_info, write_json  # noqa: E402
+from benchmarks.common import CpuWatch, busy_warning, command_line, default_out, machine_info, write_json  # noqa: E402
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -193,8 +193,8 @@ def stream_flags(ap: argparse.ArgumentParser, out_name: str) -> None:
     ap.add_argument("--max-new", type=int, default=40)
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "results", out_name))
+    ap.add_argument("--out", default=default_out(out_name),
+                    help=f"the JSON to write (default: {out_name} under $PF_BENCH_DIR or /tmp/pf-bench)")
 
 
 def stream_engines(args, backends: list) -> tuple:
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
                 runs[-1]["decode_steps"] = steps
             print(f"  {rate:g} req/s {name}: {runs[-1]['throughput_tok_s']:.1f} tok/s, "
                   f"engine busy {runs[-1]['engine_busy']:.2f}", file=sys.stderr)
-    result = {"benchmark": "bench_serving", "command": "python benchmarks/bench_serving.py " + " ".join(argv),
+    result = {"benchmark": "bench_serving", "command": command_line("python benchmarks/bench_serving.py", argv),
               "machine": machine_info(), "device": args.device, "threads": args.threads,
               "model": base.folder, "requests": args.requests, "rates": rates, "slots": args.slots,
               "prefill_budget": args.prefill_budget,

@@ -69,7 +69,6 @@ import argparse
 import contextlib
 import json
 import os
-import shlex
 import signal
 import statistics
 import subprocess
@@ -81,7 +80,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import bench_generate  # noqa: E402
-from benchmarks.common import CpuWatch, busy_warning, machine_info, write_json  # noqa: E402
+from benchmarks.common import CpuWatch, busy_warning, command_line, default_out, machine_info, write_json  # noqa: E402
 
 CONDITIONS = ("quiet", "two-nice", "one-busy")
 BUSY_NICE = {"quiet": (), "two-nice": (19, 19), "one-busy": (0,)}    # nice of each busy process
@@ -287,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--row-timeout", type=float, default=300.0,
                     help="seconds one measurement (a row process) may take before it is killed")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "results", "bench_shared.json"))
+    ap.add_argument("--out", default=default_out("bench_shared.json"),
+                    help="the JSON to write (default: bench_shared.json under $PF_BENCH_DIR or /tmp/pf-bench)")
     return ap
 
 
@@ -332,7 +331,7 @@ def run(argv=None) -> dict:
     head = {"benchmark": "bench_shared",
             "question": "how much slower does decode get beside busy processes, against the same "
                         f"engine on a quiet machine, and against {PEER}'s own slowdown",
-            "command": "python benchmarks/bench_shared.py " + shlex.join(argv),
+            "command": command_line("python benchmarks/bench_shared.py", argv),
             "machine": machine_info(), "model": args.model or "bundled", "device": "cpu",
             "threads": args.threads, "new_tokens": args.new_tokens, "repeats": args.repeats,
             "inner_repeats": args.inner_repeats,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
 import time
 
@@ -137,6 +138,29 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "results")       # committed: written only when asked
+
+
+def default_out(name: str) -> str:
+    """Where a benchmark writes its JSON unless --out says otherwise: $PF_BENCH_DIR, else
+    <tmp>/pf-bench/.  The committed benchmarks/results/ is written only when asked (an explicit
+    --out, or ``python -m benchmarks --readme``)."""
+    import tempfile
+    return os.path.join(os.environ.get("PF_BENCH_DIR") or os.path.join(tempfile.gettempdir(), "pf-bench"),
+                        name)
+
+
+def command_line(script: str, argv: list[str]) -> str:
+    """The command a result was made by, as one would type it at the repository's root: absolute
+    paths inside the repository are written relative to it."""
+    def rel(a: str) -> str:
+        if os.path.isabs(a) and os.path.abspath(a).startswith(REPO + os.sep):
+            return os.path.relpath(a, REPO)
+        return a
+    return " ".join([script] + [shlex.quote(rel(a)) for a in argv])
 
 
 def write_json(path: str, obj: dict) -> None:

@@ -277,3 +277,29 @@ def test_cli_bad_arguments_one_line_exit_2(argv, match, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and match in err and err.startswith("pf-generate: error:")
+
+
+@pytest.mark.parametrize("prog, argv, match", [
+    ("generate", ["x", "--persona", "openness+=abc"], "weight 'abc' of 'openness+' is not a number"),
+    ("generate", ["x", "--backend", "tpu"], "backend='tpu': unknown backend"),
+    ("generate", ["x", "--dtype", "fp8"], "dtype='fp8'"),
+    ("generate", ["x", "--device", "tpu"], "device='tpu'"),
+    ("generate", ["x", "--threads", "0"], "--threads 0"),
+    ("serve", ["--backend", "tpu"], "backend='tpu': unknown backend"),
+    ("serve", ["--dtype", "int3"], "dtype='int3'"),
+    ("serve", ["--threads", "-2"], "--threads -2"),
+])
+def test_cli_checks_arguments_before_loading(prog, argv, match, capsys, monkeypatch):
+    """A bad value is named in one line before any model is loaded (loading takes seconds)."""
+    from pf_engine.cli import serve
+    from pf_engine.engine import Engine
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+    monkeypatch.setattr(Engine, "from_pretrained", never)
+    threads = torch.get_num_threads()
+    code = (cli if prog == "generate" else serve).main(argv + (["--quiet"] if prog == "generate" else []))
+    torch.set_num_threads(threads)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and match in err, err
+    assert err.startswith(f"pf-{prog}: error:")

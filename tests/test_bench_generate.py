@@ -5,6 +5,7 @@ import math
 import os
 
 from benchmarks import bench_generate, report
+from benchmarks.report.common import plot_generate
 
 
 def test_bench_generate_quick_writes_wellformed_json(tiny_chat_model, tmp_path):
@@ -40,11 +41,15 @@ def test_bench_generate_quick_writes_wellformed_json(tiny_chat_model, tmp_path):
                         - by[("transformers", "base", "-", 1)]["decode_ms_per_token"])
     assert "mixing_ms" not in by[("pf_engine", "base", "-", 1)]
     assert data["read_bandwidth_GBps"] > 0 and data["command"].startswith("python benchmarks/")
-    # the README section and the plot render from it
-    text = report.section(str(tmp_path), str(tmp_path), "python -m benchmarks --quick")
-    assert text.startswith(report.START) and text.endswith(report.END)
-    assert "| pf_engine | top2 | torch | 1 |" in text
-    png = report.plot_generate(data, str(tmp_path / "plots" / "gen.png"))
+    # RESULTS.md, the README's headline block and the plot render from it
+    readme, page = tmp_path / "README.md", tmp_path / "RESULTS.md"
+    readme.write_text("# x\n\n## Performance\n\n" + report.START + "\nold\n" + report.END + "\n\n## After\n")
+    report.write(str(tmp_path), str(readme), str(page), "python -m benchmarks --quick")
+    assert "| pf_engine | top2 | torch | 1 |" in page.read_text()
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("## After\n") and "](RESULTS.md)" in text
+    assert "**Decode, bundled SmolLM2-135M-Instruct**" in text and "x faster than transformers" in text
+    png = plot_generate(data, str(tmp_path / "plots" / "gen.png"))
     assert png and os.path.getsize(png) > 1000
 
 

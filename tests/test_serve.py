@@ -213,6 +213,26 @@ def test_timeout_and_api_key(engine):
         assert s.client().completions.create(model=MID, prompt="hi", max_tokens=2).usage.completion_tokens >= 1
 
 
+def test_each_request_is_logged_in_one_line(engine, server, caplog):
+    """pf-serve logs one line per request: its id, endpoint, model id, persona kind, status,
+    token counts and milliseconds."""
+    import logging
+    c = server.client()
+    with caplog.at_level(logging.INFO, logger="pf_engine.serve"):
+        r = c.chat.completions.create(model=f"{MID}:auto", max_tokens=3, temperature=0,
+                                      messages=[{"role": "user", "content": "Hi"}])
+        for _ in c.completions.create(model=MID, prompt="the quick", max_tokens=2, stream=True):
+            pass
+        deadline = time.monotonic() + 10
+        while len(caplog.records) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)               # the stream's line is written as its generator closes
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "pf_engine.serve"]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"{r.id} chat model={MID}:auto persona=sequence status=ok prompt=")
+    assert "completion=3 ms=" in lines[0]
+    assert " completions model=tiny persona=base status=ok " in lines[1] and "completion=2" in lines[1]
+
+
 def test_metrics_parse(engine, server):
     from prometheus_client.parser import text_string_to_metric_families
     server.client().completions.create(model=f"{MID}:token", prompt="count", max_tokens=3, temperature=0)

@@ -22,7 +22,7 @@ from pf_engine.backends.base import Backend
 
 # Active sets whose gathered copies a Linear keeps (least recently used dropped): a continuous
 # batch alternates between the decode batch's set and each admitted prompt's own set, and a
-# single cached set made every Linear re-gather twice per step (10% of a serving run's time).
+# single cached set made every Linear re-gather twice per step (bench_serving shows the cost).
 GATHERED_SETS = 4
 
 

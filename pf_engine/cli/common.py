@@ -12,6 +12,37 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The flags that choose how an engine is built, shared by pf-generate and pf-serve."""
+    p.add_argument("--model", default=None,
+                   help="HF-layout folder or .gguf (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--adapters", default=None,
+                   help="persona adapter bank: a .safetensors file or a shipped name (bigfive)")
+    p.add_argument("--backend", default=None,
+                   help="how layers run and experts mix: auto (default), cpu, torch, naive, triton, cuda")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+
+
+def check_engine_args(args, persona=None) -> None:
+    """Every engine flag (and a persona spec) checked before anything is loaded: a PFError names
+    the first bad value.  Sets torch's thread count for --threads."""
+    from pf_engine.backends import check_name
+    from pf_engine.engine import resolve_device, resolve_dtype
+    from pf_engine.errors import PFError
+    from pf_engine.persona.specs import parse_spec
+    check_name(args.backend)
+    resolve_dtype(args.dtype, resolve_device(args.device))
+    if persona is not None:
+        parse_spec(persona)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise PFError(f"--threads {args.threads}: expected an integer >= 1")
+        import torch
+        torch.set_num_threads(args.threads)
+
+
 def fail(prog: str, err: Exception) -> int:
     print(f"{prog}: error: {err}", file=sys.stderr)
     return 2

@@ -14,21 +14,15 @@ import json
 import sys
 
 from pf_engine.errors import PFError
-from pf_engine.cli.common import Parser, fail
+from pf_engine.cli.common import Parser, add_engine_args, check_engine_args, fail
 
 
 def build_parser() -> Parser:
     p = Parser(prog="pf-generate", description="Generate text with PersonaFuse Engine.")
     p.add_argument("prompt", nargs="*", help="prompt text (several: one batch); default: stdin")
-    p.add_argument("--model", default=None,
-                   help="HF-layout folder or .gguf (default: bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--adapters", default=None,
-                   help="persona adapter bank: a .safetensors file or a shipped name (bigfive)")
+    add_engine_args(p)
     p.add_argument("--persona", default=None,
-                   help="'auto' or weights, e.g. extraversion+=0.8,agreeableness+=0.4")
-    p.add_argument("--backend", default=None, help="mixing backend: auto, torch, naive, ...")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU)")
+                   help="'auto', 'token' or weights, e.g. extraversion+=0.8,agreeableness+=0.4")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -40,7 +34,6 @@ def build_parser() -> Parser:
     p.add_argument("--truncate", action="store_true", help="keep the tail of over-long prompts")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--lines", action="store_true", help="stdin: one prompt per non-empty line")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--quiet", action="store_true", help="no progress bars or timings on stderr")
     return p
 
@@ -60,32 +53,27 @@ def read_prompts(args) -> list[str]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        import torch
-
         from pf_engine.engine import Engine
         from pf_engine.sampling import SamplingParams
-        sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_p=args.top_p, top_k=args.top_k,
-                        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
-        SamplingParams(**sampling)          # reject bad values before the model is loaded
-        if args.threads is not None:
-            if args.threads < 1:
-                raise PFError(f"--threads {args.threads}: expected an integer >= 1")
-            torch.set_num_threads(args.threads)
+        sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, top_k=args.top_k,
+                                  repetition_penalty=args.repetition_penalty, seed=args.seed,
+                                  stop=args.stop)
+        check_engine_args(args, args.persona)     # every bad value named before the model loads
         prompts = read_prompts(args)
         eng = Engine.from_pretrained(args.model, adapters=args.adapters, device=args.device,
                                      dtype=args.dtype, backend=args.backend,
                                      progress=not args.quiet)
-        kw = dict(sampling, chat=args.chat, truncate=args.truncate)
+        kw = dict(chat=args.chat, truncate=args.truncate)
         if args.persona is not None:
             kw["persona"] = args.persona
         if len(prompts) == 1 and not args.json and sys.stdout.isatty():
-            for piece in eng.stream(prompts[0], **kw):
+            for piece in eng.stream(prompts[0], sampling, **kw):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
         else:
-            for out in eng.generate(prompts, **kw):
+            for out in eng.generate(prompts, sampling, **kw):
                 if args.json:
                     print(json.dumps({"text": out.text, "token_ids": out.token_ids,
                                       "finish_reason": out.finish_reason, "usage": out.usage,

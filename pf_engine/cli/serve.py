@@ -5,29 +5,27 @@
 
 Endpoints: POST /v1/chat/completions and /v1/completions (stream: true for server-sent events),
 GET /v1/models (the base id, and one id per persona: ID:extraversion+, ID:auto, ...), /health,
-/metrics (Prometheus).  Requests share one continuous batch (Engine.submit).
+/metrics (Prometheus).  Requests share one continuous batch (Engine.submit).  Every request is
+logged on stderr in one line (id, endpoint, model id, persona kind, status, tokens, ms), and a
+closing line sums up what was served.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
+import time
 
+from pf_engine.cli.common import Parser, add_engine_args, check_engine_args, fail
 from pf_engine.errors import PFError
-from pf_engine.cli.common import Parser, fail
 
 
 def build_parser() -> Parser:
     p = Parser(prog="pf-serve", description="Serve PersonaFuse Engine over an OpenAI-compatible API.")
-    p.add_argument("--model", default=None,
-                   help="HF-layout folder or .gguf (default: bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--adapters", default=None,
-                   help="persona adapter bank: a .safetensors file or a shipped name (bigfive)")
+    add_engine_args(p)
     p.add_argument("--model-id", default=None,
                    help="the id clients name (default: the model folder's name, lowercased)")
-    p.add_argument("--backend", default=None, help="mixing backend: auto, torch, naive, ...")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--slots", type=int, default=None, help="requests decoded together (default 8)")
@@ -38,7 +36,7 @@ def build_parser() -> Parser:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
     p.add_argument("--api-key", default=os.environ.get("PF_API_KEY"),
                    help="require Authorization: Bearer KEY (default: $PF_API_KEY, else none)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--quiet", action="store_true", help="no per-request log lines")
     return p
 
 
@@ -55,12 +53,16 @@ def main(argv=None) -> int:
             return fail("pf-serve", PFError(f"--{name.replace('_', '-')} {v}: out of range"))
     if args.timeout <= 0:
         return fail("pf-serve", PFError(f"--timeout {args.timeout}: expected seconds > 0"))
-    import torch
+    try:
+        check_engine_args(args)                   # every bad value named before the model loads
+    except PFError as e:
+        return fail("pf-serve", e)
     import uvicorn
+
     from pf_engine.engine import Engine
     from pf_engine.serve import build_app
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    logging.basicConfig(stream=sys.stderr, format="pf-serve: %(message)s")
+    logging.getLogger("pf_engine.serve").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         eng = Engine.from_pretrained(args.model, adapters=args.adapters, device=args.device,
                                      dtype=args.dtype, backend=args.backend)
@@ -72,6 +74,9 @@ def main(argv=None) -> int:
     print(f"pf-serve: {mid} on http://{args.host}:{args.port}/v1 "
           f"({len(app.state.catalog.ids())} model ids, {eng.scheduler().slots} slots)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    served = app.state.served
+    print(f"pf-serve: shut down after {time.monotonic() - served['t0']:.0f} s: {served['requests']} "
+          f"requests, {served['tokens']} tokens generated", file=sys.stderr)
     return 0
 
 

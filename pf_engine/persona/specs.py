@@ -21,6 +21,17 @@ from pf_engine.persona.router import explicit_gates, parse_persona
 BASE, EXPLICIT, SEQUENCE, TOKEN = "base", "explicit", "sequence", "token"
 
 
+def parse_spec(spec):
+    """One persona spec, its syntax checked without a bank: None, "auto", "token" or a dict of
+    weights (a string "NAME=W,..." or JSON parsed).  Names and weights are checked against the
+    bank by ``Personas``; this is what a CLI checks before it loads anything."""
+    if isinstance(spec, str):
+        return "token" if spec.strip() == "token" else parse_persona(spec)
+    if spec is None or isinstance(spec, dict):
+        return spec
+    raise RequestError(f"persona {spec!r}: expected None, a dict of weights, 'auto' or 'token'")
+
+
 class Personas:
     """rows [B, K] fp32 (fixed gates; sequence rows filled by ``route``), kinds [B]."""
 
@@ -39,8 +50,7 @@ class Personas:
         self.rows = torch.zeros(n, bank.num_experts, dtype=torch.float32)
         self.kinds = []
         for i, spec in enumerate(specs):
-            if isinstance(spec, str):
-                spec = "token" if spec.strip() == "token" else parse_persona(spec)
+            spec = parse_spec(spec)
             if spec is None:
                 self.kinds.append(BASE)
             elif spec == "auto":
@@ -50,12 +60,9 @@ class Personas:
             elif spec == "token":
                 bank.require_router("token")
                 self.kinds.append(TOKEN)
-            elif isinstance(spec, dict):
+            else:
                 self.rows[i] = explicit_gates(spec, bank.expert_names)
                 self.kinds.append(EXPLICIT)
-            else:
-                raise RequestError(f"persona {spec!r}: expected None, a dict of weights, "
-                                   "'auto' or 'token'")
 
     @property
     def any(self) -> bool:

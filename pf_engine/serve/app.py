@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 
 from fastapi import FastAPI, Request
@@ -32,6 +33,20 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
     catalog = Catalog(model_id, engine.bank)
     metrics = Metrics(engine.scheduler)
     app.state.engine, app.state.catalog, app.state.metrics = engine, catalog, metrics
+    app.state.served = {"requests": 0, "tokens": 0, "t0": time.monotonic()}
+    log = logging.getLogger("pf_engine.serve")
+
+    def record(endpoint: str, status: str, p: Parsed | None = None, req=None, rid: str = "-") -> None:
+        """Count a finished (or refused) request in the metrics and log one line for it:
+        id, model id, persona kind, status, prompt and completion tokens, ms since arrival."""
+        kind = req.kind if req is not None else "-"
+        metrics.finished(endpoint, kind, status, req)
+        prompt, done = (len(req.ids), len(req.tokens)) if req is not None else (0, 0)
+        ms = 1e3 * (time.perf_counter() - req.t_submit) if req is not None else 0.0
+        app.state.served["requests"] += 1
+        app.state.served["tokens"] += done
+        log.info("%s %s model=%s persona=%s status=%s prompt=%d completion=%d ms=%.0f", rid,
+                 endpoint, p.model if p is not None else "-", kind, status, prompt, done, ms)
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
@@ -68,39 +83,39 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
         endpoint = "chat" if kind == "chat" else "completions"
         waiting = len(sched.waiting)
         if waiting >= max_queue and waiting + len(sched.running) >= sched.slots:   # it would wait
-            metrics.finished(endpoint, "-", "rejected")
+            record(endpoint, "rejected", p)
             raise APIError(429, f"the queue is full ({max_queue} requests wait for a slot); retry later",
                            None, "rate_limit_error", "queue_full", {"Retry-After": "1"})
         try:
             req = sched.submit(p.ids, p.params, p.persona)
         except RequestError as e:
             raise APIError(400, str(e), "max_tokens") from None
-        deadline = time.monotonic() + timeout_s
+        deadline, rid = time.monotonic() + timeout_s, new_id(kind)
         if p.stream:
-            return StreamingResponse(events(p, req, endpoint, deadline), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(events(p, req, endpoint, deadline, rid),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         watch = asyncio.ensure_future(cancel_if_gone(request, req))
         try:
             out = await asyncio.wait_for(req.aresult(), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             req.cancel()
-            metrics.finished(endpoint, req.kind, "timeout", req)
+            record(endpoint, "timeout", p, req, rid)
             raise APIError(504, f"the request took longer than {timeout_s:g} s", None,
                            "timeout", "timeout") from None
         except asyncio.CancelledError:             # the server is shutting down
             req.cancel()
-            metrics.finished(endpoint, req.kind, "cancelled", req)
+            record(endpoint, "cancelled", p, req, rid)
             raise
         finally:
             watch.cancel()
-        metrics.finished(endpoint, req.kind, "cancelled" if out.finish_reason == "cancelled" else "ok", req)
+        record(endpoint, "cancelled" if out.finish_reason == "cancelled" else "ok", p, req, rid)
         usage = dict(out.usage, total_tokens=sum(out.usage.values()))
-        return response(p, new_id(kind), out.text, out.finish_reason, usage, out.gates)
+        return response(p, rid, out.text, out.finish_reason, usage, out.gates)
 
-    async def events(p: Parsed, req, endpoint: str, deadline: float):
+    async def events(p: Parsed, req, endpoint: str, deadline: float, rid: str):
         """Server-sent events: text pieces as they are released, the final chunk (finish reason,
         gates), the usage chunk if asked, then [DONE]."""
-        rid, created = new_id(p.kind), int(time.time())
+        created = int(time.time())
         status, first = "cancelled", True
         pieces = req.atext()
         try:
@@ -131,7 +146,7 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
             if not req.done:
                 req.cancel()
             await pieces.aclose()
-            metrics.finished(endpoint, req.kind, status, req)
+            record(endpoint, status, p, req, rid)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

@@ -131,7 +131,8 @@ def readme_section(result: dict, json_path: str, plot_path: str | None, command:
     replies = result["replies"]
     mid = sample_message or sorted(result["messages"])[0]
     poles = sample_poles or ["agreeableness+", "agreeableness-", "extraversion+"]
-    lines += [f"Sample greedy replies to the held-out message *\"{result['messages'][mid]}\"*:", ""]
+    chosen = f" (chosen by `{result['sample_chosen_by']}`)" if result.get("sample_chosen_by") else ""
+    lines += [f"Sample greedy replies to the held-out message *\"{result['messages'][mid]}\"*{chosen}:", ""]
     for cond in ["base"] + [f"expert:{p}" for p in poles]:
         text = replies[cond].get(mid, "").replace("\n", " ").replace("|", "\\|")
         lines.append(f"- **{cond}**: {text}")

@@ -1,4 +1,4 @@
-"""The cpu backend's section of the README (issue 12's goals), from cpu_mixing.json and
+"""The cpu backend's section of benchmarks/RESULTS.md (issue 12's goals), from cpu_mixing.json and
 cpu_generate.json: python benchmarks/bench_mixing.py --shapes smollm2 --K 10 --r 16 --T 1,4
 --gates dense,top2 --out benchmarks/results/cpu_mixing.json, and python
 benchmarks/bench_generate.py --configs base,top2:cpu,top2:torch,dense:cpu,dense:torch,dense:naive
@@ -36,7 +36,7 @@ def op_goals(mix: dict) -> list[str]:
 
 
 def e2e_goals(gen: dict) -> list[str]:
-    from benchmarks.report import _row
+    from benchmarks.report.common import row as _row
     out = []
     base = _row(gen, "pf_engine", "base")
     if not base:
@@ -64,12 +64,12 @@ def e2e_goals(gen: dict) -> list[str]:
 
 def cpu_section(results_dir: str) -> list[str]:
     from benchmarks import bench_generate, bench_mixing
-    from benchmarks.report import load, provenance
+    from benchmarks.report.common import load, provenance
     mix = load(os.path.join(results_dir, "cpu_mixing.json"))
     gen = load(os.path.join(results_dir, "cpu_generate.json"))
     if not mix and not gen:
         return []
-    parts = ["### The cpu backend (csrc/cpu) against its goals", ""]
+    parts = ["## The cpu backend (csrc/cpu) against its goals", ""]
     if gen:
         parts += [f"`{gen['command'].strip()}`; {provenance(gen['machine'])}.", "",
                   bench_generate.markdown(gen), ""]

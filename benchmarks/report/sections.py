@@ -1,80 +1,63 @@
-"""Plots and the README's Performance section, from the JSON files the benchmarks wrote.
-
-    python -m benchmarks.report [--results benchmarks/results] [--readme README.md]
-
-The README section lies between the markers <!-- perf:start --> and <!-- perf:end --> and is
-rewritten whole each time: the command, the machine, the tables and the plots.
-"""
+"""The sections of benchmarks/RESULTS.md, one per benchmark JSON in the results folder; each says
+the command that made its JSON and its provenance (commit, clean tree or not), then the tables.
+Every figure in them is read from the JSON; a missing JSON leaves its section out."""
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 
-START, END = "<!-- perf:start -->", "<!-- perf:end -->"
-HERE = os.path.dirname(os.path.abspath(__file__))
+from benchmarks.report.common import fastest_counts, load, plot_generate, provenance, row
 
 
-def load(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+def generate_section(results_dir: str, page_dir: str) -> list[str]:
+    """End to end on the bundled model (bench_generate.json), with its reading and plot."""
+    from benchmarks import bench_generate
+    gen = load(os.path.join(results_dir, "bench_generate.json"))
+    if not gen:
+        return []
+    m = gen["machine"]
+    bw = (f"read bandwidth {gen['read_bandwidth_GBps']:.1f} GB/s; " if gen.get("read_bandwidth_GBps")
+          else f"copy bandwidth {gen['copy_bandwidth_GBps']:.1f} GB/s; " if gen.get("copy_bandwidth_GBps")
+          else "")
+    prov = provenance(m)
+    parts = ["## End to end (bundled SmolLM2-135M-Instruct)", "", f"`{gen['command'].strip()}`", "",
+             f"{prov[0].upper()}{prov[1:]}, {m['date']}, torch {m['torch']}, "
+             f"transformers {m.get('transformers')}; {bw}base weights "
+             f"{gen['weight_bytes_per_token'] / 1e6:.0f} MB read per decode step.", "",
+             bench_generate.markdown(gen), ""]
+    bullets = reading(gen)
+    if bullets:
+        parts += ["Reading it:", ""] + bullets + [""]
+    png = plot_generate(gen, os.path.join(results_dir, "plots", "generate_decode.png"))
+    if png:
+        parts += [f"![decode tokens/s]({os.path.relpath(png, page_dir)})", ""]
+    return parts
 
 
-def plot_generate(result: dict, out_png: str) -> str | None:
-    """Bar chart: decode tokens/s per configuration (pf_engine rows and peers)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = [r for r in result["rows"] if "error" not in r]
-    labels = [f"{r['engine'].replace('pf_engine', 'pf')}\n{r['config']}"
-              + (f"/{r['backend']}" if r["backend"] != "-" else "") + f" B={r['batch']}"
-              for r in rows]
-    vals = [r["decode_tok_s"] for r in rows]
-    colours = ["tab:blue" if r["engine"] == "pf_engine" else "tab:gray" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows)), 4))
-    ax.bar(range(len(rows)), vals, color=colours)
-    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("decode tokens/s (all requests)")
-    ax.set_title(f"End-to-end decode, {result['device']} {result['dtype']}, "
-                 f"{result['threads']} threads")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(out_png), exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+def mixing_section(results_dir: str, page_dir: str) -> list[str]:
+    """One adapted linear, every backend (bench_mixing.json), the headline table and the plots."""
+    from benchmarks import bench_mixing
+    mix = load(os.path.join(results_dir, "bench_mixing.json"))
+    if not mix:
+        return []
+    parts = ["## One adapted linear (op level)", "",
+             f"`{mix['command'].strip()}`; {provenance(mix['machine'])}.", "",
+             bench_mixing.markdown(mix, headline=True), ""]
+    folder = os.path.join(results_dir, "plots")
+    for name in sorted(os.listdir(folder) if os.path.isdir(folder) else []):
+        if name.startswith("mixing") and name.endswith(".png"):
+            parts += [f"![{name[:-4]}]({os.path.relpath(os.path.join(folder, name), page_dir)})", ""]
+    return parts
 
 
-def provenance(m: dict) -> str:
-    """'commit X' with what the JSON says of the tree: clean, changed files, or not recorded."""
-    dirty = m.get("dirty")
-    if dirty is None:
-        return f"commit {m.get('commit')} (whether the tree was clean was not recorded)"
-    if not dirty:
-        return f"commit {m.get('commit')}, clean tree"
-    return (f"commit {m.get('commit')} plus uncommitted changes to {', '.join(dirty)} "
-            "(not a committed state: see the commit that added this JSON)")
-
-
-def fastest_counts(mix: dict) -> dict:
-    """{backend: rows where it was the fastest mixing backend}, base excluded."""
-    best = {}
-    for w in mix["rows"]:
-        if w["backend"] == "base" or w.get("ms") is None:
-            continue
-        key = (w["shape"], w["K"], w["r"], w["T"], w["gates"])
-        if key not in best or w["ms"] < best[key][1]:
-            best[key] = (w["backend"], w["ms"])
-    counts = {}
-    for b, _ in best.values():
-        counts[b] = counts.get(b, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+def shared_section(results_dir: str) -> list[str]:
+    """Decode on a shared machine: quiet against busy processes beside it (bench_shared.json)."""
+    res = load(os.path.join(results_dir, "bench_shared.json"))
+    if not res:
+        return []
+    from benchmarks import bench_shared
+    return ["## On a shared machine: busy processes beside the engine", "",
+            f"`{res['command'].strip()}`; {provenance(res['machine'])}.", "",
+            bench_shared.markdown(res), ""]
 
 
 def serving_section(results_dir: str) -> list[str]:
@@ -83,7 +66,7 @@ def serving_section(results_dir: str) -> list[str]:
     srv = load(os.path.join(results_dir, "bench_serving.json"))
     if not srv:
         return []
-    return ["### A stream of requests: continuous against static batching", "",
+    return ["## A stream of requests: continuous against static batching", "",
             f"`{srv['command'].strip()}`; {provenance(srv['machine'])}.", "",
             bench_serving.markdown(srv), ""] + serving_reading(srv)
 
@@ -94,7 +77,7 @@ def http_section(results_dir: str) -> list[str]:
     res = load(os.path.join(results_dir, "bench_http.json"))
     if not res:
         return []
-    return ["### The same stream over HTTP: pf-serve against in-process", "",
+    return ["## The same stream over HTTP: pf-serve against in-process", "",
             f"`{res['command'].strip()}`; {provenance(res['machine'])}.", "",
             bench_http.markdown(res), ""]
 
@@ -105,7 +88,7 @@ def decode_section(results_dir: str) -> list[str]:
     res = load(os.path.join(results_dir, "bench_decode.json"))
     if not res:
         return []
-    return ["### The scheduler's decode step: dynamic, static, CUDA graphs", "",
+    return ["## The scheduler's decode step: dynamic, static, CUDA graphs", "",
             f"`{res['command'].strip()}`; {provenance(res['machine'])}.  On CPU the static step "
             "(the shapes a CUDA graph needs) is measured beside the dynamic one, which stays the "
             "CPU default; graphs run only on CUDA (`bash benchmarks/gpu_suite.sh`).", "",
@@ -154,7 +137,7 @@ def serving_reading(srv: dict) -> list[str]:
     return out + [""]
 
 
-def gpu_section(results_dir: str, readme_dir: str) -> list[str]:
+def gpu_section(results_dir: str, page_dir: str) -> list[str]:
     """The GPU subsection from gpu_generate.json / gpu_mixing.json (bash benchmarks/gpu_suite.sh)."""
     from benchmarks import bench_generate, bench_mixing
     gen = load(os.path.join(results_dir, "gpu_generate.json"))
@@ -162,7 +145,7 @@ def gpu_section(results_dir: str, readme_dir: str) -> list[str]:
     if not gen and not mix:
         return gpu_scheduler_parts(results_dir)
     m = (gen or mix)["machine"]
-    parts = [f"### On a GPU ({m.get('gpu')}, `bash benchmarks/gpu_suite.sh`)", "",
+    parts = [f"## On a GPU ({m.get('gpu')}, `bash benchmarks/gpu_suite.sh`)", "",
              f"{provenance(m)}; {m['date']}, torch {m['torch']}, transformers {m.get('transformers')}.", ""]
     if gen:
         what = ("SmolLM2-135M's config and tokenizer with random weights (benchmarks/random_weights.py;"
@@ -181,7 +164,7 @@ def gpu_section(results_dir: str, readme_dir: str) -> list[str]:
         folder = os.path.join(results_dir, "gpu_plots")
         for name in sorted(os.listdir(folder) if os.path.isdir(folder) else []):
             if name.endswith(".png"):
-                parts += [f"![gpu {name[:-4]}]({os.path.relpath(os.path.join(folder, name), readme_dir)})", ""]
+                parts += [f"![gpu {name[:-4]}]({os.path.relpath(os.path.join(folder, name), page_dir)})", ""]
     return parts + gpu_scheduler_parts(results_dir)
 
 
@@ -205,24 +188,19 @@ def gpu_scheduler_parts(results_dir: str) -> list[str]:
     return parts
 
 
-def _row(gen: dict, engine: str, config: str, backend: str = "-", batch: int = 1) -> dict | None:
-    return next((r for r in gen["rows"] if (r["engine"], r["config"], r["backend"], r["batch"])
-                 == (engine, config, backend, batch) and "error" not in r), None)
-
-
 def reading(gen: dict) -> list[str]:
     """Bullets that read the end-to-end table, every figure computed from it; the mixing
     bullets read the default backend's rows (cpu when the table has them, else torch)."""
     out = []
-    base = _row(gen, "pf_engine", "base")
-    be = "cpu" if _row(gen, "pf_engine", "top2", "cpu") or _row(gen, "pf_engine", "dense", "cpu") else "torch"
+    base = row(gen, "pf_engine", "base")
+    be = "cpu" if row(gen, "pf_engine", "top2", "cpu") or row(gen, "pf_engine", "dense", "cpu") else "torch"
     if base and base.get("floor_ms_per_token"):
         out.append(f"- Base decode: {base['decode_ms_per_token']:.1f} ms/token, "
                    f"{base['decode_ms_per_token'] / base['floor_ms_per_token']:.1f}x its read floor "
                    f"({base['floor_ms_per_token']:.1f} ms: {gen['weight_bytes_per_token'] / 1e6:.0f} MB "
                    f"at {gen['read_bandwidth_GBps']:.1f} GB/s).")
     for cfg in ("top2", "dense"):
-        r = _row(gen, "pf_engine", cfg, be)
+        r = row(gen, "pf_engine", cfg, be)
         if r and base and r.get("mixing_ms") is not None:
             extra = (f", {r['floor_ms_per_token'] / base['floor_ms_per_token']:.2f}x by its bytes alone"
                      if r.get("floor_ms_per_token") and base.get("floor_ms_per_token") else "")
@@ -233,13 +211,13 @@ def reading(gen: dict) -> list[str]:
         out.append("- A negative mixing ms (" + ", ".join(f"{r['config']} {r['backend']}" for r in neg)
                    + ") is this run's noise exceeding the experts' cost: the rows ran one after "
                    "another, each in its own process, on a shared machine.")
-    nv = _row(gen, "pf_engine", "dense", "naive")
+    nv = row(gen, "pf_engine", "dense", "naive")
     if nv and nv.get("naive_over_torch"):
         out.append(f"- The naive loop over experts is {nv['naive_over_torch']:.2f}x slower than the "
                    "grouped torch backend for dense mixing.")
-    hf = _row(gen, "transformers", "base")
+    hf = row(gen, "transformers", "base")
     for cfg in ("top2", "dense"):
-        ours, peft = _row(gen, "pf_engine", cfg, be), _row(gen, "transformers+peft (cat)", cfg)
+        ours, peft = row(gen, "pf_engine", cfg, be), row(gen, "transformers+peft (cat)", cfg)
         if ours and peft and hf and base and peft.get("mixing_ms") is not None:
             d_base = hf["decode_ms_per_token"] - base["decode_ms_per_token"]
             d_mix = peft["mixing_ms"] - ours["mixing_ms"]
@@ -259,82 +237,3 @@ def reading(gen: dict) -> list[str]:
     return out
 
 
-def section(results_dir: str, readme_dir: str, command: str) -> str:
-    from benchmarks import bench_generate
-    parts = [START, "", f"Made by `{command}`, which ran the commands below; the JSON files (with the "
-             "machine, the versions, the commit and whether the tree was clean) are in "
-             "`benchmarks/results/`.", ""]
-    gen = load(os.path.join(results_dir, "bench_generate.json"))
-    if gen:
-        m = gen["machine"]
-        bw = (f"read bandwidth {gen['read_bandwidth_GBps']:.1f} GB/s; " if gen.get("read_bandwidth_GBps")
-              else f"copy bandwidth {gen['copy_bandwidth_GBps']:.1f} GB/s; " if gen.get("copy_bandwidth_GBps")
-              else "")
-        parts += ["### End to end (bundled SmolLM2-135M-Instruct)", ""]
-        if gen.get("command"):
-            parts += [f"`{gen['command']}`", ""]
-        prov = provenance(m)
-        parts += [f"{prov[0].upper()}{prov[1:]}, {m['date']}, torch {m['torch']}, "
-                  f"transformers {m.get('transformers')}; {bw}base weights "
-                  f"{gen['weight_bytes_per_token'] / 1e6:.0f} MB read per decode step.", "",
-                  bench_generate.markdown(gen), ""]
-        bullets = reading(gen)
-        if bullets:
-            parts += ["Reading it:", ""] + bullets + [""]
-        png = plot_generate(gen, os.path.join(results_dir, "plots", "generate_decode.png"))
-        if png:
-            parts += [f"![decode tokens/s]({os.path.relpath(png, readme_dir)})", ""]
-    mix = load(os.path.join(results_dir, "bench_mixing.json"))
-    if mix:
-        try:
-            from benchmarks import bench_mixing
-            table = bench_mixing.markdown(mix, headline=True)
-        except (ImportError, AttributeError, TypeError, KeyError):
-            table = None
-        parts += ["### One adapted linear (op level)", ""]
-        if mix.get("command"):
-            parts += [f"`{mix['command']}`; {provenance(mix['machine'])}.", ""]
-        if table:
-            parts += [table, ""]
-        for name in sorted(os.listdir(os.path.join(results_dir, "plots"))
-                           if os.path.isdir(os.path.join(results_dir, "plots")) else []):
-            if name.startswith("mixing") and name.endswith(".png"):
-                p = os.path.join(results_dir, "plots", name)
-                parts += [f"![{name[:-4]}]({os.path.relpath(p, readme_dir)})", ""]
-    from benchmarks.cpu_report import cpu_section
-    parts += cpu_section(results_dir)
-    parts += serving_section(results_dir)
-    parts += http_section(results_dir)
-    parts += decode_section(results_dir)
-    parts += gpu_section(results_dir, readme_dir)
-    parts.append(END)
-    return "\n".join(parts)
-
-
-def update_readme(readme: str, text: str) -> None:
-    with open(readme) as f:
-        old = f.read()
-    if START in old and END in old:
-        new = old[:old.index(START)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    tmp = readme + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(new)
-    os.replace(tmp, readme)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--results", default=os.path.join(HERE, "results"))
-    ap.add_argument("--readme", default=os.path.join(os.path.dirname(HERE), "README.md"))
-    ap.add_argument("--command", default="python -m benchmarks")
-    args = ap.parse_args(argv)
-    update_readme(args.readme, section(args.results, os.path.dirname(os.path.abspath(args.readme)),
-                                       args.command))
-    print(f"updated {args.readme}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The README's Performance summary: a few headline figures, each computed from one JSON of the
+results folder and naming the commit that made it; the full tables are in RESULTS.md."""
+from __future__ import annotations
+
+import os
+
+from benchmarks.report.common import load, row
+
+
+def _at(res: dict) -> str:
+    m = res["machine"]
+    state = "" if m.get("dirty") == [] else " + uncommitted changes" if m.get("dirty") else ""
+    return f"commit {m.get('commit')}{state}"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def end_to_end(gen: dict) -> list[str]:
+    """Base decode against transformers and the read floor; the default backend's persona cost."""
+    base, hf = row(gen, "pf_engine", "base"), row(gen, "transformers", "base")
+    if not base:
+        return []
+    m, b = gen["machine"], base["decode_ms_per_token"]
+    out = [f"- **Decode, bundled SmolLM2-135M-Instruct** ({m['cpu']}, {gen['threads']} threads, "
+           f"{gen['dtype']}; {_at(gen)}): base {b:.1f} ms/token"
+           + (f", {hf['decode_ms_per_token'] / b:.2f}x faster than transformers" if hf else "")
+           + (f", {b / base['floor_ms_per_token']:.2f}x its read floor" if base.get("floor_ms_per_token") else "")
+           + "."]
+    be = "cpu" if row(gen, "pf_engine", "top2", "cpu") else "torch"
+    parts = []
+    for cfg in ("top2", "dense"):
+        r = row(gen, "pf_engine", cfg, be)
+        if r:
+            parts.append(f"{cfg} {r['decode_ms_per_token'] / b:.2f}x")
+    peft = row(gen, "transformers+peft (cat)", "top2")
+    if parts:
+        out.append(f"- **Personas mixed in one pass** ({be} backend, ten rank-16 experts, same run): "
+                   + ", ".join(parts) + " the base model's ms/token"
+                   + (f"; transformers + PEFT top-2: {peft['decode_ms_per_token'] / hf['decode_ms_per_token']:.2f}x "
+                      "transformers' base" if peft and hf else "") + ".")
+    return out
+
+
+def shared(res: dict) -> list[str]:
+    """Base decode beside busy processes against quiet (bench_shared.json), ours and transformers'."""
+    rows = {(r["engine"], r["config"]): r for r in res.get("summary", [])}
+    ours, peer = rows.get(("pf_engine", "base")), rows.get(("transformers", "base"))
+    if not ours or ours["two-nice"].get("ratio") is None or ours["one-busy"].get("ratio") is None:
+        return []
+    two, one = ours["two-nice"]["ratio"], ours["one-busy"]["ratio"]
+    out = (f"- **On a shared machine** ({_at(res)}): base decode {two:.2f}x slower beside two background "
+           f"busy processes (goal <= 2.5: {_met(two <= 2.5)}), {one:.2f}x beside one busy process "
+           f"(goal <= 3: {_met(one <= 3)})")
+    if peer and peer["two-nice"].get("ratio") and peer["one-busy"].get("ratio"):
+        out += f"; transformers {peer['two-nice']['ratio']:.2f}x and {peer['one-busy']['ratio']:.2f}x"
+    return [out + "."]
+
+
+def serving(srv: dict, where: str) -> list[str]:
+    goals = srv.get("goals") or []
+    if not goals:
+        return []
+    top = max(goals, key=lambda g: g["rate"])
+    return [f"- **Continuous batching, {where}** ({_at(srv)}): at {top['rate']:g} req/s, p99 time to "
+            f"first token {top['ttft_p99_ratio']:.1f}x lower than static batching, throughput "
+            f"{top['throughput_ratio']:.2f}x (goal 2x: {_met(top['throughput_ratio'] >= 2)})"
+            + (f"; a mix of personas costs {top['persona_cost']:.2f}x the base model's throughput"
+               if "persona_cost" in top else "") + "."]
+
+
+def graphs(dec: dict) -> list[str]:
+    rows = {(r["batch"], r["mode"]): r["ms_per_step"] for r in dec.get("rows", [])}
+    pairs = [(b, rows[(b, "dynamic")] / rows[(b, "graphs")]) for b, mode in rows
+             if mode == "graphs" and (b, "dynamic") in rows]
+    if not pairs:
+        return []
+    return [f"- **CUDA-graph decode** ({dec['machine'].get('gpu')}, {_at(dec)}): "
+            + ", ".join(f"{x:.1f}x faster than dynamic at B={b}" for b, x in sorted(pairs)) + "."]
+
+
+def headline(results_dir: str, link: str) -> list[str]:
+    """The README block's lines (markdown), ``link`` the path of RESULTS.md from the README."""
+    def get(name):
+        return load(os.path.join(results_dir, name))
+    out = []
+    for name, fn in (("bench_generate.json", end_to_end), ("bench_shared.json", shared)):
+        res = get(name)
+        if res:
+            out += fn(res)
+    for name, where in (("bench_serving.json", "CPU"), ("gpu_serving.json", "GPU")):
+        res = get(name)
+        if res:
+            out += serving(res, where)
+    dec = get("gpu_decode.json")
+    if dec:
+        out += graphs(dec)
+    return out + ["", f"Every figure above is computed from a JSON in `benchmarks/results/` by "
+                  f"`python -m benchmarks.report`; the full tables, their commands and the machines "
+                  f"are in [{os.path.basename(link)}]({link}).", ""]
