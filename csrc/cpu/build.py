@@ -7,7 +7,8 @@ module checks the CPU before it is imported: pf_kernels.cpu_ops).  Each source c
 object, os.cpu_count() at a time, kept in csrc/build/cpu/ and rebuilt only when it is older than
 its source, a header of csrc/cpu or this file (--clean rebuilds all):
 
-    SOURCES          the module definition (binding.cpp): no OpenMP
+    SOURCES          the typed API (LinearPlan, BlockPlan, decode_attention) on its own thread
+                     pool (pool.cpp): no OpenMP
     LEGACY_SOURCES   the old raw-pointer entry points: -fopenmp (the link adds libgomp for them)
 
 The module lands in pf_kernels/ by default, i.e. it imports as ``pf_kernels._pf_cpu``.  setup.py
@@ -27,7 +28,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE.parent.parent / "pf_kernels"
 OBJ_DIR = HERE.parent / "build" / "cpu"
-SOURCES = [HERE / "binding.cpp"]
+SOURCES = [HERE / n for n in ("binding.cpp", "binding_linear.cpp", "binding_attention.cpp",
+                               "binding_block.cpp", "check.cpp", "linear_plan.cpp", "attention.cpp",
+                               "block_plan.cpp", "pool.cpp")]
 LEGACY_SOURCES = [HERE / "grouped_lora_cpu.cpp", HERE / "decode_attention.cpp"]
 MODULE = "_pf_cpu"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-std=c++17", "-fvisibility=hidden", "-pthread", "-Wall"]
