@@ -25,6 +25,18 @@ TOL = 1e-5
 POISON = 7.25
 
 
+@pytest.fixture(autouse=True)
+def small_chunks():
+    """Chunks of about one weight row and 8 output columns, so that the small sizes here split
+    into many chunks and threads > 1 really runs on the pool (the defaults would make every
+    region here one chunk, run inline)."""
+    mod = cpu_ops._load()[0]
+    old = mod._chunking()
+    mod._set_chunking(150, 32)
+    yield
+    mod._set_chunking(old["pass1_bytes"], old["pass2_bytes"])
+
+
 def close(got, want, tol=TOL):
     err = np.abs(got.astype(np.float64) - want).max()
     assert err <= tol * (1 + np.abs(want).max()), err
@@ -163,6 +175,22 @@ def test_linear_plan_plain_and_strided_output():
         outs.append(buf.copy())
     for o in outs[1:]:
         np.testing.assert_array_equal(o, outs[0])
+
+
+def test_linear_plan_default_chunking_on_the_pool():
+    """SmolLM2's gate|up shapes at the module's own chunk sizes: several chunks per region."""
+    mod = cpu_ops._load()[0]
+    mod._set_chunking(65536, 65536)
+    rng = np.random.default_rng(11)
+    grp = Group(rng, 576, (1536, 1536), 10)
+    plan = grp.plan()
+    for T, kind in ((1, "top2"), (4, "dense")):
+        x = rng.standard_normal((T, 576)).astype(F32)
+        gates = make_gates(kind, rng, T, 10)
+        for threads in (2, 3):
+            y = np.full((T, grp.d_out), np.nan, F32)
+            plan.run(x, y, gates, threads)
+            close(y, grp.ref(x, gates))
 
 
 def test_linear_plan_keeps_its_arrays():

@@ -3,7 +3,7 @@
 //
 //   MAX_ROWS = 16, PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
 //   LinearPlan, BlockPlan, decode_attention (typed overload), set_spin_us(us), spin_us(),
-//   pool_workers(); _set_chunking(pass1_bytes, pass2_cols), _chunking() (benchmark tuning)
+//   pool_workers(); _set_chunking(pass1_bytes, pass2_bytes), _chunking() (benchmark tuning)
 #include "binding.h"
 #include "legacy.h"
 #include "pool.h"
@@ -29,14 +29,14 @@ PYBIND11_MODULE(_pf_cpu, m) {
     }, py::arg("us"), "How long a waiting pool thread spins before it sleeps (microseconds)");
     m.def("spin_us", &spin_us);
     m.def("pool_workers", &pool_workers, "Worker threads the pool has started (the caller is not one)");
-    m.def("_set_chunking", [](int64_t pass1_bytes, int64_t pass2_cols) {
+    m.def("_set_chunking", [](int64_t pass1_bytes, int64_t pass2_bytes) {
         const Checker ck("_set_chunking");
         ck.in_range("pass1_bytes", pass1_bytes, 1, int64_t(1) << 30);
-        ck.in_range("pass2_cols", pass2_cols, 8, int64_t(1) << 20);
-        set_chunking({pass1_bytes, pass2_cols});
-    }, py::arg("pass1_bytes"), py::arg("pass2_cols"), "Chunk sizes of LinearPlan's two passes (tuning)");
+        ck.in_range("pass2_bytes", pass2_bytes, 1, int64_t(1) << 30);
+        set_chunking({pass1_bytes, pass2_bytes});
+    }, py::arg("pass1_bytes"), py::arg("pass2_bytes"), "Chunk sizes of LinearPlan's two passes (tuning)");
     m.def("_chunking", [] {
         const Chunking c = chunking();
-        return py::dict(py::arg("pass1_bytes") = c.pass1_bytes, py::arg("pass2_cols") = c.pass2_cols);
+        return py::dict(py::arg("pass1_bytes") = c.pass1_bytes, py::arg("pass2_bytes") = c.pass2_bytes);
     });
 }

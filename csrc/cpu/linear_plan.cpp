@@ -11,7 +11,7 @@ namespace pf_cpu {
 namespace {
 
 std::atomic<int64_t> g_pass1_bytes{Chunking{}.pass1_bytes};
-std::atomic<int64_t> g_pass2_cols{Chunking{}.pass2_cols};
+std::atomic<int64_t> g_pass2_bytes{Chunking{}.pass2_bytes};
 
 struct ActiveRow { int64_t r, expert; float scale; };   // a row of A_cat that pass 1 computes
 struct Segment { int64_t part, c, a0, a1; };            // an active part: its first column in
@@ -139,10 +139,11 @@ void linear_run(const Linear& lin, const LinearCall& call, int threads) {
     if (!s.rows.empty() && s.h.size() < static_cast<size_t>(call.T * lin.rank))
         s.h.resize(static_cast<size_t>(call.T * lin.rank));
     const int64_t n1 = lin.d_out + static_cast<int64_t>(s.rows.size());
-    int64_t rpc = std::max<int64_t>(1, g_pass1_bytes.load(std::memory_order_relaxed) /
-                                           (static_cast<int64_t>(sizeof(float)) * lin.d_in));
+    const int64_t row_bytes = static_cast<int64_t>(sizeof(float)) * lin.d_in;
+    int64_t rpc = std::max<int64_t>(1, g_pass1_bytes.load(std::memory_order_relaxed) / row_bytes);
     rpc = std::max(rpc, ceil_div(n1, kMaxChunks));
-    int64_t cpc = std::max<int64_t>(8, (g_pass2_cols.load(std::memory_order_relaxed) + 7) / 8 * 8);
+    const int64_t col_bytes = static_cast<int64_t>(sizeof(float)) * std::max<int64_t>(1, s.rows.size());
+    int64_t cpc = ceil_div(std::max<int64_t>(1, g_pass2_bytes.load(std::memory_order_relaxed) / col_bytes), 8) * 8;
     cpc = std::max(cpc, ceil_div(ceil_div(ncols, kMaxChunks), 8) * 8);
     const Job job{lin, call, x, xs, s.h.data(), s.rows.data(), n1, rpc, s.act.data(), s.segs.data(),
                   static_cast<int64_t>(s.segs.size()), ncols, cpc};
@@ -150,11 +151,11 @@ void linear_run(const Linear& lin, const LinearCall& call, int threads) {
     if (ncols > 0) parallel_for(ceil_div(ncols, cpc), threads, [&job](int64_t c) { job.pass2(c); });
 }
 
-Chunking chunking() { return {g_pass1_bytes.load(), g_pass2_cols.load()}; }
+Chunking chunking() { return {g_pass1_bytes.load(), g_pass2_bytes.load()}; }
 
 void set_chunking(const Chunking& c) {
     g_pass1_bytes.store(std::max<int64_t>(1, c.pass1_bytes));
-    g_pass2_cols.store(std::max<int64_t>(8, c.pass2_cols));
+    g_pass2_bytes.store(std::max<int64_t>(1, c.pass2_bytes));
 }
 
 }  // namespace pf_cpu

@@ -170,8 +170,9 @@ private:
     uint32_t gen_ = 0;                                   // the current job's number, under job_mu_
     ChunkFn fn_ = nullptr;                               // the current job, written before claim_
     void* ctx_ = nullptr;
+    // One cache line: a worker's "chunk done" and its next claim are one line transfer.
     alignas(64) std::atomic<uint64_t> claim_{0};        // [gen:32 | n:16 | next:16]
-    alignas(64) std::atomic<uint32_t> done_{0};         // chunks finished
+    std::atomic<uint32_t> done_{0};                     // chunks finished
     std::atomic<uint32_t> caller_sleeping_{0};
 };
 
