@@ -4,6 +4,8 @@
 //   MAX_ROWS = 16, PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
 //   LinearPlan, BlockPlan, decode_attention (typed overload), set_spin_us(us), spin_us(),
 //   pool_workers(); _set_chunking(pass1_bytes, pass2_bytes), _chunking() (benchmark tuning)
+#include <chrono>
+
 #include "binding.h"
 #include "legacy.h"
 #include "pool.h"
@@ -35,6 +37,18 @@ PYBIND11_MODULE(_pf_cpu, m) {
         ck.in_range("pass2_bytes", pass2_bytes, 1, int64_t(1) << 30);
         set_chunking({pass1_bytes, pass2_bytes});
     }, py::arg("pass1_bytes"), py::arg("pass2_bytes"), "Chunk sizes of LinearPlan's two passes (tuning)");
+    m.def("_pool_probe", [](int64_t n, double chunk_us, int threads, int iters) {
+        // Mean microseconds per parallel_for of n chunks that each spin chunk_us: the pool's
+        // own cost is that minus n * chunk_us / threads (benchmarks, tuning).
+        py::gil_scoped_release nogil;
+        const auto spin = [chunk_us](int64_t) {
+            const auto t0 = std::chrono::steady_clock::now();
+            while (std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() < chunk_us) {}
+        };
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int i = 0; i < iters; ++i) parallel_for(n, threads, spin);
+        return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / iters;
+    }, py::arg("n"), py::arg("chunk_us"), py::arg("threads"), py::arg("iters"));
     m.def("_chunking", [] {
         const Chunking c = chunking();
         return py::dict(py::arg("pass1_bytes") = c.pass1_bytes, py::arg("pass2_bytes") = c.pass2_bytes);
