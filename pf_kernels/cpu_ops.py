@@ -1,11 +1,62 @@
-"""The fused grouped-LoRA linear for CPU decode steps (csrc/cpu, AVX2/FMA + OpenMP).
+"""csrc/cpu's kernels for CPU decode steps (AVX2/FMA): the fused grouped-LoRA linear, decode
+attention and a decoder block's whole decode step.
 
-``fused_linear_cpu`` computes y = x W^T + b + sum_k g[t,k] s_k B_k A_k x for one projection group
-in one call over W_aug = [W; A_cat]: pass 1 streams W and the active experts' rows of A_cat once
-(gating h), pass 2 adds the expand.  fp32 on CPU tensors, up to MAX_TOKENS rows (a decode step).
 The module is optional: built by setup.py (or ``python csrc/cpu/build.py``); ``cpu_available``
 says why not when it is missing or the CPU lacks AVX2/FMA (checked before importing it, so an
 old CPU never executes its instructions).
+
+Typed API (re-exported here from ``pf_kernels._pf_cpu`` once it loads; numpy arrays, e.g.
+``tensor.numpy()`` views that share the tensor's memory; every check raises one ValueError line,
+TypeError for a wrong dtype, naming the argument, and nothing is written when one fails):
+
+    MAX_ROWS = 16                                 rows per call (T, B), for every entry point
+    PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
+
+    LinearPlan(w_aug, d_out, bias=None, parts=(), blocks=(), num_experts=0)
+        One projection group, checked once; keeps its arrays alive.
+        w_aug  float32 [d_out + R, d_in] C-contiguous: W above A_cat (R = 0: a plain linear)
+        bias   float32 [d_out] or None
+        parts  [(out0, out1, r0, r1, bT)]: columns out0:out1 take rows r0:r1 of A_cat (0-based
+               in R); bT float32 [r1 - r0, out1 - out0] C-contiguous (B transposed); increasing,
+               non-overlapping in both ranges
+        blocks [(part, expert, r0, r1, scale)]: an expert's absolute rows r0:r1 of A_cat in that
+               part, sorted by part, 0 <= expert < num_experts
+        properties d_in, d_out, rank (R), num_experts
+      .run(x, y, gates=None, threads=1, prologue=PRO_NONE, norm=None, eps=0.0, residual=None)
+        y[t, o] = residual[t, o] + W[o] . x'[t] + bias[o]
+                  + sum over active blocks j of o's part: sum_{r in j} bT[r - r0, o - out0] h[t, r]
+        h[t, r] = (A_cat[r] . x'[t]) * gates[t, e_j] * s_j
+        x' = x (PRO_NONE) | norm * x / sqrt(mean(x^2) + eps) (PRO_RMSNORM)
+           | silu(x[:, :d_in]) * x[:, d_in:] (PRO_SILU_MUL, x [T, 2 d_in])
+        x [T, d_in] unit last stride (any row stride), 1 <= T <= MAX_ROWS; y [T, d_out] written;
+        gates [T, num_experts] or None (base only: every expert skipped); residual [T, d_out] or
+        None, may be y itself.  GIL released.
+
+    decode_attention(qkv, cos, sin, k_cache, v_cache, layer, row0, cols, bias, out, threads=1)
+        RoPE on q and k, k and v written at column cols[b] of slot row0 + b of ``layer``, GQA
+        attention over columns [0, L) with the additive bias (0 or -inf) into out [B, H*D].
+        qkv [B, (H + 2 H_kv) D]; cos, sin [B, H + H_kv, D]; k_cache, v_cache [layers, slots,
+        H_kv, max_len, D] (the whole pool); cols int64 [B]; bias [B, L].  (The old raw-pointer
+        form, 19 integers, is the same function's other overload.)
+
+    BlockPlan(qkv, o, gate_up, down, attn_norm, mlp_norm, eps, n_heads, n_kv_heads, head_dim)
+      .step(h, gates, cos, sin, k_cache, v_cache, layer, row0, cols, bias, threads=1)
+        One decoder block's decode step in one call, h [B, d] C-contiguous updated in place:
+        qkv = W_qkv rmsnorm(h); a = decode_attention(qkv); h += W_o a;
+        gu = W_gu rmsnorm(h); h += W_down silu(gate) * up   (each + experts under ``gates``).
+
+    set_spin_us(us), spin_us(), pool_workers()
+        The typed API runs on its own thread pool, not OpenMP: ``threads`` counts the caller
+        (1 runs inline); work is claimed in small chunks by the workers and the caller, so the
+        caller never waits for a worker that has not started; idle threads spin at most
+        spin_us() microseconds (default 50), then sleep.  A call made while another thread's call
+        holds the pool runs inline.
+
+Old entry points (raw integer pointers, OpenMP; the engine's cpu backend still calls them until it
+switches over): ``fused_linear_cpu`` computes y = x W^T + b + sum_k g[t,k] s_k B_k A_k x for one
+projection group in one call over W_aug = [W; A_cat]: pass 1 streams W and the active experts'
+rows of A_cat once (gating h), pass 2 adds the expand.  fp32 on CPU tensors, up to MAX_TOKENS rows
+(a decode step).  ``gemm_small`` is the same kernel with no experts.
 """
 from __future__ import annotations
 
@@ -39,6 +90,20 @@ def _load():
         return None, (f"the CPU extension is not built ({e}); build it with "
                       "python csrc/cpu/build.py or reinstall")
     return _pf_cpu, None
+
+
+_TYPED = ("MAX_ROWS", "PRO_NONE", "PRO_RMSNORM", "PRO_SILU_MUL", "LinearPlan", "BlockPlan",
+          "decode_attention", "set_spin_us", "spin_us", "pool_workers")
+
+
+def __getattr__(name: str):
+    """The typed API's names, looked up in the module once it loads (see the module doc)."""
+    if name in _TYPED:
+        mod, why = _load()
+        if mod is None:
+            raise AttributeError(f"pf_kernels.cpu_ops.{name} is unavailable: {why}")
+        return getattr(mod, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cpu_available() -> tuple[bool, str]:

@@ -1,11 +1,19 @@
 """Build the _pf_cpu extension (csrc/cpu/*.cpp) with the system C++ compiler.
 
-    python csrc/cpu/build.py [--out-dir DIR] [--quiet]
+    python csrc/cpu/build.py [--out-dir DIR] [--clean] [--quiet]
 
-Plain c++ + pybind11 + OpenMP, AVX2/FMA code (the module checks the CPU before it is imported:
-pf_kernels.cpu_ops).  The module lands in pf_kernels/ by default, i.e. it imports as
-``pf_kernels._pf_cpu``.  setup.py calls :func:`build` on every install unless PF_SKIP_CPU_BUILD
-is set; a failed build warns and leaves the torch backend in place.
+Plain c++ + pybind11, AVX2/FMA code for any x86-64 CPU that has them (never -march=native; the
+module checks the CPU before it is imported: pf_kernels.cpu_ops).  Each source compiles to its own
+object, os.cpu_count() at a time, kept in csrc/build/cpu/ and rebuilt only when it is older than
+its source, a header of csrc/cpu or this file (--clean rebuilds all):
+
+    SOURCES          the typed API (LinearPlan, BlockPlan, decode_attention) on its own thread
+                     pool (pool.cpp): no OpenMP
+    LEGACY_SOURCES   the old raw-pointer entry points: -fopenmp (the link adds libgomp for them)
+
+The module lands in pf_kernels/ by default, i.e. it imports as ``pf_kernels._pf_cpu``.  setup.py
+calls :func:`build` on every install unless PF_SKIP_CPU_BUILD is set; a failed build warns and
+leaves the torch backend in place.
 """
 from __future__ import annotations
 
@@ -19,10 +27,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE.parent.parent / "pf_kernels"
-SOURCES = [HERE / "grouped_lora_cpu.cpp", HERE / "decode_attention.cpp"]   # the first binds all
+OBJ_DIR = HERE.parent / "build" / "cpu"
+SOURCES = [HERE / n for n in ("binding.cpp", "binding_linear.cpp", "binding_attention.cpp",
+                               "binding_block.cpp", "check.cpp", "linear_plan.cpp", "attention.cpp",
+                               "block_plan.cpp", "pool.cpp")]
+LEGACY_SOURCES = [HERE / "grouped_lora_cpu.cpp", HERE / "decode_attention.cpp"]
 MODULE = "_pf_cpu"
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
-         "-fvisibility=hidden"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-std=c++17", "-fvisibility=hidden", "-pthread", "-Wall"]
+LEGACY_FLAGS = ["-fopenmp"]
+LINK_FLAGS = ["-shared", "-fopenmp", "-pthread"]
 
 
 def find_cxx() -> str | None:
@@ -32,30 +45,59 @@ def find_cxx() -> str | None:
     return None
 
 
-def build(out_dir: Path | str = DEFAULT_OUT, quiet: bool = False) -> Path:
+def build(out_dir: Path | str = DEFAULT_OUT, quiet: bool = False, clean: bool = False) -> Path:
     """Compile the module into out_dir; returns its path (raises RuntimeError on failure)."""
     import pybind11
     cxx = find_cxx()
     if cxx is None:
         raise RuntimeError("no C++ compiler (set CXX, or install g++)")
     out = Path(out_dir) / (MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
-    cmd = [cxx, *FLAGS, f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
-           *map(str, SOURCES), "-o", str(out)]
-    if not quiet:
-        print(" ".join(cmd))
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{Path(cxx).name} failed (exit {r.returncode}): {r.stderr.strip()[-2000:]}")
+    inc = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+    OBJ_DIR.mkdir(parents=True, exist_ok=True)
+    deps = max(p.stat().st_mtime for p in [Path(__file__), *HERE.glob("*.h")])
+    objs, stale = [], []
+    for src in SOURCES + LEGACY_SOURCES:
+        obj = OBJ_DIR / (src.stem + ".o")
+        objs.append(obj)
+        if clean or not obj.exists() or obj.stat().st_mtime < max(deps, src.stat().st_mtime):
+            extra = LEGACY_FLAGS if src in LEGACY_SOURCES else []
+            stale.append((src, [cxx, *FLAGS, *extra, *inc, "-c", str(src), "-o", str(obj)]))
+    _run(stale, quiet)
+    _run([(out, [cxx, *LINK_FLAGS, *map(str, objs), "-o", str(out)])], quiet)
     return out
+
+
+def _run(jobs: list[tuple[Path, list[str]]], quiet: bool) -> None:
+    """Runs (what, command) jobs os.cpu_count() at a time; RuntimeError naming every failure."""
+    width = max(1, os.cpu_count() or 1)
+    failed = []
+    for i in range(0, len(jobs), width):
+        procs = []
+        for what, cmd in jobs[i:i + width]:
+            if not quiet:
+                print(" ".join(cmd))
+            procs.append((what, cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                      stderr=subprocess.PIPE, text=True)))
+        for what, cmd, p in procs:
+            _, err = p.communicate()
+            if p.returncode != 0:
+                Path(cmd[-1]).unlink(missing_ok=True)
+                failed.append(f"{Path(cmd[0]).name} failed on {what.name} (exit {p.returncode}): "
+                              f"{err.strip()[-2000:]}")
+            elif err.strip() and not quiet:
+                print(err.strip(), file=sys.stderr)
+    if failed:
+        raise RuntimeError("\n".join(failed))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", default=str(DEFAULT_OUT))
+    ap.add_argument("--clean", action="store_true", help="rebuild every object")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:
-        path = build(args.out_dir, args.quiet)
+        path = build(args.out_dir, args.quiet, args.clean)
     except RuntimeError as e:
         print(f"build.py: error: {e}", file=sys.stderr)
         return 1

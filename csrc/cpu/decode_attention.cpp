@@ -23,28 +23,15 @@
 #include <stdexcept>
 #include <vector>
 
-#include "simd.h"
+#include "kernels.h"
 
 namespace py = pybind11;
 
 namespace {
 
-using pf_cpu::hsum;
+using pf_cpu::dot;
 using pf_cpu::ptr;
-
-inline void rope(const float* x, const float* c, const float* s, int64_t D, float* out) {
-    const int64_t half = D / 2;
-    for (int64_t d = 0; d < D; ++d) out[d] = x[d] * c[d] + x[d < half ? d + half : d - half] * s[d];
-}
-
-inline float dot(const float* a, const float* b, int64_t D) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t d = 0;
-    for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
-    float r = hsum(acc);
-    for (; d < D; ++d) r += a[d] * b[d];
-    return r;
-}
+using pf_cpu::rope;
 
 }  // namespace
 

@@ -1,4 +1,6 @@
-// Fused grouped-LoRA linear for CPU decode steps (AVX2/FMA, OpenMP), fp32.
+// Fused grouped-LoRA linear for CPU decode steps (AVX2/FMA, OpenMP), fp32: the OLD raw-pointer
+// entry points (fused_linear, fused_linear_pe), kept until the engine uses the typed API
+// (LinearPlan, BlockPlan: linear_plan.cpp, block_plan.cpp, binding.cpp).
 //
 // For N token rows x [N, d_in] (N small: one decode step) and one projection group (q|k|v,
 // gate|up, o, down) with experts stacked as W_aug = [W; A_cat] ([d_out + R, d_in], row-major):
@@ -32,7 +34,8 @@
 #include <stdexcept>
 #include <vector>
 
-#include "simd.h"
+#include "kernels.h"
+#include "legacy.h"
 
 namespace py = pybind11;
 
@@ -44,37 +47,8 @@ void decode_attention(uintptr_t qkv_p, int64_t B, int64_t qkv_s, int64_t H, int6
 
 namespace {
 
-using pf_cpu::hsum;
 using pf_cpu::ptr;
-
-// out[j] = w . x[t0 + j] for j < NT (NT rows of x at stride xs), d elements.
-template <int NT>
-inline void dots(const float* w, const float* x, int64_t xs, int d, float* out) {
-    __m256 acc[NT];
-    for (int j = 0; j < NT; ++j) acc[j] = _mm256_setzero_ps();
-    int k = 0;
-    for (; k + 8 <= d; k += 8) {
-        __m256 wv = _mm256_loadu_ps(w + k);
-        for (int j = 0; j < NT; ++j) acc[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + j * xs + k), acc[j]);
-    }
-    for (int j = 0; j < NT; ++j) {
-        float s = hsum(acc[j]);
-        for (int kk = k; kk < d; ++kk) s += w[kk] * x[j * xs + kk];
-        out[j] = s;
-    }
-}
-
-// out[t] = w . x[t] for all T rows (chunks of 4 rows: 4 accumulators, w read from L1 again).
-inline void row_dots(const float* w, const float* x, int64_t xs, int T, int d, float* out) {
-    int t = 0;
-    for (; t + 4 <= T; t += 4) dots<4>(w, x + t * xs, xs, d, out + t);
-    switch (T - t) {
-        case 3: dots<3>(w, x + t * xs, xs, d, out + t); break;
-        case 2: dots<2>(w, x + t * xs, xs, d, out + t); break;
-        case 1: dots<1>(w, x + t * xs, xs, d, out + t); break;
-        default: break;
-    }
-}
+using pf_cpu::row_dots;
 
 struct ActiveRow { int64_t r; int64_t expert; float scale; };
 struct Chunk { int64_t part, c, a0, a1; };   // a part, its first column in pass 2's concatenation, active blocks a0:a1
@@ -91,22 +65,8 @@ static const float* apply_prologue(int64_t pro, const float* x, int64_t& xs, int
     if (pro == PRO_NONE) return x;
     buf.resize(static_cast<size_t>(T * d_in));
     for (int64_t t = 0; t < T; ++t) {
-        const float* xr = x + t * xs;
-        float* o = buf.data() + t * d_in;
-        if (pro == PRO_RMSNORM) {
-            __m256 acc = _mm256_setzero_ps();
-            int64_t k = 0;
-            for (; k + 8 <= d_in; k += 8) { __m256 v = _mm256_loadu_ps(xr + k); acc = _mm256_fmadd_ps(v, v, acc); }
-            float ss = hsum(acc);
-            for (; k < d_in; ++k) ss += xr[k] * xr[k];
-            const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d_in) + eps);
-            for (k = 0; k < d_in; ++k) o[k] = pw[k] * (xr[k] * inv);
-        } else {
-            for (int64_t k = 0; k < d_in; ++k) {
-                const float g = xr[k];
-                o[k] = g / (1.0f + std::exp(-g)) * xr[d_in + k];
-            }
-        }
+        if (pro == PRO_RMSNORM) pf_cpu::rmsnorm_row(x + t * xs, pw, d_in, eps, buf.data() + t * d_in);
+        else pf_cpu::silu_mul_row(x + t * xs, d_in, buf.data() + t * d_in);
     }
     xs = d_in;
     return buf.data();
@@ -236,8 +196,8 @@ void fused_linear(uintptr_t x_p, int64_t T, int64_t xs, int64_t d_in,
 
 bool cpu_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 
-PYBIND11_MODULE(_pf_cpu, m) {
-    m.doc() = "Fused grouped-LoRA linear for CPU decode steps (AVX2/FMA, OpenMP): csrc/cpu";
+// The old raw-pointer entry points (OpenMP), bound into _pf_cpu by binding.cpp.
+void bind_legacy(py::module_& m) {
     m.def("fused_linear", &fused_linear, "see csrc/cpu/grouped_lora_cpu.cpp");
     m.def("fused_linear_pe", &fused_linear_pe, "fused_linear with a prologue (0 none, 1 rmsnorm, "
           "2 silu-mul) and a residual: see csrc/cpu/grouped_lora_cpu.cpp");

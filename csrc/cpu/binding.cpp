@@ -1,0 +1,56 @@
+// The _pf_cpu module: the typed API (binding_linear.cpp, binding_attention.cpp,
+// binding_block.cpp on the pool of pool.h) beside the old raw-pointer entry points (legacy.h).
+//
+//   MAX_ROWS = 16, PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
+//   LinearPlan, BlockPlan, decode_attention (typed overload), set_spin_us(us), spin_us(),
+//   pool_workers(); _set_chunking(pass1_bytes, pass2_bytes), _chunking() (benchmark tuning)
+#include <chrono>
+
+#include "binding.h"
+#include "legacy.h"
+#include "pool.h"
+
+namespace py = pybind11;
+using namespace pf_cpu;
+
+PYBIND11_MODULE(_pf_cpu, m) {
+    m.doc() = "csrc/cpu: fused grouped-LoRA linear, decode attention and a decoder block's decode "
+              "step for CPU decode steps (AVX2/FMA); typed API on its own thread pool, old "
+              "raw-pointer entry points on OpenMP";
+    bind_legacy(m);
+    m.attr("MAX_ROWS") = MAX_ROWS;
+    m.attr("PRO_NONE") = static_cast<int>(PRO_NONE);
+    m.attr("PRO_RMSNORM") = static_cast<int>(PRO_RMSNORM);
+    m.attr("PRO_SILU_MUL") = static_cast<int>(PRO_SILU_MUL);
+    bind_linear(m);
+    bind_attention(m);
+    bind_block(m);
+    m.def("set_spin_us", [](int64_t us) {
+        Checker("set_spin_us").in_range("us", us, 0, 1000000);
+        set_spin_us(us);
+    }, py::arg("us"), "How long a waiting pool thread spins before it sleeps (microseconds)");
+    m.def("spin_us", &spin_us);
+    m.def("pool_workers", &pool_workers, "Worker threads the pool has started (the caller is not one)");
+    m.def("_set_chunking", [](int64_t pass1_bytes, int64_t pass2_bytes) {
+        const Checker ck("_set_chunking");
+        ck.in_range("pass1_bytes", pass1_bytes, 1, int64_t(1) << 30);
+        ck.in_range("pass2_bytes", pass2_bytes, 1, int64_t(1) << 30);
+        set_chunking({pass1_bytes, pass2_bytes});
+    }, py::arg("pass1_bytes"), py::arg("pass2_bytes"), "Chunk sizes of LinearPlan's two passes (tuning)");
+    m.def("_pool_probe", [](int64_t n, double chunk_us, int threads, int iters) {
+        // Mean microseconds per parallel_for of n chunks that each spin chunk_us: the pool's
+        // own cost is that minus n * chunk_us / threads (benchmarks, tuning).
+        py::gil_scoped_release nogil;
+        const auto spin = [chunk_us](int64_t) {
+            const auto t0 = std::chrono::steady_clock::now();
+            while (std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() < chunk_us) {}
+        };
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int i = 0; i < iters; ++i) parallel_for(n, threads, spin);
+        return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / iters;
+    }, py::arg("n"), py::arg("chunk_us"), py::arg("threads"), py::arg("iters"));
+    m.def("_chunking", [] {
+        const Chunking c = chunking();
+        return py::dict(py::arg("pass1_bytes") = c.pass1_bytes, py::arg("pass2_bytes") = c.pass2_bytes);
+    });
+}

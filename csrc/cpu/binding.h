@@ -1,0 +1,47 @@
+// What the typed API's binding files share: the LinearPlan Python class (BlockPlan holds four)
+// and the attention inputs' checks (decode_attention and BlockPlan.step take the same ones).
+#pragma once
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "attention.h"
+#include "check.h"
+#include "linear_plan.h"
+
+namespace pf_cpu {
+
+// LinearPlan(w_aug, d_out, bias, parts, blocks, num_experts): the checked Linear plus references
+// to every array it points into (binding_linear.cpp).
+class LinearPlan {
+public:
+    LinearPlan(py::object w_aug, int64_t d_out, py::object bias, py::object parts,
+               py::object blocks, int64_t num_experts);
+    void run(py::object x, py::object y, py::object gates, int threads, int prologue,
+             py::object norm, double eps, py::object residual) const;
+    const Linear& core() const { return lin_; }
+    const py::array& w_aug() const { return w_aug_; }
+
+private:
+    Linear lin_;
+    py::array w_aug_, bias_;
+    std::vector<py::array> bT_;
+};
+
+// threads in [1, kMaxThreads].
+void check_threads(const Checker& ck, int threads);
+
+// Checks cos, sin, the caches, layer, row0, cols, bias for B rows of H query and H_kv kv heads of
+// size D, and fills ``call`` (all but qkv, qs, out); ``cols_buf`` holds the columns it points to.
+void check_attention(const Checker& ck, int64_t B, int64_t H, int64_t H_kv, int64_t D,
+                     const py::array& cos, const py::array& sin, const py::array& k_cache,
+                     const py::array& v_cache, int64_t layer, int64_t row0, py::handle cols,
+                     py::handle bias, AttentionCall& call, std::vector<int64_t>& cols_buf);
+
+void bind_linear(py::module_& m);
+void bind_attention(py::module_& m);
+void bind_block(py::module_& m);
+
+}  // namespace pf_cpu

@@ -1,0 +1,203 @@
+// LinearPlan: the typed binding of linear_plan.h, built once per projection group.
+//
+//   LinearPlan(w_aug, d_out, bias=None, parts=(), blocks=(), num_experts=0)
+//     w_aug  float32 [d_out + R, d_in] C-contiguous; 1 <= d_out <= rows, R = rows - d_out >= 0
+//     bias   float32 [d_out] contiguous, or None
+//     parts  (out0, out1, r0, r1, bT): output columns out0:out1, rows r0:r1 of A_cat (0-based in
+//            R), bT float32 [r1 - r0, out1 - out0] C-contiguous (B transposed); increasing and
+//            non-overlapping in both ranges
+//     blocks (part, expert, r0, r1, scale): absolute rows r0:r1 of A_cat inside the part's rows,
+//            sorted by part, increasing and non-overlapping within a part; 0 <= expert < num_experts
+//   run(x, y, gates=None, threads=1, prologue=PRO_NONE, norm=None, eps=0.0, residual=None)
+//     x [T, d_in] ([T, 2 d_in] with PRO_SILU_MUL) unit last stride, 1 <= T <= MAX_ROWS;
+//     y [T, d_out] unit last stride, written; gates [T, num_experts] unit last stride or None;
+//     norm [d_in] with PRO_RMSNORM; residual [T, d_out] or None, may be y itself.
+// The plan keeps references to w_aug, bias and every bT, so they live as long as it does.
+#include <cmath>
+#include <limits>
+
+#include "binding.h"
+#include "pool.h"
+
+namespace pf_cpu {
+
+void check_threads(const Checker& ck, int threads) {
+    ck.in_range("threads", threads, 1, kMaxThreads, "the caller included");
+}
+
+namespace {
+
+py::sequence sequence(const Checker& ck, const std::string& name, py::handle obj, const char* of) {
+    if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj))
+        ck.fail_type(cat(name, " is ", std::string(py::str(py::type::handle_of(obj).attr("__name__"))),
+                         ", expected a list of ", of));
+    return py::reinterpret_borrow<py::sequence>(obj);
+}
+
+// Entry i of a list of tuples, as a sequence of exactly n items.
+py::sequence entry(const Checker& ck, const std::string& name, py::handle obj, size_t n,
+                   const char* fields) {
+    py::sequence s = sequence(ck, name, obj, fields);
+    if (s.size() != n) ck.fail(cat(name, " has ", s.size(), " items, expected ", n, " (", fields, ")"));
+    return s;
+}
+
+}  // namespace
+
+LinearPlan::LinearPlan(py::object w_aug, int64_t d_out, py::object bias, py::object parts,
+                       py::object blocks, int64_t num_experts) {
+    const Checker ck("LinearPlan");
+    w_aug_ = ck.array("w_aug", w_aug, Dtype::F32);
+    ck.ndim("w_aug", w_aug_, 2, "d_out + R, d_in");
+    ck.c_contiguous("w_aug", w_aug_);
+    const int64_t rows = w_aug_.shape(0), d_in = w_aug_.shape(1);
+    PF_CHECK(ck, d_in >= 1, "w_aug has shape ", shape_str(w_aug_), ", expected d_in = w_aug.shape[1] >= 1");
+    ck.in_range("d_out", d_out, 1, rows, "w_aug.shape[0] = d_out + R");
+    ck.in_range("num_experts", num_experts, 0, std::numeric_limits<int32_t>::max());
+    lin_.w = data_of<const float>(w_aug_);
+    lin_.d_in = d_in;
+    lin_.d_out = d_out;
+    lin_.rank = rows - d_out;
+    lin_.num_experts = num_experts;
+    if (auto b = ck.optional("bias", bias, Dtype::F32)) {
+        bias_ = *b;
+        ck.shape("bias", bias_, {d_out}, "d_out");
+        ck.c_contiguous("bias", bias_);
+        lin_.bias = data_of<const float>(bias_);
+    }
+
+    const char* part_fields = "out0, out1, r0, r1, bT";
+    py::sequence ps = sequence(ck, "parts", parts, "(out0, out1, r0, r1, bT)");
+    for (size_t i = 0; i < ps.size(); ++i) {
+        const std::string name = cat("parts[", i, "]");
+        py::sequence e = entry(ck, name, ps[i], 5, part_fields);
+        LoraPart p{ck.index(name + ".out0", e[0]), ck.index(name + ".out1", e[1]),
+                   ck.index(name + ".r0", e[2]), ck.index(name + ".r1", e[3]), nullptr, 0, 0};
+        PF_CHECK(ck, 0 <= p.out0 && p.out0 < p.out1 && p.out1 <= d_out, name, " has columns ", p.out0,
+                 ":", p.out1, ", expected 0 <= out0 < out1 <= d_out = ", d_out);
+        PF_CHECK(ck, 0 <= p.r0 && p.r0 < p.r1 && p.r1 <= lin_.rank, name, " has rows ", p.r0, ":", p.r1,
+                 ", expected 0 <= r0 < r1 <= R = ", lin_.rank, " (w_aug.shape[0] - d_out)");
+        if (i > 0) {
+            const LoraPart& q = lin_.parts.back();
+            PF_CHECK(ck, p.out0 >= q.out1 && p.r0 >= q.r1, name, " (columns ", p.out0, ":", p.out1,
+                     ", rows ", p.r0, ":", p.r1, ") overlaps or precedes parts[", i - 1, "] (columns ",
+                     q.out0, ":", q.out1, ", rows ", q.r0, ":", q.r1,
+                     "), expected parts in increasing, non-overlapping order of both ranges");
+        }
+        py::array bT = ck.array(name + ".bT", e[4], Dtype::F32);
+        ck.shape(name + ".bT", bT, {p.r1 - p.r0, p.out1 - p.out0}, "r1 - r0, out1 - out0");
+        ck.c_contiguous(name + ".bT", bT);
+        p.bT = data_of<const float>(bT);
+        bT_.push_back(bT);
+        lin_.parts.push_back(p);
+    }
+
+    const char* block_fields = "part, expert, r0, r1, scale";
+    py::sequence bs = sequence(ck, "blocks", blocks, "(part, expert, r0, r1, scale)");
+    int64_t prev_part = -1;
+    for (size_t j = 0; j < bs.size(); ++j) {
+        const std::string name = cat("blocks[", j, "]");
+        py::sequence e = entry(ck, name, bs[j], 5, block_fields);
+        const int64_t part = ck.index(name + ".part", e[0]);
+        ck.in_range(name + ".part", part, 0, static_cast<int64_t>(lin_.parts.size()) - 1, "len(parts) - 1");
+        PF_CHECK(ck, part >= prev_part, name, " is on part ", part, " after a block on part ", prev_part,
+                 ", expected blocks sorted by part");
+        LoraBlock b{ck.index(name + ".expert", e[1]), ck.index(name + ".r0", e[2]),
+                    ck.index(name + ".r1", e[3]), static_cast<float>(ck.number(name + ".scale", e[4]))};
+        PF_CHECK(ck, 0 <= b.expert && b.expert < num_experts, name, " has expert ", b.expert,
+                 ", expected 0 <= expert < num_experts = ", num_experts);
+        LoraPart& p = lin_.parts[part];
+        PF_CHECK(ck, p.r0 <= b.r0 && b.r0 < b.r1 && b.r1 <= p.r1, name, " has rows ", b.r0, ":", b.r1,
+                 ", expected r0 < r1 inside parts[", part, "]'s rows ", p.r0, ":", p.r1);
+        PF_CHECK(ck, std::isfinite(b.scale), name, " has scale ", b.scale, ", expected a finite number");
+        if (part == prev_part) {
+            const LoraBlock& q = lin_.blocks.back();
+            PF_CHECK(ck, b.r0 >= q.r1, name, " has rows ", b.r0, ":", b.r1, " overlapping or before blocks[",
+                     j - 1, "]'s ", q.r0, ":", q.r1, ", expected increasing, non-overlapping rows in a part");
+        } else {
+            p.b0 = static_cast<int64_t>(j);
+        }
+        p.b1 = static_cast<int64_t>(j) + 1;
+        prev_part = part;
+        lin_.blocks.push_back(b);
+    }
+}
+
+void LinearPlan::run(py::object x, py::object y, py::object gates, int threads, int prologue,
+                     py::object norm, double eps, py::object residual) const {
+    const Checker ck("LinearPlan.run");
+    const Linear& L = lin_;
+    ck.in_range("prologue", prologue, PRO_NONE, PRO_SILU_MUL, "PRO_NONE, PRO_RMSNORM or PRO_SILU_MUL");
+    check_threads(ck, threads);
+    const bool silu = prologue == PRO_SILU_MUL;
+    const char* x_dims = silu ? "T, 2*d_in" : "T, d_in";
+    py::array xa = ck.array("x", x, Dtype::F32);
+    ck.ndim("x", xa, 2, x_dims);
+    const int64_t T = xa.shape(0);
+    ck.in_range("T = x.shape[0]", T, 1, MAX_ROWS, "MAX_ROWS");
+    ck.shape("x", xa, {T, silu ? 2 * L.d_in : L.d_in}, x_dims);
+    ck.unit_last_stride("x", xa);
+    py::array ya = ck.array("y", y, Dtype::F32);
+    ck.shape("y", ya, {T, L.d_out}, "T, d_out");
+    ck.unit_last_stride("y", ya, true);
+    ck.writable("y", ya);
+    LinearCall c;
+    c.x = data_of<const float>(xa);
+    c.xs = row_stride(xa);
+    c.T = T;
+    c.y = data_of<float>(ya);
+    c.ys = row_stride(ya);
+    c.prologue = prologue;
+    ck.disjoint("x", xa, "y", ya);
+    ck.disjoint("w_aug", w_aug_, "y", ya);
+    if (auto g = ck.optional("gates", gates, Dtype::F32)) {
+        ck.shape("gates", *g, {T, L.num_experts}, "T, num_experts");
+        ck.unit_last_stride("gates", *g);
+        ck.disjoint("gates", *g, "y", ya);
+        c.gates = data_of<const float>(*g);
+        c.gs = row_stride(*g);
+    }
+    auto n = ck.optional("norm", norm, Dtype::F32);
+    PF_CHECK(ck, n || prologue != PRO_RMSNORM, "norm is None, expected a float32 array (d_in,) with PRO_RMSNORM");
+    if (n) {
+        ck.shape("norm", *n, {L.d_in}, "d_in");
+        ck.c_contiguous("norm", *n);
+        ck.disjoint("norm", *n, "y", ya);
+        c.norm = data_of<const float>(*n);
+    }
+    PF_CHECK(ck, std::isfinite(eps) && eps >= 0.0, "eps is ", eps, ", expected a finite eps >= 0");
+    c.eps = static_cast<float>(eps);
+    if (auto r = ck.optional("residual", residual, Dtype::F32)) {
+        ck.shape("residual", *r, {T, L.d_out}, "T, d_out");
+        ck.unit_last_stride("residual", *r);
+        if (!same_view(*r, ya)) ck.disjoint("residual", *r, "y (other than being y itself)", ya);
+        c.res = data_of<const float>(*r);
+        c.rs = row_stride(*r);
+    }
+    py::gil_scoped_release nogil;
+    linear_run(L, c, threads);
+}
+
+void bind_linear(py::module_& m) {
+    py::class_<LinearPlan>(m, "LinearPlan",
+        "One projection group's fused grouped-LoRA linear, checked once: see csrc/cpu/binding_linear.cpp")
+        .def(py::init<py::object, int64_t, py::object, py::object, py::object, int64_t>(),
+             py::arg("w_aug"), py::arg("d_out"), py::arg("bias") = py::none(),
+             py::arg("parts") = py::tuple(), py::arg("blocks") = py::tuple(), py::arg("num_experts") = 0)
+        .def("run", &LinearPlan::run, py::arg("x"), py::arg("y"), py::arg("gates") = py::none(),
+             py::arg("threads") = 1, py::arg("prologue") = static_cast<int>(PRO_NONE),
+             py::arg("norm") = py::none(), py::arg("eps") = 0.0, py::arg("residual") = py::none(),
+             "y = (residual +) prologue(x) W^T + bias + the active experts' expand (GIL released)")
+        .def_property_readonly("d_in", [](const LinearPlan& p) { return p.core().d_in; })
+        .def_property_readonly("d_out", [](const LinearPlan& p) { return p.core().d_out; })
+        .def_property_readonly("rank", [](const LinearPlan& p) { return p.core().rank; })
+        .def_property_readonly("num_experts", [](const LinearPlan& p) { return p.core().num_experts; })
+        .def("__repr__", [](const LinearPlan& p) {
+            const Linear& l = p.core();
+            return cat("LinearPlan(d_in=", l.d_in, ", d_out=", l.d_out, ", rank=", l.rank,
+                       ", num_experts=", l.num_experts, ", parts=", l.parts.size(), ", blocks=",
+                       l.blocks.size(), ")");
+        });
+}
+
+}  // namespace pf_cpu

@@ -1,0 +1,88 @@
+// The inner loops every csrc/cpu kernel shares (AVX2/FMA, fp32), header-only so that each caller
+// inlines them.  No threads, no checks: callers pass valid pointers and sizes.
+//
+//   row_dots(w, x, xs, T, d, out)   out[t] = w . x[t]            T rows of x at row stride xs
+//   dot(a, b, D)                    a . b
+//   rope(x, c, s, D, out)           out[d] = x[d] c[d] + x[(d + D/2) mod D] s[d]   (D even)
+//   rmsnorm_row(x, w, d, eps, out)  out[k] = w[k] * (x[k] / sqrt(mean(x^2) + eps))
+//   silu_mul_row(x, d, out)         out[k] = silu(x[k]) * x[d + k]                 (x: 2 d floats)
+//   axpy(a, x, n, y)                y[k] += a * x[k]
+#pragma once
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "simd.h"
+
+namespace pf_cpu {
+
+// out[j] = w . x[j] for j < NT (NT rows of x at stride xs), d elements.
+template <int NT>
+inline void dots(const float* w, const float* x, int64_t xs, int d, float* out) {
+    __m256 acc[NT];
+    for (int j = 0; j < NT; ++j) acc[j] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= d; k += 8) {
+        __m256 wv = _mm256_loadu_ps(w + k);
+        for (int j = 0; j < NT; ++j) acc[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + j * xs + k), acc[j]);
+    }
+    for (int j = 0; j < NT; ++j) {
+        float s = hsum(acc[j]);
+        for (int kk = k; kk < d; ++kk) s += w[kk] * x[j * xs + kk];
+        out[j] = s;
+    }
+}
+
+// out[t] = w . x[t] for all T rows (chunks of 4 rows: 4 accumulators, w read from L1 again).
+inline void row_dots(const float* w, const float* x, int64_t xs, int T, int d, float* out) {
+    int t = 0;
+    for (; t + 4 <= T; t += 4) dots<4>(w, x + t * xs, xs, d, out + t);
+    switch (T - t) {
+        case 3: dots<3>(w, x + t * xs, xs, d, out + t); break;
+        case 2: dots<2>(w, x + t * xs, xs, d, out + t); break;
+        case 1: dots<1>(w, x + t * xs, xs, d, out + t); break;
+        default: break;
+    }
+}
+
+inline float dot(const float* a, const float* b, int64_t D) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    float r = hsum(acc);
+    for (; d < D; ++d) r += a[d] * b[d];
+    return r;
+}
+
+inline void rope(const float* x, const float* c, const float* s, int64_t D, float* out) {
+    const int64_t half = D / 2;
+    for (int64_t d = 0; d < D; ++d) out[d] = x[d] * c[d] + x[d < half ? d + half : d - half] * s[d];
+}
+
+inline void rmsnorm_row(const float* x, const float* w, int64_t d, float eps, float* out) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= d; k += 8) { __m256 v = _mm256_loadu_ps(x + k); acc = _mm256_fmadd_ps(v, v, acc); }
+    float ss = hsum(acc);
+    for (; k < d; ++k) ss += x[k] * x[k];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
+    for (k = 0; k < d; ++k) out[k] = w[k] * (x[k] * inv);
+}
+
+inline void silu_mul_row(const float* x, int64_t d, float* out) {
+    for (int64_t k = 0; k < d; ++k) {
+        const float g = x[k];
+        out[k] = g / (1.0f + std::exp(-g)) * x[d + k];
+    }
+}
+
+inline void axpy(float a, const float* x, int64_t n, float* y) {
+    const __m256 av = _mm256_set1_ps(a);
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8)
+        _mm256_storeu_ps(y + k, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + k), _mm256_loadu_ps(y + k)));
+    for (; k < n; ++k) y[k] += a * x[k];
+}
+
+}  // namespace pf_cpu

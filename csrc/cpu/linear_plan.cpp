@@ -1,0 +1,161 @@
+// linear_run: the fused grouped-LoRA linear of linear_plan.h on the pool (pool.h).
+#include "linear_plan.h"
+
+#include <algorithm>
+#include <atomic>
+
+#include "kernels.h"
+#include "pool.h"
+
+namespace pf_cpu {
+namespace {
+
+std::atomic<int64_t> g_pass1_bytes{Chunking{}.pass1_bytes};
+std::atomic<int64_t> g_pass2_bytes{Chunking{}.pass2_bytes};
+
+struct ActiveRow { int64_t r, expert; float scale; };   // a row of A_cat that pass 1 computes
+struct Segment { int64_t part, c, a0, a1; };            // an active part: its first column in
+                                                        // pass 2's concatenation, its active
+                                                        // blocks act[a0:a1]
+struct Scratch {
+    std::vector<float> x, h;                             // x' [T, d_in], h [T, R]
+    std::vector<ActiveRow> rows;
+    std::vector<int64_t> act;                            // active block ids, by part
+    std::vector<Segment> segs;
+};
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// What both passes read, made once per call by the calling thread.
+struct Job {
+    const Linear& lin;
+    const LinearCall& call;
+    const float* x;            // x' (the prologue's output, or call.x)
+    int64_t xs;
+    float* h;
+    const ActiveRow* rows;
+    int64_t n1, rows_per_chunk;
+    const int64_t* act;
+    const Segment* segs;
+    int64_t nsegs, ncols, cols_per_chunk;
+
+    // Pass 1, rows i0:i1 of [W; active rows of A_cat].
+    void pass1(int64_t chunk) const {
+        const int64_t i0 = chunk * rows_per_chunk, i1 = std::min(n1, i0 + rows_per_chunk);
+        const int T = static_cast<int>(call.T), d_in = static_cast<int>(lin.d_in);
+        const int64_t d_out = lin.d_out, R = lin.rank;
+        float tmp[MAX_ROWS];
+        for (int64_t i = i0; i < i1; ++i) {
+            if (i < d_out) {
+                row_dots(lin.w + i * d_in, x, xs, T, d_in, tmp);
+                const float b = lin.bias ? lin.bias[i] : 0.0f;
+                float* y = call.y + i;
+                if (call.res) {
+                    const float* res = call.res + i;
+                    for (int t = 0; t < T; ++t) y[t * call.ys] = res[t * call.rs] + (tmp[t] + b);
+                } else {
+                    for (int t = 0; t < T; ++t) y[t * call.ys] = tmp[t] + b;
+                }
+            } else {
+                const ActiveRow& a = rows[i - d_out];
+                row_dots(lin.w + (d_out + a.r) * d_in, x, xs, T, d_in, tmp);
+                for (int t = 0; t < T; ++t) h[t * R + a.r] = tmp[t] * call.gates[t * call.gs + a.expert] * a.scale;
+            }
+        }
+    }
+
+    // Pass 2, concatenated columns c0:c1: y[t, o] += sum over active rank rows r of h[t, r] bT[r, o].
+    void pass2(int64_t chunk) const {
+        const int64_t c0 = chunk * cols_per_chunk, c1 = std::min(ncols, c0 + cols_per_chunk);
+        for (int64_t q = 0; q < nsegs; ++q) {
+            const Segment& sg = segs[q];
+            const LoraPart& p = lin.parts[sg.part];
+            const int64_t dp = p.out1 - p.out0;
+            const int64_t lo = std::max(c0, sg.c), hi = std::min(c1, sg.c + dp);
+            if (lo >= hi) continue;
+            const int64_t o0 = p.out0 + (lo - sg.c), width = hi - lo;
+            const float* bT = p.bT + (o0 - p.out0);
+            for (int64_t a = sg.a0; a < sg.a1; ++a) {
+                const LoraBlock& b = lin.blocks[act[a]];
+                for (int64_t r = b.r0; r < b.r1; ++r) {
+                    const float* brow = bT + (r - p.r0) * dp;
+                    for (int64_t t = 0; t < call.T; ++t)
+                        axpy(h[t * lin.rank + r], brow, width, call.y + t * call.ys + o0);
+                }
+            }
+        }
+    }
+};
+
+// x' for the prologue (or x itself); sets xs to x's row stride.
+const float* prologue(const Linear& lin, const LinearCall& c, Scratch& s, int64_t& xs) {
+    xs = c.xs;
+    if (c.prologue == PRO_NONE) return c.x;
+    s.x.resize(static_cast<size_t>(c.T * lin.d_in));
+    for (int64_t t = 0; t < c.T; ++t) {
+        float* out = s.x.data() + t * lin.d_in;
+        if (c.prologue == PRO_RMSNORM) rmsnorm_row(c.x + t * c.xs, c.norm, lin.d_in, c.eps, out);
+        else silu_mul_row(c.x + t * c.xs, lin.d_in, out);
+    }
+    xs = lin.d_in;
+    return s.x.data();
+}
+
+// The active blocks (an expert with a nonzero gate in some row), their rows, and pass 2's
+// segments; returns pass 2's column count.
+int64_t route(const Linear& lin, const LinearCall& c, Scratch& s) {
+    s.rows.clear();
+    s.act.clear();
+    s.segs.clear();
+    if (c.gates == nullptr) return 0;
+    int64_t ncols = 0;
+    for (int64_t p = 0; p < static_cast<int64_t>(lin.parts.size()); ++p) {
+        const LoraPart& part = lin.parts[p];
+        const int64_t a0 = static_cast<int64_t>(s.act.size());
+        for (int64_t j = part.b0; j < part.b1; ++j) {
+            const LoraBlock& b = lin.blocks[j];
+            bool on = false;
+            for (int64_t t = 0; t < c.T && !on; ++t) on = c.gates[t * c.gs + b.expert] != 0.0f;
+            if (!on) continue;
+            s.act.push_back(j);
+            for (int64_t r = b.r0; r < b.r1; ++r) s.rows.push_back({r, b.expert, b.scale});
+        }
+        const int64_t a1 = static_cast<int64_t>(s.act.size());
+        if (a1 > a0) {
+            s.segs.push_back({p, ncols, a0, a1});
+            ncols += part.out1 - part.out0;
+        }
+    }
+    return ncols;
+}
+
+}  // namespace
+
+void linear_run(const Linear& lin, const LinearCall& call, int threads) {
+    thread_local Scratch s;
+    int64_t xs = 0;
+    const float* x = prologue(lin, call, s, xs);
+    const int64_t ncols = route(lin, call, s);
+    if (!s.rows.empty() && s.h.size() < static_cast<size_t>(call.T * lin.rank))
+        s.h.resize(static_cast<size_t>(call.T * lin.rank));
+    const int64_t n1 = lin.d_out + static_cast<int64_t>(s.rows.size());
+    const int64_t row_bytes = static_cast<int64_t>(sizeof(float)) * lin.d_in;
+    int64_t rpc = std::max<int64_t>(1, g_pass1_bytes.load(std::memory_order_relaxed) / row_bytes);
+    rpc = std::max(rpc, ceil_div(n1, kMaxChunks));
+    const int64_t col_bytes = static_cast<int64_t>(sizeof(float)) * std::max<int64_t>(1, s.rows.size());
+    int64_t cpc = ceil_div(std::max<int64_t>(1, g_pass2_bytes.load(std::memory_order_relaxed) / col_bytes), 8) * 8;
+    cpc = std::max(cpc, ceil_div(ceil_div(ncols, kMaxChunks), 8) * 8);
+    const Job job{lin, call, x, xs, s.h.data(), s.rows.data(), n1, rpc, s.act.data(), s.segs.data(),
+                  static_cast<int64_t>(s.segs.size()), ncols, cpc};
+    parallel_for(ceil_div(n1, rpc), threads, [&job](int64_t c) { job.pass1(c); });
+    if (ncols > 0) parallel_for(ceil_div(ncols, cpc), threads, [&job](int64_t c) { job.pass2(c); });
+}
+
+Chunking chunking() { return {g_pass1_bytes.load(), g_pass2_bytes.load()}; }
+
+void set_chunking(const Chunking& c) {
+    g_pass1_bytes.store(std::max<int64_t>(1, c.pass1_bytes));
+    g_pass2_bytes.store(std::max<int64_t>(1, c.pass2_bytes));
+}
+
+}  // namespace pf_cpu

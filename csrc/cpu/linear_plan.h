@@ -1,0 +1,78 @@
+// One projection group's fused grouped-LoRA linear: the typed API's core (no Python here; the
+// checks are binding_linear.cpp's, and every pointer and size below has passed them).
+//
+// For token rows x [T, d_in] (1 <= T <= MAX_ROWS) and a group (q|k|v, gate|up, o, down) whose
+// experts stack as W_aug = [W; A_cat] ([d_out + R, d_in], row-major):
+//
+//   y[t, o] = W[o] . x'[t] + bias[o] + res[t, o]
+//           + sum over active blocks j of o's part p: sum_{r in j} bT_p[r - r0_p, o - out0_p] h[t, r]
+//   h[t, r] = (A_cat[r] . x'[t]) * gates[t, e_j] * s_j                       r in block j
+//
+// A block is one expert's rank rows in one part (projection); it is active when its expert's
+// gate is nonzero for some row t (no gates: none is).  The prologue makes x' once, before the
+// GEMVs:  PRO_NONE x' = x;  PRO_RMSNORM x'[t] = norm * x[t] / sqrt(mean(x[t]^2) + eps);
+// PRO_SILU_MUL x [T, 2 d_in] = gate | up, x'[t, k] = silu(x[t, k]) * x[t, d_in + k].
+// res (optional) may be y itself: an in-place residual update.
+//
+// Two parallel regions (pool.h), each split into many small chunks:
+//   pass 1  rows of W and the active rows of A_cat (chunks of ~pass1_bytes of weights): y rows
+//           (+ bias, + res) and h;
+//   pass 2  the expand, over the active parts' output columns concatenated (chunks of
+//           ~pass2_bytes of bT): each chunk streams the active rank rows of bT across its columns.
+// Scratch (x', h, the routing lists) is thread_local to the calling thread.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace pf_cpu {
+
+constexpr int64_t MAX_ROWS = 16;     // rows per call: the one row limit of the typed API
+
+enum Prologue : int { PRO_NONE = 0, PRO_RMSNORM = 1, PRO_SILU_MUL = 2 };
+
+struct LoraPart {              // output columns out0:out1, rows r0:r1 of A_cat (0-based in R)
+    int64_t out0, out1, r0, r1;
+    const float* bT;           // [r1 - r0, out1 - out0] row-major
+    int64_t b0, b1;            // its blocks: blocks[b0:b1]
+};
+
+struct LoraBlock {             // one expert's rows r0:r1 of A_cat inside its part
+    int64_t expert, r0, r1;
+    float scale;
+};
+
+struct Linear {
+    const float* w = nullptr;      // W_aug [d_out + rank, d_in]
+    const float* bias = nullptr;   // [d_out] or null
+    int64_t d_in = 0, d_out = 0, rank = 0, num_experts = 0;
+    std::vector<LoraPart> parts;   // increasing, non-overlapping in columns and rows
+    std::vector<LoraBlock> blocks; // by part, increasing rows
+};
+
+struct LinearCall {
+    const float* x = nullptr;      // [T, d_in] ([T, 2 d_in] with PRO_SILU_MUL), row stride xs
+    int64_t xs = 0, T = 0;
+    float* y = nullptr;            // [T, d_out], row stride ys; written
+    int64_t ys = 0;
+    const float* gates = nullptr;  // [T, num_experts], row stride gs; null: base only
+    int64_t gs = 0;
+    int prologue = PRO_NONE;
+    const float* norm = nullptr;   // [d_in] with PRO_RMSNORM
+    float eps = 0.0f;
+    const float* res = nullptr;    // [T, d_out], row stride rs, or null; may be y
+    int64_t rs = 0;
+};
+
+void linear_run(const Linear& lin, const LinearCall& call, int threads);
+
+// Chunk sizes (benchmarks/bench_cpu_pool.py tunes them): pass 1 takes about pass1_bytes of
+// weight rows per chunk, pass 2 about pass2_bytes of the active rank rows of bT (its column
+// count rounded up to a multiple of 8).  A region smaller than one chunk runs inline.
+struct Chunking {
+    int64_t pass1_bytes = 65536;
+    int64_t pass2_bytes = 65536;
+};
+Chunking chunking();
+void set_chunking(const Chunking& c);
+
+}  // namespace pf_cpu
