@@ -409,7 +409,7 @@ def bench_proj(p: Proj, pi: int, c: dict, seed: int, esize: int, bw: float, thre
                 loras = make_experts(p, K, r, gen, dtype, device)
                 loras0 = loras0 or loras
                 lin = Linear(weights[i], None, p.splits, p.modules, c["base_backend"])
-                lin.attach(loras)
+                lin.attach(loras, K)
                 lins.append(lin)
             ref = loras0                     # copy 0's experts: the check calls copy 0
             for T in c["T"]:

@@ -63,7 +63,7 @@ def test_cpu_kernel_matches_fp64(K, group, T):
     for bias in (None, torch.randn(w.shape[0], generator=g)):
         lin = Linear(w.clone(), None if bias is None else bias.clone(),
                      tuple(s[0] for s in shapes) if len(mods) > 1 else None, mods, CPU)
-        lin.attach({m: b.lora(0, m) for m in mods})
+        lin.attach({m: b.lora(0, m) for m in mods}, b.num_experts)
         x = torch.randn(T, 1, d_in, generator=g)
         for kind in ("dense", "top2-token", "one-per-token", "zero", "mixed-rows"):
             gt = gates(kind, T, K, g)
@@ -88,7 +88,7 @@ def test_cpu_backend_hands_large_batches_to_torch():
     w = torch.randn(75, 44)
     lins = [Linear(w, None, None, ("up",), create(name, "cpu")) for name in ("cpu", "torch")]
     for lin in lins:
-        lin.attach({"up": b.lora(0, "up")})
+        lin.attach({"up": b.lora(0, "up")}, b.num_experts)
     x = torch.randn(40, 44)
     gt = torch.rand(40, 4)
     assert torch.allclose(lins[0](x, Mix(gt)), lins[1](x, Mix(gt)), atol=1e-5)

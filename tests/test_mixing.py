@@ -59,7 +59,7 @@ def make_linear(bank, group: str, bias: bool, seed: int, backend: str = "torch")
     b = torch.randn(w.shape[0], generator=g).to(dt).float() if bias else None
     lin = Linear(w.to(dev, dt), None if b is None else b.to(dev, dt),
                  tuple(s[0] for s in shapes) if len(mods) > 1 else None, mods, create(backend, dev))
-    lin.attach({m: bank.lora(0, m) for m in mods})
+    lin.attach({m: bank.lora(0, m) for m in mods}, bank.num_experts)
     return lin, w, b, shapes
 
 

@@ -147,7 +147,7 @@ class Decoder:
         state is rebuilt with them)."""
         for i, blk in enumerate(self.blocks):
             for lin in blk.linears:
-                lin.attach({m: bank.lora(i, m) for m in lin.modules})
+                lin.attach({m: bank.lora(i, m) for m in lin.modules}, bank.num_experts)
         self.runner = self.backend.runner(self)
 
     def hidden(self, tokens: torch.Tensor, layers: int) -> torch.Tensor:

@@ -52,6 +52,7 @@ class Linear:
         self.parts: list[Part] = []
         self.layout: RankLayout | None = None    # all parts' blocks, rows 0:R of A_cat
         self.experts: frozenset = frozenset()    # bank ids of the experts attached
+        self.num_experts = 0                     # K of the bank attached (gates are [N, K])
         self.backend, self.state = None, None
         if backend is not None:
             self.bind(backend)
@@ -69,8 +70,9 @@ class Linear:
         self.backend = backend
         self.state = backend.prepare(self)
 
-    def attach(self, loras: dict) -> None:
-        """Attach the experts of each projection: ``loras[module]`` is a LoraWeights or None.
+    def attach(self, loras: dict, num_experts: int) -> None:
+        """Attach the experts of each projection of a bank of ``num_experts`` experts:
+        ``loras[module]`` is a LoraWeights or None.
 
         The base weight becomes a view of W_aug = [W; A_cat]; the backend's state is rebuilt.
         """
@@ -98,7 +100,7 @@ class Linear:
             self.layout = RankLayout.concat([p.layout for p in parts])
         else:
             self.weight, self.w_aug, self.bias_aug, self.layout = base.contiguous(), None, None, None
-        self.parts = parts
+        self.parts, self.num_experts = parts, num_experts
         self.experts = frozenset(e for p in parts for e in p.layout.experts)
         if self.backend is not None:
             self.bind(self.backend)

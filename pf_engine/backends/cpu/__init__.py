@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from pf_engine.backends import gemm
 from pf_engine.backends.base import Backend
 from pf_engine.backends.cpu import kernel
@@ -26,7 +24,7 @@ from pf_engine.runtime.threads import POLICY
 @dataclass
 class CpuLinear:
     """What the cpu backend keeps per Linear (``lin.state``)."""
-    plan: kernel.Plan | None      # the weights and blocks as the kernel reads them (fp32 only)
+    plan: object | None           # pf_kernels.cpu_ops.LinearPlan (kernel.plan); None: not fp32
     gathered: Gathered | None     # the torch backend's state, for batches of more rows
 
 
@@ -47,6 +45,5 @@ class Cpu(Backend):
             if mix is None:
                 return gemm.linear(x2, lin.weight, lin.bias, decode)
             return grouped(lin, x2, mix, lin.state.gathered)
-        y = torch.empty(N, lin.d_out, dtype=torch.float32)
-        plan.run(x2.contiguous(), y, None if mix is None else mix.gates, POLICY.threads())
-        return y
+        return kernel.run(plan, x2 if x2.stride(-1) == 1 else x2.contiguous(),
+                          None if mix is None else mix.gates, POLICY.threads())

@@ -1,59 +1,38 @@
-"""csrc/cpu's fused linear as the cpu backend calls it: one ``Plan`` per Linear, built once.
+"""The cpu backend's prepared form of a Linear: csrc/cpu's typed ``LinearPlan``, built once.
 
-    plan.run(x, y, gates=None, threads=1, prologue=PRO_NONE, norm=None, eps=0.0, residual=None)
+    plan = kernel.plan(lin)          # None when the Linear's weights are not fp32 on CPU
+    plan.run(x, y, gates, threads, prologue=PRO_NONE, norm=None, eps=0.0, residual=None)
 
-y [T, d_out] = residual + prologue(x) W^T + b + sum over the active experts (see
-csrc/cpu/grouped_lora_cpu.cpp); x [T, d_in] (2 d_in with PRO_SILU_MUL), T <= MAX_ROWS rows,
-gates [T, K] fp32 or None (the base product).
+computes y [T, d_out] = residual + prologue(x) W^T + b + sum over the active experts, for
+T <= MAX_ROWS rows (csrc/cpu/linear_plan.h has the maths; pf_kernels.cpu_ops the full API).
+The plan holds numpy views of the Linear's W_aug and bias and its own B^T copies (the kernel's
+expand streams rows of B^T), all checked in C++ when it is built.
 """
 from __future__ import annotations
 
 import torch
 from pf_kernels import cpu_ops
 
-MAX_ROWS = cpu_ops.MAX_TOKENS
-PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
+MAX_ROWS = cpu_ops.MAX_ROWS
+PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = cpu_ops.PRO_NONE, cpu_ops.PRO_RMSNORM, cpu_ops.PRO_SILU_MUL
 
 
-def plan(lin) -> "Plan | None":
-    """The kernel's plan for ``lin``; None when its weights are not fp32 on CPU."""
+def plan(lin):
+    """The LinearPlan of ``lin`` (model/linear.py), or None when its weights are not fp32 on CPU."""
     w = lin.w_aug if lin.parts else lin.weight
-    return Plan(lin, w) if w.dtype == torch.float32 and w.device.type == "cpu" else None
+    if w.dtype != torch.float32 or w.device.type != "cpu":
+        return None
+    parts, blocks = [], []
+    for i, p in enumerate(lin.parts):
+        parts.append((p.out0, p.out1, p.r0, p.r1, p.b.t().contiguous().numpy()))
+        blocks += [(i, e, p.r0 + r0, p.r0 + r1, s) for e, r0, r1, s in p.layout.blocks]
+    return cpu_ops.LinearPlan(w.contiguous().numpy(), lin.d_out,
+                              None if lin.bias is None else lin.bias.contiguous().numpy(),
+                              parts, blocks, lin.num_experts)
 
 
-class Plan:
-    def __init__(self, lin, w):
-        self.w = w.contiguous()
-        self.bias = None if lin.bias is None else lin.bias.contiguous()
-        self.d_out, self.d_in = lin.d_out, lin.d_in
-        self.R = self.w.shape[0] - lin.d_out
-        parts, bptrs, blocks, scale, self.bT = [], [], [], [], []
-        for p in lin.parts:
-            b = p.b.t().contiguous()              # B^T [R_m, d_out_m]: see the kernel's pass 2
-            self.bT.append(b)
-            j0 = len(blocks)
-            for e, r0, r1, s in p.layout.blocks:
-                blocks.append((e, p.r0 + r0, p.r0 + r1))
-                scale.append(s)
-            parts.append((p.out0, p.out1, p.r0, p.r1, j0, len(blocks)))
-            bptrs.append(b.data_ptr())
-        self.parts = torch.tensor(parts, dtype=torch.int64).view(-1, 6)
-        self.bptrs = torch.tensor(bptrs, dtype=torch.int64)
-        self.blocks = torch.tensor(blocks, dtype=torch.int64).view(-1, 3)
-        self.scale = torch.tensor(scale, dtype=torch.float32)
-        self.dummy = torch.zeros(1, 1)
-
-    def run(self, x, y, gates=None, threads=1, prologue=PRO_NONE, norm=None, eps=0.0, residual=None):
-        mod = cpu_ops._load()[0]
-        if gates is None:
-            g, K, gs, P, J = self.dummy, 1, 0, 0, 0
-        else:
-            g = gates.contiguous()
-            K, gs, P, J = g.shape[1], g.stride(0), self.parts.shape[0], self.blocks.shape[0]
-        mod.fused_linear_pe(
-            x.data_ptr(), x.shape[0], x.stride(0), self.d_in, self.w.data_ptr(), self.d_out, self.R,
-            0 if self.bias is None else self.bias.data_ptr(), g.data_ptr(), K, gs, y.data_ptr(),
-            y.stride(0), self.parts.data_ptr(), self.bptrs.data_ptr(), P, self.blocks.data_ptr(),
-            self.scale.data_ptr(), J, threads, prologue, 0 if norm is None else norm.data_ptr(), eps,
-            0 if residual is None else residual.data_ptr(), 0 if residual is None else residual.stride(0))
-        return y
+def run(plan, x: torch.Tensor, gates: torch.Tensor | None, threads: int) -> torch.Tensor:
+    """y [N, d_out] for rows x [N, d_in] (gates [N, K] or None: the base product)."""
+    y = torch.empty(x.shape[0], plan.d_out, dtype=torch.float32)
+    plan.run(x.numpy(), y.numpy(), None if gates is None else gates.numpy(), threads)
+    return y
