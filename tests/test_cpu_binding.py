@@ -29,11 +29,14 @@ POISON = 7.25
 def small_chunks():
     """Chunks of about one weight row and 8 output columns, so that the small sizes here split
     into many chunks and threads > 1 really runs on the pool (the defaults would make every
-    region here one chunk, run inline)."""
+    region here one chunk, run inline), and the shared-machine detection off (on a busy machine
+    it would run every job inline)."""
     mod = cpu_ops._load()[0]
     old = mod._chunking()
     mod._set_chunking(150, 32)
+    mod._set_contention_detection(False)   # this machine may be shared: still use the pool
     yield
+    mod._set_contention_detection(True)
     mod._set_chunking(old["pass1_bytes"], old["pass2_bytes"])
 
 

@@ -31,6 +31,12 @@ PYBIND11_MODULE(_pf_cpu, m) {
     }, py::arg("us"), "How long a waiting pool thread spins before it sleeps (microseconds)");
     m.def("spin_us", &spin_us);
     m.def("pool_workers", &pool_workers, "Worker threads the pool has started (the caller is not one)");
+    m.def("_contention", [] {
+        return py::dict(py::arg("signs") = contended_signs(), py::arg("windows") = contended_windows());
+    }, "Signs of a shared machine the pool has seen (a late worker, a long wait) and the windows "
+       "in which jobs ran inline because of them");
+    m.def("_set_contention_detection", &set_contention_detection, py::arg("on"),
+          "Off: jobs use the pool even on a machine that looks shared (tests)");
     m.def("_set_chunking", [](int64_t pass1_bytes, int64_t pass2_bytes) {
         const Checker ck("_set_chunking");
         ck.in_range("pass1_bytes", pass1_bytes, 1, int64_t(1) << 30);

@@ -12,6 +12,13 @@
 //    for the next job, then sleeps on a futex until one is posted to it; the caller, once nothing
 //    is left to claim, spins for at most spin_us() on the claimed chunks, then sleeps on a futex
 //    that the thread finishing the last chunk wakes.  Nothing spins longer than spin_us().
+//  * On a shared machine the caller works alone: two signs within 50 ms that threads wait for a
+//    core (a worker started > 1 ms after its job was posted; the caller waited > 1 ms for
+//    claimed chunks) make every job run inline and nobody spin for 200 ms (doubled, up to
+//    3.2 s, while the signs come back within a second of the pool being tried again).  There a spinning
+//    thread burns its session's share of the cores, and a descheduled worker holding a chunk
+//    stalls the caller for a time slice: beside busy processes one thread decoded faster than
+//    two.  ``threads`` is thus an upper bound.
 //  * Jobs are serialised: one job runs on the pool at a time.  A second caller (another Python
 //    thread with the GIL released) that finds the pool busy does NOT wait for it: it runs its own
 //    job inline on its thread, all chunks in order.  A chunk that calls parallel_for itself (any
@@ -47,5 +54,11 @@ int64_t spin_us();
 
 // Workers the pool has started so far (tests, benchmarks).
 int pool_workers();
+// Signs of a shared machine seen (a late worker, a long wait) and windows in which jobs ran
+// inline because of them (benchmarks: how often the machine looked shared).
+int64_t contended_signs();
+int64_t contended_windows();
+// Turns the shared-machine detection off (tests that must run on the pool) or on (default).
+void set_contention_detection(bool on);
 
 }  // namespace pf_cpu
