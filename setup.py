@@ -42,8 +42,8 @@ def build_cuda_extension() -> Path | None:
 
 
 def build_cpu_extension() -> Path | None:
-    """Compile csrc/cpu into pf_kernels/_pf_cpu*.so with the system C++ compiler (AVX2/FMA, OpenMP);
-    warn and skip when that fails.  Never fails the install: PF_SKIP_CPU_BUILD=1 skips it."""
+    """Compile csrc/cpu into pf_kernels/_pf_cpu*.so with the system C++ compiler (AVX2/FMA, its
+    own thread pool); warn and skip when that fails.  Never fails the install: PF_SKIP_CPU_BUILD=1 skips it."""
     if os.environ.get("PF_SKIP_CPU_BUILD"):
         print("pf-engine: PF_SKIP_CPU_BUILD is set: not building the CPU kernel")
         return None

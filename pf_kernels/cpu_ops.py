@@ -36,8 +36,7 @@ TypeError for a wrong dtype, naming the argument, and nothing is written when on
         RoPE on q and k, k and v written at column cols[b] of slot row0 + b of ``layer``, GQA
         attention over columns [0, L) with the additive bias (0 or -inf) into out [B, H*D].
         qkv [B, (H + 2 H_kv) D]; cos, sin [B, H + H_kv, D]; k_cache, v_cache [layers, slots,
-        H_kv, max_len, D] (the whole pool); cols int64 [B]; bias [B, L].  (The old raw-pointer
-        form, 19 integers, is the same function's other overload.)
+        H_kv, max_len, D] (the whole pool); cols int64 [B]; bias [B, L].
 
     BlockPlan(qkv, o, gate_up, down, attn_norm, mlp_norm, eps, n_heads, n_kv_heads, head_dim)
       .step(h, gates, cos, sin, k_cache, v_cache, layer, row0, cols, bias, threads=1)
@@ -51,20 +50,10 @@ TypeError for a wrong dtype, naming the argument, and nothing is written when on
         caller never waits for a worker that has not started; idle threads spin at most
         spin_us() microseconds (default 50), then sleep.  A call made while another thread's call
         holds the pool runs inline.
-
-Old entry points (raw integer pointers, OpenMP; the engine's cpu backend still calls them until it
-switches over): ``fused_linear_cpu`` computes y = x W^T + b + sum_k g[t,k] s_k B_k A_k x for one
-projection group in one call over W_aug = [W; A_cat]: pass 1 streams W and the active experts'
-rows of A_cat once (gating h), pass 2 adds the expand.  fp32 on CPU tensors, up to MAX_TOKENS rows
-(a decode step).  ``gemm_small`` is the same kernel with no experts.
 """
 from __future__ import annotations
 
 import functools
-
-import torch
-
-MAX_TOKENS = 16          # the engine's cpu backend sends larger batches (prefill) to torch's GEMM
 
 
 def _cpu_flags() -> set[str]:
@@ -109,57 +98,3 @@ def __getattr__(name: str):
 def cpu_available() -> tuple[bool, str]:
     mod, why = _load()
     return (True, "AVX2/FMA fused kernel (csrc/cpu)") if mod is not None else (False, why)
-
-
-_EMPTY = {}
-
-
-def empty_meta() -> dict:
-    """The metadata of a call with no experts (zero parts and blocks) and a dummy gate row."""
-    if not _EMPTY:
-        _EMPTY.update(parts=torch.zeros(0, 6, dtype=torch.int64), bptrs=torch.zeros(0, dtype=torch.int64),
-                      blocks=torch.zeros(0, 3, dtype=torch.int64), scale=torch.zeros(0),
-                      gates=torch.zeros(1, 1))
-    return _EMPTY
-
-
-def gemm_small(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
-    """y = x W^T (+ bias) for a few rows x [N, d_in] (N <= MAX_TOKENS), fp32 CPU, W [d_out, d_in]
-    contiguous: the same kernel with no experts (one streaming pass over W, T rows at a time)."""
-    mod, _ = _load()
-    e = empty_meta()
-    N, d_in = x.shape
-    y = torch.empty(N, w.shape[0], dtype=torch.float32)
-    mod.fused_linear(x.data_ptr(), N, x.stride(0), d_in, w.data_ptr(), w.shape[0], 0,
-                     0 if bias is None else bias.data_ptr(), e["gates"].data_ptr(), 1, 0,
-                     y.data_ptr(), y.stride(0), e["parts"].data_ptr(), e["bptrs"].data_ptr(), 0,
-                     e["blocks"].data_ptr(), e["scale"].data_ptr(), 0, threads)
-    return y
-
-
-def fused_linear_cpu(y: torch.Tensor, x: torch.Tensor, w_aug: torch.Tensor, bias, gates: torch.Tensor,
-                     meta: dict, threads: int) -> torch.Tensor:
-    """y [T, d_out] (written) from x [T, d_in] (rows contiguous), w_aug [d_out + R, d_in],
-    bias [d_out] or None, gates [T, K] fp32 (rows contiguous); meta: the Linear's parts and
-    blocks (see csrc/cpu/grouped_lora_cpu.cpp and pf_engine/backends.py).  All fp32 on CPU."""
-    mod, why = _load()
-    if mod is None:
-        raise RuntimeError(f"the CPU grouped-LoRA kernel is unavailable: {why}")
-    T, d_in = x.shape
-    d_out = y.shape[1]
-    for name, t in (("x", x), ("w_aug", w_aug), ("y", y), ("gates", gates)):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1:
-            raise ValueError(f"{name} must be a CPU float32 tensor with unit last stride, got "
-                             f"{t.dtype} on {t.device} with strides {t.stride()}")
-    if not 1 <= T <= MAX_TOKENS or w_aug.shape[1] != d_in or not w_aug.is_contiguous():
-        raise ValueError(f"x [{T}, {d_in}] / w_aug {tuple(w_aug.shape)}: expected 1..{MAX_TOKENS} "
-                         "rows and a contiguous w_aug with the same d_in")
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        raise ValueError("bias must be a contiguous float32 tensor")
-    mod.fused_linear(x.data_ptr(), T, x.stride(0), d_in, w_aug.data_ptr(), d_out,
-                     w_aug.shape[0] - d_out, 0 if bias is None else bias.data_ptr(),
-                     gates.data_ptr(), gates.shape[1], gates.stride(0), y.data_ptr(), y.stride(0),
-                     meta["parts"].data_ptr(), meta["bptrs"].data_ptr(), meta["parts"].shape[0],
-                     meta["blocks"].data_ptr(), meta["scale"].data_ptr(), meta["blocks"].shape[0],
-                     threads)
-    return y

@@ -64,4 +64,6 @@ def test_rows_run_in_their_own_process(tiny_chat_model, tmp_path):
     assert [(r["config"], r["backend"]) for r in rows] == [("base", "-"), ("top2", "torch")]
     for r in rows:
         assert "error" not in r, r
-        assert r["peak_rss_mb"] > 0 and r["decode_ms_per_token"] > 0
+        # t_N - t_1 of a 2-token run on a tiny model can come out below zero on a busy machine:
+        # a timing never decides a test, only that the figure was made
+        assert r["peak_rss_mb"] > 0 and math.isfinite(r["decode_ms_per_token"])

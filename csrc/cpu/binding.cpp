@@ -1,5 +1,5 @@
 // The _pf_cpu module: the typed API (binding_linear.cpp, binding_attention.cpp,
-// binding_block.cpp on the pool of pool.h) beside the old raw-pointer entry points (legacy.h).
+// binding_block.cpp) on the thread pool of pool.h.
 //
 //   MAX_ROWS = 16, PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
 //   LinearPlan, BlockPlan, decode_attention (typed overload), set_spin_us(us), spin_us(),
@@ -7,7 +7,6 @@
 #include <chrono>
 
 #include "binding.h"
-#include "legacy.h"
 #include "pool.h"
 
 namespace py = pybind11;
@@ -15,9 +14,7 @@ using namespace pf_cpu;
 
 PYBIND11_MODULE(_pf_cpu, m) {
     m.doc() = "csrc/cpu: fused grouped-LoRA linear, decode attention and a decoder block's decode "
-              "step for CPU decode steps (AVX2/FMA); typed API on its own thread pool, old "
-              "raw-pointer entry points on OpenMP";
-    bind_legacy(m);
+              "step for CPU decode steps (AVX2/FMA), on its own thread pool";
     m.attr("MAX_ROWS") = MAX_ROWS;
     m.attr("PRO_NONE") = static_cast<int>(PRO_NONE);
     m.attr("PRO_RMSNORM") = static_cast<int>(PRO_RMSNORM);

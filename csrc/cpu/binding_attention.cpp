@@ -1,4 +1,4 @@
-// decode_attention: the typed binding of attention.h (an overload beside the old raw-pointer one).
+// decode_attention: the typed binding of attention.h.
 //
 //   decode_attention(qkv, cos, sin, k_cache, v_cache, layer, row0, cols, bias, out, threads=1)
 //     qkv      float32 [B, (H + 2*H_kv)*D], unit last stride, 1 <= B <= MAX_ROWS

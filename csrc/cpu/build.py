@@ -9,7 +9,6 @@ its source, a header of csrc/cpu or this file (--clean rebuilds all):
 
     SOURCES          the typed API (LinearPlan, BlockPlan, decode_attention) on its own thread
                      pool (pool.cpp): no OpenMP
-    LEGACY_SOURCES   the old raw-pointer entry points: -fopenmp (the link adds libgomp for them)
 
 The module lands in pf_kernels/ by default, i.e. it imports as ``pf_kernels._pf_cpu``.  setup.py
 calls :func:`build` on every install unless PF_SKIP_CPU_BUILD is set; a failed build warns and
@@ -31,11 +30,9 @@ OBJ_DIR = HERE.parent / "build" / "cpu"
 SOURCES = [HERE / n for n in ("binding.cpp", "binding_linear.cpp", "binding_attention.cpp",
                                "binding_block.cpp", "check.cpp", "linear_plan.cpp", "attention.cpp",
                                "block_plan.cpp", "pool.cpp")]
-LEGACY_SOURCES = [HERE / "grouped_lora_cpu.cpp", HERE / "decode_attention.cpp"]
 MODULE = "_pf_cpu"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-std=c++17", "-fvisibility=hidden", "-pthread", "-Wall"]
-LEGACY_FLAGS = ["-fopenmp"]
-LINK_FLAGS = ["-shared", "-fopenmp", "-pthread"]
+LINK_FLAGS = ["-shared", "-pthread"]
 
 
 def find_cxx() -> str | None:
@@ -56,12 +53,11 @@ def build(out_dir: Path | str = DEFAULT_OUT, quiet: bool = False, clean: bool = 
     OBJ_DIR.mkdir(parents=True, exist_ok=True)
     deps = max(p.stat().st_mtime for p in [Path(__file__), *HERE.glob("*.h")])
     objs, stale = [], []
-    for src in SOURCES + LEGACY_SOURCES:
+    for src in SOURCES:
         obj = OBJ_DIR / (src.stem + ".o")
         objs.append(obj)
         if clean or not obj.exists() or obj.stat().st_mtime < max(deps, src.stat().st_mtime):
-            extra = LEGACY_FLAGS if src in LEGACY_SOURCES else []
-            stale.append((src, [cxx, *FLAGS, *extra, *inc, "-c", str(src), "-o", str(obj)]))
+            stale.append((src, [cxx, *FLAGS, *inc, "-c", str(src), "-o", str(obj)]))
     _run(stale, quiet)
     _run([(out, [cxx, *LINK_FLAGS, *map(str, objs), "-o", str(out)])], quiet)
     return out

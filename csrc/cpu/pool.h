@@ -1,4 +1,4 @@
-// A process-wide thread pool for the typed kernels' parallel regions (replaces OpenMP there).
+// A process-wide thread pool for the kernels' parallel regions.
 //
 //   parallel_for(n, threads, fn)   runs fn(c) once for every chunk c in [0, n), on at most
 //                                  ``threads`` threads counting the caller; returns when all ran.
