@@ -7,6 +7,7 @@
 //   rmsnorm_row(x, w, d, eps, out)  out[k] = w[k] * (x[k] / sqrt(mean(x^2) + eps))
 //   silu_mul_row(x, d, out)         out[k] = silu(x[k]) * x[d + k]                 (x: 2 d floats)
 //   axpy(a, x, n, y)                y[k] += a * x[k]
+//   axpy4(a, x, xs, n, y)           y[k] += a[0] x[k] + a[1] x[xs + k] + a[2] x[2 xs + k] + a[3] x[3 xs + k]
 #pragma once
 #include <immintrin.h>
 
@@ -83,6 +84,23 @@ inline void axpy(float a, const float* x, int64_t n, float* y) {
     for (; k + 8 <= n; k += 8)
         _mm256_storeu_ps(y + k, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + k), _mm256_loadu_ps(y + k)));
     for (; k < n; ++k) y[k] += a * x[k];
+}
+
+// Four rows of x (row stride xs) into y: one load and store of y for four FMAs.
+inline void axpy4(const float* a, const float* x, int64_t xs, int64_t n, float* y) {
+    const __m256 a0 = _mm256_set1_ps(a[0]), a1 = _mm256_set1_ps(a[1]);
+    const __m256 a2 = _mm256_set1_ps(a[2]), a3 = _mm256_set1_ps(a[3]);
+    const float *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs, *x3 = x + 3 * xs;
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) {
+        __m256 v = _mm256_loadu_ps(y + k);
+        v = _mm256_fmadd_ps(a0, _mm256_loadu_ps(x0 + k), v);
+        v = _mm256_fmadd_ps(a1, _mm256_loadu_ps(x1 + k), v);
+        v = _mm256_fmadd_ps(a2, _mm256_loadu_ps(x2 + k), v);
+        v = _mm256_fmadd_ps(a3, _mm256_loadu_ps(x3 + k), v);
+        _mm256_storeu_ps(y + k, v);
+    }
+    for (; k < n; ++k) y[k] += a[0] * x0[k] + a[1] * x1[k] + a[2] * x2[k] + a[3] * x3[k];
 }
 
 }  // namespace pf_cpu

@@ -64,23 +64,34 @@ struct Job {
         }
     }
 
-    // Pass 2, concatenated columns c0:c1: y[t, o] += sum over active rank rows r of h[t, r] bT[r, o].
+    // Pass 2, concatenated columns c0:c1: y[t, o] += sum over active rank rows r of h[t, r] bT[r, o],
+    // in tiles of kTile columns (four rank rows of bT and the T rows of y stay in L1 across t),
+    // four rank rows at a time (one load and store of y per four FMAs).
+    static constexpr int64_t kTile = 256;
     void pass2(int64_t chunk) const {
         const int64_t c0 = chunk * cols_per_chunk, c1 = std::min(ncols, c0 + cols_per_chunk);
+        const int64_t R = lin.rank;
         for (int64_t q = 0; q < nsegs; ++q) {
             const Segment& sg = segs[q];
             const LoraPart& p = lin.parts[sg.part];
             const int64_t dp = p.out1 - p.out0;
             const int64_t lo = std::max(c0, sg.c), hi = std::min(c1, sg.c + dp);
-            if (lo >= hi) continue;
-            const int64_t o0 = p.out0 + (lo - sg.c), width = hi - lo;
-            const float* bT = p.bT + (o0 - p.out0);
-            for (int64_t a = sg.a0; a < sg.a1; ++a) {
-                const LoraBlock& b = lin.blocks[act[a]];
-                for (int64_t r = b.r0; r < b.r1; ++r) {
-                    const float* brow = bT + (r - p.r0) * dp;
-                    for (int64_t t = 0; t < call.T; ++t)
-                        axpy(h[t * lin.rank + r], brow, width, call.y + t * call.ys + o0);
+            for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
+                const int64_t o0 = p.out0 + (t0 - sg.c), width = std::min(kTile, hi - t0);
+                const float* bT = p.bT + (o0 - p.out0);
+                for (int64_t a = sg.a0; a < sg.a1; ++a) {
+                    const LoraBlock& b = lin.blocks[act[a]];
+                    int64_t r = b.r0;
+                    for (; r + 4 <= b.r1; r += 4) {
+                        const float* brow = bT + (r - p.r0) * dp;
+                        for (int64_t t = 0; t < call.T; ++t)
+                            axpy4(h + t * R + r, brow, dp, width, call.y + t * call.ys + o0);
+                    }
+                    for (; r < b.r1; ++r) {
+                        const float* brow = bT + (r - p.r0) * dp;
+                        for (int64_t t = 0; t < call.T; ++t)
+                            axpy(h[t * R + r], brow, width, call.y + t * call.ys + o0);
+                    }
                 }
             }
         }
@@ -142,7 +153,13 @@ void linear_run(const Linear& lin, const LinearCall& call, int threads) {
     const int64_t row_bytes = static_cast<int64_t>(sizeof(float)) * lin.d_in;
     int64_t rpc = std::max<int64_t>(1, g_pass1_bytes.load(std::memory_order_relaxed) / row_bytes);
     rpc = std::max(rpc, ceil_div(n1, kMaxChunks));
-    const int64_t col_bytes = static_cast<int64_t>(sizeof(float)) * std::max<int64_t>(1, s.rows.size());
+    int64_t part_rows = 1;                     // the most active rank rows of one part: what
+    for (const Segment& sg : s.segs) {        // a pass-2 column streams
+        int64_t n = 0;
+        for (int64_t a = sg.a0; a < sg.a1; ++a) n += lin.blocks[s.act[a]].r1 - lin.blocks[s.act[a]].r0;
+        part_rows = std::max(part_rows, n);
+    }
+    const int64_t col_bytes = static_cast<int64_t>(sizeof(float)) * part_rows;
     int64_t cpc = ceil_div(std::max<int64_t>(1, g_pass2_bytes.load(std::memory_order_relaxed) / col_bytes), 8) * 8;
     cpc = std::max(cpc, ceil_div(ceil_div(ncols, kMaxChunks), 8) * 8);
     const Job job{lin, call, x, xs, s.h.data(), s.rows.data(), n1, rpc, s.act.data(), s.segs.data(),

@@ -18,7 +18,8 @@
 //   pass 1  rows of W and the active rows of A_cat (chunks of ~pass1_bytes of weights): y rows
 //           (+ bias, + res) and h;
 //   pass 2  the expand, over the active parts' output columns concatenated (chunks of
-//           ~pass2_bytes of bT): each chunk streams the active rank rows of bT across its columns.
+//           ~pass2_bytes of bT): each chunk streams the active rank rows of bT across its
+//           columns, four rank rows at a time, in 256-column tiles.
 // Scratch (x', h, the routing lists) is thread_local to the calling thread.
 #pragma once
 #include <cstdint>
@@ -66,8 +67,8 @@ struct LinearCall {
 void linear_run(const Linear& lin, const LinearCall& call, int threads);
 
 // Chunk sizes (benchmarks/bench_cpu_pool.py tunes them): pass 1 takes about pass1_bytes of
-// weight rows per chunk, pass 2 about pass2_bytes of the active rank rows of bT (its column
-// count rounded up to a multiple of 8).  A region smaller than one chunk runs inline.
+// weight rows per chunk, pass 2 about pass2_bytes of bT: its columns (a multiple of 8) times the
+// most active rank rows of one part (each rank row is read in runs of that many columns).  A region smaller than one chunk runs inline.
 struct Chunking {
     int64_t pass1_bytes = 65536;
     int64_t pass2_bytes = 65536;
