@@ -121,6 +121,18 @@ class Engine:
         eng.load_s = time.perf_counter() - t0
         return eng
 
+    def generation_defaults(self, chat: bool) -> tuple[dict, str]:
+        """The sampling fields pf-generate and pf-serve use where a user gives none, and where
+        they come from (``sampling.generation_defaults``: the model's generation config, else a
+        chat default for chat and greedy for plain completion).  ``generate`` itself takes
+        ``SamplingParams()`` (greedy) unless told otherwise."""
+        from pf_engine.sampling import generation_defaults
+        cache = self.__dict__.setdefault("_generation_defaults", {})
+        if chat not in cache:
+            cache[chat] = generation_defaults(self.folder, chat)
+        d, source = cache[chat]
+        return dict(d), source
+
     # Prompts ------------------------------------------------------------------------------
     def _encode(self, prompts, chat: bool) -> list[list[int]]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts

@@ -8,7 +8,9 @@ Each request owns a ``torch.Generator``: with ``seed`` given, request i of a cal
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import secrets
 from dataclasses import dataclass, field
 
@@ -132,3 +134,39 @@ class Sampler:
         probs = logits.softmax(-1)
         return torch.cat([torch.multinomial(probs[i], 1, generator=self.generators[r])
                           for i, r in enumerate(rows)])
+
+
+# Defaults a CLI or the server uses for the fields a user leaves out ------------------------------
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+# For chat with a model whose generation_config.json says nothing about sampling (the bundled
+# SmolLM2-135M-Instruct, converted from GGUF, has token ids only): its model card's temperature
+# and top-p, and a mild repetition penalty, which keeps a 135M model from looping at greedy.
+CHAT_DEFAULTS = {"temperature": 0.2, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.1}
+GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+
+
+def generation_defaults(folder: str, chat: bool) -> tuple[dict, str]:
+    """({temperature, top_p, top_k, repetition_penalty}, where they come from) for a model folder.
+
+    As transformers does, the model's own ``generation_config.json`` decides where it speaks of
+    sampling: ``do_sample`` true gives its temperature / top_p / top_k (transformers' defaults
+    1.0 / 1.0 / 50 for fields it leaves out) and repetition_penalty; ``do_sample`` false (or only
+    a repetition_penalty) gives greedy with that penalty.  A config silent on sampling gives
+    ``CHAT_DEFAULTS`` for chat and greedy for plain completion.
+    """
+    cfg = {}
+    path = os.path.join(folder, "generation_config.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (OSError, ValueError):
+            cfg = {}
+    if not isinstance(cfg, dict) or not any(k in cfg for k in ("do_sample",) + SAMPLING_FIELDS):
+        return (dict(CHAT_DEFAULTS), "chat default (the model's generation config has none)") \
+            if chat else (dict(GREEDY), "greedy (the model's generation config has none)")
+    out = dict(GREEDY, repetition_penalty=float(cfg.get("repetition_penalty", 1.0)))
+    if cfg.get("do_sample") is True:
+        out.update(temperature=float(cfg.get("temperature", 1.0)),
+                   top_p=float(cfg.get("top_p", 1.0)), top_k=int(cfg.get("top_k", 50)))
+    return out, "the model's generation_config.json"

@@ -527,7 +527,7 @@ def test_cli_generate_with_persona(chat_bank, capsys):
     eng = Engine.from_pretrained(folder, adapters=bank, progress=False, device="cpu", dtype="fp32")
     api = eng.generate(prompts, max_new_tokens=4, persona={"x": 0.5, "y": 0.5})
     for ln, o in zip(lines, api):
-        assert ln["gates"] == {"kind": "explicit", "weights": {"x": 0.5, "y": 0.5}}
+        assert ln["gates"] == {"kind": "explicit", "weights": {"x": 0.5, "y": 0.5}, "strength": 1.0}
         assert ln["token_ids"] == o.token_ids and ln["text"] == o.text
         assert 1 <= len(ln["token_ids"]) <= 4
 

@@ -111,6 +111,52 @@ def test_sequence_router_matches_reference(top_k):
     assert torch.equal(r(hidden, None), r(hidden, torch.ones(3, 7, dtype=torch.bool)))
 
 
+def _none_reference(r, hidden, mask):
+    """fp64: softmax over K+1 outputs, top-k of the K experts renormalised, times 1 - p_none."""
+    h = hidden.double()
+    m = mask.double().unsqueeze(-1)
+    pooled = (h * m).sum(1) / m.sum(1)
+    z = F.silu(pooled @ r.w1.double().T + r.b1.double())
+    p = torch.softmax((z @ r.w2.double().T + r.b2.double()) / r.temperature, -1)
+    experts, none = p[:, :-1], p[:, -1:]
+    thresh = experts.topk(r.top_k, -1).values[:, -1:]
+    g = torch.where(experts >= thresh, experts, 0)
+    return g / g.sum(-1, keepdim=True) * (1 - none), 1 - none[:, 0]
+
+
+def test_sequence_router_with_a_none_output_scales_the_mix_by_its_strength(tmp_path):
+    K, d = len(NAMES), 64
+    r = SequenceRouter.random(K, d, router_hidden=16, layer=1, temperature=0.7, top_k=2, seed=6,
+                              none=True)
+    assert r.none and r.num_experts == K and tuple(r.w2.shape) == (K + 1, 16)
+    torch.manual_seed(2)
+    hidden, mask = torch.randn(4, 6, d), torch.ones(4, 6, dtype=torch.bool)
+    mask[2, 3:] = False
+    g = r(hidden, mask)
+    ref, strength = _none_reference(r, hidden, mask)
+    assert g.shape == (4, K) and torch.allclose(g.double(), ref, atol=1e-6)
+    assert torch.allclose(g.sum(-1).double(), strength, atol=1e-6)
+    assert (g.sum(-1) < 1 - 1e-4).all()                       # the none share is taken off
+    # a router sure that no persona is called for gives (almost) nothing to any expert
+    sure = SequenceRouter(r.w1, r.b1, r.w2, r.b2 + torch.tensor([0.0] * K + [30.0]), layer=1,
+                          top_k=2, none=True)
+    assert float(sure(hidden, mask).sum(-1).max()) < 1e-9
+    # round trip through the bank file, and a bank file without "none" still loads as before
+    bank = AdapterBank.random(TINY, NAMES, rank=2, router="sequence", seed=3)
+    plain = bank.router
+    bank.router = r
+    path = tmp_path / "none.safetensors"
+    bank.save(path)
+    back = AdapterBank.load(path, TINY)
+    assert back.router.config()["none"] is True
+    assert torch.equal(back.router(hidden, mask), g)
+    bank.router = plain
+    bank.save(path, overwrite=True)
+    assert AdapterBank.load(path, TINY).router.none is False
+    with pytest.raises(PFError, match="shapes do not agree"):
+        SequenceRouter(r.w1, r.b1, r.w2[:K], r.b2, none=True)      # none needs K + 1 outputs
+
+
 def test_sequence_router_validates_config():
     w1, b1, w2, b2 = torch.zeros(8, 4), torch.zeros(8), torch.zeros(3, 8), torch.zeros(3)
     with pytest.raises(PFError, match="top_k must be an integer in 1..3"):
@@ -171,7 +217,8 @@ def test_routers_round_trip_through_bank_file(tmp_path):
     bank.token_router = None
     bank.save(path, overwrite=True)
     back = AdapterBank.load(path, TINY)
-    assert back.router.config() == {"layer": 2, "temperature": 0.25, "top_k": None, "hidden": 16}
+    assert back.router.config() == {"layer": 2, "temperature": 0.25, "top_k": None, "hidden": 16,
+                                    "none": False}
     assert back.token_router is None
     assert torch.equal(back.router(hidden, mask), bank.router(hidden, mask))
 

@@ -87,7 +87,7 @@ def test_interrupted_training_leaves_no_bank(tmp_path, tiny_chat_model, monkeypa
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return []
+        return [], None
     monkeypatch.setattr(recipe, "train_expert", interrupt)
     out = tmp_path / "bank.safetensors"
     assert main(["-o", str(out), "--model", tiny_chat_model[0], "--quick", "-q"]) == 130
@@ -168,6 +168,30 @@ def test_router_learns_separable_situations():
     top = gates.topk(2, dim=1).indices
     assert all(set(top[i].tolist()) == set(mixes[cls[i]].nonzero()[:, 0].tolist())
                for i in range(N))
+
+
+def test_router_with_none_learns_when_no_persona_is_called_for():
+    """Four separable classes: three call for a mix at strength 0.75, one for no persona."""
+    from pf_engine.train.router import train_router
+    g = torch.Generator().manual_seed(2)
+    N, d, K, L = 80, 16, 10, 3
+    cls = torch.arange(N) % 4
+    centers = torch.randn(4, d, generator=g) * 3
+    feats = torch.randn(N, L + 1, d, generator=g) * 0.3 + 5.0
+    feats[:, 1] += centers[cls]
+    t = torch.zeros(4, K + 1)
+    t[0, [0, 3]] = torch.tensor([0.7, 0.3]) * 0.75
+    t[1, [4, 6]] = torch.tensor([0.6, 0.4]) * 0.75
+    t[2, [9, 1]] = torch.tensor([0.5, 0.5]) * 0.75
+    t[:3, K] = 0.25
+    t[3, K] = 1.0                                           # no persona
+    router, rep = train_router(feats, t[cls], layers=[0, 1], steps=300, hidden=16, none=True)
+    assert router.none and router.num_experts == K
+    assert rep["layer"] == 1 and rep["cv"]["1"]["none_hit"] == 1.0
+    assert rep["cv"]["1"]["top2_hit"] == 1.0 and rep["cv"]["0"]["none_hit"] < 1.0
+    strength = router(feats[:, 1].unsqueeze(1)).sum(1)
+    assert (strength[cls == 3] <= 0.2).all()
+    assert ((strength[cls != 3] - 0.75).abs() < 0.15).all()
 
 
 # pf-eval's metrics on fixtures with known answers ---------------------------------------------------

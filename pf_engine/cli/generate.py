@@ -24,10 +24,12 @@ def build_parser() -> Parser:
     p.add_argument("--persona", default=None,
                    help="'auto', 'token' or weights, e.g. extraversion+=0.8,agreeableness+=0.4")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy; default: the model's generation config, else for --chat "
+                        "0.2 (with top-p 0.9, repetition penalty 1.1) and greedy without it")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
@@ -54,16 +56,22 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from pf_engine.engine import Engine
-        from pf_engine.sampling import SamplingParams
-        sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, top_k=args.top_k,
-                                  repetition_penalty=args.repetition_penalty, seed=args.seed,
-                                  stop=args.stop)
-        check_engine_args(args, args.persona)     # every bad value named before the model loads
+        from pf_engine.sampling import GREEDY, SAMPLING_FIELDS, SamplingParams
+        given = {f: getattr(args, f) for f in SAMPLING_FIELDS if getattr(args, f) is not None}
+        # every bad value named before the model loads (the defaults are checked later)
+        SamplingParams(max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
+                       **dict(GREEDY, **given))
+        check_engine_args(args, args.persona)
         prompts = read_prompts(args)
         eng = Engine.from_pretrained(args.model, adapters=args.adapters, device=args.device,
                                      dtype=args.dtype, backend=args.backend,
                                      progress=not args.quiet)
+        defaults, source = eng.generation_defaults(args.chat)
+        sampling = SamplingParams(max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                  stop=args.stop, **dict(defaults, **given))
+        if not args.quiet and len(given) < len(SAMPLING_FIELDS):
+            print("sampling: " + ", ".join(f"{f}={getattr(sampling, f):g}" for f in SAMPLING_FIELDS)
+                  + f" ({source} for those not given)", file=sys.stderr)
         kw = dict(chat=args.chat, truncate=args.truncate)
         if args.persona is not None:
             kw["persona"] = args.persona

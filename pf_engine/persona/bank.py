@@ -25,7 +25,11 @@ File format (safetensors, format version 1):
                modules         {"q": ["openness+", ...], ...}   experts covering each module
                target_modules  ["q", "k", ...]                   modules any expert covers
                fingerprint     {"architecture", "hidden_size", "num_hidden_layers", "vocab_size"}
-               router          {"sequence": {...}, "token": {...}}   only when routers are present
+               router          {"sequence": {...}, "token": {...}}   only when routers are present;
+                               sequence: {"layer", "temperature", "top_k", "hidden", "none"}
+                               where none true means router.seq.w2/b2 carry one more output
+                               row (last), the share of "no persona": the gates then sum to
+                               the strength 1 - p_none instead of 1 (router.SequenceRouter)
                recipe          {...}   how pf-train made the bank (data hash, seeds, versions,
                                        commit); only for trained banks, informative
 """

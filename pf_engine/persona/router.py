@@ -16,7 +16,8 @@ Three sources, one per ``persona`` argument of the engine:
 Routers keep their parameters in float32 and are deterministic: top-k ties go to the expert with
 the lower index.  Both save into and load from the adapter bank file (see adapters.py):
 
-    router.seq.w1 [H, d]  router.seq.b1 [H]  router.seq.w2 [K, H]  router.seq.b2 [K]
+    router.seq.w1 [H, d]  router.seq.b1 [H]  router.seq.w2 [K(+1), H]  router.seq.b2 [K(+1)]
+                          (+1: the "none" output of a router whose config says "none": true)
     router.tok.{l}.w [K, d]  router.tok.{l}.b [K]       for every layer l
 """
 from __future__ import annotations
@@ -152,21 +153,31 @@ class SequenceRouter:
     """PersonaFuse's persona encoder: one gate row per request from its prompt.
 
         pooled = sum_t mask[b, t] h[b, t] / sum_t mask[b, t]            [B, d]
-        logits = W2 silu(W1 pooled + b1) + b2                            [B, K]
-        gates  = renormalise(top_k(softmax(logits / temperature)))       [B, K], rows sum to 1
+        logits = W2 silu(W1 pooled + b1) + b2                            [B, K] or [B, K+1]
+        p      = softmax(logits / temperature)
+        gates  = renormalise(top_k(p[:, :K]))                            [B, K], rows sum to 1
+        gates *= strength = 1 - p[:, K]                 with none=True: rows sum to the strength
 
+    With ``none`` the router has one more output, "no persona is called for" (facts, code,
+    arithmetic, neutral how-to): its probability takes that share off the whole mix, so such a
+    prompt gets a small total persona weight and the reply stays close to the base model's.
     ``h`` is the output of decoder layer ``layer`` for the prompt (``layer`` 0: the token
     embeddings, L: the last layer's output before the final norm).  A row whose mask selects no
     token pools to zeros (gates from the biases alone).
     """
 
     def __init__(self, w1, b1, w2, b2, layer: int = 0, temperature: float = 1.0,
-                 top_k: int | None = None):
+                 top_k: int | None = None, none: bool = False):
         self.w1, self.b1, self.w2, self.b2 = (t.to(torch.float32) for t in (w1, b1, w2, b2))
         H, d = self.w1.shape
-        K = self.w2.shape[0]
-        if tuple(self.b1.shape) != (H,) or tuple(self.w2.shape) != (K, H) or \
-                tuple(self.b2.shape) != (K,):
+        self.none = bool(none)
+        K = self.w2.shape[0] - self.none
+        if K < 1:
+            raise PFError(f"sequence router w2 {list(self.w2.shape)}: expected at least "
+                          f"{1 + self.none} outputs (experts{' and none' if self.none else ''})")
+        KO = K + self.none
+        if tuple(self.b1.shape) != (H,) or tuple(self.w2.shape) != (KO, H) or \
+                tuple(self.b2.shape) != (KO,):
             raise PFError(f"sequence router shapes do not agree: w1 {list(self.w1.shape)}, "
                           f"b1 {list(self.b1.shape)}, w2 {list(self.w2.shape)}, "
                           f"b2 {list(self.b2.shape)}")
@@ -178,7 +189,7 @@ class SequenceRouter:
         self.layer, self.temperature = layer, temperature
         self.top_k = _check_top_k(top_k, K, "sequence router")
 
-    num_experts = property(lambda self: self.w2.shape[0])
+    num_experts = property(lambda self: self.w2.shape[0] - self.none)
     hidden_size = property(lambda self: self.w1.shape[1])
     router_hidden = property(lambda self: self.w1.shape[0])
     device = property(lambda self: self.w1.device)
@@ -191,9 +202,20 @@ class SequenceRouter:
         else:
             m = mask.to(device=self.device, dtype=torch.float32).unsqueeze(-1)   # (B, T, 1)
             pooled = (h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)   # (B, d)
+        return self.gates(self.probabilities(pooled))
+
+    def probabilities(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled [B, d] fp32 -> softmax over the outputs [B, K] (or [B, K+1], none last)."""
         z = F.silu(F.linear(pooled, self.w1, self.b1))                   # (B, H)
-        logits = F.linear(z, self.w2, self.b2) / self.temperature        # (B, K)
-        return top_k_renormalise(torch.softmax(logits, dim=-1), self.top_k)
+        logits = F.linear(z, self.w2, self.b2) / self.temperature        # (B, K(+1))
+        return torch.softmax(logits, dim=-1)
+
+    def gates(self, p: torch.Tensor) -> torch.Tensor:
+        """Output probabilities [B, K(+1)] -> gates [B, K]: top-k of the experts, renormalised,
+        times the strength 1 - p_none (1 without a none output)."""
+        K = self.num_experts
+        g = top_k_renormalise(p[:, :K], self.top_k)
+        return g * (1 - p[:, K:]) if self.none else g
 
     def to(self, device=None) -> "SequenceRouter":
         """Move to ``device`` (in place; parameters stay float32); returns self."""
@@ -204,7 +226,7 @@ class SequenceRouter:
     # file form
     def config(self) -> dict:
         return {"layer": self.layer, "temperature": self.temperature, "top_k": self.top_k,
-                "hidden": self.router_hidden}
+                "hidden": self.router_hidden, "none": self.none}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"router.seq.w1": self.w1, "router.seq.b1": self.b1,
@@ -216,31 +238,34 @@ class SequenceRouter:
         try:
             H, layer = int(config["hidden"]), int(config["layer"])
             temperature, top_k = float(config["temperature"]), config.get("top_k")
+            none = config.get("none", False)
+            if not isinstance(none, bool):
+                raise ValueError(f"none must be true or false, got {none!r}")
         except (KeyError, TypeError, ValueError) as e:
             raise LoadError(f"{where}: bad sequence router config {config!r} ({e})") from None
         if not 0 <= layer <= num_layers:
             raise LoadError(f"{where}: sequence router reads layer {layer}, but the model has "
                             f"layers 0..{num_layers}")
-        K, d = num_experts, hidden_size
+        K, d = num_experts + none, hidden_size
         w = [_get(tensors, f"router.seq.{n}", s, where) for n, s in
              (("w1", (H, d)), ("b1", (H,)), ("w2", (K, H)), ("b2", (K,)))]
         try:
-            return cls(*w, layer=layer, temperature=temperature, top_k=top_k)
+            return cls(*w, layer=layer, temperature=temperature, top_k=top_k, none=none)
         except PFError as e:
             raise LoadError(f"{where}: {e}") from None
 
     @classmethod
     def random(cls, num_experts: int, hidden_size: int, router_hidden: int = 64, layer: int = 0,
                temperature: float = 1.0, top_k: int | None = 2, seed: int = 0,
-               generator: torch.Generator | None = None) -> "SequenceRouter":
+               generator: torch.Generator | None = None, none: bool = False) -> "SequenceRouter":
         """Seeded random router (tests, demos): the gates it gives mean nothing."""
         g = generator or torch.Generator().manual_seed(seed)
         H, d, K = router_hidden, hidden_size, num_experts
         w1 = torch.randn(H, d, generator=g) / math.sqrt(d)
-        w2 = torch.randn(K, H, generator=g) / math.sqrt(H)
-        b2 = 0.1 * torch.randn(K, generator=g)
+        w2 = torch.randn(K + none, H, generator=g) / math.sqrt(H)
+        b2 = 0.1 * torch.randn(K + none, generator=g)
         return cls(w1, torch.zeros(H), w2, b2, layer=layer, temperature=temperature,
-                   top_k=None if top_k is None else min(top_k, K))
+                   top_k=None if top_k is None else min(top_k, K), none=none)
 
 
 # Token router (per layer) -------------------------------------------------------------------------

@@ -83,11 +83,14 @@ class Personas:
         self.rows[idx] = r(model.hidden(tokens[sel], r.layer)).to(self.rows.device)
 
     def report(self, i: int, token_mean: torch.Tensor | None = None) -> dict | None:
-        """The gates request i used: {expert: weight}; for token routing ``token_mean`` [K], the
-        mean of its gates over tokens and layers."""
+        """The gates request i used: {"kind", "weights": {expert: weight}, "strength"}; for token
+        routing ``token_mean`` [K], the mean of its gates over tokens and layers.  strength is
+        the total persona weight, sum of the row: 1 for a plain router, 1 - p_none for a
+        sequence router with a "none" output (small where no trait is called for)."""
         kind = self.kinds[i]
         if kind == BASE:
             return None
         row = self.rows[i] if kind != TOKEN else token_mean
         return {"kind": kind, "weights": {n: round(float(w), 6) for n, w in
-                                          zip(self.bank.expert_names, row) if w != 0}}
+                                          zip(self.bank.expert_names, row) if w != 0},
+                "strength": round(float(row.sum()), 6)}

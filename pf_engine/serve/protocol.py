@@ -114,6 +114,17 @@ def _prompt(body: dict, engine) -> list[int]:
     raise bad("prompt", "expected a non-empty string or list of token ids (one prompt: n = 1)")
 
 
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+
+
+def _defaults(engine, kind: str) -> dict:
+    """Sampling fields a request leaves out: for chat the engine's chat defaults (the model's
+    generation config, else CHAT_DEFAULTS: what a chat user expects from a small model), for
+    completions OpenAI's (temperature 1, top_p 1).  top_k and repetition_penalty are extension
+    fields, as in vLLM."""
+    return engine.generation_defaults(True)[0] if kind == "chat" else OPENAI_DEFAULTS
+
+
 def parse(body, kind: str, catalog: Catalog, engine) -> Parsed:
     """Validate a /v1/chat/completions (kind "chat") or /v1/completions body."""
     if not isinstance(body, dict):
@@ -169,8 +180,13 @@ def parse(body, kind: str, catalog: Catalog, engine) -> Parsed:
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise bad("stream_options", "expected an object")
-    params = SamplingParams(max_new_tokens=max_new, temperature=_number(body, "temperature", 1.0, 0, 2),
-                            top_p=_number(body, "top_p", 1.0, 1e-9, 1), seed=seed, stop=stop or [])
+    d = _defaults(engine, kind)
+    params = SamplingParams(max_new_tokens=max_new, seed=seed, stop=stop or [],
+                            temperature=_number(body, "temperature", d["temperature"], 0, 2),
+                            top_p=_number(body, "top_p", d["top_p"], 1e-9, 1),
+                            top_k=_number(body, "top_k", d["top_k"], 0, 1 << 20, integer=True),
+                            repetition_penalty=_number(body, "repetition_penalty",
+                                                       d["repetition_penalty"], 1e-3, 10))
     return Parsed(kind, model, ids, params, persona, stream, bool(opts.get("include_usage")))
 
 

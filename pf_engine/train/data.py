@@ -5,16 +5,23 @@ Layout of a data folder (data/personas/ ships the project's own; every text was 
     poles.jsonl                  {"pole": "openness+", "trait": "openness", "sign": "+",
                                   "description": "Curious and imaginative: ..."}      10 lines
     train/  and  heldout/        the same files in each split; heldout/ is never read by pf-train
-      messages.jsonl             {"id": "m001", "text": "I have a free weekend coming up. ..."}
+      messages.jsonl             {"id": "m001", "text": "I have a free weekend coming up. ...",
+                                  "open": true}   open (optional, default false): a request
+                                 for ideas, plans or advice, where pf-eval counts substance
       replies.jsonl              {"message_id": "m001", "pole": "openness+", "text": "..."}
                                  one reply per pole to every message of the split
       statements.jsonl           {"pole": "openness-", "text": "I like ..."}  first-person
                                  self-descriptions, the trait-expression probe
       situations.jsonl           {"id": "s001", "category": "distress", "text": "...",
                                   "target": {"agreeableness+": 0.6, "neuroticism-": 0.4}}
-                                 target: the persona mix the situation calls for, sums to 1
+                                 target: the persona mix the situation calls for, sums to 1;
+                                 {"none": 1.0}: no persona is called for (facts, code,
+                                 arithmetic, neutral how-to; the router's "none" output)
       neutral.jsonl              {"prompt": "...", "reply": "..."}  plain answers with no
                                  persona colouring (retention in training, perplexity guard in eval)
+      facts.jsonl                {"id": "f001", "question": "What is 17 times 23?",
+                                  "answers": ["391"]}  a factual question and the forms a
+                                 correct reply contains (lower case; pf-eval's facts measure)
 
 Every problem is one ``PFError`` line naming the file, the line number and what was expected.
 """
@@ -31,7 +38,8 @@ from pf_engine.errors import PFError
 
 TRAITS = ["openness", "conscientiousness", "extraversion", "agreeableness", "neuroticism"]
 SPLITS = ("train", "heldout")
-FILES = ("messages", "replies", "statements", "situations", "neutral")
+FILES = ("messages", "replies", "statements", "situations", "neutral", "facts")
+NONE = "none"                    # the target key of a situation that calls for no persona
 # file -> {field: type}; every field is required
 SCHEMA = {
     "poles": {"pole": str, "trait": str, "sign": str, "description": str},
@@ -40,6 +48,7 @@ SCHEMA = {
     "statements": {"pole": str, "text": str},
     "situations": {"id": str, "category": str, "text": str, "target": dict},
     "neutral": {"prompt": str, "reply": str},
+    "facts": {"id": str, "question": str, "answers": list},
 }
 
 
@@ -87,12 +96,12 @@ def _check_pole(rec: dict, key: str, poles) -> str:
 
 
 def check_target(rec: dict, poles) -> dict[str, float]:
-    """A situation's target mix: known poles, weights finite and >= 0, summing to 1."""
+    """A situation's target mix: known poles (or "none"), weights finite and >= 0, summing to 1."""
     target = {}
     for pole, w in rec["target"].items():
-        if pole not in poles:
+        if pole not in poles and pole != NONE:
             raise PFError(f"{rec['_where']}: unknown pole {pole!r} in target; expected one of "
-                          f"{', '.join(poles)}")
+                          f"{', '.join(poles)} or {NONE!r}")
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise PFError(f"{rec['_where']}: target weight of {pole!r} must be a number >= 0, "
                           f"got {w!r}")
@@ -111,6 +120,8 @@ class Split:
     statements: dict[str, list[str]]                      # pole -> texts
     situations: list[dict] = field(default_factory=list)  # {"id", "category", "text", "target"}
     neutral: list[tuple[str, str]] = field(default_factory=list)   # (prompt, reply)
+    facts: list[dict] = field(default_factory=list)       # {"id", "question", "answers"}
+    open: set[str] = field(default_factory=set)           # ids of open requests
 
 
 @dataclass
@@ -124,11 +135,15 @@ class Corpus:
 
 def _read_split(folder: str, poles: list[str]) -> Split:
     rec = {name: read_jsonl(os.path.join(folder, f"{name}.jsonl"), SCHEMA[name]) for name in FILES}
-    messages = {}
+    messages, open_ids = {}, set()
     for r in rec["messages"]:
         if r["id"] in messages:
             raise PFError(f"{r['_where']}: message id {r['id']!r} appears twice")
+        if not isinstance(r.get("open", False), bool):
+            raise PFError(f"{r['_where']}: field 'open' must be true or false, got {r['open']!r}")
         messages[r["id"]] = r["text"]
+        if r.get("open", False):
+            open_ids.add(r["id"])
     replies: dict[str, dict[str, str]] = {p: {} for p in poles}
     for r in rec["replies"]:
         pole = _check_pole(r, "pole", poles)
@@ -156,7 +171,14 @@ def _read_split(folder: str, poles: list[str]) -> Split:
         situations.append({"id": r["id"], "category": r["category"], "text": r["text"],
                            "target": check_target(r, poles)})
     neutral = [(r["prompt"], r["reply"]) for r in rec["neutral"]]
-    return Split(messages, replies, statements, situations, neutral)
+    facts = []
+    for r in rec["facts"]:
+        if not r["answers"] or not all(isinstance(a, str) and a.strip() == a and a == a.lower()
+                                       and a for a in r["answers"]):
+            raise PFError(f"{r['_where']}: answers must be a non-empty list of lower-case "
+                          f"strings without outer spaces, got {r['answers']!r}")
+        facts.append({"id": r["id"], "question": r["question"], "answers": r["answers"]})
+    return Split(messages, replies, statements, situations, neutral, facts, open_ids)
 
 
 def _digest(paths: list[str]) -> str:

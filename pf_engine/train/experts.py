@@ -8,14 +8,21 @@ Loss for the expert of pole p (trait T), per step, on per-token mean log-likelih
 ``lp(x) = mean_t log pi(x_t | x_<t)`` of reply tokens and ``d(x) = lp(x) - lp_base(x)``:
 
     L = NLL(p's replies and self-descriptions)                          say it as p
-      + w_pair * -log sigmoid(beta * (d(x_p) - d(x_p')))                 p' = opposite pole, same
+      + w_pair * -log sigmoid(beta * min(d(x_p) - d(x_p'), pair_cap))    p' = opposite pole, same
                                                                          message: move along T
       + w_retain * mean d(x_o)^2                                         x_o: other traits' and
                                                                          neutral texts stay put
+      + w_kl * mean_t KL(pi_base(. | y_<t) || pi(. | y_<t))              y: the base model's own
+                                                                         filtered replies to
+                                                                         held-in prompts
 
 The retention term is what keeps the other four traits where the base model has them
 (specificity); the pairwise term (DPO-like, base model as the reference) pushes p away from its
-opposite on the same content.
+opposite on the same content, and its cap stops it once the margin is pair_cap nats per token
+(past that it only sharpens pole words).  The KL term keeps the whole next-token distribution
+of the base model on replies that answer the question (distill.py), which is what keeps the
+substance of the answers.  Every ``eval_every`` steps a ``select`` callback scores the adapter
+(validation replies: select.py); the best-scoring state is the one kept (early stopping).
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ class Item:
     seq: Sequence
     hidden: torch.Tensor | None = None      # [T, d] output of layer first_layer - 1
     base_lp: float = 0.0
+    base_top: torch.Tensor | None = None    # [T, d] the base model's final normed states (KL)
 
 
 def load_hf_model(folder: str):
@@ -78,20 +86,43 @@ class Trunk:
             h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=pos)
         return h
 
-    def log_likelihood(self, items: list[Item]) -> torch.Tensor:
-        """Per-sequence mean log-likelihood of the reply tokens [B], from the cached trunk."""
-        seqs = [it.seq for it in items]
-        _, targets, mask = pad_batch(seqs)
+    def top(self, items: list[Item]):
+        """Final normed states [B, T, d] of the top layers from the cached trunk, the targets
+        [B, T] and the reply mask [B, T] (sequences.pad_batch)."""
+        _, targets, mask = pad_batch([it.seq for it in items])
         T, d = targets.shape[1], items[0].hidden.shape[-1]
         h = torch.zeros(len(items), T, d)
         for j, it in enumerate(items):
             h[j, :it.hidden.shape[0]] = it.hidden
-        h = self.inner.norm(self._run(h, self.first, len(self.inner.layers)))
+        return self.inner.norm(self._run(h, self.first, len(self.inner.layers))), targets, mask
+
+    def log_likelihood(self, items: list[Item]) -> torch.Tensor:
+        """Per-sequence mean log-likelihood of the reply tokens [B], from the cached trunk."""
+        h, targets, mask = self.top(items)
         logits = self.model.lm_head(h[mask])                             # (N, vocab)
         lp = torch.gather(F.log_softmax(logits.float(), -1), 1, targets[mask].unsqueeze(1))[:, 0]
         row = torch.arange(len(items)).unsqueeze(1).expand_as(mask)[mask]
         total = torch.zeros(len(items)).index_add(0, row, lp)
         return total / mask.sum(1)
+
+    @torch.no_grad()
+    def cache_base_top(self, items: list[Item], batch: int = 16) -> None:
+        """Fill ``item.base_top`` (call before any adapter exists: the base model's states)."""
+        for i in range(0, len(items), batch):
+            chunk = items[i:i + batch]
+            h, _, _ = self.top(chunk)
+            for j, it in enumerate(chunk):
+                it.base_top = h[j, :len(it.seq.ids)].clone()
+
+    def kl_to_base(self, items: list[Item]) -> torch.Tensor:
+        """mean over reply tokens of KL(pi_base || pi), the base from ``item.base_top``."""
+        h, _, mask = self.top(items)
+        base = torch.zeros_like(h)
+        for j, it in enumerate(items):
+            base[j, :it.base_top.shape[0]] = it.base_top
+        lp = F.log_softmax(self.model.lm_head(h[mask]).float(), -1)
+        lb = F.log_softmax(self.model.lm_head(base[mask]).float(), -1)
+        return (lb.exp() * (lb - lp)).sum(-1).mean()
 
 
 @dataclass
@@ -100,47 +131,70 @@ class Pools:
     own: list[Item]
     twin: list[Item]              # twin[i]: the opposite pole on the same message / slot
     keep: list[Item]
+    distill: list[Item]           # the base model's own replies (with base_top), for the KL term
 
 
-def train_expert(trunk: Trunk, params: list[torch.nn.Parameter], pools: Pools, steps: int,
-                 lr: float, pairs: int, retain: int, beta: float, w_pair: float,
-                 w_retain: float, seed: int, progress=None) -> list[dict]:
-    """Optimise ``params`` (the active adapter's) for ``steps`` steps; returns the loss log."""
+def train_expert(trunk: Trunk, params: list[torch.nn.Parameter], pools: Pools, rc, seed: int,
+                 progress=None, select=None) -> tuple[list[dict], dict | None]:
+    """Optimise ``params`` (the active adapter's) for ``rc.steps`` steps.
+
+    rc: the recipe (steps, lr, pairs, retain, distill, beta, pair_cap, w_pair, w_retain, w_kl,
+    eval_every).  select: None, or a callable returning {"score": ...} for the adapter as it
+    stands; called every ``rc.eval_every`` steps and at the end, and the best state is restored.
+    Returns (the loss log, the chosen checkpoint's figures or None).
+    """
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    steps = rc.steps
+    opt = torch.optim.AdamW(params, lr=rc.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * (1 - s / steps) ** 0.5)
-    log = []
+    log, best = [], None
     order = list(range(len(pools.own)))
     rng.shuffle(order)
     cursor = 0
     for step in range(steps):
-        if cursor + pairs > len(order):
+        if cursor + rc.pairs > len(order):
             rng.shuffle(order)
             cursor = 0
-        pick = order[cursor:cursor + pairs]
-        cursor += pairs
+        pick = order[cursor:cursor + rc.pairs]
+        cursor += rc.pairs
         own = [pools.own[i] for i in pick]
         twin = [pools.twin[i] for i in pick]
-        keep = rng.sample(pools.keep, min(retain, len(pools.keep)))
+        keep = rng.sample(pools.keep, min(rc.retain, len(pools.keep)))
         batch = own + twin + keep
         lp = trunk.log_likelihood(batch)
         base = torch.tensor([it.base_lp for it in batch])
         d = lp - base
         n = len(own)
         nll = -lp[:n].mean()
-        pair = -F.logsigmoid(beta * (d[:n] - d[n:2 * n])).mean()
+        margin = (d[:n] - d[n:2 * n]).clamp_max(rc.pair_cap)
+        pair = -F.logsigmoid(rc.beta * margin).mean()
         keep_loss = d[2 * n:].pow(2).mean() if keep else torch.zeros(())
-        loss = nll + w_pair * pair + w_retain * keep_loss
+        kl = torch.zeros(())
+        if rc.w_kl and pools.distill:
+            kl = trunk.kl_to_base(rng.sample(pools.distill, min(rc.distill, len(pools.distill))))
+        loss = nll + rc.w_pair * pair + rc.w_retain * keep_loss + rc.w_kl * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        loss, nll, pair, keep_loss, kl = (t.detach() for t in (loss, nll, pair, keep_loss, kl))
         log.append({"step": step, "loss": round(float(loss), 5), "nll": round(float(nll), 5),
-                    "pair": round(float(pair), 5), "keep": round(float(keep_loss), 6)})
+                    "pair": round(float(pair), 5), "keep": round(float(keep_loss), 6),
+                    "kl": round(float(kl), 5)})
+        if select is not None and ((step + 1) % rc.eval_every == 0 or step + 1 == steps):
+            got = dict(select(), step=step + 1)
+            log[-1]["select"] = got
+            if best is None or got["score"] > best["score"]:
+                best = got
+                saved = [p.detach().clone() for p in params]
         if progress is not None:
             progress.update(1)
             progress.set_postfix(nll=f"{float(nll):.3f}", pair=f"{float(pair):.3f}",
-                                 keep=f"{float(keep_loss):.4f}")
-    return log
+                                 kl=f"{float(kl):.4f}")
+    if best is not None:
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+    return log, best

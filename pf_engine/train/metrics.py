@@ -146,3 +146,33 @@ class TraitClassifier:
         p = self.prob(pos + neg)
         right = sum(q > 0.5 for q in p[:len(pos)]) + sum(q < 0.5 for q in p[len(pos):])
         return right / len(p)
+
+
+# Usefulness ---------------------------------------------------------------------------------------
+_ITEM = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)]|[a-z][.)])\s+\S", re.I | re.M)
+
+
+def substance(text: str) -> dict:
+    """How much a reply to an open request offers: its words (``words``, punctuation excluded)
+    and its items, the larger of list lines (``- x``, ``1. x``, ``a) x``) and sentences."""
+    w = [t for t in words(text) if t not in ("!", "?")]
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if len(words(s)) >= 3]
+    return {"words": len(w), "items": max(len(_ITEM.findall(text)), len(sentences))}
+
+
+def fact_correct(reply: str, answers: list[str]) -> bool:
+    """Does the reply contain one of the accepted answers?  Case-insensitive; an answer that
+    starts or ends with a letter or digit must stand alone there (so "8" is not found in
+    "1989" and "mercury" is found in "Mercury.")."""
+    low = reply.lower()
+    for a in answers:
+        pre = r"(?<![a-z0-9])" if a[:1].isalnum() else ""
+        post = r"(?![a-z0-9])" if a[-1:].isalnum() else ""
+        if re.search(pre + re.escape(a) + post, low):
+            return True
+    return False
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")

@@ -3,11 +3,14 @@
     bank = train_bank("data/personas", "bigfive.safetensors")          # the full recipe
     bank = train_bank(..., quick=True)                                 # a tiny one, for tests
 
-Steps: read the train split (never heldout/); tokenise every reply and self-description with the
-model's chat template; run the frozen bottom layers once for all of them (experts.Trunk); train one
-LoRA per pole with peft; save the experts as PEFT folders and stack them with
-``AdapterBank.from_peft``; train the sequence router on the situations; store in fp16 with the
-recipe in the bank's metadata; write the file atomically.  An interrupted run leaves no bank.
+Steps: read the train split (never heldout/); let the base model answer every held-in prompt
+and keep the replies that are fluent, relevant and right (distill.py); tokenise every reply and
+self-description with the model's chat template; run the frozen bottom layers once for all of
+them (experts.Trunk); train one LoRA per pole with peft, early-stopped on validation messages
+kept out of training (select.py); save the experts as PEFT folders and stack them with
+``AdapterBank.from_peft``; train the sequence router, with its "none" output, on the
+situations; store in fp16 with the recipe in the bank's metadata; write the file atomically.
+An interrupted run leaves no bank.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch
 
 from pf_engine.model.config import HF_MODULE_NAMES
 from pf_engine.errors import PFError
-from pf_engine.train.data import TRAITS, Corpus, load_corpus, opposite, trait_of
+from pf_engine.train.data import NONE, TRAITS, Corpus, load_corpus, opposite, trait_of
 from pf_engine.train.experts import Item, Pools, Trunk, load_hf_model, train_expert
 from pf_engine.train.router import pooled_states, train_router
 from pf_engine.train.sequences import SELF_PROMPTS, ChatEncoder
@@ -39,11 +42,18 @@ class Recipe:
     steps: int = 36                  # optimiser steps per expert
     pairs: int = 4                   # own texts (and their opposite-pole twins) per step
     retain: int = 4                  # other traits' / neutral texts per step
-    lr: float = 2e-3
-    beta: float = 5.0                # pairwise term's sharpness (per-token nats)
-    w_pair: float = 1.0
+    distill: int = 4                 # base-model replies per step (the KL term)
+    lr: float = 1.5e-3
+    beta: float = 2.0                # pairwise term's sharpness (per-token nats)
+    pair_cap: float = 0.5            # the pairwise margin stops pulling past this (nats/token)
+    w_pair: float = 0.5
     w_retain: float = 4.0
+    w_kl: float = 2.0
+    eval_every: int = 9              # early stopping: score the expert every this many steps
+    val_messages: int = 8            # train messages kept out of training, to score on
     limit: int = 0                   # use at most this many texts per pole and kind (0: all)
+    persona_strength: float = 0.75   # the router's target total weight where a persona is called
+    router_none: bool = True         # the router has a "none" output (no persona called for)
     router_hidden: int = 64
     router_steps: int = 300
     router_layers: tuple = (3, 6, 9, 12, 15, 18, 21, 24, 27)
@@ -55,8 +65,9 @@ class Recipe:
     @classmethod
     def quick(cls) -> "Recipe":
         """Minutes-free: two adapted layers, rank 2, two steps per expert, a few texts."""
-        return cls(rank=2, alpha=4.0, first_layer=-2, steps=2, pairs=2, retain=2, limit=3,
-                   router_steps=30, router_layers=(6, 12), router_hidden=16)
+        return cls(rank=2, alpha=4.0, first_layer=-2, steps=2, pairs=2, retain=2, distill=2,
+                   eval_every=2, val_messages=2, limit=3, router_steps=30, router_layers=(6, 12),
+                   router_hidden=16)
 
 
 def _git_commit() -> dict:
@@ -78,14 +89,27 @@ def _versions() -> dict:
             "transformers": transformers.__version__, "peft": peft.__version__}
 
 
-def build_items(corpus: Corpus, enc: ChatEncoder, limit: int = 0) -> dict[str, list[Item]]:
+def split_messages(corpus: Corpus, recipe: "Recipe") -> tuple[list[str], list[str]]:
+    """(training message ids, validation message ids): every ``n``-th message (sorted ids) is
+    kept out of training for early stopping, ``recipe.val_messages`` of them."""
+    mids = sorted(corpus.train.messages)
+    if recipe.limit:
+        mids = mids[:recipe.limit + recipe.val_messages]
+    n = recipe.val_messages
+    val = mids[::max(1, len(mids) // n)][:n] if n else []
+    return [m for m in mids if m not in val], val
+
+
+def build_items(corpus: Corpus, enc: ChatEncoder, limit: int = 0,
+                mids: list[str] | None = None) -> dict[str, list[Item]]:
     """Per pole: its replies (message order) then its self-descriptions, as training items.
 
     Items of opposite poles line up: item i of ``p`` and of ``opposite(p)`` answer the same
     message (or sit in the same statement slot), which is what the pairwise term compares.
+    mids: the messages to use (default all of them).
     """
     split = corpus.train
-    mids = sorted(split.messages)
+    mids = sorted(split.messages) if mids is None else list(mids)
     n_st = min(len(split.statements[p]) for p in corpus.poles)
     if limit:
         mids, n_st = mids[:limit], min(n_st, limit)
@@ -131,11 +155,20 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
     t_start = time.perf_counter()
     source = _git_commit()          # the code that trains, read before anything can change it
     torch.manual_seed(recipe.seed)
+    from pf_engine.engine import Engine
+    from pf_engine.train.encoder import SentenceEncoder
     enc = ChatEncoder(Tokenizer(model_dir).hf)
-    items, neutral, trunk = _cached_items(corpus, enc, model_dir, recipe, progress)
-    pm, names, logs = _train_experts(corpus, items, neutral, trunk, recipe, progress)
+    eng = Engine(model_dir, torch.device("cpu"), torch.float32)
+    encoder = SentenceEncoder()
+    train_ids, val_ids = split_messages(corpus, recipe)
+    distilled = _base_replies(eng, corpus, encoder, recipe, progress)
+    items, neutral, distill, trunk = _cached_items(corpus, enc, model_dir, recipe, train_ids,
+                                                   distilled.pairs, progress)
+    val = [corpus.train.messages[m] for m in val_ids]
+    pm, names, logs, chosen = _train_experts(corpus, items, neutral, distill, trunk, recipe,
+                                             (enc, val, encoder, train_ids), progress)
     bank = _assemble(pm, names, corpus.poles, model_dir, peft_dir)
-    bank.router, router_report = _train_router(corpus, enc, model_dir, recipe,
+    bank.router, router_report = _train_router(corpus, enc, eng, recipe,
                                                len(trunk.inner.layers), progress)
     bank.recipe = {
         "recipe": {k: list(v) if isinstance(v, tuple) else v
@@ -145,16 +178,29 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
         "train_seconds": round(time.perf_counter() - t_start, 1),
         "router": router_report, "traits": TRAITS,
         "final_loss": {p: log[-1] for p, log in logs.items()},
+        "early_stopping": chosen, "validation_messages": val_ids,
+        "base_replies": distilled.report,
     }
     bank.to(dtype=DTYPES[recipe.storage_dtype])
     bank.save(output, overwrite=overwrite)
     return bank
 
 
-def _cached_items(corpus, enc, model_dir, recipe: Recipe, progress: bool):
-    """Tokenised items per pole and the neutral ones, with trunk outputs and base likelihoods."""
+def _base_replies(eng, corpus, encoder, recipe: Recipe, progress: bool):
     from tqdm.auto import tqdm
-    items = build_items(corpus, enc, recipe.limit)
+
+    from pf_engine.train.distill import base_replies, held_in_prompts
+    limit = recipe.limit * 4 if recipe.limit else 0
+    n = limit or len(held_in_prompts(corpus.train))
+    with tqdm(total=n, desc="base replies", disable=not progress, unit="prompt") as bar:
+        return base_replies(eng, corpus.train, encoder, limit=limit, progress=bar)
+
+
+def _cached_items(corpus, enc, model_dir, recipe: Recipe, mids, distilled, progress: bool):
+    """Tokenised items per pole, the neutral ones and the distillation ones, with trunk outputs
+    and base likelihoods (and, for distillation, the base model's top states)."""
+    from tqdm.auto import tqdm
+    items = build_items(corpus, enc, recipe.limit, mids)
     hf = load_hf_model(model_dir)
     L = hf.config.num_hidden_layers
     first = recipe.first_layer % L if recipe.first_layer < 0 else recipe.first_layer
@@ -163,7 +209,8 @@ def _cached_items(corpus, enc, model_dir, recipe: Recipe, progress: bool):
     trunk = Trunk(hf, first)
     neutral = [Item(enc.sequence(q, a, tag=f"neutral:{i}")) for i, (q, a) in
                enumerate(corpus.train.neutral[:recipe.limit or None])]
-    every = [it for p in corpus.poles for it in items[p]] + neutral
+    distill = [Item(enc.sequence(q, a, tag=f"distill:{i}")) for i, (q, a) in enumerate(distilled)]
+    every = [it for p in corpus.poles for it in items[p]] + neutral + distill
     with tqdm(total=len(every), desc="trunk cache", disable=not progress, unit="seq") as bar:
         trunk.cache(every, progress=bar)
     with torch.no_grad():
@@ -171,13 +218,30 @@ def _cached_items(corpus, enc, model_dir, recipe: Recipe, progress: bool):
             chunk = every[i:i + 16]
             for it, lp in zip(chunk, trunk.log_likelihood(chunk).tolist()):
                 it.base_lp = lp
-    return items, neutral, trunk
+    trunk.cache_base_top(distill)
+    return items, neutral, distill, trunk
 
 
-def _train_experts(corpus, items, neutral, trunk: Trunk, recipe: Recipe, progress: bool):
-    """One peft adapter per pole (named e0.. in bank order) on the trunk's top layers."""
+def _classifier(corpus, pole: str, mids):
+    """The bag-of-words classifier of pole's trait on the training messages' replies and the
+    statements (validation messages left out)."""
+    from pf_engine.train.metrics import TraitClassifier
+    t, split = trait_of(pole), corpus.train
+
+    def texts(q):
+        return [split.replies[q][m] for m in mids] + split.statements[q]
+    return TraitClassifier(texts(t + "+"), texts(t + "-"))
+
+
+def _train_experts(corpus, items, neutral, distill, trunk: Trunk, recipe: Recipe, val,
+                   progress: bool):
+    """One peft adapter per pole (named e0.. in bank order) on the trunk's top layers, each
+    early-stopped on the validation messages."""
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
+
+    from pf_engine.train.select import Validator
+    enc, val_texts, encoder, mids = val
     L = len(trunk.inner.layers)
     config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0, bias="none",
                         target_modules=[HF_MODULE_NAMES[m].split(".")[-1]
@@ -188,17 +252,18 @@ def _train_experts(corpus, items, neutral, trunk: Trunk, recipe: Recipe, progres
     pm = get_peft_model(trunk.model, config, adapter_name=names[0])
     for n in names[1:]:
         pm.add_adapter(n, config)
-    logs = {}
+    logs, chosen = {}, {}
     for k, pole in enumerate(corpus.poles):
         pm.set_adapter(names[k])
         params = [p for p in pm.parameters() if p.requires_grad]
         keep = [it for q in corpus.poles if trait_of(q) != trait_of(pole) for it in items[q]]
-        pools = Pools(items[pole], items[opposite(pole)], keep + neutral)
+        pools = Pools(items[pole], items[opposite(pole)], keep + neutral, distill)
+        select = Validator(trunk.model, enc, val_texts, encoder, _classifier(corpus, pole, mids),
+                           pole) if val_texts else None
         with tqdm(total=recipe.steps, desc=f"expert {pole}", disable=not progress) as bar:
-            logs[pole] = train_expert(trunk, params, pools, recipe.steps, recipe.lr, recipe.pairs,
-                                      recipe.retain, recipe.beta, recipe.w_pair,
-                                      recipe.w_retain, recipe.seed + k, progress=bar)
-    return pm, names, logs
+            logs[pole], chosen[pole] = train_expert(trunk, params, pools, recipe, recipe.seed + k,
+                                                    progress=bar, select=select)
+    return pm, names, logs, chosen
 
 
 def _assemble(pm, names: list[str], poles: list[str], model_dir: str, peft_dir):
@@ -217,18 +282,40 @@ def _assemble(pm, names: list[str], poles: list[str], model_dir: str, peft_dir):
         return AdapterBank.from_peft(base_config, folders, dtype=torch.float32)
 
 
-def _train_router(corpus, enc, model_dir: str, recipe: Recipe, num_layers: int, progress: bool):
+def router_targets(corpus, situations, recipe: Recipe) -> torch.Tensor:
+    """[N, K] target mixes, or with ``router_none`` [N, K+1]: a persona mix at
+    ``persona_strength`` with the rest on none, and (0, ..., 0, 1) where none is called for."""
+    K = len(corpus.poles)
+    rows = []
+    for s in situations:
+        t = s["target"]
+        mix = [t.get(p, 0.0) for p in corpus.poles]
+        if not recipe.router_none:
+            if t.get(NONE):
+                raise PFError(f"situation {s['id']} calls for no persona, but the recipe's "
+                              "router has no none output (router_none=False)")
+            rows.append(mix)
+            continue
+        share = recipe.persona_strength * (1 - t.get(NONE, 0.0))
+        total = sum(mix) or 1.0
+        rows.append([share * w / total for w in mix] + [1 - share])
+    return torch.tensor(rows).reshape(len(situations), K + recipe.router_none)
+
+
+def _train_router(corpus, enc, eng, recipe: Recipe, num_layers: int, progress: bool):
     """The sequence router on the engine's own pooled hidden states (what persona="auto" reads)."""
     from tqdm.auto import tqdm
-
-    from pf_engine.engine import Engine
-    eng = Engine(model_dir, torch.device("cpu"), torch.float32)
-    sits = corpus.train.situations[:recipe.limit * 4 or None]
+    sits = corpus.train.situations
+    if recipe.limit:                 # quick: the first two of each category
+        by_cat: dict[str, list] = {}
+        for s in sits:
+            by_cat.setdefault(s["category"], []).append(s)
+        sits = [s for group in by_cat.values() for s in group[:2]]
     prompts = [enc.prompt(s["text"]) for s in sits]
-    targets = torch.tensor([[s["target"].get(p, 0.0) for p in corpus.poles] for s in sits])
+    targets = router_targets(corpus, sits, recipe)
     with tqdm(total=len(prompts), desc="router features", disable=not progress) as bar:
         feats = pooled_states(eng.model, prompts, progress=bar)
     layers = [l for l in recipe.router_layers if l <= num_layers] or [num_layers]
     return train_router(feats, targets, layers, hidden=recipe.router_hidden,
                         steps=recipe.router_steps, w_balance=recipe.router_balance,
-                        top_k=recipe.router_top_k, seed=recipe.seed)
+                        top_k=recipe.router_top_k, seed=recipe.seed, none=recipe.router_none)

@@ -5,11 +5,16 @@ the base model's hidden state after layer l, for the chat-formatted situation (r
 router is the engine's MLP, trained full-batch on the train split:
 
     p = softmax(W2 silu(W1 x + b1) + b2)                     x standardised: folded into W1, b1
-    L = mean_i KL(target_i || p_i)  +  w_balance * KL(mean_i p_i || uniform)
+    L = mean_i KL(target_i || p_i)  +  w_balance * KL(normalise(mean_i p_i[:K]) || uniform)
 
+With ``none`` the router has K + 1 outputs, the last one "no persona is called for": targets
+are [N, K+1], a situation that calls for no trait has target (0, ..., 0, 1), and one that calls
+for a mix m gets (strength * m, 1 - strength) (recipe.Recipe.persona_strength), so ``auto``
+mixes its experts in at that strength and leaves the rest to the base model.
 The balance term keeps every expert in use without fighting the targets (it acts on the batch
-mean).  The layer l is chosen by k-fold cross-validation on the train split alone (top-2 hit
-rate, then KL), never on held-out data.
+mean of the expert outputs).  The layer l is chosen by k-fold cross-validation on the train
+split alone (top-2 hit rate on persona situations plus, with none, the share of no-persona
+situations whose total persona weight is <= NONE_MAX; then KL), never on held-out data.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from pf_engine.persona.router import SequenceRouter
+
+NONE_MAX = 0.2          # a no-persona situation is routed right when its strength is at most this
 
 
 @torch.inference_mode()
@@ -42,7 +49,7 @@ def top2_hits(gates: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _fit(x: torch.Tensor, targets: torch.Tensor, hidden: int, steps: int, lr: float,
-         weight_decay: float, w_balance: float, seed: int):
+         weight_decay: float, w_balance: float, seed: int, none: bool = False):
     """Train the MLP on standardised features; returns (w1, b1, w2, b2) in the raw feature space."""
     g = torch.Generator().manual_seed(seed)
     N, d = x.shape
@@ -58,8 +65,10 @@ def _fit(x: torch.Tensor, targets: torch.Tensor, hidden: int, steps: int, lr: fl
     for _ in range(steps):
         logp = F.log_softmax(F.linear(F.silu(F.linear(z, w1, b1)), w2, b2), -1)
         kl = (targets * (log_t - logp)).sum(1).mean()
-        mean_p = logp.exp().mean(0)
-        balance = (mean_p * (mean_p * K).clamp_min(1e-12).log()).sum()
+        E = K - none
+        mean_p = logp.exp()[:, :E].mean(0)
+        mean_p = mean_p / mean_p.sum()
+        balance = (mean_p * (mean_p * E).clamp_min(1e-12).log()).sum()
         loss = kl + w_balance * balance
         opt.zero_grad()
         loss.backward()
@@ -70,23 +79,31 @@ def _fit(x: torch.Tensor, targets: torch.Tensor, hidden: int, steps: int, lr: fl
     return w1f.detach(), b1f.detach(), w2.detach(), b2.detach()
 
 
-def _score(router: SequenceRouter, x: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
-    """(top-2 hit rate, mean KL(target || router softmax before top-k)) on pooled features x."""
+def _score(router: SequenceRouter, x: torch.Tensor, targets: torch.Tensor) -> dict:
+    """On pooled features x: top-2 hit rate on persona rows, the share of no-persona rows routed
+    to strength <= NONE_MAX (with none), mean KL(target || router softmax before top-k)."""
+    K = router.num_experts
     with torch.no_grad():
-        z = F.silu(F.linear(x, router.w1, router.b1))
-        p = torch.softmax(F.linear(z, router.w2, router.b2) / router.temperature, -1)
+        p = router.probabilities(x)
         log_t = torch.where(targets > 0, targets.clamp_min(1e-12).log(), torch.zeros(()))
         kl = (targets * (log_t - p.clamp_min(1e-12).log())).sum(1).mean()
-    return float(top2_hits(p, targets).float().mean()), float(kl)
+        persona = targets[:, :K].sum(1) > 0
+        out = {"top2_hit": float(top2_hits(p[persona, :K], targets[persona, :K]).float().mean())
+               if persona.any() else float("nan"), "kl": float(kl)}
+        if router.none and (~persona).any():
+            out["none_hit"] = float((router.gates(p[~persona]).sum(1) <= NONE_MAX).float().mean())
+    return out
 
 
 def train_router(features: torch.Tensor, targets: torch.Tensor, layers: list[int],
                  hidden: int = 64, steps: int = 300, lr: float = 1e-2, weight_decay: float = 1e-2,
-                 w_balance: float = 0.05, top_k: int = 2, folds: int = 4, seed: int = 0):
+                 w_balance: float = 0.05, top_k: int = 2, folds: int = 4, seed: int = 0,
+                 none: bool = False):
     """Choose the layer by k-fold CV, then fit on all of the train split.
 
-    features [N, L+1, d] (``pooled_states``), targets [N, K] (rows sum to 1).  Returns
-    (SequenceRouter, report) where report holds each candidate layer's CV figures.
+    features [N, L+1, d] (``pooled_states``), targets [N, K] or, with ``none``, [N, K+1] (rows
+    sum to 1).  Returns (SequenceRouter, report) where report holds each candidate layer's CV
+    figures.
     """
     N = features.shape[0]
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
@@ -94,16 +111,19 @@ def train_router(features: torch.Tensor, targets: torch.Tensor, layers: list[int
     fold_of[perm] = torch.arange(N) % folds
     cv = {}
     for layer in layers:
-        hits, kls = [], []
+        sums: dict[str, float] = {}
         for f in range(folds):
             tr, te = fold_of != f, fold_of == f
             w = _fit(features[tr, layer], targets[tr], hidden, steps, lr, weight_decay,
-                     w_balance, seed)
-            h, k = _score(SequenceRouter(*w, layer=layer), features[te, layer], targets[te])
-            hits.append(h * int(te.sum()))
-            kls.append(k * int(te.sum()))
-        cv[layer] = {"top2_hit": sum(hits) / N, "kl": sum(kls) / N}
-    best = min(layers, key=lambda l: (-round(cv[l]["top2_hit"], 6), cv[l]["kl"], l))
-    w = _fit(features[:, best], targets, hidden, steps, lr, weight_decay, w_balance, seed)
-    router = SequenceRouter(*w, layer=best, top_k=top_k)
+                     w_balance, seed, none)
+            sc = _score(SequenceRouter(*w, layer=layer, top_k=top_k, none=none),
+                        features[te, layer], targets[te])
+            for k, v in sc.items():
+                if v == v:                                 # a fold without such rows adds 0
+                    sums[k] = sums.get(k, 0.0) + v / folds
+        cv[layer] = sums
+    best = min(layers, key=lambda l: (-round(cv[l].get("top2_hit", 0) + cv[l].get("none_hit", 0),
+                                             6), cv[l]["kl"], l))
+    w = _fit(features[:, best], targets, hidden, steps, lr, weight_decay, w_balance, seed, none)
+    router = SequenceRouter(*w, layer=best, top_k=top_k, none=none)
     return router, {"layer": best, "cv": {str(l): v for l, v in cv.items()}}
