@@ -282,6 +282,17 @@ def test_quick_train_end_to_end(quick_bank, bundled_pf_home, capsys):
     eng = Engine.from_pretrained(adapters=str(quick_bank), progress=False, device="cpu", dtype="fp32")
     out = eng.generate("My exam is tomorrow.", chat=True, persona="auto", max_new_tokens=3)[0]
     assert out.gates["kind"] == "sequence" and len(out.gates["weights"]) == 2
+    # the router has its none output, and the gates carry the strength it leaves the experts
+    assert bank.router.none and 0 < out.gates["strength"] < 1
+    assert out.gates["strength"] == pytest.approx(sum(out.gates["weights"].values()), abs=1e-5)
+    # the recipe's other parts ran: base replies generated and filtered, early stopping
+    br = rec["base_replies"]
+    assert br["generated"] >= br["kept"] >= 1 and set(br["dropped"]) == {
+        "degenerate", "irrelevant", "wrong_fact"}
+    assert set(rec["early_stopping"]) == set(bank.expert_names)
+    assert all(v["step"] == 2 and {"relevance", "degenerate", "trait"} <= set(v)
+               for v in rec["early_stopping"].values())
+    assert len(rec["validation_messages"]) == 2
     assert bank_main(["inspect", str(quick_bank)]) == 0
     assert "recipe   pf-train --quick" in capsys.readouterr().out
 
@@ -297,10 +308,19 @@ def test_quick_eval_writes_json_plot_and_readme(quick_bank, bundled_pf_home, tmp
     assert set(r["families"]) == {"expert", "prompt"}
     assert set(r["families"]["expert"]["statements"]["shift"]) == set(r["poles"])
     assert 0 <= r["router"]["top2_agreement"] <= 1 and r["perplexity"]["ppl"]["base"] > 1
+    u = r["usefulness"]
+    assert set(u["replies"]) == {"base", "auto"} | {f"{f}:{p}" for f in ("expert", "prompt")
+                                                  for p in r["poles"]}
+    assert all(-1 <= v["relevance"] <= 1 for v in u["replies"].values())
+    assert set(u["facts"]) == set(u["replies"]) and u["facts"]["base"]["n"] == 1
+    assert 0 <= u["situations"]["moved"] <= u["situations"]["situations"]
+    assert u["strength"]["all"]["n"] == 3 and len(u["side_by_side"]) >= 2
+    assert r["sampling"]["default"]["temperature"] == 0.2
     assert plot.stat().st_size > 1000
     text = readme.read_text()
     assert "old" not in text and text.endswith("<!-- personas:end -->\ntail\n")
     assert "| LoRA expert |" in text and "Made by `pf-eval" in text
+    assert "| auto |" in text and "side by side" in text and "Generated data:" in text
     # the README section is a function of the JSON alone
     readme.write_text("<!-- personas:start -->\n<!-- personas:end -->\ntail\n")
     assert main(["--from-json", str(out), "--plot", str(plot), "--readme", str(readme), "-q"]) == 0

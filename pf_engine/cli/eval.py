@@ -40,6 +40,17 @@ def build_parser() -> Parser:
     return p
 
 
+def _useful_summary(result: dict) -> str:
+    u = result.get("usefulness")
+    if not u:
+        return ""
+    rep, facts = u["replies"], u["facts"]
+    return (f"; relevance auto {rep['auto']['relevance']:.3f} vs base "
+            f"{rep['base']['relevance']:.3f}; facts auto {facts['auto']['correct']}/"
+            f"{facts['auto']['n']} vs base {facts['base']['correct']}/{facts['base']['n']}; "
+            f"no-persona prompts at low strength {u['strength']['all']['low_share']:.0%}")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from pf_engine.errors import PFError
@@ -92,8 +103,8 @@ def main(argv=None) -> int:
               f"{fam['expert']['statements']['moves_own_count']}/10, specificity "
               f"{fam['expert']['statements']['specificity']:.2f} (prompting "
               f"{fam['prompt']['statements']['specificity']:.2f}); router top-2 "
-              f"{(result['router'] or {}).get('top2_agreement', float('nan')):.0%}; "
-              f"{result['seconds']:.0f} s", file=sys.stderr)
+              f"{(result['router'] or {}).get('top2_agreement', float('nan')):.0%}"
+              + _useful_summary(result) + f"; {result['seconds']:.0f} s", file=sys.stderr)
     return 0
 
 

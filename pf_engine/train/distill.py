@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from pf_engine.train.metrics import degenerate, fact_correct
 
-GENERATE = {"max_new_tokens": 64, "temperature": 0.0, "repetition_penalty": 1.1}
+GENERATE = {"max_new_tokens": 48, "temperature": 0.0, "repetition_penalty": 1.1}
 MIN_RELEVANCE = 0.3
 
 

@@ -12,7 +12,10 @@ Measures (metrics.py has the maths):
   3. router: top-2 agreement of ``persona="auto"`` with held-out situations' target mixes, and
      whether its gates vary;
   4. guards: perplexity of held-out neutral replies under each expert / under the base model, and
-     distinct-2 plus a degenerate-reply count of the generated replies.
+     distinct-2 plus a degenerate-reply count of the generated replies;
+  5. usefulness (usefulness.py): relevance by an independent sentence encoder, substance on open
+     requests, facts answered, degenerate replies greedy and sampled, auto against the base
+     model where a situation calls for a trait, the router's strength where none is called for.
 """
 from __future__ import annotations
 
@@ -77,26 +80,14 @@ def _statement_shifts(eng, enc, corpus, conds, limit, bar):
     return {name: {t: S[name][t] - S["base"][t] for t in TRAITS} for name in S}, S
 
 
-def _replies(eng, enc, corpus, conds, limit, max_new_tokens, bar):
+def _replies(eng, enc, corpus, conds, limit, max_new_tokens, bar, sampling=None):
+    """{condition: {message id: reply}} for the held-out messages."""
+    from pf_engine.train.usefulness import generate
     mids = sorted(corpus.heldout.messages)[:limit or None]
-    prompts, personas, owner = [], [], []
-    for c in conds:
-        for m in mids:
-            prompts.append(enc.prompt(corpus.heldout.messages[m], system=c["system"]))
-            personas.append(c["persona"])
-            owner.append((c["name"], m))
-    texts = {c["name"]: {} for c in conds}
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # less left padding
-    B = 48
-    for i in range(0, len(order), B):
-        idx = order[i:i + B]
-        outs = eng.generate([prompts[j] for j in idx], max_new_tokens=max_new_tokens,
-                            persona=[personas[j] for j in idx])
-        for j, o in zip(idx, outs):
-            name, m = owner[j]
-            texts[name][m] = o.text.strip()
+    out = generate(eng, enc, conds, [corpus.heldout.messages[m] for m in mids], max_new_tokens,
+                   sampling)
     bar.update(1)
-    return texts
+    return {name: dict(zip(mids, v)) for name, v in out.items()}
 
 
 def _classifiers(corpus):
@@ -113,8 +104,13 @@ def _classifiers(corpus):
 
 
 def _router(eng, corpus, limit):
+    """Top-2 agreement on the situations that call for a persona (those that call for none are
+    usefulness.strength_measures' business)."""
+    from pf_engine.train.data import NONE
     sits, seen = [], {}
     for s in corpus.heldout.situations:          # at most `limit` per category
+        if s["target"].get(NONE):
+            continue
         seen[s["category"]] = seen.get(s["category"], 0) + 1
         if not limit or seen[s["category"]] <= limit:
             sits.append(s)
@@ -150,20 +146,33 @@ def evaluate(adapters="bigfive", data_dir=None, model=None, limit: int = 0,
     from tqdm.auto import tqdm
 
     from pf_engine.engine import Engine
+    from pf_engine.train import usefulness
     from pf_engine.train.data import default_data_dir
+    from pf_engine.train.encoder import SentenceEncoder
     t0 = time.perf_counter()
     corpus = load_corpus(data_dir or default_data_dir())
+    encoder = SentenceEncoder()
     eng = Engine.from_pretrained(model=model, adapters=adapters, device="cpu", dtype="fp32",
-                                 backend="torch", progress=progress)
+                                 progress=progress)
     enc = ChatEncoder(eng.tokenizer.hf)
     conds = conditions(corpus, enc.default_system())
-    with tqdm(total=4, desc="pf-eval", disable=not progress) as bar:
-        shift, S = _statement_shifts(eng, enc, corpus, conds, limit, bar)
-        texts = _replies(eng, enc, corpus, conds, limit, max_new_tokens, bar)
-        ppl = _perplexity(eng, enc, corpus, limit, bar)
-        router = _router(eng, corpus, limit) if eng.bank.router is not None else None
-        bar.update(1)
+    routed = eng.bank.router is not None
+    every = conds + ([usefulness.AUTO] if routed else [])
+    sampling, sampling_source = eng.generation_defaults(chat=True)
+    sampling = dict(sampling, seed=0)
     clf, clf_acc = _classifiers(corpus)
+    with tqdm(total=7, desc="pf-eval", disable=not progress) as bar:
+        shift, S = _statement_shifts(eng, enc, corpus, conds, limit, bar)
+        texts = _replies(eng, enc, corpus, every, limit, max_new_tokens, bar)
+        sampled = _replies(eng, enc, corpus, every, limit, max_new_tokens, bar, sampling)
+        ppl = _perplexity(eng, enc, corpus, limit, bar)
+        router = _router(eng, corpus, limit) if routed else None
+        bar.update(1)
+        mids = sorted(texts["base"])
+        useful = usefulness.measure(
+            eng, enc, corpus, every, {k: [v[m] for m in mids] for k, v in texts.items()},
+            {k: [v[m] for m in mids] for k, v in sampled.items()}, mids, encoder, clf, limit,
+            max_new_tokens, bar) if routed else None
     reply_p = {name: {t: sum(clf[t].prob(list(v.values()))) / len(v) for t in TRAITS}
                for name, v in texts.items()}
     reply_shift = {name: {t: reply_p[name][t] - reply_p["base"][t] for t in TRAITS}
@@ -186,7 +195,9 @@ def evaluate(adapters="bigfive", data_dir=None, model=None, limit: int = 0,
         "max_new_tokens": max_new_tokens, "traits": TRAITS, "poles": corpus.poles,
         "trait_scores": S, "families": families, "classifier_heldout_accuracy": clf_acc,
         "reply_probability": reply_p, "quality": quality, "perplexity": ppl, "router": router,
-        "replies": texts, "messages": corpus.heldout.messages,
-        "seconds": round(time.perf_counter() - t0, 1),
+        "replies": texts, "replies_sampled": sampled, "messages": corpus.heldout.messages,
+        "usefulness": useful, "sampling": {"greedy": {"temperature": 0},
+                                           "default": sampling, "default_source": sampling_source},
+        "backend": eng.backend.name, "seconds": round(time.perf_counter() - t0, 1),
     }
 

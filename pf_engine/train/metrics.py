@@ -76,7 +76,7 @@ def gate_spread(gates: list[dict[str, float]], poles: list[str]) -> dict:
 
 
 def words(text: str) -> list[str]:
-    return re.findall(r"[a-z']+|[!?]", text.lower())
+    return re.findall(r"[a-z0-9']+|[!?]", text.lower())
 
 
 def distinct_n(texts: list[str], n: int = 2) -> float:

@@ -49,7 +49,7 @@ class Recipe:
     w_pair: float = 0.5
     w_retain: float = 4.0
     w_kl: float = 2.0
-    eval_every: int = 9              # early stopping: score the expert every this many steps
+    eval_every: int = 12             # early stopping: score the expert every this many steps
     val_messages: int = 8            # train messages kept out of training, to score on
     limit: int = 0                   # use at most this many texts per pole and kind (0: all)
     persona_strength: float = 0.75   # the router's target total weight where a persona is called
@@ -282,6 +282,15 @@ def _assemble(pm, names: list[str], poles: list[str], model_dir: str, peft_dir):
         return AdapterBank.from_peft(base_config, folders, dtype=torch.float32)
 
 
+def none_situations(split) -> list[dict]:
+    """The split's fact questions and neutral prompts as situations that call for no persona
+    (more examples of the router's none output beside the no-persona situations)."""
+    return ([{"id": f["id"], "category": "fact", "text": f["question"], "target": {NONE: 1.0}}
+             for f in split.facts] +
+            [{"id": f"neutral:{i}", "category": "neutral", "text": q, "target": {NONE: 1.0}}
+             for i, (q, _) in enumerate(split.neutral)])
+
+
 def router_targets(corpus, situations, recipe: Recipe) -> torch.Tensor:
     """[N, K] target mixes, or with ``router_none`` [N, K+1]: a persona mix at
     ``persona_strength`` with the rest on none, and (0, ..., 0, 1) where none is called for."""
@@ -291,9 +300,6 @@ def router_targets(corpus, situations, recipe: Recipe) -> torch.Tensor:
         t = s["target"]
         mix = [t.get(p, 0.0) for p in corpus.poles]
         if not recipe.router_none:
-            if t.get(NONE):
-                raise PFError(f"situation {s['id']} calls for no persona, but the recipe's "
-                              "router has no none output (router_none=False)")
             rows.append(mix)
             continue
         share = recipe.persona_strength * (1 - t.get(NONE, 0.0))
@@ -305,7 +311,9 @@ def router_targets(corpus, situations, recipe: Recipe) -> torch.Tensor:
 def _train_router(corpus, enc, eng, recipe: Recipe, num_layers: int, progress: bool):
     """The sequence router on the engine's own pooled hidden states (what persona="auto" reads)."""
     from tqdm.auto import tqdm
-    sits = corpus.train.situations
+    sits = corpus.train.situations + none_situations(corpus.train)
+    if not recipe.router_none:       # a router without a none output cannot learn those
+        sits = [s for s in sits if not s["target"].get(NONE)]
     if recipe.limit:                 # quick: the first two of each category
         by_cat: dict[str, list] = {}
         for s in sits:

@@ -68,6 +68,24 @@ def plot_heatmap(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _recipe_lines(rec: dict) -> list[str]:
+    """What the recipe generated and kept, and where early stopping stopped each expert."""
+    out = []
+    br = rec.get("base_replies")
+    if br:
+        d = br["dropped"]
+        out.append(f"Generated data: the base model answered {br['generated']} train prompts; "
+                   f"{br['kept']} replies were kept for the KL term (dropped: {d['degenerate']} "
+                   f"degenerate, {d['irrelevant']} with relevance < "
+                   f"{br['settings']['min_relevance']}, {d['wrong_fact']} wrong facts).")
+    es = rec.get("early_stopping")
+    if es and all(v for v in es.values()):
+        out.append("Early stopping kept each expert at step " +
+                   ", ".join(f"{p} {v['step']}" for p, v in es.items()) +
+                   f" of {rec['recipe']['steps']}.")
+    return [" ".join(out), ""] if out else []
+
+
 def _row(fam_name: str, fam: dict) -> str:
     st, rp = fam["statements"], fam["replies"]
     return (f"| {fam_name} | {st['moves_own_count']}/10 | {st['separated_count']}/5 | "
@@ -88,6 +106,7 @@ def readme_section(result: dict, json_path: str, plot_path: str | None, command:
              f"{str(rec.get('data_sha256'))[:12]}, trained at commit "
              f"{str(rec.get('commit'))[:10]} in {rec.get('train_seconds')} s "
              f"({rec.get('threads')} threads).", "",
+             *_recipe_lines(rec),
              "Trait expression on the held-out split (higher is better; goals in brackets):", "",
              "| condition | statements: own trait moved [>= 9/10] | traits separated [5/5] | "
              "separation sum | specificity [>= 1.5] | replies: own trait moved | "
@@ -126,6 +145,8 @@ def readme_section(result: dict, json_path: str, plot_path: str | None, command:
                   f"80%); {r['distinct_top2']} distinct top-2 sets, mean gate std "
                   f"{r['mean_std']:.3f}.  Per category: " +
                   ", ".join(f"{c} {v:.0%}" for c, v in r["per_category"].items()) + ".", ""]
+    if result.get("usefulness"):
+        lines += usefulness_lines(result)
     if plot_path:
         lines += [f"![trait x pole shifts]({plot_path})", ""]
     replies = result["replies"]
@@ -138,6 +159,66 @@ def readme_section(result: dict, json_path: str, plot_path: str | None, command:
         lines.append(f"- **{cond}**: {text}")
     lines += ["", END]
     return "\n".join(lines)
+
+
+def _cell(text: str, n: int = 220) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+def usefulness_lines(result: dict) -> list[str]:
+    """The usefulness table (base, auto, experts, prompting), the goals' figures, and the
+    side-by-side base / auto replies."""
+    u = result["usefulness"]
+    rep, facts = u["replies"], u["facts"]
+    fams = {"base": ["base"], "auto": ["auto"],
+            "experts at 1.0": [k for k in rep if k.startswith("expert:")],
+            "system prompt": [k for k in rep if k.startswith("prompt:")]}
+
+    def avg(keys, f):
+        return sum(f(k) for k in keys) / len(keys)
+    lines = ["Usefulness on the held-out split (replies to held-out messages, greedy unless "
+             "said; relevance: cosine of message and reply under all-MiniLM-L6-v2, an encoder "
+             "this project did not train; experts and prompts: the mean over the ten poles, "
+             "worst pole in brackets):", "",
+             "| condition | relevance | words on open requests (x base) | items | facts "
+             "correct | degenerate, greedy | degenerate, sampled |", "|---|---|---|---|---|---|---|"]
+    for fam, keys in fams.items():
+        if not keys or keys[0] not in rep:
+            continue
+        worst_rel = min(keys, key=lambda k: rep[k]["relevance"])
+        worst = f" ({worst_rel.split(':')[-1]} {rep[worst_rel]['relevance']:.3f})" \
+            if len(keys) > 1 else ""
+        deg_g = sum(rep[k]["degenerate_greedy"] for k in keys)
+        deg_s = sum(rep[k]["degenerate_sampled"] for k in keys)
+        n = sum(rep[k]["n"] for k in keys)
+        fc = sum(facts[k]["correct"] for k in keys)
+        fn = sum(facts[k]["n"] for k in keys)
+        lines.append(f"| {fam} | {avg(keys, lambda k: rep[k]['relevance']):.3f}{worst} | "
+                     f"{avg(keys, lambda k: rep[k]['words']):.1f} "
+                     f"({avg(keys, lambda k: rep[k]['words_vs_base']):.2f}x) | "
+                     f"{avg(keys, lambda k: rep[k]['items']):.1f} | {fc}/{fn} | {deg_g}/{n} | "
+                     f"{deg_s}/{n} |")
+    sit, st = u["situations"], u["strength"]
+    samp = result.get("sampling", {})
+    lines += ["", f"Sampled: the chat defaults ({', '.join(f'{k} {v}' for k, v in samp.get('default', {}).items())}; "
+              f"{samp.get('default_source', '')}).  Where the situation calls for a trait, "
+              f"`auto` moves the target's leading pole above the base model in {sit['moved']} of "
+              f"{sit['situations']} held-out situations ({sit['moved_share']:.0%}; goal >= 80%), "
+              f"relevance {sit['relevance_auto']:.3f} against the base model's "
+              f"{sit['relevance_base']:.3f}.  Where no persona is called for, the total persona "
+              f"weight under `auto` is <= {st['all']['threshold']} for {st['all']['low']} of "
+              f"{st['all']['n']} prompts ({st['all']['low_share']:.0%}; goal >= 90%: " +
+              ", ".join(f"{k} {v['low']}/{v['n']}" for k, v in st.items() if k != "all") +
+              f"; mean {st['all']['mean']:.2f}).", "",
+              "Base and `auto` side by side (greedy, held-out prompts):", "",
+              "| prompt | auto gates | base | auto |", "|---|---|---|---|"]
+    for row in u["side_by_side"]:
+        g = row.get("gates") or {}
+        gates = ", ".join(f"{k} {v:.2f}" for k, v in g.get("weights", {}).items())
+        lines.append(f"| {_cell(row['prompt'], 120)} ({row['kind']}) | {gates or '-'} | "
+                     f"{_cell(row['base'])} | {_cell(row['auto'])} |")
+    return lines + [""]
 
 
 def update_readme(readme: str, section: str) -> None:
