@@ -102,6 +102,7 @@ class Engine:
         self.eos_ids = eos
         self.stats = Stats()
         self.load_s = 0.0
+        self._generation_defaults: dict[bool, tuple[dict, str]] = {}
 
     @classmethod
     def from_pretrained(cls, model=None, adapters=None, device=None, dtype=None, backend=None,
@@ -127,10 +128,9 @@ class Engine:
         chat default for chat and greedy for plain completion).  ``generate`` itself takes
         ``SamplingParams()`` (greedy) unless told otherwise."""
         from pf_engine.sampling import generation_defaults
-        cache = self.__dict__.setdefault("_generation_defaults", {})
-        if chat not in cache:
-            cache[chat] = generation_defaults(self.folder, chat)
-        d, source = cache[chat]
+        if chat not in self._generation_defaults:
+            self._generation_defaults[chat] = generation_defaults(self.folder, chat)
+        d, source = self._generation_defaults[chat]
         return dict(d), source
 
     # Prompts ------------------------------------------------------------------------------
