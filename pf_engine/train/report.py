@@ -86,6 +86,12 @@ def _recipe_lines(rec: dict) -> list[str]:
     return [" ".join(out), ""] if out else []
 
 
+def _separation_line(fams: dict) -> str:
+    e, p = (fams[f]["statements"]["separation_sum"] for f in ("expert", "prompt"))
+    ratio = f"{e / p:.2f}x" if p > 0 else "n/a (prompting's is not positive)"
+    return (f"Statement separation sum of the experts against prompting's: {ratio} (goal > 3x).")
+
+
 def _row(fam_name: str, fam: dict) -> str:
     st, rp = fam["statements"], fam["replies"]
     return (f"| {fam_name} | {st['moves_own_count']}/10 | {st['separated_count']}/5 | "
@@ -112,7 +118,8 @@ def readme_section(result: dict, json_path: str, plot_path: str | None, command:
              "separation sum | specificity [>= 1.5] | replies: own trait moved | "
              "traits separated | separation sum | specificity |",
              "|---|---|---|---|---|---|---|---|---|",
-             _row("LoRA expert", fams["expert"]), _row("system prompt", fams["prompt"]), ""]
+             _row("LoRA expert", fams["expert"]), _row("system prompt", fams["prompt"]), "",
+             _separation_line(fams), ""]
     acc = result["classifier_heldout_accuracy"]
     lines += ["Statements: per-token log-likelihood shift of held-out self-descriptions "
               "(metrics.py); replies: greedy replies to held-out messages scored by bag-of-words "
@@ -132,7 +139,7 @@ def readme_section(result: dict, json_path: str, plot_path: str | None, command:
                    key=lambda k: -q[k]["degenerate"])
     lines += [f"Guards: perplexity of held-out neutral replies, base {ppl['ppl']['base']:.2f}, "
               f"worst expert {worst} {ppl['ppl'][worst]:.2f} ({ppl['max_ratio']:.2f}x base; goal "
-              f"<= 1.3x); distinct-2 of generated replies base {q['base']['distinct2']:.2f}, "
+              f"<= 1.1x); distinct-2 of generated replies base {q['base']['distinct2']:.2f}, "
               f"experts {d2['expert']:.2f}, prompted {d2['prompt']:.2f}.  Degenerate greedy "
               f"replies (under 3 words, or a word 3-gram repeated 3 times; goal: none): {degen} "
               f"of {n}; " + ", ".join(f"{fam} {a}/{b}" for fam, (a, b) in fam_degen.items()) +
