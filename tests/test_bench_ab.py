@@ -2,6 +2,7 @@
 on a tiny model, and the import shim for a checkout from before the pf_kernels/ rename.  No
 timing assertions."""
 import json
+import math
 import os
 
 from benchmarks import bench_ab
@@ -20,7 +21,9 @@ def test_ab_interleaves_both_sides(tiny_chat_model, tmp_path):
     assert all("error" not in m for m in res["measurements"]), res["measurements"]
     (s,) = res["summary"]
     assert len(s["old_all"]) == len(s["new_all"]) == 2
-    assert s["ratio"] is None or s["ratio"] > 0
+    # a 3-token decode time is a difference of timings and may be noise below zero: the
+    # ratio is only checked to be a number (timings never decide a test)
+    assert s["ratio"] is None or math.isfinite(s["ratio"])
     assert "| base | " in bench_ab.markdown(res)
 
 

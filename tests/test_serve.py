@@ -47,7 +47,11 @@ def server(engine):
 
 
 def offline(engine, text, persona=None, n=8, chat=True):
-    return engine.generate([text], max_new_tokens=n, chat=chat, persona=[persona], temperature=0)[0]
+    """What the server gives a temperature-0 request: chat takes the chat defaults for the
+    fields it leaves out (repetition penalty 1.1 here), completions OpenAI's (none)."""
+    sampling = dict(engine.generation_defaults(True)[0], temperature=0) if chat \
+        else {"temperature": 0}
+    return engine.generate([text], max_new_tokens=n, chat=chat, persona=[persona], **sampling)[0]
 
 
 def test_chat_and_completion_match_generate(engine, server):
