@@ -163,8 +163,9 @@ def generation_defaults(folder: str, chat: bool) -> tuple[dict, str]:
         except (OSError, ValueError):
             cfg = {}
     if not isinstance(cfg, dict) or not any(k in cfg for k in ("do_sample",) + SAMPLING_FIELDS):
-        return (dict(CHAT_DEFAULTS), "chat default (the model's generation config has none)") \
-            if chat else (dict(GREEDY), "greedy (the model's generation config has none)")
+        return (dict(CHAT_DEFAULTS), "the chat defaults, as the model's generation config sets "
+                "no sampling") if chat else \
+            (dict(GREEDY), "greedy, as the model's generation config sets no sampling")
     out = dict(GREEDY, repetition_penalty=float(cfg.get("repetition_penalty", 1.0)))
     if cfg.get("do_sample") is True:
         out.update(temperature=float(cfg.get("temperature", 1.0)),

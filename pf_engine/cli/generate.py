@@ -71,7 +71,7 @@ def main(argv=None) -> int:
                                   stop=args.stop, **dict(defaults, **given))
         if not args.quiet and len(given) < len(SAMPLING_FIELDS):
             print("sampling: " + ", ".join(f"{f}={getattr(sampling, f):g}" for f in SAMPLING_FIELDS)
-                  + f" ({source} for those not given)", file=sys.stderr)
+                  + f"; for the fields not given: {source}", file=sys.stderr)
         kw = dict(chat=args.chat, truncate=args.truncate)
         if args.persona is not None:
             kw["persona"] = args.persona
