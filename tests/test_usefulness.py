@@ -86,13 +86,13 @@ def test_reply_measures_known_values():
 
 def test_fact_and_situation_measures_known_values():
     c = _corpus()
-    f = usefulness.fact_measures(c, c.heldout.facts, {"base": ["It is 5.", "Paris"],
+    f = usefulness.fact_measures(c.heldout.facts, {"base": ["It is 5.", "Paris"],
                                                       "auto": ["five", "Rome!"]})
     assert f == {"base": {"correct": 1, "n": 2}, "auto": {"correct": 2, "n": 2}}
     sits = c.heldout.situations[:2]
     replies = {"auto": ["so kind of you, my dog died today", "the shop was rude"],
                "base": ["my dog died", "the shop was kind"]}
-    s = usefulness.situation_measures(c, sits, replies, FakeEncoder(), {
+    s = usefulness.situation_measures(sits, replies, FakeEncoder(), {
         "agreeableness": FakeClassifier()})
     # s1: leading pole agreeableness+, auto says "kind" -> moved; s2: agreeableness-, base says
     # "kind" (so base is more agreeable) -> auto moved towards - as well
@@ -100,7 +100,7 @@ def test_fact_and_situation_measures_known_values():
     assert [e["pole"] for e in s["each"]] == ["agreeableness+", "agreeableness-"]
     assert s["relevance_auto"] == pytest.approx(1.0)
     replies["auto"][0] = "my dog died"
-    assert usefulness.situation_measures(c, sits, replies, FakeEncoder(), {
+    assert usefulness.situation_measures(sits, replies, FakeEncoder(), {
         "agreeableness": FakeClassifier()})["moved"] == 1
 
 

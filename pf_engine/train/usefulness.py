@@ -63,12 +63,13 @@ def reply_measures(corpus, mids: list[str], greedy: dict, sampled: dict, encoder
     return out
 
 
-def fact_measures(corpus, facts: list[dict], replies: dict) -> dict:
+def fact_measures(facts: list[dict], replies: dict) -> dict:
+    """Per condition: fact questions whose reply holds an accepted answer."""
     return {name: {"correct": sum(fact_correct(r, f["answers"]) for r, f in zip(rs, facts)),
                    "n": len(facts)} for name, rs in replies.items()}
 
 
-def situation_measures(corpus, sits: list[dict], replies: dict, encoder, clf) -> dict:
+def situation_measures(sits: list[dict], replies: dict, encoder, clf) -> dict:
     """auto against base on situations that call for a persona (see the module docstring)."""
     moved, rel_a, rel_b, rows = 0, [], [], []
     texts = [s["text"] for s in sits]
@@ -160,9 +161,9 @@ def measure(eng, enc, corpus, conds: list[dict], greedy: dict, sampled: dict, mi
     n = len(persona_sits)
     return {
         "replies": reply_measures(corpus, mids, greedy, sampled, encoder),
-        "facts": fact_measures(corpus, facts, fact_replies),
+        "facts": fact_measures(facts, fact_replies),
         "fact_replies": {k: v for k, v in fact_replies.items() if k in ("base", "auto")},
-        "situations": situation_measures(corpus, persona_sits,
+        "situations": situation_measures(persona_sits,
                                          {k: v[:n] for k, v in gen.items()}, encoder, clf),
         "situation_replies": sit_replies,
         "strength": strength_measures(eng, corpus, limit),
