@@ -39,7 +39,7 @@ def base_replies(eng, split, encoder, limit: int = 0, progress=None) -> BaseRepl
     """Generate, score and filter the base model's replies to ``split``'s prompts."""
     prompts = held_in_prompts(split)
     if limit:
-        prompts = [p for i, p in enumerate(prompts) if i % max(1, len(prompts) // limit) == 0]
+        prompts = prompts[::max(1, len(prompts) // limit)][:limit]       # spread over the kinds
     texts = []
     B = 32
     for i in range(0, len(prompts), B):
