@@ -72,12 +72,17 @@ def test_top_k_zeroes_the_rest_and_breaks_ties_by_index():
 
 
 # Sequence router ---------------------------------------------------------------------------------
-def _seq_reference(r, hidden, mask):
+def _probs(r, hidden, mask):
+    """fp64 softmax over the router's outputs for masked mean-pooled hidden states."""
     h = hidden.double()
     m = mask.double().unsqueeze(-1)
     pooled = (h * m).sum(1) / m.sum(1)
     z = F.silu(pooled @ r.w1.double().T + r.b1.double())
-    p = torch.softmax((z @ r.w2.double().T + r.b2.double()) / r.temperature, -1)
+    return torch.softmax((z @ r.w2.double().T + r.b2.double()) / r.temperature, -1)
+
+
+def _seq_reference(r, hidden, mask):
+    p = _probs(r, hidden, mask)
     if r.top_k:
         thresh = p.topk(r.top_k, -1).values[:, -1:]
         p = torch.where(p >= thresh, p, 0)
@@ -113,11 +118,7 @@ def test_sequence_router_matches_reference(top_k):
 
 def _none_reference(r, hidden, mask):
     """fp64: softmax over K+1 outputs, top-k of the K experts renormalised, times 1 - p_none."""
-    h = hidden.double()
-    m = mask.double().unsqueeze(-1)
-    pooled = (h * m).sum(1) / m.sum(1)
-    z = F.silu(pooled @ r.w1.double().T + r.b1.double())
-    p = torch.softmax((z @ r.w2.double().T + r.b2.double()) / r.temperature, -1)
+    p = _probs(r, hidden, mask)
     experts, none = p[:, :-1], p[:, -1:]
     thresh = experts.topk(r.top_k, -1).values[:, -1:]
     g = torch.where(experts >= thresh, experts, 0)
