@@ -149,14 +149,20 @@ def test_trunk_log_likelihood_equals_full_model_with_adapter(tiny_chat_model, fi
 
 
 # The router trainer --------------------------------------------------------------------------------
+def _separable(classes: int, N: int, layer: int, seed: int, d: int = 16, L: int = 3):
+    """Row classes [N] and pooled features [N, L+1, d] where only ``layer`` knows the class."""
+    g = torch.Generator().manual_seed(seed)
+    cls = torch.arange(N) % classes
+    centers = torch.randn(classes, d, generator=g) * 3
+    feats = torch.randn(N, L + 1, d, generator=g) * 0.3 + 5.0
+    feats[:, layer] += centers[cls]
+    return cls, feats
+
+
 def test_router_learns_separable_situations():
     from pf_engine.train.router import train_router
-    g = torch.Generator().manual_seed(1)
-    N, d, K, L = 60, 16, 10, 3
-    cls = torch.arange(N) % 3
-    centers = torch.randn(3, d, generator=g) * 3
-    feats = torch.randn(N, L + 1, d, generator=g) * 0.3 + 5.0
-    feats[:, 2] += centers[cls]                          # only layer 2 knows the class
+    N, K = 60, 10
+    cls, feats = _separable(3, N, layer=2, seed=1)       # only layer 2 knows the class
     mixes = torch.zeros(3, K)
     mixes[0, [0, 3]] = torch.tensor([0.7, 0.3])
     mixes[1, [4, 6]] = torch.tensor([0.6, 0.4])
@@ -173,12 +179,8 @@ def test_router_learns_separable_situations():
 def test_router_with_none_learns_when_no_persona_is_called_for():
     """Four separable classes: three call for a mix at strength 0.75, one for no persona."""
     from pf_engine.train.router import train_router
-    g = torch.Generator().manual_seed(2)
-    N, d, K, L = 80, 16, 10, 3
-    cls = torch.arange(N) % 4
-    centers = torch.randn(4, d, generator=g) * 3
-    feats = torch.randn(N, L + 1, d, generator=g) * 0.3 + 5.0
-    feats[:, 1] += centers[cls]
+    K = 10
+    cls, feats = _separable(4, 80, layer=1, seed=2)
     t = torch.zeros(4, K + 1)
     t[0, [0, 3]] = torch.tensor([0.7, 0.3]) * 0.75
     t[1, [4, 6]] = torch.tensor([0.6, 0.4]) * 0.75
