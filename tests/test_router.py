@@ -158,6 +158,44 @@ def test_sequence_router_with_a_none_output_scales_the_mix_by_its_strength(tmp_p
         SequenceRouter(r.w1, r.b1, r.w2[:K], r.b2, none=True)      # none needs K + 1 outputs
 
 
+def test_calibrated_strength_matches_reference_and_round_trips(tmp_path):
+    """strength = S * sigmoid(a * (logit(1 - p_none) - c)) in fp64, through the bank file."""
+    K, d = len(NAMES), 64
+    cal = {"scale": 0.75, "slope": 0.6, "centre": -1.3}
+    r = SequenceRouter.random(K, d, router_hidden=16, layer=1, top_k=2, seed=8, none=True,
+                              strength=cal)
+    torch.manual_seed(3)
+    hidden, mask = torch.randn(5, 6, d), torch.ones(5, 6, dtype=torch.bool)
+    ref, q = _none_reference(r, hidden, mask)
+    want = 0.75 * torch.sigmoid(0.6 * (torch.log(q) - torch.log1p(-q) + 1.3))
+    g = r(hidden, mask)
+    assert torch.allclose(g.sum(-1).double(), want, atol=1e-6)
+    assert torch.allclose(g.double(), ref / q[:, None] * want[:, None], atol=1e-6)
+    assert not torch.allclose(g.sum(-1).double(), q, atol=1e-3)       # not the plain strength
+    bank = AdapterBank.random(TINY, NAMES, rank=2, router="sequence", seed=3)
+    bank.router = r
+    path = tmp_path / "cal.safetensors"
+    bank.save(path)
+    back = AdapterBank.load(path, TINY)
+    assert back.router.config()["strength"] == cal
+    assert torch.equal(back.router(hidden, mask), g)
+
+
+@pytest.mark.parametrize("strength,none,pattern", [
+    ({"scale": 0.7, "slope": 1.0, "centre": 0.0}, False, "needs a none output"),
+    ({"scale": 0.7, "slope": 1.0}, True, "keys"),
+    ({"scale": 1.5, "slope": 1.0, "centre": 0.0}, True, "0 < scale <= 1"),
+    ({"scale": 0.7, "slope": -1.0, "centre": 0.0}, True, "slope > 0"),
+    ({"scale": 0.7, "slope": 1.0, "centre": float("nan")}, True, "finite centre"),
+    ({"scale": "x", "slope": 1.0, "centre": 0.0}, True, "must be numbers"),
+])
+def test_calibrated_strength_errors(strength, none, pattern):
+    w1, b1 = torch.zeros(8, 4), torch.zeros(8)
+    w2, b2 = torch.zeros(3 + none, 8), torch.zeros(3 + none)
+    with pytest.raises(PFError, match=pattern):
+        SequenceRouter(w1, b1, w2, b2, none=none, strength=strength)
+
+
 def test_sequence_router_validates_config():
     w1, b1, w2, b2 = torch.zeros(8, 4), torch.zeros(8), torch.zeros(3, 8), torch.zeros(3)
     with pytest.raises(PFError, match="top_k must be an integer in 1..3"):

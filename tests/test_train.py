@@ -196,6 +196,41 @@ def test_router_with_none_learns_when_no_persona_is_called_for():
     assert ((strength[cls != 3] - 0.75).abs() < 0.15).all()
 
 
+def test_strength_calibration_lifts_unsure_persona_rows_and_keeps_none_rows_low():
+    """Held-out persona probabilities spread below the trained strength (0.2..0.7), none rows
+    sit near 0: the fitted curve gives persona rows about the scale and none rows little."""
+    from pf_engine.persona.router import total_weight
+    from pf_engine.train.router import fit_strength
+    g = torch.Generator().manual_seed(4)
+    q = torch.cat([0.2 + 0.5 * torch.rand(40, generator=g),          # persona rows
+                   1e-4 * torch.rand(30, generator=g)])               # none rows
+    persona = torch.arange(70) < 40
+    cal = fit_strength(q, persona, scale=0.75)
+    assert cal["scale"] == 0.75 and cal["slope"] > 0
+    w = total_weight(1 - q, cal)
+    assert (w[persona] > 0.65).all() and (w[~persona] < 0.1).all()
+    assert (q[persona] < 0.65).any()                                   # uncalibrated: too weak
+
+
+def test_train_router_calibrates_on_held_out_folds():
+    from pf_engine.train.router import train_router
+    K = 10
+    cls, feats = _separable(2, 60, layer=1, seed=5)
+    t = torch.zeros(2, K + 1)
+    t[0, [2, 5]] = torch.tensor([0.5, 0.25])
+    t[0, K], t[1, K] = 0.25, 1.0
+    router, rep = train_router(feats, t[cls], layers=[1], steps=200, hidden=16, none=True,
+                               strength_scale=0.75)
+    cal = rep["calibration"]
+    assert router.strength == cal["strength"] and cal["strength"]["scale"] == 0.75
+    assert cal["calibrated"]["none_hit"] == 1.0
+    assert min(cal["calibrated"]["persona_strength_quartiles"]) > 0.6
+    strength = router(feats[:, 1].unsqueeze(1)).sum(1)
+    assert (strength[cls == 1] <= 0.2).all() and (strength[cls == 0] > 0.6).all()
+    plain, rep = train_router(feats, t[cls], layers=[1], steps=200, hidden=16, none=True)
+    assert plain.strength is None and "calibration" not in rep
+
+
 # pf-eval's metrics on fixtures with known answers ---------------------------------------------------
 def _shift(on: float, off: float, flip: str | None = None):
     out = {}
@@ -302,7 +337,7 @@ def test_quick_train_end_to_end(quick_bank, bundled_pf_home, capsys):
 def test_quick_eval_writes_json_plot_and_readme(quick_bank, bundled_pf_home, tmp_path, capsys):
     from pf_engine.cli.eval import main
     readme = tmp_path / "README.md"
-    readme.write_text("# x\n\n<!-- personas:start -->\nold\n<!-- personas:end -->\ntail\n")
+    readme.write_text("# x\n\n<!-- personas:start -->\nstale block\n<!-- personas:end -->\ntail\n")
     out, plot = tmp_path / "p.json", tmp_path / "p.png"
     assert main(["--adapters", str(quick_bank), "--limit", "1", "--max-new-tokens", "4",
                  "--out", str(out), "--plot", str(plot), "--readme", str(readme), "-q"]) == 0
@@ -320,7 +355,7 @@ def test_quick_eval_writes_json_plot_and_readme(quick_bank, bundled_pf_home, tmp
     assert r["sampling"]["default"]["temperature"] == 0.2
     assert plot.stat().st_size > 1000
     text = readme.read_text()
-    assert "old" not in text and text.endswith("<!-- personas:end -->\ntail\n")
+    assert "stale block" not in text and text.endswith("<!-- personas:end -->\ntail\n")
     assert "| LoRA expert |" in text and "Made by `pf-eval" in text
     assert "| auto |" in text and "side by side" in text and "Generated data:" in text
     # the README section is a function of the JSON alone

@@ -26,10 +26,12 @@ File format (safetensors, format version 1):
                target_modules  ["q", "k", ...]                   modules any expert covers
                fingerprint     {"architecture", "hidden_size", "num_hidden_layers", "vocab_size"}
                router          {"sequence": {...}, "token": {...}}   only when routers are present;
-                               sequence: {"layer", "temperature", "top_k", "hidden", "none"}
-                               where none true means router.seq.w2/b2 carry one more output
-                               row (last), the share of "no persona": the gates then sum to
-                               the strength 1 - p_none instead of 1 (router.SequenceRouter)
+                               sequence: {"layer", "temperature", "top_k", "hidden", "none",
+                               "strength"} where none true means router.seq.w2/b2 carry one
+                               more output row (last), the share of "no persona": the gates
+                               then sum to the strength 1 - p_none instead of 1, or with the
+                               optional strength {"scale": S, "slope": a, "centre": c} to
+                               S * sigmoid(a * (logit(1 - p_none) - c)) (router.SequenceRouter)
                recipe          {...}   how pf-train made the bank (data hash, seeds, versions,
                                        commit); only for trained banks, informative
 """

@@ -148,6 +148,41 @@ def _get(tensors: dict, name: str, shape: tuple, where: str) -> torch.Tensor:
     return t.to(torch.float32)
 
 
+LOGIT_EPS = 1e-6          # logit(q) is taken of q clamped to [eps, 1 - eps]
+
+
+def _check_strength(strength, none: bool) -> dict | None:
+    """The calibration {"scale", "slope", "centre"} as floats (None: none), or one clear error."""
+    if strength is None:
+        return None
+    if not none:
+        raise PFError("sequence router strength calibration needs a none output (none: true)")
+    keys = ("scale", "slope", "centre")
+    if not isinstance(strength, dict) or set(strength) != set(keys):
+        raise PFError(f"sequence router strength must be a dict with keys {list(keys)}, "
+                      f"got {strength!r}")
+    try:
+        out = {k: float(strength[k]) for k in keys}
+    except (TypeError, ValueError):
+        raise PFError(f"sequence router strength values must be numbers, got {strength!r}") \
+            from None
+    if not all(math.isfinite(v) for v in out.values()) or not 0 < out["scale"] <= 1 \
+            or out["slope"] <= 0:
+        raise PFError(f"sequence router strength needs 0 < scale <= 1, slope > 0 and a finite "
+                      f"centre, got {strength!r}")
+    return out
+
+
+def total_weight(p_none: torch.Tensor, strength: dict | None) -> torch.Tensor:
+    """p_none [...] -> the strength [...]: 1 - p_none, or with a calibration {scale S, slope a,
+    centre c} S * sigmoid(a * (logit(1 - p_none) - c))."""
+    q = 1 - p_none
+    if strength is None:
+        return q
+    x = torch.logit(q, eps=LOGIT_EPS)
+    return strength["scale"] * torch.sigmoid(strength["slope"] * (x - strength["centre"]))
+
+
 # Sequence router ("auto") -------------------------------------------------------------------------
 class SequenceRouter:
     """PersonaFuse's persona encoder: one gate row per request from its prompt.
@@ -156,18 +191,24 @@ class SequenceRouter:
         logits = W2 silu(W1 pooled + b1) + b2                            [B, K] or [B, K+1]
         p      = softmax(logits / temperature)
         gates  = renormalise(top_k(p[:, :K]))                            [B, K], rows sum to 1
-        gates *= strength = 1 - p[:, K]                 with none=True: rows sum to the strength
+        gates *= strength                                with none=True: rows sum to the strength
+        strength = 1 - p[:, K]                                           without a calibration
+        strength = S * sigmoid(a * (logit(1 - p[:, K]) - c))             with strength {S, a, c}
 
     With ``none`` the router has one more output, "no persona is called for" (facts, code,
     arithmetic, neutral how-to): its probability takes that share off the whole mix, so such a
     prompt gets a small total persona weight and the reply stays close to the base model's.
+    The optional calibration ``strength = {"scale": S, "slope": a, "centre": c}`` (fitted by
+    pf-train on held-out folds, train/router.py) maps the router's persona probability to the
+    total weight: a prompt the router is fairly sure calls for a persona gets about S, one it is
+    sure calls for none gets about 0.
     ``h`` is the output of decoder layer ``layer`` for the prompt (``layer`` 0: the token
     embeddings, L: the last layer's output before the final norm).  A row whose mask selects no
     token pools to zeros (gates from the biases alone).
     """
 
     def __init__(self, w1, b1, w2, b2, layer: int = 0, temperature: float = 1.0,
-                 top_k: int | None = None, none: bool = False):
+                 top_k: int | None = None, none: bool = False, strength: dict | None = None):
         self.w1, self.b1, self.w2, self.b2 = (t.to(torch.float32) for t in (w1, b1, w2, b2))
         H, d = self.w1.shape
         self.none = bool(none)
@@ -188,6 +229,7 @@ class SequenceRouter:
             raise PFError(f"sequence router temperature must be finite and > 0, got {temperature}")
         self.layer, self.temperature = layer, temperature
         self.top_k = _check_top_k(top_k, K, "sequence router")
+        self.strength = _check_strength(strength, self.none)
 
     num_experts = property(lambda self: self.w2.shape[0] - self.none)
     hidden_size = property(lambda self: self.w1.shape[1])
@@ -215,7 +257,7 @@ class SequenceRouter:
         times the strength 1 - p_none (1 without a none output)."""
         K = self.num_experts
         g = top_k_renormalise(p[:, :K], self.top_k)
-        return g * (1 - p[:, K:]) if self.none else g
+        return g * total_weight(p[:, K:], self.strength) if self.none else g
 
     def to(self, device=None) -> "SequenceRouter":
         """Move to ``device`` (in place; parameters stay float32); returns self."""
@@ -225,8 +267,11 @@ class SequenceRouter:
 
     # file form
     def config(self) -> dict:
-        return {"layer": self.layer, "temperature": self.temperature, "top_k": self.top_k,
-                "hidden": self.router_hidden, "none": self.none}
+        out = {"layer": self.layer, "temperature": self.temperature, "top_k": self.top_k,
+               "hidden": self.router_hidden, "none": self.none}
+        if self.strength is not None:
+            out["strength"] = dict(self.strength)
+        return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"router.seq.w1": self.w1, "router.seq.b1": self.b1,
@@ -241,6 +286,7 @@ class SequenceRouter:
             none = config.get("none", False)
             if not isinstance(none, bool):
                 raise ValueError(f"none must be true or false, got {none!r}")
+            strength = config.get("strength")
         except (KeyError, TypeError, ValueError) as e:
             raise LoadError(f"{where}: bad sequence router config {config!r} ({e})") from None
         if not 0 <= layer <= num_layers:
@@ -250,14 +296,16 @@ class SequenceRouter:
         w = [_get(tensors, f"router.seq.{n}", s, where) for n, s in
              (("w1", (H, d)), ("b1", (H,)), ("w2", (K, H)), ("b2", (K,)))]
         try:
-            return cls(*w, layer=layer, temperature=temperature, top_k=top_k, none=none)
+            return cls(*w, layer=layer, temperature=temperature, top_k=top_k, none=none,
+                       strength=strength)
         except PFError as e:
             raise LoadError(f"{where}: {e}") from None
 
     @classmethod
     def random(cls, num_experts: int, hidden_size: int, router_hidden: int = 64, layer: int = 0,
                temperature: float = 1.0, top_k: int | None = 2, seed: int = 0,
-               generator: torch.Generator | None = None, none: bool = False) -> "SequenceRouter":
+               generator: torch.Generator | None = None, none: bool = False,
+               strength: dict | None = None) -> "SequenceRouter":
         """Seeded random router (tests, demos): the gates it gives mean nothing."""
         g = generator or torch.Generator().manual_seed(seed)
         H, d, K = router_hidden, hidden_size, num_experts
@@ -265,7 +313,7 @@ class SequenceRouter:
         w2 = torch.randn(K + none, H, generator=g) / math.sqrt(H)
         b2 = 0.1 * torch.randn(K + none, generator=g)
         return cls(w1, torch.zeros(H), w2, b2, layer=layer, temperature=temperature,
-                   top_k=None if top_k is None else min(top_k, K), none=none)
+                   top_k=None if top_k is None else min(top_k, K), none=none, strength=strength)
 
 
 # Token router (per layer) -------------------------------------------------------------------------

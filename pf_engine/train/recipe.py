@@ -39,7 +39,7 @@ class Recipe:
     alpha: float = 16.0
     modules: tuple = ("q", "v", "o", "up", "down")
     first_layer: int = 18            # layers first_layer..L-1 are adapted (-n: the top n)
-    steps: int = 36                  # optimiser steps per expert
+    steps: int = 30                  # optimiser steps per expert
     pairs: int = 4                   # own texts (and their opposite-pole twins) per step
     retain: int = 4                  # other traits' / neutral texts per step
     distill: int = 4                 # base-model replies per step (the KL term)
@@ -49,11 +49,12 @@ class Recipe:
     w_pair: float = 0.5
     w_retain: float = 4.0
     w_kl: float = 2.0
-    eval_every: int = 12             # early stopping: score the expert every this many steps
+    eval_every: int = 10             # early stopping: score the expert every this many steps
     val_messages: int = 8            # train messages kept out of training, to score on
     limit: int = 0                   # use at most this many texts per pole and kind (0: all)
     persona_strength: float = 0.75   # the router's target total weight where a persona is called
     router_none: bool = True         # the router has a "none" output (no persona called for)
+    router_calibrate: bool = True    # its strength calibrated on held-out folds (train/router.py)
     router_hidden: int = 64
     router_steps: int = 300
     router_layers: tuple = (3, 6, 9, 12, 15, 18, 21, 24, 27)
@@ -326,4 +327,6 @@ def _train_router(corpus, enc, eng, recipe: Recipe, num_layers: int, progress: b
     layers = [l for l in recipe.router_layers if l <= num_layers] or [num_layers]
     return train_router(feats, targets, layers, hidden=recipe.router_hidden,
                         steps=recipe.router_steps, w_balance=recipe.router_balance,
-                        top_k=recipe.router_top_k, seed=recipe.seed, none=recipe.router_none)
+                        top_k=recipe.router_top_k, seed=recipe.seed, none=recipe.router_none,
+                        strength_scale=recipe.persona_strength if recipe.router_calibrate
+                        else None)

@@ -78,12 +78,25 @@ def _recipe_lines(rec: dict) -> list[str]:
                    f"{br['kept']} replies were kept for the KL term (dropped: {d['degenerate']} "
                    f"degenerate, {d['irrelevant']} with relevance < "
                    f"{br['settings']['min_relevance']}, {d['wrong_fact']} wrong facts).")
+    cal = (rec.get("router") or {}).get("calibration")
+    if cal:
+        u, c, st = cal["uncalibrated"], cal["calibrated"], cal["strength"]
+        out.append(f"The router's strength is calibrated on its cross-validation folds (train "
+                   f"split, each row predicted by a router that did not see it): "
+                   f"{st['scale']} * sigmoid({st['slope']:.3f} * (logit(1 - p_none) - "
+                   f"{st['centre']:.3f})); the total weight of persona situations (quartiles) "
+                   f"goes from {_q(u)} to {_q(c)}, no-persona rows at <= 0.2 from "
+                   f"{u['none_hit']:.0%} to {c['none_hit']:.0%}.")
     es = rec.get("early_stopping")
     if es and all(v for v in es.values()):
         out.append("Early stopping kept each expert at step " +
                    ", ".join(f"{p} {v['step']}" for p, v in es.items()) +
                    f" of {rec['recipe']['steps']}.")
     return [" ".join(out), ""] if out else []
+
+
+def _q(report: dict) -> str:
+    return "/".join(f"{v:.2f}" for v in report["persona_strength_quartiles"])
 
 
 def _separation_line(fams: dict) -> str:
@@ -149,7 +162,7 @@ def readme_section(result: dict, json_path: str, plot_path: str | None, command:
     if r:
         lines += [f"Router (`persona=\"auto\"`): a target pole in the top 2 for "
                   f"{r['top2_agreement']:.0%} of {r['situations']} held-out situations (goal >= "
-                  f"80%); {r['distinct_top2']} distinct top-2 sets, mean gate std "
+                  f"90%); {r['distinct_top2']} distinct top-2 sets, mean gate std "
                   f"{r['mean_std']:.3f}.  Per category: " +
                   ", ".join(f"{c} {v:.0%}" for c, v in r["per_category"].items()) + ".", ""]
     if result.get("usefulness"):

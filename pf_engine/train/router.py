@@ -12,7 +12,16 @@ are [N, K+1], a situation that calls for no trait has target (0, ..., 0, 1), and
 for a mix m gets (strength * m, 1 - strength) (recipe.Recipe.persona_strength), so ``auto``
 mixes its experts in at that strength and leaves the rest to the base model.
 The balance term keeps every expert in use without fighting the targets (it acts on the batch
-mean of the expert outputs).  The layer l is chosen by k-fold cross-validation on the train
+mean of the expert outputs).
+
+Fitted on all of the train split, the router reproduces the target strength there almost
+exactly, but on unseen prompts its persona probability q = 1 - p_none spreads far below it.  So
+with ``strength_scale`` S the total weight is calibrated on the cross-validation folds' held-out
+predictions (``fit_strength``): a logistic curve in logit(q),
+
+    strength = S * sigmoid(a * (logit(q) - c)),   (a, c) = argmin BCE(persona row?) + LAMBDA a^2
+
+so a prompt the router places on the persona side gets about S and one on the none side about 0.  The layer l is chosen by k-fold cross-validation on the train
 split alone (top-2 hit rate on persona situations plus, with none, the share of no-persona
 situations whose total persona weight is <= NONE_MAX; then KL), never on held-out data.
 """
@@ -23,9 +32,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pf_engine.persona.router import SequenceRouter
+from pf_engine.persona.router import LOGIT_EPS, SequenceRouter, total_weight
 
 NONE_MAX = 0.2          # a no-persona situation is routed right when its strength is at most this
+LAMBDA = 1e-2           # the calibration's penalty on its slope (classes that separate: finite)
 
 
 @torch.inference_mode()
@@ -79,6 +89,25 @@ def _fit(x: torch.Tensor, targets: torch.Tensor, hidden: int, steps: int, lr: fl
     return w1f.detach(), b1f.detach(), w2.detach(), b2.detach()
 
 
+def fit_strength(q: torch.Tensor, persona: torch.Tensor, scale: float, steps: int = 200) -> dict:
+    """The strength calibration {scale, slope, centre} from persona probabilities q [N] the
+    router gave rows it did not train on, and whether each row calls for a persona [N] bool."""
+    x = torch.logit(q.double(), eps=LOGIT_EPS)
+    y = persona.double()
+    log_a = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    c = ((x[persona].mean() + x[~persona].mean()) / 2).detach().clone().requires_grad_()
+    opt = torch.optim.LBFGS([log_a, c], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        a = log_a.exp()
+        loss = F.binary_cross_entropy_with_logits(a * (x - c), y) + LAMBDA * a * a
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return {"scale": float(scale), "slope": log_a.exp().item(), "centre": c.item()}
+
+
 def _score(router: SequenceRouter, x: torch.Tensor, targets: torch.Tensor) -> dict:
     """On pooled features x: top-2 hit rate on persona rows, the share of no-persona rows routed
     to strength <= NONE_MAX (with none), mean KL(target || router softmax before top-k)."""
@@ -98,32 +127,55 @@ def _score(router: SequenceRouter, x: torch.Tensor, targets: torch.Tensor) -> di
 def train_router(features: torch.Tensor, targets: torch.Tensor, layers: list[int],
                  hidden: int = 64, steps: int = 300, lr: float = 1e-2, weight_decay: float = 1e-2,
                  w_balance: float = 0.05, top_k: int = 2, folds: int = 4, seed: int = 0,
-                 none: bool = False):
+                 none: bool = False, strength_scale: float | None = None):
     """Choose the layer by k-fold CV, then fit on all of the train split.
 
     features [N, L+1, d] (``pooled_states``), targets [N, K] or, with ``none``, [N, K+1] (rows
-    sum to 1).  Returns (SequenceRouter, report) where report holds each candidate layer's CV
-    figures.
+    sum to 1).  strength_scale (with none): calibrate the strength on the chosen layer's
+    held-out fold predictions (``fit_strength``).  Returns (SequenceRouter, report) where report
+    holds each candidate layer's CV figures (and the calibration's, on the same folds).
     """
     N = features.shape[0]
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
     fold_of = torch.empty(N, dtype=torch.long)
     fold_of[perm] = torch.arange(N) % folds
-    cv = {}
+    cv, held_out = {}, {}
     for layer in layers:
         sums: dict[str, float] = {}
+        held_out[layer] = torch.empty(N, targets.shape[1])
         for f in range(folds):
             tr, te = fold_of != f, fold_of == f
             w = _fit(features[tr, layer], targets[tr], hidden, steps, lr, weight_decay,
                      w_balance, seed, none)
-            sc = _score(SequenceRouter(*w, layer=layer, top_k=top_k, none=none),
-                        features[te, layer], targets[te])
-            for k, v in sc.items():
+            fold_router = SequenceRouter(*w, layer=layer, top_k=top_k, none=none)
+            with torch.no_grad():
+                held_out[layer][te] = fold_router.probabilities(features[te, layer])
+            for k, v in _score(fold_router, features[te, layer], targets[te]).items():
                 if v == v:                                 # a fold without such rows adds 0
                     sums[k] = sums.get(k, 0.0) + v / folds
         cv[layer] = sums
     best = min(layers, key=lambda l: (-round(cv[l].get("top2_hit", 0) + cv[l].get("none_hit", 0),
                                              6), cv[l]["kl"], l))
+    report = {"layer": best, "cv": {str(l): v for l, v in cv.items()}}
+    strength = None
+    if none and strength_scale is not None:
+        strength, report["calibration"] = _calibrate(held_out[best], targets, strength_scale)
     w = _fit(features[:, best], targets, hidden, steps, lr, weight_decay, w_balance, seed, none)
-    router = SequenceRouter(*w, layer=best, top_k=top_k, none=none)
-    return router, {"layer": best, "cv": {str(l): v for l, v in cv.items()}}
+    router = SequenceRouter(*w, layer=best, top_k=top_k, none=none, strength=strength)
+    return router, report
+
+
+def _calibrate(p: torch.Tensor, targets: torch.Tensor, scale: float):
+    """fit_strength on held-out fold probabilities p [N, K+1]; returns (strength, report): the
+    cross-validated total weight of persona rows (quartiles) and none_hit, before and after."""
+    persona = targets[:, :-1].sum(1) > 0
+    strength = fit_strength(1 - p[:, -1], persona, scale)
+    report = {"strength": strength}
+    for name, s in (("uncalibrated", None), ("calibrated", strength)):
+        total = total_weight(p[:, -1], s)
+        qs = total[persona].quantile(torch.tensor([0.25, 0.5, 0.75])).tolist() \
+            if persona.any() else []
+        report[name] = {"persona_strength_quartiles": [round(v, 4) for v in qs],
+                        "none_hit": float((total[~persona] <= NONE_MAX).float().mean())
+                        if (~persona).any() else float("nan")}
+    return strength, report
