@@ -94,7 +94,8 @@ setup(
         "prometheus_client",
     ],
     extras_require={
-        "dev": ["pytest", "peft", "accelerate", "matplotlib", "triton", "pybind11", "openai", "httpx"],
+        "dev": ["pytest", "peft", "accelerate", "matplotlib", "triton", "pybind11", "openai", "httpx",
+                "lm-eval>=0.4.5"],
     },
     entry_points={
         "console_scripts": [

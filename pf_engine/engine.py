@@ -27,6 +27,7 @@ from pf_engine.persona.mix import Mix
 from pf_engine.persona.specs import Personas
 from pf_engine.runtime.threads import POLICY
 from pf_engine.sampling import SamplingParams
+from pf_engine.scoring import score
 from pf_engine.tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
@@ -203,7 +204,10 @@ class Engine:
 
         prompts: str | list[str] | list[int] | list[list[int]].  sampling: a SamplingParams, and
         / or its fields as keywords (max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0,
-        repetition_penalty=1.0, seed=None, stop=None; keywords override ``sampling``'s).
+        repetition_penalty=1.0, seed=None, stop=None, logprobs=None; keywords override
+        ``sampling``'s).  logprobs=N: each output's ``logprobs`` holds a Logprob per new token
+        (scoring.py: the model's log-softmax, before penalty and temperature) with the N most
+        likely tokens.
         temperature 0 is greedy; request i is seeded with seed + i; stop strings are cut from
         the text.  chat: wrap each text prompt in the tokenizer's chat template as a user
         message.  truncate: keep the last tokens of a prompt longer than the context.
@@ -285,9 +289,22 @@ class Engine:
             raise RequestError(f"token_ids: ids must lie in [0, {self.config.vocab_size})")
         ids = ids.to(self.device)
         personas = Personas(self.bank, persona, B)
+        personas.route(self.model, ids)
+        return self.forward_rows(ids, personas)
+
+    def score(self, prompts, persona=None, top_logprobs: int = 0):
+        """Score prompts without decoding: per prompt (a list of token ids; any lengths)
+        [None, Logprob, ...], token t's logprob given tokens 0..t-1 under the model's
+        log-softmax, with its ``top_logprobs`` most likely tokens (scoring.py).  One batched
+        forward (chunked), no KV slot."""
+        return score(self, prompts, persona, top_logprobs)
+
+    def forward_rows(self, ids: torch.Tensor, personas: Personas) -> torch.Tensor:
+        """Logits [B, T, V] of full sequences ids [B, T] from position 0, without a KV cache;
+        ``personas`` already routed (rows filled)."""
+        B, T = ids.shape
         mix = None
         if personas.any:
-            personas.route(self.model, ids)
             mix = Mix.for_rows(personas.rows.to(self.device), personas.token_rows.to(self.device), T,
                                self.bank.token_router)
         positions = torch.arange(T, device=self.device).expand(B, T)
@@ -302,5 +319,5 @@ def _one_prompt(prompt, what: str) -> None:
         raise RequestError(f"{what} takes one prompt: a string or a list of token ids")
 
 
-for _name in ("generate", "stream"):
+for _name in ("generate", "stream", "forward_rows"):
     setattr(Engine, _name, torch.inference_mode()(getattr(Engine, _name)))

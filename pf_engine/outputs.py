@@ -5,12 +5,23 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class Logprob:
+    """One token's log-probability under the model (log-softmax of its logits, before
+    temperature, penalties and top-k/top-p: scoring.py) and the ``top`` most likely tokens at
+    that position as (token id, logprob), most likely first."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class GenerationOutput:
     text: str
     token_ids: list[int]
     finish_reason: str                  # "stop" (EOS or a stop string), "length" or "cancelled"
     usage: dict = field(default_factory=dict)   # prompt_tokens, completion_tokens
     gates: dict | None = None           # persona weights used (with an adapter bank)
+    logprobs: list[Logprob] | None = None   # one per token id, when SamplingParams.logprobs is set
 
 
 @dataclass

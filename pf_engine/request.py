@@ -45,6 +45,7 @@ class Request:
         self.active: set[int] = set()                     # expert ids with a nonzero gate
         self.token_sum, self.token_count = None, 0        # token routing: gates summed on device
         self.tokens: list[int] = []
+        self.logprobs: list = []                          # Logprob per token, if params ask
         self.pieces: list[str] = []                       # text released so far, in pieces
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
@@ -96,6 +97,8 @@ class Request:
         return GenerationOutput(text="".join(self.pieces), token_ids=list(self.tokens),
                                 finish_reason=self.finish_reason,
                                 gates=self.personas.report(0, token_mean),
+                                logprobs=list(self.logprobs)
+                                if self.params.logprobs is not None else None,
                                 usage={"prompt_tokens": len(self.ids),
                                        "completion_tokens": len(self.tokens)})
 
@@ -162,9 +165,12 @@ class Request:
             self.sched.wake()
 
     # scheduler side ---------------------------------------------------------------------------
-    def emit(self, tok: int) -> None:
-        """Record a sampled token and decide whether the request is finished."""
+    def emit(self, tok: int, logprob=None) -> None:
+        """Record a sampled token (and its outputs.Logprob) and decide whether the request is
+        finished."""
         self.tokens.append(tok)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         if self.t_first is None:
             self.t_first = time.perf_counter()
         if self.params.repetition_penalty != 1.0:

@@ -19,6 +19,9 @@ import torch
 from pf_engine.errors import RequestError
 
 
+MAX_LOGPROBS = 20       # top logprobs a request may ask for per position (OpenAI's limit)
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 64
@@ -28,6 +31,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None     # report each token's logprob and this many top ones (0..20)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -48,6 +52,10 @@ class SamplingParams:
              f"seed={self.seed!r}: expected an integer or None"),
             (all(isinstance(s, str) and s for s in self.stop),
              f"stop={self.stop!r}: expected non-empty strings"),
+            (self.logprobs is None or (isinstance(self.logprobs, int)
+                                       and not isinstance(self.logprobs, bool)
+                                       and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"logprobs={self.logprobs!r}: expected None or an integer in 0..{MAX_LOGPROBS}"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -86,3 +86,7 @@ def tiny_chat_model(tmp_path_factory):
 
 
 from gguf_fixtures import bundled_pf_home, converted_smollm2  # noqa: E402,F401
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long test (about a minute); it runs in .ci/run")

@@ -288,6 +288,9 @@ def test_cli_bad_arguments_one_line_exit_2(argv, match, capsys):
     ("serve", ["--backend", "tpu"], "backend='tpu': unknown backend"),
     ("serve", ["--dtype", "int3"], "dtype='int3'"),
     ("serve", ["--threads", "-2"], "--threads -2"),
+    ("serve", ["--grace-s", "0"], "--grace-s 0.0: expected a number > 0"),
+    ("serve", ["--max-body-mb", "nan"], "--max-body-mb nan"),
+    ("serve", ["--max-connections", "0"], "--max-connections 0"),
 ])
 def test_cli_checks_arguments_before_loading(prog, argv, match, capsys, monkeypatch):
     """A bad value is named in one line before any model is loaded (loading takes seconds)."""

@@ -172,7 +172,7 @@ def test_queue_full_timeouts_and_bad_requests(engine, server):
     for r in held:
         assert r.result(timeout=30).finish_reason == "cancelled"
     bad = [({"model": "nope"}, "model"), ({"max_tokens": 0}, "max_tokens"),
-           ({"temperature": 3}, "temperature"), ({"n": 2}, "n"), ({"stop": [1]}, "stop"),
+           ({"temperature": 3}, "temperature"), ({"n": 0}, "n"), ({"stop": [1]}, "stop"),
            ({"persona": {"nobody": 1}}, "persona"), ({"persona": "/etc/passwd"}, "persona"),
            ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
            ({"messages": []}, "messages"), ({"seed": "x"}, "seed")]

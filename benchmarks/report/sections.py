@@ -82,6 +82,17 @@ def http_section(results_dir: str) -> list[str]:
             bench_http.markdown(res), ""]
 
 
+def scoring_section(results_dir: str) -> list[str]:
+    """Prompt scoring (echo + logprobs) over HTTP and in process (benchmarks/bench_scoring.py)."""
+    from benchmarks import bench_scoring
+    res = load(os.path.join(results_dir, "bench_scoring.json"))
+    if not res:
+        return []
+    return ["## Scoring prompts: what lm-evaluation-harness asks of a server", "",
+            f"`{res['command'].strip()}`; {provenance(res['machine'])}.", "",
+            bench_scoring.markdown(res), ""]
+
+
 def decode_section(results_dir: str) -> list[str]:
     """The scheduler's decode step per mode (benchmarks/bench_decode.py)."""
     from benchmarks import bench_decode

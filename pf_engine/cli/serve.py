@@ -4,16 +4,21 @@
     pf-serve --adapters bigfive --port 8001 --slots 8 --api-key "$KEY"
 
 Endpoints: POST /v1/chat/completions and /v1/completions (stream: true for server-sent events),
-GET /v1/models (the base id, and one id per persona: ID:extraversion+, ID:auto, ...), /health,
-/metrics (Prometheus).  Requests share one continuous batch (Engine.submit).  Every request is
+POST /tokenize and /detokenize, GET /tokenizer_info, GET /v1/models (the base id, and one id per
+persona: ID:extraversion+, ID:auto, ...), /health, /metrics (Prometheus).  Limits: body size
+(--max-body-mb), JSON depth and finite numbers (serve/limits.py), connections
+(--max-connections), idle keep-alive (--keep-alive-s); SIGTERM/SIGINT shut down within --grace-s
+and exit 0.  Requests share one continuous batch (Engine.submit).  Every request is
 logged on stderr in one line (id, endpoint, model id, persona kind, status, tokens, ms), and a
 closing line sums up what was served.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
+import signal
 import sys
 import time
 
@@ -36,6 +41,15 @@ def build_parser() -> Parser:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
     p.add_argument("--api-key", default=os.environ.get("PF_API_KEY"),
                    help="require Authorization: Bearer KEY (default: $PF_API_KEY, else none)")
+    p.add_argument("--max-body-mb", type=float, default=8.0,
+                   help="largest request body in MiB (default 8; 413 past it)")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="concurrent connections before new ones get 503 (default 256)")
+    p.add_argument("--keep-alive-s", type=float, default=5.0,
+                   help="idle keep-alive connections are closed after this (default 5 s)")
+    p.add_argument("--grace-s", type=float, default=10.0,
+                   help="on SIGTERM/SIGINT: stop admitting, let running requests finish for "
+                        "this long, then cancel them and exit 0 (default 10 s)")
     p.add_argument("--quiet", action="store_true", help="no per-request log lines")
     return p
 
@@ -51,8 +65,11 @@ def main(argv=None) -> int:
         v = getattr(args, name)
         if v < 0 or (name == "port" and v > 65535):
             return fail("pf-serve", PFError(f"--{name.replace('_', '-')} {v}: out of range"))
-    if args.timeout <= 0:
-        return fail("pf-serve", PFError(f"--timeout {args.timeout}: expected seconds > 0"))
+    for name in ("timeout", "max_body_mb", "max_connections", "keep_alive_s", "grace_s"):
+        v = getattr(args, name)
+        if not math.isfinite(v) or v <= 0:
+            return fail("pf-serve", PFError(f"--{name.replace('_', '-')} {v}: expected a number "
+                                            "> 0"))
     try:
         check_engine_args(args)                   # every bad value named before the model loads
     except PFError as e:
@@ -70,12 +87,22 @@ def main(argv=None) -> int:
     except PFError as e:
         return fail("pf-serve", e)
     mid = args.model_id or model_id(eng.folder)
-    app = build_app(eng, mid, max_queue=args.max_queue, api_key=args.api_key, timeout_s=args.timeout)
+    app = build_app(eng, mid, max_queue=args.max_queue, api_key=args.api_key, timeout_s=args.timeout,
+                    max_body=int(args.max_body_mb * 2 ** 20))
     print(f"pf-serve: {mid} on http://{args.host}:{args.port}/v1 "
           f"({len(app.state.catalog.ids())} model ids, {eng.scheduler().slots} slots)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # uvicorn handles SIGTERM / SIGINT: it closes the listening socket, waits up to grace_s for
+    # the open requests, then cancels them (their slots are freed), returns, and re-raises the
+    # signal to the handler it found, which is this one: note it, so that the exit status is 0
+    signals: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, _frame: signals.append(s))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                limit_concurrency=args.max_connections, timeout_keep_alive=args.keep_alive_s,
+                timeout_graceful_shutdown=args.grace_s)
     served = app.state.served
-    print(f"pf-serve: shut down after {time.monotonic() - served['t0']:.0f} s: {served['requests']} "
+    why = f" on {signal.Signals(signals[0]).name}" if signals else ""
+    print(f"pf-serve: shut down{why} after {time.monotonic() - served['t0']:.0f} s: {served['requests']} "
           f"requests, {served['tokens']} tokens generated", file=sys.stderr)
     return 0
 

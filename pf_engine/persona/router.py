@@ -254,7 +254,7 @@ class SequenceRouter:
 
     def gates(self, p: torch.Tensor) -> torch.Tensor:
         """Output probabilities [B, K(+1)] -> gates [B, K]: top-k of the experts, renormalised,
-        times the strength 1 - p_none (1 without a none output)."""
+        times the strength (total_weight; 1 without a none output)."""
         K = self.num_experts
         g = top_k_renormalise(p[:, :K], self.top_k)
         return g * total_weight(p[:, K:], self.strength) if self.none else g

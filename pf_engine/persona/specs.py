@@ -82,11 +82,33 @@ class Personas:
         sel = torch.tensor(idx, device=tokens.device)
         self.rows[idx] = r(model.hidden(tokens[sel], r.layer)).to(self.rows.device)
 
+    def route_each(self, model, prompts: list[list[int]]) -> None:
+        """Fill the sequence-routed rows, each from its own prompt (any lengths: prompts of one
+        length are routed together)."""
+        by_len: dict[int, list[int]] = {}
+        for i, k in enumerate(self.kinds):
+            if k == SEQUENCE:
+                by_len.setdefault(len(prompts[i]), []).append(i)
+        r = self.bank.router if by_len else None
+        for idx in by_len.values():
+            tokens = torch.tensor([prompts[i] for i in idx], device=model.device)
+            self.rows[idx] = r(model.hidden(tokens, r.layer)).to(self.rows.device)
+
+    def select(self, idx: list[int]) -> "Personas":
+        """The rows ``idx`` (gates as filled so far) as a Personas of their own."""
+        sub = Personas.__new__(Personas)
+        sub.kinds = [self.kinds[i] for i in idx]
+        sub.rows = None if self.rows is None else self.rows[idx]
+        if self.rows is not None:
+            sub.bank = self.bank
+        return sub
+
     def report(self, i: int, token_mean: torch.Tensor | None = None) -> dict | None:
         """The gates request i used: {"kind", "weights": {expert: weight}, "strength"}; for token
         routing ``token_mean`` [K], the mean of its gates over tokens and layers.  strength is
-        the total persona weight, sum of the row: 1 for a plain router, 1 - p_none for a
-        sequence router with a "none" output (small where no trait is called for)."""
+        the total persona weight, sum of the row: 1 for a plain router; for a sequence router
+        with a "none" output its strength (1 - p_none, or its calibration: router.py), small
+        where no trait is called for."""
         kind = self.kinds[i]
         if kind == BASE:
             return None

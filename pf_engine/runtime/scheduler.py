@@ -51,6 +51,7 @@ from pf_engine.runtime.kv_cache import SlotCache
 from pf_engine.runtime.static_decode import CaptureFailed, StaticDecode
 from pf_engine.runtime.threads import POLICY
 from pf_engine.sampling import SamplingParams
+from pf_engine.scoring import logprobs_of
 
 
 class Scheduler:
@@ -317,15 +318,23 @@ class Scheduler:
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor, s0: int) -> None:
         """Next tokens of ``reqs`` (slots s0..) from logits [n, V]: greedy rows by one argmax, the
-        others by their own samplers; one host sync for all of them."""
+        others by their own samplers; one host sync for all of them (and one more for the
+        logprobs of the rows whose request asks for them, scoring.logprobs_of)."""
         toks = logits.argmax(-1)
         for b, r in enumerate(reqs):
             if not r.simple:
                 toks[b] = r.sampler(logits[b:b + 1], [0])[0]
         self.last_tok[s0:s0 + len(reqs)] = toks
-        for r, t in zip(reqs, toks.tolist()):
+        lps = [None] * len(reqs)
+        want = [b for b, r in enumerate(reqs) if r.params.logprobs is not None]
+        if want:                  # one more transfer, only for the rows that asked
+            top = max(reqs[b].params.logprobs for b in want)
+            for b, lp in zip(want, logprobs_of(logits[want], toks[want], top)):
+                lp.top = lp.top[:reqs[b].params.logprobs]
+                lps[b] = lp
+        for r, t, lp in zip(reqs, toks.tolist(), lps):
             if not r.done:
-                r.emit(t)
+                r.emit(t, lp)
 
     def _forward(self, reqs: list[Request], tokens, view, pick=None):
         """The model on the consecutive slots of ``reqs`` (their gate rows) through ``view``

@@ -1,6 +1,7 @@
 """The FastAPI application of pf-serve: OpenAI-compatible endpoints over the engine's scheduler.
 
     POST /v1/chat/completions, POST /v1/completions   (stream: true -> server-sent events)
+    POST /tokenize, /detokenize; GET /tokenizer_info  (tokens.py, vLLM's shapes)
     GET  /v1/models, /health, /metrics
 
 Every request is one ``Engine.submit`` on the shared continuous-batching scheduler (its
@@ -23,11 +24,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from pf_engine.errors import RequestError
 from pf_engine.serve.metrics import Metrics
-from pf_engine.serve.protocol import APIError, Catalog, Parsed, chunk, new_id, parse, response
+from pf_engine.persona.specs import Personas
+from pf_engine.serve import tokens
+from pf_engine.serve.choices import Call
+from pf_engine.serve.limits import MAX_BODY_BYTES, read_json
+from pf_engine.serve.protocol import APIError, Catalog, Parsed, new_id, parse
 
 
 def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = None,
-              timeout_s: float = 600.0) -> FastAPI:
+              timeout_s: float = 600.0, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     """The app for ``engine`` (its scheduler as configured, e.g. ``engine.scheduler(slots=8)``)."""
     app = FastAPI(title="pf-serve", docs_url=None, redoc_url=None, openapi_url=None)
     catalog = Catalog(model_id, engine.bank)
@@ -36,13 +41,15 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
     app.state.served = {"requests": 0, "tokens": 0, "t0": time.monotonic()}
     log = logging.getLogger("pf_engine.serve")
 
-    def record(endpoint: str, status: str, p: Parsed | None = None, req=None, rid: str = "-") -> None:
+    def record(endpoint: str, status: str, p: Parsed | None = None, reqs=(), rid: str = "-",
+               t0: float | None = None) -> None:
         """Count a finished (or refused) request in the metrics and log one line for it:
         id, model id, persona kind, status, prompt and completion tokens, ms since arrival."""
-        kind = req.kind if req is not None else "-"
-        metrics.finished(endpoint, kind, status, req)
-        prompt, done = (len(req.ids), len(req.tokens)) if req is not None else (0, 0)
-        ms = 1e3 * (time.perf_counter() - req.t_submit) if req is not None else 0.0
+        kind = Personas(engine.bank, p.persona, 1).kinds[0] if p is not None else "-"
+        metrics.finished(endpoint, kind, status, reqs)
+        prompt = sum(len(ids) for ids in p.prompts) if p is not None else 0
+        done = sum(len(r.tokens) for r in reqs)
+        ms = 1e3 * (time.perf_counter() - t0) if t0 is not None else 0.0
         app.state.served["requests"] += 1
         app.state.served["tokens"] += done
         log.info("%s %s model=%s persona=%s status=%s prompt=%d completion=%d ms=%.0f", rid,
@@ -69,84 +76,82 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
         return {"object": "list", "data": [{"id": i, "object": "model", "created": 0,
                                             "owned_by": "pf-engine"} for i in catalog.ids()]}
 
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request):
+        return tokens.tokenize(engine, await read_json(request, max_body))
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request):
+        return tokens.detokenize(engine, await read_json(request, max_body))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route():
+        return tokens.tokenizer_info(engine)
+
     @app.get("/metrics")
     async def metrics_text():
         return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
 
     async def handle(request: Request, kind: str):
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise APIError(400, "body: expected a JSON object", "body") from None
-        p = parse(body, kind, catalog, engine)
+        t0 = time.perf_counter()
+        p = parse(await read_json(request, max_body), kind, catalog, engine)
+        call = Call(engine, p)
         sched = engine.scheduler()
         endpoint = "chat" if kind == "chat" else "completions"
-        waiting = len(sched.waiting)
-        if waiting >= max_queue and waiting + len(sched.running) >= sched.slots:   # it would wait
-            record(endpoint, "rejected", p)
+        waiting, k = len(sched.waiting), call.slots_needed
+        if k and waiting + k > max_queue and waiting + len(sched.running) + k > sched.slots:
+            record(endpoint, "rejected", p, (), "-", t0)         # it would wait, the queue is full
             raise APIError(429, f"the queue is full ({max_queue} requests wait for a slot); retry later",
                            None, "rate_limit_error", "queue_full", {"Retry-After": "1"})
-        try:
-            req = sched.submit(p.ids, p.params, p.persona)
-        except RequestError as e:
-            raise APIError(400, str(e), "max_tokens") from None
         deadline, rid = time.monotonic() + timeout_s, new_id(kind)
-        if p.stream:
-            return StreamingResponse(events(p, req, endpoint, deadline, rid),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        watch = asyncio.ensure_future(cancel_if_gone(request, req))
         try:
-            out = await asyncio.wait_for(req.aresult(), max(0.0, deadline - time.monotonic()))
+            await asyncio.wait_for(call.prepare(), max(0.0, deadline - time.monotonic()))
+        except RequestError as e:
+            raise APIError(400, str(e), "prompt") from None
+        call.submit()
+        if p.stream:
+            return StreamingResponse(events(call, endpoint, deadline, rid, t0),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        watch = asyncio.ensure_future(cancel_if_gone(request, call))
+        try:
+            outs = await asyncio.wait_for(call.results(), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
-            req.cancel()
-            record(endpoint, "timeout", p, req, rid)
+            call.cancel()
+            record(endpoint, "timeout", p, call.all_reqs, rid, t0)
             raise APIError(504, f"the request took longer than {timeout_s:g} s", None,
                            "timeout", "timeout") from None
         except asyncio.CancelledError:             # the server is shutting down
-            req.cancel()
-            record(endpoint, "cancelled", p, req, rid)
+            call.cancel()
+            record(endpoint, "cancelled", p, call.all_reqs, rid, t0)
             raise
         finally:
             watch.cancel()
-        record(endpoint, "cancelled" if out.finish_reason == "cancelled" else "ok", p, req, rid)
-        usage = dict(out.usage, total_tokens=sum(out.usage.values()))
-        return response(p, rid, out.text, out.finish_reason, usage, out.gates)
+        cancelled = any(o.finish_reason == "cancelled" for os_ in outs for o in os_)
+        record(endpoint, "cancelled" if cancelled else "ok", p, call.all_reqs, rid, t0)
+        return call.body(rid, outs)
 
-    async def events(p: Parsed, req, endpoint: str, deadline: float, rid: str):
-        """Server-sent events: text pieces as they are released, the final chunk (finish reason,
-        gates), the usage chunk if asked, then [DONE]."""
-        created = int(time.time())
-        status, first = "cancelled", True
-        pieces = req.atext()
+    async def events(call: Call, endpoint: str, deadline: float, rid: str, t0: float):
+        """Server-sent events: Call.events' chunks, then [DONE]; a timeout or an error is
+        reported in the stream (the status line is already sent)."""
+        status = "cancelled"
+        gen = call.events(rid, deadline)
         try:
-            while True:
-                try:
-                    piece = await asyncio.wait_for(pieces.__anext__(), max(0.0, deadline - time.monotonic()))
-                except StopAsyncIteration:
-                    break
-                except asyncio.TimeoutError:
-                    status = "timeout"
-                    yield sse({"error": APIError(504, "the request timed out", None, "timeout",
-                                                 "timeout").body()["error"]})
-                    return
-                yield sse(chunk(p, rid, created, piece, first=first))
-                first = False
-            out = req.result()
-            yield sse(chunk(p, rid, created, "", out.finish_reason, first=first, gates=out.gates))
-            if p.include_usage:
-                usage = dict(out.usage, total_tokens=sum(out.usage.values()))
-                yield sse(chunk(p, rid, created, None, usage=usage))
+            async for obj in gen:
+                yield sse(obj)
             yield "data: [DONE]\n\n"
             status = "ok"
+        except asyncio.TimeoutError:
+            status = "timeout"
+            yield sse({"error": APIError(504, "the request timed out", None, "timeout",
+                                         "timeout").body()["error"]})
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
             status = "error"
             yield sse({"error": APIError(500, f"internal error: {type(e).__name__}: {e}", None,
                                          "server_error").body()["error"]})
         finally:                                   # done, timed out, or the client went away
-            if not req.done:
-                req.cancel()
-            await pieces.aclose()
-            record(endpoint, status, p, req, rid)
+            call.cancel()
+            await gen.aclose()
+            record(endpoint, status, call.p, call.all_reqs, rid, t0)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -177,12 +182,12 @@ class KeyAuth:
         await self.app(scope, receive, send)
 
 
-async def cancel_if_gone(request: Request, req, every_s: float = 0.1) -> None:
-    """A non-streamed request whose client hangs up is cancelled (its slot freed) within
+async def cancel_if_gone(request: Request, call, every_s: float = 0.1) -> None:
+    """A non-streamed request whose client hangs up is cancelled (its slots freed) within
     ``every_s``; a streamed one notices at its next event instead."""
-    while not req.done:
+    while not all(r.done for r in call.all_reqs):
         if await request.is_disconnected():
-            req.cancel()
+            call.cancel()
             return
         await asyncio.sleep(every_s)
 

@@ -43,19 +43,21 @@ class Metrics:
         self._recent: collections.deque = collections.deque()       # (time, tokens)
         self._lock = threading.Lock()
 
-    def finished(self, endpoint: str, kind: str, status: str, req=None) -> None:
-        """Count a request; with its scheduler.Request, its tokens and latencies too."""
+    def finished(self, endpoint: str, kind: str, status: str, reqs=()) -> None:
+        """Count an API request; with its scheduler Requests (one per choice), their tokens and
+        latencies too."""
         self.requests.labels(endpoint, kind, status).inc()
-        if req is None or not req.tokens:
-            return
-        n = len(req.tokens)
-        self.tokens.labels(kind).inc(n)
-        with self._lock:
-            self._recent.append((time.monotonic(), n))
-        if req.t_first is not None:
-            self.ttft.labels(kind).observe(req.t_first - req.t_submit)
-            if n > 1 and req.t_done is not None:
-                self.tpot.labels(kind).observe((req.t_done - req.t_first) / (n - 1))
+        for req in reqs:
+            if not req.tokens:
+                continue
+            n = len(req.tokens)
+            self.tokens.labels(kind).inc(n)
+            with self._lock:
+                self._recent.append((time.monotonic(), n))
+            if req.t_first is not None:
+                self.ttft.labels(kind).observe(req.t_first - req.t_submit)
+                if n > 1 and req.t_done is not None:
+                    self.tpot.labels(kind).observe((req.t_done - req.t_first) / (n - 1))
 
     def _rate(self) -> float:
         now = time.monotonic()

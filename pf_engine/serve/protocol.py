@@ -8,17 +8,19 @@ offending field named in ``param`` and in the message.  Nothing here touches the
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-import time
 import uuid
 from dataclasses import dataclass
 
 from pf_engine.errors import RequestError
 from pf_engine.persona.specs import Personas
-from pf_engine.sampling import SamplingParams
+from pf_engine.sampling import MAX_LOGPROBS, SamplingParams
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4
+MAX_PROMPTS = 64           # prompts in one completions request
+MAX_CHOICES = 128          # prompts x best_of candidates in one request
 
 
 class APIError(Exception):
@@ -58,13 +60,33 @@ class Catalog:
 
 @dataclass
 class Parsed:
+    """A checked request: one or more prompts, each answered by ``n`` choices (the best ``n`` of
+    ``best_of`` candidates); candidate i of every prompt is sampled with seed + i."""
     kind: str                        # "chat" or "completion"
     model: str
-    ids: list[int]
+    prompts: list[list[int]]         # token ids; chat: one
+    texts: list[str | None]          # each prompt as text, for echo (None: not asked)
     params: SamplingParams
     persona: object
     stream: bool
     include_usage: bool
+    n: int = 1
+    best_of: int = 1
+    echo: bool = False
+    logprobs: int | None = None      # top logprobs per position (None: no logprobs)
+    score_only: bool = False         # max_tokens 0: score the prompts, generate nothing
+
+    @property
+    def choices(self) -> int:
+        return len(self.prompts) * self.n
+
+    def candidate_params(self, i: int) -> SamplingParams:
+        """Candidate i of a prompt: seed + i when a seed is given (SamplingParams.for_request);
+        logprobs kept for ranking when best_of > n."""
+        q = self.params.for_request(i)
+        if self.best_of > self.n and q.logprobs is None:
+            q = dataclasses.replace(q, logprobs=0)
+        return q
 
 
 def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool = False):
@@ -78,7 +100,7 @@ def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool 
     return v
 
 
-def _messages(body: dict) -> list[dict]:
+def messages_of(body: dict) -> list[dict]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise bad("messages", "expected a non-empty list of {role, content} objects")
@@ -98,20 +120,50 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def _prompt(body: dict, engine) -> list[int]:
+def _is_ids(p) -> bool:
+    return isinstance(p, list) and bool(p) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                   for t in p)
+
+
+def _prompts(body: dict, engine) -> list[tuple[list[int], str | None]]:
+    """OpenAI's four prompt forms: a string, a list of strings, a list of token ids, a list of
+    token-id lists -> [(token ids, the text as given or None)], in order."""
     p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]                            # a batch of one
-    if isinstance(p, str) and p:
-        if engine.tokenizer is None:
-            raise bad("prompt", "this model has no tokenizer: send token ids")
-        return engine.tokenizer.hf.encode(p)
-    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        vocab = engine.config.vocab_size
-        if not all(0 <= t < vocab for t in p):
-            raise bad("prompt", f"token ids must lie in [0, {vocab})")
-        return list(p)
-    raise bad("prompt", "expected a non-empty string or list of token ids (one prompt: n = 1)")
+    if isinstance(p, str) or _is_ids(p):
+        p = [p]
+    if not isinstance(p, list) or not p:
+        raise bad("prompt", "expected a non-empty string, a list of strings, a list of token ids "
+                            "or a list of token-id lists")
+    if len(p) > MAX_PROMPTS:
+        raise bad("prompt", f"{len(p)} prompts; at most {MAX_PROMPTS} per request")
+    vocab, out = engine.config.vocab_size, []
+    for i, one in enumerate(p):
+        where = "prompt" if len(p) == 1 else f"prompt[{i}]"
+        if isinstance(one, str) and one:
+            if engine.tokenizer is None:
+                raise bad(where, "this model has no tokenizer: send token ids")
+            out.append((engine.tokenizer.hf.encode(one), one))
+        elif _is_ids(one):
+            if not all(0 <= t < vocab for t in one):
+                raise bad(where, f"token ids must lie in [0, {vocab})")
+            out.append((list(one), None))
+        else:
+            raise bad(where, "expected a non-empty string or a non-empty list of token ids")
+    return out
+
+
+def _logprobs(body: dict, kind: str) -> int | None:
+    """completions: ``logprobs`` 0..20 (the top ones per position); chat: ``logprobs`` true with
+    ``top_logprobs`` 0..20.  None: no logprobs."""
+    if kind == "completion":
+        return _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
+    on = body.get("logprobs")
+    if on is not None and not isinstance(on, bool):
+        raise bad("logprobs", f"expected true or false, got {on!r}")
+    top = _number(body, "top_logprobs", None, 0, MAX_LOGPROBS, integer=True)
+    if top is not None and not on:
+        raise bad("top_logprobs", "needs logprobs: true")
+    return (top or 0) if on else None
 
 
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
@@ -125,10 +177,8 @@ def _defaults(engine, kind: str) -> dict:
     return engine.generation_defaults(True)[0] if kind == "chat" else OPENAI_DEFAULTS
 
 
-def parse(body, kind: str, catalog: Catalog, engine) -> Parsed:
-    """Validate a /v1/chat/completions (kind "chat") or /v1/completions body."""
-    if not isinstance(body, dict):
-        raise APIError(400, "body: expected a JSON object", "body")
+def _persona(body: dict, catalog: Catalog, engine) -> tuple[str, object]:
+    """(model id, persona spec): the id names one, or the bare id and a ``persona`` field."""
     model = body.get("model")
     if not isinstance(model, str) or model not in catalog.personas:
         raise bad("model", f"unknown model {model!r}; GET /v1/models lists {', '.join(catalog.ids())}")
@@ -144,27 +194,44 @@ def parse(body, kind: str, catalog: Catalog, engine) -> Parsed:
             Personas(engine.bank, [persona], 1)
         except RequestError as e:
             raise bad("persona", str(e)) from None
-    if _number(body, "n", 1, 1, 1, integer=True) != 1:
-        raise bad("n", "only n = 1 is supported")
-    if body.get("logprobs") not in (None, False, 0):
-        raise bad("logprobs", "not supported")
-    ctx = engine.config.max_position_embeddings
+    return model, persona
+
+
+def _inputs(body: dict, kind: str, engine):
+    """([(prompt ids, text)], echo, the max-tokens value and its field name)."""
     if kind == "chat":
         if engine.tokenizer is None:
             raise bad("messages", "this model has no tokenizer")
         try:
-            ids = engine.tokenizer.encode_chat(_messages(body))
+            prompts = [(engine.tokenizer.encode_chat(messages_of(body)), None)]
         except RequestError as e:
             raise bad("messages", str(e)) from None
-        limit = body.get("max_completion_tokens", body.get("max_tokens"))
         name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    else:
-        ids = _prompt(body, engine)
-        limit, name = body.get("max_tokens"), "max_tokens"
-    if len(ids) >= ctx:
+        return prompts, False, body.get(name), name
+    if body.get("suffix") is not None:
+        raise bad("suffix", "not supported (no insertion model)")
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise bad("echo", "expected true or false")
+    return _prompts(body, engine), echo, body.get("max_tokens"), "max_tokens"
+
+
+def _max_new(limit, name: str, kind: str, longest: int, ctx: int) -> int:
+    """New tokens per choice: completions may ask 0 (score the prompt alone); the default is
+    what fits, at most 256.  A prompt alone may fill the context only to be scored."""
+    if longest >= ctx + (kind != "chat"):
         raise bad("messages" if kind == "chat" else "prompt",
-                  f"{len(ids)} tokens; the context holds {ctx}")
-    max_new = _number({name: limit}, name, min(256, ctx - len(ids)), 1, ctx, integer=True)
+                  f"{longest} tokens; the context holds {ctx}")
+    low = 0 if kind == "completion" else 1
+    max_new = _number({name: limit}, name, max(low, min(256, ctx - longest)), low, ctx,
+                      integer=True)
+    if max_new and longest >= ctx:
+        raise bad("prompt", f"{longest} tokens fill the context ({ctx}): only max_tokens 0 "
+                            "(scoring) fits")
+    return max_new
+
+
+def _sampling(body: dict, kind: str, engine, max_new: int, logprobs) -> SamplingParams:
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -174,59 +241,49 @@ def parse(body, kind: str, catalog: Catalog, engine) -> Parsed:
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise bad("seed", f"expected an integer, got {seed!r}")
+    d = _defaults(engine, kind)
+    return SamplingParams(max_new_tokens=max(1, max_new), seed=seed, stop=stop or [],
+                          logprobs=logprobs,
+                          temperature=_number(body, "temperature", d["temperature"], 0, 2),
+                          top_p=_number(body, "top_p", d["top_p"], 1e-9, 1),
+                          top_k=_number(body, "top_k", d["top_k"], 0, 1 << 20, integer=True),
+                          repetition_penalty=_number(body, "repetition_penalty",
+                                                     d["repetition_penalty"], 1e-3, 10))
+
+
+def parse(body, kind: str, catalog: Catalog, engine) -> Parsed:
+    """Validate a /v1/chat/completions (kind "chat") or /v1/completions body."""
+    if not isinstance(body, dict):
+        raise APIError(400, "body: expected a JSON object", "body")
+    model, persona = _persona(body, catalog, engine)
+    n = _number(body, "n", 1, 1, MAX_CHOICES, integer=True)
+    best_of = n if kind == "chat" else _number(body, "best_of", n, 1, MAX_CHOICES, integer=True)
+    if best_of < n:
+        raise bad("best_of", f"best_of {best_of} is less than n {n}")
+    logprobs = _logprobs(body, kind)
+    prompts, echo, limit, name = _inputs(body, kind, engine)
+    if len(prompts) * best_of > MAX_CHOICES:
+        raise bad("n", f"{len(prompts)} prompts x {best_of} choices; at most {MAX_CHOICES} per "
+                       "request")
+    max_new = _max_new(limit, name, kind, max(len(ids) for ids, _ in prompts),
+                       engine.config.max_position_embeddings)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad("stream", "expected true or false")
+    if best_of > n and stream:
+        raise bad("best_of", "best_of > n cannot be streamed")
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise bad("stream_options", "expected an object")
-    d = _defaults(engine, kind)
-    params = SamplingParams(max_new_tokens=max_new, seed=seed, stop=stop or [],
-                            temperature=_number(body, "temperature", d["temperature"], 0, 2),
-                            top_p=_number(body, "top_p", d["top_p"], 1e-9, 1),
-                            top_k=_number(body, "top_k", d["top_k"], 0, 1 << 20, integer=True),
-                            repetition_penalty=_number(body, "repetition_penalty",
-                                                       d["repetition_penalty"], 1e-3, 10))
-    return Parsed(kind, model, ids, params, persona, stream, bool(opts.get("include_usage")))
-
-
-def finish_reason(reason: str | None) -> str:
-    return "length" if reason == "length" else "stop"
+    params = _sampling(body, kind, engine, max_new, logprobs)
+    if (echo or logprobs is not None) and engine.tokenizer is None:
+        raise bad("echo" if echo else "logprobs", "this model has no tokenizer to spell tokens")
+    texts = [(t if t is not None else engine.tokenizer.decode(ids)) if echo else None
+             for ids, t in prompts]
+    return Parsed(kind, model, [ids for ids, _ in prompts], texts, params, persona, stream,
+                  bool(opts.get("include_usage")), n, best_of, echo, logprobs,
+                  score_only=not max_new)
 
 
 def new_id(kind: str) -> str:
     return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-
-
-def response(p: Parsed, rid: str, text: str, reason: str, usage: dict, gates) -> dict:
-    """The non-streamed body."""
-    if p.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "finish_reason": finish_reason(reason), "logprobs": None}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": finish_reason(reason), "logprobs": None}
-        obj = "text_completion"
-    return {"id": rid, "object": obj, "created": int(time.time()), "model": p.model,
-            "choices": [choice], "usage": usage, "persona": gates}
-
-
-def chunk(p: Parsed, rid: str, created: int, piece: str | None, reason: str | None = None,
-          first: bool = False, usage: dict | None = None, gates=None) -> dict:
-    """One streamed event: a text piece, the final one (reason), or the usage one (no choices)."""
-    if usage is not None:
-        return {"id": rid, "object": "chat.completion.chunk" if p.kind == "chat" else "text_completion",
-                "created": created, "model": p.model, "choices": [], "usage": usage}
-    fr = None if reason is None else finish_reason(reason)
-    if p.kind == "chat":
-        delta = {"role": "assistant", "content": piece or ""} if first else \
-            ({"content": piece} if piece else {})
-        choice = {"index": 0, "delta": delta, "finish_reason": fr, "logprobs": None}
-        obj = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "text": piece or "", "finish_reason": fr, "logprobs": None}
-        obj = "text_completion"
-    out = {"id": rid, "object": obj, "created": created, "model": p.model, "choices": [choice]}
-    if reason is not None:
-        out["persona"] = gates
-    return out
