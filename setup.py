@@ -95,7 +95,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "peft", "accelerate", "matplotlib", "triton", "pybind11", "openai", "httpx",
-                "lm-eval>=0.4.5"],
+                "lm-eval[api]>=0.4.5"],
     },
     entry_points={
         "console_scripts": [
