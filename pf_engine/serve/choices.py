@@ -132,21 +132,11 @@ class Call:
         pieces from whichever choice has one, each choice's final chunk, the usage chunk if
         asked.  Raises asyncio.TimeoutError past ``deadline``."""
         p, created = self.p, int(time.time())
-        flat = [(j * p.n + c, j, r) for j, rs in enumerate(self.reqs) for c, r in enumerate(rs)]
+        flat = [(j * p.n + c, r) for j, rs in enumerate(self.reqs) for c, r in enumerate(rs)]
         first = {i: True for i in range(len(p.prompts) * p.n)}
         offset = {i: 0 for i in first}
-        for j in range(len(p.prompts)):
-            if p.echo:
-                for c in range(p.n):
-                    i = j * p.n + c
-                    lp = completion_logprobs(self.tok, p.prompts[j], self.scores[j]) \
-                        if p.logprobs is not None else None
-                    yield chunk(p, rid, created, self._echo(j), index=i, logprobs=lp)
-                    offset[i], first[i] = len(self._echo(j)), False
-            if p.score_only:
-                for c in range(p.n):
-                    yield chunk(p, rid, created, "", "length", first=first[j * p.n + c],
-                                gates=self.personas.report(j), index=j * p.n + c)
+        for obj in self._opening(rid, created, first, offset):
+            yield obj
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, req) -> None:
@@ -156,7 +146,7 @@ class Call:
                 await queue.put((i, req, None))
             except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
                 await queue.put((i, req, e))
-        tasks = [asyncio.ensure_future(pump(i, r)) for i, _, r in flat]
+        tasks = [asyncio.ensure_future(pump(i, r)) for i, r in flat]
         seen = {i: 0 for i in first}                          # logprobs already sent
         try:
             left = len(tasks)
@@ -166,8 +156,8 @@ class Call:
                 if isinstance(piece, Exception):
                     raise piece
                 lp = self._new_logprobs(i, req, seen, offset[i])
-                if piece is None:
-                    out = req.result()
+                if piece is None:                             # done: no lock needed
+                    out = req.output()
                     yield chunk(p, rid, created, "", out.finish_reason, first=first[i],
                                 gates=out.gates, index=i, logprobs=lp)
                     left -= 1
@@ -181,6 +171,21 @@ class Call:
         finally:
             for t in tasks:
                 t.cancel()
+
+    def _opening(self, rid: str, created: int, first: dict, offset: dict):
+        """Before any new token: each choice's echoed prompt (with its logprobs), and with
+        max_tokens 0 each choice's final chunk."""
+        p = self.p
+        for j in range(len(p.prompts)):
+            for i in range(j * p.n, (j + 1) * p.n):
+                if p.echo:
+                    lp = completion_logprobs(self.tok, p.prompts[j], self.scores[j]) \
+                        if p.logprobs is not None else None
+                    yield chunk(p, rid, created, self._echo(j), index=i, logprobs=lp)
+                    offset[i], first[i] = len(self._echo(j)), False
+                if p.score_only:
+                    yield chunk(p, rid, created, "", "length", first=first[i],
+                                gates=self.personas.report(j), index=i)
 
     def _new_logprobs(self, i: int, req, seen: dict, offset: int):
         """The logprobs of ``req``'s tokens not yet sent (None without logprobs or new ones)."""
