@@ -24,11 +24,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from pf_engine.errors import RequestError
 from pf_engine.serve.metrics import Metrics
-from pf_engine.persona.specs import Personas
 from pf_engine.serve import tokens
 from pf_engine.serve.choices import Call
 from pf_engine.serve.limits import MAX_BODY_BYTES, read_json
-from pf_engine.serve.protocol import APIError, Catalog, Parsed, new_id, parse
+from pf_engine.serve.protocol import APIError, Catalog, new_id, parse
 
 
 def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = None,
@@ -41,19 +40,18 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
     app.state.served = {"requests": 0, "tokens": 0, "t0": time.monotonic()}
     log = logging.getLogger("pf_engine.serve")
 
-    def record(endpoint: str, status: str, p: Parsed | None = None, reqs=(), rid: str = "-",
-               t0: float | None = None) -> None:
+    def record(endpoint: str, status: str, call: Call, rid: str, t0: float) -> None:
         """Count a finished (or refused) request in the metrics and log one line for it:
         id, model id, persona kind, status, prompt and completion tokens, ms since arrival."""
-        kind = Personas(engine.bank, p.persona, 1).kinds[0] if p is not None else "-"
+        kind, reqs = call.personas.kinds[0], call.all_reqs
         metrics.finished(endpoint, kind, status, reqs)
-        prompt = sum(len(ids) for ids in p.prompts) if p is not None else 0
+        prompt = sum(len(ids) for ids in call.p.prompts)
         done = sum(len(r.tokens) for r in reqs)
-        ms = 1e3 * (time.perf_counter() - t0) if t0 is not None else 0.0
+        ms = 1e3 * (time.perf_counter() - t0)
         app.state.served["requests"] += 1
         app.state.served["tokens"] += done
         log.info("%s %s model=%s persona=%s status=%s prompt=%d completion=%d ms=%.0f", rid,
-                 endpoint, p.model if p is not None else "-", kind, status, prompt, done, ms)
+                 endpoint, call.p.model, kind, status, prompt, done, ms)
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
@@ -100,7 +98,7 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
         endpoint = "chat" if kind == "chat" else "completions"
         waiting, k = len(sched.waiting), call.slots_needed
         if k and waiting + k > max_queue and waiting + len(sched.running) + k > sched.slots:
-            record(endpoint, "rejected", p, (), "-", t0)         # it would wait, the queue is full
+            record(endpoint, "rejected", call, "-", t0)         # it would wait, the queue is full
             raise APIError(429, f"the queue is full ({max_queue} requests wait for a slot); retry later",
                            None, "rate_limit_error", "queue_full", {"Retry-After": "1"})
         deadline, rid = time.monotonic() + timeout_s, new_id(kind)
@@ -117,17 +115,17 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
             outs = await asyncio.wait_for(call.results(), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             call.cancel()
-            record(endpoint, "timeout", p, call.all_reqs, rid, t0)
+            record(endpoint, "timeout", call, rid, t0)
             raise APIError(504, f"the request took longer than {timeout_s:g} s", None,
                            "timeout", "timeout") from None
         except asyncio.CancelledError:             # the server is shutting down
             call.cancel()
-            record(endpoint, "cancelled", p, call.all_reqs, rid, t0)
+            record(endpoint, "cancelled", call, rid, t0)
             raise
         finally:
             watch.cancel()
         cancelled = any(o.finish_reason == "cancelled" for os_ in outs for o in os_)
-        record(endpoint, "cancelled" if cancelled else "ok", p, call.all_reqs, rid, t0)
+        record(endpoint, "cancelled" if cancelled else "ok", call, rid, t0)
         return call.body(rid, outs)
 
     async def events(call: Call, endpoint: str, deadline: float, rid: str, t0: float):
@@ -151,7 +149,7 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
         finally:                                   # done, timed out, or the client went away
             call.cancel()
             await gen.aclose()
-            record(endpoint, status, call.p, call.all_reqs, rid, t0)
+            record(endpoint, status, call, rid, t0)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
