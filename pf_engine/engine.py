@@ -21,6 +21,7 @@ from pf_engine.backends import resolve_backend
 from pf_engine.errors import PFError, RequestError
 from pf_engine.model.config import ModelConfig
 from pf_engine.model.decoder import Decoder, Scratch, causal_mask
+from pf_engine.model import quantize as quantization
 from pf_engine.model.loading import check_model_path, load_weights
 from pf_engine.outputs import GenerationOutput, Stats
 from pf_engine.persona.mix import Mix
@@ -80,19 +81,37 @@ def resolve_model(model, progress: bool) -> str:
     return check_model_path(model)
 
 
+def gguf_source(model) -> str | None:
+    """The GGUF file a model comes from (None: the bundled one; a .gguf path), else None."""
+    if model is None:
+        from pf_engine.model import bundled
+        return bundled.bundled_gguf_path()
+    model = os.fspath(model)
+    return model if model.endswith(".gguf") else None
+
+
 class Engine:
     def __init__(self, folder: str, device: torch.device, dtype: torch.dtype, adapters=None,
-                 backend: str | None = None):
+                 backend: str | None = None, quantize: str | None = None, gguf: str | None = None):
+        """``folder``: the model's HF-layout folder (config, tokenizer, float weights); ``gguf``:
+        the file it was converted from, whose 8/4-bit tensors are used as they are where the
+        backend runs them (model/quantize.py says what ``quantize`` does)."""
         self.folder, self.device, self.dtype = folder, device, dtype
         self.config = ModelConfig.from_file(os.path.join(folder, "config.json"))
         self.backend = resolve_backend(backend, device)
+        mode = quantization.check(quantize, gguf=gguf is not None, device=device, dtype=dtype,
+                                  backend=self.backend)
+        keep = gguf is not None and mode is None and self.backend.quantized and \
+            dtype == torch.float32
+        weights = load_weights(folder, self.config, dtype, device, mode, gguf if keep else None)
+        self.weight_formats = quantization.describe(weights)
         self.bank = None
         if adapters is not None:
             from pf_engine.persona.bank import AdapterBank
             self.bank = adapters.for_model(self.config) if isinstance(adapters, AdapterBank) \
                 else AdapterBank.load(os.fspath(adapters), self.config)
-        self.model = Decoder(self.config, load_weights(folder, self.config, dtype, device), device,
-                             self.backend)
+        self.model = Decoder(self.config, weights, device, self.backend)
+        del weights
         if self.bank is not None:
             self.bank.to(dtype=dtype, device=device)
             self.model.attach(self.bank)
@@ -107,7 +126,7 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model=None, adapters=None, device=None, dtype=None, backend=None,
-                        progress: bool = True) -> "Engine":
+                        progress: bool = True, quantize: str | None = None) -> "Engine":
         """Load a model (None: the bundled SmolLM2-135M-Instruct; an HF folder; a .gguf file).
 
         device: "cpu" / "cuda" (default: cuda when present); dtype: fp32 / fp16 / bf16 (default
@@ -115,11 +134,17 @@ class Engine:
         a shipped bank's name: "bigfive"), checked against the model.  backend: how the model's
         layers run and experts mix: auto (default: cpu on a CPU where csrc/cpu is built, else
         torch; $PF_BACKEND overrides it), cpu, torch, naive, triton, cuda (backends/).
+        quantize: None (a GGUF's own 8/4-bit formats on the cpu backend, an HF folder's weights
+        as stored), "f32" (everything float), "q8" / "q4" (an HF folder quantized at load):
+        model/quantize.py.
         """
         t0 = time.perf_counter()
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        eng = cls(resolve_model(model, progress), dev, dt, adapters, backend)
+        quantization.check(quantize, gguf=gguf_source(model) is not None, device=dev, dtype=dt,
+                           backend=None)                       # before any conversion runs
+        eng = cls(resolve_model(model, progress), dev, dt, adapters, backend, quantize,
+                  gguf_source(model))
         eng.load_s = time.perf_counter() - t0
         return eng
 

@@ -71,8 +71,8 @@ def _cpu_flags() -> set[str]:
 def _load():
     """(module, None) or (None, why not)."""
     flags = _cpu_flags()
-    if not {"avx2", "fma"} <= flags:
-        return None, "this CPU lacks AVX2/FMA (or /proc/cpuinfo is unreadable)"
+    if not {"avx2", "fma", "f16c"} <= flags:
+        return None, "this CPU lacks AVX2/FMA/F16C (or /proc/cpuinfo is unreadable)"
     try:
         from . import _pf_cpu
     except ImportError as e:
@@ -82,7 +82,8 @@ def _load():
 
 
 _TYPED = ("MAX_ROWS", "PRO_NONE", "PRO_RMSNORM", "PRO_SILU_MUL", "LinearPlan", "BlockPlan",
-          "decode_attention", "set_spin_us", "spin_us", "pool_workers")
+          "decode_attention", "set_spin_us", "spin_us", "pool_workers", "FMT_F32", "FMT_Q8_0",
+          "FMT_Q4_0", "FMT_Q4_1", "row_bytes", "dequantize")
 
 
 def __getattr__(name: str):

@@ -453,7 +453,7 @@ def test_run_aliasing(lin):
 
 
 def plan_fails(grp, exc, words, **override):
-    kw = dict(w_aug=grp.w_aug, d_out=grp.d_out, bias=grp.bias, parts=grp.parts, blocks=grp.blocks,
+    kw = dict(weight=grp.w_aug, d_out=grp.d_out, bias=grp.bias, parts=grp.parts, blocks=grp.blocks,
               num_experts=grp.K)
     kw.update(override)
     msg = raises(exc, words, LinearPlan, **kw)
@@ -468,9 +468,9 @@ def grp2():
 
 def test_plan_wrong_dtype_and_layout(grp2):
     g = grp2
-    plan_fails(g, TypeError, ["w_aug", "float64"], w_aug=g.w_aug.astype(np.float64))
+    plan_fails(g, TypeError, ["weight", "float64"], weight=g.w_aug.astype(np.float64))
     plan_fails(g, TypeError, ["bias", "int64"], bias=np.zeros(g.d_out, np.int64))
-    plan_fails(g, ValueError, ["w_aug", "C-contiguous"], w_aug=np.asfortranarray(g.w_aug))
+    plan_fails(g, ValueError, ["weight", "C-contiguous"], weight=np.asfortranarray(g.w_aug))
     p0 = g.parts[0]
     plan_fails(g, ValueError, ["parts[0].bT", "C-contiguous"],
                parts=[p0[:4] + (np.asfortranarray(p0[4]),)] + g.parts[1:])

@@ -2,6 +2,7 @@
 // binding_block.cpp) on the thread pool of pool.h.
 //
 //   MAX_ROWS = 16, PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
+//   FMT_F32, FMT_Q8_0, FMT_Q4_0, FMT_Q4_1 = 0, 1, 2, 3; block_bytes, dequantize (binding_quant.cpp)
 //   LinearPlan, BlockPlan, decode_attention (typed overload), set_spin_us(us), spin_us(),
 //   pool_workers(); _set_chunking(pass1_bytes, pass2_bytes), _chunking() (benchmark tuning)
 #include <chrono>
@@ -22,6 +23,7 @@ PYBIND11_MODULE(_pf_cpu, m) {
     bind_linear(m);
     bind_attention(m);
     bind_block(m);
+    bind_quant(m);
     m.def("set_spin_us", [](int64_t us) {
         Checker("set_spin_us").in_range("us", us, 0, 1000000);
         set_spin_us(us);

@@ -13,12 +13,12 @@
 
 namespace pf_cpu {
 
-// LinearPlan(w_aug, d_out, bias, parts, blocks, num_experts): the checked Linear plus references
+// LinearPlan(weight, d_out, bias, parts, blocks, num_experts, fmt, a_cat): the checked Linear plus references
 // to every array it points into (binding_linear.cpp).
 class LinearPlan {
 public:
-    LinearPlan(py::object w_aug, int64_t d_out, py::object bias, py::object parts,
-               py::object blocks, int64_t num_experts);
+    LinearPlan(py::object weight, int64_t d_out, py::object bias, py::object parts,
+               py::object blocks, int64_t num_experts, int fmt, py::object a_cat, int64_t d_in_q);
     void run(py::object x, py::object y, py::object gates, int threads, int prologue,
              py::object norm, double eps, py::object residual) const;
     const Linear& core() const { return lin_; }
@@ -26,7 +26,7 @@ public:
 
 private:
     Linear lin_;
-    py::array w_aug_, bias_;
+    py::array w_aug_, bias_, a_cat_;     // w_aug_: the weight (W_aug, or quantized W)
     std::vector<py::array> bT_;
 };
 
@@ -43,5 +43,6 @@ void check_attention(const Checker& ck, int64_t B, int64_t H, int64_t H_kv, int6
 void bind_linear(py::module_& m);
 void bind_attention(py::module_& m);
 void bind_block(py::module_& m);
+void bind_quant(py::module_& m);
 
 }  // namespace pf_cpu

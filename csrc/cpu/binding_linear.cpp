@@ -1,7 +1,12 @@
 // LinearPlan: the typed binding of linear_plan.h, built once per projection group.
 //
-//   LinearPlan(w_aug, d_out, bias=None, parts=(), blocks=(), num_experts=0)
-//     w_aug  float32 [d_out + R, d_in] C-contiguous; 1 <= d_out <= rows, R = rows - d_out >= 0
+//   LinearPlan(weight, d_out, bias=None, parts=(), blocks=(), num_experts=0, fmt=FMT_F32, a_cat=None,
+//              d_in=0)
+//     fmt FMT_F32: weight float32 [d_out + R, d_in] C-contiguous = W_aug (W above A_cat);
+//       1 <= d_out <= rows, R = rows - d_out >= 0; a_cat None
+//     fmt FMT_Q8_0 / FMT_Q4_0 / FMT_Q4_1 (quant.h): weight uint8 [d_out, row_bytes(fmt, d_in)]
+//       C-contiguous, W's rows repacked (quant.h's RowLayout), d_in given (a multiple of 32);
+//       a_cat float32 [R, d_in] C-contiguous, or None (R = 0)
 //     bias   float32 [d_out] contiguous, or None
 //     parts  (out0, out1, r0, r1, bT): output columns out0:out1, rows r0:r1 of A_cat (0-based in
 //            R), bT float32 [r1 - r0, out1 - out0] C-contiguous (B transposed); increasing and
@@ -12,7 +17,7 @@
 //     x [T, d_in] ([T, 2 d_in] with PRO_SILU_MUL) unit last stride, 1 <= T <= MAX_ROWS;
 //     y [T, d_out] unit last stride, written; gates [T, num_experts] unit last stride or None;
 //     norm [d_in] with PRO_RMSNORM; residual [T, d_out] or None, may be y itself.
-// The plan keeps references to w_aug, bias and every bT, so they live as long as it does.
+// The plan keeps references to weight, a_cat, bias and every bT, so they live as long as it does.
 #include <cmath>
 #include <limits>
 
@@ -44,20 +49,49 @@ py::sequence entry(const Checker& ck, const std::string& name, py::handle obj, s
 
 }  // namespace
 
-LinearPlan::LinearPlan(py::object w_aug, int64_t d_out, py::object bias, py::object parts,
-                       py::object blocks, int64_t num_experts) {
+LinearPlan::LinearPlan(py::object weight, int64_t d_out, py::object bias, py::object parts,
+                       py::object blocks, int64_t num_experts, int fmt, py::object a_cat, int64_t d_in_q) {
     const Checker ck("LinearPlan");
-    w_aug_ = ck.array("w_aug", w_aug, Dtype::F32);
-    ck.ndim("w_aug", w_aug_, 2, "d_out + R, d_in");
-    ck.c_contiguous("w_aug", w_aug_);
-    const int64_t rows = w_aug_.shape(0), d_in = w_aug_.shape(1);
-    PF_CHECK(ck, d_in >= 1, "w_aug has shape ", shape_str(w_aug_), ", expected d_in = w_aug.shape[1] >= 1");
-    ck.in_range("d_out", d_out, 1, rows, "w_aug.shape[0] = d_out + R");
+    ck.in_range("fmt", fmt, FMT_F32, FMT_LAST, "FMT_F32, FMT_Q8_0, FMT_Q4_0 or FMT_Q4_1");
+    lin_.fmt = fmt;
+    if (fmt == FMT_F32) {
+        w_aug_ = ck.array("weight", weight, Dtype::F32);
+        ck.ndim("weight", w_aug_, 2, "d_out + R, d_in");
+        ck.c_contiguous("weight", w_aug_);
+        const int64_t rows = w_aug_.shape(0), d_in = w_aug_.shape(1);
+        PF_CHECK(ck, d_in >= 1, "weight has shape ", shape_str(w_aug_), ", expected d_in = weight.shape[1] >= 1");
+        ck.in_range("d_out", d_out, 1, rows, "weight.shape[0] = d_out + R");
+        PF_CHECK(ck, a_cat.is_none(), "a_cat is given with fmt=FMT_F32, expected None (A_cat is the rows of "
+                 "weight below d_out)");
+        lin_.w = data_of<const float>(w_aug_);
+        lin_.d_in = d_in;
+        lin_.rank = rows - d_out;
+        lin_.row_bytes = static_cast<int64_t>(sizeof(float)) * d_in;
+        lin_.a = lin_.w + d_out * d_in;
+    } else {
+        w_aug_ = ck.array("weight", weight, Dtype::U8);
+        ck.ndim("weight", w_aug_, 2, "d_out, row_bytes");
+        ck.c_contiguous("weight", w_aug_);
+        PF_CHECK(ck, d_in_q >= QK && d_in_q % QK == 0, "d_in is ", d_in_q, ", expected a multiple of 32 >= 32 "
+                 "with a quantized weight");
+        ck.equal("d_out", d_out, w_aug_.shape(0), "weight.shape[0] with a quantized weight");
+        ck.equal("weight.shape[1]", w_aug_.shape(1), row_layout(fmt, d_in_q / QK).bytes,
+                 "the row bytes of d_in in this format (pf_kernels.quant)");
+        lin_.wq = data_of<const uint8_t>(w_aug_);
+        lin_.d_in = d_in_q;
+        lin_.row_bytes = w_aug_.shape(1);
+        if (auto a = ck.optional("a_cat", a_cat, Dtype::F32)) {
+            a_cat_ = *a;
+            ck.ndim("a_cat", a_cat_, 2, "R, d_in");
+            ck.shape("a_cat", a_cat_, {-1, lin_.d_in}, "R, d_in");
+            ck.c_contiguous("a_cat", a_cat_);
+            lin_.rank = a_cat_.shape(0);
+            lin_.a = data_of<const float>(a_cat_);
+        }
+    }
+    const int64_t d_in = lin_.d_in;
     ck.in_range("num_experts", num_experts, 0, std::numeric_limits<int32_t>::max());
-    lin_.w = data_of<const float>(w_aug_);
-    lin_.d_in = d_in;
     lin_.d_out = d_out;
-    lin_.rank = rows - d_out;
     lin_.num_experts = num_experts;
     if (auto b = ck.optional("bias", bias, Dtype::F32)) {
         bias_ = *b;
@@ -149,7 +183,8 @@ void LinearPlan::run(py::object x, py::object y, py::object gates, int threads, 
     c.ys = row_stride(ya);
     c.prologue = prologue;
     ck.disjoint("x", xa, "y", ya);
-    ck.disjoint("w_aug", w_aug_, "y", ya);
+    ck.disjoint("weight", w_aug_, "y", ya);
+    if (L.fmt != FMT_F32 && L.rank > 0) ck.disjoint("a_cat", a_cat_, "y", ya);
     if (auto g = ck.optional("gates", gates, Dtype::F32)) {
         ck.shape("gates", *g, {T, L.num_experts}, "T, num_experts");
         ck.unit_last_stride("gates", *g);
@@ -181,9 +216,10 @@ void LinearPlan::run(py::object x, py::object y, py::object gates, int threads, 
 void bind_linear(py::module_& m) {
     py::class_<LinearPlan>(m, "LinearPlan",
         "One projection group's fused grouped-LoRA linear, checked once: see csrc/cpu/binding_linear.cpp")
-        .def(py::init<py::object, int64_t, py::object, py::object, py::object, int64_t>(),
-             py::arg("w_aug"), py::arg("d_out"), py::arg("bias") = py::none(),
-             py::arg("parts") = py::tuple(), py::arg("blocks") = py::tuple(), py::arg("num_experts") = 0)
+        .def(py::init<py::object, int64_t, py::object, py::object, py::object, int64_t, int, py::object, int64_t>(),
+             py::arg("weight"), py::arg("d_out"), py::arg("bias") = py::none(),
+             py::arg("parts") = py::tuple(), py::arg("blocks") = py::tuple(), py::arg("num_experts") = 0,
+             py::arg("fmt") = static_cast<int>(FMT_F32), py::arg("a_cat") = py::none(), py::arg("d_in") = 0)
         .def("run", &LinearPlan::run, py::arg("x"), py::arg("y"), py::arg("gates") = py::none(),
              py::arg("threads") = 1, py::arg("prologue") = static_cast<int>(PRO_NONE),
              py::arg("norm") = py::none(), py::arg("eps") = 0.0, py::arg("residual") = py::none(),
@@ -192,9 +228,10 @@ void bind_linear(py::module_& m) {
         .def_property_readonly("d_out", [](const LinearPlan& p) { return p.core().d_out; })
         .def_property_readonly("rank", [](const LinearPlan& p) { return p.core().rank; })
         .def_property_readonly("num_experts", [](const LinearPlan& p) { return p.core().num_experts; })
+        .def_property_readonly("fmt", [](const LinearPlan& p) { return p.core().fmt; })
         .def("__repr__", [](const LinearPlan& p) {
             const Linear& l = p.core();
-            return cat("LinearPlan(d_in=", l.d_in, ", d_out=", l.d_out, ", rank=", l.rank,
+            return cat("LinearPlan(fmt=", format_name(l.fmt), ", d_in=", l.d_in, ", d_out=", l.d_out, ", rank=", l.rank,
                        ", num_experts=", l.num_experts, ", parts=", l.parts.size(), ", blocks=",
                        l.blocks.size(), ")");
         });

@@ -28,10 +28,10 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE.parent.parent / "pf_kernels"
 OBJ_DIR = HERE.parent / "build" / "cpu"
 SOURCES = [HERE / n for n in ("binding.cpp", "binding_linear.cpp", "binding_attention.cpp",
-                               "binding_block.cpp", "check.cpp", "linear_plan.cpp", "attention.cpp",
+                               "binding_block.cpp", "binding_quant.cpp", "check.cpp", "linear_plan.cpp", "attention.cpp",
                                "block_plan.cpp", "pool.cpp")]
 MODULE = "_pf_cpu"
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-std=c++17", "-fvisibility=hidden", "-pthread", "-Wall"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-std=c++17", "-fvisibility=hidden", "-pthread", "-Wall"]
 LINK_FLAGS = ["-shared", "-pthread"]
 
 

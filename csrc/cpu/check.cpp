@@ -9,11 +9,16 @@
 namespace pf_cpu {
 namespace {
 
-const char* dtype_name(Dtype d) { return d == Dtype::F32 ? "float32" : "int64"; }
+const char* dtype_name(Dtype d) {
+    return d == Dtype::F32 ? "float32" : d == Dtype::I64 ? "int64" : "uint8";
+}
 
 bool has_dtype(py::handle obj, Dtype d) {
-    return d == Dtype::F32 ? py::isinstance<py::array_t<float>>(obj)
-                           : py::isinstance<py::array_t<int64_t>>(obj);
+    switch (d) {
+        case Dtype::F32: return py::isinstance<py::array_t<float>>(obj);
+        case Dtype::I64: return py::isinstance<py::array_t<int64_t>>(obj);
+        default: return py::isinstance<py::array_t<uint8_t>>(obj);
+    }
 }
 
 // [lo, hi) of the bytes a view spans (empty: lo == hi).

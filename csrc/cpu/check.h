@@ -28,7 +28,7 @@ std::string cat(const A&... a) {
     return s.str();
 }
 
-enum class Dtype { F32, I64 };
+enum class Dtype { F32, I64, U8 };
 
 class Checker {
 public:

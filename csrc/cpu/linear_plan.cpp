@@ -19,6 +19,8 @@ struct Segment { int64_t part, c, a0, a1; };            // an active part: its f
                                                         // blocks act[a0:a1]
 struct Scratch {
     std::vector<float> x, h;                             // x' [T, d_in], h [T, R]
+    std::vector<float> xq;                               // x' quantized: T XRows (quant.h)
+    std::vector<XRow> xrows;
     std::vector<ActiveRow> rows;
     std::vector<int64_t> act;                            // active block ids, by part
     std::vector<Segment> segs;
@@ -32,6 +34,8 @@ struct Job {
     const LinearCall& call;
     const float* x;            // x' (the prologue's output, or call.x)
     int64_t xs;
+    const XRow* xq;            // x' quantized, T rows (a quantized W), else null
+    int64_t nb;
     float* h;
     const ActiveRow* rows;
     int64_t n1, rows_per_chunk;
@@ -40,27 +44,43 @@ struct Job {
     int64_t nsegs, ncols, cols_per_chunk;
 
     // Pass 1, rows i0:i1 of [W; active rows of A_cat].
+    static constexpr int64_t kRowBlock = 4;
     void pass1(int64_t chunk) const {
         const int64_t i0 = chunk * rows_per_chunk, i1 = std::min(n1, i0 + rows_per_chunk);
         const int T = static_cast<int>(call.T), d_in = static_cast<int>(lin.d_in);
         const int64_t d_out = lin.d_out, R = lin.rank;
-        float tmp[MAX_ROWS];
-        for (int64_t i = i0; i < i1; ++i) {
+        float tmp[kRowBlock * MAX_ROWS];
+        int64_t i = i0;
+        if (xq) {                                    // quantized W: kRowBlock rows per kernel call
+            const int64_t e = std::min(i1, d_out);
+            while (i < e) {
+                const int64_t n = std::min(kRowBlock, e - i);
+                qrows_dots(lin.fmt, lin.wq + i * lin.row_bytes, lin.row_bytes, n, xq, T, nb, tmp, MAX_ROWS);
+                for (int64_t r = 0; r < n; ++r) store(i + r, tmp + r * MAX_ROWS);
+                i += n;
+            }
+        }
+        for (; i < i1; ++i) {
             if (i < d_out) {
                 row_dots(lin.w + i * d_in, x, xs, T, d_in, tmp);
-                const float b = lin.bias ? lin.bias[i] : 0.0f;
-                float* y = call.y + i;
-                if (call.res) {
-                    const float* res = call.res + i;
-                    for (int t = 0; t < T; ++t) y[t * call.ys] = res[t * call.rs] + (tmp[t] + b);
-                } else {
-                    for (int t = 0; t < T; ++t) y[t * call.ys] = tmp[t] + b;
-                }
+                store(i, tmp);
             } else {
                 const ActiveRow& a = rows[i - d_out];
-                row_dots(lin.w + (d_out + a.r) * d_in, x, xs, T, d_in, tmp);
+                row_dots(lin.a + a.r * d_in, x, xs, T, d_in, tmp);
                 for (int t = 0; t < T; ++t) h[t * R + a.r] = tmp[t] * call.gates[t * call.gs + a.expert] * a.scale;
             }
+        }
+    }
+
+    // y[t, i] = (res[t, i] +) v[t] + bias[i] for base row i.
+    void store(int64_t i, const float* v) const {
+        const float b = lin.bias ? lin.bias[i] : 0.0f;
+        float* y = call.y + i;
+        if (call.res) {
+            const float* res = call.res + i;
+            for (int64_t t = 0; t < call.T; ++t) y[t * call.ys] = res[t * call.rs] + (v[t] + b);
+        } else {
+            for (int64_t t = 0; t < call.T; ++t) y[t * call.ys] = v[t] + b;
         }
     }
 
@@ -149,8 +169,20 @@ void linear_run(const Linear& lin, const LinearCall& call, int threads) {
     const int64_t ncols = route(lin, call, s);
     if (!s.rows.empty() && s.h.size() < static_cast<size_t>(call.T * lin.rank))
         s.h.resize(static_cast<size_t>(call.T * lin.rank));
+    const XRow* xq = nullptr;
+    const int64_t nb = lin.d_in / QK;
+    if (lin.fmt != FMT_F32) {
+        const int64_t per = xrow_floats(nb);
+        if (s.xq.size() < static_cast<size_t>(call.T * per)) s.xq.resize(static_cast<size_t>(call.T * per));
+        s.xrows.resize(static_cast<size_t>(call.T));
+        for (int64_t t = 0; t < call.T; ++t) {
+            s.xrows[t] = xrow_at(s.xq.data() + t * per, nb);
+            quantize_x(x + t * xs, nb, lin.fmt != FMT_Q8_0, s.xrows[t]);
+        }
+        xq = s.xrows.data();
+    }
     const int64_t n1 = lin.d_out + static_cast<int64_t>(s.rows.size());
-    const int64_t row_bytes = static_cast<int64_t>(sizeof(float)) * lin.d_in;
+    const int64_t row_bytes = lin.row_bytes;
     int64_t rpc = std::max<int64_t>(1, g_pass1_bytes.load(std::memory_order_relaxed) / row_bytes);
     rpc = std::max(rpc, ceil_div(n1, kMaxChunks));
     int64_t part_rows = 1;                     // the most active rank rows of one part: what
@@ -162,7 +194,7 @@ void linear_run(const Linear& lin, const LinearCall& call, int threads) {
     const int64_t col_bytes = static_cast<int64_t>(sizeof(float)) * part_rows;
     int64_t cpc = ceil_div(std::max<int64_t>(1, g_pass2_bytes.load(std::memory_order_relaxed) / col_bytes), 8) * 8;
     cpc = std::max(cpc, ceil_div(ceil_div(ncols, kMaxChunks), 8) * 8);
-    const Job job{lin, call, x, xs, s.h.data(), s.rows.data(), n1, rpc, s.act.data(), s.segs.data(),
+    const Job job{lin, call, x, xs, xq, nb, s.h.data(), s.rows.data(), n1, rpc, s.act.data(), s.segs.data(),
                   static_cast<int64_t>(s.segs.size()), ncols, cpc};
     parallel_for(ceil_div(n1, rpc), threads, [&job](int64_t c) { job.pass1(c); });
     if (ncols > 0) parallel_for(ceil_div(ncols, cpc), threads, [&job](int64_t c) { job.pass2(c); });

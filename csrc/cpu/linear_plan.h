@@ -1,8 +1,9 @@
 // One projection group's fused grouped-LoRA linear: the typed API's core (no Python here; the
 // checks are binding_linear.cpp's, and every pointer and size below has passed them).
 //
-// For token rows x [T, d_in] (1 <= T <= MAX_ROWS) and a group (q|k|v, gate|up, o, down) whose
-// experts stack as W_aug = [W; A_cat] ([d_out + R, d_in], row-major):
+// For token rows x [T, d_in] (1 <= T <= MAX_ROWS) and a group (q|k|v, gate|up, o, down) with base
+// weight W [d_out, d_in] in one of quant.h's formats (fp32, or 8/4-bit blocks) and experts
+// stacked as A_cat [R, d_in] (fp32; for an fp32 W the rows below W in one W_aug = [W; A_cat]):
 //
 //   y[t, o] = W[o] . x'[t] + bias[o] + res[t, o]
 //           + sum over active blocks j of o's part p: sum_{r in j} bT_p[r - r0_p, o - out0_p] h[t, r]
@@ -10,7 +11,8 @@
 //
 // A block is one expert's rank rows in one part (projection); it is active when its expert's
 // gate is nonzero for some row t (no gates: none is).  The prologue makes x' once, before the
-// GEMVs:  PRO_NONE x' = x;  PRO_RMSNORM x'[t] = norm * x[t] / sqrt(mean(x[t]^2) + eps);
+// GEMVs (and, for a quantized W, quantizes x' per block of 32 once: quant.h's XBlocks, which
+// W's rows are dotted with; A_cat's rows read x' itself):  PRO_NONE x' = x;  PRO_RMSNORM x'[t] = norm * x[t] / sqrt(mean(x[t]^2) + eps);
 // PRO_SILU_MUL x [T, 2 d_in] = gate | up, x'[t, k] = silu(x[t, k]) * x[t, d_in + k].
 // res (optional) may be y itself: an in-place residual update.
 //
@@ -24,6 +26,8 @@
 #pragma once
 #include <cstdint>
 #include <vector>
+
+#include "quant.h"
 
 namespace pf_cpu {
 
@@ -43,7 +47,11 @@ struct LoraBlock {             // one expert's rows r0:r1 of A_cat inside its pa
 };
 
 struct Linear {
-    const float* w = nullptr;      // W_aug [d_out + rank, d_in]
+    int fmt = FMT_F32;             // W's format (quant.h)
+    const float* w = nullptr;      // FMT_F32: W [d_out, d_in] (rows of W_aug)
+    const uint8_t* wq = nullptr;   // quantized: W [d_out, row_bytes]
+    int64_t row_bytes = 0;         // bytes of one row of W
+    const float* a = nullptr;      // A_cat [rank, d_in] or null (rank 0)
     const float* bias = nullptr;   // [d_out] or null
     int64_t d_in = 0, d_out = 0, rank = 0, num_experts = 0;
     std::vector<LoraPart> parts;   // increasing, non-overlapping in columns and rows

@@ -34,6 +34,7 @@ class Blocks:
 
 class Backend:
     name = "?"
+    quantized = False   # runs block-quantized weights (model/qweight.QuantWeight): the cpu backend
     few_rows = 1        # a single decode row: numpy's BLAS GEMV (gemm.mm) at the caller's threads
 
     def __init__(self, device: torch.device):

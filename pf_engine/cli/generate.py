@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         check_engine_args(args, args.persona)
         prompts = read_prompts(args)
         eng = Engine.from_pretrained(args.model, adapters=args.adapters, device=args.device,
-                                     dtype=args.dtype, backend=args.backend,
+                                     dtype=args.dtype, backend=args.backend, quantize=args.quantize,
                                      progress=not args.quiet)
         defaults, source = eng.generation_defaults(args.chat)
         sampling = SamplingParams(max_new_tokens=args.max_new_tokens, seed=args.seed,
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         return 130
     if not args.quiet:
         s = eng.stats
-        print(f"load {eng.load_s:.2f} s | prefill {s.prefill_tokens} tok {s.prefill_tps:.1f} tok/s"
+        print(f"load {eng.load_s:.2f} s ({eng.weight_formats}) | prefill {s.prefill_tokens} tok {s.prefill_tps:.1f} tok/s"
               f" | decode {s.decode_tokens} tok {s.decode_tps:.1f} tok/s", file=sys.stderr)
     return 0
 

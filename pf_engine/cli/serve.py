@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     logging.getLogger("pf_engine.serve").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         eng = Engine.from_pretrained(args.model, adapters=args.adapters, device=args.device,
-                                     dtype=args.dtype, backend=args.backend)
+                                     dtype=args.dtype, backend=args.backend, quantize=args.quantize)
         eng.scheduler(slots=args.slots, max_len=args.max_len, kv_cache_gb=args.kv_cache_gb)
     except PFError as e:
         return fail("pf-serve", e)

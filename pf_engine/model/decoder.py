@@ -139,7 +139,7 @@ class Decoder:
         self.blocks = [Block(cfg, w, i, backend) for i, w in enumerate(weights.layers)]
         self.head = Linear(weights.lm_head, None, None, (), backend)
         self.rotary = Rotary(cfg, device)
-        self.dtype, self.device = weights.embed.dtype, device
+        self.dtype, self.device = weights.embed.dtype, device      # fp32 for a QuantWeight
         self.runner = backend.runner(self)
 
     def attach(self, bank) -> None:
@@ -149,6 +149,12 @@ class Decoder:
             for lin in blk.linears:
                 lin.attach({m: bank.lora(i, m) for m in lin.modules}, bank.num_experts)
         self.runner = self.backend.runner(self)
+
+    def embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> their embeddings [B, T, d] (a quantized table's rows dequantized)."""
+        if isinstance(self.embed, torch.Tensor):
+            return self.embed[tokens]
+        return self.embed.rows(tokens)
 
     def hidden(self, tokens: torch.Tensor, layers: int) -> torch.Tensor:
         """The base model's hidden states [B, T, d] of whole sequences tokens [B, T] after the
@@ -160,7 +166,7 @@ class Decoder:
         """Yields the base model's hidden states [B, T, d] of whole sequences tokens [B, T]: the
         embeddings, then the output of each of the first ``layers`` blocks (router training
         reads them all)."""
-        x = self.embed[tokens]
+        x = self.embedding(tokens)
         yield x
         if layers:
             T = tokens.shape[1]
@@ -182,7 +188,7 @@ class Decoder:
         mask: bool [B or 1, 1, T, L].  ``mix``: the persona gates of the B * T rows (None: the
         base model).
         """
-        x = self.embed[tokens]                                         # (B, T, d)
+        x = self.embedding(tokens)                                     # (B, T, d)
         cos, sin = self.rotary.tables(positions, self.dtype)
         if tokens.shape[1] == 1:
             mask = decode_bias(mask, self.dtype)

@@ -13,8 +13,10 @@ into two GEMMs whatever K is:
     y += (h * G_exp) B_cat^T      expand  [N, d_out]
 
 ``attach`` stores the experts in the form every backend reads: W_aug = [W; A_cat] (the base
-weight becomes a view of it, no second copy), and one ``Part`` per adapted projection (its
-output columns, its rows of A_cat, its B and RankLayout).  How the product is computed is the
+weight becomes a view of it, no second copy; ``a_cat`` is the rows below W), and one ``Part``
+per adapted projection (its output columns, its rows of A_cat, its B and RankLayout).  A
+block-quantized base (model/qweight.QuantWeight) stays as it is, with fp32 experts beside it:
+then there is no W_aug and ``a_cat`` is a tensor of its own.  How the product is computed is the
 backend's business (pf_engine/backends): ``bind`` hands the Linear to its backend, which builds
 ``state``, its own prepared form of this layer; ``attach`` rebuilds it, so it always matches
 the experts attached.
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 from pf_kernels.layout import RankLayout
+
+from pf_engine.model.qweight import QuantWeight
 
 
 @dataclass
@@ -43,11 +47,12 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  splits: tuple[int, ...] | None = None, modules: tuple[str, ...] = (),
                  backend=None):
-        self.weight = weight                     # [d_out, d_in]
+        self.weight = weight                     # [d_out, d_in]: a tensor or a QuantWeight
         self.bias = bias                         # [d_out] or None
         self.splits = splits                     # output sizes of the fused projections
         self.modules = modules                   # their names (q, k, v, ...), for adapters
         self.w_aug = None                        # [d_out + R, d_in] once experts are attached
+        self.a_cat = None                        # [R, d_in]: its rows below W (a float base)
         self.bias_aug = None                     # [d_out + R] (zeros under A_cat) with a bias
         self.parts: list[Part] = []
         self.layout: RankLayout | None = None    # all parts' blocks, rows 0:R of A_cat
@@ -56,6 +61,10 @@ class Linear:
         self.backend, self.state = None, None
         if backend is not None:
             self.bind(backend)
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.weight, QuantWeight)
 
     @property
     def d_out(self) -> int:
@@ -80,7 +89,8 @@ class Linear:
         offs = [0]
         for s in sizes:
             offs.append(offs[-1] + s)
-        base = self.weight if self.w_aug is None else self.w_aug[:self.d_out]
+        quant = self.quantized
+        base = self.weight if quant or self.w_aug is None else self.w_aug[:self.d_out]
         parts, a_list, r = [], [], 0
         for i, m in enumerate(self.modules):
             lw = loras.get(m)
@@ -92,14 +102,18 @@ class Linear:
             r += lw.rank
         if parts:
             d_out = base.shape[0]
-            self.w_aug = torch.cat([base] + a_list, 0)
-            self.weight = self.w_aug[:d_out]
+            if quant:
+                self.a_cat = torch.cat(a_list, 0)
+            else:
+                self.w_aug = torch.cat([base] + a_list, 0)
+                self.weight, self.a_cat = self.w_aug[:d_out], self.w_aug[d_out:]
             for p in parts:
-                p.a = self.w_aug[d_out + p.r0:d_out + p.r1]
+                p.a = self.a_cat[p.r0:p.r1]
             self.bias_aug = None if self.bias is None else torch.cat([self.bias, self.bias.new_zeros(r)])
             self.layout = RankLayout.concat([p.layout for p in parts])
         else:
-            self.weight, self.w_aug, self.bias_aug, self.layout = base.contiguous(), None, None, None
+            self.weight = base if quant else base.contiguous()
+            self.w_aug, self.a_cat, self.bias_aug, self.layout = None, None, None, None
         self.parts, self.num_experts = parts, num_experts
         self.experts = frozenset(e for p in parts for e in p.layout.experts)
         if self.backend is not None:

@@ -40,6 +40,8 @@ class LayerWeights:
 
 @dataclass
 class ModelWeights:
+    """The projections, the embedding and the head are tensors or QuantWeights
+    (model/qweight.py); norms and biases are tensors."""
     embed: torch.Tensor            # [vocab, d]
     layers: list[LayerWeights]
     norm: torch.Tensor             # [d]
@@ -111,22 +113,36 @@ class _TensorSource:
         return t
 
 
-def load_weights(folder: str, cfg: ModelConfig, dtype: torch.dtype, device) -> ModelWeights:
-    """Read, check and fuse every tensor of ``cfg`` from ``folder``; cast to ``dtype`` on ``device``."""
-    src = _TensorSource(find_weight_files(folder))
+def load_weights(folder: str, cfg: ModelConfig, dtype: torch.dtype, device,
+                 quantize: str | None = None, gguf: str | None = None) -> ModelWeights:
+    """Read, check and fuse every tensor of ``cfg``: from ``folder``'s safetensors, cast to
+    ``dtype`` on ``device``, or, with ``gguf``, from that file with its 8/4-bit tensors kept as
+    they are (model/gguf_weights.py).  ``quantize`` (model/quantize.py: q8, q4) quantizes the
+    projections and the embedding of float weights at load."""
+    from pf_engine.model import quantize as q
+    if gguf is not None:
+        from pf_engine.model.gguf_weights import GGUFSource
+        src = GGUFSource(gguf, cfg)
+    else:
+        src = _TensorSource(find_weight_files(folder))
+    recipe = q.recipe(quantize)
 
-    def get(name, shape):
-        return src.get(name, shape).to(device=device, dtype=dtype)
+    def get(name, shape, kind="float"):
+        t = src.get(name, shape)
+        if not isinstance(t, torch.Tensor):          # a QuantWeight from the GGUF
+            return t if kind != "float" else t.dequantize()
+        t = t.to(device=device, dtype=dtype)
+        return q.apply(recipe, t, kind, name)
 
     def proj(i, m, bias):
         stem = f"model.layers.{i}.{HF_MODULE_NAMES[m]}"
-        w = get(stem + ".weight", cfg.module_shape(m))
+        w = get(stem + ".weight", cfg.module_shape(m), "proj")
         b = get(stem + ".bias", cfg.module_shape(m)[:1]) if bias else None
         return w, b
 
     def fuse(parts):
         ws, bs = zip(*parts)
-        return torch.cat(ws, 0), (torch.cat(bs, 0) if bs[0] is not None else None)
+        return q.cat(ws), (torch.cat(bs, 0) if bs[0] is not None else None)
 
     d = cfg.hidden_size
     layers = []
@@ -141,11 +157,11 @@ def load_weights(folder: str, cfg: ModelConfig, dtype: torch.dtype, device) -> M
             qkv=qkv, qkv_bias=qkv_bias, o=o, o_bias=o_bias,
             mlp_norm=get(f"model.layers.{i}.post_attention_layernorm.weight", (d,)),
             gate_up=gate_up, gate_up_bias=gate_up_bias, down=down, down_bias=down_bias))
-    embed = get("model.embed_tokens.weight", (cfg.vocab_size, d))
+    embed = get("model.embed_tokens.weight", (cfg.vocab_size, d), "embed")
     if cfg.tie_word_embeddings:
         lm_head = embed
     else:
-        lm_head = get("lm_head.weight", (cfg.vocab_size, d))
+        lm_head = get("lm_head.weight", (cfg.vocab_size, d), "embed")
     return ModelWeights(embed=embed, layers=layers, norm=get("model.norm.weight", (d,)), lm_head=lm_head)
 
 

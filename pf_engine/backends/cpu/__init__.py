@@ -1,5 +1,8 @@
 """The ``cpu`` backend: csrc/cpu's fused AVX2/FMA kernels for the few rows of a decode step.
 
+* Weights in fp32 or block-quantized (q8_0, q4_0, q4_1: model/qweight.py).  Every product of a
+  quantized W, decode or prefill, is the kernel's (MAX_ROWS rows per call: its integer dot
+  products keep pace with torch's fp32 GEMM, and W is never dequantized).
 * Every product of at most ``MAX_ROWS`` fp32 rows (a decode step's projections and LM head, the
   mixed projections of a short prompt chunk) is one kernel call per projection group: pass 1
   streams W and the active experts' rows of A_cat once, pass 2 adds the expand
@@ -31,6 +34,7 @@ class CpuLinear:
 class Cpu(Backend):
     name = "cpu"
     few_rows = kernel.MAX_ROWS
+    quantized = True
 
     def prepare(self, lin) -> CpuLinear:
         return CpuLinear(kernel.plan(lin), Gathered() if lin.parts else None)
@@ -41,7 +45,10 @@ class Cpu(Backend):
 
     def linear(self, lin, x2, mix, decode):
         N, plan = x2.shape[0], lin.state.plan
-        if plan is None or N > kernel.MAX_ROWS or (mix is None and not decode):
+        if lin.quantized:                    # any rows: the kernel, MAX_ROWS rows per call
+            return kernel.run(plan, x2 if x2.stride(-1) == 1 else x2.contiguous(),
+                              None if mix is None else mix.gates, POLICY.threads())
+        if plan is None or N > kernel.MAX_ROWS or (mix is None and not decode and not lin.quantized):
             if mix is None:
                 return gemm.linear(x2, lin.weight, lin.bias, decode)
             return grouped(lin, x2, mix, lin.state.gathered)

@@ -1,0 +1,118 @@
+"""Block-quantized weight formats: what they are, and the reference (de)quantization tests and
+loaders use.
+
+A quantized weight W [O, d_in] is O rows of d_in / 32 blocks with GGUF's (ggml's) block values,
+so the ``gguf`` package's numpy code is the reference; GGUF stores each block's fields together:
+
+    format  bytes/block  bits/weight  a block                          value j
+    q8_0    34           8.5          fp16 d, int8 q[32]                d q[j]
+    q4_0    18           4.5          fp16 d, uint8 n[16]               d (u[j] - 8)
+    q4_1    20           5.0          fp16 d, fp16 m, uint8 n[16]       d u[j] + m
+
+with u[j] = n[j] & 15 and u[j + 16] = n[j] >> 4 for j < 16.  The engine keeps each row
+``repack``ed once at load into arrays of each field (csrc/cpu/quant.h's RowLayout: the scales of
+eight blocks load as one vector, two Q4 blocks' nibbles as one 32-byte load), padding zero:
+
+    q8_0   d fp16 [nb8] | q [nb][32]                     nb = d_in / 32
+    q4_0   d fp16 [nb8] | n [nb2][16]                    nb8 = nb rounded up to 8
+    q4_1   d fp16 [nb8] | m fp16 [nb8] | n [nb2][16]     nb2 = nb rounded up to 2
+
+``unpack`` is its exact inverse.  csrc/cpu dots such rows with activations quantized per block of
+32 (``quantize_x_reference``: d = max|x| / 127, q = round(x / d), ties away from zero), in integer
+arithmetic, as llama.cpp does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+QK = 32                              # values per block
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str                        # q8_0, q4_0, q4_1
+    code: int                        # csrc/cpu's FMT_* (quant.h)
+    block_bytes: int
+    gguf: str                        # gguf.GGMLQuantizationType member name
+
+    def gguf_row_bytes(self, d_in: int) -> int:
+        """Bytes of one row as GGUF stores it."""
+        return d_in // QK * self.block_bytes
+
+    def fields(self, d_in: int) -> dict[str, tuple[int, int, int]]:
+        """A repacked row's fields: name -> (offset in the row, bytes per block, offset in a
+        GGUF block)."""
+        nb = d_in // QK
+        n8 = -(-nb // 8) * 8
+        if self.name == "q8_0":
+            return {"d": (0, 2, 0), "q": (2 * n8, 32, 2)}
+        if self.name == "q4_0":
+            return {"d": (0, 2, 0), "q": (2 * n8, 16, 2)}
+        return {"d": (0, 2, 0), "m": (2 * n8, 2, 2), "q": (4 * n8, 16, 4)}
+
+    def row_bytes(self, d_in: int) -> int:
+        """Bytes of one repacked row (csrc/cpu's row_bytes)."""
+        nb = d_in // QK
+        off, size, _ = self.fields(d_in)["q"]
+        return off + size * (nb if self.name == "q8_0" else -(-nb // 2) * 2)
+
+    @property
+    def bits(self) -> float:
+        return 8.0 * self.block_bytes / QK
+
+
+FORMATS = {f.name: f for f in (Format("q8_0", 1, 34, "Q8_0"), Format("q4_0", 2, 18, "Q4_0"),
+                               Format("q4_1", 3, 20, "Q4_1"))}
+GGUF_FORMATS = {f.gguf: f for f in FORMATS.values()}
+
+
+def _gguf_type(fmt: Format):
+    from gguf import GGMLQuantizationType
+    return GGMLQuantizationType[fmt.gguf]
+
+
+def quantize(w: np.ndarray, fmt: Format) -> np.ndarray:
+    """w float32 [O, d_in] (d_in a multiple of 32) -> GGUF rows uint8 [O, fmt.gguf_row_bytes(d_in)]
+    (gguf's own quantizer: the bytes llama-quantize would write)."""
+    import gguf.quants
+    return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), _gguf_type(fmt))
+
+
+def repack(data: np.ndarray, fmt: Format, d_in: int) -> np.ndarray:
+    """GGUF rows uint8 [O, gguf_row_bytes] -> repacked rows uint8 [O, row_bytes]."""
+    nb = d_in // QK
+    blocks = np.ascontiguousarray(data).reshape(data.shape[0], nb, fmt.block_bytes)
+    out = np.zeros((data.shape[0], fmt.row_bytes(d_in)), dtype=np.uint8)
+    for off, size, src in fmt.fields(d_in).values():
+        out[:, off:off + size * nb] = blocks[:, :, src:src + size].reshape(data.shape[0], -1)
+    return out
+
+
+def unpack(data: np.ndarray, fmt: Format, d_in: int) -> np.ndarray:
+    """Repacked rows -> GGUF rows (``repack``'s inverse)."""
+    nb = d_in // QK
+    out = np.empty((data.shape[0], nb, fmt.block_bytes), dtype=np.uint8)
+    for off, size, src in fmt.fields(d_in).values():
+        out[:, :, src:src + size] = data[:, off:off + size * nb].reshape(data.shape[0], nb, size)
+    return out.reshape(data.shape[0], -1)
+
+
+def dequantize_reference(data: np.ndarray, fmt: Format) -> np.ndarray:
+    """GGUF rows uint8 [O, gguf_row_bytes] -> float32 [O, d_in], by the gguf package (the
+    reference; slow)."""
+    import gguf.quants
+    return gguf.quants.dequantize(np.ascontiguousarray(data), _gguf_type(fmt)).astype(np.float32)
+
+
+def quantize_x_reference(x: np.ndarray) -> np.ndarray:
+    """x float32 [..., d_in] -> the values csrc/cpu's quantized activations stand for (float64):
+    per block of 32, d = max|x| / 127 and q = round(x * (127 / max|x|)), ties away from zero."""
+    xb = np.asarray(x, dtype=np.float32).reshape(*x.shape[:-1], -1, QK)
+    mx = np.abs(xb).max(-1, keepdims=True)
+    d = mx / np.float32(127)
+    inv = np.where(mx > 0, np.float32(127) / np.where(mx > 0, mx, np.float32(1)), np.float32(0))
+    s = xb * inv.astype(np.float32)
+    q = np.trunc(s + np.copysign(np.float32(0.5), s))
+    return (q.astype(np.float64) * d.astype(np.float64)).reshape(x.shape)
