@@ -146,7 +146,7 @@ inline __m256 load_f16x8(const uint8_t* p) {
 
 // How far ahead a tile prefetches: the same group of its rows kAhead tiles later (the rows a
 // caller walks next).  DRAM-resident weights (the LM head) read at about twice the rate with it.
-constexpr int64_t kAhead = 2;
+constexpr int64_t kAhead = 4;
 
 // out[r * os + t] = w_r . x[t] for NR weight rows (w_r at w + r * rb) and NT tokens X[t * xs].
 template <int FMT, int NR, int NT>
@@ -238,7 +238,8 @@ inline void qrows_dots_fmt(const uint8_t* w, int64_t rb, int64_t R, const XRow* 
     // One token: four weight rows at once (independent accumulator chains); more: 2 x 2 tiles.
     int64_t r = 0;
     if (T == 1) {
-        for (; r + 4 <= R; r += 4) qrows_fmt<FMT, 4, 1>(w + r * rb, rb, X, T, nb, out + r * os, os);
+        if (FMT != FMT_Q8_0)    // q8_0 rows stream better one at a time (measured: ~1.5x)
+            for (; r + 4 <= R; r += 4) qrows_fmt<FMT, 4, 1>(w + r * rb, rb, X, T, nb, out + r * os, os);
     } else {
         for (; r + 2 <= R; r += 2) qrows_fmt<FMT, 2, 2>(w + r * rb, rb, X, T, nb, out + r * os, os);
     }
