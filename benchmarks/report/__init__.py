@@ -35,6 +35,7 @@ def results_page(results_dir: str, page_dir: str, command: str) -> str:
              "compare ratios within one run.", ""]
     parts += sections.generate_section(results_dir, page_dir)
     parts += cpu.cpu_section(results_dir)
+    parts += sections.cpu_formats_section(results_dir)
     parts += sections.mixing_section(results_dir, page_dir)
     parts += sections.shared_section(results_dir)
     parts += sections.serving_section(results_dir)

@@ -43,6 +43,29 @@ def end_to_end(gen: dict) -> list[str]:
     return out
 
 
+def cpu_formats(res: dict) -> list[str]:
+    """Decode per weight format against llama.cpp on the same file (bench_cpu.json)."""
+    rows = {(r["engine"], r["format"], r["persona"]): r for r in res["rows"]}
+    parts = []
+    for f in ("q4_1", "q8_0", "f32"):
+        o, t = rows.get(("pf_engine", f, "base")), rows.get(("llama.cpp", f, "base"))
+        if o and t:
+            parts.append(f"{f} {o['decode_ms_per_token']:.1f} vs {t['decode_ms_per_token']:.1f} ms/token "
+                         f"({o['decode_ms_per_token'] / t['decode_ms_per_token']:.2f}x)")
+        elif o:
+            parts.append(f"{f} {o['decode_ms_per_token']:.1f} ms/token")
+    if not parts:
+        return []
+    from benchmarks.bench_cpu import goals
+    g = goals(res)
+    met = sum(1 for *_, ok in g if ok)
+    rss = res["peak_rss_mb"].get("q4_1")
+    return [f"- **CPU decode by weight format, ours vs llama.cpp on the same GGUF** ({res['machine']['cpu']}, "
+            f"{res['threads']} threads; {_at(res)}): " + ", ".join(parts)
+            + (f"; the bundled model in 4-bit peaks at {rss:.0f} MB RSS" if rss else "")
+            + f"; {met} of {len(g)} goals of issue 21 met (table in RESULTS.md)."]
+
+
 def shared(res: dict) -> list[str]:
     """Base decode beside busy processes against quiet (bench_shared.json), ours and transformers'."""
     rows = {(r["engine"], r["config"]): r for r in res.get("summary", [])}
@@ -85,7 +108,8 @@ def headline(results_dir: str, link: str) -> list[str]:
     def get(name):
         return load(os.path.join(results_dir, name))
     out = []
-    for name, fn in (("bench_generate.json", end_to_end), ("bench_shared.json", shared)):
+    for name, fn in (("bench_generate.json", end_to_end), ("bench_cpu.json", cpu_formats),
+                     ("bench_shared.json", shared)):
         res = get(name)
         if res:
             out += fn(res)

@@ -49,6 +49,17 @@ def mixing_section(results_dir: str, page_dir: str) -> list[str]:
     return parts
 
 
+def cpu_formats_section(results_dir: str) -> list[str]:
+    """Weight formats on CPU beside llama.cpp on the same files (bench_cpu.json)."""
+    res = load(os.path.join(results_dir, "bench_cpu.json"))
+    if not res:
+        return []
+    from benchmarks import bench_cpu
+    return ["## CPU weight formats beside llama.cpp (same files, same run)", "",
+            f"`{res['command'].strip()}`; {provenance(res['machine'])}.", "",
+            bench_cpu.markdown(res), ""]
+
+
 def shared_section(results_dir: str) -> list[str]:
     """Decode on a shared machine: quiet against busy processes beside it (bench_shared.json)."""
     res = load(os.path.join(results_dir, "bench_shared.json"))

@@ -1,0 +1,110 @@
+"""llama.cpp (llama-cpp-python) as the CPU peer: the same weights and LoRAs converted with its own
+scripts, timed the way bench_cpu times pf_engine.
+
+llama-cpp-python is never a dependency and never built in CI.  Build it once, outside the repo
+(about 20-40 minutes on 2 cores), for the baseline instructions our kernel uses:
+
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \\
+        CMAKE_BUILD_PARALLEL_LEVEL=2 pip install --no-deps llama_cpp_python-0.3.36.tar.gz diskcache
+    tar xzf llama_cpp_python-0.3.36.tar.gz        # its vendor/llama.cpp has the converters
+    pip install sentencepiece                     # they need it
+
+and pass ``--llama-src .../vendor/llama.cpp`` (the folder holding convert_hf_to_gguf.py) to
+bench_cpu.  Conversions are cached beside the other bench_cpu files.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+import time
+
+
+def available() -> tuple[bool, str]:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as e:
+        return False, f"llama_cpp is not importable ({e})"
+    return True, ""
+
+
+def _convert(script: str, args: list[str], out: str, llama_src: str) -> str:
+    if os.path.isfile(out):
+        return out
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(llama_src, "gguf-py"), llama_src]))
+    tmp = out + ".part"
+    r = subprocess.run([sys.executable, os.path.join(llama_src, script), *args, "--outfile", tmp],
+                       env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{script} failed: {r.stderr.strip()[-500:]}")
+    os.replace(tmp, out)
+    return out
+
+
+def convert_model(hf_folder: str, outtype: str, out: str, llama_src: str) -> str:
+    """llama.cpp's convert_hf_to_gguf.py on an HF folder (outtype f32 / q8_0 / ...)."""
+    return _convert("convert_hf_to_gguf.py", [hf_folder, "--outtype", outtype], out, llama_src)
+
+
+def convert_lora(peft_dir: str, hf_folder: str, out: str, llama_src: str) -> str:
+    """llama.cpp's convert_lora_to_gguf.py on a PEFT LoRA folder (fp32)."""
+    return _convert("convert_lora_to_gguf.py", [peft_dir, "--base", hf_folder, "--outtype", "f32"],
+                    out, llama_src)
+
+
+class LlamaRunner:
+    """One llama.cpp model at ``threads`` threads, with LoRAs applied at ``scales``."""
+
+    def __init__(self, gguf: str, threads: int, n_ctx: int = 1024, loras=(), scales=(),
+                 logits_all: bool = False):
+        import llama_cpp
+        self.lib = llama_cpp
+        self.llm = llama_cpp.Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads,
+                                   n_ctx=n_ctx, n_batch=512, verbose=False, logits_all=logits_all)
+        self._adapters = []
+        if loras:
+            for path in loras:
+                a = llama_cpp.llama_adapter_lora_init(self.llm.model, path.encode())
+                if not a:
+                    raise RuntimeError(f"llama.cpp could not load the LoRA {path}")
+                self._adapters.append(a)
+            arr = (llama_cpp.llama_adapter_lora_p_ctypes * len(self._adapters))(*self._adapters)
+            sc = (ctypes.c_float * len(scales))(*scales)
+            if llama_cpp.llama_set_adapters_lora(self.llm.ctx, arr, len(self._adapters), sc) != 0:
+                raise RuntimeError("llama_set_adapters_lora failed")
+
+    def timed(self, ids: list[int], n: int) -> tuple[float, float, list[int]]:
+        """(prefill seconds, decode seconds per token, the greedy tokens) for n new tokens, EOS
+        ignored: the prompt in one eval, then n - 1 single-token evals."""
+        llm = self.llm
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids)
+        prefill = time.perf_counter() - t
+        out = [self._argmax()]
+        t = time.perf_counter()
+        for _ in range(n - 1):
+            llm.eval([out[-1]])
+            out.append(self._argmax())
+        return prefill, (time.perf_counter() - t) / max(1, n - 1), out
+
+    def _argmax(self) -> int:
+        """The greedy token of the last eval.  Read from llama_get_logits: without logits_all,
+        llama-cpp-python 0.3.36 leaves ``scores`` zero (an earlier bench_cpu run's llama.cpp rows
+        fed token 0 back; the same forward work per token, so their timings stand)."""
+        import numpy as np
+        ptr = self.lib.llama_get_logits(self.llm.ctx)
+        return int(np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).argmax())
+
+    def nll(self, ids: list[int]) -> tuple[float, int]:
+        """(sum of -log p(token | its prefix) over ids[1:], count) in one pass (logits_all)."""
+        import numpy as np
+        llm = self.llm
+        llm.reset()
+        llm.eval(ids)
+        logits = np.asarray(llm.scores[:len(ids)], dtype=np.float64)   # logits_all=True
+        lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        lp = logits[np.arange(len(ids) - 1), ids[1:]] - lse[:-1]
+        return float(-lp.sum()), len(ids) - 1
