@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default=None, help="HF folder (default: the bundled model)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="default fp32 on CPU, bf16 on CUDA")
+    ap.add_argument("--quantize", default="f32", choices=("f32", "q8", "q4", "file"),
+                    help="pf_engine's weights: f32 (default: the format transformers runs), q8 / q4 "
+                         "(quantized at load), file (a GGUF's own formats: the bundled Q4_1)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
@@ -217,19 +220,30 @@ class Setup:
         self.args = args
         self.device = resolve_device(args.device)
         self.dtype = resolve_dtype(args.dtype, self.device)
+        # one weight format for every pf_engine row (model/quantize.py); a GGUF's own formats
+        # apply to the bundled model and .gguf paths only
+        self.quantize = None if args.quantize == "file" else args.quantize
+        self.model = args.model
         self.base = Engine.from_pretrained(args.model, device=self.device, dtype=self.dtype,
-                                           progress=False)
+                                           progress=False, quantize=self.quantize_for(args.model))
         self.base.eos_ids = set()        # every row generates exactly N tokens
         self.bank = AdapterBank.random(self.base.config, rank=args.rank, seed=0, router=True)
         self.bank.router.top_k = 2
         self.bank.token_router.top_k = 2
 
+    def quantize_for(self, model):
+        """quantize= for ``model``: f32 is the default for a GGUF too; q8/q4 only for a folder."""
+        if self.device.type != "cpu" and self.quantize == "f32":
+            return None
+        return self.quantize
+
     def engine(self, backend: str):
         from pf_engine import Engine
         if backend == "-":
             return self.base
-        eng = Engine.from_pretrained(self.base.folder, adapters=self.bank, device=self.device,
-                                     dtype=self.dtype, backend=backend, progress=False)
+        eng = Engine.from_pretrained(self.model, adapters=self.bank, device=self.device,
+                                     dtype=self.dtype, backend=backend, progress=False,
+                                     quantize=self.quantize_for(self.model))
         eng.eos_ids = set()
         return eng
 
@@ -320,6 +334,7 @@ def run(argv=None) -> dict:
     rows = []
     head = {"benchmark": "bench_generate", "command": command_line("python benchmarks/bench_generate.py", argv),
             "device": str(setup.device), "dtype": dname, "model": setup.base.folder,
+            "weights": setup.base.weight_formats,
             "new_tokens": args.new_tokens, "repeats": args.repeats,
             "rss": ("each row in its own process: peak RSS covers loading and running it"
                     if not args.in_process else "one process: peak RSS accumulates across rows")}

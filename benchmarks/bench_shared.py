@@ -280,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"pf_engine rows, NAME[:BACKEND] comma-separated (default {DEFAULT_CONFIGS})")
     ap.add_argument("--no-peers", action="store_true", help=f"drop the {PEER} row")
     ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--quantize", default="f32", choices=("f32", "q8", "q4", "file"),
+                    help="pf_engine's weights (bench_generate's --quantize; file: the bundled Q4_1)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over every row and condition")
     ap.add_argument("--inner-repeats", type=int, default=1,
                     help="timed pairs (t_1, t_N) per measurement, their medians (bench_generate --repeats)")
@@ -327,6 +329,7 @@ def run(argv=None) -> dict:
                   str(args.new_tokens), "--repeats", str(args.inner_repeats), "--batches", "1"]
     if args.model:
         child_argv += ["--model", os.path.abspath(args.model)]
+    child_argv += ["--quantize", args.quantize]
     rows = row_specs(args, child_argv)
     head = {"benchmark": "bench_shared",
             "question": "how much slower does decode get beside busy processes, against the same "
