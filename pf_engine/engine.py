@@ -111,7 +111,6 @@ class Engine:
             self.bank = adapters.for_model(self.config) if isinstance(adapters, AdapterBank) \
                 else AdapterBank.load(os.fspath(adapters), self.config)
         self.model = Decoder(self.config, weights, device, self.backend)
-        del weights
         if self.bank is not None:
             self.bank.to(dtype=dtype, device=device)
             self.model.attach(self.bank)
@@ -141,10 +140,10 @@ class Engine:
         t0 = time.perf_counter()
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        quantization.check(quantize, gguf=gguf_source(model) is not None, device=dev, dtype=dt,
+        gguf = gguf_source(model)
+        quantization.check(quantize, gguf=gguf is not None, device=dev, dtype=dt,
                            backend=None)                       # before any conversion runs
-        eng = cls(resolve_model(model, progress), dev, dt, adapters, backend, quantize,
-                  gguf_source(model))
+        eng = cls(resolve_model(model, progress), dev, dt, adapters, backend, quantize, gguf)
         eng.load_s = time.perf_counter() - t0
         return eng
 

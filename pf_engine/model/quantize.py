@@ -72,13 +72,6 @@ def cat(ws):
     return torch.cat([w if isinstance(w, torch.Tensor) else w.dequantize() for w in ws], 0)
 
 
-def is_quantized(weights) -> bool:
-    """Whether a ModelWeights holds any QuantWeight."""
-    ws = [weights.embed, weights.lm_head] + [getattr(l, n) for l in weights.layers
-                                              for n in ("qkv", "o", "gate_up", "down")]
-    return any(isinstance(w, QuantWeight) for w in ws)
-
-
 def describe(weights) -> str:
     """The formats of a ModelWeights' projections and embedding, e.g. 'q4_1 + q8_0 embedding'."""
     def fmt(w):

@@ -68,9 +68,6 @@ class QuantWeight:
             raise LoadError(f"cannot fuse {', '.join(map(repr, ws))}: expected one format and d_in")
         return QuantWeight(fmt, torch.cat([w.data for w in ws], 0), d_in)
 
-    def permute_rows(self, order: torch.Tensor) -> "QuantWeight":
-        return QuantWeight(self.fmt, self.data[order].contiguous(), self.d_in)
-
     def _kernel(self):
         from pf_kernels import cpu_ops
         return cpu_ops if cpu_ops.cpu_available()[0] else None

@@ -37,7 +37,7 @@ class Cpu(Backend):
     quantized = True
 
     def prepare(self, lin) -> CpuLinear:
-        return CpuLinear(kernel.plan(lin), Gathered() if lin.parts else None)
+        return CpuLinear(kernel.plan(lin), Gathered() if lin.parts and not lin.quantized else None)
 
     def runner(self, model):
         from pf_engine.backends.cpu.decode import CpuRunner
@@ -48,7 +48,7 @@ class Cpu(Backend):
         if lin.quantized:                    # any rows: the kernel, MAX_ROWS rows per call
             return kernel.run(plan, x2 if x2.stride(-1) == 1 else x2.contiguous(),
                               None if mix is None else mix.gates, POLICY.threads())
-        if plan is None or N > kernel.MAX_ROWS or (mix is None and not decode and not lin.quantized):
+        if plan is None or N > kernel.MAX_ROWS or (mix is None and not decode):
             if mix is None:
                 return gemm.linear(x2, lin.weight, lin.bias, decode)
             return grouped(lin, x2, mix, lin.state.gathered)
