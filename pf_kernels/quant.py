@@ -1,5 +1,5 @@
-"""Block-quantized weight formats: what they are, and the reference (de)quantization tests and
-loaders use.
+"""Weight formats stored as bytes: block-quantized (q8_0, q4_0, q4_1) and 16-bit floats (f16,
+bf16); what they are, and the reference (de)quantization tests and loaders use.
 
 A quantized weight W [O, d_in] is O rows of d_in / 32 blocks with GGUF's (ggml's) block values,
 so the ``gguf`` package's numpy code is the reference; GGUF stores each block's fields together:
@@ -20,6 +20,13 @@ eight blocks load as one vector, two Q4 blocks' nibbles as one 32-byte load), pa
 ``unpack`` is its exact inverse.  csrc/cpu dots such rows with activations quantized per block of
 32 (``quantize_x_reference``: d = max|x| / 127, q = round(x / d), ties away from zero), in integer
 arithmetic, as llama.cpp does.
+
+The 16-bit formats are rows of d_in values as GGUF (and safetensors) store them, read as they are
+(one field: repack is the identity) and dotted with fp32 activations (no activation
+quantization); bf16 rounds to nearest even when made from float32:
+
+    f16    2 bytes a value   IEEE half
+    bf16   2 bytes a value   the upper 16 bits of a float32
 """
 from __future__ import annotations
 
@@ -32,10 +39,15 @@ QK = 32                              # values per block
 
 @dataclass(frozen=True)
 class Format:
-    name: str                        # q8_0, q4_0, q4_1
-    code: int                        # csrc/cpu's FMT_* (quant.h)
-    block_bytes: int
+    name: str                        # q8_0, q4_0, q4_1, f16, bf16
+    code: int                        # csrc/cpu's FMT_* (quant_format.h)
+    block_bytes: int                 # bytes per 32 values
     gguf: str                        # gguf.GGMLQuantizationType member name
+
+    @property
+    def half(self) -> bool:
+        """A 16-bit float format (no blocks, no activation quantization)."""
+        return self.name in ("f16", "bf16")
 
     def gguf_row_bytes(self, d_in: int) -> int:
         """Bytes of one row as GGUF stores it."""
@@ -46,6 +58,8 @@ class Format:
         GGUF block)."""
         nb = d_in // QK
         n8 = -(-nb // 8) * 8
+        if self.half:
+            return {"q": (0, 2 * QK, 0)}
         if self.name == "q8_0":
             return {"d": (0, 2, 0), "q": (2 * n8, 32, 2)}
         if self.name == "q4_0":
@@ -56,7 +70,7 @@ class Format:
         """Bytes of one repacked row (csrc/cpu's row_bytes)."""
         nb = d_in // QK
         off, size, _ = self.fields(d_in)["q"]
-        return off + size * (nb if self.name == "q8_0" else -(-nb // 2) * 2)
+        return off + size * (nb if self.name == "q8_0" or self.half else -(-nb // 2) * 2)
 
     @property
     def bits(self) -> float:
@@ -64,7 +78,8 @@ class Format:
 
 
 FORMATS = {f.name: f for f in (Format("q8_0", 1, 34, "Q8_0"), Format("q4_0", 2, 18, "Q4_0"),
-                               Format("q4_1", 3, 20, "Q4_1"))}
+                               Format("q4_1", 3, 20, "Q4_1"), Format("f16", 4, 64, "F16"),
+                               Format("bf16", 5, 64, "BF16"))}
 GGUF_FORMATS = {f.gguf: f for f in FORMATS.values()}
 
 
@@ -77,7 +92,8 @@ def quantize(w: np.ndarray, fmt: Format) -> np.ndarray:
     """w float32 [O, d_in] (d_in a multiple of 32) -> GGUF rows uint8 [O, fmt.gguf_row_bytes(d_in)]
     (gguf's own quantizer: the bytes llama-quantize would write)."""
     import gguf.quants
-    return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), _gguf_type(fmt))
+    out = gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), _gguf_type(fmt))
+    return out.view(np.uint8)                    # f16 comes back as float16
 
 
 def repack(data: np.ndarray, fmt: Format, d_in: int) -> np.ndarray:
@@ -101,7 +117,12 @@ def unpack(data: np.ndarray, fmt: Format, d_in: int) -> np.ndarray:
 
 def dequantize_reference(data: np.ndarray, fmt: Format) -> np.ndarray:
     """GGUF rows uint8 [O, gguf_row_bytes] -> float32 [O, d_in], by the gguf package (the
-    reference; slow)."""
+    reference; slow), or by numpy's own conversion for the 16-bit formats (exact)."""
+    if fmt.half:
+        raw = np.ascontiguousarray(data)
+        if fmt.name == "f16":
+            return raw.view(np.float16).astype(np.float32)
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     import gguf.quants
     return gguf.quants.dequantize(np.ascontiguousarray(data), _gguf_type(fmt)).astype(np.float32)
 

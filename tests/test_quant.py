@@ -1,13 +1,15 @@
-"""Block-quantized weights (q8_0, q4_0, q4_1): csrc/cpu's kernels against float64 references of
-the dequantized weights, the repacked layout against the gguf package, GGUF tensors loaded
-without dequantizing, the engine in each format against its dequantized-fp32 self, and the
-one-line errors of every wrong combination.
+"""Weights stored as bytes (block-quantized q8_0, q4_0, q4_1; 16-bit f16, bf16): csrc/cpu's
+kernels against float64 references of the dequantized weights, the repacked layout against the
+gguf package, GGUF tensors loaded without dequantizing, the engine in each format against its
+dequantized-fp32 self, the instruction-set variants against each other, and the one-line errors
+of every wrong combination.
 
 Tolerances.  The kernels quantize activations per block of 32 (as llama.cpp does), so against
 the exact product W x' a row can be off by at most sum_b (d_b / 2) sum_{j in b} |W[o, j]|
 (d_b = max|x'_b| / 127, half a quantization step per value): the tests check that bound, and
 against a reference that quantizes x the same way (pf_kernels.quant.quantize_x_reference) they
-check fp32 round-off only.  Weights are random every run of a seed (biases, norms, gates too).
+check fp32 round-off only.  The 16-bit formats do not quantize activations: their bound is 0,
+fp32 round-off only.  Weights are random every run of a seed (biases, norms, gates too).
 """
 import numpy as np
 import pytest
@@ -29,9 +31,12 @@ def qweight(rng, O, d_in, fmt):
     return repack(g, FORMATS[fmt], d_in), dequantize_reference(g, FORMATS[fmt]).astype(np.float64)
 
 
-def act_bound(x64, w64):
-    """[T, O]: the most activation quantization can move W x (half a step per value)."""
+def act_bound(x64, w64, fmt="q8_0"):
+    """[T, O]: the most activation quantization can move W x (half a step per value; 0 for the
+    16-bit formats, which dot fp32 activations)."""
     T, d_in = x64.shape
+    if FORMATS[fmt].half:
+        return np.zeros((T, w64.shape[0]))
     step = np.abs(x64).reshape(T, -1, QK).max(-1) / 127                          # [T, nb]
     wsum = np.abs(w64).reshape(w64.shape[0], -1, QK).sum(-1)                      # [O, nb]
     return 0.5 * step @ wsum.T
@@ -84,10 +89,11 @@ def test_kernel_matches_quantized_reference(fmt, O, d_in, T):
     assert (plan.d_in, plan.d_out, plan.rank, plan.fmt) == (d_in, O, 0, FORMATS[fmt].code)
     y = np.full((T, O), 7.25, F32)
     plan.run(x, y, threads=2)
-    want = quantize_x_reference(x) @ w64.T + b
+    xq = x.astype(np.float64) if FORMATS[fmt].half else quantize_x_reference(x)
+    want = xq @ w64.T + b
     assert np.abs(y - want).max() <= 1e-5 * (1 + np.abs(want).max())
     exact = x.astype(np.float64) @ w64.T + b
-    assert np.all(np.abs(y - exact) <= act_bound(x.astype(np.float64), w64) * 1.001 + 1e-4)
+    assert np.all(np.abs(y - exact) <= act_bound(x.astype(np.float64), w64, fmt) * 1.001 + 1e-4)
 
 
 @needs_cpu
@@ -120,7 +126,7 @@ def test_kernel_with_prologues_and_experts(fmt, prologue, gates, T):
     grp.w_aug = np.concatenate([w64.astype(F32), a_cat])      # ref reads W from w_aug
     want = grp.ref(x, gt, pro, norm, eps, res.astype(np.float64))
     xp = prologue_ref(x, pro, norm, eps, d_in)
-    bound = act_bound(xp, w64)
+    bound = act_bound(xp, w64, fmt)
     assert np.all(np.abs(y - want) <= bound * 1.001 + 1e-4 * (1 + np.abs(want).max())), \
         np.abs(y - want).max()
 
@@ -186,7 +192,7 @@ def test_dequantize_rejects_bad_rows_and_writes_nothing():
 # GGUF tensors kept quantized; the engine in each format
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "F16", "BF16"])
 def test_gguf_tensors_read_without_dequantizing(tmp_path, qtype):
     """GGUFSource's QuantWeights hold the file's bytes (Q/K rows un-permuted): dequantized they
     equal gguf_import's fp32 conversion (the gguf package's dequantization), exactly."""
@@ -228,11 +234,13 @@ def tiny_engines(tmp_path, qtype, seed=11):
 
 
 @needs_cpu
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "F16", "BF16"])
 def test_engine_holds_greedy_output_to_its_dequantized_fp32_self(tmp_path, qtype, monkeypatch):
-    """The quantized engine (file formats kept) against the same file dequantized to fp32: the
-    only difference is the activations' 8-bit quantization, so logits agree to a few percent of
-    their spread and greedy tokens agree wherever fp32's top-2 margin exceeds that gap."""
+    """The engine with the file's formats kept against the same file dequantized to fp32.  For
+    the block formats the only difference is the activations' 8-bit quantization, so logits agree
+    to a few percent of their spread and greedy tokens agree wherever fp32's top-2 margin exceeds
+    that gap; the 16-bit formats compute with the same weights in fp32, so logits agree to fp32
+    round-off (1e-4 of the spread) and every greedy token does."""
     monkeypatch.setenv("PF_HOME", str(tmp_path))
     q, f = tiny_engines(tmp_path, qtype)
     assert q.weight_formats.startswith(qtype.lower()) and f.weight_formats.startswith("float32")
@@ -240,13 +248,14 @@ def test_engine_holds_greedy_output_to_its_dequantized_fp32_self(tmp_path, qtype
     prompts = [rng.integers(3, q.config.vocab_size, 9).tolist() for _ in range(6)]
     lq, lf = q.logits(prompts), f.logits(prompts)
     gap = (lq - lf).abs().max().item()
-    assert gap <= 0.05 * (lf.max() - lf.min()).item(), gap
+    half = qtype in ("F16", "BF16")
+    assert gap <= (1e-4 if half else 0.05) * (lf.max() - lf.min()).item(), gap
     agree = 0
     for p in prompts:
         a = q.generate([p], max_new_tokens=12)[0].token_ids
         b = f.generate([p], max_new_tokens=12)[0].token_ids
         agree += a == b
-    assert agree >= 4, f"{agree}/6 prompts kept fp32's greedy tokens"
+    assert agree >= (6 if half else 4), f"{agree}/6 prompts kept fp32's greedy tokens"
 
 
 @needs_cpu
@@ -263,24 +272,26 @@ def test_quantized_decode_and_prefill_agree(tmp_path, monkeypatch):
 
 
 @needs_cpu
-@pytest.mark.parametrize("mode", ["q8", "q4"])
+@pytest.mark.parametrize("mode", ["q8", "q4", "bf16", "f16"])
 def test_hf_folder_quantized_at_load(hf_model_dir, mode):
-    """--quantize on an HF folder: projections in q8_0 / q4_1 and the embedding in q8_0, the
-    result close to the fp32 engine (the weights' quantization error on top of the
-    activations')."""
+    """--quantize on an HF folder: projections in q8_0 / q4_1 and the embedding in q8_0, or all
+    in a 16-bit format, the result close to the fp32 engine (the weights' rounding on top of the
+    activations' quantization)."""
     from pf_engine import Engine
     folder, _ = hf_model_dir("llama", f"tiny-{mode}", hidden_size=64, intermediate_size=96,
                           num_attention_heads=4, num_key_value_heads=2, vocab_size=384)
     q = Engine.from_pretrained(folder, quantize=mode, progress=False)
     f = Engine.from_pretrained(folder, progress=False)
-    assert q.weight_formats == {"q8": "q8_0 + q8_0 embedding", "q4": "q4_1 + q8_0 embedding"}[mode]
+    assert q.weight_formats == {"q8": "q8_0 + q8_0 embedding", "q4": "q4_1 + q8_0 embedding",
+                                "bf16": "bf16 + bf16 embedding", "f16": "f16 + f16 embedding"}[mode]
     ids = [[1, 7, 20, 30, 99, 4]]
     lq, lf = q.logits(ids), f.logits(ids)
-    assert (lq - lf).abs().max() <= 0.15 * (lf.max() - lf.min())
+    tol = {"q8": 0.15, "q4": 0.15, "bf16": 0.02, "f16": 0.002}[mode]   # bf16: 8 bits of mantissa
+    assert (lq - lf).abs().max() <= tol * (lf.max() - lf.min())
 
 
 @pytest.mark.parametrize("kw,words", [
-    (dict(quantize="q5"), ["quantize='q5'", "f32, q8, q4"]),
+    (dict(quantize="q5"), ["quantize='q5'", "f32, bf16, f16, q8, q4"]),
     (dict(quantize="q8", backend="torch"), ["backend='torch'", "cpu backend"]),
     (dict(quantize="q4", dtype="bf16"), ["dtype=bfloat16", "fp32"]),
 ])

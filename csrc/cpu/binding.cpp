@@ -2,7 +2,7 @@
 // binding_block.cpp) on the thread pool of pool.h.
 //
 //   MAX_ROWS = 16, PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
-//   FMT_F32, FMT_Q8_0, FMT_Q4_0, FMT_Q4_1 = 0, 1, 2, 3; block_bytes, dequantize (binding_quant.cpp)
+//   FMT_F32 ... FMT_BF16 = 0 ... 5; row_bytes, dequantize, isa, isas, set_isa (binding_quant.cpp)
 //   LinearPlan, BlockPlan, decode_attention (typed overload), set_spin_us(us), spin_us(),
 //   pool_workers(); _set_chunking(pass1_bytes, pass2_bytes), _chunking() (benchmark tuning)
 #include <chrono>

@@ -4,8 +4,9 @@
 //              d_in=0)
 //     fmt FMT_F32: weight float32 [d_out + R, d_in] C-contiguous = W_aug (W above A_cat);
 //       1 <= d_out <= rows, R = rows - d_out >= 0; a_cat None
-//     fmt FMT_Q8_0 / FMT_Q4_0 / FMT_Q4_1 (quant.h): weight uint8 [d_out, row_bytes(fmt, d_in)]
-//       C-contiguous, W's rows repacked (quant.h's RowLayout), d_in given (a multiple of 32);
+//     fmt FMT_Q8_0 / FMT_Q4_0 / FMT_Q4_1 / FMT_F16 / FMT_BF16 (quant_format.h): weight uint8
+//       [d_out, row_bytes(fmt, d_in)] C-contiguous, W's rows (block formats repacked: RowLayout),
+//       d_in given (a multiple of 32);
 //       a_cat float32 [R, d_in] C-contiguous, or None (R = 0)
 //     bias   float32 [d_out] contiguous, or None
 //     parts  (out0, out1, r0, r1, bT): output columns out0:out1, rows r0:r1 of A_cat (0-based in
@@ -52,7 +53,7 @@ py::sequence entry(const Checker& ck, const std::string& name, py::handle obj, s
 LinearPlan::LinearPlan(py::object weight, int64_t d_out, py::object bias, py::object parts,
                        py::object blocks, int64_t num_experts, int fmt, py::object a_cat, int64_t d_in_q) {
     const Checker ck("LinearPlan");
-    ck.in_range("fmt", fmt, FMT_F32, FMT_LAST, "FMT_F32, FMT_Q8_0, FMT_Q4_0 or FMT_Q4_1");
+    ck.in_range("fmt", fmt, FMT_F32, FMT_LAST, "FMT_F32, FMT_Q8_0, FMT_Q4_0, FMT_Q4_1, FMT_F16 or FMT_BF16");
     lin_.fmt = fmt;
     if (fmt == FMT_F32) {
         w_aug_ = ck.array("weight", weight, Dtype::F32);
@@ -73,8 +74,8 @@ LinearPlan::LinearPlan(py::object weight, int64_t d_out, py::object bias, py::ob
         ck.ndim("weight", w_aug_, 2, "d_out, row_bytes");
         ck.c_contiguous("weight", w_aug_);
         PF_CHECK(ck, d_in_q >= QK && d_in_q % QK == 0, "d_in is ", d_in_q, ", expected a multiple of 32 >= 32 "
-                 "with a quantized weight");
-        ck.equal("d_out", d_out, w_aug_.shape(0), "weight.shape[0] with a quantized weight");
+                 "with a weight in fmt ", format_name(fmt));
+        ck.equal("d_out", d_out, w_aug_.shape(0), "weight.shape[0] with a uint8 weight");
         ck.equal("weight.shape[1]", w_aug_.shape(1), row_layout(fmt, d_in_q / QK).bytes,
                  "the row bytes of d_in in this format (pf_kernels.quant)");
         lin_.wq = data_of<const uint8_t>(w_aug_);

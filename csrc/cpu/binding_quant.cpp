@@ -1,11 +1,17 @@
-// The quantized formats' helpers (quant.h) for Python:
+// The weight formats' helpers (quant_format.h) for Python, and the instruction set (isa.h):
 //
-//   FMT_F32, FMT_Q8_0, FMT_Q4_0, FMT_Q4_1 = 0, 1, 2, 3;  row_bytes(fmt, d_in)
+//   FMT_F32, FMT_Q8_0, FMT_Q4_0, FMT_Q4_1, FMT_F16, FMT_BF16 = 0 ... 5;  row_bytes(fmt, d_in)
 //   dequantize(weight, fmt, out, rows=None, threads=1)
-//     weight uint8 [O, row_bytes(fmt, d_in)] C-contiguous, repacked rows (quant.h); out float32
+//     weight uint8 [O, row_bytes(fmt, d_in)] C-contiguous, stored rows (quant.h, half.h); out float32
 //     [n, d_in] C-contiguous, written: out[i] = W[rows[i]] (rows int64 [n], each in [0, O)), or
 //     out = W (rows None, n = O).  GIL released; rows split over the pool.
+//   isa() -> name; isas() -> [(name, needs, supported)], best first; set_isa(name): ValueError
+//     (one line) when unknown or unsupported
+#include <stdexcept>
+
 #include "binding.h"
+#include "half.h"
+#include "isa.h"
 #include "pool.h"
 #include "quant.h"
 
@@ -14,7 +20,7 @@ namespace {
 
 void dequantize(py::object weight, int fmt, py::object out, py::object rows, int threads) {
     const Checker ck("dequantize");
-    ck.in_range("fmt", fmt, FMT_Q8_0, FMT_LAST, "FMT_Q8_0, FMT_Q4_0 or FMT_Q4_1");
+    ck.in_range("fmt", fmt, FMT_Q8_0, FMT_LAST, "FMT_Q8_0, FMT_Q4_0, FMT_Q4_1, FMT_F16 or FMT_BF16");
     check_threads(ck, threads);
     py::array w = ck.array("weight", weight, Dtype::U8);
     ck.ndim("weight", w, 2, "O, blocks * block_bytes");
@@ -50,7 +56,8 @@ void dequantize(py::object weight, int fmt, py::object out, py::object rows, int
     parallel_for(chunks, threads, [&](int64_t c) {
         for (int64_t i = c * step, e = std::min(n, (c + 1) * step); i < e; ++i) {
             const int64_t r = idx.empty() ? i : idx[i];
-            dequantize_row(fmt, src + r * cols, nb, dst + i * d_in);
+            if (is_half(fmt)) half_row(fmt, src + r * cols, d_in, dst + i * d_in);
+            else dequantize_row(fmt, src + r * cols, nb, dst + i * d_in);
         }
     });
 }
@@ -62,15 +69,30 @@ void bind_quant(py::module_& m) {
     m.attr("FMT_Q8_0") = static_cast<int>(FMT_Q8_0);
     m.attr("FMT_Q4_0") = static_cast<int>(FMT_Q4_0);
     m.attr("FMT_Q4_1") = static_cast<int>(FMT_Q4_1);
+    m.attr("FMT_F16") = static_cast<int>(FMT_F16);
+    m.attr("FMT_BF16") = static_cast<int>(FMT_BF16);
     m.def("row_bytes", [](int fmt, int64_t d_in) {
         const Checker ck("row_bytes");
-        ck.in_range("fmt", fmt, FMT_Q8_0, FMT_LAST, "a quantized format");
+        ck.in_range("fmt", fmt, FMT_Q8_0, FMT_LAST, "a format stored as bytes (FMT_Q8_0 ... FMT_BF16)");
         PF_CHECK(ck, d_in >= QK && d_in % QK == 0, "d_in is ", d_in, ", expected a multiple of 32");
         return row_layout(fmt, d_in / QK).bytes;
     }, py::arg("fmt"), py::arg("d_in"), "Bytes of one repacked row of d_in values in fmt (quant.h)");
     m.def("dequantize", &dequantize, py::arg("weight"), py::arg("fmt"), py::arg("out"),
           py::arg("rows") = py::none(), py::arg("threads") = 1,
           "out = weight's rows (all, or rows[i]) as float32; GIL released");
+    m.def("isa", [] { return isa(); }, "The instruction set the block-format dots use (isa.h)");
+    m.def("isas", [] {
+        py::list out;
+        for (const IsaInfo& i : isas()) out.append(py::make_tuple(i.name, i.needs, i.supported));
+        return out;
+    }, "The variants compiled in, best first: (name, CPU features it needs, supported here)");
+    m.def("set_isa", [](const std::string& name) {
+        try {
+            set_isa(name);
+        } catch (const std::invalid_argument& e) {
+            throw py::value_error(std::string("set_isa: ") + e.what());
+        }
+    }, py::arg("name"), "Use this variant's block-format dots (its outputs equal the others')");
 }
 
 }  // namespace pf_cpu

@@ -9,6 +9,11 @@ its source, a header of csrc/cpu or this file (--clean rebuilds all):
 
     SOURCES          the typed API (LinearPlan, BlockPlan, decode_attention) on its own thread
                      pool (pool.cpp): no OpenMP
+    VARIANT_SOURCE   quant_dots.cpp once per entry of ISAS that the compiler accepts (isa.h), with
+                     -DPF_ISA=<name> and its flags; isa.cpp learns which through -DPF_HAVE_<NAME>
+                     and picks one at run time.  Each variant's object must define symbols only
+                     in its namespace pf_cpu::<name> (checked with nm): a shared inline function
+                     compiled with AVX-512 would otherwise reach baseline callers.
 
 The module lands in pf_kernels/ by default, i.e. it imports as ``pf_kernels._pf_cpu``.  setup.py
 calls :func:`build` on every install unless PF_SKIP_CPU_BUILD is set; a failed build warns and
@@ -29,9 +34,16 @@ DEFAULT_OUT = HERE.parent.parent / "pf_kernels"
 OBJ_DIR = HERE.parent / "build" / "cpu"
 SOURCES = [HERE / n for n in ("binding.cpp", "binding_linear.cpp", "binding_attention.cpp",
                                "binding_block.cpp", "binding_quant.cpp", "check.cpp", "linear_plan.cpp", "attention.cpp",
-                               "block_plan.cpp", "pool.cpp")]
+                               "block_plan.cpp", "pool.cpp", "isa.cpp")]
+VARIANT_SOURCE = HERE / "quant_dots.cpp"
 MODULE = "_pf_cpu"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-std=c++17", "-fvisibility=hidden", "-pthread", "-Wall"]
+# isa.h's variants: name -> flags beyond FLAGS (avx2, the baseline, is always built)
+ISAS = {
+    "avx2": [],
+    "avxvnni": ["-mavxvnni"],
+    "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+}
 LINK_FLAGS = ["-shared", "-pthread"]
 
 
@@ -52,15 +64,41 @@ def build(out_dir: Path | str = DEFAULT_OUT, quiet: bool = False, clean: bool = 
     inc = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
     OBJ_DIR.mkdir(parents=True, exist_ok=True)
     deps = max(p.stat().st_mtime for p in [Path(__file__), *HERE.glob("*.h")])
+    isas = [n for n in ISAS if n == "avx2" or _accepts(cxx, ISAS[n])]
+    have = [f"-DPF_HAVE_{n.upper()}" for n in isas if n != "avx2"]
+    units = [(src, src.stem, [*FLAGS, *(have if src.name == "isa.cpp" else [])]) for src in SOURCES]
+    units += [(VARIANT_SOURCE, f"{VARIANT_SOURCE.stem}_{n}", [*FLAGS, *ISAS[n], f"-DPF_ISA={n}"]) for n in isas]
     objs, stale = [], []
-    for src in SOURCES:
-        obj = OBJ_DIR / (src.stem + ".o")
+    for src, stem, flags in units:       # the variants last: the linker keeps first copies
+        obj = OBJ_DIR / (stem + ".o")
         objs.append(obj)
         if clean or not obj.exists() or obj.stat().st_mtime < max(deps, src.stat().st_mtime):
-            stale.append((src, [cxx, *FLAGS, *inc, "-c", str(src), "-o", str(obj)]))
+            stale.append((src, [cxx, *flags, *inc, "-c", str(src), "-o", str(obj)]))
     _run(stale, quiet)
+    for n in isas:
+        _check_namespace(OBJ_DIR / f"{VARIANT_SOURCE.stem}_{n}.o", n)
     _run([(out, [cxx, *LINK_FLAGS, *map(str, objs), "-o", str(out)])], quiet)
     return out
+
+
+def _accepts(cxx: str, flags: list[str]) -> bool:
+    """Whether the compiler takes these -m flags (an old one lacks -mavxvnni)."""
+    p = subprocess.run([cxx, *flags, "-x", "c++", "-fsyntax-only", "-"], input="", text=True,
+                       capture_output=True)
+    return p.returncode == 0
+
+
+def _check_namespace(obj: Path, isa: str) -> None:
+    """RuntimeError unless every symbol obj defines for the linker is in pf_cpu::<isa>::."""
+    nm = shutil.which("nm")
+    if nm is None:
+        return
+    p = subprocess.run([nm, "-C", "--defined-only", "--extern-only", str(obj)], text=True, capture_output=True)
+    bad = [line for line in p.stdout.splitlines()
+           if line.strip() and f"pf_cpu::{isa}::" not in line.split(" ", 2)[-1]]
+    if p.returncode != 0 or bad:
+        raise RuntimeError(f"{obj.name} defines symbols outside pf_cpu::{isa}:: "
+                           f"({'; '.join(bad[:5]) or p.stderr.strip()})")
 
 
 def _run(jobs: list[tuple[Path, list[str]]], quiet: bool) -> None:

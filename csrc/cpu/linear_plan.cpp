@@ -4,8 +4,11 @@
 #include <algorithm>
 #include <atomic>
 
+#include "half.h"
+#include "isa.h"
 #include "kernels.h"
 #include "pool.h"
+#include "quant.h"
 
 namespace pf_cpu {
 namespace {
@@ -34,7 +37,8 @@ struct Job {
     const LinearCall& call;
     const float* x;            // x' (the prologue's output, or call.x)
     int64_t xs;
-    const XRow* xq;            // x' quantized, T rows (a quantized W), else null
+    const XRow* xq;            // x' quantized, T rows (a block-quantized W), else null
+    QrowsDots qdots;           // the block dots of the instruction set in use (isa.h)
     int64_t nb;
     float* h;
     const ActiveRow* rows;
@@ -51,11 +55,13 @@ struct Job {
         const int64_t d_out = lin.d_out, R = lin.rank;
         float tmp[kRowBlock * MAX_ROWS];
         int64_t i = i0;
-        if (xq) {                                    // quantized W: kRowBlock rows per kernel call
+        if (lin.fmt != FMT_F32) {                    // kRowBlock rows of W per kernel call
             const int64_t e = std::min(i1, d_out);
             while (i < e) {
                 const int64_t n = std::min(kRowBlock, e - i);
-                qrows_dots(lin.fmt, lin.wq + i * lin.row_bytes, lin.row_bytes, n, xq, T, nb, tmp, MAX_ROWS);
+                const uint8_t* w = lin.wq + i * lin.row_bytes;
+                if (xq) qdots(lin.fmt, w, lin.row_bytes, n, xq, T, nb, tmp, MAX_ROWS);
+                else hrows_dots(lin.fmt, w, lin.row_bytes, n, x, xs, T, lin.d_in, tmp, MAX_ROWS);
                 for (int64_t r = 0; r < n; ++r) store(i + r, tmp + r * MAX_ROWS);
                 i += n;
             }
@@ -171,7 +177,7 @@ void linear_run(const Linear& lin, const LinearCall& call, int threads) {
         s.h.resize(static_cast<size_t>(call.T * lin.rank));
     const XRow* xq = nullptr;
     const int64_t nb = lin.d_in / QK;
-    if (lin.fmt != FMT_F32) {
+    if (is_block(lin.fmt)) {
         const int64_t per = xrow_floats(nb);
         if (s.xq.size() < static_cast<size_t>(call.T * per)) s.xq.resize(static_cast<size_t>(call.T * per));
         s.xrows.resize(static_cast<size_t>(call.T));
@@ -194,7 +200,7 @@ void linear_run(const Linear& lin, const LinearCall& call, int threads) {
     const int64_t col_bytes = static_cast<int64_t>(sizeof(float)) * part_rows;
     int64_t cpc = ceil_div(std::max<int64_t>(1, g_pass2_bytes.load(std::memory_order_relaxed) / col_bytes), 8) * 8;
     cpc = std::max(cpc, ceil_div(ceil_div(ncols, kMaxChunks), 8) * 8);
-    const Job job{lin, call, x, xs, xq, nb, s.h.data(), s.rows.data(), n1, rpc, s.act.data(), s.segs.data(),
+    const Job job{lin, call, x, xs, xq, xq ? qrows_dots_kernel() : nullptr, nb, s.h.data(), s.rows.data(), n1, rpc, s.act.data(), s.segs.data(),
                   static_cast<int64_t>(s.segs.size()), ncols, cpc};
     parallel_for(ceil_div(n1, rpc), threads, [&job](int64_t c) { job.pass1(c); });
     if (ncols > 0) parallel_for(ceil_div(ncols, cpc), threads, [&job](int64_t c) { job.pass2(c); });

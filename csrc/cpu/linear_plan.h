@@ -2,7 +2,8 @@
 // checks are binding_linear.cpp's, and every pointer and size below has passed them).
 //
 // For token rows x [T, d_in] (1 <= T <= MAX_ROWS) and a group (q|k|v, gate|up, o, down) with base
-// weight W [d_out, d_in] in one of quant.h's formats (fp32, or 8/4-bit blocks) and experts
+// weight W [d_out, d_in] in one of quant_format.h's formats (fp32, 16-bit floats, or 8/4-bit
+// blocks) and experts
 // stacked as A_cat [R, d_in] (fp32; for an fp32 W the rows below W in one W_aug = [W; A_cat]):
 //
 //   y[t, o] = W[o] . x'[t] + bias[o] + res[t, o]
@@ -11,8 +12,9 @@
 //
 // A block is one expert's rank rows in one part (projection); it is active when its expert's
 // gate is nonzero for some row t (no gates: none is).  The prologue makes x' once, before the
-// GEMVs (and, for a quantized W, quantizes x' per block of 32 once: quant.h's XBlocks, which
-// W's rows are dotted with; A_cat's rows read x' itself):  PRO_NONE x' = x;  PRO_RMSNORM x'[t] = norm * x[t] / sqrt(mean(x[t]^2) + eps);
+// GEMVs (and, for a block-quantized W, quantizes x' per block of 32 once: quant.h's XRow, which
+// W's rows are dotted with, by the instruction set isa.h chose; 16-bit rows and A_cat's rows
+// read x' itself):  PRO_NONE x' = x;  PRO_RMSNORM x'[t] = norm * x[t] / sqrt(mean(x[t]^2) + eps);
 // PRO_SILU_MUL x [T, 2 d_in] = gate | up, x'[t, k] = silu(x[t, k]) * x[t, d_in + k].
 // res (optional) may be y itself: an in-place residual update.
 //
@@ -27,7 +29,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "quant.h"
+#include "quant_format.h"
 
 namespace pf_cpu {
 
@@ -47,9 +49,9 @@ struct LoraBlock {             // one expert's rows r0:r1 of A_cat inside its pa
 };
 
 struct Linear {
-    int fmt = FMT_F32;             // W's format (quant.h)
+    int fmt = FMT_F32;             // W's format (quant_format.h)
     const float* w = nullptr;      // FMT_F32: W [d_out, d_in] (rows of W_aug)
-    const uint8_t* wq = nullptr;   // quantized: W [d_out, row_bytes]
+    const uint8_t* wq = nullptr;   // any other: W [d_out, row_bytes]
     int64_t row_bytes = 0;         // bytes of one row of W
     const float* a = nullptr;      // A_cat [rank, d_in] or null (rank 0)
     const float* bias = nullptr;   // [d_out] or null

@@ -1,5 +1,6 @@
-// Block-quantized weights: the formats, their dot products against quantized activations, and
-// dequantization.  Header-only inner loops (AVX2/FMA/F16C), like kernels.h; no checks.
+// Block-quantized weights: their dot products against quantized activations, and dequantization.
+// Header-only inner loops (AVX2/FMA/F16C, and VNNI where the translation unit is compiled for it:
+// namespace PF_ISA, isa.h), like kernels.h; no checks.  The formats themselves: quant_format.h.
 //
 // A weight row of d_in = nb * 32 values is nb blocks of 32 with GGUF's block values
 // (pf_kernels/quant.py):
@@ -39,54 +40,11 @@
 #include <cstdint>
 #include <cstring>
 
+#include "quant_format.h"
 #include "simd.h"
 
 namespace pf_cpu {
-
-enum Format : int { FMT_F32 = 0, FMT_Q8_0 = 1, FMT_Q4_0 = 2, FMT_Q4_1 = 3 };
-constexpr int FMT_LAST = FMT_Q4_1;
-constexpr int64_t QK = 32;          // values per block
-
-inline const char* format_name(int fmt) {
-    switch (fmt) {
-        case FMT_F32: return "f32";
-        case FMT_Q8_0: return "q8_0";
-        case FMT_Q4_0: return "q4_0";
-        case FMT_Q4_1: return "q4_1";
-        default: return "?";
-    }
-}
-
-inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
-// Byte offsets of a repacked row's fields and its size (m = -1: none).
-struct RowLayout {
-    int64_t d, m, q, bytes;
-};
-
-inline RowLayout row_layout(int fmt, int64_t nb) {
-    const int64_t s = 2 * round_up(nb, 8);
-    switch (fmt) {
-        case FMT_Q8_0: return {0, -1, s, s + 32 * nb};
-        case FMT_Q4_0: return {0, -1, s, s + 16 * round_up(nb, 2)};
-        default: return {0, s, 2 * s, 2 * s + 16 * round_up(nb, 2)};
-    }
-}
-
-// One token's quantized activation: d, s [nb8] (zero padded), q [nb2 * 32] (pairwise for Q4).
-struct XRow {
-    float* d;
-    float* s;
-    int8_t* q;
-};
-
-// Floats per token of the activation scratch: d, s, then q as bytes.
-inline int64_t xrow_floats(int64_t nb) { return 2 * round_up(nb, 8) + round_up(nb, 2) * QK / 4; }
-
-inline XRow xrow_at(float* base, int64_t nb) {
-    const int64_t n8 = round_up(nb, 8);
-    return {base, base + n8, reinterpret_cast<int8_t*>(base + 2 * n8)};
-}
+namespace PF_ISA {
 
 inline float f16(const uint8_t* p) {
     uint16_t h;
@@ -140,6 +98,40 @@ inline void quantize_x(const float* x, int64_t nb, bool pairs, const XRow& X) {
 
 inline __m256i pair_sums(__m256i p16) { return _mm256_madd_epi16(p16, _mm256_set1_epi16(1)); }
 
+// The integer dots of a block, into 8 int32 lanes (lane k: bytes 4k..4k+3 of each operand pair;
+// u unsigned, s signed), compiled per instruction set (isa.h): one vpdpbusd per operand pair
+// with VNNI, maddubs + madd on AVX2.  Equal lane by lane: every pair of products is at most
+// 2 * 127 * 127 < 2^15 for Q8_0 (|q| <= 127) and 4 * 15 * 127 for Q4, so maddubs never
+// saturates.
+inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, pair_sums(_mm256_maddubs_epi16(u, s)));
+#endif
+}
+
+// Q8_0: sum over a block of |w| * (x signed like w) = sum w x, in 8 lanes.
+inline __m256i dot_q8(__m256i aw, __m256i sx) {
+#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+    return dpbusd(_mm256_setzero_si256(), aw, sx);
+#else
+    return pair_sums(_mm256_maddubs_epi16(aw, sx));
+#endif
+}
+
+// Q4: lo . xl + hi . xh for a pair of blocks' nibbles, in 8 lanes (int16 sums of
+// 4 products of <= 15 * 127 each before the madd on AVX2: no overflow).
+inline __m256i dot_q4(__m256i lo, __m256i xl, __m256i hi, __m256i xh) {
+#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+    return dpbusd(dpbusd(_mm256_setzero_si256(), lo, xl), hi, xh);
+#else
+    return pair_sums(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)));
+#endif
+}
+
 inline __m256 load_f16x8(const uint8_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
@@ -188,9 +180,7 @@ inline void qtile(const uint8_t* w, int64_t rb, const XRow* X, int64_t xs, int64
                     const __m256i lo = _mm256_and_si256(raw, _mm256_set1_epi8(0x0f));
                     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0f));
                     for (int t = 0; t < NT; ++t) {
-                        // int16 lanes: 4 products of <= 15 * 127 each, no overflow
-                        const __m256i p = pair_sums(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xl[t]),
-                                                                     _mm256_maddubs_epi16(hi, xh[t])));
+                        const __m256i p = dot_q4(lo, xl[t], hi, xh[t]);
                         acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc[r][t], idx),
                                                     _mm256_cvtepi32_ps(p), acc[r][t]);
                     }
@@ -207,7 +197,7 @@ inline void qtile(const uint8_t* w, int64_t rb, const XRow* X, int64_t xs, int64
                         reinterpret_cast<const __m256i*>(w + r * rb + L.q + 32 * (g + j)));
                     const __m256i aw = _mm256_sign_epi8(qw, qw);
                     for (int t = 0; t < NT; ++t) {
-                        const __m256i p = pair_sums(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(qx[t], qw)));
+                        const __m256i p = dot_q8(aw, _mm256_sign_epi8(qx[t], qw));
                         acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc[r][t], idx),
                                                     _mm256_cvtepi32_ps(p), acc[r][t]);
                     }
@@ -281,4 +271,6 @@ inline void dequantize_row(int fmt, const uint8_t* w, int64_t nb, float* out) {
     }
 }
 
+}  // namespace PF_ISA
+using namespace PF_ISA;
 }  // namespace pf_cpu

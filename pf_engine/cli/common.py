@@ -23,10 +23,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--quantize", default=None, choices=("f32", "q8", "q4"),
-                   help="weights: q8 / q4 quantize an HF folder's at load; f32 dequantizes a GGUF's "
-                        "(default: a GGUF's own 8/4-bit formats on the cpu backend, an HF folder's "
-                        "as stored)")
+    from pf_engine.model.quantize import QUANTIZE
+    p.add_argument("--quantize", default=None, choices=QUANTIZE,
+                   help="weights: q8 / q4 / bf16 / f16 convert an HF folder's at load (cpu backend); "
+                        "f32 dequantizes a GGUF's (default: a GGUF's own formats on the cpu backend, "
+                        "an HF folder's as stored)")
 
 
 def check_engine_args(args, persona=None) -> None:

@@ -3,11 +3,11 @@
 ``GGUFSource(path, cfg).get(hf_name, shape)`` returns, for the tensor llama.cpp names after
 ``hf_name`` (gguf_import's name map):
 
-* a QuantWeight (model/qweight.py) for Q8_0, Q4_0 and Q4_1 tensors: their bytes, Q and K rows
-  put back in HF's rotary order by the same row permutation gguf_import applies to floats (rows
-  are independent), each row repacked (pf_kernels.quant.repack: the same bytes, each field in
-  its own array) for csrc/cpu;
-* an fp32 tensor for every other type (F32, F16, BF16, and K-quants, which the gguf package
+* a QuantWeight (model/qweight.py) for 2-D Q8_0, Q4_0, Q4_1, F16 and BF16 tensors: their bytes,
+  Q and K rows put back in HF's rotary order by the same row permutation gguf_import applies to
+  floats (rows are independent), block rows repacked (pf_kernels.quant.repack: the same bytes,
+  each field in its own array) for csrc/cpu;
+* an fp32 tensor for every other type (F32, 1-D tensors, and K-quants, which the gguf package
   dequantizes: csrc/cpu has no kernel for them).
 
 The header is parsed here (``tensor_index``), not by gguf.GGUFReader, which builds a numpy

@@ -7,9 +7,11 @@
     "q8"       projections and embedding -> q8_0          refused: the file decides its formats
     "q4"       projections -> q4_1, embedding -> q8_0     refused
                  (llama.cpp's Q4_1 recipe, the bundled file's)
+    "bf16"     projections and embedding -> bf16          refused
+    "f16"      projections and embedding -> f16           refused
 
-Quantized weights run on the cpu backend in fp32 activations; norms, biases and the persona
-experts stay fp32 beside them.  Every wrong combination is one PFError line (``check``).
+Weights stored as bytes (8/4-bit blocks, 16-bit floats: pf_kernels.quant) run on the cpu backend
+in fp32 activations; norms, biases and the persona experts stay fp32 beside them.  Every wrong combination is one PFError line (``check``).
 """
 from __future__ import annotations
 
@@ -19,11 +21,13 @@ from pf_kernels.quant import FORMATS, Format
 from pf_engine.errors import PFError
 from pf_engine.model.qweight import QuantWeight
 
-QUANTIZE = ("f32", "q8", "q4")
+QUANTIZE = ("f32", "bf16", "f16", "q8", "q4")
 # mode -> (format of the projections, format of the embedding and head)
 RECIPES: dict[str, tuple[Format, Format]] = {
     "q8": (FORMATS["q8_0"], FORMATS["q8_0"]),
     "q4": (FORMATS["q4_1"], FORMATS["q8_0"]),
+    "bf16": (FORMATS["bf16"], FORMATS["bf16"]),
+    "f16": (FORMATS["f16"], FORMATS["f16"]),
 }
 
 

@@ -1,5 +1,5 @@
-"""A weight kept in a block-quantized format (pf_kernels.quant): the base projections and the
-embedding of a model loaded 8- or 4-bit.
+"""A weight kept as bytes in one of pf_kernels.quant's formats (8/4-bit blocks, f16, bf16): the
+base projections and the embedding of a model loaded 8-, 4- or 16-bit.
 
     w = QuantWeight(FORMATS["q4_1"], data, d_in)     data uint8 [O, row_bytes]: repacked rows
     w.shape -> (O, d_in);  w.dtype -> torch.float32 (what its products compute in)

@@ -1,8 +1,8 @@
 """The ``cpu`` backend: csrc/cpu's fused AVX2/FMA kernels for the few rows of a decode step.
 
-* Weights in fp32 or block-quantized (q8_0, q4_0, q4_1: model/qweight.py).  Every product of a
-  quantized W, decode or prefill, is the kernel's (MAX_ROWS rows per call: its integer dot
-  products keep pace with torch's fp32 GEMM, and W is never dequantized).
+* Weights in fp32, 16-bit (f16, bf16) or block-quantized (q8_0, q4_0, q4_1: model/qweight.py).
+  Every product of a W stored as bytes, decode or prefill, is the kernel's (MAX_ROWS rows per
+  call: its dot products keep pace with torch's fp32 GEMM, and W is never dequantized).
 * Every product of at most ``MAX_ROWS`` fp32 rows (a decode step's projections and LM head, the
   mixed projections of a short prompt chunk) is one kernel call per projection group: pass 1
   streams W and the active experts' rows of A_cat once, pass 2 adds the expand

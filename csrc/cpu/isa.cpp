@@ -1,0 +1,96 @@
+// isa.h: the variants build.py compiled in (PF_HAVE_<NAME>), the CPU's support, the choice.
+#include "isa.h"
+
+#include <atomic>
+#include <stdexcept>
+
+namespace pf_cpu {
+
+#define PF_DECLARE_VARIANT(ns)                                                                       \
+    namespace ns {                                                                                   \
+    void qrows_dots_isa(int fmt, const uint8_t* w, int64_t rb, int64_t R, const XRow* X, int T,      \
+                        int64_t nb, float* out, int64_t os);                                         \
+    }
+PF_DECLARE_VARIANT(avx2)
+#ifdef PF_HAVE_AVXVNNI
+PF_DECLARE_VARIANT(avxvnni)
+#endif
+#ifdef PF_HAVE_AVX512VNNI
+PF_DECLARE_VARIANT(avx512vnni)
+#endif
+
+namespace {
+
+struct Variant {
+    const char* name;
+    const char* needs;
+    QrowsDots fn;
+    bool (*supported)();
+};
+
+const std::vector<Variant>& variants() {
+    static const std::vector<Variant> v = [] {
+        __builtin_cpu_init();
+        std::vector<Variant> out;
+#ifdef PF_HAVE_AVX512VNNI
+        out.push_back({"avx512vnni", "avx512f, avx512bw, avx512vl, avx512vnni", &avx512vnni::qrows_dots_isa, [] {
+                           return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+                       }});
+#endif
+#ifdef PF_HAVE_AVXVNNI
+        out.push_back({"avxvnni", "avxvnni", &avxvnni::qrows_dots_isa,
+                       [] { return static_cast<bool>(__builtin_cpu_supports("avxvnni")); }});
+#endif
+        // The module is imported only on CPUs with AVX2/FMA/F16C (pf_kernels.cpu_ops checks).
+        out.push_back({"avx2", "avx2, fma, f16c", &avx2::qrows_dots_isa, [] { return true; }});
+        return out;
+    }();
+    return v;
+}
+
+const Variant* best() {
+    for (const Variant& v : variants())
+        if (v.supported()) return &v;
+    return &variants().back();
+}
+
+std::atomic<const Variant*> g_current{nullptr};
+
+const Variant* current() {
+    const Variant* v = g_current.load(std::memory_order_acquire);
+    if (v == nullptr) {
+        v = best();
+        g_current.store(v, std::memory_order_release);
+    }
+    return v;
+}
+
+}  // namespace
+
+std::vector<IsaInfo> isas() {
+    std::vector<IsaInfo> out;
+    for (const Variant& v : variants()) out.push_back({v.name, v.needs, v.supported()});
+    return out;
+}
+
+std::string isa() { return current()->name; }
+
+void set_isa(const std::string& name) {
+    std::string names;
+    for (const Variant& v : variants()) {
+        if (name == v.name) {
+            if (!v.supported())
+                throw std::invalid_argument("isa '" + name + "' needs " + v.needs + ", which this CPU lacks (it runs " +
+                                            best()->name + ")");
+            g_current.store(&v, std::memory_order_release);
+            return;
+        }
+        names += (names.empty() ? "" : ", ") + std::string(v.name);
+    }
+    throw std::invalid_argument("isa '" + name + "': expected one of " + names + " (the variants this build has)");
+}
+
+QrowsDots qrows_dots_kernel() { return current()->fn; }
+
+}  // namespace pf_cpu

@@ -1,0 +1,37 @@
+// The instruction set of the block-format dot kernels, chosen at run time.
+//
+// build.py compiles quant_dots.cpp once per variant below that the compiler knows, each with
+// its own flags and namespace (simd.h's PF_ISA); every other file is built for the baseline
+// (AVX2/FMA/F16C), so one build runs on any such CPU and uses VNNI where the CPU has it:
+//
+//   avx512vnni  vpdpbusd on 256-bit vectors, EVEX (Cascade Lake and later Xeons, Zen 4)
+//               needs avx512f, avx512bw, avx512vl, avx512vnni
+//   avxvnni     vpdpbusd, VEX (Alder Lake, Sapphire Rapids and later)   needs avxvnni
+//   avx2        maddubs + madd (the baseline)
+//
+// The first variant the CPU supports is used unless set_isa (PF_CPU_ISA from Python) picks
+// another; every variant computes the same integers, so their outputs are bit-identical.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "quant_format.h"
+
+namespace pf_cpu {
+
+// quant.h's qrows_dots: out[r os + t] = w_r . x[t] for R rows of a block format and T tokens.
+using QrowsDots = void (*)(int fmt, const uint8_t* w, int64_t rb, int64_t R, const XRow* X, int T,
+                           int64_t nb, float* out, int64_t os);
+
+struct IsaInfo {
+    std::string name, needs;
+    bool supported;            // by this CPU (and its OS)
+};
+
+std::vector<IsaInfo> isas();   // the variants compiled in, best first
+std::string isa();             // the one in use
+void set_isa(const std::string& name);   // std::invalid_argument (one line) if unknown or unsupported
+QrowsDots qrows_dots_kernel(); // the one in use
+
+}  // namespace pf_cpu

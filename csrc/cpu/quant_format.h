@@ -1,0 +1,65 @@
+// The weight formats of csrc/cpu: their codes, a row's byte layout and the quantized activation
+// row.  Plain data and arithmetic, no intrinsics: every translation unit shares these types,
+// whatever instruction set it is compiled for (isa.h).
+//
+//   FMT_F32   float32 rows (W_aug = [W; A_cat], linear_plan.h)
+//   FMT_Q8_0, FMT_Q4_0, FMT_Q4_1   blocks of 32, repacked per field (quant.h)
+//   FMT_F16, FMT_BF16              16-bit floats, d_in values a row, as stored (half.h)
+#pragma once
+#include <cstdint>
+
+namespace pf_cpu {
+
+enum Format : int { FMT_F32 = 0, FMT_Q8_0 = 1, FMT_Q4_0 = 2, FMT_Q4_1 = 3, FMT_F16 = 4, FMT_BF16 = 5 };
+constexpr int FMT_LAST = FMT_BF16;
+constexpr int64_t QK = 32;          // values per block
+
+inline bool is_block(int fmt) { return fmt == FMT_Q8_0 || fmt == FMT_Q4_0 || fmt == FMT_Q4_1; }
+inline bool is_half(int fmt) { return fmt == FMT_F16 || fmt == FMT_BF16; }
+
+inline const char* format_name(int fmt) {
+    switch (fmt) {
+        case FMT_F32: return "f32";
+        case FMT_Q8_0: return "q8_0";
+        case FMT_Q4_0: return "q4_0";
+        case FMT_Q4_1: return "q4_1";
+        case FMT_F16: return "f16";
+        case FMT_BF16: return "bf16";
+        default: return "?";
+    }
+}
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Byte offsets of a stored row's fields and its size (m = -1: none) for nb = d_in / 32 blocks;
+// a 16-bit row is one field of 2 d_in bytes.
+struct RowLayout {
+    int64_t d, m, q, bytes;
+};
+
+inline RowLayout row_layout(int fmt, int64_t nb) {
+    const int64_t s = 2 * round_up(nb, 8);
+    switch (fmt) {
+        case FMT_Q8_0: return {0, -1, s, s + 32 * nb};
+        case FMT_Q4_0: return {0, -1, s, s + 16 * round_up(nb, 2)};
+        case FMT_Q4_1: return {0, s, 2 * s, 2 * s + 16 * round_up(nb, 2)};
+        default: return {-1, -1, 0, 2 * QK * nb};     // FMT_F16, FMT_BF16
+    }
+}
+
+// One token's quantized activation: d, s [nb8] (zero padded), q [nb2 * 32] (pairwise for Q4).
+struct XRow {
+    float* d;
+    float* s;
+    int8_t* q;
+};
+
+// Floats per token of the activation scratch: d, s, then q as bytes.
+inline int64_t xrow_floats(int64_t nb) { return 2 * round_up(nb, 8) + round_up(nb, 2) * QK / 4; }
+
+inline XRow xrow_at(float* base, int64_t nb) {
+    const int64_t n8 = round_up(nb, 8);
+    return {base, base + n8, reinterpret_cast<int8_t*>(base + 2 * n8)};
+}
+
+}  // namespace pf_cpu
