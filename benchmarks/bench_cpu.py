@@ -203,7 +203,7 @@ def run(argv=None) -> dict:
     quality = quality_rows(args, engines, llamas, paths)
     rss = {fmt: peak_rss(q) for fmt, q in (("q4_1", None), ("f32", "f32"))}
     return {"benchmark": "bench_cpu", "command": command_line("benchmarks/bench_cpu.py", argv or sys.argv[1:]),
-            "machine": machine_info(), "threads": args.threads, "new_tokens": args.new_tokens,
+            "machine": machine_info(), "isa": __import__("pf_kernels.cpu_ops").cpu_ops.isa(), "threads": args.threads, "new_tokens": args.new_tokens,
             "repeats": args.repeats, "prompt_tokens": len(ids), "read_bandwidth_GBps": bw / 1e9,
             "weight_bytes": wb, "peer": "llama-cpp-python " + __import__("llama_cpp").__version__ if peer else None,
             "rows": out_rows, "quality": quality, "peak_rss_mb": rss}
@@ -283,7 +283,8 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"{m['cpu']}, {result['threads']} threads, prompt {result['prompt_tokens']} tokens, "
              f"{result['new_tokens']} new tokens, median of {result['repeats']} interleaved rounds; "
-             f"read bandwidth {result['read_bandwidth_GBps']:.1f} GB/s; peer: {result['peer'] or 'none'}",
+             f"read bandwidth {result['read_bandwidth_GBps']:.1f} GB/s; block dots: {result.get('isa', 'avx2')}; "
+             f"peer: {result['peer'] or 'none'}",
              "", "| engine | format | persona | prefill tok/s | decode ms/token | read floor ms | over floor |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
