@@ -26,23 +26,32 @@ inline __m256 load_half8(const uint16_t* p) {
 }
 
 // out[r * os + t] = w_r . x[t] for NR rows (row stride rb bytes) and NT tokens (stride xs floats).
+// Two accumulators per (row, token), alternating by 8 values: the FMA chains are half as long.
+// No software prefetch: the rows stream in order, which the hardware prefetcher follows best
+// (measured on a DRAM-resident 46080 x 576 matrix, one token: 18 GB/s one row at a time without
+// it, 12 GB/s four rows at a time with it).
 template <int FMT, int NR, int NT>
 inline void htile(const uint8_t* w, int64_t rb, const float* x, int64_t xs, int64_t d, float* out, int64_t os) {
-    __m256 acc[NR][NT];
-    for (int r = 0; r < NR; ++r)
-        for (int t = 0; t < NT; ++t) acc[r][t] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < d; k += 8) {
+    __m256 acc[2][NR][NT];
+    for (int h = 0; h < 2; ++h)
+        for (int r = 0; r < NR; ++r)
+            for (int t = 0; t < NT; ++t) acc[h][r][t] = _mm256_setzero_ps();
+    const auto step = [&](int64_t k, int h) {
         __m256 xv[NT];
         for (int t = 0; t < NT; ++t) xv[t] = _mm256_loadu_ps(x + t * xs + k);
         for (int r = 0; r < NR; ++r) {
-            const uint16_t* wr = reinterpret_cast<const uint16_t*>(w + r * rb);
-            if (k % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(wr + k) + 4 * NR * rb, _MM_HINT_T0);
-            const __m256 wv = load_half8<FMT>(wr + k);
-            for (int t = 0; t < NT; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+            const __m256 wv = load_half8<FMT>(reinterpret_cast<const uint16_t*>(w + r * rb) + k);
+            for (int t = 0; t < NT; ++t) acc[h][r][t] = _mm256_fmadd_ps(wv, xv[t], acc[h][r][t]);
         }
+    };
+    int64_t k = 0;
+    for (; k + 16 <= d; k += 16) {
+        step(k, 0);
+        step(k + 8, 1);
     }
+    if (k < d) step(k, 0);
     for (int r = 0; r < NR; ++r)
-        for (int t = 0; t < NT; ++t) out[r * os + t] = hsum(acc[r][t]);
+        for (int t = 0; t < NT; ++t) out[r * os + t] = hsum(_mm256_add_ps(acc[0][r][t], acc[1][r][t]));
 }
 
 // NR rows against all T tokens, NT tokens at a time.
@@ -54,13 +63,13 @@ inline void hrows_fmt(const uint8_t* w, int64_t rb, const float* x, int64_t xs, 
     for (; t < T; ++t) htile<FMT, NR, 1>(w, rb, x + t * xs, xs, d, out + t, os);
 }
 
-// One token: four rows at once (independent accumulator chains); more: 2 rows x 4 tokens.
+// One token: a row at a time (see htile); more: 2 rows x 4 tokens.
 template <int FMT>
 inline void hrows_dots_fmt(const uint8_t* w, int64_t rb, int64_t R, const float* x, int64_t xs, int T, int64_t d,
                            float* out, int64_t os) {
     int64_t r = 0;
     if (T == 1) {
-        for (; r + 4 <= R; r += 4) hrows_fmt<FMT, 4, 1>(w + r * rb, rb, x, xs, T, d, out + r * os, os);
+        for (; r + 1 <= R; r += 1) hrows_fmt<FMT, 1, 1>(w + r * rb, rb, x, xs, T, d, out + r * os, os);
     } else {
         for (; r + 2 <= R; r += 2) hrows_fmt<FMT, 2, 4>(w + r * rb, rb, x, xs, T, d, out + r * os, os);
     }
