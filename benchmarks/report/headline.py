@@ -47,7 +47,7 @@ def cpu_formats(res: dict) -> list[str]:
     """Decode per weight format against llama.cpp on the same file (bench_cpu.json)."""
     rows = {(r["engine"], r["format"], r["persona"]): r for r in res["rows"]}
     parts = []
-    for f in ("q4_1", "q8_0", "f32"):
+    for f in ("q4_1", "q8_0", "bf16", "f16", "f32"):
         o, t = rows.get(("pf_engine", f, "base")), rows.get(("llama.cpp", f, "base"))
         if o and t:
             parts.append(f"{f} {o['decode_ms_per_token']:.1f} vs {t['decode_ms_per_token']:.1f} ms/token "
