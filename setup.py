@@ -92,10 +92,11 @@ setup(
         "fastapi",
         "uvicorn",
         "prometheus_client",
+        "llguidance>=1.0",
     ],
     extras_require={
         "dev": ["pytest", "peft", "accelerate", "matplotlib", "triton", "pybind11", "openai", "httpx",
-                "lm-eval[api]>=0.4.5"],
+                "jsonschema", "lm-eval[api]>=0.4.5"],
     },
     entry_points={
         "console_scripts": [

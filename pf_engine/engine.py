@@ -26,6 +26,7 @@ from pf_engine.model.loading import check_model_path, load_weights
 from pf_engine.outputs import GenerationOutput, Stats
 from pf_engine.persona.mix import Mix
 from pf_engine.persona.specs import Personas
+from pf_engine.runtime.prefix_cache import PREFIX_CACHE_GB
 from pf_engine.runtime.threads import POLICY
 from pf_engine.sampling import SamplingParams
 from pf_engine.scoring import score
@@ -121,6 +122,7 @@ class Engine:
         self.eos_ids = eos
         self.stats = Stats()
         self.load_s = 0.0
+        self.prefix_cache_gb, self._prefix = PREFIX_CACHE_GB, False       # False: not built yet
         self._generation_defaults: dict[bool, tuple[dict, str]] = {}
 
     @classmethod
@@ -258,6 +260,21 @@ class Engine:
         self.stats = sched.stats
 
     # Continuous batching --------------------------------------------------------------------
+    def prefix_cache(self):
+        """The engine's prefix cache (runtime/prefix_cache.py), shared by its schedulers and
+        generate calls: prompt KV blocks reused by later prompts that start the same way under the
+        same persona; built on first use with ``prefix_cache_gb`` GiB (None when 0: off)."""
+        if self._prefix is False:
+            from pf_engine.runtime.prefix_cache import PrefixCache
+            self._prefix = PrefixCache.for_engine(self, self.prefix_cache_gb)
+        return self._prefix
+
+    def set_prefix_cache(self, gb: float) -> None:
+        """A new, empty prefix cache of ``gb`` GiB (0: off) for the schedulers built after."""
+        from pf_engine.runtime.prefix_cache import PrefixCache
+        self._prefix = PrefixCache.for_engine(self, gb)
+        self.prefix_cache_gb = gb
+
     def scheduler(self, slots: int | None = None, max_len: int | None = None,
                   prefill_budget: int | None = None, background: bool | None = None,
                   kv_cache_gb: float | None = None, decode: str | None = None):

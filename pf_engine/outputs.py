@@ -22,6 +22,7 @@ class GenerationOutput:
     usage: dict = field(default_factory=dict)   # prompt_tokens, completion_tokens
     gates: dict | None = None           # persona weights used (with an adapter bank)
     logprobs: list[Logprob] | None = None   # one per token id, when SamplingParams.logprobs is set
+    cached_tokens: int = 0              # prompt tokens reused from the prefix cache
 
 
 @dataclass

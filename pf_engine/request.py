@@ -42,6 +42,10 @@ class Request:
         self.sampler.observe(torch.tensor([0], device=eng.device), torch.tensor([ids], device=eng.device))
         self.detok = Detokenizer(eng.tokenizer, params.stop) if eng.tokenizer is not None else None
         self.simple = params.greedy and params.repetition_penalty == 1.0   # one batched argmax
+        self.grammar = None                               # structured.Matcher: masks its logits
+        if params.response_format is not None:
+            from pf_engine.structured import Grammars
+            self.grammar = Grammars.of(eng).compile(params.response_format).matcher()
         self.active: set[int] = set()                     # expert ids with a nonzero gate
         self.token_sum, self.token_count = None, 0        # token routing: gates summed on device
         self.tokens: list[int] = []
@@ -52,6 +56,8 @@ class Request:
         self.cancelled = False
         self.slot = -1
         self.length = 0                                   # cache columns filled
+        self.cached_tokens = 0                            # of them, copied from the prefix cache
+        self.prefix_root = None                           # its prefix-cache root (prefix_cache.py)
         self.t_submit, self.t_first, self.t_done = time.perf_counter(), None, None
         self._cond = threading.Condition(sched.lock)
         self._watchers: list = []                         # (event loop, asyncio.Event) of awaiters
@@ -100,7 +106,8 @@ class Request:
                                 logprobs=list(self.logprobs)
                                 if self.params.logprobs is not None else None,
                                 usage={"prompt_tokens": len(self.ids),
-                                       "completion_tokens": len(self.tokens)})
+                                       "completion_tokens": len(self.tokens)},
+                                cached_tokens=self.cached_tokens)
 
     # asyncio clients (the server): the scheduler thread wakes them through their event loop -----
     def __aiter__(self):
@@ -177,6 +184,8 @@ class Request:
             self.sampler.observe(torch.tensor([0], device=self.sched.engine.device),
                                  torch.tensor([[tok]], device=self.sched.engine.device))
         reason = None
+        if self.grammar is not None and tok not in self.eos_ids:
+            self.grammar.consume(tok)             # the mask allowed it, so the grammar goes on
         if tok in self.eos_ids:
             reason = "stop"
         elif self.detok is not None:
@@ -184,6 +193,8 @@ class Request:
             if piece:
                 self.pieces.append(piece)
             reason = "stop" if self.detok.stopped else None
+        if reason is None and self.grammar is not None and self.grammar.done:
+            reason = "stop"                       # the reply is complete: only EOS could follow
         if reason is None and len(self.tokens) >= self.budget:
             reason = "length"
         if reason is not None:

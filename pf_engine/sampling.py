@@ -32,11 +32,15 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None     # report each token's logprob and this many top ones (0..20)
+    response_format: dict | None = None   # OpenAI's: text, json_object, json_schema (structured.py)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
+        if self.response_format is not None:
+            from pf_engine.structured import check_response_format
+            self.response_format = check_response_format(self.response_format)
         checks = [
             (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
              f"max_new_tokens={self.max_new_tokens!r}: expected an integer >= 1"),

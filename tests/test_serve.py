@@ -248,3 +248,47 @@ def test_metrics_parse(engine, server):
     assert metric(server, "pf_requests_total", persona_kind="token", status="ok") >= 1
     assert metric(server, "pf_time_to_first_token_seconds_count", persona_kind="token") >= 1
     assert torch.isfinite(torch.tensor(metric(server, "pf_tokens_per_second")))
+
+
+MOOD = {"type": "object", "properties": {"mood": {"enum": ["happy", "sad", "calm"]},
+                                         "level": {"type": "integer", "minimum": 0, "maximum": 9},
+                                         "ok": {"type": "boolean"}},
+        "required": ["mood", "level", "ok"], "additionalProperties": False}
+
+
+def test_response_format_through_the_client(engine, server):
+    """json_schema and json_object in chat and completions, streamed and not: every reply parses
+    and validates; a schema the grammar library cannot compile is a 400 naming it."""
+    import json
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    c = server.client()
+    rf = {"type": "json_schema", "json_schema": {"name": "mood", "schema": MOOD, "strict": True}}
+    msgs = [{"role": "user", "content": "How are you?"}]
+    r = c.chat.completions.create(model=MID, messages=msgs, max_tokens=60, temperature=0, response_format=rf)
+    jsonschema.validate(json.loads(r.choices[0].message.content), MOOD)
+    parts = c.chat.completions.create(model=f"{MID}:auto", messages=msgs, max_tokens=60, temperature=0.8,
+                                      seed=3, response_format=rf, stream=True)
+    text = "".join(ch.choices[0].delta.content or "" for ch in parts if ch.choices)
+    jsonschema.validate(json.loads(text), MOOD)
+    cr = c.completions.create(model=MID, prompt="mood:", max_tokens=60, temperature=0,
+                              extra_body={"response_format": rf})
+    jsonschema.validate(json.loads(cr.choices[0].text), MOOD)
+    obj = c.chat.completions.create(model=MID, messages=msgs, max_tokens=60, temperature=0,
+                                    response_format={"type": "json_object"})
+    assert obj.choices[0].finish_reason in ("stop", "length")
+    broken = {"type": "json_schema", "json_schema": {"name": "broken", "schema": {
+        "type": "object", "properties": {"a": {"$ref": "#/definitions/missing"}}}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=MID, messages=msgs, max_tokens=5, response_format=broken)
+    assert "'broken' cannot be compiled" in str(e.value) and e.value.body["param"] == "response_format"
+
+
+def test_prefix_cache_metrics(engine, server):
+    c = server.client()
+    long = "tell me a story about a cat " * 3
+    r = [c.completions.create(model=MID, prompt=long, max_tokens=2, temperature=0) for _ in range(2)]
+    assert r[1].usage.prompt_tokens_details.cached_tokens >= 16 and r[0].choices[0].text == r[1].choices[0].text
+    assert metric(server, "pf_prefix_cache_hits_total") >= 1
+    assert metric(server, "pf_prefix_cache_hit_tokens_total") >= 16
+    assert metric(server, "pf_prefix_cache_blocks") >= 1 and metric(server, "pf_prefix_cache_bytes") > 0

@@ -36,6 +36,8 @@ def build_parser() -> Parser:
     p.add_argument("--slots", type=int, default=None, help="requests decoded together (default 8)")
     p.add_argument("--max-len", type=int, default=None, help="cache columns per slot")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="size the pool by memory")
+    p.add_argument("--prefix-cache-gb", type=float, default=None,
+                   help="prompt KV kept for reuse across requests, per persona (default 1; 0: off)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot before new ones get 429 (default 64)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
@@ -65,6 +67,9 @@ def main(argv=None) -> int:
         v = getattr(args, name)
         if v < 0 or (name == "port" and v > 65535):
             return fail("pf-serve", PFError(f"--{name.replace('_', '-')} {v}: out of range"))
+    if args.prefix_cache_gb is not None and not (math.isfinite(args.prefix_cache_gb) and args.prefix_cache_gb >= 0):
+        return fail("pf-serve", PFError(f"--prefix-cache-gb {args.prefix_cache_gb}: expected a number >= 0 "
+                                        "(0: off)"))
     for name in ("timeout", "max_body_mb", "max_connections", "keep_alive_s", "grace_s"):
         v = getattr(args, name)
         if not math.isfinite(v) or v <= 0:
@@ -83,6 +88,8 @@ def main(argv=None) -> int:
     try:
         eng = Engine.from_pretrained(args.model, adapters=args.adapters, device=args.device,
                                      dtype=args.dtype, backend=args.backend, quantize=args.quantize)
+        if args.prefix_cache_gb is not None:
+            eng.set_prefix_cache(args.prefix_cache_gb)
         eng.scheduler(slots=args.slots, max_len=args.max_len, kv_cache_gb=args.kv_cache_gb)
     except PFError as e:
         return fail("pf-serve", e)

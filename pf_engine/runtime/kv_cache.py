@@ -1,12 +1,15 @@
 """The scheduler's KV pool: ``SlotCache`` holds a row of columns per request in flight, and
 ``RowsView`` is what the blocks of one forward see of it (every row writing at its own columns).
-A pass over whole sequences needs no cache (model.decoder.Scratch).
+A pass over whole sequences needs no cache (model.decoder.Scratch).  ``slots_for`` sizes the
+pool (slots given, or as many as a memory budget holds).
 
     k, v: [layers, slots, H_kv, max_len, head_dim]
 """
 from __future__ import annotations
 
 import torch
+
+from pf_engine.errors import RequestError
 
 
 class SlotCache:
@@ -36,6 +39,36 @@ class SlotCache:
         slot; columns beyond its length are never read before they are written)."""
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+def slot_bytes(engine, max_len: int) -> int:
+    """Bytes of one slot: keys and values of ``max_len`` columns in every layer."""
+    c = engine.config
+    return (2 * c.num_hidden_layers * c.num_key_value_heads * max_len * c.head_dim
+            * engine.model.dtype.itemsize)
+
+
+def slots_for(engine, max_len: int, slots, kv_cache_gb) -> int:
+    """The pool's slot count: ``slots`` as given, or as many as ``kv_cache_gb`` GiB hold."""
+    if kv_cache_gb is not None:
+        ok = isinstance(kv_cache_gb, (int, float)) and not isinstance(kv_cache_gb, bool) \
+            and kv_cache_gb > 0
+        if not ok:
+            raise RequestError(f"kv_cache_gb={kv_cache_gb!r}: expected a number > 0")
+        per = slot_bytes(engine, max_len)
+        fit = int(kv_cache_gb * 2 ** 30 // per)
+        if fit < 1:
+            raise RequestError(f"kv_cache_gb={kv_cache_gb}: one slot of {max_len} columns needs "
+                               f"{per / 2 ** 30:.3f} GiB (lower max_len or raise the budget)")
+        if slots is not None and slots > fit:
+            raise RequestError(f"slots={slots}: {slots} slots of {max_len} columns need "
+                               f"{slots * per / 2 ** 30:.3f} GiB; kv_cache_gb={kv_cache_gb}")
+        slots = fit if slots is None else slots
+    if slots is None:
+        slots = 8
+    if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+        raise RequestError(f"slots={slots!r}: expected an integer >= 1")
+    return slots
 
 
 class RowsView:

@@ -15,6 +15,11 @@ are never stalled for more than one chunk); sample the first token of every prom
 one decode step for every request past its prompt (one token per row, every row at its own
 position); retire the finished and the cancelled.
 
+Prompt KV is shared across requests through the engine's prefix cache (prefix_cache.py): at
+admission, once the gates are known, the longest cached run of whole blocks of the prompt under
+the request's persona root is copied into its slot and prefill starts after it; a prompt fully
+prefilled stores its whole blocks.
+
 The KV pool (kv_cache.SlotCache) holds ``slots`` rows of ``max_len`` columns.  Requests occupy
 slots 0..n-1, the decoding ones first, so each forward reads views of consecutive rows; the
 device-side gate matrix [slots, K], token-routing flags and last tokens keep one row per slot in
@@ -40,6 +45,7 @@ import threading
 import time
 import warnings
 
+import numpy as np
 import torch
 
 from pf_engine.errors import RequestError
@@ -47,11 +53,13 @@ from pf_engine.outputs import Stats
 from pf_engine.persona.mix import Mix
 from pf_engine.persona.specs import BASE, SEQUENCE, TOKEN
 from pf_engine.request import Request
-from pf_engine.runtime.kv_cache import SlotCache
+from pf_engine.runtime.kv_cache import SlotCache, slots_for
+from pf_engine.runtime.prefix_cache import persona_root
 from pf_engine.runtime.static_decode import CaptureFailed, StaticDecode
 from pf_engine.runtime.threads import POLICY
 from pf_engine.sampling import SamplingParams
 from pf_engine.scoring import logprobs_of
+from pf_engine.structured import mask_rows
 
 
 class Scheduler:
@@ -62,18 +70,21 @@ class Scheduler:
     model's context, capped at 4096); decode: "dynamic" (shapes fit each batch; the default on
     CPU), "static" or "graphs" (static_decode.py; graphs is the default on CUDA); prefill_budget: prompt tokens
     prefilled per step, over all requests being prefilled (a long prompt or a burst of arrivals
-    delays the running requests' next token by one chunk of this size at most).
+    delays the running requests' next token by one chunk of this size at most); prefix_cache:
+    "engine" (the engine's, Engine.prefix_cache), a PrefixCache, or None (off).
     """
 
     def __init__(self, engine, slots: int | None = 8, max_len: int | None = None,
                  prefill_budget: int = 128, background: bool = True,
-                 kv_cache_gb: float | None = None, decode: str | None = None):
+                 kv_cache_gb: float | None = None, decode: str | None = None, prefix_cache="engine"):
         cfg = engine.config
         self.engine, self.background = engine, background
+        # prompt KV shared across requests (prefix_cache.py): the engine's, or one given, or None
+        self.prefix = engine.prefix_cache() if prefix_cache == "engine" else prefix_cache
         self.max_len = int(max_len or min(cfg.max_position_embeddings, 4096))
         if self.max_len < 2:
             raise RequestError(f"max_len={max_len!r}: expected an integer >= 2")
-        slots = self.slots_for(engine, self.max_len, slots, kv_cache_gb)
+        slots = slots_for(engine, self.max_len, slots, kv_cache_gb)
         if not isinstance(prefill_budget, int) or isinstance(prefill_budget, bool) or prefill_budget < 1:
             raise RequestError(f"prefill_budget={prefill_budget!r}: expected an integer >= 1")
         self.prefill_budget = prefill_budget
@@ -93,42 +104,13 @@ class Scheduler:
         self._thread_lock = threading.Lock()               # the background thread's start and exit
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self._allow = None                                 # structured rows' masks (host)
         self.stats = Stats()
         self.paused = False
         decode = decode or ("graphs" if dev.type == "cuda" else "dynamic")
         if decode not in ("dynamic", "static", "graphs"):
             raise RequestError(f"decode={decode!r}: expected dynamic, static or graphs")
         self.static = None if decode == "dynamic" else StaticDecode(self, decode == "graphs")
-
-    @staticmethod
-    def slot_bytes(engine, max_len: int) -> int:
-        """Bytes of one slot: keys and values of ``max_len`` columns in every layer."""
-        c = engine.config
-        return (2 * c.num_hidden_layers * c.num_key_value_heads * max_len * c.head_dim
-                * engine.model.dtype.itemsize)
-
-    @classmethod
-    def slots_for(cls, engine, max_len: int, slots, kv_cache_gb) -> int:
-        """The pool's slot count: ``slots`` as given, or as many as ``kv_cache_gb`` GiB hold."""
-        if kv_cache_gb is not None:
-            ok = isinstance(kv_cache_gb, (int, float)) and not isinstance(kv_cache_gb, bool) \
-                and kv_cache_gb > 0
-            if not ok:
-                raise RequestError(f"kv_cache_gb={kv_cache_gb!r}: expected a number > 0")
-            per = cls.slot_bytes(engine, max_len)
-            fit = int(kv_cache_gb * 2 ** 30 // per)
-            if fit < 1:
-                raise RequestError(f"kv_cache_gb={kv_cache_gb}: one slot of {max_len} columns needs "
-                                   f"{per / 2 ** 30:.3f} GiB (lower max_len or raise the budget)")
-            if slots is not None and slots > fit:
-                raise RequestError(f"slots={slots}: {slots} slots of {max_len} columns need "
-                                   f"{slots * per / 2 ** 30:.3f} GiB; kv_cache_gb={kv_cache_gb}")
-            slots = fit if slots is None else slots
-        if slots is None:
-            slots = 8
-        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
-            raise RequestError(f"slots={slots!r}: expected an integer >= 1")
-        return slots
 
     @property
     def slots(self) -> int:
@@ -257,9 +239,28 @@ class Scheduler:
             self.gates[slot] = 0
             self.token_rows[slot] = False
         r.slot, r.length = slot, 0
+        if self.prefix is not None:
+            self._reuse_prefix(r)
         if self.static is not None:
-            self.static.lengths[slot] = 0
+            self.static.lengths[slot] = r.length
         self.running.append(r)
+
+    def _reuse_prefix(self, r: Request) -> None:
+        """Copy the cached KV of ``r``'s longest cached prompt prefix (under its persona's root,
+        gates known by now) into its slot: its prefill starts after it."""
+        r.prefix_root = root = persona_root(r)
+        hit = self.prefix.lookup(root, r.ids, len(r.ids) - 1)
+        B = self.prefix.block
+        for i, blk in enumerate(hit):
+            self.cache.k[:, r.slot, :, i * B:(i + 1) * B] = blk.k
+            self.cache.v[:, r.slot, :, i * B:(i + 1) * B] = blk.v
+        r.length = r.cached_tokens = len(hit) * B
+
+    def _keep_prefix(self, r: Request) -> None:
+        """``r``'s prompt is in its slot: store its whole blocks in the prefix cache."""
+        k, v, s = self.cache.k, self.cache.v, r.slot
+        self.prefix.insert(r.prefix_root, r.ids, len(r.ids), lambda c0, c1: k[:, s, :, c0:c1],
+                           lambda c0, c1: v[:, s, :, c0:c1])
 
     def _prefill(self) -> None:
         """One forward over the next ``prefill_budget`` prompt tokens of the prefilling requests
@@ -284,6 +285,8 @@ class Scheduler:
         for r, c in zip(reqs, counts):
             r.length += c
             done += r.length == len(r.ids)
+            if self.prefix is not None and r.length == len(r.ids):
+                self._keep_prefix(r)
             if self.static is not None:
                 self.static.lengths[r.slot] = r.length
         if done:
@@ -320,6 +323,11 @@ class Scheduler:
         """Next tokens of ``reqs`` (slots s0..) from logits [n, V]: greedy rows by one argmax, the
         others by their own samplers; one host sync for all of them (and one more for the
         logprobs of the rows whose request asks for them, scoring.logprobs_of)."""
+        held = [b for b, r in enumerate(reqs) if r.grammar is not None]
+        if held:                  # structured rows: only what their grammar allows (in place)
+            if self._allow is None or self._allow.shape[1] < logits.shape[1]:
+                self._allow = np.zeros((self.slots, logits.shape[1]), dtype=bool)
+            mask_rows(logits, held, [reqs[b].grammar for b in held], self._allow)
         toks = logits.argmax(-1)
         for b, r in enumerate(reqs):
             if not r.simple:

@@ -81,7 +81,9 @@ class Call:
     def usage(self, outs: list[list]) -> dict:
         prompt = sum(len(ids) for ids in self.p.prompts)
         done = sum(len(o.token_ids) for os_ in outs for o in os_)
-        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+        cached = sum(max((getattr(o, "cached_tokens", 0) for o in os_), default=0) for os_ in outs)
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def body(self, rid: str, outs: list[list]) -> dict:
         """The non-streamed body: for each prompt its n best candidates (or, scoring only, n

@@ -8,6 +8,12 @@
     pf_time_to_first_token_seconds{persona_kind}            histograms
     pf_time_per_output_token_seconds{persona_kind}
 
+    pf_prefix_cache_lookups_total, pf_prefix_cache_hits_total   requests that looked in the
+                                                            prefix cache / reused blocks of it
+    pf_prefix_cache_hit_tokens_total                        prompt tokens not prefilled
+    pf_prefix_cache_evictions_total                         blocks dropped for room
+    pf_prefix_cache_bytes, pf_prefix_cache_blocks           what it holds now
+
 persona_kind: base, explicit, sequence or token (persona.Personas kinds).
 """
 from __future__ import annotations
@@ -17,6 +23,7 @@ import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 WINDOW_S = 10.0
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
@@ -40,6 +47,7 @@ class Metrics:
             lambda: len(scheduler_of().running))
         Gauge("pf_tokens_per_second", f"Generated tokens per second over the last {WINDOW_S:g} s",
               registry=r).set_function(self._rate)
+        r.register(PrefixCacheCollector(scheduler_of))
         self._recent: collections.deque = collections.deque()       # (time, tokens)
         self._lock = threading.Lock()
 
@@ -68,3 +76,25 @@ class Metrics:
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class PrefixCacheCollector:
+    """The prefix cache's counters (runtime/prefix_cache.py), read at scrape time; zero when off."""
+
+    COUNTERS = (("lookups", "Requests that looked in the prefix cache"),
+                ("hits", "Requests that reused cached prompt blocks"),
+                ("hit_tokens", "Prompt tokens not prefilled thanks to the prefix cache"),
+                ("evictions", "Prefix cache blocks dropped for room"))
+
+    def __init__(self, scheduler_of):
+        self.scheduler_of = scheduler_of
+
+    def collect(self):
+        cache = self.scheduler_of().prefix
+        for name, doc in self.COUNTERS:
+            yield CounterMetricFamily(f"pf_prefix_cache_{name}", doc,
+                                      value=getattr(cache.stats, name) if cache else 0)
+        yield GaugeMetricFamily("pf_prefix_cache_bytes", "Bytes of KV the prefix cache holds",
+                                value=cache.bytes if cache else 0)
+        yield GaugeMetricFamily("pf_prefix_cache_blocks", "Blocks the prefix cache holds",
+                                value=cache.blocks if cache else 0)

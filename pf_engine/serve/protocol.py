@@ -243,12 +243,25 @@ def _sampling(body: dict, kind: str, engine, max_new: int, logprobs) -> Sampling
         raise bad("seed", f"expected an integer, got {seed!r}")
     d = _defaults(engine, kind)
     return SamplingParams(max_new_tokens=max(1, max_new), seed=seed, stop=stop or [],
-                          logprobs=logprobs,
+                          logprobs=logprobs, response_format=_response_format(body, engine),
                           temperature=_number(body, "temperature", d["temperature"], 0, 2),
                           top_p=_number(body, "top_p", d["top_p"], 1e-9, 1),
                           top_k=_number(body, "top_k", d["top_k"], 0, 1 << 20, integer=True),
                           repetition_penalty=_number(body, "repetition_penalty",
                                                      d["repetition_penalty"], 1e-3, 10))
+
+
+def _response_format(body: dict, engine) -> dict | None:
+    """``response_format`` normalised (structured.py), its schema compiled now: a schema the
+    grammar library cannot compile is a 400 naming it."""
+    from pf_engine.structured import Grammars, check_response_format
+    try:
+        rf = check_response_format(body.get("response_format"))
+        if rf is not None:
+            Grammars.of(engine).compile(rf)
+    except RequestError as e:
+        raise APIError(400, str(e), "response_format") from None
+    return rf
 
 
 def parse(body, kind: str, catalog: Catalog, engine) -> Parsed:

@@ -1,0 +1,197 @@
+"""The prefix cache and structured output, on the CPU, in one run.
+
+    python benchmarks/bench_prefix.py [--requests 16] [--rate 0.6] [--rounds 2]
+
+Prefix cache: a stream of chat requests on the bundled SmolLM2-135M-Instruct with the bigfive bank,
+each made of one of three ~300-token system prompts and a short user turn, personas mixed (none,
+explicit weights, "auto"), arriving open-loop at --rate requests/s (seeded exponential gaps), 16
+new tokens each, through the engine's background scheduler.  The same stream runs with the cache
+on and off, rounds interleaved (on, off, on, off; a fresh cache each "on" round): time to first
+token p50/p99 and throughput (generated tokens over the stream's wall time), and the cache's hits.
+
+Structured output: the same prompt asking for JSON, generated free and under a JSON schema,
+interleaved (--struct-rounds): decode ms per token of each (the engine's decode time over its
+decode tokens), their ratio, and the replies beside each other.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import command_line, default_out, machine_info, write_json  # noqa: E402
+
+SYSTEMS = [
+    "You are the front-desk assistant of a busy dental clinic. Greet patients warmly, answer questions about "
+    "opening hours (Monday to Friday 8am to 6pm, Saturday 9am to 1pm), services (check-ups, cleaning, fillings, "
+    "whitening, emergency care), prices (a check-up costs 60 euros, cleaning 80 euros, whitening 250 euros) and "
+    "insurance (we accept all public insurers and most private ones). Never give medical diagnoses; for pain or "
+    "swelling advise an emergency appointment. Keep answers short, polite and concrete, and always offer to book "
+    "an appointment. If a patient is anxious, reassure them that our dentists are gentle and that sedation is "
+    "available on request. Do not discuss other patients. Answer in the language of the question.",
+    "You are a support agent for an online bookshop. Orders ship within two working days; delivery takes three "
+    "to five days in Europe and up to ten elsewhere. Returns are free within thirty days if the book is unused; "
+    "e-books cannot be returned once downloaded. Customers can track orders with the link in their confirmation "
+    "email. Payment by card, PayPal or bank transfer. Gift wrapping costs two euros. Loyalty members collect one "
+    "point per euro and get a voucher at one hundred points. Be friendly and efficient, apologise for delays, "
+    "never promise dates you cannot keep, and escalate damaged parcels to a human colleague with the order number.",
+    "You are a calm, supportive listener for a student wellbeing service. Listen first, reflect what the student "
+    "says, and ask one gentle question at a time. Do not diagnose or prescribe. Suggest practical next steps "
+    "such as sleep, breaks, talking to a tutor or a friend, and mention that free counselling sessions can be "
+    "booked through the wellbeing office. If a student mentions self-harm or being in danger, give the emergency "
+    "number 112 and the 24-hour helpline at once. Keep a warm, non-judgemental tone, avoid jargon, and never "
+    "minimise what the student feels. Close each answer by asking whether they would like more help.",
+]
+QUESTIONS = ["Can I come on Saturday?", "How much does it cost?", "I am nervous, what should I do?",
+             "Where is my order?", "Can I return an e-book?", "I feel overwhelmed by exams.",
+             "Do you take my insurance?", "How long is delivery to Canada?", "I cannot sleep before tests."]
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 40}, "age": {"type": "integer", "minimum": 0},
+    "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 30}, "maxItems": 3}},
+    "required": ["name", "age", "hobbies"], "additionalProperties": False}
+JSON_PROMPT = "Describe a fictional person as JSON with a name, an age and a list of hobbies."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--rate", type=float, default=0.6, help="arrivals per second")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of (cache on, cache off)")
+    ap.add_argument("--struct-rounds", type=int, default=5)
+    ap.add_argument("--struct-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=default_out("bench_prefix"))
+    return ap
+
+
+def stream_specs(eng, n: int, seed: int) -> list[tuple[list[int], object]]:
+    rng = random.Random(seed)
+    personas = [None, {"extraversion+": 0.8}, "auto", {"agreeableness+": 0.6, "conscientiousness+": 0.4}]
+    out = []
+    for i in range(n):
+        msgs = [{"role": "system", "content": rng.choice(SYSTEMS)},
+                {"role": "user", "content": rng.choice(QUESTIONS)}]
+        out.append((eng.tokenizer.encode(eng.tokenizer.render(msgs)), personas[i % len(personas)]))
+    return out
+
+
+def run_stream(eng, specs, gaps, new_tokens: int, cache_on: bool) -> dict:
+    from pf_engine.sampling import SamplingParams
+    eng.set_prefix_cache(1.0 if cache_on else 0)
+    sched = eng.scheduler(slots=4, max_len=512)
+    reqs, t0 = [], time.perf_counter()
+    for (ids, persona), gap in zip(specs, gaps):
+        time.sleep(gap)
+        reqs.append(sched.submit(ids, SamplingParams(max_new_tokens=new_tokens), persona))
+    for r in reqs:
+        r.result()
+    wall = time.perf_counter() - t0
+    ttft = sorted(r.t_first - r.t_submit for r in reqs)
+    tokens = sum(len(r.tokens) for r in reqs)
+    cache = eng.prefix_cache()
+    row = {"cache": cache_on, "ttft_p50_s": statistics.median(ttft),
+           "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], "wall_s": wall,
+           "throughput_tok_s": tokens / wall, "prompt_tokens": sum(len(r.ids) for r in reqs),
+           "cached_tokens": sum(r.cached_tokens for r in reqs)}
+    if cache is not None:
+        row.update(hits=cache.stats.hits, hit_tokens=cache.stats.hit_tokens, evictions=cache.stats.evictions)
+    return row
+
+
+def structured_rows(eng, rounds: int, n: int) -> dict:
+    rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+    eng.set_prefix_cache(0)
+    samples = {"free": [], "json_schema": []}
+    texts = {}
+    for _ in range(rounds):
+        for kind in samples:
+            kw = {"response_format": rf} if kind == "json_schema" else {}
+            out = eng.generate([JSON_PROMPT], max_new_tokens=n, chat=True, **kw)[0]
+            st = eng.stats
+            samples[kind].append(1e3 * st.decode_s / max(1, st.decode_tokens))
+            texts[kind] = out.text
+    free, js = statistics.median(samples["free"]), statistics.median(samples["json_schema"])
+    return {"free_ms_per_token": free, "json_schema_ms_per_token": js, "ratio": js / free,
+            "samples": samples, "replies": texts}
+
+
+def run(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    from pf_engine import Engine
+    torch.set_num_threads(args.threads)
+    eng = Engine.from_pretrained(adapters="bigfive", progress=False)
+    specs = stream_specs(eng, args.requests, args.seed)
+    rng = random.Random(args.seed + 1)
+    gaps = [0.0] + [rng.expovariate(args.rate) for _ in range(args.requests - 1)]
+    run_stream(eng, specs[:2], [0, 0], 2, True)                     # warm-up
+    rows = []
+    for rnd in range(args.rounds):
+        for on in (True, False):
+            rows.append(run_stream(eng, specs, gaps, args.new_tokens, on))
+            print(f"round {rnd + 1}/{args.rounds} cache {'on' if on else 'off'}: "
+                  f"TTFT p50 {rows[-1]['ttft_p50_s']:.2f} s", file=sys.stderr)
+    med = {}
+    for on in (True, False):
+        rs = [r for r in rows if r["cache"] == on]
+        med["on" if on else "off"] = {k: statistics.median(r[k] for r in rs)
+                                      for k in ("ttft_p50_s", "ttft_p99_s", "throughput_tok_s")}
+    struct = structured_rows(eng, args.struct_rounds, args.struct_tokens)
+    return {"benchmark": "bench_prefix", "command": command_line("benchmarks/bench_prefix.py", argv or sys.argv[1:]),
+            "machine": machine_info(), "threads": args.threads, "requests": args.requests, "rate": args.rate,
+            "new_tokens": args.new_tokens, "weights": eng.weight_formats,
+            "prompt_tokens_mean": statistics.mean(len(s[0]) for s in specs), "rows": rows, "median": med,
+            "ttft_p50_ratio": med["off"]["ttft_p50_s"] / med["on"]["ttft_p50_s"],
+            "throughput_ratio": med["on"]["throughput_tok_s"] / med["off"]["throughput_tok_s"],
+            "structured": struct}
+
+
+def goals(res: dict) -> list[tuple[str, str, bool]]:
+    s = res["structured"]
+    return [("TTFT p50 >= 3x lower with the prefix cache", f"{res['ttft_p50_ratio']:.2f}x", res["ttft_p50_ratio"] >= 3),
+            ("throughput not lower with the prefix cache", f"{res['throughput_ratio']:.2f}x", res["throughput_ratio"] >= 1),
+            ("structured decoding <= 1.15x free decoding per token", f"{s['ratio']:.2f}x", s["ratio"] <= 1.15)]
+
+
+def markdown(res: dict) -> str:
+    m = res["median"]
+    lines = [f"{res['machine']['cpu']}, {res['threads']} threads, {res['weights']}; {res['requests']} requests at "
+             f"{res['rate']} req/s, prompts of {res['prompt_tokens_mean']:.0f} tokens on average (three system "
+             f"prompts), {res['new_tokens']} new tokens each; medians over rounds", "",
+             "| prefix cache | TTFT p50 s | TTFT p99 s | throughput tok/s |", "|---|---|---|---|"]
+    for k in ("on", "off"):
+        lines.append(f"| {k} | {m[k]['ttft_p50_s']:.2f} | {m[k]['ttft_p99_s']:.2f} | {m[k]['throughput_tok_s']:.1f} |")
+    hit = [r for r in res["rows"] if r["cache"]]
+    if hit:
+        lines += ["", f"Cache on, per round: {hit[0]['hits']} of {res['requests']} requests hit, "
+                  f"{hit[0]['cached_tokens']} of {hit[0]['prompt_tokens']} prompt tokens reused."]
+    s = res["structured"]
+    lines += ["", "| decoding | ms/token |", "|---|---|",
+              f"| free | {s['free_ms_per_token']:.1f} |", f"| json_schema | {s['json_schema_ms_per_token']:.1f} |",
+              "", "Replies to the same prompt (greedy):", "",
+              f"- free: {json.dumps(s['replies']['free'][:300])}",
+              f"- json_schema: {json.dumps(s['replies']['json_schema'][:300])}",
+              "", "| goal (issue 23) | this run | |", "|---|---|---|"]
+    for goal, fig, ok in goals(res):
+        lines.append(f"| {goal} | {fig} | {'met' if ok else '**missed**'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    res = run(argv)
+    write_json(build_parser().parse_args(argv).out, res)
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
