@@ -10,6 +10,10 @@ import time
 
 import torch
 
+# Timing benchmarks repeat one prompt: the prefix cache would serve its KV from the second time
+# on.  Off unless a benchmark turns it on (bench_prefix.py measures it, on against off).
+os.environ.setdefault("PF_PREFIX_CACHE_GB", "0")
+
 
 def copy_bandwidth(mbytes: int = 256, repeats: int = 10) -> float:
     """STREAM-style copy bandwidth in bytes/s: (bytes read + bytes written) / time, best of N."""

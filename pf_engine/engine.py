@@ -26,7 +26,7 @@ from pf_engine.model.loading import check_model_path, load_weights
 from pf_engine.outputs import GenerationOutput, Stats
 from pf_engine.persona.mix import Mix
 from pf_engine.persona.specs import Personas
-from pf_engine.runtime.prefix_cache import PREFIX_CACHE_GB
+from pf_engine.runtime.prefix_cache import default_gb as default_prefix_cache_gb
 from pf_engine.runtime.threads import POLICY
 from pf_engine.sampling import SamplingParams
 from pf_engine.scoring import score
@@ -122,7 +122,7 @@ class Engine:
         self.eos_ids = eos
         self.stats = Stats()
         self.load_s = 0.0
-        self.prefix_cache_gb, self._prefix = PREFIX_CACHE_GB, False       # False: not built yet
+        self.prefix_cache_gb, self._prefix = default_prefix_cache_gb(), False   # False: not built yet
         self._generation_defaults: dict[bool, tuple[dict, str]] = {}
 
     @classmethod

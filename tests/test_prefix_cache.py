@@ -183,3 +183,13 @@ def test_lru_evicts_leaves_before_their_parents():
     assert c.stats.evictions == 1
     assert len(c.lookup(root, [1, 2, 3, 4, 5, 6, 7], 7)) == 2   # the parents stayed
     assert c.lookup(("base", "other"), [1, 2, 3, 4], 4) == []   # another root shares nothing
+
+
+def test_default_budget_from_the_environment(eng, monkeypatch):
+    monkeypatch.delenv("PF_PREFIX_CACHE_GB", raising=False)
+    assert pc.default_gb() == pc.PREFIX_CACHE_GB
+    monkeypatch.setenv("PF_PREFIX_CACHE_GB", "0.25")
+    assert pc.default_gb() == 0.25
+    monkeypatch.setenv("PF_PREFIX_CACHE_GB", "lots")
+    with pytest.raises(RequestError, match="prefix_cache_gb='lots'"):
+        PrefixCache.for_engine(eng, pc.default_gb())

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,18 @@ from pf_engine.errors import RequestError
 
 BLOCK = 16                      # tokens per block
 PREFIX_CACHE_GB = 1.0           # the default budget (Engine.prefix_cache_gb, --prefix-cache-gb)
+
+
+def default_gb():
+    """The default budget: $PF_PREFIX_CACHE_GB when set (the timing benchmarks set 0, so that
+    repeating one prompt measures its prefill), else PREFIX_CACHE_GB."""
+    v = os.environ.get("PF_PREFIX_CACHE_GB")
+    if v is None:
+        return PREFIX_CACHE_GB
+    try:
+        return float(v)
+    except ValueError:
+        return v                # for_engine names it
 
 
 @dataclass
