@@ -3,9 +3,12 @@
     python benchmarks/bench_prefix.py [--requests 16] [--rate 0.6] [--rounds 2]
 
 Prefix cache: a stream of chat requests on the bundled SmolLM2-135M-Instruct with the bigfive bank,
-each made of one of three ~300-token system prompts and a short user turn, personas mixed (none,
-explicit weights, "auto"), arriving open-loop at --rate requests/s (seeded exponential gaps), 16
-new tokens each, through the engine's background scheduler.  The same stream runs with the cache
+each made of one of three ~300-token system prompts and a short user turn, personas mixed: half
+of the requests use the service's own persona (explicit weights: a deployment pairs its system
+prompt with one), a quarter none, a quarter "auto" (keyed by the gates its router gives for the
+whole prompt, so it shares blocks only with prompts that route the same), arriving open-loop at
+--rate requests/s (seeded exponential gaps), 16 new tokens each, through the engine's background
+scheduler.  The same stream runs with the cache
 on and off, rounds interleaved (on, off, on, off; a fresh cache each "on" round): time to first
 token p50/p99 and throughput (generated tokens over the stream's wall time), and the cache's hits.
 
@@ -30,26 +33,48 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import command_line, default_out, machine_info, write_json  # noqa: E402
 
 SYSTEMS = [
-    "You are the front-desk assistant of a busy dental clinic. Greet patients warmly, answer questions about "
-    "opening hours (Monday to Friday 8am to 6pm, Saturday 9am to 1pm), services (check-ups, cleaning, fillings, "
-    "whitening, emergency care), prices (a check-up costs 60 euros, cleaning 80 euros, whitening 250 euros) and "
-    "insurance (we accept all public insurers and most private ones). Never give medical diagnoses; for pain or "
-    "swelling advise an emergency appointment. Keep answers short, polite and concrete, and always offer to book "
-    "an appointment. If a patient is anxious, reassure them that our dentists are gentle and that sedation is "
-    "available on request. Do not discuss other patients. Answer in the language of the question.",
-    "You are a support agent for an online bookshop. Orders ship within two working days; delivery takes three "
-    "to five days in Europe and up to ten elsewhere. Returns are free within thirty days if the book is unused; "
-    "e-books cannot be returned once downloaded. Customers can track orders with the link in their confirmation "
-    "email. Payment by card, PayPal or bank transfer. Gift wrapping costs two euros. Loyalty members collect one "
-    "point per euro and get a voucher at one hundred points. Be friendly and efficient, apologise for delays, "
-    "never promise dates you cannot keep, and escalate damaged parcels to a human colleague with the order number.",
-    "You are a calm, supportive listener for a student wellbeing service. Listen first, reflect what the student "
-    "says, and ask one gentle question at a time. Do not diagnose or prescribe. Suggest practical next steps "
-    "such as sleep, breaks, talking to a tutor or a friend, and mention that free counselling sessions can be "
-    "booked through the wellbeing office. If a student mentions self-harm or being in danger, give the emergency "
-    "number 112 and the 24-hour helpline at once. Keep a warm, non-judgemental tone, avoid jargon, and never "
-    "minimise what the student feels. Close each answer by asking whether they would like more help.",
+    "You are the front-desk assistant of a busy dental clinic in the city centre. Greet patients warmly, answer "
+    "questions about opening hours (Monday to Friday 8am to 6pm, Saturday 9am to 1pm, closed on Sundays and public "
+    "holidays), services (check-ups, cleaning, fillings, root canals, crowns, whitening, children's dentistry and "
+    "emergency care), prices (a check-up costs 60 euros, cleaning 80 euros, a filling from 90 euros, whitening "
+    "250 euros; children under twelve are seen free of charge for check-ups) and insurance (we accept all public "
+    "insurers and most private ones; patients should bring their insurance card to every visit). Never give "
+    "medical diagnoses; for pain, bleeding or swelling advise an emergency appointment the same day, and for "
+    "severe swelling with fever tell the patient to go to the hospital. Keep answers short, polite and concrete, "
+    "and always offer to book an appointment. If a patient is anxious, reassure them that our dentists are gentle, "
+    "that every step is explained before it happens, and that sedation is available on request. Appointments can "
+    "be cancelled free of charge up to 24 hours before; later cancellations cost 20 euros. The clinic is on the "
+    "second floor with a lift, there is a car park behind the building, and the tram stop Central Square is two "
+    "minutes away. Do not discuss other patients or share any personal data. Answer in the language of the question.",
+    "You are a support agent for an online bookshop that sells printed books, e-books and audiobooks. Orders ship "
+    "within two working days; delivery takes three to five days in Europe and up to ten days elsewhere, and express "
+    "delivery in Europe takes one to two days for an extra eight euros. Returns are free within thirty days if the "
+    "book is unused and in its original condition; e-books and audiobooks cannot be returned once downloaded, but "
+    "a faulty file is always replaced. Customers can track orders with the link in their confirmation email or in "
+    "their account under My Orders. Payment by card, PayPal or bank transfer; bank transfers delay shipping until "
+    "the money arrives. Gift wrapping costs two euros and a handwritten card is free. Loyalty members collect one "
+    "point per euro and get a ten euro voucher at one hundred points; points expire after two years. Pre-orders "
+    "are charged on the day of release. Be friendly and efficient, apologise for delays, never promise dates you "
+    "cannot keep, and escalate damaged or lost parcels to a human colleague with the order number and a photo. "
+    "Never ask for full card numbers or passwords. If a customer asks for a recommendation, ask what they enjoyed "
+    "reading recently and suggest two or three titles with one sentence each.",
+    "You are a calm, supportive listener for a university student wellbeing service. Listen first, reflect what "
+    "the student says in your own words, and ask one gentle question at a time. Do not diagnose, label or "
+    "prescribe, and do not give medical advice. Suggest small practical next steps such as regular sleep, short "
+    "breaks while studying, a walk outside, eating regularly, talking to a tutor, a friend or a family member, "
+    "and mention that free and confidential counselling sessions can be booked through the wellbeing office on "
+    "the ground floor of the library or by email. Exam stress, homesickness, loneliness, money worries and "
+    "relationship problems are common, and students should hear that asking for help is a strength. If a student "
+    "mentions self-harm, thoughts of suicide or being in danger, give the emergency number 112 and the 24-hour "
+    "helpline at once and encourage them to contact someone they trust right now. Keep a warm, non-judgemental "
+    "tone, avoid jargon, never minimise what the student feels, and never make promises about grades or deadlines; "
+    "extensions are decided by the faculty office. Respect privacy: do not ask for names or student numbers. "
+    "Close each answer by asking whether they would like more help or information.",
 ]
+# each service's own persona (a deployment pairs its system prompt with one); requests use it,
+# none, or "auto"
+SERVICE_PERSONAS = [{"agreeableness+": 0.8}, {"conscientiousness+": 0.7},
+                    {"agreeableness+": 0.5, "neuroticism-": 0.5}]
 QUESTIONS = ["Can I come on Saturday?", "How much does it cost?", "I am nervous, what should I do?",
              "Where is my order?", "Can I return an e-book?", "I feel overwhelmed by exams.",
              "Do you take my insurance?", "How long is delivery to Canada?", "I cannot sleep before tests."]
@@ -74,14 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def persona_kind(p) -> str:
+    return "base" if p is None else "auto" if p == "auto" else "explicit"
+
+
 def stream_specs(eng, n: int, seed: int) -> list[tuple[list[int], object]]:
+    """n (prompt ids, persona): a system prompt, a user turn, and the service's persona (half of
+    the requests), none (a quarter) or "auto" (a quarter)."""
     rng = random.Random(seed)
-    personas = [None, {"extraversion+": 0.8}, "auto", {"agreeableness+": 0.6, "conscientiousness+": 0.4}]
     out = []
     for i in range(n):
-        msgs = [{"role": "system", "content": rng.choice(SYSTEMS)},
-                {"role": "user", "content": rng.choice(QUESTIONS)}]
-        out.append((eng.tokenizer.encode(eng.tokenizer.render(msgs)), personas[i % len(personas)]))
+        k = rng.randrange(len(SYSTEMS))
+        msgs = [{"role": "system", "content": SYSTEMS[k]}, {"role": "user", "content": rng.choice(QUESTIONS)}]
+        persona = [SERVICE_PERSONAS[k], SERVICE_PERSONAS[k], None, "auto"][i % 4]
+        out.append((eng.tokenizer.encode(eng.tokenizer.render(msgs)), persona))
     return out
 
 
@@ -99,7 +130,11 @@ def run_stream(eng, specs, gaps, new_tokens: int, cache_on: bool) -> dict:
     ttft = sorted(r.t_first - r.t_submit for r in reqs)
     tokens = sum(len(r.tokens) for r in reqs)
     cache = eng.prefix_cache()
+    by_kind = {}
+    for r, (_, persona) in zip(reqs, specs):
+        by_kind.setdefault(persona_kind(persona), []).append(r.t_first - r.t_submit)
     row = {"cache": cache_on, "ttft_p50_s": statistics.median(ttft),
+           "ttft_p50_by_kind_s": {k: statistics.median(v) for k, v in by_kind.items()},
            "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], "wall_s": wall,
            "throughput_tok_s": tokens / wall, "prompt_tokens": sum(len(r.ids) for r in reqs),
            "cached_tokens": sum(r.cached_tokens for r in reqs)}
@@ -145,6 +180,8 @@ def run(argv=None) -> dict:
         rs = [r for r in rows if r["cache"] == on]
         med["on" if on else "off"] = {k: statistics.median(r[k] for r in rs)
                                       for k in ("ttft_p50_s", "ttft_p99_s", "throughput_tok_s")}
+        med["on" if on else "off"]["ttft_p50_by_kind_s"] = {
+            k: statistics.median(r["ttft_p50_by_kind_s"][k] for r in rs) for k in rs[0]["ttft_p50_by_kind_s"]}
     struct = structured_rows(eng, args.struct_rounds, args.struct_tokens)
     return {"benchmark": "bench_prefix", "command": command_line("benchmarks/bench_prefix.py", argv or sys.argv[1:]),
             "machine": machine_info(), "threads": args.threads, "requests": args.requests, "rate": args.rate,
@@ -170,6 +207,11 @@ def markdown(res: dict) -> str:
              "| prefix cache | TTFT p50 s | TTFT p99 s | throughput tok/s |", "|---|---|---|---|"]
     for k in ("on", "off"):
         lines.append(f"| {k} | {m[k]['ttft_p50_s']:.2f} | {m[k]['ttft_p99_s']:.2f} | {m[k]['throughput_tok_s']:.1f} |")
+    kinds = sorted(m["on"].get("ttft_p50_by_kind_s", {}))
+    if kinds:
+        lines += ["", "| TTFT p50 s by persona | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+        for k in ("on", "off"):
+            lines.append(f"| cache {k} | " + " | ".join(f"{m[k]['ttft_p50_by_kind_s'][x]:.2f}" for x in kinds) + " |")
     hit = [r for r in res["rows"] if r["cache"]]
     if hit:
         lines += ["", f"Cache on, per round: {hit[0]['hits']} of {res['requests']} requests hit, "
