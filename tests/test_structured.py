@@ -129,3 +129,21 @@ def test_a_schema_the_library_cannot_compile_is_named(eng):
         Grammars.of(eng).compile(check_response_format(rf))
     assert check_response_format({"type": "text"}) is None and check_response_format(None) is None
     torch.manual_seed(0)
+
+
+def test_the_cpu_and_gpu_masking_paths_agree(eng):
+    """mask_rows' numpy path (CPU) and its torch path (GPU; run here on CPU tensors) ban the
+    same tokens, ids past the vocabulary included."""
+    from pf_engine.structured import mask_rows
+    g = Grammars.of(eng).compile(check_response_format(fmt("person")))
+    V = eng.config.vocab_size + 7
+    a = torch.randn(3, V)
+    b = a.clone()
+    ms = [g.matcher(), g.matcher()]
+    ms[1].consume(eng.tokenizer.fast.token_to_id("{"))
+    mask_rows(a, [0, 2], ms, use_torch=False)
+    ms = [g.matcher(), g.matcher()]
+    ms[1].consume(eng.tokenizer.fast.token_to_id("{"))
+    mask_rows(b, [0, 2], ms, use_torch=True)
+    assert torch.equal(a, b) and torch.isfinite(a[1]).all()
+    assert 0 < torch.isfinite(a[0]).sum() < eng.config.vocab_size and not torch.isfinite(a[2, -7:]).any()

@@ -45,7 +45,6 @@ import threading
 import time
 import warnings
 
-import numpy as np
 import torch
 
 from pf_engine.errors import RequestError
@@ -104,7 +103,6 @@ class Scheduler:
         self._thread_lock = threading.Lock()               # the background thread's start and exit
         self._thread: threading.Thread | None = None
         self.steps = 0
-        self._allow = None                                 # structured rows' masks (host)
         self.stats = Stats()
         self.paused = False
         decode = decode or ("graphs" if dev.type == "cuda" else "dynamic")
@@ -325,9 +323,7 @@ class Scheduler:
         logprobs of the rows whose request asks for them, scoring.logprobs_of)."""
         held = [b for b, r in enumerate(reqs) if r.grammar is not None]
         if held:                  # structured rows: only what their grammar allows (in place)
-            if self._allow is None or self._allow.shape[1] < logits.shape[1]:
-                self._allow = np.zeros((self.slots, logits.shape[1]), dtype=bool)
-            mask_rows(logits, held, [reqs[b].grammar for b in held], self._allow)
+            mask_rows(logits, held, [reqs[b].grammar for b in held])
         toks = logits.argmax(-1)
         for b, r in enumerate(reqs):
             if not r.simple:
