@@ -66,6 +66,17 @@ def cpu_formats(res: dict) -> list[str]:
             + f"; {met} of {len(g)} goals of issue 21 met (table in RESULTS.md)."]
 
 
+def prefix(res: dict) -> list[str]:
+    """The prefix cache and structured output (bench_prefix.json)."""
+    m, st = res["median"], res["structured"]
+    return [f"- **Prefix cache, CPU** ({_at(res)}): a stream of {res['requests']} chat requests on three "
+            f"~300-token system prompts, personas mixed: time to first token p50 {m['on']['ttft_p50_s']:.2f} s "
+            f"with the cache against {m['off']['ttft_p50_s']:.2f} s without ({res['ttft_p50_ratio']:.2f}x lower; "
+            f"goal 3x: {_met(res['ttft_p50_ratio'] >= 3)}), throughput {res['throughput_ratio']:.2f}x; "
+            f"structured (JSON schema) decoding costs {st['ratio']:.2f}x free decoding per token "
+            f"(goal <= 1.15x: {_met(st['ratio'] <= 1.15)})."]
+
+
 def shared(res: dict) -> list[str]:
     """Base decode beside busy processes against quiet (bench_shared.json), ours and transformers'."""
     rows = {(r["engine"], r["config"]): r for r in res.get("summary", [])}
@@ -109,7 +120,7 @@ def headline(results_dir: str, link: str) -> list[str]:
         return load(os.path.join(results_dir, name))
     out = []
     for name, fn in (("bench_generate.json", end_to_end), ("bench_cpu.json", cpu_formats),
-                     ("bench_shared.json", shared)):
+                     ("bench_shared.json", shared), ("bench_prefix.json", prefix)):
         res = get(name)
         if res:
             out += fn(res)

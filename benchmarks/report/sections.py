@@ -60,6 +60,17 @@ def cpu_formats_section(results_dir: str) -> list[str]:
             bench_cpu.markdown(res), ""]
 
 
+def prefix_section(results_dir: str) -> list[str]:
+    """The prefix cache on against off, and structured against free decoding (bench_prefix.json)."""
+    res = load(os.path.join(results_dir, "bench_prefix.json"))
+    if not res:
+        return []
+    from benchmarks import bench_prefix
+    return ["## Prefix cache and structured output (CPU, one run)", "",
+            f"`{res['command'].strip()}`; {provenance(res['machine'])}.", "",
+            bench_prefix.markdown(res), ""]
+
+
 def shared_section(results_dir: str) -> list[str]:
     """Decode on a shared machine: quiet against busy processes beside it (bench_shared.json)."""
     res = load(os.path.join(results_dir, "bench_shared.json"))
