@@ -104,6 +104,7 @@ class Block:
         self.gate_up = Linear(w.gate_up, w.gate_up_bias, (f, f), ("gate", "up"), backend)
         self.down = Linear(w.down, w.down_bias, None, ("down",), backend)
         self.linears = (self.qkv, self.o, self.gate_up, self.down)
+        self.reduce = None       # tensor parallelism: sums o's and down's outputs over the ranks
 
     def __call__(self, x, cos, sin, cache, mask, mix=None):
         """x [B, T, d]; cos/sin from Rotary.tables; mask: bool [B or 1, 1, T, L] for T > 1, or
@@ -126,9 +127,11 @@ class Block:
             a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=1.0,
                                                enable_gqa=H != H_kv)
             a = a.transpose(1, 2).reshape(B, T, H * D)
-        x = x + self.o(a, mix)
+        o = self.o(a, mix)
+        x = x + (o if self.reduce is None else self.reduce(o))
         gate, up = self.gate_up(rms_norm(x, self.mlp_norm, self.eps), mix)
-        return x + self.down(F.silu(gate) * up, mix)
+        d = self.down(F.silu(gate) * up, mix)
+        return x + (d if self.reduce is None else self.reduce(d))
 
 
 class Decoder:

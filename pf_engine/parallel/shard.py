@@ -1,0 +1,132 @@
+"""Tensor-parallel shards of a model and of its persona experts (Megatron's split, S-LoRA's idea
+for the adapters, without its extra all-reduce).
+
+Rank r of N holds, for every block (H heads, H_kv KV heads, head_dim D, FFN width f):
+
+    qkv      column-parallel: q heads r H/N .. (r+1) H/N - 1 and the same slice of the k and v
+             heads (H_kv / N each), and their bias rows
+    o        row-parallel: o's input columns of those q heads; its bias on rank 0 only
+    gate_up  column-parallel: FFN columns r f/N .. (r+1) f/N - 1 of gate and of up
+    down     row-parallel: those FFN columns as input; its bias on rank 0 only
+    norms, embedding, LM head: replicated
+
+so each rank runs an ordinary Decoder of ``shard_config`` (H/N heads, H_kv/N KV heads, f/N FFN
+columns: its KV cache is sharded by heads) and the outputs of o and down are summed over the
+ranks (one all-reduce each, Block.reduce).
+
+Persona experts, per projection, y = W x + sum_k g_k s_k B_k (A_k x):
+
+    column-parallel (q, k, v, gate, up)   A replicated, B's rows sliced with W's rows: the
+                                          shrink A x is computed on every rank (R_m x d, small),
+                                          the expand gives this rank's output slice
+    row-parallel (o, down)                A's columns sliced with W's: rank r's partial delta
+                                          B (A_r x_r), B replicated.  The expand is linear, so
+                                          the sum over ranks of B (A_r x_r) is B (A x): the
+                                          block's own all-reduce adds it up, no second one
+                                          (S-LoRA all-reduces the shrink result before the
+                                          expand instead)
+
+Gates are the same on every rank (broadcast with the step's inputs, or computed from replicated
+hidden states by a token router), so experts mix exactly as on one rank.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from pf_engine.errors import PFError
+from pf_engine.model.config import ModelConfig
+from pf_engine.model.loading import LayerWeights, ModelWeights
+
+COLUMN = ("q", "k", "v", "gate", "up")
+ROW = ("o", "down")
+
+
+def check(cfg: ModelConfig, n) -> int:
+    """``n`` as the rank count, or a PFError line naming what does not divide."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise PFError(f"tensor_parallel={n!r}: expected an integer >= 1")
+    for what, v in (("num_key_value_heads", cfg.num_key_value_heads),
+                    ("num_attention_heads", cfg.num_attention_heads),
+                    ("intermediate_size", cfg.intermediate_size)):
+        if v % n:
+            raise PFError(f"tensor_parallel={n}: the model's {what} = {v} is not a multiple of {n}")
+    return n
+
+
+def shard_config(cfg: ModelConfig, n: int) -> ModelConfig:
+    """The configuration one rank's Decoder is built with."""
+    check(cfg, n)
+    return dataclasses.replace(cfg, num_attention_heads=cfg.num_attention_heads // n,
+                               num_key_value_heads=cfg.num_key_value_heads // n,
+                               intermediate_size=cfg.intermediate_size // n, head_dim=cfg.head_dim)
+
+
+def _rows(t, ranges):
+    return torch.cat([t[a:b] for a, b in ranges], 0).contiguous()
+
+
+def _only_rank0(bias, rank):
+    return None if bias is None else (bias.clone() if rank == 0 else torch.zeros_like(bias))
+
+
+def qkv_rows(cfg: ModelConfig, rank: int, n: int) -> list[tuple[int, int]]:
+    """Rank r's rows of the fused q|k|v weight."""
+    q, kv, D = cfg.q_size, cfg.kv_size, cfg.head_dim
+    hq, hk = cfg.num_attention_heads // n, cfg.num_key_value_heads // n
+    return [(rank * hq * D, (rank + 1) * hq * D),
+            (q + rank * hk * D, q + (rank + 1) * hk * D),
+            (q + kv + rank * hk * D, q + kv + (rank + 1) * hk * D)]
+
+
+def module_slice(cfg: ModelConfig, module: str, rank: int, n: int) -> tuple[int, int]:
+    """The rows (column-parallel) or input columns (row-parallel) of one projection on rank r."""
+    D = cfg.head_dim
+    size = {"q": cfg.num_attention_heads * D, "k": cfg.num_key_value_heads * D,
+            "v": cfg.num_key_value_heads * D, "o": cfg.num_attention_heads * D,
+            "gate": cfg.intermediate_size, "up": cfg.intermediate_size,
+            "down": cfg.intermediate_size}[module]
+    step = size // n
+    return rank * step, (rank + 1) * step
+
+
+def shard_layer(w: LayerWeights, cfg: ModelConfig, rank: int, n: int) -> LayerWeights:
+    if not all(isinstance(t, torch.Tensor) for t in (w.qkv, w.o, w.gate_up, w.down)):
+        raise PFError(f"tensor_parallel={n} with quantized weights: shards are fp32/bf16/fp16 "
+                      "tensors only (load with quantize='f32')")
+    rows = qkv_rows(cfg, rank, n)
+    f0, f1 = module_slice(cfg, "gate", rank, n)
+    f = cfg.intermediate_size
+    o0, o1 = module_slice(cfg, "o", rank, n)
+    gu = [(f0, f1), (f + f0, f + f1)]
+    return LayerWeights(
+        attn_norm=w.attn_norm, qkv=_rows(w.qkv, rows),
+        qkv_bias=None if w.qkv_bias is None else _rows(w.qkv_bias, rows),
+        o=w.o[:, o0:o1].contiguous(), o_bias=_only_rank0(w.o_bias, rank),
+        mlp_norm=w.mlp_norm, gate_up=_rows(w.gate_up, gu),
+        gate_up_bias=None if w.gate_up_bias is None else _rows(w.gate_up_bias, gu),
+        down=w.down[:, f0:f1].contiguous(), down_bias=_only_rank0(w.down_bias, rank))
+
+
+def shard_weights(w: ModelWeights, cfg: ModelConfig, rank: int, n: int) -> ModelWeights:
+    """Rank r's ModelWeights (see the module doc); the embedding and head stay whole."""
+    return ModelWeights(embed=w.embed, layers=[shard_layer(l, cfg, rank, n) for l in w.layers],
+                        norm=w.norm, lm_head=w.lm_head)
+
+
+class ShardedBank:
+    """What Decoder.attach reads of an AdapterBank (``lora``, ``num_experts``), for rank r."""
+
+    def __init__(self, bank, cfg: ModelConfig, rank: int, n: int):
+        self.bank, self.cfg, self.rank, self.n = bank, cfg, rank, n
+        self.num_experts = bank.num_experts
+
+    def lora(self, layer: int, module: str):
+        lw = self.bank.lora(layer, module)
+        if lw is None or self.n == 1:
+            return lw
+        a0, a1 = module_slice(self.cfg, module, self.rank, self.n)
+        if module in COLUMN:
+            return dataclasses.replace(lw, b=lw.b[a0:a1].contiguous())
+        return dataclasses.replace(lw, a=lw.a[:, a0:a1].contiguous())
