@@ -38,7 +38,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import llama_peer  # noqa: E402
-from benchmarks.common import command_line, default_out, machine_info, read_bandwidth, write_json  # noqa: E402
+from benchmarks.common import (command_line, default_out, machine_info, no_prefix_cache,  # noqa: E402
+                               read_bandwidth, write_json)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "Tell me about the history of the Roman empire in a few sentences."
@@ -127,7 +128,7 @@ def peak_rss(quantize: str | None) -> float:
     """Peak RSS (MB, VmHWM: ru_maxrss would carry the parent's over exec) of a fresh process:
     the bundled model loaded (quantize) and 32 tokens made."""
     code = ("from pf_engine import Engine; "
-            f"e = Engine.from_pretrained(quantize={quantize!r}, progress=False); "
+            f"e = Engine.from_pretrained(quantize={quantize!r}, progress=False); e.set_prefix_cache(0); "
             "e.generate(['Write a haiku about the sea.'], max_new_tokens=32, chat=True); "
             "print([int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -147,7 +148,7 @@ def run(argv=None) -> dict:
         print(f"bench_cpu: no llama.cpp row: {llama_peer.available()[1]}", file=sys.stderr)
     folder = default_model_dir(progress=False)
     paths = files(args, folder)
-    engines = {fmt: Engine.from_pretrained(p, progress=False) for fmt, p in paths.items()}
+    engines = {fmt: no_prefix_cache(Engine.from_pretrained(p, progress=False)) for fmt, p in paths.items()}
     for e in engines.values():
         e.eos_ids = set()
     base = engines["q4_1"]
@@ -155,7 +156,7 @@ def run(argv=None) -> dict:
     names = list(bank.expert_names)
     top2 = {names[0]: 0.7, names[1]: 0.3}
     dense = {n: 0.1 for n in names}
-    persona_eng = Engine.from_pretrained(paths["q4_1"], adapters=bank, progress=False)
+    persona_eng = no_prefix_cache(Engine.from_pretrained(paths["q4_1"], adapters=bank, progress=False))
     persona_eng.eos_ids = set()
     ids = base.tokenizer.encode(PROMPT, chat=True)
 
@@ -226,7 +227,7 @@ def quality_rows(args, engines, llamas, paths) -> dict:
             row["ppl_ratio"] = row["ppl_pf"] / row["ppl_llama"]
             del lr
         if fmt != "f32":
-            ref = Engine.from_pretrained(paths[fmt], quantize="f32", progress=False)
+            ref = no_prefix_cache(Engine.from_pretrained(paths[fmt], quantize="f32", progress=False))
             same = 0
             for p in prompts:
                 a = e.generate([p], max_new_tokens=16)[0].token_ids

@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_serving import PROMPTS, TOP2  # noqa: E402
-from benchmarks.common import CpuWatch, busy_warning, command_line, default_out, machine_info, write_json  # noqa: E402
+from benchmarks.common import (CpuWatch, busy_warning, command_line, default_out, machine_info,  # noqa: E402
+                               no_prefix_cache, write_json)
 
 
 def sync(device: str) -> None:
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     bank.router.top_k = 2
     eng = Engine.from_pretrained(base.folder, adapters=bank, device=args.device, dtype=args.dtype,
                                  backend=args.backend, progress=False)
-    eng.eos_ids = set()
+    no_prefix_cache(eng).eos_ids = set()
     personas = [None, TOP2, "auto", "token"] if args.personas == "mixed" else [None]
     modes = ["dynamic", "static"] + (["graphs"] if args.device.startswith("cuda") else [])
     rows = []

@@ -45,7 +45,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import CpuWatch, busy_warning, command_line, default_out, machine_info, read_bandwidth, write_json  # noqa: E402
+from benchmarks.common import (CpuWatch, busy_warning, command_line, default_out, machine_info,  # noqa: E402
+                               no_prefix_cache, read_bandwidth, write_json)
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who discovers that the light has been "
@@ -226,7 +227,7 @@ class Setup:
         self.model = args.model
         self.base = Engine.from_pretrained(args.model, device=self.device, dtype=self.dtype,
                                            progress=False, quantize=self.quantize_for(args.model))
-        self.base.eos_ids = set()        # every row generates exactly N tokens
+        no_prefix_cache(self.base).eos_ids = set()        # every row generates exactly N tokens
         self.bank = AdapterBank.random(self.base.config, rank=args.rank, seed=0, router=True)
         self.bank.router.top_k = 2
         self.bank.token_router.top_k = 2
@@ -244,7 +245,7 @@ class Setup:
         eng = Engine.from_pretrained(self.model, adapters=self.bank, device=self.device,
                                      dtype=self.dtype, backend=backend, progress=False,
                                      quantize=self.quantize_for(self.model))
-        eng.eos_ids = set()
+        no_prefix_cache(eng).eos_ids = set()
         return eng
 
 

@@ -44,7 +44,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import CpuWatch, busy_warning, command_line, default_out, machine_info, write_json  # noqa: E402
+from benchmarks.common import (CpuWatch, busy_warning, command_line, default_out, machine_info,  # noqa: E402
+                               no_prefix_cache, write_json)
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -209,7 +210,7 @@ def stream_engines(args, backends: list) -> tuple:
     engines = {b: Engine.from_pretrained(base.folder, adapters=bank, device=args.device, backend=b,
                                          progress=False) for b in backends}
     for e in engines.values():
-        e.eos_ids = set()
+        no_prefix_cache(e).eos_ids = set()
         e.generate(PROMPTS[0], max_new_tokens=2, chat=True)                  # warm-up
     return base, engines
 

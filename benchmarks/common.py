@@ -10,9 +10,6 @@ import time
 
 import torch
 
-# Timing benchmarks repeat one prompt: the prefix cache would serve its KV from the second time
-# on.  Off unless a benchmark turns it on (bench_prefix.py measures it, on against off).
-os.environ.setdefault("PF_PREFIX_CACHE_GB", "0")
 
 
 def copy_bandwidth(mbytes: int = 256, repeats: int = 10) -> float:
@@ -173,3 +170,10 @@ def write_json(path: str, obj: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
+
+
+def no_prefix_cache(eng):
+    """``eng`` with its prefix cache off: timing benchmarks repeat one prompt, whose KV the cache
+    would serve from the second time on (bench_prefix.py measures the cache, on against off)."""
+    eng.set_prefix_cache(0)
+    return eng

@@ -93,17 +93,21 @@ def gguf_source(model) -> str | None:
 
 class Engine:
     def __init__(self, folder: str, device: torch.device, dtype: torch.dtype, adapters=None,
-                 backend: str | None = None, quantize: str | None = None, gguf: str | None = None):
+                 backend: str | None = None, quantize: str | None = None, gguf: str | None = None,
+                 tensor_parallel: int = 1):
         """``folder``: the model's HF-layout folder (config, tokenizer, float weights); ``gguf``:
         the file it was converted from, whose 8/4-bit and 16-bit tensors are used as they are where the
-        backend runs them (model/quantize.py says what ``quantize`` does)."""
+        backend runs them (model/quantize.py says what ``quantize`` does); ``tensor_parallel``:
+        ranks (parallel/runtime.py)."""
         self.folder, self.device, self.dtype = folder, device, dtype
         self.config = ModelConfig.from_file(os.path.join(folder, "config.json"))
         self.backend = resolve_backend(backend, device)
         mode = quantization.check(quantize, gguf=gguf is not None, device=device, dtype=dtype,
                                   backend=self.backend)
+        from pf_engine.parallel.runtime import check_parallel
+        self.tensor_parallel = check_parallel(self.config, tensor_parallel, device, mode)
         keep = gguf is not None and mode is None and self.backend.quantized and \
-            dtype == torch.float32
+            dtype == torch.float32 and self.tensor_parallel == 1
         weights = load_weights(folder, self.config, dtype, device, mode, gguf if keep else None)
         self.weight_formats = quantization.describe(weights)
         self.bank = None
@@ -111,10 +115,14 @@ class Engine:
             from pf_engine.persona.bank import AdapterBank
             self.bank = adapters.for_model(self.config) if isinstance(adapters, AdapterBank) \
                 else AdapterBank.load(os.fspath(adapters), self.config)
-        self.model = Decoder(self.config, weights, device, self.backend)
-        if self.bank is not None:
             self.bank.to(dtype=dtype, device=device)
-            self.model.attach(self.bank)
+        if self.tensor_parallel > 1:
+            from pf_engine.parallel.runtime import tp_model
+            self.model = tp_model(self, weights)
+        else:
+            self.model = Decoder(self.config, weights, device, self.backend)
+            if self.bank is not None:
+                self.model.attach(self.bank)
         self.tokenizer = Tokenizer.maybe(folder)
         eos = set(self.config.eos_token_id)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -127,7 +135,8 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model=None, adapters=None, device=None, dtype=None, backend=None,
-                        progress: bool = True, quantize: str | None = None) -> "Engine":
+                        progress: bool = True, quantize: str | None = None,
+                        tensor_parallel: int = 1) -> "Engine":
         """Load a model (None: the bundled SmolLM2-135M-Instruct; an HF folder; a .gguf file).
 
         device: "cpu" / "cuda" (default: cuda when present); dtype: fp32 / fp16 / bf16 (default
@@ -138,6 +147,9 @@ class Engine:
         quantize: None (a GGUF's own formats on the cpu backend, an HF folder's weights
         as stored), "f32" (everything float), "q8" / "q4" / "bf16" / "f16" (an HF folder
         converted at load): model/quantize.py.
+        tensor_parallel: N ranks (CPU, gloo): this process and N - 1 worker processes each hold
+        1/N of every block's heads and FFN columns and of the persona experts
+        (pf_engine/parallel); ``close()`` stops them.
         """
         t0 = time.perf_counter()
         dev = resolve_device(device)
@@ -145,7 +157,8 @@ class Engine:
         gguf = gguf_source(model)
         quantization.check(quantize, gguf=gguf is not None, device=dev, dtype=dt,
                            backend=None)                       # before any conversion runs
-        eng = cls(resolve_model(model, progress), dev, dt, adapters, backend, quantize, gguf)
+        eng = cls(resolve_model(model, progress), dev, dt, adapters, backend, quantize, gguf,
+                  tensor_parallel)
         eng.load_s = time.perf_counter() - t0
         return eng
 
@@ -159,6 +172,12 @@ class Engine:
             self._generation_defaults[chat] = generation_defaults(self.folder, chat)
         d, source = self._generation_defaults[chat]
         return dict(d), source
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done when the engine is collected)."""
+        workers = getattr(self.model, "workers", None)
+        if workers is not None:
+            workers.close()
 
     # Prompts ------------------------------------------------------------------------------
     def _encode(self, prompts, chat: bool) -> list[list[int]]:
@@ -263,7 +282,10 @@ class Engine:
     def prefix_cache(self):
         """The engine's prefix cache (runtime/prefix_cache.py), shared by its schedulers and
         generate calls: prompt KV blocks reused by later prompts that start the same way under the
-        same persona; built on first use with ``prefix_cache_gb`` GiB (None when 0: off)."""
+        same persona; built on first use with ``prefix_cache_gb`` GiB (None when 0: off, and
+        under tensor parallelism, whose ranks each hold their own heads' KV: not built yet)."""
+        if self.tensor_parallel > 1:
+            return None
         if self._prefix is False:
             from pf_engine.runtime.prefix_cache import PrefixCache
             self._prefix = PrefixCache.for_engine(self, self.prefix_cache_gb)

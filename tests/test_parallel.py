@@ -30,7 +30,7 @@ def _logits(folder: str, rank: int, world: int):
     from pf_engine.backends import resolve_backend
     from pf_engine.model.decoder import Decoder, Scratch, causal_mask
     from pf_engine.model.loading import load_weights
-    from pf_engine.parallel.tp import shard_model
+    from pf_engine.parallel.tp import reducer, shard_model
     from pf_engine.persona.bank import BIG_FIVE, AdapterBank
     from pf_engine.persona.mix import Mix
     from pf_engine.persona.specs import Personas
@@ -43,7 +43,7 @@ def _logits(folder: str, rank: int, world: int):
         model = Decoder(cfg, w, torch.device("cpu"), backend)
         model.attach(bank)
     else:
-        model = shard_model(cfg, w, bank, backend, torch.device("cpu"))
+        model = shard_model(cfg, w, bank, backend, torch.device("cpu"), rank, world, reducer())
     T = 11
     ids = torch.randint(3, cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(7))
     specs = {None: None, "top2": {BIG_FIVE[0]: 0.7, BIG_FIVE[5]: 0.3},
@@ -97,4 +97,123 @@ def test_bad_rank_counts_are_one_line(hf_model_dir, n, words):
     cfg = ModelConfig.from_file(os.path.join(folder, "config.json"))
     with pytest.raises(PFError) as e:
         shard_config(cfg, n)
+    assert "\n" not in str(e.value) and words in str(e.value), str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine on two ranks: Engine.from_pretrained(tensor_parallel=2)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def engines(hf_model_dir):
+    """(one rank, two ranks) over the same tiny Qwen2 (q/k/v biases) and bank."""
+    from pf_engine import Engine
+    from pf_engine.persona.bank import AdapterBank
+    folder, _ = hf_model_dir("qwen2", "tp_engine", num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=96, hidden_size=64)
+    cfg = ModelConfig.from_file(os.path.join(folder, "config.json"))
+    bank = AdapterBank.random(cfg, rank=4, seed=8, router=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = Engine.from_pretrained(folder, adapters=bank, progress=False)
+        two = Engine.from_pretrained(folder, adapters=bank, progress=False, tensor_parallel=2)
+    finally:
+        torch.set_num_threads(threads)
+    yield one, two
+    two.close()
+
+
+def test_engine_on_two_ranks_matches_one(engines):
+    """Logits (1e-4) and greedy tokens of every persona kind, one per row of one call (mixed
+    rows), through generate and through the scheduler with requests arriving at different
+    steps."""
+    from pf_engine.persona.bank import BIG_FIVE
+    from pf_engine.sampling import SamplingParams
+    one, two = engines
+    assert two.tensor_parallel == 2 and two.prefix_cache() is None
+    kinds = [None, {BIG_FIVE[1]: 0.9}, {n: 0.1 for n in BIG_FIVE}, "auto", "token"]
+    ids = [[5 + i, 9, 33, 70 + i, 4, 8, 100 + 3 * i] for i in range(len(kinds))]
+    a, b = one.logits(ids, persona=kinds), two.logits(ids, persona=kinds)
+    assert (a - b).abs().max() <= 1e-4 * (1 + a.abs().max())
+    ga = [o.token_ids for o in one.generate(ids, max_new_tokens=10, persona=kinds)]
+    gb = [o.token_ids for o in two.generate(ids, max_new_tokens=10, persona=kinds)]
+    assert ga == gb
+    outs = []
+    for eng in (one, two):
+        sched = eng.scheduler(slots=2, max_len=64, prefill_budget=5, background=False)
+        reqs = []
+        for step in range(len(kinds) + 12):
+            if step < len(kinds):
+                reqs.append(sched.submit(ids[step], SamplingParams(max_new_tokens=6 + step), kinds[step]))
+            if sched.pending():
+                sched.step()
+        sched.run()
+        outs.append([r.result().token_ids for r in reqs])
+    assert outs[0] == outs[1]
+
+
+def test_pf_serve_on_two_ranks(tiny_chat_model):
+    """A chat completion through the real openai client from a two-rank engine equals the
+    one-rank engine's greedy reply."""
+    openai = pytest.importorskip("openai")
+    from pf_engine import Engine
+    from pf_engine.serve import build_app
+    from pf_engine.serve.threaded import ThreadedServer
+    folder, _ = tiny_chat_model
+    one = Engine.from_pretrained(folder, progress=False)
+    two = Engine.from_pretrained(folder, progress=False, tensor_parallel=2)
+    two.scheduler(slots=4, max_len=64)
+    server = ThreadedServer(build_app(two, "tiny", max_queue=8, timeout_s=60))
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        r = c.completions.create(model="tiny", prompt="hello there", max_tokens=6, temperature=0)
+        want = one.generate(["hello there"], max_new_tokens=6)[0].text
+        assert r.choices[0].text == want
+    finally:
+        server.close()
+        two.close()
+
+
+@pytest.mark.parametrize("how", ["kill", "hang"])
+def test_a_dead_or_hung_worker_is_one_error_and_no_orphan(hf_model_dir, monkeypatch, how):
+    import signal
+    import time
+    from pf_engine import Engine
+    from pf_engine.parallel.runtime import ParallelError
+    folder, _ = hf_model_dir("llama", "tp_fault", num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=96, hidden_size=64)
+    monkeypatch.setenv("PF_TP_TIMEOUT_S", "4")
+    eng = Engine.from_pretrained(folder, progress=False, tensor_parallel=2)
+    proc = eng.model.workers.procs[0]
+    assert eng.generate([[5, 6, 7]], max_new_tokens=3)[0].token_ids
+    os.kill(proc.pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+    if how == "kill":
+        proc.join(5)
+    t0 = time.monotonic()
+    with pytest.raises(ParallelError) as e:
+        eng.generate([[5, 6, 7]], max_new_tokens=3)
+    assert time.monotonic() - t0 < 20
+    msg = str(e.value)
+    said = "worker 1 exited" if how == "kill" else "did not answer an all-reduce within 4 s"
+    assert "\n" not in msg and said in msg and "group is stopped" in msg, msg
+    proc.join(10)
+    assert not proc.is_alive()                   # stopped or killed: nothing left behind
+    with pytest.raises(ParallelError, match="has failed"):
+        eng.logits([[1, 2]])
+
+
+@pytest.mark.parametrize("kw,words", [(dict(tensor_parallel=3), "not a multiple of 3"),
+                                      (dict(tensor_parallel=2, quantize="q8"), "quantize='q8'"),
+                                      (dict(tensor_parallel=2, cores=1), "more ranks than this machine's 1 CPU cores")])
+def test_bad_tensor_parallel_is_one_line(hf_model_dir, monkeypatch, kw, words):
+    from pf_engine import Engine
+    kw = dict(kw)
+    if "cores" in kw:
+        cores = kw.pop("cores")
+        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    folder, _ = hf_model_dir("llama", "tp_bad2", num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=96, hidden_size=64)
+    with pytest.raises(PFError) as e:
+        Engine.from_pretrained(folder, progress=False, **kw)
     assert "\n" not in str(e.value) and words in str(e.value), str(e.value)

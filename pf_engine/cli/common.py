@@ -23,6 +23,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N ranks: this process and N - 1 workers (CPU, gloo; "
+                        "--threads each)")
     from pf_engine.model.quantize import QUANTIZE
     p.add_argument("--quantize", default=None, choices=QUANTIZE,
                    help="weights: q8 / q4 / bf16 / f16 convert an HF folder's at load (cpu backend); "
@@ -41,6 +44,8 @@ def check_engine_args(args, persona=None) -> None:
     resolve_dtype(args.dtype, resolve_device(args.device))
     if persona is not None:
         parse_spec(persona)
+    if args.tensor_parallel < 1:
+        raise PFError(f"--tensor-parallel {args.tensor_parallel}: expected an integer >= 1")
     if args.threads is not None:
         if args.threads < 1:
             raise PFError(f"--threads {args.threads}: expected an integer >= 1")

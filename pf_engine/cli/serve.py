@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     logging.getLogger("pf_engine.serve").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         eng = Engine.from_pretrained(args.model, adapters=args.adapters, device=args.device,
-                                     dtype=args.dtype, backend=args.backend, quantize=args.quantize)
+                                     dtype=args.dtype, backend=args.backend, quantize=args.quantize,
+                                     tensor_parallel=args.tensor_parallel)
         if args.prefix_cache_gb is not None:
             eng.set_prefix_cache(args.prefix_cache_gb)
         eng.scheduler(slots=args.slots, max_len=args.max_len, kv_cache_gb=args.kv_cache_gb)

@@ -153,6 +153,13 @@ class Decoder:
                 lin.attach({m: bank.lora(i, m) for m in lin.modules}, bank.num_experts)
         self.runner = self.backend.runner(self)
 
+    def slot_cache(self, slots: int, max_len: int):
+        """A KV pool of ``slots`` rows of ``max_len`` columns for this model's heads."""
+        from pf_engine.runtime.kv_cache import SlotCache
+        c = self.cfg
+        return SlotCache(c.num_hidden_layers, slots, c.num_key_value_heads, max_len, c.head_dim,
+                         self.dtype, self.device)
+
     def embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] -> their embeddings [B, T, d] (a quantized table's rows dequantized)."""
         if isinstance(self.embed, torch.Tensor):

@@ -49,8 +49,7 @@ PREFIX_CACHE_GB = 1.0           # the default budget (Engine.prefix_cache_gb, --
 
 
 def default_gb():
-    """The default budget: $PF_PREFIX_CACHE_GB when set (the timing benchmarks set 0, so that
-    repeating one prompt measures its prefill), else PREFIX_CACHE_GB."""
+    """The default budget: $PF_PREFIX_CACHE_GB when set, else PREFIX_CACHE_GB."""
     v = os.environ.get("PF_PREFIX_CACHE_GB")
     if v is None:
         return PREFIX_CACHE_GB

@@ -52,7 +52,7 @@ from pf_engine.outputs import Stats
 from pf_engine.persona.mix import Mix
 from pf_engine.persona.specs import BASE, SEQUENCE, TOKEN
 from pf_engine.request import Request
-from pf_engine.runtime.kv_cache import SlotCache, slots_for
+from pf_engine.runtime.kv_cache import slots_for
 from pf_engine.runtime.prefix_cache import persona_root
 from pf_engine.runtime.static_decode import CaptureFailed, StaticDecode
 from pf_engine.runtime.threads import POLICY
@@ -88,8 +88,7 @@ class Scheduler:
             raise RequestError(f"prefill_budget={prefill_budget!r}: expected an integer >= 1")
         self.prefill_budget = prefill_budget
         m = engine.model
-        self.cache = SlotCache(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, self.max_len,
-                               cfg.head_dim, m.dtype, m.device)
+        self.cache = m.slot_cache(slots, self.max_len)     # this rank's heads (tensor parallel)
         K = engine.bank.num_experts if engine.bank is not None else 0
         dev = engine.device
         self.gates = torch.zeros(slots, K, dtype=torch.float32, device=dev)      # a row per slot
@@ -105,7 +104,7 @@ class Scheduler:
         self.steps = 0
         self.stats = Stats()
         self.paused = False
-        decode = decode or ("graphs" if dev.type == "cuda" else "dynamic")
+        decode = decode or ("graphs" if dev.type == "cuda" and engine.tensor_parallel == 1 else "dynamic")
         if decode not in ("dynamic", "static", "graphs"):
             raise RequestError(f"decode={decode!r}: expected dynamic, static or graphs")
         self.static = None if decode == "dynamic" else StaticDecode(self, decode == "graphs")
