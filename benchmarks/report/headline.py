@@ -77,6 +77,16 @@ def prefix(res: dict) -> list[str]:
             f"(goal <= 1.15x: {_met(st['ratio'] <= 1.15)})."]
 
 
+def tensor_parallel(res: dict) -> list[str]:
+    """Two CPU ranks against one (bench_tp.json)."""
+    r = res["rows"]
+    one, two = r["1 rank x 2 threads"], r["2 ranks x 1 thread"]
+    return [f"- **Tensor parallelism, CPU** ({_at(res)}): 2 ranks x 1 thread decode at "
+            f"{two['decode_ms_per_token']:.1f} ms/token against {one['decode_ms_per_token']:.1f} for 1 rank x 2 "
+            f"threads ({res['decode_ratio']:.2f}x slower on this 2-core machine); the all-reduces carry "
+            f"{res['allreduce_bytes_per_decode_step'] / 1e3:.0f} kB per decode step."]
+
+
 def shared(res: dict) -> list[str]:
     """Base decode beside busy processes against quiet (bench_shared.json), ours and transformers'."""
     rows = {(r["engine"], r["config"]): r for r in res.get("summary", [])}
@@ -120,7 +130,8 @@ def headline(results_dir: str, link: str) -> list[str]:
         return load(os.path.join(results_dir, name))
     out = []
     for name, fn in (("bench_generate.json", end_to_end), ("bench_cpu.json", cpu_formats),
-                     ("bench_shared.json", shared), ("bench_prefix.json", prefix)):
+                     ("bench_shared.json", shared), ("bench_prefix.json", prefix),
+                     ("bench_tp.json", tensor_parallel)):
         res = get(name)
         if res:
             out += fn(res)

@@ -71,6 +71,17 @@ def prefix_section(results_dir: str) -> list[str]:
             bench_prefix.markdown(res), ""]
 
 
+def tp_section(results_dir: str) -> list[str]:
+    """Two CPU ranks against one (bench_tp.json)."""
+    res = load(os.path.join(results_dir, "bench_tp.json"))
+    if not res:
+        return []
+    from benchmarks import bench_tp
+    return ["## Tensor parallelism on the CPU (same run)", "",
+            f"`{res['command'].strip()}`; {provenance(res['machine'])}.", "",
+            bench_tp.markdown(res), ""]
+
+
 def shared_section(results_dir: str) -> list[str]:
     """Decode on a shared machine: quiet against busy processes beside it (bench_shared.json)."""
     res = load(os.path.join(results_dir, "bench_shared.json"))
