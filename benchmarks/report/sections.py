@@ -49,81 +49,52 @@ def mixing_section(results_dir: str, page_dir: str) -> list[str]:
     return parts
 
 
-def cpu_formats_section(results_dir: str) -> list[str]:
-    """Weight formats on CPU beside llama.cpp on the same files (bench_cpu.json)."""
-    res = load(os.path.join(results_dir, "bench_cpu.json"))
+def bench_section(results_dir: str, name: str, title: str, extra=None) -> list[str]:
+    """A benchmark's section: its title, command and machine, then its own markdown (and
+    ``extra(res)`` lines); nothing when benchmarks/results/<name>.json is missing."""
+    import importlib
+    res = load(os.path.join(results_dir, f"{name}.json"))
     if not res:
         return []
-    from benchmarks import bench_cpu
-    return ["## CPU weight formats beside llama.cpp (same files, same run)", "",
-            f"`{res['command'].strip()}`; {provenance(res['machine'])}.", "",
-            bench_cpu.markdown(res), ""]
+    md = importlib.import_module(f"benchmarks.{name}").markdown(res)
+    return [f"## {title}", "", f"`{res['command'].strip()}`; {provenance(res['machine'])}.", "",
+            md, ""] + (extra(res) if extra else [])
+
+
+def cpu_formats_section(results_dir: str) -> list[str]:
+    """Weight formats on CPU beside llama.cpp on the same files (bench_cpu.json)."""
+    return bench_section(results_dir, "bench_cpu", "CPU weight formats beside llama.cpp (same files, same run)")
 
 
 def prefix_section(results_dir: str) -> list[str]:
     """The prefix cache on against off, and structured against free decoding (bench_prefix.json)."""
-    res = load(os.path.join(results_dir, "bench_prefix.json"))
-    if not res:
-        return []
-    from benchmarks import bench_prefix
-    return ["## Prefix cache and structured output (CPU, one run)", "",
-            f"`{res['command'].strip()}`; {provenance(res['machine'])}.", "",
-            bench_prefix.markdown(res), ""]
+    return bench_section(results_dir, "bench_prefix", "Prefix cache and structured output (CPU, one run)")
 
 
 def tp_section(results_dir: str) -> list[str]:
     """Two CPU ranks against one (bench_tp.json)."""
-    res = load(os.path.join(results_dir, "bench_tp.json"))
-    if not res:
-        return []
-    from benchmarks import bench_tp
-    return ["## Tensor parallelism on the CPU (same run)", "",
-            f"`{res['command'].strip()}`; {provenance(res['machine'])}.", "",
-            bench_tp.markdown(res), ""]
+    return bench_section(results_dir, "bench_tp", "Tensor parallelism on the CPU (same run)")
 
 
 def shared_section(results_dir: str) -> list[str]:
     """Decode on a shared machine: quiet against busy processes beside it (bench_shared.json)."""
-    res = load(os.path.join(results_dir, "bench_shared.json"))
-    if not res:
-        return []
-    from benchmarks import bench_shared
-    return ["## On a shared machine: busy processes beside the engine", "",
-            f"`{res['command'].strip()}`; {provenance(res['machine'])}.", "",
-            bench_shared.markdown(res), ""]
+    return bench_section(results_dir, "bench_shared", "On a shared machine: busy processes beside the engine")
 
 
 def serving_section(results_dir: str) -> list[str]:
     """The stream-of-requests table from bench_serving.json (benchmarks/bench_serving.py)."""
-    from benchmarks import bench_serving
-    srv = load(os.path.join(results_dir, "bench_serving.json"))
-    if not srv:
-        return []
-    return ["## A stream of requests: continuous against static batching", "",
-            f"`{srv['command'].strip()}`; {provenance(srv['machine'])}.", "",
-            bench_serving.markdown(srv), ""] + serving_reading(srv)
+    return bench_section(results_dir, "bench_serving", "A stream of requests: continuous against static batching",
+                         serving_reading)
 
 
 def http_section(results_dir: str) -> list[str]:
     """The same stream over HTTP (benchmarks/bench_http.py): what pf-serve adds."""
-    from benchmarks import bench_http
-    res = load(os.path.join(results_dir, "bench_http.json"))
-    if not res:
-        return []
-    return ["## The same stream over HTTP: pf-serve against in-process", "",
-            f"`{res['command'].strip()}`; {provenance(res['machine'])}.", "",
-            bench_http.markdown(res), ""]
+    return bench_section(results_dir, "bench_http", "The same stream over HTTP: pf-serve against in-process")
 
 
 def scoring_section(results_dir: str) -> list[str]:
     """Prompt scoring (echo + logprobs) over HTTP and in process (benchmarks/bench_scoring.py)."""
-    from benchmarks import bench_scoring
-    res = load(os.path.join(results_dir, "bench_scoring.json"))
-    if not res:
-        return []
-    return ["## Scoring prompts: what lm-evaluation-harness asks of a server", "",
-            f"`{res['command'].strip()}`; {provenance(res['machine'])}.", "",
-            bench_scoring.markdown(res), ""]
+    return bench_section(results_dir, "bench_scoring", "Scoring prompts: what lm-evaluation-harness asks of a server")
 
 
 def decode_section(results_dir: str) -> list[str]:
