@@ -17,6 +17,9 @@ from pf_engine.sampling import SamplingParams  # noqa: E402
 from pf_engine.structured import Grammars, check_response_format  # noqa: E402
 
 NAME = {"type": "string", "maxLength": 24}
+# Integers bounded: a 4-bit model can repeat a digit until the budget (it did, on an AVX-512
+# machine, where torch's prefill GEMMs round differently), which no grammar stops otherwise.
+COUNT = {"type": "integer", "minimum": 0, "maximum": 100000000}
 SCHEMAS = {
     "person": {"type": "object", "properties": {"name": NAME, "age": {"type": "integer", "minimum": 0}},
                "required": ["name", "age"], "additionalProperties": False},
@@ -28,8 +31,8 @@ SCHEMAS = {
     "nested": {"type": "object", "properties": {
         "city": {"type": "object", "properties": {"name": NAME, "country": NAME},
                  "required": ["name", "country"], "additionalProperties": False},
-        "population": {"type": "integer"}}, "required": ["city", "population"], "additionalProperties": False},
-    "optional": {"type": "object", "properties": {"title": NAME, "year": {"type": "integer"},
+        "population": COUNT}, "required": ["city", "population"], "additionalProperties": False},
+    "optional": {"type": "object", "properties": {"title": NAME, "year": COUNT,
                                                   "rating": {"type": "number"}},
                  "required": ["title"], "additionalProperties": False},
 }
