@@ -43,10 +43,17 @@ TypeError for a wrong dtype, naming the argument, and nothing is written when on
         H_kv, max_len, D] (the whole pool); cols int64 [B]; bias [B, L].
 
     BlockPlan(qkv, o, gate_up, down, attn_norm, mlp_norm, eps, n_heads, n_kv_heads, head_dim)
-      .step(h, gates, cos, sin, k_cache, v_cache, layer, row0, cols, bias, threads=1)
+      .step(h, gates, cos, sin, k_cache, v_cache, layer, row0, cols, bias, threads=1, group=None)
         One decoder block's decode step in one call, h [B, d] C-contiguous updated in place:
         qkv = W_qkv rmsnorm(h); a = decode_attention(qkv); h += W_o a;
         gu = W_gu rmsnorm(h); h += W_down silu(gate) * up   (each + experts under ``gates``).
+        With a ShmGroup (a tensor-parallel shard): h = allreduce(h + W_o a) on rank 0 and
+        allreduce(W_o a) on the others, the same after down.
+
+    ShmGroup(segment, rank, world, capacity, timeout_s), ShmGroup.layout_bytes(world, capacity)
+      .allreduce(x)   x float32 <- the sum over the processes mapping ``segment`` (rank order,
+                      bit-identical everywhere); .abort(); properties rank, world, capacity,
+                      rounds, aborted.  csrc/cpu/shm_group.h has the layout and the protocol.
 
     FMT_F32, FMT_Q8_0, FMT_Q4_0, FMT_Q4_1, FMT_F16, FMT_BF16; row_bytes(fmt, d_in);
     dequantize(weight, fmt, out, rows=None, threads=1)    stored rows -> float32
@@ -103,7 +110,7 @@ def _load():
 _TYPED = ("MAX_ROWS", "PRO_NONE", "PRO_RMSNORM", "PRO_SILU_MUL", "LinearPlan", "BlockPlan",
           "decode_attention", "set_spin_us", "spin_us", "pool_workers", "FMT_F32", "FMT_Q8_0",
           "FMT_Q4_0", "FMT_Q4_1", "FMT_F16", "FMT_BF16", "row_bytes", "dequantize", "isa", "isas",
-          "set_isa")
+          "set_isa", "ShmGroup")
 
 
 def __getattr__(name: str):

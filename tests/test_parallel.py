@@ -104,24 +104,46 @@ def test_bad_rank_counts_are_one_line(hf_model_dir, n, words):
 # The engine on two ranks: Engine.from_pretrained(tensor_parallel=2)
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def engines(hf_model_dir):
-    """(one rank, two ranks) over the same tiny Qwen2 (q/k/v biases) and bank."""
+@pytest.fixture(scope="module", params=[("shm", "sharded"), ("gloo", "replicated")], ids=lambda p: "-".join(p))
+def engines(hf_model_dir, request):
+    """(one rank, two ranks) over the same tiny Qwen2 (q/k/v biases) and bank: the all-reduces
+    through shared memory with the LM head sharded by vocabulary, or through gloo with the head
+    on every rank."""
     from pf_engine import Engine
     from pf_engine.persona.bank import AdapterBank
     folder, _ = hf_model_dir("qwen2", "tp_engine", num_attention_heads=4, num_key_value_heads=2,
-                             intermediate_size=96, hidden_size=64)
+                             intermediate_size=96, hidden_size=64, vocab_size=251)
     cfg = ModelConfig.from_file(os.path.join(folder, "config.json"))
     bank = AdapterBank.random(cfg, rank=4, seed=8, router=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    allreduce, head = request.param
+    env = {"PF_TP_ALLREDUCE": allreduce, "PF_TP_HEAD": head}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         one = Engine.from_pretrained(folder, adapters=bank, progress=False)
         two = Engine.from_pretrained(folder, adapters=bank, progress=False, tensor_parallel=2)
     finally:
         torch.set_num_threads(threads)
-    yield one, two
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    yield one, two, request.param
     two.close()
+
+
+def test_the_two_rank_engine_runs_the_chosen_paths(engines):
+    """shm: the fused C++ decode step reduces through the ShmGroup; gloo: the blocks one by one;
+    the head's rows split by vocabulary (251 = 125 + 126) or whole."""
+    from pf_engine.parallel.tp import VocabHead
+    _, two, (allreduce, head) = engines
+    local = two.model.local
+    assert (local.runner.group is not None) == (allreduce == "shm")
+    if allreduce == "shm":
+        assert local.runner.plans is not None and two.model.workers.reduce.group.world == 2
+    assert isinstance(local.head, VocabHead) == (head == "sharded")
+    if head == "sharded":
+        assert (local.head.v0, local.head.v1) == (0, 125)
 
 
 def test_engine_on_two_ranks_matches_one(engines):
@@ -130,7 +152,7 @@ def test_engine_on_two_ranks_matches_one(engines):
     steps."""
     from pf_engine.persona.bank import BIG_FIVE
     from pf_engine.sampling import SamplingParams
-    one, two = engines
+    one, two, _ = engines
     assert two.tensor_parallel == 2 and two.prefix_cache() is None
     kinds = [None, {BIG_FIVE[1]: 0.9}, {n: 0.1 for n in BIG_FIVE}, "auto", "token"]
     ids = [[5 + i, 9, 33, 70 + i, 4, 8, 100 + 3 * i] for i in range(len(kinds))]
@@ -217,3 +239,49 @@ def test_bad_tensor_parallel_is_one_line(hf_model_dir, monkeypatch, kw, words):
     with pytest.raises(PFError) as e:
         Engine.from_pretrained(folder, progress=False, **kw)
     assert "\n" not in str(e.value) and words in str(e.value), str(e.value)
+
+
+RANK0 = """
+import sys
+from pf_engine import Engine
+if __name__ == "__main__":
+    eng = Engine.from_pretrained(sys.argv[1], progress=False, tensor_parallel=2)
+    print(eng.model.workers.procs[0].pid, flush=True)
+    while True:
+        eng.generate([[5, 6, 7]], max_new_tokens=50)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"     # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_a_killed_rank0_leaves_no_worker_behind(hf_model_dir, tmp_path):
+    """Rank 0 SIGKILLed while it generates (its worker busy in all-reduces): the worker exits
+    within seconds (its watchdog aborts a wait, its pipe closes)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    folder, _ = hf_model_dir("llama", "tp_fault", num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=96, hidden_size=64)
+    script = tmp_path / "rank0.py"
+    script.write_text(RANK0)
+    p = subprocess.Popen([sys.executable, str(script), folder], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(p.stdout.readline())
+        time.sleep(1.0)
+        assert not _gone(worker)
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+        deadline = time.monotonic() + 15
+        while not _gone(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(worker)
+    finally:
+        p.kill()

@@ -4,7 +4,7 @@
 //   MAX_ROWS = 16, PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
 //   FMT_F32 ... FMT_BF16 = 0 ... 5; row_bytes, dequantize, isa, isas, set_isa (binding_quant.cpp)
 //   LinearPlan, BlockPlan, decode_attention (typed overload), set_spin_us(us), spin_us(),
-//   pool_workers(); _set_chunking(pass1_bytes, pass2_bytes), _chunking() (benchmark tuning)
+//   ShmGroup (binding_group.cpp), pool_workers(); _set_chunking(pass1_bytes, pass2_bytes), _chunking() (benchmark tuning)
 #include <chrono>
 
 #include "binding.h"
@@ -24,6 +24,7 @@ PYBIND11_MODULE(_pf_cpu, m) {
     bind_attention(m);
     bind_block(m);
     bind_quant(m);
+    bind_group(m);
     m.def("set_spin_us", [](int64_t us) {
         Checker("set_spin_us").in_range("us", us, 0, 1000000);
         set_spin_us(us);

@@ -1,15 +1,18 @@
-// What the typed API's binding files share: the LinearPlan Python class (BlockPlan holds four)
+// What the typed API's binding files share: the LinearPlan Python class (BlockPlan holds four),
+// the ShmGroup class (BlockPlan.step may reduce through one)
 // and the attention inputs' checks (decode_attention and BlockPlan.step take the same ones).
 #pragma once
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "attention.h"
 #include "check.h"
 #include "linear_plan.h"
+#include "shm_group.h"
 
 namespace pf_cpu {
 
@@ -30,6 +33,19 @@ private:
     std::vector<py::array> bT_;
 };
 
+// ShmGroup(segment, rank, world, capacity, timeout_s): the checked group plus the segment it
+// reduces through (binding_group.cpp).
+class PyShmGroup {
+public:
+    PyShmGroup(py::object segment, int64_t rank, int64_t world, int64_t capacity, double timeout_s);
+    void allreduce(py::object x);
+    ShmGroup& core() const { return *group_; }
+
+private:
+    py::array seg_;
+    std::unique_ptr<ShmGroup> group_;
+};
+
 // threads in [1, kMaxThreads].
 void check_threads(const Checker& ck, int threads);
 
@@ -44,5 +60,6 @@ void bind_linear(py::module_& m);
 void bind_attention(py::module_& m);
 void bind_block(py::module_& m);
 void bind_quant(py::module_& m);
+void bind_group(py::module_& m);
 
 }  // namespace pf_cpu

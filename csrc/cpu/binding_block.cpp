@@ -4,10 +4,11 @@
 //     four LinearPlans with the shapes of one block (d = qkv.d_in, f = down.d_in):
 //       qkv d -> (H + 2 H_kv) D,  o H D -> d,  gate_up d -> 2 f,  down f -> d,
 //     the same num_experts; attn_norm, mlp_norm float32 [d] contiguous; H % H_kv == 0, D even.
-//   step(h, gates, cos, sin, k_cache, v_cache, layer, row0, cols, bias, threads=1)
+//   step(h, gates, cos, sin, k_cache, v_cache, layer, row0, cols, bias, threads=1, group=None)
 //     h float32 [B, d] C-contiguous, updated in place to the block's output; gates float32
 //     [B, num_experts] unit last stride or None (the base model); the rest as decode_attention's
-//     (with H, H_kv, D the plan's).
+//     (with H, H_kv, D the plan's); group: a ShmGroup or None, the step of a tensor-parallel
+//     shard (block_plan.h: o's and down's outputs summed over the ranks through it).
 #include <cmath>
 
 #include "binding.h"
@@ -68,8 +69,15 @@ public:
 
     void step(py::object h, py::object gates, py::object cos, py::object sin, py::object k_cache,
               py::object v_cache, int64_t layer, int64_t row0, py::object cols, py::object bias,
-              int threads) const {
+              int threads, py::object group) const {
         const Checker ck("BlockPlan.step");
+        ShmGroup* grp = nullptr;
+        if (!group.is_none()) {
+            if (!py::isinstance<PyShmGroup>(group))
+                ck.fail_type(cat("group is ", std::string(py::str(py::type::handle_of(group).attr("__name__"))),
+                                 ", expected a ShmGroup or None"));
+            grp = &group.cast<const PyShmGroup&>().core();
+        }
         check_threads(ck, threads);
         const int64_t d = blk_.qkv->d_in, K = blk_.qkv->num_experts;
         py::array ha = ck.array("h", h, Dtype::F32);
@@ -101,7 +109,7 @@ public:
         for (int i = 0; i < 4; ++i)
             ck.disjoint("h", ha, "a plan's w_aug", plans_[i].cast<const LinearPlan&>().w_aug());
         py::gil_scoped_release nogil;
-        block_step(blk_, data_of<float>(ha), g, gs, call, threads);
+        block_step(blk_, data_of<float>(ha), g, gs, call, threads, grp);
     }
 
     const DecoderBlock& core() const { return blk_; }
@@ -124,7 +132,7 @@ void bind_block(py::module_& m) {
              py::arg("head_dim"))
         .def("step", &BlockPlan::step, py::arg("h"), py::arg("gates"), py::arg("cos"), py::arg("sin"),
              py::arg("k_cache"), py::arg("v_cache"), py::arg("layer"), py::arg("row0"), py::arg("cols"),
-             py::arg("bias"), py::arg("threads") = 1,
+             py::arg("bias"), py::arg("threads") = 1, py::arg("group") = py::none(),
              "h [B, d] <- the block's output for one decode step (writes k, v at cols); GIL released")
         .def_property_readonly("d", [](const BlockPlan& b) { return b.core().qkv->d_in; })
         .def_property_readonly("num_experts", [](const BlockPlan& b) { return b.core().qkv->num_experts; })

@@ -7,7 +7,7 @@
 namespace pf_cpu {
 
 void block_step(const DecoderBlock& blk, float* h, const float* gates, int64_t gs, AttentionCall attn,
-                int threads) {
+                int threads, ShmGroup* group) {
     thread_local std::vector<float> qkv, a, gu;
     const int64_t B = attn.B, d = blk.qkv->d_in;
     qkv.resize(static_cast<size_t>(B * blk.qkv->d_out));
@@ -30,9 +30,12 @@ void block_step(const DecoderBlock& blk, float* h, const float* gates, int64_t g
     attn.qs = blk.qkv->d_out;
     attn.out = a.data();
     attention_run(attn, threads);
-    linear(*blk.o, a.data(), blk.o->d_in, h, PRO_NONE, nullptr, h);
+    const float* res = group && group->rank() != 0 ? nullptr : h;    // block_plan.h: res_r
+    linear(*blk.o, a.data(), blk.o->d_in, h, PRO_NONE, nullptr, res);
+    if (group) group->allreduce(h, B * d);
     linear(*blk.gate_up, h, d, gu.data(), PRO_RMSNORM, blk.mlp_norm, nullptr);
-    linear(*blk.down, gu.data(), blk.gate_up->d_out, h, PRO_SILU_MUL, nullptr, h);
+    linear(*blk.down, gu.data(), blk.gate_up->d_out, h, PRO_SILU_MUL, nullptr, res);
+    if (group) group->allreduce(h, B * d);
 }
 
 }  // namespace pf_cpu

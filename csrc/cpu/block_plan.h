@@ -7,13 +7,18 @@
 //   gu  = W_gu rmsnorm(h; mlp_norm) (+ experts)          [B, 2 f]              linear_run, PRO_RMSNORM
 //   h  += W_down silu(gate) * up (+ experts)             [B, d]                linear_run, PRO_SILU_MUL, res = h
 //
-// the same gates [B, K] (or none: the base model) for the four projection groups.  qkv, a and gu
+// the same gates [B, K] (or none: the base model) for the four projection groups.
+//
+// Tensor parallelism (group != null: this rank holds a shard, o and down row-parallel): the two
+// residual updates become h <- sum over ranks of (res_r + W_o,r a_r), res_0 = h and res_r = 0 on
+// the other ranks (their o/down outputs overwrite h), summed by group->allreduce(h) in place.  qkv, a and gu
 // are thread_local scratch of the calling thread, so two threads may step at once.
 #pragma once
 #include <cstdint>
 
 #include "attention.h"
 #include "linear_plan.h"
+#include "shm_group.h"
 
 namespace pf_cpu {
 
@@ -31,6 +36,6 @@ struct DecoderBlock {
 // h [B, d] contiguous; gates [B, K] at row stride gs, or null; attn: everything but qkv, qs and
 // out (the step's scratch), with B, H, H_kv, D set.
 void block_step(const DecoderBlock& blk, float* h, const float* gates, int64_t gs, AttentionCall attn,
-                int threads);
+                int threads, ShmGroup* group = nullptr);
 
 }  // namespace pf_cpu

@@ -6,15 +6,19 @@ worker processes the engine starts and stops.
 
 Rank 0 sends each model call to every worker once, as one message on its pipe (the call's
 tokens, positions, mask, gates and which cache rows it writes), then runs its own shard; the
-ranks meet only in the blocks' all-reduces (gloo, ``ProcessGroupGloo`` on a TCPStore of its own,
-so the engine never touches torch.distributed's default group).  Workers mirror rank 0's KV
-slot pools (``TPDecoder.slot_cache``): one per scheduler, with its moves.
+ranks meet only in the blocks' all-reduces.  Those go through shared memory (shm.py: csrc/cpu's
+ShmGroup, ``PF_TP_ALLREDUCE=shm``, the default where csrc/cpu is built) or through gloo
+(``PF_TP_ALLREDUCE=gloo``: ``ProcessGroupGloo`` on a TCPStore of its own, so the engine never
+touches torch.distributed's default group; the group forms either way).  Workers mirror rank
+0's KV slot pools (``TPDecoder.slot_cache``): one per scheduler, with its moves.
 
 Faults.  A call first checks that every worker is alive; a worker that dies or raises leaves its
-group (its sockets close and rank 0's all-reduce fails at once), one that hangs makes rank 0's
-all-reduce time out after ``timeout_s``.  Either way rank 0 raises one ParallelError naming the
-worker, stops the others and refuses further calls.  Workers exit when rank 0 asks, when the
-engine is collected, and when rank 0's process is gone (they poll for it), so none is orphaned.
+group (gloo: its sockets close; shm: rank 0's watchdog sees its process end and aborts the
+group), so rank 0's all-reduce fails at once; one that hangs makes rank 0's all-reduce time out
+after ``timeout_s``.  Either way rank 0 raises one ParallelError naming the worker, stops the
+others and refuses further calls.  Workers exit when rank 0 asks, when the engine is collected,
+and when rank 0's process is gone (they poll for it, and their watchdog aborts a wait), so none
+is orphaned.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from pf_engine.persona.mix import Mix
 from pf_engine.runtime.kv_cache import RowsView, SlotCache
 
 HOST = "127.0.0.1"
+ALLREDUCES = ("shm", "gloo")
 
 
 class ParallelError(PFError):
@@ -106,8 +111,12 @@ class Workers:
     def __init__(self, n: int, spec: dict, timeout_s: float = 60.0):
         import torch.distributed as dist
         self.n, self.timeout_s, self.failed = n, timeout_s, None
+        self.dogs = []                 # the watchdog (shm), a list so that _stop holds no self
         timeout = datetime.timedelta(seconds=timeout_s)
         store = dist.TCPStore(HOST, 0, n, is_master=True, timeout=timeout, wait_for_workers=False)
+        if spec["allreduce"] == "shm":
+            from pf_engine.parallel.shm import create_segment
+            spec = dict(spec, shm=create_segment(n))
         ctx = mp.get_context("spawn")
         self.pipes, self.procs = [], []
         for rank in range(1, n):
@@ -118,16 +127,23 @@ class Workers:
             there.close()
             self.pipes.append(here)
             self.procs.append(p)
-        self._finalizer = weakref.finalize(self, _stop, self.pipes, self.procs)
+        self._finalizer = weakref.finalize(self, _stop, self.pipes, self.procs, self.dogs)
         try:
             self._wait_for("hello", timeout_s)        # a worker that cannot even start: at once
             self.pg = _group(0, n, store.port, timeout_s, master=store)
-            self._wait_for("ready", timeout_s)
+            self.reduce = _reducer(spec, 0, n, self.pg, timeout_s)
+            self._wait_for("ready", timeout_s)        # every worker has mapped the segment
         except BaseException as e:
             self.close()
             if isinstance(e, ParallelError):
                 raise
             raise ParallelError(f"tensor-parallel group of {n} did not form: {self._why() or e}") from None
+        finally:
+            if spec.get("shm"):
+                os.unlink(spec["shm"])                # the mappings stay; nothing is left in /dev/shm
+        if spec["allreduce"] == "shm":
+            from pf_engine.parallel.shm import Watchdog
+            self.dogs.append(Watchdog(self.reduce, [p.sentinel for p in self.procs]))
         self.store = store
 
     def _wait_for(self, what: str, timeout_s: float) -> None:
@@ -187,7 +203,7 @@ class Workers:
             return fn()
         except RuntimeError as e:
             text = str(e).lower()
-            if self.failed or "gloo" in text or "timed out" in text or self._why():
+            if self.failed or "gloo" in text or "all-reduce" in text or "timed out" in text or self._why():
                 self._fail(self._why() or f"worker (of ranks 1..{self.n - 1}) did not answer an all-reduce "
                            f"within {self.timeout_s:g} s")
             raise
@@ -201,7 +217,9 @@ class Workers:
         self._finalizer()
 
 
-def _stop(pipes, procs) -> None:
+def _stop(pipes, procs, dogs=()) -> None:
+    for dog in dogs:
+        dog.stop()
     for pipe in pipes:
         try:
             pipe.send(("exit",))
@@ -222,7 +240,11 @@ def worker_main(rank: int, n: int, port: int, spec: dict, timeout_s: float, pipe
         pipe.send(("hello",))
         torch.set_num_threads(spec.get("threads") or 1)
         pg = _group(rank, n, port, timeout_s)
-        model, bank = build_shard(spec, rank, n, pg)
+        reduce = _reducer(spec, rank, n, pg, timeout_s)
+        if spec["allreduce"] == "shm":     # rank 0 gone mid-step: the wait fails, the worker exits
+            from pf_engine.parallel.shm import Watchdog
+            Watchdog(reduce, alive=lambda: os.getppid() == parent)
+        model, bank = build_shard(spec, rank, n, reduce)
         pipe.send(("ready",))
         caches: dict[int, SlotCache] = {}
         while True:
@@ -246,12 +268,43 @@ def worker_main(rank: int, n: int, port: int, spec: dict, timeout_s: float, pipe
         os._exit(1)
 
 
-def build_shard(spec: dict, rank: int, n: int, pg):
+def _reducer(spec: dict, rank: int, n: int, pg, timeout_s: float):
+    """This rank's sum over the ranks (Block.reduce): through the segment or through gloo."""
+    from pf_engine.parallel.tp import reducer
+    if spec["allreduce"] == "shm":
+        from pf_engine.parallel.shm import ShmReducer
+        return ShmReducer(spec["shm"], rank, n, timeout_s)
+    return reducer(pg)
+
+
+def allreduce_kind(device) -> str:
+    """``PF_TP_ALLREDUCE`` (shm or gloo), else shm where csrc/cpu runs, else gloo."""
+    from pf_engine.parallel.shm import shm_available
+    want = os.environ.get("PF_TP_ALLREDUCE")
+    if want is not None:
+        if want not in ALLREDUCES:
+            raise PFError(f"PF_TP_ALLREDUCE={want!r}: expected one of {', '.join(ALLREDUCES)}")
+        if want == "shm" and not shm_available():
+            raise PFError("PF_TP_ALLREDUCE='shm' needs csrc/cpu built for this CPU (pf_kernels.cpu_ops)")
+        return want
+    return "shm" if shm_available() else "gloo"
+
+
+def head_kind() -> str:
+    """``PF_TP_HEAD``: the LM head "sharded" by vocabulary (the default) or "replicated"."""
+    from pf_engine.parallel.tp import HEADS
+    want = os.environ.get("PF_TP_HEAD", "sharded")
+    if want not in HEADS:
+        raise PFError(f"PF_TP_HEAD={want!r}: expected one of {', '.join(HEADS)}")
+    return want
+
+
+def build_shard(spec: dict, rank: int, n: int, reduce):
     """This worker's shard of the model rank 0 loaded (the same files, the same bank)."""
     from pf_engine.backends import resolve_backend
     from pf_engine.model.config import ModelConfig
     from pf_engine.model.loading import load_weights
-    from pf_engine.parallel.tp import reducer, shard_model
+    from pf_engine.parallel.tp import shard_model
     cfg = ModelConfig.from_file(os.path.join(spec["folder"], "config.json"))
     device = torch.device(spec["device"])
     weights = load_weights(spec["folder"], cfg, spec["dtype"], device)
@@ -259,7 +312,7 @@ def build_shard(spec: dict, rank: int, n: int, pg):
     if bank is not None:
         bank.to(dtype=spec["dtype"], device=device)
     backend = resolve_backend(spec["backend"], device)
-    return shard_model(cfg, weights, bank, backend, device, rank, n, reducer(pg)), bank
+    return shard_model(cfg, weights, bank, backend, device, rank, n, reduce, spec["head"]), bank
 
 
 def run(cmd, model, bank, caches) -> None:
@@ -307,12 +360,13 @@ def check_parallel(cfg, n, device, quantize) -> int:
 def tp_model(engine, weights, timeout_s: float | None = None) -> TPDecoder:
     """Rank 0's TPDecoder for ``engine`` (its folder, dtype, backend and bank), its workers
     started.  The whole weights are loaded here and in each worker, then sharded."""
-    from pf_engine.parallel.tp import reducer, shard_model
+    from pf_engine.parallel.tp import shard_model
     n = engine.tensor_parallel
     timeout_s = timeout_s or float(os.environ.get("PF_TP_TIMEOUT_S", 60))
     spec = {"folder": engine.folder, "dtype": engine.dtype, "device": engine.device.type,
-            "backend": engine.backend.name, "bank": engine.bank, "threads": torch.get_num_threads()}
+            "backend": engine.backend.name, "bank": engine.bank, "threads": torch.get_num_threads(),
+            "allreduce": allreduce_kind(engine.device), "head": head_kind()}
     workers = Workers(n, spec, timeout_s)
     local = shard_model(engine.config, weights, engine.bank, engine.backend, engine.device, 0, n,
-                        reducer(workers.pg))
+                        workers.reduce, spec["head"])
     return TPDecoder(local, workers)

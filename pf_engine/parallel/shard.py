@@ -8,7 +8,9 @@ Rank r of N holds, for every block (H heads, H_kv KV heads, head_dim D, FFN widt
     o        row-parallel: o's input columns of those q heads; its bias on rank 0 only
     gate_up  column-parallel: FFN columns r f/N .. (r+1) f/N - 1 of gate and of up
     down     row-parallel: those FFN columns as input; its bias on rank 0 only
-    norms, embedding, LM head: replicated
+    LM head  rows r V/N .. (r+1) V/N - 1 (vocab_slice; tp.VocabHead sums the zero-padded slices
+             into the whole logits, or the whole head on every rank: ``head="replicated"``)
+    norms, embedding: replicated (a lookup reads B x d of the table)
 
 so each rank runs an ordinary Decoder of ``shard_config`` (H/N heads, H_kv/N KV heads, f/N FFN
 columns: its KV cache is sharded by heads) and the outputs of o and down are summed over the
@@ -91,6 +93,18 @@ def module_slice(cfg: ModelConfig, module: str, rank: int, n: int) -> tuple[int,
     return rank * step, (rank + 1) * step
 
 
+def vocab_slice(vocab: int, rank: int, n: int) -> tuple[int, int]:
+    """Rank r's rows of the LM head (any vocab: the slices differ by at most one row)."""
+    return rank * vocab // n, (rank + 1) * vocab // n
+
+
+def take_rows(w, a: int, b: int):
+    """Rows a:b of a weight (a tensor, or a QuantWeight's stored rows)."""
+    if isinstance(w, torch.Tensor):
+        return w[a:b].contiguous()
+    return dataclasses.replace(w, data=w.data[a:b].contiguous())
+
+
 def shard_layer(w: LayerWeights, cfg: ModelConfig, rank: int, n: int) -> LayerWeights:
     if not all(isinstance(t, torch.Tensor) for t in (w.qkv, w.o, w.gate_up, w.down)):
         raise PFError(f"tensor_parallel={n} with quantized weights: shards are fp32/bf16/fp16 "
@@ -109,10 +123,12 @@ def shard_layer(w: LayerWeights, cfg: ModelConfig, rank: int, n: int) -> LayerWe
         down=w.down[:, f0:f1].contiguous(), down_bias=_only_rank0(w.down_bias, rank))
 
 
-def shard_weights(w: ModelWeights, cfg: ModelConfig, rank: int, n: int) -> ModelWeights:
-    """Rank r's ModelWeights (see the module doc); the embedding and head stay whole."""
+def shard_weights(w: ModelWeights, cfg: ModelConfig, rank: int, n: int, head: str = "sharded") -> ModelWeights:
+    """Rank r's ModelWeights (see the module doc); the embedding stays whole, the head too
+    when ``head`` is "replicated"."""
+    lm_head = w.lm_head if head == "replicated" else take_rows(w.lm_head, *vocab_slice(cfg.vocab_size, rank, n))
     return ModelWeights(embed=w.embed, layers=[shard_layer(l, cfg, rank, n) for l in w.layers],
-                        norm=w.norm, lm_head=w.lm_head)
+                        norm=w.norm, lm_head=lm_head)
 
 
 class ShardedBank:

@@ -17,6 +17,10 @@ LinearPlans) and the attention reading the scheduler's slot cache (runtime/kv_ca
 It applies to fp32 decode steps (one new token per row, at most MAX_ROWS rows) on a slot cache;
 every other forward (and a model whose weights the kernel cannot read) takes
 model.decoder.Block, which tests hold this path to.
+
+A tensor-parallel shard (parallel/tp.py: its blocks' ``reduce`` set) steps here when ``reduce``
+carries a ShmGroup (``reduce.group``): o's and down's outputs are summed over the ranks inside
+the call (block_plan.h).  Any other reduce (gloo) takes model.decoder.Block.
 """
 from __future__ import annotations
 
@@ -44,7 +48,10 @@ class CpuRunner(Blocks):
     def __init__(self, model):
         super().__init__(model)
         plans = [block_plan(blk) for blk in model.blocks]
-        self.plans = plans if all(p is not None for p in plans) else None
+        reduce = model.blocks[0].reduce if model.blocks else None
+        self.group = getattr(reduce, "group", None)
+        usable = all(p is not None for p in plans) and (reduce is None or self.group is not None)
+        self.plans = plans if usable else None
 
     def applies(self, x: torch.Tensor, cache) -> bool:
         """x [B, 1, d]: a decode step of at most MAX_ROWS fp32 rows on a slot cache."""
@@ -68,5 +75,5 @@ class CpuRunner(Blocks):
         for blk, plan in zip(self.blocks, self.plans):
             if mix is not None:
                 gates = mix.for_layer(blk.index, h.view(B, 1, d)).gates.numpy()
-            plan.step(hn, gates, cos, sin, k, v, blk.index, cache.s0, cols, bias, threads)
+            plan.step(hn, gates, cos, sin, k, v, blk.index, cache.s0, cols, bias, threads, self.group)
         return h.view(B, 1, d)
