@@ -97,7 +97,7 @@ fi
 if want tests; then
     step "GPU tests (TRITON_INTERPRET unset: the kernels compile for the GPU)"
     # TESTS="tests/test_kernels.py" runs fewer files
-    read -r -a test_files <<< "${TESTS:-tests/test_gpu.py tests/test_kernels.py tests/test_mixing.py tests/test_persona.py tests/test_runtime.py}"
+    read -r -a test_files <<< "${TESTS:-tests/test_gpu.py tests/test_kernels.py tests/test_mixing.py tests/test_persona.py tests/test_runtime.py tests/test_parallel_gpu.py}"
     run_step tests env -u TRITON_INTERPRET $PY -m pytest -q -rs "${test_files[@]}"
 fi
 

@@ -104,7 +104,7 @@ class Engine:
         self.backend = resolve_backend(backend, device)
         mode = quantization.check(quantize, gguf=gguf is not None, device=device, dtype=dtype,
                                   backend=self.backend)
-        from pf_engine.parallel.runtime import check_parallel
+        from pf_engine.parallel.options import check_parallel
         self.tensor_parallel = check_parallel(self.config, tensor_parallel, device, mode)
         keep = gguf is not None and mode is None and self.backend.quantized and \
             dtype == torch.float32 and self.tensor_parallel == 1
@@ -147,9 +147,10 @@ class Engine:
         quantize: None (a GGUF's own formats on the cpu backend, an HF folder's weights
         as stored), "f32" (everything float), "q8" / "q4" / "bf16" / "f16" (an HF folder
         converted at load): model/quantize.py.
-        tensor_parallel: N ranks (CPU, gloo): this process and N - 1 worker processes each hold
-        1/N of every block's heads and FFN columns and of the persona experts
-        (pf_engine/parallel); ``close()`` stops them.
+        tensor_parallel: N ranks (CPU): this process and N - 1 worker processes each hold
+        1/N of every block's heads and FFN columns, of the LM head's rows and of the persona
+        experts, and sum their partial outputs through shared memory (or gloo:
+        $PF_TP_ALLREDUCE) (pf_engine/parallel); ``close()`` stops them.
         """
         t0 = time.perf_counter()
         dev = resolve_device(device)

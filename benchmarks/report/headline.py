@@ -79,12 +79,16 @@ def prefix(res: dict) -> list[str]:
 
 def tensor_parallel(res: dict) -> list[str]:
     """Two CPU ranks against one (bench_tp.json)."""
+    from benchmarks.bench_tp import ONE
     r = res["rows"]
-    one, two = r["1 rank x 2 threads"], r["2 ranks x 1 thread"]
+    one, shm = r[ONE], r["2 ranks x 1 thread, shm, head sharded"]
+    gloo = r["2 ranks x 1 thread, gloo, head sharded"]
     return [f"- **Tensor parallelism, CPU** ({_at(res)}): 2 ranks x 1 thread decode at "
-            f"{two['decode_ms_per_token']:.1f} ms/token against {one['decode_ms_per_token']:.1f} for 1 rank x 2 "
-            f"threads ({res['decode_ratio']:.2f}x slower on this 2-core machine); the all-reduces carry "
-            f"{res['allreduce_bytes_per_decode_step'] / 1e3:.0f} kB per decode step."]
+            f"{shm['decode_ms_per_token']:.1f} ms/token with shared-memory all-reduces against "
+            f"{one['decode_ms_per_token']:.1f} for 1 rank x 2 threads ({shm['decode_vs_1_rank']:.2f}x the time), "
+            f"{gloo['decode_ms_per_token']:.1f} through gloo ({gloo['decode_vs_1_rank']:.2f}x); greedy tokens "
+            f"{'equal' if all(res['greedy8_equal'].values()) else 'NOT equal'}; {res['allreduce_bytes_per_decode_step']['head sharded'] / 1e3:.0f} kB of all-reduces per "
+            "decode step."]
 
 
 def shared(res: dict) -> list[str]:

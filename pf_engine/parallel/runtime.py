@@ -22,10 +22,10 @@ is orphaned.
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import itertools
 import os
-import traceback
 import weakref
 
 import torch
@@ -33,22 +33,14 @@ import torch.multiprocessing as mp
 
 from pf_engine.errors import PFError
 from pf_engine.model.decoder import Scratch
-from pf_engine.persona.mix import Mix
-from pf_engine.runtime.kv_cache import RowsView, SlotCache
+from pf_engine.parallel.group import HOST, make_group, make_reducer
+from pf_engine.parallel.worker import on_device, worker_main
+from pf_engine.runtime.kv_cache import SlotCache
 
-HOST = "127.0.0.1"
-ALLREDUCES = ("shm", "gloo")
 
 
 class ParallelError(PFError):
     pass
-
-
-def _group(rank: int, world: int, port: int, timeout_s: float, master=None):
-    import torch.distributed as dist
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = master or dist.TCPStore(HOST, port, world, is_master=False, timeout=timeout)
-    return dist.ProcessGroupGloo(store, rank, world, timeout)
 
 
 # what travels on a pipe ------------------------------------------------------------------------
@@ -130,8 +122,8 @@ class Workers:
         self._finalizer = weakref.finalize(self, _stop, self.pipes, self.procs, self.dogs)
         try:
             self._wait_for("hello", timeout_s)        # a worker that cannot even start: at once
-            self.pg = _group(0, n, store.port, timeout_s, master=store)
-            self.reduce = _reducer(spec, 0, n, self.pg, timeout_s)
+            self.pg = make_group(0, n, store.port, timeout_s, spec["device"], master=store)
+            self.reduce = make_reducer(spec, 0, n, self.pg, timeout_s)
             self._wait_for("ready", timeout_s)        # every worker has mapped the segment
         except BaseException as e:
             self.close()
@@ -183,6 +175,7 @@ class Workers:
         why = self._why()
         if why:
             self._fail(why)
+        cmd = on_device(cmd, "cpu")               # one host copy per call, whatever the device
         for pipe in self.pipes:
             try:
                 pipe.send(cmd)
@@ -232,139 +225,18 @@ def _stop(pipes, procs, dogs=()) -> None:
             p.join(timeout=5)
 
 
-# the worker side -------------------------------------------------------------------------------
-def worker_main(rank: int, n: int, port: int, spec: dict, timeout_s: float, pipe, parent: int) -> None:
-    """A worker's life: join the group, build its shard, then run rank 0's calls until told to
-    exit or until rank 0's process is gone."""
-    try:
-        pipe.send(("hello",))
-        torch.set_num_threads(spec.get("threads") or 1)
-        pg = _group(rank, n, port, timeout_s)
-        reduce = _reducer(spec, rank, n, pg, timeout_s)
-        if spec["allreduce"] == "shm":     # rank 0 gone mid-step: the wait fails, the worker exits
-            from pf_engine.parallel.shm import Watchdog
-            Watchdog(reduce, alive=lambda: os.getppid() == parent)
-        model, bank = build_shard(spec, rank, n, reduce)
-        pipe.send(("ready",))
-        caches: dict[int, SlotCache] = {}
-        while True:
-            if not pipe.poll(1.0):
-                if os.getppid() != parent:
-                    return
-                continue
-            cmd = pipe.recv()
-            if cmd[0] == "exit":
-                return
-            with torch.inference_mode():
-                run(cmd, model, bank, caches)
-    except (EOFError, KeyboardInterrupt):
-        return
-    except BaseException as e:  # noqa: BLE001 - rank 0 reads why, then sees the group fail
-        try:
-            pipe.send(("error", f"{type(e).__name__}: {e}".splitlines()[0][:300]))
-        except (BrokenPipeError, OSError):
-            pass
-        traceback.print_exc()
-        os._exit(1)
-
-
-def _reducer(spec: dict, rank: int, n: int, pg, timeout_s: float):
-    """This rank's sum over the ranks (Block.reduce): through the segment or through gloo."""
-    from pf_engine.parallel.tp import reducer
-    if spec["allreduce"] == "shm":
-        from pf_engine.parallel.shm import ShmReducer
-        return ShmReducer(spec["shm"], rank, n, timeout_s)
-    return reducer(pg)
-
-
-def allreduce_kind(device) -> str:
-    """``PF_TP_ALLREDUCE`` (shm or gloo), else shm where csrc/cpu runs, else gloo."""
-    from pf_engine.parallel.shm import shm_available
-    want = os.environ.get("PF_TP_ALLREDUCE")
-    if want is not None:
-        if want not in ALLREDUCES:
-            raise PFError(f"PF_TP_ALLREDUCE={want!r}: expected one of {', '.join(ALLREDUCES)}")
-        if want == "shm" and not shm_available():
-            raise PFError("PF_TP_ALLREDUCE='shm' needs csrc/cpu built for this CPU (pf_kernels.cpu_ops)")
-        return want
-    return "shm" if shm_available() else "gloo"
-
-
-def head_kind() -> str:
-    """``PF_TP_HEAD``: the LM head "sharded" by vocabulary (the default) or "replicated"."""
-    from pf_engine.parallel.tp import HEADS
-    want = os.environ.get("PF_TP_HEAD", "sharded")
-    if want not in HEADS:
-        raise PFError(f"PF_TP_HEAD={want!r}: expected one of {', '.join(HEADS)}")
-    return want
-
-
-def build_shard(spec: dict, rank: int, n: int, reduce):
-    """This worker's shard of the model rank 0 loaded (the same files, the same bank)."""
-    from pf_engine.backends import resolve_backend
-    from pf_engine.model.config import ModelConfig
-    from pf_engine.model.loading import load_weights
-    from pf_engine.parallel.tp import shard_model
-    cfg = ModelConfig.from_file(os.path.join(spec["folder"], "config.json"))
-    device = torch.device(spec["device"])
-    weights = load_weights(spec["folder"], cfg, spec["dtype"], device)
-    bank = spec["bank"]
-    if bank is not None:
-        bank.to(dtype=spec["dtype"], device=device)
-    backend = resolve_backend(spec["backend"], device)
-    return shard_model(cfg, weights, bank, backend, device, rank, n, reduce, spec["head"]), bank
-
-
-def run(cmd, model, bank, caches) -> None:
-    op = cmd[0]
-    if op == "forward":
-        _, tokens, positions, cdesc, mask, mdesc, pick = cmd
-        cache = Scratch if cdesc is None else RowsView(caches[cdesc[0]], *cdesc[1:])
-        mix = None
-        if mdesc is not None:
-            fixed, token_rows, active, token = mdesc
-            mix = Mix(fixed, bank.token_router if token else None, token_rows, active, token)
-        model(tokens, positions, cache, mask, mix=mix, pick=pick)
-    elif op == "hidden":
-        model.hidden(cmd[1], cmd[2])
-    elif op == "cache":
-        _, key, slots, max_len = cmd
-        c = model.cfg
-        caches[key] = SlotCache(c.num_hidden_layers, slots, c.num_key_value_heads, max_len, c.head_dim,
-                                model.dtype, model.device)
-    elif op == "move":
-        caches[cmd[1]].move(*cmd[2:])
-    elif op == "drop":
-        caches.pop(cmd[1], None)
-    else:
-        raise ValueError(f"unknown tensor-parallel call {op!r}")
-
-
-# the engine's side ------------------------------------------------------------------------------
-def check_parallel(cfg, n, device, quantize) -> int:
-    """``n`` checked against the model and the other settings (one PFError line each)."""
-    from pf_engine.parallel.shard import check
-    n = check(cfg, n)
-    if n == 1:
-        return n
-    if device.type != "cpu":
-        raise PFError(f"tensor_parallel={n} on {device.type}: only CPU ranks (gloo) are built so far")
-    if quantize not in (None, "f32"):
-        raise PFError(f"tensor_parallel={n} with quantize={quantize!r}: shards are float tensors "
-                      "(pass no quantize, or quantize='f32')")
-    if n > (os.cpu_count() or 1):
-        raise PFError(f"tensor_parallel={n}: more ranks than this machine's {os.cpu_count() or 1} CPU cores")
-    return n
-
-
 def tp_model(engine, weights, timeout_s: float | None = None) -> TPDecoder:
     """Rank 0's TPDecoder for ``engine`` (its folder, dtype, backend and bank), its workers
     started.  The whole weights are loaded here and in each worker, then sharded."""
+    from pf_engine.parallel.options import allreduce_kind, head_kind
     from pf_engine.parallel.tp import shard_model
     n = engine.tensor_parallel
     timeout_s = timeout_s or float(os.environ.get("PF_TP_TIMEOUT_S", 60))
+    bank = engine.bank
+    if bank is not None and engine.device.type != "cpu":     # the workers' copy travels on the host
+        bank = copy.deepcopy(bank).to(device="cpu")
     spec = {"folder": engine.folder, "dtype": engine.dtype, "device": engine.device.type,
-            "backend": engine.backend.name, "bank": engine.bank, "threads": torch.get_num_threads(),
+            "backend": engine.backend.name, "bank": bank, "threads": torch.get_num_threads(),
             "allreduce": allreduce_kind(engine.device), "head": head_kind()}
     workers = Workers(n, spec, timeout_s)
     local = shard_model(engine.config, weights, engine.bank, engine.backend, engine.device, 0, n,

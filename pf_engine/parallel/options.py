@@ -1,0 +1,74 @@
+"""The choices of a tensor-parallel engine, each decided here: the rank count against the model
+and the machine, how the ranks sum (``PF_TP_ALLREDUCE``), the LM head's split (``PF_TP_HEAD``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+from pf_engine.errors import PFError
+
+ALLREDUCES = {"cpu": ("shm", "gloo"), "cuda": ("nccl",)}
+HEADS = ("sharded", "replicated")
+
+
+def check_parallel(cfg, n, device, quantize) -> int:
+    """``n`` checked against the model and the other settings (one PFError line each)."""
+    from pf_engine.parallel.shard import check
+    n = check(cfg, n)
+    if n == 1:
+        return n
+    if device.type not in ALLREDUCES:
+        raise PFError(f"tensor_parallel={n} on {device.type}: expected cpu (shm or gloo) or cuda (nccl) ranks")
+    if quantize not in (None, "f32"):
+        raise PFError(f"tensor_parallel={n} with quantize={quantize!r}: shards are float tensors "
+                      "(pass no quantize, or quantize='f32')")
+    if device.type == "cuda":
+        import torch
+        have = torch.cuda.device_count()
+        if n > have:
+            raise PFError(f"tensor_parallel={n}: more ranks than this machine's {have} GPUs (one GPU per rank)")
+    elif n > (os.cpu_count() or 1):
+        raise PFError(f"tensor_parallel={n}: more ranks than this machine's {os.cpu_count() or 1} CPU cores")
+    return n
+
+
+def allreduce_kind(device) -> str:
+    """nccl on CUDA; on the CPU ``PF_TP_ALLREDUCE`` (shm or gloo), else shm where csrc/cpu runs,
+    else gloo."""
+    from pf_engine.parallel.shm import shm_available
+    if device.type == "cuda":
+        return "nccl"
+    want = os.environ.get("PF_TP_ALLREDUCE")
+    if want is not None:
+        if want not in ALLREDUCES["cpu"]:
+            raise PFError(f"PF_TP_ALLREDUCE={want!r}: expected one of {', '.join(ALLREDUCES['cpu'])}")
+        if want == "shm" and not shm_available():
+            raise PFError("PF_TP_ALLREDUCE='shm' needs csrc/cpu built for this CPU (pf_kernels.cpu_ops)")
+        return want
+    return "shm" if shm_available() else "gloo"
+
+
+def head_kind() -> str:
+    """``PF_TP_HEAD``: the LM head "sharded" by vocabulary (the default) or "replicated"."""
+    want = os.environ.get("PF_TP_HEAD", "sharded")
+    if want not in HEADS:
+        raise PFError(f"PF_TP_HEAD={want!r}: expected one of {', '.join(HEADS)}")
+    return want
+
+
+@contextlib.contextmanager
+def choices(allreduce: str | None = None, head: str | None = None):
+    """PF_TP_ALLREDUCE / PF_TP_HEAD set while the block runs (engines built inside it use them;
+    benchmarks and tests compare them in one process)."""
+    env = {k: v for k, v in (("PF_TP_ALLREDUCE", allreduce), ("PF_TP_HEAD", head)) if v is not None}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,116 @@
+"""A worker rank (1..N-1) of a tensor-parallel engine: a process of its own that joins rank 0's
+group, loads the model's files and keeps its shard, then runs the calls rank 0 sends on its pipe
+(runtime.TPDecoder), one message per call:
+
+    ("forward", tokens, positions, cache, mask, mix, pick)   the shard's forward (logits dropped)
+    ("hidden", tokens, layers)                               the sequence router's input pass
+    ("cache", key, slots, max_len) / ("move", key, src, dst, length) / ("drop", key)
+                                                             its mirror of rank 0's slot pools
+    ("exit",)
+
+Tensors travel on the host and are moved to this rank's device (cuda:rank, or the CPU) once per
+call.  Replies: ("hello",) once started, ("ready",) once its shard is built, ("error", line)
+before it exits on an exception.
+"""
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+
+from pf_engine.model.decoder import Scratch
+from pf_engine.persona.mix import Mix
+from pf_engine.runtime.kv_cache import RowsView, SlotCache
+
+
+def on_device(obj, device):
+    """obj with every tensor in it (through tuples and lists) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(on_device(x, device) for x in obj)
+    return obj
+
+
+def rank_device(spec: dict, rank: int) -> torch.device:
+    return torch.device("cuda", rank) if spec["device"] == "cuda" else torch.device("cpu")
+
+
+def worker_main(rank: int, n: int, port: int, spec: dict, timeout_s: float, pipe, parent: int) -> None:
+    """A worker's life: join the group, build its shard, then run rank 0's calls until told to
+    exit or until rank 0's process is gone."""
+    from pf_engine.parallel.group import make_group, make_reducer
+    try:
+        pipe.send(("hello",))
+        torch.set_num_threads(spec.get("threads") or 1)
+        device = rank_device(spec, rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        pg = make_group(rank, n, port, timeout_s, spec["device"])
+        reduce = make_reducer(spec, rank, n, pg, timeout_s)
+        if spec["allreduce"] == "shm":     # rank 0 gone mid-step: the wait fails, the worker exits
+            from pf_engine.parallel.shm import Watchdog
+            Watchdog(reduce, alive=lambda: os.getppid() == parent)
+        model, bank = build_shard(spec, rank, n, reduce, device)
+        pipe.send(("ready",))
+        caches: dict[int, SlotCache] = {}
+        while True:
+            if not pipe.poll(1.0):
+                if os.getppid() != parent:
+                    return
+                continue
+            cmd = pipe.recv()
+            if cmd[0] == "exit":
+                return
+            with torch.inference_mode():
+                run(on_device(cmd, device), model, bank, caches)
+    except (EOFError, KeyboardInterrupt):
+        return
+    except BaseException as e:  # noqa: BLE001 - rank 0 reads why, then sees the group fail
+        try:
+            pipe.send(("error", f"{type(e).__name__}: {e}".splitlines()[0][:300]))
+        except (BrokenPipeError, OSError):
+            pass
+        traceback.print_exc()
+        os._exit(1)
+
+
+def build_shard(spec: dict, rank: int, n: int, reduce, device: torch.device):
+    """This worker's shard of the model rank 0 loaded (the same files, the same bank)."""
+    from pf_engine.backends import resolve_backend
+    from pf_engine.model.config import ModelConfig
+    from pf_engine.model.loading import load_weights
+    from pf_engine.parallel.tp import shard_model
+    cfg = ModelConfig.from_file(os.path.join(spec["folder"], "config.json"))
+    weights = load_weights(spec["folder"], cfg, spec["dtype"], device)
+    bank = spec["bank"]
+    if bank is not None:
+        bank.to(dtype=spec["dtype"], device=device)
+    backend = resolve_backend(spec["backend"], device)
+    return shard_model(cfg, weights, bank, backend, device, rank, n, reduce, spec["head"]), bank
+
+
+def run(cmd, model, bank, caches) -> None:
+    op = cmd[0]
+    if op == "forward":
+        _, tokens, positions, cdesc, mask, mdesc, pick = cmd
+        cache = Scratch if cdesc is None else RowsView(caches[cdesc[0]], *cdesc[1:])
+        mix = None
+        if mdesc is not None:
+            fixed, token_rows, active, token = mdesc
+            mix = Mix(fixed, bank.token_router if token else None, token_rows, active, token)
+        model(tokens, positions, cache, mask, mix=mix, pick=pick)
+    elif op == "hidden":
+        model.hidden(cmd[1], cmd[2])
+    elif op == "cache":
+        _, key, slots, max_len = cmd
+        c = model.cfg
+        caches[key] = SlotCache(c.num_hidden_layers, slots, c.num_key_value_heads, max_len, c.head_dim,
+                                model.dtype, model.device)
+    elif op == "move":
+        caches[cmd[1]].move(*cmd[2:])
+    elif op == "drop":
+        caches.pop(cmd[1], None)
+    else:
+        raise ValueError(f"unknown tensor-parallel call {op!r}")
