@@ -4,12 +4,14 @@
 
 The model: SmolLM2-135M's shape (hidden 576, 30 layers, FFN 1536, vocab 49152) with 8 heads of
 72 and 4 KV heads instead of 9 and 3, so that 2 ranks divide them, and seeded random weights
-(decode time does not depend on the values; EOS is ignored).  Every engine loads it in fp32 on
-its default backend; rounds interleave them.  The 2-rank engines: all-reduces through shared
-memory (PF_TP_ALLREDUCE=shm) or gloo, the LM head sharded by vocabulary or replicated
-(PF_TP_HEAD).  Reported: prefill tok/s and decode ms/token of each, the ratios to 1 rank, and
-per decode step (B = 1) the bytes the all-reduces carry (2 per layer of B x hidden fp32, plus
-B x vocab for a sharded head) against the weight bytes rank 0 reads.
+(decode time does not depend on the values; EOS is ignored).  The engines load it in fp32, or
+quantized at load (q4: q4_1 projections, q8_0 embedding), on their default backend; rounds
+interleave them.  The 2-rank engines: all-reduces through shared memory (PF_TP_ALLREDUCE=shm) or
+gloo, the LM head sharded by vocabulary or replicated (PF_TP_HEAD).  Reported per row (ROWS):
+prefill tok/s, decode ms/token and their ratios to 1 rank x 2 threads of the same weights, whether
+the first 8 greedy tokens equal that engine's, and per decode step (B = 1) the bytes the
+all-reduces carry (2 per layer of B x hidden fp32, plus B x vocab for a sharded head) against the
+weight bytes rank 0 reads.
 """
 from __future__ import annotations
 
@@ -59,20 +61,41 @@ def model_folder(work: str) -> str:
     return out
 
 
-TP_ROWS = {   # row -> (PF_TP_ALLREDUCE, PF_TP_HEAD)
-    "2 ranks x 1 thread, shm, head sharded": ("shm", "sharded"),
-    "2 ranks x 1 thread, shm, head replicated": ("shm", "replicated"),
-    "2 ranks x 1 thread, gloo, head sharded": ("gloo", "sharded"),
-}
 ONE = "1 rank x 2 threads"
+ONE_Q4 = "1 rank x 2 threads, q4"
+# row -> (ranks, threads per rank, PF_TP_ALLREDUCE, PF_TP_HEAD, quantize, the row it is compared
+# with); "1 rank x 1 thread" shows what a second core gives at all on the machine
+ROWS = {
+    ONE: (1, 2, None, None, None, ONE),
+    "1 rank x 1 thread": (1, 1, None, None, None, ONE),
+    "2 ranks x 1 thread, shm, head sharded": (2, 1, "shm", "sharded", None, ONE),
+    "2 ranks x 1 thread, shm, head replicated": (2, 1, "shm", "replicated", None, ONE),
+    "2 ranks x 1 thread, gloo, head sharded": (2, 1, "gloo", "sharded", None, ONE),
+    ONE_Q4: (1, 2, None, None, "q4", ONE_Q4),
+    "1 rank x 1 thread, q4": (1, 1, None, None, "q4", ONE_Q4),
+    "2 ranks x 1 thread, shm, head sharded, q4": (2, 1, "shm", "sharded", "q4", ONE_Q4),
+}
 
 
-def tp_engine(folder, allreduce: str, head: str):
-    """A 2-rank engine with these choices."""
+def build(folder, ranks: int, threads: int, allreduce, head, quantize):
+    """One row's engine: ``ranks`` of ``threads`` threads each."""
     from pf_engine import Engine
     from pf_engine.parallel.options import choices
-    with choices(allreduce, head):
-        return Engine.from_pretrained(folder, progress=False, tensor_parallel=2)
+    torch.set_num_threads(threads)
+    try:
+        with choices(allreduce, head):
+            eng = Engine.from_pretrained(folder, progress=False, quantize=quantize, tensor_parallel=ranks)
+    finally:
+        torch.set_num_threads(2)
+    eng.eos_ids = set()
+    return no_prefix_cache(eng) if ranks == 1 else eng
+
+
+def rank0_bytes(eng) -> int:
+    """The weight bytes rank 0 reads per decode step: its blocks' projections and its head."""
+    m = getattr(eng.model, "local", eng.model)
+    size = lambda w: w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes  # noqa: E731
+    return sum(size(lin.weight) for b in m.blocks for lin in b.linears) + size(m.head.weight)
 
 
 def timed(eng, ids, n):
@@ -86,62 +109,53 @@ def timed(eng, ids, n):
 
 def run(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    from pf_engine import Engine
     from pf_engine.model.bundled import pf_home
     work = args.work or os.path.join(pf_home(), "bench_tp")
     os.makedirs(work, exist_ok=True)
     folder = model_folder(work)
-    torch.set_num_threads(2)
-    engines = {ONE: (no_prefix_cache(Engine.from_pretrained(folder, progress=False)), 2)}
-    torch.set_num_threads(1)
-    for key, (allreduce, head) in TP_ROWS.items():
-        engines[key] = (tp_engine(folder, allreduce, head), 1)
-    torch.set_num_threads(2)
-    one = engines[ONE][0]
-    for e, _ in engines.values():
-        e.eos_ids = set()
-    ids = one.tokenizer.encode(PROMPT, chat=True)
-    ref = one.generate([ids], max_new_tokens=8)[0].token_ids
-    same = {k: e.generate([ids], max_new_tokens=8)[0].token_ids == ref for k, (e, _) in engines.items() if k != ONE}
+    engines = {k: build(folder, *spec[:5]) for k, spec in ROWS.items()}
+    ids = engines[ONE].tokenizer.encode(PROMPT, chat=True)
+    greedy = {k: e.generate([ids], max_new_tokens=8)[0].token_ids for k, e in engines.items()}
     samples = {k: [] for k in engines}
     for _ in range(args.rounds):
-        for key, (eng, threads) in engines.items():
-            torch.set_num_threads(threads)
+        for key, eng in engines.items():
+            torch.set_num_threads(ROWS[key][1])
             samples[key].append(timed(eng, ids, args.new_tokens))
     torch.set_num_threads(2)
-    c = one.config
-    rows = {k: {"prefill_tok_s": len(ids) / statistics.median(s[0] for s in v),
-                "decode_ms_per_token": 1e3 * statistics.median(s[1] for s in v)} for k, v in samples.items()}
-    for k, r in rows.items():
-        r["decode_vs_1_rank"] = r["decode_ms_per_token"] / rows[ONE]["decode_ms_per_token"]
-        r["prefill_vs_1_rank"] = r["prefill_tok_s"] / rows[ONE]["prefill_tok_s"]
-    blocks = sum(lin.weight.numel() * 4 for b in one.model.blocks for lin in b.linears)
-    head = c.vocab_size * c.hidden_size * 4
-    layers = 2 * c.num_hidden_layers * c.hidden_size * 4
-    comm = {"head sharded": layers + c.vocab_size * 4, "head replicated": layers}
-    reads = {"head sharded": blocks / 2 + head / 2, "head replicated": blocks / 2 + head}
-    for e, _ in engines.values():
-        if e is not one:
-            e.close()
+    c = engines[ONE].config
+    rows = {}
+    for k, v in samples.items():
+        ranks, threads, allreduce, head, quantize, base = ROWS[k]
+        rows[k] = {"ranks": ranks, "threads": threads, "allreduce": allreduce, "head": head, "quantize": quantize, "baseline": base,
+                   "prefill_tok_s": len(ids) / statistics.median(s[0] for s in v),
+                   "decode_ms_per_token": 1e3 * statistics.median(s[1] for s in v),
+                   "weight_bytes_rank0_per_decode_step": rank0_bytes(engines[k]),
+                   "allreduce_bytes_per_decode_step": 0 if ranks == 1 else
+                   (2 * c.num_hidden_layers * c.hidden_size + (c.vocab_size if head == "sharded" else 0)) * 4,
+                   "greedy8_equal_baseline": greedy[k] == greedy[base]}
+    for r in rows.values():
+        r["decode_vs_baseline"] = r["decode_ms_per_token"] / rows[r["baseline"]]["decode_ms_per_token"]
+        r["prefill_vs_baseline"] = r["prefill_tok_s"] / rows[r["baseline"]]["prefill_tok_s"]
+    for e in engines.values():
+        e.close()
     return {"benchmark": "bench_tp", "command": command_line("benchmarks/bench_tp.py", argv or sys.argv[1:]),
             "machine": machine_info(), "model": os.path.basename(folder), "prompt_tokens": len(ids),
-            "new_tokens": args.new_tokens, "rounds": args.rounds, "rows": rows,
-            "greedy8_equal": same, "allreduce_bytes_per_decode_step": comm,
-            "weight_bytes_rank0_per_decode_step": reads, "samples": samples}
+            "new_tokens": args.new_tokens, "rounds": args.rounds, "rows": rows, "samples": samples}
 
 
 def markdown(res: dict) -> str:
-    lines = [f"{res['machine']['cpu']}, {res['model']} (fp32), prompt {res['prompt_tokens']} tokens, "
-             f"{res['new_tokens']} new tokens, median of {res['rounds']} interleaved rounds", "",
-             "| engine | prefill tok/s | decode ms/token | decode time / 1 rank | greedy = 1 rank |",
-             "|---|---|---|---|---|"]
+    lines = [f"{res['machine']['cpu']}, {res['model']}, prompt {res['prompt_tokens']} tokens, "
+             f"{res['new_tokens']} new tokens, median of {res['rounds']} interleaved rounds; each row against "
+             "1 rank x 2 threads of the same weights (fp32, or q4: q4_1 projections, q8_0 embedding)", "",
+             "| engine | prefill tok/s | decode ms/token | decode time / 1 rank x 2 threads | greedy = it "
+             "| all-reduced per step | weights rank 0 reads per step |", "|---|---|---|---|---|---|---|"]
     for k, r in res["rows"].items():
-        same = "" if k == ONE else str(res["greedy8_equal"][k])
+        one = r["baseline"] == k
         lines.append(f"| {k} | {r['prefill_tok_s']:.0f} | {r['decode_ms_per_token']:.1f} | "
-                     f"{r['decode_vs_1_rank']:.2f}x | {same} |")
-    comm, reads = res["allreduce_bytes_per_decode_step"], res["weight_bytes_rank0_per_decode_step"]
-    lines += ["", "Per decode step (B = 1), all-reduces against the weights rank 0 reads: " + "; ".join(
-        f"{k}: {comm[k] / 1e3:.0f} kB against {reads[k] / 1e6:.0f} MB" for k in comm) + "."]
+                     f"{'' if one else format(r['decode_vs_baseline'], '.2f') + 'x'} | "
+                     f"{'' if one else r['greedy8_equal_baseline']} | "
+                     f"{format(r['allreduce_bytes_per_decode_step'] / 1e3, '.0f') + ' kB' if r['ranks'] > 1 else ''} | "
+                     f"{r['weight_bytes_rank0_per_decode_step'] / 1e6:.0f} MB |")
     return "\n".join(lines)
 
 

@@ -105,10 +105,11 @@ class Engine:
         mode = quantization.check(quantize, gguf=gguf is not None, device=device, dtype=dtype,
                                   backend=self.backend)
         from pf_engine.parallel.options import check_parallel
-        self.tensor_parallel = check_parallel(self.config, tensor_parallel, device, mode)
-        keep = gguf is not None and mode is None and self.backend.quantized and \
-            dtype == torch.float32 and self.tensor_parallel == 1
-        weights = load_weights(folder, self.config, dtype, device, mode, gguf if keep else None)
+        keep = gguf is not None and mode is None and self.backend.quantized and dtype == torch.float32
+        self.load_args = (mode, gguf if keep else None)     # what load_weights reads (TP workers too)
+        self.tensor_parallel = check_parallel(self.config, tensor_parallel, device,
+                                              keep or mode not in (None, "f32"))
+        weights = load_weights(folder, self.config, dtype, device, *self.load_args)
         self.weight_formats = quantization.describe(weights)
         self.bank = None
         if adapters is not None:

@@ -101,6 +101,22 @@ def test_bad_rank_counts_are_one_line(hf_model_dir, n, words):
     assert "\n" not in str(e.value) and words in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1", "f16", "bf16"])
+def test_byte_stored_weights_shard_exactly(fmt):
+    """Rows and block-aligned input columns of a weight stored as bytes dequantize to the same
+    slices of the whole (the bytes are cut, not requantized); a cut inside a block is one line."""
+    from pf_kernels.quant import FORMATS
+    from pf_engine.model.qweight import QuantWeight
+    from pf_engine.parallel.shard import _columns, _rows
+    w = torch.randn(40, 192, generator=torch.Generator().manual_seed(1))
+    q = QuantWeight.quantize(w, FORMATS[fmt])
+    whole = q.dequantize()
+    assert torch.equal(_columns(q, 64, 160, "o").dequantize(), whole[:, 64:160])
+    assert torch.equal(_rows(q, [(3, 9), (20, 25)]).dequantize(), torch.cat([whole[3:9], whole[20:25]]))
+    with pytest.raises(PFError, match=r"^o: a rank's 80 input columns are not whole .* blocks of 32$"):
+        _columns(q, 16, 96, "o")
+
+
 # ---------------------------------------------------------------------------------------------
 # The engine on two ranks: Engine.from_pretrained(tensor_parallel=2)
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +239,7 @@ def test_a_dead_or_hung_worker_is_one_error_and_no_orphan(hf_model_dir, monkeypa
 
 
 @pytest.mark.parametrize("kw,words", [(dict(tensor_parallel=3), "not a multiple of 3"),
-                                      (dict(tensor_parallel=2, quantize="q8"), "quantize='q8'"),
+                                      (dict(tensor_parallel=2, quantize="q8"), "each rank's 48 input columns of down are not"),
                                       (dict(tensor_parallel=2, cores=1), "more ranks than this machine's 1 CPU cores")])
 def test_bad_tensor_parallel_is_one_line(hf_model_dir, monkeypatch, kw, words):
     from pf_engine import Engine
@@ -285,12 +301,20 @@ def test_a_killed_rank0_leaves_no_worker_behind(hf_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_bundled_model_on_three_ranks_matches_one(converted_smollm2, monkeypatch):
+@pytest.mark.parametrize("quantize", [None, "f32"], ids=["as-shipped-q4_1", "f32"])
+def test_the_bundled_model_on_three_ranks_matches_one(converted_smollm2, bundled_pf_home, monkeypatch, quantize):
     """SmolLM2-135M-Instruct (9 heads, 3 KV heads: 3 ranks is the least N > 1 dividing them)
-    with a random bank carrying both routers (the shipped bigfive bank has no token router):
-    logits of every persona kind and greedy tokens of mixed rows
-    equal the one-rank engine's, through generate and the scheduler.  This machine may have
-    fewer cores than ranks: the check is lifted here (ranks then share cores)."""
+    with a random bank carrying both routers (the shipped bigfive bank has no token router).
+    This machine may have fewer cores than ranks: the check is lifted here (ranks share cores).
+
+    f32 (the file dequantized): logits of every persona kind (1e-4) and greedy tokens of mixed
+    rows equal the one-rank engine's, through generate and the scheduler.  As users load it
+    (the 4-bit GGUF's bytes, cut on block edges): the kernels quantize every activation to 8
+    bits per block of 32, so the ranks' sums, rounded in another order (~1e-7), move values
+    across rounding edges.  Measured here: logits differ by at most 1.8 of 39 and by 0.23 on
+    average of 7.2 (the file against its own fp32 dequantization: 2.4 at most), and the
+    token-routed row's greedy tokens part after 3; so the 4-bit shards are held to 10% / 5%.
+    """
     from pf_engine import Engine
     from pf_engine.persona.bank import BIG_FIVE, AdapterBank
     from pf_engine.sampling import SamplingParams
@@ -300,8 +324,9 @@ def test_the_bundled_model_on_three_ranks_matches_one(converted_smollm2, monkeyp
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = Engine.from_pretrained(converted_smollm2, adapters=bank, progress=False)
-        three = Engine.from_pretrained(converted_smollm2, adapters=bank, progress=False, tensor_parallel=3)
+        one = Engine.from_pretrained(None, adapters=bank, progress=False, quantize=quantize)
+        three = Engine.from_pretrained(None, adapters=bank, progress=False, quantize=quantize, tensor_parallel=3)
+        assert three.weight_formats == one.weight_formats
     finally:
         torch.set_num_threads(threads)
     try:
@@ -310,7 +335,11 @@ def test_the_bundled_model_on_three_ranks_matches_one(converted_smollm2, monkeyp
                    ["Hi!", "Tell me a joke.", "What is 2+2?", "I feel sad today.", "Name a colour."]]
         same = [p[:min(map(len, prompts))] for p in prompts]     # logits take equal lengths
         a, b = one.logits(same, persona=kinds), three.logits(same, persona=kinds)
-        assert (a - b).abs().max() <= 1e-4 * (1 + a.abs().max())
+        if quantize == "f32":
+            assert (a - b).abs().max() <= 1e-4 * (1 + a.abs().max())
+        else:
+            assert (a - b).abs().max() <= 0.1 * a.abs().max() and (a - b).abs().mean() <= 0.05 * a.abs().mean()
+            return
         ga = [o.token_ids for o in one.generate(prompts, max_new_tokens=8, persona=kinds)]
         assert ga == [o.token_ids for o in three.generate(prompts, max_new_tokens=8, persona=kinds)]
         outs = []

@@ -82,13 +82,16 @@ def tensor_parallel(res: dict) -> list[str]:
     from benchmarks.bench_tp import ONE
     r = res["rows"]
     one, shm = r[ONE], r["2 ranks x 1 thread, shm, head sharded"]
-    gloo = r["2 ranks x 1 thread, gloo, head sharded"]
+    gloo, solo = r["2 ranks x 1 thread, gloo, head sharded"], r["1 rank x 1 thread"]
+    q4 = r["2 ranks x 1 thread, shm, head sharded, q4"]
     return [f"- **Tensor parallelism, CPU** ({_at(res)}): 2 ranks x 1 thread decode at "
             f"{shm['decode_ms_per_token']:.1f} ms/token with shared-memory all-reduces against "
-            f"{one['decode_ms_per_token']:.1f} for 1 rank x 2 threads ({shm['decode_vs_1_rank']:.2f}x the time), "
-            f"{gloo['decode_ms_per_token']:.1f} through gloo ({gloo['decode_vs_1_rank']:.2f}x); greedy tokens "
-            f"{'equal' if all(res['greedy8_equal'].values()) else 'NOT equal'}; {res['allreduce_bytes_per_decode_step']['head sharded'] / 1e3:.0f} kB of all-reduces per "
-            "decode step."]
+            f"{one['decode_ms_per_token']:.1f} for 1 rank x 2 threads ({shm['decode_vs_baseline']:.2f}x the time; "
+            f"1 thread alone: {solo['decode_ms_per_token']:.1f}), {gloo['decode_ms_per_token']:.1f} through gloo "
+            f"({gloo['decode_vs_baseline']:.2f}x), {q4['decode_vs_baseline']:.2f}x on 4-bit weights; greedy tokens "
+            f"{'equal' if shm['greedy8_equal_baseline'] else 'NOT equal'}; "
+            f"{shm['allreduce_bytes_per_decode_step'] / 1e3:.0f} kB of all-reduces per decode step against "
+            f"{shm['weight_bytes_rank0_per_decode_step'] / 1e6:.0f} MB of weights read by rank 0."]
 
 
 def shared(res: dict) -> list[str]:

@@ -9,7 +9,7 @@
 //                   rank order, bit-identical on every rank); RuntimeError on abort or timeout.
 //                   GIL released.
 //   .abort()        every rank's waits fail (any thread may call it)
-//   properties rank, world, capacity, rounds, aborted
+//   properties rank, world, capacity, rounds, wait_s (seconds spent waiting), aborted
 #include "binding.h"
 #include "shm_group.h"
 
@@ -61,6 +61,8 @@ void bind_group(py::module_& m) {
         .def_property_readonly("world", [](const PyShmGroup& g) { return g.core().world(); })
         .def_property_readonly("capacity", [](const PyShmGroup& g) { return g.core().capacity(); })
         .def_property_readonly("rounds", [](const PyShmGroup& g) { return g.core().rounds(); })
+        .def_property_readonly("wait_s", [](const PyShmGroup& g) { return g.core().wait_s(); },
+                               "Seconds this rank's rounds spent waiting for the others (diagnostics)")
         .def("__repr__", [](const PyShmGroup& g) {
             return cat("ShmGroup(rank=", g.core().rank(), ", world=", g.core().world(), ", capacity=",
                        g.core().capacity(), ")");

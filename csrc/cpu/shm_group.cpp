@@ -70,6 +70,7 @@ void ShmGroup::round(float* x, int64_t n) {
             if (yielding) sched_yield(); else _mm_pause();
         }
     }
+    wait_s_ += std::chrono::duration<double>(clock::now() - t0).count();
     const float* s0 = slot(0, s);
     for (int64_t i = 0; i < n; ++i) x[i] = s0[i];
     for (int q = 1; q < world_; ++q) {

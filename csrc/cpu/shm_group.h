@@ -41,6 +41,7 @@ public:
     int world() const { return world_; }
     int64_t capacity() const { return cap_; }
     uint64_t rounds() const { return seq_; }
+    double wait_s() const { return wait_s_; }      // seconds spent waiting for the other ranks
 
 private:
     std::atomic<uint32_t>* flag() const;
@@ -53,6 +54,7 @@ private:
     int64_t cap_;
     double timeout_s_;
     uint64_t seq_ = 0;
+    double wait_s_ = 0.0;
 };
 
 }  // namespace pf_cpu

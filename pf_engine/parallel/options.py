@@ -12,17 +12,17 @@ ALLREDUCES = {"cpu": ("shm", "gloo"), "cuda": ("nccl",)}
 HEADS = ("sharded", "replicated")
 
 
-def check_parallel(cfg, n, device, quantize) -> int:
-    """``n`` checked against the model and the other settings (one PFError line each)."""
-    from pf_engine.parallel.shard import check
+def check_parallel(cfg, n, device, stored_as_bytes: bool = False) -> int:
+    """``n`` checked against the model, the device and (``stored_as_bytes``: 8/4/16-bit
+    weights) the weights' blocks; one PFError line each."""
+    from pf_engine.parallel.shard import check, check_blocks
     n = check(cfg, n)
     if n == 1:
         return n
     if device.type not in ALLREDUCES:
         raise PFError(f"tensor_parallel={n} on {device.type}: expected cpu (shm or gloo) or cuda (nccl) ranks")
-    if quantize not in (None, "f32"):
-        raise PFError(f"tensor_parallel={n} with quantize={quantize!r}: shards are float tensors "
-                      "(pass no quantize, or quantize='f32')")
+    if stored_as_bytes:
+        check_blocks(cfg, n)
     if device.type == "cuda":
         import torch
         have = torch.cuda.device_count()

@@ -14,7 +14,9 @@ Rank r of N holds, for every block (H heads, H_kv KV heads, head_dim D, FFN widt
 
 so each rank runs an ordinary Decoder of ``shard_config`` (H/N heads, H_kv/N KV heads, f/N FFN
 columns: its KV cache is sharded by heads) and the outputs of o and down are summed over the
-ranks (one all-reduce each, Block.reduce).
+ranks (one all-reduce each, Block.reduce).  Weights stored as bytes (8/4-bit blocks, f16/bf16:
+model/qweight.py) shard the same way: rows are independent, and input columns are cut on block
+edges (check_blocks).
 
 Persona experts, per projection, y = W x + sum_k g_k s_k B_k (A_k x):
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from pf_kernels.quant import QK
 
 from pf_engine.errors import PFError
 from pf_engine.model.config import ModelConfig
@@ -66,7 +69,32 @@ def shard_config(cfg: ModelConfig, n: int) -> ModelConfig:
 
 
 def _rows(t, ranges):
-    return torch.cat([t[a:b] for a, b in ranges], 0).contiguous()
+    """Rows of several ranges of a weight (a tensor or a QuantWeight), concatenated."""
+    if isinstance(t, torch.Tensor):
+        return torch.cat([t[a:b] for a, b in ranges], 0).contiguous()
+    return dataclasses.replace(t, data=torch.cat([t.data[a:b] for a, b in ranges], 0).contiguous())
+
+
+def _columns(w, a: int, b: int, what: str):
+    """Input columns a:b of a weight.  A QuantWeight's rows are blocks of QK values: a and b
+    must fall on block edges (quantize.QK), and the blocks are cut from GGUF's layout."""
+    if isinstance(w, torch.Tensor):
+        return w[:, a:b].contiguous()
+    from pf_engine.model.qweight import QuantWeight
+    if a % QK or b % QK:
+        raise PFError(f"{what}: a rank's {b - a} input columns are not whole {w.fmt.name} blocks of {QK}")
+    bb = w.fmt.block_bytes
+    rows = w.gguf_rows()[:, a // QK * bb:b // QK * bb]
+    return QuantWeight.from_gguf(rows, w.fmt, b - a)
+
+
+def check_blocks(cfg: ModelConfig, n: int) -> None:
+    """Byte-stored (8/4/16-bit) shards need each rank's o and down input columns in whole
+    blocks of QK values; a PFError line otherwise."""
+    for what, cols in (("o", cfg.num_attention_heads // n * cfg.head_dim), ("down", cfg.intermediate_size // n)):
+        if cols % QK:
+            raise PFError(f"tensor_parallel={n} with 8/4/16-bit weights: each rank's {cols} input columns "
+                          f"of {what} are not a multiple of the formats' {QK}-value blocks")
 
 
 def _only_rank0(bias, rank):
@@ -100,15 +128,10 @@ def vocab_slice(vocab: int, rank: int, n: int) -> tuple[int, int]:
 
 def take_rows(w, a: int, b: int):
     """Rows a:b of a weight (a tensor, or a QuantWeight's stored rows)."""
-    if isinstance(w, torch.Tensor):
-        return w[a:b].contiguous()
-    return dataclasses.replace(w, data=w.data[a:b].contiguous())
+    return _rows(w, [(a, b)])
 
 
 def shard_layer(w: LayerWeights, cfg: ModelConfig, rank: int, n: int) -> LayerWeights:
-    if not all(isinstance(t, torch.Tensor) for t in (w.qkv, w.o, w.gate_up, w.down)):
-        raise PFError(f"tensor_parallel={n} with quantized weights: shards are fp32/bf16/fp16 "
-                      "tensors only (load with quantize='f32')")
     rows = qkv_rows(cfg, rank, n)
     f0, f1 = module_slice(cfg, "gate", rank, n)
     f = cfg.intermediate_size
@@ -117,10 +140,10 @@ def shard_layer(w: LayerWeights, cfg: ModelConfig, rank: int, n: int) -> LayerWe
     return LayerWeights(
         attn_norm=w.attn_norm, qkv=_rows(w.qkv, rows),
         qkv_bias=None if w.qkv_bias is None else _rows(w.qkv_bias, rows),
-        o=w.o[:, o0:o1].contiguous(), o_bias=_only_rank0(w.o_bias, rank),
+        o=_columns(w.o, o0, o1, "o"), o_bias=_only_rank0(w.o_bias, rank),
         mlp_norm=w.mlp_norm, gate_up=_rows(w.gate_up, gu),
         gate_up_bias=None if w.gate_up_bias is None else _rows(w.gate_up_bias, gu),
-        down=w.down[:, f0:f1].contiguous(), down_bias=_only_rank0(w.down_bias, rank))
+        down=_columns(w.down, f0, f1, "down"), down_bias=_only_rank0(w.down_bias, rank))
 
 
 def shard_weights(w: ModelWeights, cfg: ModelConfig, rank: int, n: int, head: str = "sharded") -> ModelWeights:

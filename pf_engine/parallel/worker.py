@@ -83,7 +83,7 @@ def build_shard(spec: dict, rank: int, n: int, reduce, device: torch.device):
     from pf_engine.model.loading import load_weights
     from pf_engine.parallel.tp import shard_model
     cfg = ModelConfig.from_file(os.path.join(spec["folder"], "config.json"))
-    weights = load_weights(spec["folder"], cfg, spec["dtype"], device)
+    weights = load_weights(spec["folder"], cfg, spec["dtype"], device, *spec["load"])
     bank = spec["bank"]
     if bank is not None:
         bank.to(dtype=spec["dtype"], device=device)
