@@ -147,11 +147,14 @@ def markdown(res: dict) -> str:
     lines = [f"{res['machine']['cpu']}, {res['model']}, prompt {res['prompt_tokens']} tokens, "
              f"{res['new_tokens']} new tokens, median of {res['rounds']} interleaved rounds; each row against "
              "1 rank x 2 threads of the same weights (fp32, or q4: q4_1 projections, q8_0 embedding)", "",
-             "| engine | prefill tok/s | decode ms/token | decode time / 1 rank x 2 threads | greedy = it "
-             "| all-reduced per step | weights rank 0 reads per step |", "|---|---|---|---|---|---|---|"]
+             "| engine | prefill tok/s | decode ms/token (rounds' range) | decode time / 1 rank x 2 threads "
+             "| first 8 greedy tokens = its | all-reduced per step | weights rank 0 reads per step |",
+             "|---|---|---|---|---|---|---|"]
     for k, r in res["rows"].items():
         one = r["baseline"] == k
-        lines.append(f"| {k} | {r['prefill_tok_s']:.0f} | {r['decode_ms_per_token']:.1f} | "
+        span = [1e3 * d for _, d in res["samples"][k]]
+        lines.append(f"| {k} | {r['prefill_tok_s']:.0f} | {r['decode_ms_per_token']:.1f} "
+                     f"({min(span):.1f}-{max(span):.1f}) | "
                      f"{'' if one else format(r['decode_vs_baseline'], '.2f') + 'x'} | "
                      f"{'' if one else r['greedy8_equal_baseline']} | "
                      f"{format(r['allreduce_bytes_per_decode_step'] / 1e3, '.0f') + ' kB' if r['ranks'] > 1 else ''} | "

@@ -24,8 +24,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                   help="split the model over N ranks: this process and N - 1 workers (CPU, gloo; "
-                        "--threads each)")
+                   help="split the model over N ranks: this process and N - 1 workers (CPU: "
+                        "--threads each, shared-memory all-reduces; CUDA: one GPU each, nccl)")
     from pf_engine.model.quantize import QUANTIZE
     p.add_argument("--quantize", default=None, choices=QUANTIZE,
                    help="weights: q8 / q4 / bf16 / f16 convert an HF folder's at load (cpu backend); "
