@@ -189,22 +189,38 @@ def test_engine_on_two_ranks_matches_one(engines):
 
 
 def test_pf_serve_on_two_ranks(tiny_chat_model):
-    """A chat completion through the real openai client from a two-rank engine equals the
-    one-rank engine's greedy reply."""
+    """Completions and a chat completion through the real openai client from a two-rank engine
+    equal the one-rank engine's greedy replies: the base model and every persona kind (the
+    ``persona`` field: explicit weights, "auto", "token"), requests served concurrently."""
     openai = pytest.importorskip("openai")
+    from concurrent.futures import ThreadPoolExecutor
     from pf_engine import Engine
+    from pf_engine.persona.bank import BIG_FIVE, AdapterBank
     from pf_engine.serve import build_app
     from pf_engine.serve.threaded import ThreadedServer
     folder, _ = tiny_chat_model
-    one = Engine.from_pretrained(folder, progress=False)
-    two = Engine.from_pretrained(folder, progress=False, tensor_parallel=2)
+    bank = AdapterBank.random(ModelConfig.from_file(os.path.join(folder, "config.json")), rank=4, seed=5,
+                              router=True)
+    one = Engine.from_pretrained(folder, adapters=bank, progress=False)
+    two = Engine.from_pretrained(folder, adapters=bank, progress=False, tensor_parallel=2)
     two.scheduler(slots=4, max_len=64)
     server = ThreadedServer(build_app(two, "tiny", max_queue=8, timeout_s=60))
+    kinds = [None, {BIG_FIVE[3]: 0.8, BIG_FIVE[6]: 0.2}, "auto", "token"]
     try:
         c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
-        r = c.completions.create(model="tiny", prompt="hello there", max_tokens=6, temperature=0)
-        want = one.generate(["hello there"], max_new_tokens=6)[0].text
-        assert r.choices[0].text == want
+
+        def ask(kind):
+            extra = {} if kind is None else {"persona": kind}
+            return c.completions.create(model="tiny", prompt="hello there", max_tokens=6, temperature=0,
+                                        extra_body=extra).choices[0].text
+        with ThreadPoolExecutor(len(kinds)) as pool:
+            got = list(pool.map(ask, kinds))
+        want = [one.generate(["hello there"], max_new_tokens=6, persona=k)[0].text for k in kinds]
+        assert got == want and len(set(want)) > 1           # the personas change the replies
+        r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
+                                      max_tokens=6, temperature=0, extra_body={"persona": "auto"})
+        chat = dict(one.generation_defaults(chat=True)[0], temperature=0.0, max_new_tokens=6)   # the server's
+        assert r.choices[0].message.content == one.generate(["hello"], chat=True, persona="auto", **chat)[0].text
     finally:
         server.close()
         two.close()

@@ -1,22 +1,21 @@
-"""The engine's tensor-parallel group on the CPU: rank 0 is the calling process, ranks 1..N-1 are
-worker processes the engine starts and stops.
+"""The engine's tensor-parallel group: rank 0 is the calling process, ranks 1..N-1 are worker
+processes (worker.py) the engine starts and stops.
 
     workers = Workers(n, spec, timeout_s)      # spawn, rendezvous on 127.0.0.1, load the shards
     model = TPDecoder(local_shard, workers)    # what Engine.model is: Decoder's interface
 
 Rank 0 sends each model call to every worker once, as one message on its pipe (the call's
 tokens, positions, mask, gates and which cache rows it writes), then runs its own shard; the
-ranks meet only in the blocks' all-reduces.  Those go through shared memory (shm.py: csrc/cpu's
-ShmGroup, ``PF_TP_ALLREDUCE=shm``, the default where csrc/cpu is built) or through gloo
-(``PF_TP_ALLREDUCE=gloo``: ``ProcessGroupGloo`` on a TCPStore of its own, so the engine never
-touches torch.distributed's default group; the group forms either way).  Workers mirror rank
-0's KV slot pools (``TPDecoder.slot_cache``): one per scheduler, with its moves.
+ranks meet only in the blocks' all-reduces (group.py: shared memory or gloo between CPU ranks,
+nccl between CUDA ranks, one GPU each).  Tensors travel on the host, once per call.  Workers
+mirror rank 0's KV slot pools (``TPDecoder.slot_cache``): one per scheduler, with its moves.
 
 Faults.  A call first checks that every worker is alive; a worker that dies or raises leaves its
 group (gloo: its sockets close; shm: rank 0's watchdog sees its process end and aborts the
 group), so rank 0's all-reduce fails at once; one that hangs makes rank 0's all-reduce time out
 after ``timeout_s``.  Either way rank 0 raises one ParallelError naming the worker, stops the
-others and refuses further calls.  Workers exit when rank 0 asks, when the engine is collected,
+others and refuses further calls.  (On nccl a dead peer is seen only through NCCL's own
+timeout: this path has not run on GPUs yet.)  Workers exit when rank 0 asks, when the engine is collected,
 and when rank 0's process is gone (they poll for it, and their watchdog aborts a wait), so none
 is orphaned.
 """
@@ -36,7 +35,6 @@ from pf_engine.model.decoder import Scratch
 from pf_engine.parallel.group import HOST, make_group, make_reducer
 from pf_engine.parallel.worker import on_device, worker_main
 from pf_engine.runtime.kv_cache import SlotCache
-
 
 
 class ParallelError(PFError):
