@@ -117,6 +117,24 @@ def test_byte_stored_weights_shard_exactly(fmt):
         _columns(q, 16, 96, "o")
 
 
+def test_calls_travel_by_value():
+    """A call's tensors cross the pipe as their bytes (no shared-memory file descriptors): every
+    dtype a call carries comes back equal, nested in tuples and lists."""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    from pf_engine.parallel.worker import Wire, from_wire, to_wire
+    g = torch.Generator().manual_seed(3)
+    cmd = ("forward", torch.randint(0, 99, (2, 3), generator=g), [torch.rand(2, 4, generator=g) > 0.5],
+           (torch.randn(3, generator=g).to(torch.bfloat16), torch.randn(2, 2, generator=g)[:, :1]), None, 7)
+    wire = to_wire(cmd)
+    assert isinstance(wire[1], Wire) and isinstance(wire[2][0], Wire)
+    back = from_wire(pickle.loads(bytes(ForkingPickler.dumps(wire))), torch.device("cpu"))
+    for a, b in ((cmd[1], back[1]), (cmd[2][0], back[2][0]), (cmd[3][0], back[3][0]), (cmd[3][1], back[3][1])):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert back[0] == "forward" and back[4] is None and back[5] == 7 and isinstance(back[2], list)
+
+
 # ---------------------------------------------------------------------------------------------
 # The engine on two ranks: Engine.from_pretrained(tensor_parallel=2)
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import torch.multiprocessing as mp
 from pf_engine.errors import PFError
 from pf_engine.model.decoder import Scratch
 from pf_engine.parallel.group import HOST, make_group, make_reducer
-from pf_engine.parallel.worker import on_device, worker_main
+from pf_engine.parallel.worker import to_wire, worker_main
 from pf_engine.runtime.kv_cache import SlotCache
 
 
@@ -173,7 +173,7 @@ class Workers:
         why = self._why()
         if why:
             self._fail(why)
-        cmd = on_device(cmd, "cpu")               # one host copy per call, whatever the device
+        cmd = to_wire(cmd)                        # on the host, by value, once per call
         for pipe in self.pipes:
             try:
                 pipe.send(cmd)
