@@ -284,10 +284,9 @@ class Engine:
     def prefix_cache(self):
         """The engine's prefix cache (runtime/prefix_cache.py), shared by its schedulers and
         generate calls: prompt KV blocks reused by later prompts that start the same way under the
-        same persona; built on first use with ``prefix_cache_gb`` GiB (None when 0: off, and
-        under tensor parallelism, whose ranks each hold their own heads' KV: not built yet)."""
-        if self.tensor_parallel > 1:
-            return None
+        same persona; built on first use with ``prefix_cache_gb`` GiB (None when 0: off).  Under
+        tensor parallelism every rank keeps its own heads of each block, ``prefix_cache_gb``
+        GiB per process."""
         if self._prefix is False:
             from pf_engine.runtime.prefix_cache import PrefixCache
             self._prefix = PrefixCache.for_engine(self, self.prefix_cache_gb)

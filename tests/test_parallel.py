@@ -184,7 +184,7 @@ def test_engine_on_two_ranks_matches_one(engines):
     from pf_engine.persona.bank import BIG_FIVE
     from pf_engine.sampling import SamplingParams
     one, two, _ = engines
-    assert two.tensor_parallel == 2 and two.prefix_cache() is None
+    assert two.tensor_parallel == 2
     kinds = [None, {BIG_FIVE[1]: 0.9}, {n: 0.1 for n in BIG_FIVE}, "auto", "token"]
     ids = [[5 + i, 9, 33, 70 + i, 4, 8, 100 + 3 * i] for i in range(len(kinds))]
     a, b = one.logits(ids, persona=kinds), two.logits(ids, persona=kinds)
@@ -204,6 +204,42 @@ def test_engine_on_two_ranks_matches_one(engines):
         sched.run()
         outs.append([r.result().token_ids for r in reqs])
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("blocks", [None, 3], ids=["roomy", "evicting"])
+def test_the_prefix_cache_on_two_ranks(engines, blocks):
+    """Requests sharing a 40-token prefix under every persona kind, one after another: the
+    two-rank engine's prefix cache hits (each rank copies its own heads of a block back) and its
+    greedy tokens and cached counts equal the one-rank engine's; with room for 3 blocks only,
+    blocks are evicted (and forgotten on the workers) along the way."""
+    from pf_engine.persona.bank import BIG_FIVE
+    from pf_engine.sampling import SamplingParams
+    one, two, _ = engines
+    kinds = [k for k in (None, {BIG_FIVE[1]: 0.9}, "auto", "token") for _ in range(2)]
+    prefix = [7 + (i * 13) % 90 for i in range(40)]
+    outs, stats = [], []
+    for eng in (one, two):
+        eng.set_prefix_cache(1.0)
+        if blocks is not None:
+            eng.set_prefix_cache(blocks * eng.prefix_cache().block_bytes / 2 ** 30)
+        sched = eng.scheduler(slots=2, max_len=96, prefill_budget=24, background=False)
+        got = []
+        for i, kind in enumerate(kinds):
+            req = sched.submit(prefix + [100 + i, 5], SamplingParams(max_new_tokens=5), kind)
+            sched.run()
+            got.append((req.result().token_ids, req.result().cached_tokens))
+            # 15 other tokens (no whole block to keep) overwrite the slot's first columns, so a
+            # hit must really copy its blocks back on every rank
+            sched.submit([90 - j for j in range(15)], SamplingParams(max_new_tokens=5))
+            sched.run()
+        outs.append(got)
+        stats.append(eng.prefix_cache().stats)
+        eng.set_prefix_cache(1.0)
+    assert outs[0] == outs[1]
+    # the base model, the explicit weights and the token router hit on their second request;
+    # "auto" is keyed by its gate row, which the different last tokens move
+    assert stats[1].hits >= 3 and sum(c for _, c in outs[1]) >= 3 * 32
+    assert (stats[1].evictions > 0) == (blocks is not None)
 
 
 def test_pf_serve_on_two_ranks(tiny_chat_model):

@@ -175,11 +175,11 @@ def test_bad_budget_is_one_line(eng, gb):
 def test_lru_evicts_leaves_before_their_parents():
     c = PrefixCache(budget_bytes=3 * 64, block=2, layers=1, kv_heads=1, head_dim=4, dtype=torch.float32)
     assert c.block_bytes == 64 and c.capacity == 3
-    kv = lambda c0, c1: torch.zeros(1, 1, c1 - c0, 4)          # noqa: E731
+    kv = lambda c0, c1: (torch.zeros(1, 1, c1 - c0, 4),) * 2   # noqa: E731
     root = ("base",)
-    c.insert(root, [1, 2, 3, 4, 5, 6], 6, kv, kv)               # a chain of three blocks
+    c.insert(root, [1, 2, 3, 4, 5, 6], 6, kv)                   # a chain of three blocks
     assert len(c.lookup(root, [1, 2, 3, 4, 5, 6, 7], 7)) == 3
-    c.insert(root, [9, 9], 2, kv, kv)                           # evicts the oldest: the leaf
+    c.insert(root, [9, 9], 2, kv)                               # evicts the oldest: the leaf
     assert c.stats.evictions == 1
     assert len(c.lookup(root, [1, 2, 3, 4, 5, 6, 7], 7)) == 2   # the parents stayed
     assert c.lookup(("base", "other"), [1, 2, 3, 4], 4) == []   # another root shares nothing

@@ -8,7 +8,8 @@ Rank 0 sends each model call to every worker once, as one message on its pipe (t
 tokens, positions, mask, gates and which cache rows it writes), then runs its own shard; the
 ranks meet only in the blocks' all-reduces (group.py: shared memory or gloo between CPU ranks,
 nccl between CUDA ranks, one GPU each).  Tensors travel on the host, once per call.  Workers
-mirror rank 0's KV slot pools (``TPDecoder.slot_cache``): one per scheduler, with its moves.
+mirror rank 0's KV slot pools (``TPDecoder.slot_cache``): one per scheduler, with its moves and
+the prefix cache's saves and loads, each rank on its own heads (``TPBlock``).
 
 Faults.  A call first checks that every worker is alive; a worker that dies or raises leaves its
 group (gloo: its sockets close; shm: rank 0's watchdog sees its process end and aborts the
@@ -21,6 +22,7 @@ is orphaned.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import datetime
 import itertools
@@ -54,8 +56,20 @@ def mix_desc(mix):
     return (mix.fixed, mix.token_rows, mix.active, mix.token_router is not None)
 
 
+class TPBlock:
+    """A prefix-cache block under tensor parallelism: rank 0's heads' copy, and the handle under
+    which each worker keeps its own heads' copy (forgotten there once this one is collected)."""
+
+    _handles = itertools.count()
+
+    def __init__(self, kv, workers: "Workers"):
+        self.kv, self.handle = kv, next(self._handles)
+        weakref.finalize(self, workers.later, ("forget", self.handle))
+
+
 class TPSlotCache(SlotCache):
-    """Rank 0's slot pool: its own heads' KV, every move mirrored on the workers."""
+    """Rank 0's slot pool: its own heads' KV, every move, save and load mirrored on the workers
+    (each on its own heads)."""
 
     def __init__(self, model, key: int, *args):
         super().__init__(*args)
@@ -64,6 +78,15 @@ class TPSlotCache(SlotCache):
     def move(self, src: int, dst: int, length: int) -> None:
         self._workers.send(("move", self.key, src, dst, length))
         super().move(src, dst, length)
+
+    def save(self, slot: int, c0: int, c1: int) -> TPBlock:
+        blk = TPBlock(super().save(slot, c0, c1), self._workers)
+        self._workers.send(("save", self.key, slot, c0, c1, blk.handle))
+        return blk
+
+    def load(self, slot: int, c0: int, kv: TPBlock) -> None:
+        self._workers.send(("load", self.key, slot, c0, kv.handle))
+        super().load(slot, c0, kv.kv)
 
 
 class TPDecoder:
@@ -91,7 +114,7 @@ class TPDecoder:
         c = self.local.cfg
         cache = TPSlotCache(self, key, c.num_hidden_layers, slots, c.num_key_value_heads, max_len,
                             c.head_dim, self.local.dtype, self.local.device)
-        weakref.finalize(cache, self.workers.send_quiet, ("drop", key))
+        weakref.finalize(cache, self.workers.later, ("drop", key))
         return cache
 
 
@@ -102,6 +125,7 @@ class Workers:
         import torch.distributed as dist
         self.n, self.timeout_s, self.failed = n, timeout_s, None
         self.dogs = []                 # the watchdog (shm), a list so that _stop holds no self
+        self._later = collections.deque()
         timeout = datetime.timedelta(seconds=timeout_s)
         store = dist.TCPStore(HOST, 0, n, is_master=True, timeout=timeout, wait_for_workers=False)
         if spec["allreduce"] == "shm":
@@ -173,20 +197,24 @@ class Workers:
         why = self._why()
         if why:
             self._fail(why)
-        cmd = to_wire(cmd)                        # on the host, by value, once per call
+        cmds = [to_wire(c) for c in (*self._queued(), cmd)]      # on the host, by value
         for pipe in self.pipes:
             try:
-                pipe.send(cmd)
+                for c in cmds:
+                    pipe.send(c)
             except (BrokenPipeError, OSError):
                 self._fail(self._why() or "a worker's pipe is closed")
 
-    def send_quiet(self, cmd) -> None:
-        try:
-            if not self.failed:
-                for pipe in self.pipes:
-                    pipe.send(cmd)
-        except (BrokenPipeError, OSError):
-            pass
+    def later(self, cmd) -> None:
+        """``cmd`` sent before the next call (finalizers queue here: they may run on any thread,
+        and a pipe takes one writer at a time)."""
+        self._later.append(cmd)
+
+    def _queued(self) -> list:
+        out = []
+        while self._later:
+            out.append(self._later.popleft())
+        return out
 
     def guard(self, fn):
         """fn() (rank 0's part of a call); a collective that fails becomes one ParallelError."""

@@ -6,6 +6,8 @@ group, loads the model's files and keeps its shard, then runs the calls rank 0 s
     ("hidden", tokens, layers)                               the sequence router's input pass
     ("cache", key, slots, max_len) / ("move", key, src, dst, length) / ("drop", key)
                                                              its mirror of rank 0's slot pools
+    ("save", key, slot, c0, c1, handle) / ("load", key, slot, c0, handle) / ("forget", handle)
+                                                             its heads of the prefix-cache blocks
     ("exit",)
 
 Tensors travel by value on the host (``Wire``) and are moved to this rank's device (cuda:rank,
@@ -87,6 +89,7 @@ def worker_main(rank: int, n: int, port: int, spec: dict, timeout_s: float, pipe
         model, bank = build_shard(spec, rank, n, reduce, device)
         pipe.send(("ready",))
         caches: dict[int, SlotCache] = {}
+        blocks: dict[int, tuple] = {}          # prefix-cache blocks: its heads' k, v by handle
         while True:
             if not next_call(pipe):
                 if os.getppid() != parent:
@@ -96,7 +99,7 @@ def worker_main(rank: int, n: int, port: int, spec: dict, timeout_s: float, pipe
             if cmd[0] == "exit":
                 return
             with torch.inference_mode():
-                run(from_wire(cmd, device), model, bank, caches)
+                run(from_wire(cmd, device), model, bank, caches, blocks)
     except (EOFError, KeyboardInterrupt):
         return
     except BaseException as e:  # noqa: BLE001 - rank 0 reads why, then sees the group fail
@@ -138,7 +141,7 @@ def build_shard(spec: dict, rank: int, n: int, reduce, device: torch.device):
     return shard_model(cfg, weights, bank, backend, device, rank, n, reduce, spec["head"]), bank
 
 
-def run(cmd, model, bank, caches) -> None:
+def run(cmd, model, bank, caches, blocks) -> None:
     op = cmd[0]
     if op == "forward":
         _, tokens, positions, cdesc, mask, mdesc, pick = cmd
@@ -159,5 +162,13 @@ def run(cmd, model, bank, caches) -> None:
         caches[cmd[1]].move(*cmd[2:])
     elif op == "drop":
         caches.pop(cmd[1], None)
+    elif op == "save":
+        _, key, slot, c0, c1, handle = cmd
+        blocks[handle] = caches[key].save(slot, c0, c1)
+    elif op == "load":
+        _, key, slot, c0, handle = cmd
+        caches[key].load(slot, c0, blocks[handle])
+    elif op == "forget":
+        blocks.pop(cmd[1], None)
     else:
         raise ValueError(f"unknown tensor-parallel call {op!r}")

@@ -4,7 +4,7 @@ what shapes that KV, evicted least recently used under a byte budget.
     cache = PrefixCache.for_engine(engine, gb=1.0)
     root = persona_root(request)                    # None: this request's KV is not shared
     hit = cache.lookup(root, ids, limit)            # the longest cached run of whole blocks
-    cache.insert(root, ids, n, k_of, v_of)          # a prompt's first n tokens, once prefilled
+    cache.insert(root, ids, n, save)                # a prompt's first n tokens, once prefilled
 
 Why a root.  The k and v projections are adapted by the persona experts, so the KV of a prefix
 depends on the gates as well as on the tokens: a cache keyed by tokens alone would hand one
@@ -23,9 +23,10 @@ within one engine (one base model, dtype and backend):
 
 Blocks.  Block i of a prompt (tokens i*B .. i*B+B-1) is stored under the key (parent, tokens),
 parent = the root for block 0, else block i-1's entry id (ids are never reused), so a lookup
-walks from the root and a hit is always a whole prefix.  Each block holds k, v
-[layers, H_kv, B, head_dim] copied out of a slot (kv_cache.SlotCache) and copied back into the
-next request's slot on a hit.  A hit covers whole blocks only, and never the prompt's last token
+walks from the root and a hit is always a whole prefix.  Each block holds ``kv``, what the slot
+pool's ``save`` copied out of a slot (kv_cache.SlotCache: k, v [layers, H_kv, B, head_dim];
+under tensor parallelism every rank's own heads: parallel/runtime.TPSlotCache), which its
+``load`` copies into the next request's slot on a hit.  A hit covers whole blocks only, and never the prompt's last token
 (its logits give the first new token): a prefix ending inside a block is prefilled from that
 block's start.
 
@@ -62,8 +63,7 @@ def default_gb():
 @dataclass
 class Block:
     id: int
-    k: torch.Tensor             # [layers, H_kv, B, D]
-    v: torch.Tensor
+    kv: object                  # SlotCache.save's copy: (k, v), each [layers, H_kv, B, D]
 
 
 @dataclass
@@ -94,7 +94,7 @@ class PrefixCache:
             raise RequestError(f"prefix_cache_gb={gb!r}: expected a number >= 0 (0: off)")
         if gb == 0:
             return None
-        c = engine.config
+        c = engine.model.cfg             # a tensor-parallel rank's: the heads this process keeps
         return cls(int(gb * 2 ** 30), block, c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
                    engine.model.dtype)
 
@@ -134,10 +134,10 @@ class PrefixCache:
             self.stats.hit_tokens += len(hit) * self.block
         return [blk for _, blk in hit]
 
-    def insert(self, root: tuple, ids: list[int], n_tokens: int, k_of, v_of) -> int:
-        """Store the whole blocks of ids[:n_tokens] not cached yet; ``k_of(c0, c1)`` and
-        ``v_of(c0, c1)`` give columns c0:c1 of the request's KV ([layers, H_kv, c1 - c0, D]).
-        At most ``capacity`` blocks of one prompt are kept.  Returns the blocks added."""
+    def insert(self, root: tuple, ids: list[int], n_tokens: int, save) -> int:
+        """Store the whole blocks of ids[:n_tokens] not cached yet; ``save(c0, c1)`` copies out
+        columns c0:c1 of the request's KV (SlotCache.save).  At most ``capacity`` blocks of one
+        prompt are kept.  Returns the blocks added."""
         n_blocks = min(n_tokens // self.block, self.capacity)
         added, parent, B = 0, root, self.block
         for i in range(n_blocks):
@@ -148,7 +148,7 @@ class PrefixCache:
                     self._blocks.popitem(last=False)
                     self.stats.evictions += 1
                 c0, c1 = i * B, (i + 1) * B
-                blk = Block(next(self._ids), k_of(c0, c1).clone(), v_of(c0, c1).clone())
+                blk = Block(next(self._ids), save(c0, c1))
                 self._blocks[key] = blk
                 self.stats.inserted += 1
                 added += 1

@@ -249,15 +249,13 @@ class Scheduler:
         hit = self.prefix.lookup(root, r.ids, len(r.ids) - 1)
         B = self.prefix.block
         for i, blk in enumerate(hit):
-            self.cache.k[:, r.slot, :, i * B:(i + 1) * B] = blk.k
-            self.cache.v[:, r.slot, :, i * B:(i + 1) * B] = blk.v
+            self.cache.load(r.slot, i * B, blk.kv)
         r.length = r.cached_tokens = len(hit) * B
 
     def _keep_prefix(self, r: Request) -> None:
         """``r``'s prompt is in its slot: store its whole blocks in the prefix cache."""
-        k, v, s = self.cache.k, self.cache.v, r.slot
-        self.prefix.insert(r.prefix_root, r.ids, len(r.ids), lambda c0, c1: k[:, s, :, c0:c1],
-                           lambda c0, c1: v[:, s, :, c0:c1])
+        cache, s = self.cache, r.slot
+        self.prefix.insert(r.prefix_root, r.ids, len(r.ids), lambda c0, c1: cache.save(s, c0, c1))
 
     def _prefill(self) -> None:
         """One forward over the next ``prefill_budget`` prompt tokens of the prefilling requests
