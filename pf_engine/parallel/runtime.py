@@ -262,8 +262,9 @@ def tp_model(engine, weights, timeout_s: float | None = None) -> TPDecoder:
     if bank is not None and engine.device.type != "cpu":     # the workers' copy travels on the host
         bank = copy.deepcopy(bank).to(device="cpu")
     spec = {"folder": engine.folder, "load": engine.load_args, "dtype": engine.dtype,
-            "device": engine.device.type, "backend": engine.backend.name, "bank": bank, "threads": torch.get_num_threads(),
-            "allreduce": allreduce_kind(engine.device), "head": head_kind()}
+            "device": engine.device.type, "backend": engine.backend.name, "bank": bank,
+            "threads": torch.get_num_threads(), "allreduce": allreduce_kind(engine.device),
+            "head": head_kind()}
     workers = Workers(n, spec, timeout_s)
     local = shard_model(engine.config, weights, engine.bank, engine.backend, engine.device, 0, n,
                         workers.reduce, spec["head"])

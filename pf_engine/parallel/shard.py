@@ -126,11 +126,6 @@ def vocab_slice(vocab: int, rank: int, n: int) -> tuple[int, int]:
     return rank * vocab // n, (rank + 1) * vocab // n
 
 
-def take_rows(w, a: int, b: int):
-    """Rows a:b of a weight (a tensor, or a QuantWeight's stored rows)."""
-    return _rows(w, [(a, b)])
-
-
 def shard_layer(w: LayerWeights, cfg: ModelConfig, rank: int, n: int) -> LayerWeights:
     rows = qkv_rows(cfg, rank, n)
     f0, f1 = module_slice(cfg, "gate", rank, n)
@@ -149,7 +144,7 @@ def shard_layer(w: LayerWeights, cfg: ModelConfig, rank: int, n: int) -> LayerWe
 def shard_weights(w: ModelWeights, cfg: ModelConfig, rank: int, n: int, head: str = "sharded") -> ModelWeights:
     """Rank r's ModelWeights (see the module doc); the embedding stays whole, the head too
     when ``head`` is "replicated"."""
-    lm_head = w.lm_head if head == "replicated" else take_rows(w.lm_head, *vocab_slice(cfg.vocab_size, rank, n))
+    lm_head = w.lm_head if head == "replicated" else _rows(w.lm_head, [vocab_slice(cfg.vocab_size, rank, n)])
     return ModelWeights(embed=w.embed, layers=[shard_layer(l, cfg, rank, n) for l in w.layers],
                         norm=w.norm, lm_head=lm_head)
 
