@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 
 from pf_engine.backends import resolve_backend
+from pf_engine.backends.cpu.experts import check as check_expert_format, describe as expert_formats
 from pf_engine.errors import PFError, RequestError
 from pf_engine.model.config import ModelConfig
 from pf_engine.model.decoder import Decoder, Scratch, causal_mask
@@ -94,14 +95,14 @@ def gguf_source(model) -> str | None:
 class Engine:
     def __init__(self, folder: str, device: torch.device, dtype: torch.dtype, adapters=None,
                  backend: str | None = None, quantize: str | None = None, gguf: str | None = None,
-                 tensor_parallel: int = 1):
+                 tensor_parallel: int = 1, expert_format: str | None = None):
         """``folder``: the model's HF-layout folder (config, tokenizer, float weights); ``gguf``:
         the file it was converted from, whose 8/4-bit and 16-bit tensors are used as they are where the
         backend runs them (model/quantize.py says what ``quantize`` does); ``tensor_parallel``:
         ranks (parallel/runtime.py)."""
         self.folder, self.device, self.dtype = folder, device, dtype
         self.config = ModelConfig.from_file(os.path.join(folder, "config.json"))
-        self.backend = resolve_backend(backend, device)
+        self.backend = resolve_backend(backend, device, expert_format)
         mode = quantization.check(quantize, gguf=gguf is not None, device=device, dtype=dtype,
                                   backend=self.backend)
         from pf_engine.parallel.options import check_parallel
@@ -124,6 +125,8 @@ class Engine:
             self.model = Decoder(self.config, weights, device, self.backend)
             if self.bank is not None:
                 self.model.attach(self.bank)
+        if self.bank is not None:
+            self.weight_formats += f", {expert_formats(self.model)} experts"
         self.tokenizer = Tokenizer.maybe(folder)
         eos = set(self.config.eos_token_id)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -137,7 +140,7 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model=None, adapters=None, device=None, dtype=None, backend=None,
                         progress: bool = True, quantize: str | None = None,
-                        tensor_parallel: int = 1) -> "Engine":
+                        tensor_parallel: int = 1, expert_format: str | None = None) -> "Engine":
         """Load a model (None: the bundled SmolLM2-135M-Instruct; an HF folder; a .gguf file).
 
         device: "cpu" / "cuda" (default: cuda when present); dtype: fp32 / fp16 / bf16 (default
@@ -148,6 +151,9 @@ class Engine:
         quantize: None (a GGUF's own formats on the cpu backend, an HF folder's weights
         as stored), "f32" (everything float), "q8" / "q4" / "bf16" / "f16" (an HF folder
         converted at load): model/quantize.py.
+        expert_format: the persona experts' format on the cpu backend: None / "auto" (q8 on an
+        8/4-bit model, bf16 on a 16-bit one, f32 on fp32), "f32", "bf16", "q8"
+        (backends/cpu/experts.py); converted once at load, the bank file unchanged.
         tensor_parallel: N ranks (CPU): this process and N - 1 worker processes each hold
         1/N of every block's heads and FFN columns, of the LM head's rows and of the persona
         experts, and sum their partial outputs through shared memory (or gloo:
@@ -159,8 +165,9 @@ class Engine:
         gguf = gguf_source(model)
         quantization.check(quantize, gguf=gguf is not None, device=dev, dtype=dt,
                            backend=None)                       # before any conversion runs
+        check_expert_format(expert_format)
         eng = cls(resolve_model(model, progress), dev, dt, adapters, backend, quantize, gguf,
-                  tensor_parallel)
+                  tensor_parallel, expert_format)
         eng.load_s = time.perf_counter() - t0
         return eng
 

@@ -21,13 +21,16 @@ namespace pf_cpu {
 class LinearPlan {
 public:
     LinearPlan(py::object weight, int64_t d_out, py::object bias, py::object parts,
-               py::object blocks, int64_t num_experts, int fmt, py::object a_cat, int64_t d_in_q);
+               py::object blocks, int64_t num_experts, int fmt, py::object a_cat, int64_t d_in_q,
+               int expert_fmt);
     void run(py::object x, py::object y, py::object gates, int threads, int prologue,
              py::object norm, double eps, py::object residual) const;
     const Linear& core() const { return lin_; }
     const py::array& w_aug() const { return w_aug_; }
 
 private:
+    void load_a(const Checker& ck, py::object a_cat);
+
     Linear lin_;
     py::array w_aug_, bias_, a_cat_;     // w_aug_: the weight (W_aug, or quantized W)
     std::vector<py::array> bT_;

@@ -1,17 +1,22 @@
 // LinearPlan: the typed binding of linear_plan.h, built once per projection group.
 //
 //   LinearPlan(weight, d_out, bias=None, parts=(), blocks=(), num_experts=0, fmt=FMT_F32, a_cat=None,
-//              d_in=0)
-//     fmt FMT_F32: weight float32 [d_out + R, d_in] C-contiguous = W_aug (W above A_cat);
-//       1 <= d_out <= rows, R = rows - d_out >= 0; a_cat None
+//              d_in=0, expert_fmt=FMT_F32)
+//     fmt FMT_F32 with expert_fmt FMT_F32: weight float32 [d_out + R, d_in] C-contiguous = W_aug
+//       (W above A_cat); 1 <= d_out <= rows, R = rows - d_out >= 0; a_cat None
+//     fmt FMT_F32 with other experts: weight float32 [d_out, d_in], A_cat as a_cat
 //     fmt FMT_Q8_0 / FMT_Q4_0 / FMT_Q4_1 / FMT_F16 / FMT_BF16 (quant_format.h): weight uint8
 //       [d_out, row_bytes(fmt, d_in)] C-contiguous, W's rows (block formats repacked: RowLayout),
-//       d_in given (a multiple of 32);
-//       a_cat float32 [R, d_in] C-contiguous, or None (R = 0)
+//       d_in given (a multiple of 32); A_cat as a_cat
+//     expert_fmt FMT_F32 / FMT_BF16 / FMT_Q8_0: the experts' format (expert.h); other than
+//       FMT_F32 it needs d_in a multiple of 32
+//     a_cat  A_cat [R, d_in] C-contiguous: float32 (FMT_F32 experts) or uint8
+//            [R, row_bytes(expert_fmt, d_in)]; or None (R = 0)
 //     bias   float32 [d_out] contiguous, or None
 //     parts  (out0, out1, r0, r1, bT): output columns out0:out1, rows r0:r1 of A_cat (0-based in
-//            R), bT float32 [r1 - r0, out1 - out0] C-contiguous (B transposed); increasing and
-//            non-overlapping in both ranges
+//            R), bT = B^T C-contiguous: float32 [r1 - r0, out1 - out0] (FMT_F32 experts) or uint8
+//            [r1 - r0, row_bytes(expert_fmt, dp32)], dp32 = out1 - out0 rounded up to 32 (zero
+//            padded); increasing and non-overlapping in both ranges
 //     blocks (part, expert, r0, r1, scale): absolute rows r0:r1 of A_cat inside the part's rows,
 //            sorted by part, increasing and non-overlapping within a part; 0 <= expert < num_experts
 //   run(x, y, gates=None, threads=1, prologue=PRO_NONE, norm=None, eps=0.0, residual=None)
@@ -50,12 +55,31 @@ py::sequence entry(const Checker& ck, const std::string& name, py::handle obj, s
 
 }  // namespace
 
+// A_cat's rows from a_cat (None: R = 0), in the experts' format, for d_in values a row.
+void LinearPlan::load_a(const Checker& ck, py::object a_cat) {
+    const bool f32 = lin_.efmt == FMT_F32;
+    const int64_t bytes = f32 ? static_cast<int64_t>(sizeof(float)) * lin_.d_in : row_layout(lin_.efmt, lin_.d_in / QK).bytes;
+    auto a = ck.optional("a_cat", a_cat, f32 ? Dtype::F32 : Dtype::U8);
+    if (!a) return;
+    a_cat_ = *a;
+    ck.ndim("a_cat", a_cat_, 2, "R, d_in");
+    ck.shape("a_cat", a_cat_, {-1, f32 ? lin_.d_in : bytes}, f32 ? "R, d_in" : "R, row_bytes(expert_fmt, d_in)");
+    ck.c_contiguous("a_cat", a_cat_);
+    lin_.rank = a_cat_.shape(0);
+    lin_.a = data_of<const uint8_t>(a_cat_);
+    lin_.a_row_bytes = bytes;
+}
+
 LinearPlan::LinearPlan(py::object weight, int64_t d_out, py::object bias, py::object parts,
-                       py::object blocks, int64_t num_experts, int fmt, py::object a_cat, int64_t d_in_q) {
+                       py::object blocks, int64_t num_experts, int fmt, py::object a_cat, int64_t d_in_q,
+                       int expert_fmt) {
     const Checker ck("LinearPlan");
     ck.in_range("fmt", fmt, FMT_F32, FMT_LAST, "FMT_F32, FMT_Q8_0, FMT_Q4_0, FMT_Q4_1, FMT_F16 or FMT_BF16");
+    PF_CHECK(ck, expert_fmt == FMT_F32 || expert_fmt == FMT_BF16 || expert_fmt == FMT_Q8_0, "expert_fmt is ",
+             expert_fmt, ", expected FMT_F32, FMT_BF16 or FMT_Q8_0");
     lin_.fmt = fmt;
-    if (fmt == FMT_F32) {
+    lin_.efmt = expert_fmt;
+    if (fmt == FMT_F32 && expert_fmt == FMT_F32) {
         w_aug_ = ck.array("weight", weight, Dtype::F32);
         ck.ndim("weight", w_aug_, 2, "d_out + R, d_in");
         ck.c_contiguous("weight", w_aug_);
@@ -68,7 +92,16 @@ LinearPlan::LinearPlan(py::object weight, int64_t d_out, py::object bias, py::ob
         lin_.d_in = d_in;
         lin_.rank = rows - d_out;
         lin_.row_bytes = static_cast<int64_t>(sizeof(float)) * d_in;
-        lin_.a = lin_.w + d_out * d_in;
+        lin_.a = reinterpret_cast<const uint8_t*>(lin_.w + d_out * d_in);
+        lin_.a_row_bytes = lin_.row_bytes;
+    } else if (fmt == FMT_F32) {
+        w_aug_ = ck.array("weight", weight, Dtype::F32);
+        ck.ndim("weight", w_aug_, 2, "d_out, d_in");
+        ck.c_contiguous("weight", w_aug_);
+        ck.equal("d_out", d_out, w_aug_.shape(0), "weight.shape[0]: experts in another format than fp32 come as a_cat");
+        lin_.w = data_of<const float>(w_aug_);
+        lin_.d_in = w_aug_.shape(1);
+        lin_.row_bytes = static_cast<int64_t>(sizeof(float)) * lin_.d_in;
     } else {
         w_aug_ = ck.array("weight", weight, Dtype::U8);
         ck.ndim("weight", w_aug_, 2, "d_out, row_bytes");
@@ -81,16 +114,12 @@ LinearPlan::LinearPlan(py::object weight, int64_t d_out, py::object bias, py::ob
         lin_.wq = data_of<const uint8_t>(w_aug_);
         lin_.d_in = d_in_q;
         lin_.row_bytes = w_aug_.shape(1);
-        if (auto a = ck.optional("a_cat", a_cat, Dtype::F32)) {
-            a_cat_ = *a;
-            ck.ndim("a_cat", a_cat_, 2, "R, d_in");
-            ck.shape("a_cat", a_cat_, {-1, lin_.d_in}, "R, d_in");
-            ck.c_contiguous("a_cat", a_cat_);
-            lin_.rank = a_cat_.shape(0);
-            lin_.a = data_of<const float>(a_cat_);
-        }
     }
-    const int64_t d_in = lin_.d_in;
+    if (!(fmt == FMT_F32 && expert_fmt == FMT_F32)) {
+        PF_CHECK(ck, expert_fmt == FMT_F32 || lin_.d_in % QK == 0, "expert_fmt ", format_name(expert_fmt),
+                 " needs d_in a multiple of 32, got d_in = ", lin_.d_in);
+        load_a(ck, a_cat);
+    }
     ck.in_range("num_experts", num_experts, 0, std::numeric_limits<int32_t>::max());
     lin_.d_out = d_out;
     lin_.num_experts = num_experts;
@@ -119,10 +148,22 @@ LinearPlan::LinearPlan(py::object weight, int64_t d_out, py::object bias, py::ob
                      q.out0, ":", q.out1, ", rows ", q.r0, ":", q.r1,
                      "), expected parts in increasing, non-overlapping order of both ranges");
         }
-        py::array bT = ck.array(name + ".bT", e[4], Dtype::F32);
-        ck.shape(name + ".bT", bT, {p.r1 - p.r0, p.out1 - p.out0}, "r1 - r0, out1 - out0");
+        const int64_t dp = p.out1 - p.out0;
+        py::array bT;
+        if (expert_fmt == FMT_F32) {
+            bT = ck.array(name + ".bT", e[4], Dtype::F32);
+            ck.shape(name + ".bT", bT, {p.r1 - p.r0, dp}, "r1 - r0, out1 - out0");
+            p.bstride = static_cast<int64_t>(sizeof(float)) * dp;
+            p.bvals = 0;
+        } else {
+            const RowLayout bl = row_layout(expert_fmt, round_up(dp, QK) / QK);
+            bT = ck.array(name + ".bT", e[4], Dtype::U8);
+            ck.shape(name + ".bT", bT, {p.r1 - p.r0, bl.bytes}, "r1 - r0, row_bytes(expert_fmt, out1 - out0 rounded up to 32)");
+            p.bstride = bl.bytes;
+            p.bvals = expert_fmt == FMT_Q8_0 ? bl.q : 0;
+        }
         ck.c_contiguous(name + ".bT", bT);
-        p.bT = data_of<const float>(bT);
+        p.bT = data_of<const uint8_t>(bT);
         bT_.push_back(bT);
         lin_.parts.push_back(p);
     }
@@ -185,7 +226,7 @@ void LinearPlan::run(py::object x, py::object y, py::object gates, int threads, 
     c.prologue = prologue;
     ck.disjoint("x", xa, "y", ya);
     ck.disjoint("weight", w_aug_, "y", ya);
-    if (L.fmt != FMT_F32 && L.rank > 0) ck.disjoint("a_cat", a_cat_, "y", ya);
+    if (!(L.fmt == FMT_F32 && L.efmt == FMT_F32) && L.rank > 0) ck.disjoint("a_cat", a_cat_, "y", ya);
     if (auto g = ck.optional("gates", gates, Dtype::F32)) {
         ck.shape("gates", *g, {T, L.num_experts}, "T, num_experts");
         ck.unit_last_stride("gates", *g);
@@ -217,10 +258,11 @@ void LinearPlan::run(py::object x, py::object y, py::object gates, int threads, 
 void bind_linear(py::module_& m) {
     py::class_<LinearPlan>(m, "LinearPlan",
         "One projection group's fused grouped-LoRA linear, checked once: see csrc/cpu/binding_linear.cpp")
-        .def(py::init<py::object, int64_t, py::object, py::object, py::object, int64_t, int, py::object, int64_t>(),
+        .def(py::init<py::object, int64_t, py::object, py::object, py::object, int64_t, int, py::object, int64_t, int>(),
              py::arg("weight"), py::arg("d_out"), py::arg("bias") = py::none(),
              py::arg("parts") = py::tuple(), py::arg("blocks") = py::tuple(), py::arg("num_experts") = 0,
-             py::arg("fmt") = static_cast<int>(FMT_F32), py::arg("a_cat") = py::none(), py::arg("d_in") = 0)
+             py::arg("fmt") = static_cast<int>(FMT_F32), py::arg("a_cat") = py::none(), py::arg("d_in") = 0,
+             py::arg("expert_fmt") = static_cast<int>(FMT_F32))
         .def("run", &LinearPlan::run, py::arg("x"), py::arg("y"), py::arg("gates") = py::none(),
              py::arg("threads") = 1, py::arg("prologue") = static_cast<int>(PRO_NONE),
              py::arg("norm") = py::none(), py::arg("eps") = 0.0, py::arg("residual") = py::none(),
@@ -230,9 +272,10 @@ void bind_linear(py::module_& m) {
         .def_property_readonly("rank", [](const LinearPlan& p) { return p.core().rank; })
         .def_property_readonly("num_experts", [](const LinearPlan& p) { return p.core().num_experts; })
         .def_property_readonly("fmt", [](const LinearPlan& p) { return p.core().fmt; })
+        .def_property_readonly("expert_fmt", [](const LinearPlan& p) { return p.core().efmt; })
         .def("__repr__", [](const LinearPlan& p) {
             const Linear& l = p.core();
-            return cat("LinearPlan(fmt=", format_name(l.fmt), ", d_in=", l.d_in, ", d_out=", l.d_out, ", rank=", l.rank,
+            return cat("LinearPlan(fmt=", format_name(l.fmt), ", expert_fmt=", format_name(l.efmt), ", d_in=", l.d_in, ", d_out=", l.d_out, ", rank=", l.rank,
                        ", num_experts=", l.num_experts, ", parts=", l.parts.size(), ", blocks=",
                        l.blocks.size(), ")");
         });

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 
+#include "expert.h"
 #include "half.h"
 #include "isa.h"
 #include "kernels.h"
@@ -22,8 +23,8 @@ struct Segment { int64_t part, c, a0, a1; };            // an active part: its f
                                                         // blocks act[a0:a1]
 struct Scratch {
     std::vector<float> x, h;                             // x' [T, d_in], h [T, R]
-    std::vector<float> xq;                               // x' quantized: T XRows (quant.h)
-    std::vector<XRow> xrows;
+    std::vector<float> xq, xe;                           // x' quantized: T XRows (quant.h) for
+    std::vector<XRow> xrows, xerows;                     // W, and for q8_0 experts (unpaired)
     std::vector<ActiveRow> rows;
     std::vector<int64_t> act;                            // active block ids, by part
     std::vector<Segment> segs;
@@ -38,6 +39,7 @@ struct Job {
     const float* x;            // x' (the prologue's output, or call.x)
     int64_t xs;
     const XRow* xq;            // x' quantized, T rows (a block-quantized W), else null
+    const XRow* xe;            // x' quantized unpaired, T rows (q8_0 experts), else null
     QrowsDots qdots;           // the block dots of the instruction set in use (isa.h)
     int64_t nb;
     float* h;
@@ -66,15 +68,33 @@ struct Job {
                 i += n;
             }
         }
-        for (; i < i1; ++i) {
-            if (i < d_out) {
-                row_dots(lin.w + i * d_in, x, xs, T, d_in, tmp);
-                store(i, tmp);
-            } else {
-                const ActiveRow& a = rows[i - d_out];
-                row_dots(lin.a + a.r * d_in, x, xs, T, d_in, tmp);
-                for (int t = 0; t < T; ++t) h[t * R + a.r] = tmp[t] * call.gates[t * call.gs + a.expert] * a.scale;
-            }
+        for (; i < std::min(i1, d_out); ++i) {
+            row_dots(lin.w + i * d_in, x, xs, T, d_in, tmp);
+            store(i, tmp);
+        }
+        while (i < i1) {                             // runs of consecutive rows of A_cat
+            const ActiveRow* a = rows + (i - d_out);
+            int64_t n = 1;
+            while (n < kRowBlock && i + n < i1 && a[n].r == a[0].r + n) ++n;
+            expert_dots(a[0].r, n, tmp);
+            for (int64_t k = 0; k < n; ++k)
+                for (int t = 0; t < T; ++t)
+                    h[t * R + a[k].r] = tmp[k * MAX_ROWS + t] * call.gates[t * call.gs + a[k].expert] * a[k].scale;
+            i += n;
+        }
+    }
+
+    // out[k * MAX_ROWS + t] = A_cat[r + k] . x'[t] for k < n, in the experts' format.
+    void expert_dots(int64_t r, int64_t n, float* out) const {
+        const uint8_t* a = lin.a + r * lin.a_row_bytes;
+        const int T = static_cast<int>(call.T);
+        switch (lin.efmt) {
+            case FMT_BF16: hrows_dots(FMT_BF16, a, lin.a_row_bytes, n, x, xs, T, lin.d_in, out, MAX_ROWS); break;
+            case FMT_Q8_0: qdots(FMT_Q8_0, a, lin.a_row_bytes, n, xe, T, nb, out, MAX_ROWS); break;
+            default:
+                for (int64_t k = 0; k < n; ++k)
+                    row_dots(reinterpret_cast<const float*>(a) + k * lin.d_in, x, xs, T,
+                             static_cast<int>(lin.d_in), out + k * MAX_ROWS);
         }
     }
 
@@ -95,6 +115,15 @@ struct Job {
     // four rank rows at a time (one load and store of y per four FMAs).
     static constexpr int64_t kTile = 256;
     void pass2(int64_t chunk) const {
+        switch (lin.efmt) {
+            case FMT_BF16: return pass2_fmt<FMT_BF16>(chunk);
+            case FMT_Q8_0: return pass2_fmt<FMT_Q8_0>(chunk);
+            default: return pass2_fmt<FMT_F32>(chunk);
+        }
+    }
+
+    template <int EF>
+    void pass2_fmt(int64_t chunk) const {
         const int64_t c0 = chunk * cols_per_chunk, c1 = std::min(ncols, c0 + cols_per_chunk);
         const int64_t R = lin.rank;
         for (int64_t q = 0; q < nsegs; ++q) {
@@ -103,20 +132,19 @@ struct Job {
             const int64_t dp = p.out1 - p.out0;
             const int64_t lo = std::max(c0, sg.c), hi = std::min(c1, sg.c + dp);
             for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
-                const int64_t o0 = p.out0 + (t0 - sg.c), width = std::min(kTile, hi - t0);
-                const float* bT = p.bT + (o0 - p.out0);
+                const int64_t off = t0 - sg.c, o0 = p.out0 + off, width = std::min(kTile, hi - t0);
                 for (int64_t a = sg.a0; a < sg.a1; ++a) {
                     const LoraBlock& b = lin.blocks[act[a]];
                     int64_t r = b.r0;
                     for (; r + 4 <= b.r1; r += 4) {
-                        const float* brow = bT + (r - p.r0) * dp;
+                        const uint8_t* brow = p.bT + (r - p.r0) * p.bstride;
                         for (int64_t t = 0; t < call.T; ++t)
-                            axpy4(h + t * R + r, brow, dp, width, call.y + t * call.ys + o0);
+                            expand<EF, 4>(h + t * R + r, brow, p.bstride, p.bvals, off, width, call.y + t * call.ys + o0);
                     }
                     for (; r < b.r1; ++r) {
-                        const float* brow = bT + (r - p.r0) * dp;
+                        const uint8_t* brow = p.bT + (r - p.r0) * p.bstride;
                         for (int64_t t = 0; t < call.T; ++t)
-                            axpy(h[t * R + r], brow, width, call.y + t * call.ys + o0);
+                            expand<EF, 1>(h + t * R + r, brow, p.bstride, p.bvals, off, width, call.y + t * call.ys + o0);
                     }
                 }
             }
@@ -136,6 +164,19 @@ const float* prologue(const Linear& lin, const LinearCall& c, Scratch& s, int64_
     }
     xs = lin.d_in;
     return s.x.data();
+}
+
+// x' [T rows at stride xs] quantized per block into buf (pairs: the Q4 order); T XRows.
+const XRow* quantize_rows(const float* x, int64_t xs, int64_t T, int64_t nb, bool pairs,
+                          std::vector<float>& buf, std::vector<XRow>& rows) {
+    const int64_t per = xrow_floats(nb);
+    if (buf.size() < static_cast<size_t>(T * per)) buf.resize(static_cast<size_t>(T * per));
+    rows.resize(static_cast<size_t>(T));
+    for (int64_t t = 0; t < T; ++t) {
+        rows[t] = xrow_at(buf.data() + t * per, nb);
+        quantize_x(x + t * xs, nb, pairs, rows[t]);
+    }
+    return rows.data();
 }
 
 // The active blocks (an expert with a nonzero gate in some row), their rows, and pass 2's
@@ -160,7 +201,7 @@ int64_t route(const Linear& lin, const LinearCall& c, Scratch& s) {
         const int64_t a1 = static_cast<int64_t>(s.act.size());
         if (a1 > a0) {
             s.segs.push_back({p, ncols, a0, a1});
-            ncols += part.out1 - part.out0;
+            ncols += round_up(part.out1 - part.out0, EXPERT_COL_ALIGN);
         }
     }
     return ncols;
@@ -175,18 +216,11 @@ void linear_run(const Linear& lin, const LinearCall& call, int threads) {
     const int64_t ncols = route(lin, call, s);
     if (!s.rows.empty() && s.h.size() < static_cast<size_t>(call.T * lin.rank))
         s.h.resize(static_cast<size_t>(call.T * lin.rank));
-    const XRow* xq = nullptr;
     const int64_t nb = lin.d_in / QK;
-    if (is_block(lin.fmt)) {
-        const int64_t per = xrow_floats(nb);
-        if (s.xq.size() < static_cast<size_t>(call.T * per)) s.xq.resize(static_cast<size_t>(call.T * per));
-        s.xrows.resize(static_cast<size_t>(call.T));
-        for (int64_t t = 0; t < call.T; ++t) {
-            s.xrows[t] = xrow_at(s.xq.data() + t * per, nb);
-            quantize_x(x + t * xs, nb, lin.fmt != FMT_Q8_0, s.xrows[t]);
-        }
-        xq = s.xrows.data();
-    }
+    const XRow* xq = is_block(lin.fmt) ? quantize_rows(x, xs, call.T, nb, lin.fmt != FMT_Q8_0, s.xq, s.xrows) : nullptr;
+    const XRow* xe = nullptr;                  // q8_0 experts' activations: W's when unpaired
+    if (lin.efmt == FMT_Q8_0 && !s.rows.empty())
+        xe = lin.fmt == FMT_Q8_0 ? xq : quantize_rows(x, xs, call.T, nb, false, s.xe, s.xerows);
     const int64_t n1 = lin.d_out + static_cast<int64_t>(s.rows.size());
     const int64_t row_bytes = lin.row_bytes;
     int64_t rpc = std::max<int64_t>(1, g_pass1_bytes.load(std::memory_order_relaxed) / row_bytes);
@@ -197,10 +231,10 @@ void linear_run(const Linear& lin, const LinearCall& call, int threads) {
         for (int64_t a = sg.a0; a < sg.a1; ++a) n += lin.blocks[s.act[a]].r1 - lin.blocks[s.act[a]].r0;
         part_rows = std::max(part_rows, n);
     }
-    const int64_t col_bytes = static_cast<int64_t>(sizeof(float)) * part_rows;
+    const int64_t col_bytes = (lin.efmt == FMT_F32 ? 4 : lin.efmt == FMT_BF16 ? 2 : 1) * part_rows;
     int64_t cpc = ceil_div(std::max<int64_t>(1, g_pass2_bytes.load(std::memory_order_relaxed) / col_bytes), 8) * 8;
     cpc = std::max(cpc, ceil_div(ceil_div(ncols, kMaxChunks), 8) * 8);
-    const Job job{lin, call, x, xs, xq, xq ? qrows_dots_kernel() : nullptr, nb, s.h.data(), s.rows.data(), n1, rpc, s.act.data(), s.segs.data(),
+    const Job job{lin, call, x, xs, xq, xe, (xq || xe) ? qrows_dots_kernel() : nullptr, nb, s.h.data(), s.rows.data(), n1, rpc, s.act.data(), s.segs.data(),
                   static_cast<int64_t>(s.segs.size()), ncols, cpc};
     parallel_for(ceil_div(n1, rpc), threads, [&job](int64_t c) { job.pass1(c); });
     if (ncols > 0) parallel_for(ceil_div(ncols, cpc), threads, [&job](int64_t c) { job.pass2(c); });

@@ -3,12 +3,15 @@
 //
 // For token rows x [T, d_in] (1 <= T <= MAX_ROWS) and a group (q|k|v, gate|up, o, down) with base
 // weight W [d_out, d_in] in one of quant_format.h's formats (fp32, 16-bit floats, or 8/4-bit
-// blocks) and experts
-// stacked as A_cat [R, d_in] (fp32; for an fp32 W the rows below W in one W_aug = [W; A_cat]):
+// blocks) and experts stacked as A_cat [R, d_in] and B^T per part, both in the experts' format
+// (expert.h: fp32, bf16 or q8_0; fp32 experts on an fp32 W: the rows below W in one
+// W_aug = [W; A_cat]):
 //
 //   y[t, o] = W[o] . x'[t] + bias[o] + res[t, o]
 //           + sum over active blocks j of o's part p: sum_{r in j} bT_p[r - r0_p, o - out0_p] h[t, r]
 //   h[t, r] = (A_cat[r] . x'[t]) * gates[t, e_j] * s_j                       r in block j
+//
+// (q8_0 experts: A_cat[r] . x'[t] is the block dot against x' quantized per block, as a q8_0 W's.)
 //
 // A block is one expert's rank rows in one part (projection); it is active when its expert's
 // gate is nonzero for some row t (no gates: none is).  The prologue makes x' once, before the
@@ -21,9 +24,10 @@
 // Two parallel regions (pool.h), each split into many small chunks:
 //   pass 1  rows of W and the active rows of A_cat (chunks of ~pass1_bytes of weights): y rows
 //           (+ bias, + res) and h;
-//   pass 2  the expand, over the active parts' output columns concatenated (chunks of
-//           ~pass2_bytes of bT): each chunk streams the active rank rows of bT across its
-//           columns, four rank rows at a time, in 256-column tiles.
+//   pass 2  the expand, over the active parts' output columns concatenated, each part's
+//           columns starting at a multiple of EXPERT_COL_ALIGN (chunks of ~pass2_bytes of bT):
+//           each chunk streams the active rank rows of bT across its columns, four rank rows
+//           at a time, in 256-column tiles.
 // Scratch (x', h, the routing lists) is thread_local to the calling thread.
 #pragma once
 #include <cstdint>
@@ -39,7 +43,9 @@ enum Prologue : int { PRO_NONE = 0, PRO_RMSNORM = 1, PRO_SILU_MUL = 2 };
 
 struct LoraPart {              // output columns out0:out1, rows r0:r1 of A_cat (0-based in R)
     int64_t out0, out1, r0, r1;
-    const float* bT;           // [r1 - r0, out1 - out0] row-major
+    const uint8_t* bT;         // B^T: r1 - r0 rows in the experts' format (expert.h), at
+    int64_t bstride;           //   bstride bytes,
+    int64_t bvals;             //   their values at this byte offset in a row (q8_0: RowLayout.q)
     int64_t b0, b1;            // its blocks: blocks[b0:b1]
 };
 
@@ -53,7 +59,9 @@ struct Linear {
     const float* w = nullptr;      // FMT_F32: W [d_out, d_in] (rows of W_aug)
     const uint8_t* wq = nullptr;   // any other: W [d_out, row_bytes]
     int64_t row_bytes = 0;         // bytes of one row of W
-    const float* a = nullptr;      // A_cat [rank, d_in] or null (rank 0)
+    int efmt = FMT_F32;            // the experts' format: FMT_F32, FMT_BF16 or FMT_Q8_0
+    const uint8_t* a = nullptr;    // A_cat: rank rows of a_row_bytes in efmt, or null (rank 0)
+    int64_t a_row_bytes = 0;
     const float* bias = nullptr;   // [d_out] or null
     int64_t d_in = 0, d_out = 0, rank = 0, num_experts = 0;
     std::vector<LoraPart> parts;   // increasing, non-overlapping in columns and rows

@@ -66,20 +66,25 @@ def check_name(name) -> str | None:
     return name
 
 
-def resolve_backend(name: str | None, device: torch.device) -> Backend:
+def resolve_backend(name: str | None, device: torch.device, expert_format: str | None = None) -> Backend:
     """The backend object for ``name`` on ``device``: auto (or None) -> $PF_BACKEND if set,
-    else cpu where csrc/cpu runs on a CPU, else torch; a named backend must be usable."""
+    else cpu where csrc/cpu runs on a CPU, else torch; a named backend must be usable.
+    ``expert_format``: the persona experts' format on the cpu backend (cpu/experts.py; None:
+    auto), refused in one line where it cannot run."""
+    from pf_engine.backends.cpu import experts
+    experts.check(expert_format)
     name = check_name(name) or check_name(os.environ.get("PF_BACKEND") or None)
     if name is None:
         name = "cpu" if device.type == "cpu" and backend_status("cpu", device)[0] else "torch"
     ok, why = backend_status(name, device)
     if not ok:
         raise PFError(f"backend={name!r} is not available: {why}")
-    return create(name, device)
+    return create(name, device, experts.check(expert_format, name))
 
 
-def create(name: str, device: torch.device) -> Backend:
-    """A backend object by name, unchecked (tests and benchmarks that checked it themselves)."""
+def create(name: str, device: torch.device, expert_format: str | None = None) -> Backend:
+    """A backend object by name, unchecked (tests and benchmarks that checked it themselves);
+    ``expert_format`` reaches the cpu backend (others keep their experts as attached)."""
     from pf_engine.backends.cpu import Cpu
     from pf_engine.backends.grouped import Torch
     from pf_engine.backends.kernels import Kernels
@@ -90,4 +95,4 @@ def create(name: str, device: torch.device) -> Backend:
     classes = {"cpu": Cpu, "torch": Torch, "naive": Naive}
     if name not in classes:
         raise PFError(f"backend={name!r}: expected one of {', '.join(BACKENDS)}")
-    return classes[name](device)
+    return Cpu(device, expert_format) if name == "cpu" else classes[name](device)

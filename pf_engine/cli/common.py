@@ -26,6 +26,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split the model over N ranks: this process and N - 1 workers (CPU: "
                         "--threads each, shared-memory all-reduces; CUDA: one GPU each, nccl)")
+    p.add_argument("--expert-format", default=None, metavar="F",
+                   help="persona experts on the cpu backend: auto (default: q8 on an 8/4-bit model, "
+                        "bf16 on a 16-bit one, f32 on fp32), f32, bf16 or q8")
     from pf_engine.model.quantize import QUANTIZE
     p.add_argument("--quantize", default=None, choices=QUANTIZE,
                    help="weights: q8 / q4 / bf16 / f16 convert an HF folder's at load (cpu backend); "
@@ -37,10 +40,12 @@ def check_engine_args(args, persona=None) -> None:
     """Every engine flag (and a persona spec) checked before anything is loaded: a PFError names
     the first bad value.  Sets torch's thread count for --threads."""
     from pf_engine.backends import check_name
+    from pf_engine.backends.cpu.experts import check as check_expert_format
     from pf_engine.engine import resolve_device, resolve_dtype
     from pf_engine.errors import PFError
     from pf_engine.persona.specs import parse_spec
     check_name(args.backend)
+    check_expert_format(args.expert_format)
     resolve_dtype(args.dtype, resolve_device(args.device))
     if persona is not None:
         parse_spec(persona)

@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     try:
         eng = Engine.from_pretrained(args.model, adapters=args.adapters, device=args.device,
                                      dtype=args.dtype, backend=args.backend, quantize=args.quantize,
+                                     expert_format=args.expert_format,
                                      tensor_parallel=args.tensor_parallel)
         if args.prefix_cache_gb is not None:
             eng.set_prefix_cache(args.prefix_cache_gb)

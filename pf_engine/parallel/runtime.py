@@ -263,6 +263,7 @@ def tp_model(engine, weights, timeout_s: float | None = None) -> TPDecoder:
         bank = copy.deepcopy(bank).to(device="cpu")
     spec = {"folder": engine.folder, "load": engine.load_args, "dtype": engine.dtype,
             "device": engine.device.type, "backend": engine.backend.name, "bank": bank,
+            "expert_format": getattr(engine.backend, "expert_format", None),
             "threads": torch.get_num_threads(), "allreduce": allreduce_kind(engine.device),
             "head": head_kind()}
     workers = Workers(n, spec, timeout_s)

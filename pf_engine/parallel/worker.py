@@ -137,7 +137,7 @@ def build_shard(spec: dict, rank: int, n: int, reduce, device: torch.device):
     bank = spec["bank"]
     if bank is not None:
         bank.to(dtype=spec["dtype"], device=device)
-    backend = resolve_backend(spec["backend"], device)
+    backend = resolve_backend(spec["backend"], device, spec["expert_format"])
     return shard_model(cfg, weights, bank, backend, device, rank, n, reduce, spec["head"]), bank
 
 

@@ -1,6 +1,7 @@
 """The ``cpu`` backend: csrc/cpu's fused AVX2/FMA kernels for the few rows of a decode step.
 
-* Weights in fp32, 16-bit (f16, bf16) or block-quantized (q8_0, q4_0, q4_1: model/qweight.py).
+* Weights in fp32, 16-bit (f16, bf16) or block-quantized (q8_0, q4_0, q4_1: model/qweight.py);
+  the persona experts in fp32, bf16 or q8_0, chosen once per engine (experts.py).
   Every product of a W stored as bytes, decode or prefill, is the kernel's (MAX_ROWS rows per
   call: its dot products keep pace with torch's fp32 GEMM, and W is never dequantized).
 * Every product of at most ``MAX_ROWS`` fp32 rows (a decode step's projections and LM head, the
@@ -36,8 +37,13 @@ class Cpu(Backend):
     few_rows = kernel.MAX_ROWS
     quantized = True
 
+    def __init__(self, device, expert_format: str | None = None):
+        super().__init__(device)
+        self.expert_format = expert_format      # experts.py: None (auto), f32, bf16 or q8
+
     def prepare(self, lin) -> CpuLinear:
-        return CpuLinear(kernel.plan(lin), Gathered() if lin.parts and not lin.quantized else None)
+        return CpuLinear(kernel.plan(lin, self.expert_format),
+                         Gathered() if lin.parts and not lin.quantized else None)
 
     def runner(self, model):
         from pf_engine.backends.cpu.decode import CpuRunner

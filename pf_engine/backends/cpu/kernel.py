@@ -1,38 +1,46 @@
 """The cpu backend's prepared form of a Linear: csrc/cpu's typed ``LinearPlan``, built once.
 
-    plan = kernel.plan(lin)          # None when the Linear's weights are not fp32 on CPU
+    plan = kernel.plan(lin, expert_format)   # None when the Linear's weights are not fp32 on CPU
     plan.run(x, y, gates, threads, prologue=PRO_NONE, norm=None, eps=0.0, residual=None)
 
 computes y [T, d_out] = residual + prologue(x) W^T + b + sum over the active experts, for
 T <= MAX_ROWS rows (csrc/cpu/linear_plan.h has the maths; pf_kernels.cpu_ops the full API).
-The plan holds numpy views of the Linear's W_aug (or its quantized W and A_cat) and bias and its
-own B^T copies (the kernel's expand streams rows of B^T), all checked in C++ when it is built.
+The plan holds numpy views of the Linear's W_aug (or its W stored as bytes) and bias, and its
+own copies of the experts (A_cat, B^T: the kernel's expand streams rows of B^T) in their format
+(experts.py), all checked in C++ when it is built.
 """
 from __future__ import annotations
 
 import torch
 from pf_kernels import cpu_ops
 
+from pf_engine.backends.cpu import experts
+
 MAX_ROWS = cpu_ops.MAX_ROWS
 PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = cpu_ops.PRO_NONE, cpu_ops.PRO_RMSNORM, cpu_ops.PRO_SILU_MUL
 
 
-def plan(lin):
+def plan(lin, expert_format: str | None = None):
     """The LinearPlan of ``lin`` (model/linear.py), or None when its weights are neither fp32
-    nor block-quantized on CPU.  A quantized W is read as it is, its experts' A_cat beside it."""
-    parts, blocks = [], []
-    for i, p in enumerate(lin.parts):
-        parts.append((p.out0, p.out1, p.r0, p.r1, p.b.t().contiguous().numpy()))
-        blocks += [(i, e, p.r0 + r0, p.r0 + r1, s) for e, r0, r1, s in p.layout.blocks]
-    bias = None if lin.bias is None else lin.bias.contiguous().numpy()
-    if lin.quantized:
-        a = None if lin.a_cat is None else lin.a_cat.contiguous().numpy()
-        return cpu_ops.LinearPlan(lin.weight.data.numpy(), lin.d_out, bias, parts, blocks,
-                                  lin.num_experts, lin.weight.fmt.code, a, lin.d_in)
-    w = lin.w_aug if lin.parts else lin.weight
-    if w.dtype != torch.float32 or w.device.type != "cpu":
+    nor stored as bytes on CPU.  A quantized or 16-bit W is read as it is; the experts are
+    converted to ``expert_format`` (experts.py; None: auto's rule) once, here."""
+    if not lin.quantized and (lin.weight.dtype != torch.float32 or lin.weight.device.type != "cpu"):
         return None
-    return cpu_ops.LinearPlan(w.contiguous().numpy(), lin.d_out, bias, parts, blocks, lin.num_experts)
+    efmt = experts.choose(expert_format, lin) if lin.parts else "f32"
+    blocks = [(i, e, p.r0 + r0, p.r0 + r1, s) for i, p in enumerate(lin.parts)
+              for e, r0, r1, s in p.layout.blocks]
+    bias = None if lin.bias is None else lin.bias.contiguous().numpy()
+    a, bts = experts.convert(lin, efmt) if lin.parts else (None, [])
+    parts = [(p.out0, p.out1, p.r0, p.r1, bt.numpy()) for p, bt in zip(lin.parts, bts)]
+    kw = dict(bias=bias, parts=parts, blocks=blocks, num_experts=lin.num_experts,
+              expert_fmt=experts.CODES[efmt])
+    if lin.quantized:
+        return cpu_ops.LinearPlan(lin.weight.data.numpy(), lin.d_out, fmt=lin.weight.fmt.code,
+                                  a_cat=None if a is None else a.numpy(), d_in=lin.d_in, **kw)
+    if efmt == "f32":                     # W_aug = [W; A_cat]: the shrink's rows follow W's
+        w = lin.w_aug if lin.parts else lin.weight
+        return cpu_ops.LinearPlan(w.contiguous().numpy(), lin.d_out, **kw)
+    return cpu_ops.LinearPlan(lin.weight.contiguous().numpy(), lin.d_out, a_cat=a.numpy(), **kw)
 
 
 def run(plan, x: torch.Tensor, gates: torch.Tensor | None, threads: int) -> torch.Tensor:

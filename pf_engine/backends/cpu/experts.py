@@ -1,0 +1,87 @@
+"""The persona experts' format on the cpu backend: chosen once per engine, converted once per
+Linear when its plan is built (banks on disk stay fp16/fp32).
+
+    expert_format   A_cat's rows and B^T's rows (csrc/cpu/expert.h)        bytes a value
+    "f32"           float32, as attached                                   4
+    "bf16"          bfloat16, rounded to nearest even                      2
+    "q8"            q8_0 blocks of 32 (fp16 scale + int8), GGUF's Q8_0;    1.06
+                    A_cat dotted with x' quantized per block (as a q8_0 W)
+    "auto" (None)   follows the base weight: q8 on a block-quantized W (q8_0, q4_0, q4_1, whose
+                    activations are quantized per block anyway), bf16 on a 16-bit W, f32 on an
+                    fp32 W (the path tests hold to transformers and PEFT)
+
+A decode step reads the active experts' A_cat rows and B^T rows once: in q8 a top-2 pair of
+rank-16 experts on every projection adds ~10% to the bundled 4-bit model's bytes, against ~40%
+in fp32 (benchmarks/bench_cpu.py measures the time).  Formats other than f32 need d_in a
+multiple of 32 (q8_0's blocks; bf16 rows are laid out as the kernel's 16-bit weights are);
+B^T's rows are zero-padded to a multiple of 32 columns.  Larger fp32 batches that take the torch
+backend's GEMMs (prefill chunks over MAX_ROWS rows on an fp32 W) read the fp32 experts.
+"""
+from __future__ import annotations
+
+import torch
+from pf_kernels.quant import FORMATS, QK
+
+from pf_engine.errors import PFError
+from pf_engine.model.qweight import QuantWeight
+
+EXPERT_FORMATS = ("auto", "f32", "bf16", "q8")
+CODES = {"f32": 0, "bf16": FORMATS["bf16"].code, "q8": FORMATS["q8_0"].code}   # csrc/cpu's FMT_*
+
+
+def check(expert_format, backend_name: str | None = None) -> str | None:
+    """``expert_format`` as given (None for auto), or one PFError line naming what is wrong;
+    ``backend_name``: the resolved backend (formats other than f32 run on cpu only)."""
+    if expert_format is None or expert_format == "auto":
+        return None
+    if expert_format not in EXPERT_FORMATS:
+        raise PFError(f"expert_format={expert_format!r}: expected one of {', '.join(EXPERT_FORMATS)}")
+    if expert_format != "f32" and backend_name not in (None, "cpu"):
+        raise PFError(f"expert_format={expert_format!r} with backend={backend_name!r}: low-precision "
+                      "experts run on the cpu backend only (other backends keep the model's dtype)")
+    return expert_format
+
+
+def choose(expert_format: str | None, lin) -> str:
+    """The format of ``lin``'s experts: ``expert_format`` (checked), or auto's rule."""
+    if expert_format is None:
+        if not lin.quantized or lin.d_in % QK:
+            return "f32"
+        return "bf16" if lin.weight.fmt.half else "q8"
+    if expert_format != "f32" and lin.d_in % QK:
+        raise PFError(f"expert_format={expert_format!r}: the adapted layers' inputs have {lin.d_in} "
+                      f"values, expected a multiple of {QK} (f32 experts run any size)")
+    return expert_format
+
+
+def _rows(t: torch.Tensor, fmt: str, width: int) -> torch.Tensor:
+    """t float32 [n, c] -> uint8 [n, row_bytes] rows of ``width`` >= c values (zero padded)."""
+    if t.shape[1] != width:
+        t = torch.nn.functional.pad(t, (0, width - t.shape[1]))
+    t = t.detach().to(torch.float32).contiguous()
+    if fmt == "bf16":
+        return t.to(torch.bfloat16).view(torch.uint8).reshape(t.shape[0], -1).contiguous()
+    return QuantWeight.quantize(t, FORMATS["q8_0"], "expert rows").data
+
+
+def convert(lin, fmt: str) -> tuple:
+    """(a_cat, [bT per part]) of ``lin``'s experts as the kernel reads them in ``fmt``: float32
+    [R, d_in] and [R_m, d_out_m] for f32; else uint8 rows (A_cat's of d_in values, B^T's of
+    d_out_m rounded up to 32)."""
+    if fmt == "f32":
+        return lin.a_cat.contiguous(), [p.b.t().contiguous() for p in lin.parts]
+    bts = [_rows(p.b.t(), fmt, -(-p.b.shape[0] // QK) * QK) for p in lin.parts]
+    return _rows(lin.a_cat, fmt, lin.d_in), bts
+
+
+def describe(model) -> str:
+    """The experts' formats of a model's adapted Linears, e.g. 'q8' (off the cpu backend: their
+    dtype, f32 / bf16 / f16)."""
+    names = {v: k for k, v in CODES.items()}
+    dtypes = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+    def one(lin):
+        plan = getattr(lin.state, "plan", None)
+        return names[plan.expert_fmt] if plan is not None else dtypes.get(lin.a_cat.dtype, str(lin.a_cat.dtype))
+    found = {one(lin) for blk in getattr(model, "blocks", ()) for lin in blk.linears if lin.parts}
+    return " + ".join(sorted(found)) or "no"
