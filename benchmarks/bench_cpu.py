@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import llama_peer  # noqa: E402
+from benchmarks import cpu_personas, llama_peer  # noqa: E402
 from benchmarks.common import (command_line, default_out, machine_info, no_prefix_cache,  # noqa: E402
                                read_bandwidth, write_json)
 
@@ -153,21 +153,15 @@ def run(argv=None) -> dict:
         e.eos_ids = set()
     base = engines["q4_1"]
     bank = AdapterBank.random(base.config, rank=16, seed=0, router=False)
-    names = list(bank.expert_names)
-    top2 = {names[0]: 0.7, names[1]: 0.3}
-    dense = {n: 0.1 for n in names}
-    persona_eng = no_prefix_cache(Engine.from_pretrained(paths["q4_1"], adapters=bank, progress=False))
-    persona_eng.eos_ids = set()
+    banks = {"rank16": bank, "bigfive": "bigfive"}
+    persona_engs = cpu_personas.engines(paths["q4_1"], banks)
     ids = base.tokenizer.encode(PROMPT, chat=True)
 
     rows = []                                  # (name, fn) measured in every round
     for fmt, e in engines.items():
         rows.append(({"engine": "pf_engine", "format": fmt, "persona": "base"},
                      lambda e=e: ours(e, ids, args.new_tokens)))
-    rows.append(({"engine": "pf_engine", "format": "q4_1", "persona": "top2"},
-                 lambda: ours(persona_eng, ids, args.new_tokens, top2)))
-    rows.append(({"engine": "pf_engine", "format": "q4_1", "persona": "dense10"},
-                 lambda: ours(persona_eng, ids, args.new_tokens, dense)))
+    rows += cpu_personas.timed_rows(persona_engs, ours, ids, args.new_tokens)
     llamas = {}
     if peer:
         for fmt, p in paths.items():
@@ -202,12 +196,22 @@ def run(argv=None) -> dict:
             r["over_floor"] = r["decode_ms_per_token"] / r["floor_ms_per_token"]
 
     quality = quality_rows(args, engines, llamas, paths)
+    prompts = chat_prompts(base.tokenizer, args.greedy_prompts)
+    accuracy = cpu_personas.accuracy(persona_engs, ids, prompts, "q4_1")
+    del persona_engs
+    f32_engs = cpu_personas.engines(paths["f32"], banks)
+    accuracy += cpu_personas.accuracy(f32_engs, ids[:16], prompts, "f32")   # <= 16 rows: the kernel's
+    del f32_engs
+    msgs = [json.loads(l)["text"] for l in open(os.path.join(ROOT, "data/personas/heldout/messages.jsonl"))][:2]
+    persona_engs = cpu_personas.engines(paths["q4_1"], {"bigfive": "bigfive"}, ("f32", cpu_personas.DEFAULT))
+    samples = cpu_personas.samples(base, persona_engs, base.tokenizer, msgs)
     rss = {fmt: peak_rss(q) for fmt, q in (("q4_1", None), ("f32", "f32"))}
     return {"benchmark": "bench_cpu", "command": command_line("benchmarks/bench_cpu.py", argv or sys.argv[1:]),
             "machine": machine_info(), "isa": __import__("pf_kernels.cpu_ops").cpu_ops.isa(), "threads": args.threads, "new_tokens": args.new_tokens,
             "repeats": args.repeats, "prompt_tokens": len(ids), "read_bandwidth_GBps": bw / 1e9,
             "weight_bytes": wb, "peer": "llama-cpp-python " + __import__("llama_cpp").__version__ if peer else None,
-            "rows": out_rows, "quality": quality, "peak_rss_mb": rss}
+            "rows": out_rows, "quality": quality, "peak_rss_mb": rss, "expert_accuracy": accuracy,
+            "expert_samples": samples}
 
 
 def quality_rows(args, engines, llamas, paths) -> dict:
@@ -242,9 +246,10 @@ def quality_rows(args, engines, llamas, paths) -> dict:
 def goals(result: dict) -> list[tuple[str, str, bool | None]]:
     """(goal, figure, met) for each of issue 21's goals that this run measures (met None: no
     peer row to compare with)."""
-    rows = {(r["engine"], r["format"], r["persona"]): r for r in result["rows"]}
-    ours = lambda f, p="base": rows.get(("pf_engine", f, p))          # noqa: E731
-    peer = lambda f, p="base": rows.get(("llama.cpp", f, p))          # noqa: E731
+    rows = {(r["engine"], r["format"], r["persona"], r.get("bank"), r.get("experts")): r for r in result["rows"]}
+    default = cpu_personas.DEFAULT
+    ours = lambda f, p="base", b=None, x=None: rows.get(("pf_engine", f, p, b, x))   # noqa: E731
+    peer = lambda f, p="base": rows.get(("llama.cpp", f, p, None, None))            # noqa: E731
     out = []
     for f in SHARED:
         o, t = ours(f), peer(f)
@@ -256,18 +261,27 @@ def goals(result: dict) -> list[tuple[str, str, bool | None]]:
                         o["prefill_tok_s"] > t["prefill_tok_s"]))
         if o and "over_floor" in o:
             out.append((f"{f} decode within 1.3x its read floor", f"{o['over_floor']:.2f}x", o["over_floor"] <= 1.3))
-    b, t2, d10 = ours("q4_1"), ours("q4_1", "top2"), ours("q4_1", "dense10")
+    b, t2, d10 = ours("q4_1"), ours("q4_1", "top2", "rank16", default), ours("q4_1", "dense10", "rank16", default)
+    b5 = ours("q4_1", "top2", "bigfive", default)
     if b and t2 and d10:
-        out.append(("top-2 persona <= 1.10x base (q4_1)", f"{t2['decode_ms_per_token'] / b['decode_ms_per_token']:.2f}x",
-                    t2["decode_ms_per_token"] <= 1.10 * b["decode_ms_per_token"]))
-        out.append(("dense persona (10) <= 1.35x base (q4_1)", f"{d10['decode_ms_per_token'] / b['decode_ms_per_token']:.2f}x",
-                    d10["decode_ms_per_token"] <= 1.35 * b["decode_ms_per_token"]))
+        ms = lambda r: r["decode_ms_per_token"]                       # noqa: E731
+        out.append((f"top-2 persona <= 1.10x base (q4_1, rank 16, {default} experts)", f"{ms(t2) / ms(b):.2f}x",
+                    ms(t2) <= 1.10 * ms(b)))
+        out.append((f"dense persona (10) <= 1.35x base (q4_1, rank 16, {default} experts)", f"{ms(d10) / ms(b):.2f}x",
+                    ms(d10) <= 1.35 * ms(b)))
+        if b5:
+            out.append((f"bigfive top-2 <= 1.05x base ({default} experts)", f"{ms(b5) / ms(b):.2f}x", ms(b5) <= 1.05 * ms(b)))
         l2, l10 = peer("q4_1", "2 LoRAs (top2)"), peer("q4_1", "10 LoRAs (dense10)")
         if l2 and l10:
-            out.append(("top-2 faster than llama.cpp with 2 LoRAs", f"{t2['decode_ms_per_token']:.1f} vs "
-                        f"{l2['decode_ms_per_token']:.1f} ms/token", t2["decode_ms_per_token"] < l2["decode_ms_per_token"]))
-            x = l10["decode_ms_per_token"] / d10["decode_ms_per_token"]
+            x2 = ms(l2) / ms(t2)
+            out.append(("top-2 >= 1.3x faster than llama.cpp with 2 LoRAs", f"{x2:.2f}x ({ms(t2):.1f} vs "
+                        f"{ms(l2):.1f} ms/token)", x2 >= 1.3))
+            x = ms(l10) / ms(d10)
             out.append(("dense >= 2x faster than llama.cpp with 10 LoRAs", f"{x:.2f}x", x >= 2))
+    for a in result.get("expert_accuracy", []):
+        if a["model"] == "f32":
+            out.append((f"{a['experts']} experts within 1e-3 of fp32 experts (fp32 model, {a['bank']} {a['persona']})",
+                        f"{a['logit_rel_err']:.1e}", a["logit_rel_err"] <= 1e-3))
     for f, q in result["quality"].items():
         if "ppl_ratio" in q:
             out.append((f"{f} perplexity within 1% of llama.cpp's", f"{q['ppl_ratio']:.4f}", abs(q["ppl_ratio"] - 1) <= 0.01))
@@ -300,7 +314,8 @@ def markdown(result: dict) -> str:
                      f"{q.get('ppl_ratio', float('nan')):.4f} | {q.get('greedy16_same_as_fp32', '-')} |")
     lines += ["", "Peak RSS, bundled model, load + 32 tokens: " +
               ", ".join(f"{k} {v:.0f} MB" for k, v in result["peak_rss_mb"].items())]
-    lines += ["", "| goal (issue 21) | this run | |", "|---|---|---|"]
+    lines += cpu_personas.markdown(result)
+    lines += ["", "| goal (issues 21, 32) | this run | |", "|---|---|---|"]
     for goal, fig, met in goals(result):
         lines.append(f"| {goal} | {fig} | {'met' if met else '**missed**' if met is False else '-'} |")
     return "\n".join(lines)

@@ -63,7 +63,29 @@ def cpu_formats(res: dict) -> list[str]:
     return [f"- **CPU decode by weight format, ours vs llama.cpp on the same GGUF** ({res['machine']['cpu']}, "
             f"{res['threads']} threads; {_at(res)}): " + ", ".join(parts)
             + (f"; the bundled model in 4-bit peaks at {rss:.0f} MB RSS" if rss else "")
-            + f"; {met} of {len(g)} goals of issue 21 met (table in RESULTS.md)."]
+            + f"; {met} of {len(g)} goals of issues 21 and 32 met (table in RESULTS.md)."] + cpu_experts(res)
+
+
+def cpu_experts(res: dict) -> list[str]:
+    """Persona decode per expert format on the bundled 4-bit model, beside llama.cpp's LoRAs."""
+    ms = {(r["persona"], r.get("bank"), r.get("experts")): r["decode_ms_per_token"]
+          for r in res["rows"] if r["format"] == "q4_1" and r["engine"] == "pf_engine"}
+    peer = {r["persona"]: r["decode_ms_per_token"] for r in res["rows"] if r["engine"] == "llama.cpp"}
+    base = ms.get(("base", None, None))
+    if base is None or ("top2", "rank16", "q8") not in ms:
+        return []
+    fmts = [(f, label) for f, label in (("q8", "q8 experts (the default there)"), ("bf16", "bf16"), ("f32", "fp32"))
+            if ("top2", "rank16", f) in ms and ("dense10", "rank16", f) in ms]
+    line = (f"- **Personas on the bundled 4-bit model** (same run; ten rank-16 experts on all seven projections, "
+            f"ms/token against the base model's): "
+            + "; ".join(f"{label} top-2 {ms['top2', 'rank16', f] / base:.2f}x, dense {ms['dense10', 'rank16', f] / base:.2f}x"
+                        for f, label in fmts))
+    if ("top2", "bigfive", "q8") in ms:
+        line += f"; the shipped bigfive top-2 {ms['top2', 'bigfive', 'q8'] / base:.2f}x"
+    if "2 LoRAs (top2)" in peer and "10 LoRAs (dense10)" in peer:
+        line += (f"; llama.cpp with 2 / 10 LoRAs {peer['2 LoRAs (top2)'] / ms['top2', 'rank16', 'q8']:.2f}x / "
+                 f"{peer['10 LoRAs (dense10)'] / ms['dense10', 'rank16', 'q8']:.2f}x slower than ours")
+    return [line + "."]
 
 
 def prefix(res: dict) -> list[str]:
