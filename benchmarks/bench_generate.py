@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 
+import pf_engine  # noqa: F401  (before torch: its OpenMP spin default, pf_engine/__init__.py)
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -67,6 +67,7 @@ import time
 import zlib
 from dataclasses import dataclass
 
+import pf_engine  # noqa: F401  (before torch: its OpenMP spin default, pf_engine/__init__.py)
 import torch
 import torch.nn.functional as F
 

@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import time
 
+import pf_engine  # noqa: F401  (before torch: its OpenMP spin default, pf_engine/__init__.py)
 import torch
 
 

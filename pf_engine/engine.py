@@ -379,7 +379,7 @@ class Engine:
             mix = Mix.for_rows(personas.rows.to(self.device), personas.token_rows.to(self.device), T,
                                self.bank.token_router)
         positions = torch.arange(T, device=self.device).expand(B, T)
-        with POLICY.forward(self.device, B * T <= self.backend.few_rows):
+        with POLICY.forward(self.device, self.backend.own_threads(B * T)):
             return self.model(ids, positions, Scratch, causal_mask(T, self.config.sliding_window,
                                                                    self.device), mix=mix)
 

@@ -9,6 +9,8 @@ of its model runs.
                        default; the cpu backend's fuses each block's decode step in C++)
     few_rows        -> steps with at most this many rows run their products in the backend's
                        own threads, torch at one thread (runtime/threads.py)
+    own_threads(n)  -> whether a forward of n rows does so: n <= few_rows, or (cpu) every
+                       product is the backend's whatever the rows
 
 A backend never reads environment variables or re-tests the machine per call: what it can run
 was settled by ``backends.resolve_backend`` when the engine was built.
@@ -45,6 +47,11 @@ class Backend:
 
     def prepare(self, lin):
         return None
+
+    def own_threads(self, rows: int) -> bool:
+        """A forward of ``rows`` token rows runs its products in the backend's threads, torch at
+        one thread (runtime/threads.py)."""
+        return rows <= self.few_rows
 
     def runner(self, model):
         return Blocks(model)

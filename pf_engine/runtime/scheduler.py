@@ -289,7 +289,14 @@ class Scheduler:
             self._sample(reqs[:done], logits[:done], d)
 
     def _decode(self) -> None:
-        """One token for every decoding request (slots 0..decoding-1), each at its own column."""
+        """One token for every decoding request (slots 0..decoding-1), each at its own column;
+        the forward and the sampling under one thread policy (threads.py): torch's argmax over
+        the vocabulary would otherwise wake its OpenMP workers, whose spinning afterwards takes
+        the cores from the next step's kernels."""
+        with POLICY.forward(self.engine.device, self.engine.backend.own_threads(self.decoding)):
+            self._decode_rows()
+
+    def _decode_rows(self) -> None:
         reqs = self.running[:self.decoding]
         n = len(reqs)
         logits = None
@@ -297,7 +304,7 @@ class Scheduler:
             mixed = any(r.kind != BASE for r in reqs)
             any_token = any(r.kind == TOKEN for r in reqs)
             try:
-                with POLICY.forward(self.engine.device, n <= self.engine.backend.few_rows):
+                with POLICY.forward(self.engine.device, self.engine.backend.own_threads(n)):
                     logits, mix = self.static.forward(reqs, mixed, any_token)
             except CaptureFailed as e:
                 warnings.warn(str(e), RuntimeWarning, stacklevel=2)
@@ -317,7 +324,12 @@ class Scheduler:
     def _sample(self, reqs: list[Request], logits: torch.Tensor, s0: int) -> None:
         """Next tokens of ``reqs`` (slots s0..) from logits [n, V]: greedy rows by one argmax, the
         others by their own samplers; one host sync for all of them (and one more for the
-        logprobs of the rows whose request asks for them, scoring.logprobs_of)."""
+        logprobs of the rows whose request asks for them, scoring.logprobs_of).  Torch at one
+        thread (threads.py; already so inside ``_decode``)."""
+        with POLICY.forward(self.engine.device, True):
+            self._sample_rows(reqs, logits, s0)
+
+    def _sample_rows(self, reqs: list[Request], logits: torch.Tensor, s0: int) -> None:
         held = [b for b, r in enumerate(reqs) if r.grammar is not None]
         if held:                  # structured rows: only what their grammar allows (in place)
             mask_rows(logits, held, [reqs[b].grammar for b in held])
@@ -349,7 +361,7 @@ class Scheduler:
             mix = Mix.for_rows(self.gates[s0:s0 + n], self.token_rows[s0:s0 + n], tokens.shape[1],
                                eng.bank.token_router, active, any_token)
         positions = view.positions.clamp(max=eng.config.max_position_embeddings - 1)
-        with POLICY.forward(eng.device, tokens.numel() <= eng.backend.few_rows):
+        with POLICY.forward(eng.device, eng.backend.own_threads(tokens.numel())):
             logits = eng.model(tokens, positions, view, view.mask(eng.config.sliding_window),
                                mix=mix, pick=pick)
         self._add_token_gates(reqs, mix, tokens.shape[1], view.valid, view.counts)

@@ -1,6 +1,7 @@
 """The CPU thread settings of the process: one policy object, entered by every forward on CPU.
 
-A forward with few rows (a decode step: at most ``backend.few_rows``) runs its products in the
+A forward with few rows (a decode step: at most ``backend.few_rows``; on the cpu backend any
+forward of a model stored as bytes, ``backend.own_threads``) runs its products in the
 backend's own threads (csrc/cpu's pool, or numpy's BLAS for one row on the torch backend) with
 the caller's thread count, and torch itself at one thread: torch's OpenMP workers would
 otherwise spin between their small ops and starve the kernel's threads on the same cores.
