@@ -36,12 +36,36 @@ def engines(path: str, banks: dict, fmts=FORMATS, **kw) -> dict:
     return out
 
 
+def expert_bytes(eng, fmt: str, experts: set[str]) -> int:
+    """Bytes of the active experts a decode step reads in ``fmt`` (backends/cpu/experts.py):
+    each adapted Linear's A_cat rows and B of the blocks whose expert is in ``experts``."""
+    from pf_kernels.quant import FORMATS
+    names = list(eng.bank.expert_names)
+    total = 0
+    for blk in eng.model.blocks:
+        for lin in blk.linears:
+            for p in lin.parts:
+                dp = p.out1 - p.out0
+                for e, r0, r1, _ in p.layout.blocks:
+                    if names[e] not in experts:
+                        continue
+                    n = r1 - r0
+                    if fmt == "q8":
+                        total += n * FORMATS["q8_0"].row_bytes(lin.d_in) + -(-dp // 8) * (4 + 32 * -(-n // 4))
+                    else:
+                        w = 4 if fmt == "f32" else 2
+                        total += n * w * lin.d_in + n * w * (dp if fmt == "f32" else -(-dp // 32) * 32)
+    return total
+
+
 def timed_rows(engs: dict, ours, ids, n: int) -> list:
-    """(row spec, fn) for every bank x format x persona."""
+    """(row spec, fn) for every bank x format x persona; the spec carries the experts' bytes a
+    step reads (``expert_bytes``)."""
     rows = []
     for (b, f), e in engs.items():
         for p, spec in personas(list(e.bank.expert_names)).items():
-            rows.append(({"engine": "pf_engine", "format": "q4_1", "persona": p, "bank": b, "experts": f},
+            rows.append(({"engine": "pf_engine", "format": "q4_1", "persona": p, "bank": b, "experts": f,
+                          "expert_bytes": expert_bytes(e, f, set(spec))},
                          lambda e=e, spec=spec: ours(e, ids, n, spec)))
     return rows
 
@@ -92,13 +116,18 @@ def samples(base, engs: dict, tok, messages: list[str], n: int = 40) -> list[dic
 def markdown(result: dict) -> list[str]:
     lines = ["", "Persona experts by format (bundled model, Q4_1; `bank`: rank16 = ten random rank-16 experts on "
              "all seven projections, bigfive = the shipped bank; `auto` picks q8 here):", "",
-             "| bank | experts | persona | decode ms/token | x base |", "|---|---|---|---|---|"]
+             "| bank | experts | persona | decode ms/token | x base | bytes read x base |", "|---|---|---|---|---|---|"]
     base = next(r for r in result["rows"] if r["engine"] == "pf_engine" and r["format"] == "q4_1"
                 and r["persona"] == "base")["decode_ms_per_token"]
+    wb = result.get("weight_bytes", {}).get("q4_1")
     for r in result["rows"]:
         if "experts" in r:
+            floor = f"{1 + r['expert_bytes'] / wb:.2f}x" if wb and "expert_bytes" in r else "-"
             lines.append(f"| {r['bank']} | {r['experts']} | {r['persona']} | {r['decode_ms_per_token']:.2f} | "
-                         f"{r['decode_ms_per_token'] / base:.2f}x |")
+                         f"{r['decode_ms_per_token'] / base:.2f}x | {floor} |")
+    lines += ["", "(bytes read x base: the base weights a step reads plus the active experts' A_cat rows "
+              "and B in that format, over the base weights': the ratio a step bound by memory reads "
+              "cannot go below.)"]
     acc = result.get("expert_accuracy", [])
     if acc:
         lines += ["", "Accuracy against fp32 experts (largest logit error / largest logit over the prompt; "

@@ -6,8 +6,10 @@ same engine with fp32 experts for every persona kind, auto's rule, and one-line 
 
 Tolerances.  Against the stored (dequantized) expert values the kernel is exact up to fp32
 round-off, except what activation quantization moves: a block-quantized W's (test_quant's
-bound) and, for q8_0 experts, A_cat's dot with x' quantized per block, which the reference
-does the same way (pf_kernels.quant.quantize_x_reference).
+bound) and, for q8 experts, A_cat's dot with x' quantized per block and the expand's h
+quantized per token and block, which the reference does the same way
+(pf_kernels.quant.quantize_x_reference; ``quantize_h``); h computed in fp64 may round to the
+other side of a step, so each block may differ by one step of one value.
 """
 import numpy as np
 import pytest
@@ -22,11 +24,43 @@ F32 = np.float32
 EXPERT_FMTS = ["bf16", "q8"]
 
 
+@pytest.fixture(autouse=True)
+def small_chunks():
+    """Many small chunks on the pool (test_cpu_binding's): pass 2's chunks share the region with
+    pass 1's and wait for them (linear_plan.cpp's run_job)."""
+    from test_cpu_binding import small_chunks as fixture
+    yield from fixture.__wrapped__()
+
+
 def stored_values(rows: np.ndarray, efmt: str, width: int) -> np.ndarray:
     """float64 [n, width]: the values uint8 rows of ``width`` values in ``efmt`` stand for."""
     if efmt == "bf16":
         return dequantize_reference(rows, FORMATS["bf16"]).astype(np.float64)
     return dequantize_reference(unpack(rows, FORMATS["q8_0"], width), FORMATS["q8_0"]).astype(np.float64)
+
+
+def panel_values(buf: np.ndarray, dp: int, spans) -> list:
+    """float64 B^T [r1 - r0, dp] of each block of a part from its q8 panels (expert.h)."""
+    G, out, off = -(-dp // 8), [], 0
+    for r0, r1 in spans:
+        nq = -(-(r1 - r0) // 4)
+        grp = buf[off:off + G * (4 + 32 * nq)].reshape(G, 4 + 32 * nq)
+        off += G * (4 + 32 * nq)
+        s = grp[:, :4].copy().view(np.float32).astype(np.float64)          # [G, 1]
+        q = grp[:, 4:].view(np.int8).reshape(G, nq, 8, 4).astype(np.float64) * s[:, :, None, None]
+        b = q.transpose(0, 2, 1, 3).reshape(G * 8, nq * 4)                  # [columns, ranks]
+        out.append(b[:dp, :r1 - r0].T)
+    assert off == buf.size
+    return out
+
+
+def quantize_h(h: np.ndarray) -> tuple:
+    """h [T, n] float64 -> (the values the kernel's int8 h stands for, the step per row):
+    sh = max|h| / 127, round(h / sh) half away from zero (linear_plan.cpp's quantize_h)."""
+    mx = np.abs(h).max(1, keepdims=True)
+    sh = mx / 127
+    v = np.divide(h, sh, out=np.zeros_like(h), where=sh > 0)
+    return np.clip(np.trunc(v + np.copysign(0.5, v)), -127, 127) * sh, sh[:, 0]
 
 
 class Experts:
@@ -39,12 +73,20 @@ class Experts:
         self.g = Group(rng, d_in, sizes, K, skip=skip)
         self.efmt = efmt
         g = self.g
-        lin = _FakeLinear(np.ascontiguousarray(g.w_aug[g.d_out:]), [p[4] for p in g.parts], d_in)
-        a, bts = experts.convert(lin, efmt)
+        lin = _FakeLinear(np.ascontiguousarray(g.w_aug[g.d_out:]), [(p[2], p[4]) for p in g.parts], d_in)
+        a, bts = experts.convert(lin, efmt, g.blocks)
         self.a, self.bts = a.numpy(), [b.numpy() for b in bts]
         self.code = experts.CODES[efmt]
         self.A = stored_values(self.a, efmt, d_in)
-        self.B = [stored_values(b, efmt, _width(p))[:, :p[1] - p[0]] for b, p in zip(self.bts, g.parts)]
+        self.B = {}                 # block j -> float64 B^T [rank, dp] as stored
+        for k, (b, p) in enumerate(zip(self.bts, g.parts)):
+            js = [j for j, blk in enumerate(g.blocks) if blk[0] == k]
+            if efmt == "q8":
+                vals = panel_values(b, p[1] - p[0], [(g.blocks[j][2] - p[2], g.blocks[j][3] - p[2]) for j in js])
+            else:
+                bt = stored_values(b, efmt, _width(p))[:, :p[1] - p[0]]
+                vals = [bt[g.blocks[j][2] - p[2]:g.blocks[j][3] - p[2]] for j in js]
+            self.B.update(zip(js, vals))
 
     def parts(self):
         return [(o0, o1, r0, r1, b) for (o0, o1, r0, r1, _), b in zip(self.g.parts, self.bts)]
@@ -61,15 +103,20 @@ class Experts:
 
     def delta(self, xp, gates, quantized=True):
         """float64 [T, d_out]: the experts' sum for x' (prologue applied) as stored (q8: A_cat
-        dotted with x' quantized per block, unless ``quantized`` is False)."""
+        dotted with x' quantized per block and h quantized per token and block, unless
+        ``quantized`` is False); and the bound of h's steps that fp32 round-off may flip."""
         g = self.g
-        xa = quantize_x_reference(xp.astype(F32)) if self.efmt == "q8" and quantized else xp
-        y = np.zeros((xp.shape[0], g.d_out))
-        for p, e, r0, r1, s in g.blocks:
-            out0, out1, pr0, _, _ = g.parts[p]
+        q8 = self.efmt == "q8" and quantized
+        xa = quantize_x_reference(xp.astype(F32)) if q8 else xp
+        y, flip = np.zeros((xp.shape[0], g.d_out)), np.zeros(xp.shape[0])
+        for j, (p, e, r0, r1, s) in enumerate(g.blocks):
+            out0, out1 = g.parts[p][:2]
             h = (xa @ self.A[r0:r1].T) * gates[:, e:e + 1].astype(np.float64) * s
-            y[:, out0:out1] += h @ self.B[p][r0 - pr0:r1 - pr0]
-        return y
+            if q8:
+                h, sh = quantize_h(h)
+                flip += sh * np.abs(self.B[j]).max()
+            y[:, out0:out1] += h @ self.B[j]
+        return y, flip
 
 
 def _width(part):
@@ -77,11 +124,12 @@ def _width(part):
 
 
 class _FakeLinear:
-    """What experts.convert reads of a Linear: a_cat, parts' b, d_in."""
+    """What experts.convert reads of a Linear: a_cat, parts' r0 and b, d_in."""
 
-    def __init__(self, a_cat, bTs, d_in):
+    def __init__(self, a_cat, parts, d_in):
         self.a_cat, self.d_in = torch.from_numpy(a_cat), d_in
-        self.parts = [type("P", (), {"b": torch.from_numpy(np.ascontiguousarray(bt.T))})() for bt in bTs]
+        self.parts = [type("P", (), {"r0": r0, "b": torch.from_numpy(np.ascontiguousarray(bt.T))})()
+                      for r0, bt in parts]
 
 
 @pytest.mark.parametrize("efmt", EXPERT_FMTS)
@@ -115,12 +163,12 @@ def test_kernel_matches_stored_experts(efmt, wfmt, prologue, gates, T):
     plan.run(x, y, gt, 2, pro, norm if pro == cpu_ops.PRO_RMSNORM else None, 1e-5, y)
     xp = prologue_ref(x, pro, norm, 1e-5, d_in)
     xw = quantize_x_reference(xp.astype(F32)) if wfmt.startswith("q") else xp
-    delta = ex.delta(xp, gt)
+    delta, flip = ex.delta(xp, gt)
     want = res + g.bias + xw @ w64.T + delta
-    tol = 2e-5 * (1 + np.abs(want).max())
+    tol = 2e-5 * (1 + np.abs(want).max()) + flip.max()
     if pro != cpu_ops.PRO_NONE:    # x' rounds differently in fp32: a quantized value may flip a step
         tol += (act_bound(xp, w64, wfmt).max() if wfmt.startswith("q") else 0) + \
-            np.abs(delta - ex.delta(xp, gt, quantized=False)).max()
+            np.abs(delta - ex.delta(xp, gt, quantized=False)[0]).max()
     err = np.abs(y - want).max()
     assert err <= tol, (err, tol)
 
@@ -128,7 +176,8 @@ def test_kernel_matches_stored_experts(efmt, wfmt, prologue, gates, T):
 @pytest.mark.parametrize("efmt", EXPERT_FMTS)
 @pytest.mark.parametrize("K", [1, 4, 16])
 def test_format_error_is_small_against_fp32_experts(efmt, K):
-    """The format's own error: the delta within 1% (q8) / 0.5% (bf16) of its size."""
+    """The format's own error: the delta within 1.5% (q8: measured 1.1-1.2%, of which h's
+    quantization ~0.1-0.2%) / 0.5% (bf16) of its size."""
     from test_cpu_binding import Group, make_gates
     rng = np.random.default_rng([K, len(efmt)])
     ex = Experts(rng, 160, (77, 130), K, efmt)
@@ -140,7 +189,7 @@ def test_format_error_is_small_against_fp32_experts(efmt, K):
     base = x.astype(np.float64) @ g.w_aug[:g.d_out].astype(np.float64).T + g.bias
     exact = Group.ref(g, x, gt)
     rel = np.abs(y - exact).max() / np.abs(exact - base).max()
-    assert rel <= (0.01 if efmt == "q8" else 0.005), rel
+    assert rel <= (0.015 if efmt == "q8" else 0.005), rel
 
 
 @pytest.mark.parametrize("efmt", EXPERT_FMTS)
@@ -157,14 +206,17 @@ def test_zero_gates_give_exactly_the_base(efmt):
 @pytest.mark.parametrize("kw,words", [
     (dict(expert_fmt=3), ["expert_fmt is 3", "FMT_BF16"]),
     (dict(a_cat=np.zeros((8, 64), F32)), ["a_cat", "uint8"]),
-    (dict(parts_width=40), ["parts[0].bT", "row_bytes(expert_fmt"]),
+    (dict(panel_bytes=339), ["parts[0].bT has 339 bytes, expected 340", "q8 panels"]),
+    (dict(panel_bytes=(5, 68)), ["parts[0].bT has 2 dims", "expected 1"]),
+    (dict(bf16_width=40), ["parts[0].bT", "2 * (out1 - out0 rounded up to 32)"]),
 ])
 def test_plan_rejects_bad_expert_arrays(kw, words):
     from pf_kernels.quant import FORMATS as F
-    rb = F["q8_0"].row_bytes(64)
-    a = np.zeros((8, rb), np.uint8)
-    width = kw.pop("parts_width", 64)
-    bT = np.zeros((8, F["q8_0"].row_bytes(width) if width % 32 == 0 else width), np.uint8)
+    a = np.zeros((8, F["q8_0"].row_bytes(64)), np.uint8)
+    bT = np.zeros(kw.pop("panel_bytes", 340), np.uint8)     # 5 groups of 8 columns x rank 8
+    if "bf16_width" in kw:
+        a, bT = np.zeros((8, 128), np.uint8), np.zeros((8, 2 * kw.pop("bf16_width")), np.uint8)
+        kw["expert_fmt"] = F["bf16"].code
     args = dict(weight=np.zeros((40, 64), F32), d_out=40, parts=[(0, 40, 0, 8, bT)],
                 blocks=[(0, 0, 0, 8, 1.0)], num_experts=1, a_cat=a, expert_fmt=F["q8_0"].code)
     args.update(kw)

@@ -1,4 +1,4 @@
-"""The instruction-set variants of the block formats' dots (csrc/cpu/isa.h): the choice, the
+"""The instruction-set variants of the block formats' dots and the q8 experts' expand (csrc/cpu/isa.h): the choice, the
 one-line errors, bit-identical outputs across every variant this CPU runs, and build.py's check
 that a variant's object keeps its code to its own namespace.
 
@@ -41,6 +41,20 @@ def _outputs(fmt, T):
     return y
 
 
+def _expert_outputs(T):
+    """A q4_1 W with q8 experts (pass 1's A_cat rows and the expand's panels, expand_q8.h)."""
+    from test_cpu_binding import make_gates
+    from test_expert_formats import Experts
+    rng = np.random.default_rng([T, 8])
+    ex = Experts(rng, 96, (41, 23, 77), 5, "q8")
+    W = ex.g.w_aug[:ex.g.d_out]
+    plan = ex.plan(repack(quantize(W, FORMATS["q4_1"]), FORMATS["q4_1"], 96), "q4_1")
+    x = rng.standard_normal((T, 96)).astype(np.float32)
+    y = np.empty((T, ex.g.d_out), np.float32)
+    plan.run(x, y, make_gates("dense", rng, T, 5), threads=2)
+    return y
+
+
 @pytest.mark.parametrize("variant", VARIANTS[:-1])
 def test_every_variant_gives_the_baselines_bits(variant):
     support = {name: ok for name, _, ok in cpu_ops.isas()}
@@ -48,13 +62,14 @@ def test_every_variant_gives_the_baselines_bits(variant):
         pytest.skip(f"{variant} is {'not built' if variant not in support else 'not supported by this CPU'}")
     before = cpu_ops.isa()
     try:
-        for fmt in ("q8_0", "q4_0", "q4_1"):
+        for fmt in ("q8_0", "q4_0", "q4_1", "q8 experts"):
+            run = _expert_outputs if fmt == "q8 experts" else lambda T: _outputs(fmt, T)
             for T in (1, 3, 16):
                 cpu_ops.set_isa("avx2")
-                base = _outputs(fmt, T)
+                base = run(T)
                 cpu_ops.set_isa(variant)
                 assert cpu_ops.isa() == variant
-                assert np.array_equal(_outputs(fmt, T), base), (fmt, T)
+                assert np.array_equal(run(T), base), (fmt, T)
     finally:
         cpu_ops.set_isa(before)
 

@@ -30,6 +30,7 @@ public:
 
 private:
     void load_a(const Checker& ck, py::object a_cat);
+    void load_panels(const Checker& ck);
 
     Linear lin_;
     py::array w_aug_, bias_, a_cat_;     // w_aug_: the weight (W_aug, or quantized W)

@@ -14,9 +14,11 @@
 //            [R, row_bytes(expert_fmt, d_in)]; or None (R = 0)
 //     bias   float32 [d_out] contiguous, or None
 //     parts  (out0, out1, r0, r1, bT): output columns out0:out1, rows r0:r1 of A_cat (0-based in
-//            R), bT = B^T C-contiguous: float32 [r1 - r0, out1 - out0] (FMT_F32 experts) or uint8
-//            [r1 - r0, row_bytes(expert_fmt, dp32)], dp32 = out1 - out0 rounded up to 32 (zero
-//            padded); increasing and non-overlapping in both ranges
+//            R), bT C-contiguous: B^T float32 [r1 - r0, out1 - out0] (FMT_F32 experts), B^T
+//            uint8 [r1 - r0, 2 dp32] (FMT_BF16; dp32 = out1 - out0 rounded up to 32, zero
+//            padded), or FMT_Q8_0's panels uint8 [sum over the part's blocks of
+//            ceil(dp / 8) (4 + 32 ceil(n / 4))], n a block's rows (expert.h);
+//            increasing and non-overlapping in both ranges
 //     blocks (part, expert, r0, r1, scale): absolute rows r0:r1 of A_cat inside the part's rows,
 //            sorted by part, increasing and non-overlapping within a part; 0 <= expert < num_experts
 //   run(x, y, gates=None, threads=1, prologue=PRO_NONE, norm=None, eps=0.0, residual=None)
@@ -28,6 +30,7 @@
 #include <limits>
 
 #include "binding.h"
+#include "expert.h"
 #include "pool.h"
 
 namespace pf_cpu {
@@ -136,7 +139,7 @@ LinearPlan::LinearPlan(py::object weight, int64_t d_out, py::object bias, py::ob
         const std::string name = cat("parts[", i, "]");
         py::sequence e = entry(ck, name, ps[i], 5, part_fields);
         LoraPart p{ck.index(name + ".out0", e[0]), ck.index(name + ".out1", e[1]),
-                   ck.index(name + ".r0", e[2]), ck.index(name + ".r1", e[3]), nullptr, 0, 0};
+                   ck.index(name + ".r0", e[2]), ck.index(name + ".r1", e[3]), nullptr, 0};
         PF_CHECK(ck, 0 <= p.out0 && p.out0 < p.out1 && p.out1 <= d_out, name, " has columns ", p.out0,
                  ":", p.out1, ", expected 0 <= out0 < out1 <= d_out = ", d_out);
         PF_CHECK(ck, 0 <= p.r0 && p.r0 < p.r1 && p.r1 <= lin_.rank, name, " has rows ", p.r0, ":", p.r1,
@@ -154,13 +157,13 @@ LinearPlan::LinearPlan(py::object weight, int64_t d_out, py::object bias, py::ob
             bT = ck.array(name + ".bT", e[4], Dtype::F32);
             ck.shape(name + ".bT", bT, {p.r1 - p.r0, dp}, "r1 - r0, out1 - out0");
             p.bstride = static_cast<int64_t>(sizeof(float)) * dp;
-            p.bvals = 0;
-        } else {
-            const RowLayout bl = row_layout(expert_fmt, round_up(dp, QK) / QK);
+        } else if (expert_fmt == FMT_BF16) {
             bT = ck.array(name + ".bT", e[4], Dtype::U8);
-            ck.shape(name + ".bT", bT, {p.r1 - p.r0, bl.bytes}, "r1 - r0, row_bytes(expert_fmt, out1 - out0 rounded up to 32)");
-            p.bstride = bl.bytes;
-            p.bvals = expert_fmt == FMT_Q8_0 ? bl.q : 0;
+            ck.shape(name + ".bT", bT, {p.r1 - p.r0, 2 * round_up(dp, QK)}, "r1 - r0, 2 * (out1 - out0 rounded up to 32)");
+            p.bstride = 2 * round_up(dp, QK);
+        } else {                     // q8 panels: their size is checked once the blocks are known
+            bT = ck.array(name + ".bT", e[4], Dtype::U8);
+            ck.ndim(name + ".bT", bT, 1, "panel bytes");
         }
         ck.c_contiguous(name + ".bT", bT);
         p.bT = data_of<const uint8_t>(bT);
@@ -196,6 +199,25 @@ LinearPlan::LinearPlan(py::object weight, int64_t d_out, py::object bias, py::ob
         p.b1 = static_cast<int64_t>(j) + 1;
         prev_part = part;
         lin_.blocks.push_back(b);
+    }
+    if (expert_fmt == FMT_Q8_0) load_panels(ck);
+}
+
+// q8 experts: each block's panel offset in its part's bT, and bT's size against its blocks'.
+void LinearPlan::load_panels(const Checker& ck) {
+    for (size_t i = 0; i < lin_.parts.size(); ++i) {
+        LoraPart& p = lin_.parts[i];
+        const int64_t groups = round_up(p.out1 - p.out0, EXPERT_COL_ALIGN) / EXPERT_COL_ALIGN;
+        int64_t bytes = 0;
+        for (int64_t j = p.b0; j < p.b1; ++j) {
+            LoraBlock& b = lin_.blocks[j];
+            b.nq = round_up(b.r1 - b.r0, 4) / 4;
+            b.boff = bytes;
+            bytes += groups * (4 + 32 * b.nq);
+        }
+        const std::string name = cat("parts[", i, "].bT");
+        PF_CHECK(ck, static_cast<int64_t>(bT_[i].size()) == bytes, name, " has ", bT_[i].size(), " bytes, expected ", bytes,
+                 " (q8 panels of its blocks: ceil(dp / 8) * (4 + 32 * ceil(rank / 4)) each)");
     }
 }
 

@@ -9,6 +9,7 @@
 //   avxvnni     vpdpbusd, VEX (Alder Lake, Sapphire Rapids and later)   needs avxvnni
 //   avx2        maddubs + madd (the baseline)
 //
+// The same variants hold expert.h's expand_q8 (the q8 experts' expand, integer dots too).
 // The first variant the CPU supports is used unless set_isa (PF_CPU_ISA from Python) picks
 // another; every variant computes the same integers, so their outputs are bit-identical.
 #pragma once
@@ -24,6 +25,11 @@ namespace pf_cpu {
 using QrowsDots = void (*)(int fmt, const uint8_t* w, int64_t rb, int64_t R, const XRow* X, int T,
                            int64_t nb, float* out, int64_t os);
 
+// expert.h's expand_q8: y[t, 8g + i] += sum over blocks a of the block's 8-bit panel against its
+// quantized h, for groups g0 <= g < g1 and columns 8g + i < valid.
+using ExpandQ8 = void (*)(const PanelBlock* blk, int nblk, int64_t g0, int64_t g1, const int32_t* hw,
+                          int64_t hws, const float* sh, int64_t shs, int T, float* y, int64_t ys, int64_t valid);
+
 struct IsaInfo {
     std::string name, needs;
     bool supported;            // by this CPU (and its OS)
@@ -33,5 +39,6 @@ std::vector<IsaInfo> isas();   // the variants compiled in, best first
 std::string isa();             // the one in use
 void set_isa(const std::string& name);   // std::invalid_argument (one line) if unknown or unsupported
 QrowsDots qrows_dots_kernel(); // the one in use
+ExpandQ8 expand_q8_kernel();
 
 }  // namespace pf_cpu

@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <thread>
 
 #include "expert.h"
 #include "half.h"
@@ -28,6 +30,9 @@ struct Scratch {
     std::vector<ActiveRow> rows;
     std::vector<int64_t> act;                            // active block ids, by part
     std::vector<Segment> segs;
+    std::vector<PanelBlock> panels;                      // q8: act's panels, h quantized:
+    std::vector<int32_t> hw;                             //   [T, hws] words, 4 int8 each
+    std::vector<float> sh;                               //   [T, act.size()] scales
 };
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -48,19 +53,31 @@ struct Job {
     const int64_t* act;
     const Segment* segs;
     int64_t nsegs, ncols, cols_per_chunk;
+    const PanelBlock* panels;  // q8 experts: act's panels and h quantized (quantize_h)
+    const int32_t* hw;
+    int64_t hws;
+    const float* sh;
+    int64_t nact;
+    ExpandQ8 expand_q8;        // the instruction set's (isa.h)
 
-    // Pass 1, rows i0:i1 of [W; active rows of A_cat].
+    // Pass 1, rows j0:j1 of [active rows of A_cat; W] (the experts' rows first, so that h is
+    // done early: quantize_h runs once every pass-1 chunk is, run_job).
     static constexpr int64_t kRowBlock = 4;
     void pass1(int64_t chunk) const {
-        const int64_t i0 = chunk * rows_per_chunk, i1 = std::min(n1, i0 + rows_per_chunk);
+        const int64_t j0 = chunk * rows_per_chunk, j1 = std::min(n1, j0 + rows_per_chunk);
+        const int64_t na = n1 - lin.d_out;
+        if (j0 < na) a_rows(j0, std::min(j1, na));
+        if (j1 > na) w_rows(std::max(j0, na) - na, j1 - na);
+    }
+
+    // Rows i0:i1 of W: y.
+    void w_rows(int64_t i0, int64_t i1) const {
         const int T = static_cast<int>(call.T), d_in = static_cast<int>(lin.d_in);
-        const int64_t d_out = lin.d_out, R = lin.rank;
         float tmp[kRowBlock * MAX_ROWS];
         int64_t i = i0;
         if (lin.fmt != FMT_F32) {                    // kRowBlock rows of W per kernel call
-            const int64_t e = std::min(i1, d_out);
-            while (i < e) {
-                const int64_t n = std::min(kRowBlock, e - i);
+            while (i < i1) {
+                const int64_t n = std::min(kRowBlock, i1 - i);
                 const uint8_t* w = lin.wq + i * lin.row_bytes;
                 if (xq) qdots(lin.fmt, w, lin.row_bytes, n, xq, T, nb, tmp, MAX_ROWS);
                 else hrows_dots(lin.fmt, w, lin.row_bytes, n, x, xs, T, lin.d_in, tmp, MAX_ROWS);
@@ -68,19 +85,26 @@ struct Job {
                 i += n;
             }
         }
-        for (; i < std::min(i1, d_out); ++i) {
+        for (; i < i1; ++i) {
             row_dots(lin.w + i * d_in, x, xs, T, d_in, tmp);
             store(i, tmp);
         }
-        while (i < i1) {                             // runs of consecutive rows of A_cat
-            const ActiveRow* a = rows + (i - d_out);
+    }
+
+    // Active rows k0:k1 of A_cat, in runs of consecutive rows: h.
+    void a_rows(int64_t k0, int64_t k1) const {
+        const int T = static_cast<int>(call.T);
+        const int64_t R = lin.rank;
+        float tmp[kRowBlock * MAX_ROWS];
+        for (int64_t k = k0; k < k1;) {
+            const ActiveRow* a = rows + k;
             int64_t n = 1;
-            while (n < kRowBlock && i + n < i1 && a[n].r == a[0].r + n) ++n;
+            while (n < kRowBlock && k + n < k1 && a[n].r == a[0].r + n) ++n;
             expert_dots(a[0].r, n, tmp);
-            for (int64_t k = 0; k < n; ++k)
+            for (int64_t m = 0; m < n; ++m)
                 for (int t = 0; t < T; ++t)
-                    h[t * R + a[k].r] = tmp[k * MAX_ROWS + t] * call.gates[t * call.gs + a[k].expert] * a[k].scale;
-            i += n;
+                    h[t * R + a[m].r] = tmp[m * MAX_ROWS + t] * call.gates[t * call.gs + a[m].expert] * a[m].scale;
+            k += n;
         }
     }
 
@@ -117,8 +141,21 @@ struct Job {
     void pass2(int64_t chunk) const {
         switch (lin.efmt) {
             case FMT_BF16: return pass2_fmt<FMT_BF16>(chunk);
-            case FMT_Q8_0: return pass2_fmt<FMT_Q8_0>(chunk);
+            case FMT_Q8_0: return pass2_q8(chunk);
             default: return pass2_fmt<FMT_F32>(chunk);
+        }
+    }
+
+    // q8: the chunk's groups of 8 columns of each segment, every active block's panel at once.
+    void pass2_q8(int64_t chunk) const {
+        const int64_t c0 = chunk * cols_per_chunk, c1 = std::min(ncols, c0 + cols_per_chunk);
+        for (int64_t q = 0; q < nsegs; ++q) {
+            const Segment& sg = segs[q];
+            const LoraPart& p = lin.parts[sg.part];
+            const int64_t lo = std::max(c0, sg.c) - sg.c, hi = std::min(c1, sg.c + round_up(p.out1 - p.out0, 8)) - sg.c;
+            if (lo >= hi) continue;
+            expand_q8(panels + sg.a0, static_cast<int>(sg.a1 - sg.a0), lo / 8, ceil_div(hi, 8), hw, hws,
+                      sh + sg.a0, nact, static_cast<int>(call.T), call.y + p.out0, call.ys, p.out1 - p.out0);
         }
     }
 
@@ -139,12 +176,12 @@ struct Job {
                     for (; r + 4 <= b.r1; r += 4) {
                         const uint8_t* brow = p.bT + (r - p.r0) * p.bstride;
                         for (int64_t t = 0; t < call.T; ++t)
-                            expand<EF, 4>(h + t * R + r, brow, p.bstride, p.bvals, off, width, call.y + t * call.ys + o0);
+                            expand<EF, 4>(h + t * R + r, brow, p.bstride, off, width, call.y + t * call.ys + o0);
                     }
                     for (; r < b.r1; ++r) {
                         const uint8_t* brow = p.bT + (r - p.r0) * p.bstride;
                         for (int64_t t = 0; t < call.T; ++t)
-                            expand<EF, 1>(h + t * R + r, brow, p.bstride, p.bvals, off, width, call.y + t * call.ys + o0);
+                            expand<EF, 1>(h + t * R + r, brow, p.bstride, off, width, call.y + t * call.ys + o0);
                     }
                 }
             }
@@ -177,6 +214,68 @@ const XRow* quantize_rows(const float* x, int64_t xs, int64_t T, int64_t nb, boo
         quantize_x(x + t * xs, nb, pairs, rows[t]);
     }
     return rows.data();
+}
+
+// q8 experts: each active block's panel and where its quantized h goes (made by the caller, before
+// the region); returns the int32 words of h per token.
+int64_t prepare_panels(const Linear& lin, int64_t T, Scratch& s) {
+    const int64_t nact = static_cast<int64_t>(s.act.size());
+    s.panels.resize(static_cast<size_t>(nact));
+    int64_t hws = 0;
+    for (const Segment& sg : s.segs)
+        for (int64_t a = sg.a0; a < sg.a1; ++a) {
+            const LoraBlock& b = lin.blocks[s.act[a]];
+            s.panels[a] = {lin.parts[sg.part].bT + b.boff, 4 + 32 * b.nq, b.nq, hws};
+            hws += b.nq;
+        }
+    s.hw.assign(static_cast<size_t>(T * hws), 0);
+    s.sh.resize(static_cast<size_t>(T * nact));
+    return hws;
+}
+
+// h [T, r0:r1] of each active block quantized per token (expand_q8.h: sh = max|h| / 127,
+// hq = round(h / sh) half away from zero, zero padded to 4 nq values).
+void quantize_h(const Linear& lin, const Job& job) {
+    for (int64_t t = 0; t < job.call.T; ++t)
+        for (int64_t a = 0; a < job.nact; ++a) {
+            const LoraBlock& b = lin.blocks[job.act[a]];
+            const float* ht = job.h + t * lin.rank;
+            float mx = 0.0f;
+            for (int64_t r = b.r0; r < b.r1; ++r) mx = std::max(mx, std::fabs(ht[r]));
+            const float id = mx > 0.0f ? 127.0f / mx : 0.0f;
+            int8_t* q = reinterpret_cast<int8_t*>(const_cast<int32_t*>(job.hw) + t * job.hws + job.panels[a].hoff);
+            for (int64_t r = b.r0; r < b.r1; ++r) {
+                const float v = ht[r] * id;
+                q[r - b.r0] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, std::trunc(v + std::copysign(0.5f, v)))));
+            }
+            const_cast<float*>(job.sh)[t * job.nact + a] = mx / 127.0f;
+        }
+}
+
+// Pass 1's chunks, then pass 2's, in one parallel region: a pass-2 chunk waits until every
+// pass-1 chunk is done (pass 1 stores y's rows, pass 2 adds to them) and, for q8 experts, h is
+// quantized (by the thread that finished the last of them).  Chunks are claimed in order, so
+// when a pass-2 chunk is claimed every pass-1 chunk has been: it waits only for those still
+// running on other threads, without the second job a separate region would post.
+void run_job(const Linear& lin, const Job& job, int64_t chunks2, int threads) {
+    const int64_t chunks1 = ceil_div(job.n1, job.rows_per_chunk);
+    std::atomic<int64_t> left{chunks1};
+    std::atomic<bool> ready{false};
+    parallel_for(chunks1 + chunks2, threads, [&](int64_t c) {
+        if (c < chunks1) {
+            job.pass1(c);
+            if (left.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+                if (lin.efmt == FMT_Q8_0 && chunks2 > 0) quantize_h(lin, job);
+                ready.store(true, std::memory_order_release);
+            }
+            return;
+        }
+        for (int spins = 0; !ready.load(std::memory_order_acquire); ++spins) {
+            if (spins < 4096) _mm_pause();
+            else std::this_thread::yield();
+        }
+        job.pass2(c - chunks1);
+    });
 }
 
 // The active blocks (an expert with a nonzero gate in some row), their rows, and pass 2's
@@ -234,10 +333,17 @@ void linear_run(const Linear& lin, const LinearCall& call, int threads) {
     const int64_t col_bytes = (lin.efmt == FMT_F32 ? 4 : lin.efmt == FMT_BF16 ? 2 : 1) * part_rows;
     int64_t cpc = ceil_div(std::max<int64_t>(1, g_pass2_bytes.load(std::memory_order_relaxed) / col_bytes), 8) * 8;
     cpc = std::max(cpc, ceil_div(ceil_div(ncols, kMaxChunks), 8) * 8);
-    const Job job{lin, call, x, xs, xq, xe, (xq || xe) ? qrows_dots_kernel() : nullptr, nb, s.h.data(), s.rows.data(), n1, rpc, s.act.data(), s.segs.data(),
-                  static_cast<int64_t>(s.segs.size()), ncols, cpc};
-    parallel_for(ceil_div(n1, rpc), threads, [&job](int64_t c) { job.pass1(c); });
-    if (ncols > 0) parallel_for(ceil_div(ncols, cpc), threads, [&job](int64_t c) { job.pass2(c); });
+    Job job{lin, call, x, xs, xq, xe, (xq || xe) ? qrows_dots_kernel() : nullptr, nb, s.h.data(), s.rows.data(), n1, rpc, s.act.data(), s.segs.data(),
+            static_cast<int64_t>(s.segs.size()), ncols, cpc, nullptr, nullptr, 0, nullptr, 0, nullptr};
+    if (lin.efmt == FMT_Q8_0 && ncols > 0) {
+        job.hws = prepare_panels(lin, call.T, s);
+        job.panels = s.panels.data();
+        job.hw = s.hw.data();
+        job.sh = s.sh.data();
+        job.nact = static_cast<int64_t>(s.act.size());
+        job.expand_q8 = expand_q8_kernel();
+    }
+    run_job(lin, job, ncols > 0 ? ceil_div(ncols, cpc) : 0, threads);
 }
 
 Chunking chunking() { return {g_pass1_bytes.load(), g_pass2_bytes.load()}; }

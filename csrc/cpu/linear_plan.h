@@ -21,13 +21,19 @@
 // PRO_SILU_MUL x [T, 2 d_in] = gate | up, x'[t, k] = silu(x[t, k]) * x[t, d_in + k].
 // res (optional) may be y itself: an in-place residual update.
 //
-// Two parallel regions (pool.h), each split into many small chunks:
-//   pass 1  rows of W and the active rows of A_cat (chunks of ~pass1_bytes of weights): y rows
-//           (+ bias, + res) and h;
+// (q8 experts: the expand's h is quantized per token and block, expert.h.)
+//
+// One parallel region (pool.h) of many small chunks, pass 1's then pass 2's:
+//   pass 1  the active rows of A_cat, then the rows of W (chunks of ~pass1_bytes of weights):
+//           h, and y rows (+ bias, + res);
 //   pass 2  the expand, over the active parts' output columns concatenated, each part's
 //           columns starting at a multiple of EXPERT_COL_ALIGN (chunks of ~pass2_bytes of bT):
-//           each chunk streams the active rank rows of bT across its columns, four rank rows
-//           at a time, in 256-column tiles.
+//           f32 / bf16: each chunk streams the active rank rows of bT across its columns, four
+//           rank rows at a time, in 256-column tiles; q8: each 8 columns' panel groups of every
+//           active block, dotted with h quantized (expand_q8.h).
+// A pass-2 chunk waits until every pass-1 chunk is done (they write the same rows of y); the
+// thread finishing the last one quantizes h (q8).  Chunks are claimed in order, so the wait is
+// only for chunks still running elsewhere: one barrier per call instead of two regions' jobs.
 // Scratch (x', h, the routing lists) is thread_local to the calling thread.
 #pragma once
 #include <cstdint>
@@ -43,15 +49,16 @@ enum Prologue : int { PRO_NONE = 0, PRO_RMSNORM = 1, PRO_SILU_MUL = 2 };
 
 struct LoraPart {              // output columns out0:out1, rows r0:r1 of A_cat (0-based in R)
     int64_t out0, out1, r0, r1;
-    const uint8_t* bT;         // B^T: r1 - r0 rows in the experts' format (expert.h), at
-    int64_t bstride;           //   bstride bytes,
-    int64_t bvals;             //   their values at this byte offset in a row (q8_0: RowLayout.q)
+    const uint8_t* bT;         // f32 / bf16 experts: B^T, r1 - r0 rows (expert.h) at bstride
+    int64_t bstride;           //   bytes; q8: its blocks' panels, one after another (expert.h)
     int64_t b0, b1;            // its blocks: blocks[b0:b1]
 };
 
 struct LoraBlock {             // one expert's rows r0:r1 of A_cat inside its part
     int64_t expert, r0, r1;
     float scale;
+    int64_t boff = 0;          // q8: its panel at bT + boff, groups of 4 + 32 nq bytes
+    int64_t nq = 0;            //   nq = ceil((r1 - r0) / 4)
 };
 
 struct Linear {

@@ -1,5 +1,6 @@
-// quant.h's qrows_dots for one instruction set: build.py compiles this file once per variant of
+// quant.h's qrows_dots and expand_q8.h's expand for one instruction set: build.py compiles this file once per variant of
 // isa.h, with -DPF_ISA=<name> and that variant's flags; isa.cpp picks one at run time.
+#include "expand_q8.h"
 #include "quant.h"
 
 namespace pf_cpu {
@@ -8,6 +9,11 @@ namespace PF_ISA {
 void qrows_dots_isa(int fmt, const uint8_t* w, int64_t rb, int64_t R, const XRow* X, int T, int64_t nb,
                     float* out, int64_t os) {
     qrows_dots(fmt, w, rb, R, X, T, nb, out, os);
+}
+
+void expand_q8_isa(const PanelBlock* blk, int nblk, int64_t g0, int64_t g1, const int32_t* hw, int64_t hws,
+                   const float* sh, int64_t shs, int T, float* y, int64_t ys, int64_t valid) {
+    expand_q8(blk, nblk, g0, g1, hw, hws, sh, shs, T, y, ys, valid);
 }
 
 }  // namespace PF_ISA

@@ -62,4 +62,13 @@ inline XRow xrow_at(float* base, int64_t nb) {
     return {base, base + n8, reinterpret_cast<int8_t*>(base + 2 * n8)};
 }
 
+// One active expert block of a q8 part in pass 2 (expert.h's panels): its groups of 8 output
+// columns at panel + g * gstride bytes (an fp32 scale, then nq quads of 8 columns x 4 int8
+// values), and its activation h quantized per token: nq int32 words (4 int8 values each) at
+// hw + t * hws + hoff, scale sh[t * shs + a] for the block's index a in the call.
+struct PanelBlock {
+    const uint8_t* panel;
+    int64_t gstride, nq, hoff;
+};
+
 }  // namespace pf_cpu

@@ -4,8 +4,10 @@ Linear when its plan is built (banks on disk stay fp16/fp32).
     expert_format   A_cat's rows and B^T's rows (csrc/cpu/expert.h)        bytes a value
     "f32"           float32, as attached                                   4
     "bf16"          bfloat16, rounded to nearest even                      2
-    "q8"            q8_0 blocks of 32 (fp16 scale + int8), GGUF's Q8_0;    1.06
-                    A_cat dotted with x' quantized per block (as a q8_0 W)
+    "q8"            A_cat: q8_0 blocks of 32 (fp16 scale + int8), GGUF's   1.06 / 1.03
+                    Q8_0, dotted with x' quantized per block (as a q8_0 W);
+                    B: int8 panels (an fp32 scale per 8 output columns and
+                    expert), dotted with h quantized per token and expert
     "auto" (None)   follows the base weight: q8 on a block-quantized W (q8_0, q4_0, q4_1, whose
                     activations are quantized per block anyway), bf16 on a 16-bit W, f32 on an
                     fp32 W (the path tests hold to transformers and PEFT)
@@ -14,7 +16,7 @@ A decode step reads the active experts' A_cat rows and B^T rows once: in q8 a to
 rank-16 experts on every projection adds ~10% to the bundled 4-bit model's bytes, against ~40%
 in fp32 (benchmarks/bench_cpu.py measures the time).  Formats other than f32 need d_in a
 multiple of 32 (q8_0's blocks; bf16 rows are laid out as the kernel's 16-bit weights are);
-B^T's rows are zero-padded to a multiple of 32 columns.  Larger fp32 batches that take the torch
+bf16 B^T's rows are zero-padded to a multiple of 32 columns.  Larger fp32 batches that take the torch
 backend's GEMMs (prefill chunks over MAX_ROWS rows on an fp32 W) read the fp32 experts.
 """
 from __future__ import annotations
@@ -64,12 +66,40 @@ def _rows(t: torch.Tensor, fmt: str, width: int) -> torch.Tensor:
     return QuantWeight.quantize(t, FORMATS["q8_0"], "expert rows").data
 
 
-def convert(lin, fmt: str) -> tuple:
-    """(a_cat, [bT per part]) of ``lin``'s experts as the kernel reads them in ``fmt``: float32
-    [R, d_in] and [R_m, d_out_m] for f32; else uint8 rows (A_cat's of d_in values, B^T's of
-    d_out_m rounded up to 32)."""
+def panels(b: torch.Tensor, spans) -> torch.Tensor:
+    """q8 experts' B of one part, b float [dp, r_part], as csrc/cpu/expert.h's panels: for each
+    block (rows r0:r1 of the part, ``spans``) ceil(dp / 8) groups of 8 output columns, each an
+    fp32 scale s = max |B| over the group / 127 and int8 round(B / s) (half away from zero) in
+    quads: [group][rank // 4][column][rank % 4], zero padded.  Returns uint8, flat."""
+    dp = b.shape[0]
+    G = -(-dp // 8)
+    out = []
+    for r0, r1 in spans:
+        n4 = -(-(r1 - r0) // 4) * 4
+        blk = torch.zeros(G * 8, n4, dtype=torch.float32)
+        blk[:dp, :r1 - r0] = b[:, r0:r1].detach().float()
+        blk = blk.view(G, 8, n4)
+        amax = blk.abs().amax(dim=(1, 2))
+        inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+        v = blk * inv.view(G, 1, 1)
+        q = torch.trunc(v + torch.copysign(torch.full_like(v, 0.5), v)).clamp(-127, 127).to(torch.int8)
+        q = q.view(G, 8, n4 // 4, 4).permute(0, 2, 1, 3).reshape(G, -1)
+        s = (amax / 127.0).view(G, 1).contiguous().view(torch.uint8)
+        out.append(torch.cat([s, q.view(torch.uint8)], 1).reshape(-1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
+
+
+def convert(lin, fmt: str, blocks=()) -> tuple:
+    """(a_cat, [B per part]) of ``lin``'s experts as the kernel reads them in ``fmt``: float32
+    A_cat [R, d_in] and B^T [R_m, d_out_m] for f32; uint8 rows of A_cat (d_in values) and B^T
+    (d_out_m rounded up to 32) for bf16; for q8, A_cat's q8_0 rows and each part's panels
+    (``panels``) of its ``blocks``: (part, expert, r0, r1, scale) in A_cat's rows, as the plan's."""
     if fmt == "f32":
         return lin.a_cat.contiguous(), [p.b.t().contiguous() for p in lin.parts]
+    if fmt == "q8":
+        spans = [[(r0 - p.r0, r1 - p.r0) for i, _, r0, r1, _ in blocks if i == k] for k, p in enumerate(lin.parts)]
+        bts = [panels(p.b, sp) for p, sp in zip(lin.parts, spans)]
+        return _rows(lin.a_cat, "q8", lin.d_in), bts
     bts = [_rows(p.b.t(), fmt, -(-p.b.shape[0] // QK) * QK) for p in lin.parts]
     return _rows(lin.a_cat, fmt, lin.d_in), bts
 

@@ -30,7 +30,7 @@ def plan(lin, expert_format: str | None = None):
     blocks = [(i, e, p.r0 + r0, p.r0 + r1, s) for i, p in enumerate(lin.parts)
               for e, r0, r1, s in p.layout.blocks]
     bias = None if lin.bias is None else lin.bias.contiguous().numpy()
-    a, bts = experts.convert(lin, efmt) if lin.parts else (None, [])
+    a, bts = experts.convert(lin, efmt, blocks) if lin.parts else (None, [])
     parts = [(p.out0, p.out1, p.r0, p.r1, bt.numpy()) for p, bt in zip(lin.parts, bts)]
     kw = dict(bias=bias, parts=parts, blocks=blocks, num_experts=lin.num_experts,
               expert_fmt=experts.CODES[efmt])
