@@ -80,6 +80,12 @@ def cpu_experts(res: dict) -> list[str]:
             f"ms/token against the base model's): "
             + "; ".join(f"{label} top-2 {ms['top2', 'rank16', f] / base:.2f}x, dense {ms['dense10', 'rank16', f] / base:.2f}x"
                         for f, label in fmts))
+    wb = res.get("weight_bytes", {}).get("q4_1")
+    eb = {(r["persona"], r.get("bank")): r["expert_bytes"] for r in res["rows"]
+          if r.get("experts") == "q8" and "expert_bytes" in r}
+    if wb and ("top2", "rank16") in eb and ("dense10", "rank16") in eb:
+        line += (f" (q8: the bytes a step reads {1 + eb['top2', 'rank16'] / wb:.2f}x / "
+                 f"{1 + eb['dense10', 'rank16'] / wb:.2f}x the base's)")
     if ("top2", "bigfive", "q8") in ms:
         line += f"; the shipped bigfive top-2 {ms['top2', 'bigfive', 'q8'] / base:.2f}x"
     if "2 LoRAs (top2)" in peer and "10 LoRAs (dense10)" in peer:
