@@ -1,4 +1,4 @@
-"""The instruction-set variants of the block formats' dots and the q8 experts' expand (csrc/cpu/isa.h): the choice, the
+"""The instruction-set variants of the block formats' dots, the 16-bit dots and the q8 experts' expand (csrc/cpu/isa.h): the choice, the
 one-line errors, bit-identical outputs across every variant this CPU runs, and build.py's check
 that a variant's object keeps its code to its own namespace.
 
@@ -62,7 +62,7 @@ def test_every_variant_gives_the_baselines_bits(variant):
         pytest.skip(f"{variant} is {'not built' if variant not in support else 'not supported by this CPU'}")
     before = cpu_ops.isa()
     try:
-        for fmt in ("q8_0", "q4_0", "q4_1", "q8 experts"):
+        for fmt in ("q8_0", "q4_0", "q4_1", "bf16", "f16", "q8 experts"):
             run = _expert_outputs if fmt == "q8 experts" else lambda T: _outputs(fmt, T)
             for T in (1, 3, 16):
                 cpu_ops.set_isa("avx2")

@@ -10,6 +10,8 @@ namespace pf_cpu {
     namespace ns {                                                                                   \
     void qrows_dots_isa(int fmt, const uint8_t* w, int64_t rb, int64_t R, const XRow* X, int T,      \
                         int64_t nb, float* out, int64_t os);                                         \
+    void hrows_dots_isa(int fmt, const uint8_t* w, int64_t rb, int64_t R, const float* x, int64_t xs, int T,  \
+                        int64_t d, float* out, int64_t os);                                          \
     void expand_q8_isa(const PanelBlock* blk, int nblk, int64_t g0, int64_t g1, const int32_t* hw,         \
                        int64_t hws, const float* sh, int64_t shs, int T, float* y, int64_t ys, int64_t valid); \
     }
@@ -28,6 +30,7 @@ struct Variant {
     const char* needs;
     QrowsDots fn;
     ExpandQ8 expand;
+    HrowsDots hrows;
     bool (*supported)();
 };
 
@@ -36,17 +39,17 @@ const std::vector<Variant>& variants() {
         __builtin_cpu_init();
         std::vector<Variant> out;
 #ifdef PF_HAVE_AVX512VNNI
-        out.push_back({"avx512vnni", "avx512f, avx512bw, avx512vl, avx512vnni", &avx512vnni::qrows_dots_isa, &avx512vnni::expand_q8_isa, [] {
+        out.push_back({"avx512vnni", "avx512f, avx512bw, avx512vl, avx512vnni", &avx512vnni::qrows_dots_isa, &avx512vnni::expand_q8_isa, &avx512vnni::hrows_dots_isa, [] {
                            return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
                        }});
 #endif
 #ifdef PF_HAVE_AVXVNNI
-        out.push_back({"avxvnni", "avxvnni", &avxvnni::qrows_dots_isa, &avxvnni::expand_q8_isa,
+        out.push_back({"avxvnni", "avxvnni", &avxvnni::qrows_dots_isa, &avxvnni::expand_q8_isa, &avxvnni::hrows_dots_isa,
                        [] { return static_cast<bool>(__builtin_cpu_supports("avxvnni")); }});
 #endif
         // The module is imported only on CPUs with AVX2/FMA/F16C (pf_kernels.cpu_ops checks).
-        out.push_back({"avx2", "avx2, fma, f16c", &avx2::qrows_dots_isa, &avx2::expand_q8_isa, [] { return true; }});
+        out.push_back({"avx2", "avx2, fma, f16c", &avx2::qrows_dots_isa, &avx2::expand_q8_isa, &avx2::hrows_dots_isa, [] { return true; }});
         return out;
     }();
     return v;
@@ -96,5 +99,6 @@ void set_isa(const std::string& name) {
 
 QrowsDots qrows_dots_kernel() { return current()->fn; }
 ExpandQ8 expand_q8_kernel() { return current()->expand; }
+HrowsDots hrows_dots_kernel() { return current()->hrows; }
 
 }  // namespace pf_cpu

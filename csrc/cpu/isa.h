@@ -9,7 +9,8 @@
 //   avxvnni     vpdpbusd, VEX (Alder Lake, Sapphire Rapids and later)   needs avxvnni
 //   avx2        maddubs + madd (the baseline)
 //
-// The same variants hold expert.h's expand_q8 (the q8 experts' expand, integer dots too).
+// The same variants hold expand_q8.h's expand (the q8 experts', integer dots too) and half.h's
+// 16-bit dots (fp32 FMAs, 16 lanes in avx512vnni: the same sums lane by lane, bit-identical).
 // The first variant the CPU supports is used unless set_isa (PF_CPU_ISA from Python) picks
 // another; every variant computes the same integers, so their outputs are bit-identical.
 #pragma once
@@ -30,6 +31,10 @@ using QrowsDots = void (*)(int fmt, const uint8_t* w, int64_t rb, int64_t R, con
 using ExpandQ8 = void (*)(const PanelBlock* blk, int nblk, int64_t g0, int64_t g1, const int32_t* hw,
                           int64_t hws, const float* sh, int64_t shs, int T, float* y, int64_t ys, int64_t valid);
 
+// half.h's hrows_dots: out[r os + t] = w_r . x[t] for R 16-bit rows and T fp32 tokens.
+using HrowsDots = void (*)(int fmt, const uint8_t* w, int64_t rb, int64_t R, const float* x, int64_t xs, int T,
+                           int64_t d, float* out, int64_t os);
+
 struct IsaInfo {
     std::string name, needs;
     bool supported;            // by this CPU (and its OS)
@@ -40,5 +45,6 @@ std::string isa();             // the one in use
 void set_isa(const std::string& name);   // std::invalid_argument (one line) if unknown or unsupported
 QrowsDots qrows_dots_kernel(); // the one in use
 ExpandQ8 expand_q8_kernel();
+HrowsDots hrows_dots_kernel();
 
 }  // namespace pf_cpu

@@ -46,6 +46,7 @@ struct Job {
     const XRow* xq;            // x' quantized, T rows (a block-quantized W), else null
     const XRow* xe;            // x' quantized unpaired, T rows (q8_0 experts), else null
     QrowsDots qdots;           // the block dots of the instruction set in use (isa.h)
+    HrowsDots hdots;           // and its 16-bit dots
     int64_t nb;
     float* h;
     const ActiveRow* rows;
@@ -80,7 +81,7 @@ struct Job {
                 const int64_t n = std::min(kRowBlock, i1 - i);
                 const uint8_t* w = lin.wq + i * lin.row_bytes;
                 if (xq) qdots(lin.fmt, w, lin.row_bytes, n, xq, T, nb, tmp, MAX_ROWS);
-                else hrows_dots(lin.fmt, w, lin.row_bytes, n, x, xs, T, lin.d_in, tmp, MAX_ROWS);
+                else hdots(lin.fmt, w, lin.row_bytes, n, x, xs, T, lin.d_in, tmp, MAX_ROWS);
                 for (int64_t r = 0; r < n; ++r) store(i + r, tmp + r * MAX_ROWS);
                 i += n;
             }
@@ -113,7 +114,7 @@ struct Job {
         const uint8_t* a = lin.a + r * lin.a_row_bytes;
         const int T = static_cast<int>(call.T);
         switch (lin.efmt) {
-            case FMT_BF16: hrows_dots(FMT_BF16, a, lin.a_row_bytes, n, x, xs, T, lin.d_in, out, MAX_ROWS); break;
+            case FMT_BF16: hdots(FMT_BF16, a, lin.a_row_bytes, n, x, xs, T, lin.d_in, out, MAX_ROWS); break;
             case FMT_Q8_0: qdots(FMT_Q8_0, a, lin.a_row_bytes, n, xe, T, nb, out, MAX_ROWS); break;
             default:
                 for (int64_t k = 0; k < n; ++k)
@@ -333,7 +334,7 @@ void linear_run(const Linear& lin, const LinearCall& call, int threads) {
     const int64_t col_bytes = (lin.efmt == FMT_F32 ? 4 : lin.efmt == FMT_BF16 ? 2 : 1) * part_rows;
     int64_t cpc = ceil_div(std::max<int64_t>(1, g_pass2_bytes.load(std::memory_order_relaxed) / col_bytes), 8) * 8;
     cpc = std::max(cpc, ceil_div(ceil_div(ncols, kMaxChunks), 8) * 8);
-    Job job{lin, call, x, xs, xq, xe, (xq || xe) ? qrows_dots_kernel() : nullptr, nb, s.h.data(), s.rows.data(), n1, rpc, s.act.data(), s.segs.data(),
+    Job job{lin, call, x, xs, xq, xe, (xq || xe) ? qrows_dots_kernel() : nullptr, hrows_dots_kernel(), nb, s.h.data(), s.rows.data(), n1, rpc, s.act.data(), s.segs.data(),
             static_cast<int64_t>(s.segs.size()), ncols, cpc, nullptr, nullptr, 0, nullptr, 0, nullptr};
     if (lin.efmt == FMT_Q8_0 && ncols > 0) {
         job.hws = prepare_panels(lin, call.T, s);

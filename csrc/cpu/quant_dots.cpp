@@ -1,6 +1,7 @@
-// quant.h's qrows_dots and expand_q8.h's expand for one instruction set: build.py compiles this file once per variant of
+// quant.h's qrows_dots, half.h's hrows_dots and expand_q8.h's expand for one instruction set: build.py compiles this file once per variant of
 // isa.h, with -DPF_ISA=<name> and that variant's flags; isa.cpp picks one at run time.
 #include "expand_q8.h"
+#include "half.h"
 #include "quant.h"
 
 namespace pf_cpu {
@@ -9,6 +10,11 @@ namespace PF_ISA {
 void qrows_dots_isa(int fmt, const uint8_t* w, int64_t rb, int64_t R, const XRow* X, int T, int64_t nb,
                     float* out, int64_t os) {
     qrows_dots(fmt, w, rb, R, X, T, nb, out, os);
+}
+
+void hrows_dots_isa(int fmt, const uint8_t* w, int64_t rb, int64_t R, const float* x, int64_t xs, int T, int64_t d,
+                    float* out, int64_t os) {
+    hrows_dots(fmt, w, rb, R, x, xs, T, d, out, os);
 }
 
 void expand_q8_isa(const PanelBlock* blk, int nblk, int64_t g0, int64_t g1, const int32_t* hw, int64_t hws,
