@@ -14,6 +14,7 @@ Ranks need no padding: rank tiles are max(16, next_pow2(max r_k)) wide, loaded u
 """
 from __future__ import annotations
 
+import contextlib
 
 import torch
 
@@ -24,6 +25,13 @@ __all__ = ["DECODE_MAX_TOKENS", "available", "grouped_lora", "fused_linear", "bl
 
 DECODE_MAX_TOKENS = 16          # at or below this many tokens grouped_lora runs its one-launch path
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def on_device(x: torch.Tensor):
+    """The launches' device guard: a Triton kernel launches on the *current* CUDA device, so
+    tensors on cuda:1 in a process whose current device is 0 would be launched on the wrong GPU.
+    Every launcher below runs its launches inside this context; off CUDA it does nothing."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _interpreting() -> bool:
@@ -185,7 +193,14 @@ def grouped_lora(y: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, b_cat: t
     interp = _require_mode(x)
     if T == 0 or R == 0 or d_out == 0:
         return y
+    with on_device(x):
+        _launch_grouped(y, x, a_cat, b_cat, gates, layout, meta, interp, T, d_in, d_out, K, R)
+    return y
 
+
+def _launch_grouped(y, x, a_cat, b_cat, gates, layout, meta, interp: bool, T: int, d_in: int, d_out: int,
+                    K: int, R: int) -> None:
+    """grouped_lora's launches (its checks done, under its device guard)."""
     from . import _triton_kernels as tk
     br = rank_tile(layout.max_rank)
     flags = _dot_flags(x, interp)
@@ -199,7 +214,7 @@ def grouped_lora(y: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, b_cat: t
             b_cat.stride(0), b_cat.stride(1), gates.stride(0), gates.stride(1),
             BT=cfg["BT"], BN=cfg["BN"], BR=br, BK=cfg["BK"], num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"], **flags)
-        return y
+        return
 
     if meta is None:
         meta = LoRAMeta.from_layout(gates, layout)
@@ -212,7 +227,6 @@ def grouped_lora(y: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, b_cat: t
         BT=cfg["BT"], BR=br, BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **flags)
     _launch_expand(y, h, b_cat, gates, layout, br, interp, flags)
-    return y
 
 
 def _launch_expand(y, h, b_cat, gates, layout: BankLayout, br: int, interp: bool, flags: dict) -> None:
@@ -274,7 +288,14 @@ def fused_linear(x: torch.Tensor, w_aug: torch.Tensor, b_cat: torch.Tensor, gate
     y = out if out is not None else torch.empty(T, d_out, device=x.device, dtype=x.dtype)
     if T == 0 or d_out == 0:
         return y
+    with on_device(x):
+        _launch_linear(y, x, w_aug, b_cat, bias, gates, layout, meta, interp, T, d_in, d_out, R)
+    return y
 
+
+def _launch_linear(y, x, w_aug, b_cat, bias, gates, layout, meta, interp: bool, T: int, d_in: int, d_out: int,
+                   R: int) -> None:
+    """fused_linear's launches (its checks done, under its device guard)."""
     from . import _triton_kernels as tk
     flags = _dot_flags(x, interp)
     h = torch.empty(T, R, device=x.device, dtype=torch.float32)           # (T, R) gated shrink
@@ -290,7 +311,6 @@ def fused_linear(x: torch.Tensor, w_aug: torch.Tensor, b_cat: torch.Tensor, gate
         num_stages=cfg["num_stages"], **flags)
     if R > 0:
         _launch_expand(y, h, b_cat, gates, layout, rank_tile(layout.max_rank), interp, flags)
-    return y
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -479,15 +479,15 @@ def _good(T=3, dtype=torch.float32):
     return p
 
 
-def _call_grouped(**over):
-    p = _good()
+def _call_grouped(T=3, **over):
+    p = _good(T)
     p.update(over)
     return grouped_lora(p["y"], p["x"], p["a_cat"], p["b_cat"], p["gates"], p["rank_offsets"], p["scalings"],
                         meta=p.get("meta"))
 
 
-def _call_fused(**over):
-    p = _good()
+def _call_fused(T=3, **over):
+    p = _good(T)
     p["w_aug"] = torch.cat([p["w"], p["a_cat"]])
     p["d_out"] = 24
     p.update(over)
@@ -643,3 +643,51 @@ def test_cuda_kernel_graph_replay_bit_identical():
     y = torch.empty_like(y0)
     _graph_bit_identical(lambda: cuda_ops.grouped_lora_cuda(y, p["x"], p["a_cat"], p["b_cat"], p["gates"],
                                                             offsets, p["scalings"]), y0, y)
+
+
+# --------------------------------------------------------------------------------------------
+# The launchers' device guard
+
+
+def test_device_guard_is_the_tensors_cuda_device_and_nothing_off_cuda(monkeypatch):
+    """Triton launches on the current CUDA device: the guard makes it x's (issue 33)."""
+    import contextlib
+    import types
+    assert isinstance(pf_ops.on_device(torch.zeros(1)), contextlib.nullcontext)
+    seen = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: seen.append(d) or contextlib.nullcontext())
+    pf_ops.on_device(types.SimpleNamespace(device=torch.device("cuda", 1)))
+    assert seen == [torch.device("cuda", 1)]
+
+
+@pytest.mark.parametrize("call", ["grouped_lora", "fused_linear"])
+def test_every_launch_runs_under_the_device_guard(interp, call, monkeypatch):
+    """The launches happen inside on_device(x): a kernel launched outside it fails the test."""
+    import contextlib
+    from pf_kernels import _triton_kernels as tk
+    inside = []
+
+    @contextlib.contextmanager
+    def guard(x):
+        inside.append(True)
+        yield
+        inside.pop()
+    monkeypatch.setattr(pf_ops, "on_device", guard)
+    launched = []
+    for name in ("fused_lora_kernel", "shrink_kernel", "expand_kernel", "linear_shrink_kernel"):
+        kernel = getattr(tk, name)
+        monkeypatch.setattr(tk, name, _Spy(kernel, lambda name=name: launched.append((name, bool(inside)))))
+    for T in (3, 40):                                   # the decode and the prefill launches
+        (_call_grouped if call == "grouped_lora" else _call_fused)(T=T)
+    assert launched and all(ok for _, ok in launched), launched
+
+
+class _Spy:
+    """A Triton kernel whose launches (kernel[grid](...)) are recorded first."""
+
+    def __init__(self, kernel, record):
+        self.kernel, self.record = kernel, record
+
+    def __getitem__(self, grid):
+        self.record()
+        return self.kernel[grid]
