@@ -324,6 +324,26 @@ def test_bad_tensor_parallel_is_one_line(hf_model_dir, monkeypatch, kw, words):
     assert "\n" not in str(e.value) and words in str(e.value), str(e.value)
 
 
+def test_cuda_ranks_start_at_the_engines_gpu_and_never_share_one(hf_model_dir, monkeypatch):
+    """Rank r runs on cuda:(first + r), rank 0 on the engine's own GPU (issue 33: rank 0 used
+    engine.device and the workers cuda:r, so an engine on cuda:1 put ranks 0 and 1 on one GPU);
+    the ranks must fit the machine's GPUs from there."""
+    from pf_engine.parallel.options import check_parallel, first_gpu
+    from pf_engine.parallel.worker import rank_device
+    spec = {"device": "cuda", "first_gpu": first_gpu(torch.device("cuda", 1))}
+    assert [rank_device(spec, r) for r in range(2)] == [torch.device("cuda", 1), torch.device("cuda", 2)]
+    assert rank_device({"device": "cpu"}, 1) == torch.device("cpu")
+    folder, _ = hf_model_dir("llama", "tp_bad2", num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=96, hidden_size=64)
+    cfg = ModelConfig.from_file(os.path.join(folder, "config.json"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_parallel(cfg, 2, torch.device("cuda", 0)) == 2
+    with pytest.raises(PFError) as e:
+        check_parallel(cfg, 2, torch.device("cuda", 1))
+    msg = str(e.value)
+    assert "\n" not in msg and "tensor_parallel=2 from cuda:1" in msg and "cuda:1..cuda:2" in msg, msg
+
+
 RANK0 = """
 import sys
 from pf_engine import Engine

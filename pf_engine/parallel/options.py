@@ -25,12 +25,22 @@ def check_parallel(cfg, n, device, stored_as_bytes: bool = False) -> int:
         check_blocks(cfg, n)
     if device.type == "cuda":
         import torch
-        have = torch.cuda.device_count()
-        if n > have:
-            raise PFError(f"tensor_parallel={n}: more ranks than this machine's {have} GPUs (one GPU per rank)")
+        have, first = torch.cuda.device_count(), first_gpu(device)
+        if first + n > have:
+            raise PFError(f"tensor_parallel={n} from cuda:{first}: ranks need cuda:{first}..cuda:{first + n - 1} "
+                          f"(one GPU per rank, from the engine's own), this machine has {have} GPUs")
     elif n > (os.cpu_count() or 1):
         raise PFError(f"tensor_parallel={n}: more ranks than this machine's {os.cpu_count() or 1} CPU cores")
     return n
+
+
+def first_gpu(device) -> int:
+    """The GPU of rank 0 (the engine's device; ``cuda`` alone: the current one); rank r runs on
+    cuda:(first_gpu + r) (worker.rank_device), so no two ranks share a GPU.  0 off CUDA."""
+    import torch
+    if device.type != "cuda":
+        return 0
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def allreduce_kind(device) -> str:

@@ -254,7 +254,7 @@ def _stop(pipes, procs, dogs=()) -> None:
 def tp_model(engine, weights, timeout_s: float | None = None) -> TPDecoder:
     """Rank 0's TPDecoder for ``engine`` (its folder, dtype, backend and bank), its workers
     started.  The whole weights are loaded here and in each worker, then sharded."""
-    from pf_engine.parallel.options import allreduce_kind, head_kind
+    from pf_engine.parallel.options import allreduce_kind, first_gpu, head_kind
     from pf_engine.parallel.tp import shard_model
     n = engine.tensor_parallel
     timeout_s = timeout_s or float(os.environ.get("PF_TP_TIMEOUT_S", 60))
@@ -265,7 +265,7 @@ def tp_model(engine, weights, timeout_s: float | None = None) -> TPDecoder:
             "device": engine.device.type, "backend": engine.backend.name, "bank": bank,
             "expert_format": getattr(engine.backend, "expert_format", None),
             "threads": torch.get_num_threads(), "allreduce": allreduce_kind(engine.device),
-            "head": head_kind()}
+            "head": head_kind(), "first_gpu": first_gpu(engine.device)}
     workers = Workers(n, spec, timeout_s)
     local = shard_model(engine.config, weights, engine.bank, engine.backend, engine.device, 0, n,
                         workers.reduce, spec["head"])

@@ -68,7 +68,11 @@ def from_wire(obj, device):
 
 
 def rank_device(spec: dict, rank: int) -> torch.device:
-    return torch.device("cuda", rank) if spec["device"] == "cuda" else torch.device("cpu")
+    """Rank ``rank``'s device: cuda:(first + rank), rank 0 being the engine's own GPU (the one
+    rule: options.first_gpu), or the CPU."""
+    if spec["device"] != "cuda":
+        return torch.device("cpu")
+    return torch.device("cuda", spec.get("first_gpu", 0) + rank)
 
 
 def worker_main(rank: int, n: int, port: int, spec: dict, timeout_s: float, pipe, parent: int) -> None:
