@@ -235,6 +235,34 @@ BACKEND_PARAMS = [(b, c) for b in ("uniform", "ragged") for c in CASES
                   if b == "ragged" or c not in TOKEN_CASES]
 
 
+def test_cuda_backend_runs_parts_beyond_its_shared_memory_on_the_torch_path(base):
+    """The cuda kernel holds h in 44 KiB of shared memory (704 rank rows): a part with more is
+    routed to the torch backend's grouped GEMMs when the Linear is prepared (issue 33: it raised
+    mid-forward).  Runs on CPU tensors: the fallback is plain torch."""
+    from pf_engine.backends.grouped import Gathered
+    from pf_engine.backends.kernels import Kernels, cuda_max_rank
+    from pf_engine.persona.mix import Mix
+    folder, _, _ = base
+    cfg = ModelConfig.from_file(os.path.join(folder, "config.json"))
+    cuda = Kernels(torch.device("cpu"), "cuda")
+    big = Engine.from_pretrained(folder, backend="torch", progress=False, adapters=AdapterBank.random(
+        cfg, expert_names=["a", "b"], rank=[cuda_max_rank() - 7, 8], modules=["o"], seed=4))
+    small = Engine.from_pretrained(folder, backend="torch", progress=False, adapters=AdapterBank.random(
+        cfg, expert_names=["a", "b"], rank=[cuda_max_rank() - 8, 8], modules=["o"], seed=4))
+    lin = next(l for l in big.model.blocks[0].linears if l.parts)
+    assert cuda_max_rank() == 704 and isinstance(cuda.prepare(lin), Gathered)
+    assert cuda.prepare(next(l for l in small.model.blocks[0].linears if l.parts)) is None
+    x2 = torch.randn(5, lin.d_in, generator=torch.Generator().manual_seed(0))
+    mix = Mix(torch.tensor([[0.7, 0.3]] * 5))
+    want = big.backend.linear(lin, x2, mix, False)
+    torch_state, lin.state = lin.state, cuda.prepare(lin)
+    try:
+        got = cuda.linear(lin, x2, mix, False)
+    finally:
+        lin.state = torch_state
+    assert _maxdiff(got, want) <= ATOL
+
+
 @pytest.mark.parametrize("bank,case", BACKEND_PARAMS, ids=[f"{b}-{c}" for b, c in BACKEND_PARAMS])
 def test_naive_and_torch_backends_agree(backend_engines, bank, case):
     B, T, persona = CASES[case]

@@ -133,5 +133,6 @@ PYBIND11_MODULE(_pf_cuda, m) {
         py::arg("stride_y"), py::arg("stride_x"), py::arg("stride_a"), py::arg("stride_b"),
         py::arg("stride_g"), py::arg("dtype"), py::arg("stream"), py::arg("device"));
   m.attr("MAX_TOKENS_PER_LAUNCH") = pf::kMaxTokens;
+  m.attr("SHARED_BUDGET") = pf::kSharedBudget;
   m.attr("MAX_EXPERTS") = pf::kMaxExperts;
 }
