@@ -345,11 +345,12 @@ def test_a_failed_graph_capture_falls_back_to_dynamic_decoding(engines):
 
 class CaptureProbe:
     """Records the ops inside a step that a CUDA graph capture refuses or bakes in: a read of a
-    device value on the host (item/tolist/bool: _local_scalar_dense), a data-dependent shape
+    device value on the host (item/tolist: _local_scalar_dense; bool(t): is_nonzero, which
+    reaches _local_scalar_dense below the dispatcher, unseen), a data-dependent shape
     (nonzero, masked_select) and a tensor made from host data (lift_fresh: torch.tensor(...)),
     which on CUDA is a host-to-device copy.  On CPU none of these fail, so the probe is what lets
     this test fail here."""
-    FORBIDDEN = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select",
+    FORBIDDEN = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.nonzero", "aten.masked_select",
                  "aten.lift_fresh", "aten.item")
 
     def __init__(self):
@@ -365,13 +366,28 @@ class CaptureProbe:
         self.mode = Mode
 
 
-@pytest.mark.parametrize("backend", ["torch", "naive"])
-def test_static_step_is_capturable(engines, backend, monkeypatch):
+def triton_engine(hf_model_dir, monkeypatch):
+    """The engines fixture's model and bank on the triton backend, its kernels in Triton's CPU
+    interpreter (read at each launch: pf_kernels/_triton_kernels.py); skips without triton."""
+    from test_kernels import HAVE_TRITON, interpreter_problem
+    if not HAVE_TRITON or interpreter_problem():
+        pytest.skip(interpreter_problem() or "triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    folder, _ = hf_model_dir("llama", "sched_base")
+    cfg = ModelConfig.from_file(f"{folder}/config.json")
+    bank = AdapterBank.random(cfg, rank=[4, 8, 2, 8, 4, 2, 8, 4, 2, 8], seed=21, router=True)
+    return Engine.from_pretrained(folder, adapters=bank, backend="triton", progress=False, device="cpu",
+                                  dtype="fp32")
+
+
+@pytest.mark.parametrize("backend", ["torch", "naive", "triton"])
+def test_static_step_is_capturable(engines, backend, monkeypatch, hf_model_dir):
     """The step a CUDA graph captures (StaticDecode._step) reads nothing back to the host and
     copies nothing from it, with every persona kind in the batch: such an op fails the capture
-    on a GPU (or is baked into the graph), which CPU tests would not otherwise see."""
+    on a GPU (or is baked into the graph), which CPU tests would not otherwise see.  The triton
+    backend's launchers run in the interpreter here (issue 33: the probe covered torch and naive)."""
     from pf_engine.runtime import static_decode
-    eng = engines[backend]
+    eng = triton_engine(hf_model_dir, monkeypatch) if backend == "triton" else engines[backend]
     probe = CaptureProbe()
     step = static_decode.StaticDecode._step
 
