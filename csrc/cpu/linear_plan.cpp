@@ -55,9 +55,9 @@ struct Job {
     const Segment* segs;
     int64_t nsegs, ncols, cols_per_chunk;
     const PanelBlock* panels;  // q8 experts: act's panels and h quantized (quantize_h)
-    const int32_t* hw;
+    int32_t* hw;
     int64_t hws;
-    const float* sh;
+    float* sh;
     int64_t nact;
     ExpandQ8 expand_q8;        // the instruction set's (isa.h)
 
@@ -244,12 +244,12 @@ void quantize_h(const Linear& lin, const Job& job) {
             float mx = 0.0f;
             for (int64_t r = b.r0; r < b.r1; ++r) mx = std::max(mx, std::fabs(ht[r]));
             const float id = mx > 0.0f ? 127.0f / mx : 0.0f;
-            int8_t* q = reinterpret_cast<int8_t*>(const_cast<int32_t*>(job.hw) + t * job.hws + job.panels[a].hoff);
+            int8_t* q = reinterpret_cast<int8_t*>(job.hw + t * job.hws + job.panels[a].hoff);
             for (int64_t r = b.r0; r < b.r1; ++r) {
                 const float v = ht[r] * id;
                 q[r - b.r0] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, std::trunc(v + std::copysign(0.5f, v)))));
             }
-            const_cast<float*>(job.sh)[t * job.nact + a] = mx / 127.0f;
+            job.sh[t * job.nact + a] = mx / 127.0f;
         }
 }
 
