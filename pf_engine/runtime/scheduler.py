@@ -303,9 +303,8 @@ class Scheduler:
         if self.static is not None:              # static shapes, captured in graphs on CUDA
             mixed = any(r.kind != BASE for r in reqs)
             any_token = any(r.kind == TOKEN for r in reqs)
-            try:
-                with POLICY.forward(self.engine.device, self.engine.backend.own_threads(n)):
-                    logits, mix = self.static.forward(reqs, mixed, any_token)
+            try:                                   # under _decode's thread policy
+                logits, mix = self.static.forward(reqs, mixed, any_token)
             except CaptureFailed as e:
                 warnings.warn(str(e), RuntimeWarning, stacklevel=2)
                 self.static = None
