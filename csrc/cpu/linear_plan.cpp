@@ -153,9 +153,10 @@ struct Job {
         for (int64_t q = 0; q < nsegs; ++q) {
             const Segment& sg = segs[q];
             const LoraPart& p = lin.parts[sg.part];
-            const int64_t lo = std::max(c0, sg.c) - sg.c, hi = std::min(c1, sg.c + round_up(p.out1 - p.out0, 8)) - sg.c;
+            const int64_t g = EXPERT_COL_ALIGN;         // a panel group's columns
+            const int64_t lo = std::max(c0, sg.c) - sg.c, hi = std::min(c1, sg.c + round_up(p.out1 - p.out0, g)) - sg.c;
             if (lo >= hi) continue;
-            expand_q8(panels + sg.a0, static_cast<int>(sg.a1 - sg.a0), lo / 8, ceil_div(hi, 8), hw, hws,
+            expand_q8(panels + sg.a0, static_cast<int>(sg.a1 - sg.a0), lo / g, ceil_div(hi, g), hw, hws,
                       sh + sg.a0, nact, static_cast<int>(call.T), call.y + p.out0, call.ys, p.out1 - p.out0);
         }
     }
