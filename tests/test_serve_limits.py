@@ -34,7 +34,8 @@ def server(tiny_chat_model):
 
 def healthy(url: str, model: str = MID) -> None:
     r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": "hi",
-                                                  "max_tokens": 2, "temperature": 0})
+                                                  "max_tokens": 2, "temperature": 0},
+                   timeout=60)     # httpx's 5 s default: a fresh server's first request on a busy CI machine
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
 
 
