@@ -1,5 +1,6 @@
-"""Weight formats stored as bytes: block-quantized (q8_0, q4_0, q4_1) and 16-bit floats (f16,
-bf16); what they are, and the reference (de)quantization tests and loaders use.
+"""Weight formats stored as bytes: block-quantized (q8_0, q4_0, q4_1, q5_0; the K-quants q4_k,
+q5_k, q6_k) and 16-bit floats (f16, bf16); what they are, and the reference (de)quantization
+tests and loaders use.
 
 A quantized weight W [O, d_in] is O rows of d_in / 32 blocks with GGUF's (ggml's) block values,
 so the ``gguf`` package's numpy code is the reference; GGUF stores each block's fields together:
@@ -17,7 +18,8 @@ eight blocks load as one vector, two Q4 blocks' nibbles as one 32-byte load), pa
     q4_0   d fp16 [nb8] | n [nb2][16]                    nb8 = nb rounded up to 8
     q4_1   d fp16 [nb8] | m fp16 [nb8] | n [nb2][16]     nb2 = nb rounded up to 2
 
-``unpack`` is its exact inverse.  csrc/cpu dots such rows with activations quantized per block of
+``unpack`` is its exact inverse.  q5_0 and the K-quants (super-blocks of 256 values, eight blocks of
+32 with integer scales) are repacked by pf_kernels.quant_pack, which has their table.  csrc/cpu dots such rows with activations quantized per block of
 32 (``quantize_x_reference``: d = max|x| / 127, q = round(x / d), ties away from zero), in integer
 arithmetic, as llama.cpp does.
 
@@ -34,24 +36,32 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pf_kernels import quant_pack
+
 QK = 32                              # values per block
 
 
 @dataclass(frozen=True)
 class Format:
-    name: str                        # q8_0, q4_0, q4_1, f16, bf16
+    name: str                        # q8_0, q4_0, q4_1, f16, bf16, q5_0, q4_k, q5_k, q6_k
     code: int                        # csrc/cpu's FMT_* (quant_format.h)
-    block_bytes: int                 # bytes per 32 values
+    block_bytes: int                 # bytes per GGUF block of qk values
     gguf: str                        # gguf.GGMLQuantizationType member name
+    qk: int = QK                     # values per GGUF block: d_in must be a multiple of it
 
     @property
     def half(self) -> bool:
         """A 16-bit float format (no blocks, no activation quantization)."""
         return self.name in ("f16", "bf16")
 
+    @property
+    def packed(self) -> bool:
+        """Repacked by pf_kernels.quant_pack (not field by field)."""
+        return self.name in quant_pack.FORMATS
+
     def gguf_row_bytes(self, d_in: int) -> int:
         """Bytes of one row as GGUF stores it."""
-        return d_in // QK * self.block_bytes
+        return d_in // self.qk * self.block_bytes
 
     def fields(self, d_in: int) -> dict[str, tuple[int, int, int]]:
         """A repacked row's fields: name -> (offset in the row, bytes per block, offset in a
@@ -68,18 +78,22 @@ class Format:
 
     def row_bytes(self, d_in: int) -> int:
         """Bytes of one repacked row (csrc/cpu's row_bytes)."""
+        if self.packed:
+            return quant_pack.row_bytes(self.name, d_in)
         nb = d_in // QK
         off, size, _ = self.fields(d_in)["q"]
         return off + size * (nb if self.name == "q8_0" or self.half else -(-nb // 2) * 2)
 
     @property
     def bits(self) -> float:
-        return 8.0 * self.block_bytes / QK
+        return 8.0 * self.block_bytes / self.qk
 
 
 FORMATS = {f.name: f for f in (Format("q8_0", 1, 34, "Q8_0"), Format("q4_0", 2, 18, "Q4_0"),
                                Format("q4_1", 3, 20, "Q4_1"), Format("f16", 4, 64, "F16"),
-                               Format("bf16", 5, 64, "BF16"))}
+                               Format("bf16", 5, 64, "BF16"), Format("q5_0", 6, 22, "Q5_0"),
+                               Format("q4_k", 7, 144, "Q4_K", 256), Format("q5_k", 8, 176, "Q5_K", 256),
+                               Format("q6_k", 9, 210, "Q6_K", 256))}
 GGUF_FORMATS = {f.gguf: f for f in FORMATS.values()}
 
 
@@ -90,7 +104,11 @@ def _gguf_type(fmt: Format):
 
 def quantize(w: np.ndarray, fmt: Format) -> np.ndarray:
     """w float32 [O, d_in] (d_in a multiple of 32) -> GGUF rows uint8 [O, fmt.gguf_row_bytes(d_in)]
-    (gguf's own quantizer: the bytes llama-quantize would write)."""
+    (gguf's own quantizer: the bytes llama-quantize would write).  The gguf package has no
+    K-quant quantizer: those formats are read from files, not made."""
+    if fmt.qk != QK:
+        raise ValueError(f"quantizing to {fmt.name} is not supported (the gguf package has no K-quant "
+                         "quantizer); expected q8_0, q4_0, q4_1, q5_0, f16 or bf16")
     import gguf.quants
     out = gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), _gguf_type(fmt))
     return out.view(np.uint8)                    # f16 comes back as float16
@@ -98,6 +116,8 @@ def quantize(w: np.ndarray, fmt: Format) -> np.ndarray:
 
 def repack(data: np.ndarray, fmt: Format, d_in: int) -> np.ndarray:
     """GGUF rows uint8 [O, gguf_row_bytes] -> repacked rows uint8 [O, row_bytes]."""
+    if fmt.packed:
+        return quant_pack.repack(data, fmt.name, d_in)
     nb = d_in // QK
     blocks = np.ascontiguousarray(data).reshape(data.shape[0], nb, fmt.block_bytes)
     out = np.zeros((data.shape[0], fmt.row_bytes(d_in)), dtype=np.uint8)
@@ -108,6 +128,8 @@ def repack(data: np.ndarray, fmt: Format, d_in: int) -> np.ndarray:
 
 def unpack(data: np.ndarray, fmt: Format, d_in: int) -> np.ndarray:
     """Repacked rows -> GGUF rows (``repack``'s inverse)."""
+    if fmt.packed:
+        return quant_pack.unpack(data, fmt.name, d_in)
     nb = d_in // QK
     out = np.empty((data.shape[0], nb, fmt.block_bytes), dtype=np.uint8)
     for off, size, src in fmt.fields(d_in).values():

@@ -48,8 +48,9 @@ def tiny_vocab() -> list[str]:
 
 def tiny_hf_weights(*, tied: bool = True, seed: int = 0, hidden: int = 64, inter: int = 96,
                     layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                    vocab: int | None = None) -> dict[str, np.ndarray]:
-    """Random fp32 weights of a tiny Llama, in HF names and HF (rotate-half) layout."""
+                    vocab: int | None = None, qkv_bias: bool = False) -> dict[str, np.ndarray]:
+    """Random fp32 weights of a tiny Llama (qkv_bias: a Qwen2), in HF names and HF (rotate-half)
+    layout."""
     rng = np.random.default_rng(seed)
     vocab = vocab or len(tiny_vocab())
     hd = hidden // heads
@@ -66,6 +67,9 @@ def tiny_hf_weights(*, tied: bool = True, seed: int = 0, hidden: int = 64, inter
         out[p + "self_attn.q_proj.weight"] = w(heads * hd, hidden)
         out[p + "self_attn.k_proj.weight"] = w(kv_heads * hd, hidden)
         out[p + "self_attn.v_proj.weight"] = w(kv_heads * hd, hidden)
+        if qkv_bias:
+            for m, n in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+                out[p + f"self_attn.{m}_proj.bias"] = w(n * hd, scale=0.3)
         out[p + "self_attn.o_proj.weight"] = w(hidden, heads * hd)
         out[p + "mlp.gate_proj.weight"] = w(inter, hidden)
         out[p + "mlp.up_proj.weight"] = w(inter, hidden)
@@ -150,12 +154,12 @@ def random_k_blocks(rows: int, cols: int, qtype: str, rng) -> tuple[np.ndarray, 
     assert cols % QK_K == 0, cols
     n = rows * cols // QK_K
     blocks = rng.integers(0, 256, size=(n, K_BLOCK_BYTES[qtype]), dtype=np.uint8)
-    scale = lambda: (rng.random(n) * 0.004 + 0.001).astype(np.float16).view(np.uint8).reshape(n, 2)  # noqa: E731
+    scale = lambda s=1.0: (s * (rng.random(n) * 0.004 + 0.001)).astype(np.float16).view(np.uint8).reshape(n, 2)  # noqa: E731
     if qtype == "Q4_K":
         blocks[:, 0:2], blocks[:, 2:4] = scale(), scale()
         values = decode_q4_k(blocks)
-    else:
-        blocks[:, 208:210] = scale()
+    else:                             # int8 scales times 6-bit values: d 128x smaller keeps |w| <= 0.16
+        blocks[:, 208:210] = scale(1 / 128)
         values = decode_q6_k(blocks)
     return blocks.reshape(rows, -1), values.reshape(rows, cols)
 
@@ -170,7 +174,8 @@ def write_tiny_gguf(path, *, tied: bool = True, qtype: str = "F32", arch: str = 
     this module's decoder, un-permuted for Q/K: pass hidden and inter as multiples of 256."""
     import gguf
 
-    hf = tiny_hf_weights(tied=tied, seed=seed, heads=heads, kv_heads=kv_heads, **sizes)
+    qwen2 = arch == "qwen2"                              # q, k, v biases; Q/K rows not permuted
+    hf = tiny_hf_weights(tied=tied, seed=seed, heads=heads, kv_heads=kv_heads, qkv_bias=qwen2, **sizes)
     hidden = hf["model.embed_tokens.weight"].shape[1]
     layers = sum(1 for k in hf if k.endswith("input_layernorm.weight"))
     inter = hf["model.layers.0.mlp.up_proj.weight"].shape[0]
@@ -219,11 +224,13 @@ def write_tiny_gguf(path, *, tied: bool = True, qtype: str = "F32", arch: str = 
     for i in range(layers):
         for hf_mod, g_mod in _TO_GGUF.items():
             arr = hf[f"model.layers.{i}.{hf_mod}.weight"]
-            n_head = {"self_attn.q_proj": heads, "self_attn.k_proj": kv_heads}.get(hf_mod, 0)
+            n_head = 0 if qwen2 else {"self_attn.q_proj": heads, "self_attn.k_proj": kv_heads}.get(hf_mod, 0)
             if n_head:
                 arr = _permute(arr, n_head)
             gguf_to_hf[f"blk.{i}.{g_mod}.weight"] = (f"model.layers.{i}.{hf_mod}.weight", n_head)
             add(f"blk.{i}.{g_mod}.weight", arr)
+            if f"model.layers.{i}.{hf_mod}.bias" in hf:
+                add(f"blk.{i}.{g_mod}.bias", hf[f"model.layers.{i}.{hf_mod}.bias"])
     add("output_norm.weight", hf["model.norm.weight"])
     if not tied:
         gguf_to_hf["output.weight"] = ("lm_head.weight", 0)

@@ -77,7 +77,7 @@ LinearPlan::LinearPlan(py::object weight, int64_t d_out, py::object bias, py::ob
                        py::object blocks, int64_t num_experts, int fmt, py::object a_cat, int64_t d_in_q,
                        int expert_fmt) {
     const Checker ck("LinearPlan");
-    ck.in_range("fmt", fmt, FMT_F32, FMT_LAST, "FMT_F32, FMT_Q8_0, FMT_Q4_0, FMT_Q4_1, FMT_F16 or FMT_BF16");
+    ck.in_range("fmt", fmt, FMT_F32, FMT_LAST, "FMT_F32 ... FMT_Q6_K (quant_format.h)");
     PF_CHECK(ck, expert_fmt == FMT_F32 || expert_fmt == FMT_BF16 || expert_fmt == FMT_Q8_0, "expert_fmt is ",
              expert_fmt, ", expected FMT_F32, FMT_BF16 or FMT_Q8_0");
     lin_.fmt = fmt;
@@ -109,8 +109,9 @@ LinearPlan::LinearPlan(py::object weight, int64_t d_out, py::object bias, py::ob
         w_aug_ = ck.array("weight", weight, Dtype::U8);
         ck.ndim("weight", w_aug_, 2, "d_out, row_bytes");
         ck.c_contiguous("weight", w_aug_);
-        PF_CHECK(ck, d_in_q >= QK && d_in_q % QK == 0, "d_in is ", d_in_q, ", expected a multiple of 32 >= 32 "
-                 "with a weight in fmt ", format_name(fmt));
+        const int64_t mult = row_multiple(fmt);
+        PF_CHECK(ck, d_in_q >= mult && d_in_q % mult == 0, "d_in is ", d_in_q, ", expected a multiple of ", mult,
+                 " with a weight in fmt ", format_name(fmt));
         ck.equal("d_out", d_out, w_aug_.shape(0), "weight.shape[0] with a uint8 weight");
         ck.equal("weight.shape[1]", w_aug_.shape(1), row_layout(fmt, d_in_q / QK).bytes,
                  "the row bytes of d_in in this format (pf_kernels.quant)");

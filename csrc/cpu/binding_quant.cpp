@@ -1,6 +1,7 @@
 // The weight formats' helpers (quant_format.h) for Python, and the instruction set (isa.h):
 //
-//   FMT_F32, FMT_Q8_0, FMT_Q4_0, FMT_Q4_1, FMT_F16, FMT_BF16 = 0 ... 5;  row_bytes(fmt, d_in)
+//   FMT_F32, FMT_Q8_0, FMT_Q4_0, FMT_Q4_1, FMT_F16, FMT_BF16, FMT_Q5_0, FMT_Q4_K, FMT_Q5_K, FMT_Q6_K
+//   = 0 ... 9;  row_bytes(fmt, d_in)
 //   dequantize(weight, fmt, out, rows=None, threads=1)
 //     weight uint8 [O, row_bytes(fmt, d_in)] C-contiguous, stored rows (quant.h, half.h); out float32
 //     [n, d_in] C-contiguous, written: out[i] = W[rows[i]] (rows int64 [n], each in [0, O)), or
@@ -20,7 +21,7 @@ namespace {
 
 void dequantize(py::object weight, int fmt, py::object out, py::object rows, int threads) {
     const Checker ck("dequantize");
-    ck.in_range("fmt", fmt, FMT_Q8_0, FMT_LAST, "FMT_Q8_0, FMT_Q4_0, FMT_Q4_1, FMT_F16 or FMT_BF16");
+    ck.in_range("fmt", fmt, FMT_Q8_0, FMT_LAST, "a format stored as bytes (FMT_Q8_0 ... FMT_Q6_K)");
     check_threads(ck, threads);
     py::array w = ck.array("weight", weight, Dtype::U8);
     ck.ndim("weight", w, 2, "O, blocks * block_bytes");
@@ -29,8 +30,9 @@ void dequantize(py::object weight, int fmt, py::object out, py::object rows, int
     py::array o = ck.array("out", out, Dtype::F32);
     ck.ndim("out", o, 2, "n, d_in");
     const int64_t n = o.shape(0), d_in = o.shape(1), nb = d_in / QK;
-    PF_CHECK(ck, d_in >= QK && d_in % QK == 0, "out has shape ", shape_str(o), ", expected d_in = out.shape[1] "
-             "a multiple of 32");
+    const int64_t mult = row_multiple(fmt);
+    PF_CHECK(ck, d_in >= mult && d_in % mult == 0, "out has shape ", shape_str(o), ", expected d_in = out.shape[1] "
+             "a multiple of ", mult, " in ", format_name(fmt));
     ck.equal("weight.shape[1]", cols, row_layout(fmt, nb).bytes, "the row bytes of d_in = out.shape[1] in this format");
     ck.c_contiguous("out", o);
     ck.writable("out", o);
@@ -71,10 +73,16 @@ void bind_quant(py::module_& m) {
     m.attr("FMT_Q4_1") = static_cast<int>(FMT_Q4_1);
     m.attr("FMT_F16") = static_cast<int>(FMT_F16);
     m.attr("FMT_BF16") = static_cast<int>(FMT_BF16);
+    m.attr("FMT_Q5_0") = static_cast<int>(FMT_Q5_0);
+    m.attr("FMT_Q4_K") = static_cast<int>(FMT_Q4_K);
+    m.attr("FMT_Q5_K") = static_cast<int>(FMT_Q5_K);
+    m.attr("FMT_Q6_K") = static_cast<int>(FMT_Q6_K);
     m.def("row_bytes", [](int fmt, int64_t d_in) {
         const Checker ck("row_bytes");
-        ck.in_range("fmt", fmt, FMT_Q8_0, FMT_LAST, "a format stored as bytes (FMT_Q8_0 ... FMT_BF16)");
-        PF_CHECK(ck, d_in >= QK && d_in % QK == 0, "d_in is ", d_in, ", expected a multiple of 32");
+        ck.in_range("fmt", fmt, FMT_Q8_0, FMT_LAST, "a format stored as bytes (FMT_Q8_0 ... FMT_Q6_K)");
+        const int64_t mult = row_multiple(fmt);
+        PF_CHECK(ck, d_in >= mult && d_in % mult == 0, "d_in is ", d_in, ", expected a multiple of ", mult,
+                 " in ", format_name(fmt));
         return row_layout(fmt, d_in / QK).bytes;
     }, py::arg("fmt"), py::arg("d_in"), "Bytes of one repacked row of d_in values in fmt (quant.h)");
     m.def("dequantize", &dequantize, py::arg("weight"), py::arg("fmt"), py::arg("out"),

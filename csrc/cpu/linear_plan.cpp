@@ -318,10 +318,10 @@ void linear_run(const Linear& lin, const LinearCall& call, int threads) {
     if (!s.rows.empty() && s.h.size() < static_cast<size_t>(call.T * lin.rank))
         s.h.resize(static_cast<size_t>(call.T * lin.rank));
     const int64_t nb = lin.d_in / QK;
-    const XRow* xq = is_block(lin.fmt) ? quantize_rows(x, xs, call.T, nb, lin.fmt != FMT_Q8_0, s.xq, s.xrows) : nullptr;
+    const XRow* xq = is_block(lin.fmt) ? quantize_rows(x, xs, call.T, nb, is_paired(lin.fmt), s.xq, s.xrows) : nullptr;
     const XRow* xe = nullptr;                  // q8_0 experts' activations: W's when unpaired
     if (lin.efmt == FMT_Q8_0 && !s.rows.empty())
-        xe = lin.fmt == FMT_Q8_0 ? xq : quantize_rows(x, xs, call.T, nb, false, s.xe, s.xerows);
+        xe = xq && !is_paired(lin.fmt) ? xq : quantize_rows(x, xs, call.T, nb, false, s.xe, s.xerows);
     const int64_t n1 = lin.d_out + static_cast<int64_t>(s.rows.size());
     const int64_t row_bytes = lin.row_bytes;
     int64_t rpc = std::max<int64_t>(1, g_pass1_bytes.load(std::memory_order_relaxed) / row_bytes);

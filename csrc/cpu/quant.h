@@ -136,6 +136,83 @@ inline __m256 load_f16x8(const uint8_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+inline __m256 load_u8x8(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// 0x10 in byte i where bit i of the 32-bit word at p is set (Q5's fifth bit), else 0.
+inline __m256i fifth_bits(const uint8_t* p) {
+    uint32_t bits;
+    std::memcpy(&bits, p, 4);
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)),
+        _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+    const __m256i others = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));   // all bits but i % 8
+    return _mm256_and_si256(_mm256_cmpeq_epi8(others, _mm256_set1_epi8(-1)), _mm256_set1_epi8(0x10));
+}
+
+// What a format's tile does (the table at the top): paired nibbles, a fifth bit, super-blocks, and
+// the factor of the per-block term m_w s_x in w . x (0: none).
+template <int FMT>
+struct Traits {
+    static constexpr bool paired = FMT == FMT_Q4_0 || FMT == FMT_Q4_1 || FMT == FMT_Q5_0 || FMT == FMT_Q4_K ||
+                                   FMT == FMT_Q5_K;
+    static constexpr bool fifth = FMT == FMT_Q5_0 || FMT == FMT_Q5_K;
+    static constexpr bool super = FMT == FMT_Q4_K || FMT == FMT_Q5_K || FMT == FMT_Q6_K;
+    static constexpr float min_factor = FMT == FMT_Q4_0 ? -8.0f : FMT == FMT_Q5_0 ? -16.0f
+                                      : FMT == FMT_Q4_1 ? 1.0f : (FMT == FMT_Q4_K || FMT == FMT_Q5_K) ? -1.0f : 0.0f;
+    static constexpr int64_t group_q_bytes = FMT == FMT_Q8_0 ? 256 : FMT == FMT_Q6_K ? 192 : 128;
+};
+
+// A row's scales d_w for the eight blocks g..g+8 (Q6_K: the super-block's d; its 16-value
+// scales come in q6_dots) and the per-block term's m_w.
+template <int FMT>
+inline void group_scales(const uint8_t* wr, const RowLayout& L, int64_t g, __m256& dw, __m256& mw) {
+    if constexpr (Traits<FMT>::super) {
+        const int64_t s = g / 8;
+        dw = _mm256_set1_ps(f16(wr + L.d + 2 * s));
+        if constexpr (FMT != FMT_Q6_K) {
+            mw = _mm256_mul_ps(_mm256_set1_ps(f16(wr + L.m + 2 * s)), load_u8x8(wr + L.mn + g));
+            dw = _mm256_mul_ps(dw, load_u8x8(wr + L.sc + g));
+        }
+    } else {
+        dw = load_f16x8(wr + L.d + 2 * g);
+        mw = FMT == FMT_Q4_1 ? load_f16x8(wr + L.m + 2 * g) : dw;
+    }
+}
+
+// A paired format's blocks b, b + 1 (b even): values [A 0:16 | B 0:16] and [A 16:32 | B 16:32].
+template <int FMT>
+inline void pair_values(const uint8_t* wr, const RowLayout& L, int64_t b, __m256i& lo, __m256i& hi) {
+    const __m256i raw = load32(wr + L.q + 16 * b), m4 = _mm256_set1_epi8(0x0f);
+    lo = _mm256_and_si256(raw, m4);
+    hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+    if constexpr (Traits<FMT>::fifth) {                  // the pair's two words of fifth bits
+        lo = _mm256_or_si256(lo, fifth_bits(wr + L.h + 4 * b));
+        hi = _mm256_or_si256(hi, fifth_bits(wr + L.h + 4 * b + 4));
+    }
+}
+
+// Q6_K's block b: its 32 values u = q + 32 in 0..63 (GGUF's order, kept: ql's low then high
+// nibbles, two bits each from qh).
+inline __m256i q6_values(const uint8_t* wr, const RowLayout& L, int64_t b) {
+    const int64_t j = b % 8, half = j / 4, k = j % 4;
+    const uint8_t* sb = wr + L.q + 192 * (b / 8);
+    const __m256i ql = load32(sb + 64 * half + 32 * (k & 1)), m4 = _mm256_set1_epi8(0x0f);
+    const __m256i nib = k < 2 ? _mm256_and_si256(ql, m4) : _mm256_and_si256(_mm256_srli_epi16(ql, 4), m4);
+    const __m256i qh = _mm256_srl_epi16(load32(sb + 128 + 32 * half), _mm_cvtsi32_si128(static_cast<int>(2 * k)));
+    return _mm256_or_si256(nib, _mm256_and_si256(_mm256_slli_epi16(qh, 4), _mm256_set1_epi8(0x30)));
+}
+
+// Q6_K: sum over a block of (u - 32) q_x, scaled per 16 values (sc16: int16 lanes 0-7 the first
+// sixteen's scale, 8-15 the second's), in 8 int32 lanes; x32 = maddubs(32, q_x).  The same integer
+// arithmetic on every instruction set, never saturating: maddubs(u, q_x) <= 2 * 63 * 127 and the
+// difference 2 * 32 * 127 in magnitude.
+inline __m256i q6_dot(__m256i u, __m256i qx, __m256i x32, __m256i sc16) {
+    return _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(u, qx), x32), sc16);
+}
+
 // How far ahead a tile prefetches: the same group of its rows kAhead tiles later (the rows a
 // caller walks next).  DRAM-resident weights (the LM head) read at about twice the rate with it.
 constexpr int64_t kAhead = 4;
@@ -143,7 +220,8 @@ constexpr int64_t kAhead = 4;
 // out[r * os + t] = w_r . x[t] for NR weight rows (w_r at w + r * rb) and NT tokens X[t * xs].
 template <int FMT, int NR, int NT>
 inline void qtile(const uint8_t* w, int64_t rb, const XRow* X, int64_t xs, int64_t nb, float* out, int64_t os) {
-    constexpr bool Q4 = FMT != FMT_Q8_0;
+    using F = Traits<FMT>;
+    constexpr bool MIN = F::min_factor != 0.0f;
     const RowLayout L = row_layout(FMT, nb);
     __m256 acc[NR][NT], accm[NR][NT];
     for (int r = 0; r < NR; ++r)
@@ -153,19 +231,19 @@ inline void qtile(const uint8_t* w, int64_t rb, const XRow* X, int64_t xs, int64
         __m256 sc[NR][NT];                                   // d_w d_x of the group's 8 blocks
         for (int r = 0; r < NR; ++r) {
             const uint8_t* wr = w + r * rb;
-            const __m256 dw = load_f16x8(wr + L.d + 2 * g);
-            const __m256 mw = FMT == FMT_Q4_1 ? load_f16x8(wr + L.m + 2 * g) : dw;
+            __m256 dw, mw;
+            group_scales<FMT>(wr, L, g, dw, mw);
             for (int t = 0; t < NT; ++t) {
                 const XRow& x = X[t * xs];
                 sc[r][t] = _mm256_mul_ps(dw, _mm256_loadu_ps(x.d + g));
-                if constexpr (Q4) accm[r][t] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(x.s + g), accm[r][t]);
+                if constexpr (MIN) accm[r][t] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(x.s + g), accm[r][t]);
             }
-            const uint8_t* q = wr + L.q + (Q4 ? 16 : 32) * g;   // 128 / 256 bytes per group
-            for (int k = 0; k < (Q4 ? 2 : 4); ++k)          // the same group, kAhead tiles on
+            const uint8_t* q = wr + L.q + F::group_q_bytes * g / 8;
+            for (int k = 0; k < F::group_q_bytes / 64; ++k)     // the same group, kAhead tiles on
                 _mm_prefetch(reinterpret_cast<const char*>(q + kAhead * NR * rb + 64 * k), _MM_HINT_T0);
         }
         // Block (pair) by block, every row in turn: consecutive FMAs feed different accumulators.
-        if constexpr (Q4) {
+        if constexpr (F::paired) {
             for (int64_t j = 0; j < nj; j += 2) {                // a pair of blocks: 32 bytes a row
                 __m256i xl[NT], xh[NT];
                 for (int t = 0; t < NT; ++t) {
@@ -175,10 +253,8 @@ inline void qtile(const uint8_t* w, int64_t rb, const XRow* X, int64_t xs, int64
                 }
                 const __m256i idx = _mm256_setr_epi32(j, j, j, j, j + 1, j + 1, j + 1, j + 1);
                 for (int r = 0; r < NR; ++r) {
-                    const __m256i raw = _mm256_loadu_si256(
-                        reinterpret_cast<const __m256i*>(w + r * rb + L.q + 16 * (g + j)));
-                    const __m256i lo = _mm256_and_si256(raw, _mm256_set1_epi8(0x0f));
-                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0f));
+                    __m256i lo, hi;
+                    pair_values<FMT>(w + r * rb, L, g + j, lo, hi);
                     for (int t = 0; t < NT; ++t) {
                         const __m256i p = dot_q4(lo, xl[t], hi, xh[t]);
                         acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc[r][t], idx),
@@ -188,18 +264,29 @@ inline void qtile(const uint8_t* w, int64_t rb, const XRow* X, int64_t xs, int64
             }
         } else {
             for (int64_t j = 0; j < nj; ++j) {
-                __m256i qx[NT];
-                for (int t = 0; t < NT; ++t)
+                __m256i qx[NT], x32[NT];
+                for (int t = 0; t < NT; ++t) {
                     qx[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X[t * xs].q + (g + j) * QK));
+                    if constexpr (FMT == FMT_Q6_K) x32[t] = _mm256_maddubs_epi16(_mm256_set1_epi8(32), qx[t]);
+                }
                 const __m256i idx = _mm256_set1_epi32(static_cast<int>(j));
                 for (int r = 0; r < NR; ++r) {
-                    const __m256i qw = _mm256_loadu_si256(
-                        reinterpret_cast<const __m256i*>(w + r * rb + L.q + 32 * (g + j)));
-                    const __m256i aw = _mm256_sign_epi8(qw, qw);
-                    for (int t = 0; t < NT; ++t) {
-                        const __m256i p = dot_q8(aw, _mm256_sign_epi8(qx[t], qw));
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc[r][t], idx),
-                                                    _mm256_cvtepi32_ps(p), acc[r][t]);
+                    const uint8_t* wr = w + r * rb;
+                    if constexpr (FMT == FMT_Q6_K) {
+                        const int8_t* s16 = reinterpret_cast<const int8_t*>(wr + L.sc) + 2 * (g + j);
+                        const __m256i sc16 = _mm256_setr_m128i(_mm_set1_epi16(s16[0]), _mm_set1_epi16(s16[1]));
+                        const __m256i u = q6_values(wr, L, g + j);
+                        for (int t = 0; t < NT; ++t)
+                            acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc[r][t], idx),
+                                                        _mm256_cvtepi32_ps(q6_dot(u, qx[t], x32[t], sc16)), acc[r][t]);
+                    } else {
+                        const __m256i qw = load32(wr + L.q + 32 * (g + j));
+                        const __m256i aw = _mm256_sign_epi8(qw, qw);
+                        for (int t = 0; t < NT; ++t) {
+                            const __m256i p = dot_q8(aw, _mm256_sign_epi8(qx[t], qw));
+                            acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc[r][t], idx),
+                                                        _mm256_cvtepi32_ps(p), acc[r][t]);
+                        }
                     }
                 }
             }
@@ -208,8 +295,7 @@ inline void qtile(const uint8_t* w, int64_t rb, const XRow* X, int64_t xs, int64
     for (int r = 0; r < NR; ++r)
         for (int t = 0; t < NT; ++t) {
             float v = hsum(acc[r][t]);
-            if constexpr (FMT == FMT_Q4_1) v += hsum(accm[r][t]);
-            if constexpr (FMT == FMT_Q4_0) v -= 8.0f * hsum(accm[r][t]);
+            if constexpr (MIN) v += F::min_factor * hsum(accm[r][t]);
             out[r * os + t] = v;
         }
 }
@@ -237,7 +323,7 @@ inline void qrows_dots_fmt(const uint8_t* w, int64_t rb, int64_t R, const XRow* 
     // One token: four weight rows at once (independent accumulator chains); more: kQRows x kQTokens.
     int64_t r = 0;
     if (T == 1) {
-        if (FMT != FMT_Q8_0)    // q8_0 rows stream better one at a time (measured: ~1.5x)
+        if (Traits<FMT>::paired)    // q8_0 rows stream better one at a time (measured: ~1.5x)
             for (; r + 4 <= R; r += 4) qrows_fmt<FMT, 4, 1>(w + r * rb, rb, X, T, nb, out + r * os, os);
     } else {
         for (; r + kQRows <= R; r += kQRows) qrows_fmt<FMT, kQRows, kQTokens>(w + r * rb, rb, X, T, nb, out + r * os, os);
@@ -251,32 +337,69 @@ inline void qrows_dots(int fmt, const uint8_t* w, int64_t rb, int64_t R, const X
     switch (fmt) {
         case FMT_Q8_0: return qrows_dots_fmt<FMT_Q8_0>(w, rb, R, X, T, nb, out, os);
         case FMT_Q4_0: return qrows_dots_fmt<FMT_Q4_0>(w, rb, R, X, T, nb, out, os);
-        default: return qrows_dots_fmt<FMT_Q4_1>(w, rb, R, X, T, nb, out, os);
+        case FMT_Q4_1: return qrows_dots_fmt<FMT_Q4_1>(w, rb, R, X, T, nb, out, os);
+        case FMT_Q5_0: return qrows_dots_fmt<FMT_Q5_0>(w, rb, R, X, T, nb, out, os);
+        case FMT_Q4_K: return qrows_dots_fmt<FMT_Q4_K>(w, rb, R, X, T, nb, out, os);
+        case FMT_Q5_K: return qrows_dots_fmt<FMT_Q5_K>(w, rb, R, X, T, nb, out, os);
+        default: return qrows_dots_fmt<FMT_Q6_K>(w, rb, R, X, T, nb, out, os);
     }
 }
 
-// One repacked row of fmt -> nb * 32 floats.
-inline void dequantize_row(int fmt, const uint8_t* w, int64_t nb, float* out) {
-    const RowLayout L = row_layout(fmt, nb);
-    for (int64_t b = 0; b < nb; ++b, out += QK) {
-        const __m256 dv = _mm256_set1_ps(f16(w + L.d + 2 * b));
-        if (fmt == FMT_Q8_0) {
-            const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + L.q + 32 * b));
-            for (int i = 0; i < 4; ++i) {
-                const __m128i q8 = i < 2 ? _mm256_castsi256_si128(q) : _mm256_extracti128_si256(q, 1);
-                const __m128i part = (i & 1) ? _mm_srli_si128(q8, 8) : q8;
-                _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part))));
+// One repacked row of fmt -> nb * 32 floats, block by block: w = d_w u + m_w for the unsigned
+// values u of the block (in order), or d_w (u - 32) per 16 values for Q6_K.
+template <int FMT>
+inline void dequantize_row_fmt(const uint8_t* w, int64_t nb, float* out) {
+    using F = Traits<FMT>;
+    const RowLayout L = row_layout(FMT, nb);
+    alignas(32) float dws[8], mws[8];
+    for (int64_t g = 0; g < nb; g += 8) {
+        __m256 dw, mw = _mm256_setzero_ps();
+        group_scales<FMT>(w, L, g, dw, mw);
+        if constexpr (FMT == FMT_Q4_0 || FMT == FMT_Q5_0) mw = _mm256_mul_ps(dw, _mm256_set1_ps(F::min_factor));
+        if constexpr (FMT == FMT_Q4_K || FMT == FMT_Q5_K) mw = _mm256_sub_ps(_mm256_setzero_ps(), mw);
+        _mm256_store_ps(dws, dw);
+        _mm256_store_ps(mws, mw);
+        const int64_t nj = nb - g < 8 ? nb - g : 8;
+        for (int64_t j = 0; j < nj; ++j) {
+            alignas(32) uint8_t u[32];
+            const int64_t b = g + j;
+            if constexpr (F::paired) {              // this block's half of its pair, in order
+                __m256i lo, hi;
+                pair_values<FMT>(w, L, b - b % 2, lo, hi);
+                const int off = static_cast<int>(b % 2) * 16;
+                alignas(32) uint8_t l[32], h[32];
+                _mm256_store_si256(reinterpret_cast<__m256i*>(l), lo);
+                _mm256_store_si256(reinterpret_cast<__m256i*>(h), hi);
+                std::memcpy(u, l + off, 16);
+                std::memcpy(u + 16, h + off, 16);
+            } else if constexpr (FMT == FMT_Q6_K) {
+                _mm256_store_si256(reinterpret_cast<__m256i*>(u), q6_values(w, L, b));
+            } else {
+                _mm256_store_si256(reinterpret_cast<__m256i*>(u), load32(w + L.q + 32 * b));
             }
-        } else {
-            const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + L.q + 16 * b));
-            const __m128i m4 = _mm_set1_epi8(0x0f);
-            const __m128i lo = _mm_and_si128(raw, m4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
-            const __m256 mv = fmt == FMT_Q4_1 ? _mm256_set1_ps(f16(w + L.m + 2 * b))
-                                              : _mm256_mul_ps(dv, _mm256_set1_ps(-8.0f));
-            const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-            for (int i = 0; i < 4; ++i)
-                _mm256_storeu_ps(out + 8 * i, _mm256_fmadd_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), mv));
+            float* o = out + b * QK;
+            if constexpr (FMT == FMT_Q8_0) {
+                for (int i = 0; i < 32; ++i) o[i] = dws[j] * static_cast<float>(static_cast<int8_t>(u[i]));
+            } else if constexpr (FMT == FMT_Q6_K) {
+                const int8_t* s16 = reinterpret_cast<const int8_t*>(w + L.sc) + 2 * b;
+                for (int i = 0; i < 32; ++i)
+                    o[i] = dws[j] * static_cast<float>(s16[i / 16]) * static_cast<float>(static_cast<int>(u[i]) - 32);
+            } else {
+                for (int i = 0; i < 32; ++i) o[i] = dws[j] * static_cast<float>(u[i]) + mws[j];
+            }
         }
+    }
+}
+
+inline void dequantize_row(int fmt, const uint8_t* w, int64_t nb, float* out) {
+    switch (fmt) {
+        case FMT_Q8_0: return dequantize_row_fmt<FMT_Q8_0>(w, nb, out);
+        case FMT_Q4_0: return dequantize_row_fmt<FMT_Q4_0>(w, nb, out);
+        case FMT_Q4_1: return dequantize_row_fmt<FMT_Q4_1>(w, nb, out);
+        case FMT_Q5_0: return dequantize_row_fmt<FMT_Q5_0>(w, nb, out);
+        case FMT_Q4_K: return dequantize_row_fmt<FMT_Q4_K>(w, nb, out);
+        case FMT_Q5_K: return dequantize_row_fmt<FMT_Q5_K>(w, nb, out);
+        default: return dequantize_row_fmt<FMT_Q6_K>(w, nb, out);
     }
 }
 

@@ -3,19 +3,32 @@
 // whatever instruction set it is compiled for (isa.h).
 //
 //   FMT_F32   float32 rows (W_aug = [W; A_cat], linear_plan.h)
-//   FMT_Q8_0, FMT_Q4_0, FMT_Q4_1   blocks of 32, repacked per field (quant.h)
-//   FMT_F16, FMT_BF16              16-bit floats, d_in values a row, as stored (half.h)
+//   FMT_Q8_0, FMT_Q4_0, FMT_Q4_1, FMT_Q5_0   blocks of 32, repacked per field (quant.h)
+//   FMT_Q4_K, FMT_Q5_K, FMT_Q6_K             super-blocks of 256 (eight blocks of 32 with their own
+//                                            integer scales), repacked per field (quant.h)
+//   FMT_F16, FMT_BF16                        16-bit floats, d_in values a row, as stored (half.h)
 #pragma once
 #include <cstdint>
 
 namespace pf_cpu {
 
-enum Format : int { FMT_F32 = 0, FMT_Q8_0 = 1, FMT_Q4_0 = 2, FMT_Q4_1 = 3, FMT_F16 = 4, FMT_BF16 = 5 };
-constexpr int FMT_LAST = FMT_BF16;
+enum Format : int {
+    FMT_F32 = 0, FMT_Q8_0 = 1, FMT_Q4_0 = 2, FMT_Q4_1 = 3, FMT_F16 = 4, FMT_BF16 = 5,
+    FMT_Q5_0 = 6, FMT_Q4_K = 7, FMT_Q5_K = 8, FMT_Q6_K = 9,
+};
+constexpr int FMT_LAST = FMT_Q6_K;
 constexpr int64_t QK = 32;          // values per block
+constexpr int64_t QK_K = 256;       // values per K-quant super-block (eight blocks)
 
-inline bool is_block(int fmt) { return fmt == FMT_Q8_0 || fmt == FMT_Q4_0 || fmt == FMT_Q4_1; }
 inline bool is_half(int fmt) { return fmt == FMT_F16 || fmt == FMT_BF16; }
+inline bool is_kquant(int fmt) { return fmt == FMT_Q4_K || fmt == FMT_Q5_K || fmt == FMT_Q6_K; }
+inline bool is_block(int fmt) { return fmt >= FMT_Q8_0 && fmt <= FMT_LAST && !is_half(fmt); }
+// The formats whose nibbles pair two blocks (quant.h): their activations are quantized in pair order.
+inline bool is_paired(int fmt) {
+    return fmt == FMT_Q4_0 || fmt == FMT_Q4_1 || fmt == FMT_Q5_0 || fmt == FMT_Q4_K || fmt == FMT_Q5_K;
+}
+// What d_in must be a multiple of in this format.
+inline int64_t row_multiple(int fmt) { return is_kquant(fmt) ? QK_K : QK; }
 
 inline const char* format_name(int fmt) {
     switch (fmt) {
@@ -25,24 +38,33 @@ inline const char* format_name(int fmt) {
         case FMT_Q4_1: return "q4_1";
         case FMT_F16: return "f16";
         case FMT_BF16: return "bf16";
+        case FMT_Q5_0: return "q5_0";
+        case FMT_Q4_K: return "q4_k";
+        case FMT_Q5_K: return "q5_k";
+        case FMT_Q6_K: return "q6_k";
         default: return "?";
     }
 }
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// Byte offsets of a stored row's fields and its size (m = -1: none) for nb = d_in / 32 blocks;
-// a 16-bit row is one field of 2 d_in bytes.
+// Byte offsets of a stored row's fields and its size (-1: no such field) for nb = d_in / 32
+// blocks (quant.h's table); a 16-bit row is one field of 2 d_in bytes.
 struct RowLayout {
     int64_t d, m, q, bytes;
+    int64_t sc = -1, mn = -1, h = -1;    // K-quants' block scales and mins; Q5's high bits
 };
 
 inline RowLayout row_layout(int fmt, int64_t nb) {
-    const int64_t s = 2 * round_up(nb, 8);
+    const int64_t s = 2 * round_up(nb, 8), n2 = round_up(nb, 2), ns = nb / 8;
     switch (fmt) {
         case FMT_Q8_0: return {0, -1, s, s + 32 * nb};
-        case FMT_Q4_0: return {0, -1, s, s + 16 * round_up(nb, 2)};
-        case FMT_Q4_1: return {0, s, 2 * s, 2 * s + 16 * round_up(nb, 2)};
+        case FMT_Q4_0: return {0, -1, s, s + 16 * n2};
+        case FMT_Q4_1: return {0, s, 2 * s, 2 * s + 16 * n2};
+        case FMT_Q5_0: return {0, -1, s + 4 * n2, s + 20 * n2, -1, -1, s};
+        case FMT_Q4_K: return {0, 2 * ns, 4 * ns + 2 * nb, 4 * ns + 18 * nb, 4 * ns, 4 * ns + nb};
+        case FMT_Q5_K: return {0, 2 * ns, 4 * ns + 6 * nb, 4 * ns + 22 * nb, 4 * ns, 4 * ns + nb, 4 * ns + 2 * nb};
+        case FMT_Q6_K: return {0, -1, 18 * ns, 210 * ns, 2 * ns};
         default: return {-1, -1, 0, 2 * QK * nb};     // FMT_F16, FMT_BF16
     }
 }

@@ -1,4 +1,4 @@
-"""A weight kept as bytes in one of pf_kernels.quant's formats (8/4-bit blocks, f16, bf16): the
+"""A weight kept as bytes in one of pf_kernels.quant's formats (8/6/5/4-bit blocks, f16, bf16): the
 base projections and the embedding of a model loaded 8-, 4- or 16-bit.
 
     w = QuantWeight(FORMATS["q4_1"], data, d_in)     data uint8 [O, row_bytes]: repacked rows
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pf_kernels.quant import QK, Format, dequantize_reference, quantize, repack, unpack
+from pf_kernels.quant import FORMATS, Format, dequantize_reference, quantize, repack, unpack
+from pf_kernels.quant_pack import widen_to_q8_0
 
 from pf_engine.errors import LoadError
 
@@ -45,10 +46,10 @@ class QuantWeight:
 
     @classmethod
     def quantize(cls, w: torch.Tensor, fmt: Format, name: str = "weight") -> "QuantWeight":
-        """w [O, d_in] (d_in a multiple of 32) quantized to ``fmt``."""
-        if w.ndim != 2 or w.shape[1] % QK:
+        """w [O, d_in] (d_in a multiple of fmt.qk) quantized to ``fmt``."""
+        if w.ndim != 2 or w.shape[1] % fmt.qk:
             raise LoadError(f"{name} has shape {list(w.shape)}; {fmt.name} needs rows of a multiple "
-                            f"of {QK} values")
+                            f"of {fmt.qk} values")
         return cls.from_gguf(quantize(w.detach().to(torch.float32).cpu().numpy(), fmt), fmt, int(w.shape[1]))
 
     @classmethod
@@ -59,6 +60,11 @@ class QuantWeight:
     def gguf_rows(self) -> np.ndarray:
         """The rows in GGUF's layout (what llama.cpp would store)."""
         return unpack(self.data.numpy(), self.fmt, self.d_in)
+
+    def widened_to_q8_0(self) -> "QuantWeight":
+        """The same values as q8_0 (from q4_0, q5_0 or q8_0; pf_kernels.quant_pack.widen_to_q8_0)."""
+        q8 = FORMATS["q8_0"]
+        return QuantWeight.from_gguf(widen_to_q8_0(self.gguf_rows(), self.fmt.name), q8, self.d_in)
 
     @staticmethod
     def cat(ws: list["QuantWeight"]) -> "QuantWeight":
