@@ -231,9 +231,29 @@ def test_unit_linear_rope_factor_is_no_scaling(tmp_path):
         assert json.load(f).get("rope_scaling") is None
 
 
+@pytest.mark.parametrize("qtype", ["F16", "Q5_0"])
+def test_tiny_qwen2_matches_transformers_gguf_loader(tmp_path, qtype, monkeypatch):
+    """A Qwen2 GGUF (q, k, v biases; Q/K rows as HF orders them): the engine, with the file's
+    formats kept, against transformers reading the same file.  F16 dots fp32 activations (fp32
+    round-off); Q5_0 quantizes them per block of 32 (a percent of the logits' spread)."""
+    from pf_engine import Engine
+    from transformers import AutoModelForCausalLM
+    monkeypatch.setenv("PF_HOME", str(tmp_path))
+    write_tiny_gguf(tmp_path / "qwen.gguf", arch="qwen2", qtype=qtype, tied=False, seed=4)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="qwen.gguf", dtype=torch.float32)
+    eng = Engine.from_pretrained(str(tmp_path / "qwen.gguf"), progress=False)
+    assert eng.config.architecture == "Qwen2ForCausalLM" and eng.weight_formats.startswith(qtype.lower())
+    ids = torch.tensor([[5, 9, 17, 30, 41, 3, 12]])
+    with torch.no_grad():
+        want = ref(ids).logits
+    got = eng.logits(ids)
+    tol = 1e-4 if qtype == "F16" else 0.02
+    assert (got - want).abs().max().item() <= tol * (want.max() - want.min()).item()
+
+
 def test_other_architecture_is_refused(tmp_path):
     write_tiny_gguf(tmp_path / "gpt2.gguf", arch="gpt2")
-    with pytest.raises(ConfigError, match=r"'gpt2'.*supported: llama"):
+    with pytest.raises(ConfigError, match=r"'gpt2'.*supported: llama, qwen2"):
         convert_gguf(tmp_path / "gpt2.gguf", tmp_path / "out", progress=False)
     assert _listing(tmp_path) == ["gpt2.gguf"]
 

@@ -1,6 +1,6 @@
 """GGUF -> HF-layout folder (config.json, model.safetensors in fp32, tokenizer files).
 
-Only the Llama architecture is imported (Mistral GGUFs also say "llama").  Tensors are dequantised
+The Llama (Mistral GGUFs also say "llama") and Qwen2 architectures are imported.  Tensors are dequantised
 with the ``gguf`` package and streamed one by one into the safetensors file, so memory stays at one
 tensor whatever the model's size.
 
@@ -12,6 +12,9 @@ where HF rotates halves (x_i, x_{i+D/2}).  Its converter permuted each head's ro
 so the import does the inverse, per head of D = rows / H rows (H = KV heads for K):
 
     w.reshape(H, D/2, 2, d_in).swapaxes(1, 2).reshape(H*D, d_in)      # GGUF -> HF
+
+Only Llama's converter permutes (``permutes_qk``): Qwen2's rope in llama.cpp rotates halves (NEOX
+mode), as HF does, so its Q and K rows are stored in HF's order.
 
 Everything is written into a hidden sibling folder that is renamed into place at the end: a failed
 or interrupted conversion leaves nothing behind and never touches an existing folder.
@@ -32,7 +35,15 @@ import numpy as np
 
 from pf_engine.errors import ConfigError, LoadError, PFError
 
-SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
+# architecture -> (HF architectures[0], model_type)
+_HF_ARCH = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
+
+
+def permutes_qk(architecture: str) -> bool:
+    """Whether llama.cpp's converter permuted the Q and K rows of a model of this HF architecture
+    (the module docstring)."""
+    return architecture == "LlamaForCausalLM"
 # Written last into every converted folder: what it came from; its presence marks a whole folder.
 MARKER = "pf_convert.json"
 CONVERTER_VERSION = 1
@@ -191,7 +202,7 @@ def _build_config(reader, path: str) -> dict:
         raise ConfigError(f"{path}: unsupported GGUF architecture {arch!r}; "
                           f"supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}")
     if (_meta(reader, f"{arch}.expert_count") or 0) > 0:
-        raise ConfigError(f"{path}: mixture-of-experts Llama GGUFs are not supported")
+        raise ConfigError(f"{path}: mixture-of-experts GGUFs are not supported")
     names = {t.name: t for t in reader.tensors}
     for required in ("token_embd.weight", "output_norm.weight"):
         if required not in names:
@@ -213,8 +224,8 @@ def _build_config(reader, path: str) -> dict:
     vocab = int(_meta(reader, f"{arch}.vocab_size") or _torch_shape(names["token_embd.weight"])[0])
     tied = "output.weight" not in names
     cfg = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [_HF_ARCH[arch][0]],
+        "model_type": _HF_ARCH[arch][1],
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": int(need("feed_forward_length")),
@@ -258,7 +269,7 @@ def _write_safetensors(reader, cfg: dict, path: str, out_file: str, progress: bo
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
-    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
+    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]} if permutes_qk(cfg["architectures"][0]) else {}
     with open(out_file, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)

@@ -3,12 +3,13 @@
 ``GGUFSource(path, cfg).get(hf_name, shape)`` returns, for the tensor llama.cpp names after
 ``hf_name`` (gguf_import's name map):
 
-* a QuantWeight (model/qweight.py) for 2-D Q8_0, Q4_0, Q4_1, F16 and BF16 tensors: their bytes,
+* a QuantWeight (model/qweight.py) for 2-D Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q5_K, Q6_K, F16 and
+  BF16 tensors (pf_kernels.quant.FORMATS): their bytes,
   Q and K rows put back in HF's rotary order by the same row permutation gguf_import applies to
   floats (rows are independent), block rows repacked (pf_kernels.quant.repack: the same bytes,
   each field in its own array) for csrc/cpu;
-* an fp32 tensor for every other type (F32, 1-D tensors, and K-quants, which the gguf package
-  dequantizes: csrc/cpu has no kernel for them).
+* an fp32 tensor for every other type (F32, 1-D tensors, and the formats csrc/cpu has no kernel
+  for, e.g. Q5_1, Q2_K, Q3_K, IQ*: the gguf package dequantizes them).
 
 The header is parsed here (``tensor_index``), not by gguf.GGUFReader, which builds a numpy
 array per metadata item (the vocabulary: ~100k of them, seconds and ~100 MB); the tensors are
@@ -32,7 +33,7 @@ from pf_kernels.quant import GGUF_FORMATS
 
 from pf_engine.errors import LoadError
 from pf_engine.model.config import ModelConfig
-from pf_engine.model.gguf_import import _hf_name, _unpermute
+from pf_engine.model.gguf_import import _hf_name, _unpermute, permutes_qk
 from pf_engine.model.qweight import QuantWeight
 
 # GGUF metadata value types -> struct format of a fixed-size value (8: string, 9: array)
@@ -124,7 +125,8 @@ class GGUFSource:
             name = _hf_name(t.name)
             if name is not None:
                 self._tensors[name] = t
-        self._heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
+        self._heads = ({"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
+                       if permutes_qk(cfg.architecture) else {})
 
     def _read(self, t: TensorInfo) -> np.ndarray:
         out = np.empty(t.n_bytes, dtype=np.uint8)

@@ -1,8 +1,9 @@
 """What ``quantize=`` means, in one place.
 
     quantize   an HF folder (float weights)              a GGUF file (the bundled model)
-    None       as stored (fp32 by default)               its own formats: Q8_0 / Q4_0 / Q4_1
-                                                          tensors kept as they are
+    None       as stored (fp32 by default)               its own formats: Q8_0, Q4_0, Q4_1, Q5_0,
+                                                          Q4_K, Q5_K, Q6_K, F16, BF16 tensors kept
+                                                          as they are
     "f32"      as stored                                 every tensor dequantized to fp32
     "q8"       projections and embedding -> q8_0          refused: the file decides its formats
     "q4"       projections -> q4_1, embedding -> q8_0     refused
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from pf_kernels.quant import FORMATS, Format
+from pf_kernels.quant_pack import WIDENS_TO_Q8_0
 
 from pf_engine.errors import PFError
 from pf_engine.model.qweight import QuantWeight
@@ -68,11 +70,15 @@ def apply(rec, t: torch.Tensor, kind: str, name: str):
 
 
 def cat(ws):
-    """Fused projections: one QuantWeight when all share a format, else fp32 tensors."""
+    """Fused projections: one QuantWeight when all share a format or widen to q8_0 exactly
+    (q4_0 / q5_0 beside q8_0, as llama.cpp's Q4_K_M stores some layers' q, k, v), else fp32."""
     if all(isinstance(w, torch.Tensor) for w in ws):
         return torch.cat(ws, 0)
-    if all(isinstance(w, QuantWeight) for w in ws) and len({(w.fmt, w.d_in) for w in ws}) == 1:
-        return QuantWeight.cat(ws)
+    if all(isinstance(w, QuantWeight) for w in ws) and len({w.d_in for w in ws}) == 1:
+        if len({w.fmt for w in ws}) == 1:
+            return QuantWeight.cat(ws)
+        if all(w.fmt.name in WIDENS_TO_Q8_0 for w in ws):
+            return QuantWeight.cat([w.widened_to_q8_0() for w in ws])
     return torch.cat([w if isinstance(w, torch.Tensor) else w.dequantize() for w in ws], 0)
 
 
