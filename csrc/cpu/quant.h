@@ -142,10 +142,14 @@ inline __m256 load_u8x8(const uint8_t* p) {
 
 inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-// 0x10 in byte i where bit i of the 32-bit word at p is set (Q5's fifth bit), else 0.
+// 0x10 in byte i where bit i of the 32-bit word at p is set (Q5's fifth bit), else 0: a masked
+// move with AVX-512 BW/VL, a byte shuffle and compare on AVX2 (the same bytes).
 inline __m256i fifth_bits(const uint8_t* p) {
     uint32_t bits;
     std::memcpy(&bits, p, 4);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    return _mm256_maskz_mov_epi8(static_cast<__mmask32>(bits), _mm256_set1_epi8(0x10));
+#endif
     const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)),
         _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
     const __m256i others = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));   // all bits but i % 8
@@ -166,7 +170,7 @@ struct Traits {
 };
 
 // A row's scales d_w for the eight blocks g..g+8 (Q6_K: the super-block's d; its 16-value
-// scales come in q6_dots) and the per-block term's m_w.
+// scales come in q6_dot) and the per-block term's m_w.
 template <int FMT>
 inline void group_scales(const uint8_t* wr, const RowLayout& L, int64_t g, __m256& dw, __m256& mw) {
     if constexpr (Traits<FMT>::super) {
@@ -194,15 +198,25 @@ inline void pair_values(const uint8_t* wr, const RowLayout& L, int64_t b, __m256
     }
 }
 
-// Q6_K's block b: its 32 values u = q + 32 in 0..63 (GGUF's order, kept: ql's low then high
-// nibbles, two bits each from qh).
-inline __m256i q6_values(const uint8_t* wr, const RowLayout& L, int64_t b) {
-    const int64_t j = b % 8, half = j / 4, k = j % 4;
-    const uint8_t* sb = wr + L.q + 192 * (b / 8);
+// Q6_K's block j of the super-block at sb (its ql [128], qh [64]): its 32 values u = q + 32 in
+// 0..63 (GGUF's order, kept: ql's low then high nibbles, two bits each from qh).  Called with j
+// a constant (the tile's unrolled loop), so that the shifts and the choice of nibble fold.
+inline __m256i q6_values(const uint8_t* sb, int j) {
+    const int half = j / 4, k = j % 4;
     const __m256i ql = load32(sb + 64 * half + 32 * (k & 1)), m4 = _mm256_set1_epi8(0x0f);
     const __m256i nib = k < 2 ? _mm256_and_si256(ql, m4) : _mm256_and_si256(_mm256_srli_epi16(ql, 4), m4);
-    const __m256i qh = _mm256_srl_epi16(load32(sb + 128 + 32 * half), _mm_cvtsi32_si128(static_cast<int>(2 * k)));
-    return _mm256_or_si256(nib, _mm256_and_si256(_mm256_slli_epi16(qh, 4), _mm256_set1_epi8(0x30)));
+    const __m256i qh = load32(sb + 128 + 32 * half);
+    const __m256i hb = k == 0 ? _mm256_slli_epi16(qh, 4) : k == 1 ? _mm256_slli_epi16(qh, 2)
+                     : k == 2 ? qh : _mm256_srli_epi16(qh, 2);
+    return _mm256_or_si256(nib, _mm256_and_si256(hb, _mm256_set1_epi8(0x30)));
+}
+
+// The int16 scales of Q6_K's block j from the super-block's sixteen (s16: int16 lanes 0..15):
+// lanes 0-7 its first sixteen values' scale, 8-15 its second's.
+inline __m256i q6_block_scales(__m256i s16, int j) {
+    const __m256i pair = _mm256_permutevar8x32_epi32(s16, _mm256_set1_epi32(j));   // (s_2j, s_2j+1) x 8
+    return _mm256_shuffle_epi8(pair, _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                                      2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3));
 }
 
 // Q6_K: sum over a block of (u - 32) q_x, scaled per 16 values (sc16: int16 lanes 0-7 the first
@@ -262,24 +276,34 @@ inline void qtile(const uint8_t* w, int64_t rb, const XRow* X, int64_t xs, int64
                     }
                 }
             }
-        } else {
-            for (int64_t j = 0; j < nj; ++j) {
+        } else if constexpr (FMT == FMT_Q6_K) {               // a whole super-block: j constant
+            __m256i s16[NR];
+            for (int r = 0; r < NR; ++r)
+                s16[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * rb + L.sc + 2 * g)));
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) {
                 __m256i qx[NT], x32[NT];
                 for (int t = 0; t < NT; ++t) {
                     qx[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X[t * xs].q + (g + j) * QK));
-                    if constexpr (FMT == FMT_Q6_K) x32[t] = _mm256_maddubs_epi16(_mm256_set1_epi8(32), qx[t]);
+                    x32[t] = _mm256_maddubs_epi16(_mm256_set1_epi8(32), qx[t]);
                 }
+                const __m256i idx = _mm256_set1_epi32(j);
+                for (int r = 0; r < NR; ++r) {
+                    const __m256i u = q6_values(w + r * rb + L.q + 24 * g, j), sc16 = q6_block_scales(s16[r], j);
+                    for (int t = 0; t < NT; ++t)
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc[r][t], idx),
+                                                    _mm256_cvtepi32_ps(q6_dot(u, qx[t], x32[t], sc16)), acc[r][t]);
+                }
+            }
+        } else {
+            for (int64_t j = 0; j < nj; ++j) {
+                __m256i qx[NT];
+                for (int t = 0; t < NT; ++t)
+                    qx[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X[t * xs].q + (g + j) * QK));
                 const __m256i idx = _mm256_set1_epi32(static_cast<int>(j));
                 for (int r = 0; r < NR; ++r) {
                     const uint8_t* wr = w + r * rb;
-                    if constexpr (FMT == FMT_Q6_K) {
-                        const int8_t* s16 = reinterpret_cast<const int8_t*>(wr + L.sc) + 2 * (g + j);
-                        const __m256i sc16 = _mm256_setr_m128i(_mm_set1_epi16(s16[0]), _mm_set1_epi16(s16[1]));
-                        const __m256i u = q6_values(wr, L, g + j);
-                        for (int t = 0; t < NT; ++t)
-                            acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc[r][t], idx),
-                                                        _mm256_cvtepi32_ps(q6_dot(u, qx[t], x32[t], sc16)), acc[r][t]);
-                    } else {
+                    {
                         const __m256i qw = load32(wr + L.q + 32 * (g + j));
                         const __m256i aw = _mm256_sign_epi8(qw, qw);
                         for (int t = 0; t < NT; ++t) {
@@ -323,7 +347,7 @@ inline void qrows_dots_fmt(const uint8_t* w, int64_t rb, int64_t R, const XRow* 
     // One token: four weight rows at once (independent accumulator chains); more: kQRows x kQTokens.
     int64_t r = 0;
     if (T == 1) {
-        if (Traits<FMT>::paired)    // q8_0 rows stream better one at a time (measured: ~1.5x)
+        if (FMT != FMT_Q8_0)    // q8_0 rows stream better one at a time (measured: ~1.5x)
             for (; r + 4 <= R; r += 4) qrows_fmt<FMT, 4, 1>(w + r * rb, rb, X, T, nb, out + r * os, os);
     } else {
         for (; r + kQRows <= R; r += kQRows) qrows_fmt<FMT, kQRows, kQTokens>(w + r * rb, rb, X, T, nb, out + r * os, os);
@@ -373,7 +397,7 @@ inline void dequantize_row_fmt(const uint8_t* w, int64_t nb, float* out) {
                 std::memcpy(u, l + off, 16);
                 std::memcpy(u + 16, h + off, 16);
             } else if constexpr (FMT == FMT_Q6_K) {
-                _mm256_store_si256(reinterpret_cast<__m256i*>(u), q6_values(w, L, b));
+                _mm256_store_si256(reinterpret_cast<__m256i*>(u), q6_values(w + L.q + 24 * g, static_cast<int>(j)));
             } else {
                 _mm256_store_si256(reinterpret_cast<__m256i*>(u), load32(w + L.q + 32 * b));
             }
