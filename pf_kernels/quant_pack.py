@@ -75,25 +75,19 @@ def _chunk_nibbles(p: np.ndarray) -> np.ndarray:
 
 def _pair_words(bits: np.ndarray) -> np.ndarray:
     """Fifth bits [O, nb2, 32] (one per value, nb2 even) -> their pair words as bytes [O, nb2 * 4]."""
-    o, nb2, _ = bits.shape
-    a, b = bits[:, 0::2].astype(np.uint64), bits[:, 1::2].astype(np.uint64)
-    w = np.empty((o, nb2 // 2, 2), dtype=np.uint32)
-    wts = np.uint64(1) << np.arange(16, dtype=np.uint64)
-    for k in range(2):
-        lo = (a[..., 16 * k:16 * k + 16] * wts).sum(-1)
-        hi = (b[..., 16 * k:16 * k + 16] * wts).sum(-1)
-        w[..., k] = (lo | (hi << np.uint64(16))).astype(np.uint32)
-    return w.view(np.uint8).reshape(o, -1)
+    a, b = bits[:, 0::2], bits[:, 1::2]
+    words = np.stack([np.concatenate([a[..., :16], b[..., :16]], -1),
+                      np.concatenate([a[..., 16:], b[..., 16:]], -1)], 2)          # [O, p, 2, 32]
+    return np.packbits(words, -1, bitorder="little").reshape(bits.shape[0], -1)
 
 
 def _word_bits(data: np.ndarray, nb2: int) -> np.ndarray:
     """_pair_words' inverse: bytes [O, nb2 * 4] -> bits [O, nb2, 32]."""
-    w = np.ascontiguousarray(data).view(np.uint32).reshape(data.shape[0], nb2 // 2, 2)
-    bits = ((w[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)   # [O, p, 2, 32]
+    w = np.unpackbits(np.ascontiguousarray(data).reshape(data.shape[0], nb2 // 2, 2, 4), -1, bitorder="little")
     out = np.empty((data.shape[0], nb2, 32), dtype=np.uint8)
     for k in range(2):
-        out[:, 0::2, 16 * k:16 * k + 16] = bits[:, :, k, :16]
-        out[:, 1::2, 16 * k:16 * k + 16] = bits[:, :, k, 16:]
+        out[:, 0::2, 16 * k:16 * k + 16] = w[:, :, k, :16]
+        out[:, 1::2, 16 * k:16 * k + 16] = w[:, :, k, 16:]
     return out
 
 
@@ -135,9 +129,8 @@ def repack(data: np.ndarray, name: str, d_in: int) -> np.ndarray:
         n2 = _r(nb, 2)
         d = np.zeros((o, _r(nb, 8) * 2), np.uint8)
         d[:, :2 * nb] = blk[:, :, 0:2].reshape(o, -1)
-        qh = blk[:, :, 2:6].copy().view(np.uint32)[..., 0]                      # [O, nb]
         bits = np.zeros((o, n2, 32), np.uint8)
-        bits[:, :nb] = (qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1
+        bits[:, :nb] = np.unpackbits(blk[:, :, 2:6], -1, bitorder="little")         # qh, little-endian
         n = np.zeros((o, n2, 16), np.uint8)
         n[:, :nb] = blk[:, :, 6:22]
         parts = {"d": d, "h": _pair_words(bits), "n": n.reshape(o, -1)}
@@ -166,9 +159,7 @@ def unpack(rows: np.ndarray, name: str, d_in: int) -> np.ndarray:
     if name == "q5_0":
         n2 = _r(nb, 2)
         blk[:, :, 0:2] = p["d"][:, :2 * nb].reshape(o, nb, 2)
-        bits = _word_bits(p["h"], n2)[:, :nb].astype(np.uint64)
-        qh = (bits << np.arange(32, dtype=np.uint64)).sum(-1).astype(np.uint32)
-        blk[:, :, 2:6] = qh[..., None].view(np.uint8)
+        blk[:, :, 2:6] = np.packbits(_word_bits(p["h"], n2)[:, :nb], -1, bitorder="little")
         blk[:, :, 6:22] = p["n"].reshape(o, n2, 16)[:, :nb]
     elif name in ("q4_k", "q5_k"):
         ns = nb // 8
