@@ -58,11 +58,11 @@ class LlamaRunner:
     """One llama.cpp model at ``threads`` threads, with LoRAs applied at ``scales``."""
 
     def __init__(self, gguf: str, threads: int, n_ctx: int = 1024, loras=(), scales=(),
-                 logits_all: bool = False):
+                 logits_all: bool = False, n_batch: int = 512):
         import llama_cpp
         self.lib = llama_cpp
         self.llm = llama_cpp.Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads,
-                                   n_ctx=n_ctx, n_batch=512, verbose=False, logits_all=logits_all)
+                                   n_ctx=n_ctx, n_batch=n_batch, verbose=False, logits_all=logits_all)
         self._adapters = []
         if loras:
             for path in loras:
@@ -98,13 +98,24 @@ class LlamaRunner:
         ptr = self.lib.llama_get_logits(self.llm.ctx)
         return int(np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).argmax())
 
-    def nll(self, ids: list[int]) -> tuple[float, int]:
-        """(sum of -log p(token | its prefix) over ids[1:], count) in one pass (logits_all)."""
+    def nll(self, ids: list[int], first: int = 0) -> tuple[float, int]:
+        """(sum of -log p(ids[t] | ids[:t]) over t in first + 1 .. len(ids) - 1, count) in one
+        pass (logits_all): first = 0 scores every token after the first."""
+        self.eval_all(ids)
+        return self.scored_nll(ids, first)
+
+    def eval_all(self, ids: list[int]) -> float:
+        """Evaluate ids from an empty cache, every position's logits kept (logits_all); the
+        seconds it took."""
+        self.llm.reset()
+        t = time.perf_counter()
+        self.llm.eval(ids)
+        return time.perf_counter() - t
+
+    def scored_nll(self, ids: list[int], first: int = 0) -> tuple[float, int]:
+        """``nll`` from the logits of the last ``eval_all(ids)`` (log-softmax in float64)."""
         import numpy as np
-        llm = self.llm
-        llm.reset()
-        llm.eval(ids)
-        logits = np.asarray(llm.scores[:len(ids)], dtype=np.float64)   # logits_all=True
+        logits = np.asarray(self.llm.scores[first:len(ids) - 1], dtype=np.float64)
         lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-        lp = logits[np.arange(len(ids) - 1), ids[1:]] - lse[:-1]
-        return float(-lp.sum()), len(ids) - 1
+        lp = logits[np.arange(len(logits)), ids[first + 1:]] - lse
+        return float(-lp.sum()), len(ids) - 1 - first
