@@ -47,13 +47,14 @@ def cpu_formats(res: dict) -> list[str]:
     """Decode per weight format against llama.cpp on the same file (bench_cpu.json)."""
     rows = {(r["engine"], r["format"], r["persona"]): r for r in res["rows"]}
     parts = []
-    for f in ("q4_1", "q8_0", "bf16", "f16", "f32"):
+    for f in ("q4_1", "q8_0", "bf16", "f16", "f32", "q4_k_m"):
         o, t = rows.get(("pf_engine", f, "base")), rows.get(("llama.cpp", f, "base"))
+        label = f"{f} (Qwen2.5-Coder-0.5B)" if f == "q4_k_m" else f
         if o and t:
-            parts.append(f"{f} {o['decode_ms_per_token']:.1f} vs {t['decode_ms_per_token']:.1f} ms/token "
+            parts.append(f"{label} {o['decode_ms_per_token']:.1f} vs {t['decode_ms_per_token']:.1f} ms/token "
                          f"({o['decode_ms_per_token'] / t['decode_ms_per_token']:.2f}x)")
         elif o:
-            parts.append(f"{f} {o['decode_ms_per_token']:.1f} ms/token")
+            parts.append(f"{label} {o['decode_ms_per_token']:.1f} ms/token")
     if not parts:
         return []
     from benchmarks.bench_cpu import goals
@@ -64,6 +65,22 @@ def cpu_formats(res: dict) -> list[str]:
             f"{res['threads']} threads; {_at(res)}): " + ", ".join(parts)
             + (f"; the bundled model in 4-bit peaks at {rss:.0f} MB RSS" if rss else "")
             + f"; {met} of {len(g)} goals of issues 21 and 32 met (table in RESULTS.md)."] + cpu_experts(res)
+
+
+def perplexity(results_dir: str) -> list[str]:
+    """Perplexity of GGUF files in pf_engine and llama.cpp on the same tokens (bench_ppl_*.json)."""
+    parts, at = [], None
+    for name in sorted(os.listdir(results_dir)):
+        if name.startswith("bench_ppl_") and name.endswith(".json"):
+            res = load(os.path.join(results_dir, name))
+            model = os.path.basename(res["model"]).removesuffix(".gguf")
+            parts.append(f"{model} {res['pf_engine']['ppl']:.3f} vs {res['llama_cpp']['ppl']:.3f} "
+                         f"({res['ppl_ratio']:.4f}, {res['scored_tokens']} tokens)")
+            at = at or f"{res['machine']['cpu']}, {_at(res)}"
+    if not parts:
+        return []
+    return [f"- **Perplexity, ours vs llama.cpp on the same GGUF and tokens** ({at}; ctx 512, Pride and "
+            "Prejudice): " + ", ".join(parts) + "."]
 
 
 def cpu_experts(res: dict) -> list[str]:
@@ -170,6 +187,7 @@ def headline(results_dir: str, link: str) -> list[str]:
         res = get(name)
         if res:
             out += fn(res)
+    out += perplexity(results_dir)
     for name, where in (("bench_serving.json", "CPU"), ("gpu_serving.json", "GPU")):
         res = get(name)
         if res:
