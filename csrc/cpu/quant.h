@@ -30,6 +30,12 @@
 // (A, B) as [A 0:16, B 0:16, A 16:32, B 16:32], so that a pair's 32 nibble bytes give
 // (n & 15) = [A 0:16 | B 0:16] and (n >> 4) = [A 16:32 | B 16:32], each one maddubs.
 //
+// Q5_0 and the K-quants (pf_kernels/quant_pack.py has their GGUF blocks and repacked rows) use
+// the same dots: Q5_0 is Q4_0 with a fifth bit per value (words in pair order) and - 16 d_w s_x;
+// a K super-block of 256 values is one group of eight blocks, so Q4_K / Q5_K are Q4_1 (Q5: with
+// the fifth bit) whose d_w = d sc_b and m_w = - dmin m_b come from integer block scales; Q6_K
+// (unpaired) sums (u - 32) q_x per 16 values times its int8 scales in integers, times d d_x.
+//
 //   quantize_x(x, nb, pairs, X)                   x [nb * 32] -> X (one token's XRow)
 //   qrows_dots(fmt, w, rb, R, X, xs, T, nb, out, os)  out[r os + t] = w_r . x[t]
 //   dequantize_row(fmt, w, nb, out)               a repacked row -> nb * 32 floats
@@ -301,16 +307,13 @@ inline void qtile(const uint8_t* w, int64_t rb, const XRow* X, int64_t xs, int64
                 for (int t = 0; t < NT; ++t)
                     qx[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X[t * xs].q + (g + j) * QK));
                 const __m256i idx = _mm256_set1_epi32(static_cast<int>(j));
-                for (int r = 0; r < NR; ++r) {
-                    const uint8_t* wr = w + r * rb;
-                    {
-                        const __m256i qw = load32(wr + L.q + 32 * (g + j));
-                        const __m256i aw = _mm256_sign_epi8(qw, qw);
-                        for (int t = 0; t < NT; ++t) {
-                            const __m256i p = dot_q8(aw, _mm256_sign_epi8(qx[t], qw));
-                            acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc[r][t], idx),
-                                                        _mm256_cvtepi32_ps(p), acc[r][t]);
-                        }
+                for (int r = 0; r < NR; ++r) {                     // Q8_0
+                    const __m256i qw = load32(w + r * rb + L.q + 32 * (g + j));
+                    const __m256i aw = _mm256_sign_epi8(qw, qw);
+                    for (int t = 0; t < NT; ++t) {
+                        const __m256i p = dot_q8(aw, _mm256_sign_epi8(qx[t], qw));
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc[r][t], idx),
+                                                    _mm256_cvtepi32_ps(p), acc[r][t]);
                     }
                 }
             }
