@@ -284,7 +284,9 @@ def test_asyncio_clients(engines):
     for i, (toks, out) in enumerate(outs):
         assert toks == out.token_ids == alone(eng, prompt(5 + i, 200 + i), PERSONAS[i], 4 + i).token_ids
     assert cancelled.token_ids == seen
-    assert cancelled.finish_reason == "cancelled" or len(seen) == 200   # (unless it had finished)
+    # (unless it had finished first: under load the loop can wake after the request ended, at
+    # its 200th token or at an EOS the random model drew)
+    assert cancelled.finish_reason == "cancelled" or (cancelled.finish_reason == "stop" or len(seen) == 200)
 
     sched = eng.scheduler(slots=1, background=False)
     req = sched.submit(prompt(3, 1), SamplingParams(max_new_tokens=2))
