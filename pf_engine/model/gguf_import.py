@@ -44,6 +44,8 @@ def permutes_qk(architecture: str) -> bool:
     """Whether llama.cpp's converter permuted the Q and K rows of a model of this HF architecture
     (the module docstring)."""
     return architecture == "LlamaForCausalLM"
+
+
 # Written last into every converted folder: what it came from; its presence marks a whole folder.
 MARKER = "pf_convert.json"
 CONVERTER_VERSION = 1
@@ -269,7 +271,8 @@ def _write_safetensors(reader, cfg: dict, path: str, out_file: str, progress: bo
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
-    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]} if permutes_qk(cfg["architectures"][0]) else {}
+    heads = ({"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
+             if permutes_qk(cfg["architectures"][0]) else {})
     with open(out_file, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
