@@ -27,17 +27,17 @@ POISON = 7.25
 
 @pytest.fixture(autouse=True)
 def small_chunks():
-    """Chunks of about one weight row and 8 output columns, so that the small sizes here split
+    """Chunks of about one weight row, so that the small sizes here split
     into many chunks and threads > 1 really runs on the pool (the defaults would make every
     region here one chunk, run inline), and the shared-machine detection off (on a busy machine
     it would run every job inline)."""
     mod = cpu_ops._load()[0]
     old = mod._chunking()
-    mod._set_chunking(150, 32)
+    mod._set_chunking(150)
     mod._set_contention_detection(False)   # this machine may be shared: still use the pool
     yield
     mod._set_contention_detection(True)
-    mod._set_chunking(old["pass1_bytes"], old["pass2_bytes"])
+    mod._set_chunking(old["bytes"])
 
 
 def close(got, want, tol=TOL):
@@ -183,7 +183,7 @@ def test_linear_plan_plain_and_strided_output():
 def test_linear_plan_default_chunking_on_the_pool():
     """SmolLM2's gate|up shapes at the module's own chunk sizes: several chunks per region."""
     mod = cpu_ops._load()[0]
-    mod._set_chunking(65536, 65536)
+    mod._set_chunking(65536)
     rng = np.random.default_rng(11)
     grp = Group(rng, 576, (1536, 1536), 10)
     plan = grp.plan()

@@ -4,7 +4,7 @@
 //   MAX_ROWS = 16, PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
 //   FMT_F32 ... FMT_BF16 = 0 ... 5; row_bytes, dequantize, isa, isas, set_isa (binding_quant.cpp)
 //   LinearPlan, BlockPlan, decode_attention (typed overload), set_spin_us(us), spin_us(),
-//   ShmGroup (binding_group.cpp), pool_workers(); _set_chunking(pass1_bytes, pass2_bytes), _chunking() (benchmark tuning)
+//   ShmGroup (binding_group.cpp), pool_workers(); _set_chunking(bytes), _chunking() (benchmark tuning)
 #include <chrono>
 
 #include "binding.h"
@@ -37,12 +37,11 @@ PYBIND11_MODULE(_pf_cpu, m) {
        "in which jobs ran inline because of them");
     m.def("_set_contention_detection", &set_contention_detection, py::arg("on"),
           "Off: jobs use the pool even on a machine that looks shared (tests)");
-    m.def("_set_chunking", [](int64_t pass1_bytes, int64_t pass2_bytes) {
+    m.def("_set_chunking", [](int64_t bytes) {
         const Checker ck("_set_chunking");
-        ck.in_range("pass1_bytes", pass1_bytes, 1, int64_t(1) << 30);
-        ck.in_range("pass2_bytes", pass2_bytes, 1, int64_t(1) << 30);
-        set_chunking({pass1_bytes, pass2_bytes});
-    }, py::arg("pass1_bytes"), py::arg("pass2_bytes"), "Chunk sizes of LinearPlan's two passes (tuning)");
+        ck.in_range("bytes", bytes, 1, int64_t(1) << 30);
+        set_chunking({bytes});
+    }, py::arg("bytes"), "LinearPlan's chunk size in bytes of weight rows (tuning)");
     m.def("_pool_probe", [](int64_t n, double chunk_us, int threads, int iters) {
         // Mean microseconds per parallel_for of n chunks that each spin chunk_us: the pool's
         // own cost is that minus n * chunk_us / threads (benchmarks, tuning).
@@ -57,6 +56,6 @@ PYBIND11_MODULE(_pf_cpu, m) {
     }, py::arg("n"), py::arg("chunk_us"), py::arg("threads"), py::arg("iters"));
     m.def("_chunking", [] {
         const Chunking c = chunking();
-        return py::dict(py::arg("pass1_bytes") = c.pass1_bytes, py::arg("pass2_bytes") = c.pass2_bytes);
+        return py::dict(py::arg("bytes") = c.bytes);
     });
 }

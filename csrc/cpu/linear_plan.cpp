@@ -16,13 +16,12 @@
 namespace pf_cpu {
 namespace {
 
-std::atomic<int64_t> g_pass1_bytes{Chunking{}.pass1_bytes};
-std::atomic<int64_t> g_pass2_bytes{Chunking{}.pass2_bytes};
+std::atomic<int64_t> g_chunk_bytes{Chunking{}.bytes};
 
-struct ActiveRow { int64_t r, expert; float scale; };   // a row of A_cat that pass 1 computes
-struct Segment { int64_t part, c, a0, a1; };            // an active part: its first column in
-                                                        // pass 2's concatenation, its active
-                                                        // blocks act[a0:a1]
+struct ActiveRow { int64_t r, expert; float scale; };   // a row of A_cat that h needs
+struct Segment { int64_t part, a0, a1; };               // an active part: its active blocks act[a0:a1]
+struct WChunk { int64_t i0, i1, seg; };                 // rows i0:i1 of W, inside segment seg's
+                                                        // part (its expand follows) or none (-1)
 struct Scratch {
     std::vector<float> x, h;                             // x' [T, d_in], h [T, R]
     std::vector<float> xq, xe;                           // x' quantized: T XRows (quant.h) for
@@ -30,6 +29,7 @@ struct Scratch {
     std::vector<ActiveRow> rows;
     std::vector<int64_t> act;                            // active block ids, by part
     std::vector<Segment> segs;
+    std::vector<WChunk> wch;
     std::vector<PanelBlock> panels;                      // q8: act's panels, h quantized:
     std::vector<int32_t> hw;                             //   [T, hws] words, 4 int8 each
     std::vector<float> sh;                               //   [T, act.size()] scales
@@ -37,7 +37,7 @@ struct Scratch {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// What both passes read, made once per call by the calling thread.
+// What every chunk reads, made once per call by the calling thread.
 struct Job {
     const Linear& lin;
     const LinearCall& call;
@@ -50,25 +50,44 @@ struct Job {
     int64_t nb;
     float* h;
     const ActiveRow* rows;
-    int64_t n1, rows_per_chunk;
-    const int64_t* act;
+    int64_t na, a_per_chunk;   // active rows of A_cat, and per A chunk
     const Segment* segs;
-    int64_t nsegs, ncols, cols_per_chunk;
+    const WChunk* wch;
+    const int64_t* act;
     const PanelBlock* panels;  // q8 experts: act's panels and h quantized (quantize_h)
     int32_t* hw;
     int64_t hws;
     float* sh;
     int64_t nact;
     ExpandQ8 expand_q8;        // the instruction set's (isa.h)
+    std::atomic<bool>* ready;  // h is done (and quantized, q8)
 
-    // Pass 1, rows j0:j1 of [active rows of A_cat; W] (the experts' rows first, so that h is
-    // done early: quantize_h runs once every pass-1 chunk is, run_job).
     static constexpr int64_t kRowBlock = 4;
-    void pass1(int64_t chunk) const {
-        const int64_t j0 = chunk * rows_per_chunk, j1 = std::min(n1, j0 + rows_per_chunk);
-        const int64_t na = n1 - lin.d_out;
-        if (j0 < na) a_rows(j0, std::min(j1, na));
-        if (j1 > na) w_rows(std::max(j0, na) - na, j1 - na);
+
+    // A chunk c: its active rows of A_cat, h.
+    void a_chunk(int64_t c) const { a_rows(c * a_per_chunk, std::min(na, (c + 1) * a_per_chunk)); }
+
+    // W chunk k: its rows of W (y), then, inside an active part, the part's expand over the same
+    // columns, once h is ready (the A chunks were claimed first: by now they are done unless
+    // their thread was descheduled).
+    void w_chunk(int64_t k) const {
+        const WChunk& c = wch[k];
+        w_rows(c.i0, c.i1);
+        if (c.seg < 0) return;
+        for (int spins = 0; !ready->load(std::memory_order_acquire); ++spins) {
+            if (spins < 4096) _mm_pause();
+            else std::this_thread::yield();
+        }
+        const Segment& sg = segs[c.seg];
+        const LoraPart& p = lin.parts[sg.part];
+        const int64_t lo = c.i0 - p.out0, hi = c.i1 - p.out0;
+        switch (lin.efmt) {
+            case FMT_BF16: return expand_fmt<FMT_BF16>(sg, lo, hi);
+            case FMT_Q8_0: return expand_q8(panels + sg.a0, static_cast<int>(sg.a1 - sg.a0), lo / EXPERT_COL_ALIGN,
+                                            ceil_div(hi, EXPERT_COL_ALIGN), hw, hws, sh + sg.a0, nact,
+                                            static_cast<int>(call.T), call.y + p.out0, call.ys, p.out1 - p.out0);
+            default: return expand_fmt<FMT_F32>(sg, lo, hi);
+        }
     }
 
     // Rows i0:i1 of W: y.
@@ -135,56 +154,28 @@ struct Job {
         }
     }
 
-    // Pass 2, concatenated columns c0:c1: y[t, o] += sum over active rank rows r of h[t, r] bT[r, o],
-    // in tiles of kTile columns (four rank rows of bT and the T rows of y stay in L1 across t),
-    // four rank rows at a time (one load and store of y per four FMAs).
+    // f32 / bf16: y[t, out0 + o] += sum over the segment's active rank rows r of h[t, r] bT[r, o]
+    // for o in lo:hi, in tiles of kTile columns (four rank rows of bT and the T rows of y stay in
+    // L1 across t), four rank rows at a time (one load and store of y per four FMAs).
     static constexpr int64_t kTile = 256;
-    void pass2(int64_t chunk) const {
-        switch (lin.efmt) {
-            case FMT_BF16: return pass2_fmt<FMT_BF16>(chunk);
-            case FMT_Q8_0: return pass2_q8(chunk);
-            default: return pass2_fmt<FMT_F32>(chunk);
-        }
-    }
-
-    // q8: the chunk's groups of 8 columns of each segment, every active block's panel at once.
-    void pass2_q8(int64_t chunk) const {
-        const int64_t c0 = chunk * cols_per_chunk, c1 = std::min(ncols, c0 + cols_per_chunk);
-        for (int64_t q = 0; q < nsegs; ++q) {
-            const Segment& sg = segs[q];
-            const LoraPart& p = lin.parts[sg.part];
-            const int64_t g = EXPERT_COL_ALIGN;         // a panel group's columns
-            const int64_t lo = std::max(c0, sg.c) - sg.c, hi = std::min(c1, sg.c + round_up(p.out1 - p.out0, g)) - sg.c;
-            if (lo >= hi) continue;
-            expand_q8(panels + sg.a0, static_cast<int>(sg.a1 - sg.a0), lo / g, ceil_div(hi, g), hw, hws,
-                      sh + sg.a0, nact, static_cast<int>(call.T), call.y + p.out0, call.ys, p.out1 - p.out0);
-        }
-    }
-
     template <int EF>
-    void pass2_fmt(int64_t chunk) const {
-        const int64_t c0 = chunk * cols_per_chunk, c1 = std::min(ncols, c0 + cols_per_chunk);
+    void expand_fmt(const Segment& sg, int64_t lo, int64_t hi) const {
+        const LoraPart& p = lin.parts[sg.part];
         const int64_t R = lin.rank;
-        for (int64_t q = 0; q < nsegs; ++q) {
-            const Segment& sg = segs[q];
-            const LoraPart& p = lin.parts[sg.part];
-            const int64_t dp = p.out1 - p.out0;
-            const int64_t lo = std::max(c0, sg.c), hi = std::min(c1, sg.c + dp);
-            for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
-                const int64_t off = t0 - sg.c, o0 = p.out0 + off, width = std::min(kTile, hi - t0);
-                for (int64_t a = sg.a0; a < sg.a1; ++a) {
-                    const LoraBlock& b = lin.blocks[act[a]];
-                    int64_t r = b.r0;
-                    for (; r + 4 <= b.r1; r += 4) {
-                        const uint8_t* brow = p.bT + (r - p.r0) * p.bstride;
-                        for (int64_t t = 0; t < call.T; ++t)
-                            expand<EF, 4>(h + t * R + r, brow, p.bstride, off, width, call.y + t * call.ys + o0);
-                    }
-                    for (; r < b.r1; ++r) {
-                        const uint8_t* brow = p.bT + (r - p.r0) * p.bstride;
-                        for (int64_t t = 0; t < call.T; ++t)
-                            expand<EF, 1>(h + t * R + r, brow, p.bstride, off, width, call.y + t * call.ys + o0);
-                    }
+        for (int64_t off = lo; off < hi; off += kTile) {
+            const int64_t o0 = p.out0 + off, width = std::min(kTile, hi - off);
+            for (int64_t a = sg.a0; a < sg.a1; ++a) {
+                const LoraBlock& b = lin.blocks[act[a]];
+                int64_t r = b.r0;
+                for (; r + 4 <= b.r1; r += 4) {
+                    const uint8_t* brow = p.bT + (r - p.r0) * p.bstride;
+                    for (int64_t t = 0; t < call.T; ++t)
+                        expand<EF, 4>(h + t * R + r, brow, p.bstride, off, width, call.y + t * call.ys + o0);
+                }
+                for (; r < b.r1; ++r) {
+                    const uint8_t* brow = p.bT + (r - p.r0) * p.bstride;
+                    for (int64_t t = 0; t < call.T; ++t)
+                        expand<EF, 1>(h + t * R + r, brow, p.bstride, off, width, call.y + t * call.ys + o0);
                 }
             }
         }
@@ -254,40 +245,31 @@ void quantize_h(const Linear& lin, const Job& job) {
         }
 }
 
-// Pass 1's chunks, then pass 2's, in one parallel region: a pass-2 chunk waits until every
-// pass-1 chunk is done (pass 1 stores y's rows, pass 2 adds to them) and, for q8 experts, h is
-// quantized (by the thread that finished the last of them).  Chunks are claimed in order, so
-// when a pass-2 chunk is claimed every pass-1 chunk has been: it waits only for those still
-// running on other threads, without the second job a separate region would post.
-void run_job(const Linear& lin, const Job& job, int64_t chunks2, int threads) {
-    const int64_t chunks1 = ceil_div(job.n1, job.rows_per_chunk);
-    std::atomic<int64_t> left{chunks1};
-    std::atomic<bool> ready{false};
-    parallel_for(chunks1 + chunks2, threads, [&](int64_t c) {
-        if (c < chunks1) {
-            job.pass1(c);
-            if (left.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-                if (lin.efmt == FMT_Q8_0 && chunks2 > 0) quantize_h(lin, job);
-                ready.store(true, std::memory_order_release);
-            }
-            return;
+// The A chunks, then the W chunks, in one parallel region; the thread finishing the last A chunk
+// quantizes h (q8) and marks it ready for the W chunks' expands.  Chunks are claimed in order,
+// so every A chunk is claimed before any W chunk: a W chunk's expand waits only for A chunks
+// still running elsewhere, and only after its own rows of W.
+void run_job(const Linear& lin, Job& job, int64_t chunks_w, int threads) {
+    const int64_t chunks_a = ceil_div(job.na, job.a_per_chunk);
+    std::atomic<int64_t> left{chunks_a};
+    std::atomic<bool> ready{chunks_a == 0};
+    job.ready = &ready;
+    parallel_for(chunks_a + chunks_w, threads, [&](int64_t c) {
+        if (c >= chunks_a) return job.w_chunk(c - chunks_a);
+        job.a_chunk(c);
+        if (left.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+            if (lin.efmt == FMT_Q8_0) quantize_h(lin, job);
+            ready.store(true, std::memory_order_release);
         }
-        for (int spins = 0; !ready.load(std::memory_order_acquire); ++spins) {
-            if (spins < 4096) _mm_pause();
-            else std::this_thread::yield();
-        }
-        job.pass2(c - chunks1);
     });
 }
 
-// The active blocks (an expert with a nonzero gate in some row), their rows, and pass 2's
-// segments; returns pass 2's column count.
-int64_t route(const Linear& lin, const LinearCall& c, Scratch& s) {
+// The active blocks (an expert with a nonzero gate in some row), their rows, and the segments.
+void route(const Linear& lin, const LinearCall& c, Scratch& s) {
     s.rows.clear();
     s.act.clear();
     s.segs.clear();
-    if (c.gates == nullptr) return 0;
-    int64_t ncols = 0;
+    if (c.gates == nullptr) return;
     for (int64_t p = 0; p < static_cast<int64_t>(lin.parts.size()); ++p) {
         const LoraPart& part = lin.parts[p];
         const int64_t a0 = static_cast<int64_t>(s.act.size());
@@ -300,12 +282,27 @@ int64_t route(const Linear& lin, const LinearCall& c, Scratch& s) {
             for (int64_t r = b.r0; r < b.r1; ++r) s.rows.push_back({r, b.expert, b.scale});
         }
         const int64_t a1 = static_cast<int64_t>(s.act.size());
-        if (a1 > a0) {
-            s.segs.push_back({p, ncols, a0, a1});
-            ncols += round_up(part.out1 - part.out0, EXPERT_COL_ALIGN);
-        }
+        if (a1 > a0) s.segs.push_back({p, a0, a1});
     }
-    return ncols;
+}
+
+// W's rows in chunks of about ``per`` rows: none straddles an active part's edge, and inside one
+// a chunk starts a multiple of EXPERT_COL_ALIGN columns from the part's first (a q8 panel group is
+// one chunk's alone).
+void split_w(const Linear& lin, int64_t per, Scratch& s) {
+    s.wch.clear();
+    const int64_t aligned = round_up(per, EXPERT_COL_ALIGN);
+    int64_t i = 0;
+    auto cut = [&](int64_t end, int64_t step, int64_t seg) {
+        for (; i < end; i += step) s.wch.push_back({i, std::min(end, i + step), seg});
+        i = end;
+    };
+    for (int64_t q = 0; q < static_cast<int64_t>(s.segs.size()); ++q) {
+        const LoraPart& p = lin.parts[s.segs[q].part];
+        cut(p.out0, per, -1);
+        cut(p.out1, aligned, q);
+    }
+    cut(lin.d_out, per, -1);
 }
 
 }  // namespace
@@ -314,7 +311,7 @@ void linear_run(const Linear& lin, const LinearCall& call, int threads) {
     thread_local Scratch s;
     int64_t xs = 0;
     const float* x = prologue(lin, call, s, xs);
-    const int64_t ncols = route(lin, call, s);
+    route(lin, call, s);
     if (!s.rows.empty() && s.h.size() < static_cast<size_t>(call.T * lin.rank))
         s.h.resize(static_cast<size_t>(call.T * lin.rank));
     const int64_t nb = lin.d_in / QK;
@@ -322,22 +319,15 @@ void linear_run(const Linear& lin, const LinearCall& call, int threads) {
     const XRow* xe = nullptr;                  // q8_0 experts' activations: W's when unpaired
     if (lin.efmt == FMT_Q8_0 && !s.rows.empty())
         xe = xq && !is_paired(lin.fmt) ? xq : quantize_rows(x, xs, call.T, nb, false, s.xe, s.xerows);
-    const int64_t n1 = lin.d_out + static_cast<int64_t>(s.rows.size());
-    const int64_t row_bytes = lin.row_bytes;
-    int64_t rpc = std::max<int64_t>(1, g_pass1_bytes.load(std::memory_order_relaxed) / row_bytes);
-    rpc = std::max(rpc, ceil_div(n1, kMaxChunks));
-    int64_t part_rows = 1;                     // the most active rank rows of one part: what
-    for (const Segment& sg : s.segs) {        // a pass-2 column streams
-        int64_t n = 0;
-        for (int64_t a = sg.a0; a < sg.a1; ++a) n += lin.blocks[s.act[a]].r1 - lin.blocks[s.act[a]].r0;
-        part_rows = std::max(part_rows, n);
-    }
-    const int64_t col_bytes = (lin.efmt == FMT_F32 ? 4 : lin.efmt == FMT_BF16 ? 2 : 1) * part_rows;
-    int64_t cpc = ceil_div(std::max<int64_t>(1, g_pass2_bytes.load(std::memory_order_relaxed) / col_bytes), 8) * 8;
-    cpc = std::max(cpc, ceil_div(ceil_div(ncols, kMaxChunks), 8) * 8);
-    Job job{lin, call, x, xs, xq, xe, (xq || xe) ? qrows_dots_kernel() : nullptr, hrows_dots_kernel(), nb, s.h.data(), s.rows.data(), n1, rpc, s.act.data(), s.segs.data(),
-            static_cast<int64_t>(s.segs.size()), ncols, cpc, nullptr, nullptr, 0, nullptr, 0, nullptr};
-    if (lin.efmt == FMT_Q8_0 && ncols > 0) {
+    const int64_t bytes = g_chunk_bytes.load(std::memory_order_relaxed);
+    const int64_t na = static_cast<int64_t>(s.rows.size());
+    const int64_t per_w = std::max({int64_t(1), bytes / lin.row_bytes, ceil_div(lin.d_out, kMaxChunks / 2)});
+    const int64_t per_a = std::max({int64_t(1), bytes / std::max<int64_t>(1, lin.a_row_bytes), ceil_div(na, kMaxChunks / 4)});
+    split_w(lin, per_w, s);
+    Job job{lin, call, x, xs, xq, xe, (xq || xe) ? qrows_dots_kernel() : nullptr, hrows_dots_kernel(), nb, s.h.data(),
+            s.rows.data(), na, per_a, s.segs.data(), s.wch.data(), s.act.data(), nullptr, nullptr, 0, nullptr, 0,
+            nullptr, nullptr};
+    if (lin.efmt == FMT_Q8_0 && na > 0) {
         job.hws = prepare_panels(lin, call.T, s);
         job.panels = s.panels.data();
         job.hw = s.hw.data();
@@ -345,14 +335,11 @@ void linear_run(const Linear& lin, const LinearCall& call, int threads) {
         job.nact = static_cast<int64_t>(s.act.size());
         job.expand_q8 = expand_q8_kernel();
     }
-    run_job(lin, job, ncols > 0 ? ceil_div(ncols, cpc) : 0, threads);
+    run_job(lin, job, static_cast<int64_t>(s.wch.size()), threads);
 }
 
-Chunking chunking() { return {g_pass1_bytes.load(), g_pass2_bytes.load()}; }
+Chunking chunking() { return {g_chunk_bytes.load()}; }
 
-void set_chunking(const Chunking& c) {
-    g_pass1_bytes.store(std::max<int64_t>(1, c.pass1_bytes));
-    g_pass2_bytes.store(std::max<int64_t>(1, c.pass2_bytes));
-}
+void set_chunking(const Chunking& c) { g_chunk_bytes.store(std::max<int64_t>(1, c.bytes)); }
 
 }  // namespace pf_cpu

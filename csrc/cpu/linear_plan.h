@@ -23,17 +23,18 @@
 //
 // (q8 experts: the expand's h is quantized per token and block, expert.h.)
 //
-// One parallel region (pool.h) of many small chunks, pass 1's then pass 2's:
-//   pass 1  the active rows of A_cat, then the rows of W (chunks of ~pass1_bytes of weights):
-//           h, and y rows (+ bias, + res);
-//   pass 2  the expand, over the active parts' output columns concatenated, each part's
-//           columns starting at a multiple of EXPERT_COL_ALIGN (chunks of ~pass2_bytes of bT):
-//           f32 / bf16: each chunk streams the active rank rows of bT across its columns, four
-//           rank rows at a time, in 256-column tiles; q8: each 8 columns' panel groups of every
-//           active block, dotted with h quantized (expand_q8.h).
-// A pass-2 chunk waits until every pass-1 chunk is done (they write the same rows of y); the
-// thread finishing the last one quantizes h (q8).  Chunks are claimed in order, so the wait is
-// only for chunks still running elsewhere: one barrier per call instead of two regions' jobs.
+// One parallel region (pool.h) of many small chunks, the A chunks' then the W chunks':
+//   A chunk   active rows of A_cat (~chunk bytes of them): h; the thread finishing the last one
+//             quantizes h (q8) and marks it ready;
+//   W chunk   rows i0:i1 of W (~chunk bytes): y rows (+ bias, + res); then, if the rows lie in an
+//             active part, that part's expand over the same columns, h ready: the chunk's y
+//             rows are still in L1 and no thread waits for another's rows of W.  f32 / bf16:
+//             the active rank rows of bT across the columns, four at a time, in 256-column tiles;
+//             q8: each 8 columns' panel groups of every active block, dotted with h quantized
+//             (expand_q8.h).  Chunks never straddle an active part's edge, and inside one start a
+//             multiple of EXPERT_COL_ALIGN columns from its first, so a panel group is one chunk's.
+// Chunks are claimed in order: every A chunk is claimed before any W chunk, so an expand waits
+// only when an A chunk's thread was descheduled.  One barrier-free region per call.
 // Scratch (x', h, the routing lists) is thread_local to the calling thread.
 #pragma once
 #include <cstdint>
@@ -91,12 +92,10 @@ struct LinearCall {
 
 void linear_run(const Linear& lin, const LinearCall& call, int threads);
 
-// Chunk sizes (benchmarks/bench_cpu_pool.py tunes them): pass 1 takes about pass1_bytes of
-// weight rows per chunk, pass 2 about pass2_bytes of bT: its columns (a multiple of 8) times the
-// most active rank rows of one part (each rank row is read in runs of that many columns).  A region smaller than one chunk runs inline.
+// Chunk size (tuning): a chunk takes about ``bytes`` of W's rows, or of A_cat's active rows.  A
+// region smaller than one chunk runs inline.
 struct Chunking {
-    int64_t pass1_bytes = 65536;
-    int64_t pass2_bytes = 65536;
+    int64_t bytes = 65536;
 };
 Chunking chunking();
 void set_chunking(const Chunking& c);
