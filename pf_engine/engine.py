@@ -92,6 +92,14 @@ def gguf_source(model) -> str | None:
     return model if model.endswith(".gguf") else None
 
 
+def served_load_args(mode: str | None, gguf: str | None, backend, dtype: torch.dtype) -> tuple:
+    """What load_weights reads for a model served with ``mode`` (quantization.check's result)
+    on ``backend``: (mode, the GGUF whose 8/4-bit and 16-bit tensors are kept as stored, or
+    None: the converted folder's float weights)."""
+    keep = gguf is not None and mode is None and backend.quantized and dtype == torch.float32
+    return mode, (gguf if keep else None)
+
+
 class Engine:
     def __init__(self, folder: str, device: torch.device, dtype: torch.dtype, adapters=None,
                  backend: str | None = None, quantize: str | None = None, gguf: str | None = None,
@@ -106,8 +114,8 @@ class Engine:
         mode = quantization.check(quantize, gguf=gguf is not None, device=device, dtype=dtype,
                                   backend=self.backend)
         from pf_engine.parallel.options import check_parallel
-        keep = gguf is not None and mode is None and self.backend.quantized and dtype == torch.float32
-        self.load_args = (mode, gguf if keep else None)     # what load_weights reads (TP workers too)
+        self.load_args = served_load_args(mode, gguf, self.backend, dtype)   # TP workers too
+        keep = self.load_args[1] is not None
         self.tensor_parallel = check_parallel(self.config, tensor_parallel, device,
                                               keep or mode not in (None, "f32"))
         weights = load_weights(folder, self.config, dtype, device, *self.load_args)

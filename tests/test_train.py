@@ -330,6 +330,9 @@ def test_quick_train_end_to_end(quick_bank, bundled_pf_home, capsys):
     assert all(v["step"] == 2 and {"relevance", "degenerate", "trait"} <= set(v)
                for v in rec["early_stopping"].values())
     assert len(rec["validation_messages"]) == 2
+    # trained on the base as served by default: the bundled 4-bit file, activations rounded
+    assert rec["served"]["weights"].startswith("q4_1 + q8_0 embedding") and rec["served"]["quantize"] is None
+    assert rec["served"]["round_activations"] is True
     assert bank_main(["inspect", str(quick_bank)]) == 0
     assert "recipe   pf-train --quick" in capsys.readouterr().out
 

@@ -1,7 +1,12 @@
 """pf-train: train the ten Big Five persona experts and the situation router into one bank.
 
     pf-train -o bigfive.safetensors [--data data/personas] [--model M] [--quick] [--overwrite]
-             [--peft-dir DIR] [--seed 0] [--steps N] [--quiet]
+             [--peft-dir DIR] [--seed 0] [--steps N] [--quantize FMT] [--no-round-activations]
+             [--quiet]
+
+The experts and the router learn on the base as the engine serves it on the CPU (--quantize, as
+pf-generate's; default the model's own: the bundled model's 4-bit file, an HF folder's weights
+as stored), through the 8-bit activation rounding of block-quantized weights (train/served.py).
 
 Reads only the train split of the data folder.  The full recipe takes about half an hour on two
 CPU cores; --quick trains a tiny bank in about a minute (tests, CI).  Errors print one line
@@ -29,6 +34,11 @@ def build_parser() -> Parser:
                    help="also keep each expert as a PEFT folder DIR/POLE (e.g. DIR/openness+)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: the recipe's, 0)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per expert")
+    p.add_argument("--quantize", default=None, choices=("f32", "q8", "q4", "bf16", "f16"),
+                   help="train against the base in this format (default: as the engine serves "
+                   "the model by default; f32: the float weights, no activation rounding)")
+    p.add_argument("--no-round-activations", action="store_true",
+                   help="do not train through the served 8-bit activation rounding")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no summary")
     return p
 
@@ -48,6 +58,10 @@ def main(argv=None) -> int:
                 if value < (0 if name == "seed" else 1):
                     raise PFError(f"--{name} must be >= {0 if name == 'seed' else 1}, got {value}")
                 setattr(recipe, name, value)
+        if args.quantize is not None:
+            recipe.quantize = args.quantize
+        if args.no_round_activations:
+            recipe.round_activations = False
         bank = train_bank(args.data or default_data_dir(), args.output, model=args.model,
                           quick=args.quick, overwrite=args.overwrite, recipe=recipe,
                           peft_dir=args.peft_dir, progress=not args.quiet)

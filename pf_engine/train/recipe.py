@@ -3,7 +3,9 @@
     bank = train_bank("data/personas", "bigfive.safetensors")          # the full recipe
     bank = train_bank(..., quick=True)                                 # a tiny one, for tests
 
-Steps: read the train split (never heldout/); let the base model answer every held-in prompt
+Steps: load the base as the engine serves it (``recipe.quantize``; train/served.py: the
+transformers model gets the served weights and, through ``round_activations``, the served 8-bit
+activation rounding); read the train split (never heldout/); let the base model answer every held-in prompt
 and keep the replies that are fluent, relevant and right (distill.py); tokenise every reply and
 self-description with the model's chat template; run the frozen bottom layers once for all of
 them (experts.Trunk); train one LoRA per pole with peft, early-stopped on validation messages
@@ -30,6 +32,7 @@ from pf_engine.errors import PFError
 from pf_engine.train.data import NONE, TRAITS, Corpus, load_corpus, opposite, trait_of
 from pf_engine.train.experts import Item, Pools, Trunk, load_hf_model, train_expert
 from pf_engine.train.router import pooled_states, train_router
+from pf_engine.train.served import serve_like, served_weights
 from pf_engine.train.sequences import SELF_PROMPTS, ChatEncoder
 
 
@@ -62,6 +65,8 @@ class Recipe:
     router_top_k: int = 2
     seed: int = 0
     storage_dtype: str = "fp16"
+    quantize: str | None = None      # the base as served (Engine's quantize; None: the default)
+    round_activations: bool = True   # through the served 8-bit activation rounding (served.py)
 
     @classmethod
     def quick(cls) -> "Recipe":
@@ -159,11 +164,13 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
     from pf_engine.engine import Engine
     from pf_engine.train.encoder import SentenceEncoder
     enc = ChatEncoder(Tokenizer(model_dir).hf)
-    eng = Engine(model_dir, torch.device("cpu"), torch.float32)
+    served = served_weights(model, recipe.quantize)
+    eng = Engine.from_pretrained(model, device="cpu", dtype="fp32", quantize=recipe.quantize,
+                                 progress=False)
     encoder = SentenceEncoder()
     train_ids, val_ids = split_messages(corpus, recipe)
     distilled = _base_replies(eng, corpus, encoder, recipe, progress)
-    items, neutral, distill, trunk = _cached_items(corpus, enc, model_dir, recipe, train_ids,
+    items, neutral, distill, trunk = _cached_items(corpus, enc, served, recipe, train_ids,
                                                    distilled.pairs, progress)
     val = [corpus.train.messages[m] for m in val_ids]
     pm, names, logs, chosen = _train_experts(corpus, items, neutral, distill, trunk, recipe,
@@ -181,6 +188,8 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
         "final_loss": {p: log[-1] for p, log in logs.items()},
         "early_stopping": chosen, "validation_messages": val_ids,
         "base_replies": distilled.report,
+        "served": {"weights": eng.weight_formats, "quantize": recipe.quantize,
+                   "round_activations": recipe.round_activations},
     }
     bank.to(dtype=DTYPES[recipe.storage_dtype])
     bank.save(output, overwrite=overwrite)
@@ -197,12 +206,15 @@ def _base_replies(eng, corpus, encoder, recipe: Recipe, progress: bool):
         return base_replies(eng, corpus.train, encoder, limit=limit, progress=bar)
 
 
-def _cached_items(corpus, enc, model_dir, recipe: Recipe, mids, distilled, progress: bool):
+def _cached_items(corpus, enc, served, recipe: Recipe, mids, distilled, progress: bool):
     """Tokenised items per pole, the neutral ones and the distillation ones, with trunk outputs
-    and base likelihoods (and, for distillation, the base model's top states)."""
+    and base likelihoods (and, for distillation, the base model's top states), on the base as
+    served (``served``: served_weights' folder, config and weights)."""
     from tqdm.auto import tqdm
     items = build_items(corpus, enc, recipe.limit, mids)
-    hf = load_hf_model(model_dir)
+    folder, cfg, weights = served
+    hf = load_hf_model(folder)
+    serve_like(hf, cfg, weights, recipe.round_activations)
     L = hf.config.num_hidden_layers
     first = recipe.first_layer % L if recipe.first_layer < 0 else recipe.first_layer
     if not 0 <= first < L:
