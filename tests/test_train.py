@@ -333,6 +333,9 @@ def test_quick_train_end_to_end(quick_bank, bundled_pf_home, capsys):
     # trained on the base as served by default: the bundled 4-bit file, activations rounded
     assert rec["served"]["weights"].startswith("q4_1 + q8_0 embedding") and rec["served"]["quantize"] is None
     assert rec["served"]["round_activations"] is True
+    # the preference stage ran for every expert and reported its figures
+    assert set(rec["preference"]) == set(bank.expert_names)
+    assert all(v["samples"] == 4 and 0 <= v["degenerate"] <= 1 for v in rec["preference"].values())
     assert bank_main(["inspect", str(quick_bank)]) == 0
     assert "recipe   pf-train --quick" in capsys.readouterr().out
 

@@ -129,3 +129,99 @@ def test_training_on_the_quantized_base_equals_its_dequantized_copy(tiny_chat_mo
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     c = train(tiny_chat_model[0], "q4", True)
     assert (c - a).abs().max() > 1e-4
+
+
+# The preference stage (train/preference.py) -------------------------------------------------------
+def test_build_pairs_rejects_a_degenerate_reply_and_needs_a_gap():
+    from pf_engine.train.preference import build_pairs
+    r = lambda s, d=0.0: {"score": s, "degenerate": d}
+    scored = [[r(0.5), r(0.9), r(0.95, 1.0), r(0.1)],     # the looping one is rejected, though
+              [r(0.5), r(0.52)],                          # scored above the worst; gap too small
+              [r(-1.0, 1.0), r(-1.5, 1.0)],               # nothing fluent to choose
+              [r(0.2), r(0.7)]]
+    assert build_pairs(scored, 0.05) == [(0, 1, 2), (3, 1, 0)]
+
+
+def test_dpo_loss_matches_its_formula():
+    from pf_engine.train.preference import dpo_loss
+    lw, ll, rw, rl = (torch.tensor(v) for v in ([-1.0, -2.0], [-1.5, -1.0], [-1.2, -2.0], [-1.4, -1.1]))
+    loss, margin = dpo_loss(lw, ll, rw, rl, beta=4.0)
+    m = [(-1.0 + 1.2) - (-1.5 + 1.4), (-2.0 + 2.0) - (-1.0 + 1.1)]
+    assert torch.allclose(margin, torch.tensor(m))
+    want = sum(-np.log(1 / (1 + np.exp(-4.0 * x))) for x in m) / 2
+    assert float(loss) == pytest.approx(want, rel=1e-6)
+
+
+def _tiny_trunk(folder):
+    from peft import LoraConfig, get_peft_model
+
+    from pf_engine.train.experts import Trunk
+    hf = _hf(folder)
+    torch.manual_seed(0)
+    pm = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                       layers_to_transform=[1], lora_dropout=0.0))
+    return pm, Trunk(hf, 1)
+
+
+@pytest.mark.parametrize("steps", [0, 6])
+def test_preference_steps_raise_the_chosen_over_rejected_margin(tiny_chat_model, steps):
+    """DPO against the frozen start: the implicit reward margin of chosen over rejected replies
+    grows from 0 (and stays 0 without steps)."""
+    from pf_engine.train.experts import Item
+    from pf_engine.train.preference import _train
+    from pf_engine.train.recipe import Recipe
+    from pf_engine.train.sequences import Sequence
+    pm, trunk = _tiny_trunk(tiny_chat_model[0])
+    rng = np.random.default_rng(1)
+    chosen, rejected = [], []
+    for _ in range(4):
+        prompt = rng.integers(3, 200, 5).tolist()
+        chosen.append(Item(Sequence(prompt, rng.integers(3, 200, 6).tolist())))
+        rejected.append(Item(Sequence(prompt, [7, 8, 7, 8, 7, 8])))
+    trunk.cache(chosen + rejected)
+    rc = Recipe(pref_steps=steps, pref_lr=1e-2, pairs=4, w_kl=0.0)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    log, before, after = _train(trunk, params, chosen, rejected, [], rc, seed=0)
+    assert before == 0.0 and len(log) == steps
+    if steps:
+        assert after > 0.05 and log[-1]["dpo"] < log[0]["dpo"]
+    else:
+        assert after == 0.0
+
+
+def test_preference_stage_samples_scores_and_keeps_or_reverts(tiny_chat_model):
+    """The whole stage on a tiny model with a scorer that calls the first sample of each message
+    the best: pairs form, the metrics are reported, and a validation score that falls reverts
+    the adapter to its state before the stage."""
+    from pf_engine.train.preference import preference_stage
+    from pf_engine.train.recipe import Recipe
+    from pf_engine.train.sequences import ChatEncoder
+    from pf_engine.tokenizer import Tokenizer
+    pm, trunk = _tiny_trunk(tiny_chat_model[0])
+    enc = ChatEncoder(Tokenizer(tiny_chat_model[0]).hf)
+
+    class Encoder:
+        def relevance(self, messages, texts):
+            return [1.0 if i % 2 == 0 else 0.0 for i in range(len(texts))]
+
+    class Classifier:
+        def prob(self, texts):
+            return [0.5] * len(texts)
+    rc = Recipe(pref_steps=3, pref_samples=2, pref_tokens=6, pref_lr=1e-2, pairs=2, w_kl=0.0)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    scores = iter([{"score": 1.0}, {"score": 0.5}])           # validation: falls -> revert
+    rep = preference_stage(trunk, params, enc, ["hello there", "how are you"], Encoder(), Classifier(),
+                           "openness+", [], rc, seed=0, select=lambda: next(scores))
+    assert rep["samples"] == 4
+    assert rep["pairs"] >= 1 and rep["chosen_score"] > rep["rejected_score"]     # seeded sampling
+    assert rep["kept"] is False and len(rep["log"]) == 3 and rep["margin_after"] > 0
+    assert all(torch.equal(p, s) for p, s in zip(params, start))
+
+
+def test_bad_pref_steps_is_one_line_before_any_loading(tmp_path, capsys):
+    from pf_engine.cli.train import main
+    assert main(["-o", str(tmp_path / "b.safetensors"), "--pref-steps", "-1", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "pf-train: error: --pref-steps must be >= 0, got -1"
+    assert not (tmp_path / "b.safetensors").exists()

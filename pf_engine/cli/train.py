@@ -1,15 +1,17 @@
 """pf-train: train the ten Big Five persona experts and the situation router into one bank.
 
     pf-train -o bigfive.safetensors [--data data/personas] [--model M] [--quick] [--overwrite]
-             [--peft-dir DIR] [--seed 0] [--steps N] [--quantize FMT] [--no-round-activations]
+             [--peft-dir DIR] [--seed 0] [--steps N] [--pref-steps N | --no-preference]
+             [--quantize FMT] [--no-round-activations]
              [--quiet]
 
 The experts and the router learn on the base as the engine serves it on the CPU (--quantize, as
 pf-generate's; default the model's own: the bundled model's 4-bit file, an HF folder's weights
 as stored), through the 8-bit activation rounding of block-quantized weights (train/served.py).
 
-Reads only the train split of the data folder.  The full recipe takes about half an hour on two
-CPU cores; --quick trains a tiny bank in about a minute (tests, CI).  Errors print one line
+Reads only the train split of the data folder.  The full recipe took about half an hour on two
+CPU cores before the preference stage was added (not yet timed with it); --quick trains a tiny
+bank in about three minutes (tests, CI).  Errors print one line
 ``pf-train: error: ...`` and exit with 2; an interrupted or failed run writes no bank.
 """
 from __future__ import annotations
@@ -28,12 +30,15 @@ def build_parser() -> Parser:
     p.add_argument("--data", default=None, metavar="DIR",
                    help="persona corpus folder (default: data/personas of this checkout)")
     p.add_argument("--model", default=None, help="base model (default: the bundled SmolLM2)")
-    p.add_argument("--quick", action="store_true", help="a tiny recipe for tests (about a minute)")
+    p.add_argument("--quick", action="store_true", help="a tiny recipe for tests (a few minutes)")
     p.add_argument("--overwrite", action="store_true", help="replace BANK if it exists")
     p.add_argument("--peft-dir", default=None, metavar="DIR",
                    help="also keep each expert as a PEFT folder DIR/POLE (e.g. DIR/openness+)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: the recipe's, 0)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per expert")
+    p.add_argument("--pref-steps", type=int, default=None,
+                   help="DPO steps per expert in the preference stage (default: the recipe's, 20)")
+    p.add_argument("--no-preference", action="store_true", help="skip the preference stage")
     p.add_argument("--quantize", default=None, choices=("f32", "q8", "q4", "bf16", "f16"),
                    help="train against the base in this format (default: as the engine serves "
                    "the model by default; f32: the float weights, no activation rounding)")
@@ -52,12 +57,14 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     recipe = Recipe.quick() if args.quick else Recipe()
     try:
-        for name in ("seed", "steps"):
+        for name, least in (("seed", 0), ("steps", 1), ("pref_steps", 0)):
             value = getattr(args, name)
             if value is not None:
-                if value < (0 if name == "seed" else 1):
-                    raise PFError(f"--{name} must be >= {0 if name == 'seed' else 1}, got {value}")
+                if value < least:
+                    raise PFError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
                 setattr(recipe, name, value)
+        if args.no_preference:
+            recipe.pref_steps = 0
         if args.quantize is not None:
             recipe.quantize = args.quantize
         if args.no_round_activations:

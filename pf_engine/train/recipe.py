@@ -9,7 +9,8 @@ activation rounding); read the train split (never heldout/); let the base model 
 and keep the replies that are fluent, relevant and right (distill.py); tokenise every reply and
 self-description with the model's chat template; run the frozen bottom layers once for all of
 them (experts.Trunk); train one LoRA per pole with peft, early-stopped on validation messages
-kept out of training (select.py); save the experts as PEFT folders and stack them with
+kept out of training (select.py), then tune each on its own sampled replies with DPO
+(preference.py: the best against the worst or a looping one); save the experts as PEFT folders and stack them with
 ``AdapterBank.from_peft``; train the sequence router, with its "none" output, on the
 situations; store in fp16 with the recipe in the bank's metadata; write the file atomically.
 An interrupted run leaves no bank.
@@ -31,6 +32,7 @@ from pf_engine.model.config import HF_MODULE_NAMES
 from pf_engine.errors import PFError
 from pf_engine.train.data import NONE, TRAITS, Corpus, load_corpus, opposite, trait_of
 from pf_engine.train.experts import Item, Pools, Trunk, load_hf_model, train_expert
+from pf_engine.train.preference import preference_stage
 from pf_engine.train.router import pooled_states, train_router
 from pf_engine.train.served import serve_like, served_weights
 from pf_engine.train.sequences import SELF_PROMPTS, ChatEncoder
@@ -65,6 +67,15 @@ class Recipe:
     router_top_k: int = 2
     seed: int = 0
     storage_dtype: str = "fp16"
+    pref_steps: int = 20             # the preference stage (preference.py): DPO steps per
+                                     # expert after its supervised ones (0: no stage)
+    pref_messages: int = 12          # training messages the expert samples replies to
+    pref_samples: int = 4            # replies per message
+    pref_tokens: int = 48            # at most this many tokens each
+    pref_temperature: float = 0.9
+    pref_min_gap: float = 0.05       # a pair's least score gap
+    pref_beta: float = 4.0           # DPO's beta on per-token mean log-likelihoods
+    pref_lr: float = 5e-4
     quantize: str | None = None      # the base as served (Engine's quantize; None: the default)
     round_activations: bool = True   # through the served 8-bit activation rounding (served.py)
 
@@ -73,7 +84,7 @@ class Recipe:
         """Minutes-free: two adapted layers, rank 2, two steps per expert, a few texts."""
         return cls(rank=2, alpha=4.0, first_layer=-2, steps=2, pairs=2, retain=2, distill=2,
                    eval_every=2, val_messages=2, limit=3, router_steps=30, router_layers=(6, 12),
-                   router_hidden=16)
+                   router_hidden=16, pref_steps=2, pref_messages=2, pref_samples=2, pref_tokens=8)
 
 
 def _git_commit() -> dict:
@@ -173,7 +184,7 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
     items, neutral, distill, trunk = _cached_items(corpus, enc, served, recipe, train_ids,
                                                    distilled.pairs, progress)
     val = [corpus.train.messages[m] for m in val_ids]
-    pm, names, logs, chosen = _train_experts(corpus, items, neutral, distill, trunk, recipe,
+    pm, names, logs, chosen, prefs = _train_experts(corpus, items, neutral, distill, trunk, recipe,
                                              (enc, val, encoder, train_ids), progress)
     bank = _assemble(pm, names, corpus.poles, model_dir, peft_dir)
     bank.router, router_report = _train_router(corpus, enc, eng, recipe,
@@ -186,7 +197,7 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
         "train_seconds": round(time.perf_counter() - t_start, 1),
         "router": router_report, "traits": TRAITS,
         "final_loss": {p: log[-1] for p, log in logs.items()},
-        "early_stopping": chosen, "validation_messages": val_ids,
+        "early_stopping": chosen, "validation_messages": val_ids, "preference": prefs,
         "base_replies": distilled.report,
         "served": {"weights": eng.weight_formats, "quantize": recipe.quantize,
                    "round_activations": recipe.round_activations},
@@ -249,7 +260,7 @@ def _classifier(corpus, pole: str, mids):
 def _train_experts(corpus, items, neutral, distill, trunk: Trunk, recipe: Recipe, val,
                    progress: bool):
     """One peft adapter per pole (named e0.. in bank order) on the trunk's top layers, each
-    early-stopped on the validation messages."""
+    early-stopped on the validation messages, then through the preference stage (if any)."""
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 
@@ -265,18 +276,24 @@ def _train_experts(corpus, items, neutral, distill, trunk: Trunk, recipe: Recipe
     pm = get_peft_model(trunk.model, config, adapter_name=names[0])
     for n in names[1:]:
         pm.add_adapter(n, config)
-    logs, chosen = {}, {}
+    logs, chosen, prefs = {}, {}, {}
     for k, pole in enumerate(corpus.poles):
         pm.set_adapter(names[k])
         params = [p for p in pm.parameters() if p.requires_grad]
         keep = [it for q in corpus.poles if trait_of(q) != trait_of(pole) for it in items[q]]
         pools = Pools(items[pole], items[opposite(pole)], keep + neutral, distill)
-        select = Validator(trunk.model, enc, val_texts, encoder, _classifier(corpus, pole, mids),
-                           pole) if val_texts else None
+        clf = _classifier(corpus, pole, mids)
+        select = Validator(trunk.model, enc, val_texts, encoder, clf, pole) if val_texts else None
         with tqdm(total=recipe.steps, desc=f"expert {pole}", disable=not progress) as bar:
             logs[pole], chosen[pole] = train_expert(trunk, params, pools, recipe, recipe.seed + k,
                                                     progress=bar, select=select)
-    return pm, names, logs, chosen
+        if recipe.pref_steps:
+            msgs = [corpus.train.messages[m] for m in mids[:recipe.pref_messages]]
+            with tqdm(total=1, desc=f"preference {pole}", disable=not progress) as bar:
+                prefs[pole] = preference_stage(trunk, params, enc, msgs, encoder, clf, pole,
+                                               distill, recipe, recipe.seed + k, select, chosen[pole])
+                bar.update(1)
+    return pm, names, logs, chosen, prefs
 
 
 def _assemble(pm, names: list[str], poles: list[str], model_dir: str, peft_dir):

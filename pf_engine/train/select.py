@@ -25,6 +25,14 @@ W_TRAIT = 0.5
 def greedy_replies(model, prompts: list[list[int]], eos: int, max_new_tokens: int = VAL_TOKENS
                    ) -> list[list[int]]:
     """Greedy continuations of token-id prompts with a transformers causal LM (left padded)."""
+    return [r for r, _ in generate(model, prompts, eos, max_new_tokens)]
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], eos: int, max_new_tokens: int, samples: int = 0,
+             temperature: float = 1.0, seed: int = 0) -> list[tuple[list[int], bool]]:
+    """(reply ids without the EOS, whether it ended) for each prompt: greedy (samples=0), or
+    ``samples`` sampled replies per prompt at ``temperature`` (prompt-major order, seeded)."""
     T = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), T), eos, dtype=torch.long)
     att = torch.zeros(len(prompts), T, dtype=torch.long)
@@ -33,13 +41,26 @@ def greedy_replies(model, prompts: list[list[int]], eos: int, max_new_tokens: in
         att[i, T - len(p):] = 1
     was = model.training
     model.eval()
+    kw = dict(do_sample=False)
+    if samples:
+        torch.manual_seed(seed)
+        kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0, num_return_sequences=samples)
     out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=eos, eos_token_id=eos)
+                         pad_token_id=eos, eos_token_id=eos, **kw)
     model.train(was)
-    res = []
-    for row in out[:, T:].tolist():
-        res.append(row[:row.index(eos)] if eos in row else row)
-    return res
+    return [(row[:row.index(eos)], True) if eos in row else (row, False) for row in out[:, T:].tolist()]
+
+
+def reply_scores(messages: list[str], texts: list[str], encoder, classifier, pole: str) -> list[dict]:
+    """Each reply's relevance, degenerate (0/1), trait and score (the module doc's, per reply)."""
+    rel = encoder.relevance(messages, texts)
+    p = classifier.prob(texts)
+    out = []
+    for r, t, q in zip(rel, texts, p):
+        deg = float(degenerate(t))
+        trait = q if pole.endswith("+") else 1 - q
+        out.append({"score": r - 2 * deg + W_TRAIT * trait, "relevance": r, "degenerate": deg, "trait": trait})
+    return out
 
 
 class Validator:
@@ -55,10 +76,6 @@ class Validator:
         return [self.enc.hf.decode(r, skip_special_tokens=True).strip() for r in ids]
 
     def __call__(self) -> dict:
-        texts = self.replies()
-        rel = mean(self.encoder.relevance(self.messages, texts))
-        deg = sum(degenerate(t) for t in texts) / len(texts)
-        p = self.classifier.prob(texts)
-        trait = mean(p if self.pole.endswith("+") else [1 - q for q in p])
-        return {"score": round(rel - 2 * deg + W_TRAIT * trait, 5), "relevance": round(rel, 4),
-                "degenerate": round(deg, 4), "trait": round(trait, 4)}
+        got = reply_scores(self.messages, self.replies(), self.encoder, self.classifier, self.pole)
+        return {k: round(mean([g[k] for g in got]), 5 if k == "score" else 4)
+                for k in ("score", "relevance", "degenerate", "trait")}
