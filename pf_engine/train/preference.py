@@ -77,7 +77,7 @@ def _train(trunk, params, chosen, rejected, distill, rc, seed: int) -> tuple[lis
         (loss + rc.w_kl * kl).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        log.append({"step": step, "dpo": round(float(loss), 5), "kl": round(float(kl), 5),
+        log.append({"step": step, "dpo": round(loss.item(), 5), "kl": round(kl.item(), 5),
                     "margin": round(float(margin.mean()), 5)})
     with torch.no_grad():
         after = (trunk.log_likelihood(chosen) - ref_w) - (trunk.log_likelihood(rejected) - ref_l)
