@@ -2,12 +2,19 @@
 
     pf-train -o bigfive.safetensors [--data data/personas] [--model M] [--quick] [--overwrite]
              [--peft-dir DIR] [--seed 0] [--steps N] [--pref-steps N | --no-preference]
+             [--joint-steps N | --no-joint]
              [--quantize FMT] [--no-round-activations]
+             [--device cpu|cuda] [--dtype bf16|fp16|fp32] [--checkpointing | --no-checkpointing]
+             [--max-len 512]
              [--quiet]
 
 The experts and the router learn on the base as the engine serves it on the CPU (--quantize, as
 pf-generate's; default the model's own: the bundled model's 4-bit file, an HF folder's weights
 as stored), through the 8-bit activation rounding of block-quantized weights (train/served.py).
+--device cuda trains on a GPU against the model's float weights at --dtype (default bf16, as
+the GPU engine serves them; the adapters stay fp32), recomputing the top layers in the backward
+pass (gradient checkpointing, on by default there); --model takes any HF Llama-family folder
+(Llama, Mistral, Qwen2) or a GGUF file.
 
 Reads only the train split of the data folder.  The full recipe took about half an hour on two
 CPU cores before the preference stage was added (not yet timed with it); --quick trains a tiny
@@ -39,11 +46,24 @@ def build_parser() -> Parser:
     p.add_argument("--pref-steps", type=int, default=None,
                    help="DPO steps per expert in the preference stage (default: the recipe's, 20)")
     p.add_argument("--no-preference", action="store_true", help="skip the preference stage")
+    p.add_argument("--joint-steps", type=int, default=None,
+                   help="steps of the joint stage, experts and router together on the routed "
+                   "mixture (default: the recipe's, 30)")
+    p.add_argument("--no-joint", action="store_true", help="skip the joint stage")
     p.add_argument("--quantize", default=None, choices=("f32", "q8", "q4", "bf16", "f16"),
                    help="train against the base in this format (default: as the engine serves "
                    "the model by default; f32: the float weights, no activation rounding)")
     p.add_argument("--no-round-activations", action="store_true",
                    help="do not train through the served 8-bit activation rounding")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                   help="where to train (default cpu)")
+    p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"),
+                   help="the base's compute dtype (default: fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--checkpointing", default=None, action="store_true",
+                   help="recompute the top layers in the backward pass (default: on cuda)")
+    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="tokens per training sequence at most (default: the recipe's, 512)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no summary")
     return p
 
@@ -57,7 +77,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     recipe = Recipe.quick() if args.quick else Recipe()
     try:
-        for name, least in (("seed", 0), ("steps", 1), ("pref_steps", 0)):
+        for name, least in (("seed", 0), ("steps", 1), ("pref_steps", 0), ("joint_steps", 0),
+                            ("max_len", 16)):
             value = getattr(args, name)
             if value is not None:
                 if value < least:
@@ -65,6 +86,11 @@ def main(argv=None) -> int:
                 setattr(recipe, name, value)
         if args.no_preference:
             recipe.pref_steps = 0
+        for name in ("device", "dtype", "checkpointing"):
+            if getattr(args, name) is not None:
+                setattr(recipe, name, getattr(args, name))
+        if args.no_joint:
+            recipe.joint_steps = 0
         if args.quantize is not None:
             recipe.quantize = args.quantize
         if args.no_round_activations:

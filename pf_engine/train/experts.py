@@ -44,10 +44,10 @@ class Item:
     base_top: torch.Tensor | None = None    # [T, d] the base model's final normed states (KL)
 
 
-def load_hf_model(folder: str):
-    """The base model as a transformers module (fp32, eval mode, frozen)."""
+def load_hf_model(folder: str, dtype: torch.dtype = torch.float32, device="cpu"):
+    """The base model as a transformers module (``dtype`` on ``device``, eval mode, frozen)."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -58,12 +58,16 @@ class Trunk:
     """Runs a causal LM (transformers Llama-family, optionally peft-wrapped) from a cached layer.
 
     ``model``: the transformers *ForCausalLM (not the peft wrapper: peft injects its LoRA layers
-    into this same module tree, so the top layers see the active adapter).
+    into this same module tree, so the top layers see the active adapter), on any device: the
+    cached states live there.  ``checkpointing``: while gradients are on, each top layer keeps
+    only its input and recomputes the rest in the backward pass (torch.utils.checkpoint), so a
+    7-8B model's top layers train in the memory of one of them.
     """
 
-    def __init__(self, model, first_layer: int):
-        self.model, self.first = model, first_layer
+    def __init__(self, model, first_layer: int, checkpointing: bool = False):
+        self.model, self.first, self.checkpointing = model, first_layer, checkpointing
         self.inner = model.model
+        self.device = model.lm_head.weight.device
         if not 0 <= first_layer < len(self.inner.layers):
             raise ValueError(f"first_layer {first_layer} outside 0..{len(self.inner.layers) - 1}")
 
@@ -73,25 +77,32 @@ class Trunk:
         for i in range(0, len(items), batch):
             chunk = items[i:i + batch]
             ids, _, _ = pad_batch([it.seq for it in chunk])
-            h = self._run(self.inner.embed_tokens(ids), 0, self.first)
+            h = self._run(self.inner.embed_tokens(ids.to(self.device)), 0, self.first)
             for j, it in enumerate(chunk):
                 it.hidden = h[j, :len(it.seq.ids)].clone()
             if progress is not None:
                 progress.update(len(chunk))
 
     def _run(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        pos = torch.arange(h.shape[1]).unsqueeze(0)
+        pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
         pe = self.inner.rotary_emb(h, position_ids=pos)
         for layer in self.inner.layers[start:stop]:
-            h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=pos)
+            if self.checkpointing and torch.is_grad_enabled():
+                from torch.utils.checkpoint import checkpoint
+                h = checkpoint(layer, h, attention_mask=None, position_embeddings=pe,
+                               position_ids=pos, use_reentrant=False)
+            else:
+                h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=pos)
+            h = h[0] if isinstance(h, tuple) else h
         return h
 
     def top(self, items: list[Item]):
         """Final normed states [B, T, d] of the top layers from the cached trunk, the targets
         [B, T] and the reply mask [B, T] (sequences.pad_batch)."""
         _, targets, mask = pad_batch([it.seq for it in items])
+        targets, mask = targets.to(self.device), mask.to(self.device)
         T, d = targets.shape[1], items[0].hidden.shape[-1]
-        h = torch.zeros(len(items), T, d)
+        h = torch.zeros(len(items), T, d, dtype=items[0].hidden.dtype, device=self.device)
         for j, it in enumerate(items):
             h[j, :it.hidden.shape[0]] = it.hidden
         return self.inner.norm(self._run(h, self.first, len(self.inner.layers))), targets, mask
@@ -101,8 +112,8 @@ class Trunk:
         h, targets, mask = self.top(items)
         logits = self.model.lm_head(h[mask])                             # (N, vocab)
         lp = torch.gather(F.log_softmax(logits.float(), -1), 1, targets[mask].unsqueeze(1))[:, 0]
-        row = torch.arange(len(items)).unsqueeze(1).expand_as(mask)[mask]
-        total = torch.zeros(len(items)).index_add(0, row, lp)
+        row = torch.arange(len(items), device=self.device).unsqueeze(1).expand_as(mask)[mask]
+        total = torch.zeros(len(items), device=self.device).index_add(0, row, lp)
         return total / mask.sum(1)
 
     @torch.no_grad()
@@ -163,14 +174,14 @@ def train_expert(trunk: Trunk, params: list[torch.nn.Parameter], pools: Pools, r
         keep = rng.sample(pools.keep, min(rc.retain, len(pools.keep)))
         batch = own + twin + keep
         lp = trunk.log_likelihood(batch)
-        base = torch.tensor([it.base_lp for it in batch])
+        base = torch.tensor([it.base_lp for it in batch], device=lp.device)
         d = lp - base
         n = len(own)
         nll = -lp[:n].mean()
         margin = (d[:n] - d[n:2 * n]).clamp_max(rc.pair_cap)
         pair = -F.logsigmoid(rc.beta * margin).mean()
-        keep_loss = d[2 * n:].pow(2).mean() if keep else torch.zeros(())
-        kl = torch.zeros(())
+        keep_loss = d[2 * n:].pow(2).mean() if keep else torch.zeros((), device=lp.device)
+        kl = torch.zeros((), device=lp.device)
         if rc.w_kl and pools.distill:
             kl = trunk.kl_to_base(rng.sample(pools.distill, min(rc.distill, len(pools.distill))))
         loss = nll + rc.w_pair * pair + rc.w_retain * keep_loss + rc.w_kl * kl

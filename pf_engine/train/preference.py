@@ -70,7 +70,7 @@ def _train(trunk, params, chosen, rejected, distill, rc, seed: int) -> tuple[lis
         lp = trunk.log_likelihood([chosen[i] for i in pick] + [rejected[i] for i in pick])
         n = len(pick)
         loss, margin = dpo_loss(lp[:n], lp[n:], ref_w[pick], ref_l[pick], rc.pref_beta)
-        kl = torch.zeros(())
+        kl = torch.zeros((), device=lp.device)
         if rc.w_kl and distill:
             kl = trunk.kl_to_base(rng.sample(distill, min(rc.distill, len(distill))))
         opt.zero_grad(set_to_none=True)

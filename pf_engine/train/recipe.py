@@ -5,14 +5,16 @@
 
 Steps: load the base as the engine serves it (``recipe.quantize``; train/served.py: the
 transformers model gets the served weights and, through ``round_activations``, the served 8-bit
-activation rounding); read the train split (never heldout/); let the base model answer every held-in prompt
+activation rounding; on ``device="cuda"`` the model's float weights at ``dtype``, as the GPU
+engine serves them); read the train split (never heldout/); let the base model answer every held-in prompt
 and keep the replies that are fluent, relevant and right (distill.py); tokenise every reply and
 self-description with the model's chat template; run the frozen bottom layers once for all of
 them (experts.Trunk); train one LoRA per pole with peft, early-stopped on validation messages
 kept out of training (select.py), then tune each on its own sampled replies with DPO
 (preference.py: the best against the worst or a looping one); save the experts as PEFT folders and stack them with
 ``AdapterBank.from_peft``; train the sequence router, with its "none" output, on the
-situations; store in fp16 with the recipe in the bank's metadata; write the file atomically.
+situations; train the experts and the router together on the routed mixture (joint.py);
+store in fp16 with the recipe in the bank's metadata; write the file atomically.
 An interrupted run leaves no bank.
 """
 from __future__ import annotations
@@ -30,10 +32,10 @@ import torch
 
 from pf_engine.model.config import HF_MODULE_NAMES
 from pf_engine.errors import PFError
-from pf_engine.train.data import NONE, TRAITS, Corpus, load_corpus, opposite, trait_of
+from pf_engine.train.data import TRAITS, Corpus, load_corpus, opposite, trait_of
 from pf_engine.train.experts import Item, Pools, Trunk, load_hf_model, train_expert
 from pf_engine.train.preference import preference_stage
-from pf_engine.train.router import pooled_states, train_router
+from pf_engine.train.router import fit_router, router_data
 from pf_engine.train.served import serve_like, served_weights
 from pf_engine.train.sequences import SELF_PROMPTS, ChatEncoder
 
@@ -76,15 +78,47 @@ class Recipe:
     pref_min_gap: float = 0.05       # a pair's least score gap
     pref_beta: float = 4.0           # DPO's beta on per-token mean log-likelihoods
     pref_lr: float = 5e-4
+    joint_steps: int = 30            # the joint stage (joint.py): experts and router together on
+                                     # the routed mixture (0: no stage)
+    joint_batch: int = 4             # situations per step
+    joint_lr: float = 5e-4           # the experts' learning rate there
+    joint_router_lr: float = 1e-3    # the router's
+    joint_val: int = 8               # every n-th train situation scores the stage, kept out
     quantize: str | None = None      # the base as served (Engine's quantize; None: the default)
+    device: str = "cpu"              # where to train: cpu, or cuda (the GPU the engine serves on)
+    dtype: str | None = None         # the base's compute dtype: fp32 on cpu; bf16 (default),
+                                     # fp16 or fp32 on cuda (the adapters stay fp32)
+    checkpointing: bool | None = None  # recompute the top layers in backward (None: on cuda)
+    max_len: int = 512               # tokens per training sequence at most (longer: cut)
     round_activations: bool = True   # through the served 8-bit activation rounding (served.py)
 
     @classmethod
-    def quick(cls) -> "Recipe":
+    def quick(cls, **overrides) -> "Recipe":
         """Minutes-free: two adapted layers, rank 2, two steps per expert, a few texts."""
-        return cls(rank=2, alpha=4.0, first_layer=-2, steps=2, pairs=2, retain=2, distill=2,
+        return cls(**{**dict(rank=2, alpha=4.0, first_layer=-2, steps=2, pairs=2, retain=2, distill=2,
                    eval_every=2, val_messages=2, limit=3, router_steps=30, router_layers=(6, 12),
-                   router_hidden=16, pref_steps=2, pref_messages=2, pref_samples=2, pref_tokens=8)
+                   router_hidden=16, pref_steps=2, pref_messages=2, pref_samples=2, pref_tokens=8,
+                   joint_steps=2, joint_batch=2, joint_val=4), **overrides})
+
+
+def compute_device(recipe: Recipe) -> tuple[torch.device, str]:
+    """(the device pf-train runs on, the base's dtype name), or a PFError naming what is wrong:
+    the CPU computes in fp32 (--quantize picks the served weights); cuda needs a GPU."""
+    if recipe.device not in ("cpu", "cuda"):
+        raise PFError(f"device {recipe.device!r}: expected cpu or cuda")
+    dtype = recipe.dtype or ("fp32" if recipe.device == "cpu" else "bf16")
+    if dtype not in ("fp32", "bf16", "fp16"):
+        raise PFError(f"dtype {dtype!r}: expected fp32, bf16 or fp16")
+    if recipe.device == "cpu" and dtype != "fp32":
+        raise PFError(f"dtype {dtype} on the cpu: pf-train computes in fp32 there (--quantize "
+                      "bf16 trains against bf16 weights as served)")
+    if recipe.device == "cuda":
+        if not torch.cuda.is_available():
+            raise PFError("device cuda: no CUDA GPU is visible to torch")
+        if recipe.quantize not in (None, "f32"):
+            raise PFError(f"quantize {recipe.quantize!r} on cuda: the GPU engine serves float "
+                          "weights (pass no --quantize)")
+    return torch.device(recipe.device), dtype
 
 
 def _git_commit() -> dict:
@@ -155,15 +189,16 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
                recipe: Recipe | None = None, peft_dir=None, progress: bool = True):
     """Train the ten experts and the router on ``data_dir``'s train split; write ``output``.
 
-    model: the base (None: the bundled SmolLM2-135M-Instruct).  recipe: the hyper-parameters
-    (default ``Recipe()``, or ``Recipe.quick()`` with quick=True).  peft_dir: also keep the
-    experts' PEFT folders there.  Returns the AdapterBank written.
+    model: the base (None: the bundled SmolLM2-135M-Instruct; an HF Llama-family folder; a
+    .gguf).  recipe: the hyper-parameters (default ``Recipe()``, or ``Recipe.quick()`` with
+    quick=True).  peft_dir: also keep the experts' PEFT folders there.  Returns the AdapterBank
+    written.
     """
     from pf_engine.engine import DTYPES, resolve_model
-    from pf_engine.tokenizer import Tokenizer
 
     output = _check_output(output, overwrite)
     recipe = recipe or (Recipe.quick() if quick else Recipe())
+    compute_device(recipe)
     corpus = load_corpus(data_dir, splits=("train",))
     if peft_dir is not None and os.path.exists(peft_dir) and os.listdir(peft_dir) \
             and not overwrite:
@@ -171,12 +206,28 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
     model_dir = resolve_model(model, progress)
     t_start = time.perf_counter()
     source = _git_commit()          # the code that trains, read before anything can change it
-    torch.manual_seed(recipe.seed)
+    bank, figures = _run(corpus, model, model_dir, recipe, peft_dir, progress)
+    bank.recipe = {
+        "recipe": {k: list(v) if isinstance(v, tuple) else v
+                   for k, v in dataclasses.asdict(recipe).items()},
+        "quick": quick, "data_sha256": corpus.digest["train"], "seed": recipe.seed,
+        "versions": _versions(), **source, "threads": torch.get_num_threads(),
+        "train_seconds": round(time.perf_counter() - t_start, 1), "traits": TRAITS, **figures}
+    bank.to(dtype=DTYPES[recipe.storage_dtype])
+    bank.save(output, overwrite=overwrite)
+    return bank
+
+
+def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool):
+    """The recipe's stages (the module doc); returns (the bank, its figures for the metadata)."""
     from pf_engine.engine import Engine
+    from pf_engine.tokenizer import Tokenizer
     from pf_engine.train.encoder import SentenceEncoder
-    enc = ChatEncoder(Tokenizer(model_dir).hf)
-    served = served_weights(model, recipe.quantize)
-    eng = Engine.from_pretrained(model, device="cpu", dtype="fp32", quantize=recipe.quantize,
+    torch.manual_seed(recipe.seed)
+    dev, dtype = compute_device(recipe)
+    enc = ChatEncoder(Tokenizer(model_dir).hf, recipe.max_len)
+    served = served_weights(model, recipe.quantize) if dev.type == "cpu" else (model_dir, None, None)
+    eng = Engine.from_pretrained(model, device=str(dev), dtype=dtype, quantize=recipe.quantize,
                                  progress=False)
     encoder = SentenceEncoder()
     train_ids, val_ids = split_messages(corpus, recipe)
@@ -185,26 +236,22 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
                                                    distilled.pairs, progress)
     val = [corpus.train.messages[m] for m in val_ids]
     pm, names, logs, chosen, prefs = _train_experts(corpus, items, neutral, distill, trunk, recipe,
-                                             (enc, val, encoder, train_ids), progress)
+                                                    (enc, val, encoder, train_ids), progress)
+    sits, feats, targets = router_data(corpus, enc, eng, recipe, progress)
+    router, router_report = fit_router(feats, targets, recipe, len(trunk.inner.layers))
+    joint = None
+    if recipe.joint_steps:
+        router, joint = _joint(trunk, pm, names, router, corpus, items, distill, distilled.pairs,
+                               (sits, feats, targets), recipe, progress)
     bank = _assemble(pm, names, corpus.poles, model_dir, peft_dir)
-    bank.router, router_report = _train_router(corpus, enc, eng, recipe,
-                                               len(trunk.inner.layers), progress)
-    bank.recipe = {
-        "recipe": {k: list(v) if isinstance(v, tuple) else v
-                   for k, v in dataclasses.asdict(recipe).items()},
-        "quick": quick, "data_sha256": corpus.digest["train"], "seed": recipe.seed,
-        "versions": _versions(), **source, "threads": torch.get_num_threads(),
-        "train_seconds": round(time.perf_counter() - t_start, 1),
-        "router": router_report, "traits": TRAITS,
-        "final_loss": {p: log[-1] for p, log in logs.items()},
+    bank.router = router
+    return bank, {
+        "router": router_report, "final_loss": {p: log[-1] for p, log in logs.items()},
         "early_stopping": chosen, "validation_messages": val_ids, "preference": prefs,
-        "base_replies": distilled.report,
+        "joint": joint, "base_replies": distilled.report,
         "served": {"weights": eng.weight_formats, "quantize": recipe.quantize,
-                   "round_activations": recipe.round_activations},
-    }
-    bank.to(dtype=DTYPES[recipe.storage_dtype])
-    bank.save(output, overwrite=overwrite)
-    return bank
+                   "round_activations": recipe.round_activations and dev.type == "cpu",
+                   "device": dev.type, "dtype": dtype}}
 
 
 def _base_replies(eng, corpus, encoder, recipe: Recipe, progress: bool):
@@ -223,14 +270,18 @@ def _cached_items(corpus, enc, served, recipe: Recipe, mids, distilled, progress
     served (``served``: served_weights' folder, config and weights)."""
     from tqdm.auto import tqdm
     items = build_items(corpus, enc, recipe.limit, mids)
+    from pf_engine.engine import DTYPES
     folder, cfg, weights = served
-    hf = load_hf_model(folder)
-    serve_like(hf, cfg, weights, recipe.round_activations)
+    dev, dtype = compute_device(recipe)
+    hf = load_hf_model(folder, DTYPES[dtype], dev)
+    if weights is not None:
+        serve_like(hf, cfg, weights, recipe.round_activations)
     L = hf.config.num_hidden_layers
     first = recipe.first_layer % L if recipe.first_layer < 0 else recipe.first_layer
     if not 0 <= first < L:
         raise PFError(f"first_layer {recipe.first_layer} is outside the model's 0..{L - 1}")
-    trunk = Trunk(hf, first)
+    trunk = Trunk(hf, first, dev.type != "cpu" if recipe.checkpointing is None
+                  else recipe.checkpointing)
     neutral = [Item(enc.sequence(q, a, tag=f"neutral:{i}")) for i, (q, a) in
                enumerate(corpus.train.neutral[:recipe.limit or None])]
     distill = [Item(enc.sequence(q, a, tag=f"distill:{i}")) for i, (q, a) in enumerate(distilled)]
@@ -312,50 +363,17 @@ def _assemble(pm, names: list[str], poles: list[str], model_dir: str, peft_dir):
         return AdapterBank.from_peft(base_config, folders, dtype=torch.float32)
 
 
-def none_situations(split) -> list[dict]:
-    """The split's fact questions and neutral prompts as situations that call for no persona
-    (more examples of the router's none output beside the no-persona situations)."""
-    return ([{"id": f["id"], "category": "fact", "text": f["question"], "target": {NONE: 1.0}}
-             for f in split.facts] +
-            [{"id": f"neutral:{i}", "category": "neutral", "text": q, "target": {NONE: 1.0}}
-             for i, (q, _) in enumerate(split.neutral)])
-
-
-def router_targets(corpus, situations, recipe: Recipe) -> torch.Tensor:
-    """[N, K] target mixes, or with ``router_none`` [N, K+1]: a persona mix at
-    ``persona_strength`` with the rest on none, and (0, ..., 0, 1) where none is called for."""
-    K = len(corpus.poles)
-    rows = []
-    for s in situations:
-        t = s["target"]
-        mix = [t.get(p, 0.0) for p in corpus.poles]
-        if not recipe.router_none:
-            rows.append(mix)
-            continue
-        share = recipe.persona_strength * (1 - t.get(NONE, 0.0))
-        total = sum(mix) or 1.0
-        rows.append([share * w / total for w in mix] + [1 - share])
-    return torch.tensor(rows).reshape(len(situations), K + recipe.router_none)
-
-
-def _train_router(corpus, enc, eng, recipe: Recipe, num_layers: int, progress: bool):
-    """The sequence router on the engine's own pooled hidden states (what persona="auto" reads)."""
+def _joint(trunk, pm, names, router, corpus, items, distill, pairs, data, recipe: Recipe,
+           progress: bool):
+    """The joint stage (joint.py) on the router's situations, each with the base model's kept
+    reply to it where there is one."""
     from tqdm.auto import tqdm
-    sits = corpus.train.situations + none_situations(corpus.train)
-    if not recipe.router_none:       # a router without a none output cannot learn those
-        sits = [s for s in sits if not s["target"].get(NONE)]
-    if recipe.limit:                 # quick: the first two of each category
-        by_cat: dict[str, list] = {}
-        for s in sits:
-            by_cat.setdefault(s["category"], []).append(s)
-        sits = [s for group in by_cat.values() for s in group[:2]]
-    prompts = [enc.prompt(s["text"]) for s in sits]
-    targets = router_targets(corpus, sits, recipe)
-    with tqdm(total=len(prompts), desc="router features", disable=not progress) as bar:
-        feats = pooled_states(eng.model, prompts, progress=bar)
-    layers = [l for l in recipe.router_layers if l <= num_layers] or [num_layers]
-    return train_router(feats, targets, layers, hidden=recipe.router_hidden,
-                        steps=recipe.router_steps, w_balance=recipe.router_balance,
-                        top_k=recipe.router_top_k, seed=recipe.seed, none=recipe.router_none,
-                        strength_scale=recipe.persona_strength if recipe.router_calibrate
-                        else None)
+
+    from pf_engine.train.joint import Example, joint_stage
+    sits, feats, targets = data
+    by_prompt = {q: it for (q, _), it in zip(pairs, distill)}
+    examples = [Example(feats[i, router.layer], targets[i], by_prompt.get(s["text"]))
+                for i, s in enumerate(sits)]
+    with tqdm(total=recipe.joint_steps, desc="joint", disable=not progress) as bar:
+        return joint_stage(trunk, pm, names, router, examples, items, corpus.poles, distill,
+                           recipe, recipe.seed, progress=bar)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from pf_engine.persona.router import LOGIT_EPS, SequenceRouter, total_weight
+from pf_engine.train.data import NONE
 
 NONE_MAX = 0.2          # a no-persona situation is routed right when its strength is at most this
 LAMBDA = 1e-2           # the calibration's penalty on its slope (classes that separate: finite)
@@ -179,3 +180,60 @@ def _calibrate(p: torch.Tensor, targets: torch.Tensor, scale: float):
                         "none_hit": float((total[~persona] <= NONE_MAX).float().mean())
                         if (~persona).any() else float("nan")}
     return strength, report
+
+
+# pf-train's router data ----------------------------------------------------------------------
+def none_situations(split) -> list[dict]:
+    """The split's fact questions and neutral prompts as situations that call for no persona
+    (more examples of the router's none output beside the no-persona situations)."""
+    return ([{"id": f["id"], "category": "fact", "text": f["question"], "target": {NONE: 1.0}}
+             for f in split.facts] +
+            [{"id": f"neutral:{i}", "category": "neutral", "text": q, "target": {NONE: 1.0}}
+             for i, (q, _) in enumerate(split.neutral)])
+
+
+def router_targets(corpus, situations, recipe) -> torch.Tensor:
+    """[N, K] target mixes, or with ``router_none`` [N, K+1]: a persona mix at
+    ``persona_strength`` with the rest on none, and (0, ..., 0, 1) where none is called for."""
+    K = len(corpus.poles)
+    rows = []
+    for s in situations:
+        t = s["target"]
+        mix = [t.get(p, 0.0) for p in corpus.poles]
+        if not recipe.router_none:
+            rows.append(mix)
+            continue
+        share = recipe.persona_strength * (1 - t.get(NONE, 0.0))
+        total = sum(mix) or 1.0
+        rows.append([share * w / total for w in mix] + [1 - share])
+    return torch.tensor(rows).reshape(len(situations), K + recipe.router_none)
+
+
+def router_data(corpus, enc, eng, recipe, progress: bool):
+    """(situations, pooled features [N, L+1, d], targets [N, K(+1)]): the train situations and
+    the none ones (none_situations), features from the served engine (what persona="auto"
+    reads)."""
+    from tqdm.auto import tqdm
+    sits = corpus.train.situations + none_situations(corpus.train)
+    if not recipe.router_none:       # a router without a none output cannot learn those
+        sits = [s for s in sits if not s["target"].get(NONE)]
+    if recipe.limit:                 # quick: the first two of each category
+        by_cat: dict[str, list] = {}
+        for s in sits:
+            by_cat.setdefault(s["category"], []).append(s)
+        sits = [s for group in by_cat.values() for s in group[:2]]
+    prompts = [enc.prompt(s["text"]) for s in sits]
+    targets = router_targets(corpus, sits, recipe)
+    with tqdm(total=len(prompts), desc="router features", disable=not progress) as bar:
+        feats = pooled_states(eng.model, prompts, progress=bar)
+    return sits, feats, targets
+
+
+def fit_router(feats, targets, recipe, num_layers: int):
+    """The sequence router on the situations' pooled features (train/router.py)."""
+    layers = [l for l in recipe.router_layers if l <= num_layers] or [num_layers]
+    return train_router(feats, targets, layers, hidden=recipe.router_hidden,
+                        steps=recipe.router_steps, w_balance=recipe.router_balance,
+                        top_k=recipe.router_top_k, seed=recipe.seed, none=recipe.router_none,
+                        strength_scale=recipe.persona_strength if recipe.router_calibrate
+                        else None)

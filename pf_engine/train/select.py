@@ -45,7 +45,8 @@ def generate(model, prompts: list[list[int]], eos: int, max_new_tokens: int, sam
     if samples:
         torch.manual_seed(seed)
         kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0, num_return_sequences=samples)
-    out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens,
+    dev = model.lm_head.weight.device
+    out = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), max_new_tokens=max_new_tokens,
                          pad_token_id=eos, eos_token_id=eos, **kw)
     model.train(was)
     return [(row[:row.index(eos)], True) if eos in row else (row, False) for row in out[:, T:].tolist()]

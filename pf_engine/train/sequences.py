@@ -42,8 +42,10 @@ class Sequence:
 class ChatEncoder:
     """Token ids of chat turns with the model's own template (a pf_engine Tokenizer's ``hf``)."""
 
-    def __init__(self, hf_tokenizer):
-        self.hf = hf_tokenizer
+    def __init__(self, hf_tokenizer, max_len: int = 0):
+        """max_len > 0: ``sequence`` cuts the reply so prompt + reply fit in max_len tokens
+        (the prompt kept whole, at least one reply token)."""
+        self.hf, self.max_len = hf_tokenizer, max_len
         self.end = hf_tokenizer.convert_tokens_to_ids(hf_tokenizer.eos_token)
 
     def default_system(self) -> str | None:
@@ -65,8 +67,11 @@ class ChatEncoder:
         return self.hf.encode(text, add_special_tokens=False)
 
     def sequence(self, user: str, reply: str, system: str | None = None, tag: str = "") -> Sequence:
-        return Sequence(self.prompt(user, system),
-                        self.hf.encode(reply, add_special_tokens=False) + [self.end], tag)
+        prompt = self.prompt(user, system)
+        ids = self.hf.encode(reply, add_special_tokens=False) + [self.end]
+        if self.max_len:
+            ids = ids[:max(1, self.max_len - len(prompt))]
+        return Sequence(prompt, ids, tag)
 
 
 def pad_batch(seqs: list[Sequence], pad_id: int = 0):

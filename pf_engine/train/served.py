@@ -48,7 +48,9 @@ def _round_input(module, args):
 
 def served_weights(model, quantize: str | None, progress: bool = False):
     """(folder, ModelConfig, ModelWeights) of ``model`` (None: the bundled one; an HF folder; a
-    .gguf) as Engine.from_pretrained(model, quantize=quantize) serves it on the CPU."""
+    .gguf) as Engine.from_pretrained(model, quantize=quantize) serves it on the CPU.  (On a GPU
+    the engine serves the model's float weights at its dtype: what transformers loads from the
+    same folder, so pf-train --device cuda needs no serve_like.)"""
     import os
 
     from pf_engine.backends import resolve_backend
