@@ -96,7 +96,9 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "peft", "accelerate", "matplotlib", "triton", "pybind11", "openai", "httpx",
-                "jsonschema", "lm-eval[api]>=0.4.5"],
+                "jsonschema", "lm-eval[api]>=0.4.5", "vaderSentiment==3.3.2"],
+        # pf-eval's measures: lm-eval (reasoning), VADER (social-emotional; MIT)
+        "eval": ["peft", "lm-eval[api]>=0.4.5", "vaderSentiment==3.3.2"],
     },
     entry_points={
         "console_scripts": [
