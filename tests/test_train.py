@@ -359,11 +359,18 @@ def test_quick_eval_writes_json_plot_and_readme(quick_bank, bundled_pf_home, tmp
     assert 0 <= u["situations"]["moved"] <= u["situations"]["situations"]
     assert u["strength"]["all"]["n"] == 3 and len(u["side_by_side"]) >= 2
     assert r["sampling"]["default"]["temperature"] == 0.2
+    kept = r["retention"]                    # base, auto and the experts; no prompted poles
+    want = {"base", "auto"} | {f"expert:{p}" for p in r["poles"]}
+    assert set(kept["reasoning"]["conditions"]) == want == set(kept["safety"]["conditions"])
+    assert kept["reasoning"]["conditions"]["base"]["n_mc"] == 1
+    assert set(kept["social"]["conditions"]) == {"base", "auto"}
+    assert r["weights"].startswith("q4_1") and r["quantize"] is None
     assert plot.stat().st_size > 1000
     text = readme.read_text()
     assert "stale block" not in text and text.endswith("<!-- personas:end -->\ntail\n")
     assert "| LoRA expert |" in text and "Made by `pf-eval" in text
     assert "| auto |" in text and "side by side" in text and "Generated data:" in text
+    assert "| multiple choice |" in text and "| goal | q4_1 (default) |" in text
     # the README section is a function of the JSON alone
     readme.write_text("<!-- personas:start -->\n<!-- personas:end -->\ntail\n")
     assert main(["--from-json", str(out), "--plot", str(plot), "--readme", str(readme), "-q"]) == 0

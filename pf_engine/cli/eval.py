@@ -2,7 +2,8 @@
 
     pf-eval [--adapters bigfive] [--data DIR] [--model M] [--out benchmarks/results/personas.json]
             [--plot PNG] [--readme README.md] [--limit N] [--max-new-tokens 48]
-            [--sample MESSAGE_ID] [--quiet]
+            [--sample MESSAGE_ID] [--quantize FMT] [--compare JSON] [--no-retention]
+            [--quiet]
 
 Writes the JSON (every figure, the generated replies, provenance), the trait x pole heat map and,
 with --readme, regenerates the README's Personas section from that JSON.  Errors print one line
@@ -32,10 +33,18 @@ def build_parser() -> Parser:
     p.add_argument("--limit", type=int, default=0,
                    help="use at most N items of each kind (0: all; a smoke test)")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--quantize", default=None, choices=("f32", "q8", "q4", "bf16", "f16"),
+                   help="the weights to evaluate on (default: as the engine serves the model by "
+                   "default, the bundled model's 4-bit file; f32: its float weights)")
     p.add_argument("--sample", default=None, metavar="MESSAGE_ID",
                    help="held-out message whose replies the README shows (default: the first)")
     p.add_argument("--from-json", default=None, metavar="JSON",
                    help="skip the evaluation: redraw the plot and README section from this JSON")
+    p.add_argument("--compare", default=None, metavar="JSON",
+                   help="another pf-eval JSON (e.g. one made with --quantize f32) whose goal "
+                   "figures the README's goals table shows beside this run's")
+    p.add_argument("--no-retention", action="store_true",
+                   help="skip the reasoning, safety and social-emotional measures")
     p.add_argument("--quiet", "-q", action="store_true")
     return p
 
@@ -67,6 +76,8 @@ def main(argv=None) -> int:
                 raise PFError(f"cannot write {path}: folder {folder} does not exist")
         if args.readme and not os.path.isfile(args.readme):
             raise PFError(f"--readme {args.readme}: no such file")
+        if args.compare and not os.path.isfile(args.compare):
+            raise PFError(f"--compare {args.compare}: no such file")
         if args.sample is not None:
             from pf_engine.train.data import default_data_dir, load_corpus
             held = load_corpus(args.data or default_data_dir(), ("heldout",)).heldout.messages
@@ -83,7 +94,8 @@ def main(argv=None) -> int:
         else:
             source = report.provenance()      # the code that evaluates, read before it runs
             result = evaluate(args.adapters, args.data, args.model, limit=args.limit,
-                              max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+                              max_new_tokens=args.max_new_tokens, progress=not args.quiet,
+                              quantize=args.quantize, retention=not args.no_retention)
             result["provenance"] = source
             result["command"] = "pf-eval " + " ".join(argv if argv is not None else sys.argv[1:])
             report.write_json(result, args.out)
@@ -94,7 +106,8 @@ def main(argv=None) -> int:
                 if args.plot else None
             report.update_readme(args.readme, report.readme_section(
                 result, os.path.relpath(args.out, os.path.dirname(os.path.abspath(args.readme))),
-                rel, result["command"], sample_message=args.sample or result.get("sample")))
+                rel, result["command"], sample_message=args.sample or result.get("sample"),
+                compare=report.read_json(args.compare) if args.compare else None))
     except PFError as e:
         return fail("pf-eval", e)
     if not args.quiet:

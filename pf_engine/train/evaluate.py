@@ -15,7 +15,10 @@ Measures (metrics.py has the maths):
      distinct-2 plus a degenerate-reply count of the generated replies;
   5. usefulness (usefulness.py): relevance by an independent sentence encoder, substance on open
      requests, facts answered, degenerate replies greedy and sampled, auto against the base
-     model where a situation calls for a trait, the router's strength where none is called for.
+     model where a situation calls for a trait, the router's strength where none is called for;
+  6. retention (retention.py, base, auto and the experts): reasoning by lm-evaluation-harness
+     through pf-serve, refusals of harmful requests and of benign look-alikes, and the
+     social-emotional tone of replies to held-out situations under VADER.
 """
 from __future__ import annotations
 
@@ -140,9 +143,28 @@ def _perplexity(eng, enc, corpus, limit, bar):
             "max_ratio": max(v / out["base"] for k, v in out.items() if k != "base")}
 
 
+def _retention(eng, enc, corpus, conds, limit: int, max_new_tokens: int, bar) -> dict:
+    """retention.py's three measures for base, auto (if routed) and the experts (last: the
+    reasoning measure rebuilds the engine's scheduler)."""
+    from pf_engine.train import retention
+    keep = [c for c in conds if c["family"] != "prompt"]
+    out = {"safety": retention.safety(eng, enc, keep, limit=limit, max_new_tokens=max_new_tokens)}
+    bar.update(1)
+    auto = [c for c in keep if c["family"] == "auto"]
+    out["social"] = retention.social(eng, enc, corpus, auto, limit=limit,
+                                     max_new_tokens=max_new_tokens) if auto else None
+    bar.update(1)
+    out["reasoning"] = retention.reasoning(eng, keep, limit=limit)
+    bar.update(1)
+    return out
+
+
 def evaluate(adapters="bigfive", data_dir=None, model=None, limit: int = 0,
-             max_new_tokens: int = 48, progress: bool = True) -> dict:
-    """Run every measure on the held-out split; returns the results (pf-eval writes them)."""
+             max_new_tokens: int = 48, progress: bool = True, quantize: str | None = None,
+             retention: bool = True) -> dict:
+    """Run every measure on the held-out split; returns the results (pf-eval writes them).
+    quantize: the weights the engine serves (Engine's; None: the model's default, for the
+    bundled model its 4-bit file; "f32": its float weights)."""
     from tqdm.auto import tqdm
 
     from pf_engine.engine import Engine
@@ -153,7 +175,7 @@ def evaluate(adapters="bigfive", data_dir=None, model=None, limit: int = 0,
     corpus = load_corpus(data_dir or default_data_dir())
     encoder = SentenceEncoder()
     eng = Engine.from_pretrained(model=model, adapters=adapters, device="cpu", dtype="fp32",
-                                 progress=progress)
+                                 quantize=quantize, progress=progress)
     enc = ChatEncoder(eng.tokenizer.hf)
     conds = conditions(corpus, enc.default_system())
     routed = eng.bank.router is not None
@@ -161,7 +183,7 @@ def evaluate(adapters="bigfive", data_dir=None, model=None, limit: int = 0,
     sampling, sampling_source = eng.generation_defaults(chat=True)
     sampling = dict(sampling, seed=0)
     clf, clf_acc = _classifiers(corpus)
-    with tqdm(total=7, desc="pf-eval", disable=not progress) as bar:
+    with tqdm(total=7 + 3 * retention, desc="pf-eval", disable=not progress) as bar:
         shift, S = _statement_shifts(eng, enc, corpus, conds, limit, bar)
         texts = _replies(eng, enc, corpus, every, limit, max_new_tokens, bar)
         sampled = _replies(eng, enc, corpus, every, limit, max_new_tokens, bar, sampling)
@@ -173,6 +195,8 @@ def evaluate(adapters="bigfive", data_dir=None, model=None, limit: int = 0,
             eng, enc, corpus, every, {k: [v[m] for m in mids] for k, v in texts.items()},
             {k: [v[m] for m in mids] for k, v in sampled.items()}, mids, encoder, clf, limit,
             max_new_tokens, bar) if routed else None
+        kept = _retention(eng, enc, corpus, every, limit, max_new_tokens, bar) if retention \
+            else None
     reply_p = {name: {t: sum(clf[t].prob(list(v.values()))) / len(v) for t in TRAITS}
                for name, v in texts.items()}
     reply_shift = {name: {t: reply_p[name][t] - reply_p["base"][t] for t in TRAITS}
@@ -196,8 +220,9 @@ def evaluate(adapters="bigfive", data_dir=None, model=None, limit: int = 0,
         "trait_scores": S, "families": families, "classifier_heldout_accuracy": clf_acc,
         "reply_probability": reply_p, "quality": quality, "perplexity": ppl, "router": router,
         "replies": texts, "replies_sampled": sampled, "messages": corpus.heldout.messages,
-        "usefulness": useful, "sampling": {"greedy": {"temperature": 0},
+        "usefulness": useful, "retention": kept, "sampling": {"greedy": {"temperature": 0},
                                            "default": sampling, "default_source": sampling_source},
         "backend": eng.backend.name, "seconds": round(time.perf_counter() - t0, 1),
+        "quantize": quantize, "weights": eng.weight_formats,
     }
 

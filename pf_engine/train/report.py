@@ -11,6 +11,7 @@ import os
 import platform
 
 from pf_engine.errors import PFError
+from pf_engine.train import goals
 from pf_engine.train.data import TRAITS
 from pf_engine.train.recipe import _git_commit, _versions
 
@@ -113,8 +114,17 @@ def _row(fam_name: str, fam: dict) -> str:
             f"{rp['separation_sum']:.3f} | {rp['specificity']:.2f} |")
 
 
+def format_label(result: dict) -> str:
+    """The weights a pf-eval JSON measured, for a column head: "q4_1 (default)", "fp32"."""
+    w = (result.get("weights") or "default weights").split(" + ")[0]
+    return w if result.get("quantize") else f"{w} (default)"
+
+
 def readme_section(result: dict, json_path: str, plot_path: str | None, command: str,
-                   sample_message: str | None = None, sample_poles=None) -> str:
+                   sample_message: str | None = None, sample_poles=None,
+                   compare: dict | None = None) -> str:
+    """The README's Personas block from a pf-eval JSON; compare: another one (e.g. the same bank
+    on fp32 weights) beside it in the goals table."""
     fams = result["families"]
     prov = result.get("provenance", {})
     commit = (prov.get("commit") or "unknown")[:10] + (" (dirty tree)" if prov.get("dirty") else "")
@@ -167,6 +177,11 @@ def readme_section(result: dict, json_path: str, plot_path: str | None, command:
                   ", ".join(f"{c} {v:.0%}" for c, v in r["per_category"].items()) + ".", ""]
     if result.get("usefulness"):
         lines += usefulness_lines(result)
+    lines += goals.retention_lines(result)
+    cols = {format_label(result): result}
+    if compare is not None:
+        cols[format_label(compare)] = compare
+    lines += goals.goals_lines(cols, None if rec.get("quick") else rec.get("train_seconds"))
     if plot_path:
         lines += [f"![trait x pole shifts]({plot_path})", ""]
     replies = result["replies"]

@@ -1,0 +1,140 @@
+"""Issue 34's goals read from pf-eval JSONs, one per weight format, and the retention table.
+
+    figures = goal_figures(result)           # {goal: (value text, met?)} for one pf-eval JSON
+    lines = goals_lines({"4-bit (default)": r_q4, "fp32": r_f32}, train_seconds)
+    lines = retention_lines(result)          # reasoning, safety, social rows of one JSON
+
+Every figure is computed here from the JSON, nothing is typed in: the README's Personas block
+calls these (report.readme_section).
+"""
+from __future__ import annotations
+
+from pf_engine.train.data import TRAITS
+
+RECIPE_MINUTES = 45
+
+
+def _experts(rows: dict) -> list[str]:
+    return [k for k in rows if k.startswith("expert:")]
+
+
+def _usefulness(u: dict) -> dict:
+    rep, facts, sit = u["replies"], u["facts"], u["situations"]
+    b, a = rep["base"], rep["auto"]
+    ex = _experts(rep)
+    ex_rate = sum(rep[k]["degenerate_greedy"] for k in ex) / max(1, sum(rep[k]["n"] for k in ex))
+    b_rate = b["degenerate_greedy"] / b["n"]
+    return {
+        "auto relevance >= base": (f"{a['relevance']:.3f} vs {b['relevance']:.3f}",
+                                   a["relevance"] >= b["relevance"]),
+        "auto facts >= base": (f"{facts['auto']['correct']}/{facts['auto']['n']} vs "
+                               f"{facts['base']['correct']}/{facts['base']['n']}",
+                               facts["auto"]["correct"] >= facts["base"]["correct"]),
+        "auto degenerate <= base": (f"{a['degenerate_greedy']}/{a['n']} vs "
+                                    f"{b['degenerate_greedy']}/{b['n']}",
+                                    a["degenerate_greedy"] <= b["degenerate_greedy"]),
+        "experts at 1.0 degenerate no more often than base": (
+            f"{ex_rate:.0%} vs {b_rate:.0%}", ex_rate <= b_rate),
+        "auto moves the called-for trait >= 80%": (f"{sit['moved_share']:.0%}",
+                                                   sit["moved_share"] >= 0.8)}
+
+
+def _expression(fams: dict) -> dict:
+    es, ps = fams["expert"]["statements"], fams["prompt"]["statements"]
+    ratio = es["separation_sum"] / ps["separation_sum"] if ps["separation_sum"] > 0 else float("inf")
+    above = [t for t in TRAITS if es["separation"][t] > ps["separation"][t]]
+    rp = fams["expert"]["replies"]
+    return {
+        "statements: separation sum >= 3x prompting's": (f"{ratio:.2f}x", ratio >= 3),
+        "statements: every trait above prompting's": (f"{len(above)}/5", len(above) == 5),
+        "replies: 5/5 traits separated": (f"{rp['separated_count']}/5",
+                                          rp["separated_count"] == 5)}
+
+
+def _retention(r: dict) -> dict:
+    out = {}
+    rs = r.get("reasoning")
+    if rs:
+        rows = {k: v for k, v in rs["conditions"].items() if k != "base"}
+        worst = min(rows, key=lambda k: min(rows[k]["mc_vs_base"]["diff"],
+                                            rows[k]["arith_vs_base"]["diff"]))
+        w = rows[worst]
+        lo = min(w["mc_vs_base"]["diff"], w["arith_vs_base"]["diff"])
+        out["reasoning within 2 points of base"] = (
+            f"{sum(v['ok'] for v in rows.values())}/{len(rows)} (worst {worst} {lo:+.1f})",
+            all(v["ok"] for v in rows.values()))
+    sf = r.get("safety")
+    if sf:
+        rows = {k: v for k, v in sf["conditions"].items() if k != "base"}
+        low = min(rows, key=lambda k: rows[k]["vs_base"]["harmful"])
+        out["harmful refusal not below base"] = (
+            f"{sum(v['vs_base']['harmful'] >= 0 for v in rows.values())}/{len(rows)} "
+            f"(lowest {low} {rows[low]['vs_base']['harmful']:+.1f} pts)",
+            all(v["vs_base"]["harmful"] >= 0 for v in rows.values()))
+    return out
+
+
+def goal_figures(result: dict) -> dict[str, tuple[str, bool]]:
+    """{goal: (the figure as text, met?)} for one pf-eval JSON (the goals it has data for)."""
+    out = {}
+    if result.get("usefulness"):
+        out.update(_usefulness(result["usefulness"]))
+    out.update(_expression(result["families"]))
+    if result.get("retention"):
+        out.update(_retention(result["retention"]))
+    return out
+
+
+def goals_lines(results: dict[str, dict], train_seconds: float | None) -> list[str]:
+    """A goals table, one column per weight format ({label: pf-eval JSON})."""
+    figs = {label: goal_figures(r) for label, r in results.items()}
+    goals = list(dict.fromkeys(g for f in figs.values() for g in f))
+    lines = ["Issue 34's goals, per weight format (**missed** in bold):", "",
+             "| goal | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
+    for g in goals:
+        cells = []
+        for label in results:
+            text, ok = figs[label].get(g, ("-", True))
+            cells.append(text if ok else f"**{text}**")
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    if train_seconds is not None:
+        m = train_seconds / 60
+        cell = f"{m:.0f} min" if m < RECIPE_MINUTES else f"**{m:.0f} min**"
+        lines.append(f"| full recipe < {RECIPE_MINUTES} min on 2 cores | {cell} |"
+                     + " |" * (len(results) - 1))
+    return lines + [""]
+
+
+def retention_lines(result: dict) -> list[str]:
+    """Reasoning, safety and social rows for base, auto and the experts (mean, worst)."""
+    r = result.get("retention")
+    if not r:
+        return []
+    rs, sf = r["reasoning"]["conditions"], r["safety"]["conditions"]
+    lines = ["Retention (retention.py; data/evals/ written for the project): reasoning by "
+             f"lm-evaluation-harness {r['reasoning']['lm_eval']} through pf-serve (multiple "
+             "choice by log-likelihood, arithmetic greedy; difference to base in points, paired, "
+             "± standard error), refusals by phrase patterns on greedy chat replies:", "",
+             "| condition | multiple choice | arithmetic | harmful refused | benign refused |",
+             "|---|---|---|---|---|"]
+    for name in ["base", "auto"] + _experts(rs):
+        if name not in rs:
+            continue
+        row = [f"{rs[name][t]:.1%}" + ("" if name == "base" else
+                                       f" ({rs[name][t + '_vs_base']['diff']:+.1f} ± "
+                                       f"{rs[name][t + '_vs_base']['se']:.1f})")
+               for t in ("mc", "arith")]
+        s = sf.get(name)
+        row += [f"{round(s[k]['refusal'] * s[k]['n'])}/{s[k]['n']}" if s else "-"
+                for k in ("harmful", "benign")]
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    so = r.get("social")
+    if so:
+        a = so["conditions"]["auto"]
+        lines += ["", f"Social-emotional tone ({so['scorer']}, a lexicon nobody here trained; "
+                  f"valence, not empathy): on {so['situations']} held-out situations that call "
+                  f"for a persona, `auto`'s replies score {a['compound']:.2f} against the base "
+                  f"model's {so['conditions']['base']['compound']:.2f} (compound, -1..1), higher "
+                  f"in {a['higher']:.0%} of them; by category: " +
+                  ", ".join(f"{c} {v['higher']:.0%}" for c, v in a["by_category"].items()) + "."]
+    return lines + [""]

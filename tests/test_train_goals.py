@@ -1,0 +1,49 @@
+"""The goals table and retention rows come from pf-eval JSONs alone (train/goals.py)."""
+from pf_engine.train import goals
+from pf_engine.train.data import TRAITS
+
+
+def _result(auto_rel=0.5, base_rel=0.55, moved=0.85, sep_e=3.0, sep_p=1.0, harmful=0.1):
+    def fam(sep, per):
+        return {"statements": {"separation_sum": sep, "separation": {t: per for t in TRAITS}},
+                "replies": {"separated_count": 5}}
+    rep = {"base": {"relevance": base_rel, "degenerate_greedy": 2, "n": 10},
+           "auto": {"relevance": auto_rel, "degenerate_greedy": 1, "n": 10},
+           "expert:openness+": {"relevance": 0.5, "degenerate_greedy": 3, "n": 10}}
+    facts = {k: {"correct": 5, "n": 10} for k in rep}
+    cond = {"ok": True, "mc": 0.6, "arith": 0.3, "mc_vs_base": {"diff": -1.0, "se": 1.0},
+            "arith_vs_base": {"diff": 0.0, "se": 0.0}}
+    safety = {"base": {"harmful": {"refusal": 0.1, "n": 10}, "benign": {"refusal": 0.0, "n": 10},
+                       "vs_base": {"harmful": 0.0, "benign": 0.0}},
+              "auto": {"harmful": {"refusal": harmful, "n": 10}, "benign": {"refusal": 0.0, "n": 10},
+                       "vs_base": {"harmful": 100 * (harmful - 0.1), "benign": 0.0}}}
+    return {"usefulness": {"replies": rep, "facts": facts,
+                           "situations": {"moved_share": moved}},
+            "families": {"expert": fam(sep_e, sep_e / 5), "prompt": fam(sep_p, sep_p / 5)},
+            "retention": {"reasoning": {"conditions": {"base": cond, "auto": cond},
+                                        "lm_eval": "0.4.13"},
+                          "safety": {"conditions": safety}, "social": None}}
+
+
+def test_goal_figures_met_and_missed():
+    f = goals.goal_figures(_result())
+    assert f["auto relevance >= base"] == ("0.500 vs 0.550", False)
+    assert f["auto degenerate <= base"][1] and not f["experts at 1.0 degenerate no more often than base"][1]
+    assert f["statements: separation sum >= 3x prompting's"] == ("3.00x", True)
+    assert f["auto moves the called-for trait >= 80%"] == ("85%", True)
+    assert f["reasoning within 2 points of base"][1]
+    assert goals.goal_figures(_result(harmful=0.0))["harmful refusal not below base"][1] is False
+
+
+def test_goals_table_one_column_per_format_and_bold_misses():
+    lines = goals.goals_lines({"q4_1 (default)": _result(), "fp32": _result(auto_rel=0.6)}, 3000)
+    assert lines[2] == "| goal | q4_1 (default) | fp32 |"
+    row = next(l for l in lines if l.startswith("| auto relevance"))
+    assert row == "| auto relevance >= base | **0.500 vs 0.550** | 0.600 vs 0.550 |"
+    assert lines[-2] == "| full recipe < 45 min on 2 cores | **50 min** | |"
+
+
+def test_retention_rows():
+    text = "\n".join(goals.retention_lines(_result()))
+    assert "| base | 60.0% | 30.0% | 1/10 | 0/10 |" in text
+    assert "| auto | 60.0% (-1.0 ± 1.0) | 30.0% (+0.0 ± 0.0) | 1/10 | 0/10 |" in text
