@@ -82,7 +82,7 @@ class Recipe:
                                      # the routed mixture (0: no stage)
     joint_batch: int = 4             # situations per step
     joint_lr: float = 5e-4           # the experts' learning rate there
-    joint_router_lr: float = 1e-3    # the router's
+    joint_router_lr: float = 1e-4    # the router's
     joint_val: int = 8               # every n-th train situation scores the stage, kept out
     quantize: str | None = None      # the base as served (Engine's quantize; None: the default)
     device: str = "cpu"              # where to train: cpu, or cuda (the GPU the engine serves on)
