@@ -71,6 +71,18 @@ def test_top_k_zeroes_the_rest_and_breaks_ties_by_index():
     assert torch.allclose(top_k_renormalise(p, None), p / p.sum(-1, keepdim=True))
 
 
+def test_a_none_output_at_one_gives_zero_gates_not_nan():
+    """With a "none" output the experts' probabilities can all underflow to 0 (a prompt far on
+    the none side, seen with the retrained bigfive on "Question: ..." prompts): the gates are
+    then 0 (the base model), not 0/0 = NaN, which broke pf-serve's JSON and the mix."""
+    assert top_k_renormalise(torch.zeros(2, 4), 2).tolist() == [[0.0] * 4] * 2
+    r = SequenceRouter(torch.zeros(4, 3), torch.zeros(4), torch.zeros(3, 4),
+                       torch.tensor([-200.0, -200.0, 200.0]), top_k=1, none=True)
+    p = r.probabilities(torch.zeros(1, 3))
+    assert p[0, :2].tolist() == [0.0, 0.0]                      # float32 underflow
+    assert r.gates(p).tolist() == [[0.0, 0.0]]
+
+
 # Sequence router ---------------------------------------------------------------------------------
 def _probs(r, hidden, mask):
     """fp64 softmax over the router's outputs for masked mean-pooled hidden states."""

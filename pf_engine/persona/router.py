@@ -119,6 +119,7 @@ def top_k_renormalise(p: torch.Tensor, k: int | None) -> torch.Tensor:
     """Keep the k largest entries of each row of ``p`` [..., K] (>= 0), zero the rest, rows sum 1.
 
     Ties go to the lower expert index (a stable descending sort), so the result is deterministic.
+    A row that is all zeros stays all zeros.
     ``k`` None or >= K keeps every expert (still renormalised).
     """
     K = p.shape[-1]
@@ -126,7 +127,9 @@ def top_k_renormalise(p: torch.Tensor, k: int | None) -> torch.Tensor:
         order = torch.sort(p, dim=-1, descending=True, stable=True).indices
         keep = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, order[..., :k], True)
         p = torch.where(keep, p, torch.zeros((), dtype=p.dtype, device=p.device))
-    return p / p.sum(dim=-1, keepdim=True)
+    total = p.sum(dim=-1, keepdim=True)
+    # a row whose kept entries all underflowed to 0 (a none output at ~1) stays 0, not 0/0
+    return p / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def _check_top_k(top_k, num_experts: int, what: str):
