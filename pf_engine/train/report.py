@@ -93,7 +93,31 @@ def _recipe_lines(rec: dict) -> list[str]:
         out.append("Early stopping kept each expert at step " +
                    ", ".join(f"{p} {v['step']}" for p, v in es.items()) +
                    f" of {rec['recipe']['steps']}.")
+    out += _stage_lines(rec)
     return [" ".join(out), ""] if out else []
+
+
+def _stage_lines(rec: dict) -> list[str]:
+    """The served weights trained on, and what the preference and joint stages kept."""
+    out = []
+    sv = rec.get("served")
+    if sv:
+        out.append(f"Trained on {sv['weights']} ({sv.get('device', 'cpu')}"
+                   f"{', 8-bit activation rounding' if sv.get('round_activations') else ''}).")
+    pr = rec.get("preference")
+    if pr:
+        kept = [p for p, v in pr.items() if v.get("kept")]
+        out.append(f"Preference stage (DPO on the expert's own samples) kept for {len(kept)} of "
+                   f"{len(pr)} experts" + (f" ({', '.join(kept)})" if kept else "") +
+                   "; reverted where the validation score fell.")
+    j = rec.get("joint")
+    if j:
+        b, a = j["validation_before"], j["validation_after"]
+        out.append(f"Joint stage ({j['steps']} steps): held-out loss {b['loss']:.3f} -> "
+                   f"{a['loss']:.3f} (routing KL {b['router']:.4f} -> {a['router']:.4f}), "
+                   + ("kept." if j["kept"] else "reverted: the experts and router are the ones "
+                      "before it."))
+    return out
 
 
 def _q(report: dict) -> str:
