@@ -31,11 +31,23 @@ def _experts(folder, first: int = 1, seed: int = 0):
     return pm, names, Trunk(hf, first)
 
 
-def _items(n: int, seed: int, cached: Trunk | None = None):
+def _items(n: int, seed: int):
     rng = np.random.default_rng(seed)
-    out = [Item(Sequence(rng.integers(3, 200, 5).tolist(), rng.integers(3, 200, 6).tolist()))
-           for _ in range(n)]
-    return out
+    return [Item(Sequence(rng.integers(3, 200, 5).tolist(), rng.integers(3, 200, 6).tolist()))
+            for _ in range(n)]
+
+
+def _pools(pm, trunk, n: int, seed: int):
+    """Per pole n random texts and 4 random base replies, cached with their base figures."""
+    items = {p: _items(n, seed=seed + k) for k, p in enumerate(POLES)}
+    distill = _items(4, seed=seed + 10)
+    every = [it for v in items.values() for it in v] + distill
+    with pm.disable_adapter(), torch.no_grad():
+        trunk.cache(every)
+        for it, lp in zip(every, trunk.log_likelihood(every).tolist()):
+            it.base_lp = lp
+        trunk.cache_base_top(distill)
+    return items, distill
 
 
 def test_routed_mixture_equals_the_engines_persona_mix(tiny_chat_model, tmp_path):
@@ -76,14 +88,7 @@ def _stage(tiny_chat_model, steps: int, **kw):
     from pf_engine.train.joint import Example, joint_stage
     from pf_engine.train.recipe import Recipe
     pm, names, trunk = _experts(tiny_chat_model[0], seed=3)
-    items = {p: _items(3, seed=10 + k) for k, p in enumerate(POLES)}
-    distill = _items(4, seed=20)
-    every = [it for v in items.values() for it in v] + distill
-    with pm.disable_adapter(), torch.no_grad():
-        trunk.cache(every)
-        for it, lp in zip(every, trunk.log_likelihood(every).tolist()):
-            it.base_lp = lp
-        trunk.cache_base_top(distill)
+    items, distill = _pools(pm, trunk, 3, seed=10)
     d = trunk.model.config.hidden_size
     router = SequenceRouter.random(len(POLES), d, router_hidden=8, top_k=2, none=True, seed=4)
     g = torch.Generator().manual_seed(5)
@@ -147,14 +152,7 @@ def test_the_mixture_terms_reach_the_router(tiny_chat_model):
     from pf_engine.train.joint import Example, JointLoss
     from pf_engine.train.recipe import Recipe
     pm, names, trunk = _experts(tiny_chat_model[0], seed=6)
-    items = {p: _items(2, seed=30 + k) for k, p in enumerate(POLES)}
-    distill = _items(2, seed=40)
-    every = [it for v in items.values() for it in v] + distill
-    with pm.disable_adapter(), torch.no_grad():
-        trunk.cache(every)
-        for it, lp in zip(every, trunk.log_likelihood(every).tolist()):
-            it.base_lp = lp
-        trunk.cache_base_top(distill)
+    items, distill = _pools(pm, trunk, 2, seed=30)
     pm.base_model.set_adapter(names)
     d = trunk.model.config.hidden_size
     router = SequenceRouter.random(len(POLES), d, router_hidden=8, top_k=2, none=True, seed=7)
