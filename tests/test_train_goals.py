@@ -36,11 +36,13 @@ def test_goal_figures_met_and_missed():
 
 
 def test_goals_table_one_column_per_format_and_bold_misses():
-    lines = goals.goals_lines({"q4_1 (default)": _result(), "fp32": _result(auto_rel=0.6)}, 3000)
+    rec = {"train_seconds": 3000, "threads": 2, "preference": {"openness+": {}}, "joint": None}
+    lines = goals.goals_lines({"q4_1 (default)": _result(), "fp32": _result(auto_rel=0.6)}, rec)
     assert lines[2] == "| goal | q4_1 (default) | fp32 |"
     row = next(l for l in lines if l.startswith("| auto relevance"))
     assert row == "| auto relevance >= base | **0.500 vs 0.550** | 0.600 vs 0.550 |"
-    assert lines[-2] == "| full recipe < 45 min on 2 cores | **50 min** | |"
+    assert lines[-2] == ("| the recipe that made this bank < 45 min on 2 threads (supervised + "
+                         "preference) | **50 min** | |")
 
 
 def test_retention_rows():

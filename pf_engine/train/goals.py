@@ -85,8 +85,9 @@ def goal_figures(result: dict) -> dict[str, tuple[str, bool]]:
     return out
 
 
-def goals_lines(results: dict[str, dict], train_seconds: float | None) -> list[str]:
-    """A goals table, one column per weight format ({label: pf-eval JSON})."""
+def goals_lines(results: dict[str, dict], recipe: dict | None) -> list[str]:
+    """A goals table, one column per weight format ({label: pf-eval JSON}); recipe: the bank's
+    recipe metadata (its training time and the stages it ran), None for a quick bank."""
     figs = {label: goal_figures(r) for label, r in results.items()}
     goals = list(dict.fromkeys(g for f in figs.values() for g in f))
     lines = ["Issue 34's goals, per weight format (**missed** in bold):", "",
@@ -97,10 +98,12 @@ def goals_lines(results: dict[str, dict], train_seconds: float | None) -> list[s
             text, ok = figs[label].get(g, ("-", True))
             cells.append(text if ok else f"**{text}**")
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
-    if train_seconds is not None:
-        m = train_seconds / 60
+    if recipe and recipe.get("train_seconds") is not None:
+        m = recipe["train_seconds"] / 60
+        stages = ["supervised"] + [s for s in ("preference", "joint") if recipe.get(s)]
         cell = f"{m:.0f} min" if m < RECIPE_MINUTES else f"**{m:.0f} min**"
-        lines.append(f"| full recipe < {RECIPE_MINUTES} min on 2 cores | {cell} |"
+        lines.append(f"| the recipe that made this bank < {RECIPE_MINUTES} min on "
+                     f"{recipe.get('threads', '?')} threads ({' + '.join(stages)}) | {cell} |"
                      + " |" * (len(results) - 1))
     return lines + [""]
 

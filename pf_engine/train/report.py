@@ -205,7 +205,7 @@ def readme_section(result: dict, json_path: str, plot_path: str | None, command:
     cols = {format_label(result): result}
     if compare is not None:
         cols[format_label(compare)] = compare
-    lines += goals.goals_lines(cols, None if rec.get("quick") else rec.get("train_seconds"))
+    lines += goals.goals_lines(cols, None if rec.get("quick") else rec)
     if plot_path:
         lines += [f"![trait x pole shifts]({plot_path})", ""]
     replies = result["replies"]
