@@ -93,7 +93,6 @@ class Trunk:
                                position_ids=pos, use_reentrant=False)
             else:
                 h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=pos)
-            h = h[0] if isinstance(h, tuple) else h
         return h
 
     def top(self, items: list[Item]):

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from pf_engine.persona.router import SequenceRouter
 from pf_engine.train.data import opposite
+from pf_engine.train.router import target_kl
 
 
 @contextmanager
@@ -94,8 +95,7 @@ class JointLoss:
         x = torch.stack([e.x for e in batch])
         t = torch.stack([e.target for e in batch])
         p = self.router.probabilities(x)
-        log_t = torch.where(t > 0, t.clamp_min(1e-12).log(), torch.zeros(()))
-        router_kl = (t * (log_t - p.clamp_min(1e-12).log())).sum(1).mean()
+        router_kl = target_kl(t, p.clamp_min(1e-12).log())
         g = self.router.gates(p)                                       # [B, K]
         own, twin, rows, weights = [], [], [], []
         for b, e in enumerate(batch):

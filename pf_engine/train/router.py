@@ -53,6 +53,13 @@ def pooled_states(model, prompts: list[list[int]], progress=None) -> torch.Tenso
     return torch.stack(out)
 
 
+def target_kl(targets: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """mean_i KL(targets_i || p_i) from targets [N, K] (rows sum to 1, zeros allowed) and the
+    router's log-probabilities logp [N, K]."""
+    log_t = torch.where(targets > 0, targets.clamp_min(1e-12).log(), torch.zeros(()))
+    return (targets * (log_t - logp)).sum(1).mean()
+
+
 def top2_hits(gates: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per row: does one of the two largest gates fall on an expert the target uses? [N] bool."""
     top = gates.topk(min(2, gates.shape[1]), dim=1).indices
@@ -72,10 +79,9 @@ def _fit(x: torch.Tensor, targets: torch.Tensor, hidden: int, steps: int, lr: fl
     w2 = (torch.randn(K, hidden, generator=g) / math.sqrt(hidden)).requires_grad_()
     b2 = torch.zeros(K, requires_grad=True)
     opt = torch.optim.AdamW([w1, b1, w2, b2], lr=lr, weight_decay=weight_decay)
-    log_t = torch.where(targets > 0, targets.clamp_min(1e-12).log(), torch.zeros(()))
     for _ in range(steps):
         logp = F.log_softmax(F.linear(F.silu(F.linear(z, w1, b1)), w2, b2), -1)
-        kl = (targets * (log_t - logp)).sum(1).mean()
+        kl = target_kl(targets, logp)
         E = K - none
         mean_p = logp.exp()[:, :E].mean(0)
         mean_p = mean_p / mean_p.sum()
@@ -115,8 +121,7 @@ def _score(router: SequenceRouter, x: torch.Tensor, targets: torch.Tensor) -> di
     K = router.num_experts
     with torch.no_grad():
         p = router.probabilities(x)
-        log_t = torch.where(targets > 0, targets.clamp_min(1e-12).log(), torch.zeros(()))
-        kl = (targets * (log_t - p.clamp_min(1e-12).log())).sum(1).mean()
+        kl = target_kl(targets, p.clamp_min(1e-12).log())
         persona = targets[:, :K].sum(1) > 0
         out = {"top2_hit": float(top2_hits(p[persona, :K], targets[persona, :K]).float().mean())
                if persona.any() else float("nan"), "kl": float(kl)}
