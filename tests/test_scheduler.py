@@ -143,8 +143,8 @@ def test_cancel_frees_the_slot_and_slots_are_reused(engines):
     sched.step()                      # a leaves, b moves to slot 0, c is admitted into slot 1
     assert a.result().finish_reason == "cancelled" and a.slot == -1
     assert sched.running[0] is b and b.slot == 0 and c.slot == 1
-    assert torch.equal(sched.gates[0], b.personas.rows[0]) and not sched.token_rows[0]
-    assert sched.token_rows[1]                       # c's row: token routing
+    assert torch.equal(sched.runner.gates[0], b.personas.rows[0]) and not sched.runner.token_rows[0]
+    assert sched.runner.token_rows[1]                       # c's row: token routing
     out_c = c.result()
     assert out_c.token_ids == alone(eng, c.ids, "token", 6).token_ids
     b.cancel()
@@ -156,14 +156,14 @@ def test_cancel_frees_the_slot_and_slots_are_reused(engines):
 def test_many_short_requests_leak_nothing(engines):
     eng = engines["torch"]
     sched = eng.scheduler(slots=4, max_len=32, background=False)
-    shapes = (sched.cache.k.shape, sched.gates.shape)
+    shapes = (sched.runner.cache.k.shape, sched.runner.gates.shape)
     reqs = [sched.submit(prompt(2 + i % 5, i), SamplingParams(max_new_tokens=1 + i % 2),
                          PERSONAS[i % len(PERSONAS)]) for i in range(1000)]
     while sched.pending():
         sched.step()
     assert all(r.done and r.slot == -1 for r in reqs)
     assert not sched.waiting and not sched.running
-    assert (sched.cache.k.shape, sched.gates.shape) == shapes
+    assert (sched.runner.cache.k.shape, sched.runner.gates.shape) == shapes
     for i, r in enumerate(reqs):                     # its budget, or an EOS before it
         assert len(r.tokens) == 1 + i % 2 or (r.finish_reason == "stop" and r.tokens[-1] in eng.eos_ids)
 
@@ -209,7 +209,7 @@ def test_pool_sized_from_a_memory_budget(engines):
     cfg = eng.config
     per = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 32 * cfg.head_dim * 4   # fp32
     sched = eng.scheduler(max_len=32, kv_cache_gb=3.5 * per / 2 ** 30, background=False)
-    assert sched.slots == 3 and sched.cache.k.numel() * 4 * 2 == 3 * per
+    assert sched.slots == 3 and sched.runner.cache.k.numel() * 4 * 2 == 3 * per
     with pytest.raises(RequestError, match=r"kv_cache_gb=.*: one slot of 32 columns needs"):
         eng.scheduler(max_len=32, kv_cache_gb=0.5 * per / 2 ** 30)
     with pytest.raises(RequestError, match=r"slots=4: 4 slots of 32 columns need"):

@@ -20,11 +20,13 @@ admission, once the gates are known, the longest cached run of whole blocks of t
 the request's persona root is copied into its slot and prefill starts after it; a prompt fully
 prefilled stores its whole blocks.
 
-The KV pool (kv_cache.SlotCache) holds ``slots`` rows of ``max_len`` columns.  Requests occupy
-slots 0..n-1, the decoding ones first, so each forward reads views of consecutive rows; the
-device-side gate matrix [slots, K], token-routing flags and last tokens keep one row per slot in
-the same order.  A request that leaves is replaced by the last one of its group (at most two
-slot rows copied, only their used columns).
+The scheduler keeps requests, slots, admission, prefill budgets and retirement; every tensor
+of a step is the step runner's (runner.py), which it hands a Plan per forward.  The KV pool
+(kv_cache.SlotCache) holds ``slots`` rows of ``max_len`` columns.  Requests occupy slots
+0..n-1, the decoding ones first, so each forward reads views of consecutive rows; the runner's
+gate matrix [slots, K], token-routing flags and last tokens keep one row per slot in the same
+order.  A request that leaves is replaced by the last one of its group (at most two slot rows
+copied, only their used columns).
 
 Host syncs per step: the sampled tokens (one ``tolist`` per forward that samples).  The active
 expert set comes from host copies of the gate rows made at admission (one sync per sequence-
@@ -43,22 +45,17 @@ from __future__ import annotations
 import collections
 import threading
 import time
-import warnings
 
 import torch
 
 from pf_engine.errors import RequestError
 from pf_engine.outputs import Stats
-from pf_engine.persona.mix import Mix
-from pf_engine.persona.specs import BASE, SEQUENCE, TOKEN
+from pf_engine.persona.specs import SEQUENCE, TOKEN
 from pf_engine.request import Request
 from pf_engine.runtime.kv_cache import slots_for
 from pf_engine.runtime.prefix_cache import persona_root
-from pf_engine.runtime.static_decode import CaptureFailed, StaticDecode
-from pf_engine.runtime.threads import POLICY
+from pf_engine.runtime.runner import Plan, StepRunner
 from pf_engine.sampling import SamplingParams
-from pf_engine.scoring import logprobs_of
-from pf_engine.structured import mask_rows
 
 
 class Scheduler:
@@ -87,13 +84,11 @@ class Scheduler:
         if not isinstance(prefill_budget, int) or isinstance(prefill_budget, bool) or prefill_budget < 1:
             raise RequestError(f"prefill_budget={prefill_budget!r}: expected an integer >= 1")
         self.prefill_budget = prefill_budget
-        m = engine.model
-        self.cache = m.slot_cache(slots, self.max_len)     # this rank's heads (tensor parallel)
-        K = engine.bank.num_experts if engine.bank is not None else 0
-        dev = engine.device
-        self.gates = torch.zeros(slots, K, dtype=torch.float32, device=dev)      # a row per slot
-        self.token_rows = torch.zeros(slots, dtype=torch.bool, device=dev)
-        self.last_tok = torch.zeros(slots, dtype=torch.long, device=dev)       # each slot's last token
+        decode = decode or ("graphs" if engine.device.type == "cuda" and engine.tensor_parallel == 1
+                            else "dynamic")
+        if decode not in ("dynamic", "static", "graphs"):
+            raise RequestError(f"decode={decode!r}: expected dynamic, static or graphs")
+        self.runner = StepRunner(engine, slots, self.max_len, decode)     # every tensor of a step
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []                   # running[i] owns slot i
         self.decoding = 0                                  # running[:decoding] have their prompt in
@@ -104,14 +99,15 @@ class Scheduler:
         self.steps = 0
         self.stats = Stats()
         self.paused = False
-        decode = decode or ("graphs" if dev.type == "cuda" and engine.tensor_parallel == 1 else "dynamic")
-        if decode not in ("dynamic", "static", "graphs"):
-            raise RequestError(f"decode={decode!r}: expected dynamic, static or graphs")
-        self.static = None if decode == "dynamic" else StaticDecode(self, decode == "graphs")
 
     @property
     def slots(self) -> int:
-        return self.cache.slots
+        return self.runner.slots
+
+    @property
+    def static(self):
+        """The runner's static-shape decode (static_decode.py), None when dynamic."""
+        return self.runner.static
 
     # submission -----------------------------------------------------------------------------
     def submit(self, ids: list[int], params: SamplingParams, persona=None) -> Request:
@@ -224,22 +220,16 @@ class Scheduler:
     def _admit(self, r: Request) -> None:
         """Give ``r`` the next free slot and its gate row (the sequence router reads its prompt
         here); its prompt is prefilled by the following steps."""
-        slot, dev = len(self.running), self.engine.device
+        slot, row = len(self.running), None
         if r.personas.any:
             if r.kind == SEQUENCE:
-                r.personas.route(self.engine.model, torch.tensor([r.ids], device=dev))
+                r.personas.route(self.engine.model, torch.tensor([r.ids], device=self.engine.device))
             row = r.personas.rows[0]                # host copy: the active set costs no sync later
             r.active = set(row.nonzero().flatten().tolist())
-            self.gates[slot] = row.to(dev)
-            self.token_rows[slot] = r.kind == TOKEN
-        else:
-            self.gates[slot] = 0
-            self.token_rows[slot] = False
         r.slot, r.length = slot, 0
         if self.prefix is not None:
             self._reuse_prefix(r)
-        if self.static is not None:
-            self.static.lengths[slot] = r.length
+        self.runner.admit(slot, row, r.kind == TOKEN, r.length)
         self.running.append(r)
 
     def _reuse_prefix(self, r: Request) -> None:
@@ -249,12 +239,12 @@ class Scheduler:
         hit = self.prefix.lookup(root, r.ids, len(r.ids) - 1)
         B = self.prefix.block
         for i, blk in enumerate(hit):
-            self.cache.load(r.slot, i * B, blk.kv)
+            self.runner.cache.load(r.slot, i * B, blk.kv)
         r.length = r.cached_tokens = len(hit) * B
 
     def _keep_prefix(self, r: Request) -> None:
         """``r``'s prompt is in its slot: store its whole blocks in the prefix cache."""
-        cache, s = self.cache, r.slot
+        cache, s = self.runner.cache, r.slot
         self.prefix.insert(r.prefix_root, r.ids, len(r.ids), lambda c0, c1: cache.save(s, c0, c1))
 
     def _prefill(self) -> None:
@@ -262,120 +252,31 @@ class Scheduler:
         (slots decoding..n-1, in slot order, several requests right-padded into one chunk).  A
         request whose prompt is complete samples its first token and starts decoding; since the
         budget goes in slot order, those are always the first of the group."""
-        d, left, reqs, counts = self.decoding, self.prefill_budget, [], []
-        for r in self.running[d:]:
+        left, reqs, counts = self.prefill_budget, [], []
+        for r in self.running[self.decoding:]:
             take = min(len(r.ids) - r.length, left)
             if take <= 0:
                 break
             reqs.append(r)
             counts.append(take)
             left -= take
-        view = self.cache.rows_view(d, [r.length for r in reqs], counts)
-        rows = [r.ids[r.length:r.length + c] + [0] * (view.T - c) for r, c in zip(reqs, counts)]
-        dev = self.engine.device
-        logits = self._forward(reqs, torch.tensor(rows, device=dev), view,
-                               pick=torch.tensor(counts, device=dev) - 1)[:, -1]
+        done = sum(r.length + c == len(r.ids) for r, c in zip(reqs, counts))
+        self.runner.run(Plan(reqs, [r.length for r in reqs], counts,
+                             [r.ids[r.length:r.length + c] for r, c in zip(reqs, counts)], done))
         self.stats.prefill_tokens += sum(counts)
-        done = 0
         for r, c in zip(reqs, counts):
             r.length += c
-            done += r.length == len(r.ids)
             if self.prefix is not None and r.length == len(r.ids):
                 self._keep_prefix(r)
-            if self.static is not None:
-                self.static.lengths[r.slot] = r.length
-        if done:
-            self.decoding += done
-            self._sample(reqs[:done], logits[:done], d)
+        self.decoding += done
 
     def _decode(self) -> None:
-        """One token for every decoding request (slots 0..decoding-1), each at its own column;
-        the forward and the sampling under one thread policy (threads.py): torch's argmax over
-        the vocabulary would otherwise wake its OpenMP workers, whose spinning afterwards takes
-        the cores from the next step's kernels."""
-        with POLICY.forward(self.engine.device, self.engine.backend.own_threads(self.decoding)):
-            self._decode_rows()
-
-    def _decode_rows(self) -> None:
+        """One token for every decoding request (slots 0..decoding-1), each at its own column."""
         reqs = self.running[:self.decoding]
-        n = len(reqs)
-        logits = None
-        if self.static is not None:              # static shapes, captured in graphs on CUDA
-            mixed = any(r.kind != BASE for r in reqs)
-            any_token = any(r.kind == TOKEN for r in reqs)
-            try:                                   # under _decode's thread policy
-                logits, mix = self.static.forward(reqs, mixed, any_token)
-            except CaptureFailed as e:
-                warnings.warn(str(e), RuntimeWarning, stacklevel=2)
-                self.static = None
-            else:
-                logits = logits[:n]
-                self._add_token_gates(reqs, mix, 1, None, [1] * n)
-                self.static.lengths[:n] += 1
-        if logits is None:
-            view = self.cache.rows_view(0, [r.length for r in reqs], [1] * n)
-            logits = self._forward(reqs, self.last_tok[:n].view(n, 1), view)[:, -1]
+        self.runner.run(Plan.decode_of(reqs))
         for r in reqs:
             r.length += 1
-        self.stats.decode_tokens += n
-        self._sample(reqs, logits, 0)
-
-    def _sample(self, reqs: list[Request], logits: torch.Tensor, s0: int) -> None:
-        """Next tokens of ``reqs`` (slots s0..) from logits [n, V]: greedy rows by one argmax, the
-        others by their own samplers; one host sync for all of them (and one more for the
-        logprobs of the rows whose request asks for them, scoring.logprobs_of).  Torch at one
-        thread (threads.py; already so inside ``_decode``)."""
-        with POLICY.forward(self.engine.device, True):
-            self._sample_rows(reqs, logits, s0)
-
-    def _sample_rows(self, reqs: list[Request], logits: torch.Tensor, s0: int) -> None:
-        held = [b for b, r in enumerate(reqs) if r.grammar is not None]
-        if held:                  # structured rows: only what their grammar allows (in place)
-            mask_rows(logits, held, [reqs[b].grammar for b in held])
-        toks = logits.argmax(-1)
-        for b, r in enumerate(reqs):
-            if not r.simple:
-                toks[b] = r.sampler(logits[b:b + 1], [0])[0]
-        self.last_tok[s0:s0 + len(reqs)] = toks
-        lps = [None] * len(reqs)
-        want = [b for b, r in enumerate(reqs) if r.params.logprobs is not None]
-        if want:                  # one more transfer, only for the rows that asked
-            top = max(reqs[b].params.logprobs for b in want)
-            for b, lp in zip(want, logprobs_of(logits[want], toks[want], top)):
-                lp.top = lp.top[:reqs[b].params.logprobs]
-                lps[b] = lp
-        for r, t, lp in zip(reqs, toks.tolist(), lps):
-            if not r.done:
-                r.emit(t, lp)
-
-    def _forward(self, reqs: list[Request], tokens, view, pick=None):
-        """The model on the consecutive slots of ``reqs`` (their gate rows) through ``view``
-        (kv_cache.RowsView); token-routed gates are added up per request, on the device."""
-        eng = self.engine
-        mix = None
-        if any(r.kind != BASE for r in reqs):
-            any_token = any(r.kind == TOKEN for r in reqs)
-            active = None if any_token else tuple(sorted(set().union(*(r.active for r in reqs))))
-            s0, n = reqs[0].slot, len(reqs)
-            mix = Mix.for_rows(self.gates[s0:s0 + n], self.token_rows[s0:s0 + n], tokens.shape[1],
-                               eng.bank.token_router, active, any_token)
-        positions = view.positions.clamp(max=eng.config.max_position_embeddings - 1)
-        with POLICY.forward(eng.device, eng.backend.own_threads(tokens.numel())):
-            logits = eng.model(tokens, positions, view, view.mask(eng.config.sliding_window),
-                               mix=mix, pick=pick)
-        self._add_token_gates(reqs, mix, tokens.shape[1], view.valid, view.counts)
-        return logits
-
-    def _add_token_gates(self, reqs, mix, T: int, valid, counts: list[int]) -> None:
-        """Hand each token-routed request its gates of this forward (summed over its valid
-        tokens and the layers, on the device); rows past len(reqs) are padding."""
-        sums = None if mix is None else mix.request_sums(len(reqs), T, valid)
-        if sums is None:
-            return
-        layers = self.engine.config.num_hidden_layers
-        for b, r in enumerate(reqs):
-            if r.kind == TOKEN:
-                r.add_token_gates(sums[b], layers * counts[b])
+        self.stats.decode_tokens += len(reqs)
 
     def _retire(self) -> None:
         """Drop finished and cancelled requests; the slots stay consecutive (see ``_vacate``)."""
@@ -407,9 +308,5 @@ class Scheduler:
 
     def _move(self, src: int, dst: int) -> None:
         r = self.running[src]
-        self.cache.move(src, dst, r.length)
-        self.gates[dst], self.token_rows[dst] = self.gates[src], self.token_rows[src]
-        self.last_tok[dst] = self.last_tok[src]
-        if self.static is not None:
-            self.static.lengths[dst] = self.static.lengths[src]
+        self.runner.move(src, dst, r.length)
         r.slot, self.running[dst] = dst, r

@@ -1,12 +1,12 @@
 """A decode step with static shapes, which a GPU can capture in CUDA graphs.
 
-The scheduler's dynamic decode (scheduler._decode) shapes each forward to its batch: n rows, the
+The step runner's dynamic decode (runner.StepRunner._forward) shapes each forward to its batch: n rows, the
 attention over max(length) + 1 columns, the active experts' rows gathered.  Replaying a captured
 graph needs every shape and address fixed, so this step is a function of device buffers only:
 
-    tokens   scheduler.last_tok[:nb]        the last token of each slot
+    tokens   runner.last_tok[:nb]           the last token of each slot
     lengths  StaticDecode.lengths[:nb]      the column each slot writes next (kept on the device)
-    gates    scheduler.gates[:nb], token_rows[:nb]
+    gates    runner.gates[:nb], token_rows[:nb]
 
 for nb = the batch-size bucket (the next power of two >= the decoding requests, at most the pool)
 and the attention over ``end`` = the longest length rounded up to COLUMN_BUCKET columns.  Rows
@@ -29,7 +29,7 @@ COLUMN_BUCKET = 256
 
 
 class CaptureFailed(RuntimeError):
-    """Capturing a step failed; the scheduler warns once and goes on with dynamic decoding."""
+    """Capturing a step failed; the runner warns once and goes on with dynamic decoding."""
 
 
 def batch_bucket(n: int, slots: int) -> int:
@@ -41,18 +41,20 @@ def column_bucket(end: int, max_len: int) -> int:
 
 
 class StaticDecode:
-    def __init__(self, sched, graphs: bool):
-        if graphs and sched.engine.device.type != "cuda":
+    """The static decode step over a StepRunner's buffers (runner.py), which owns it."""
+
+    def __init__(self, runner, graphs: bool):
+        if graphs and runner.engine.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
-        self.sched, self.graphs = sched, graphs
-        self.lengths = torch.zeros(sched.slots, dtype=torch.long, device=sched.engine.device)
+        self.runner, self.graphs = runner, graphs
+        self.lengths = torch.zeros(runner.slots, dtype=torch.long, device=runner.engine.device)
         self._captured: dict = {}
         self._pool = None
 
     def forward(self, reqs: list, mixed: bool, any_token: bool):
         """Logits [nb, V] of the nb-row step for the decoding ``reqs`` (slots 0..n-1), and its Mix
         (None without personas) whose ``token_sum`` holds the token-routed gates."""
-        s = self.sched
+        s = self.runner
         nb = batch_bucket(len(reqs), s.slots)
         end = column_bucket(max(r.length for r in reqs) + 1, s.max_len)
         key = (nb, end, mixed, any_token)
@@ -62,7 +64,7 @@ class StaticDecode:
         if got is None:
             try:
                 got = self._captured[key] = self._capture(key)
-            except Exception as e:  # noqa: BLE001 - any failure: the scheduler decodes without
+            except Exception as e:  # noqa: BLE001 - any failure: the runner decodes without
                 raise CaptureFailed(f"CUDA graph capture failed ({type(e).__name__}: {e}); "
                                     "decoding without graphs") from e
         graph, out = got
@@ -70,7 +72,7 @@ class StaticDecode:
         return out
 
     def _step(self, nb: int, end: int, mixed: bool, any_token: bool):
-        s, eng = self.sched, self.sched.engine
+        s, eng = self.runner, self.runner.engine
         mix = None
         if mixed:
             mix = Mix.for_rows(s.gates[:nb], s.token_rows[:nb], 1, eng.bank.token_router,

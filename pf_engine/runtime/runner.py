@@ -1,0 +1,211 @@
+"""The step runner: every tensor of a step.  The scheduler (scheduler.py) decides which requests
+run and how many tokens each; it hands the runner a ``Plan`` and the runner builds the inputs
+once, runs the model (eagerly, or a static step captured in a CUDA graph), masks, samples,
+computes logprobs and hands each request its token:
+
+    request -> Scheduler (plan) -> StepRunner.run -> model -> sample -> Request.emit
+
+What it owns, one row per KV slot (slot i belongs to the scheduler's running[i]):
+
+    cache      kv_cache.SlotCache  [layers, slots, H_kv, max_len, D] keys and values
+    gates      [slots, K] fp32     each slot's persona gate row (zero: the base model)
+    token_rows [slots] bool        the slot is routed per token (the token router's gates)
+    last_tok   [slots] long        each slot's last sampled token: a decode step's input
+    static     StaticDecode | None the static-shape decode (static_decode.py), which keeps its
+                                   own device copy of each slot's length
+
+The scheduler tells it what changes a slot: ``admit`` (a request's gate row, its length after
+the prefix cache's blocks were copied in with ``cache.load``), ``move`` (a request changes slot).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from pf_engine.persona.mix import Mix
+from pf_engine.persona.specs import BASE, TOKEN
+from pf_engine.runtime.static_decode import CaptureFailed, StaticDecode
+from pf_engine.runtime.threads import POLICY
+from pf_engine.scoring import logprobs_of
+from pf_engine.structured import mask_rows
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One forward over the consecutive slots of ``reqs`` (slot order, the first at slot s0).
+
+    Row b writes counts[b] new tokens from column starts[b] (its request's length).  A prefill
+    plan gives the rows' token ids (``tokens``, each row counts[b] long); a decode plan gives
+    none: every row's input is its slot's last sampled token and every count is 1.  The first
+    ``sample`` rows sample their next token (in a prefill, the rows whose prompt this chunk
+    completes; in a decode, all)."""
+
+    reqs: list
+    starts: list[int]
+    counts: list[int]
+    tokens: list[list[int]] | None
+    sample: int
+
+    @classmethod
+    def decode_of(cls, reqs: list) -> "Plan":
+        """A decode step for ``reqs``: one token each, at the column after its last."""
+        return cls(reqs, [r.length for r in reqs], [1] * len(reqs), None, len(reqs))
+
+    @property
+    def decode(self) -> bool:
+        return self.tokens is None
+
+    @property
+    def s0(self) -> int:
+        return self.reqs[0].slot
+
+    @property
+    def mixed(self) -> bool:
+        """Some row runs persona experts."""
+        return any(r.kind != BASE for r in self.reqs)
+
+    @property
+    def token(self) -> bool:
+        """Some row is routed per token."""
+        return any(r.kind == TOKEN for r in self.reqs)
+
+
+class StepRunner:
+    """The tensors of the scheduler's steps; see the module docstring.  decode: "dynamic",
+    "static" or "graphs" (static_decode.py)."""
+
+    def __init__(self, engine, slots: int, max_len: int, decode: str):
+        self.engine, self.max_len = engine, max_len
+        self.cache = engine.model.slot_cache(slots, max_len)  # this rank's heads (tensor parallel)
+        K = engine.bank.num_experts if engine.bank is not None else 0
+        dev = engine.device
+        self.gates = torch.zeros(slots, K, dtype=torch.float32, device=dev)
+        self.token_rows = torch.zeros(slots, dtype=torch.bool, device=dev)
+        self.last_tok = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.static = None if decode == "dynamic" else StaticDecode(self, decode == "graphs")
+
+    @property
+    def slots(self) -> int:
+        return self.cache.slots
+
+    # what the scheduler changes ---------------------------------------------------------------
+    def admit(self, slot: int, row: torch.Tensor | None, token: bool, length: int) -> None:
+        """Slot ``slot`` now holds a request: its gate row [K] (None: the base model), whether
+        it is token-routed, and its columns already filled (from the prefix cache)."""
+        if row is None:
+            self.gates[slot] = 0
+        else:
+            self.gates[slot] = row.to(self.gates.device)
+        self.token_rows[slot] = token
+        if self.static is not None:
+            self.static.lengths[slot] = length
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """The request in slot ``src`` (``length`` columns filled) moves to slot ``dst``."""
+        self.cache.move(src, dst, length)
+        self.gates[dst], self.token_rows[dst] = self.gates[src], self.token_rows[src]
+        self.last_tok[dst] = self.last_tok[src]
+        if self.static is not None:
+            self.static.lengths[dst] = self.static.lengths[src]
+
+    # the step -----------------------------------------------------------------------------------
+    def run(self, plan: Plan) -> None:
+        """Run ``plan``: the forward, then the first ``plan.sample`` rows' next tokens handed to
+        their requests.  A decode step runs under one thread policy with its sampling (threads.py:
+        torch's argmax over the vocabulary would otherwise wake its OpenMP workers, whose
+        spinning afterwards takes the cores from the next step's kernels)."""
+        eng = self.engine
+        if not plan.decode:
+            logits = self._forward(plan)
+            self._sample(plan.reqs[:plan.sample], logits[:plan.sample], plan.s0)
+            if self.static is not None:
+                ends = [s + c for s, c in zip(plan.starts, plan.counts)]
+                self.static.lengths[plan.s0:plan.s0 + len(ends)] = torch.tensor(ends)
+            return
+        with POLICY.forward(eng.device, eng.backend.own_threads(len(plan.reqs))):
+            logits = self._decode(plan)
+            self._sample_rows(plan.reqs, logits, plan.s0)
+
+    def _decode(self, plan: Plan) -> torch.Tensor:
+        """Logits [n, V] of a decode step: the static step where there is one, else dynamic."""
+        n = len(plan.reqs)
+        if self.static is not None:              # static shapes, captured in graphs on CUDA
+            try:                                 # under run's thread policy
+                logits, mix = self.static.forward(plan.reqs, plan.mixed, plan.token)
+            except CaptureFailed as e:
+                warnings.warn(str(e), RuntimeWarning, stacklevel=3)
+                self.static = None
+            else:
+                self._add_token_gates(plan.reqs, mix, 1, None, plan.counts)
+                self.static.lengths[:n] += 1
+                return logits[:n]
+        return self._forward(plan)
+
+    def _forward(self, plan: Plan) -> torch.Tensor:
+        """Logits [n, V] of each row's last token (a prefill row's last real one): the model on
+        the plan's slots through a RowsView, with their gate rows; token-routed gates are added
+        up per request, on the device."""
+        eng, reqs, s0, n = self.engine, plan.reqs, plan.s0, len(plan.reqs)
+        dev = eng.device
+        view = self.cache.rows_view(s0, plan.starts, plan.counts)
+        pick = None
+        if plan.decode:
+            tokens = self.last_tok[s0:s0 + n].view(n, 1)
+        else:
+            tokens = torch.tensor([t + [0] * (view.T - len(t)) for t in plan.tokens], device=dev)
+            pick = torch.tensor(plan.counts, device=dev) - 1
+        mix = None
+        if plan.mixed:
+            active = None if plan.token else tuple(sorted(set().union(*(r.active for r in reqs))))
+            mix = Mix.for_rows(self.gates[s0:s0 + n], self.token_rows[s0:s0 + n], view.T,
+                               eng.bank.token_router, active, plan.token)
+        positions = view.positions.clamp(max=eng.config.max_position_embeddings - 1)
+        with POLICY.forward(eng.device, eng.backend.own_threads(tokens.numel())):
+            logits = eng.model(tokens, positions, view, view.mask(eng.config.sliding_window),
+                               mix=mix, pick=pick)
+        self._add_token_gates(reqs, mix, view.T, view.valid, plan.counts)
+        return logits[:, -1]
+
+    def _add_token_gates(self, reqs, mix, T: int, valid, counts: list[int]) -> None:
+        """Hand each token-routed request its gates of this forward (summed over its valid
+        tokens and the layers, on the device); rows past len(reqs) are padding."""
+        sums = None if mix is None else mix.request_sums(len(reqs), T, valid)
+        if sums is None:
+            return
+        layers = self.engine.config.num_hidden_layers
+        for b, r in enumerate(reqs):
+            if r.kind == TOKEN:
+                r.add_token_gates(sums[b], layers * counts[b])
+
+    # sampling -----------------------------------------------------------------------------------
+    def _sample(self, reqs: list, logits: torch.Tensor, s0: int) -> None:
+        """``_sample_rows`` with torch at one thread (threads.py)."""
+        if reqs:
+            with POLICY.forward(self.engine.device, True):
+                self._sample_rows(reqs, logits, s0)
+
+    def _sample_rows(self, reqs: list, logits: torch.Tensor, s0: int) -> None:
+        """Next tokens of ``reqs`` (slots s0..) from logits [n, V]: greedy rows by one argmax, the
+        others by their own samplers, structured rows masked by their grammar first; one host
+        sync for all of them (and one more for the logprobs of the rows whose request asks for
+        them, scoring.logprobs_of).  Each token goes to its request (Request.emit)."""
+        held = [b for b, r in enumerate(reqs) if r.grammar is not None]
+        if held:                  # structured rows: only what their grammar allows (in place)
+            mask_rows(logits, held, [reqs[b].grammar for b in held])
+        toks = logits.argmax(-1)
+        for b, r in enumerate(reqs):
+            if not r.simple:
+                toks[b] = r.sampler(logits[b:b + 1], [0])[0]
+        self.last_tok[s0:s0 + len(reqs)] = toks
+        lps = [None] * len(reqs)
+        want = [b for b, r in enumerate(reqs) if r.params.logprobs is not None]
+        if want:                  # one more transfer, only for the rows that asked
+            top = max(reqs[b].params.logprobs for b in want)
+            for b, lp in zip(want, logprobs_of(logits[want], toks[want], top)):
+                lp.top = lp.top[:reqs[b].params.logprobs]
+                lps[b] = lp
+        for r, t, lp in zip(reqs, toks.tolist(), lps):
+            if not r.done:
+                r.emit(t, lp)
