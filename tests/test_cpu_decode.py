@@ -15,6 +15,9 @@ from pf_engine.runtime.kv_cache import SlotCache
 from pf_engine.backends import backend_status
 from pf_engine.model.decoder import Scratch
 from pf_engine.persona.mix import Mix
+from pf_engine.model.step import WHOLE, Step
+
+DECODE = Step(decode=True)
 
 ok, why = backend_status("cpu", torch.device("cpu"))
 pytestmark = pytest.mark.skipif(not ok, reason=f"cpu backend unavailable: {why}")
@@ -77,8 +80,9 @@ def test_decode_step_matches_the_torch_blocks(engine, kind, lengths, s0):
         mix = mix_for(eng, kind, len(lengths))
         x = eng.model.embed[tok]
         runner = eng.model.runner                                        # the path under test ran
-        assert (isinstance(runner, CpuRunner) and runner.applies(x, view)) == fast
-        logits = eng.model(tok, view.positions, view, view.mask(eng.config.sliding_window), mix=mix)
+        assert (isinstance(runner, CpuRunner) and runner.applies(x, view, DECODE)) == fast
+        logits = eng.model(tok, view.positions, view, view.mask(eng.config.sliding_window), mix=mix,
+                           step=DECODE)
         out[fast] = (logits, pool.k.clone(), pool.v.clone(), None if mix is None else mix.token_sum)
     for a, b in zip(out[True], out[False]):
         if a is not None:
@@ -93,11 +97,11 @@ def test_eligibility(engine, hf_model_dir):
     pool, view, tok = prefilled(eng, [3, 4], 0)
     x = eng.model.embed[tok]
     runner = eng.model.runner
-    assert runner.applies(x, view)
-    assert not runner.applies(x.double(), view)
-    assert not runner.applies(torch.cat([x, x], 1), view)
-    assert not runner.applies(x[:1].expand(17, 1, x.shape[-1]), view)
-    assert not runner.applies(x, Scratch)
+    assert runner.applies(x, view, DECODE)
+    assert not runner.applies(x.double(), view, DECODE)
+    assert not runner.applies(torch.cat([x, x], 1), view, WHOLE)   # not a decode step
+    assert not runner.applies(x[:1].expand(17, 1, x.shape[-1]), view, DECODE)
+    assert not runner.applies(x, Scratch, DECODE)
     other = Engine.from_pretrained(eng.folder, adapters=eng.bank, backend="torch", progress=False,
                                    device="cpu", dtype="fp32")
     assert type(other.model.runner) is Blocks

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pf_engine import Engine
-from pf_engine.runtime.scheduler import Scheduler
+from pf_engine.runtime.runner import StepRunner
 
 SEEN_AT_TORCH_IMPORT = """
 import os, sys
@@ -58,8 +58,8 @@ def test_torch_is_at_one_thread_where_the_kernels_run_and_when_sampling(engines,
     import pf_engine.model.decoder as decoder
     eng = engines[quantize]
     sampled, attended = [], []
-    rows, sdpa = Scheduler._sample_rows, decoder.F.scaled_dot_product_attention
-    monkeypatch.setattr(Scheduler, "_sample_rows", lambda self, *a: (
+    rows, sdpa = StepRunner._sample_rows, decoder.F.scaled_dot_product_attention
+    monkeypatch.setattr(StepRunner, "_sample_rows", lambda self, *a: (
         sampled.append(torch.get_num_threads()), rows(self, *a))[1])
     monkeypatch.setattr(decoder.F, "scaled_dot_product_attention", lambda *a, **k: (
         attended.append(torch.get_num_threads()), sdpa(*a, **k))[1])

@@ -28,9 +28,9 @@ class Blocks:
     def __init__(self, model):
         self.blocks = model.blocks
 
-    def __call__(self, x, cos, sin, cache, mask, mix):
+    def __call__(self, x, cos, sin, cache, mask, mix, step):
         for blk in self.blocks:
-            x = blk(x, cos, sin, cache, mask, mix)
+            x = blk(x, cos, sin, cache, mask, mix, step)
         return x
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pf_engine.model.config import ModelConfig
 from pf_engine.model.linear import Linear
 from pf_engine.model.loading import LayerWeights, ModelWeights
+from pf_engine.model.step import WHOLE, Step
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -106,20 +107,22 @@ class Block:
         self.linears = (self.qkv, self.o, self.gate_up, self.down)
         self.reduce = None       # tensor parallelism: sums o's and down's outputs over the ranks
 
-    def __call__(self, x, cos, sin, cache, mask, mix=None):
-        """x [B, T, d]; cos/sin from Rotary.tables; mask: bool [B or 1, 1, T, L] for T > 1, or
-        the additive decode_bias [B, 1, 1, L] for T == 1; mix: persona.mix.Mix or None."""
+    def __call__(self, x, cos, sin, cache, mask, mix=None, step: Step = WHOLE):
+        """x [B, T, d]; cos/sin from Rotary.tables; mask: bool [B or 1, 1, T, L], or for a
+        decode step (step.py; T == 1) the additive decode_bias [B, 1, 1, L]; mix:
+        persona.mix.Mix or None."""
         B, T, _ = x.shape
+        dec = step.decode
         H, H_kv, D = self.H, self.H_kv, self.D
         if mix is not None:
             mix = mix.for_layer(self.index, x)
-        qkv = self.qkv.full(rms_norm(x, self.attn_norm, self.eps), mix).view(B, T, H + 2 * H_kv, D)
+        qkv = self.qkv.full(rms_norm(x, self.attn_norm, self.eps), mix, dec).view(B, T, H + 2 * H_kv, D)
         qk = apply_rope(qkv[:, :, :H + H_kv], cos, sin)                 # (B, T, H + H_kv, D)
         q = qk[:, :, :H].transpose(1, 2)                                 # (B, H, T, D), pre-scaled
         k = qk[:, :, H:].transpose(1, 2)                                 # (B, H_kv, T, D)
         v = qkv[:, :, H + H_kv:].transpose(1, 2)
         k_all, v_all = cache.update(self.index, k, v)                   # (B, H_kv, L, D)
-        if T == 1:   # decode: grouped heads as one batched matmul, no SDPA dispatch
+        if dec:      # grouped heads as one batched matmul, no SDPA dispatch
             s = torch.matmul(q.reshape(B, H_kv, H // H_kv, D), k_all.transpose(-1, -2)) + mask
             a = torch.matmul(s.softmax(-1, dtype=torch.float32).to(v_all.dtype), v_all)
             a = a.reshape(B, 1, H * D)                                   # (B, 1, H * D)
@@ -127,10 +130,10 @@ class Block:
             a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=1.0,
                                                enable_gqa=H != H_kv)
             a = a.transpose(1, 2).reshape(B, T, H * D)
-        o = self.o(a, mix)
+        o = self.o(a, mix, dec)
         x = x + (o if self.reduce is None else self.reduce(o))
-        gate, up = self.gate_up(rms_norm(x, self.mlp_norm, self.eps), mix)
-        d = self.down(F.silu(gate) * up, mix)
+        gate, up = self.gate_up(rms_norm(x, self.mlp_norm, self.eps), mix, dec)
+        d = self.down(F.silu(gate) * up, mix, dec)
         return x + (d if self.reduce is None else self.reduce(d))
 
 
@@ -183,27 +186,28 @@ class Decoder:
             positions = torch.arange(T, device=tokens.device).expand(tokens.shape)
             cos, sin = self.rotary.tables(positions, self.dtype)
             mask = causal_mask(T, self.cfg.sliding_window, tokens.device)
-            if T == 1:
-                mask = decode_bias(mask, self.dtype)
             for blk in self.blocks[:layers]:
                 x = blk(x, cos, sin, Scratch, mask)
                 yield x
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor,
-                 mix=None, pick: torch.Tensor | None = None) -> torch.Tensor:
+                 mix=None, pick: torch.Tensor | None = None, step: Step = WHOLE) -> torch.Tensor:
         """tokens, positions [B, T] -> float32 logits [B, T, vocab] (with ``pick`` [B], the logits
         of row b's position pick[b] only, [B, 1, vocab]).
 
         Writes the keys/values of the T new tokens through ``cache`` (a RowsView or Scratch);
         mask: bool [B or 1, 1, T, L].  ``mix``: the persona gates of the B * T rows (None: the
-        base model).
+        base model).  ``step`` (step.py): what kind of forward this is, as its caller planned it
+        (a decode step: T == 1, every row after its cached columns).
         """
+        if step.decode and tokens.shape[1] != 1:
+            raise ValueError(f"a decode step has one token per row; got tokens {list(tokens.shape)}")
         x = self.embedding(tokens)                                     # (B, T, d)
         cos, sin = self.rotary.tables(positions, self.dtype)
-        if tokens.shape[1] == 1:
+        if step.decode:
             mask = decode_bias(mask, self.dtype)
-        x = self.runner(x, cos, sin, cache, mask, mix)                 # every block
+        x = self.runner(x, cos, sin, cache, mask, mix, step)           # every block
         if pick is not None:
             x = x[torch.arange(x.shape[0], device=x.device), pick].unsqueeze(1)
         x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
-        return self.head(x).float()
+        return self.head(x, decode=step.decode).float()

@@ -123,19 +123,19 @@ class Linear:
         """Whether ``mix`` (persona.mix.Mix or None) gives any attached expert a gate."""
         return mix is not None and bool(self.experts) and not self.experts.isdisjoint(mix.active)
 
-    def __call__(self, x: torch.Tensor, mix=None):
+    def __call__(self, x: torch.Tensor, mix=None, decode: bool = False):
         """x [..., d_in] -> y [..., d_out], or its per-projection slices for a fused group."""
-        y = self.full(x, mix)
+        y = self.full(x, mix, decode)
         return y.split(self.splits, dim=-1) if self.splits else y
 
-    def full(self, x: torch.Tensor, mix=None) -> torch.Tensor:
+    def full(self, x: torch.Tensor, mix=None, decode: bool = False) -> torch.Tensor:
         """x [..., d_in] -> y [..., d_out] (all projections of the group side by side).
 
-        ``decode``: the rows are one new token per sequence (x [B, 1, d_in]): the backend may
+        ``decode``: the rows are a decode step's, one new token per sequence (model/step.py;
+        x [B, 1, d_in]): the backend may
         pick a GEMM form for few rows; passes over several tokens per sequence use x W^T, the
         form transformers uses, so that prefill logits round as transformers' do."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])                                       # (N, d_in)
-        decode = len(shape) > 2 and shape[-2] == 1
         y = self.backend.linear(self, x2, mix if self.mixes(mix) else None, decode)
         return y.view(*shape[:-1], self.d_out)

@@ -34,6 +34,7 @@ import torch.multiprocessing as mp
 
 from pf_engine.errors import PFError
 from pf_engine.model.decoder import Scratch
+from pf_engine.model.step import WHOLE
 from pf_engine.parallel.group import HOST, make_group, make_reducer
 from pf_engine.parallel.worker import to_wire, worker_main
 from pf_engine.runtime.kv_cache import SlotCache
@@ -100,9 +101,11 @@ class TPDecoder:
     def __getattr__(self, name):
         return getattr(self.local, name)
 
-    def __call__(self, tokens, positions, cache, mask, mix=None, pick=None):
-        self.workers.send(("forward", tokens, positions, cache_desc(cache), mask, mix_desc(mix), pick))
-        return self.workers.guard(lambda: self.local(tokens, positions, cache, mask, mix=mix, pick=pick))
+    def __call__(self, tokens, positions, cache, mask, mix=None, pick=None, step=WHOLE):
+        self.workers.send(("forward", tokens, positions, cache_desc(cache), mask, mix_desc(mix), pick,
+                           step))
+        return self.workers.guard(lambda: self.local(tokens, positions, cache, mask, mix=mix, pick=pick,
+                                                     step=step))
 
     def hidden(self, tokens, layers: int):
         self.workers.send(("hidden", tokens, layers))

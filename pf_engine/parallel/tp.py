@@ -26,8 +26,8 @@ class VocabHead:
     def __getattr__(self, name):
         return getattr(self.head, name)
 
-    def __call__(self, x):
-        part = self.head(x).float()
+    def __call__(self, x, decode: bool = False):
+        part = self.head(x, decode=decode).float()
         out = part.new_zeros(*part.shape[:-1], self.vocab)
         out[..., self.v0:self.v1] = part
         return self.reduce(out)

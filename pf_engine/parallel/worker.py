@@ -148,13 +148,13 @@ def build_shard(spec: dict, rank: int, n: int, reduce, device: torch.device):
 def run(cmd, model, bank, caches, blocks) -> None:
     op = cmd[0]
     if op == "forward":
-        _, tokens, positions, cdesc, mask, mdesc, pick = cmd
+        _, tokens, positions, cdesc, mask, mdesc, pick, step = cmd
         cache = Scratch if cdesc is None else RowsView(caches[cdesc[0]], *cdesc[1:])
         mix = None
         if mdesc is not None:
             fixed, token_rows, active, token = mdesc
             mix = Mix(fixed, bank.token_router if token else None, token_rows, active, token)
-        model(tokens, positions, cache, mask, mix=mix, pick=pick)
+        model(tokens, positions, cache, mask, mix=mix, pick=pick, step=step)
     elif op == "hidden":
         model.hidden(cmd[1], cmd[2])
     elif op == "cache":

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
+from pf_engine.model.step import Step
 from pf_engine.persona.mix import Mix
 from pf_engine.persona.specs import BASE, TOKEN
 from pf_engine.runtime.static_decode import CaptureFailed, StaticDecode
@@ -61,15 +63,12 @@ class Plan:
     def s0(self) -> int:
         return self.reqs[0].slot
 
-    @property
-    def mixed(self) -> bool:
-        """Some row runs persona experts."""
-        return any(r.kind != BASE for r in self.reqs)
-
-    @property
-    def token(self) -> bool:
-        """Some row is routed per token."""
-        return any(r.kind == TOKEN for r in self.reqs)
+    @cached_property
+    def step(self) -> Step:
+        """What kind of forward this is (model/step.py), decided here once for the model, the
+        backend and the static decode: decode or prefill, any persona, any token routing."""
+        return Step(self.decode, any(r.kind != BASE for r in self.reqs),
+                    any(r.kind == TOKEN for r in self.reqs))
 
 
 class StepRunner:
@@ -133,7 +132,7 @@ class StepRunner:
         n = len(plan.reqs)
         if self.static is not None:              # static shapes, captured in graphs on CUDA
             try:                                 # under run's thread policy
-                logits, mix = self.static.forward(plan.reqs, plan.mixed, plan.token)
+                logits, mix = self.static.forward(plan.reqs, plan.step)
             except CaptureFailed as e:
                 warnings.warn(str(e), RuntimeWarning, stacklevel=3)
                 self.static = None
@@ -156,15 +155,15 @@ class StepRunner:
         else:
             tokens = torch.tensor([t + [0] * (view.T - len(t)) for t in plan.tokens], device=dev)
             pick = torch.tensor(plan.counts, device=dev) - 1
-        mix = None
-        if plan.mixed:
-            active = None if plan.token else tuple(sorted(set().union(*(r.active for r in reqs))))
+        mix, step = None, plan.step
+        if step.mixed:
+            active = None if step.token else tuple(sorted(set().union(*(r.active for r in reqs))))
             mix = Mix.for_rows(self.gates[s0:s0 + n], self.token_rows[s0:s0 + n], view.T,
-                               eng.bank.token_router, active, plan.token)
+                               eng.bank.token_router, active, step.token)
         positions = view.positions.clamp(max=eng.config.max_position_embeddings - 1)
         with POLICY.forward(eng.device, eng.backend.own_threads(tokens.numel())):
             logits = eng.model(tokens, positions, view, view.mask(eng.config.sliding_window),
-                               mix=mix, pick=pick)
+                               mix=mix, pick=pick, step=step)
         self._add_token_gates(reqs, mix, view.T, view.valid, plan.counts)
         return logits[:, -1]
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from pf_engine.runtime.kv_cache import RowsView
+from pf_engine.model.step import Step
 from pf_engine.persona.mix import Mix
+from pf_engine.runtime.kv_cache import RowsView
 
 COLUMN_BUCKET = 256
 
@@ -51,13 +52,14 @@ class StaticDecode:
         self._captured: dict = {}
         self._pool = None
 
-    def forward(self, reqs: list, mixed: bool, any_token: bool):
+    def forward(self, reqs: list, step: Step):
         """Logits [nb, V] of the nb-row step for the decoding ``reqs`` (slots 0..n-1), and its Mix
-        (None without personas) whose ``token_sum`` holds the token-routed gates."""
+        (None without personas) whose ``token_sum`` holds the token-routed gates; ``step``
+        (model/step.py) says whether any row has a persona or token routing."""
         s = self.runner
         nb = batch_bucket(len(reqs), s.slots)
         end = column_bucket(max(r.length for r in reqs) + 1, s.max_len)
-        key = (nb, end, mixed, any_token)
+        key = (nb, end, step.mixed, step.token)
         if not self.graphs:
             return self._step(*key)
         got = self._captured.get(key)
@@ -80,7 +82,8 @@ class StaticDecode:
         view = RowsView.static(s.cache, nb, self.lengths[:nb], end)
         positions = view.positions.clamp(max=eng.config.max_position_embeddings - 1)
         logits = eng.model(s.last_tok[:nb].view(nb, 1), positions, view,
-                           view.mask(eng.config.sliding_window), mix=mix)[:, -1]
+                           view.mask(eng.config.sliding_window), mix=mix,
+                           step=Step(True, mixed, any_token))[:, -1]
         return logits, mix
 
     def _capture(self, key):

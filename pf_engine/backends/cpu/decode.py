@@ -53,14 +53,15 @@ class CpuRunner(Blocks):
         usable = all(p is not None for p in plans) and (reduce is None or self.group is not None)
         self.plans = plans if usable else None
 
-    def applies(self, x: torch.Tensor, cache) -> bool:
-        """x [B, 1, d]: a decode step of at most MAX_ROWS fp32 rows on a slot cache."""
-        return self.plans is not None and x.shape[1] == 1 and x.shape[0] <= MAX_ROWS and \
+    def applies(self, x: torch.Tensor, cache, step) -> bool:
+        """x [B, 1, d]: a decode step (model/step.py) of at most MAX_ROWS fp32 rows on a slot
+        cache."""
+        return self.plans is not None and step.decode and x.shape[0] <= MAX_ROWS and \
             x.dtype == torch.float32 and getattr(cache, "pool", None) is not None
 
-    def __call__(self, x, cos, sin, cache, mask, mix):
-        if not self.applies(x, cache):
-            return super().__call__(x, cos, sin, cache, mask, mix)
+    def __call__(self, x, cos, sin, cache, mask, mix, step):
+        if not self.applies(x, cache, step):
+            return super().__call__(x, cos, sin, cache, mask, mix, step)
         B, _, d = x.shape
         h = x.reshape(B, d).clone()                      # the hidden state, updated in place
         hn = h.numpy()
