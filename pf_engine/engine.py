@@ -101,18 +101,16 @@ def served_load_args(mode: str | None, gguf: str | None, backend, dtype: torch.d
 
 
 class Engine:
-    def __init__(self, folder: str, device: torch.device, dtype: torch.dtype, adapters=None,
-                 backend: str | None = None, quantize: str | None = None, gguf: str | None = None,
-                 tensor_parallel: int = 1, expert_format: str | None = None):
-        """``folder``: the model's HF-layout folder (config, tokenizer, float weights); ``gguf``:
-        the file it was converted from, whose 8/4-bit and 16-bit tensors are used as they are where the
-        backend runs them (model/quantize.py says what ``quantize`` does); ``tensor_parallel``:
-        ranks (parallel/runtime.py)."""
+    def __init__(self, folder: str, device: torch.device, dtype: torch.dtype, adapters,
+                 backend, mode: str | None, gguf: str | None, tensor_parallel: int = 1):
+        """Built by ``from_pretrained``, which resolves and checks what this takes: ``folder``,
+        the model's HF-layout folder (config, tokenizer, float weights); ``gguf``, the file it
+        was converted from, whose 8/4-bit and 16-bit tensors are used as they are where the
+        backend runs them; ``backend``, the resolved Backend; ``mode``, quantize as checked
+        (model/quantize.py); ``tensor_parallel``: ranks (parallel/runtime.py)."""
         self.folder, self.device, self.dtype = folder, device, dtype
         self.config = ModelConfig.from_file(os.path.join(folder, "config.json"))
-        self.backend = resolve_backend(backend, device, expert_format)
-        mode = quantization.check(quantize, gguf=gguf is not None, device=device, dtype=dtype,
-                                  backend=self.backend)
+        self.backend = backend
         from pf_engine.parallel.options import check_parallel
         self.load_args = served_load_args(mode, gguf, self.backend, dtype)   # TP workers too
         keep = self.load_args[1] is not None
@@ -171,11 +169,11 @@ class Engine:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         gguf = gguf_source(model)
-        quantization.check(quantize, gguf=gguf is not None, device=dev, dtype=dt,
-                           backend=None)                       # before any conversion runs
         check_expert_format(expert_format)
-        eng = cls(resolve_model(model, progress), dev, dt, adapters, backend, quantize, gguf,
-                  tensor_parallel, expert_format)
+        be = resolve_backend(backend, dev, expert_format)
+        mode = quantization.check(quantize, gguf=gguf is not None, device=dev, dtype=dt,
+                                  backend=be)                  # before any conversion runs
+        eng = cls(resolve_model(model, progress), dev, dt, adapters, be, mode, gguf, tensor_parallel)
         eng.load_s = time.perf_counter() - t0
         return eng
 
@@ -241,24 +239,25 @@ class Engine:
 
     # Generation -----------------------------------------------------------------------------
     def _requests(self, prompts, sampling, persona, chat: bool, truncate: bool, kw: dict):
-        """Encoded prompts, their SamplingParams (request i seeded with seed + i) and persona
-        specs, all checked before anything runs."""
+        """Encoded prompts, their SamplingParams (request i seeded with seed + i) and personas
+        (a one-row Personas each), all checked before anything runs."""
         params = SamplingParams.merged(sampling, kw)
         ids = self._fit_context(self._encode(prompts, chat), params.max_new_tokens, truncate)
-        Personas(self.bank, persona, len(ids))                  # checks every spec and the count
-        specs = list(persona) if isinstance(persona, (list, tuple)) else [persona] * len(ids)
-        return ids, [params.for_request(i) for i in range(len(ids))], specs
+        personas = Personas(self.bank, persona, len(ids))      # checks every spec and the count
+        return (ids, [params.for_request(i) for i in range(len(ids))],
+                [personas.select([i]) for i in range(len(ids))])
 
-    def _private(self, ids: list[list[int]], per: list[SamplingParams], specs: list):
+    def _private(self, ids: list[list[int]], per: list[SamplingParams], personas: list):
         """A scheduler of its own for one generate/stream call: a slot per prompt, a pool just
         long enough, every prompt prefilled in the first step (all arrive at once)."""
+        from pf_engine.runtime.config import SchedulerConfig
         from pf_engine.runtime.scheduler import Scheduler
         ctx = self.config.max_position_embeddings
-        need = max(len(p) + min(q.max_new_tokens, ctx - len(p)) for p, q in zip(ids, per))
+        need = max(len(p) + q.budget(len(p), ctx) for p, q in zip(ids, per))
         # dynamic decode: capturing graphs for one call would cost more than it saves
-        sched = Scheduler(self, len(ids), max(2, need), sum(len(p) for p in ids), background=False,
-                          decode="dynamic")
-        return sched, [sched.submit(p, q, s) for p, q, s in zip(ids, per, specs)]
+        sched = Scheduler(self, SchedulerConfig(len(ids), max(2, need), sum(len(p) for p in ids),
+                                                background=False, decode="dynamic"))
+        return sched, [sched.submit(p, q, s) for p, q, s in zip(ids, per, personas)]
 
     def generate(self, prompts, sampling: SamplingParams | None = None, *, persona=None,
                  chat: bool = False, truncate: bool = False, **kw) -> list[GenerationOutput]:
@@ -277,8 +276,8 @@ class Engine:
         A static batch is a continuous batch whose requests all arrive at once: the prompts run
         through a scheduler of their own (runtime/scheduler.py), each leaving when it is done.
         """
-        ids, per, specs = self._requests(prompts, sampling, persona, chat, truncate, kw)
-        sched, reqs = self._private(ids, per, specs)
+        ids, per, personas = self._requests(prompts, sampling, persona, chat, truncate, kw)
+        sched, reqs = self._private(ids, per, personas)
         sched.run()
         self.stats = sched.stats
         return [r.result() for r in reqs]
@@ -290,8 +289,8 @@ class Engine:
         if self.tokenizer is None:
             raise RequestError(f"this model ({self.folder}) has no tokenizer.json: stream needs one")
         _one_prompt(prompt, "stream")
-        ids, per, specs = self._requests(prompt, sampling, persona, chat, truncate, kw)
-        sched, (req,) = self._private(ids, per, specs)
+        ids, per, personas = self._requests(prompt, sampling, persona, chat, truncate, kw)
+        sched, (req,) = self._private(ids, per, personas)
         yield from req.text()                # each step runs in here
         self.stats = sched.stats
 
@@ -317,22 +316,22 @@ class Engine:
                   prefill_budget: int | None = None, background: bool | None = None,
                   kv_cache_gb: float | None = None, decode: str | None = None):
         """The engine's continuous-batching scheduler (scheduler.Scheduler).  With no arguments:
-        the current one, or a default one (8 slots, background thread).  With arguments: a new
-        one built with them (defaults for the rest), once the current one is idle.  kv_cache_gb
-        sizes the pool by memory: as many slots of max_len columns as fit.  decode: "dynamic",
-        "static" or "graphs" (CUDA graphs, the default on CUDA; see static_decode.py)."""
+        the current one, or a default one.  With arguments: a new one built with them (defaults
+        for the rest, runtime/config.py: 8 slots, background thread, ...), once the current one
+        is idle.  kv_cache_gb sizes the pool by memory: as many slots of max_len columns as fit.
+        decode: "dynamic", "static" or "graphs" (CUDA graphs, the default on CUDA; see
+        static_decode.py)."""
+        from pf_engine.runtime.config import SchedulerConfig
         from pf_engine.runtime.scheduler import Scheduler
         cur = getattr(self, "_scheduler", None)
-        asked = (slots, max_len, prefill_budget, background, kv_cache_gb, decode)
-        if cur is not None and all(a is None for a in asked):
+        asked = dict(slots=slots, max_len=max_len, prefill_budget=prefill_budget,
+                     background=background, kv_cache_gb=kv_cache_gb, decode=decode)
+        if cur is not None and all(a is None for a in asked.values()):
             return cur
         if cur is not None and cur.pending():
             raise RequestError("the scheduler has requests in flight: wait for them (or cancel "
                                "them) before building another")
-        self._scheduler = Scheduler(self, slots, max_len,
-                                    128 if prefill_budget is None else prefill_budget,
-                                    True if background is None else background, kv_cache_gb,
-                                    decode)
+        self._scheduler = Scheduler(self, SchedulerConfig.of(**asked))
         return self._scheduler
 
     def submit(self, prompt, sampling: SamplingParams | None = None, *, persona=None,

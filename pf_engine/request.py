@@ -33,10 +33,12 @@ class Request:
     def __init__(self, sched, ids: list[int], params: SamplingParams, persona):
         eng = sched.engine
         self.sched, self.ids, self.params = sched, list(ids), params
-        self.personas = Personas(eng.bank, [persona], 1)       # validates the spec now
+        # a spec is checked now; a one-row Personas comes checked (Engine, the server's protocol)
+        self.personas = persona if isinstance(persona, Personas) else Personas(eng.bank, [persona], 1)
+        if len(self.personas.kinds) != 1:
+            raise ValueError(f"a request takes one persona row; got {len(self.personas.kinds)}")
         self.kind = self.personas.kinds[0]
-        ctx = eng.config.max_position_embeddings
-        self.budget = min(params.max_new_tokens, ctx - len(ids))
+        self.budget = params.budget(len(ids), eng.config.max_position_embeddings)
         self.eos_ids = eng.eos_ids
         self.sampler = Sampler(params, 1, eng.config.vocab_size, eng.device)
         self.sampler.observe(torch.tensor([0], device=eng.device), torch.tensor([ids], device=eng.device))

@@ -85,6 +85,11 @@ class SamplingParams:
             return cls(**kw)
         return dataclasses.replace(sampling, **kw) if kw else sampling
 
+    def budget(self, prompt_len: int, context: int) -> int:
+        """New tokens a request of ``prompt_len`` prompt tokens may generate: max_new_tokens, or
+        fewer where the model's ``context`` ends first (the one place this is decided)."""
+        return min(self.max_new_tokens, context - prompt_len)
+
     def for_request(self, i: int) -> "SamplingParams":
         """The parameters of request i of a call: seeded with seed + i when a seed is given."""
         return self if self.seed is None else dataclasses.replace(self, seed=self.seed + i)

@@ -14,6 +14,7 @@ from pf_engine.model.config import ModelConfig
 from pf_engine.model.decoder import Scratch, causal_mask
 from pf_engine.model.step import WHOLE, Step
 from pf_engine.persona.bank import BIG_FIVE, AdapterBank
+from pf_engine.runtime.config import SchedulerConfig
 from pf_engine.runtime.runner import Plan
 from pf_engine.runtime.scheduler import Scheduler
 from pf_engine.sampling import SamplingParams
@@ -73,7 +74,8 @@ def test_one_token_prefill_chunks_are_prefill_steps(engine):
     want = engine.generate([ids], max_new_tokens=3, persona={BIG_FIVE[2]: 0.8})[0].token_ids
     model.runner = spy
     try:
-        sched = Scheduler(engine, 1, 16, prefill_budget=1, background=False, prefix_cache=None)
+        sched = Scheduler(engine, SchedulerConfig(1, 16, prefill_budget=1, background=False,
+                                                  prefix_cache=None))
         req = sched.submit(ids, SamplingParams(max_new_tokens=3), {BIG_FIVE[2]: 0.8})
         sched.run()
     finally:
@@ -91,3 +93,23 @@ def test_whole_sequences_are_not_decode_steps(engine):
     finally:
         model.runner = inner
     assert seen == [WHOLE]
+
+
+def test_personas_are_checked_once_per_call(engine, monkeypatch):
+    """generate checks its persona specs once (one Personas for the call) and hands each request
+    its row, where each request used to check its spec again."""
+    import pf_engine.persona.specs as specs
+    built, init = [], specs.Personas.__init__
+    monkeypatch.setattr(specs.Personas, "__init__", lambda self, *a: (built.append(a[2]),
+                                                                      init(self, *a))[1])
+    outs = engine.generate([[5, 6], [7, 8, 9], [4]], max_new_tokens=2,
+                           persona=[None, "auto", {BIG_FIVE[1]: 0.5}])
+    assert built == [3]
+    assert outs[1].gates["kind"] == "sequence" and outs[2].gates["weights"] == {BIG_FIVE[1]: 0.5}
+
+
+@pytest.mark.parametrize("prompt_len, want", [(3, 5), (60, 4), (63, 1)])
+def test_one_budget_for_new_tokens(prompt_len, want):
+    """max_new_tokens, or what the context leaves (64 here): the request, the scheduler's slot
+    check and generate's pool all use SamplingParams.budget."""
+    assert SamplingParams(max_new_tokens=5).budget(prompt_len, 64) == want

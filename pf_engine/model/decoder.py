@@ -159,9 +159,7 @@ class Decoder:
     def slot_cache(self, slots: int, max_len: int):
         """A KV pool of ``slots`` rows of ``max_len`` columns for this model's heads."""
         from pf_engine.runtime.kv_cache import SlotCache
-        c = self.cfg
-        return SlotCache(c.num_hidden_layers, slots, c.num_key_value_heads, max_len, c.head_dim,
-                         self.dtype, self.device)
+        return SlotCache.for_model(self.cfg, slots, max_len, self.dtype, self.device)
 
     def embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] -> their embeddings [B, T, d] (a quantized table's rows dequantized)."""

@@ -72,7 +72,7 @@ class TPSlotCache(SlotCache):
     """Rank 0's slot pool: its own heads' KV, every move, save and load mirrored on the workers
     (each on its own heads)."""
 
-    def __init__(self, model, key: int, *args):
+    def __init__(self, *args, model, key: int):
         super().__init__(*args)
         self.key, self._workers = key, model.workers
 
@@ -114,9 +114,8 @@ class TPDecoder:
     def slot_cache(self, slots: int, max_len: int) -> TPSlotCache:
         key = next(self._keys)
         self.workers.send(("cache", key, slots, max_len))
-        c = self.local.cfg
-        cache = TPSlotCache(self, key, c.num_hidden_layers, slots, c.num_key_value_heads, max_len,
-                            c.head_dim, self.local.dtype, self.local.device)
+        cache = TPSlotCache.for_model(self.local.cfg, slots, max_len, self.local.dtype,
+                                      self.local.device, model=self, key=key)
         weakref.finalize(cache, self.workers.later, ("drop", key))
         return cache
 

@@ -159,9 +159,7 @@ def run(cmd, model, bank, caches, blocks) -> None:
         model.hidden(cmd[1], cmd[2])
     elif op == "cache":
         _, key, slots, max_len = cmd
-        c = model.cfg
-        caches[key] = SlotCache(c.num_hidden_layers, slots, c.num_key_value_heads, max_len, c.head_dim,
-                                model.dtype, model.device)
+        caches[key] = SlotCache.for_model(model.cfg, slots, max_len, model.dtype, model.device)
     elif op == "move":
         caches[cmd[1]].move(*cmd[2:])
     elif op == "drop":

@@ -29,6 +29,13 @@ class SlotCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slots, self.max_len = slots, max_len
 
+    @classmethod
+    def for_model(cls, cfg, slots: int, max_len: int, dtype: torch.dtype, device, **extra):
+        """The pool for a model of config ``cfg`` (its layers and KV heads; a tensor-parallel
+        shard's config holds its own heads): the one way every pool is built."""
+        return cls(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_len, cfg.head_dim,
+                   dtype, device, **extra)
+
     def rows_view(self, s0: int, starts: list[int], counts: list[int]) -> "RowsView":
         """Slots s0..s0+m-1 (m = len(starts)), row b writing its counts[b] new tokens at columns
         starts[b]..starts[b]+counts[b]-1: a prefill chunk, or a decode step (every count 1)."""
@@ -59,27 +66,24 @@ def slot_bytes(engine, max_len: int) -> int:
             * engine.model.dtype.itemsize)
 
 
-def slots_for(engine, max_len: int, slots, kv_cache_gb) -> int:
-    """The pool's slot count: ``slots`` as given, or as many as ``kv_cache_gb`` GiB hold."""
-    if kv_cache_gb is not None:
-        ok = isinstance(kv_cache_gb, (int, float)) and not isinstance(kv_cache_gb, bool) \
-            and kv_cache_gb > 0
-        if not ok:
-            raise RequestError(f"kv_cache_gb={kv_cache_gb!r}: expected a number > 0")
-        per = slot_bytes(engine, max_len)
-        fit = int(kv_cache_gb * 2 ** 30 // per)
-        if fit < 1:
-            raise RequestError(f"kv_cache_gb={kv_cache_gb}: one slot of {max_len} columns needs "
-                               f"{per / 2 ** 30:.3f} GiB (lower max_len or raise the budget)")
-        if slots is not None and slots > fit:
-            raise RequestError(f"slots={slots}: {slots} slots of {max_len} columns need "
-                               f"{slots * per / 2 ** 30:.3f} GiB; kv_cache_gb={kv_cache_gb}")
-        slots = fit if slots is None else slots
-    if slots is None:
-        slots = 8
-    if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
-        raise RequestError(f"slots={slots!r}: expected an integer >= 1")
-    return slots
+def slots_for(engine, max_len: int, slots, kv_cache_gb):
+    """The pool's slot count by memory: as many slots of ``max_len`` columns as ``kv_cache_gb``
+    GiB hold (checked against ``slots`` when both are given); ``slots`` as given without a
+    budget (None: the scheduler's default, runtime/config.py)."""
+    if kv_cache_gb is None:
+        return slots
+    ok = isinstance(kv_cache_gb, (int, float)) and not isinstance(kv_cache_gb, bool) and kv_cache_gb > 0
+    if not ok:
+        raise RequestError(f"kv_cache_gb={kv_cache_gb!r}: expected a number > 0")
+    per = slot_bytes(engine, max_len)
+    fit = int(kv_cache_gb * 2 ** 30 // per)
+    if fit < 1:
+        raise RequestError(f"kv_cache_gb={kv_cache_gb}: one slot of {max_len} columns needs "
+                           f"{per / 2 ** 30:.3f} GiB (lower max_len or raise the budget)")
+    if slots is not None and isinstance(slots, int) and slots > fit:
+        raise RequestError(f"slots={slots}: {slots} slots of {max_len} columns need "
+                           f"{slots * per / 2 ** 30:.3f} GiB; kv_cache_gb={kv_cache_gb}")
+    return fit if slots is None else slots
 
 
 class RowsView:

@@ -160,12 +160,18 @@ class StepRunner:
             active = None if step.token else tuple(sorted(set().union(*(r.active for r in reqs))))
             mix = Mix.for_rows(self.gates[s0:s0 + n], self.token_rows[s0:s0 + n], view.T,
                                eng.bank.token_router, active, step.token)
-        positions = view.positions.clamp(max=eng.config.max_position_embeddings - 1)
+        positions = self.positions(view)
         with POLICY.forward(eng.device, eng.backend.own_threads(tokens.numel())):
             logits = eng.model(tokens, positions, view, view.mask(eng.config.sliding_window),
                                mix=mix, pick=pick, step=step)
         self._add_token_gates(reqs, mix, view.T, view.valid, plan.counts)
         return logits[:, -1]
+
+    def positions(self, view) -> torch.Tensor:
+        """The rotary positions [m, T] of a view's tokens, clamped to the model's context: a
+        padding row (a static step's, or past a short row's chunk) may sit beyond it, and its
+        outputs are never used."""
+        return view.positions.clamp(max=self.engine.config.max_position_embeddings - 1)
 
     def _add_token_gates(self, reqs, mix, T: int, valid, counts: list[int]) -> None:
         """Hand each token-routed request its gates of this forward (summed over its valid

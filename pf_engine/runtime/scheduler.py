@@ -52,43 +52,24 @@ from pf_engine.errors import RequestError
 from pf_engine.outputs import Stats
 from pf_engine.persona.specs import SEQUENCE, TOKEN
 from pf_engine.request import Request
-from pf_engine.runtime.kv_cache import slots_for
+from pf_engine.runtime.config import SchedulerConfig
 from pf_engine.runtime.prefix_cache import persona_root
 from pf_engine.runtime.runner import Plan, StepRunner
 from pf_engine.sampling import SamplingParams
 
 
 class Scheduler:
-    """The step loop over a pool of KV slots; see the module docstring.
+    """The step loop over a pool of KV slots; see the module docstring.  ``config``: a
+    SchedulerConfig (runtime/config.py: slots, max_len, prefill_budget, background, kv_cache_gb,
+    decode, prefix_cache), or None for the defaults."""
 
-    slots: requests in flight at most (default 8, or as many as kv_cache_gb GiB of KV cache
-    hold); max_len: cache columns per slot (prompt + new tokens of one request; default the
-    model's context, capped at 4096); decode: "dynamic" (shapes fit each batch; the default on
-    CPU), "static" or "graphs" (static_decode.py; graphs is the default on CUDA); prefill_budget: prompt tokens
-    prefilled per step, over all requests being prefilled (a long prompt or a burst of arrivals
-    delays the running requests' next token by one chunk of this size at most); prefix_cache:
-    "engine" (the engine's, Engine.prefix_cache), a PrefixCache, or None (off).
-    """
-
-    def __init__(self, engine, slots: int | None = 8, max_len: int | None = None,
-                 prefill_budget: int = 128, background: bool = True,
-                 kv_cache_gb: float | None = None, decode: str | None = None, prefix_cache="engine"):
-        cfg = engine.config
-        self.engine, self.background = engine, background
+    def __init__(self, engine, config: SchedulerConfig | None = None):
+        self.config = cfg = (config or SchedulerConfig()).resolved(engine)
+        self.engine, self.background = engine, cfg.background
+        self.max_len, self.prefill_budget = cfg.max_len, cfg.prefill_budget
         # prompt KV shared across requests (prefix_cache.py): the engine's, or one given, or None
-        self.prefix = engine.prefix_cache() if prefix_cache == "engine" else prefix_cache
-        self.max_len = int(max_len or min(cfg.max_position_embeddings, 4096))
-        if self.max_len < 2:
-            raise RequestError(f"max_len={max_len!r}: expected an integer >= 2")
-        slots = slots_for(engine, self.max_len, slots, kv_cache_gb)
-        if not isinstance(prefill_budget, int) or isinstance(prefill_budget, bool) or prefill_budget < 1:
-            raise RequestError(f"prefill_budget={prefill_budget!r}: expected an integer >= 1")
-        self.prefill_budget = prefill_budget
-        decode = decode or ("graphs" if engine.device.type == "cuda" and engine.tensor_parallel == 1
-                            else "dynamic")
-        if decode not in ("dynamic", "static", "graphs"):
-            raise RequestError(f"decode={decode!r}: expected dynamic, static or graphs")
-        self.runner = StepRunner(engine, slots, self.max_len, decode)     # every tensor of a step
+        self.prefix = engine.prefix_cache() if cfg.prefix_cache == "engine" else cfg.prefix_cache
+        self.runner = StepRunner(engine, cfg.slots, cfg.max_len, cfg.decode)   # a step's tensors
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []                   # running[i] owns slot i
         self.decoding = 0                                  # running[:decoding] have their prompt in
@@ -111,8 +92,7 @@ class Scheduler:
 
     # submission -----------------------------------------------------------------------------
     def submit(self, ids: list[int], params: SamplingParams, persona=None) -> Request:
-        need = len(ids) + min(params.max_new_tokens,
-                              self.engine.config.max_position_embeddings - len(ids))
+        need = len(ids) + params.budget(len(ids), self.engine.config.max_position_embeddings)
         if need > self.max_len:
             raise RequestError(f"a request of {len(ids)} prompt tokens and up to "
                                f"{need - len(ids)} new ones needs {need} cache columns; a slot "

@@ -80,7 +80,7 @@ class StaticDecode:
             mix = Mix.for_rows(s.gates[:nb], s.token_rows[:nb], 1, eng.bank.token_router,
                                tuple(range(s.gates.shape[1])), any_token, static=True)
         view = RowsView.static(s.cache, nb, self.lengths[:nb], end)
-        positions = view.positions.clamp(max=eng.config.max_position_embeddings - 1)
+        positions = s.positions(view)
         logits = eng.model(s.last_tok[:nb].view(nb, 1), positions, view,
                            view.mask(eng.config.sliding_window), mix=mix,
                            step=Step(True, mixed, any_token))[:, -1]

@@ -18,7 +18,6 @@ import asyncio
 import time
 
 from pf_engine.errors import RequestError
-from pf_engine.persona.specs import Personas
 from pf_engine.scoring import score_rows
 from pf_engine.serve.protocol import APIError
 from pf_engine.serve.shapes import (chat_logprobs, choice_body, chunk, completion_logprobs,
@@ -28,7 +27,7 @@ from pf_engine.serve.shapes import (chat_logprobs, choice_body, chunk, completio
 class Call:
     def __init__(self, engine, p):
         self.engine, self.p, self.tok = engine, p, engine.tokenizer
-        self.personas = Personas(engine.bank, p.persona, len(p.prompts))
+        self.personas = p.personas.select([0] * len(p.prompts))    # checked by the protocol
         self.scores = None                     # per prompt [None, Logprob, ...] (echo + logprobs)
         self.reqs: list[list] = []             # per prompt, its best_of scheduler requests
 
@@ -63,7 +62,7 @@ class Call:
         sched = self.engine.scheduler()
         try:
             for ids in self.p.prompts:
-                self.reqs.append([sched.submit(ids, self.p.candidate_params(i), self.p.persona)
+                self.reqs.append([sched.submit(ids, self.p.candidate_params(i), self.p.personas.select([0]))
                                   for i in range(self.p.best_of)])
         except RequestError as e:
             self.cancel()

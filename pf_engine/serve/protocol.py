@@ -67,7 +67,8 @@ class Parsed:
     prompts: list[list[int]]         # token ids; chat: one
     texts: list[str | None]          # each prompt as text, for echo (None: not asked)
     params: SamplingParams
-    persona: object
+    persona: object                  # the spec as given (logged)
+    personas: Personas               # the spec checked, one row (Personas.select copies it)
     stream: bool
     include_usage: bool
     n: int = 1
@@ -177,8 +178,9 @@ def _defaults(engine, kind: str) -> dict:
     return engine.generation_defaults(True)[0] if kind == "chat" else OPENAI_DEFAULTS
 
 
-def _persona(body: dict, catalog: Catalog, engine) -> tuple[str, object]:
-    """(model id, persona spec): the id names one, or the bare id and a ``persona`` field."""
+def _persona(body: dict, catalog: Catalog, engine) -> tuple[str, object, Personas]:
+    """(model id, persona spec, the spec checked as a one-row Personas): the id names one, or
+    the bare id and a ``persona`` field."""
     model = body.get("model")
     if not isinstance(model, str) or model not in catalog.personas:
         raise bad("model", f"unknown model {model!r}; GET /v1/models lists {', '.join(catalog.ids())}")
@@ -190,11 +192,11 @@ def _persona(body: dict, catalog: Catalog, engine) -> tuple[str, object]:
         persona = body["persona"]
         if not isinstance(persona, (str, dict)):
             raise bad("persona", "expected a weights object, a 'name=w,...' string, 'auto' or 'token'")
-        try:
-            Personas(engine.bank, [persona], 1)
-        except RequestError as e:
-            raise bad("persona", str(e)) from None
-    return model, persona
+    try:
+        personas = Personas(engine.bank, [persona], 1)
+    except RequestError as e:
+        raise bad("persona", str(e)) from None
+    return model, persona, personas
 
 
 def _inputs(body: dict, kind: str, engine):
@@ -268,7 +270,7 @@ def parse(body, kind: str, catalog: Catalog, engine) -> Parsed:
     """Validate a /v1/chat/completions (kind "chat") or /v1/completions body."""
     if not isinstance(body, dict):
         raise APIError(400, "body: expected a JSON object", "body")
-    model, persona = _persona(body, catalog, engine)
+    model, persona, personas = _persona(body, catalog, engine)
     n = _number(body, "n", 1, 1, MAX_CHOICES, integer=True)
     best_of = n if kind == "chat" else _number(body, "best_of", n, 1, MAX_CHOICES, integer=True)
     if best_of < n:
@@ -293,7 +295,7 @@ def parse(body, kind: str, catalog: Catalog, engine) -> Parsed:
         raise bad("echo" if echo else "logprobs", "this model has no tokenizer to spell tokens")
     texts = [(t if t is not None else engine.tokenizer.decode(ids)) if echo else None
              for ids, t in prompts]
-    return Parsed(kind, model, [ids for ids, _ in prompts], texts, params, persona, stream,
+    return Parsed(kind, model, [ids for ids, _ in prompts], texts, params, persona, personas, stream,
                   bool(opts.get("include_usage")), n, best_of, echo, logprobs,
                   score_only=not max_new)
 
