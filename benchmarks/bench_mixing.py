@@ -46,7 +46,7 @@ median.  Calls rotate among 4 inputs and among enough copies of the layer (weigh
 hold at least --rotate-mb, so that the weights come from memory as in a decode step through all
 layers, not from a warm cache.  CUDA: device events around each call, synchronised at the end.
 CPU: torch.set_num_threads(--threads); rows of at most the backend's ``few_rows`` run under the
-engine's thread policy (``runtime.threads.POLICY``: torch at 1 thread, the kernel's or BLAS's
+engine's thread policy (its backend's ``policy``, backends/threads.py: torch at 1 thread, the kernel's or BLAS's
 threads at --threads), as the engine decodes.
 
 Bytes that must move: the base weight, the A and B blocks of the experts active anywhere in the
@@ -80,7 +80,7 @@ from pf_engine.backends import BACKENDS, backend_status, create, resolve_backend
 from pf_engine.engine import DTYPES  # noqa: E402
 from pf_engine.model.linear import Linear  # noqa: E402
 from pf_engine.persona.mix import Mix  # noqa: E402
-from pf_engine.runtime.threads import POLICY  # noqa: E402
+from pf_engine.backends.threads import ThreadPolicy  # noqa: E402
 from pf_kernels.layout import RankLayout  # noqa: E402
 from pf_kernels.reference import grouped_lora_ref  # noqa: E402
 
@@ -355,7 +355,7 @@ def run(argv=None) -> dict:
                                "" if dtype not in ROUNDOFF else
                                f" (naive: max(tol, (4 * active experts + 2) * {ROUNDOFF[dtype]:.3g}), "
                                "for its four roundings per expert)")),
-            "cpu_t1_policy": ("runtime.threads.POLICY: rows of at most the backend's few_rows run "
+            "cpu_t1_policy": ("backend.policy: rows of at most the backend's few_rows run "
                               "torch at 1 thread, its kernel or BLAS at --threads"
                               if device.type == "cpu" else None),
             "base_backend": c["base_backend"].name,
@@ -435,7 +435,7 @@ def _threads_label(threads, T: int, backend) -> str:
     if threads is None:
         return f"torch {torch.get_num_threads()} (host)"
     if backend is not None and T <= backend.few_rows:
-        return f"runtime.threads.POLICY: torch 1, {backend.name} {threads}"
+        return f"backend.policy: torch 1, {backend.name} {threads}"
     return f"torch {threads}"
 
 
@@ -533,7 +533,7 @@ def measure(fn, y_ref, tol: float, T: int, ctx: dict, backend) -> dict:
     engine's thread policy for ``backend`` (None: F.linear, torch's threads as set)."""
     device = ctx["c"]["device"]
     few = backend is not None and T <= backend.few_rows
-    with POLICY.forward(device, few):
+    with (backend.policy if backend is not None else ThreadPolicy()).forward(device, few):
         try:
             ok, err = check(fn(0), y_ref, tol)
         except Exception as e:  # noqa: BLE001 - a backend that raises is a failed row, not a crash

@@ -6,7 +6,7 @@ import os as _os
 # cores from the engine's own kernel threads (csrc/cpu/pool.h): after every prefill the decode
 # steps ran beside a spinning worker.  A short spin, read by libgomp when torch loads (so only
 # if pf_engine is imported first, as the CLIs do), measured 1.4x faster prefill and ~10% faster
-# decode on 2 cores (runtime/threads.py).  A user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+# decode on 2 cores (backends/threads.py).  A user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 if "OMP_WAIT_POLICY" not in _os.environ:
     _os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
@@ -22,6 +22,6 @@ def __getattr__(name):  # lazy: `import pf_engine` stays cheap for the CLIs' --h
         from pf_engine.engine import Engine
         return Engine
     if name == "SamplingParams":
-        from pf_engine.sampling import SamplingParams
+        from pf_engine.generation.sampling import SamplingParams
         return SamplingParams
     raise AttributeError(name)

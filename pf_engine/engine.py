@@ -28,9 +28,8 @@ from pf_engine.outputs import GenerationOutput, Stats
 from pf_engine.persona.mix import Mix
 from pf_engine.persona.specs import Personas
 from pf_engine.runtime.prefix_cache import default_gb as default_prefix_cache_gb
-from pf_engine.runtime.threads import POLICY
-from pf_engine.sampling import SamplingParams
-from pf_engine.scoring import score
+from pf_engine.generation.sampling import SamplingParams
+from pf_engine.generation.scoring import score
 from pf_engine.tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
@@ -182,7 +181,7 @@ class Engine:
         they come from (``sampling.generation_defaults``: the model's generation config, else a
         chat default for chat and greedy for plain completion).  ``generate`` itself takes
         ``SamplingParams()`` (greedy) unless told otherwise."""
-        from pf_engine.sampling import generation_defaults
+        from pf_engine.generation.sampling import generation_defaults
         if chat not in self._generation_defaults:
             self._generation_defaults[chat] = generation_defaults(self.folder, chat)
         d, source = self._generation_defaults[chat]
@@ -386,7 +385,7 @@ class Engine:
             mix = Mix.for_rows(personas.rows.to(self.device), personas.token_rows.to(self.device), T,
                                self.bank.token_router)
         positions = torch.arange(T, device=self.device).expand(B, T)
-        with POLICY.forward(self.device, self.backend.own_threads(B * T)):
+        with self.backend.policy.forward(self.device, self.backend.own_threads(B * T)):
             return self.model(ids, positions, Scratch, causal_mask(T, self.config.sliding_window,
                                                                    self.device), mix=mix)
 

@@ -53,7 +53,7 @@ def test_tiny_grid_writes_well_formed_json(tmp_path):
     dense = by[("tiny/o", 3, 3, "dense", "torch")]
     assert seq["active_experts"] == 2 and dense["active_experts"] == 3
     assert seq["bytes"] < dense["bytes"]
-    assert by[("tiny/o", 3, 1, "dense", "torch")]["threads"].startswith("runtime.threads.POLICY")
+    assert by[("tiny/o", 3, 1, "dense", "torch")]["threads"].startswith("backend.policy")
     head = bench_mixing.markdown(on_disk, headline=True)
     assert "| tiny/qkv | 1 | top2-seq |" in head and "naive / torch" in head
     assert "| tiny/down | 3 | 4 | 3 | top2-token | torch |" in bench_mixing.markdown(on_disk)

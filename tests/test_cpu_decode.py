@@ -11,7 +11,7 @@ from pf_engine.backends.base import Blocks
 from pf_engine.backends.cpu.decode import CpuRunner
 from pf_engine.persona.bank import AdapterBank
 from pf_engine.model.config import ModelConfig
-from pf_engine.runtime.kv_cache import SlotCache
+from pf_engine.model.kv_cache import SlotCache
 from pf_engine.backends import backend_status
 from pf_engine.model.decoder import Scratch
 from pf_engine.persona.mix import Mix

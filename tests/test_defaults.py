@@ -9,7 +9,7 @@ import pytest
 
 from pf_engine import Engine
 from pf_engine.cli.generate import main as generate_main
-from pf_engine.sampling import CHAT_DEFAULTS, GREEDY, generation_defaults
+from pf_engine.generation.sampling import CHAT_DEFAULTS, GREEDY, generation_defaults
 
 
 @pytest.fixture(scope="module")

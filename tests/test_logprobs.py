@@ -77,7 +77,7 @@ def test_score_equals_log_softmax_of_logits(engine, persona):
 
 def test_score_chunks_padding_and_errors(engine):
     """Prompts split over many chunks (tiny budget) score as in one batch."""
-    from pf_engine.scoring import score
+    from pf_engine.generation.scoring import score
     prompts = [ids_of(engine, t) for t in TEXTS] * 2
     whole = score(engine, prompts, "auto", 2)
     chunked = score(engine, prompts, "auto", 2, chunk_tokens=4)

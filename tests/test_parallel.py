@@ -3,6 +3,7 @@ holding half of every block and of every persona expert, give the logits of the 
 (1e-4), for the base model and every persona kind, on the tiny Llama and Qwen2 fixtures; bad
 rank counts are one line.  The engine-level API (tensor_parallel=N) builds on this.
 """
+import types
 import os
 import socket
 from datetime import timedelta
@@ -182,7 +183,7 @@ def test_engine_on_two_ranks_matches_one(engines):
     rows), through generate and through the scheduler with requests arriving at different
     steps."""
     from pf_engine.persona.bank import BIG_FIVE
-    from pf_engine.sampling import SamplingParams
+    from pf_engine.generation.sampling import SamplingParams
     one, two, _ = engines
     assert two.tensor_parallel == 2
     kinds = [None, {BIG_FIVE[1]: 0.9}, {n: 0.1 for n in BIG_FIVE}, "auto", "token"]
@@ -213,7 +214,7 @@ def test_the_prefix_cache_on_two_ranks(engines, blocks):
     greedy tokens and cached counts equal the one-rank engine's; with room for 3 blocks only,
     blocks are evicted (and forgotten on the workers) along the way."""
     from pf_engine.persona.bank import BIG_FIVE
-    from pf_engine.sampling import SamplingParams
+    from pf_engine.generation.sampling import SamplingParams
     one, two, _ = engines
     kinds = [k for k in (None, {BIG_FIVE[1]: 0.9}, "auto", "token") for _ in range(2)]
     prefix = [7 + (i * 13) % 90 for i in range(40)]
@@ -407,7 +408,7 @@ def test_the_bundled_model_on_three_ranks_matches_one(converted_smollm2, bundled
     """
     from pf_engine import Engine
     from pf_engine.persona.bank import BIG_FIVE, AdapterBank
-    from pf_engine.sampling import SamplingParams
+    from pf_engine.generation.sampling import SamplingParams
     monkeypatch.setattr(os, "cpu_count", lambda: 3)
     cfg = ModelConfig.from_file(os.path.join(converted_smollm2, "config.json"))
     bank = AdapterBank.random(cfg, rank=8, seed=11, router=True)
@@ -441,3 +442,18 @@ def test_the_bundled_model_on_three_ranks_matches_one(converted_smollm2, bundled
         assert outs[0] == outs[1]
     finally:
         three.close()
+
+
+def test_every_decoder_method_has_a_place_in_the_tp_protocol():
+    """A public Decoder method is a call sent to every rank, a local one or refused on rank 0's
+    proxy: one added later fails here until it is given a place (it would otherwise run on rank
+    0 alone and hang the ranks' all-reduce)."""
+    from pf_engine.model.decoder import Decoder
+    from pf_engine.parallel.runtime import TPDecoder
+    methods = {n for n, v in vars(Decoder).items() if callable(v) and (n == "__call__" or not n.startswith("_"))}
+    placed = set(TPDecoder.CALLS) | set(TPDecoder.LOCAL) | set(TPDecoder.REFUSED)
+    assert methods == placed
+    proxy = TPDecoder(types.SimpleNamespace(cfg="c", attach=lambda bank: None), workers=None)
+    assert proxy.cfg == "c"
+    with pytest.raises(AttributeError, match="'attach': not part of the tensor-parallel"):
+        proxy.attach

@@ -14,7 +14,7 @@ from pf_engine.model.config import ModelConfig
 from pf_engine.persona.bank import BIG_FIVE, AdapterBank
 from pf_engine.runtime import prefix_cache as pc
 from pf_engine.runtime.prefix_cache import BLOCK, PrefixCache
-from pf_engine.sampling import SamplingParams
+from pf_engine.generation.sampling import SamplingParams
 
 STRONG_A = {BIG_FIVE[0]: 2.5, BIG_FIVE[4]: 1.5}
 STRONG_B = {BIG_FIVE[7]: 3.0}

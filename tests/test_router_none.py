@@ -12,7 +12,7 @@ from pf_engine.model.config import ModelConfig
 from pf_engine.persona.bank import BIG_FIVE, AdapterBank
 from pf_engine.persona.router import SequenceRouter
 from pf_engine.persona.specs import Personas
-from pf_engine.sampling import SamplingParams
+from pf_engine.generation.sampling import SamplingParams
 
 MID = "tiny"
 PROMPTS = ["What is 17 times 23?", "My dog died this morning and I can't stop crying."]

@@ -17,7 +17,7 @@ from pf_engine.persona.bank import BIG_FIVE, AdapterBank
 from pf_engine.runtime.config import SchedulerConfig
 from pf_engine.runtime.runner import Plan
 from pf_engine.runtime.scheduler import Scheduler
-from pf_engine.sampling import SamplingParams
+from pf_engine.generation.sampling import SamplingParams
 
 
 class Kind:

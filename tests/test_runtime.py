@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pf_engine import Engine
-from pf_engine.runtime.kv_cache import SlotCache
+from pf_engine.model.kv_cache import SlotCache
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}

@@ -13,7 +13,7 @@ from pf_engine.persona.bank import BIG_FIVE, AdapterBank
 from pf_engine.model.config import ModelConfig
 from pf_engine.errors import RequestError
 from pf_engine.persona.specs import Personas
-from pf_engine.sampling import SamplingParams
+from pf_engine.generation.sampling import SamplingParams
 
 TOP2 = {BIG_FIVE[0]: 0.7, BIG_FIVE[3]: 0.3}
 DENSE = {n: 0.1 * (i + 1) for i, n in enumerate(BIG_FIVE)}

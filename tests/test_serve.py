@@ -187,7 +187,7 @@ def test_queue_full_timeouts_and_bad_requests(engine, server):
 
 
 def _params():
-    from pf_engine.sampling import SamplingParams
+    from pf_engine.generation.sampling import SamplingParams
     return SamplingParams(max_new_tokens=2)
 
 

@@ -13,8 +13,8 @@ pytest.importorskip("llguidance")
 
 from pf_engine import Engine  # noqa: E402
 from pf_engine.errors import RequestError  # noqa: E402
-from pf_engine.sampling import SamplingParams  # noqa: E402
-from pf_engine.structured import Grammars, check_response_format  # noqa: E402
+from pf_engine.generation.sampling import SamplingParams  # noqa: E402
+from pf_engine.generation.structured import Grammars, check_response_format  # noqa: E402
 
 NAME = {"type": "string", "maxLength": 24}
 # Integers bounded: a 4-bit model can repeat a digit until the budget (it did, on an AVX-512
@@ -137,7 +137,7 @@ def test_a_schema_the_library_cannot_compile_is_named(eng):
 def test_the_cpu_and_gpu_masking_paths_agree(eng):
     """mask_rows' numpy path (CPU) and its torch path (GPU; run here on CPU tensors) ban the
     same tokens, ids past the vocabulary included."""
-    from pf_engine.structured import mask_rows
+    from pf_engine.generation.structured import mask_rows
     g = Grammars.of(eng).compile(check_response_format(fmt("person")))
     V = eng.config.vocab_size + 7
     a = torch.randn(3, V)

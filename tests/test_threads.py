@@ -1,4 +1,4 @@
-"""The CPU thread settings around torch's OpenMP workers (runtime/threads.py, pf_engine/__init__):
+"""The CPU thread settings around torch's OpenMP workers (backends/threads.py, pf_engine/__init__):
 the short spin set before torch loads, the forwards whose products are the kernels' at one torch
 thread, and the decode step's sampling inside that setting."""
 import os
@@ -72,3 +72,45 @@ def test_torch_is_at_one_thread_where_the_kernels_run_and_when_sampling(engines,
         torch.set_num_threads(before)
     assert len(sampled) == 6 and set(sampled) == {1}
     assert attended and set(attended) == {2 if quantize is None else 1}    # the 40-token prefill
+
+
+def test_two_engines_forwards_do_not_wait_for_each_other():
+    """Each backend has its own policy and a policy's state is per thread: a forward entered in
+    one thread (holding it open) does not stop another thread's forward, of another engine's
+    policy or of the same one; each sees its own caller's count; the BLAS limit is put back
+    when the last one leaves."""
+    import threading
+
+    from pf_engine.backends.threads import BLAS, ThreadPolicy
+    a, b = ThreadPolicy(), ThreadPolicy()
+    cpu = torch.device("cpu")
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def hold():
+        torch.set_num_threads(2)
+        with a.forward(cpu, True):
+            seen["hold"] = a.threads(), torch.get_num_threads()
+            inside.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert inside.wait(30)
+    for policy in (b, a):
+        done = threading.Event()
+
+        def other(policy=policy, done=done):
+            torch.set_num_threads(3)
+            with policy.forward(cpu, True):
+                seen[id(done)] = policy.threads(), torch.get_num_threads()
+            done.set()
+
+        u = threading.Thread(target=other)
+        u.start()
+        assert done.wait(10), "a forward waited for another thread's forward"
+        u.join()
+        assert seen[id(done)] == (3, 1)
+    assert BLAS.users == 1
+    release.set()
+    t.join()
+    assert seen["hold"] == (2, 1) and BLAS.users == 0 and BLAS.limit is None

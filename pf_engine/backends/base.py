@@ -8,7 +8,7 @@ of its model runs.
     runner(model)   -> the callable that runs all blocks of a forward (model.decoder's loop by
                        default; the cpu backend's fuses each block's decode step in C++)
     few_rows        -> steps with at most this many rows run their products in the backend's
-                       own threads, torch at one thread (runtime/threads.py)
+                       own threads, torch at one thread (backends/threads.py)
     own_threads(n)  -> whether a forward of n rows does so: n <= few_rows, or (cpu) every
                        product is the backend's whatever the rows
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from pf_engine.backends import gemm
+from pf_engine.backends.threads import ThreadPolicy
 
 
 class Blocks:
@@ -41,6 +42,7 @@ class Backend:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.policy = ThreadPolicy()        # this backend's (this engine's) CPU thread settings
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.device})"
@@ -50,7 +52,7 @@ class Backend:
 
     def own_threads(self, rows: int) -> bool:
         """A forward of ``rows`` token rows runs its products in the backend's threads, torch at
-        one thread (runtime/threads.py)."""
+        one thread (backends/threads.py)."""
         return rows <= self.few_rows
 
     def runner(self, model):

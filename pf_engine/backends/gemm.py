@@ -6,7 +6,7 @@ y^T = W x^T (``columns``: the activations transposed) is a GEMM with a small sec
 which MKL streams faster than the y = x W^T form, and a single fp32 row is a GEMV done by numpy's
 BLAS (OpenBLAS in the PyPI wheels), which reads weights faster than MKL's GEMV; a single row of
 another dtype goes through a two-column GEMM.  While a step runs those, torch stays at one
-thread (runtime/threads.py) so that its OpenMP workers do not spin against the BLAS threads.
+thread (backends/threads.py) so that its OpenMP workers do not spin against the BLAS threads.
 Passes over several tokens per sequence (prefill, scoring) use F.linear, the form transformers
 uses, so that their logits round as transformers' do (the parity tests hold them to 1e-4).
 benchmarks/bench_mixing.py times the base product in both forms.

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from pf_engine.engine import Engine
-        from pf_engine.sampling import GREEDY, SAMPLING_FIELDS, SamplingParams
+        from pf_engine.generation.sampling import GREEDY, SAMPLING_FIELDS, SamplingParams
         given = {f: getattr(args, f) for f in SAMPLING_FIELDS if getattr(args, f) is not None}
         # every bad value named before the model loads (the defaults are checked later)
         SamplingParams(max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,

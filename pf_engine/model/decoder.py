@@ -7,7 +7,7 @@ One block, written once and looped over layers:
 
 Attention is causal with grouped-query heads (H query heads share H / H_kv key/value heads) and an
 optional sliding window (Mistral).  It reads and writes a KV cache through ``cache.update(layer,
-k, v)``: the scheduler's slot view (runtime/kv_cache.RowsView: every row at its own columns,
+k, v)``: the scheduler's slot view (kv_cache.RowsView: every row at its own columns,
 rows of a prefill chunk right-padded) or ``Scratch`` for one pass over whole sequences (scoring,
 the router's hidden states).  ``positions`` are per row, and the mask says which cache columns
 each query may see.  The backend the model was built with runs the blocks (``backend.runner``)
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pf_engine.model.config import ModelConfig
+from pf_engine.model.kv_cache import SlotCache
 from pf_engine.model.linear import Linear
 from pf_engine.model.loading import LayerWeights, ModelWeights
 from pf_engine.model.step import WHOLE, Step
@@ -158,7 +159,6 @@ class Decoder:
 
     def slot_cache(self, slots: int, max_len: int):
         """A KV pool of ``slots`` rows of ``max_len`` columns for this model's heads."""
-        from pf_engine.runtime.kv_cache import SlotCache
         return SlotCache.for_model(self.cfg, slots, max_len, self.dtype, self.device)
 
     def embedding(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from pf_engine.model.decoder import Scratch
 from pf_engine.model.step import WHOLE
 from pf_engine.parallel.group import HOST, make_group, make_reducer
 from pf_engine.parallel.worker import to_wire, worker_main
-from pf_engine.runtime.kv_cache import SlotCache
+from pf_engine.model.kv_cache import SlotCache
 
 
 class ParallelError(PFError):
@@ -91,7 +91,20 @@ class TPSlotCache(SlotCache):
 
 
 class TPDecoder:
-    """Rank 0's model: Decoder's interface over its shard, each call sent to the workers first."""
+    """Rank 0's model: Decoder's interface over its shard, by an explicit protocol.
+
+    CALLS run the model: each is sent to every worker first, then run on rank 0's shard (the
+    ranks meet in its all-reduces).  DATA are read from rank 0's shard.  LOCAL are Decoder
+    methods that involve no other rank.  Any other name is an AttributeError at once: a Decoder
+    method added later runs nowhere until it is put in one of these (tests/test_parallel.py
+    holds every public Decoder method to this), instead of running on rank 0 alone and hanging
+    its all-reduce."""
+
+    CALLS = ("__call__", "hidden", "slot_cache")
+    DATA = ("cfg", "dtype", "device", "backend", "blocks", "embed", "norm", "head", "rotary",
+            "runner")
+    LOCAL = ("embedding",)
+    REFUSED = ("attach", "layer_states")     # attach: each rank attaches its shard (tp.py)
 
     _keys = itertools.count()
 
@@ -99,7 +112,16 @@ class TPDecoder:
         self.local, self.workers = local, workers
 
     def __getattr__(self, name):
-        return getattr(self.local, name)
+        if name in self.DATA or name in self.LOCAL:
+            return getattr(self.local, name)
+        raise AttributeError(f"{name!r}: not part of the tensor-parallel model's protocol "
+                             "(parallel/runtime.TPDecoder: CALLS, DATA, LOCAL)")
+
+    def __setattr__(self, name, value):
+        if name in self.DATA:                  # e.g. a test swapping the runner: rank 0's shard
+            setattr(self.local, name, value)
+        else:
+            object.__setattr__(self, name, value)
 
     def __call__(self, tokens, positions, cache, mask, mix=None, pick=None, step=WHOLE):
         self.workers.send(("forward", tokens, positions, cache_desc(cache), mask, mix_desc(mix), pick,

@@ -24,7 +24,7 @@ import torch
 
 from pf_engine.model.decoder import Scratch
 from pf_engine.persona.mix import Mix
-from pf_engine.runtime.kv_cache import RowsView, SlotCache
+from pf_engine.model.kv_cache import RowsView, SlotCache
 
 
 class Wire:

@@ -1,3 +1,3 @@
-"""How requests run: the continuous-batching scheduler (scheduler.py) over a pool of KV slots
-(kv_cache.py), its static-shape decode step for CUDA graphs (static_decode.py), and the CPU
-thread policy every step enters (threads.py)."""
+"""How requests run: the continuous-batching scheduler (scheduler.py, configured by config.py)
+plans each step, the step runner (runner.py) runs it over a pool of KV slots
+(model/kv_cache.py), with a static-shape decode step for CUDA graphs (static_decode.py)."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from pf_engine.errors import RequestError
-from pf_engine.runtime.kv_cache import slots_for
 
 SLOTS = 8
 MAX_LEN_CAP = 4096
@@ -31,6 +30,33 @@ DECODE_MODES = ("dynamic", "static", "graphs")
 def _count(name: str, value, low: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise RequestError(f"{name}={value!r}: expected an integer >= {low}")
+
+
+def slot_bytes(engine, max_len: int) -> int:
+    """Bytes of one slot: keys and values of ``max_len`` columns in every layer."""
+    c = engine.config
+    return (2 * c.num_hidden_layers * c.num_key_value_heads * max_len * c.head_dim
+            * engine.model.dtype.itemsize)
+
+
+def slots_for(engine, max_len: int, slots, kv_cache_gb):
+    """The pool's slot count by memory: as many slots of ``max_len`` columns as ``kv_cache_gb``
+    GiB hold (checked against ``slots`` when both are given); ``slots`` as given without a
+    budget (None: the scheduler's default, runtime/config.py)."""
+    if kv_cache_gb is None:
+        return slots
+    ok = isinstance(kv_cache_gb, (int, float)) and not isinstance(kv_cache_gb, bool) and kv_cache_gb > 0
+    if not ok:
+        raise RequestError(f"kv_cache_gb={kv_cache_gb!r}: expected a number > 0")
+    per = slot_bytes(engine, max_len)
+    fit = int(kv_cache_gb * 2 ** 30 // per)
+    if fit < 1:
+        raise RequestError(f"kv_cache_gb={kv_cache_gb}: one slot of {max_len} columns needs "
+                           f"{per / 2 ** 30:.3f} GiB (lower max_len or raise the budget)")
+    if slots is not None and isinstance(slots, int) and slots > fit:
+        raise RequestError(f"slots={slots}: {slots} slots of {max_len} columns need "
+                           f"{slots * per / 2 ** 30:.3f} GiB; kv_cache_gb={kv_cache_gb}")
+    return fit if slots is None else slots
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,8 @@ from pf_engine.model.step import Step
 from pf_engine.persona.mix import Mix
 from pf_engine.persona.specs import BASE, TOKEN
 from pf_engine.runtime.static_decode import CaptureFailed, StaticDecode
-from pf_engine.runtime.threads import POLICY
-from pf_engine.scoring import logprobs_of
-from pf_engine.structured import mask_rows
+from pf_engine.generation.scoring import logprobs_of
+from pf_engine.generation.structured import mask_rows
 
 
 @dataclass(frozen=True)
@@ -112,7 +111,7 @@ class StepRunner:
     # the step -----------------------------------------------------------------------------------
     def run(self, plan: Plan) -> None:
         """Run ``plan``: the forward, then the first ``plan.sample`` rows' next tokens handed to
-        their requests.  A decode step runs under one thread policy with its sampling (threads.py:
+        their requests.  A decode step runs under one thread policy with its sampling (backends/threads.py:
         torch's argmax over the vocabulary would otherwise wake its OpenMP workers, whose
         spinning afterwards takes the cores from the next step's kernels)."""
         eng = self.engine
@@ -123,7 +122,7 @@ class StepRunner:
                 ends = [s + c for s, c in zip(plan.starts, plan.counts)]
                 self.static.lengths[plan.s0:plan.s0 + len(ends)] = torch.tensor(ends)
             return
-        with POLICY.forward(eng.device, eng.backend.own_threads(len(plan.reqs))):
+        with eng.backend.policy.forward(eng.device, eng.backend.own_threads(len(plan.reqs))):
             logits = self._decode(plan)
             self._sample_rows(plan.reqs, logits, plan.s0)
 
@@ -161,7 +160,7 @@ class StepRunner:
             mix = Mix.for_rows(self.gates[s0:s0 + n], self.token_rows[s0:s0 + n], view.T,
                                eng.bank.token_router, active, step.token)
         positions = self.positions(view)
-        with POLICY.forward(eng.device, eng.backend.own_threads(tokens.numel())):
+        with eng.backend.policy.forward(eng.device, eng.backend.own_threads(tokens.numel())):
             logits = eng.model(tokens, positions, view, view.mask(eng.config.sliding_window),
                                mix=mix, pick=pick, step=step)
         self._add_token_gates(reqs, mix, view.T, view.valid, plan.counts)
@@ -186,9 +185,9 @@ class StepRunner:
 
     # sampling -----------------------------------------------------------------------------------
     def _sample(self, reqs: list, logits: torch.Tensor, s0: int) -> None:
-        """``_sample_rows`` with torch at one thread (threads.py)."""
+        """``_sample_rows`` with torch at one thread (backends/threads.py)."""
         if reqs:
-            with POLICY.forward(self.engine.device, True):
+            with self.engine.backend.policy.forward(self.engine.device, True):
                 self._sample_rows(reqs, logits, s0)
 
     def _sample_rows(self, reqs: list, logits: torch.Tensor, s0: int) -> None:

@@ -51,11 +51,11 @@ import torch
 from pf_engine.errors import RequestError
 from pf_engine.outputs import Stats
 from pf_engine.persona.specs import SEQUENCE, TOKEN
-from pf_engine.request import Request
+from pf_engine.generation.request import Request
 from pf_engine.runtime.config import SchedulerConfig
 from pf_engine.runtime.prefix_cache import persona_root
 from pf_engine.runtime.runner import Plan, StepRunner
-from pf_engine.sampling import SamplingParams
+from pf_engine.generation.sampling import SamplingParams
 
 
 class Scheduler:

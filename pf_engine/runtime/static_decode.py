@@ -24,7 +24,7 @@ import torch
 
 from pf_engine.model.step import Step
 from pf_engine.persona.mix import Mix
-from pf_engine.runtime.kv_cache import RowsView
+from pf_engine.model.kv_cache import RowsView
 
 COLUMN_BUCKET = 256
 

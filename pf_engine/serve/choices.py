@@ -18,7 +18,7 @@ import asyncio
 import time
 
 from pf_engine.errors import RequestError
-from pf_engine.scoring import score_rows
+from pf_engine.generation.scoring import score_rows
 from pf_engine.serve.protocol import APIError
 from pf_engine.serve.shapes import (chat_logprobs, choice_body, chunk, completion_logprobs,
                                     merge_completion_logprobs, response)

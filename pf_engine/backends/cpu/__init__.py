@@ -22,7 +22,6 @@ from pf_engine.backends import gemm
 from pf_engine.backends.base import Backend
 from pf_engine.backends.cpu import kernel
 from pf_engine.backends.grouped import Gathered, grouped
-from pf_engine.runtime.threads import POLICY
 
 
 @dataclass
@@ -61,10 +60,10 @@ class Cpu(Backend):
         N, plan = x2.shape[0], lin.state.plan
         if lin.quantized:                    # any rows: the kernel, MAX_ROWS rows per call
             return kernel.run(plan, x2 if x2.stride(-1) == 1 else x2.contiguous(),
-                              None if mix is None else mix.gates, POLICY.threads())
+                              None if mix is None else mix.gates, self.policy.threads())
         if plan is None or N > kernel.MAX_ROWS or (mix is None and not decode):
             if mix is None:
                 return gemm.linear(x2, lin.weight, lin.bias, decode)
             return grouped(lin, x2, mix, lin.state.gathered)
         return kernel.run(plan, x2 if x2.stride(-1) == 1 else x2.contiguous(),
-                          None if mix is None else mix.gates, POLICY.threads())
+                          None if mix is None else mix.gates, self.policy.threads())

@@ -13,7 +13,7 @@ place:
     h  += W_down (silu(gate) * up) + b (+ experts)         silu-mul prologue, residual
 
 with the experts mixed by the same fused pass as the backend's products (the Linears'
-LinearPlans) and the attention reading the scheduler's slot cache (runtime/kv_cache.RowsView).
+LinearPlans) and the attention reading the scheduler's slot cache (model/kv_cache.RowsView).
 It applies to fp32 decode steps (one new token per row, at most MAX_ROWS rows) on a slot cache;
 every other forward (and a model whose weights the kernel cannot read) takes
 model.decoder.Block, which tests hold this path to.
@@ -29,7 +29,6 @@ from pf_kernels import cpu_ops
 
 from pf_engine.backends.base import Blocks
 from pf_engine.backends.cpu.kernel import MAX_ROWS
-from pf_engine.runtime.threads import POLICY
 
 
 def block_plan(blk):
@@ -47,6 +46,7 @@ class CpuRunner(Blocks):
 
     def __init__(self, model):
         super().__init__(model)
+        self.policy = model.backend.policy
         plans = [block_plan(blk) for blk in model.blocks]
         reduce = model.blocks[0].reduce if model.blocks else None
         self.group = getattr(reduce, "group", None)
@@ -71,7 +71,7 @@ class CpuRunner(Blocks):
             sin.reshape(B, -1, sin.shape[-1]).contiguous().numpy()
         k, v = cache.pool.k.numpy(), cache.pool.v.numpy()
         cols, bias = cache.cols.contiguous().numpy(), mask.reshape(B, -1).contiguous().numpy()
-        threads = POLICY.threads()
+        threads = self.policy.threads()
         gates = None
         for blk, plan in zip(self.blocks, self.plans):
             if mix is not None:

@@ -1,7 +1,7 @@
 """The scheduler's KV pool: ``SlotCache`` holds a row of columns per request in flight, and
 ``RowsView`` is what the blocks of one forward see of it (every row writing at its own columns).
-A pass over whole sequences needs no cache (model.decoder.Scratch).  ``slots_for`` sizes the
-pool (slots given, or as many as a memory budget holds).
+A pass over whole sequences needs no cache (model.decoder.Scratch).  The scheduler sizes the
+pool (runtime/config.py: slots given, or as many as a memory budget holds).
 
     k, v: [layers, slots, H_kv, max_len, head_dim]
 """
@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from pf_engine.errors import RequestError
 
 
 class SlotCache:
-    """A fixed pool of ``slots`` KV rows for continuous batching (scheduler.py).
+    """A fixed pool of ``slots`` KV rows for continuous batching (runtime/scheduler.py).
 
         k, v: [layers, slots, H_kv, max_len, head_dim]
 
@@ -57,33 +56,6 @@ class SlotCache:
         k, v = kv
         self.k[:, slot, :, c0:c0 + k.shape[2]] = k
         self.v[:, slot, :, c0:c0 + v.shape[2]] = v
-
-
-def slot_bytes(engine, max_len: int) -> int:
-    """Bytes of one slot: keys and values of ``max_len`` columns in every layer."""
-    c = engine.config
-    return (2 * c.num_hidden_layers * c.num_key_value_heads * max_len * c.head_dim
-            * engine.model.dtype.itemsize)
-
-
-def slots_for(engine, max_len: int, slots, kv_cache_gb):
-    """The pool's slot count by memory: as many slots of ``max_len`` columns as ``kv_cache_gb``
-    GiB hold (checked against ``slots`` when both are given); ``slots`` as given without a
-    budget (None: the scheduler's default, runtime/config.py)."""
-    if kv_cache_gb is None:
-        return slots
-    ok = isinstance(kv_cache_gb, (int, float)) and not isinstance(kv_cache_gb, bool) and kv_cache_gb > 0
-    if not ok:
-        raise RequestError(f"kv_cache_gb={kv_cache_gb!r}: expected a number > 0")
-    per = slot_bytes(engine, max_len)
-    fit = int(kv_cache_gb * 2 ** 30 // per)
-    if fit < 1:
-        raise RequestError(f"kv_cache_gb={kv_cache_gb}: one slot of {max_len} columns needs "
-                           f"{per / 2 ** 30:.3f} GiB (lower max_len or raise the budget)")
-    if slots is not None and isinstance(slots, int) and slots > fit:
-        raise RequestError(f"slots={slots}: {slots} slots of {max_len} columns need "
-                           f"{slots * per / 2 ** 30:.3f} GiB; kv_cache_gb={kv_cache_gb}")
-    return fit if slots is None else slots
 
 
 class RowsView:

@@ -20,7 +20,7 @@ import torch
 from pf_engine.errors import RequestError
 from pf_engine.outputs import Logprob
 from pf_engine.persona.specs import Personas
-from pf_engine.sampling import MAX_LOGPROBS
+from pf_engine.generation.sampling import MAX_LOGPROBS
 
 CHUNK_TOKENS = 2048        # padded positions per scoring forward (its logits: that many x vocab)
 

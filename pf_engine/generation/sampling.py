@@ -39,7 +39,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         if self.response_format is not None:
-            from pf_engine.structured import check_response_format
+            from pf_engine.generation.structured import check_response_format
             self.response_format = check_response_format(self.response_format)
         checks = [
             (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
