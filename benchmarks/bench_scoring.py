@@ -9,7 +9,7 @@ Rows, on the same prompts (random token ids, seeded), same threads, interleaved,
   transformers   AutoModelForCausalLM forward, right-padded batches of --batch with an attention
                  mask, log_softmax and gather (what ``lm_eval --model hf`` does);
   Engine.logits  one prompt per forward (it takes equal-length rows), log_softmax and gather;
-  Engine.score   batched (scoring.py: padded chunks, no KV cache);
+  Engine.score   batched (generation/scoring.py: padded chunks, no KV cache);
   http           pf-serve on 127.0.0.1, POST /v1/completions with --batch token-id prompts per
                  request, echo, logprobs 1, max_tokens 0, one request at a time (httpx).
 Reports prompts/s and prompt tokens/s per row and its ratio to transformers, and the largest

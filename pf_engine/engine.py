@@ -266,7 +266,7 @@ class Engine:
         / or its fields as keywords (max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0,
         repetition_penalty=1.0, seed=None, stop=None, logprobs=None; keywords override
         ``sampling``'s).  logprobs=N: each output's ``logprobs`` holds a Logprob per new token
-        (scoring.py: the model's log-softmax, before penalty and temperature) with the N most
+        (generation/scoring.py: the model's log-softmax, before penalty and temperature) with the N most
         likely tokens.
         temperature 0 is greedy; request i is seeded with seed + i; stop strings are cut from
         the text.  chat: wrap each text prompt in the tokenizer's chat template as a user
@@ -319,7 +319,7 @@ class Engine:
         for the rest, runtime/config.py: 8 slots, background thread, ...), once the current one
         is idle.  kv_cache_gb sizes the pool by memory: as many slots of max_len columns as fit.
         decode: "dynamic", "static" or "graphs" (CUDA graphs, the default on CUDA; see
-        static_decode.py)."""
+        runtime/static_decode.py)."""
         from pf_engine.runtime.config import SchedulerConfig
         from pf_engine.runtime.scheduler import Scheduler
         cur = getattr(self, "_scheduler", None)
@@ -372,7 +372,7 @@ class Engine:
     def score(self, prompts, persona=None, top_logprobs: int = 0):
         """Score prompts without decoding: per prompt (a list of token ids; any lengths)
         [None, Logprob, ...], token t's logprob given tokens 0..t-1 under the model's
-        log-softmax, with its ``top_logprobs`` most likely tokens (scoring.py).  One batched
+        log-softmax, with its ``top_logprobs`` most likely tokens (generation/scoring.py).  One batched
         forward (chunked), no KV slot."""
         return score(self, prompts, persona, top_logprobs)
 

@@ -111,7 +111,7 @@ def test_engine_generation_on_gpu_matches_cpu(model_and_bank, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_graph_decode_matches_dynamic(model_and_bank, backend):
-    """The scheduler's decode captured in CUDA graphs (static_decode.py) gives the dynamic step's
+    """The scheduler's decode captured in CUDA graphs (runtime/static_decode.py) gives the dynamic step's
     tokens, with requests joining and leaving (several batch buckets, padding rows) and every
     persona kind; replays reuse the captured graphs."""
     from test_scheduler import run_arrivals

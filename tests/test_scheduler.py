@@ -1,4 +1,4 @@
-"""Continuous batching (pf_engine/scheduler.py): requests joining and leaving the running batch
+"""Continuous batching (pf_engine/runtime/scheduler.py): requests joining and leaving the running batch
 give what each gives alone, slots and gate rows are freed and reused, errors are clear.
 
 Offline, CPU, fp32: one tiny random Llama with a random bank of ten experts (both routers).

@@ -1,4 +1,4 @@
-"""Structured output (pf_engine/structured.py): every reply under a JSON schema parses and
+"""Structured output (pf_engine/generation/structured.py): every reply under a JSON schema parses and
 validates with ``jsonschema``, streamed and not, on the bundled SmolLM2 (a real model, so the
 replies are the ones a user gets); rows with and without a grammar share a batch and the free
 ones are unchanged; bad formats and uncompilable schemas are one line.

@@ -1,5 +1,5 @@
-"""pf-eval's usefulness measures on fixtures with known answers (metrics.py, usefulness.py,
-distill.py), and the independent sentence encoder where its package is installed."""
+"""pf-eval's usefulness measures on fixtures with known answers (train/metrics.py, train/usefulness.py,
+train/distill.py), and the independent sentence encoder where its package is installed."""
 import math
 from types import SimpleNamespace
 

@@ -1,6 +1,5 @@
 // One decode step's attention for B rows: RoPE, the KV-cache write and grouped-query attention
-// (the typed API's core; checks in binding_attention.cpp).  The same maths as the old
-// decode_attention.cpp:
+// (the typed API's core; checks in binding_attention.cpp):
 //
 // Row b (slot row0 + b of one layer of the slot cache) has one new token whose projections are
 // qkv[b] = [q_0 .. q_{H-1} | k_0 .. k_{H_kv-1} | v_0 .. v_{H_kv-1}], each head D floats (D even).

@@ -42,7 +42,7 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-std=c++17", "-fvisibilit
 ISAS = {
     "avx2": [],
     "avxvnni": ["-mavxvnni"],
-    # gcc 12's own avx512fintrin.h trips -Wuninitialized on its _mm512_undefined_* operands
+    # gcc 12's own AVX-512F intrinsics header trips -Wuninitialized on its _mm512_undefined_* operands
     # (GCC bug 105593, fixed in 13): silenced for this unit only.
     "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-Wno-uninitialized",
                    "-Wno-maybe-uninitialized"],

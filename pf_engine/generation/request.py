@@ -59,7 +59,7 @@ class Request:
         self.slot = -1
         self.length = 0                                   # cache columns filled
         self.cached_tokens = 0                            # of them, copied from the prefix cache
-        self.prefix_root = None                           # its prefix-cache root (prefix_cache.py)
+        self.prefix_root = None                           # its prefix-cache root (runtime/prefix_cache.py)
         self.t_submit, self.t_first, self.t_done = time.perf_counter(), None, None
         self._cond = threading.Condition(sched.lock)
         self._watchers: list = []                         # (event loop, asyncio.Event) of awaiters

@@ -86,7 +86,7 @@ class RowsView:
 
     @classmethod
     def static(cls, pool: SlotCache, nb: int, lengths: torch.Tensor, end: int) -> "RowsView":
-        """A decode view built from device tensors only (static_decode.py): rows 0..nb-1 write
+        """A decode view built from device tensors only (runtime/static_decode.py): rows 0..nb-1 write
         at columns ``lengths`` [nb] and read columns :end (a fixed bucket, not the longest row)."""
         view = cls.__new__(cls)
         view.pool, view.s0, view.m, view.T, view.end = pool, 0, nb, 1, end

@@ -14,7 +14,7 @@ Three sources, one per ``persona`` argument of the engine:
 * per token: the ``TokenRouter`` (MoLE / X-LoRA style) gives one row per token and layer.
 
 Routers keep their parameters in float32 and are deterministic: top-k ties go to the expert with
-the lower index.  Both save into and load from the adapter bank file (see adapters.py):
+the lower index.  Both save into and load from the adapter bank file (see bank.py):
 
     router.seq.w1 [H, d]  router.seq.b1 [H]  router.seq.w2 [K(+1), H]  router.seq.b2 [K(+1)]
                           (+1: the "none" output of a router whose config says "none": true)

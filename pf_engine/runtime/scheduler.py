@@ -38,7 +38,7 @@ Personas per request, as ``generate`` takes them: None, explicit weights, "auto"
 router reads the prompt at admission) or "token" (the token router in every layer and step).
 A background thread runs steps while requests are pending (``Engine.submit`` starts it); tests
 and benchmarks can drive ``step()`` themselves with ``background=False``.  The client's side,
-``Request``, is in request.py.
+``Request``, is in generation/request.py.
 """
 from __future__ import annotations
 

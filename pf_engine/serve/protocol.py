@@ -254,7 +254,7 @@ def _sampling(body: dict, kind: str, engine, max_new: int, logprobs) -> Sampling
 
 
 def _response_format(body: dict, engine) -> dict | None:
-    """``response_format`` normalised (structured.py), its schema compiled now: a schema the
+    """``response_format`` normalised (generation/structured.py), its schema compiled now: a schema the
     grammar library cannot compile is a 400 naming it."""
     from pf_engine.generation.structured import Grammars, check_response_format
     try:

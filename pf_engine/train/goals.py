@@ -114,7 +114,7 @@ def retention_lines(result: dict) -> list[str]:
     if not r:
         return []
     rs, sf = r["reasoning"]["conditions"], r["safety"]["conditions"]
-    lines = ["Retention (retention.py; data/evals/ written for the project): reasoning by "
+    lines = ["Retention (train/retention.py; data/evals/ written for the project): reasoning by "
              f"lm-evaluation-harness {r['reasoning']['lm_eval']} through pf-serve (multiple "
              "choice by log-likelihood, arithmetic greedy; difference to base in points, paired, "
              "± standard error), refusals by phrase patterns on greedy chat replies:", "",

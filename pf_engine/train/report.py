@@ -169,7 +169,7 @@ def readme_section(result: dict, json_path: str, plot_path: str | None, command:
              _separation_line(fams), ""]
     acc = result["classifier_heldout_accuracy"]
     lines += ["Statements: per-token log-likelihood shift of held-out self-descriptions "
-              "(metrics.py); replies: greedy replies to held-out messages scored by bag-of-words "
+              "(train/metrics.py); replies: greedy replies to held-out messages scored by bag-of-words "
               "trait classifiers fitted on the train split (held-out accuracy " +
               ", ".join(f"{t} {acc[t]:.2f}" for t in TRAITS) + ").", ""]
     ppl = result["perplexity"]

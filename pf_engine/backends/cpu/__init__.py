@@ -7,7 +7,7 @@
 * Every product of at most ``MAX_ROWS`` fp32 rows (a decode step's projections and LM head, the
   mixed projections of a short prompt chunk) is one kernel call per projection group: pass 1
   streams W and the active experts' rows of A_cat once, pass 2 adds the expand
-  (csrc/cpu/grouped_lora_cpu.cpp).  Larger batches take the torch backend's grouped GEMMs.
+  (csrc/cpu/linear_plan.cpp).  Larger batches take the torch backend's grouped GEMMs.
 * A decode step on the scheduler's slot cache runs each block as csrc/cpu calls with the RMS
   norm and silu-mul prologues and the residual epilogues fused in (``decode.CpuRunner``).
 
