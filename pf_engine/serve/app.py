@@ -19,7 +19,7 @@ import json
 import logging
 import time
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from pf_engine.errors import RequestError
@@ -29,106 +29,79 @@ from pf_engine.serve.choices import Call
 from pf_engine.serve.limits import MAX_BODY_BYTES, read_json
 from pf_engine.serve.protocol import APIError, Catalog, new_id, parse
 
+LOG = logging.getLogger("pf_engine.serve")
 
-def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = None,
-              timeout_s: float = 600.0, max_body: int = MAX_BODY_BYTES) -> FastAPI:
-    """The app for ``engine`` (its scheduler as configured, e.g. ``engine.scheduler(slots=8)``)."""
-    app = FastAPI(title="pf-serve", docs_url=None, redoc_url=None, openapi_url=None)
-    catalog = Catalog(model_id, engine.bank)
-    metrics = Metrics(engine.scheduler)
-    app.state.engine, app.state.catalog, app.state.metrics = engine, catalog, metrics
-    app.state.served = {"requests": 0, "tokens": 0, "t0": time.monotonic()}
-    log = logging.getLogger("pf_engine.serve")
 
-    def record(endpoint: str, status: str, call: Call, rid: str, t0: float) -> None:
+class Server:
+    """What the handlers share: the engine, its model ids (Catalog), the metrics and the limits
+    (``max_queue`` requests waiting for a slot, ``timeout_s`` from arrival to the last token,
+    ``max_body`` bytes of a request body)."""
+
+    def __init__(self, engine, model_id: str, max_queue: int, timeout_s: float, max_body: int):
+        self.engine, self.catalog = engine, Catalog(model_id, engine.bank)
+        self.metrics = Metrics(engine.scheduler)
+        self.max_queue, self.timeout_s, self.max_body = max_queue, timeout_s, max_body
+        self.served = {"requests": 0, "tokens": 0, "t0": time.monotonic()}
+
+    def record(self, endpoint: str, status: str, call: Call, rid: str, t0: float) -> None:
         """Count a finished (or refused) request in the metrics and log one line for it:
         id, model id, persona kind, status, prompt and completion tokens, ms since arrival."""
         kind, reqs = call.personas.kinds[0], call.all_reqs
-        metrics.finished(endpoint, kind, status, reqs)
+        self.metrics.finished(endpoint, kind, status, reqs)
         prompt = sum(len(ids) for ids in call.p.prompts)
         done = sum(len(r.tokens) for r in reqs)
         ms = 1e3 * (time.perf_counter() - t0)
-        app.state.served["requests"] += 1
-        app.state.served["tokens"] += done
-        log.info("%s %s model=%s persona=%s status=%s prompt=%d completion=%d ms=%.0f", rid,
+        self.served["requests"] += 1
+        self.served["tokens"] += done
+        LOG.info("%s %s model=%s persona=%s status=%s prompt=%d completion=%d ms=%.0f", rid,
                  endpoint, call.p.model, kind, status, prompt, done, ms)
 
-    @app.exception_handler(APIError)
-    async def api_error(_, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(Exception)
-    async def internal_error(_, e: Exception):
-        err = APIError(500, f"internal error: {type(e).__name__}: {e}", None, "server_error")
-        return JSONResponse(err.body(), status_code=500)
-
-    if api_key is not None:
-        app.add_middleware(KeyAuth, key=api_key)
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": i, "object": "model", "created": 0,
-                                            "owned_by": "pf-engine"} for i in catalog.ids()]}
-
-    @app.post("/tokenize")
-    async def tokenize_route(request: Request):
-        return tokens.tokenize(engine, await read_json(request, max_body))
-
-    @app.post("/detokenize")
-    async def detokenize_route(request: Request):
-        return tokens.detokenize(engine, await read_json(request, max_body))
-
-    @app.get("/tokenizer_info")
-    async def tokenizer_info_route():
-        return tokens.tokenizer_info(engine)
-
-    @app.get("/metrics")
-    async def metrics_text():
-        return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
-
-    async def handle(request: Request, kind: str):
-        t0 = time.perf_counter()
-        p = parse(await read_json(request, max_body), kind, catalog, engine)
-        call = Call(engine, p)
-        sched = engine.scheduler()
-        endpoint = "chat" if kind == "chat" else "completions"
+    def admit(self, call: Call, endpoint: str, t0: float) -> None:
+        """429 when ``call`` would wait for a slot behind ``max_queue`` waiting requests."""
+        sched = self.engine.scheduler()
         waiting, k = len(sched.waiting), call.slots_needed
-        if k and waiting + k > max_queue and waiting + len(sched.running) + k > sched.slots:
-            record(endpoint, "rejected", call, "-", t0)         # it would wait, the queue is full
-            raise APIError(429, f"the queue is full ({max_queue} requests wait for a slot); retry later",
-                           None, "rate_limit_error", "queue_full", {"Retry-After": "1"})
-        deadline, rid = time.monotonic() + timeout_s, new_id(kind)
+        if k and waiting + k > self.max_queue and waiting + len(sched.running) + k > sched.slots:
+            self.record(endpoint, "rejected", call, "-", t0)
+            raise APIError(429, f"the queue is full ({self.max_queue} requests wait for a slot); "
+                           "retry later", None, "rate_limit_error", "queue_full",
+                           {"Retry-After": "1"})
+
+    async def complete(self, request: Request, kind: str):
+        """A /v1/chat/completions (kind "chat") or /v1/completions request, start to end."""
+        t0 = time.perf_counter()
+        p = parse(await read_json(request, self.max_body), kind, self.catalog, self.engine)
+        call = Call(self.engine, p)
+        endpoint = "chat" if kind == "chat" else "completions"
+        self.admit(call, endpoint, t0)
+        deadline, rid = time.monotonic() + self.timeout_s, new_id(kind)
         try:
             await asyncio.wait_for(call.prepare(), max(0.0, deadline - time.monotonic()))
         except RequestError as e:
             raise APIError(400, str(e), "prompt") from None
         call.submit()
         if p.stream:
-            return StreamingResponse(events(call, endpoint, deadline, rid, t0),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(self.events(call, endpoint, deadline, rid, t0),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
         watch = asyncio.ensure_future(cancel_if_gone(request, call))
         try:
             outs = await asyncio.wait_for(call.results(), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             call.cancel()
-            record(endpoint, "timeout", call, rid, t0)
-            raise APIError(504, f"the request took longer than {timeout_s:g} s", None,
+            self.record(endpoint, "timeout", call, rid, t0)
+            raise APIError(504, f"the request took longer than {self.timeout_s:g} s", None,
                            "timeout", "timeout") from None
         except asyncio.CancelledError:             # the server is shutting down
             call.cancel()
-            record(endpoint, "cancelled", call, rid, t0)
+            self.record(endpoint, "cancelled", call, rid, t0)
             raise
         finally:
             watch.cancel()
         cancelled = any(o.finish_reason == "cancelled" for os_ in outs for o in os_)
-        record(endpoint, "cancelled" if cancelled else "ok", call, rid, t0)
+        self.record(endpoint, "cancelled" if cancelled else "ok", call, rid, t0)
         return call.body(rid, outs)
 
-    async def events(call: Call, endpoint: str, deadline: float, rid: str, t0: float):
+    async def events(self, call: Call, endpoint: str, deadline: float, rid: str, t0: float):
         """Server-sent events: Call.events' chunks, then [DONE]; a timeout or an error is
         reported in the stream (the status line is already sent)."""
         status = "cancelled"
@@ -149,16 +122,83 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
         finally:                                   # done, timed out, or the client went away
             call.cancel()
             await gen.aclose()
-            record(endpoint, status, call, rid, t0)
+            self.record(endpoint, status, call, rid, t0)
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        return await handle(request, "chat")
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await handle(request, "completion")
+# The routes: module-level handlers reading the app's Server -----------------------------------
+routes = APIRouter()
 
+
+def server(request: Request) -> Server:
+    return request.app.state.server
+
+
+@routes.get("/health")
+async def health():
+    return {"status": "ok"}
+
+
+@routes.get("/v1/models")
+async def models(request: Request):
+    ids = server(request).catalog.ids()
+    return {"object": "list", "data": [{"id": i, "object": "model", "created": 0,
+                                        "owned_by": "pf-engine"} for i in ids]}
+
+
+@routes.post("/tokenize")
+async def tokenize_route(request: Request):
+    s = server(request)
+    return tokens.tokenize(s.engine, await read_json(request, s.max_body))
+
+
+@routes.post("/detokenize")
+async def detokenize_route(request: Request):
+    s = server(request)
+    return tokens.detokenize(s.engine, await read_json(request, s.max_body))
+
+
+@routes.get("/tokenizer_info")
+async def tokenizer_info_route(request: Request):
+    return tokens.tokenizer_info(server(request).engine)
+
+
+@routes.get("/metrics")
+async def metrics_text(request: Request):
+    return PlainTextResponse(server(request).metrics.text(),
+                             media_type="text/plain; version=0.0.4")
+
+
+@routes.post("/v1/chat/completions")
+async def chat(request: Request):
+    return await server(request).complete(request, "chat")
+
+
+@routes.post("/v1/completions")
+async def completions(request: Request):
+    return await server(request).complete(request, "completion")
+
+
+async def api_error(_, e: APIError):
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def internal_error(_, e: Exception):
+    err = APIError(500, f"internal error: {type(e).__name__}: {e}", None, "server_error")
+    return JSONResponse(err.body(), status_code=500)
+
+
+def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = None,
+              timeout_s: float = 600.0, max_body: int = MAX_BODY_BYTES) -> FastAPI:
+    """The app for ``engine`` (its scheduler as configured, e.g. ``engine.scheduler(slots=8)``)."""
+    app = FastAPI(title="pf-serve", docs_url=None, redoc_url=None, openapi_url=None)
+    s = app.state.server = Server(engine, model_id, max_queue, timeout_s, max_body)
+    app.state.engine, app.state.catalog, app.state.metrics = engine, s.catalog, s.metrics
+    app.state.served = s.served
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(Exception, internal_error)
+    if api_key is not None:
+        app.add_middleware(KeyAuth, key=api_key)
+    app.include_router(routes)
     return app
 
 
