@@ -28,7 +28,8 @@ def build_cuda_extension() -> Path | None:
         print("pf-engine: PF_SKIP_CUDA_BUILD is set: not building the CUDA kernel")
         return None
     try:
-        spec = importlib.util.spec_from_file_location("pf_csrc_build", HERE / "csrc" / "cuda" / "build.py")
+        spec = importlib.util.spec_from_file_location("pf_csrc_build",
+                                                      HERE / "csrc" / "cuda" / "build.py")
         builder = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(builder)
         if builder.find_nvcc() is None:
@@ -43,12 +44,14 @@ def build_cuda_extension() -> Path | None:
 
 def build_cpu_extension() -> Path | None:
     """Compile csrc/cpu into pf_kernels/_pf_cpu*.so with the system C++ compiler (AVX2/FMA, its
-    own thread pool); warn and skip when that fails.  Never fails the install: PF_SKIP_CPU_BUILD=1 skips it."""
+    own thread pool); warn and skip when that fails.  Never fails the install: PF_SKIP_CPU_BUILD=1
+    skips it."""
     if os.environ.get("PF_SKIP_CPU_BUILD"):
         print("pf-engine: PF_SKIP_CPU_BUILD is set: not building the CPU kernel")
         return None
     try:
-        spec = importlib.util.spec_from_file_location("pf_cpu_build", HERE / "csrc" / "cpu" / "build.py")
+        spec = importlib.util.spec_from_file_location("pf_cpu_build",
+                                                      HERE / "csrc" / "cpu" / "build.py")
         builder = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(builder)
         return builder.build(quiet=True)
@@ -95,7 +98,8 @@ setup(
         "llguidance>=1.0",
     ],
     extras_require={
-        "dev": ["pytest", "peft", "accelerate", "matplotlib", "triton", "pybind11", "openai", "httpx",
+        "dev": ["pytest", "peft", "accelerate", "matplotlib", "triton", "pybind11", "openai",
+                "httpx",
                 "jsonschema", "lm-eval[api]>=0.4.5", "vaderSentiment==3.3.2"],
         # pf-eval's measures: lm-eval (reasoning), VADER (social-emotional; MIT)
         "eval": ["peft", "lm-eval[api]>=0.4.5", "vaderSentiment==3.3.2"],

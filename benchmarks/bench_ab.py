@@ -85,7 +85,8 @@ def markdown(res: dict) -> str:
              f"{res['rounds']} rounds, {res['new_tokens']} new tokens, {res['threads']} threads", "",
              "| config | old ms/token | new ms/token | new / old |", "|---|---|---|---|"]
     for s in res["summary"]:
-        f = (lambda v, p: "-" if v is None else format(v, p))
+        def f(v, p):
+            return "-" if v is None else format(v, p)
         lines.append(f"| {s['config']}{':' + s['backend'] if s['backend'] != '-' else ''} | "
                      f"{f(s['old_ms'], '.1f')} | {f(s['new_ms'], '.1f')} | {f(s['ratio'], '.3f')} |")
     if res.get("busy"):

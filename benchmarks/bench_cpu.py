@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-peer", action="store_true", help="skip llama.cpp")
     ap.add_argument("--work", default=None, help="where the converted files are cached "
                                                  "(default $PF_HOME/bench_cpu)")
-    ap.add_argument("--kquant", default=None, help=f"a Q4_K_M GGUF for the q4_k_m row (default $PF_HOME/bench_cpu/{KQUANT} "
+    ap.add_argument("--kquant", default=None, help="a Q4_K_M GGUF for the q4_k_m row "
+                                                   f"(default $PF_HOME/bench_cpu/{KQUANT} "
                                                    "when it exists; 'none': no row)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -233,8 +234,10 @@ def run(argv=None) -> dict:
     samples = cpu_personas.samples(base, persona_engs, base.tokenizer, msgs)
     rss = {fmt: peak_rss(q) for fmt, q in (("q4_1", None), ("f32", "f32"))}
     return {"benchmark": "bench_cpu", "command": command_line("benchmarks/bench_cpu.py", argv or sys.argv[1:]),
-            "machine": machine_info(), "isa": __import__("pf_kernels.cpu_ops").cpu_ops.isa(), "threads": args.threads, "new_tokens": args.new_tokens,
-            "repeats": args.repeats, "prompt_tokens": len(ids), "prompt_tokens_by_format": {f: len(i) for f, i in ids_of.items()},
+            "machine": machine_info(), "isa": __import__("pf_kernels.cpu_ops").cpu_ops.isa(),
+            "threads": args.threads, "new_tokens": args.new_tokens,
+            "repeats": args.repeats, "prompt_tokens": len(ids),
+            "prompt_tokens_by_format": {f: len(i) for f, i in ids_of.items()},
             "read_bandwidth_GBps": bw / 1e9, "weight_formats": {f: e.weight_formats for f, e in engines.items()},
             "weight_bytes": wb, "peer": "llama-cpp-python " + __import__("llama_cpp").__version__ if peer else None,
             "rows": out_rows, "quality": quality, "peak_rss_mb": rss, "expert_accuracy": accuracy,
@@ -293,8 +296,8 @@ def goals(result: dict) -> list[tuple[str, str, bool | None]]:
         ms = lambda r: r["decode_ms_per_token"]                       # noqa: E731
         wb = result.get("weight_bytes", {}).get("q4_1")
         read = lambda r: f" (bytes read {1 + r['expert_bytes'] / wb:.2f}x)" if wb and "expert_bytes" in r else ""  # noqa: E731
-        out.append((f"top-2 persona <= 1.10x base (q4_1, rank 16, {default} experts)", f"{ms(t2) / ms(b):.2f}x{read(t2)}",
-                    ms(t2) <= 1.10 * ms(b)))
+        out.append((f"top-2 persona <= 1.10x base (q4_1, rank 16, {default} experts)",
+                    f"{ms(t2) / ms(b):.2f}x{read(t2)}", ms(t2) <= 1.10 * ms(b)))
         out.append((f"dense persona (10) <= 1.35x base (q4_1, rank 16, {default} experts)",
                     f"{ms(d10) / ms(b):.2f}x{read(d10)}", ms(d10) <= 1.35 * ms(b)))
         if b5:
@@ -313,7 +316,8 @@ def goals(result: dict) -> list[tuple[str, str, bool | None]]:
                         f"{a['logit_rel_err']:.1e}", a["logit_rel_err"] <= 1e-3))
     for f, q in result["quality"].items():
         if "ppl_ratio" in q:
-            out.append((f"{f} perplexity within 1% of llama.cpp's", f"{q['ppl_ratio']:.4f}", abs(q["ppl_ratio"] - 1) <= 0.01))
+            out.append((f"{f} perplexity within 1% of llama.cpp's", f"{q['ppl_ratio']:.4f}",
+                        abs(q["ppl_ratio"] - 1) <= 0.01))
         if "greedy16_same_as_fp32" in q:
             a, n = map(int, q["greedy16_same_as_fp32"].split("/"))
             out.append((f"{f} greedy 16 tokens = dequantized fp32 run on most prompts", f"{a}/{n}", a > n / 2))

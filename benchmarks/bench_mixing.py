@@ -27,7 +27,8 @@ Gates [T, K] fp32:
     regather    top2-seq whose pair changes on every visit to a layer copy (a persona switch, a
                 request that finishes): the grouped backend re-gathers the active experts' rows
                 each call, and each call builds its Mix, as the engine does per forward
-The top-2 kinds (and token-router, regather) need K >= 3 to differ from dense and are skipped for K < 3; at T = 1 the two
+The top-2 kinds (and token-router, regather) need K >= 3 to differ from dense and are skipped for K < 3;
+at T = 1 the two
 top-2 kinds are the same computation (two rows as a noise check).
 
 Check before timing: every backend's output y (base included) against an fp64 reference computed
@@ -41,7 +42,8 @@ The experts are drawn so that their delta is of the order of the base output, so
 fails the check.  A failing backend is not timed: its row says "FAILED check" and the exit status
 is 1 at the end (0 with --allow-fail).
 
-Timing: warm-up calls (until the call times settle), then up to --repeats calls (at most --budget seconds per row, at least 3),
+Timing: warm-up calls (until the call times settle), then up to --repeats calls (at most --budget seconds
+per row, at least 3),
 median.  Calls rotate among 4 inputs and among enough copies of the layer (weights and experts) to
 hold at least --rotate-mb, so that the weights come from memory as in a decode step through all
 layers, not from a warm cache.  CUDA: device events around each call, synchronised at the end.
@@ -73,7 +75,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import CpuWatch, busy_warning, command_line, default_out, machine_info, read_bandwidth, write_json  # noqa: E402
+from benchmarks.common import (CpuWatch, busy_warning, command_line, default_out, machine_info,  # noqa: E402
+                               read_bandwidth, write_json)
 from benchmarks.mixing_report import draw_plots, markdown  # noqa: E402,F401
 from pf_engine.persona.bank import LoraWeights  # noqa: E402
 from pf_engine.backends import BACKENDS, backend_status, create, resolve_backend  # noqa: E402

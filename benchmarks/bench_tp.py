@@ -127,7 +127,8 @@ def run(argv=None) -> dict:
     rows = {}
     for k, v in samples.items():
         ranks, threads, allreduce, head, quantize, base = ROWS[k]
-        rows[k] = {"ranks": ranks, "threads": threads, "allreduce": allreduce, "head": head, "quantize": quantize, "baseline": base,
+        rows[k] = {"ranks": ranks, "threads": threads, "allreduce": allreduce, "head": head, "quantize": quantize,
+                   "baseline": base,
                    "prefill_tok_s": len(ids) / statistics.median(s[0] for s in v),
                    "decode_ms_per_token": 1e3 * statistics.median(s[1] for s in v),
                    "weight_bytes_rank0_per_decode_step": rank0_bytes(engines[k]),

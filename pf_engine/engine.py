@@ -72,7 +72,8 @@ def resolve_model(model, progress: bool) -> str:
             raise PFError(f"model path {model} does not exist")
         from pf_engine.model import bundled
         st = os.stat(model)
-        key = hashlib.sha1(f"{os.path.abspath(model)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        key = hashlib.sha1(
+            f"{os.path.abspath(model)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         out = os.path.join(bundled.pf_home(), "models",
                            f"{os.path.basename(model)[:-5]}-{key}")
         if not os.path.isfile(os.path.join(out, "config.json")):
@@ -139,7 +140,8 @@ class Engine:
         self.eos_ids = eos
         self.stats = Stats()
         self.load_s = 0.0
-        self.prefix_cache_gb, self._prefix = default_prefix_cache_gb(), False   # False: not built yet
+        self.prefix_cache_gb = default_prefix_cache_gb()
+        self._prefix = False  # False: not built yet
         self._generation_defaults: dict[bool, tuple[dict, str]] = {}
 
     @classmethod
@@ -172,7 +174,8 @@ class Engine:
         be = resolve_backend(backend, dev, expert_format)
         mode = quantization.check(quantize, gguf=gguf is not None, device=dev, dtype=dt,
                                   backend=be)                  # before any conversion runs
-        eng = cls(resolve_model(model, progress), dev, dt, adapters, be, mode, gguf, tensor_parallel)
+        eng = cls(resolve_model(model, progress), dev, dt, adapters, be, mode, gguf,
+                  tensor_parallel)
         eng.load_s = time.perf_counter() - t0
         return eng
 
@@ -199,14 +202,16 @@ class Engine:
                                         and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise RequestError("prompts: expected a string, a list of strings or a list of token-id lists")
+            raise RequestError("prompts: expected a string, a list of strings "
+                               "or a list of token-id lists")
         out = []
         for i, p in enumerate(prompts):
             if isinstance(p, str):
                 if not p:
                     raise RequestError(f"prompt {i} is empty")
                 if self.tokenizer is None:
-                    raise RequestError(f"this model ({self.folder}) has no tokenizer.json: pass token ids")
+                    raise RequestError(f"this model ({self.folder}) has no tokenizer.json: "
+                                       "pass token ids")
                 ids = self.tokenizer.encode(p, chat=chat)
             elif isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
                 if chat:
@@ -266,7 +271,8 @@ class Engine:
         / or its fields as keywords (max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0,
         repetition_penalty=1.0, seed=None, stop=None, logprobs=None; keywords override
         ``sampling``'s).  logprobs=N: each output's ``logprobs`` holds a Logprob per new token
-        (generation/scoring.py: the model's log-softmax, before penalty and temperature) with the N most
+        (generation/scoring.py: the model's log-softmax, before penalty and temperature)
+        with the N most
         likely tokens.
         temperature 0 is greedy; request i is seeded with seed + i; stop strings are cut from
         the text.  chat: wrap each text prompt in the tokenizer's chat template as a user
@@ -286,7 +292,8 @@ class Engine:
         """Yield the text of one prompt piece by piece as it is generated (arguments as for
         ``generate``)."""
         if self.tokenizer is None:
-            raise RequestError(f"this model ({self.folder}) has no tokenizer.json: stream needs one")
+            raise RequestError(f"this model ({self.folder}) has no tokenizer.json: "
+                               "stream needs one")
         _one_prompt(prompt, "stream")
         ids, per, personas = self._requests(prompt, sampling, persona, chat, truncate, kw)
         sched, (req,) = self._private(ids, per, personas)
@@ -350,14 +357,17 @@ class Engine:
 
         persona: as for generate (one for all rows or one per row)."""
         try:
-            ids = torch.as_tensor(token_ids, dtype=torch.long) if not isinstance(token_ids, torch.Tensor) \
+            ids = torch.as_tensor(token_ids, dtype=torch.long) \
+                if not isinstance(token_ids, torch.Tensor) \
                 else token_ids.long()
         except (ValueError, TypeError):
-            raise RequestError("token_ids: expected a [B, T] tensor or equal-length lists of ints") from None
+            raise RequestError("token_ids: expected a [B, T] tensor "
+                               "or equal-length lists of ints") from None
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         if ids.dim() != 2 or ids.numel() == 0:
-            raise RequestError(f"token_ids: expected a non-empty [B, T] batch, got shape {list(ids.shape)}")
+            raise RequestError("token_ids: expected a non-empty [B, T] batch, "
+                               f"got shape {list(ids.shape)}")
         B, T = ids.shape
         if T > self.config.max_position_embeddings:
             raise RequestError(f"token_ids has {T} positions; the context holds "
@@ -372,7 +382,8 @@ class Engine:
     def score(self, prompts, persona=None, top_logprobs: int = 0):
         """Score prompts without decoding: per prompt (a list of token ids; any lengths)
         [None, Logprob, ...], token t's logprob given tokens 0..t-1 under the model's
-        log-softmax, with its ``top_logprobs`` most likely tokens (generation/scoring.py).  One batched
+        log-softmax, with its ``top_logprobs`` most likely tokens (generation/scoring.py).
+        One batched
         forward (chunked), no KV slot."""
         return score(self, prompts, persona, top_logprobs)
 
@@ -382,7 +393,8 @@ class Engine:
         B, T = ids.shape
         mix = None
         if personas.any:
-            mix = Mix.for_rows(personas.rows.to(self.device), personas.token_rows.to(self.device), T,
+            mix = Mix.for_rows(personas.rows.to(self.device), personas.token_rows.to(self.device),
+                               T,
                                self.bank.token_router)
         positions = torch.arange(T, device=self.device).expand(B, T)
         with self.backend.policy.forward(self.device, self.backend.own_threads(B * T)):

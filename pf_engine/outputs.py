@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 @dataclass
 class Logprob:
     """One token's log-probability under the model (log-softmax of its logits, before
-    temperature, penalties and top-k/top-p: generation/scoring.py) and the ``top`` most likely tokens at
+    temperature, penalties and top-k/top-p: generation/scoring.py) and the ``top`` most likely
+    tokens at
     that position as (token id, logprob), most likely first."""
     token_id: int
     logprob: float

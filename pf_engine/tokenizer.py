@@ -34,7 +34,8 @@ class Tokenizer:
             raise LoadError(f"cannot load the tokenizer in {folder}: {one_line(e)}") from None
         self.folder = folder
         self.chat_template = _chat_template(folder, cfg)
-        self.specials = {k: _token_text(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        self.specials = {k: _token_text(cfg.get(k))
+                         for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
         self.clean_up = bool(cfg.get("clean_up_tokenization_spaces", False))
         eos = self.specials["eos_token"]
         self.eos_token_id = self.fast.token_to_id(eos) if eos else None
@@ -49,7 +50,8 @@ class Tokenizer:
             try:
                 self._hf = AutoTokenizer.from_pretrained(self.folder)
             except Exception as e:  # transformers raises many types for a broken folder
-                raise LoadError(f"cannot load the tokenizer in {self.folder}: {one_line(e)}") from None
+                raise LoadError(f"cannot load the tokenizer in {self.folder}: "
+                                f"{one_line(e)}") from None
         return self._hf
 
     @staticmethod
@@ -64,7 +66,8 @@ class Tokenizer:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=["jinja2.ext.loopcontrols"])
-            env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
+            env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False,
+                                                                      indent=indent)
             env.globals["raise_exception"] = _raise
             env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
             self._template = env.from_string(self.chat_template)

@@ -18,5 +18,6 @@ from .layout import RankLayout
 from .meta import BankLayout, LoRAMeta, bank_layout
 from .ops import DECODE_MAX_TOKENS, available, fused_linear, grouped_lora
 
-__all__ = ["BankLayout", "DECODE_MAX_TOKENS", "LoRAMeta", "RankLayout", "available", "bank_layout", "cuda_ops",
+__all__ = ["BankLayout", "DECODE_MAX_TOKENS", "LoRAMeta", "RankLayout", "available", "bank_layout",
+           "cuda_ops",
            "fused_linear", "grouped_lora", "reference"]

@@ -125,4 +125,5 @@ def __getattr__(name: str):
 
 def cpu_available() -> tuple[bool, str]:
     mod, why = _load()
-    return (True, f"AVX2/FMA fused kernel (csrc/cpu, {mod.isa()} block dots)") if mod is not None else (False, why)
+    return ((True, f"AVX2/FMA fused kernel (csrc/cpu, {mod.isa()} block dots)") if mod is not None
+            else (False, why))

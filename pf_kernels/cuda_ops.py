@@ -26,7 +26,8 @@ def _load():
     try:
         return importlib.import_module("pf_kernels._pf_cuda"), None
     except ImportError as e:
-        return None, f"extension not built (pf_kernels._pf_cuda: {e}); run python csrc/cuda/build.py with nvcc"
+        return None, (f"extension not built (pf_kernels._pf_cuda: {e}); "
+                      "run python csrc/cuda/build.py with nvcc")
 
 
 def _unavailable_reason():
@@ -75,11 +76,13 @@ def grouped_lora_cuda(y: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, b_c
     named = {"y": y, "x": x, "a_cat": a_cat, "b_cat": b_cat, "gates": gates}
     for name, t in named.items():
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D tensor, got shape {tuple(getattr(t, 'shape', ()))}")
+            raise ValueError(f"{name} must be a 2-D tensor, "
+                             f"got shape {tuple(getattr(t, 'shape', ()))}")
         if t.device.type != "cuda" or t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but must be on x's CUDA device {x.device}")
         if t.stride(1) != 1 and t.shape[1] > 1:
-            raise ValueError(f"{name} must have unit stride along its last dimension, got strides {t.stride()}")
+            raise ValueError(f"{name} must have unit stride along its last dimension, "
+                             f"got strides {t.stride()}")
     if x.dtype not in _DTYPE_CODES:
         raise ValueError(f"x has dtype {x.dtype}; expected float16, bfloat16 or float32")
     for name in ("y", "a_cat", "b_cat"):
@@ -94,7 +97,8 @@ def grouped_lora_cuda(y: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, b_c
     K = len(offsets) - 1
     check_scalings(scalings, K)
     if scalings.device != x.device:
-        raise ValueError(f"scalings is on {scalings.device} but must be on x's CUDA device {x.device}")
+        raise ValueError(f"scalings is on {scalings.device} "
+                         f"but must be on x's CUDA device {x.device}")
     if offsets[-1] != R:
         raise ValueError(f"rank_offsets ends at {offsets[-1]} but a_cat has R={R} rows")
     if tuple(gates.shape) != (T, K):
@@ -104,7 +108,8 @@ def grouped_lora_cuda(y: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, b_c
     h = torch.empty(min(T, mod.MAX_TOKENS_PER_LAUNCH), R, device=x.device, dtype=torch.float32)
     scal = scalings.contiguous()
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    mod.grouped_lora(y.data_ptr(), x.data_ptr(), a_cat.data_ptr(), b_cat.data_ptr(), gates.data_ptr(),
+    mod.grouped_lora(y.data_ptr(), x.data_ptr(), a_cat.data_ptr(), b_cat.data_ptr(),
+                     gates.data_ptr(),
                      scal.data_ptr(), h.data_ptr(), T, d_in, d_out, offsets,
                      y.stride(0), x.stride(0), a_cat.stride(0), b_cat.stride(0), gates.stride(0),
                      _DTYPE_CODES[x.dtype], stream, x.device.index)

@@ -42,7 +42,8 @@ def host_rank_offsets(rank_offsets) -> list[int]:
         return list(rank_offsets.offsets)
     if isinstance(rank_offsets, torch.Tensor):
         if rank_offsets.dim() != 1:
-            raise ValueError(f"rank_offsets must be 1-D [K+1], got shape {tuple(rank_offsets.shape)}")
+            raise ValueError("rank_offsets must be 1-D [K+1], "
+                             f"got shape {tuple(rank_offsets.shape)}")
         if rank_offsets.dtype.is_floating_point or rank_offsets.dtype == torch.bool:
             raise ValueError(f"rank_offsets must be an integer tensor, got {rank_offsets.dtype}")
         offs = [int(v) for v in rank_offsets.tolist()]
@@ -86,7 +87,8 @@ class RankLayout:
         self.device = torch.device(device) if device is not None else scalings.device
         self.experts = tuple(range(n)) if experts is None else tuple(int(e) for e in experts)
         if len(self.experts) != n:
-            raise ValueError(f"experts has {len(self.experts)} ids but rank_offsets implies n={n} blocks")
+            raise ValueError(f"experts has {len(self.experts)} ids "
+                             f"but rank_offsets implies n={n} blocks")
         self.offsets = tuple(offs)
         self.num_experts, self.total_rank = n, offs[-1]
         self.max_rank = max(b - a for a, b in zip(offs, offs[1:]))
@@ -126,7 +128,8 @@ class RankLayout:
     def blocks(self) -> list:
         """[(expert, row0, row1, scaling)] per block: the naive loop's view."""
         o = self.offsets
-        return [(e, o[i], o[i + 1], s) for i, (e, s) in enumerate(zip(self.experts, self.host_scalings))]
+        return [(e, o[i], o[i + 1], s)
+                for i, (e, s) in enumerate(zip(self.experts, self.host_scalings))]
 
     @property
     def expert_ids(self) -> torch.Tensor:
@@ -139,7 +142,8 @@ class RankLayout:
         if self._cols is None:
             ranks = torch.tensor(self.ranks)
             col = torch.repeat_interleave(torch.tensor(self.experts, dtype=torch.long), ranks)
-            scal = torch.repeat_interleave(torch.tensor(self.host_scalings, dtype=torch.float32), ranks)
+            scal = torch.repeat_interleave(torch.tensor(self.host_scalings, dtype=torch.float32),
+                                           ranks)
             self._cols = (col.to(self.device), scal.to(self.device))
         return self._cols
 
@@ -164,7 +168,8 @@ class RankLayout:
         """The blocks of ``layouts`` one after another (rows shifted): a fused group's layout."""
         if not layouts:
             raise ValueError("concat needs at least one layout")
-        return cls.interned([e for l in layouts for e in l.experts], [r for l in layouts for r in l.ranks],
+        return cls.interned([e for l in layouts for e in l.experts],
+                            [r for l in layouts for r in l.ranks],
                             [s for l in layouts for s in l.host_scalings], layouts[0].device)
 
     def select(self, experts) -> tuple["RankLayout | None", list[int]]:
@@ -180,5 +185,6 @@ class RankLayout:
 
     def __repr__(self) -> str:
         return (f"RankLayout(experts={self.experts}, offsets={self.offsets}, "
-                f"scalings={self.host_scalings if self._host_scalings is not None else '<device>'}, "
+                f"scalings={self.host_scalings if self._host_scalings is not None else '<device>'}"
+                ", "
                 f"device={self.device})")

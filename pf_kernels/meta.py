@@ -42,7 +42,8 @@ __all__ = ["BankLayout", "LoRAMeta", "bank_layout", "check_scalings", "host_rank
 BankLayout = RankLayout      # the kernels' name for it: rank_offsets, scalings on the device
 
 
-def bank_layout(rank_offsets, scalings: torch.Tensor | None, device: torch.device | str) -> RankLayout:
+def bank_layout(rank_offsets, scalings: torch.Tensor | None,
+                device: torch.device | str) -> RankLayout:
     """Validate rank_offsets [K+1] / scalings [K] and place them on ``device`` (int32 / fp32);
     a RankLayout (scalings None) is moved to ``device``.
 
@@ -50,7 +51,8 @@ def bank_layout(rank_offsets, scalings: torch.Tensor | None, device: torch.devic
     """
     if isinstance(rank_offsets, RankLayout):
         if scalings is not None and scalings is not rank_offsets.scalings:
-            raise ValueError("scalings must be None when rank_offsets is a RankLayout (it holds them)")
+            raise ValueError("scalings must be None when rank_offsets is a RankLayout "
+                             "(it holds them)")
         return rank_offsets.to(device)
     return RankLayout(rank_offsets, scalings, device)
 
@@ -96,7 +98,8 @@ class LoRAMeta:
         rank_offsets is read on the host (pass a CPU tensor or a list to avoid a sync).
         """
         if not isinstance(gates, torch.Tensor) or gates.dim() != 2:
-            raise ValueError(f"gates must be a 2-D tensor [T, K], got shape {tuple(getattr(gates, 'shape', ()))}")
+            raise ValueError("gates must be a 2-D tensor [T, K], "
+                             f"got shape {tuple(getattr(gates, 'shape', ()))}")
         return cls.from_layout(gates, bank_layout(rank_offsets, scalings, gates.device))
 
     @classmethod
@@ -108,11 +111,13 @@ class LoRAMeta:
             raise ValueError(f"gates must be float32, got {gates.dtype}")
         t, k = gates.shape
         if k != layout.num_experts:
-            raise ValueError(f"gates has K={k} columns but rank_offsets describes {layout.num_experts} experts")
+            raise ValueError(f"gates has K={k} columns "
+                             f"but rank_offsets describes {layout.num_experts} experts")
         dev = gates.device
         ranks = layout.rank_offsets[1:] - layout.rank_offsets[:-1]                  # (K,)
         expert_of_rank = torch.repeat_interleave(
-            torch.arange(k, device=dev, dtype=torch.int32), ranks.long(), output_size=layout.total_rank)
+            torch.arange(k, device=dev, dtype=torch.int32), ranks.long(),
+            output_size=layout.total_rank)
         i32 = dict(device=dev, dtype=torch.int32)
         meta = cls(num_tokens=t, num_experts=k, total_rank=layout.total_rank,
                    max_rank=layout.max_rank, rank_offsets=layout.rank_offsets,
@@ -129,7 +134,8 @@ class LoRAMeta:
         """Recompute the per-step tensors from ``gates`` [T, K] in place; no host sync."""
         t, k = self.num_tokens, self.num_experts
         if tuple(gates.shape) != (t, k):
-            raise ValueError(f"gates has shape {tuple(gates.shape)} but this LoRAMeta was built for ({t}, {k})")
+            raise ValueError(f"gates has shape {tuple(gates.shape)} "
+                             f"but this LoRAMeta was built for ({t}, {k})")
         if gates.device != self.device:
             raise ValueError(f"gates is on {gates.device} but this LoRAMeta lives on {self.device}")
         dev = gates.device
@@ -137,7 +143,8 @@ class LoRAMeta:
         counts = active.sum(dim=1, dtype=torch.int32)                               # (K,)
         start = torch.zeros(k + 1, device=dev, dtype=torch.int32)
         start[1:] = torch.cumsum(counts, 0)
-        # Pair (k, t) goes to slot start[k] + (its rank among expert k's tokens); inactive pairs to a
+        # Pair (k, t) goes to slot start[k] + (its rank among expert k's tokens);
+        # inactive pairs to a
         # dump slot at index T*K that is sliced off.
         rank_in_expert = torch.cumsum(active.to(torch.int32), dim=1) - 1            # (K, T)
         slot = torch.where(active, start[:-1, None] + rank_in_expert, t * k).long()

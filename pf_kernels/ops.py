@@ -115,7 +115,8 @@ def _check_same(x: torch.Tensor, named: dict[str, torch.Tensor]) -> None:
 def _check_gates(gates, T: int, K: int, x: torch.Tensor) -> None:
     _check_tensor("gates", gates, 2, "[T, K]")
     if tuple(gates.shape) != (T, K):
-        raise ValueError(f"gates has shape {tuple(gates.shape)} but (T, K) = ({T}, {K}) from x and rank_offsets")
+        raise ValueError(f"gates has shape {tuple(gates.shape)} "
+                         f"but (T, K) = ({T}, {K}) from x and rank_offsets")
     if gates.dtype != torch.float32:
         raise ValueError(f"gates must be float32, got {gates.dtype}")
     if gates.device != x.device:
@@ -126,7 +127,8 @@ def _layout(gates, rank_offsets, scalings, meta: LoRAMeta | None, T: int, R: int
             x: torch.Tensor) -> BankLayout:
     if meta is not None:
         if (meta.num_tokens, meta.num_experts, meta.total_rank) != (T, gates.shape[1], R):
-            raise ValueError(f"meta was built for (T, K, R) = ({meta.num_tokens}, {meta.num_experts}, "
+            raise ValueError(f"meta was built for (T, K, R) = ({meta.num_tokens}, "
+                             f"{meta.num_experts}, "
                              f"{meta.total_rank}) but the call has ({T}, {gates.shape[1]}, {R})")
         if meta.device != x.device:
             raise ValueError(f"meta is on {meta.device} but x is on {x.device}")
@@ -135,7 +137,8 @@ def _layout(gates, rank_offsets, scalings, meta: LoRAMeta | None, T: int, R: int
         raise ValueError(f"scalings is on {scalings.device} but x is on {x.device}")
     layout = bank_layout(rank_offsets, scalings, x.device)
     if layout.total_rank != R:
-        raise ValueError(f"rank_offsets ends at {layout.total_rank} but the bank has R={R} rank rows")
+        raise ValueError(f"rank_offsets ends at {layout.total_rank} "
+                         f"but the bank has R={R} rank rows")
     return layout
 
 
@@ -148,7 +151,8 @@ def grouped_shapes(y, x, a_cat, b_cat) -> tuple[int, int, int, int]:
     if a_cat.shape[1] != d_in:
         raise ValueError(f"a_cat has d_in={a_cat.shape[1]} columns but x has d_in={d_in}")
     if tuple(b_cat.shape) != (d_out, R):
-        raise ValueError(f"b_cat has shape {tuple(b_cat.shape)} but (d_out, R) = ({d_out}, {R}) from y and a_cat")
+        raise ValueError(f"b_cat has shape {tuple(b_cat.shape)} "
+                         f"but (d_out, R) = ({d_out}, {R}) from y and a_cat")
     return T, d_in, R, d_out
 
 
@@ -156,15 +160,18 @@ def _require_mode(x: torch.Tensor) -> bool:
     """Check that the kernels can run on x's device; returns True when interpreting."""
     interp = _interpreting()
     if x.device.type == "cpu" and not interp:
-        raise RuntimeError("x is on cpu: the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 "
+        raise RuntimeError("x is on cpu: the Triton kernels need CUDA tensors, "
+                           "or TRITON_INTERPRET=1 "
                            "to run them on CPU tensors in the interpreter")
     if x.device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"x is on {x.device}: the Triton kernels support cuda (and cpu when interpreting)")
+        raise RuntimeError(f"x is on {x.device}: the Triton kernels support cuda "
+                           "(and cpu when interpreting)")
     if not interp:
         from ._triton_kernels import can_compile
         if not can_compile():
-            raise RuntimeError("TRITON_INTERPRET is off now but was 1 when triton was imported: triton's "
-                               "library functions are interpreted in this process, so no kernel can compile")
+            raise RuntimeError("TRITON_INTERPRET is off now but was 1 when triton was imported: "
+                               "triton's library functions are interpreted in this process, "
+                               "so no kernel can compile")
     return interp
 
 
@@ -182,7 +189,8 @@ def grouped_lora(y: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, b_cat: t
     T <= DECODE_MAX_TOKENS: one launch (shrink + expand); else shrink over the active pairs, then
     expand.  Banks need no rank padding (the kernels pad rank tiles to >= 16 under a mask).
     """
-    for name, t, what in (("y", y, "[T, d_out]"), ("x", x, "[T, d_in]"), ("a_cat", a_cat, "[R, d_in]"),
+    for name, t, what in (("y", y, "[T, d_out]"), ("x", x, "[T, d_in]"),
+                          ("a_cat", a_cat, "[R, d_in]"),
                           ("b_cat", b_cat, "[d_out, R]")):
         _check_tensor(name, t, 2, what)
     _check_same(x, {"y": y, "a_cat": a_cat, "b_cat": b_cat})
@@ -198,7 +206,8 @@ def grouped_lora(y: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, b_cat: t
     return y
 
 
-def _launch_grouped(y, x, a_cat, b_cat, gates, layout, meta, interp: bool, T: int, d_in: int, d_out: int,
+def _launch_grouped(y, x, a_cat, b_cat, gates, layout, meta, interp: bool, T: int, d_in: int,
+                    d_out: int,
                     K: int, R: int) -> None:
     """grouped_lora's launches (its checks done, under its device guard)."""
     from . import _triton_kernels as tk
@@ -229,7 +238,8 @@ def _launch_grouped(y, x, a_cat, b_cat, gates, layout, meta, interp: bool, T: in
     _launch_expand(y, h, b_cat, gates, layout, br, interp, flags)
 
 
-def _launch_expand(y, h, b_cat, gates, layout: BankLayout, br: int, interp: bool, flags: dict) -> None:
+def _launch_expand(y, h, b_cat, gates, layout: BankLayout, br: int, interp: bool,
+                   flags: dict) -> None:
     from . import _triton_kernels as tk
     T, d_out = y.shape
     cfg = block_config("expand", T, 0, d_out, interp, y.element_size())
@@ -293,7 +303,8 @@ def fused_linear(x: torch.Tensor, w_aug: torch.Tensor, b_cat: torch.Tensor, gate
     return y
 
 
-def _launch_linear(y, x, w_aug, b_cat, bias, gates, layout, meta, interp: bool, T: int, d_in: int, d_out: int,
+def _launch_linear(y, x, w_aug, b_cat, bias, gates, layout, meta, interp: bool, T: int, d_in: int,
+                   d_out: int,
                    R: int) -> None:
     """fused_linear's launches (its checks done, under its device guard)."""
     from . import _triton_kernels as tk
@@ -303,7 +314,8 @@ def _launch_linear(y, x, w_aug, b_cat, bias, gates, layout, meta, interp: bool, 
     bm, bn = cfg["BM"], cfg["BN"]
     grid = (_cdiv(T, bm), _cdiv(d_out, bn) + _cdiv(R, bn))
     tk.linear_shrink_kernel[grid](
-        y, h, x, w_aug, bias if bias is not None else x, gates, layout.scalings, meta.expert_of_rank,
+        y, h, x, w_aug, bias if bias is not None else x, gates, layout.scalings,
+        meta.expert_of_rank,
         T, d_in, d_out, R,
         y.stride(0), y.stride(1), h.stride(0), x.stride(0), x.stride(1),
         w_aug.stride(0), w_aug.stride(1), gates.stride(0), gates.stride(1),
@@ -325,4 +337,5 @@ def _num_experts(rank_offsets, meta: LoRAMeta | None) -> int:
     try:
         return len(rank_offsets) - 1
     except TypeError:
-        raise ValueError(f"rank_offsets must be a 1-D [K+1] tensor or sequence, got {rank_offsets!r}") from None
+        raise ValueError("rank_offsets must be a 1-D [K+1] tensor or sequence, "
+                         f"got {rank_offsets!r}") from None

@@ -19,7 +19,8 @@ eight blocks load as one vector, two Q4 blocks' nibbles as one 32-byte load), pa
     q4_1   d fp16 [nb8] | m fp16 [nb8] | n [nb2][16]     nb2 = nb rounded up to 2
 
 ``unpack`` is its exact inverse.  q5_0 and the K-quants (super-blocks of 256 values, eight blocks of
-32 with integer scales) are repacked by pf_kernels.quant_pack, which has their table.  csrc/cpu dots such rows with activations quantized per block of
+32 with integer scales) are repacked by pf_kernels.quant_pack, which has their table.
+csrc/cpu dots such rows with activations quantized per block of
 32 (``quantize_x_reference``: d = max|x| / 127, q = round(x / d), ties away from zero), in integer
 arithmetic, as llama.cpp does.
 
@@ -92,7 +93,8 @@ class Format:
 FORMATS = {f.name: f for f in (Format("q8_0", 1, 34, "Q8_0"), Format("q4_0", 2, 18, "Q4_0"),
                                Format("q4_1", 3, 20, "Q4_1"), Format("f16", 4, 64, "F16"),
                                Format("bf16", 5, 64, "BF16"), Format("q5_0", 6, 22, "Q5_0"),
-                               Format("q4_k", 7, 144, "Q4_K", 256), Format("q5_k", 8, 176, "Q5_K", 256),
+                               Format("q4_k", 7, 144, "Q4_K", 256),
+                               Format("q5_k", 8, 176, "Q5_K", 256),
                                Format("q6_k", 9, 210, "Q6_K", 256))}
 GGUF_FORMATS = {f.gguf: f for f in FORMATS.values()}
 
@@ -107,7 +109,8 @@ def quantize(w: np.ndarray, fmt: Format) -> np.ndarray:
     (gguf's own quantizer: the bytes llama-quantize would write).  The gguf package has no
     K-quant quantizer: those formats are read from files, not made."""
     if fmt.qk != QK:
-        raise ValueError(f"quantizing to {fmt.name} is not supported (the gguf package has no K-quant "
+        raise ValueError(f"quantizing to {fmt.name} is not supported "
+                         "(the gguf package has no K-quant "
                          "quantizer); expected q8_0, q4_0, q4_1, q5_0, f16 or bf16")
     import gguf.quants
     out = gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), _gguf_type(fmt))

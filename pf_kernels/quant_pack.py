@@ -44,7 +44,8 @@ def fields(name: str, d_in: int) -> list[tuple[str, int, int]]:
     n2 = _r(nb, 2)
     sizes = {"q5_0": [("d", 2 * _r(nb, 8)), ("h", 4 * n2), ("n", 16 * n2)],
              "q4_k": [("d", 2 * ns), ("dmin", 2 * ns), ("sc", nb), ("m", nb), ("n", 16 * nb)],
-             "q5_k": [("d", 2 * ns), ("dmin", 2 * ns), ("sc", nb), ("m", nb), ("h", 4 * nb), ("n", 16 * nb)],
+             "q5_k": [("d", 2 * ns), ("dmin", 2 * ns), ("sc", nb), ("m", nb), ("h", 4 * nb),
+                      ("n", 16 * nb)],
              "q6_k": [("d", 2 * ns), ("sc", 16 * ns), ("q", 192 * ns)]}[name]
     out, off = [], 0
     for f, n in sizes:
@@ -74,7 +75,8 @@ def _chunk_nibbles(p: np.ndarray) -> np.ndarray:
 
 
 def _pair_words(bits: np.ndarray) -> np.ndarray:
-    """Fifth bits [O, nb2, 32] (one per value, nb2 even) -> their pair words as bytes [O, nb2 * 4]."""
+    """Fifth bits [O, nb2, 32] (one per value, nb2 even) -> their pair words as bytes
+    [O, nb2 * 4]."""
     a, b = bits[:, 0::2], bits[:, 1::2]
     words = np.stack([np.concatenate([a[..., :16], b[..., :16]], -1),
                       np.concatenate([a[..., 16:], b[..., 16:]], -1)], 2)          # [O, p, 2, 32]
@@ -83,7 +85,8 @@ def _pair_words(bits: np.ndarray) -> np.ndarray:
 
 def _word_bits(data: np.ndarray, nb2: int) -> np.ndarray:
     """_pair_words' inverse: bytes [O, nb2 * 4] -> bits [O, nb2, 32]."""
-    w = np.unpackbits(np.ascontiguousarray(data).reshape(data.shape[0], nb2 // 2, 2, 4), -1, bitorder="little")
+    w = np.unpackbits(np.ascontiguousarray(data).reshape(data.shape[0], nb2 // 2, 2, 4), -1,
+                      bitorder="little")
     out = np.empty((data.shape[0], nb2, 32), dtype=np.uint8)
     for k in range(2):
         out[:, 0::2, 16 * k:16 * k + 16] = w[:, :, k, :16]
@@ -101,14 +104,17 @@ def _scales_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _pack_k4(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
     """_scales_k4's inverse."""
-    return np.concatenate([sc[..., :4] | ((sc[..., 4:] >> 4) << 6), m[..., :4] | ((m[..., 4:] >> 4) << 6),
+    return np.concatenate([sc[..., :4] | ((sc[..., 4:] >> 4) << 6),
+                           m[..., :4] | ((m[..., 4:] >> 4) << 6),
                            (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4)], -1).astype(np.uint8)
 
 
 def _k_fifth_bits(qh: np.ndarray) -> np.ndarray:
-    """q5_k's qh [O, ns, 32] -> fifth bits [O, ns * 8, 32]: block 2c + e's value l is bit 2c + e of qh[l]."""
+    """q5_k's qh [O, ns, 32] -> fifth bits [O, ns * 8, 32]: block 2c + e's value l is bit 2c + e
+    of qh[l]."""
     o, ns, _ = qh.shape
-    return ((qh[:, :, None, :] >> np.arange(8, dtype=np.uint8)[None, None, :, None]) & 1).reshape(o, ns * 8, 32)
+    return ((qh[:, :, None, :] >> np.arange(8, dtype=np.uint8)[None, None, :, None]) & 1).reshape(
+        o, ns * 8, 32)
 
 
 def _k_qh(bits: np.ndarray) -> np.ndarray:
@@ -120,7 +126,8 @@ def _k_qh(bits: np.ndarray) -> np.ndarray:
 # -- repack / unpack ---------------------------------------------------------------------------
 
 def repack(data: np.ndarray, name: str, d_in: int) -> np.ndarray:
-    """GGUF rows uint8 [O, d_in / qk * block bytes] -> csrc/cpu's rows [O, row_bytes(name, d_in)]."""
+    """GGUF rows uint8 [O, d_in / qk * block bytes] -> csrc/cpu's rows
+    [O, row_bytes(name, d_in)]."""
     qk, bb = GGUF_BLOCK[name]
     o, nb = data.shape[0], d_in // QK
     blk = np.ascontiguousarray(data).reshape(o, d_in // qk, bb)
@@ -130,7 +137,7 @@ def repack(data: np.ndarray, name: str, d_in: int) -> np.ndarray:
         d = np.zeros((o, _r(nb, 8) * 2), np.uint8)
         d[:, :2 * nb] = blk[:, :, 0:2].reshape(o, -1)
         bits = np.zeros((o, n2, 32), np.uint8)
-        bits[:, :nb] = np.unpackbits(blk[:, :, 2:6], -1, bitorder="little")         # qh, little-endian
+        bits[:, :nb] = np.unpackbits(blk[:, :, 2:6], -1, bitorder="little")  # qh, little-endian
         n = np.zeros((o, n2, 16), np.uint8)
         n[:, :nb] = blk[:, :, 6:22]
         parts = {"d": d, "h": _pair_words(bits), "n": n.reshape(o, -1)}
@@ -138,7 +145,8 @@ def repack(data: np.ndarray, name: str, d_in: int) -> np.ndarray:
         sc, m = _scales_k4(blk[:, :, 4:16])
         nib = blk[:, :, -128:].reshape(o, -1, 32)
         parts = {"d": blk[:, :, 0:2].reshape(o, -1), "dmin": blk[:, :, 2:4].reshape(o, -1),
-                 "sc": sc.reshape(o, -1), "m": m.reshape(o, -1), "n": _pair_nibbles(nib).reshape(o, -1)}
+                 "sc": sc.reshape(o, -1), "m": m.reshape(o, -1),
+                 "n": _pair_nibbles(nib).reshape(o, -1)}
         if name == "q5_k":
             parts["h"] = _pair_words(_k_fifth_bits(blk[:, :, 16:48]))
     else:                                                                        # q6_k

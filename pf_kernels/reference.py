@@ -3,7 +3,8 @@
 Notation (shared by every module of pf_kernels):
     T tokens, K experts with ranks r_k stacked into R = sum_k r_k rows.
     x        [T, d_in]        activations
-    a_cat    [R, d_in]        A_1; ...; A_K stacked: expert k owns rows rank_offsets[k]:rank_offsets[k+1]
+    a_cat    [R, d_in]        A_1; ...; A_K stacked: expert k owns rows
+                              rank_offsets[k]:rank_offsets[k+1]
     b_cat    [d_out, R]       B_1 ... B_K side by side: expert k owns the same columns
     gates    [T, K]  fp32     g[t, k], many zeros under top-k routing
     scalings [K]     fp32     s_k (alpha / r_k, or alpha / sqrt(r_k) for rsLoRA)
@@ -16,8 +17,6 @@ These functions favour clarity over speed; they accumulate in ``acc_dtype`` (fp6
 return in it, so tests can compare any backend against them.
 """
 from __future__ import annotations
-
-from typing import Sequence
 
 import torch
 
@@ -45,7 +44,8 @@ def expand_gates(gates: torch.Tensor, rank_offsets, scalings: torch.Tensor,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """G_exp [T, R] in ``dtype``: each gate repeated over its expert's rank and multiplied by s_k.
 
-    gates [T, K], rank_offsets [K+1], scalings [K]  ->  G_exp[t, j] = gates[t, k(j)] * scalings[k(j)].
+    gates [T, K], rank_offsets [K+1], scalings [K]  ->
+    G_exp[t, j] = gates[t, k(j)] * scalings[k(j)].
     """
     offs, scalings = _offsets_list(rank_offsets), _scalings(rank_offsets, scalings)
     ranks = torch.tensor([offs[k + 1] - offs[k] for k in range(len(offs) - 1)], device=gates.device)
@@ -68,7 +68,8 @@ def grouped_lora_ref(x: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor, 
 def grouped_lora_loop_ref(x: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor,
                           gates: torch.Tensor, rank_offsets, scalings: torch.Tensor,
                           acc_dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The same delta as :func:`grouped_lora_ref`, one expert at a time (the naive baseline's maths)."""
+    """The same delta as :func:`grouped_lora_ref`, one expert at a time (the naive baseline's
+    maths)."""
     offs, scalings = _offsets_list(rank_offsets), _scalings(rank_offsets, scalings)
     xd = x.to(acc_dtype)
     delta = torch.zeros(x.shape[0], b_cat.shape[0], dtype=acc_dtype, device=x.device)

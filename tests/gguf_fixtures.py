@@ -11,8 +11,6 @@ wheel is not installed).  ``bundled_pf_home`` (function): sets PF_HOME to that h
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 

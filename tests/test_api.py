@@ -53,7 +53,8 @@ def test_stream_yields_the_generated_text(chat):
 
 def test_stream_restores_thread_settings_while_paused(chat):
     """Single-row CPU decode runs torch at one thread; the caller's code between pieces must
-    see its own settings (its backend's thread policy, backends/threads.py, puts it back after every forward), and decode still works."""
+    see its own settings (its backend's thread policy, backends/threads.py, puts it back after every forward),
+    and decode still works."""
     eng, _ = chat
     before = torch.get_num_threads()
     if before < 2:

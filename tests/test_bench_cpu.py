@@ -7,9 +7,11 @@ from benchmarks.report.headline import cpu_formats
 def result(ours_q4=10.0, peer_q4=12.0, rss=380.0):
     rows = [{"engine": "pf_engine", "format": "q4_1", "persona": "base", "prefill_tok_s": 200.0,
              "decode_ms_per_token": ours_q4, "floor_ms_per_token": 5.0, "over_floor": ours_q4 / 5.0},
-            {"engine": "pf_engine", "format": "q4_1", "persona": "top2", "bank": "rank16", "experts": "q8", "prefill_tok_s": 190.0,
+            {"engine": "pf_engine", "format": "q4_1", "persona": "top2", "bank": "rank16", "experts": "q8",
+             "prefill_tok_s": 190.0,
              "decode_ms_per_token": ours_q4 * 1.05},
-            {"engine": "pf_engine", "format": "q4_1", "persona": "dense10", "bank": "rank16", "experts": "q8", "prefill_tok_s": 150.0,
+            {"engine": "pf_engine", "format": "q4_1", "persona": "dense10", "bank": "rank16", "experts": "q8",
+             "prefill_tok_s": 150.0,
              "decode_ms_per_token": ours_q4 * 1.5},
             {"engine": "llama.cpp", "format": "q4_1", "persona": "base", "prefill_tok_s": 150.0,
              "decode_ms_per_token": peer_q4},

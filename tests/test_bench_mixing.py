@@ -108,7 +108,8 @@ def test_reference_is_independent_of_every_backend(tmp_path, monkeypatch, backen
     reference) or a wrong base projection fails its own row."""
     if backend == "naive":
         naive = Naive.mixed
-        monkeypatch.setattr(Naive, "mixed", lambda self, lin, x2, mix, decode: naive(self, lin, x2, mix, decode) * 1.001)
+        monkeypatch.setattr(Naive, "mixed",
+                            lambda self, lin, x2, mix, decode: naive(self, lin, x2, mix, decode) * 1.001)
     else:
         full = Linear.full
         monkeypatch.setattr(Linear, "full", lambda self, x, mix=None: full(self, x, mix) * (

@@ -24,7 +24,8 @@ def test_markdown_and_headline():
     md = bench_tp.markdown(res)
     assert "| 1 rank x 2 threads | 100 | 50.0 (50.0-52.0) |  |  |  | 276 MB |" in md, md
     assert "| 1 rank x 1 thread | 101 | 50.0 (50.0-52.0) | 1.00x | True |  | 276 MB |" in md, md
-    assert "| 2 ranks x 1 thread, shm, head sharded | 102 | 140.0 (140.0-142.0) | 2.80x | True | 335 kB | 276 MB |" in md, md
+    assert ("| 2 ranks x 1 thread, shm, head sharded | 102 | 140.0 (140.0-142.0) | 2.80x | True | 335 kB | 276 MB |"
+            in md), md
     assert "| 2 ranks x 1 thread, shm, head sharded, q4 | 107 | 340.0 (340.0-342.0) | 6.80x | False |" in md, md
     (line,) = tensor_parallel(res)
     assert "140.0 ms/token with shared-memory all-reduces against 50.0" in line and "2.80x the time" in line

@@ -560,7 +560,8 @@ def test_attention_wrong_shape(att):
 
 def test_attention_non_contiguous(att):
     a = att
-    attention_fails(a, ValueError, ["k_cache", "C-contiguous"], k_cache=a["k_cache"].transpose(0, 1, 3, 2, 4).copy().transpose(0, 1, 3, 2, 4))
+    attention_fails(a, ValueError, ["k_cache", "C-contiguous"],
+                    k_cache=a["k_cache"].transpose(0, 1, 3, 2, 4).copy().transpose(0, 1, 3, 2, 4))
     attention_fails(a, ValueError, ["cos", "C-contiguous"], cos=np.repeat(a["cos"], 2, 2)[:, :, ::2])
     attention_fails(a, ValueError, ["out", "C-contiguous"], out=np.full((2, 48), POISON, F32)[:, ::2])
     attention_fails(a, ValueError, ["k_cache", "read-only"], k_cache=read_only(a["k_cache"].copy()))

@@ -52,7 +52,8 @@ def test_build_produces_importable_module(tmp_path):
         except RuntimeError as e:
             assert "cudaGetDeviceCount" in str(e), e
             print("NO-CUDA", e)
-        for bad, expect in (dict(dtype=7), "no kernel for dtype code=7"), (dict(ro=[0, 8, 4]), "rank_offsets decreases"):
+        for bad, expect in ((dict(dtype=7), "no kernel for dtype code=7"),
+                            (dict(ro=[0, 8, 4]), "rank_offsets decreases")):
             try:
                 m.grouped_lora(0, 0, 0, 0, 0, 0, 0, 1, 64, 64, bad.get("ro", [0, 8]), 64, 64, 64, 8, 1,
                                bad.get("dtype", 1), 0, 0)

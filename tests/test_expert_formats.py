@@ -151,7 +151,8 @@ def test_kernel_matches_stored_experts(efmt, wfmt, prologue, gates, T):
         plan, w64 = ex.plan(), W.astype(np.float64)
     else:
         q = quantize(W, FORMATS[wfmt])
-        plan, w64 = ex.plan(repack(q, FORMATS[wfmt], d_in), wfmt), dequantize_reference(q, FORMATS[wfmt]).astype(np.float64)
+        plan, w64 = (ex.plan(repack(q, FORMATS[wfmt], d_in), wfmt),
+                     dequantize_reference(q, FORMATS[wfmt]).astype(np.float64))
     width = 2 * d_in if pro == cpu_ops.PRO_SILU_MUL else d_in
     x = rng.standard_normal((T, width)).astype(F32)
     norm = (1 + 0.3 * rng.standard_normal(d_in)).astype(F32)

@@ -1,4 +1,5 @@
-"""The instruction-set variants of the block formats' dots, the 16-bit dots and the q8 experts' expand (csrc/cpu/isa.h): the choice, the
+"""The instruction-set variants of the block formats' dots, the 16-bit dots and the q8 experts' expand
+(csrc/cpu/isa.h): the choice, the
 one-line errors, bit-identical outputs across every variant this CPU runs, and build.py's check
 that a variant's object keeps its code to its own namespace.
 

@@ -461,7 +461,8 @@ def test_kernels_compile_for_sm90(compiled, dtype):
         (tk._expand, dict(y_ptr=p, h_ptr=f32, b_ptr=p, g_ptr=f32, ro_ptr=i32), dict(BT=16, BN=128, BR=32)),
         (tk._fused_lora, dict(y_ptr=p, x_ptr=p, a_ptr=p, b_ptr=p, g_ptr=f32, ro_ptr=i32, scal_ptr=f32),
          dict(BT=16, BN=64, BR=16, BK=128)),
-        (tk._linear_shrink, dict(y_ptr=p, h_ptr=f32, x_ptr=p, w_ptr=p, bias_ptr=p, g_ptr=f32, scal_ptr=f32, eor_ptr=i32),
+        (tk._linear_shrink, dict(y_ptr=p, h_ptr=f32, x_ptr=p, w_ptr=p, bias_ptr=p, g_ptr=f32, scal_ptr=f32,
+                                 eor_ptr=i32),
          dict(HAS_BIAS=True, BM=64, BN=128, BK=64)),
     ]
     for fn, pointers, blocks in builds:

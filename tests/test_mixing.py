@@ -157,7 +157,7 @@ def test_gathered_sets_are_kept_while_batches_alternate(bank):
     first = lin.state.sets[(0, 3)]
     for _ in range(3):
         out2 = lin(x, Mix(g2, active=(1,)))
-        out1 = lin(x, Mix(g1))
+        lin(x, Mix(g1))
     assert lin.state.sets[(0, 3)] is first
     want = reference(bank, "qkv", w, b, shapes, x[0], g2)
     assert (torch.cat(out2, -1)[0].double() - want).abs().max() <= 1e-5 * (1 + want.abs().max())

@@ -310,7 +310,8 @@ def test_a_dead_or_hung_worker_is_one_error_and_no_orphan(hf_model_dir, monkeypa
 
 
 @pytest.mark.parametrize("kw,words", [(dict(tensor_parallel=3), "not a multiple of 3"),
-                                      (dict(tensor_parallel=2, quantize="q8"), "each rank's 48 input columns of down are not"),
+                                      (dict(tensor_parallel=2, quantize="q8"),
+                                       "each rank's 48 input columns of down are not"),
                                       (dict(tensor_parallel=2, cores=1), "more ranks than this machine's 1 CPU cores")])
 def test_bad_tensor_parallel_is_one_line(hf_model_dir, monkeypatch, kw, words):
     from pf_engine import Engine

@@ -210,7 +210,8 @@ def random_banks(base, tmp_path_factory):
 @pytest.fixture(scope="module")
 def backend_engines(base, random_banks):
     folder, _, _ = base
-    return {(name, be): Engine.from_pretrained(folder, adapters=bank, backend=be, progress=False, device="cpu", dtype="fp32")
+    return {(name, be): Engine.from_pretrained(folder, adapters=bank, backend=be, progress=False, device="cpu",
+                                               dtype="fp32")
             for name, bank in random_banks.items() for be in BACKENDS}
 
 

@@ -18,7 +18,7 @@ import torch
 
 from kquants import gguf_rows
 from pf_kernels import cpu_ops
-from pf_kernels.quant import FORMATS, QK, dequantize_reference, quantize, quantize_x_reference, repack, unpack
+from pf_kernels.quant import FORMATS, QK, dequantize_reference, quantize_x_reference, repack, unpack
 
 OK, WHY = cpu_ops.cpu_available()
 needs_cpu = pytest.mark.skipif(not OK, reason=f"csrc/cpu unavailable: {WHY}")
@@ -257,7 +257,8 @@ def test_engine_holds_greedy_output_to_its_dequantized_fp32_self(tmp_path, qtype
     """The engine with the file's formats kept against the same file dequantized to fp32.  For
     the block formats the only difference is the activations' 8-bit quantization, so logits agree
     to a few percent of their spread and greedy tokens agree wherever fp32's top-2 margins exceed
-    twice that gap (at least two prompts of twelve, four tokens each); the 16-bit formats compute with the same weights in fp32, so logits agree to fp32
+    twice that gap (at least two prompts of twelve, four tokens each); the 16-bit formats compute with the same
+    weights in fp32, so logits agree to fp32
     round-off (1e-4 of the spread) and every greedy token does."""
     monkeypatch.setenv("PF_HOME", str(tmp_path))
     q, f = tiny_engines(tmp_path, qtype)

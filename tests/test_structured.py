@@ -95,7 +95,8 @@ def test_mixed_batch_leaves_free_rows_unchanged(eng32):
         sched.run()
         alone.append(r.result().token_ids)
     reqs = [sched.submit(enc[0], SamplingParams(max_new_tokens=24)),
-            sched.submit(enc[2], SamplingParams(max_new_tokens=96, response_format=check_response_format(fmt("person")))),
+            sched.submit(enc[2], SamplingParams(max_new_tokens=96,
+                                                response_format=check_response_format(fmt("person")))),
             sched.submit(enc[1], SamplingParams(max_new_tokens=24)),
             sched.submit(enc[3], SamplingParams(max_new_tokens=96, response_format=check_response_format(fmt("enum"))))]
     sched.run()

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-TEXTS = ["Hello world!", "  two  spaces,\nnewlines\tand tabs ", "caf\u00e9 na\u00efve \u00fcber \u2014 \u201cquoted\u201d \u65e5\u672c \U0001F642",
+TEXTS = ["Hello world!", "  two  spaces,\nnewlines\tand tabs ",
+         "caf\u00e9 na\u00efve \u00fcber \u2014 \u201cquoted\u201d \u65e5\u672c \U0001F642",
          "isn't it ? yes , it is .", "<|im_start|>user\nhi<|im_end|>", "the quick brown fox"]
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye now"}]

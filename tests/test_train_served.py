@@ -134,7 +134,9 @@ def test_training_on_the_quantized_base_equals_its_dequantized_copy(tiny_chat_mo
 # The preference stage (train/preference.py) -------------------------------------------------------
 def test_build_pairs_rejects_a_degenerate_reply_and_needs_a_gap():
     from pf_engine.train.preference import build_pairs
-    r = lambda s, d=0.0: {"score": s, "degenerate": d}
+
+    def r(s, d=0.0):
+        return {"score": s, "degenerate": d}
     scored = [[r(0.5), r(0.9), r(0.95, 1.0), r(0.1)],     # the looping one is rejected, though
               [r(0.5), r(0.52)],                          # scored above the worst; gap too small
               [r(-1.0, 1.0), r(-1.5, 1.0)],               # nothing fluent to choose

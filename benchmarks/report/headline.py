@@ -93,9 +93,10 @@ def cpu_experts(res: dict) -> list[str]:
         return []
     fmts = [(f, label) for f, label in (("q8", "q8 experts (the default there)"), ("bf16", "bf16"), ("f32", "fp32"))
             if ("top2", "rank16", f) in ms and ("dense10", "rank16", f) in ms]
-    line = (f"- **Personas on the bundled 4-bit model** (same run; ten rank-16 experts on all seven projections, "
-            f"ms/token against the base model's): "
-            + "; ".join(f"{label} top-2 {ms['top2', 'rank16', f] / base:.2f}x, dense {ms['dense10', 'rank16', f] / base:.2f}x"
+    line = ("- **Personas on the bundled 4-bit model** (same run; ten rank-16 experts on all seven projections, "
+            "ms/token against the base model's): "
+            + "; ".join(f"{label} top-2 {ms['top2', 'rank16', f] / base:.2f}x, "
+                        f"dense {ms['dense10', 'rank16', f] / base:.2f}x"
                         for f, label in fmts))
     wb = res.get("weight_bytes", {}).get("q4_1")
     eb = {(r["persona"], r.get("bank")): r["expert_bytes"] for r in res["rows"]

@@ -33,16 +33,19 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE.parent.parent / "pf_kernels"
 OBJ_DIR = HERE.parent / "build" / "cpu"
 SOURCES = [HERE / n for n in ("binding.cpp", "binding_linear.cpp", "binding_attention.cpp",
-                               "binding_block.cpp", "binding_quant.cpp", "check.cpp", "linear_plan.cpp", "attention.cpp",
-                               "block_plan.cpp", "pool.cpp", "isa.cpp", "shm_group.cpp", "binding_group.cpp")]
+                               "binding_block.cpp", "binding_quant.cpp", "check.cpp",
+                               "linear_plan.cpp", "attention.cpp", "block_plan.cpp", "pool.cpp",
+                               "isa.cpp", "shm_group.cpp", "binding_group.cpp")]
 VARIANT_SOURCE = HERE / "quant_dots.cpp"
 MODULE = "_pf_cpu"
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-std=c++17", "-fvisibility=hidden", "-pthread", "-Wall"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-std=c++17", "-fvisibility=hidden",
+         "-pthread", "-Wall"]
 # isa.h's variants: name -> flags beyond FLAGS (avx2, the baseline, is always built)
 ISAS = {
     "avx2": [],
     "avxvnni": ["-mavxvnni"],
-    # gcc 12's own AVX-512F intrinsics header trips -Wuninitialized on its _mm512_undefined_* operands
+    # gcc 12's own AVX-512F intrinsics header trips -Wuninitialized
+    # on its _mm512_undefined_* operands
     # (GCC bug 105593, fixed in 13): silenced for this unit only.
     "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-Wno-uninitialized",
                    "-Wno-maybe-uninitialized"],
@@ -70,7 +73,8 @@ def build(out_dir: Path | str = DEFAULT_OUT, quiet: bool = False, clean: bool = 
     isas = [n for n in ISAS if n == "avx2" or _accepts(cxx, ISAS[n])]
     have = [f"-DPF_HAVE_{n.upper()}" for n in isas if n != "avx2"]
     units = [(src, src.stem, [*FLAGS, *(have if src.name == "isa.cpp" else [])]) for src in SOURCES]
-    units += [(VARIANT_SOURCE, f"{VARIANT_SOURCE.stem}_{n}", [*FLAGS, *ISAS[n], f"-DPF_ISA={n}"]) for n in isas]
+    units += [(VARIANT_SOURCE, f"{VARIANT_SOURCE.stem}_{n}", [*FLAGS, *ISAS[n], f"-DPF_ISA={n}"])
+              for n in isas]
     objs, stale = [], []
     for src, stem, flags in units:       # the variants last: the linker keeps first copies
         obj = OBJ_DIR / (stem + ".o")
@@ -96,7 +100,8 @@ def _check_namespace(obj: Path, isa: str) -> None:
     nm = shutil.which("nm")
     if nm is None:
         return
-    p = subprocess.run([nm, "-C", "--defined-only", "--extern-only", str(obj)], text=True, capture_output=True)
+    p = subprocess.run([nm, "-C", "--defined-only", "--extern-only", str(obj)], text=True,
+                       capture_output=True)
     bad = [line for line in p.stdout.splitlines()
            if line.strip() and f"pf_cpu::{isa}::" not in line.split(" ", 2)[-1]]
     if p.returncode != 0 or bad:

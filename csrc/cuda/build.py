@@ -82,7 +82,8 @@ def build(out_dir: Path | str = DEFAULT_OUT, archs=DEFAULT_ARCHS, quiet: bool = 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out-dir", default=str(DEFAULT_OUT), help="where the module goes (default: pf_kernels/)")
+    ap.add_argument("--out-dir", default=str(DEFAULT_OUT),
+                    help="where the module goes (default: pf_kernels/)")
     ap.add_argument("--arch", action="append", help="SM version, repeatable (default: 80 and 90)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)

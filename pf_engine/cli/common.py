@@ -19,20 +19,25 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapters", default=None,
                    help="persona adapter bank: a .safetensors file or a shipped name (bigfive)")
     p.add_argument("--backend", default=None,
-                   help="how layers run and experts mix: auto (default), cpu, torch, naive, triton, cuda")
+                   help="how layers run and experts mix: auto (default), cpu, torch, naive, "
+                        "triton, cuda")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--dtype", default=None,
+                   help="fp32, fp16 or bf16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split the model over N ranks: this process and N - 1 workers (CPU: "
                         "--threads each, shared-memory all-reduces; CUDA: one GPU each, nccl)")
     p.add_argument("--expert-format", default=None, metavar="F",
-                   help="persona experts on the cpu backend: auto (default: q8 on an 8/4-bit model, "
+                   help="persona experts on the cpu backend: auto "
+                        "(default: q8 on an 8/4-bit model, "
                         "bf16 on a 16-bit one, f32 on fp32), f32, bf16 or q8")
     from pf_engine.model.quantize import QUANTIZE
     p.add_argument("--quantize", default=None, choices=QUANTIZE,
-                   help="weights: q8 / q4 / bf16 / f16 convert an HF folder's at load (cpu backend); "
-                        "f32 dequantizes a GGUF's (default: a GGUF's own formats on the cpu backend, "
+                   help="weights: q8 / q4 / bf16 / f16 convert an HF folder's at load "
+                        "(cpu backend); "
+                        "f32 dequantizes a GGUF's (default: a GGUF's own formats "
+                        "on the cpu backend, "
                         "an HF folder's as stored)")
 
 

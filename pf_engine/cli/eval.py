@@ -89,7 +89,8 @@ def main(argv=None) -> int:
             args.out = args.from_json
             if args.sample is not None and args.sample != result.get("sample"):   # kept in the JSON
                 result["sample"] = args.sample
-                result["sample_chosen_by"] = "pf-eval " + " ".join(argv if argv is not None else sys.argv[1:])
+                result["sample_chosen_by"] = "pf-eval " + " ".join(argv if argv is not None
+                                                                   else sys.argv[1:])
                 report.write_json(result, args.out)
         else:
             source = report.provenance()      # the code that evaluates, read before it runs

@@ -95,7 +95,8 @@ def main(argv=None) -> int:
         return 130
     if not args.quiet:
         s = eng.stats
-        print(f"load {eng.load_s:.2f} s ({eng.weight_formats}) | prefill {s.prefill_tokens} tok {s.prefill_tps:.1f} tok/s"
+        print(f"load {eng.load_s:.2f} s ({eng.weight_formats}) "
+              f"| prefill {s.prefill_tokens} tok {s.prefill_tps:.1f} tok/s"
               f" | decode {s.decode_tokens} tok {s.decode_tps:.1f} tok/s", file=sys.stderr)
     return 0
 

@@ -27,7 +27,8 @@ from pf_engine.errors import PFError
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="pf-serve", description="Serve PersonaFuse Engine over an OpenAI-compatible API.")
+    p = Parser(prog="pf-serve",
+               description="Serve PersonaFuse Engine over an OpenAI-compatible API.")
     add_engine_args(p)
     p.add_argument("--model-id", default=None,
                    help="the id clients name (default: the model folder's name, lowercased)")
@@ -67,8 +68,10 @@ def main(argv=None) -> int:
         v = getattr(args, name)
         if v < 0 or (name == "port" and v > 65535):
             return fail("pf-serve", PFError(f"--{name.replace('_', '-')} {v}: out of range"))
-    if args.prefix_cache_gb is not None and not (math.isfinite(args.prefix_cache_gb) and args.prefix_cache_gb >= 0):
-        return fail("pf-serve", PFError(f"--prefix-cache-gb {args.prefix_cache_gb}: expected a number >= 0 "
+    if args.prefix_cache_gb is not None and not (math.isfinite(args.prefix_cache_gb)
+                                                 and args.prefix_cache_gb >= 0):
+        return fail("pf-serve", PFError(f"--prefix-cache-gb {args.prefix_cache_gb}: "
+                                        "expected a number >= 0 "
                                         "(0: off)"))
     for name in ("timeout", "max_body_mb", "max_connections", "keep_alive_s", "grace_s"):
         v = getattr(args, name)
@@ -96,10 +99,12 @@ def main(argv=None) -> int:
     except PFError as e:
         return fail("pf-serve", e)
     mid = args.model_id or model_id(eng.folder)
-    app = build_app(eng, mid, max_queue=args.max_queue, api_key=args.api_key, timeout_s=args.timeout,
+    app = build_app(eng, mid, max_queue=args.max_queue, api_key=args.api_key,
+                    timeout_s=args.timeout,
                     max_body=int(args.max_body_mb * 2 ** 20))
     print(f"pf-serve: {mid} on http://{args.host}:{args.port}/v1 "
-          f"({len(app.state.catalog.ids())} model ids, {eng.scheduler().slots} slots)", file=sys.stderr)
+          f"({len(app.state.catalog.ids())} model ids, {eng.scheduler().slots} slots)",
+          file=sys.stderr)
     # uvicorn handles SIGTERM / SIGINT: it closes the listening socket, waits up to grace_s for
     # the open requests, then cancels them (their slots are freed), returns, and re-raises the
     # signal to the handler it found, which is this one: note it, so that the exit status is 0
@@ -111,7 +116,8 @@ def main(argv=None) -> int:
                 timeout_graceful_shutdown=args.grace_s)
     served = app.state.served
     why = f" on {signal.Signals(signals[0]).name}" if signals else ""
-    print(f"pf-serve: shut down{why} after {time.monotonic() - served['t0']:.0f} s: {served['requests']} "
+    print(f"pf-serve: shut down{why} after {time.monotonic() - served['t0']:.0f} s: "
+          f"{served['requests']} "
           f"requests, {served['tokens']} tokens generated", file=sys.stderr)
     return 0
 

@@ -34,14 +34,16 @@ class Request:
         eng = sched.engine
         self.sched, self.ids, self.params = sched, list(ids), params
         # a spec is checked now; a one-row Personas comes checked (Engine, the server's protocol)
-        self.personas = persona if isinstance(persona, Personas) else Personas(eng.bank, [persona], 1)
+        self.personas = (persona if isinstance(persona, Personas)
+                         else Personas(eng.bank, [persona], 1))
         if len(self.personas.kinds) != 1:
             raise ValueError(f"a request takes one persona row; got {len(self.personas.kinds)}")
         self.kind = self.personas.kinds[0]
         self.budget = params.budget(len(ids), eng.config.max_position_embeddings)
         self.eos_ids = eng.eos_ids
         self.sampler = Sampler(params, 1, eng.config.vocab_size, eng.device)
-        self.sampler.observe(torch.tensor([0], device=eng.device), torch.tensor([ids], device=eng.device))
+        self.sampler.observe(torch.tensor([0], device=eng.device),
+                             torch.tensor([ids], device=eng.device))
         self.detok = Detokenizer(eng.tokenizer, params.stop) if eng.tokenizer is not None else None
         self.simple = params.greedy and params.repetition_penalty == 1.0   # one batched argmax
         self.grammar = None                               # structured.Matcher: masks its logits
@@ -59,7 +61,8 @@ class Request:
         self.slot = -1
         self.length = 0                                   # cache columns filled
         self.cached_tokens = 0                            # of them, copied from the prefix cache
-        self.prefix_root = None                           # its prefix-cache root (runtime/prefix_cache.py)
+        self.prefix_root = None                           # its prefix-cache root
+                                                          # (runtime/prefix_cache.py)
         self.t_submit, self.t_first, self.t_done = time.perf_counter(), None, None
         self._cond = threading.Condition(sched.lock)
         self._watchers: list = []                         # (event loop, asyncio.Event) of awaiters

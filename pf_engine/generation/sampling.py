@@ -51,7 +51,8 @@ class SamplingParams:
             (isinstance(self.top_k, int) and self.top_k >= 0,
              f"top_k={self.top_k!r}: expected an integer >= 0 (0 disables it)"),
             (_finite(self.repetition_penalty) and self.repetition_penalty > 0,
-             f"repetition_penalty={self.repetition_penalty!r}: expected a number > 0 (1 disables it)"),
+             f"repetition_penalty={self.repetition_penalty!r}: expected a number > 0 "
+             "(1 disables it)"),
             (self.seed is None or isinstance(self.seed, int),
              f"seed={self.seed!r}: expected an integer or None"),
             (all(isinstance(s, str) and s for s in self.stop),
@@ -99,8 +100,10 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """logits [B, V]; seen [B, V] bool: tokens already in the sequence get l / p (l > 0) or l * p."""
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
+                             penalty: float) -> torch.Tensor:
+    """logits [B, V]; seen [B, V] bool: tokens already in the sequence get l / p (l > 0) or
+    l * p."""
     pen = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, pen, logits)
 

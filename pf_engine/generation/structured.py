@@ -50,18 +50,22 @@ def check_response_format(rf) -> dict | None:
     if kind == "json_object":
         return {"type": kind}
     if kind != "json_schema":
-        raise RequestError(f"response_format.type={kind!r}: expected text, json_object or json_schema")
+        raise RequestError(f"response_format.type={kind!r}: "
+                           "expected text, json_object or json_schema")
     js = rf.get("json_schema")
     if not isinstance(js, dict) or not isinstance(js.get("name"), str) or not js["name"]:
-        raise RequestError("response_format.json_schema: expected an object with a name and a schema")
+        raise RequestError("response_format.json_schema: "
+                           "expected an object with a name and a schema")
     schema = js.get("schema", {})
     if not isinstance(schema, dict):
         raise RequestError(f"response_format.json_schema {js['name']!r}: schema must be a JSON "
                            f"object, got {type(schema).__name__}")
     strict = js.get("strict", False)
     if strict is not None and not isinstance(strict, bool):
-        raise RequestError(f"response_format.json_schema {js['name']!r}: strict must be true or false")
-    return {"type": kind, "json_schema": {"name": js["name"], "schema": schema, "strict": bool(strict)}}
+        raise RequestError(f"response_format.json_schema {js['name']!r}: "
+                           "strict must be true or false")
+    return {"type": kind,
+            "json_schema": {"name": js["name"], "schema": schema, "strict": bool(strict)}}
 
 
 def _schema(rf: dict) -> tuple[str, dict]:
@@ -92,7 +96,8 @@ class Matcher:
         """bool [vocab]: the tokens the grammar does not allow next."""
         self._m.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
         np.invert(self._words, out=self._words)
-        return np.unpackbits(self._words.view(np.uint8), count=self.vocab, bitorder="little").view(bool)
+        return np.unpackbits(self._words.view(np.uint8), count=self.vocab,
+                             bitorder="little").view(bool)
 
     def consume(self, tok: int) -> bool:
         return bool(self._m.consume_token(tok))
@@ -155,7 +160,8 @@ class Grammars:
         return g
 
 
-def mask_rows(logits: torch.Tensor, rows: list[int], matchers: list[Matcher], use_torch: bool | None = None) -> None:
+def mask_rows(logits: torch.Tensor, rows: list[int], matchers: list[Matcher],
+              use_torch: bool | None = None) -> None:
     """logits [n, V] (V >= vocab): rows[i] keeps only the tokens matchers[i] allows (the others,
     and ids past the vocabulary, -inf), in place.  On the CPU through a numpy view of each row
     (torch's indexing ops cost ~0.7 ms a token here, more than the grammar); on a GPU

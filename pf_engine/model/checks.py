@@ -42,9 +42,11 @@ def need_int(v, what: str, lo: int | None = None, hi: int | None = None, err=PFE
     return v
 
 
-def need_number(v, what: str, lo: float | None = None, positive: bool = False, err=PFError) -> float:
+def need_number(v, what: str, lo: float | None = None, positive: bool = False,
+                err=PFError) -> float:
     if not is_number(v) or (lo is not None and v < lo) or (positive and v <= 0):
-        fail(err, what, v, "a finite number" + (" > 0" if positive else f" >= {lo}" if lo is not None else ""))
+        fail(err, what, v,
+             "a finite number" + (" > 0" if positive else f" >= {lo}" if lo is not None else ""))
     return float(v)
 
 
@@ -62,8 +64,10 @@ def need_str(v, what: str, err=PFError) -> str:
 
 def need_list(v, what: str, item, expected: str, length: int | None = None, err=PFError) -> list:
     """A list whose every element passes ``item(x) -> bool`` (and of ``length`` when given)."""
-    if not isinstance(v, list) or not all(item(x) for x in v) or (length is not None and len(v) != length):
-        fail(err, what, v, f"a list of {length if length is not None else ''} {expected}".replace("  ", " "))
+    if (not isinstance(v, list) or not all(item(x) for x in v)
+            or (length is not None and len(v) != length)):
+        fail(err, what, v,
+             f"a list of {length if length is not None else ''} {expected}".replace("  ", " "))
     return v
 
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pf_engine.model.checks import is_int, need_bool, need_dict, need_int, need_list, need_number, need_str
+from pf_engine.model.checks import (is_int, need_bool, need_dict, need_int, need_list, need_number,
+                                    need_str)
 from pf_engine.errors import ConfigError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -179,12 +180,16 @@ class ModelConfig:
             head_dim=get("head_dim", need_int, lo=1),
             rms_norm_eps=get("rms_norm_eps", need_number, 1e-6, nullable=False, positive=True),
             rope_theta=rope_theta, rope_scaling=scaling,
-            max_position_embeddings=get("max_position_embeddings", need_int, 2048, nullable=False, lo=1),
+            max_position_embeddings=get("max_position_embeddings", need_int, 2048, nullable=False,
+                                        lo=1),
             tie_word_embeddings=get("tie_word_embeddings", need_bool, False, nullable=False),
-            attention_bias=get("attention_bias", need_bool, False, nullable=False) and arch != "Qwen2ForCausalLM",
-            qkv_bias=arch == "Qwen2ForCausalLM", mlp_bias=get("mlp_bias", need_bool, False, nullable=False),
+            attention_bias=(get("attention_bias", need_bool, False, nullable=False)
+                            and arch != "Qwen2ForCausalLM"),
+            qkv_bias=arch == "Qwen2ForCausalLM",
+            mlp_bias=get("mlp_bias", need_bool, False, nullable=False),
             sliding_window=sliding, bos_token_id=ids("bos_token_id"),
-            eos_token_id=ids("eos_token_id") or [], hidden_act=get("hidden_act", need_str, "silu", nullable=False),
+            eos_token_id=ids("eos_token_id") or [],
+            hidden_act=get("hidden_act", need_str, "silu", nullable=False),
         )
 
     @classmethod

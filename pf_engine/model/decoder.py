@@ -91,7 +91,8 @@ class Scratch:
 
 def decode_bias(mask: torch.Tensor, dtype) -> torch.Tensor:
     """bool mask [B, 1, 1, L] -> additive bias [B, 1, 1, L] (0 where seen, -inf elsewhere)."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return (torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+            .masked_fill_(~mask, float("-inf")))
 
 
 class Block:
@@ -100,7 +101,8 @@ class Block:
         self.H, self.H_kv, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         f = cfg.intermediate_size
         self.attn_norm, self.mlp_norm = w.attn_norm, w.mlp_norm
-        self.qkv = Linear(w.qkv, w.qkv_bias, (cfg.q_size, cfg.kv_size, cfg.kv_size), ("q", "k", "v"),
+        self.qkv = Linear(w.qkv, w.qkv_bias, (cfg.q_size, cfg.kv_size, cfg.kv_size),
+                          ("q", "k", "v"),
                           backend)
         self.o = Linear(w.o, w.o_bias, None, ("o",), backend)
         self.gate_up = Linear(w.gate_up, w.gate_up_bias, (f, f), ("gate", "up"), backend)
@@ -117,7 +119,8 @@ class Block:
         H, H_kv, D = self.H, self.H_kv, self.D
         if mix is not None:
             mix = mix.for_layer(self.index, x)
-        qkv = self.qkv.full(rms_norm(x, self.attn_norm, self.eps), mix, dec).view(B, T, H + 2 * H_kv, D)
+        qkv = (self.qkv.full(rms_norm(x, self.attn_norm, self.eps), mix, dec)
+               .view(B, T, H + 2 * H_kv, D))
         qk = apply_rope(qkv[:, :, :H + H_kv], cos, sin)                 # (B, T, H + H_kv, D)
         q = qk[:, :, :H].transpose(1, 2)                                 # (B, H, T, D), pre-scaled
         k = qk[:, :, H:].transpose(1, 2)                                 # (B, H_kv, T, D)
@@ -199,7 +202,8 @@ class Decoder:
         (a decode step: T == 1, every row after its cached columns).
         """
         if step.decode and tokens.shape[1] != 1:
-            raise ValueError(f"a decode step has one token per row; got tokens {list(tokens.shape)}")
+            raise ValueError("a decode step has one token per row; "
+                             f"got tokens {list(tokens.shape)}")
         x = self.embedding(tokens)                                     # (B, T, d)
         cos, sin = self.rotary.tables(positions, self.dtype)
         if step.decode:

@@ -1,10 +1,12 @@
 """GGUF -> HF-layout folder (config.json, model.safetensors in fp32, tokenizer files).
 
-The Llama (Mistral GGUFs also say "llama") and Qwen2 architectures are imported.  Tensors are dequantised
+The Llama (Mistral GGUFs also say "llama") and Qwen2 architectures are imported.
+Tensors are dequantised
 with the ``gguf`` package and streamed one by one into the safetensors file, so memory stays at one
 tensor whatever the model's size.
 
-llama.cpp stores Q and K with the rotary pairs interleaved (its rope rotates (x0, x1), (x2, x3), ...)
+llama.cpp stores Q and K with the rotary pairs interleaved
+(its rope rotates (x0, x1), (x2, x3), ...)
 where HF rotates halves (x_i, x_{i+D/2}).  Its converter permuted each head's rows
 
     w.reshape(H, 2, D/2, d_in).swapaxes(1, 2).reshape(H*D, d_in)      # HF -> GGUF
@@ -135,7 +137,8 @@ def _dequantize(t, path: str) -> np.ndarray:
     try:
         arr = gguf.quants.dequantize(t.data, t.tensor_type)
     except NotImplementedError:
-        raise LoadError(f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, which the gguf "
+        raise LoadError(f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, "
+                        "which the gguf "
                         f"package cannot dequantise") from None
     return np.ascontiguousarray(arr, dtype=np.float32).reshape(_torch_shape(t))
 
@@ -148,7 +151,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
         w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
 
 
-# Config ---------------------------------------------------------------------------------------------
+# Config -------------------------------------------------------------------------------------------
 def _llama3_factors(factor, lo, hi, old, theta, head_dim) -> np.ndarray:
     """llama.cpp's rope_freqs tensor for llama3 scaling (convert_hf_to_gguf.py, LlamaModel)."""
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
@@ -162,7 +165,8 @@ def _llama3_factors(factor, lo, hi, old, theta, head_dim) -> np.ndarray:
 
 def _rope_scaling(reader, arch: str, theta: float, head_dim: int, path: str) -> dict | None:
     kind = _meta(reader, f"{arch}.rope.scaling.type")
-    factor = _meta(reader, f"{arch}.rope.scaling.factor") or _meta(reader, f"{arch}.rope.scale_linear")
+    factor = (_meta(reader, f"{arch}.rope.scaling.factor")
+              or _meta(reader, f"{arch}.rope.scale_linear"))
     orig = _meta(reader, f"{arch}.rope.scaling.original_context_length")
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if freqs is not None:
@@ -184,7 +188,8 @@ def _rope_scaling(reader, arch: str, theta: float, head_dim: int, path: str) -> 
             return None
         # The runtime implements default and llama3 rope only: refuse here, before anything is
         # written, rather than convert a model that cannot load.
-        raise ConfigError(f"{path}: rope scaling {kind or 'linear'!r} (factor {float(factor or 1):g}) "
+        raise ConfigError(f"{path}: rope scaling {kind or 'linear'!r} "
+                          f"(factor {float(factor or 1):g}) "
                           "is not supported by the engine; supported: none, llama3")
     if kind == "llama3":
         return {"rope_type": "llama3", "factor": float(factor or 8.0), "low_freq_factor": 1.0,
@@ -194,7 +199,8 @@ def _rope_scaling(reader, arch: str, theta: float, head_dim: int, path: str) -> 
 
 
 def _f32(x) -> float:
-    """A float32 metadata value as the short decimal it was written from (9.99999974e-06 -> 1e-05)."""
+    """A float32 metadata value as the short decimal it was written from
+    (9.99999974e-06 -> 1e-05)."""
     return float(str(np.float32(x)))
 
 
@@ -253,8 +259,9 @@ def _build_config(reader, path: str) -> dict:
     return cfg
 
 
-# Writing --------------------------------------------------------------------------------------------
-def _write_safetensors(reader, cfg: dict, path: str, out_file: str, progress: bool) -> tuple[int, int]:
+# Writing ------------------------------------------------------------------------------------------
+def _write_safetensors(reader, cfg: dict, path: str, out_file: str,
+                       progress: bool) -> tuple[int, int]:
     """Stream every tensor, dequantised to fp32 in HF order, into ``out_file``: (count, bytes)."""
     from tqdm.auto import tqdm
 
@@ -329,14 +336,16 @@ def _write_json(obj: dict, file: str) -> None:
 
 
 def write_folder(gguf_path: str, out_dir: str, *, progress: bool = True) -> dict:
-    """Convert into ``out_dir`` (an existing, empty folder), the marker file last; return the marker.
+    """Convert into ``out_dir`` (an existing, empty folder), the marker file last;
+    return the marker.
 
     The building block of ``convert_gguf`` and of the bundled model's cache: no safety here.
     """
     t0 = time.perf_counter()
     reader = _open_reader(gguf_path)
     cfg = _build_config(reader, gguf_path)
-    n, nbytes = _write_safetensors(reader, cfg, gguf_path, os.path.join(out_dir, "model.safetensors"),
+    n, nbytes = _write_safetensors(reader, cfg, gguf_path,
+                                   os.path.join(out_dir, "model.safetensors"),
                                    progress)
     _write_json(cfg, os.path.join(out_dir, "config.json"))
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
@@ -349,7 +358,7 @@ def write_folder(gguf_path: str, out_dir: str, *, progress: bool = True) -> dict
     return marker
 
 
-# Safe placement ---------------------------------------------------------------------------------------
+# Safe placement -----------------------------------------------------------------------------------
 def make_temp_sibling(out_dir: str) -> str:
     """A fresh hidden folder next to ``out_dir`` (same filesystem, so a rename moves it)."""
     parent, base = os.path.split(os.path.abspath(out_dir))
@@ -420,7 +429,8 @@ def convert_gguf(gguf_path, out_dir, *, overwrite: bool = False, progress: bool 
             raise PFError(f"output folder {out_dir} was filled during the conversion; pass "
                           f"--overwrite (overwrite=True) to replace it") from None
         except OSError as e:
-            raise PFError(f"cannot move the converted model to {out_dir}: {e.strerror or e}") from None
+            raise PFError(f"cannot move the converted model to {out_dir}: "
+                          f"{e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
     return out_dir

@@ -37,7 +37,8 @@ from pf_engine.model.gguf_import import _hf_name, _unpermute, permutes_qk
 from pf_engine.model.qweight import QuantWeight
 
 # GGUF metadata value types -> struct format of a fixed-size value (8: string, 9: array)
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
+            12: "d"}
 
 
 @dataclass
@@ -144,7 +145,8 @@ class GGUFSource:
         if t is None:
             raise LoadError(f"{self.path}: tensor {name} is missing (expected shape {list(shape)})")
         if tuple(t.shape) != tuple(shape):
-            raise LoadError(f"{self.path}: tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+            raise LoadError(f"{self.path}: tensor {name} has shape {list(t.shape)}, "
+                            f"expected {list(shape)}")
         from gguf.constants import GGMLQuantizationType
         qtype = GGMLQuantizationType(t.type)
         fmt = GGUF_FORMATS.get(qtype.name)

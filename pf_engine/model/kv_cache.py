@@ -72,7 +72,8 @@ class RowsView:
         self.T = max(counts)
         self.end = max(s + c for s, c in zip(starts, counts))
         if self.end > pool.max_len:
-            raise IndexError(f"KV slot holds {pool.max_len} columns; asked to write column {self.end - 1}")
+            raise IndexError(f"KV slot holds {pool.max_len} columns; "
+                             f"asked to write column {self.end - 1}")
         dev = pool.k.device
         start = torch.tensor(starts, device=dev).view(-1, 1)
         t = torch.arange(self.T, device=dev).view(1, -1)
@@ -86,7 +87,8 @@ class RowsView:
 
     @classmethod
     def static(cls, pool: SlotCache, nb: int, lengths: torch.Tensor, end: int) -> "RowsView":
-        """A decode view built from device tensors only (runtime/static_decode.py): rows 0..nb-1 write
+        """A decode view built from device tensors only (runtime/static_decode.py):
+        rows 0..nb-1 write
         at columns ``lengths`` [nb] and read columns :end (a fixed bucket, not the longest row)."""
         view = cls.__new__(cls)
         view.pool, view.s0, view.m, view.T, view.end = pool, 0, nb, 1, end

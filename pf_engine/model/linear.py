@@ -3,7 +3,8 @@
 A ``Linear`` holds one or several projections that read the same input, fused along the output
 dimension (q|k|v, gate|up), and computes for N token rows x [N, d_in]
 
-    y = x W^T + b + sum_k g[t,k] s_k B_k A_k x          W [d_out, d_in], A_k [r_k, d_in], B_k [d_out, r_k]
+    y = x W^T + b + sum_k g[t,k] s_k B_k A_k x          W [d_out, d_in], A_k [r_k, d_in],
+                                                        B_k [d_out, r_k]
 
 where the sum runs over the experts of the adapter bank that target each projection.  Stacking
 the experts (A_cat [R, d_in], B_cat [d_out, R], G_exp[t, j] = g[t, k(j)] * s_k(j)) turns the sum
@@ -109,7 +110,8 @@ class Linear:
                 self.weight, self.a_cat = self.w_aug[:d_out], self.w_aug[d_out:]
             for p in parts:
                 p.a = self.a_cat[p.r0:p.r1]
-            self.bias_aug = None if self.bias is None else torch.cat([self.bias, self.bias.new_zeros(r)])
+            self.bias_aug = (None if self.bias is None
+                             else torch.cat([self.bias, self.bias.new_zeros(r)]))
             self.layout = RankLayout.concat([p.layout for p in parts])
         else:
             self.weight = base if quant else base.contiguous()

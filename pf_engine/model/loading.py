@@ -102,7 +102,8 @@ class _TensorSource:
 
     def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if name not in self._where:
-            raise LoadError(f"tensor {name} is missing from the checkpoint (expected shape {list(shape)})")
+            raise LoadError(f"tensor {name} is missing from the checkpoint "
+                            f"(expected shape {list(shape)})")
         path, h = self._handles[self._where[name]]
         try:
             t = h.get_tensor(name)
@@ -162,17 +163,20 @@ def load_weights(folder: str, cfg: ModelConfig, dtype: torch.dtype, device,
         lm_head = embed
     else:
         lm_head = get("lm_head.weight", (cfg.vocab_size, d), "embed")
-    return ModelWeights(embed=embed, layers=layers, norm=get("model.norm.weight", (d,)), lm_head=lm_head)
+    return ModelWeights(embed=embed, layers=layers, norm=get("model.norm.weight", (d,)),
+                        lm_head=lm_head)
 
 
 def check_model_path(path: str) -> str:
-    """Validate a user-given model path; return the folder (refuse pickles, name what is missing)."""
+    """Validate a user-given model path; return the folder
+    (refuse pickles, name what is missing)."""
     if not os.path.exists(path):
         raise LoadError(f"model path {path} does not exist")
     if os.path.isfile(path):
         if path.endswith(PICKLE_SUFFIXES):
             refuse_pickle(path)
-        raise LoadError(f"model path {path} is a file; expected an HF-layout folder or a .gguf file")
+        raise LoadError(f"model path {path} is a file; "
+                        "expected an HF-layout folder or a .gguf file")
     if not os.access(path, os.R_OK | os.X_OK):
         raise LoadError(f"model folder {path} is not readable")
     if not os.path.isfile(os.path.join(path, "config.json")):

@@ -12,7 +12,8 @@
     "f16"      projections and embedding -> f16           refused
 
 Weights stored as bytes (8/4-bit blocks, 16-bit floats: pf_kernels.quant) run on the cpu backend
-in fp32 activations; norms, biases and the persona experts stay fp32 beside them.  Every wrong combination is one PFError line (``check``).
+in fp32 activations; norms, biases and the persona experts stay fp32 beside them.
+Every wrong combination is one PFError line (``check``).
 """
 from __future__ import annotations
 
@@ -48,9 +49,11 @@ def check(quantize, *, gguf: bool, device: torch.device, dtype: torch.dtype, bac
         raise PFError(f"quantize={quantize!r} with a GGUF model: its tensors keep the file's own "
                       "formats (pass no quantize), or quantize='f32' dequantizes them")
     if device.type != "cpu":
-        raise PFError(f"quantize={quantize!r} on {device.type}: quantized weights run on the CPU only")
+        raise PFError(f"quantize={quantize!r} on {device.type}: "
+                      "quantized weights run on the CPU only")
     if dtype != torch.float32:
-        raise PFError(f"quantize={quantize!r} with dtype={str(dtype).replace('torch.', '')}: quantized "
+        raise PFError(f"quantize={quantize!r} with dtype={str(dtype).replace('torch.', '')}: "
+                      "quantized "
                       "weights compute in fp32 (pass dtype fp32)")
     if backend is not None and not backend.quantized:
         raise PFError(f"quantize={quantize!r} with backend={backend.name!r}: quantized weights run "
@@ -86,5 +89,6 @@ def describe(weights) -> str:
     """The formats of a ModelWeights' projections and embedding, e.g. 'q4_1 + q8_0 embedding'."""
     def fmt(w):
         return w.fmt.name if isinstance(w, QuantWeight) else str(w.dtype).replace("torch.", "")
-    projs = sorted({fmt(getattr(l, n)) for l in weights.layers for n in ("qkv", "o", "gate_up", "down")})
+    projs = sorted({fmt(getattr(l, n)) for l in weights.layers
+                    for n in ("qkv", "o", "gate_up", "down")})
     return f"{'/'.join(projs)} + {fmt(weights.embed)} embedding"

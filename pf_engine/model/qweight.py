@@ -48,9 +48,11 @@ class QuantWeight:
     def quantize(cls, w: torch.Tensor, fmt: Format, name: str = "weight") -> "QuantWeight":
         """w [O, d_in] (d_in a multiple of fmt.qk) quantized to ``fmt``."""
         if w.ndim != 2 or w.shape[1] % fmt.qk:
-            raise LoadError(f"{name} has shape {list(w.shape)}; {fmt.name} needs rows of a multiple "
+            raise LoadError(f"{name} has shape {list(w.shape)}; "
+                            f"{fmt.name} needs rows of a multiple "
                             f"of {fmt.qk} values")
-        return cls.from_gguf(quantize(w.detach().to(torch.float32).cpu().numpy(), fmt), fmt, int(w.shape[1]))
+        return cls.from_gguf(quantize(w.detach().to(torch.float32).cpu().numpy(), fmt), fmt,
+                             int(w.shape[1]))
 
     @classmethod
     def from_gguf(cls, rows: np.ndarray, fmt: Format, d_in: int) -> "QuantWeight":
@@ -62,7 +64,8 @@ class QuantWeight:
         return unpack(self.data.numpy(), self.fmt, self.d_in)
 
     def widened_to_q8_0(self) -> "QuantWeight":
-        """The same values as q8_0 (from q4_0, q5_0 or q8_0; pf_kernels.quant_pack.widen_to_q8_0)."""
+        """The same values as q8_0
+        (from q4_0, q5_0 or q8_0; pf_kernels.quant_pack.widen_to_q8_0)."""
         q8 = FORMATS["q8_0"]
         return QuantWeight.from_gguf(widen_to_q8_0(self.gguf_rows(), self.fmt.name), q8, self.d_in)
 
@@ -92,7 +95,8 @@ class QuantWeight:
         flat = ids.reshape(-1).to(torch.int64).contiguous()
         ops = self._kernel()
         if ops is None:
-            out = torch.from_numpy(dequantize_reference(unpack(self.data[flat].numpy(), self.fmt, self.d_in), self.fmt))
+            out = torch.from_numpy(dequantize_reference(
+                unpack(self.data[flat].numpy(), self.fmt, self.d_in), self.fmt))
         else:
             out = torch.empty(flat.numel(), self.d_in, dtype=torch.float32)
             ops.dequantize(self.data.numpy(), self.fmt.code, out.numpy(), flat.numpy(), 1)

@@ -15,7 +15,8 @@ import datetime
 HOST = "127.0.0.1"
 
 
-def make_group(rank: int, world: int, port: int, timeout_s: float, device: str = "cpu", master=None):
+def make_group(rank: int, world: int, port: int, timeout_s: float, device: str = "cpu",
+               master=None):
     """This rank's process group (``master``: rank 0's store, which listens on ``port``)."""
     import torch.distributed as dist
     timeout = datetime.timedelta(seconds=timeout_s)

@@ -20,17 +20,21 @@ def check_parallel(cfg, n, device, stored_as_bytes: bool = False) -> int:
     if n == 1:
         return n
     if device.type not in ALLREDUCES:
-        raise PFError(f"tensor_parallel={n} on {device.type}: expected cpu (shm or gloo) or cuda (nccl) ranks")
+        raise PFError(f"tensor_parallel={n} on {device.type}: "
+                      "expected cpu (shm or gloo) or cuda (nccl) ranks")
     if stored_as_bytes:
         check_blocks(cfg, n)
     if device.type == "cuda":
         import torch
         have, first = torch.cuda.device_count(), first_gpu(device)
         if first + n > have:
-            raise PFError(f"tensor_parallel={n} from cuda:{first}: ranks need cuda:{first}..cuda:{first + n - 1} "
-                          f"(one GPU per rank, from the engine's own), this machine has {have} GPUs")
+            raise PFError(f"tensor_parallel={n} from cuda:{first}: "
+                          f"ranks need cuda:{first}..cuda:{first + n - 1} "
+                          "(one GPU per rank, from the engine's own), "
+                          f"this machine has {have} GPUs")
     elif n > (os.cpu_count() or 1):
-        raise PFError(f"tensor_parallel={n}: more ranks than this machine's {os.cpu_count() or 1} CPU cores")
+        raise PFError(f"tensor_parallel={n}: "
+                      f"more ranks than this machine's {os.cpu_count() or 1} CPU cores")
     return n
 
 
@@ -52,9 +56,11 @@ def allreduce_kind(device) -> str:
     want = os.environ.get("PF_TP_ALLREDUCE")
     if want is not None:
         if want not in ALLREDUCES["cpu"]:
-            raise PFError(f"PF_TP_ALLREDUCE={want!r}: expected one of {', '.join(ALLREDUCES['cpu'])}")
+            raise PFError(f"PF_TP_ALLREDUCE={want!r}: "
+                          f"expected one of {', '.join(ALLREDUCES['cpu'])}")
         if want == "shm" and not shm_available():
-            raise PFError("PF_TP_ALLREDUCE='shm' needs csrc/cpu built for this CPU (pf_kernels.cpu_ops)")
+            raise PFError("PF_TP_ALLREDUCE='shm' needs csrc/cpu built for this CPU "
+                          "(pf_kernels.cpu_ops)")
         return want
     return "shm" if shm_available() else "gloo"
 

@@ -16,7 +16,8 @@ group (gloo: its sockets close; shm: rank 0's watchdog sees its process end and 
 group), so rank 0's all-reduce fails at once; one that hangs makes rank 0's all-reduce time out
 after ``timeout_s``.  Either way rank 0 raises one ParallelError naming the worker, stops the
 others and refuses further calls.  (On nccl a dead peer is seen only through NCCL's own
-timeout: this path has not run on GPUs yet.)  Workers exit when rank 0 asks, when the engine is collected,
+timeout: this path has not run on GPUs yet.)
+Workers exit when rank 0 asks, when the engine is collected,
 and when rank 0's process is gone (they poll for it, and their watchdog aborts a wait), so none
 is orphaned.
 """
@@ -124,9 +125,11 @@ class TPDecoder:
             object.__setattr__(self, name, value)
 
     def __call__(self, tokens, positions, cache, mask, mix=None, pick=None, step=WHOLE):
-        self.workers.send(("forward", tokens, positions, cache_desc(cache), mask, mix_desc(mix), pick,
+        self.workers.send(("forward", tokens, positions, cache_desc(cache), mask, mix_desc(mix),
+                           pick,
                            step))
-        return self.workers.guard(lambda: self.local(tokens, positions, cache, mask, mix=mix, pick=pick,
+        return self.workers.guard(lambda: self.local(tokens, positions, cache, mask, mix=mix,
+                                                     pick=pick,
                                                      step=step))
 
     def hidden(self, tokens, layers: int):
@@ -159,7 +162,8 @@ class Workers:
         self.pipes, self.procs = [], []
         for rank in range(1, n):
             here, there = ctx.Pipe()
-            p = ctx.Process(target=worker_main, args=(rank, n, store.port, spec, timeout_s, there, os.getpid()),
+            p = ctx.Process(target=worker_main,
+                            args=(rank, n, store.port, spec, timeout_s, there, os.getpid()),
                             daemon=True, name=f"pf-tp-{rank}")
             p.start()
             there.close()
@@ -175,10 +179,11 @@ class Workers:
             self.close()
             if isinstance(e, ParallelError):
                 raise
-            raise ParallelError(f"tensor-parallel group of {n} did not form: {self._why() or e}") from None
+            raise ParallelError(f"tensor-parallel group of {n} did not form: "
+                                f"{self._why() or e}") from None
         finally:
             if spec.get("shm"):
-                os.unlink(spec["shm"])                # the mappings stay; nothing is left in /dev/shm
+                os.unlink(spec["shm"])              # the mappings stay; nothing is left in /dev/shm
         if spec["allreduce"] == "shm":
             from pf_engine.parallel.shm import Watchdog
             self.dogs.append(Watchdog(self.reduce, [p.sentinel for p in self.procs]))
@@ -192,14 +197,17 @@ class Workers:
             while not pipe.poll(0.2):
                 why = self._why()
                 if why:
-                    raise ParallelError(f"tensor-parallel {why} before it was {what}; if this runs from a "
-                                        "script, guard its code with if __name__ == '__main__' (workers "
+                    raise ParallelError(f"tensor-parallel {why} before it was {what}; "
+                                        "if this runs from a script, guard its code with "
+                                        "if __name__ == '__main__' (workers "
                                         "are spawned and import it)")
                 if time.monotonic() > deadline:
-                    raise ParallelError(f"tensor-parallel worker {rank} sent no {what} within {timeout_s:g} s")
+                    raise ParallelError(f"tensor-parallel worker {rank} sent no {what} "
+                                        f"within {timeout_s:g} s")
             msg = pipe.recv()
             if msg[0] != what:
-                raise ParallelError(f"tensor-parallel worker {rank}: {msg[1] if msg[0] == 'error' else msg}")
+                raise ParallelError(f"tensor-parallel worker {rank}: "
+                                    f"{msg[1] if msg[0] == 'error' else msg}")
 
     def _why(self) -> str | None:
         """The first worker that is gone (and what it said), or None."""
@@ -217,7 +225,8 @@ class Workers:
 
     def send(self, cmd) -> None:
         if self.failed:
-            raise ParallelError(f"the tensor-parallel group has failed ({self.failed}); build a new engine")
+            raise ParallelError(f"the tensor-parallel group has failed ({self.failed}); "
+                                "build a new engine")
         why = self._why()
         if why:
             self._fail(why)
@@ -246,8 +255,10 @@ class Workers:
             return fn()
         except RuntimeError as e:
             text = str(e).lower()
-            if self.failed or "gloo" in text or "all-reduce" in text or "timed out" in text or self._why():
-                self._fail(self._why() or f"worker (of ranks 1..{self.n - 1}) did not answer an all-reduce "
+            if (self.failed or "gloo" in text or "all-reduce" in text or "timed out" in text
+                    or self._why()):
+                self._fail(self._why() or f"worker (of ranks 1..{self.n - 1}) "
+                           "did not answer an all-reduce "
                            f"within {self.timeout_s:g} s")
             raise
 

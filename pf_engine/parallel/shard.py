@@ -82,7 +82,8 @@ def _columns(w, a: int, b: int, what: str):
         return w[:, a:b].contiguous()
     from pf_engine.model.qweight import QuantWeight
     if a % QK or b % QK:
-        raise PFError(f"{what}: a rank's {b - a} input columns are not whole {w.fmt.name} blocks of {QK}")
+        raise PFError(f"{what}: a rank's {b - a} input columns "
+                      f"are not whole {w.fmt.name} blocks of {QK}")
     bb = w.fmt.block_bytes
     rows = w.gguf_rows()[:, a // QK * bb:b // QK * bb]
     return QuantWeight.from_gguf(rows, w.fmt, b - a)
@@ -91,9 +92,11 @@ def _columns(w, a: int, b: int, what: str):
 def check_blocks(cfg: ModelConfig, n: int) -> None:
     """Byte-stored (8/4/16-bit) shards need each rank's o and down input columns in whole
     blocks of QK values; a PFError line otherwise."""
-    for what, cols in (("o", cfg.num_attention_heads // n * cfg.head_dim), ("down", cfg.intermediate_size // n)):
+    for what, cols in (("o", cfg.num_attention_heads // n * cfg.head_dim),
+                       ("down", cfg.intermediate_size // n)):
         if cols % QK:
-            raise PFError(f"tensor_parallel={n} with 8/4/16-bit weights: each rank's {cols} input columns "
+            raise PFError(f"tensor_parallel={n} with 8/4/16-bit weights: "
+                          f"each rank's {cols} input columns "
                           f"of {what} are not a multiple of the formats' {QK}-value blocks")
 
 
@@ -141,10 +144,12 @@ def shard_layer(w: LayerWeights, cfg: ModelConfig, rank: int, n: int) -> LayerWe
         down=_columns(w.down, f0, f1, "down"), down_bias=_only_rank0(w.down_bias, rank))
 
 
-def shard_weights(w: ModelWeights, cfg: ModelConfig, rank: int, n: int, head: str = "sharded") -> ModelWeights:
+def shard_weights(w: ModelWeights, cfg: ModelConfig, rank: int, n: int,
+                  head: str = "sharded") -> ModelWeights:
     """Rank r's ModelWeights (see the module doc); the embedding stays whole, the head too
     when ``head`` is "replicated"."""
-    lm_head = w.lm_head if head == "replicated" else _rows(w.lm_head, [vocab_slice(cfg.vocab_size, rank, n)])
+    lm_head = (w.lm_head if head == "replicated"
+               else _rows(w.lm_head, [vocab_slice(cfg.vocab_size, rank, n)]))
     return ModelWeights(embed=w.embed, layers=[shard_layer(l, cfg, rank, n) for l in w.layers],
                         norm=w.norm, lm_head=lm_head)
 

@@ -50,12 +50,14 @@ def create_segment(world: int, capacity: int = CAPACITY) -> str:
 class ShmReducer:
     """One rank's end of the segment at ``path``: ``red(t)`` sums t over the ranks."""
 
-    def __init__(self, path: str, rank: int, world: int, timeout_s: float, capacity: int = CAPACITY):
+    def __init__(self, path: str, rank: int, world: int, timeout_s: float,
+                 capacity: int = CAPACITY):
         from pf_kernels import cpu_ops
         size = cpu_ops.ShmGroup.layout_bytes(world, capacity)
         with open(path, "r+b") as f:
             self._map = mmap.mmap(f.fileno(), size)
-        self.group = cpu_ops.ShmGroup(np.frombuffer(self._map, dtype=np.uint8), rank, world, capacity, timeout_s)
+        self.group = cpu_ops.ShmGroup(np.frombuffer(self._map, dtype=np.uint8), rank, world,
+                                      capacity, timeout_s)
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         """The sum over the ranks of t (every rank passes the same shape); fp32 t is summed in
@@ -75,7 +77,8 @@ class Watchdog:
 
     def __init__(self, reducer: ShmReducer, sentinels=(), alive=None, poll_s: float = 0.2):
         self._stop_r, self._stop_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, args=(reducer, list(sentinels), alive, poll_s),
+        self._thread = threading.Thread(target=self._run,
+                                        args=(reducer, list(sentinels), alive, poll_s),
                                         daemon=True, name="pf-tp-watchdog")
         self._thread.start()
 

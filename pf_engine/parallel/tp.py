@@ -37,7 +37,8 @@ def shard_model(cfg, weights, bank, backend, device, rank: int, world: int, redu
                 head: str = "sharded") -> Decoder:
     """This rank's Decoder of the full model's ``weights`` (loading.ModelWeights) and ``bank``
     (an AdapterBank or None); ``head``: the LM head sharded by vocabulary or replicated."""
-    model = Decoder(shard_config(cfg, world), shard_weights(weights, cfg, rank, world, head), device, backend)
+    model = Decoder(shard_config(cfg, world), shard_weights(weights, cfg, rank, world, head),
+                    device, backend)
     if bank is not None:
         model.attach(ShardedBank(bank, cfg, rank, world))
     if reduce is not None:          # world 1 too: a group of one (the GPU suite's nccl check)
@@ -45,5 +46,6 @@ def shard_model(cfg, weights, bank, backend, device, rank: int, world: int, redu
             blk.reduce = reduce
         model.runner = backend.runner(model)
         if head == "sharded":
-            model.head = VocabHead(model.head, cfg.vocab_size, *vocab_slice(cfg.vocab_size, rank, world), reduce)
+            model.head = VocabHead(model.head, cfg.vocab_size,
+                                   *vocab_slice(cfg.vocab_size, rank, world), reduce)
     return model

@@ -11,7 +11,8 @@ group, loads the model's files and keeps its shard, then runs the calls rank 0 s
     ("exit",)
 
 Tensors travel by value on the host (``Wire``) and are moved to this rank's device (cuda:rank,
-or the CPU) once per call.  Replies: ("hello",) once started, ("ready",) once its shard is built, ("error", line)
+or the CPU) once per call.  Replies: ("hello",) once started, ("ready",) once its shard is built,
+("error", line)
 before it exits on an exception.
 """
 from __future__ import annotations
@@ -75,7 +76,8 @@ def rank_device(spec: dict, rank: int) -> torch.device:
     return torch.device("cuda", spec.get("first_gpu", 0) + rank)
 
 
-def worker_main(rank: int, n: int, port: int, spec: dict, timeout_s: float, pipe, parent: int) -> None:
+def worker_main(rank: int, n: int, port: int, spec: dict, timeout_s: float, pipe,
+                parent: int) -> None:
     """A worker's life: join the group, build its shard, then run rank 0's calls until told to
     exit or until rank 0's process is gone."""
     from pf_engine.parallel.group import make_group, make_reducer

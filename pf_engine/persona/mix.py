@@ -16,7 +16,8 @@ from pf_kernels.layout import RankLayout
 
 
 class Mix:
-    def __init__(self, gates: torch.Tensor, token_router=None, token_rows: torch.Tensor | None = None,
+    def __init__(self, gates: torch.Tensor, token_router=None,
+                 token_rows: torch.Tensor | None = None,
                  active: tuple | None = None, any_token: bool | None = None, static: bool = False):
         """gates [N, K] fp32; token_rows [N] bool.  active / any_token: what the caller knows on
         the host (the scheduler does): the expert ids with a nonzero gate somewhere, and whether
@@ -77,7 +78,8 @@ class Mix:
             self._set(g, self.active)
         return self
 
-    def request_sums(self, n: int, T: int, valid: torch.Tensor | None = None) -> torch.Tensor | None:
+    def request_sums(self, n: int, T: int,
+                     valid: torch.Tensor | None = None) -> torch.Tensor | None:
         """The token-routed gates summed over layers and each request's tokens: [n, K] for the n
         requests of the forward (T rows each; ``valid`` [n, T] bool marks real tokens), on the
         device; None without token routing."""

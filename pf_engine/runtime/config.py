@@ -45,7 +45,8 @@ def slots_for(engine, max_len: int, slots, kv_cache_gb):
     budget (None: the scheduler's default, runtime/config.py)."""
     if kv_cache_gb is None:
         return slots
-    ok = isinstance(kv_cache_gb, (int, float)) and not isinstance(kv_cache_gb, bool) and kv_cache_gb > 0
+    ok = (isinstance(kv_cache_gb, (int, float)) and not isinstance(kv_cache_gb, bool)
+          and kv_cache_gb > 0)
     if not ok:
         raise RequestError(f"kv_cache_gb={kv_cache_gb!r}: expected a number > 0")
     per = slot_bytes(engine, max_len)

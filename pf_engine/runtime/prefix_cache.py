@@ -26,7 +26,8 @@ parent = the root for block 0, else block i-1's entry id (ids are never reused),
 walks from the root and a hit is always a whole prefix.  Each block holds ``kv``, what the slot
 pool's ``save`` copied out of a slot (kv_cache.SlotCache: k, v [layers, H_kv, B, head_dim];
 under tensor parallelism every rank's own heads: parallel/runtime.TPSlotCache), which its
-``load`` copies into the next request's slot on a hit.  A hit covers whole blocks only, and never the prompt's last token
+``load`` copies into the next request's slot on a hit.  A hit covers whole blocks only, and never
+the prompt's last token
 (its logits give the first new token): a prefix ending inside a block is prefilled from that
 block's start.
 

@@ -111,7 +111,8 @@ class StepRunner:
     # the step -----------------------------------------------------------------------------------
     def run(self, plan: Plan) -> None:
         """Run ``plan``: the forward, then the first ``plan.sample`` rows' next tokens handed to
-        their requests.  A decode step runs under one thread policy with its sampling (backends/threads.py:
+        their requests.  A decode step runs under one thread policy with its sampling
+        (backends/threads.py:
         torch's argmax over the vocabulary would otherwise wake its OpenMP workers, whose
         spinning afterwards takes the cores from the next step's kernels)."""
         eng = self.engine

@@ -188,7 +188,8 @@ class Scheduler:
             if self.decoding:
                 self._decode()
                 self._retire()
-            st.prefill_s, st.decode_s = st.prefill_s + t1 - t0, st.decode_s + time.perf_counter() - t1
+            st.prefill_s, st.decode_s = (st.prefill_s + t1 - t0,
+                                         st.decode_s + time.perf_counter() - t1)
             self.steps += 1
 
     def run(self) -> None:
@@ -203,7 +204,8 @@ class Scheduler:
         slot, row = len(self.running), None
         if r.personas.any:
             if r.kind == SEQUENCE:
-                r.personas.route(self.engine.model, torch.tensor([r.ids], device=self.engine.device))
+                r.personas.route(self.engine.model,
+                                 torch.tensor([r.ids], device=self.engine.device))
             row = r.personas.rows[0]                # host copy: the active set costs no sync later
             r.active = set(row.nonzero().flatten().tolist())
         r.slot, r.length = slot, 0

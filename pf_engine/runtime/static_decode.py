@@ -1,6 +1,7 @@
 """A decode step with static shapes, which a GPU can capture in CUDA graphs.
 
-The step runner's dynamic decode (runner.StepRunner._forward) shapes each forward to its batch: n rows, the
+The step runner's dynamic decode (runner.StepRunner._forward) shapes each forward to its batch:
+n rows, the
 attention over max(length) + 1 columns, the active experts' rows gathered.  Replaying a captured
 graph needs every shape and address fixed, so this step is a function of device buffers only:
 

@@ -62,7 +62,8 @@ class Call:
         sched = self.engine.scheduler()
         try:
             for ids in self.p.prompts:
-                self.reqs.append([sched.submit(ids, self.p.candidate_params(i), self.p.personas.select([0]))
+                self.reqs.append([sched.submit(ids, self.p.candidate_params(i),
+                                               self.p.personas.select([0]))
                                   for i in range(self.p.best_of)])
         except RequestError as e:
             self.cancel()

@@ -34,12 +34,15 @@ class Metrics:
     def __init__(self, scheduler_of):
         """scheduler_of(): the engine's current scheduler (read at each scrape)."""
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("pf_requests", "Finished requests", ["endpoint", "persona_kind", "status"],
+        self.requests = Counter("pf_requests", "Finished requests",
+                                ["endpoint", "persona_kind", "status"],
                                 registry=r)
-        self.tokens = Counter("pf_generated_tokens", "Generated tokens", ["persona_kind"], registry=r)
+        self.tokens = Counter("pf_generated_tokens", "Generated tokens", ["persona_kind"],
+                              registry=r)
         self.ttft = Histogram("pf_time_to_first_token_seconds", "Arrival to first token",
                               ["persona_kind"], buckets=TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram("pf_time_per_output_token_seconds", "Mean time per output token after "
+        self.tpot = Histogram("pf_time_per_output_token_seconds",
+                              "Mean time per output token after "
                               "the first", ["persona_kind"], buckets=TPOT_BUCKETS, registry=r)
         Gauge("pf_queue_depth", "Requests waiting for a slot", registry=r).set_function(
             lambda: len(scheduler_of().waiting))

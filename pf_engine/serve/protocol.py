@@ -27,7 +27,8 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
                  type_: str = "invalid_request_error", code: str | None = None, headers=None):
         super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
+        self.status, self.message, self.param, self.type, self.code = (
+            status, message, param, type_, code)
         self.headers = headers or {}
 
     def body(self) -> dict:
@@ -111,7 +112,8 @@ def messages_of(body: dict) -> list[dict]:
             raise bad(f"messages[{i}].role", f"expected one of {', '.join(ROLES)}")
         c = m.get("content")
         if isinstance(c, list):             # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            if not all(isinstance(p, dict) and p.get("type") == "text"
+                       and isinstance(p.get("text"), str)
                        for p in c):
                 raise bad(f"messages[{i}].content", "only text parts are supported")
             c = "".join(p["text"] for p in c)
@@ -183,7 +185,8 @@ def _persona(body: dict, catalog: Catalog, engine) -> tuple[str, object, Persona
     the bare id and a ``persona`` field."""
     model = body.get("model")
     if not isinstance(model, str) or model not in catalog.personas:
-        raise bad("model", f"unknown model {model!r}; GET /v1/models lists {', '.join(catalog.ids())}")
+        raise bad("model", f"unknown model {model!r}; "
+                           f"GET /v1/models lists {', '.join(catalog.ids())}")
     persona = catalog.personas[model]
     if body.get("persona") is not None:
         if model != catalog.base:
@@ -191,7 +194,8 @@ def _persona(body: dict, catalog: Catalog, engine) -> tuple[str, object, Persona
                                  f"{catalog.base!r} with a persona field")
         persona = body["persona"]
         if not isinstance(persona, (str, dict)):
-            raise bad("persona", "expected a weights object, a 'name=w,...' string, 'auto' or 'token'")
+            raise bad("persona", "expected a weights object, a 'name=w,...' string, "
+                                 "'auto' or 'token'")
     try:
         personas = Personas(engine.bank, [persona], 1)
     except RequestError as e:
@@ -254,7 +258,8 @@ def _sampling(body: dict, kind: str, engine, max_new: int, logprobs) -> Sampling
 
 
 def _response_format(body: dict, engine) -> dict | None:
-    """``response_format`` normalised (generation/structured.py), its schema compiled now: a schema the
+    """``response_format`` normalised (generation/structured.py), its schema compiled now:
+    a schema the
     grammar library cannot compile is a 400 naming it."""
     from pf_engine.generation.structured import Grammars, check_response_format
     try:
@@ -295,7 +300,8 @@ def parse(body, kind: str, catalog: Catalog, engine) -> Parsed:
         raise bad("echo" if echo else "logprobs", "this model has no tokenizer to spell tokens")
     texts = [(t if t is not None else engine.tokenizer.decode(ids)) if echo else None
              for ids, t in prompts]
-    return Parsed(kind, model, [ids for ids, _ in prompts], texts, params, persona, personas, stream,
+    return Parsed(kind, model, [ids for ids, _ in prompts], texts, params, persona, personas,
+                  stream,
                   bool(opts.get("include_usage")), n, best_of, echo, logprobs,
                   score_only=not max_new)
 

@@ -1,6 +1,7 @@
 """The OpenAI response bodies pf-serve writes: choices, streamed chunks, and logprobs.
 
-Logprobs (generation/scoring.py: the model's log-softmax, before temperature and top-p) in OpenAI's two
+Logprobs (generation/scoring.py: the model's log-softmax, before temperature and top-p) in
+OpenAI's two
 shapes:
 
     completions  {"tokens": [str], "token_logprobs": [float | None],

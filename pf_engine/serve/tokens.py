@@ -1,7 +1,8 @@
 """The tokenizer endpoints tools probe, in vLLM's shapes.
 
     POST /tokenize    {"prompt": str, "add_special_tokens": true}            (or)
-                      {"messages": [...], "add_generation_prompt": true, "add_special_tokens": false}
+                      {"messages": [...], "add_generation_prompt": true,
+                       "add_special_tokens": false}
                       -> {"tokens": [int], "count": int, "max_model_len": int}
     POST /detokenize  {"tokens": [int]} -> {"prompt": str}
     GET  /tokenizer_info -> {"tokenizer_class", "eos_token", "bos_token", "pad_token",

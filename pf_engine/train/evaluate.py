@@ -27,9 +27,11 @@ import time
 import torch
 
 from pf_engine.train.data import TRAITS, load_corpus
-from pf_engine.train.metrics import (TraitClassifier, degenerate, distinct_n, expression_summary, gate_spread,
+from pf_engine.train.metrics import (TraitClassifier, degenerate, distinct_n, expression_summary,
+                      gate_spread,
                       perplexity, top2_agreement, trait_scores)
-from pf_engine.train.sequences import EVAL_SELF_PROMPT, ChatEncoder, Sequence, pad_batch, system_prompt
+from pf_engine.train.sequences import (EVAL_SELF_PROMPT, ChatEncoder, Sequence, pad_batch,
+                                       system_prompt)
 
 
 def conditions(corpus, default_system: str | None = None) -> list[dict]:

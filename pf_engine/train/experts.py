@@ -203,7 +203,8 @@ def train_expert(trunk: Trunk, params: list[torch.nn.Parameter], pools: Pools, r
             progress.update(1)
             progress.set_postfix(nll=f"{float(nll):.3f}", pair=f"{float(pair):.3f}",
                                  kl=f"{float(kl):.4f}",
-                                 **({"best": f"{best['score']:.3f}@{best['step']}"} if best else {}))
+                                 **({"best": f"{best['score']:.3f}@{best['step']}"} if best
+                                    else {}))
     if best is not None:
         with torch.no_grad():
             for p, v in zip(params, saved):

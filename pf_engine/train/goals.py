@@ -41,7 +41,8 @@ def _usefulness(u: dict) -> dict:
 
 def _expression(fams: dict) -> dict:
     es, ps = fams["expert"]["statements"], fams["prompt"]["statements"]
-    ratio = es["separation_sum"] / ps["separation_sum"] if ps["separation_sum"] > 0 else float("inf")
+    ratio = (es["separation_sum"] / ps["separation_sum"] if ps["separation_sum"] > 0
+             else float("inf"))
     above = [t for t in TRAITS if es["separation"][t] > ps["separation"][t]]
     rp = fams["expert"]["replies"]
     return {

@@ -1,4 +1,5 @@
-"""pf-eval's measures as pure functions of numbers and texts (tested on fixtures with known answers).
+"""pf-eval's measures as pure functions of numbers and texts
+(tested on fixtures with known answers).
 
 Trait expression.  For a condition c (the base model, a prompted pole, an expert) and trait T,
 the trait score is how much more c likes T+ texts than T- texts:

@@ -58,7 +58,8 @@ def dpo_loss(lp_w, lp_l, ref_w, ref_l, beta: float) -> tuple[torch.Tensor, torch
     return -F.logsigmoid(beta * margin).mean(), margin.detach()
 
 
-def _train(trunk, params, chosen, rejected, distill, rc, seed: int) -> tuple[list[dict], float, float]:
+def _train(trunk, params, chosen, rejected, distill, rc,
+           seed: int) -> tuple[list[dict], float, float]:
     """The DPO steps; returns (log, mean margin before, mean margin after)."""
     with torch.no_grad():
         ref_w, ref_l = trunk.log_likelihood(chosen), trunk.log_likelihood(rejected)
@@ -85,7 +86,8 @@ def _train(trunk, params, chosen, rejected, distill, rc, seed: int) -> tuple[lis
 
 
 def preference_stage(trunk, params, enc, messages: list[str], encoder, classifier, pole: str,
-                     distill: list[Item], rc, seed: int, select=None, before: dict | None = None) -> dict:
+                     distill: list[Item], rc, seed: int, select=None,
+                     before: dict | None = None) -> dict:
     """Steps 1-5 of the module doc for the active adapter of ``trunk.model``; returns the metrics.
     select: the validation scorer (None: the stage is always kept); before: its figures for the
     adapter as it stands, when known (early stopping's), else computed."""
@@ -97,20 +99,24 @@ def preference_stage(trunk, params, enc, messages: list[str], encoder, classifie
     scored = reply_scores([m for m in messages for _ in range(k)], texts, encoder, classifier, pole)
     per_msg = [scored[i * k:(i + 1) * k] for i in range(len(messages))]
     pairs = build_pairs(per_msg, rc.pref_min_gap)
-    report = {"samples": len(texts), "degenerate": round(sum(s["degenerate"] for s in scored) / len(scored), 4),
-              "mean_score": round(sum(s["score"] for s in scored) / len(scored), 4), "pairs": len(pairs),
+    report = {"samples": len(texts),
+              "degenerate": round(sum(s["degenerate"] for s in scored) / len(scored), 4),
+              "mean_score": round(sum(s["score"] for s in scored) / len(scored), 4),
+              "pairs": len(pairs),
               "kept": False}
     if not pairs:
         return report
 
     def item(m, i):
         ids, ended = out[m * k + i]
-        return Item(Sequence(prompts[m], ids + ([enc.end] if ended else []), f"pref:{pole}:{m}:{i}"))
+        return Item(Sequence(prompts[m], ids + ([enc.end] if ended else []),
+                             f"pref:{pole}:{m}:{i}"))
     chosen = [item(m, w) for m, w, _ in pairs]
     rejected = [item(m, l) for m, _, l in pairs]
     trunk.cache(chosen + rejected)
     report["chosen_score"] = round(sum(per_msg[m][w]["score"] for m, w, _ in pairs) / len(pairs), 4)
-    report["rejected_score"] = round(sum(per_msg[m][l]["score"] for m, _, l in pairs) / len(pairs), 4)
+    report["rejected_score"] = round(
+        sum(per_msg[m][l]["score"] for m, _, l in pairs) / len(pairs), 4)
     if select is not None and before is None:
         before = select()
     saved = [p.detach().clone() for p in params]

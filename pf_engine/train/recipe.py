@@ -6,12 +6,14 @@
 Steps: load the base as the engine serves it (``recipe.quantize``; train/served.py: the
 transformers model gets the served weights and, through ``round_activations``, the served 8-bit
 activation rounding; on ``device="cuda"`` the model's float weights at ``dtype``, as the GPU
-engine serves them); read the train split (never heldout/); let the base model answer every held-in prompt
+engine serves them); read the train split (never heldout/); let the base model answer
+every held-in prompt
 and keep the replies that are fluent, relevant and right (distill.py); tokenise every reply and
 self-description with the model's chat template; run the frozen bottom layers once for all of
 them (experts.Trunk); train one LoRA per pole with peft, early-stopped on validation messages
 kept out of training (select.py), then tune each on its own sampled replies with DPO
-(preference.py: the best against the worst or a looping one); save the experts as PEFT folders and stack them with
+(preference.py: the best against the worst or a looping one); save the experts as PEFT folders
+and stack them with
 ``AdapterBank.from_peft``; train the sequence router, with its "none" output, on the
 situations; train the experts and the router together on the routed mixture (joint.py);
 store in fp16 with the recipe in the bank's metadata; write the file atomically.
@@ -95,7 +97,8 @@ class Recipe:
     @classmethod
     def quick(cls, **overrides) -> "Recipe":
         """Minutes-free: two adapted layers, rank 2, two steps per expert, a few texts."""
-        return cls(**{**dict(rank=2, alpha=4.0, first_layer=-2, steps=2, pairs=2, retain=2, distill=2,
+        return cls(**{**dict(rank=2, alpha=4.0, first_layer=-2, steps=2, pairs=2, retain=2,
+                   distill=2,
                    eval_every=2, val_messages=2, limit=3, router_steps=30, router_layers=(6, 12),
                    router_hidden=16, pref_steps=2, pref_messages=2, pref_samples=2, pref_tokens=8,
                    joint_steps=2, joint_batch=2, joint_val=4), **overrides})
@@ -226,7 +229,8 @@ def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool
     torch.manual_seed(recipe.seed)
     dev, dtype = compute_device(recipe)
     enc = ChatEncoder(Tokenizer(model_dir).hf, recipe.max_len)
-    served = served_weights(model, recipe.quantize) if dev.type == "cpu" else (model_dir, None, None)
+    served = (served_weights(model, recipe.quantize) if dev.type == "cpu"
+              else (model_dir, None, None))
     eng = Engine.from_pretrained(model, device=str(dev), dtype=dtype, quantize=recipe.quantize,
                                  progress=False)
     encoder = SentenceEncoder()
@@ -342,7 +346,8 @@ def _train_experts(corpus, items, neutral, distill, trunk: Trunk, recipe: Recipe
             msgs = [corpus.train.messages[m] for m in mids[:recipe.pref_messages]]
             with tqdm(total=1, desc=f"preference {pole}", disable=not progress) as bar:
                 prefs[pole] = preference_stage(trunk, params, enc, msgs, encoder, clf, pole,
-                                               distill, recipe, recipe.seed + k, select, chosen[pole])
+                                               distill, recipe, recipe.seed + k, select,
+                                               chosen[pole])
                 bar.update(1)
     return pm, names, logs, chosen, prefs
 

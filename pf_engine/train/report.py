@@ -169,7 +169,8 @@ def readme_section(result: dict, json_path: str, plot_path: str | None, command:
              _separation_line(fams), ""]
     acc = result["classifier_heldout_accuracy"]
     lines += ["Statements: per-token log-likelihood shift of held-out self-descriptions "
-              "(train/metrics.py); replies: greedy replies to held-out messages scored by bag-of-words "
+              "(train/metrics.py); replies: greedy replies to held-out messages scored "
+              "by bag-of-words "
               "trait classifiers fitted on the train split (held-out accuracy " +
               ", ".join(f"{t} {acc[t]:.2f}" for t in TRAITS) + ").", ""]
     ppl = result["perplexity"]
@@ -211,8 +212,10 @@ def readme_section(result: dict, json_path: str, plot_path: str | None, command:
     replies = result["replies"]
     mid = sample_message or sorted(result["messages"])[0]
     poles = sample_poles or ["agreeableness+", "agreeableness-", "extraversion+"]
-    chosen = f" (chosen by `{result['sample_chosen_by']}`)" if result.get("sample_chosen_by") else ""
-    lines += [f"Sample greedy replies to the held-out message *\"{result['messages'][mid]}\"*{chosen}:", ""]
+    chosen = (f" (chosen by `{result['sample_chosen_by']}`)" if result.get("sample_chosen_by")
+              else "")
+    lines += ["Sample greedy replies to the held-out message "
+              f"*\"{result['messages'][mid]}\"*{chosen}:", ""]
     for cond in ["base"] + [f"expert:{p}" for p in poles]:
         text = replies[cond].get(mid, "").replace("\n", " ").replace("|", "\\|")
         lines.append(f"- **{cond}**: {text}")
@@ -241,7 +244,8 @@ def usefulness_lines(result: dict) -> list[str]:
              "this project did not train; experts and prompts: the mean over the ten poles, "
              "worst pole in brackets):", "",
              "| condition | relevance | words on open requests (x base) | items | facts "
-             "correct | degenerate, greedy | degenerate, sampled |", "|---|---|---|---|---|---|---|"]
+             "correct | degenerate, greedy | degenerate, sampled |",
+             "|---|---|---|---|---|---|---|"]
     for fam, keys in fams.items():
         if not keys or keys[0] not in rep:
             continue
@@ -260,7 +264,8 @@ def usefulness_lines(result: dict) -> list[str]:
                      f"{deg_s}/{n} |")
     sit, st = u["situations"], u["strength"]
     samp = result.get("sampling", {})
-    lines += ["", f"Sampled: the chat defaults ({', '.join(f'{k} {v}' for k, v in samp.get('default', {}).items())}; "
+    lines += ["", "Sampled: the chat defaults "
+              f"({', '.join(f'{k} {v}' for k, v in samp.get('default', {}).items())}; "
               f"{samp.get('default_source', '')}).  Where the situation calls for a trait, "
               f"`auto` moves the target's leading pole above the base model in {sit['moved']} of "
               f"{sit['situations']} held-out situations ({sit['moved_share']:.0%}; goal >= 80%), "

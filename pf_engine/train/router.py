@@ -21,7 +21,8 @@ predictions (``fit_strength``): a logistic curve in logit(q),
 
     strength = S * sigmoid(a * (logit(q) - c)),   (a, c) = argmin BCE(persona row?) + LAMBDA a^2
 
-so a prompt the router places on the persona side gets about S and one on the none side about 0.  The layer l is chosen by k-fold cross-validation on the train
+so a prompt the router places on the persona side gets about S and one on the none side about 0.
+The layer l is chosen by k-fold cross-validation on the train
 split alone (top-2 hit rate on persona situations plus, with none, the share of no-persona
 situations whose total persona weight is <= NONE_MAX; then KL), never on held-out data.
 """

@@ -44,15 +44,19 @@ def generate(model, prompts: list[list[int]], eos: int, max_new_tokens: int, sam
     kw = dict(do_sample=False)
     if samples:
         torch.manual_seed(seed)
-        kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0, num_return_sequences=samples)
+        kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
+                  num_return_sequences=samples)
     dev = model.lm_head.weight.device
-    out = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), max_new_tokens=max_new_tokens,
+    out = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev),
+                         max_new_tokens=max_new_tokens,
                          pad_token_id=eos, eos_token_id=eos, **kw)
     model.train(was)
-    return [(row[:row.index(eos)], True) if eos in row else (row, False) for row in out[:, T:].tolist()]
+    return [(row[:row.index(eos)], True) if eos in row else (row, False)
+            for row in out[:, T:].tolist()]
 
 
-def reply_scores(messages: list[str], texts: list[str], encoder, classifier, pole: str) -> list[dict]:
+def reply_scores(messages: list[str], texts: list[str], encoder, classifier,
+                 pole: str) -> list[dict]:
     """Each reply's relevance, degenerate (0/1), trait and score (the module doc's, per reply)."""
     rel = encoder.relevance(messages, texts)
     p = classifier.prob(texts)
@@ -60,7 +64,8 @@ def reply_scores(messages: list[str], texts: list[str], encoder, classifier, pol
     for r, t, q in zip(rel, texts, p):
         deg = float(degenerate(t))
         trait = q if pole.endswith("+") else 1 - q
-        out.append({"score": r - 2 * deg + W_TRAIT * trait, "relevance": r, "degenerate": deg, "trait": trait})
+        out.append({"score": r - 2 * deg + W_TRAIT * trait, "relevance": r, "degenerate": deg,
+                    "trait": trait})
     return out
 
 

@@ -54,7 +54,8 @@ class ChatEncoder:
         render = self.hf.apply_chat_template
         plain = render([{"role": "user", "content": "\x00"}], tokenize=False)
         pre, _, post = render([{"role": "system", "content": "\x01"},
-                               {"role": "user", "content": "\x00"}], tokenize=False).partition("\x01")
+                               {"role": "user", "content": "\x00"}],
+                              tokenize=False).partition("\x01")
         if not plain.startswith(pre) or post not in plain[len(pre):]:
             return None
         rest = plain[len(pre):]

@@ -1,4 +1,5 @@
-"""Training against the weights the engine serves (pf-train --quantize): QLoRA's idea, in our formats.
+"""Training against the weights the engine serves (pf-train --quantize): QLoRA's idea,
+in our formats.
 
 On the CPU, the engine computes each projection as ``y = W_s . x_s``: W_s is the weight as served
 (a GGUF's 8/4-bit or 16-bit tensors kept as stored, or an HF folder's floats quantized at load by
@@ -28,14 +29,16 @@ from pf_engine.model.config import HF_MODULE_NAMES
 from pf_engine.model.qweight import QuantWeight
 
 QK = 32
-PROJECTIONS = ((("q", "k", "v"), "qkv"), (("o",), "o"), (("gate", "up"), "gate_up"), (("down",), "down"))
+PROJECTIONS = ((("q", "k", "v"), "qkv"), (("o",), "o"), (("gate", "up"), "gate_up"),
+               (("down",), "down"))
 
 
 def round8(x: torch.Tensor) -> torch.Tensor:
     """x [..., d] (d a multiple of 32) -> the values the kernels' int8 activations stand for."""
     xb = x.reshape(*x.shape[:-1], -1, QK)
     mx = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(mx > 0, 127.0 / torch.where(mx > 0, mx, torch.ones_like(mx)), torch.zeros_like(mx))
+    inv = torch.where(mx > 0, 127.0 / torch.where(mx > 0, mx, torch.ones_like(mx)),
+                      torch.zeros_like(mx))
     s = xb * inv
     q = torch.trunc(s + torch.copysign(torch.full_like(s, 0.5), s))
     return (q * (mx / 127.0)).reshape(x.shape)
@@ -61,10 +64,12 @@ def served_weights(model, quantize: str | None, progress: bool = False):
     dev, dt = torch.device("cpu"), torch.float32
     gguf = gguf_source(model)
     backend = resolve_backend(None, dev, None)
-    mode = quantization.check(quantize, gguf=gguf is not None, device=dev, dtype=dt, backend=backend)
+    mode = quantization.check(quantize, gguf=gguf is not None, device=dev, dtype=dt,
+                              backend=backend)
     folder = resolve_model(model, progress)
     cfg = ModelConfig.from_file(os.path.join(folder, "config.json"))
-    return folder, cfg, load_weights(folder, cfg, dt, dev, *served_load_args(mode, gguf, backend, dt))
+    return folder, cfg, load_weights(folder, cfg, dt, dev,
+                                     *served_load_args(mode, gguf, backend, dt))
 
 
 def _values(w) -> tuple[torch.Tensor, bool]:
@@ -90,8 +95,10 @@ def serve_like(hf, cfg, weights, round_activations: bool = True) -> dict:
     for i, (layer, lw) in enumerate(zip(hf.model.layers, weights.layers)):
         for names, field in PROJECTIONS:
             full, rounds = _values(getattr(lw, field))
-            for m, part in zip(names, torch.split(full, [cfg.module_shape(m)[0] for m in names], 0)):
-                put(layer.get_submodule(HF_MODULE_NAMES[m]), part, rounds, f"model.layers.{i}.{HF_MODULE_NAMES[m]}")
+            for m, part in zip(names,
+                               torch.split(full, [cfg.module_shape(m)[0] for m in names], 0)):
+                put(layer.get_submodule(HF_MODULE_NAMES[m]), part, rounds,
+                    f"model.layers.{i}.{HF_MODULE_NAMES[m]}")
     hf.model.embed_tokens.weight.copy_(_values(weights.embed)[0])
     head, rounds = _values(weights.lm_head)
     put(hf.lm_head, head, rounds, "lm_head")

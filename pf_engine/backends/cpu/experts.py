@@ -16,7 +16,8 @@ A decode step reads the active experts' A_cat rows and B^T rows once: in q8 a to
 rank-16 experts on every projection adds ~10% to the bundled 4-bit model's bytes, against ~40%
 in fp32 (benchmarks/bench_cpu.py measures the time).  Formats other than f32 need d_in a
 multiple of 32 (q8_0's blocks; bf16 rows are laid out as the kernel's 16-bit weights are);
-bf16 B^T's rows are zero-padded to a multiple of 32 columns.  Larger fp32 batches that take the torch
+bf16 B^T's rows are zero-padded to a multiple of 32 columns.
+Larger fp32 batches that take the torch
 backend's GEMMs (prefill chunks over MAX_ROWS rows on an fp32 W) read the fp32 experts.
 """
 from __future__ import annotations
@@ -37,9 +38,11 @@ def check(expert_format, backend_name: str | None = None) -> str | None:
     if expert_format is None or expert_format == "auto":
         return None
     if expert_format not in EXPERT_FORMATS:
-        raise PFError(f"expert_format={expert_format!r}: expected one of {', '.join(EXPERT_FORMATS)}")
+        raise PFError(f"expert_format={expert_format!r}: "
+                      f"expected one of {', '.join(EXPERT_FORMATS)}")
     if expert_format != "f32" and backend_name not in (None, "cpu"):
-        raise PFError(f"expert_format={expert_format!r} with backend={backend_name!r}: low-precision "
+        raise PFError(f"expert_format={expert_format!r} with backend={backend_name!r}: "
+                      "low-precision "
                       "experts run on the cpu backend only (other backends keep the model's dtype)")
     return expert_format
 
@@ -51,7 +54,8 @@ def choose(expert_format: str | None, lin) -> str:
             return "f32"
         return "bf16" if lin.weight.fmt.half else "q8"
     if expert_format != "f32" and lin.d_in % QK:
-        raise PFError(f"expert_format={expert_format!r}: the adapted layers' inputs have {lin.d_in} "
+        raise PFError(f"expert_format={expert_format!r}: "
+                      f"the adapted layers' inputs have {lin.d_in} "
                       f"values, expected a multiple of {QK} (f32 experts run any size)")
     return expert_format
 
@@ -82,7 +86,8 @@ def panels(b: torch.Tensor, spans) -> torch.Tensor:
         amax = blk.abs().amax(dim=(1, 2))
         inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
         v = blk * inv.view(G, 1, 1)
-        q = torch.trunc(v + torch.copysign(torch.full_like(v, 0.5), v)).clamp(-127, 127).to(torch.int8)
+        q = (torch.trunc(v + torch.copysign(torch.full_like(v, 0.5), v)).clamp(-127, 127)
+             .to(torch.int8))
         q = q.view(G, 8, n4 // 4, 4).permute(0, 2, 1, 3).reshape(G, -1)
         s = (amax / 127.0).view(G, 1).contiguous().view(torch.uint8)
         out.append(torch.cat([s, q.view(torch.uint8)], 1).reshape(-1))
@@ -97,7 +102,8 @@ def convert(lin, fmt: str, blocks=()) -> tuple:
     if fmt == "f32":
         return lin.a_cat.contiguous(), [p.b.t().contiguous() for p in lin.parts]
     if fmt == "q8":
-        spans = [[(r0 - p.r0, r1 - p.r0) for i, _, r0, r1, _ in blocks if i == k] for k, p in enumerate(lin.parts)]
+        spans = [[(r0 - p.r0, r1 - p.r0) for i, _, r0, r1, _ in blocks if i == k]
+                 for k, p in enumerate(lin.parts)]
         bts = [panels(p.b, sp) for p, sp in zip(lin.parts, spans)]
         return _rows(lin.a_cat, "q8", lin.d_in), bts
     bts = [_rows(p.b.t(), fmt, -(-p.b.shape[0] // QK) * QK) for p in lin.parts]
@@ -112,6 +118,7 @@ def describe(model) -> str:
 
     def one(lin):
         plan = getattr(lin.state, "plan", None)
-        return names[plan.expert_fmt] if plan is not None else dtypes.get(lin.a_cat.dtype, str(lin.a_cat.dtype))
+        return (names[plan.expert_fmt] if plan is not None
+                else dtypes.get(lin.a_cat.dtype, str(lin.a_cat.dtype)))
     found = {one(lin) for blk in getattr(model, "blocks", ()) for lin in blk.linears if lin.parts}
     return " + ".join(sorted(found)) or "no"
