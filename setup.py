@@ -99,8 +99,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "peft", "accelerate", "matplotlib", "triton", "pybind11", "openai",
-                "httpx",
-                "jsonschema", "lm-eval[api]>=0.4.5", "vaderSentiment==3.3.2"],
+                "httpx", "jsonschema", "lm-eval[api]>=0.4.5", "vaderSentiment==3.3.2",
+                "ruff==0.17.6"],
         # pf-eval's measures: lm-eval (reasoning), VADER (social-emotional; MIT)
         "eval": ["peft", "lm-eval[api]>=0.4.5", "vaderSentiment==3.3.2"],
     },

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import bench_mixing  # noqa: E402
-from pf_engine.backends.grouped import Torch
+from pf_engine.backends.torch_backend import Torch
 from pf_engine.backends.naive import Naive
 from pf_engine.model.linear import Linear
 

@@ -4,14 +4,15 @@ Every backend computes the same function for each adapted linear (model/linear.p
 
     y = x W^T + b + sum_k g[t,k] s_k B_k A_k x
 
-| name   | module         | where                                | how                                       |
-|--------|----------------|--------------------------------------|-------------------------------------------|
-| cpu    | cpu/           | CPU with AVX2/FMA, csrc/cpu built    | fused C++ pass per group for decode rows, |
-|        |                |                                      | each block's decode step in C++           |
-| torch  | grouped.py     | anywhere                             | two GEMMs per layer whatever K is         |
-| naive  | naive.py       | anywhere                             | the loop over experts: the baseline       |
-| triton | kernels.py     | GPU; CPU with TRITON_INTERPRET=1     | pf_kernels' fused Triton kernels          |
-| cuda   | kernels.py     | GPU, csrc/cuda built                 | the nvcc-built decode kernel              |
+| name   | module           | where                       | how                                 |
+|--------|------------------|-----------------------------|-------------------------------------|
+| cpu    | cpu/             | CPU, AVX2/FMA, csrc/cpu     | fused C++ pass per group for decode |
+|        |                  | built                       | rows, a block's decode step in C++  |
+| torch  | torch_backend.py | anywhere                    | two GEMMs per layer whatever K is   |
+|        |                  |                             | (the grouped product, grouped.py)   |
+| naive  | naive.py         | anywhere                    | the loop over experts: the baseline |
+| triton | kernels.py       | GPU; CPU, TRITON_INTERPRET  | pf_kernels' fused Triton kernels    |
+| cuda   | kernels.py       | GPU, csrc/cuda built        | the nvcc-built decode kernel        |
 
 ``resolve_backend(name, device)`` is called once when an engine is built and returns the
 backend object (backends/base.py) that its model runs on.  ``auto`` picks ``cpu`` on a CPU where
@@ -62,11 +63,13 @@ def check_name(name) -> str | None:
     if name is None or name == "auto":
         return None
     if name not in BACKENDS:
-        raise PFError(f"backend={name!r}: unknown backend; expected one of auto, {', '.join(BACKENDS)}")
+        raise PFError(f"backend={name!r}: unknown backend; expected one of auto, "
+                      f"{', '.join(BACKENDS)}")
     return name
 
 
-def resolve_backend(name: str | None, device: torch.device, expert_format: str | None = None) -> Backend:
+def resolve_backend(name: str | None, device: torch.device,
+                    expert_format: str | None = None) -> Backend:
     """The backend object for ``name`` on ``device``: auto (or None) -> $PF_BACKEND if set,
     else cpu where csrc/cpu runs on a CPU, else torch; a named backend must be usable.
     ``expert_format``: the persona experts' format on the cpu backend (cpu/experts.py; None:
@@ -86,7 +89,7 @@ def create(name: str, device: torch.device, expert_format: str | None = None) ->
     """A backend object by name, unchecked (tests and benchmarks that checked it themselves);
     ``expert_format`` reaches the cpu backend (others keep their experts as attached)."""
     from pf_engine.backends.cpu import Cpu
-    from pf_engine.backends.grouped import Torch
+    from pf_engine.backends.torch_backend import Torch
     from pf_engine.backends.kernels import Kernels
     from pf_engine.backends.naive import Naive
     device = torch.device(device)

@@ -1,4 +1,6 @@
-"""The ``torch`` backend: the grouped maths in plain torch, two GEMMs per layer whatever K is.
+"""The grouped product in plain torch, two GEMMs per layer whatever K is: the ``torch`` backend
+(torch_backend.py), and the fallback of the triton/cuda and cpu backends for the rows their
+kernels do not take.
 
     [y; h]^T = W_aug x^T             one GEMM over W_aug = [W; A_cat] (base and shrink together)
     y^T[part] += B_part (G_exp^T * h^T)[part]     one expand GEMM per projection
@@ -18,7 +20,6 @@ import torch
 from pf_kernels.layout import RankLayout
 
 from pf_engine.backends import gemm
-from pf_engine.backends.base import Backend
 
 # Active sets whose gathered copies a Linear keeps (least recently used dropped): a continuous
 # batch alternates between the decode batch's set and each admitted prompt's own set, and a
@@ -82,13 +83,3 @@ def grouped(lin, x2: torch.Tensor, mix, gathered: Gathered) -> torch.Tensor:
     for o0, o1, r0, r1, b in parts:
         yT[o0:o1] += gemm.mm(b, hT[r0:r1])
     return yT.t()
-
-
-class Torch(Backend):
-    name = "torch"
-
-    def prepare(self, lin) -> Gathered | None:
-        return Gathered() if lin.parts else None
-
-    def mixed(self, lin, x2, mix, decode):
-        return grouped(lin, x2, mix, lin.state)
