@@ -21,7 +21,7 @@ Gates [T, K] fp32:
     top2-seq    one pair of experts and one pair of weights for every token (explicit personas and
                 the sequence router: the grouped backend reads only those two experts)
     token-router  the engine's token path: each call builds Mix(g, token_router, rows) and
-                calls for_layer on its input, so a random TokenRouter (top-2) computes the gates
+                calls enter_layer on its input, so a random TokenRouter (top-2) computes the gates
                 inside the timed call, as in every layer of a token-routed decode step (the router
                 reads the projection's input, [T, d_in])
     regather    top2-seq whose pair changes on every visit to a layer copy (a persona switch, a
@@ -468,7 +468,7 @@ def mixes(ctx: dict, kind: str, g: torch.Tensor, T: int, nl: int, xs):
     """backend -> (call index i -> the Mix that call uses), as the engine builds it for ``kind``."""
     if kind == "token-router":
         router, rows = ctx["router"], torch.ones(T, dtype=torch.bool, device=g.device)
-        return lambda b: (lambda i: Mix(g, router, rows).for_layer(0, xs[i % N_INPUTS]))
+        return lambda b: (lambda i: Mix(g, router, rows).enter_layer(0, xs[i % N_INPUTS]))
     if kind == "regather":                     # the pair changes on each visit to a copy
         pair = (g, ctx["g2"].to(g.device))
         return lambda b: (lambda i: Mix(pair[(i // nl) % 2]))

@@ -6,7 +6,7 @@ For T tokens and K experts with ranks r_k stacked into R = sum r_k rows:
 
 Layers, as in the kernel libraries this follows:
     reference   plain torch (fp64 accumulate): what every backend is tested against
-    layout      RankLayout (= BankLayout): how the experts' ranks stack into A_cat / B_cat
+    layout      RankLayout: how the experts' ranks stack into A_cat / B_cat
     meta        LoRAMeta: active (token, expert) pairs grouped by expert, built once per step
     ops         Triton launchers: grouped_lora (y += delta), fused_linear ([W; A_cat] in one GEMM)
     cuda_ops    the optional nvcc-built decode kernel (csrc/cuda/), behind a guard that falls back
@@ -15,9 +15,9 @@ Importing this package never imports triton or the CUDA extension; they load at 
 """
 from . import cuda_ops, reference
 from .layout import RankLayout
-from .meta import BankLayout, LoRAMeta, bank_layout
+from .meta import LoRAMeta, bank_layout
 from .ops import DECODE_MAX_TOKENS, available, fused_linear, grouped_lora
 
-__all__ = ["BankLayout", "DECODE_MAX_TOKENS", "LoRAMeta", "RankLayout", "available", "bank_layout",
+__all__ = ["DECODE_MAX_TOKENS", "LoRAMeta", "RankLayout", "available", "bank_layout",
            "cuda_ops",
            "fused_linear", "grouped_lora", "reference"]

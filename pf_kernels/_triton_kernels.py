@@ -38,7 +38,8 @@ def interpreting() -> bool:
 
 
 class LazyKernel:
-    """``kernel[grid](...)`` that jits ``fn`` for the mode (GPU or interpreter) current at launch."""
+    """``kernel[grid](...)`` that jits ``fn`` for the mode (GPU or interpreter) current at
+    launch."""
 
     def __init__(self, fn):
         self.fn = fn

@@ -14,11 +14,11 @@ Worked example: experts 0 and 2 of a bank adapt a projection with ranks 2 and 3,
     G_exp[t, j] = g[t, col_expert[j]] * col_scaling[j]    [T, R], one multiply per rank row
 
 The same object serves every layer of the engine: the adapter bank describes each module's
-experts with it (adapters.LoraWeights), the mixing backends expand gates and gather active sets
-with it (mixing, backends), the kernels read its device tensors (``rank_offsets``, ``scalings``,
-``num_experts``, ``total_rank``, ``max_rank``: this is pf_kernels.BankLayout) and the references
-accept it in place of ``rank_offsets``.  Host values (``experts``, ``offsets``) are plain tuples,
-so nothing that reads a layout during a step syncs with the device.
+experts with it (persona/bank.LoraWeights), the mixing backends expand gates and gather active
+sets with it (persona/mix.py, pf_engine/backends), the kernels read its device tensors
+(``rank_offsets``, ``scalings``, ``num_experts``, ``total_rank``, ``max_rank``) and the
+references accept it in place of ``rank_offsets``.  Host values (``experts``, ``offsets``) are
+plain tuples, so nothing that reads a layout during a step syncs with the device.
 
 Kernel callers that only know (rank_offsets, scalings) get ``experts = 0..n-1``.  The engine's
 layouts come from :meth:`RankLayout.interned`, one object per distinct value and device, so

@@ -36,10 +36,9 @@ import torch
 
 from .layout import RankLayout, check_scalings, host_rank_offsets  # noqa: F401 - re-exported
 
-__all__ = ["BankLayout", "LoRAMeta", "bank_layout", "check_scalings", "host_rank_offsets"]
+__all__ = ["LoRAMeta", "bank_layout", "check_scalings", "host_rank_offsets"]
 
 
-BankLayout = RankLayout      # the kernels' name for it: rank_offsets, scalings on the device
 
 
 def bank_layout(rank_offsets, scalings: torch.Tensor | None,
@@ -103,7 +102,7 @@ class LoRAMeta:
         return cls.from_layout(gates, bank_layout(rank_offsets, scalings, gates.device))
 
     @classmethod
-    def from_layout(cls, gates: torch.Tensor, layout: BankLayout) -> "LoRAMeta":
+    def from_layout(cls, gates: torch.Tensor, layout: RankLayout) -> "LoRAMeta":
         """As :meth:`build`, from a validated :func:`bank_layout` on gates.device."""
         if gates.dim() != 2:
             raise ValueError(f"gates must be 2-D [T, K], got shape {tuple(gates.shape)}")

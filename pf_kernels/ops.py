@@ -18,7 +18,7 @@ import contextlib
 
 import torch
 
-from .meta import BankLayout, LoRAMeta, RankLayout, bank_layout
+from .meta import LoRAMeta, RankLayout, bank_layout
 
 __all__ = ["DECODE_MAX_TOKENS", "available", "grouped_lora", "fused_linear", "block_config",
            "rank_tile"]
@@ -124,7 +124,7 @@ def _check_gates(gates, T: int, K: int, x: torch.Tensor) -> None:
 
 
 def _layout(gates, rank_offsets, scalings, meta: LoRAMeta | None, T: int, R: int,
-            x: torch.Tensor) -> BankLayout:
+            x: torch.Tensor) -> RankLayout:
     if meta is not None:
         if (meta.num_tokens, meta.num_experts, meta.total_rank) != (T, gates.shape[1], R):
             raise ValueError(f"meta was built for (T, K, R) = ({meta.num_tokens}, "
@@ -238,7 +238,7 @@ def _launch_grouped(y, x, a_cat, b_cat, gates, layout, meta, interp: bool, T: in
     _launch_expand(y, h, b_cat, gates, layout, br, interp, flags)
 
 
-def _launch_expand(y, h, b_cat, gates, layout: BankLayout, br: int, interp: bool,
+def _launch_expand(y, h, b_cat, gates, layout: RankLayout, br: int, interp: bool,
                    flags: dict) -> None:
     from . import _triton_kernels as tk
     T, d_out = y.shape

@@ -132,7 +132,7 @@ def test_token_router_against_independent_reference(bank):
     x = torch.randn(2, 3, d, generator=g)                       # (B, T, d) entering layer 1
     fixed = torch.rand(6, K, generator=g)
     rows = torch.tensor([True, True, True, False, False, False])
-    mix = Mix(fixed.clone(), router, rows).for_layer(1, x)
+    mix = Mix(fixed.clone(), router, rows).enter_layer(1, x)
     logits = x.reshape(6, d).double() @ router.w[1].double().t() + router.b[1].double()
     p = torch.softmax(logits, -1)
     want = torch.zeros_like(p)

@@ -118,7 +118,7 @@ class Block:
         dec = step.decode
         H, H_kv, D = self.H, self.H_kv, self.D
         if mix is not None:
-            mix = mix.for_layer(self.index, x)
+            mix = mix.enter_layer(self.index, x)
         qkv = (self.qkv.full(rms_norm(x, self.attn_norm, self.eps), mix, dec)
                .view(B, T, H + 2 * H_kv, D))
         qk = apply_rope(qkv[:, :, :H + H_kv], cos, sin)                 # (B, T, H + H_kv, D)

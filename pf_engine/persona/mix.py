@@ -4,7 +4,7 @@ For the N = B * T token rows of a forward, ``gates`` [N, K] fp32 weights the ban
 (row t of layer l computes y = W x + sum_k g[t, k] s_k B_k A_k x, model/linear.py).  Fixed
 gates (explicit personas, the sequence router) are the same in every layer; a zero row runs the
 base model.  With a token router, the rows flagged in ``token_rows`` get fresh gates in every
-layer from the hidden state entering it (``for_layer``), and ``token_sum`` adds them up over
+layer from the hidden state entering it (``enter_layer``), and ``token_sum`` adds them up over
 layers for reporting (``request_sums`` splits it per request).
 
 ``Mix.for_rows`` is the one place a forward's Mix is built from per-request gate rows.
@@ -29,7 +29,7 @@ class Mix:
         self.token_router = token_router if any_token else None
         self.token_rows = token_rows
         self.token_sum = None
-        if self.token_router is not None:     # every layer sets its own gates (for_layer)
+        if self.token_router is not None:     # every layer sets its own gates (enter_layer)
             active = tuple(range(gates.shape[1]))
         self._set(gates, active)
 
@@ -68,9 +68,11 @@ class Mix:
             self._expanded[(layout, dtype)] = g
         return g
 
-    def for_layer(self, layer: int, x: torch.Tensor) -> "Mix":
-        """The gates to use in ``layer`` given its input x [B, T, d] (token routing recomputes;
-        all experts stay active, so the grouped and kernel paths need no host sync)."""
+    def enter_layer(self, layer: int, x: torch.Tensor) -> "Mix":
+        """Enter ``layer``: its input x [B, T, d] sets this Mix's gates for it, in place (token
+        routing recomputes them and adds them to ``token_sum``; fixed gates stay), and the Mix
+        is returned.  All experts stay active, so the grouped and kernel paths need no host
+        sync."""
         if self.token_router is not None:
             g = self.token_router(layer, x.reshape(-1, x.shape[-1])).float()
             g = torch.where(self.token_rows.unsqueeze(1), g, self.fixed)

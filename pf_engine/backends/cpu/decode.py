@@ -75,7 +75,7 @@ class CpuRunner(Blocks):
         gates = None
         for blk, plan in zip(self.blocks, self.plans):
             if mix is not None:
-                gates = mix.for_layer(blk.index, h.view(B, 1, d)).gates.numpy()
+                gates = mix.enter_layer(blk.index, h.view(B, 1, d)).gates.numpy()
             plan.step(hn, gates, cos, sin, k, v, blk.index, cache.s0, cols, bias, threads,
                       self.group)
         return h.view(B, 1, d)
