@@ -34,7 +34,7 @@ def sync(device: str) -> None:
 
 def time_mode(eng, mode: str, B: int, personas: list, steps: int, repeats: int, device: str) -> float:
     from pf_engine.generation.sampling import SamplingParams
-    sched = eng.scheduler(slots=B, max_len=512, prefill_budget=4096, background=False, decode=mode)
+    sched = eng.new_scheduler(slots=B, max_len=512, prefill_budget=4096, background=False, decode=mode)
     budget = 2 + steps * (repeats + 1)
     reqs = [sched.submit(eng._encode([PROMPTS[i % len(PROMPTS)]], True)[0],
                          SamplingParams(max_new_tokens=budget), personas[i % len(personas)])

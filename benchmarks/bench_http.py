@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     recs, t0, busy = run_continuous(eng, stream, args.slots, 128)
     runs = [summary("in-process", args.rate, recs, t0, busy)]
     print(f"  in-process: {runs[-1]['throughput_tok_s']:.1f} tok/s", file=sys.stderr)
-    eng.scheduler(slots=args.slots, prefill_budget=128)                    # a fresh pool
+    eng.new_scheduler(slots=args.slots, prefill_budget=128)                    # a fresh pool
     with ThreadedServer(build_app(eng, MID, max_queue=args.requests)) as srv:
         recs, t0 = run_http(srv.url, stream)
     st = eng.scheduler().stats

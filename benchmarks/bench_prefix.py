@@ -120,7 +120,7 @@ def stream_specs(eng, n: int, seed: int) -> list[tuple[list[int], object]]:
 def run_stream(eng, specs, gaps, new_tokens: int, cache_on: bool) -> dict:
     from pf_engine.generation.sampling import SamplingParams
     eng.set_prefix_cache(1.0 if cache_on else 0)
-    sched = eng.scheduler(slots=4, max_len=512)
+    sched = eng.new_scheduler(slots=4, max_len=512)
     reqs, t0 = [], time.perf_counter()
     for (ids, persona), gap in zip(specs, gaps):
         time.sleep(gap)

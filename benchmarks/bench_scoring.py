@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     watch = CpuWatch()
     folder = resolve_model(args.model, True)
     eng = Engine.from_pretrained(folder, device="cpu", dtype="fp32", progress=False)
-    eng.scheduler(slots=2, max_len=64)
+    eng.new_scheduler(slots=2, max_len=64)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     prompts = make_prompts(args.prompts, args.min_len, args.max_len, eng.config.vocab_size,
                            args.seed)

@@ -87,7 +87,7 @@ def summary(name: str, rate: float, recs: list[dict], t0: float, busy: float) ->
 
 
 def run_continuous(eng, stream: list[dict], slots: int, budget: int, drop_personas: bool = False):
-    eng.scheduler(slots=slots, prefill_budget=budget)   # a fresh one: empty pool, background thread
+    eng.new_scheduler(slots=slots, prefill_budget=budget)   # a fresh one: empty pool, background thread
     t0 = time.perf_counter()
     reqs = []
     for s in stream:

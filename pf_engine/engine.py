@@ -21,7 +21,7 @@ from pf_engine.backends import resolve_backend
 from pf_engine.backends.cpu.experts import check as check_expert_format, describe as expert_formats
 from pf_engine.errors import PFError, RequestError
 from pf_engine.model.config import ModelConfig
-from pf_engine.model.decoder import Decoder, Scratch, causal_mask
+from pf_engine.model.decoder import Decoder, SCRATCH, causal_mask
 from pf_engine.model import quantize as quantization
 from pf_engine.model.loading import check_model_path, load_weights
 from pf_engine.outputs import GenerationOutput, Stats
@@ -318,26 +318,30 @@ class Engine:
         self._prefix = PrefixCache.for_engine(self, gb)
         self.prefix_cache_gb = gb
 
-    def scheduler(self, slots: int | None = None, max_len: int | None = None,
-                  prefill_budget: int | None = None, background: bool | None = None,
-                  kv_cache_gb: float | None = None, decode: str | None = None):
-        """The engine's continuous-batching scheduler (scheduler.Scheduler).  With no arguments:
-        the current one, or a default one.  With arguments: a new one built with them (defaults
-        for the rest, runtime/config.py: 8 slots, background thread, ...), once the current one
-        is idle.  kv_cache_gb sizes the pool by memory: as many slots of max_len columns as fit.
-        decode: "dynamic", "static" or "graphs" (CUDA graphs, the default on CUDA; see
+    def scheduler(self):
+        """The engine's continuous-batching scheduler (scheduler.Scheduler): the current one, or
+        a default one built on first use (runtime/config.py: 8 slots, background thread, ...).
+        ``new_scheduler`` replaces it."""
+        cur = getattr(self, "_scheduler", None)
+        return cur if cur is not None else self.new_scheduler()
+
+    def new_scheduler(self, slots: int | None = None, max_len: int | None = None,
+                      prefill_budget: int | None = None, background: bool | None = None,
+                      kv_cache_gb: float | None = None, decode: str | None = None):
+        """Build the engine's scheduler anew with these settings (defaults for the rest,
+        runtime/config.py), once the current one is idle, and return it: a new KV pool.
+        kv_cache_gb sizes the pool by memory: as many slots of max_len columns as fit.  decode:
+        "dynamic", "static" or "graphs" (CUDA graphs, the default on CUDA; see
         runtime/static_decode.py)."""
         from pf_engine.runtime.config import SchedulerConfig
         from pf_engine.runtime.scheduler import Scheduler
         cur = getattr(self, "_scheduler", None)
-        asked = dict(slots=slots, max_len=max_len, prefill_budget=prefill_budget,
-                     background=background, kv_cache_gb=kv_cache_gb, decode=decode)
-        if cur is not None and all(a is None for a in asked.values()):
-            return cur
         if cur is not None and cur.pending():
             raise RequestError("the scheduler has requests in flight: wait for them (or cancel "
                                "them) before building another")
-        self._scheduler = Scheduler(self, SchedulerConfig.of(**asked))
+        self._scheduler = Scheduler(self, SchedulerConfig.of(
+            slots=slots, max_len=max_len, prefill_budget=prefill_budget, background=background,
+            kv_cache_gb=kv_cache_gb, decode=decode))
         return self._scheduler
 
     def submit(self, prompt, sampling: SamplingParams | None = None, *, persona=None,
@@ -398,7 +402,7 @@ class Engine:
                                self.bank.token_router)
         positions = torch.arange(T, device=self.device).expand(B, T)
         with self.backend.policy.forward(self.device, self.backend.own_threads(B * T)):
-            return self.model(ids, positions, Scratch, causal_mask(T, self.config.sliding_window,
+            return self.model(ids, positions, SCRATCH, causal_mask(T, self.config.sliding_window,
                                                                    self.device), mix=mix)
 
 

@@ -13,7 +13,7 @@ from pf_engine.persona.bank import AdapterBank
 from pf_engine.model.config import ModelConfig
 from pf_engine.model.kv_cache import SlotCache
 from pf_engine.backends import backend_status
-from pf_engine.model.decoder import Scratch
+from pf_engine.model.decoder import SCRATCH
 from pf_engine.persona.mix import Mix
 from pf_engine.model.step import WHOLE, Step
 
@@ -101,7 +101,7 @@ def test_eligibility(engine, hf_model_dir):
     assert not runner.applies(x.double(), view, DECODE)
     assert not runner.applies(torch.cat([x, x], 1), view, WHOLE)   # not a decode step
     assert not runner.applies(x[:1].expand(17, 1, x.shape[-1]), view, DECODE)
-    assert not runner.applies(x, Scratch, DECODE)
+    assert not runner.applies(x, SCRATCH, DECODE)
     other = Engine.from_pretrained(eng.folder, adapters=eng.bank, backend="torch", progress=False,
                                    device="cpu", dtype="fp32")
     assert type(other.model.runner) is Blocks

@@ -93,7 +93,7 @@ def test_pf_serve_chat_defaults(engine):
     pytest.importorskip("uvicorn")
     from pf_engine.serve import build_app
     from pf_engine.serve.threaded import ThreadedServer
-    engine.scheduler(slots=2, max_len=128)
+    engine.new_scheduler(slots=2, max_len=128)
     server = ThreadedServer(build_app(engine, "tiny", max_queue=8, timeout_s=60))
     try:
         c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)

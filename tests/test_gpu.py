@@ -125,7 +125,7 @@ def test_cuda_graph_decode_matches_dynamic(model_and_bank, backend):
     arrive = [0, 0, 1, 2, 2, 5, 6]
     out = {}
     for mode in ("dynamic", "graphs"):
-        sched = eng.scheduler(slots=4, max_len=64, prefill_budget=8, background=False, decode=mode)
+        sched = eng.new_scheduler(slots=4, max_len=64, prefill_budget=8, background=False, decode=mode)
         out[mode] = [r.result().token_ids for r in run_arrivals(sched, specs, arrive)]
         if mode == "graphs":
             assert 1 <= len(sched.static._captured) < sched.steps       # replayed, not recaptured

@@ -81,7 +81,7 @@ def by_doc(result: dict, task: str) -> dict:
 def test_local_completions_against_pf_serve_equals_hf(converted_smollm2, tasks):
     ref = run("hf", f"pretrained={converted_smollm2},dtype=float32,device=cpu", tasks)
     eng = Engine.from_pretrained(converted_smollm2, progress=False, device="cpu", dtype="fp32")
-    eng.scheduler(slots=4, max_len=512)
+    eng.new_scheduler(slots=4, max_len=512)
     with ThreadedServer(build_app(eng, MID, timeout_s=300)) as server:
         got = run("local-completions",
                   f"model={MID},base_url={server.url}/v1/completions,num_concurrent=1,"

@@ -31,7 +31,7 @@ def engine(tiny_chat_model):
     cfg = ModelConfig.from_file(f"{folder}/config.json")
     bank = AdapterBank.random(cfg, rank=4, seed=11, router=True)
     eng = Engine.from_pretrained(folder, adapters=bank, progress=False, device="cpu", dtype="fp32")
-    eng.scheduler(slots=8, max_len=128)
+    eng.new_scheduler(slots=8, max_len=128)
     return eng
 
 

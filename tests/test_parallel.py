@@ -29,7 +29,7 @@ def _logits(folder: str, rank: int, world: int):
     """Logits [len(PERSONAS), T, V] of fixed tokens under each persona kind: the whole model
     (world 1) or this rank's shard (inside a process group)."""
     from pf_engine.backends import resolve_backend
-    from pf_engine.model.decoder import Decoder, Scratch, causal_mask
+    from pf_engine.model.decoder import Decoder, SCRATCH, causal_mask
     from pf_engine.model.loading import load_weights
     from pf_engine.parallel.group import reducer
     from pf_engine.parallel.tp import shard_model
@@ -58,7 +58,7 @@ def _logits(folder: str, rank: int, world: int):
             mix = None if not personas.any else Mix.for_rows(personas.rows, personas.token_rows, T,
                                                              bank.token_router)
             pos = torch.arange(T).expand(1, T)
-            out.append(model(ids, pos, Scratch, causal_mask(T, cfg.sliding_window, ids.device), mix=mix)[0])
+            out.append(model(ids, pos, SCRATCH, causal_mask(T, cfg.sliding_window, ids.device), mix=mix)[0])
     return torch.stack(out)
 
 
@@ -195,7 +195,7 @@ def test_engine_on_two_ranks_matches_one(engines):
     assert ga == gb
     outs = []
     for eng in (one, two):
-        sched = eng.scheduler(slots=2, max_len=64, prefill_budget=5, background=False)
+        sched = eng.new_scheduler(slots=2, max_len=64, prefill_budget=5, background=False)
         reqs = []
         for step in range(len(kinds) + 12):
             if step < len(kinds):
@@ -223,7 +223,7 @@ def test_the_prefix_cache_on_two_ranks(engines, blocks):
         eng.set_prefix_cache(1.0)
         if blocks is not None:
             eng.set_prefix_cache(blocks * eng.prefix_cache().block_bytes / 2 ** 30)
-        sched = eng.scheduler(slots=2, max_len=96, prefill_budget=24, background=False)
+        sched = eng.new_scheduler(slots=2, max_len=96, prefill_budget=24, background=False)
         got = []
         for i, kind in enumerate(kinds):
             req = sched.submit(prefix + [100 + i, 5], SamplingParams(max_new_tokens=5), kind)
@@ -258,7 +258,7 @@ def test_pf_serve_on_two_ranks(tiny_chat_model):
                               router=True)
     one = Engine.from_pretrained(folder, adapters=bank, progress=False)
     two = Engine.from_pretrained(folder, adapters=bank, progress=False, tensor_parallel=2)
-    two.scheduler(slots=4, max_len=64)
+    two.new_scheduler(slots=4, max_len=64)
     server = ThreadedServer(build_app(two, "tiny", max_queue=8, timeout_s=60))
     kinds = [None, {BIG_FIVE[3]: 0.8, BIG_FIVE[6]: 0.2}, "auto", "token"]
     try:
@@ -436,7 +436,7 @@ def test_the_bundled_model_on_three_ranks_matches_one(converted_smollm2, bundled
         assert ga == [o.token_ids for o in three.generate(prompts, max_new_tokens=8, persona=kinds)]
         outs = []
         for eng in (one, three):
-            sched = eng.scheduler(slots=2, max_len=96, prefill_budget=16, background=False)
+            sched = eng.new_scheduler(slots=2, max_len=96, prefill_budget=16, background=False)
             reqs = [sched.submit(p, SamplingParams(max_new_tokens=5), k) for p, k in zip(prompts[:3], kinds[2:])]
             sched.run()
             outs.append([r.result().token_ids for r in reqs])

@@ -28,7 +28,7 @@ def test_a_one_rank_nccl_group_gives_the_whole_models_logits(hf_model_dir):
 
     from pf_engine.backends import resolve_backend
     from pf_engine.model.config import ModelConfig
-    from pf_engine.model.decoder import Decoder, Scratch, causal_mask
+    from pf_engine.model.decoder import Decoder, SCRATCH, causal_mask
     from pf_engine.model.loading import load_weights
     from pf_engine.parallel.group import make_group, reducer
     from pf_engine.parallel.tp import VocabHead, shard_model
@@ -53,8 +53,8 @@ def test_a_one_rank_nccl_group_gives_the_whole_models_logits(hf_model_dir):
     gates = torch.rand(1, bank.num_experts, generator=torch.Generator().manual_seed(4)).to(CUDA)
     mix = lambda: Mix.for_rows(gates, torch.zeros(1, dtype=torch.bool, device=CUDA), T)  # noqa: E731
     with torch.inference_mode():
-        a = whole(ids, pos, Scratch, causal_mask(T, cfg.sliding_window, CUDA), mix=mix())
-        b = shard(ids, pos, Scratch, causal_mask(T, cfg.sliding_window, CUDA), mix=mix())
+        a = whole(ids, pos, SCRATCH, causal_mask(T, cfg.sliding_window, CUDA), mix=mix())
+        b = shard(ids, pos, SCRATCH, causal_mask(T, cfg.sliding_window, CUDA), mix=mix())
     assert (a - b).abs().max() <= 1e-4 * (1 + a.abs().max())
 
 

@@ -37,7 +37,7 @@ def ids(n: int, seed: int) -> list[int]:
 def run(eng, cache, specs, slots=3, arrive=None, cancel=None):
     """Greedy outputs of specs [(ids, persona, n)] through one scheduler using ``cache``
     (None: off), requests arriving at steps ``arrive`` (default: one per step, in order)."""
-    sched = eng.scheduler(slots=slots, max_len=160, prefill_budget=24, background=False)
+    sched = eng.new_scheduler(slots=slots, max_len=160, prefill_budget=24, background=False)
     sched.prefix = cache
     arrive = arrive or list(range(len(specs)))
     reqs, step = {}, 0

@@ -52,7 +52,7 @@ def test_auto_gates_carry_the_strength_and_equal_explicit_weights(engine):
 
 def test_none_gates_through_the_scheduler(engine):
     ids = [engine.tokenizer.encode(p, chat=True) for p in PROMPTS]
-    sched = engine.scheduler(slots=2, max_len=64, background=False)
+    sched = engine.new_scheduler(slots=2, max_len=64, background=False)
     reqs = [sched.submit(i, SamplingParams(max_new_tokens=3), "auto") for i in ids]
     while sched.pending():
         sched.step()
@@ -69,7 +69,7 @@ def test_none_gates_through_pf_serve(engine):
     from pf_engine.serve import build_app
     from pf_engine.serve.threaded import ThreadedServer
     eng = engine
-    eng.scheduler(slots=4, max_len=128)
+    eng.new_scheduler(slots=4, max_len=128)
     server = ThreadedServer(build_app(eng, MID, max_queue=8, timeout_s=60))
     try:
         c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)

@@ -11,7 +11,7 @@ import torch
 from pf_engine import Engine
 from pf_engine.backends import backend_status
 from pf_engine.model.config import ModelConfig
-from pf_engine.model.decoder import Scratch, causal_mask
+from pf_engine.model.decoder import SCRATCH, causal_mask
 from pf_engine.model.step import WHOLE, Step
 from pf_engine.persona.bank import BIG_FIVE, AdapterBank
 from pf_engine.runtime.config import SchedulerConfig
@@ -55,7 +55,7 @@ def test_the_plan_decides_the_step(kinds, mixed, token):
 def test_a_decode_step_of_several_tokens_is_refused(engine):
     ids = torch.tensor([[3, 4]])
     with pytest.raises(ValueError, match="decode step has one token per row"):
-        engine.model(ids, torch.arange(2).view(1, 2), Scratch,
+        engine.model(ids, torch.arange(2).view(1, 2), SCRATCH,
                      causal_mask(2, engine.config.sliding_window, "cpu"), step=Step(decode=True))
 
 

@@ -76,7 +76,7 @@ def test_requests_joining_and_leaving_match_each_alone(engines):
     """Arrivals at different steps, different prompt and output lengths, every persona kind,
     fewer slots than requests (some wait): each request's greedy tokens and gates are its own."""
     eng = engines["torch"]
-    sched = eng.scheduler(slots=3, max_len=64, prefill_budget=4, background=False)
+    sched = eng.new_scheduler(slots=3, max_len=64, prefill_budget=4, background=False)
     specs = [(prompt(3 + 2 * i, i), PERSONAS[i % len(PERSONAS)], 4 + 3 * (i % 3)) for i in range(8)]
     arrive = [0, 0, 1, 2, 2, 5, 7, 7]                       # the step each request is submitted at
     def at_most_three(sched):
@@ -106,7 +106,7 @@ def test_static_decode_equals_dynamic(engines, backend):
     arrive = [0, 0, 1, 3, 3, 4, 6]
     out = {}
     for mode in ("dynamic", "static"):
-        sched = eng.scheduler(slots=5, max_len=64, prefill_budget=6, background=False, decode=mode)
+        sched = eng.new_scheduler(slots=5, max_len=64, prefill_budget=6, background=False, decode=mode)
 
         def lengths_on_device(sched):
             if sched.static is not None:
@@ -119,12 +119,12 @@ def test_static_decode_equals_dynamic(engines, backend):
             for k, w in d.gates["weights"].items():
                 assert abs(s.gates["weights"][k] - w) <= 1e-4, (i, k)
     with pytest.raises(RequestError, match="decode='fast': expected dynamic, static or graphs"):
-        eng.scheduler(decode="fast")
+        eng.new_scheduler(decode="fast")
 
 
 def test_naive_backend_through_the_scheduler(engines):
     eng = engines["naive"]
-    sched = eng.scheduler(slots=2, max_len=48, background=False)
+    sched = eng.new_scheduler(slots=2, max_len=48, background=False)
     reqs = [sched.submit(prompt(5 + i, 40 + i), SamplingParams(max_new_tokens=5), p)
             for i, p in enumerate([TOP2, None, "token"])]
     for r, p in zip(reqs, [TOP2, None, "token"]):
@@ -133,7 +133,7 @@ def test_naive_backend_through_the_scheduler(engines):
 
 def test_cancel_frees_the_slot_and_slots_are_reused(engines):
     eng = engines["torch"]
-    sched = eng.scheduler(slots=2, max_len=64, background=False)
+    sched = eng.new_scheduler(slots=2, max_len=64, background=False)
     a = sched.submit(prompt(6, 1), SamplingParams(max_new_tokens=30), TOP2)
     b = sched.submit(prompt(4, 2), SamplingParams(max_new_tokens=30), DENSE)
     c = sched.submit(prompt(5, 3), SamplingParams(max_new_tokens=6), "token")
@@ -155,7 +155,7 @@ def test_cancel_frees_the_slot_and_slots_are_reused(engines):
 
 def test_many_short_requests_leak_nothing(engines):
     eng = engines["torch"]
-    sched = eng.scheduler(slots=4, max_len=32, background=False)
+    sched = eng.new_scheduler(slots=4, max_len=32, background=False)
     shapes = (sched.runner.cache.k.shape, sched.runner.gates.shape)
     reqs = [sched.submit(prompt(2 + i % 5, i), SamplingParams(max_new_tokens=1 + i % 2),
                          PERSONAS[i % len(PERSONAS)]) for i in range(1000)]
@@ -170,7 +170,7 @@ def test_many_short_requests_leak_nothing(engines):
 
 def test_a_request_larger_than_a_slot_is_refused(engines):
     eng = engines["torch"]
-    sched = eng.scheduler(slots=2, max_len=16, background=False)
+    sched = eng.new_scheduler(slots=2, max_len=16, background=False)
     with pytest.raises(RequestError, match=r"needs 21 cache columns; a slot holds 16"):
         sched.submit(prompt(11, 0), SamplingParams(max_new_tokens=10))
     assert not sched.pending()
@@ -184,7 +184,7 @@ def test_a_long_prompt_is_prefilled_a_budget_per_step_while_others_decode(engine
     decoding request takes five steps of at most 4 tokens, and the decoding request gets one
     token in every one of them; both still equal their runs alone."""
     eng = engines["torch"]
-    sched = eng.scheduler(slots=2, max_len=64, prefill_budget=4, background=False)
+    sched = eng.new_scheduler(slots=2, max_len=64, prefill_budget=4, background=False)
     a = sched.submit(prompt(3, 5), SamplingParams(max_new_tokens=12), DENSE)
     sched.step()                                     # a's prompt fits one budget: it decodes
     assert sched.decoding == 1 and len(a.tokens) == 2
@@ -199,7 +199,7 @@ def test_a_long_prompt_is_prefilled_a_budget_per_step_while_others_decode(engine
     assert a.result().token_ids == alone(eng, a.ids, DENSE, 12).token_ids
     assert b.result().token_ids == alone(eng, b.ids, "auto", 3).token_ids
     with pytest.raises(RequestError, match=r"prefill_budget=0: expected an integer >= 1"):
-        eng.scheduler(prefill_budget=0)
+        eng.new_scheduler(prefill_budget=0)
 
 
 def test_pool_sized_from_a_memory_budget(engines):
@@ -208,21 +208,21 @@ def test_pool_sized_from_a_memory_budget(engines):
     eng = engines["torch"]
     cfg = eng.config
     per = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 32 * cfg.head_dim * 4   # fp32
-    sched = eng.scheduler(max_len=32, kv_cache_gb=3.5 * per / 2 ** 30, background=False)
+    sched = eng.new_scheduler(max_len=32, kv_cache_gb=3.5 * per / 2 ** 30, background=False)
     assert sched.slots == 3 and sched.runner.cache.k.numel() * 4 * 2 == 3 * per
     with pytest.raises(RequestError, match=r"kv_cache_gb=.*: one slot of 32 columns needs"):
-        eng.scheduler(max_len=32, kv_cache_gb=0.5 * per / 2 ** 30)
+        eng.new_scheduler(max_len=32, kv_cache_gb=0.5 * per / 2 ** 30)
     with pytest.raises(RequestError, match=r"slots=4: 4 slots of 32 columns need"):
-        eng.scheduler(slots=4, max_len=32, kv_cache_gb=3.5 * per / 2 ** 30)
+        eng.new_scheduler(slots=4, max_len=32, kv_cache_gb=3.5 * per / 2 ** 30)
     with pytest.raises(RequestError, match=r"kv_cache_gb=-1: expected a number > 0"):
-        eng.scheduler(kv_cache_gb=-1)
+        eng.new_scheduler(kv_cache_gb=-1)
 
 
 def test_submit_in_the_background(engines):
     """Engine.submit returns at once; the background thread produces tokens; iteration and
     result() agree with generate; requests from several threads."""
     eng = engines["torch"]
-    eng.scheduler(slots=3)                   # a background one (the tests above drove steps)
+    eng.new_scheduler(slots=3)                   # a background one (the tests above drove steps)
     outs = {}
 
     def client(i):
@@ -252,7 +252,7 @@ def test_triton_kernels_through_the_scheduler(engines, hf_model_dir, monkeypatch
     assert eng.backend.name == "triton"
     got, want = {}, {}
     for e, out in ((eng, got), (torch_eng, want)):
-        sched = e.scheduler(slots=2, max_len=48, background=False)
+        sched = e.new_scheduler(slots=2, max_len=48, background=False)
         reqs = [sched.submit(prompt(4 + i, 70 + i), SamplingParams(max_new_tokens=4), p)
                 for i, p in enumerate([TOP2, "token", None])]
         for i, r in enumerate(reqs):
@@ -265,7 +265,7 @@ def test_asyncio_clients(engines):
     background scheduler: the same tokens as the blocking forms; cancel from a coroutine."""
     import asyncio
     eng = engines["torch"]
-    eng.scheduler(slots=2)
+    eng.new_scheduler(slots=2)
 
     async def main():
         async def one(i):
@@ -288,7 +288,7 @@ def test_asyncio_clients(engines):
     # its 200th token or at an EOS the random model drew)
     assert cancelled.finish_reason == "cancelled" or (cancelled.finish_reason == "stop" or len(seen) == 200)
 
-    sched = eng.scheduler(slots=1, background=False)
+    sched = eng.new_scheduler(slots=1, background=False)
     req = sched.submit(prompt(3, 1), SamplingParams(max_new_tokens=2))
     with pytest.raises(RequestError, match="need a background scheduler"):
         asyncio.run(req.aresult())
@@ -334,7 +334,7 @@ def test_a_failed_graph_capture_falls_back_to_dynamic_decoding(engines):
     """If capturing a step fails, the scheduler warns once and decodes dynamically: the requests
     in flight lose nothing (here capture is forced on a CPU, where it must fail)."""
     eng = engines["torch"]
-    sched = eng.scheduler(slots=2, max_len=48, background=False, decode="static")
+    sched = eng.new_scheduler(slots=2, max_len=48, background=False, decode="static")
     sched.static.graphs = True
     reqs = [sched.submit(prompt(5 + i, 90 + i), SamplingParams(max_new_tokens=5), p)
             for i, p in enumerate([TOP2, "token"])]
@@ -398,6 +398,6 @@ def test_static_step_is_capturable(engines, backend, monkeypatch, hf_model_dir):
             return step(self, *key)
     monkeypatch.setattr(static_decode.StaticDecode, "_step", probed)
     specs = [(prompt(3 + i, 70 + i), PERSONAS[i % len(PERSONAS)], 4) for i in range(6)]
-    sched = eng.scheduler(slots=8, max_len=64, prefill_budget=64, background=False, decode="static")
+    sched = eng.new_scheduler(slots=8, max_len=64, prefill_budget=64, background=False, decode="static")
     run_arrivals(sched, specs, [0] * len(specs))
     assert not probe.hits, "\n\n".join(f"{k} at\n{v}" for k, v in probe.hits.items())

@@ -26,7 +26,7 @@ LIMIT = 4096
 @pytest.fixture(scope="module")
 def server(tiny_chat_model):
     eng = Engine.from_pretrained(tiny_chat_model[0], progress=False, device="cpu", dtype="fp32")
-    eng.scheduler(slots=4, max_len=128)
+    eng.new_scheduler(slots=4, max_len=128)
     s = ThreadedServer(build_app(eng, MID, max_body=LIMIT, timeout_s=60))
     yield s
     s.close()

@@ -87,7 +87,7 @@ def test_mixed_batch_leaves_free_rows_unchanged(eng32):
     eng = eng32
     free = ["Write a haiku about the sea.", "What is the capital of Italy?"]
     enc = [eng.tokenizer.encode(p, chat=True) for p in free + [PROMPTS["person"], PROMPTS["enum"]]]
-    sched = eng.scheduler(slots=4, max_len=256, background=False)
+    sched = eng.new_scheduler(slots=4, max_len=256, background=False)
     sched.prefix = None
     alone = []
     for ids in enc[:2]:

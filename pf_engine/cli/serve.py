@@ -95,7 +95,7 @@ def main(argv=None) -> int:
                                      tensor_parallel=args.tensor_parallel)
         if args.prefix_cache_gb is not None:
             eng.set_prefix_cache(args.prefix_cache_gb)
-        eng.scheduler(slots=args.slots, max_len=args.max_len, kv_cache_gb=args.kv_cache_gb)
+        eng.new_scheduler(slots=args.slots, max_len=args.max_len, kv_cache_gb=args.kv_cache_gb)
     except PFError as e:
         return fail("pf-serve", e)
     mid = args.model_id or model_id(eng.folder)

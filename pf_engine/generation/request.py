@@ -140,7 +140,7 @@ class Request:
         looks, so no wake-up is lost."""
         if not self.sched.background:
             raise RequestError("await / async for need a background scheduler "
-                               "(Engine.scheduler(background=True), the default)")
+                               "(Engine.new_scheduler(background=True), the default)")
         ev = asyncio.Event()
         self._watchers = self._watchers + [(asyncio.get_running_loop(), ev)]
         i = 0

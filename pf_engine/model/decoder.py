@@ -8,7 +8,7 @@ One block, written once and looped over layers:
 Attention is causal with grouped-query heads (H query heads share H / H_kv key/value heads) and an
 optional sliding window (Mistral).  It reads and writes a KV cache through ``cache.update(layer,
 k, v)``: the scheduler's slot view (kv_cache.RowsView: every row at its own columns,
-rows of a prefill chunk right-padded) or ``Scratch`` for one pass over whole sequences (scoring,
+rows of a prefill chunk right-padded) or ``SCRATCH`` for one pass over whole sequences (scoring,
 the router's hidden states).  ``positions`` are per row, and the mask says which cache columns
 each query may see.  The backend the model was built with runs the blocks (``backend.runner``)
 and every product (``Linear.backend``).  Shapes are noted as (B, T, ...) where they change.
@@ -80,13 +80,15 @@ def causal_mask(T: int, window: int | None, device) -> torch.Tensor:
     return ok.view(1, 1, T, T)
 
 
-class Scratch:
+class NoCache:
     """The KV "cache" of one pass over whole sequences: each layer attends to the keys and values
-    it just computed (nothing is kept, nothing preallocated)."""
+    it just computed (nothing is kept, nothing preallocated).  One instance, ``SCRATCH``."""
 
-    @staticmethod
-    def update(layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         return k, v
+
+
+SCRATCH = NoCache()
 
 
 def decode_bias(mask: torch.Tensor, dtype) -> torch.Tensor:
@@ -188,7 +190,7 @@ class Decoder:
             cos, sin = self.rotary.tables(positions, self.dtype)
             mask = causal_mask(T, self.cfg.sliding_window, tokens.device)
             for blk in self.blocks[:layers]:
-                x = blk(x, cos, sin, Scratch, mask)
+                x = blk(x, cos, sin, SCRATCH, mask)
                 yield x
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor,
@@ -196,7 +198,7 @@ class Decoder:
         """tokens, positions [B, T] -> float32 logits [B, T, vocab] (with ``pick`` [B], the logits
         of row b's position pick[b] only, [B, 1, vocab]).
 
-        Writes the keys/values of the T new tokens through ``cache`` (a RowsView or Scratch);
+        Writes the keys/values of the T new tokens through ``cache`` (a RowsView or SCRATCH);
         mask: bool [B or 1, 1, T, L].  ``mix``: the persona gates of the B * T rows (None: the
         base model).  ``step`` (step.py): what kind of forward this is, as its caller planned it
         (a decode step: T == 1, every row after its cached columns).

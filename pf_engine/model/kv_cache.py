@@ -1,6 +1,6 @@
 """The scheduler's KV pool: ``SlotCache`` holds a row of columns per request in flight, and
 ``RowsView`` is what the blocks of one forward see of it (every row writing at its own columns).
-A pass over whole sequences needs no cache (model.decoder.Scratch).  The scheduler sizes the
+A pass over whole sequences needs no cache (model.decoder.SCRATCH).  The scheduler sizes the
 pool (runtime/config.py: slots given, or as many as a memory budget holds).
 
     k, v: [layers, slots, H_kv, max_len, head_dim]

@@ -34,7 +34,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pf_engine.errors import PFError
-from pf_engine.model.decoder import Scratch
+from pf_engine.model.decoder import SCRATCH
 from pf_engine.model.step import WHOLE
 from pf_engine.parallel.group import HOST, make_group, make_reducer
 from pf_engine.parallel.worker import to_wire, worker_main
@@ -47,7 +47,7 @@ class ParallelError(PFError):
 
 # what travels on a pipe ------------------------------------------------------------------------
 def cache_desc(cache):
-    if cache is Scratch:
+    if cache is SCRATCH:
         return None
     return (cache.pool.key, cache.s0, list(cache.starts), list(cache.counts))
 

@@ -23,7 +23,7 @@ import traceback
 
 import torch
 
-from pf_engine.model.decoder import Scratch
+from pf_engine.model.decoder import SCRATCH
 from pf_engine.persona.mix import Mix
 from pf_engine.model.kv_cache import RowsView, SlotCache
 
@@ -151,7 +151,7 @@ def run(cmd, model, bank, caches, blocks) -> None:
     op = cmd[0]
     if op == "forward":
         _, tokens, positions, cdesc, mask, mdesc, pick, step = cmd
-        cache = Scratch if cdesc is None else RowsView(caches[cdesc[0]], *cdesc[1:])
+        cache = SCRATCH if cdesc is None else RowsView(caches[cdesc[0]], *cdesc[1:])
         mix = None
         if mdesc is not None:
             fixed, token_rows, active, token = mdesc

@@ -1,7 +1,7 @@
 """What a scheduler is built with: its defaults and their checks, in one place.
 
     cfg = SchedulerConfig(slots=4, max_len=512)          # anything not given: its default
-    sched = Scheduler(engine, cfg)                        # Engine.scheduler(slots=4, ...) does this
+    sched = Scheduler(engine, cfg)              # Engine.new_scheduler(slots=4, ...) does this
 
 slots           requests in flight at most: 8, or as many as ``kv_cache_gb`` GiB of KV hold
 max_len         cache columns per slot (prompt + new tokens of one request): the model's

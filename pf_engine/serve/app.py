@@ -189,7 +189,8 @@ async def internal_error(_, e: Exception):
 
 def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = None,
               timeout_s: float = 600.0, max_body: int = MAX_BODY_BYTES) -> FastAPI:
-    """The app for ``engine`` (its scheduler as configured, e.g. ``engine.scheduler(slots=8)``)."""
+    """The app for ``engine`` (its scheduler as configured, e.g.
+    ``engine.new_scheduler(slots=8)``)."""
     app = FastAPI(title="pf-serve", docs_url=None, redoc_url=None, openapi_url=None)
     s = app.state.server = Server(engine, model_id, max_queue, timeout_s, max_body)
     app.state.engine, app.state.catalog, app.state.metrics = engine, s.catalog, s.metrics

@@ -198,7 +198,7 @@ def reasoning(eng, conds: list[dict], data_dir: str | None = None, limit: int = 
     ids = model_ids(conds)
     if "base" not in ids:
         ids = {"base": MID, **ids}
-    eng.scheduler(slots=16, max_len=min(512, eng.config.max_position_embeddings))
+    eng.new_scheduler(slots=16, max_len=min(512, eng.config.max_position_embeddings))
     per = {}
     with tempfile.TemporaryDirectory() as tmp, \
             ThreadedServer(build_app(eng, MID, timeout_s=600)) as server:
