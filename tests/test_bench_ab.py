@@ -24,7 +24,8 @@ def test_ab_interleaves_both_sides(tiny_chat_model, tmp_path):
     # a 3-token decode time is a difference of timings and may be noise below zero: the
     # ratio is only checked to be a number (timings never decide a test)
     assert s["ratio"] is None or math.isfinite(s["ratio"])
-    assert "| base | " in bench_ab.markdown(res)
+    assert s["quantize"] == "f32" and s["prefill_ratio"] > 0 and len(res["summary"]) == 1
+    assert "| base | f32 | " in bench_ab.markdown(res)
 
 
 def test_old_checkout_gets_a_pf_kernels_link(tmp_path):
