@@ -18,18 +18,27 @@ from typing import Iterator
 import torch
 
 from pf_engine.backends import resolve_backend
-from pf_engine.backends.cpu.experts import check as check_expert_format, describe as expert_formats
+from pf_engine.backends.cpu.experts import check as check_expert_format
+from pf_engine.backends.cpu.experts import describe as expert_formats
 from pf_engine.errors import PFError, RequestError
-from pf_engine.model.config import ModelConfig
-from pf_engine.model.decoder import Decoder, SCRATCH, causal_mask
+from pf_engine.generation.sampling import SamplingParams, generation_defaults
+from pf_engine.generation.scoring import score
+from pf_engine.model import bundled
 from pf_engine.model import quantize as quantization
+from pf_engine.model.config import ModelConfig
+from pf_engine.model.decoder import SCRATCH, Decoder, causal_mask
+from pf_engine.model.gguf_import import convert_gguf
 from pf_engine.model.loading import check_model_path, load_weights
 from pf_engine.outputs import GenerationOutput, Stats
+from pf_engine.parallel.options import check_parallel
+from pf_engine.parallel.runtime import tp_model
+from pf_engine.persona.bank import AdapterBank
 from pf_engine.persona.mix import Mix
 from pf_engine.persona.specs import Personas
+from pf_engine.runtime.config import SchedulerConfig
+from pf_engine.runtime.prefix_cache import PrefixCache
 from pf_engine.runtime.prefix_cache import default_gb as default_prefix_cache_gb
-from pf_engine.generation.sampling import SamplingParams
-from pf_engine.generation.scoring import score
+from pf_engine.runtime.scheduler import Scheduler
 from pf_engine.tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
@@ -64,20 +73,17 @@ def resolve_device(device) -> torch.device:
 def resolve_model(model, progress: bool) -> str:
     """None -> the bundled default; a .gguf -> its cached conversion; else an HF folder."""
     if model is None:
-        from pf_engine.model import bundled
         return bundled.default_model_dir(progress=progress)
     model = os.fspath(model)
     if model.endswith(".gguf"):
         if not os.path.isfile(model):
             raise PFError(f"model path {model} does not exist")
-        from pf_engine.model import bundled
         st = os.stat(model)
         key = hashlib.sha1(
             f"{os.path.abspath(model)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         out = os.path.join(bundled.pf_home(), "models",
                            f"{os.path.basename(model)[:-5]}-{key}")
         if not os.path.isfile(os.path.join(out, "config.json")):
-            from pf_engine.model.gguf_import import convert_gguf
             convert_gguf(model, out, overwrite=True, progress=progress)
         return out
     return check_model_path(model)
@@ -86,7 +92,6 @@ def resolve_model(model, progress: bool) -> str:
 def gguf_source(model) -> str | None:
     """The GGUF file a model comes from (None: the bundled one; a .gguf path), else None."""
     if model is None:
-        from pf_engine.model import bundled
         return bundled.bundled_gguf_path()
     model = os.fspath(model)
     return model if model.endswith(".gguf") else None
@@ -111,7 +116,6 @@ class Engine:
         self.folder, self.device, self.dtype = folder, device, dtype
         self.config = ModelConfig.from_file(os.path.join(folder, "config.json"))
         self.backend = backend
-        from pf_engine.parallel.options import check_parallel
         self.load_args = served_load_args(mode, gguf, self.backend, dtype)   # TP workers too
         keep = self.load_args[1] is not None
         self.tensor_parallel = check_parallel(self.config, tensor_parallel, device,
@@ -120,12 +124,10 @@ class Engine:
         self.weight_formats = quantization.describe(weights)
         self.bank = None
         if adapters is not None:
-            from pf_engine.persona.bank import AdapterBank
             self.bank = adapters.for_model(self.config) if isinstance(adapters, AdapterBank) \
                 else AdapterBank.load(os.fspath(adapters), self.config)
             self.bank.to(dtype=dtype, device=device)
         if self.tensor_parallel > 1:
-            from pf_engine.parallel.runtime import tp_model
             self.model = tp_model(self, weights)
         else:
             self.model = Decoder(self.config, weights, device, self.backend)
@@ -184,7 +186,6 @@ class Engine:
         they come from (``sampling.generation_defaults``: the model's generation config, else a
         chat default for chat and greedy for plain completion).  ``generate`` itself takes
         ``SamplingParams()`` (greedy) unless told otherwise."""
-        from pf_engine.generation.sampling import generation_defaults
         if chat not in self._generation_defaults:
             self._generation_defaults[chat] = generation_defaults(self.folder, chat)
         d, source = self._generation_defaults[chat]
@@ -254,8 +255,6 @@ class Engine:
     def _private(self, ids: list[list[int]], per: list[SamplingParams], personas: list):
         """A scheduler of its own for one generate/stream call: a slot per prompt, a pool just
         long enough, every prompt prefilled in the first step (all arrive at once)."""
-        from pf_engine.runtime.config import SchedulerConfig
-        from pf_engine.runtime.scheduler import Scheduler
         ctx = self.config.max_position_embeddings
         need = max(len(p) + q.budget(len(p), ctx) for p, q in zip(ids, per))
         # dynamic decode: capturing graphs for one call would cost more than it saves
@@ -308,13 +307,11 @@ class Engine:
         tensor parallelism every rank keeps its own heads of each block, ``prefix_cache_gb``
         GiB per process."""
         if self._prefix is False:
-            from pf_engine.runtime.prefix_cache import PrefixCache
             self._prefix = PrefixCache.for_engine(self, self.prefix_cache_gb)
         return self._prefix
 
     def set_prefix_cache(self, gb: float) -> None:
         """A new, empty prefix cache of ``gb`` GiB (0: off) for the schedulers built after."""
-        from pf_engine.runtime.prefix_cache import PrefixCache
         self._prefix = PrefixCache.for_engine(self, gb)
         self.prefix_cache_gb = gb
 
@@ -333,8 +330,6 @@ class Engine:
         kv_cache_gb sizes the pool by memory: as many slots of max_len columns as fit.  decode:
         "dynamic", "static" or "graphs" (CUDA graphs, the default on CUDA; see
         runtime/static_decode.py)."""
-        from pf_engine.runtime.config import SchedulerConfig
-        from pf_engine.runtime.scheduler import Scheduler
         cur = getattr(self, "_scheduler", None)
         if cur is not None and cur.pending():
             raise RequestError("the scheduler has requests in flight: wait for them (or cancel "

@@ -24,6 +24,7 @@ from pf_engine.errors import RequestError
 from pf_engine.outputs import GenerationOutput
 from pf_engine.persona.specs import Personas
 from pf_engine.generation.sampling import Sampler, SamplingParams
+from pf_engine.generation.structured import Grammars
 from pf_engine.tokenizer import Detokenizer
 
 
@@ -48,7 +49,6 @@ class Request:
         self.simple = params.greedy and params.repetition_penalty == 1.0   # one batched argmax
         self.grammar = None                               # structured.Matcher: masks its logits
         if params.response_format is not None:
-            from pf_engine.generation.structured import Grammars
             self.grammar = Grammars.of(eng).compile(params.response_format).matcher()
         self.active: set[int] = set()                     # expert ids with a nonzero gate
         self.token_sum, self.token_count = None, 0        # token routing: gates summed on device

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pf_engine.errors import RequestError
+from pf_engine.generation.structured import check_response_format
 
 
 MAX_LOGPROBS = 20       # top logprobs a request may ask for per position (OpenAI's limit)
@@ -39,7 +40,6 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         if self.response_format is not None:
-            from pf_engine.generation.structured import check_response_format
             self.response_format = check_response_format(self.response_format)
         checks = [
             (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,

@@ -19,6 +19,8 @@ import torch
 
 from pf_engine.model.config import HF_MODULE_NAMES, ModelConfig
 from pf_engine.errors import LoadError
+from pf_engine.model import quantize as q
+from pf_engine.model.gguf_weights import GGUFSource
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -120,9 +122,7 @@ def load_weights(folder: str, cfg: ModelConfig, dtype: torch.dtype, device,
     ``dtype`` on ``device``, or, with ``gguf``, from that file with its 8/4-bit tensors kept as
     they are (model/gguf_weights.py).  ``quantize`` (model/quantize.py: q8, q4) quantizes the
     projections and the embedding of float weights at load."""
-    from pf_engine.model import quantize as q
     if gguf is not None:
-        from pf_engine.model.gguf_weights import GGUFSource
         src = GGUFSource(gguf, cfg)
     else:
         src = _TensorSource(find_weight_files(folder))

@@ -37,6 +37,9 @@ from pf_engine.errors import PFError
 from pf_engine.model.decoder import SCRATCH
 from pf_engine.model.step import WHOLE
 from pf_engine.parallel.group import HOST, make_group, make_reducer
+from pf_engine.parallel.options import allreduce_kind, first_gpu, head_kind
+from pf_engine.parallel.shm import Watchdog, create_segment
+from pf_engine.parallel.tp import shard_model
 from pf_engine.parallel.worker import to_wire, worker_main
 from pf_engine.model.kv_cache import SlotCache
 
@@ -156,7 +159,6 @@ class Workers:
         timeout = datetime.timedelta(seconds=timeout_s)
         store = dist.TCPStore(HOST, 0, n, is_master=True, timeout=timeout, wait_for_workers=False)
         if spec["allreduce"] == "shm":
-            from pf_engine.parallel.shm import create_segment
             spec = dict(spec, shm=create_segment(n))
         ctx = mp.get_context("spawn")
         self.pipes, self.procs = [], []
@@ -185,7 +187,6 @@ class Workers:
             if spec.get("shm"):
                 os.unlink(spec["shm"])              # the mappings stay; nothing is left in /dev/shm
         if spec["allreduce"] == "shm":
-            from pf_engine.parallel.shm import Watchdog
             self.dogs.append(Watchdog(self.reduce, [p.sentinel for p in self.procs]))
         self.store = store
 
@@ -289,8 +290,6 @@ def _stop(pipes, procs, dogs=()) -> None:
 def tp_model(engine, weights, timeout_s: float | None = None) -> TPDecoder:
     """Rank 0's TPDecoder for ``engine`` (its folder, dtype, backend and bank), its workers
     started.  The whole weights are loaded here and in each worker, then sharded."""
-    from pf_engine.parallel.options import allreduce_kind, first_gpu, head_kind
-    from pf_engine.parallel.tp import shard_model
     n = engine.tensor_parallel
     timeout_s = timeout_s or float(os.environ.get("PF_TP_TIMEOUT_S", 60))
     bank = engine.bank

@@ -43,6 +43,7 @@ from pf_kernels.quant import QK
 from pf_engine.errors import PFError
 from pf_engine.model.config import ModelConfig
 from pf_engine.model.loading import LayerWeights, ModelWeights
+from pf_engine.model.qweight import QuantWeight
 
 COLUMN = ("q", "k", "v", "gate", "up")
 ROW = ("o", "down")
@@ -80,7 +81,6 @@ def _columns(w, a: int, b: int, what: str):
     must fall on block edges (quantize.QK), and the blocks are cut from GGUF's layout."""
     if isinstance(w, torch.Tensor):
         return w[:, a:b].contiguous()
-    from pf_engine.model.qweight import QuantWeight
     if a % QK or b % QK:
         raise PFError(f"{what}: a rank's {b - a} input columns "
                       f"are not whole {w.fmt.name} blocks of {QK}")

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from pf_engine.errors import RequestError
+from pf_engine.persona.specs import BASE, TOKEN
 
 BLOCK = 16                      # tokens per block
 PREFIX_CACHE_GB = 1.0           # the default budget (Engine.prefix_cache_gb, --prefix-cache-gb)
@@ -165,7 +166,6 @@ class PrefixCache:
 def persona_root(req) -> tuple | None:
     """What the KV of ``req``'s prompt depends on besides its tokens (see the module doc); call
     after routing (its gate row is known)."""
-    from pf_engine.persona.specs import BASE, TOKEN
     if req.kind == BASE:
         return ("base",)
     bank = id(req.personas.bank)

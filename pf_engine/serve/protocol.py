@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pf_engine.errors import RequestError
 from pf_engine.persona.specs import Personas
 from pf_engine.generation.sampling import MAX_LOGPROBS, SamplingParams
+from pf_engine.generation.structured import Grammars, check_response_format
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4
@@ -261,7 +262,6 @@ def _response_format(body: dict, engine) -> dict | None:
     """``response_format`` normalised (generation/structured.py), its schema compiled now:
     a schema the
     grammar library cannot compile is a 400 naming it."""
-    from pf_engine.generation.structured import Grammars, check_response_format
     try:
         rf = check_response_format(body.get("response_format"))
         if rf is not None:
