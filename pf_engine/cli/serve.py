@@ -40,7 +40,8 @@ def build_parser() -> Parser:
     p.add_argument("--prefix-cache-gb", type=float, default=None,
                    help="prompt KV kept for reuse across requests, per persona (default 1; 0: off)")
     p.add_argument("--max-queue", type=int, default=64,
-                   help="requests waiting for a slot before new ones get 429 (default 64)")
+                   help="requests admitted beyond the slots (waiting for one) before new ones "
+                        "get 429 (default 64)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
     p.add_argument("--api-key", default=os.environ.get("PF_API_KEY"),
                    help="require Authorization: Bearer KEY (default: $PF_API_KEY, else none)")

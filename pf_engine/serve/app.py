@@ -42,6 +42,8 @@ class Server:
         self.metrics = Metrics(engine.scheduler)
         self.max_queue, self.timeout_s, self.max_body = max_queue, timeout_s, max_body
         self.served = {"requests": 0, "tokens": 0, "t0": time.monotonic()}
+        self.live: set[Call] = set()          # admitted calls: their slots are reserved
+        self.metrics.reserved = self.reserved
 
     def record(self, endpoint: str, status: str, call: Call, rid: str, t0: float) -> None:
         """Count a finished (or refused) request in the metrics and log one line for it:
@@ -56,15 +58,31 @@ class Server:
         LOG.info("%s %s model=%s persona=%s status=%s prompt=%d completion=%d ms=%.0f", rid,
                  endpoint, call.p.model, kind, status, prompt, done, ms)
 
+    def reserved(self) -> int:
+        """Slots reserved by admitted calls that still run or wait (or are being prepared)."""
+        self.live = {c for c in self.live if not c.finished}
+        return sum(c.slots_needed for c in self.live)
+
     def admit(self, call: Call, endpoint: str, t0: float) -> None:
-        """429 when ``call`` would wait for a slot behind ``max_queue`` waiting requests."""
+        """Reserve ``call``'s slots, or 429 when the engine's slots and ``max_queue`` waiting
+        places are all taken (counting the reservations, or the requests already waiting for a
+        slot, e.g. while the scheduler is paused).  Called before any await of the handler, so a
+        burst's handlers count each other however they interleave on the event loop; a call
+        holds its reservation until it is ``finished`` (its requests done, or closed before
+        submitting)."""
         sched = self.engine.scheduler()
-        waiting, k = len(sched.waiting), call.slots_needed
-        if k and waiting + k > self.max_queue and waiting + len(sched.running) + k > sched.slots:
+        k = call.slots_needed
+        if not k:
+            return
+        waiting, running = len(sched.waiting), len(sched.running)   # HTTP's and other clients'
+        over = max(self.reserved(), waiting + running) + k > sched.slots + self.max_queue
+        queued = waiting + k > self.max_queue and waiting + running + k > sched.slots
+        if over or queued:
             self.record(endpoint, "rejected", call, "-", t0)
             raise APIError(429, f"the queue is full ({self.max_queue} requests wait for a slot); "
                            "retry later", None, "rate_limit_error", "queue_full",
                            {"Retry-After": "1"})
+        self.live.add(call)
 
     async def complete(self, request: Request, kind: str):
         """A /v1/chat/completions (kind "chat") or /v1/completions request, start to end."""
@@ -76,9 +94,12 @@ class Server:
         deadline, rid = time.monotonic() + self.timeout_s, new_id(kind)
         try:
             await asyncio.wait_for(call.prepare(), max(0.0, deadline - time.monotonic()))
-        except RequestError as e:
-            raise APIError(400, str(e), "prompt") from None
-        call.submit()
+            call.submit()
+        except BaseException as e:             # its reservation ends with it
+            call.closed = True
+            if isinstance(e, RequestError):
+                raise APIError(400, str(e), "prompt") from None
+            raise
         if p.stream:
             return StreamingResponse(self.events(call, endpoint, deadline, rid, t0),
                                      media_type="text/event-stream",

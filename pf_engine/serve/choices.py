@@ -30,10 +30,17 @@ class Call:
         self.personas = p.personas.select([0] * len(p.prompts))    # checked by the protocol
         self.scores = None                     # per prompt [None, Logprob, ...] (echo + logprobs)
         self.reqs: list[list] = []             # per prompt, its best_of scheduler requests
+        self.closed = False                    # it ended before its requests were submitted
 
     @property
     def all_reqs(self) -> list:
         return [r for rs in self.reqs for r in rs]
+
+    @property
+    def finished(self) -> bool:
+        """Nothing of it runs or will: it ended before submitting, or all its requests are
+        done (finished, cancelled or failed)."""
+        return self.closed or (bool(self.reqs) and all(r.done for r in self.all_reqs))
 
     @property
     def slots_needed(self) -> int:

@@ -3,6 +3,9 @@
     pf_requests_total{endpoint, persona_kind, status}      finished requests (ok, cancelled,
                                                             timeout, rejected, error)
     pf_queue_depth, pf_running_requests                     the scheduler, read at scrape time
+    pf_admitted_requests                                    slots reserved by admitted HTTP
+                                                            requests (running, waiting or being
+                                                            prepared; the queue bound's count)
     pf_generated_tokens_total{persona_kind}
     pf_tokens_per_second                                    generated tokens over the last 10 s
     pf_time_to_first_token_seconds{persona_kind}            histograms
@@ -48,6 +51,9 @@ class Metrics:
             lambda: len(scheduler_of().waiting))
         Gauge("pf_running_requests", "Requests holding a slot", registry=r).set_function(
             lambda: len(scheduler_of().running))
+        self.reserved = lambda: 0                  # set by the app (serve/app.Server.reserved)
+        Gauge("pf_admitted_requests", "Slots reserved by admitted requests",
+              registry=r).set_function(lambda: self.reserved())
         Gauge("pf_tokens_per_second", f"Generated tokens per second over the last {WINDOW_S:g} s",
               registry=r).set_function(self._rate)
         r.register(PrefixCacheCollector(scheduler_of))
