@@ -458,3 +458,20 @@ def test_every_decoder_method_has_a_place_in_the_tp_protocol():
     assert proxy.cfg == "c"
     with pytest.raises(AttributeError, match="'attach': not part of the tensor-parallel"):
         proxy.attach
+
+
+def test_a_script_without_a_main_guard_is_named(hf_model_dir, tmp_path):
+    """A script that starts a tensor-parallel engine at its top level (no __main__ guard): each
+    spawned rank re-imports it and dies; the error names the script and the missing guard, where
+    it said only "worker 1 exited (code 1)"."""
+    import subprocess
+    import sys
+    folder, _ = hf_model_dir("llama", "tp_noguard")
+    script = tmp_path / "noguard.py"
+    script.write_text("from pf_engine import Engine\n"
+                      f"Engine.from_pretrained({str(folder)!r}, tensor_parallel=2, progress=False, "
+                      "device='cpu')\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "ParallelError" in last
+    assert f"the script {script} has no `if __name__ == \"__main__\":` guard" in last, last

@@ -28,6 +28,8 @@ import copy
 import datetime
 import itertools
 import os
+import re
+import sys
 import weakref
 
 import torch
@@ -59,6 +61,27 @@ def mix_desc(mix):
     if mix is None:
         return None
     return (mix.fixed, mix.token_rows, mix.active, mix.token_router is not None)
+
+
+def main_guard_hint() -> str:
+    """Why a spawned rank may have died before it started, for an error message: the calling
+    script (``__main__``'s file) has no ``if __name__ == "__main__":`` guard, so each rank,
+    which re-imports it, started the engine again (multiprocessing refuses that).  Named when
+    the script's text has no such guard; otherwise the general advice."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    src = None
+    if path and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                src = f.read()
+        except (OSError, UnicodeDecodeError):
+            src = None
+    if src is not None and not re.search(r"__name__\s*==\s*['\"]__main__['\"]", src):
+        return (f"; the script {path} has no `if __name__ == \"__main__\":` guard: each rank is "
+                "a process that imports it and so started the engine again (put the script's "
+                "code under that guard)")
+    return ("; if this runs from a script, guard its code with if __name__ == '__main__' "
+            "(workers are spawned and import it)")
 
 
 class TPBlock:
@@ -198,14 +221,17 @@ class Workers:
             while not pipe.poll(0.2):
                 why = self._why()
                 if why:
-                    raise ParallelError(f"tensor-parallel {why} before it was {what}; "
-                                        "if this runs from a script, guard its code with "
-                                        "if __name__ == '__main__' (workers "
-                                        "are spawned and import it)")
+                    raise ParallelError(f"tensor-parallel {why} before it said {what}"
+                                        f"{main_guard_hint()}")
                 if time.monotonic() > deadline:
                     raise ParallelError(f"tensor-parallel worker {rank} sent no {what} "
                                         f"within {timeout_s:g} s")
-            msg = pipe.recv()
+            try:
+                msg = pipe.recv()
+            except (EOFError, OSError):               # it died: its end of the pipe closed
+                self.procs[rank - 1].join(1.0)
+                raise ParallelError(f"tensor-parallel {self._why() or f'worker {rank} exited'} "
+                                    f"before it said {what}{main_guard_hint()}") from None
             if msg[0] != what:
                 raise ParallelError(f"tensor-parallel worker {rank}: "
                                     f"{msg[1] if msg[0] == 'error' else msg}")
