@@ -7,7 +7,8 @@ Endpoints: POST /v1/chat/completions and /v1/completions (stream: true for serve
 POST /tokenize and /detokenize, GET /tokenizer_info, GET /v1/models (the base id, and one id per
 persona: ID:extraversion+, ID:auto, ...), /health, /metrics (Prometheus).  Limits: body size
 (--max-body-mb), JSON depth and finite numbers (serve/limits.py), connections
-(--max-connections), idle keep-alive (--keep-alive-s); SIGTERM/SIGINT shut down within --grace-s
+(--max-connections, idle ones closed first), a request head's time (--header-timeout-s), idle
+keep-alive (--keep-alive-s); SIGTERM/SIGINT shut down within --grace-s
 and exit 0.  Requests share one continuous batch (Engine.submit).  Every request is
 logged on stderr in one line (id, endpoint, model id, persona kind, status, tokens, ms), and a
 closing line sums up what was served.
@@ -47,8 +48,12 @@ def build_parser() -> Parser:
                    help="require Authorization: Bearer KEY (default: $PF_API_KEY, else none)")
     p.add_argument("--max-body-mb", type=float, default=8.0,
                    help="largest request body in MiB (default 8; 413 past it)")
-    p.add_argument("--max-connections", type=int, default=256,
-                   help="concurrent connections before new ones get 503 (default 256)")
+    p.add_argument("--max-connections", type=int, default=4096,
+                   help="open connections at most; at the limit a new one closes the longest "
+                        "idle one (default 4096; serve/connections.py)")
+    p.add_argument("--header-timeout-s", type=float, default=5.0,
+                   help="a connection whose request head is not complete this long after it "
+                        "opened (or after its last response) is closed (default 5 s)")
     p.add_argument("--keep-alive-s", type=float, default=5.0,
                    help="idle keep-alive connections are closed after this (default 5 s)")
     p.add_argument("--grace-s", type=float, default=10.0,
@@ -74,7 +79,8 @@ def main(argv=None) -> int:
         return fail("pf-serve", PFError(f"--prefix-cache-gb {args.prefix_cache_gb}: "
                                         "expected a number >= 0 "
                                         "(0: off)"))
-    for name in ("timeout", "max_body_mb", "max_connections", "keep_alive_s", "grace_s"):
+    for name in ("timeout", "max_body_mb", "max_connections", "keep_alive_s", "grace_s",
+                 "header_timeout_s"):
         v = getattr(args, name)
         if not math.isfinite(v) or v <= 0:
             return fail("pf-serve", PFError(f"--{name.replace('_', '-')} {v}: expected a number "
@@ -87,6 +93,7 @@ def main(argv=None) -> int:
 
     from pf_engine.engine import Engine
     from pf_engine.serve import build_app
+    from pf_engine.serve.connections import guarded
     logging.basicConfig(stream=sys.stderr, format="pf-serve: %(message)s")
     logging.getLogger("pf_engine.serve").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
@@ -113,8 +120,8 @@ def main(argv=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _frame: signals.append(s))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                limit_concurrency=args.max_connections, timeout_keep_alive=args.keep_alive_s,
-                timeout_graceful_shutdown=args.grace_s)
+                http=guarded(args.header_timeout_s, int(args.max_connections)),
+                timeout_keep_alive=args.keep_alive_s, timeout_graceful_shutdown=args.grace_s)
     served = app.state.served
     why = f" on {signal.Signals(signals[0]).name}" if signals else ""
     print(f"pf-serve: shut down{why} after {time.monotonic() - served['t0']:.0f} s: "
