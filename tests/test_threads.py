@@ -54,15 +54,15 @@ def test_own_threads_for_every_forward_of_a_model_stored_as_bytes(engines):
 def test_torch_is_at_one_thread_where_the_kernels_run_and_when_sampling(engines, quantize, monkeypatch):
     """Sampling runs at one torch thread (argmax over the vocabulary would wake torch's workers,
     whose spinning then takes the kernels' cores), and so does a 4-bit model's prefill (its
-    attention, F.scaled_dot_product_attention, beside the kernels' products)."""
-    import pf_engine.model.decoder as decoder
+    attention, csrc/cpu's through backends/cpu/attention.py, beside the kernels' products)."""
+    import pf_engine.backends.cpu.attention as cpu_attention
     eng = engines[quantize]
     sampled, attended = [], []
-    rows, sdpa = StepRunner._sample_rows, decoder.F.scaled_dot_product_attention
+    rows, attend = StepRunner._sample_rows, cpu_attention.attention
     monkeypatch.setattr(StepRunner, "_sample_rows", lambda self, *a: (
         sampled.append(torch.get_num_threads()), rows(self, *a))[1])
-    monkeypatch.setattr(decoder.F, "scaled_dot_product_attention", lambda *a, **k: (
-        attended.append(torch.get_num_threads()), sdpa(*a, **k))[1])
+    monkeypatch.setattr(cpu_attention, "attention", lambda *a, **k: (
+        attended.append(torch.get_num_threads()), attend(*a, **k))[1])
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -24,7 +24,7 @@ void head(const AttentionCall& c, int64_t chunk) {
     float* s = acc + D;
     const int64_t b = chunk / c.H, i = chunk % c.H, h = i / (c.H / c.H_kv), nh = c.H + c.H_kv;
     rope(c.qkv + b * c.qs + i * D, c.cos + (b * nh + i) * D, c.sin + (b * nh + i) * D, D, q);
-    const int64_t at = ((c.row0 + b) * c.H_kv + h) * c.max_len * D;
+    const int64_t at = (slot_of(c, b) * c.H_kv + h) * c.max_len * D;
     const float* K = c.k + at;
     const float* V = c.v + at;
     const float* bias = c.bias + b * c.bs;
@@ -53,7 +53,7 @@ void attention_run(const AttentionCall& c, int threads) {
     for (int64_t b = 0; b < c.B; ++b) {                         // 1. rope(k), write k and v
         const float* row = c.qkv + b * c.qs;
         for (int64_t h = 0; h < c.H_kv; ++h) {
-            const int64_t at = (((c.row0 + b) * c.H_kv + h) * c.max_len + c.cols[b]) * D;
+            const int64_t at = ((slot_of(c, b) * c.H_kv + h) * c.max_len + c.cols[b]) * D;
             rope(row + (c.H + h) * D, c.cos + (b * nh + c.H + h) * D, c.sin + (b * nh + c.H + h) * D,
                  D, c.k + at);
             std::copy(row + (c.H + c.H_kv + h) * D, row + (c.H + c.H_kv + h + 1) * D, c.v + at);

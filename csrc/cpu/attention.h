@@ -27,12 +27,18 @@ struct AttentionCall {
     float* k = nullptr;                  // [slots, H_kv, max_len, D] contiguous: one layer
     float* v = nullptr;
     int64_t max_len = 0, row0 = 0;
+    const int64_t* slots = nullptr;      // [B] row b's slot, or nullptr: slot row0 + b
     const int64_t* cols = nullptr;       // [B], each in [0, L)
     int64_t L = 0;
     const float* bias = nullptr;         // [B, L], row stride bs
     int64_t bs = 0;
     float* out = nullptr;                // [B, H * D] contiguous
 };
+
+// Row b's slot: slots[b] when given (several rows of one slot: the tokens of a prefill chunk,
+// each attending over its own columns; every k, v is written before any head reads), else
+// row0 + b.
+inline int64_t slot_of(const AttentionCall& c, int64_t b) { return c.slots ? c.slots[b] : c.row0 + b; }
 
 void attention_run(const AttentionCall& call, int threads);
 

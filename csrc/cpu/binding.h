@@ -55,10 +55,12 @@ void check_threads(const Checker& ck, int threads);
 
 // Checks cos, sin, the caches, layer, row0, cols, bias for B rows of H query and H_kv kv heads of
 // size D, and fills ``call`` (all but qkv, qs, out); ``cols_buf`` holds the columns it points to.
+// ``row_slots``: None (rows row0 ..), or each row's slot, kept in ``slots_buf``.
 void check_attention(const Checker& ck, int64_t B, int64_t H, int64_t H_kv, int64_t D,
                      const py::array& cos, const py::array& sin, const py::array& k_cache,
                      const py::array& v_cache, int64_t layer, int64_t row0, py::handle cols,
-                     py::handle bias, AttentionCall& call, std::vector<int64_t>& cols_buf);
+                     py::handle bias, AttentionCall& call, std::vector<int64_t>& cols_buf,
+                     py::handle row_slots = py::none(), std::vector<int64_t>* slots_buf = nullptr);
 
 void bind_linear(py::module_& m);
 void bind_attention(py::module_& m);

@@ -6,9 +6,13 @@
 //     k_cache, v_cache float32 [layers, slots, H_kv, max_len, D] C-contiguous: the whole pool
 //              (H_kv = k_cache.shape[2]; H = cos.shape[1] - H_kv, a multiple of H_kv)
 //     layer    0 <= layer < layers;  row0: slots row0 .. row0 + B - 1, row0 + B <= slots
+//     slots    None, or int64 [B], each in [0, slots): row b's slot (row0 unused; rows may share a
+//              slot, e.g. the tokens of a prefill chunk, each at its own column)
 //     cols     int64 [B], each in [0, L): where row b's new k, v go
 //     bias     float32 [B, L] unit last stride, 1 <= L <= max_len (0 or -inf: the mask)
 //     out      float32 [B, H*D] C-contiguous, written
+//     threads  the pool's threads; each (row, head) sums its columns in order, masked ones
+//              skipped, so a row's result does not depend on the other rows or on L
 #include "binding.h"
 #include "pool.h"
 
@@ -17,7 +21,8 @@ namespace pf_cpu {
 void check_attention(const Checker& ck, int64_t B, int64_t H, int64_t H_kv, int64_t D,
                      const py::array& cos, const py::array& sin, const py::array& k_cache,
                      const py::array& v_cache, int64_t layer, int64_t row0, py::handle cols,
-                     py::handle bias, AttentionCall& call, std::vector<int64_t>& cols_buf) {
+                     py::handle bias, AttentionCall& call, std::vector<int64_t>& cols_buf,
+                     py::handle row_slots, std::vector<int64_t>* slots_buf) {
     for (const auto& [name, a] : {std::pair<const char*, const py::array&>{"cos", cos}, {"sin", sin}}) {
         ck.shape(name, a, {B, H + H_kv, D}, "B, H + H_kv, D");
         ck.c_contiguous(name, a);
@@ -33,8 +38,20 @@ void check_attention(const Checker& ck, int64_t B, int64_t H, int64_t H_kv, int6
     }
     ck.disjoint("k_cache", k_cache, "v_cache", v_cache);
     ck.in_range("layer", layer, 0, layers - 1, "layers - 1 = k_cache.shape[0] - 1");
-    ck.in_range("B", B, 1, slots, "slots = k_cache.shape[1]");
-    ck.in_range("row0", row0, 0, slots - B, "slots - B: rows row0 .. row0 + B - 1 of k_cache.shape[1]");
+    if (row_slots.is_none()) {
+        ck.in_range("B", B, 1, slots, "slots = k_cache.shape[1]");
+        ck.in_range("row0", row0, 0, slots - B, "slots - B: rows row0 .. row0 + B - 1 of k_cache.shape[1]");
+    } else {
+        py::array sa = ck.array("slots", row_slots, Dtype::I64);
+        ck.shape("slots", sa, {B}, "B");
+        slots_buf->resize(static_cast<size_t>(B));
+        const char* sp = static_cast<const char*>(sa.data());
+        for (int64_t b = 0; b < B; ++b) {
+            (*slots_buf)[b] = *reinterpret_cast<const int64_t*>(sp + b * sa.strides(0));
+            ck.in_range(cat("slots[", b, "]"), (*slots_buf)[b], 0, slots - 1, "slots - 1 = k_cache.shape[1] - 1");
+        }
+        call.slots = slots_buf->data();
+    }
 
     py::array ba = ck.array("bias", bias, Dtype::F32);
     ck.ndim("bias", ba, 2, "B, L");
@@ -77,7 +94,7 @@ namespace {
 
 void decode_attention(py::object qkv, py::object cos, py::object sin, py::object k_cache,
                       py::object v_cache, int64_t layer, int64_t row0, py::object cols,
-                      py::object bias, py::object out, int threads) {
+                      py::object bias, py::object out, int threads, py::object slots) {
     const Checker ck("decode_attention");
     check_threads(ck, threads);
     py::array q = ck.array("qkv", qkv, Dtype::F32);
@@ -97,8 +114,9 @@ void decode_attention(py::object qkv, py::object cos, py::object sin, py::object
     ck.shape("qkv", q, {B, (H + 2 * H_kv) * D}, qkv_dims);
     ck.unit_last_stride("qkv", q);
     AttentionCall call;
-    std::vector<int64_t> cols_buf;
-    check_attention(ck, B, H, H_kv, D, c, s, k, v, layer, row0, cols, bias, call, cols_buf);
+    std::vector<int64_t> cols_buf, slots_buf;
+    check_attention(ck, B, H, H_kv, D, c, s, k, v, layer, row0, cols, bias, call, cols_buf, slots,
+                    &slots_buf);
     py::array o = ck.array("out", out, Dtype::F32);
     ck.shape("out", o, {B, H * D}, "B, H*D");
     ck.c_contiguous("out", o);
@@ -122,7 +140,7 @@ void decode_attention(py::object qkv, py::object cos, py::object sin, py::object
 void bind_attention(py::module_& m) {
     m.def("decode_attention", &decode_attention, py::arg("qkv"), py::arg("cos"), py::arg("sin"),
           py::arg("k_cache"), py::arg("v_cache"), py::arg("layer"), py::arg("row0"), py::arg("cols"),
-          py::arg("bias"), py::arg("out"), py::arg("threads") = 1,
+          py::arg("bias"), py::arg("out"), py::arg("threads") = 1, py::arg("slots") = py::none(),
           "Typed: RoPE + KV write at cols + GQA attention for one layer of the slot cache "
           "(see csrc/cpu/binding_attention.cpp); GIL released");
 }

@@ -58,6 +58,11 @@ class Backend:
     def runner(self, model):
         return Blocks(model)
 
+    def attention(self, blk, qkv, cos, sin, cache, mask):
+        """A block's attention output [B, T, H * D] from qkv [B, T, H + 2 H_kv, D] before RoPE
+        (writing the step's k, v into ``cache``), or None: model.decoder.Block's own (torch)."""
+        return None
+
     def linear(self, lin, x2: torch.Tensor, mix, decode: bool) -> torch.Tensor:
         if mix is None:
             return gemm.linear(x2, lin.weight, lin.bias, decode)

@@ -111,18 +111,33 @@ class Block:
         self.down = Linear(w.down, w.down_bias, None, ("down",), backend)
         self.linears = (self.qkv, self.o, self.gate_up, self.down)
         self.reduce = None       # tensor parallelism: sums o's and down's outputs over the ranks
+        self.backend = backend
 
     def __call__(self, x, cos, sin, cache, mask, mix=None, step: Step = WHOLE):
         """x [B, T, d]; cos/sin from Rotary.tables; mask: bool [B or 1, 1, T, L], or for a
         decode step (step.py; T == 1) the additive decode_bias [B, 1, 1, L]; mix:
-        persona.mix.Mix or None."""
+        persona.mix.Mix or None.  The attention is the backend's where it has one
+        (Backend.attention), else ``attend``."""
         B, T, _ = x.shape
         dec = step.decode
-        H, H_kv, D = self.H, self.H_kv, self.D
         if mix is not None:
             mix = mix.enter_layer(self.index, x)
         qkv = (self.qkv.full(rms_norm(x, self.attn_norm, self.eps), mix, dec)
-               .view(B, T, H + 2 * H_kv, D))
+               .view(B, T, self.H + 2 * self.H_kv, self.D))
+        a = self.backend.attention(self, qkv, cos, sin, cache, mask)
+        if a is None:
+            a = self.attend(qkv, cos, sin, cache, mask, dec)
+        o = self.o(a, mix, dec)
+        x = x + (o if self.reduce is None else self.reduce(o))
+        gate, up = self.gate_up(rms_norm(x, self.mlp_norm, self.eps), mix, dec)
+        d = self.down(F.silu(gate) * up, mix, dec)
+        return x + (d if self.reduce is None else self.reduce(d))
+
+    def attend(self, qkv, cos, sin, cache, mask, dec: bool) -> torch.Tensor:
+        """torch's attention: qkv [B, T, H + 2 H_kv, D] -> a [B, T, H * D], the step's k, v
+        written through ``cache``."""
+        B, T = qkv.shape[:2]
+        H, H_kv, D = self.H, self.H_kv, self.D
         qk = apply_rope(qkv[:, :, :H + H_kv], cos, sin)                 # (B, T, H + H_kv, D)
         q = qk[:, :, :H].transpose(1, 2)                                 # (B, H, T, D), pre-scaled
         k = qk[:, :, H:].transpose(1, 2)                                 # (B, H_kv, T, D)
@@ -131,16 +146,10 @@ class Block:
         if dec:      # grouped heads as one batched matmul, no SDPA dispatch
             s = torch.matmul(q.reshape(B, H_kv, H // H_kv, D), k_all.transpose(-1, -2)) + mask
             a = torch.matmul(s.softmax(-1, dtype=torch.float32).to(v_all.dtype), v_all)
-            a = a.reshape(B, 1, H * D)                                   # (B, 1, H * D)
-        else:
-            a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=1.0,
-                                               enable_gqa=H != H_kv)
-            a = a.transpose(1, 2).reshape(B, T, H * D)
-        o = self.o(a, mix, dec)
-        x = x + (o if self.reduce is None else self.reduce(o))
-        gate, up = self.gate_up(rms_norm(x, self.mlp_norm, self.eps), mix, dec)
-        d = self.down(F.silu(gate) * up, mix, dec)
-        return x + (d if self.reduce is None else self.reduce(d))
+            return a.reshape(B, 1, H * D)                                # (B, 1, H * D)
+        a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=1.0,
+                                           enable_gqa=H != H_kv)
+        return a.transpose(1, 2).reshape(B, T, H * D)
 
 
 class Decoder:

@@ -350,7 +350,9 @@ class TokenRouter:
     def __call__(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """h [N, d] (any float dtype) entering decoder layer ``layer`` -> gates [N, K] fp32."""
         x = h.to(device=self.device, dtype=torch.float32)
-        logits = F.linear(x, self.w[layer], self.b[layer])               # (N, K)
+        # each row's K dot products summed on their own (not one GEMM over the N rows, whose
+        # blocking depends on N): a token's gates do not depend on the batch or the chunk
+        logits = (x.unsqueeze(1) * self.w[layer]).sum(-1) + self.b[layer]          # (N, K)
         return top_k_renormalise(torch.softmax(logits, dim=-1), self.top_k)
 
     def to(self, device=None) -> "TokenRouter":

@@ -10,6 +10,9 @@
   (csrc/cpu/linear_plan.cpp).  Larger batches take the torch backend's grouped GEMMs.
 * A decode step on the scheduler's slot cache runs each block as csrc/cpu calls with the RMS
   norm and silu-mul prologues and the residual epilogues fused in (``decode.CpuRunner``).
+* Every other step on the slot cache (prefill chunks, larger decode batches) takes csrc/cpu's
+  attention too (attention.py): each token's sum over its columns in a fixed order, so greedy
+  tokens do not depend on the prefill chunking or the batch.
 
 The per-Linear state (``CpuLinear``) is built once when the Linear is bound or its experts
 change: the kernel's view of its weights and blocks, and the torch backend's gathered sets.
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 
 from pf_engine.backends import gemm
 from pf_engine.backends.base import Backend
+from pf_engine.backends.cpu import attention as cpu_attention
 from pf_engine.backends.cpu import kernel
 from pf_engine.backends.grouped import Gathered, grouped
 
@@ -55,6 +59,14 @@ class Cpu(Backend):
     def runner(self, model):
         from pf_engine.backends.cpu.decode import CpuRunner
         return CpuRunner(model)
+
+    def attention(self, blk, qkv, cos, sin, cache, mask):
+        """csrc/cpu's attention, one job per (token, head) summing its own columns in order, for
+        every fp32 step on a slot cache (attention.py): a token's output does not depend on its
+        chunk or batch.  None elsewhere (whole sequences, other dtypes): torch's."""
+        if not cpu_attention.applies(cache, qkv):
+            return None
+        return cpu_attention.attention(blk, qkv, cos, sin, cache, mask, self.policy.threads())
 
     def linear(self, lin, x2, mix, decode):
         N, plan = x2.shape[0], lin.state.plan
