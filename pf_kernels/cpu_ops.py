@@ -36,11 +36,15 @@ TypeError for a wrong dtype, naming the argument, and nothing is written when on
         gates [T, num_experts] or None (base only: every expert skipped); residual [T, d_out] or
         None, may be y itself.  GIL released.
 
-    decode_attention(qkv, cos, sin, k_cache, v_cache, layer, row0, cols, bias, out, threads=1)
-        RoPE on q and k, k and v written at column cols[b] of slot row0 + b of ``layer``, GQA
-        attention over columns [0, L) with the additive bias (0 or -inf) into out [B, H*D].
-        qkv [B, (H + 2 H_kv) D]; cos, sin [B, H + H_kv, D]; k_cache, v_cache [layers, slots,
-        H_kv, max_len, D] (the whole pool); cols int64 [B]; bias [B, L].
+    decode_attention(qkv, cos, sin, k_cache, v_cache, layer, row0, cols, bias, out, threads=1,
+                     slots=None)
+        RoPE on q and k, k and v written at column cols[b] of slot row0 + b (or slots[b]) of
+        ``layer``, GQA attention over columns [0, L) with the additive bias (0 or -inf) into
+        out [B, H*D]; every k, v is written before any head reads, and each (row, head) sums
+        its columns in order, masked ones skipped (a row's result does not depend on the other
+        rows or on L).  qkv [B, (H + 2 H_kv) D]; cos, sin [B, H + H_kv, D]; k_cache, v_cache
+        [layers, slots, H_kv, max_len, D] (the whole pool); cols int64 [B]; bias [B, L];
+        slots int64 [B] (rows may share a slot: the tokens of a prefill chunk).
 
     BlockPlan(qkv, o, gate_up, down, attn_norm, mlp_norm, eps, n_heads, n_kv_heads, head_dim)
       .step(h, gates, cos, sin, k_cache, v_cache, layer, row0, cols, bias, threads=1, group=None)

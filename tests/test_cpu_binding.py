@@ -218,8 +218,9 @@ def rope_ref(x, c, s):
     return x * c + np.roll(x, x.shape[-1] // 2, -1) * s
 
 
-def attention_ref(qkv, cos, sin, k_cache, v_cache, layer, row0, cols, bias):
-    """float64: the caches after the write, and out [B, H*D]."""
+def attention_ref(qkv, cos, sin, k_cache, v_cache, layer, row0, cols, bias, slots=None):
+    """float64: the caches after the write, and out [B, H*D]; row b in slot slots[b] (default
+    row0 + b), every row's k, v written before any row attends."""
     B, L = bias.shape
     H_kv, D = k_cache.shape[2], cos.shape[2]
     H = cos.shape[1] - H_kv
@@ -228,11 +229,12 @@ def attention_ref(qkv, cos, sin, k_cache, v_cache, layer, row0, cols, bias):
     k = rope_ref(qkv[:, H * D:(H + H_kv) * D].reshape(B, H_kv, D), cos[:, H:], sin[:, H:])
     v = qkv[:, (H + H_kv) * D:].reshape(B, H_kv, D)
     kc, vc = k_cache.astype(np.float64), v_cache.astype(np.float64)
+    slots = np.arange(row0, row0 + B) if slots is None else np.asarray(slots)
     for b in range(B):
-        kc[layer, row0 + b, :, cols[b]] = k[b]
-        vc[layer, row0 + b, :, cols[b]] = v[b]
-    K = np.repeat(kc[layer, row0:row0 + B, :, :L], H // H_kv, axis=1)       # [B, H, L, D]
-    V = np.repeat(vc[layer, row0:row0 + B, :, :L], H // H_kv, axis=1)
+        kc[layer, slots[b], :, cols[b]] = k[b]
+        vc[layer, slots[b], :, cols[b]] = v[b]
+    K = np.repeat(kc[layer, slots, :, :L], H // H_kv, axis=1)               # [B, H, L, D]
+    V = np.repeat(vc[layer, slots, :, :L], H // H_kv, axis=1)
     s = np.einsum("bhd,bhld->bhl", q, K) + bias[:, None, :].astype(np.float64)
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
@@ -271,6 +273,34 @@ def test_decode_attention_matches_fp64(B, H, H_kv, D):
         close(out, want)
         close(a["k_cache"], kc)                         # the write, and nothing else changed
         close(a["v_cache"], vc)
+
+
+@pytest.mark.parametrize("B", [1, 5, 16])
+def test_rows_of_one_slot_a_prefill_chunk(B):
+    """slots=: B tokens of one slot at columns c0.., each seeing the columns up to its own (a
+    prefill chunk), against fp64; and split into two calls the outputs are bit-identical (a
+    token's sum does not depend on its call or on L)."""
+    rng = np.random.default_rng([7, B])
+    H, H_kv, D, c0, L = 4, 2, 8, 3, 3 + B + 4
+    a = attention_inputs(rng, B, H, H_kv, D, L, slots=3)
+    a["cols"] = np.arange(c0, c0 + B, dtype=np.int64)
+    a["bias"] = np.where(np.arange(L)[None, :] <= a["cols"][:, None], 0.0, -np.inf).astype(F32)
+    slots = np.full(B, 2, np.int64)
+    start = {n: a[n].copy() for n in ("k_cache", "v_cache")}
+    kc, vc, want = attention_ref(**a, slots=slots)
+    out = np.full((B, H * D), np.nan, F32)
+    decode_attention(**a, out=out, threads=2, slots=slots)
+    close(out, want)
+    close(a["k_cache"], kc)
+    close(a["v_cache"], vc)
+    if B > 1:
+        a.update({n: start[n].copy() for n in start})
+        split = np.full((B, H * D), np.nan, F32)
+        for j in (slice(0, B // 2), slice(B // 2, B)):
+            part = {**a, "qkv": a["qkv"][j], "cos": a["cos"][j].copy(), "sin": a["sin"][j].copy(),
+                    "cols": a["cols"][j].copy(), "bias": a["bias"][j, :c0 + j.stop].copy()}
+            decode_attention(**part, out=split[j], threads=1, slots=slots[j].copy())
+        np.testing.assert_array_equal(split, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,6 +567,12 @@ def attention_fails(a, exc, words, **override):
     for b, n in zip(before, ("out", "k_cache", "v_cache")):
         np.testing.assert_array_equal(kw[n], b)
     assert msg.startswith("decode_attention: ")
+
+
+def test_attention_bad_slots(att):
+    attention_fails(att, ValueError, ["slots[1]", "slots - 1"], slots=np.array([0, 4], np.int64))
+    attention_fails(att, ValueError, ["slots", "B"], slots=np.array([0], np.int64))
+    attention_fails(att, TypeError, ["slots", "int32"], slots=np.array([0, 1], np.int32))
 
 
 def test_attention_wrong_dtype(att):
