@@ -160,7 +160,7 @@ def test_queue_full_timeouts_and_bad_requests(engine, server):
     sched.pause()
     try:
         held = [sched.submit([5, 6, 7], _params(), None)
-                for _ in range(64)]
+                for _ in range(sched.slots + 64)]          # every slot and queue place taken
         with pytest.raises(openai.RateLimitError) as e:
             c.completions.create(model=MID, prompt="hi", max_tokens=2)
         assert e.value.response.headers["retry-after"] == "1"

@@ -4,7 +4,8 @@ the burst's handlers interleave; the rest get 429 with Retry-After; nothing is l
 
 A real server on 127.0.0.1 (ThreadedServer, uvicorn) over a tiny model whose scheduler is paused
 while the burst arrives, so that no admitted request can finish and free its place meanwhile.
-Without the reservation (the bound counted only submitted requests) 12 of 12 got in.
+A burst of 100 (the issue's goal) on 2 slots and a queue of 1: exactly 3 admitted, 97 x 429.
+Without the reservation (the bound counted only submitted requests) a burst of 12 let 4 in.
 """
 import concurrent.futures as cf
 import time
@@ -18,7 +19,7 @@ from pf_engine import Engine  # noqa: E402
 from pf_engine.serve import build_app  # noqa: E402
 from pf_engine.serve.threaded import ThreadedServer  # noqa: E402
 
-SLOTS, QUEUE, BURST = 2, 1, 12
+SLOTS, QUEUE, BURST = 2, 1, 100
 
 
 @pytest.fixture(scope="module")

@@ -65,8 +65,8 @@ class Server:
 
     def admit(self, call: Call, endpoint: str, t0: float) -> None:
         """Reserve ``call``'s slots, or 429 when the engine's slots and ``max_queue`` waiting
-        places are all taken (counting the reservations, or the requests already waiting for a
-        slot, e.g. while the scheduler is paused).  Called before any await of the handler, so a
+        places are all taken (by the reservations, or by the scheduler's requests when other
+        clients submitted more).  Called before any await of the handler, so a
         burst's handlers count each other however they interleave on the event loop; a call
         holds its reservation until it is ``finished`` (its requests done, or closed before
         submitting)."""
@@ -74,10 +74,8 @@ class Server:
         k = call.slots_needed
         if not k:
             return
-        waiting, running = len(sched.waiting), len(sched.running)   # HTTP's and other clients'
-        over = max(self.reserved(), waiting + running) + k > sched.slots + self.max_queue
-        queued = waiting + k > self.max_queue and waiting + running + k > sched.slots
-        if over or queued:
+        others = len(sched.waiting) + len(sched.running)      # HTTP's and other clients' requests
+        if max(self.reserved(), others) + k > sched.slots + self.max_queue:
             self.record(endpoint, "rejected", call, "-", t0)
             raise APIError(429, f"the queue is full ({self.max_queue} requests wait for a slot); "
                            "retry later", None, "rate_limit_error", "queue_full",
