@@ -135,6 +135,9 @@ class Engine:
                 self.model.attach(self.bank)
         if self.bank is not None:
             self.weight_formats += f", {expert_formats(self.model)} experts"
+        if getattr(backend, "deterministic", False) and not self.batch_invariant:
+            raise PFError(f"deterministic=True: the cpu kernel does not run this model's "
+                          f"{self.weight_formats} weights; expected fp32 or a quantized format")
         self.tokenizer = Tokenizer.maybe(folder)
         eos = set(self.config.eos_token_id)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -149,7 +152,8 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model=None, adapters=None, device=None, dtype=None, backend=None,
                         progress: bool = True, quantize: str | None = None,
-                        tensor_parallel: int = 1, expert_format: str | None = None) -> "Engine":
+                        tensor_parallel: int = 1, expert_format: str | None = None,
+                        deterministic: bool = False) -> "Engine":
         """Load a model (None: the bundled SmolLM2-135M-Instruct; an HF folder; a .gguf file).
 
         device: "cpu" / "cuda" (default: cuda when present); dtype: fp32 / fp16 / bf16 (default
@@ -163,6 +167,10 @@ class Engine:
         expert_format: the persona experts' format on the cpu backend: None / "auto" (q8 on an
         8/4-bit model, bf16 on a 16-bit one, f32 on fp32), "f32", "bf16", "q8"
         (backends/cpu/experts.py); converted once at load, the bank file unchanged.
+        deterministic: greedy tokens batch-invariant on fp32 weights too (cpu backend: every
+        fp32 product the kernel's, at about half torch's prefill throughput; README).  A model
+        stored as bytes (the bundled 4-bit one) is batch-invariant either way
+        (``Engine.batch_invariant``).
         tensor_parallel: N ranks (CPU): this process and N - 1 worker processes each hold
         1/N of every block's heads and FFN columns, of the LM head's rows and of the persona
         experts, and sum their partial outputs through shared memory (or gloo:
@@ -173,13 +181,20 @@ class Engine:
         dt = resolve_dtype(dtype, dev)
         gguf = gguf_source(model)
         check_expert_format(expert_format)
-        be = resolve_backend(backend, dev, expert_format)
+        be = resolve_backend(backend, dev, expert_format, deterministic)
         mode = quantization.check(quantize, gguf=gguf is not None, device=dev, dtype=dt,
                                   backend=be)                  # before any conversion runs
         eng = cls(resolve_model(model, progress), dev, dt, adapters, be, mode, gguf,
                   tensor_parallel)
         eng.load_s = time.perf_counter() - t0
         return eng
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a request's greedy tokens are its own whatever shares its steps (alone, in
+        any batch, under any prefill chunking): the cpu backend with every Linear stored as
+        bytes, or with ``deterministic=True`` (Backend.batch_invariant)."""
+        return self.backend.batch_invariant()
 
     def generation_defaults(self, chat: bool) -> tuple[dict, str]:
         """The sampling fields pf-generate and pf-serve use where a user gives none, and where

@@ -9,7 +9,9 @@ Typed API (re-exported here from ``pf_kernels._pf_cpu`` once it loads; numpy arr
 ``tensor.numpy()`` views that share the tensor's memory; every check raises one ValueError line,
 TypeError for a wrong dtype, naming the argument, and nothing is written when one fails):
 
-    MAX_ROWS = 16                                 rows per call (T, B), for every entry point
+    MAX_ROWS = 16                                 rows per call (B) of decode_attention and
+                                                  BlockPlan.step; a LinearPlan's token group
+    MAX_LINEAR_ROWS = 4096                        rows per LinearPlan.run call (T)
     PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
 
     LinearPlan(weight, d_out, bias=None, parts=(), blocks=(), num_experts=0, fmt=FMT_F32,
@@ -32,7 +34,9 @@ TypeError for a wrong dtype, naming the argument, and nothing is written when on
         h[t, r] = (A_cat[r] . x'[t]) * gates[t, e_j] * s_j
         x' = x (PRO_NONE) | norm * x / sqrt(mean(x^2) + eps) (PRO_RMSNORM)
            | silu(x[:, :d_in]) * x[:, d_in:] (PRO_SILU_MUL, x [T, 2 d_in])
-        x [T, d_in] unit last stride (any row stride), 1 <= T <= MAX_ROWS; y [T, d_out] written;
+        x [T, d_in] unit last stride (any row stride), 1 <= T <= MAX_LINEAR_ROWS (dotted in
+        groups of MAX_ROWS tokens against each chunk of W's rows, so W streams from memory
+        once; a token's y does not depend on T or its place); y [T, d_out] written;
         gates [T, num_experts] or None (base only: every expert skipped); residual [T, d_out] or
         None, may be y itself.  GIL released.
 
@@ -111,7 +115,7 @@ def _load():
     return _pf_cpu, None
 
 
-_TYPED = ("MAX_ROWS", "PRO_NONE", "PRO_RMSNORM", "PRO_SILU_MUL", "LinearPlan", "BlockPlan",
+_TYPED = ("MAX_ROWS", "MAX_LINEAR_ROWS", "PRO_NONE", "PRO_RMSNORM", "PRO_SILU_MUL", "LinearPlan", "BlockPlan",
           "decode_attention", "set_spin_us", "spin_us", "pool_workers", "FMT_F32", "FMT_Q8_0",
           "FMT_Q4_0", "FMT_Q4_1", "FMT_F16", "FMT_BF16", "row_bytes", "dequantize", "isa", "isas",
           "set_isa", "ShmGroup")

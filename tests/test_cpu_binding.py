@@ -15,10 +15,10 @@ OK, WHY = cpu_ops.cpu_available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"csrc/cpu unavailable: {WHY}")
 
 if OK:
-    from pf_kernels.cpu_ops import (MAX_ROWS, PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL, BlockPlan,
+    from pf_kernels.cpu_ops import (MAX_LINEAR_ROWS, MAX_ROWS, PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL, BlockPlan,
                                     LinearPlan, decode_attention)
 else:
-    MAX_ROWS, PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 16, 0, 1, 2
+    MAX_ROWS, MAX_LINEAR_ROWS, PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 16, 4096, 0, 1, 2
 
 F32 = np.float32
 TOL = 1e-5
@@ -454,11 +454,11 @@ def test_run_non_contiguous(lin):
     run_fails(plan, args, ValueError, ["y", "read-only"], y=read_only(np.full((2, 16), POISON, F32)))
 
 
-@pytest.mark.parametrize("T", [0, MAX_ROWS + 1])
+@pytest.mark.parametrize("T", [0, MAX_LINEAR_ROWS + 1])
 def test_run_row_count(lin, T):
     _, plan, args = lin
     rng = np.random.default_rng(T)
-    run_fails(plan, args, ValueError, ["T = x.shape[0]", str(T), str(MAX_ROWS)],
+    run_fails(plan, args, ValueError, ["T = x.shape[0]", str(T), str(MAX_LINEAR_ROWS)],
               x=rng.standard_normal((T, 44)).astype(F32), y=np.full((T, 16), POISON, F32),
               gates=None)
 

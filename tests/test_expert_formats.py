@@ -1,6 +1,8 @@
 """The persona experts in low precision (bf16, q8_0) on the cpu backend (backends/cpu/experts.py,
 csrc/cpu/expert.h): the fused kernel against a float64 reference of the stored expert values
-(every base format, prologue, gate pattern; odd output sizes, mixed ranks, K 1..16, T 1..16),
+(every base format, prologue, gate pattern; odd output sizes, mixed ranks, K 1..16, T 1..16
+and 37: three token groups of a call and a part of one), each token's output the same bits
+whatever call it is in,
 the format's own error against fp32 experts, the engine's logits and greedy tokens against the
 same engine with fp32 experts for every persona kind, auto's rule, and one-line errors.
 
@@ -136,7 +138,7 @@ class _FakeLinear:
 @pytest.mark.parametrize("wfmt", ["f32", "q8_0", "q4_0", "q4_1", "bf16", "f16"])
 @pytest.mark.parametrize("prologue", ["none", "rmsnorm", "silu_mul"])
 @pytest.mark.parametrize("gates", ["dense", "top2", "token", "zero-rows"])
-@pytest.mark.parametrize("T", [1, 3, 16])
+@pytest.mark.parametrize("T", [1, 3, 16, 37])
 def test_kernel_matches_stored_experts(efmt, wfmt, prologue, gates, T):
     from test_cpu_binding import make_gates, prologue_ref
     from test_quant import act_bound
@@ -172,6 +174,49 @@ def test_kernel_matches_stored_experts(efmt, wfmt, prologue, gates, T):
             np.abs(delta - ex.delta(xp, gt, quantized=False)[0]).max()
     err = np.abs(y - want).max()
     assert err <= tol, (err, tol)
+
+
+@pytest.mark.parametrize("efmt", ["f32"] + EXPERT_FMTS)
+@pytest.mark.parametrize("wfmt", ["f32", "q8_0", "q4_1", "bf16", "f16"])
+@pytest.mark.parametrize("prologue", ["none", "silu_mul"])
+def test_a_tokens_output_does_not_depend_on_its_call(efmt, wfmt, prologue):
+    """Batch invariance (issue 36): 37 tokens in one call, in calls of 5 / 16 / 16 rows, and one
+    by one give the same bits for every token (the kernel dots tokens in groups of MAX_ROWS,
+    each sum in the same order in any group; the experts' h and its q8 quantization are per
+    token).  Zero-gate rows among them: a call's active experts do not change a row's sums."""
+    from test_cpu_binding import make_gates
+    pro = {"none": cpu_ops.PRO_NONE, "silu_mul": cpu_ops.PRO_SILU_MUL}[prologue]
+    rng = np.random.default_rng([len(efmt), len(wfmt), len(prologue)])
+    d_in, T = 96, 37
+    if efmt == "f32":
+        from test_cpu_binding import Group
+        g = Group(rng, d_in, (41, 23, 7), 6)
+        W, A = g.w_aug[:g.d_out], np.ascontiguousarray(g.w_aug[g.d_out:])
+        parts, blocks, K = g.parts, g.blocks, g.K
+        kw = dict(a_cat=A) if wfmt != "f32" else {}
+    else:
+        ex = Experts(rng, d_in, (41, 23, 7), 6, efmt)
+        g = ex.g
+        W, parts, blocks, K = g.w_aug[:g.d_out], ex.parts(), g.blocks, g.K
+        kw = dict(a_cat=ex.a, expert_fmt=ex.code)
+    if wfmt == "f32":
+        w = g.w_aug if efmt == "f32" else np.ascontiguousarray(W)
+    else:
+        w = repack(quantize(W, FORMATS[wfmt]), FORMATS[wfmt], d_in)
+        kw.update(fmt=FORMATS[wfmt].code, d_in=d_in)
+    plan = cpu_ops.LinearPlan(w, g.d_out, g.bias, parts, blocks, K, **kw)
+    x = rng.standard_normal((T, 2 * d_in if prologue == "silu_mul" else d_in)).astype(F32)
+    gates = make_gates("zero-rows", rng, T, K)
+
+    def run(cuts):
+        y = np.full((T, g.d_out), np.nan, F32)
+        for a, b in zip([0] + cuts, cuts + [T]):
+            plan.run(x[a:b], y[a:b], gates[a:b], 2, pro)
+        return y
+    whole = run([])
+    assert not np.isnan(whole).any()
+    assert np.array_equal(run([5, 21]), whole)
+    assert np.array_equal(run(list(range(1, T))), whole)
 
 
 @pytest.mark.parametrize("efmt", EXPERT_FMTS)

@@ -6,13 +6,21 @@ products are the kernel's, row by row.  Without it (torch's attention in prefill
 comparisons on the bundled model differed.
 
 Two models: the bundled SmolLM2 as shipped (4-bit, the shipped bigfive bank; slow), and a tiny
-random Llama quantized to q4 at load with a random bank that has both routers.
+random Llama with nearly tied logits, quantized to q4 at load or kept in fp32 with
+``deterministic=True`` (every fp32 product the kernel's; without it 13 of 24 comparisons differed,
+the batched and chunked prefills taking torch's GEMMs), with a random bank that has both routers;
+the fp32 one also through a real pf-serve.
 """
+import concurrent.futures as cf
+import time
+
+import httpx
 import pytest
 import torch
 
 from pf_engine import Engine
 from pf_engine.backends import backend_status
+from pf_engine.errors import PFError
 from pf_engine.generation.sampling import SamplingParams
 from pf_engine.model.config import ModelConfig
 from pf_engine.persona.bank import BIG_FIVE, AdapterBank
@@ -69,26 +77,100 @@ def close_call_model(tmp_path_factory):
     """A tiny random Llama left at transformers' initialisation (std 0.02; norms perturbed):
     its logits are nearly tied, so a rounding difference anywhere changes a greedy token."""
     import transformers as tf
-    from conftest import TINY
+    from conftest import TINY, save_tiny_tokenizer
+    folder = tmp_path_factory.mktemp("close_call")
+    save_tiny_tokenizer(folder)
+    vocab = len(tf.AutoTokenizer.from_pretrained(folder))
     torch.manual_seed(5)
     model = tf.LlamaForCausalLM(tf.LlamaConfig(**dict(TINY, hidden_size=128, intermediate_size=256,
-                                                      num_attention_heads=4))).eval()
+                                                      num_attention_heads=4,
+                                                      vocab_size=vocab))).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn(p.shape))
-    folder = tmp_path_factory.mktemp("close_call")
     model.save_pretrained(folder)
     return str(folder)
 
 
-def test_a_tiny_4bit_model_every_persona_kind(close_call_model):
-    folder = close_call_model
-    cfg = ModelConfig.from_file(f"{folder}/config.json")
-    bank = AdapterBank.random(cfg, rank=4, seed=3, router=True)
-    eng = Engine.from_pretrained(folder, adapters=bank, backend="cpu", quantize="q4",
-                                 progress=False, device="cpu")
+def tiny_engine(folder, **kw):
+    bank = AdapterBank.random(ModelConfig.from_file(f"{folder}/config.json"), rank=4, seed=3,
+                              router=True)
+    return Engine.from_pretrained(folder, adapters=bank, backend="cpu", progress=False,
+                                  device="cpu", **kw)
+
+
+def random_prompts(n: int = 9) -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 256, (int(n),), generator=g).tolist()
-               for n in torch.randint(9, 40, (9,), generator=g)]
-    assert differences(eng, prompts, [None, EXPLICIT, "auto", "token"], 32, 3) == []
+    return [torch.randint(5, 256, (int(k),), generator=g).tolist()
+            for k in torch.randint(9, 40, (n,), generator=g)]
+
+
+@pytest.mark.parametrize("kw", [dict(quantize="q4"), dict(deterministic=True)],
+                         ids=["q4", "fp32-deterministic"])
+def test_a_tiny_model_every_persona_kind(close_call_model, kw):
+    eng = tiny_engine(close_call_model, **kw)
+    assert eng.batch_invariant
+    assert differences(eng, random_prompts(), [None, EXPLICIT, "auto", "token"], 32, 3) == []
+
+
+def test_fp32_without_the_switch_is_not_claimed_invariant(close_call_model):
+    assert not tiny_engine(close_call_model).batch_invariant
+
+
+def test_the_switch_where_it_cannot_hold_is_one_line(close_call_model):
+    with pytest.raises(PFError, match=r"^deterministic=True: .*cpu backend only.*'torch'"):
+        Engine.from_pretrained(close_call_model, backend="torch", deterministic=True,
+                               progress=False, device="cpu")
+
+
+def completion(url: str, prompt: list[int], persona) -> list:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 24, "temperature": 0,
+            "logprobs": 0, "persona": persona}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    return list(zip(lp["tokens"], lp["token_logprobs"]))
+
+
+def test_through_pf_serve_alone_in_a_burst_and_chunked(close_call_model):
+    """A real pf-serve (uvicorn on 127.0.0.1) over the fp32 model with deterministic=True: each
+    greedy completion's tokens and logprobs are the same alone, in a burst of 9 held until all
+    are admitted (so that they prefill and decode as one batch), and prefilled in 7-token
+    chunks."""
+    pytest.importorskip("uvicorn")
+    from pf_engine.serve import build_app
+    from pf_engine.serve.threaded import ThreadedServer
+    eng = tiny_engine(close_call_model, deterministic=True)
+    prompts, personas = random_prompts(), [None, EXPLICIT, "auto"] * 3
+    s = ThreadedServer(build_app(eng, "tiny", max_queue=16, timeout_s=60))
+    try:
+        eng.new_scheduler(slots=1, max_len=128)
+        alone = [completion(s.url, p, k) for p, k in zip(prompts, personas)]
+        eng.new_scheduler(slots=1, max_len=128, prefill_budget=7)
+        chunked = [completion(s.url, p, k) for p, k in zip(prompts, personas)]
+        eng.new_scheduler(slots=9, max_len=128)
+        sched = eng.scheduler()
+        sched.pause()
+        with cf.ThreadPoolExecutor(9) as pool:
+            futs = [pool.submit(completion, s.url, p, k) for p, k in zip(prompts, personas)]
+            deadline = time.monotonic() + 30
+            while len(sched.waiting) < 9 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert len(sched.waiting) == 9
+            sched.resume()
+            burst = [f.result(timeout=60) for f in futs]
+    finally:
+        s.close()
+    assert [i for i in range(9) if chunked[i] != alone[i]] == []
+    assert [i for i in range(9) if burst[i] != alone[i]] == []
+
+
+@pytest.mark.parametrize("cli", ["generate", "serve"])
+def test_the_cli_switch_reaches_the_engine_and_refuses_in_one_line(close_call_model, capsys, cli):
+    import importlib
+    main = importlib.import_module(f"pf_engine.cli.{cli}").main
+    args = ["--model", close_call_model, "--backend", "torch", "--deterministic", "--device", "cpu"]
+    assert main(args + (["hi"] if cli == "generate" else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert "deterministic=True" in err and "'torch'" in err and "\n" not in err, err

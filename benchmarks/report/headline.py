@@ -155,6 +155,22 @@ def shared(res: dict) -> list[str]:
     return [out + "."]
 
 
+def deterministic(res: dict) -> list[str]:
+    """What deterministic=True costs on fp32 weights (bench_deterministic.json): the range of its
+    prefill and decode ratios over the configurations and workloads."""
+    rows = res.get("rows") or []
+    if not rows:
+        return []
+    pre = [r["prefill_ratio"] for r in rows]
+    dec = [r["decode_ratio"] for r in rows]
+    cost = max(1 / min(pre), max(dec)) - 1
+    return [f"- **Batch-invariant greedy on fp32 weights** (`deterministic=True`; {res['machine']['cpu']}, "
+            f"{res['machine']['torch_threads']} threads; {_at(res)}): prefill {min(pre):.2f}-{max(pre):.2f}x "
+            f"the default's tokens/s, decode {min(dec):.2f}-{max(dec):.2f}x its ms/token (on by default "
+            f"if at most 10% slower: {_met(cost <= 0.10)}; it is a switch, off by default); a model "
+            f"stored as bytes (the bundled 4-bit one) is batch-invariant without it."]
+
+
 def serving(srv: dict, where: str) -> list[str]:
     goals = srv.get("goals") or []
     if not goals:
@@ -184,7 +200,8 @@ def headline(results_dir: str, link: str) -> list[str]:
     out = []
     for name, fn in (("bench_generate.json", end_to_end), ("bench_cpu.json", cpu_formats),
                      ("bench_shared.json", shared), ("bench_prefix.json", prefix),
-                     ("bench_tp.json", tensor_parallel)):
+                     ("bench_tp.json", tensor_parallel),
+                     ("bench_deterministic.json", deterministic)):
         res = get(name)
         if res:
             out += fn(res)

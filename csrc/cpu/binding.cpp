@@ -1,7 +1,7 @@
 // The _pf_cpu module: the typed API (binding_linear.cpp, binding_attention.cpp,
 // binding_block.cpp) on the thread pool of pool.h.
 //
-//   MAX_ROWS = 16, PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
+//   MAX_ROWS = 16, MAX_LINEAR_ROWS = 4096, PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
 //   FMT_F32 ... FMT_BF16 = 0 ... 5; row_bytes, dequantize, isa, isas, set_isa (binding_quant.cpp)
 //   LinearPlan, BlockPlan, decode_attention (typed overload), set_spin_us(us), spin_us(),
 //   ShmGroup (binding_group.cpp), pool_workers(); _set_chunking(bytes), _chunking() (benchmark tuning)
@@ -17,6 +17,7 @@ PYBIND11_MODULE(_pf_cpu, m) {
     m.doc() = "csrc/cpu: fused grouped-LoRA linear, decode attention and a decoder block's decode "
               "step for CPU decode steps (AVX2/FMA), on its own thread pool";
     m.attr("MAX_ROWS") = MAX_ROWS;
+    m.attr("MAX_LINEAR_ROWS") = MAX_LINEAR_ROWS;
     m.attr("PRO_NONE") = static_cast<int>(PRO_NONE);
     m.attr("PRO_RMSNORM") = static_cast<int>(PRO_RMSNORM);
     m.attr("PRO_SILU_MUL") = static_cast<int>(PRO_SILU_MUL);

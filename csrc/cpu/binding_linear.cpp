@@ -22,7 +22,7 @@
 //     blocks (part, expert, r0, r1, scale): absolute rows r0:r1 of A_cat inside the part's rows,
 //            sorted by part, increasing and non-overlapping within a part; 0 <= expert < num_experts
 //   run(x, y, gates=None, threads=1, prologue=PRO_NONE, norm=None, eps=0.0, residual=None)
-//     x [T, d_in] ([T, 2 d_in] with PRO_SILU_MUL) unit last stride, 1 <= T <= MAX_ROWS;
+//     x [T, d_in] ([T, 2 d_in] with PRO_SILU_MUL) unit last stride, 1 <= T <= MAX_LINEAR_ROWS;
 //     y [T, d_out] unit last stride, written; gates [T, num_experts] unit last stride or None;
 //     norm [d_in] with PRO_RMSNORM; residual [T, d_out] or None, may be y itself.
 // The plan keeps references to weight, a_cat, bias and every bT, so they live as long as it does.
@@ -233,7 +233,7 @@ void LinearPlan::run(py::object x, py::object y, py::object gates, int threads, 
     py::array xa = ck.array("x", x, Dtype::F32);
     ck.ndim("x", xa, 2, x_dims);
     const int64_t T = xa.shape(0);
-    ck.in_range("T = x.shape[0]", T, 1, MAX_ROWS, "MAX_ROWS");
+    ck.in_range("T = x.shape[0]", T, 1, MAX_LINEAR_ROWS, "MAX_LINEAR_ROWS");
     ck.shape("x", xa, {T, silu ? 2 * L.d_in : L.d_in}, x_dims);
     ck.unit_last_stride("x", xa);
     py::array ya = ck.array("y", y, Dtype::F32);

@@ -2,6 +2,7 @@
 // inlines them.  No threads, no checks: callers pass valid pointers and sizes.
 //
 //   row_dots(w, x, xs, T, d, out)   out[t] = w . x[t]            T rows of x at row stride xs
+//   rows_dots<NW>(w, ws, x, xs, T, d, out, os)   out[r os + t] = w[r] . x[t], r < NW: the same bits
 //   dot(a, b, D)                    a . b
 //   rope(x, c, s, D, out)           out[d] = x[d] c[d] + x[(d + D/2) mod D] s[d]   (D even)
 //   rmsnorm_row(x, w, d, eps, out)  out[k] = w[k] * (x[k] / sqrt(mean(x^2) + eps))
@@ -32,6 +33,45 @@ inline void dots(const float* w, const float* x, int64_t xs, int d, float* out) 
         float s = hsum(acc[j]);
         for (int kk = k; kk < d; ++kk) s += w[kk] * x[j * xs + kk];
         out[j] = s;
+    }
+}
+
+// out[r * os + j] = w[r] . x[j] for r < NW (rows of w at stride ws), j < NT (rows of x at stride
+// xs): a register block of NW x NT sums, each summed exactly as dots<NT> sums it (the same FMAs
+// in the same order, the same horizontal sum and tail), so a sum has the same bits in any block.
+// Per 8 columns: NW + NT loads for NW NT FMAs (NW + 1 + NW NT registers: 16 at 3 x 4).
+template <int NW, int NT>
+inline void dots_block(const float* w, int64_t ws, const float* x, int64_t xs, int d, float* out, int64_t os) {
+    __m256 acc[NW][NT];
+    for (int r = 0; r < NW; ++r)
+        for (int j = 0; j < NT; ++j) acc[r][j] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= d; k += 8) {
+        __m256 wv[NW];
+        for (int r = 0; r < NW; ++r) wv[r] = _mm256_loadu_ps(w + r * ws + k);
+        for (int j = 0; j < NT; ++j) {
+            const __m256 xv = _mm256_loadu_ps(x + j * xs + k);
+            for (int r = 0; r < NW; ++r) acc[r][j] = _mm256_fmadd_ps(wv[r], xv, acc[r][j]);
+        }
+    }
+    for (int r = 0; r < NW; ++r)
+        for (int j = 0; j < NT; ++j) {
+            float s = hsum(acc[r][j]);
+            for (int kk = k; kk < d; ++kk) s += w[r * ws + kk] * x[j * xs + kk];
+            out[r * os + j] = s;
+        }
+}
+
+// out[r * os + t] = w[r] . x[t] for r < NW, all T rows: blocks of NW x 4, then the rest of T.
+template <int NW>
+inline void rows_dots(const float* w, int64_t ws, const float* x, int64_t xs, int T, int d, float* out, int64_t os) {
+    int t = 0;
+    for (; t + 4 <= T; t += 4) dots_block<NW, 4>(w, ws, x + t * xs, xs, d, out + t, os);
+    switch (T - t) {
+        case 3: dots_block<NW, 3>(w, ws, x + t * xs, xs, d, out + t, os); break;
+        case 2: dots_block<NW, 2>(w, ws, x + t * xs, xs, d, out + t, os); break;
+        case 1: dots_block<NW, 1>(w, ws, x + t * xs, xs, d, out + t, os); break;
+        default: break;
     }
 }
 

@@ -63,6 +63,7 @@ struct Job {
     std::atomic<bool>* ready;  // h is done (and quantized, q8)
 
     static constexpr int64_t kRowBlock = 4;
+    static constexpr int kF32Rows = 3;         // rows of an fp32 W per register block (kernels.h)
 
     // A chunk c: its active rows of A_cat, h.
     void a_chunk(int64_t c) const { a_rows(c * a_per_chunk, std::min(na, (c + 1) * a_per_chunk)); }
@@ -90,67 +91,81 @@ struct Job {
         }
     }
 
-    // Rows i0:i1 of W: y.
+    // Rows i0:i1 of W: y, for the tokens in groups of MAX_ROWS: the chunk's rows of W stay in
+    // L2 across the groups, so a call over many tokens streams W from memory once.  Each dot
+    // sums in the same order whatever group its token lands in (a token's y is its own).
     void w_rows(int64_t i0, int64_t i1) const {
-        const int T = static_cast<int>(call.T), d_in = static_cast<int>(lin.d_in);
+        for (int64_t t0 = 0; t0 < call.T; t0 += MAX_ROWS)
+            w_rows_group(i0, i1, t0, static_cast<int>(std::min(MAX_ROWS, call.T - t0)));
+    }
+
+    void w_rows_group(int64_t i0, int64_t i1, int64_t t0, int T) const {
+        const int d_in = static_cast<int>(lin.d_in);
+        const float* xg = x + t0 * xs;
         float tmp[kRowBlock * MAX_ROWS];
         int64_t i = i0;
         if (lin.fmt != FMT_F32) {                    // kRowBlock rows of W per kernel call
             while (i < i1) {
                 const int64_t n = std::min(kRowBlock, i1 - i);
                 const uint8_t* w = lin.wq + i * lin.row_bytes;
-                if (xq) qdots(lin.fmt, w, lin.row_bytes, n, xq, T, nb, tmp, MAX_ROWS);
-                else hdots(lin.fmt, w, lin.row_bytes, n, x, xs, T, lin.d_in, tmp, MAX_ROWS);
-                for (int64_t r = 0; r < n; ++r) store(i + r, tmp + r * MAX_ROWS);
+                if (xq) qdots(lin.fmt, w, lin.row_bytes, n, xq + t0, T, nb, tmp, MAX_ROWS);
+                else hdots(lin.fmt, w, lin.row_bytes, n, xg, xs, T, lin.d_in, tmp, MAX_ROWS);
+                for (int64_t r = 0; r < n; ++r) store(i + r, tmp + r * MAX_ROWS, t0, T);
                 i += n;
             }
         }
+        for (; i + kF32Rows <= i1; i += kF32Rows) {  // fp32: kF32Rows x 4 register blocks
+            rows_dots<kF32Rows>(lin.w + i * d_in, d_in, xg, xs, T, d_in, tmp, MAX_ROWS);
+            for (int64_t r = 0; r < kF32Rows; ++r) store(i + r, tmp + r * MAX_ROWS, t0, T);
+        }
         for (; i < i1; ++i) {
-            row_dots(lin.w + i * d_in, x, xs, T, d_in, tmp);
-            store(i, tmp);
+            row_dots(lin.w + i * d_in, xg, xs, T, d_in, tmp);
+            store(i, tmp, t0, T);
         }
     }
 
-    // Active rows k0:k1 of A_cat, in runs of consecutive rows: h.
+    // Active rows k0:k1 of A_cat, in runs of consecutive rows: h, tokens in groups of MAX_ROWS.
     void a_rows(int64_t k0, int64_t k1) const {
-        const int T = static_cast<int>(call.T);
         const int64_t R = lin.rank;
         float tmp[kRowBlock * MAX_ROWS];
         for (int64_t k = k0; k < k1;) {
             const ActiveRow* a = rows + k;
             int64_t n = 1;
             while (n < kRowBlock && k + n < k1 && a[n].r == a[0].r + n) ++n;
-            expert_dots(a[0].r, n, tmp);
-            for (int64_t m = 0; m < n; ++m)
-                for (int t = 0; t < T; ++t)
-                    h[t * R + a[m].r] = tmp[m * MAX_ROWS + t] * call.gates[t * call.gs + a[m].expert] * a[m].scale;
+            for (int64_t t0 = 0; t0 < call.T; t0 += MAX_ROWS) {
+                const int T = static_cast<int>(std::min(MAX_ROWS, call.T - t0));
+                expert_dots(a[0].r, n, t0, T, tmp);
+                for (int64_t m = 0; m < n; ++m)
+                    for (int64_t t = t0; t < t0 + T; ++t)
+                        h[t * R + a[m].r] = tmp[m * MAX_ROWS + t - t0] * call.gates[t * call.gs + a[m].expert] * a[m].scale;
+            }
             k += n;
         }
     }
 
-    // out[k * MAX_ROWS + t] = A_cat[r + k] . x'[t] for k < n, in the experts' format.
-    void expert_dots(int64_t r, int64_t n, float* out) const {
+    // out[k * MAX_ROWS + t] = A_cat[r + k] . x'[t0 + t] for k < n, t < T, in the experts' format.
+    void expert_dots(int64_t r, int64_t n, int64_t t0, int T, float* out) const {
         const uint8_t* a = lin.a + r * lin.a_row_bytes;
-        const int T = static_cast<int>(call.T);
+        const float* xg = x + t0 * xs;
         switch (lin.efmt) {
-            case FMT_BF16: hdots(FMT_BF16, a, lin.a_row_bytes, n, x, xs, T, lin.d_in, out, MAX_ROWS); break;
-            case FMT_Q8_0: qdots(FMT_Q8_0, a, lin.a_row_bytes, n, xe, T, nb, out, MAX_ROWS); break;
+            case FMT_BF16: hdots(FMT_BF16, a, lin.a_row_bytes, n, xg, xs, T, lin.d_in, out, MAX_ROWS); break;
+            case FMT_Q8_0: qdots(FMT_Q8_0, a, lin.a_row_bytes, n, xe + t0, T, nb, out, MAX_ROWS); break;
             default:
                 for (int64_t k = 0; k < n; ++k)
-                    row_dots(reinterpret_cast<const float*>(a) + k * lin.d_in, x, xs, T,
+                    row_dots(reinterpret_cast<const float*>(a) + k * lin.d_in, xg, xs, T,
                              static_cast<int>(lin.d_in), out + k * MAX_ROWS);
         }
     }
 
-    // y[t, i] = (res[t, i] +) v[t] + bias[i] for base row i.
-    void store(int64_t i, const float* v) const {
+    // y[t, i] = (res[t, i] +) v[t - t0] + bias[i] for base row i, tokens t0:t0 + T.
+    void store(int64_t i, const float* v, int64_t t0, int T) const {
         const float b = lin.bias ? lin.bias[i] : 0.0f;
         float* y = call.y + i;
         if (call.res) {
             const float* res = call.res + i;
-            for (int64_t t = 0; t < call.T; ++t) y[t * call.ys] = res[t * call.rs] + (v[t] + b);
+            for (int64_t t = t0; t < t0 + T; ++t) y[t * call.ys] = res[t * call.rs] + (v[t - t0] + b);
         } else {
-            for (int64_t t = 0; t < call.T; ++t) y[t * call.ys] = v[t] + b;
+            for (int64_t t = t0; t < t0 + T; ++t) y[t * call.ys] = v[t - t0] + b;
         }
     }
 

@@ -1,7 +1,7 @@
 // One projection group's fused grouped-LoRA linear: the typed API's core (no Python here; the
 // checks are binding_linear.cpp's, and every pointer and size below has passed them).
 //
-// For token rows x [T, d_in] (1 <= T <= MAX_ROWS) and a group (q|k|v, gate|up, o, down) with base
+// For token rows x [T, d_in] (1 <= T <= MAX_LINEAR_ROWS) and a group (q|k|v, gate|up, o, down) with base
 // weight W [d_out, d_in] in one of quant_format.h's formats (fp32, 16-bit floats, or 8/4-bit
 // blocks) and experts stacked as A_cat [R, d_in] and B^T per part, both in the experts' format
 // (expert.h: fp32, bf16 or q8_0; fp32 experts on an fp32 W: the rows below W in one
@@ -26,7 +26,9 @@
 // One parallel region (pool.h) of many small chunks, the A chunks' then the W chunks':
 //   A chunk   active rows of A_cat (~chunk bytes of them): h; the thread finishing the last one
 //             quantizes h (q8) and marks it ready;
-//   W chunk   rows i0:i1 of W (~chunk bytes): y rows (+ bias, + res); then, if the rows lie in an
+//   W chunk   rows i0:i1 of W (~chunk bytes): y rows (+ bias, + res), the tokens in groups of
+//             MAX_ROWS (the chunk's rows stay in L2: W streams from memory once per call, and a
+//             token's dots sum in the same order in any group); then, if the rows lie in an
 //             active part, that part's expand over the same columns, h ready: the chunk's y
 //             rows are still in L1 and no thread waits for another's rows of W.  f32 / bf16:
 //             the active rank rows of bT across the columns, four at a time, in 256-column tiles;
@@ -44,7 +46,9 @@
 
 namespace pf_cpu {
 
-constexpr int64_t MAX_ROWS = 16;     // rows per call: the one row limit of the typed API
+constexpr int64_t MAX_ROWS = 16;     // rows per call of the typed API (attention, blocks), and
+                                     // the token group of a LinearPlan call's dots
+constexpr int64_t MAX_LINEAR_ROWS = 4096;   // rows per LinearPlan call: groups of MAX_ROWS
 
 enum Prologue : int { PRO_NONE = 0, PRO_RMSNORM = 1, PRO_SILU_MUL = 2 };
 

@@ -69,11 +69,12 @@ def check_name(name) -> str | None:
 
 
 def resolve_backend(name: str | None, device: torch.device,
-                    expert_format: str | None = None) -> Backend:
+                    expert_format: str | None = None, deterministic: bool = False) -> Backend:
     """The backend object for ``name`` on ``device``: auto (or None) -> $PF_BACKEND if set,
     else cpu where csrc/cpu runs on a CPU, else torch; a named backend must be usable.
     ``expert_format``: the persona experts' format on the cpu backend (cpu/experts.py; None:
-    auto), refused in one line where it cannot run."""
+    auto), refused in one line where it cannot run.  ``deterministic``: every product batch-
+    invariant (cpu backend only: its fp32 products the kernel's at any batch size)."""
     from pf_engine.backends.cpu import experts
     experts.check(expert_format)
     name = check_name(name) or check_name(os.environ.get("PF_BACKEND") or None)
@@ -82,12 +83,17 @@ def resolve_backend(name: str | None, device: torch.device,
     ok, why = backend_status(name, device)
     if not ok:
         raise PFError(f"backend={name!r} is not available: {why}")
-    return create(name, device, experts.check(expert_format, name))
+    if deterministic and name != "cpu":
+        raise PFError(f"deterministic=True: batch-invariant products run on the cpu backend only, "
+                      f"expected backend='cpu' (got {name!r})")
+    return create(name, device, experts.check(expert_format, name), deterministic)
 
 
-def create(name: str, device: torch.device, expert_format: str | None = None) -> Backend:
+def create(name: str, device: torch.device, expert_format: str | None = None,
+           deterministic: bool = False) -> Backend:
     """A backend object by name, unchecked (tests and benchmarks that checked it themselves);
-    ``expert_format`` reaches the cpu backend (others keep their experts as attached)."""
+    ``expert_format`` and ``deterministic`` reach the cpu backend (others keep their experts as
+    attached and their GEMMs)."""
     from pf_engine.backends.cpu import Cpu
     from pf_engine.backends.torch_backend import Torch
     from pf_engine.backends.kernels import Kernels
@@ -98,4 +104,4 @@ def create(name: str, device: torch.device, expert_format: str | None = None) ->
     classes = {"cpu": Cpu, "torch": Torch, "naive": Naive}
     if name not in classes:
         raise PFError(f"backend={name!r}: expected one of {', '.join(BACKENDS)}")
-    return Cpu(device, expert_format) if name == "cpu" else classes[name](device)
+    return Cpu(device, expert_format, deterministic) if name == "cpu" else classes[name](device)

@@ -58,6 +58,11 @@ class Backend:
     def runner(self, model):
         return Blocks(model)
 
+    def batch_invariant(self) -> bool:
+        """Whether every product and attention of the prepared model rounds each row the same
+        whatever else is in its batch (the cpu backend's kernels); torch's GEMMs do not."""
+        return False
+
     def attention(self, blk, qkv, cos, sin, cache, mask):
         """A block's attention output [B, T, H * D] from qkv [B, T, H + 2 H_kv, D] before RoPE
         (writing the step's k, v into ``cache``), or None: model.decoder.Block's own (torch)."""

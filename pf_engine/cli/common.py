@@ -32,6 +32,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="persona experts on the cpu backend: auto "
                         "(default: q8 on an 8/4-bit model, "
                         "bf16 on a 16-bit one, f32 on fp32), f32, bf16 or q8")
+    p.add_argument("--deterministic", action="store_true",
+                   help="greedy tokens independent of the batch on fp32 weights too (cpu "
+                        "backend; about half the fp32 prefill throughput). A model stored as "
+                        "bytes (the bundled 4-bit one) is batch-invariant without it")
     from pf_engine.model.quantize import QUANTIZE
     p.add_argument("--quantize", default=None, choices=QUANTIZE,
                    help="weights: q8 / q4 / bf16 / f16 convert an HF folder's at load "

@@ -66,6 +66,7 @@ def main(argv=None) -> int:
         eng = Engine.from_pretrained(args.model, adapters=args.adapters, device=args.device,
                                      dtype=args.dtype, backend=args.backend, quantize=args.quantize,
                                      expert_format=args.expert_format,
+                                     deterministic=args.deterministic,
                                      progress=not args.quiet, tensor_parallel=args.tensor_parallel)
         defaults, source = eng.generation_defaults(args.chat)
         sampling = SamplingParams(max_new_tokens=args.max_new_tokens, seed=args.seed,

@@ -100,6 +100,7 @@ def main(argv=None) -> int:
         eng = Engine.from_pretrained(args.model, adapters=args.adapters, device=args.device,
                                      dtype=args.dtype, backend=args.backend, quantize=args.quantize,
                                      expert_format=args.expert_format,
+                                     deterministic=args.deterministic,
                                      tensor_parallel=args.tensor_parallel)
         if args.prefix_cache_gb is not None:
             eng.set_prefix_cache(args.prefix_cache_gb)
@@ -111,7 +112,9 @@ def main(argv=None) -> int:
                     timeout_s=args.timeout,
                     max_body=int(args.max_body_mb * 2 ** 20))
     print(f"pf-serve: {mid} on http://{args.host}:{args.port}/v1 "
-          f"({len(app.state.catalog.ids())} model ids, {eng.scheduler().slots} slots)",
+          f"({len(app.state.catalog.ids())} model ids, {eng.scheduler().slots} slots, "
+          f"{eng.weight_formats}; greedy "
+          f"{'batch-invariant' if eng.batch_invariant else 'may depend on the batch'})",
           file=sys.stderr)
     # uvicorn handles SIGTERM / SIGINT: it closes the listening socket, waits up to grace_s for
     # the open requests, then cancels them (their slots are freed), returns, and re-raises the

@@ -324,6 +324,7 @@ def tp_model(engine, weights, timeout_s: float | None = None) -> TPDecoder:
     spec = {"folder": engine.folder, "load": engine.load_args, "dtype": engine.dtype,
             "device": engine.device.type, "backend": engine.backend.name, "bank": bank,
             "expert_format": getattr(engine.backend, "expert_format", None),
+            "deterministic": getattr(engine.backend, "deterministic", False),
             "threads": torch.get_num_threads(), "allreduce": allreduce_kind(engine.device),
             "head": head_kind(), "first_gpu": first_gpu(engine.device)}
     workers = Workers(n, spec, timeout_s)

@@ -143,7 +143,8 @@ def build_shard(spec: dict, rank: int, n: int, reduce, device: torch.device):
     bank = spec["bank"]
     if bank is not None:
         bank.to(dtype=spec["dtype"], device=device)
-    backend = resolve_backend(spec["backend"], device, spec["expert_format"])
+    backend = resolve_backend(spec["backend"], device, spec["expert_format"],
+                              spec["deterministic"])
     return shard_model(cfg, weights, bank, backend, device, rank, n, reduce, spec["head"]), bank
 
 

@@ -5,9 +5,11 @@
   Every product of a W stored as bytes, decode or prefill, is the kernel's (MAX_ROWS rows per
   call: its dot products keep pace with torch's fp32 GEMM, and W is never dequantized).
 * Every product of at most ``MAX_ROWS`` fp32 rows (a decode step's projections and LM head, the
-  mixed projections of a short prompt chunk) is one kernel call per projection group: pass 1
-  streams W and the active experts' rows of A_cat once, pass 2 adds the expand
-  (csrc/cpu/linear_plan.cpp).  Larger batches take the torch backend's grouped GEMMs.
+  mixed projections of a short prompt chunk) is one kernel call per projection group: one pass
+  streams W and the active experts' rows of A_cat, each chunk of W's rows adding the expand
+  (csrc/cpu/linear_plan.cpp).  Larger batches take the torch backend's grouped GEMMs, unless
+  ``deterministic``: then every fp32 product is the kernel's too (MAX_ROWS rows per call), whose
+  rows do not depend on the batch (about half the fp32 prefill throughput: README).
 * A decode step on the scheduler's slot cache runs each block as csrc/cpu calls with the RMS
   norm and silu-mul prologues and the residual epilogues fused in (``decode.CpuRunner``).
 * Every other step on the slot cache (prefill chunks, larger decode batches) takes csrc/cpu's
@@ -40,25 +42,34 @@ class Cpu(Backend):
     few_rows = kernel.MAX_ROWS
     quantized = True
 
-    def __init__(self, device, expert_format: str | None = None):
+    def __init__(self, device, expert_format: str | None = None, deterministic: bool = False):
         super().__init__(device)
         self.expert_format = expert_format      # experts.py: None (auto), f32, bf16 or q8
+        self.deterministic = deterministic      # fp32 products the kernel's at any rows too
         self.torch_linears = 0                  # Linears whose larger batches are torch's GEMMs
+        self.unplanned = 0                      # Linears the kernel cannot run (not fp32 floats)
 
     def prepare(self, lin) -> CpuLinear:
         self.torch_linears += not lin.quantized
-        return CpuLinear(kernel.plan(lin, self.expert_format),
-                         Gathered() if lin.parts and not lin.quantized else None)
+        plan = kernel.plan(lin, self.expert_format)
+        self.unplanned += plan is None
+        return CpuLinear(plan, Gathered() if lin.parts and not lin.quantized else None)
 
     def own_threads(self, rows: int) -> bool:
         """Also every prefill of a model whose Linears are all stored as bytes: its products are
-        the kernel's at any size, and torch's threads beside the kernel's pool (attention, norms)
-        only fought it for the cores (measured: 1.2-1.6x slower prefill on 2 cores)."""
-        return rows <= self.few_rows or self.torch_linears == 0
+        the kernel's at any size (so also every prefill when ``deterministic``), and torch's
+        threads beside the kernel's pool (attention, norms) only fought it for the cores
+        (measured: 1.2-1.6x slower prefill on 2 cores)."""
+        return rows <= self.few_rows or self.torch_linears == 0 or self.deterministic
 
     def runner(self, model):
         from pf_engine.backends.cpu.decode import CpuRunner
         return CpuRunner(model)
+
+    def batch_invariant(self) -> bool:
+        """Every Linear stored as bytes (the kernel runs them at any rows), or ``deterministic``
+        and every fp32 Linear the kernel's; attention is csrc/cpu's on every slot-cache step."""
+        return self.torch_linears == 0 or (self.deterministic and self.unplanned == 0)
 
     def attention(self, blk, qkv, cos, sin, cache, mask):
         """csrc/cpu's attention, one job per (token, head) summing its own columns in order, for
@@ -70,7 +81,8 @@ class Cpu(Backend):
 
     def linear(self, lin, x2, mix, decode):
         N, plan = x2.shape[0], lin.state.plan
-        if lin.quantized:                    # any rows: the kernel, MAX_ROWS rows per call
+        if lin.quantized or (self.deterministic and plan is not None):   # any rows: the kernel,
+                                                                          # MAX_ROWS per call
             return kernel.run(plan, x2 if x2.stride(-1) == 1 else x2.contiguous(),
                               None if mix is None else mix.gates, self.policy.threads())
         if plan is None or N > kernel.MAX_ROWS or (mix is None and not decode):

@@ -4,7 +4,7 @@
     plan.run(x, y, gates, threads, prologue=PRO_NONE, norm=None, eps=0.0, residual=None)
 
 computes y [T, d_out] = residual + prologue(x) W^T + b + sum over the active experts, for
-T <= MAX_ROWS rows (csrc/cpu/linear_plan.h has the maths; pf_kernels.cpu_ops the full API).
+T <= MAX_LINEAR_ROWS rows (csrc/cpu/linear_plan.h has the maths; pf_kernels.cpu_ops the full API).
 The plan holds numpy views of the Linear's W_aug (or its W stored as bytes) and bias, and its
 own copies of the experts (A_cat, B^T: the kernel's expand streams rows of B^T) in their format
 (experts.py), all checked in C++ when it is built.
@@ -16,7 +16,8 @@ from pf_kernels import cpu_ops
 
 from pf_engine.backends.cpu import experts
 
-MAX_ROWS = cpu_ops.MAX_ROWS
+MAX_ROWS = cpu_ops.MAX_ROWS                  # the fused decode step's rows (decode.py)
+MAX_LINEAR_ROWS = cpu_ops.MAX_LINEAR_ROWS
 PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = cpu_ops.PRO_NONE, cpu_ops.PRO_RMSNORM, cpu_ops.PRO_SILU_MUL
 
 
@@ -44,11 +45,11 @@ def plan(lin, expert_format: str | None = None):
 
 
 def run(plan, x: torch.Tensor, gates: torch.Tensor | None, threads: int) -> torch.Tensor:
-    """y [N, d_out] for rows x [N, d_in] (gates [N, K] or None: the base product), MAX_ROWS
-    rows per kernel call."""
+    """y [N, d_out] for rows x [N, d_in] (gates [N, K] or None: the base product),
+    MAX_LINEAR_ROWS rows per kernel call."""
     y = torch.empty(x.shape[0], plan.d_out, dtype=torch.float32)
     xn, yn, gn = x.numpy(), y.numpy(), None if gates is None else gates.numpy()
-    for t0 in range(0, x.shape[0], MAX_ROWS):
-        plan.run(xn[t0:t0 + MAX_ROWS], yn[t0:t0 + MAX_ROWS],
-                 None if gn is None else gn[t0:t0 + MAX_ROWS], threads)
+    for t0 in range(0, x.shape[0], MAX_LINEAR_ROWS):
+        j = slice(t0, t0 + MAX_LINEAR_ROWS)
+        plan.run(xn[j], yn[j], None if gn is None else gn[j], threads)
     return y
