@@ -115,10 +115,10 @@ def _load():
     return _pf_cpu, None
 
 
-_TYPED = ("MAX_ROWS", "MAX_LINEAR_ROWS", "PRO_NONE", "PRO_RMSNORM", "PRO_SILU_MUL", "LinearPlan", "BlockPlan",
-          "decode_attention", "set_spin_us", "spin_us", "pool_workers", "FMT_F32", "FMT_Q8_0",
-          "FMT_Q4_0", "FMT_Q4_1", "FMT_F16", "FMT_BF16", "row_bytes", "dequantize", "isa", "isas",
-          "set_isa", "ShmGroup")
+_TYPED = ("MAX_ROWS", "MAX_LINEAR_ROWS", "PRO_NONE", "PRO_RMSNORM", "PRO_SILU_MUL", "LinearPlan",
+          "BlockPlan", "decode_attention", "set_spin_us", "spin_us", "pool_workers", "FMT_F32",
+          "FMT_Q8_0", "FMT_Q4_0", "FMT_Q4_1", "FMT_F16", "FMT_BF16", "row_bytes", "dequantize",
+          "isa", "isas", "set_isa", "ShmGroup")
 
 
 def __getattr__(name: str):
