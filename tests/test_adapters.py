@@ -129,13 +129,13 @@ def test_from_peft_single_expert_ranks(tmp_path, tiny, r, alpha, rslora):
         assert lw.expert_ids.tolist() == [0] and lw.rank_offsets.tolist() == [0, r]
 
 
-def test_from_peft_layers_to_transform_zero_fills(tmp_path, tiny):
+def test_from_peft_layers_to_transform_keeps_only_those_layers(tmp_path, tiny):
+    """The other layers' zero blocks are dropped (bank.trim): no expert work there."""
     live = make_peft(tmp_path / "a", r=4, lora_alpha=4, target_modules=["q_proj"],
                      layers_to_transform=[1])
     bank = AdapterBank.from_peft(tiny, {"x": tmp_path / "a"})
     assert set(live) == {(1, "q")}
-    assert torch.count_nonzero(bank.lora(0, "q").a) == 0
-    assert torch.count_nonzero(bank.lora(0, "q").b) == 0
+    assert bank.lora(0, "q") is None and bank.layers() == [1] and bank.trimmed == 1
     assert torch.equal(bank.lora(1, "q").a, live[(1, "q")][0])
 
 

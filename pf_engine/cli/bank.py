@@ -80,6 +80,17 @@ def _random(args) -> int:
     return 0
 
 
+def layer_ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8" (empty: "none")."""
+    runs: list[list[int]] = []
+    for l in layers:
+        if runs and l == runs[-1][1] + 1:
+            runs[-1][1] = l
+        else:
+            runs.append([l, l])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs) or "none"
+
+
 def _inspect(args) -> int:
     from pf_engine.persona.bank import AdapterBank
     bank = AdapterBank.load(args.bank)
@@ -97,6 +108,8 @@ def _inspect(args) -> int:
                                                           bank.scalings))],
             "modules": {m: [bank.expert_names[k] for k in ids]
                         for m, ids in bank.module_experts.items()},
+            "layers": {m: bank.layers(m) for m in bank.module_experts},
+            "trimmed": bank.trimmed,
             "router": routers or None, "recipe": bank.recipe}, indent=2))
         return 0
     fp = bank.fingerprint
@@ -112,6 +125,11 @@ def _inspect(args) -> int:
     print("modules  " + ", ".join(
         f"{m} ({len(ids)} expert{'s' * (len(ids) != 1)}, R={sum(bank.ranks[k] for k in ids)})"
         for m, ids in bank.module_experts.items()))
+    print(f"layers   {layer_ranges(bank.layers())} of 0-{fp['num_hidden_layers'] - 1}"
+          + "".join(f"; {m} {layer_ranges(bank.layers(m))}" for m in bank.module_experts
+                    if bank.layers(m) != bank.layers())
+          + (f" ({bank.trimmed} zero (layer, module) blocks dropped at load)" if bank.trimmed
+             else ""))
     if not routers:
         print("router   none (explicit persona weights only)")
     for kind, cfg in routers.items():

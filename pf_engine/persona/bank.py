@@ -11,7 +11,11 @@ Tiny example: experts 0 (r=2) and 2 (r=3) target "q", expert 1 does not.  Then
 col_expert [0, 0, 2, 2, 2], and the runtime expands gates g [T, K] to
 G_exp = g[:, col_expert] * scalings[col_expert] [T, 5].
 An expert whose PEFT folder adapts m only in some layers (``layers_to_transform``) gets zero
-blocks in the other layers: its delta there is exactly zero.
+blocks in the other layers: its delta there is exactly zero.  A (layer, module) whose stacked
+A_cat or B_cat is zero for every expert is dropped when a bank is built or loaded (``trim``;
+the shipped ``bigfive`` adapts layers 18-29 only): ``lora`` returns None there, the model
+attaches nothing, and the layer runs the base product alone.  The file lists the layers kept
+(bank_file.py).
 
 The file (bank_file.py: format, reading, checks) and the import of PEFT folders
 (peft_import.py) are beside this module; ``AdapterBank`` is the bank in memory.
@@ -54,6 +58,16 @@ class LoraWeights:
     rank_offsets = property(lambda self: self.layout.rank_offsets)    # [n+1] int32
     col_expert = property(lambda self: self.layout.col_expert)        # [R_m] int64
     col_scaling = property(lambda self: self.layout.col_scaling)      # [R_m] fp32
+
+
+def trim(weights: dict) -> tuple[dict, int]:
+    """``weights`` {(layer, module): (a, b)} without the entries whose a or b is all zeros
+    (their delta x A^T B^T is exactly zero for every expert), and how many were dropped; all
+    kept when every entry is zero (an untrained bank keeps its shape)."""
+    kept = {key: ab for key, ab in weights.items() if all(bool(t.any()) for t in ab)}
+    if not kept:
+        return dict(weights), 0
+    return kept, len(weights) - len(kept)
 
 
 def _check_name(name) -> str:
@@ -114,9 +128,9 @@ class AdapterBank:
         self.module_experts = {m: sorted(module_experts[m]) for m in MODULES
                                if module_experts.get(m)}
         self.target_modules = list(self.module_experts)
-        self._weights = dict(weights)               # (layer, module) -> (a, b)
-        if not self._weights:
+        if not weights:
             raise PFError("the bank adapts no module: give its experts target modules")
+        self._weights, self.trimmed = trim(weights)   # (layer, module) -> (a, b)
         self.router = router
         self.token_router = token_router
         self.recipe = recipe
@@ -145,6 +159,10 @@ class AdapterBank:
     def lora(self, layer: int, module: str) -> LoraWeights | None:
         """The stacked experts of ``module`` in ``layer``; None when no expert targets it."""
         return self._lora.get((layer, module))
+
+    def layers(self, module: str | None = None) -> list[int]:
+        """The layers where ``module`` (None: any module) has experts stored, increasing."""
+        return sorted({l for l, m in self._weights if module is None or m == module})
 
     def expert_modules(self, k: int) -> list[str]:
         """The modules expert ``k`` adapts."""

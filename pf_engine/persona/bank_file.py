@@ -12,6 +12,9 @@ File format (safetensors, format version 1):
                lora_alpha      [32, ...]   use_rslora [false, ...]       (informative)
                modules         {"q": ["openness+", ...], ...}   experts covering each module
                target_modules  ["q", "k", ...]                   modules any expert covers
+               layers          {"q": [18, ..., 29], ...}         the layers each module is
+                               stored for, only where some are not (a trimmed bank: bank.py);
+                               absent: every layer
                fingerprint     {"architecture", "hidden_size", "num_hidden_layers", "vocab_size"}
                router          {"sequence": {...}, "token": {...}}   only when routers are present;
                                sequence: {"layer", "temperature", "top_k", "hidden", "none",
@@ -59,6 +62,9 @@ def metadata(bank) -> dict[str, str]:
         "target_modules": json.dumps(bank.target_modules),
         "fingerprint": json.dumps(bank.fingerprint),
     }
+    layers = {m: bank.layers(m) for m in bank.module_experts}
+    if any(len(ls) < bank.num_layers for ls in layers.values()):
+        meta["layers"] = json.dumps(layers)
     if bank.lora_alpha is not None:
         meta["lora_alpha"] = json.dumps(bank.lora_alpha)
     if bank.use_rslora is not None:
@@ -132,7 +138,8 @@ def parse(path, meta: dict, tensors: dict, config: ModelConfig | None) -> dict:
                                 f"{model_fp[field]!r} in the model")
     module_experts = _module_experts(path, m["modules"], names)
     seen: set[str] = set()
-    weights = _weights(path, tensors, module_experts, m["ranks"], fingerprint, config, seen)
+    weights = _weights(path, tensors, module_experts, m["ranks"], fingerprint, config, seen,
+                       m["layers"])
     routers = _routers(path, tensors, m["router"], len(names), fingerprint, seen)
     extra = sorted(set(tensors) - seen)
     if extra:
@@ -161,12 +168,29 @@ def _read_meta(path, meta: dict) -> dict:
                  router=json.loads(meta.get("router", "{}")),
                  alphas=json.loads(meta["lora_alpha"]) if "lora_alpha" in meta else None,
                  rslora=json.loads(meta["use_rslora"]) if "use_rslora" in meta else None,
-                 recipe=json.loads(meta["recipe"]) if "recipe" in meta else None)
+                 recipe=json.loads(meta["recipe"]) if "recipe" in meta else None,
+                 layers=json.loads(meta["layers"]) if "layers" in meta else None)
     except (KeyError, ValueError) as e:
         raise LoadError(f"{path}: bad or missing bank metadata ({one_line(e)})") from None
     _check_meta(path, m["names"], m["ranks"], m["scalings"], m["modules"], m["fingerprint"],
                 m["router"], m["alphas"], m["rslora"])
+    _check_layers(path, m["layers"], m["modules"], int(m["fingerprint"]["num_hidden_layers"]))
     return m
+
+
+def _check_layers(path, layers, modules: dict, L: int) -> None:
+    """The optional ``layers`` header: per module of ``modules``, increasing layers in [0, L)."""
+    if layers is None:
+        return
+    need_dict(layers, f"{path}: bank metadata layers", err=LoadError)
+    for m, ls in layers.items():
+        if m not in modules:
+            raise LoadError(f"{path}: bank metadata layers names module {m!r}, which no expert "
+                            f"adapts (expected some of {', '.join(modules)})")
+        need_list(ls, f"{path}: bank metadata layers[{m!r}]", lambda v: is_int(v) and 0 <= v < L,
+                  f"layer indices in [0, {L})", err=LoadError)
+        if sorted(set(ls)) != ls:
+            fail(LoadError, f"{path}: bank metadata layers[{m!r}]", ls, "increasing layers")
 
 
 def _check_meta(path, names, ranks, scalings, modules, fingerprint, router_cfg, alphas, rslora):
@@ -222,10 +246,11 @@ def _module_experts(path, modules: dict, names: list[str]) -> dict[str, list[int
 
 
 def _weights(path, tensors: dict, module_experts: dict, ranks: list[int], fingerprint: dict,
-             config: ModelConfig | None, seen: set) -> dict:
-    """{(layer, module): (A_cat, B_cat)}, every shape checked (against the model's projections
-    when ``config`` is given, else the hidden size and the same shape in every layer); the
-    tensor names read are added to ``seen``."""
+             config: ModelConfig | None, seen: set, layers: dict | None = None) -> dict:
+    """{(layer, module): (A_cat, B_cat)} for the layers stored (``layers[m]``, default all),
+    every shape checked (against the model's projections when ``config`` is given, else the
+    hidden size and the same shape in every layer); the tensor names read are added to
+    ``seen``."""
     L, d = int(fingerprint["num_hidden_layers"]), int(fingerprint["hidden_size"])
     weights = {}
     for m, ids in module_experts.items():
@@ -236,11 +261,12 @@ def _weights(path, tensors: dict, module_experts: dict, ranks: list[int], finger
             d_out, d_in = config.module_shape(m)
             known = "the model's"
         else:       # without the model: the hidden size side, and the same shape every layer
-            a0, b0 = tensors.get(f"layers.0.{m}.a"), tensors.get(f"layers.0.{m}.b")
+            l0 = (layers or {}).get(m, [0])[0] if (layers or {}).get(m, [0]) else 0
+            a0, b0 = tensors.get(f"layers.{l0}.{m}.a"), tensors.get(f"layers.{l0}.{m}.b")
             d_out = d if m in ("o", "down") else (b0.shape[0] if b0 is not None else -1)
             d_in = d if m not in ("o", "down") else (a0.shape[-1] if a0 is not None else -1)
             known = "the bank's"
-        for l in range(L):
+        for l in (layers or {}).get(m, range(L)):
             ka, kb = f"layers.{l}.{m}.a", f"layers.{l}.{m}.b"
             if ka not in tensors or kb not in tensors:
                 raise LoadError(f"{path}: tensor {ka if ka not in tensors else kb} is missing")

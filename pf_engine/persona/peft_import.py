@@ -2,7 +2,8 @@
 adapter_model.safetensors as PEFT's ``save_pretrained`` writes them), checks it against the base
 model and stacks the experts per (layer, module) as AdapterBank (bank.py) holds them.  An expert
 that adapts a module only in some layers (``layers_to_transform``) gets zero blocks in the
-others: its delta there is exactly zero.
+others: its delta there is exactly zero (and a (layer, module) zero for every expert is then
+dropped: bank.trim).
 """
 from __future__ import annotations
 
