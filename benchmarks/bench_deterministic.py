@@ -56,6 +56,20 @@ def timing(eng, ids, persona, n: int) -> dict:
     return {"prefill_tok_s": sum(map(len, ids)) / t1, "decode_ms_per_token": 1e3 * (tn - t1) / (n - 1)}
 
 
+def markdown(res: dict) -> str:
+    lines = [f"{res['machine']['cpu']}, {res['weights']}; {res['rounds']} rounds, "
+             f"{res['new_tokens']} new tokens", "",
+             "| persona | workload | prompt tokens | prefill tok/s default | deterministic | ratio "
+             "| decode ms/token default | deterministic | ratio |", "|---" * 9 + "|"]
+    for r in res["rows"]:
+        d, x = r["default"], r["deterministic"]
+        lines.append(f"| {r['config']} | {r['workload']} | {r['prompt_tokens']} | "
+                     f"{d['prefill_tok_s']:.0f} | {x['prefill_tok_s']:.0f} | {r['prefill_ratio']:.3f} | "
+                     f"{d['decode_ms_per_token']:.1f} | {x['decode_ms_per_token']:.1f} | "
+                     f"{r['decode_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
 def run(argv=None) -> dict:
     from pf_engine import Engine
     args = build_parser().parse_args(argv)

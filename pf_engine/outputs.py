@@ -24,6 +24,8 @@ class GenerationOutput:
     gates: dict | None = None           # persona weights used (with an adapter bank)
     logprobs: list[Logprob] | None = None   # one per token id, when SamplingParams.logprobs is set
     cached_tokens: int = 0              # prompt tokens reused from the prefix cache
+    shared_cached_tokens: int = 0       # of them, from its persona-independent layers (the
+                                        # persona's own layers computed: runtime/prefix_cache.py)
 
 
 @dataclass

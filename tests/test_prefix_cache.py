@@ -123,7 +123,7 @@ def test_under_eviction(eng):
     """A budget of 4 blocks and prompts of up to 3 blocks each: blocks are evicted, outputs are
     unchanged, and the cache never holds more than its budget."""
     cache = fresh(eng)
-    cache.capacity = 4
+    cache.budget_bytes, cache.capacity = 4 * cache.block_bytes, 4
     systems = [ids(2 * BLOCK + 3, 20 + k) for k in range(3)]
     specs = [(systems[i % 3] + ids(4, 40 + i), PERSONAS[i % 3], 5) for i in range(12)]
     seen = []
@@ -177,12 +177,12 @@ def test_lru_evicts_leaves_before_their_parents():
     assert c.block_bytes == 64 and c.capacity == 3
     kv = lambda c0, c1: (torch.zeros(1, 1, c1 - c0, 4),) * 2   # noqa: E731
     root = ("base",)
-    c.insert(root, [1, 2, 3, 4, 5, 6], 6, kv)                   # a chain of three blocks
-    assert len(c.lookup(root, [1, 2, 3, 4, 5, 6, 7], 7)) == 3
-    c.insert(root, [9, 9], 2, kv)                               # evicts the oldest: the leaf
-    assert c.stats.evictions == 1
-    assert len(c.lookup(root, [1, 2, 3, 4, 5, 6, 7], 7)) == 2   # the parents stayed
-    assert c.lookup(("base", "other"), [1, 2, 3, 4], 4) == []   # another root shares nothing
+    c.insert(root, [1, 2, 3, 4, 5, 6], 6, None, kv)             # a chain of three blocks
+    assert len(c.lookup(root, [1, 2, 3, 4, 5, 6, 7], 7).persona) == 3
+    c.insert(root, [9, 9], 2, None, kv)                         # evicts the oldest: the leaf
+    assert c.stats.evictions == 1 and c.bytes == 3 * 64
+    assert len(c.lookup(root, [1, 2, 3, 4, 5, 6, 7], 7).persona) == 2   # the parents stayed
+    assert c.lookup(("base", "other"), [1, 2, 3, 4], 4).persona == []   # another root: nothing
 
 
 def test_default_budget_from_the_environment(eng, monkeypatch):

@@ -40,6 +40,8 @@ def results_page(results_dir: str, page_dir: str, command: str) -> str:
     parts += sections.shared_section(results_dir)
     parts += sections.serving_section(results_dir)
     parts += sections.prefix_section(results_dir)
+    parts += sections.prefix_personas_section(results_dir)
+    parts += sections.deterministic_section(results_dir)
     parts += sections.tp_section(results_dir)
     parts += sections.http_section(results_dir)
     parts += sections.scoring_section(results_dir)

@@ -155,6 +155,18 @@ def shared(res: dict) -> list[str]:
     return [out + "."]
 
 
+def prefix_personas(res: dict) -> list[str]:
+    """The split prefix cache against off and the persona-keyed one (bench_prefix_personas.json)."""
+    m = res["median"]
+    return [f"- **One system prompt, many personas** ({_at(res)}): a stream whose persona is drawn "
+            f"independently of its system prompt, time to first token p50 "
+            f"{m['split']['ttft_p50_s']:.2f} s with the split prefix cache, "
+            f"{res['off_over_split']:.2f}x lower than without a cache (goal 2x: "
+            f"{_met(res['off_over_split'] >= 2)}) and {res['persona_over_split']:.2f}x lower than "
+            f"the persona-keyed cache (goal 1.5x: {_met(res['persona_over_split'] >= 1.5)}); "
+            f"greedy replies {'equal' if res['replies_equal'] else '**not equal**'} in every mode."]
+
+
 def deterministic(res: dict) -> list[str]:
     """What deterministic=True costs on fp32 weights (bench_deterministic.json): the range of its
     prefill and decode ratios over the configurations and workloads."""
@@ -201,6 +213,7 @@ def headline(results_dir: str, link: str) -> list[str]:
     for name, fn in (("bench_generate.json", end_to_end), ("bench_cpu.json", cpu_formats),
                      ("bench_shared.json", shared), ("bench_prefix.json", prefix),
                      ("bench_tp.json", tensor_parallel),
+                     ("bench_prefix_personas.json", prefix_personas),
                      ("bench_deterministic.json", deterministic)):
         res = get(name)
         if res:

@@ -71,6 +71,18 @@ def prefix_section(results_dir: str) -> list[str]:
     return bench_section(results_dir, "bench_prefix", "Prefix cache and structured output (CPU, one run)")
 
 
+def prefix_personas_section(results_dir: str) -> list[str]:
+    """The prefix cache off / persona-keyed / split on one stream (bench_prefix_personas.json)."""
+    return bench_section(results_dir, "bench_prefix_personas",
+                         "One system prompt, many personas: the split prefix cache (CPU, one run)")
+
+
+def deterministic_section(results_dir: str) -> list[str]:
+    """deterministic=True against the default on fp32 weights (bench_deterministic.json)."""
+    return bench_section(results_dir, "bench_deterministic",
+                         "Batch-invariant fp32 products: what deterministic=True costs (CPU)")
+
+
 def tp_section(results_dir: str) -> list[str]:
     """Two CPU ranks against one (bench_tp.json)."""
     return bench_section(results_dir, "bench_tp", "Tensor parallelism on the CPU (same run)")

@@ -61,7 +61,9 @@ class Request:
         self.slot = -1
         self.length = 0                                   # cache columns filled
         self.cached_tokens = 0                            # of them, copied from the prefix cache
+        self.shared_cached_tokens = 0                     # of them, the shared layers only
         self.prefix_root = None                           # its prefix-cache root
+        self.hidden = None                                # its prefill's kept hidden states
                                                           # (runtime/prefix_cache.py)
         self.t_submit, self.t_first, self.t_done = time.perf_counter(), None, None
         self._cond = threading.Condition(sched.lock)
@@ -112,7 +114,8 @@ class Request:
                                 if self.params.logprobs is not None else None,
                                 usage={"prompt_tokens": len(self.ids),
                                        "completion_tokens": len(self.tokens)},
-                                cached_tokens=self.cached_tokens)
+                                cached_tokens=self.cached_tokens,
+                                shared_cached_tokens=self.shared_cached_tokens)
 
     # asyncio clients (the server): the scheduler thread wakes them through their event loop -----
     def __aiter__(self):

@@ -203,9 +203,12 @@ class Decoder:
                 yield x
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor,
-                 mix=None, pick: torch.Tensor | None = None, step: Step = WHOLE) -> torch.Tensor:
+                 mix=None, pick: torch.Tensor | None = None, step: Step = WHOLE,
+                 keep: int | None = None):
         """tokens, positions [B, T] -> float32 logits [B, T, vocab] (with ``pick`` [B], the logits
-        of row b's position pick[b] only, [B, 1, vocab]).
+        of row b's position pick[b] only, [B, 1, vocab]); with ``keep`` (a prefill), also the
+        hidden states [B, T, d] entering block ``keep``: (logits, hidden), what the prefix cache
+        shares below a bank's first adapted layer (runtime/prefix_cache.py).
 
         Writes the keys/values of the T new tokens through ``cache`` (a RowsView or SCRATCH);
         mask: bool [B or 1, 1, T, L].  ``mix``: the persona gates of the B * T rows (None: the
@@ -219,8 +222,28 @@ class Decoder:
         cos, sin = self.rotary.tables(positions, self.dtype)
         if step.decode:
             mask = decode_bias(mask, self.dtype)
-        x = self.runner(x, cos, sin, cache, mask, mix, step)           # every block
+        if keep is None:
+            x = self.runner(x, cos, sin, cache, mask, mix, step)       # every block
+        else:
+            kept = x = self.run_blocks(x, cos, sin, cache, mask, mix, step, 0, keep)
+            x = self.run_blocks(x, cos, sin, cache, mask, mix, step, keep, None)
         if pick is not None:
             x = x[torch.arange(x.shape[0], device=x.device), pick].unsqueeze(1)
         x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
-        return self.head(x, decode=step.decode).float()
+        logits = self.head(x, decode=step.decode).float()
+        return logits if keep is None else (logits, kept)
+
+    def run_blocks(self, x, cos, sin, cache, mask, mix, step: Step, start: int, stop: int | None):
+        """Blocks start..stop-1 one after another over x [B, T, d] (the hidden states entering
+        block ``start``): their output."""
+        for blk in self.blocks[start:stop]:
+            x = blk(x, cos, sin, cache, mask, mix, step)
+        return x
+
+    def resume(self, x: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor,
+               mix=None, start: int = 0, step: Step = WHOLE) -> None:
+        """Blocks start.. over the hidden states x [B, T, d] entering block ``start``, writing
+        their keys and values through ``cache``; no head.  The prefix cache's hit whose lower
+        layers were shared: the persona's layers from the kept hidden states."""
+        cos, sin = self.rotary.tables(positions, self.dtype)
+        self.run_blocks(x, cos, sin, cache, mask, mix, step, start, None)

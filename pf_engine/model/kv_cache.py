@@ -46,16 +46,16 @@ class SlotCache:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
-    def save(self, slot: int, c0: int, c1: int):
-        """Columns c0:c1 of ``slot``'s keys and values, copied out ([layers, H_kv, c1 - c0, D]
-        each): a prefix-cache block, which ``load`` writes back."""
-        return self.k[:, slot, :, c0:c1].clone(), self.v[:, slot, :, c0:c1].clone()
+    def save(self, slot: int, c0: int, c1: int, layers: slice = slice(None)):
+        """Columns c0:c1 of ``slot``'s keys and values in ``layers``, copied out ([layers,
+        H_kv, c1 - c0, D] each): a prefix-cache block, which ``load`` writes back."""
+        return (self.k[layers, slot, :, c0:c1].clone(), self.v[layers, slot, :, c0:c1].clone())
 
-    def load(self, slot: int, c0: int, kv) -> None:
-        """A block from ``save`` into ``slot`` from column c0 on."""
+    def load(self, slot: int, c0: int, kv, layers: slice = slice(None)) -> None:
+        """A block from ``save`` (of the same ``layers``) into ``slot`` from column c0 on."""
         k, v = kv
-        self.k[:, slot, :, c0:c0 + k.shape[2]] = k
-        self.v[:, slot, :, c0:c0 + v.shape[2]] = v
+        self.k[layers, slot, :, c0:c0 + k.shape[2]] = k
+        self.v[layers, slot, :, c0:c0 + v.shape[2]] = v
 
 
 class RowsView:

@@ -95,6 +95,13 @@ class TPBlock:
         weakref.finalize(self, workers.later, ("forget", self.handle))
 
 
+def whole_layers(layers: slice) -> None:
+    """A tensor-parallel pool saves and loads whole blocks only: its prefix cache does not split
+    them by layer (prefix_cache.split_layer is 0 under tensor parallelism)."""
+    if layers != slice(None) and layers != slice(0, None):
+        raise ValueError(f"layers={layers}: a tensor-parallel pool keeps whole blocks")
+
+
 class TPSlotCache(SlotCache):
     """Rank 0's slot pool: its own heads' KV, every move, save and load mirrored on the workers
     (each on its own heads)."""
@@ -107,12 +114,14 @@ class TPSlotCache(SlotCache):
         self._workers.send(("move", self.key, src, dst, length))
         super().move(src, dst, length)
 
-    def save(self, slot: int, c0: int, c1: int) -> TPBlock:
+    def save(self, slot: int, c0: int, c1: int, layers: slice = slice(None)) -> TPBlock:
+        whole_layers(layers)
         blk = TPBlock(super().save(slot, c0, c1), self._workers)
         self._workers.send(("save", self.key, slot, c0, c1, blk.handle))
         return blk
 
-    def load(self, slot: int, c0: int, kv: TPBlock) -> None:
+    def load(self, slot: int, c0: int, kv: TPBlock, layers: slice = slice(None)) -> None:
+        whole_layers(layers)
         self._workers.send(("load", self.key, slot, c0, kv.handle))
         super().load(slot, c0, kv.kv)
 
@@ -131,7 +140,9 @@ class TPDecoder:
     DATA = ("cfg", "dtype", "device", "backend", "blocks", "embed", "norm", "head", "rotary",
             "runner")
     LOCAL = ("embedding",)
-    REFUSED = ("attach", "layer_states")     # attach: each rank attaches its shard (tp.py)
+    REFUSED = ("attach", "layer_states",     # attach: each rank attaches its shard (tp.py)
+               "run_blocks", "resume")       # the prefix cache's split: 0 under TP (whole
+                                             # blocks, prefix_cache.split_layer)
 
     _keys = itertools.count()
 

@@ -3,8 +3,8 @@ what shapes that KV, evicted least recently used under a byte budget.
 
     cache = PrefixCache.for_engine(engine, gb=1.0)
     root = persona_root(request)                    # None: this request's KV is not shared
-    hit = cache.lookup(root, ids, limit)            # the longest cached run of whole blocks
-    cache.insert(root, ids, n, save)                # a prompt's first n tokens, once prefilled
+    hit = cache.lookup(root, ids, limit)            # the longest cached runs of whole blocks
+    cache.insert(root, ids, n, save_shared, save_persona)   # a prompt's first n tokens
 
 Why a root.  The k and v projections are adapted by the persona experts, so the KV of a prefix
 depends on the gates as well as on the tokens: a cache keyed by tokens alone would hand one
@@ -14,33 +14,47 @@ within one engine (one base model, dtype and backend):
     base model (no persona)       ("base",)
     explicit weights, "auto"      ("gates", bank, the gate row as exact floats): "auto" is keyed
                                   by the row its router gave, so the router reads the whole
-                                  prompt first (correct: two prompts with one system prompt but
-                                  different user turns may route differently, and then share
-                                  nothing)
+                                  prompt first
     token routing                 ("token", bank): its gates are a causal function of the tokens
                                   (the router reads each token's own hidden state), so the
                                   tokens and the bank decide the KV
 
-Blocks.  Block i of a prompt (tokens i*B .. i*B+B-1) is stored under the key (parent, tokens),
-parent = the root for block 0, else block i-1's entry id (ids are never reused), so a lookup
-walks from the root and a hit is always a whole prefix.  Each block holds ``kv``, what the slot
-pool's ``save`` copied out of a slot (kv_cache.SlotCache: k, v [layers, H_kv, B, head_dim];
-under tensor parallelism every rank's own heads: parallel/runtime.TPSlotCache), which its
-``load`` copies into the next request's slot on a hit.  A hit covers whole blocks only, and never
-the prompt's last token
-(its logits give the first new token): a prefix ending inside a block is prefilled from that
-block's start.
+Layers below the first adapted one.  A bank stores experts only in the layers it adapts
+(persona/bank.py trims the rest): below its first adapted layer ``split`` the KV of a prefix is
+the base model's whatever the persona, and the hidden state entering layer ``split`` too.  So a
+block is kept in two parts:
 
-Eviction: least recently used first; a lookup touches a chain from its last block back to its
-first, so a parent is always more recent than its children and leaves go first (an orphaned
-child, possible only after an insert evicts, is never reachable and ages out).
+    shared   under ("shared",), tokens only:  the KV of layers [0, split) and h, the hidden
+             states entering layer split [B, d]; one for every persona and the base model
+    persona  under the request's root:         the KV of layers [split, L)
+
+A hit is the shared chain's blocks (n_s) and the persona chain's (n_p <= n_s, the longer part
+dropped): the slot gets both, and the persona part of blocks n_p..n_s-1 is computed from their
+h by layers split..L-1 alone (``StepRunner.resume``): a prompt's lower layers are never
+computed twice, whatever persona asks.  Without a bank, with a bank that adapts layer 0, or under
+tensor parallelism (the workers keep their own heads), ``split`` is 0: one chain of whole
+blocks under the request's root, as before.
+
+Blocks.  Block i of a prompt (tokens i*B .. i*B+B-1) is stored under the key (parent, tokens),
+parent = the chain's root for block 0, else block i-1's entry id (ids are never reused), so a
+lookup walks from the root and a hit is always a whole prefix.  ``kv`` is what the slot pool's
+``save`` copied out of a slot (kv_cache.SlotCache: k, v [layers, H_kv, B, head_dim]; under
+tensor parallelism every rank's own heads: parallel/runtime.TPSlotCache), which its ``load``
+copies into the next request's slot on a hit.  A hit covers whole blocks only, and never the
+prompt's last token (its logits give the first new token): a prefix ending inside a block is
+prefilled from that block's start.
+
+Eviction: least recently used first, until the blocks' bytes fit the budget; a lookup touches a
+chain from its last block back to its first, so a parent is always more recent than its
+children and leaves go first (an orphaned child, possible only after an insert evicts, is never
+reachable and ages out).
 """
 from __future__ import annotations
 
 import collections
 import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,6 +63,7 @@ from pf_engine.persona.specs import BASE, TOKEN
 
 BLOCK = 16                      # tokens per block
 PREFIX_CACHE_GB = 1.0           # the default budget (Engine.prefix_cache_gb, --prefix-cache-gb)
+SHARED = ("shared",)            # the root of the persona-independent chain
 
 
 def default_gb():
@@ -66,6 +81,18 @@ def default_gb():
 class Block:
     id: int
     kv: object                  # SlotCache.save's copy: (k, v), each [layers, H_kv, B, D]
+    hidden: torch.Tensor | None = None  # shared blocks: the hidden states entering layer split
+    nbytes: int = 0
+
+
+@dataclass
+class Hit:
+    shared: list = field(default_factory=list)    # blocks 0..n_s-1 of the shared chain
+    persona: list = field(default_factory=list)   # blocks 0..n_p-1 of the persona chain
+
+    def tokens(self, block: int) -> int:
+        """Prompt tokens whose KV the hit gives (every layer, after ``resume``)."""
+        return block * max(len(self.shared), len(self.persona))
 
 
 @dataclass
@@ -73,24 +100,31 @@ class CacheStats:
     lookups: int = 0            # requests that looked
     hits: int = 0               # requests that found at least one block
     hit_tokens: int = 0         # prompt tokens not prefilled thanks to the cache
+    shared_hit_tokens: int = 0  # of them, tokens whose persona layers were computed from h
     inserted: int = 0           # blocks stored
     evictions: int = 0          # blocks dropped for room
 
 
 class PrefixCache:
     def __init__(self, budget_bytes: int, block: int, layers: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype):
-        self.block = block
-        self.block_bytes = 2 * layers * kv_heads * block * head_dim * dtype.itemsize
-        self.capacity = int(budget_bytes // self.block_bytes)
+                 dtype: torch.dtype, split: int = 0, hidden: int = 0):
+        self.block, self.split, self.layers = block, split, layers
+        per_layer = 2 * kv_heads * block * head_dim * dtype.itemsize
+        self.shared_bytes = split * per_layer + block * hidden * dtype.itemsize if split else 0
+        self.persona_bytes = (layers - split) * per_layer
+        self.block_bytes = self.shared_bytes + self.persona_bytes    # one block, both parts
+        self.capacity = int(budget_bytes // self.block_bytes)       # blocks of one prompt, at most
         self.budget_bytes = budget_bytes
         self._blocks: collections.OrderedDict[tuple, Block] = collections.OrderedDict()
+        self._bytes = 0
         self._ids = itertools.count()
         self.stats = CacheStats()
 
     @classmethod
-    def for_engine(cls, engine, gb: float, block: int = BLOCK) -> "PrefixCache | None":
-        """A cache of ``gb`` GiB for this engine's KV layout; None for gb == 0 (off)."""
+    def for_engine(cls, engine, gb: float, block: int = BLOCK,
+                   shared: bool = True) -> "PrefixCache | None":
+        """A cache of ``gb`` GiB for this engine's KV layout; None for gb == 0 (off).
+        ``shared`` False: every block keyed by the persona too (split 0; benchmarks compare)."""
         ok = isinstance(gb, (int, float)) and not isinstance(gb, bool) and gb >= 0
         if not ok:
             raise RequestError(f"prefix_cache_gb={gb!r}: expected a number >= 0 (0: off)")
@@ -98,7 +132,7 @@ class PrefixCache:
             return None
         c = engine.model.cfg             # a tensor-parallel rank's: the heads this process keeps
         return cls(int(gb * 2 ** 30), block, c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
-                   engine.model.dtype)
+                   engine.model.dtype, split_layer(engine) if shared else 0, c.hidden_size)
 
     @property
     def blocks(self) -> int:
@@ -106,61 +140,102 @@ class PrefixCache:
 
     @property
     def bytes(self) -> int:
-        return len(self._blocks) * self.block_bytes
+        return self._bytes
 
-    def _chain(self, root: tuple, ids: list[int], n_blocks: int):
-        """Yields (key, block or None) for blocks 0.. of ids while they are cached."""
-        parent = root
-        B = self.block
+    @property
+    def lower(self) -> slice:
+        """The layers a shared block holds."""
+        return slice(0, self.split)
+
+    @property
+    def upper(self) -> slice:
+        """The layers a persona block holds (all of them when split is 0)."""
+        return slice(self.split, None)
+
+    def _chain(self, root: tuple, ids: list[int], n_blocks: int) -> list:
+        """[(key, block)] for blocks 0.. of ids under ``root`` while they are cached."""
+        out, parent, B = [], root, self.block
         for i in range(n_blocks):
             key = (parent, tuple(ids[i * B:(i + 1) * B]))
             blk = self._blocks.get(key)
-            yield key, blk
-            if blk is None:
-                return
-            parent = blk.id
-
-    def lookup(self, root: tuple, ids: list[int], limit: int) -> list[Block]:
-        """The cached blocks of the longest prefix of ``ids`` under ``root``, covering at most
-        ``limit`` tokens; touched as most recently used (last block first)."""
-        self.stats.lookups += 1
-        hit = []
-        for key, blk in self._chain(root, ids, limit // self.block):
             if blk is None:
                 break
-            hit.append((key, blk))
-        for key, _ in reversed(hit):
-            self._blocks.move_to_end(key)
-        if hit:
-            self.stats.hits += 1
-            self.stats.hit_tokens += len(hit) * self.block
-        return [blk for _, blk in hit]
+            out.append((key, blk))
+            parent = blk.id
+        return out
 
-    def insert(self, root: tuple, ids: list[int], n_tokens: int, save) -> int:
-        """Store the whole blocks of ids[:n_tokens] not cached yet; ``save(c0, c1)`` copies out
-        columns c0:c1 of the request's KV (SlotCache.save).  At most ``capacity`` blocks of one
-        prompt are kept.  Returns the blocks added."""
+    def lookup(self, root: tuple, ids: list[int], limit: int) -> Hit:
+        """The cached blocks of the longest prefix of ``ids`` covering at most ``limit`` tokens:
+        the shared chain's and ``root``'s (no longer than the shared one when split > 0),
+        touched as most recently used (last block first)."""
+        self.stats.lookups += 1
+        n = limit // self.block
+        shared = self._chain(SHARED, ids, n) if self.split else []
+        persona = self._chain(root, ids, len(shared) if self.split else n)
+        for key, _ in reversed(shared):
+            self._blocks.move_to_end(key)
+        for key, _ in reversed(persona):
+            self._blocks.move_to_end(key)
+        hit = Hit([b for _, b in shared], [b for _, b in persona])
+        if hit.shared or hit.persona:
+            self.stats.hits += 1
+            self.stats.hit_tokens += hit.tokens(self.block)
+            self.stats.shared_hit_tokens += self.block * (len(hit.shared) - len(hit.persona)
+                                                          if hit.shared else 0)
+        return hit
+
+    def insert(self, root: tuple, ids: list[int], n_tokens: int, save_shared, save_persona) -> int:
+        """Store the whole blocks of ids[:n_tokens] not cached yet: ``save_shared(c0, c1)`` ->
+        (kv of the lower layers, h) or None (not available: the shared chain stops there),
+        ``save_persona(c0, c1)`` -> the kv of the upper layers (all of them when split is 0).
+        At most ``capacity`` blocks of one prompt are kept.  Returns the blocks added."""
         n_blocks = min(n_tokens // self.block, self.capacity)
+        added = 0
+        if self.split:
+            n_blocks, got = self._insert(SHARED, ids, n_blocks, save_shared, self.shared_bytes)
+            added += got
+        return added + self._insert(root, ids, n_blocks, save_persona, self.persona_bytes)[1]
+
+    def _insert(self, root, ids, n_blocks: int, save, nbytes: int) -> tuple[int, int]:
+        """Blocks 0..n_blocks-1 of one chain: (how many it now holds in a row, how many added)."""
         added, parent, B = 0, root, self.block
         for i in range(n_blocks):
             key = (parent, tuple(ids[i * B:(i + 1) * B]))
             blk = self._blocks.get(key)
             if blk is None:
-                while len(self._blocks) >= self.capacity:
-                    self._blocks.popitem(last=False)
+                got = save(i * B, (i + 1) * B)
+                if got is None:
+                    return i, added
+                while self._blocks and self._bytes + nbytes > self.budget_bytes:
+                    _, old = self._blocks.popitem(last=False)
+                    self._bytes -= old.nbytes
                     self.stats.evictions += 1
-                c0, c1 = i * B, (i + 1) * B
-                blk = Block(next(self._ids), save(c0, c1))
+                kv, h = got if self.split and root is SHARED else (got, None)
+                blk = Block(next(self._ids), kv, h, nbytes)
                 self._blocks[key] = blk
+                self._bytes += nbytes
                 self.stats.inserted += 1
                 added += 1
             else:
                 self._blocks.move_to_end(key)
             parent = blk.id
-        return added
+        return n_blocks, added
 
     def clear(self) -> None:
         self._blocks.clear()
+        self._bytes = 0
+
+
+def split_layer(engine) -> int:
+    """The first layer whose KV may depend on the persona: the bank's first adapted layer (every
+    layer below runs the base model for every request), or 0 where nothing is shared across
+    personas: no bank, or tensor parallelism (each rank keeps its own heads; its workers hold
+    the cache's other parts)."""
+    bank = engine.bank
+    if bank is None or engine.tensor_parallel > 1:
+        return 0
+    first = bank.layers()[0] if bank.layers() else engine.config.num_hidden_layers
+    return first if first < engine.config.num_hidden_layers else 0
 
 
 def persona_root(req) -> tuple | None:

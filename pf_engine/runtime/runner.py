@@ -41,13 +41,15 @@ class Plan:
     plan gives the rows' token ids (``tokens``, each row counts[b] long); a decode plan gives
     none: every row's input is its slot's last sampled token and every count is 1.  The first
     ``sample`` rows sample their next token (in a prefill, the rows whose prompt this chunk
-    completes; in a decode, all)."""
+    completes; in a decode, all).  ``keep`` (a prefill): also hand back the hidden states
+    entering that block (the prefix cache's shared part, prefix_cache.py)."""
 
     reqs: list
     starts: list[int]
     counts: list[int]
     tokens: list[list[int]] | None
     sample: int
+    keep: int | None = None
 
     @classmethod
     def decode_of(cls, reqs: list) -> "Plan":
@@ -109,23 +111,25 @@ class StepRunner:
             self.static.lengths[dst] = self.static.lengths[src]
 
     # the step -----------------------------------------------------------------------------------
-    def run(self, plan: Plan) -> None:
+    def run(self, plan: Plan) -> torch.Tensor | None:
         """Run ``plan``: the forward, then the first ``plan.sample`` rows' next tokens handed to
-        their requests.  A decode step runs under one thread policy with its sampling
+        their requests; returns the hidden states [n, T, d] entering block ``plan.keep`` (None
+        without).  A decode step runs under one thread policy with its sampling
         (backends/threads.py:
         torch's argmax over the vocabulary would otherwise wake its OpenMP workers, whose
         spinning afterwards takes the cores from the next step's kernels)."""
         eng = self.engine
         if not plan.decode:
-            logits = self._forward(plan)
+            logits, kept = self._forward(plan)
             self._sample(plan.reqs[:plan.sample], logits[:plan.sample], plan.s0)
             if self.static is not None:
                 ends = [s + c for s, c in zip(plan.starts, plan.counts)]
                 self.static.lengths[plan.s0:plan.s0 + len(ends)] = torch.tensor(ends)
-            return
+            return kept
         with eng.backend.policy.forward(eng.device, eng.backend.own_threads(len(plan.reqs))):
             logits = self._decode(plan)
             self._sample_rows(plan.reqs, logits, plan.s0)
+        return None
 
     def _decode(self, plan: Plan) -> torch.Tensor:
         """Logits [n, V] of a decode step: the static step where there is one, else dynamic."""
@@ -140,12 +144,13 @@ class StepRunner:
                 self._add_token_gates(plan.reqs, mix, 1, None, plan.counts)
                 self.static.lengths[:n] += 1
                 return logits[:n]
-        return self._forward(plan)
+        return self._forward(plan)[0]
 
-    def _forward(self, plan: Plan) -> torch.Tensor:
+    def _forward(self, plan: Plan) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [n, V] of each row's last token (a prefill row's last real one): the model on
         the plan's slots through a RowsView, with their gate rows; token-routed gates are added
-        up per request, on the device."""
+        up per request, on the device.  And the hidden states entering block ``plan.keep``
+        [n, T, d] (None without)."""
         eng, reqs, s0, n = self.engine, plan.reqs, plan.s0, len(plan.reqs)
         dev = eng.device
         view = self.cache.rows_view(s0, plan.starts, plan.counts)
@@ -155,17 +160,37 @@ class StepRunner:
         else:
             tokens = torch.tensor([t + [0] * (view.T - len(t)) for t in plan.tokens], device=dev)
             pick = torch.tensor(plan.counts, device=dev) - 1
-        mix, step = None, plan.step
-        if step.mixed:
-            active = None if step.token else tuple(sorted(set().union(*(r.active for r in reqs))))
-            mix = Mix.for_rows(self.gates[s0:s0 + n], self.token_rows[s0:s0 + n], view.T,
-                               eng.bank.token_router, active, step.token)
+        step = plan.step
+        mix = self._mix(reqs, s0, view.T, step)
         positions = self.positions(view)
+        keep = {} if plan.keep is None else {"keep": plan.keep}
         with eng.backend.policy.forward(eng.device, eng.backend.own_threads(tokens.numel())):
-            logits = eng.model(tokens, positions, view, view.mask(eng.config.sliding_window),
-                               mix=mix, pick=pick, step=step)
+            out = eng.model(tokens, positions, view, view.mask(eng.config.sliding_window),
+                            mix=mix, pick=pick, step=step, **keep)
+        logits, kept = out if keep else (out, None)
         self._add_token_gates(reqs, mix, view.T, view.valid, plan.counts)
-        return logits[:, -1]
+        return logits[:, -1], kept
+
+    def _mix(self, reqs: list, s0: int, T: int, step: Step) -> Mix | None:
+        """The gates of slots s0.. for a forward of T tokens per row (None: no persona)."""
+        if not step.mixed:
+            return None
+        active = None if step.token else tuple(sorted(set().union(*(r.active for r in reqs))))
+        return Mix.for_rows(self.gates[s0:s0 + len(reqs)], self.token_rows[s0:s0 + len(reqs)], T,
+                            self.engine.bank.token_router, active, step.token)
+
+    def resume(self, r, c0: int, c1: int, h: torch.Tensor, start: int) -> None:
+        """Blocks start.. for columns c0:c1 of ``r``'s slot from h [c1 - c0, d], the hidden
+        states entering block ``start``: the persona's layers of a prefix-cache hit whose lower
+        layers were shared (prefix_cache.py).  Their keys and values go into the slot; nothing
+        is sampled."""
+        eng, s = self.engine, r.slot
+        view = self.cache.rows_view(s, [c0], [c1 - c0])
+        step = Step(False, r.kind != BASE, r.kind == TOKEN)
+        mix = self._mix([r], s, view.T, step)
+        with eng.backend.policy.forward(eng.device, eng.backend.own_threads(c1 - c0)):
+            eng.model.resume(h.unsqueeze(0), self.positions(view), view,
+                             view.mask(eng.config.sliding_window), mix=mix, start=start, step=step)
 
     def positions(self, view) -> torch.Tensor:
         """The rotary positions [m, T] of a view's tokens, clamped to the model's context: a

@@ -209,25 +209,46 @@ class Scheduler:
             row = r.personas.rows[0]                # host copy: the active set costs no sync later
             r.active = set(row.nonzero().flatten().tolist())
         r.slot, r.length = slot, 0
+        self.runner.admit(slot, row, r.kind == TOKEN, 0)
         if self.prefix is not None:
             self._reuse_prefix(r)
-        self.runner.admit(slot, row, r.kind == TOKEN, r.length)
+            self.runner.admit(slot, row, r.kind == TOKEN, r.length)
         self.running.append(r)
 
     def _reuse_prefix(self, r: Request) -> None:
-        """Copy the cached KV of ``r``'s longest cached prompt prefix (under its persona's root,
-        gates known by now) into its slot: its prefill starts after it."""
+        """Copy the cached KV of ``r``'s longest cached prompt prefix into its slot (the shared
+        lower layers and its persona's upper ones, gates known by now; prefix_cache.py), the
+        persona layers of the blocks only the shared part held computed from their kept hidden
+        states: its prefill starts after them."""
+        p, cache = self.prefix, self.runner.cache
         r.prefix_root = root = persona_root(r)
-        hit = self.prefix.lookup(root, r.ids, len(r.ids) - 1)
-        B = self.prefix.block
-        for i, blk in enumerate(hit):
-            self.runner.cache.load(r.slot, i * B, blk.kv)
-        r.length = r.cached_tokens = len(hit) * B
+        hit = p.lookup(root, r.ids, len(r.ids) - 1)
+        B = p.block
+        for i, blk in enumerate(hit.shared):
+            cache.load(r.slot, i * B, blk.kv, p.lower)
+        for i, blk in enumerate(hit.persona):
+            cache.load(r.slot, i * B, blk.kv, p.upper)
+        n, n_p = hit.tokens(B), len(hit.persona) * B
+        if n > n_p:
+            h = torch.cat([b.hidden for b in hit.shared[n_p // B:]])
+            self.runner.resume(r, n_p, n, h, p.split)
+        r.length = r.cached_tokens = n
+        r.shared_cached_tokens = n - n_p if hit.shared else 0
+        r.hidden = [] if p.split else None
 
     def _keep_prefix(self, r: Request) -> None:
-        """``r``'s prompt is in its slot: store its whole blocks in the prefix cache."""
-        cache, s = self.runner.cache, r.slot
-        self.prefix.insert(r.prefix_root, r.ids, len(r.ids), lambda c0, c1: cache.save(s, c0, c1))
+        """``r``'s prompt is in its slot: store its whole blocks in the prefix cache (the shared
+        part with the hidden states its prefill kept, from its first uncached token on)."""
+        p, cache, s, off = self.prefix, self.runner.cache, r.slot, r.cached_tokens
+        h = torch.cat(r.hidden) if r.hidden else None
+
+        def shared(c0: int, c1: int):
+            if h is None or c0 < off:       # cached before (and evicted since): the chain stops
+                return None
+            return cache.save(s, c0, c1, p.lower), h[c0 - off:c1 - off].clone()
+        p.insert(r.prefix_root, r.ids, len(r.ids), shared,
+                 lambda c0, c1: cache.save(s, c0, c1, p.upper))
+        r.hidden = None
 
     def _prefill(self) -> None:
         """One forward over the next ``prefill_budget`` prompt tokens of the prefilling requests
@@ -243,10 +264,14 @@ class Scheduler:
             counts.append(take)
             left -= take
         done = sum(r.length + c == len(r.ids) for r, c in zip(reqs, counts))
-        self.runner.run(Plan(reqs, [r.length for r in reqs], counts,
-                             [r.ids[r.length:r.length + c] for r, c in zip(reqs, counts)], done))
+        keep = self.prefix.split if self.prefix is not None and self.prefix.split else None
+        kept = self.runner.run(Plan(reqs, [r.length for r in reqs], counts,
+                                    [r.ids[r.length:r.length + c] for r, c in zip(reqs, counts)],
+                                    done, keep))
         self.stats.prefill_tokens += sum(counts)
-        for r, c in zip(reqs, counts):
+        for b, (r, c) in enumerate(zip(reqs, counts)):
+            if kept is not None and r.hidden is not None:
+                r.hidden.append(kept[b, :c])
             r.length += c
             if self.prefix is not None and r.length == len(r.ids):
                 self._keep_prefix(r)

@@ -88,9 +88,11 @@ class Call:
     def usage(self, outs: list[list]) -> dict:
         prompt = sum(len(ids) for ids in self.p.prompts)
         done = sum(len(o.token_ids) for os_ in outs for o in os_)
-        cached = sum(max((getattr(o, "cached_tokens", 0) for o in os_), default=0) for os_ in outs)
+        def most(field):
+            return sum(max((getattr(o, field, 0) for o in os_), default=0) for os_ in outs)
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+                "prompt_tokens_details": {"cached_tokens": most("cached_tokens"),
+                                          "shared_cached_tokens": most("shared_cached_tokens")}}
 
     def body(self, rid: str, outs: list[list]) -> dict:
         """The non-streamed body: for each prompt its n best candidates (or, scoring only, n

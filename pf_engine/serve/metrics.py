@@ -14,6 +14,8 @@
     pf_prefix_cache_lookups_total, pf_prefix_cache_hits_total   requests that looked in the
                                                             prefix cache / reused blocks of it
     pf_prefix_cache_hit_tokens_total                        prompt tokens not prefilled
+    pf_prefix_cache_shared_hit_tokens_total                 of them, from the persona-independent
+                                                            layers (their persona's computed)
     pf_prefix_cache_evictions_total                         blocks dropped for room
     pf_prefix_cache_bytes, pf_prefix_cache_blocks           what it holds now
 
@@ -93,6 +95,8 @@ class PrefixCacheCollector:
     COUNTERS = (("lookups", "Requests that looked in the prefix cache"),
                 ("hits", "Requests that reused cached prompt blocks"),
                 ("hit_tokens", "Prompt tokens not prefilled thanks to the prefix cache"),
+                ("shared_hit_tokens", "Of them, tokens whose lower layers were shared across "
+                 "personas and whose persona layers were computed from kept hidden states"),
                 ("evictions", "Prefix cache blocks dropped for room"))
 
     def __init__(self, scheduler_of):
