@@ -124,6 +124,15 @@ def test_the_switch_where_it_cannot_hold_is_one_line(close_call_model):
                                progress=False, device="cpu")
 
 
+def idle(eng):
+    """``eng`` once its scheduler has retired its last request (a response can reach the client
+    a step before that)."""
+    deadline = time.monotonic() + 30
+    while eng.scheduler().pending() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return eng
+
+
 def completion(url: str, prompt: list[int], persona) -> list:
     body = {"model": "tiny", "prompt": prompt, "max_tokens": 24, "temperature": 0,
             "logprobs": 0, "persona": persona}
@@ -133,23 +142,26 @@ def completion(url: str, prompt: list[int], persona) -> list:
     return list(zip(lp["tokens"], lp["token_logprobs"]))
 
 
-def test_through_pf_serve_alone_in_a_burst_and_chunked(close_call_model):
-    """A real pf-serve (uvicorn on 127.0.0.1) over the fp32 model with deterministic=True: each
-    greedy completion's tokens and logprobs are the same alone, in a burst of 9 held until all
-    are admitted (so that they prefill and decode as one batch), and prefilled in 7-token
-    chunks."""
+@pytest.mark.parametrize("kw", [dict(quantize="q4"), dict(deterministic=True)],
+                         ids=["q4", "fp32-deterministic"])
+def test_through_pf_serve_alone_in_a_burst_and_chunked(close_call_model, kw):
+    """A real pf-serve (uvicorn on 127.0.0.1) over the 4-bit model, and the fp32 one with
+    deterministic=True: each greedy completion's tokens and logprobs are the same alone, in a
+    burst of 9 held until all are admitted (so that they prefill and decode as one batch), and
+    prefilled in 7-token chunks."""
     pytest.importorskip("uvicorn")
     from pf_engine.serve import build_app
     from pf_engine.serve.threaded import ThreadedServer
-    eng = tiny_engine(close_call_model, deterministic=True)
+    eng = tiny_engine(close_call_model, **kw)
+    eng.set_prefix_cache(0)            # each run computes every prompt token itself
     prompts, personas = random_prompts(), [None, EXPLICIT, "auto"] * 3
     s = ThreadedServer(build_app(eng, "tiny", max_queue=16, timeout_s=60))
     try:
         eng.new_scheduler(slots=1, max_len=128)
         alone = [completion(s.url, p, k) for p, k in zip(prompts, personas)]
-        eng.new_scheduler(slots=1, max_len=128, prefill_budget=7)
+        idle(eng).new_scheduler(slots=1, max_len=128, prefill_budget=7)
         chunked = [completion(s.url, p, k) for p, k in zip(prompts, personas)]
-        eng.new_scheduler(slots=9, max_len=128)
+        idle(eng).new_scheduler(slots=9, max_len=128)
         sched = eng.scheduler()
         sched.pause()
         with cf.ThreadPoolExecutor(9) as pool:
