@@ -34,10 +34,10 @@ def ids(n: int, seed: int) -> list[int]:
     return torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def run(eng, cache, specs, slots=3, arrive=None, cancel=None):
+def run(eng, cache, specs, slots=3, arrive=None, cancel=None, max_len=160, logprobs=None):
     """Greedy outputs of specs [(ids, persona, n)] through one scheduler using ``cache``
     (None: off), requests arriving at steps ``arrive`` (default: one per step, in order)."""
-    sched = eng.new_scheduler(slots=slots, max_len=160, prefill_budget=24, background=False)
+    sched = eng.new_scheduler(slots=slots, max_len=max_len, prefill_budget=24, background=False)
     sched.prefix = cache
     arrive = arrive or list(range(len(specs)))
     reqs, step = {}, 0
@@ -45,7 +45,8 @@ def run(eng, cache, specs, slots=3, arrive=None, cancel=None):
         for i, s in enumerate(arrive):
             if s == step:
                 p, persona, n = specs[i]
-                reqs[i] = sched.submit(p, SamplingParams(max_new_tokens=n), persona)
+                reqs[i] = sched.submit(p, SamplingParams(max_new_tokens=n, logprobs=logprobs),
+                                       persona)
         if cancel:
             cancel(step, reqs)
         sched.step()

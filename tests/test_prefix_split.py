@@ -14,7 +14,6 @@ import torch
 
 from pf_engine import Engine
 from pf_engine.backends import backend_status
-from pf_engine.generation.sampling import SamplingParams
 from pf_engine.model.config import ModelConfig
 from pf_engine.persona.bank import BIG_FIVE, AdapterBank
 from pf_engine.runtime import prefix_cache as pc
@@ -53,22 +52,9 @@ def ids(n: int, seed: int) -> list[int]:
 
 
 def run(eng, cache, specs, slots=3, arrive=None, cancel=None):
-    """Greedy outputs (tokens, logprobs, finish) of specs [(ids, persona, n)] through one
-    scheduler using ``cache`` (None: off), one arrival per step unless ``arrive`` says."""
-    sched = eng.new_scheduler(slots=slots, max_len=200, prefill_budget=24, background=False)
-    sched.prefix = cache
-    arrive = arrive or list(range(len(specs)))
-    reqs, step = {}, 0
-    while len(reqs) < len(specs) or sched.pending():
-        for i, s in enumerate(arrive):
-            if s == step:
-                p, persona, n = specs[i]
-                reqs[i] = sched.submit(p, SamplingParams(max_new_tokens=n, logprobs=0), persona)
-        if cancel:
-            cancel(step, reqs)
-        sched.step()
-        step += 1
-    return [reqs[i] for i in range(len(specs))]
+    """test_prefix_cache's scheduler loop, with logprobs and room for longer prompts."""
+    from test_prefix_cache import run as run_specs
+    return run_specs(eng, cache, specs, slots, arrive, cancel, max_len=200, logprobs=0)
 
 
 def outputs(reqs, logprobs=True):
