@@ -16,6 +16,7 @@ from pf_engine import Engine
 from pf_engine.backends import backend_status
 from pf_engine.model.config import ModelConfig
 from pf_engine.persona.bank import BIG_FIVE, AdapterBank
+from pf_engine.persona.router import SequenceRouter
 from pf_engine.runtime import prefix_cache as pc
 from pf_engine.runtime.prefix_cache import BLOCK, PrefixCache
 
@@ -25,14 +26,16 @@ A, B = {BIG_FIVE[0]: 2.5, BIG_FIVE[4]: 1.5}, {BIG_FIVE[7]: 3.0}
 PERSONAS = [None, A, "auto", "token", B, {BIG_FIVE[2]: 0.6, BIG_FIVE[9]: 0.5}]
 
 
-def bank_for(folder, upper_only: bool) -> AdapterBank:
+def bank_for(folder, upper_only: bool, route: int = 1) -> AdapterBank:
+    """The random bank, its sequence router reading the states entering block ``route`` (1:
+    below the split, as bigfive's reads layer 9 of 30 under its split 18)."""
     cfg = ModelConfig.from_file(f"{folder}/config.json")
     full = AdapterBank.random(cfg, rank=8, seed=5, router=True)
-    if not upper_only:
-        return full
-    weights = {(l, m): ab for (l, m), ab in full._weights.items() if l >= 2}
+    r = full.router
+    router = SequenceRouter(r.w1, r.b1, r.w2, r.b2, layer=route)
+    weights = {(l, m): ab for (l, m), ab in full._weights.items() if l >= 2 or not upper_only}
     return AdapterBank(full.expert_names, full.ranks, full.scalings, full.fingerprint,
-                       full.module_experts, weights, router=full.router,
+                       full.module_experts, weights, router=router,
                        token_router=full.token_router)
 
 
@@ -143,13 +146,14 @@ def test_under_eviction_and_cancellation(folder):
 
 
 def test_the_bytes_of_a_block(folder):
-    """A shared block holds the lower layers' KV and the hidden states, a persona block the
-    upper layers' KV: together the whole KV and h."""
+    """A shared block holds the lower layers' KV and the hidden states entering the router's
+    layer and the split, a persona block the upper layers' KV: together the whole KV and h."""
     eng = engine(folder)
     cache = PrefixCache.for_engine(eng, 0.01)
+    assert cache.keep == (1, 2)
     c = eng.config
     per_layer = 2 * c.num_key_value_heads * BLOCK * c.head_dim * 4
-    assert cache.shared_bytes == 2 * per_layer + BLOCK * c.hidden_size * 4
+    assert cache.shared_bytes == 2 * per_layer + 2 * BLOCK * c.hidden_size * 4
     assert cache.persona_bytes == 2 * per_layer
 
 

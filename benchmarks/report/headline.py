@@ -164,7 +164,17 @@ def prefix_personas(res: dict) -> list[str]:
             f"{res['off_over_split']:.2f}x lower than without a cache (goal 2x: "
             f"{_met(res['off_over_split'] >= 2)}) and {res['persona_over_split']:.2f}x lower than "
             f"the persona-keyed cache (goal 1.5x: {_met(res['persona_over_split'] >= 1.5)}); "
-            f"greedy replies {'equal' if res['replies_equal'] else '**not equal**'} in every mode."]
+            f"greedy replies {'equal' if res['replies_equal'] else '**not equal**'} in every mode"
+            + _auto_stream(res.get("auto")) + "."]
+
+
+def _auto_stream(a: dict | None) -> str:
+    """The "auto on every request" stream of bench_prefix_personas, where the JSON has one."""
+    if not a:
+        return ""
+    return (f"; with \"auto\" on every request {a['median']['split']['ttft_p50_s']:.2f} s, "
+            f"{a['off_over_split']:.2f}x lower than without a cache and "
+            f"{a['pass_over_split']:.2f}x lower than routing by a pass of its own")
 
 
 def deterministic(res: dict) -> list[str]:

@@ -65,6 +65,8 @@ class Request:
         self.prefix_root = None                           # its prefix-cache root
         self.hidden = None                                # its prefill's kept hidden states
                                                           # (runtime/prefix_cache.py)
+        self.lower = None                                 # "auto" before its gates are known
+                                                          # (runtime/routing.py)
         self.t_submit, self.t_first, self.t_done = time.perf_counter(), None, None
         self._cond = threading.Condition(sched.lock)
         self._watchers: list = []                         # (event loop, asyncio.Event) of awaiters

@@ -204,11 +204,12 @@ class Decoder:
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor,
                  mix=None, pick: torch.Tensor | None = None, step: Step = WHOLE,
-                 keep: int | None = None):
+                 keep: tuple[int, ...] = ()):
         """tokens, positions [B, T] -> float32 logits [B, T, vocab] (with ``pick`` [B], the logits
-        of row b's position pick[b] only, [B, 1, vocab]); with ``keep`` (a prefill), also the
-        hidden states [B, T, d] entering block ``keep``: (logits, hidden), what the prefix cache
-        shares below a bank's first adapted layer (runtime/prefix_cache.py).
+        of row b's position pick[b] only, [B, 1, vocab]); with ``keep`` (a prefill; block indices,
+        increasing), also the hidden states entering each of those blocks, [B, T, len(keep), d]:
+        (logits, kept), what the prefix cache shares below a bank's first adapted layer and the
+        sequence router reads (runtime/prefix_cache.py, runtime/routing.py).
 
         Writes the keys/values of the T new tokens through ``cache`` (a RowsView or SCRATCH);
         mask: bool [B or 1, 1, T, L].  ``mix``: the persona gates of the B * T rows (None: the
@@ -222,23 +223,41 @@ class Decoder:
         cos, sin = self.rotary.tables(positions, self.dtype)
         if step.decode:
             mask = decode_bias(mask, self.dtype)
-        if keep is None:
+        if not keep:
             x = self.runner(x, cos, sin, cache, mask, mix, step)       # every block
         else:
-            kept = x = self.run_blocks(x, cos, sin, cache, mask, mix, step, 0, keep)
-            x = self.run_blocks(x, cos, sin, cache, mask, mix, step, keep, None)
+            x, kept = self.run_blocks(x, cos, sin, cache, mask, mix, step, 0, None, keep)
         if pick is not None:
             x = x[torch.arange(x.shape[0], device=x.device), pick].unsqueeze(1)
         x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
         logits = self.head(x, decode=step.decode).float()
-        return logits if keep is None else (logits, kept)
+        return (logits, kept) if keep else logits
 
-    def run_blocks(self, x, cos, sin, cache, mask, mix, step: Step, start: int, stop: int | None):
+    def run_blocks(self, x, cos, sin, cache, mask, mix, step: Step, start: int, stop: int | None,
+                   keep: tuple[int, ...] = ()):
         """Blocks start..stop-1 one after another over x [B, T, d] (the hidden states entering
-        block ``start``): their output."""
-        for blk in self.blocks[start:stop]:
+        block ``start``): their output; with ``keep`` (block indices in start..stop, increasing),
+        (output, the hidden states entering each of them [B, T, len(keep), d])."""
+        kept, at = [], start
+        for k in keep:
+            for blk in self.blocks[at:k]:
+                x = blk(x, cos, sin, cache, mask, mix, step)
+            kept.append(x)
+            at = k
+        for blk in self.blocks[at:stop]:
             x = blk(x, cos, sin, cache, mask, mix, step)
-        return x
+        return (x, torch.stack(kept, dim=2)) if keep else x
+
+    def lower(self, tokens: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor,
+              keep: tuple[int, ...]) -> torch.Tensor:
+        """The base model's blocks 0..keep[-1]-1 over tokens [B, T] (a prefill), writing their keys
+        and values through ``cache``; no head: the hidden states entering each block of ``keep``
+        [B, T, len(keep), d].  An "auto" request's first phase (runtime/routing.py): below the
+        bank's first adapted layer every persona runs the base model, so the router's input and
+        the KV there are computed before its gates are known."""
+        cos, sin = self.rotary.tables(positions, self.dtype)
+        return self.run_blocks(self.embedding(tokens), cos, sin, cache, mask, None, WHOLE, 0,
+                               keep[-1], keep)[1]
 
     def resume(self, x: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor,
                mix=None, start: int = 0, step: Step = WHOLE) -> None:

@@ -141,8 +141,9 @@ class TPDecoder:
             "runner")
     LOCAL = ("embedding",)
     REFUSED = ("attach", "layer_states",     # attach: each rank attaches its shard (tp.py)
-               "run_blocks", "resume")       # the prefix cache's split: 0 under TP (whole
-                                             # blocks, prefix_cache.split_layer)
+               "run_blocks", "resume",       # the prefix cache's split: 0 under TP (whole
+               "lower")                      # blocks, prefix_cache.split_layer), and "auto"
+                                             # routed by its own pass (runtime/routing.py)
 
     _keys = itertools.count()
 

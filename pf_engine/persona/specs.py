@@ -82,6 +82,11 @@ class Personas:
         sel = torch.tensor(idx, device=tokens.device)
         self.rows[idx] = r(model.hidden(tokens[sel], r.layer)).to(self.rows.device)
 
+    def route_from(self, i: int, hidden: torch.Tensor) -> None:
+        """Fill sequence-routed row i from the hidden states [T, d] of its whole prompt that its
+        caller computed where the router reads them (runtime/routing.py: the prefill's)."""
+        self.rows[i] = self.bank.router(hidden.unsqueeze(0))[0].to(self.rows.device)
+
     def route_each(self, model, prompts: list[list[int]]) -> None:
         """Fill the sequence-routed rows, each from its own prompt (any lengths: prompts of one
         length are routed together)."""

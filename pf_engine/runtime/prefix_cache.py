@@ -13,8 +13,9 @@ within one engine (one base model, dtype and backend):
 
     base model (no persona)       ("base",)
     explicit weights, "auto"      ("gates", bank, the gate row as exact floats): "auto" is keyed
-                                  by the row its router gave, so the router reads the whole
-                                  prompt first
+                                  by the row its router gave, so a later request routed to the
+                                  same gates reuses it (the router reads the prompt's lower
+                                  layers first: routing.py)
     token routing                 ("token", bank): its gates are a causal function of the tokens
                                   (the router reads each token's own hidden state), so the
                                   tokens and the bank decide the KV
@@ -25,13 +26,17 @@ the base model's whatever the persona, and the hidden state entering layer ``spl
 block is kept in two parts:
 
     shared   under ("shared",), tokens only:  the KV of layers [0, split) and h, the hidden
-             states entering layer split [B, d]; one for every persona and the base model
+             states entering the blocks ``keep`` [B, len(keep), d]: layer split, and first the
+             layer the sequence router reads where it is below (``route_layer``); one for every
+             persona and the base model
     persona  under the request's root:         the KV of layers [split, L)
 
 A hit is the shared chain's blocks (n_s) and the persona chain's (n_p <= n_s, the longer part
 dropped): the slot gets both, and the persona part of blocks n_p..n_s-1 is computed from their
 h by layers split..L-1 alone (``StepRunner.resume``): a prompt's lower layers are never
-computed twice, whatever persona asks.  Without a bank, with a bank that adapts layer 0, or under
+computed twice, whatever persona asks.  An "auto" request looks up the shared chain first, routes
+from its blocks' kept router input and its own lower layers, then looks up its persona chain
+(routing.py).  Without a bank, with a bank that adapts layer 0, or under
 tensor parallelism (the workers keep their own heads), ``split`` is 0: one chain of whole
 blocks under the request's root, as before.
 
@@ -81,7 +86,7 @@ def default_gb():
 class Block:
     id: int
     kv: object                  # SlotCache.save's copy: (k, v), each [layers, H_kv, B, D]
-    hidden: torch.Tensor | None = None  # shared blocks: the hidden states entering layer split
+    hidden: torch.Tensor | None = None  # shared blocks: [B, len(keep), d] (see the module doc)
     nbytes: int = 0
 
 
@@ -107,10 +112,12 @@ class CacheStats:
 
 class PrefixCache:
     def __init__(self, budget_bytes: int, block: int, layers: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, split: int = 0, hidden: int = 0):
+                 dtype: torch.dtype, split: int = 0, hidden: int = 0, route: int | None = None):
         self.block, self.split, self.layers = block, split, layers
+        self.keep = () if not split else (split,) if route is None else (route, split)
         per_layer = 2 * kv_heads * block * head_dim * dtype.itemsize
-        self.shared_bytes = split * per_layer + block * hidden * dtype.itemsize if split else 0
+        self.shared_bytes = (split * per_layer + block * hidden * len(self.keep) * dtype.itemsize
+                             if split else 0)
         self.persona_bytes = (layers - split) * per_layer
         self.block_bytes = self.shared_bytes + self.persona_bytes    # one block, both parts
         self.capacity = int(budget_bytes // self.block_bytes)       # blocks of one prompt, at most
@@ -132,7 +139,8 @@ class PrefixCache:
             return None
         c = engine.model.cfg             # a tensor-parallel rank's: the heads this process keeps
         return cls(int(gb * 2 ** 30), block, c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
-                   engine.model.dtype, split_layer(engine) if shared else 0, c.hidden_size)
+                   engine.model.dtype, split_layer(engine) if shared else 0, c.hidden_size,
+                   route_layer(engine) if shared else None)
 
     @property
     def blocks(self) -> int:
@@ -164,19 +172,26 @@ class PrefixCache:
             parent = blk.id
         return out
 
-    def lookup(self, root: tuple, ids: list[int], limit: int) -> Hit:
-        """The cached blocks of the longest prefix of ``ids`` covering at most ``limit`` tokens:
-        the shared chain's and ``root``'s (no longer than the shared one when split > 0),
-        touched as most recently used (last block first)."""
-        self.stats.lookups += 1
-        n = limit // self.block
-        shared = self._chain(SHARED, ids, n) if self.split else []
-        persona = self._chain(root, ids, len(shared) if self.split else n)
+    def shared(self, ids: list[int], limit: int) -> list:
+        """The shared chain's cached blocks of the longest prefix of ``ids`` covering at most
+        ``limit`` tokens, touched as most recently used (last block first); [] when split is 0.
+        ``lookup`` with them finishes the lookup once the root is known (an "auto" request's)."""
+        shared = self._chain(SHARED, ids, limit // self.block) if self.split else []
         for key, _ in reversed(shared):
             self._blocks.move_to_end(key)
+        return [b for _, b in shared]
+
+    def lookup(self, root: tuple, ids: list[int], limit: int, shared: list | None = None) -> Hit:
+        """The cached blocks of the longest prefix of ``ids`` covering at most ``limit`` tokens:
+        the shared chain's (``shared`` when given: ``self.shared``'s) and ``root``'s (no longer
+        than the shared one when split > 0), touched as most recently used (last block first)."""
+        self.stats.lookups += 1
+        if shared is None:
+            shared = self.shared(ids, limit)
+        persona = self._chain(root, ids, len(shared) if self.split else limit // self.block)
         for key, _ in reversed(persona):
             self._blocks.move_to_end(key)
-        hit = Hit([b for _, b in shared], [b for _, b in persona])
+        hit = Hit(shared, [b for _, b in persona])
         if hit.shared or hit.persona:
             self.stats.hits += 1
             self.stats.hit_tokens += hit.tokens(self.block)
@@ -186,8 +201,9 @@ class PrefixCache:
 
     def insert(self, root: tuple, ids: list[int], n_tokens: int, save_shared, save_persona) -> int:
         """Store the whole blocks of ids[:n_tokens] not cached yet: ``save_shared(c0, c1)`` ->
-        (kv of the lower layers, h) or None (not available: the shared chain stops there),
-        ``save_persona(c0, c1)`` -> the kv of the upper layers (all of them when split is 0).
+        (kv of the lower layers, h [c1 - c0, len(keep), d]) or None (not available: the shared
+        chain stops there), ``save_persona(c0, c1)`` -> the kv of the upper layers (all of them
+        when split is 0).
         At most ``capacity`` blocks of one prompt are kept.  Returns the blocks added."""
         n_blocks = min(n_tokens // self.block, self.capacity)
         added = 0
@@ -236,6 +252,16 @@ def split_layer(engine) -> int:
         return 0
     first = bank.layers()[0] if bank.layers() else engine.config.num_hidden_layers
     return first if first < engine.config.num_hidden_layers else 0
+
+
+def route_layer(engine) -> int | None:
+    """The layer whose input the bank's sequence router reads, where that is at or below a split
+    > 0: the prefill then computes it with the lower layers, before the gates are known (an "auto"
+    request's first phase, routing.py), and shared blocks keep it.  None: "auto" is routed by a
+    pass of its own over the prompt (Personas.route)."""
+    router = engine.bank.router if engine.bank is not None else None
+    split = split_layer(engine)
+    return router.layer if router is not None and split and router.layer <= split else None
 
 
 def persona_root(req) -> tuple | None:

@@ -41,15 +41,16 @@ class Plan:
     plan gives the rows' token ids (``tokens``, each row counts[b] long); a decode plan gives
     none: every row's input is its slot's last sampled token and every count is 1.  The first
     ``sample`` rows sample their next token (in a prefill, the rows whose prompt this chunk
-    completes; in a decode, all).  ``keep`` (a prefill): also hand back the hidden states
-    entering that block (the prefix cache's shared part, prefix_cache.py)."""
+    completes; in a decode, all).  ``keep`` (a prefill; block indices): also hand back the hidden
+    states entering those blocks (the prefix cache's shared part and the sequence router's input:
+    prefix_cache.py, routing.py)."""
 
     reqs: list
     starts: list[int]
     counts: list[int]
     tokens: list[list[int]] | None
     sample: int
-    keep: int | None = None
+    keep: tuple[int, ...] = ()
 
     @classmethod
     def decode_of(cls, reqs: list) -> "Plan":
@@ -113,8 +114,8 @@ class StepRunner:
     # the step -----------------------------------------------------------------------------------
     def run(self, plan: Plan) -> torch.Tensor | None:
         """Run ``plan``: the forward, then the first ``plan.sample`` rows' next tokens handed to
-        their requests; returns the hidden states [n, T, d] entering block ``plan.keep`` (None
-        without).  A decode step runs under one thread policy with its sampling
+        their requests; returns the hidden states [n, T, len(keep), d] entering the blocks
+        ``plan.keep`` (None without).  A decode step runs under one thread policy with its sampling
         (backends/threads.py:
         torch's argmax over the vocabulary would otherwise wake its OpenMP workers, whose
         spinning afterwards takes the cores from the next step's kernels)."""
@@ -149,8 +150,8 @@ class StepRunner:
     def _forward(self, plan: Plan) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [n, V] of each row's last token (a prefill row's last real one): the model on
         the plan's slots through a RowsView, with their gate rows; token-routed gates are added
-        up per request, on the device.  And the hidden states entering block ``plan.keep``
-        [n, T, d] (None without)."""
+        up per request, on the device.  And the hidden states entering the blocks ``plan.keep``
+        [n, T, len(keep), d] (None without)."""
         eng, reqs, s0, n = self.engine, plan.reqs, plan.s0, len(plan.reqs)
         dev = eng.device
         view = self.cache.rows_view(s0, plan.starts, plan.counts)
@@ -163,7 +164,7 @@ class StepRunner:
         step = plan.step
         mix = self._mix(reqs, s0, view.T, step)
         positions = self.positions(view)
-        keep = {} if plan.keep is None else {"keep": plan.keep}
+        keep = {"keep": plan.keep} if plan.keep else {}
         with eng.backend.policy.forward(eng.device, eng.backend.own_threads(tokens.numel())):
             out = eng.model(tokens, positions, view, view.mask(eng.config.sliding_window),
                             mix=mix, pick=pick, step=step, **keep)
@@ -178,6 +179,17 @@ class StepRunner:
         active = None if step.token else tuple(sorted(set().union(*(r.active for r in reqs))))
         return Mix.for_rows(self.gates[s0:s0 + len(reqs)], self.token_rows[s0:s0 + len(reqs)], T,
                             self.engine.bank.token_router, active, step.token)
+
+    def lower(self, r, c0: int, c1: int, keep: tuple[int, ...]) -> torch.Tensor:
+        """The base model's blocks below keep[-1] for prompt columns c0:c1 of ``r``'s slot, their
+        keys and values into the slot: the hidden states entering each block of ``keep``
+        [c1 - c0, len(keep), d] (an "auto" request's first phase, routing.py)."""
+        eng, s = self.engine, r.slot
+        view = self.cache.rows_view(s, [c0], [c1 - c0])
+        tokens = torch.tensor([r.ids[c0:c1]], device=eng.device)
+        with eng.backend.policy.forward(eng.device, eng.backend.own_threads(c1 - c0)):
+            return eng.model.lower(tokens, self.positions(view), view,
+                                   view.mask(eng.config.sliding_window), keep)[0]
 
     def resume(self, r, c0: int, c1: int, h: torch.Tensor, start: int) -> None:
         """Blocks start.. for columns c0:c1 of ``r``'s slot from h [c1 - c0, d], the hidden

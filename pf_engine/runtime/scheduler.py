@@ -35,7 +35,9 @@ ends.  On CUDA the decode step defaults to static shapes captured in CUDA graphs
 length bucket (static_decode.py; ``decode="dynamic"`` turns it off).
 
 Personas per request, as ``generate`` takes them: None, explicit weights, "auto" (the sequence
-router reads the prompt at admission) or "token" (the token router in every layer and step).
+router reads the prompt's lower layers as its prefill computes them, routing.py, or at admission
+by a pass of its own where the router reads an adapted layer) or "token" (the token router in
+every layer and step).
 A background thread runs steps while requests are pending (``Engine.submit`` starts it); tests
 and benchmarks can drive ``step()`` themselves with ``background=False``.  The client's side,
 ``Request``, is in generation/request.py.
@@ -54,6 +56,7 @@ from pf_engine.persona.specs import SEQUENCE, TOKEN
 from pf_engine.generation.request import Request
 from pf_engine.runtime.config import SchedulerConfig
 from pf_engine.runtime.prefix_cache import persona_root
+from pf_engine.runtime.routing import TwoPhase
 from pf_engine.runtime.runner import Plan, StepRunner
 from pf_engine.generation.sampling import SamplingParams
 
@@ -70,6 +73,7 @@ class Scheduler:
         # prompt KV shared across requests (prefix_cache.py): the engine's, or one given, or None
         self.prefix = engine.prefix_cache() if cfg.prefix_cache == "engine" else cfg.prefix_cache
         self.runner = StepRunner(engine, cfg.slots, cfg.max_len, cfg.decode)   # a step's tensors
+        self.two_phase = TwoPhase.of(engine, self.runner)    # "auto" from the prefill
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []                   # running[i] owns slot i
         self.decoding = 0                                  # running[:decoding] have their prompt in
@@ -200,8 +204,15 @@ class Scheduler:
 
     def _admit(self, r: Request) -> None:
         """Give ``r`` the next free slot and its gate row (the sequence router reads its prompt
-        here); its prompt is prefilled by the following steps."""
+        here, or from the prefill's lower layers: routing.py); its prompt is prefilled by the
+        following steps."""
         slot, row = len(self.running), None
+        if r.kind == SEQUENCE and self.two_phase is not None:
+            r.slot, r.length = slot, 0
+            self.runner.admit(slot, None, False, 0)
+            self.running.append(r)
+            self.two_phase.admit(r, self.prefix)
+            return
         if r.personas.any:
             if r.kind == SEQUENCE:
                 r.personas.route(self.engine.model,
@@ -230,7 +241,7 @@ class Scheduler:
             cache.load(r.slot, i * B, blk.kv, p.upper)
         n, n_p = hit.tokens(B), len(hit.persona) * B
         if n > n_p:
-            h = torch.cat([b.hidden for b in hit.shared[n_p // B:]])
+            h = torch.cat([b.hidden[:, -1] for b in hit.shared[n_p // B:]])
             self.runner.resume(r, n_p, n, h, p.split)
         r.length = r.cached_tokens = n
         r.shared_cached_tokens = n - n_p if hit.shared else 0
@@ -257,14 +268,22 @@ class Scheduler:
         budget goes in slot order, those are always the first of the group."""
         left, reqs, counts = self.prefill_budget, [], []
         for r in self.running[self.decoding:]:
+            if r.lower is not None:          # "auto" before its gates (routing.py): its turn
+                if reqs:
+                    break
+                left = self.two_phase.advance(r, left, self.prefix)
+                if r.lower is not None:
+                    break
             take = min(len(r.ids) - r.length, left)
             if take <= 0:
                 break
             reqs.append(r)
             counts.append(take)
             left -= take
+        if not reqs:
+            return
         done = sum(r.length + c == len(r.ids) for r, c in zip(reqs, counts))
-        keep = self.prefix.split if self.prefix is not None and self.prefix.split else None
+        keep = self.prefix.keep if self.prefix is not None else ()
         kept = self.runner.run(Plan(reqs, [r.length for r in reqs], counts,
                                     [r.ids[r.length:r.length + c] for r, c in zip(reqs, counts)],
                                     done, keep))
@@ -315,5 +334,5 @@ class Scheduler:
 
     def _move(self, src: int, dst: int) -> None:
         r = self.running[src]
-        self.runner.move(src, dst, r.length)
+        self.runner.move(src, dst, r.length if r.lower is None else r.lower.done)
         r.slot, self.running[dst] = dst, r
