@@ -14,7 +14,8 @@ def stream(off=3.0, persona=2.0, split=1.0, equal=True, cached=100):
     rows = [{"mode": m, "round": 0, "cached_tokens": cached, "prompt_tokens": 300,
              "shared_cached_tokens": 50} for m, _ in times]
     return {"median": med, "rows": rows, "replies_equal": equal, "off_over_split": off / split,
-            "persona_over_split": persona / split, "pass_over_split": 1.5}
+            "persona_over_split": persona / split, "pass_over_split": 1.5,
+            "pass_replies_differ": 3}
 
 
 def result(off=3.0, persona=2.0, split=1.0, equal=True, cached=100):
@@ -33,7 +34,7 @@ def test_goals_met_and_missed():
     assert not any(ok for _, _, ok in bad) and len(bad) == 5
     md = bench_prefix_personas.markdown(result())
     assert "| split | 1.00 |" in md and "**missed**" not in md
-    assert "router's own pass / split 1.50x" in md and "| split-pass | 1.50 |" in md
+    assert "router's own pass / split 1.50x" in md and "3 of 24 replies part" in md and "| split-pass | 1.50 |" in md
     line = headline.prefix_personas(result(persona=1.2))[0]
     assert "3.00x lower than without" in line and "(goal 1.5x: **missed**)" in line
 

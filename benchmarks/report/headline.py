@@ -164,7 +164,8 @@ def prefix_personas(res: dict) -> list[str]:
             f"{res['off_over_split']:.2f}x lower than without a cache (goal 2x: "
             f"{_met(res['off_over_split'] >= 2)}) and {res['persona_over_split']:.2f}x lower than "
             f"the persona-keyed cache (goal 1.5x: {_met(res['persona_over_split'] >= 1.5)}); "
-            f"greedy replies {'equal' if res['replies_equal'] else '**not equal**'} in every mode"
+            f"greedy replies {'equal' if res['replies_equal'] else '**not equal**'} with the cache "
+            "and without"
             + _auto_stream(res.get("auto")) + "."]
 
 
