@@ -100,7 +100,9 @@ setup(
     extras_require={
         "dev": ["pytest", "peft", "accelerate", "matplotlib", "triton", "pybind11", "openai",
                 "httpx", "jsonschema", "lm-eval[api]>=0.4.5", "vaderSentiment==3.3.2",
-                "ruff==0.17.6"],
+                "ruff==0.17.6", "ray[serve]>=2.50"],
+        # pf-serve --replicas: replicas on Ray Serve (serve/ray_serve.py)
+        "ray": ["ray[serve]>=2.50"],
         # pf-eval's measures: lm-eval (reasoning), VADER (social-emotional; MIT)
         "eval": ["peft", "lm-eval[api]>=0.4.5", "vaderSentiment==3.3.2"],
     },

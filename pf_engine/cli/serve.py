@@ -60,7 +60,63 @@ def build_parser() -> Parser:
                    help="on SIGTERM/SIGINT: stop admitting, let running requests finish for "
                         "this long, then cancel them and exit 0 (default 10 s)")
     p.add_argument("--quiet", action="store_true", help="no per-request log lines")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="serve N engine replicas on Ray Serve behind this one endpoint, routed "
+                        "by persona and system prompt (needs pip install 'pf-engine[ray]'; "
+                        "serve/ray_serve.py)")
+    p.add_argument("--ray-address", default=None,
+                   help="with --replicas: join this Ray cluster (default: start a local one)")
+    p.add_argument("--replica-threads", type=int, default=None,
+                   help="with --replicas: CPU threads (Ray CPUs) per replica (default: the "
+                        "machine's cores divided among the replicas)")
     return p
+
+
+def engine_kwargs(args) -> dict:
+    """Engine.from_pretrained's arguments from the command line (one engine or each replica's)."""
+    return dict(model=args.model, adapters=args.adapters, device=args.device, dtype=args.dtype,
+                backend=args.backend, quantize=args.quantize, expert_format=args.expert_format,
+                deterministic=args.deterministic, tensor_parallel=args.tensor_parallel)
+
+
+def scheduler_kwargs(args) -> dict:
+    return dict(slots=args.slots, max_len=args.max_len, kv_cache_gb=args.kv_cache_gb)
+
+
+def serve_replicas(args) -> int:
+    """--replicas N: the endpoint on Ray Serve (serve/ray_serve.py) until SIGINT/SIGTERM."""
+    from pf_engine.serve import ray_serve
+    n = args.replicas if args.replicas is not None else 1
+    if n < 1:
+        return fail("pf-serve", PFError(f"--replicas {n}: expected an integer >= 1"))
+    threads = args.replica_threads or max(1, (os.cpu_count() or 1) // n)
+    if threads < 1:
+        return fail("pf-serve", PFError(f"--replica-threads {threads}: expected an integer >= 1"))
+    try:
+        ray_serve.require_ray()
+    except PFError as e:
+        return fail("pf-serve", e)
+    spec = {"engine": engine_kwargs(args), "scheduler": scheduler_kwargs(args),
+            "prefix_cache_gb": args.prefix_cache_gb, "model_id": args.model_id,
+            "threads": threads, "quiet": args.quiet,
+            "server": {"max_queue": args.max_queue, "timeout_s": args.timeout,
+                       "max_body": int(args.max_body_mb * 2 ** 20)}}
+    stop: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, _frame: stop.append(s))
+    try:
+        ray_serve.deploy(spec, n, args.host, args.port, args.api_key,
+                         spec["server"]["max_body"], ray_address=args.ray_address,
+                         cpus=threads, gpus=1 if args.device and "cuda" in args.device else 0)
+    except PFError as e:
+        return fail("pf-serve", e)
+    print(f"pf-serve: {n} replicas on http://{args.host}:{args.port}/v1 (Ray Serve, "
+          f"{threads} threads each)", file=sys.stderr)
+    while not stop:
+        time.sleep(0.2)
+    ray_serve.shutdown()
+    print(f"pf-serve: shut down on {signal.Signals(stop[0]).name}", file=sys.stderr)
+    return 0
 
 
 def model_id(folder: str) -> str:
@@ -89,6 +145,8 @@ def main(argv=None) -> int:
         check_engine_args(args)                   # every bad value named before the model loads
     except PFError as e:
         return fail("pf-serve", e)
+    if args.replicas is not None or args.ray_address is not None:
+        return serve_replicas(args)
     import uvicorn
 
     from pf_engine.engine import Engine
@@ -97,14 +155,10 @@ def main(argv=None) -> int:
     logging.basicConfig(stream=sys.stderr, format="pf-serve: %(message)s")
     logging.getLogger("pf_engine.serve").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
-        eng = Engine.from_pretrained(args.model, adapters=args.adapters, device=args.device,
-                                     dtype=args.dtype, backend=args.backend, quantize=args.quantize,
-                                     expert_format=args.expert_format,
-                                     deterministic=args.deterministic,
-                                     tensor_parallel=args.tensor_parallel)
+        eng = Engine.from_pretrained(**engine_kwargs(args))
         if args.prefix_cache_gb is not None:
             eng.set_prefix_cache(args.prefix_cache_gb)
-        eng.new_scheduler(slots=args.slots, max_len=args.max_len, kv_cache_gb=args.kv_cache_gb)
+        eng.new_scheduler(**scheduler_kwargs(args))
     except PFError as e:
         return fail("pf-serve", e)
     mid = args.model_id or model_id(eng.folder)

@@ -81,6 +81,7 @@ class Scheduler:
         self._kick = threading.Event()                     # work arrived (submit, cancel, resume)
         self._thread_lock = threading.Lock()               # the background thread's start and exit
         self._thread: threading.Thread | None = None
+        self.beat = time.monotonic()                       # the last step's end, or submission
         self.steps = 0
         self.stats = Stats()
         self.paused = False
@@ -105,6 +106,7 @@ class Scheduler:
         # must not wait for that.  The deque append is atomic; the kick wakes an idle thread.
         req = Request(self, ids, params, persona)
         self.waiting.append(req)
+        self.beat = time.monotonic()
         self.wake()
         if self.background:
             with self._thread_lock:          # against the thread deciding to exit (see _loop)
@@ -195,6 +197,13 @@ class Scheduler:
             st.prefill_s, st.decode_s = (st.prefill_s + t1 - t0,
                                          st.decode_s + time.perf_counter() - t1)
             self.steps += 1
+            self.beat = time.monotonic()
+
+    def stalled(self, seconds: float) -> bool:
+        """Requests are pending and no step has ended (nor a request arrived) for ``seconds``:
+        a hung step, or a stopped thread (a replica's health check, serve/ray_serve.py)."""
+        return (self.pending() and not self.paused
+                and time.monotonic() - self.beat > seconds)
 
     def run(self) -> None:
         """Step until nothing is pending, in the caller's thread: what ``generate`` does with

@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -44,6 +45,19 @@ class Server:
         self.served = {"requests": 0, "tokens": 0, "t0": time.monotonic()}
         self.live: set[Call] = set()          # admitted calls: their slots are reserved
         self.metrics.reserved = self.reserved
+
+    # what the routes ask (a Ray Serve ingress answers the same from its replicas) -----------
+    async def model_ids(self) -> list[str]:
+        return self.catalog.ids()
+
+    async def tokens(self, what: str, body) -> dict:
+        """/tokenize, /detokenize (``body``: the request's JSON) or /tokenizer_info (tokens.py)."""
+        if what == "tokenizer_info":
+            return tokens.tokenizer_info(self.engine)
+        return getattr(tokens, what)(self.engine, body)
+
+    async def metrics_text(self) -> str:
+        return self.metrics.text()
 
     def record(self, endpoint: str, status: str, call: Call, rid: str, t0: float) -> None:
         """Count a finished (or refused) request in the metrics and log one line for it:
@@ -84,8 +98,18 @@ class Server:
 
     async def complete(self, request: Request, kind: str):
         """A /v1/chat/completions (kind "chat") or /v1/completions request, start to end."""
+        st = await self.start(await read_json(request, self.max_body), kind)
+        if st.stream:
+            return StreamingResponse(self.events(st), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await self.result(st, request.is_disconnected)
+
+    async def start(self, body, kind: str) -> "Started":
+        """Parse a completion request's JSON body, reserve its slots, prepare and submit it
+        (APIError for a bad or refused one): what ``result`` or ``events`` then answer.  The
+        HTTP handler and a Ray Serve replica (ray_serve.py) both start here."""
         t0 = time.perf_counter()
-        p = parse(await read_json(request, self.max_body), kind, self.catalog, self.engine)
+        p = parse(body, kind, self.catalog, self.engine)
         call = Call(self.engine, p)
         endpoint = "chat" if kind == "chat" else "completions"
         self.admit(call, endpoint, t0)
@@ -98,33 +122,38 @@ class Server:
             if isinstance(e, RequestError):
                 raise APIError(400, str(e), "prompt") from None
             raise
-        if p.stream:
-            return StreamingResponse(self.events(call, endpoint, deadline, rid, t0),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        watch = asyncio.ensure_future(cancel_if_gone(request, call))
+        return Started(call, endpoint, deadline, rid, t0, p.stream)
+
+    async def result(self, st: "Started", gone=None) -> dict:
+        """The non-streamed body of a started call; ``gone`` (an async () -> bool, the client
+        hung up) cancels it, as does this task's cancellation; 504 past its deadline."""
+        call, endpoint, rid, t0 = st.call, st.endpoint, st.rid, st.t0
+        watch = asyncio.ensure_future(cancel_if_gone(gone, call)) if gone else None
         try:
-            outs = await asyncio.wait_for(call.results(), max(0.0, deadline - time.monotonic()))
+            outs = await asyncio.wait_for(call.results(),
+                                          max(0.0, st.deadline - time.monotonic()))
         except asyncio.TimeoutError:
             call.cancel()
             self.record(endpoint, "timeout", call, rid, t0)
             raise APIError(504, f"the request took longer than {self.timeout_s:g} s", None,
                            "timeout", "timeout") from None
-        except asyncio.CancelledError:             # the server is shutting down
+        except asyncio.CancelledError:             # shutting down, or the caller went away
             call.cancel()
             self.record(endpoint, "cancelled", call, rid, t0)
             raise
         finally:
-            watch.cancel()
+            if watch is not None:
+                watch.cancel()
         cancelled = any(o.finish_reason == "cancelled" for os_ in outs for o in os_)
         self.record(endpoint, "cancelled" if cancelled else "ok", call, rid, t0)
         return call.body(rid, outs)
 
-    async def events(self, call: Call, endpoint: str, deadline: float, rid: str, t0: float):
-        """Server-sent events: Call.events' chunks, then [DONE]; a timeout or an error is
-        reported in the stream (the status line is already sent)."""
+    async def events(self, st: "Started"):
+        """Server-sent events of a started call: Call.events' chunks, then [DONE]; a timeout
+        or an error is reported in the stream (the status line is already sent)."""
+        call, endpoint, rid, t0 = st.call, st.endpoint, st.rid, st.t0
         status = "cancelled"
-        gen = call.events(rid, deadline)
+        gen = call.events(rid, st.deadline)
         try:
             async for obj in gen:
                 yield sse(obj)
@@ -144,6 +173,17 @@ class Server:
             self.record(endpoint, status, call, rid, t0)
 
 
+@dataclass
+class Started:
+    """A submitted completion call (Server.start) and what answering it needs."""
+    call: Call
+    endpoint: str
+    deadline: float
+    rid: str
+    t0: float
+    stream: bool
+
+
 # The routes: module-level handlers reading the app's Server -----------------------------------
 routes = APIRouter()
 
@@ -159,7 +199,7 @@ async def health():
 
 @routes.get("/v1/models")
 async def models(request: Request):
-    ids = server(request).catalog.ids()
+    ids = await server(request).model_ids()
     return {"object": "list", "data": [{"id": i, "object": "model", "created": 0,
                                         "owned_by": "pf-engine"} for i in ids]}
 
@@ -167,23 +207,23 @@ async def models(request: Request):
 @routes.post("/tokenize")
 async def tokenize_route(request: Request):
     s = server(request)
-    return tokens.tokenize(s.engine, await read_json(request, s.max_body))
+    return await s.tokens("tokenize", await read_json(request, s.max_body))
 
 
 @routes.post("/detokenize")
 async def detokenize_route(request: Request):
     s = server(request)
-    return tokens.detokenize(s.engine, await read_json(request, s.max_body))
+    return await s.tokens("detokenize", await read_json(request, s.max_body))
 
 
 @routes.get("/tokenizer_info")
 async def tokenizer_info_route(request: Request):
-    return tokens.tokenizer_info(server(request).engine)
+    return await server(request).tokens("tokenizer_info", None)
 
 
 @routes.get("/metrics")
 async def metrics_text(request: Request):
-    return PlainTextResponse(server(request).metrics.text(),
+    return PlainTextResponse(await server(request).metrics_text(),
                              media_type="text/plain; version=0.0.4")
 
 
@@ -210,10 +250,19 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
               timeout_s: float = 600.0, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     """The app for ``engine`` (its scheduler as configured, e.g.
     ``engine.new_scheduler(slots=8)``)."""
-    app = FastAPI(title="pf-serve", docs_url=None, redoc_url=None, openapi_url=None)
-    s = app.state.server = Server(engine, model_id, max_queue, timeout_s, max_body)
+    s = Server(engine, model_id, max_queue, timeout_s, max_body)
+    app = app_for(s, api_key)
     app.state.engine, app.state.catalog, app.state.metrics = engine, s.catalog, s.metrics
     app.state.served = s.served
+    return app
+
+
+def app_for(server_, api_key: str | None = None) -> FastAPI:
+    """pf-serve's routes, errors and key check over ``server_``: a Server, or anything answering
+    its route methods (model_ids, tokens, metrics_text, complete) and holding ``max_body``, as
+    the Ray Serve ingress does (ray_serve.py)."""
+    app = FastAPI(title="pf-serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server_
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(Exception, internal_error)
     if api_key is not None:
@@ -240,11 +289,12 @@ class KeyAuth:
         await self.app(scope, receive, send)
 
 
-async def cancel_if_gone(request: Request, call, every_s: float = 0.1) -> None:
-    """A non-streamed request whose client hangs up is cancelled (its slots freed) within
-    ``every_s``; a streamed one notices at its next event instead."""
+async def cancel_if_gone(gone, call, every_s: float = 0.1) -> None:
+    """A non-streamed request whose client hangs up (``gone()``: the request's
+    is_disconnected) is cancelled (its slots freed) within ``every_s``; a streamed one notices
+    at its next event instead."""
     while not all(r.done for r in call.all_reqs):
-        if await request.is_disconnected():
+        if await gone():
             call.cancel()
             return
         await asyncio.sleep(every_s)
