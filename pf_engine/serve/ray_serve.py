@@ -40,6 +40,8 @@ from pf_engine.serve.protocol import APIError
 EXTRA = "pip install 'pf-engine[ray]' (ray[serve])"
 OBJECT_STORE_BYTES = 96 * 2 ** 20   # requests and answers are small: a small object store
 MAX_ONGOING = 256               # requests a replica holds (its own queue answers 429 past it)
+INGRESS_ONGOING = 4096          # requests the endpoint holds at once (Serve's default is 5: the
+                                # ingress would meter every replica's load to five requests)
 HANG_S = 60.0                   # a replica whose scheduler makes no step this long is unhealthy
 APP = "pf"
 
@@ -222,14 +224,17 @@ def _short(e: Exception) -> str:
 # the application -----------------------------------------------------------------------------
 def deploy(spec: dict, replicas: int, host: str, port: int, api_key: str | None, max_body: int,
            ray_address: str | None = None, margin: int = 4, cpus: float | None = None,
-           gpus: float = 0) -> None:
+           gpus: float = 0, router: str = "affinity") -> None:
     """Start (or join, ``ray_address``) Ray, and run the endpoint on host:port over ``replicas``
     Replica(spec), each with ``cpus`` logical CPUs (its torch threads; default spec's threads)
-    and ``gpus`` GPUs (Ray sets each one's CUDA_VISIBLE_DEVICES)."""
+    and ``gpus`` GPUs (Ray sets each one's CUDA_VISIBLE_DEVICES).  ``router``: "affinity" (the
+    default) or "round-robin" (the baseline benchmarks/bench_replicas.py compares)."""
     ray, serve = require_ray()
     from ray.serve.config import RequestRouterConfig
 
-    from pf_engine.serve.ray_router import PersonaAffinityRouter
+    from pf_engine.serve.ray_router import ROUTERS
+    if router not in ROUTERS:
+        raise PFError(f"router={router!r}: expected one of {', '.join(ROUTERS)}")
     if not ray.is_initialized():
         if ray_address:
             ray.init(address=ray_address, log_to_driver=False)
@@ -243,8 +248,9 @@ def deploy(spec: dict, replicas: int, host: str, port: int, api_key: str | None,
                            health_check_period_s=2.0, health_check_timeout_s=30.0,
                            max_ongoing_requests=MAX_ONGOING,
                            request_router_config=RequestRouterConfig(
-                               request_router_class=PersonaAffinityRouter,
-                               request_router_kwargs={"margin": margin}))
+                               request_router_class=ROUTERS[router],
+                               request_router_kwargs={"margin": margin}
+                               if router == "affinity" else {}))
     serve.run(ingress(api_key, max_body).bind(rep.bind(spec)), name=APP, route_prefix="/")
 
 
@@ -261,7 +267,8 @@ def ingress(api_key: str | None, max_body: int):
             return app_for(RemoteServer(self.replicas, max_body), api_key)
 
     return serve.deployment(serve.ingress()(Ingress), name="Ingress",
-                            ray_actor_options={"num_cpus": 0})
+                            ray_actor_options={"num_cpus": 0},
+                            max_ongoing_requests=INGRESS_ONGOING)
 
 
 def shutdown() -> None:
