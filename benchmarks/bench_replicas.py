@@ -46,17 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads over all replicas")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", type=int, default=1,
+                    help="each system prompt in this many variants (a tenant line first): "
+                         "3 x V distinct prefixes")
     ap.add_argument("--no-fault", action="store_true", help="skip the killed-replica burst")
     ap.add_argument("--out", default=default_out("bench_replicas.json"))
     return ap
 
 
-def stream(n: int, seed: int, mid: str) -> list[tuple[str, list[dict]]]:
-    """n (model id, messages): a system prompt and a user turn, and independently of them the
-    base model, "auto" or one pole."""
+def stream(n: int, seed: int, mid: str, variants: int = 1) -> list[tuple[str, list[dict]]]:
+    """n (model id, messages): a system prompt (one of 3 x ``variants``: a tenant's line, then
+    one of the three) and a user turn, and independently of them the base model, "auto" or
+    one pole."""
     rng = random.Random(seed)
     models = [mid, f"{mid}:auto"] + [f"{mid}:{p}" for p in POLES]
-    return [(rng.choice(models), [{"role": "system", "content": rng.choice(SYSTEMS)},
+    systems = [(f"Tenant {v}. " if variants > 1 else "") + s
+               for v in range(variants) for s in SYSTEMS]
+    return [(rng.choice(models), [{"role": "system", "content": rng.choice(systems)},
                                   {"role": "user", "content": rng.choice(QUESTIONS)}])
             for _ in range(n)]
 
@@ -242,7 +248,7 @@ def run(argv=None) -> dict:
     for name, replicas, router in MODES:
         url = deploy(replicas, router, args.threads, port)
         mid = mid or base_id(url)
-        specs = stream(args.requests, args.seed, mid)
+        specs = stream(args.requests, args.seed, mid, args.variants)
         asyncio.run(run_stream(url, specs[:2], [0, 0], 2))          # warm-up (caches cleared
         res = asyncio.run(run_stream(url, specs, gaps, args.new_tokens))   # by a redeploy)
         res.update(mode=name, replicas=replicas, router=router, decisions=metrics(url))
@@ -254,7 +260,8 @@ def run(argv=None) -> dict:
            "command": command_line("benchmarks/bench_replicas.py",
                                    sys.argv[1:] if argv is None else argv),
            "machine": machine_info(), "threads": args.threads, "requests": args.requests,
-           "rate": args.rate, "new_tokens": args.new_tokens, "rows": rows}
+           "rate": args.rate, "new_tokens": args.new_tokens, "variants": args.variants,
+           "rows": rows}
     by = {r["mode"]: r for r in rows}
     out["replies_equal"] = all(r["replies"] == rows[0]["replies"] for r in rows)
     for r in rows:
@@ -290,8 +297,9 @@ def goals(res: dict) -> list[tuple[str, str, bool]]:
 
 def markdown(res: dict) -> str:
     lines = [f"{res['machine']['cpu']}, {res['threads']} threads over all replicas; "
-             f"{res['requests']} chat requests at {res['rate']} req/s on three ~300-token system "
-             "prompts, persona drawn independently; the replicas share this machine's cores", "",
+             f"{res['requests']} chat requests at {res['rate']} req/s on "
+             f"{3 * res.get('variants', 1)} ~300-token system prompts, persona drawn "
+             "independently; the replicas share this machine's cores", "",
              "| mode | replicas | router | TTFT p50 s | TTFT p99 s | requests/s | cache hit rate |"
              " decisions (persona / prefix / load / new) |", "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:

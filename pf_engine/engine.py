@@ -174,8 +174,17 @@ class Engine:
         tensor_parallel: N ranks (CPU): this process and N - 1 worker processes each hold
         1/N of every block's heads and FFN columns, of the LM head's rows and of the persona
         experts, and sum their partial outputs through shared memory (or gloo:
-        $PF_TP_ALLREDUCE) (pf_engine/parallel); ``close()`` stops them.
+        $PF_TP_ALLREDUCE) (pf_engine/parallel); ``close()`` stops them.  Under torchrun (ranks on
+        several hosts, parallel/launch.py) N is the launcher's WORLD_SIZE and only rank 0
+        returns: every other rank serves rank 0's calls here and its process then exits.
         """
+        if isinstance(tensor_parallel, int) and tensor_parallel > 1:
+            from pf_engine.parallel import launch
+            env = launch.torchrun_env()
+            if env is not None:
+                launch.check_world(tensor_parallel, env)
+                if env["rank"] > 0:
+                    launch.serve_as_worker(tensor_parallel, env, launch.timeout_s())
         t0 = time.perf_counter()
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)

@@ -178,6 +178,29 @@ def _auto_stream(a: dict | None) -> str:
             f"{a['pass_over_split']:.2f}x lower than routing by a pass of its own")
 
 
+def replicas(res: dict) -> list[str]:
+    """Replicas on Ray Serve, affinity against round-robin, and a killed replica
+    (bench_replicas.json)."""
+    by = {r["mode"]: r for r in res.get("rows", [])}
+    if "affinity" not in by or "round-robin" not in by:
+        return []
+    a, rr = by["affinity"], by["round-robin"]
+    line = (f"- **Replicas on Ray Serve** ({res['machine']['cpu']}, {res['threads']} threads shared "
+            f"by the replicas; {_at(res)}): two replicas routed by persona and system prompt reuse "
+            f"{a['hit_rate']:.0%} of the prompt tokens from the prefix cache against "
+            f"{rr['hit_rate']:.0%} round-robin ({res['hit_rate_ratio']:.2f}x; goal 1.5x: "
+            f"{_met(res['hit_rate_ratio'] >= 1.5)}), time to first token p50 "
+            f"{a['ttft_p50_s']:.2f} s against {rr['ttft_p50_s']:.2f} s")
+    f = res.get("fault")
+    if f:
+        rep = f["replaced_after_s"]
+        line += (f"; a replica SIGKILLed during a burst of {f['requests']}: {f['answered']} "
+                 f"answered, {f['failed']} failed on it, {f['hung']} hung, replaced after "
+                 f"{'never' if rep is None else f'{rep:.0f} s'} (goal 30 s: "
+                 f"{_met(rep is not None and rep <= 30 and f['hung'] == 0)})")
+    return [line + "."]
+
+
 def deterministic(res: dict) -> list[str]:
     """What deterministic=True costs on fp32 weights (bench_deterministic.json): the range of its
     prefill and decode ratios over the configurations and workloads."""
@@ -225,7 +248,8 @@ def headline(results_dir: str, link: str) -> list[str]:
                      ("bench_shared.json", shared), ("bench_prefix.json", prefix),
                      ("bench_tp.json", tensor_parallel),
                      ("bench_prefix_personas.json", prefix_personas),
-                     ("bench_deterministic.json", deterministic)):
+                     ("bench_deterministic.json", deterministic),
+                     ("bench_replicas.json", replicas)):
         res = get(name)
         if res:
             out += fn(res)

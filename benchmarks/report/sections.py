@@ -83,6 +83,12 @@ def deterministic_section(results_dir: str) -> list[str]:
                          "Batch-invariant fp32 products: what deterministic=True costs (CPU)")
 
 
+def replicas_section(results_dir: str) -> list[str]:
+    """Replicas on Ray Serve: one, two round-robin, two by affinity (bench_replicas.json)."""
+    return bench_section(results_dir, "bench_replicas",
+                         "Replicas on Ray Serve: routing by persona and system prompt (CPU)")
+
+
 def tp_section(results_dir: str) -> list[str]:
     """Two CPU ranks against one (bench_tp.json)."""
     return bench_section(results_dir, "bench_tp", "Tensor parallelism on the CPU (same run)")

@@ -269,7 +269,9 @@ class Workers:
         why = self._why()
         if why:
             self._fail(why)
-        cmds = [to_wire(c) for c in (*self._queued(), cmd)]      # on the host, by value
+        self._deliver([to_wire(c) for c in (*self._queued(), cmd)])   # on the host, by value
+
+    def _deliver(self, cmds: list) -> None:
         for pipe in self.pipes:
             try:
                 for c in cmds:
@@ -310,6 +312,57 @@ class Workers:
         self._finalizer()
 
 
+class RemoteWorkers(Workers):
+    """Ranks 1..n-1 started by torchrun, anywhere (launch.py): rank 0 holds the store at
+    MASTER_ADDR:MASTER_PORT, posts the spec as the first message, then every call
+    (channel.StoreChannel); the blocks' all-reduces go through gloo (nccl on CUDA) on that
+    store.  A worker's death shows as its error reply or as a failed all-reduce."""
+
+    def __init__(self, n: int, spec: dict, env: dict, timeout_s: float = 60.0):
+        from pf_engine.parallel import launch
+        from pf_engine.parallel.channel import StoreChannel
+        self.n, self.timeout_s, self.failed = n, timeout_s, None
+        self.dogs, self._later = [], collections.deque()
+        spec = dict(spec, allreduce="nccl" if spec["device"] == "cuda" else "gloo")
+        self.store = launch.store(env, timeout_s)
+        self.chan = StoreChannel(self.store, 0, n, timeout_s)
+        self._finalizer = weakref.finalize(self, self.chan.post, ("exit",))
+        try:
+            self._wait_for("hello", timeout_s)
+            self.chan.post(spec)
+            self.pg = launch._group(self.store, 0, n, timeout_s, spec)
+            self.reduce = make_reducer(spec, 0, n, self.pg, timeout_s)
+            self._wait_for("ready", timeout_s)
+        except BaseException as e:
+            if isinstance(e, ParallelError):
+                raise
+            raise ParallelError(f"tensor-parallel group of {n} (torchrun) did not form: "
+                                f"{self._why() or e}") from None
+
+    def _wait_for(self, what: str, timeout_s: float) -> None:
+        import time
+        deadline = time.monotonic() + timeout_s
+        for rank in range(1, self.n):
+            while (said := self.chan.said(rank)) is None or said[0] != what:
+                if said is not None and said[0] == "error":
+                    raise ParallelError(f"tensor-parallel worker {rank}: {said[1]}")
+                if time.monotonic() > deadline:
+                    raise ParallelError(f"tensor-parallel worker {rank} (torchrun) sent no "
+                                        f"{what} within {timeout_s:g} s")
+                time.sleep(0.05)
+
+    def _why(self) -> str | None:
+        for rank in range(1, self.n):
+            said = self.chan.said(rank)
+            if said is not None and said[0] == "error":
+                return f"worker {rank} failed: {said[1]}"
+        return None
+
+    def _deliver(self, cmds: list) -> None:
+        for c in cmds:
+            self.chan.post(c)
+
+
 def _stop(pipes, procs, dogs=()) -> None:
     for dog in dogs:
         dog.stop()
@@ -329,7 +382,8 @@ def tp_model(engine, weights, timeout_s: float | None = None) -> TPDecoder:
     """Rank 0's TPDecoder for ``engine`` (its folder, dtype, backend and bank), its workers
     started.  The whole weights are loaded here and in each worker, then sharded."""
     n = engine.tensor_parallel
-    timeout_s = timeout_s or float(os.environ.get("PF_TP_TIMEOUT_S", 60))
+    from pf_engine.parallel.launch import timeout_s as default_timeout, torchrun_env
+    timeout_s = timeout_s or default_timeout()
     bank = engine.bank
     if bank is not None and engine.device.type != "cpu":     # the workers' copy travels on the host
         bank = copy.deepcopy(bank).to(device="cpu")
@@ -339,7 +393,8 @@ def tp_model(engine, weights, timeout_s: float | None = None) -> TPDecoder:
             "deterministic": getattr(engine.backend, "deterministic", False),
             "threads": torch.get_num_threads(), "allreduce": allreduce_kind(engine.device),
             "head": head_kind(), "first_gpu": first_gpu(engine.device)}
-    workers = Workers(n, spec, timeout_s)
+    env = torchrun_env()
+    workers = RemoteWorkers(n, spec, env, timeout_s) if env else Workers(n, spec, timeout_s)
     local = shard_model(engine.config, weights, engine.bank, engine.backend, engine.device, 0, n,
                         workers.reduce, spec["head"])
     return TPDecoder(local, workers)

@@ -1,6 +1,7 @@
-"""A worker rank (1..N-1) of a tensor-parallel engine: a process of its own that joins rank 0's
-group, loads the model's files and keeps its shard, then runs the calls rank 0 sends on its pipe
-(runtime.TPDecoder), one message per call:
+"""A worker rank (1..N-1) of a tensor-parallel engine: a process of its own (spawned by rank 0,
+or started by torchrun on any host: launch.py) that joins rank 0's group, loads the model's files
+and keeps its shard, then runs the calls rank 0 sends on its pipe or store channel
+(runtime.TPDecoder; channel.py), one message per call:
 
     ("forward", tokens, positions, cache, mask, mix, pick)   the shard's forward (logits dropped)
     ("hidden", tokens, layers)                               the sequence router's input pass
@@ -78,43 +79,59 @@ def rank_device(spec: dict, rank: int) -> torch.device:
 
 def worker_main(rank: int, n: int, port: int, spec: dict, timeout_s: float, pipe,
                 parent: int) -> None:
-    """A worker's life: join the group, build its shard, then run rank 0's calls until told to
-    exit or until rank 0's process is gone."""
-    from pf_engine.parallel.group import make_group, make_reducer
+    """A spawned worker's life (runtime.Workers): join the group on rank 0's store at
+    127.0.0.1:``port``, then ``serve_calls`` until told to exit or rank 0's process is gone."""
+    from pf_engine.parallel.group import make_group
+    code = serve_calls(rank, n, pipe, timeout_s, spec=spec,
+                       group=lambda sp: make_group(rank, n, port, timeout_s, sp["device"]),
+                       alive=lambda: os.getppid() == parent)
+    if code:
+        os._exit(code)
+
+
+def serve_calls(rank: int, n: int, pipe, timeout_s: float, group, spec: dict | None = None,
+                alive=lambda: True) -> int:
+    """Say hello, join the group (``group(spec)``: this rank's process group), build the shard,
+    say ready, then run the calls that come on ``pipe`` (a multiprocessing pipe, or a
+    channel.StoreChannel whose first message is the spec) until ("exit",), the pipe's end, or
+    ``alive()`` turning false.  0 then; 1 after an error, which it has sent as ("error", line)."""
+    from pf_engine.parallel.group import make_reducer
     try:
         pipe.send(("hello",))
+        if spec is None:
+            spec = pipe.recv()
         torch.set_num_threads(spec.get("threads") or 1)
         device = rank_device(spec, rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        pg = make_group(rank, n, port, timeout_s, spec["device"])
+        pg = group(spec)
         reduce = make_reducer(spec, rank, n, pg, timeout_s)
         if spec["allreduce"] == "shm":     # rank 0 gone mid-step: the wait fails, the worker exits
             from pf_engine.parallel.shm import Watchdog
-            Watchdog(reduce, alive=lambda: os.getppid() == parent)
+            Watchdog(reduce, alive=alive)
         model, bank = build_shard(spec, rank, n, reduce, device)
         pipe.send(("ready",))
         caches: dict[int, SlotCache] = {}
         blocks: dict[int, tuple] = {}          # prefix-cache blocks: its heads' k, v by handle
         while True:
             if not next_call(pipe):
-                if os.getppid() != parent:
-                    return
+                if not alive():
+                    return 0
                 continue
             cmd = pipe.recv()
             if cmd[0] == "exit":
-                return
+                return 0
             with torch.inference_mode():
                 run(from_wire(cmd, device), model, bank, caches, blocks)
     except (EOFError, KeyboardInterrupt):
-        return
+        return 0
     except BaseException as e:  # noqa: BLE001 - rank 0 reads why, then sees the group fail
         try:
             pipe.send(("error", f"{type(e).__name__}: {e}".splitlines()[0][:300]))
-        except (BrokenPipeError, OSError):
+        except (BrokenPipeError, OSError, RuntimeError):
             pass
         traceback.print_exc()
-        os._exit(1)
+        return 1
 
 
 SPIN_S = 0.002      # how long a worker polls for rank 0's next call before it sleeps on the pipe
