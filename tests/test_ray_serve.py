@@ -114,6 +114,28 @@ def test_two_replicas_answer_as_one_engine(endpoint, engine):
     assert 'pf_replica_requests_total{replica="' in text
 
 
+PIN = """
+import os, threading
+from pf_engine.serve.ray_serve import pin
+cpus = sorted(os.sched_getaffinity(0))
+t = threading.Thread(target=threading.Event().wait, daemon=True)
+t.start()                                            # a thread that exists before the pin
+assert pin(None, 1) is None and sorted(os.sched_getaffinity(0)) == cpus
+assert pin(1, 1) == [cpus[1 % len(cpus)]]
+assert os.sched_getaffinity(t.native_id) == {cpus[1 % len(cpus)]}   # every thread, not one
+os.sched_setaffinity(0, cpus)
+assert pin(len(cpus), 1) == [cpus[0]]                # more replicas than cores: wraps around
+print("ok")
+"""
+
+
+def test_each_replica_is_pinned_to_its_own_cores():
+    """In a process of its own (pinning is for the whole process)."""
+    import subprocess
+    r = subprocess.run([sys.executable, "-c", PIN], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
 def replica_pids() -> list[int]:
     """The replicas' process ids (Serve names their actors SERVE_REPLICA::app#Replica#id)."""
     import ray

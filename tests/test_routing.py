@@ -69,6 +69,7 @@ def test_auto_routes_from_the_prefill_with_no_pass_of_its_own(folder, kw, count_
     sched.run()
     T = len(prompt)
     assert count_tokens == {0: T + 1, 1: T + 1, 2: T, 3: T}
+    assert sched.stats.prefill_tokens == T                  # each prompt token counted once
     ref = separate_pass_gates(eng, prompt)
     torch.testing.assert_close(gates_of(req, eng), ref, atol=1e-5, rtol=0)
 

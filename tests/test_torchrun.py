@@ -1,8 +1,9 @@
-"""Tensor parallelism across hosts (parallel/launch.py, channel.py; issue 38): two torchrun agents
-on one machine stand in for two hosts, their ranks' gloo devices bound to different loopback
-addresses (127.0.0.1 and 127.0.0.2, $PF_TP_HOST), meeting through torchrun's c10d rendezvous.
-Every rank runs the same script; only rank 0 gets an engine back.  Its logits equal the 1-rank
-engine's within 1e-4 (fp32) and its greedy tokens are the same.  Slow (two launchers)."""
+"""Tensor parallelism across hosts (parallel/launch.py, parallel/channel.py; issue 38): two
+torchrun agents on one machine stand in for two hosts, their ranks' gloo devices bound to
+different loopback addresses (127.0.0.1 and 127.0.0.2, $PF_TP_HOST), meeting through torchrun's
+c10d rendezvous.  Every rank runs the same script; only rank 0 gets an engine back.  Its logits
+equal the 1-rank engine's within 1e-4 (fp32) and its greedy tokens are the same.  Slow (two
+launchers)."""
 import json
 import os
 import socket
@@ -51,7 +52,7 @@ def loopback_ok(addr: str) -> bool:
 def test_two_torchrun_ranks_on_two_addresses_equal_one_rank(hf_model_dir, tmp_path):
     folder, _ = hf_model_dir("llama", "tp_torchrun", num_attention_heads=4, num_key_value_heads=2,
                              intermediate_size=96, hidden_size=64)
-    script, out = tmp_path / "ranks.py", tmp_path / "out.json"
+    script, out = tmp_path / "rank_script.txt", tmp_path / "out.json"
     script.write_text(RANKS)
     port, procs = free_port(), []
     for node, host in ((0, "127.0.0.1"), (1, "127.0.0.2")):

@@ -18,13 +18,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import time
 
 from pf_engine.cli.common import Parser, add_engine_args, check_engine_args, fail
 from pf_engine.errors import PFError
+from pf_engine.serve.protocol import model_id
 
 
 def build_parser() -> Parser:
@@ -117,11 +117,6 @@ def serve_replicas(args) -> int:
     ray_serve.shutdown()
     print(f"pf-serve: shut down on {signal.Signals(stop[0]).name}", file=sys.stderr)
     return 0
-
-
-def model_id(folder: str) -> str:
-    name = os.path.basename(os.path.normpath(folder)).lower()
-    return re.sub(r"[^a-z0-9._-]+", "-", name).strip("-") or "model"
 
 
 def main(argv=None) -> int:

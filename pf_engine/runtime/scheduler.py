@@ -280,7 +280,10 @@ class Scheduler:
             if r.lower is not None:          # "auto" before its gates (routing.py): its turn
                 if reqs:
                     break
+                last, before = len(r.ids) - 1, min(r.lower.done, len(r.ids) - 1)
                 left = self.two_phase.advance(r, left, self.prefix)
+                done = r.lower.done if r.lower is not None else last
+                self.stats.prefill_tokens += min(done, last) - before   # the last: below
                 if r.lower is not None:
                     break
             take = min(len(r.ids) - r.length, left)

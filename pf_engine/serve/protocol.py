@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -39,6 +41,12 @@ class APIError(Exception):
 
 def bad(param: str, message: str) -> APIError:
     return APIError(400, f"{param}: {message}", param)
+
+
+def model_id(folder: str) -> str:
+    """The id clients name by default: the model folder's name, lowercased, URL-safe."""
+    name = os.path.basename(os.path.normpath(folder)).lower()
+    return re.sub(r"[^a-z0-9._-]+", "-", name).strip("-") or "model"
 
 
 class Catalog:

@@ -83,12 +83,13 @@ class Replica:
         from pf_engine.engine import Engine
         if spec.get("threads"):
             torch.set_num_threads(spec["threads"])
+            self.cores = pin(_local_rank(), spec["threads"])
         eng = Engine.from_pretrained(**spec["engine"])
         if spec.get("prefix_cache_gb") is not None:
             eng.set_prefix_cache(spec["prefix_cache_gb"])
         eng.new_scheduler(**spec.get("scheduler", {}))
         self.engine = eng
-        from pf_engine.cli.serve import model_id
+        from pf_engine.serve.protocol import model_id
         self.server = Server(eng, spec.get("model_id") or model_id(eng.folder), **spec["server"])
         self.name = f"{os.getpid()}"
         try:
@@ -129,6 +130,33 @@ class Replica:
         if self.engine.scheduler().stalled(HANG_S):
             raise RuntimeError(f"the scheduler has pending requests and no step ended in "
                                f"{HANG_S:g} s")
+
+
+def _local_rank() -> int | None:
+    """This replica's rank among its deployment's replicas on this node (None outside Ray)."""
+    try:
+        from ray import serve
+        return serve.get_replica_context().rank.local_rank
+    except Exception:  # noqa: BLE001 - outside a replica, or a Ray without ranks
+        return None
+
+
+def pin(local_rank: int | None, threads: int) -> list[int] | None:
+    """Pin this process to ``threads`` cores of those it may use, the local_rank-th group of
+    them (wrapping around when the replicas want more cores than there are): every thread it
+    has now (Ray's run the replica on several), so every thread started later inherits it.
+    None, changing nothing, without a rank."""
+    if local_rank is None or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    mine = sorted({cpus[(local_rank * threads + i) % len(cpus)] for i in range(threads)})
+    tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
+    for tid in tasks:
+        try:
+            os.sched_setaffinity(int(tid), mine)
+        except OSError:                       # a thread that ended meanwhile
+            pass
+    return mine
 
 
 # the ingress ---------------------------------------------------------------------------------
