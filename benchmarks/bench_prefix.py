@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import command_line, default_out, machine_info, write_json  # noqa: E402
+from benchmarks.common import (command_line, default_out, goals_table,  # noqa: E402
+                               machine_info, write_json)
 
 SYSTEMS = [
     "You are the front-desk assistant of a busy dental clinic in the city centre. Greet patients warmly, answer "
@@ -229,9 +230,7 @@ def markdown(res: dict) -> str:
               "", "Replies to the same prompt (greedy):", "",
               f"- free: {json.dumps(s['replies']['free'][:300])}",
               f"- json_schema: {json.dumps(s['replies']['json_schema'][:300])}",
-              "", "| goal (issue 23) | this run | |", "|---|---|---|"]
-    for goal, fig, ok in goals(res):
-        lines.append(f"| {goal} | {fig} | {'met' if ok else '**missed**'} |")
+              ""] + goals_table(goals(res), 23)
     return "\n".join(lines)
 
 

@@ -45,7 +45,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_prefix import QUESTIONS, SYSTEMS  # noqa: E402
-from benchmarks.common import command_line, default_out, machine_info, write_json  # noqa: E402
+from benchmarks.common import (command_line, default_out, goals_table,  # noqa: E402
+                               machine_info, run_main)
 
 MODES = ("off", "persona", "split-pass", "split")
 STREAMS = ("mixed", "auto")
@@ -211,17 +212,12 @@ def markdown(res: dict) -> str:
                   f"router's own pass / split {a['pass_over_split']:.2f}x; with the router's own "
                   f"pass {a['pass_replies_differ']} of {res['requests']} replies part ways from "
                   "the cache-off run's, its gates equal to rounding only):", ""] + _table(a)
-    lines += ["", "| goal (issue 37) | this run | |", "|---|---|---|"]
-    lines += [f"| {g} | {fig} | {'met' if ok else '**missed**'} |" for g, fig, ok in goals(res)]
+    lines += [""] + goals_table(goals(res), 37)
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    res = run(argv)
-    write_json(build_parser().parse_args(argv).out, res)
-    for g, fig, ok in goals(res):
-        print(f"{g}: {fig} ({'met' if ok else 'missed'})")
-    return 0
+    return run_main(run, goals, build_parser().parse_args(argv).out, argv)
 
 
 if __name__ == "__main__":

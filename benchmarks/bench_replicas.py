@@ -33,7 +33,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_prefix import QUESTIONS, SYSTEMS  # noqa: E402
-from benchmarks.common import command_line, default_out, machine_info, write_json  # noqa: E402
+from benchmarks.common import (command_line, default_out, goals_table,  # noqa: E402
+                               machine_info, run_main)
 
 MODES = (("one", 1, "affinity"), ("round-robin", 2, "round-robin"), ("affinity", 2, "affinity"))
 POLES = ["openness+", "conscientiousness+", "extraversion+", "agreeableness+", "neuroticism-"]
@@ -309,17 +310,12 @@ def markdown(res: dict) -> str:
                      + (" / ".join(f"{d.get(k, 0):.0f}" for k in
                                    ("persona", "prefix", "load", "new")) if r["router"] ==
                         "affinity" else "-") + " |")
-    lines += ["", "| goal (issue 38) | this run | |", "|---|---|---|"]
-    lines += [f"| {g} | {fig} | {'met' if ok else '**missed**'} |" for g, fig, ok in goals(res)]
+    lines += [""] + goals_table(goals(res), 38)
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    res = run(argv)
-    write_json(build_parser().parse_args(argv).out, res)
-    for g, fig, ok in goals(res):
-        print(f"{g}: {fig} ({'met' if ok else 'missed'})")
-    return 0
+    return run_main(run, goals, build_parser().parse_args(argv).out, argv)
 
 
 if __name__ == "__main__":

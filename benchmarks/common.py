@@ -173,6 +173,21 @@ def write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def goals_table(goals: list[tuple[str, str, bool]], issue: int) -> list[str]:
+    """A benchmark's goals, (goal, this run's figure, met), as the rows of its markdown table."""
+    return ([f"| goal (issue {issue}) | this run | |", "|---|---|---|"]
+            + [f"| {g} | {fig} | {'met' if ok else '**missed**'} |" for g, fig, ok in goals])
+
+
+def run_main(run, goals, out: str, argv=None) -> int:
+    """A goal benchmark's main: run it, write its JSON to ``out``, print each goal's line."""
+    res = run(argv)
+    write_json(out, res)
+    for g, fig, ok in goals(res):
+        print(f"{g}: {fig} ({'met' if ok else 'missed'})")
+    return 0
+
+
 def no_prefix_cache(eng):
     """``eng`` with its prefix cache off: timing benchmarks repeat one prompt, whose KV the cache
     would serve from the second time on (bench_prefix.py measures the cache, on against off)."""
