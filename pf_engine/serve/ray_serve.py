@@ -75,15 +75,20 @@ def _error_head(e: APIError, replica: str) -> dict:
 class Replica:
     """One engine behind the endpoint (see the module docstring).  ``spec``: what pf-serve's
     command line built: engine (Engine.from_pretrained's arguments), scheduler
-    (Engine.new_scheduler's), prefix_cache_gb, model_id, server (Server's limits), threads."""
+    (Engine.new_scheduler's), prefix_cache_gb, model_id, server (Server's limits), threads,
+    quiet (no per-request log lines)."""
 
     def __init__(self, spec: dict):
+        import logging
+
         import torch
 
         from pf_engine.engine import Engine
+        logging.getLogger("pf_engine.serve").setLevel(
+            logging.WARNING if spec.get("quiet") else logging.INFO)
         if spec.get("threads"):
             torch.set_num_threads(spec["threads"])
-            self.cores = pin(_local_rank(), spec["threads"])
+            pin(_local_rank(), spec["threads"])
         eng = Engine.from_pretrained(**spec["engine"])
         if spec.get("prefix_cache_gb") is not None:
             eng.set_prefix_cache(spec["prefix_cache_gb"])
@@ -120,9 +125,6 @@ class Replica:
             return {"status": 200, "body": await self.server.tokens(what, body)}
         except APIError as e:
             return _error_head(e, self.name)
-
-    async def metrics_text(self) -> str:
-        return await self.server.metrics_text()
 
     def check_health(self) -> None:
         """Ray Serve's health check: no step has ended for ``HANG_S`` while requests wait (a
