@@ -44,6 +44,7 @@ class Cpu(Backend):
 
     def __init__(self, device, expert_format: str | None = None, deterministic: bool = False):
         super().__init__(device)
+        kernel.check_constants()
         self.expert_format = expert_format      # experts.py: None (auto), f32, bf16 or q8
         self.deterministic = deterministic      # fp32 products the kernel's at any rows too
         self.torch_linears = 0                  # Linears whose larger batches are torch's GEMMs

@@ -16,9 +16,22 @@ from pf_kernels import cpu_ops
 
 from pf_engine.backends.cpu import experts
 
-MAX_ROWS = cpu_ops.MAX_ROWS                  # the fused decode step's rows (decode.py)
-MAX_LINEAR_ROWS = cpu_ops.MAX_LINEAR_ROWS
-PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = cpu_ops.PRO_NONE, cpu_ops.PRO_RMSNORM, cpu_ops.PRO_SILU_MUL
+# csrc/cpu's constants, written here so that this module (and the engine, which imports it)
+# loads where the extension is not built or the CPU cannot run it (the torch backend runs there);
+# ``check_constants`` holds them to the extension's once the cpu backend is chosen.
+MAX_ROWS = 16                    # the fused decode step's rows (decode.py)
+MAX_LINEAR_ROWS = 4096           # rows per LinearPlan.run call
+PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
+
+
+def check_constants() -> None:
+    """The constants above equal the loaded extension's (a build out of step with this file
+    fails here, in one line, rather than in a kernel)."""
+    for name in ("MAX_ROWS", "MAX_LINEAR_ROWS", "PRO_NONE", "PRO_RMSNORM", "PRO_SILU_MUL"):
+        if getattr(cpu_ops, name) != globals()[name]:
+            raise RuntimeError(f"pf_kernels' CPU extension has {name}={getattr(cpu_ops, name)}, "
+                               f"this engine {globals()[name]}: rebuild it (python "
+                               "csrc/cpu/build.py)")
 
 
 def plan(lin, expert_format: str | None = None):
