@@ -47,6 +47,7 @@ class Request:
                              torch.tensor([ids], device=eng.device))
         self.detok = Detokenizer(eng.tokenizer, params.stop) if eng.tokenizer is not None else None
         self.simple = params.greedy and params.repetition_penalty == 1.0   # one batched argmax
+        self.eos_list = sorted(self.eos_ids)              # masked before min_tokens (runner)
         self.grammar = None                               # structured.Matcher: masks its logits
         if params.response_format is not None:
             self.grammar = Grammars.of(eng).compile(params.response_format).matcher()
@@ -196,7 +197,7 @@ class Request:
         reason = None
         if self.grammar is not None and tok not in self.eos_ids:
             self.grammar.consume(tok)             # the mask allowed it, so the grammar goes on
-        if tok in self.eos_ids:
+        if tok in self.eos_ids and not self.params.ignore_eos:
             reason = "stop"
         elif self.detok is not None:
             piece = self.detok.add(tok)

@@ -34,6 +34,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None     # report each token's logprob and this many top ones (0..20)
     response_format: dict | None = None   # OpenAI's: text, json_object, json_schema (structured.py)
+    min_tokens: int = 0             # EOS is masked until this many new tokens (vLLM's field)
+    ignore_eos: bool = False        # EOS does not end the request (benchmark clients send it)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -61,6 +63,12 @@ class SamplingParams:
                                        and not isinstance(self.logprobs, bool)
                                        and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"logprobs={self.logprobs!r}: expected None or an integer in 0..{MAX_LOGPROBS}"),
+            (isinstance(self.min_tokens, int) and not isinstance(self.min_tokens, bool)
+             and 0 <= self.min_tokens <= self.max_new_tokens,
+             f"min_tokens={self.min_tokens!r}: expected an integer in 0..max_new_tokens "
+             f"({self.max_new_tokens})"),
+            (isinstance(self.ignore_eos, bool),
+             f"ignore_eos={self.ignore_eos!r}: expected true or false"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -230,12 +230,16 @@ class StepRunner:
 
     def _sample_rows(self, reqs: list, logits: torch.Tensor, s0: int) -> None:
         """Next tokens of ``reqs`` (slots s0..) from logits [n, V]: greedy rows by one argmax, the
-        others by their own samplers, structured rows masked by their grammar first; one host
+        others by their own samplers, structured rows masked by their grammar first (and EOS
+        masked in rows short of their min_tokens); one host
         sync for all of them (and one more for the logprobs of the rows whose request asks for
         them, scoring.logprobs_of).  Each token goes to its request (Request.emit)."""
         held = [b for b, r in enumerate(reqs) if r.grammar is not None]
         if held:                  # structured rows: only what their grammar allows (in place)
             mask_rows(logits, held, [reqs[b].grammar for b in held])
+        for b, r in enumerate(reqs):
+            if len(r.tokens) < r.params.min_tokens and r.eos_list:
+                logits[b, r.eos_list] = float("-inf")        # no EOS before min_tokens
         toks = logits.argmax(-1)
         for b, r in enumerate(reqs):
             if not r.simple:

@@ -256,8 +256,13 @@ def _sampling(body: dict, kind: str, engine, max_new: int, logprobs) -> Sampling
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise bad("seed", f"expected an integer, got {seed!r}")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise bad("ignore_eos", f"expected true or false, got {ignore_eos!r}")
+    min_tokens = _number(body, "min_tokens", 0, 0, max(1, max_new), integer=True)
     d = _defaults(engine, kind)
     return SamplingParams(max_new_tokens=max(1, max_new), seed=seed, stop=stop or [],
+                          min_tokens=min_tokens, ignore_eos=ignore_eos,
                           logprobs=logprobs, response_format=_response_format(body, engine),
                           temperature=_number(body, "temperature", d["temperature"], 0, 2),
                           top_p=_number(body, "top_p", d["top_p"], 1e-9, 1),
