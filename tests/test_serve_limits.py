@@ -90,7 +90,10 @@ def start_cli(model: str, *extra: str):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
+            # "connection: close": the server drops this probe's socket itself, at once, so
+            # no kept-alive probe is still open when a test counts the server's connections
+            if httpx.get(url + "/health", timeout=1,
+                         headers={"connection": "close"}).status_code == 200:
                 break
         except httpx.HTTPError:
             time.sleep(0.2)

@@ -17,6 +17,8 @@ protocol (pass it as ``uvicorn.run(..., http=...)``) with two guards:
 """
 from __future__ import annotations
 
+import itertools
+
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 HEADER_TIMEOUT_S = 5.0
@@ -29,8 +31,10 @@ class GuardedH11(H11Protocol):
     header_timeout_s = HEADER_TIMEOUT_S
     max_connections = MAX_CONNECTIONS
 
+    _arrivals = itertools.count()            # breaks ties of idle_since: the clock can be coarse
+
     def connection_made(self, transport) -> None:
-        self.idle_since = self.loop.time()
+        self.idle_since, self.arrival = self.loop.time(), next(self._arrivals)
         self._head_timer = None
         if len(self.connections) >= self.max_connections and not self._shed_one():
             transport.close()                      # every connection is busy: refuse this one
@@ -48,7 +52,7 @@ class GuardedH11(H11Protocol):
         idle = [c for c in self.connections if not getattr(c, "busy", True)]
         if not idle:
             return False
-        oldest = min(idle, key=lambda c: c.idle_since)
+        oldest = min(idle, key=lambda c: (c.idle_since, c.arrival))
         self.connections.discard(oldest)
         oldest.transport.close()
         return True
