@@ -17,7 +17,7 @@ from pf_engine import Engine
 from pf_engine.parallel import launch
 
 RANKS = '''
-import json, sys
+import json, os, sys
 from pf_engine import Engine
 
 if __name__ == "__main__":
@@ -29,6 +29,8 @@ if __name__ == "__main__":
     with open(out, "w") as f:
         json.dump({"logits": logits.tolist(), "tokens": tokens}, f)
     eng.close()
+    sys.stdout.flush()
+    os._exit(0)        # past here only interpreter teardown, racing torchrun's store shutdown
 '''
 
 
@@ -71,7 +73,10 @@ def test_two_torchrun_ranks_on_two_addresses_equal_one_rank(hf_model_dir, tmp_pa
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n---\n".join(logs)[-4000:]
+    # A launcher may exit non-zero from torchrun's own exit barrier after its workers finished:
+    # the agent hosting the rendezvous (node 0) can be gone first.  The workers' results decide.
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0 or "_exit_barrier" in log, "\n---\n".join(logs)[-4000:]
     got = json.loads(out.read_text())
     one = Engine.from_pretrained(folder, device="cpu", dtype="fp32", backend="torch",
                                  progress=False)
