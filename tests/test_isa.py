@@ -19,7 +19,7 @@ from pf_kernels.quant import FORMATS, quantize, repack
 
 OK, WHY = cpu_ops.cpu_available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"csrc/cpu unavailable: {WHY}")
-VARIANTS = ["avx512vnni", "avxvnni", "avx2"]
+VARIANTS = ["amx", "avx512vnni", "avxvnni", "avx2"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -66,7 +66,7 @@ def test_every_variant_gives_the_baselines_bits(variant):
     try:
         for fmt in (*sorted(FORMATS), "q8 experts"):
             run = _expert_outputs if fmt == "q8 experts" else lambda T: _outputs(fmt, T)
-            for T in (1, 3, 16):
+            for T in (1, 3, 16, 40):
                 cpu_ops.set_isa("avx2")
                 base = run(T)
                 cpu_ops.set_isa(variant)

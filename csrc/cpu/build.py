@@ -50,6 +50,8 @@ ISAS = {
     "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-Wno-uninitialized",
                    "-Wno-maybe-uninitialized"],
 }
+# amx: avx512vnni's code, and amx.h's tiles for prefill
+ISAS["amx"] = [*ISAS["avx512vnni"], "-mamx-tile", "-mamx-int8"]
 LINK_FLAGS = ["-shared", "-pthread"]
 
 

@@ -1,6 +1,9 @@
 // isa.h: the variants build.py compiled in (PF_HAVE_<NAME>), the CPU's support, the choice.
 #include "isa.h"
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <stdexcept>
 
@@ -16,6 +19,13 @@ namespace pf_cpu {
                        int64_t hws, const float* sh, int64_t shs, int T, float* y, int64_t ys, int64_t valid); \
     }
 PF_DECLARE_VARIANT(avx2)
+#ifdef PF_HAVE_AMX
+PF_DECLARE_VARIANT(amx)
+namespace amx {
+void qrows_tiles_isa(int fmt, const uint8_t* w, int64_t rb, int64_t R, const XTiles& xt, int64_t G, int T,
+                     float* out, int64_t os);
+}
+#endif
 #ifdef PF_HAVE_AVXVNNI
 PF_DECLARE_VARIANT(avxvnni)
 #endif
@@ -32,12 +42,33 @@ struct Variant {
     ExpandQ8 expand;
     HrowsDots hrows;
     bool (*supported)();
+    QrowsTiles tiles = nullptr;
 };
+
+#ifdef PF_HAVE_AMX
+// The CPU has AMX-INT8 and Linux grants this process the tile state (arch_prctl
+// ARCH_REQ_XCOMP_PERM for XTILEDATA; once, process-wide; a kernel before 5.16 refuses).
+bool amx_usable() {
+    static const bool ok = [] {
+        if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8") ||
+            !__builtin_cpu_supports("avx512vnni") || !__builtin_cpu_supports("avx512bw") ||
+            !__builtin_cpu_supports("avx512vl"))
+            return false;
+        constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+        return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+    }();
+    return ok;
+}
+#endif
 
 const std::vector<Variant>& variants() {
     static const std::vector<Variant> v = [] {
         __builtin_cpu_init();
         std::vector<Variant> out;
+#ifdef PF_HAVE_AMX
+        out.push_back({"amx", "avx512vnni, amx-tile, amx-int8 (and Linux 5.16+)", &amx::qrows_dots_isa, &amx::expand_q8_isa,
+                       &amx::hrows_dots_isa, &amx_usable, &amx::qrows_tiles_isa});
+#endif
 #ifdef PF_HAVE_AVX512VNNI
         out.push_back({"avx512vnni", "avx512f, avx512bw, avx512vl, avx512vnni", &avx512vnni::qrows_dots_isa, &avx512vnni::expand_q8_isa, &avx512vnni::hrows_dots_isa, [] {
                            return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -100,5 +131,6 @@ void set_isa(const std::string& name) {
 QrowsDots qrows_dots_kernel() { return current()->fn; }
 ExpandQ8 expand_q8_kernel() { return current()->expand; }
 HrowsDots hrows_dots_kernel() { return current()->hrows; }
+QrowsTiles qrows_tiles_kernel() { return current()->tiles; }
 
 }  // namespace pf_cpu

@@ -4,6 +4,8 @@
 // its own flags and namespace (simd.h's PF_ISA); every other file is built for the baseline
 // (AVX2/FMA/F16C), so one build runs on any such CPU and uses VNNI where the CPU has it:
 //
+//   amx         avx512vnni, and AMX-INT8 tiles for the block formats' dots over many tokens
+//               (amx.h: prefill); needs amx-tile, amx-int8 and the OS's grant of the tile state
 //   avx512vnni  vpdpbusd on 256-bit vectors, EVEX (Cascade Lake and later Xeons, Zen 4)
 //               needs avx512f, avx512bw, avx512vl, avx512vnni
 //   avxvnni     vpdpbusd, VEX (Alder Lake, Sapphire Rapids and later)   needs avxvnni
@@ -31,6 +33,11 @@ using QrowsDots = void (*)(int fmt, const uint8_t* w, int64_t rb, int64_t R, con
 using ExpandQ8 = void (*)(const PanelBlock* blk, int nblk, int64_t g0, int64_t g1, const int32_t* hw,
                           int64_t hws, const float* sh, int64_t shs, int T, float* y, int64_t ys, int64_t valid);
 
+// amx.h's qrows_tiles: out[r os + t] = w_r . x[16 G + t] for R (a multiple of 16) rows of a
+// has_tiles format and the T <= 16 tokens of token group G of xt.
+using QrowsTiles = void (*)(int fmt, const uint8_t* w, int64_t rb, int64_t R, const XTiles& xt, int64_t G,
+                            int T, float* out, int64_t os);
+
 // half.h's hrows_dots: out[r os + t] = w_r . x[t] for R 16-bit rows and T fp32 tokens.
 using HrowsDots = void (*)(int fmt, const uint8_t* w, int64_t rb, int64_t R, const float* x, int64_t xs, int T,
                            int64_t d, float* out, int64_t os);
@@ -46,5 +53,6 @@ void set_isa(const std::string& name);   // std::invalid_argument (one line) if 
 QrowsDots qrows_dots_kernel(); // the one in use
 ExpandQ8 expand_q8_kernel();
 HrowsDots hrows_dots_kernel();
+QrowsTiles qrows_tiles_kernel();   // null unless the variant in use has tiles
 
 }  // namespace pf_cpu

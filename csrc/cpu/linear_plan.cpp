@@ -33,6 +33,8 @@ struct Scratch {
     std::vector<PanelBlock> panels;                      // q8: act's panels, h quantized:
     std::vector<int32_t> hw;                             //   [T, hws] words, 4 int8 each
     std::vector<float> sh;                               //   [T, act.size()] scales
+    std::vector<int32_t> tq;                             // x' packed for tiles (XTiles)
+    std::vector<float> td, ts;
 };
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -47,6 +49,8 @@ struct Job {
     const XRow* xe;            // x' quantized unpaired, T rows (q8_0 experts), else null
     QrowsDots qdots;           // the block dots of the instruction set in use (isa.h)
     HrowsDots hdots;           // and its 16-bit dots
+    QrowsTiles tiles;          // and its tiles (amx.h) with xt, for this call's W; else null
+    XTiles xt;
     int64_t nb;
     float* h;
     const ActiveRow* rows;
@@ -102,8 +106,16 @@ struct Job {
     void w_rows_group(int64_t i0, int64_t i1, int64_t t0, int T) const {
         const int d_in = static_cast<int>(lin.d_in);
         const float* xg = x + t0 * xs;
-        float tmp[kRowBlock * MAX_ROWS];
+        constexpr int64_t kTileBatch = 4 * TILE_ROWS;  // rows per tiles call
+        float tmp[kTileBatch * MAX_ROWS];
         int64_t i = i0;
+        if (tiles)                                   // 16 rows a tile, the rest below (same bits)
+            while (i + TILE_ROWS <= i1) {
+                const int64_t n = std::min(kTileBatch, (i1 - i) / TILE_ROWS * TILE_ROWS);
+                tiles(lin.fmt, lin.wq + i * lin.row_bytes, lin.row_bytes, n, xt, t0 / TILE_ROWS, T, tmp, MAX_ROWS);
+                for (int64_t r = 0; r < n; ++r) store(i + r, tmp + r * MAX_ROWS, t0, T);
+                i += n;
+            }
         if (lin.fmt != FMT_F32) {                    // kRowBlock rows of W per kernel call
             while (i < i1) {
                 const int64_t n = std::min(kRowBlock, i1 - i);
@@ -227,6 +239,34 @@ const XRow* quantize_rows(const float* x, int64_t xs, int64_t T, int64_t nb, boo
     return rows.data();
 }
 
+// Tokens from which the tiles pay (amx.h; any count gives the same bits): a tile's 16 token
+// columns cost the same however many are real.
+constexpr int64_t kTileMinTokens = 4;
+
+// x' quantized (T XRows, pair order if ``pairs``) packed for tiles (quant_format.h's XTiles).
+XTiles pack_tiles(const XRow* X, int64_t T, int64_t nb, bool pairs, Scratch& s) {
+    const int64_t ng = ceil_div(T, TILE_ROWS);
+    s.tq.assign(static_cast<size_t>(ng * nb * 128), 0);
+    s.td.assign(static_cast<size_t>(ng * nb * TILE_ROWS), 0.0f);
+    s.ts.assign(static_cast<size_t>(ng * nb * TILE_ROWS), 0.0f);
+    for (int64_t t = 0; t < T; ++t) {
+        const int64_t G = t / TILE_ROWS, n = t % TILE_ROWS;
+        const int32_t* q = reinterpret_cast<const int32_t*>(X[t].q);   // 8 words a block
+        for (int64_t b = 0; b < nb; ++b) {
+            int32_t* dst = s.tq.data() + (G * nb + b) * 128 + n;
+            const int64_t f = G * nb + b;
+            s.td[f * TILE_ROWS + n] = X[t].d[b];
+            s.ts[f * TILE_ROWS + n] = X[t].s[b];
+            for (int k = 0; k < 8; ++k) {           // word k of the block in block order
+                // pairs: block 2p's words are the pair's 0-3 and 8-11, block 2p + 1's 4-7 and 12-15
+                const int64_t src = pairs ? (b / 2) * 16 + (b % 2) * 4 + (k % 4) + (k / 4) * 8 : b * 8 + k;
+                dst[k * TILE_ROWS] = q[src];
+            }
+        }
+    }
+    return {reinterpret_cast<const int8_t*>(s.tq.data()), s.td.data(), s.ts.data(), nb};
+}
+
 // q8 experts: each active block's panel and where its quantized h goes (made by the caller, before
 // the region); returns the int32 words of h per token.
 int64_t prepare_panels(const Linear& lin, int64_t T, Scratch& s) {
@@ -339,10 +379,13 @@ void linear_run(const Linear& lin, const LinearCall& call, int threads) {
         xe = xq && !is_paired(lin.fmt) ? xq : quantize_rows(x, xs, call.T, nb, false, s.xe, s.xerows);
     const int64_t bytes = g_chunk_bytes.load(std::memory_order_relaxed);
     const int64_t na = static_cast<int64_t>(s.rows.size());
-    const int64_t per_w = std::max({int64_t(1), bytes / lin.row_bytes, ceil_div(lin.d_out, kMaxChunks / 2)});
+    const QrowsTiles tiles = xq && has_tiles(lin.fmt) && call.T >= kTileMinTokens ? qrows_tiles_kernel() : nullptr;
+    int64_t per_w = std::max({int64_t(1), bytes / lin.row_bytes, ceil_div(lin.d_out, kMaxChunks / 2)});
+    if (tiles) per_w = round_up(per_w, TILE_ROWS);    // whole tiles (the part edges: multiples of 16)
     const int64_t per_a = std::max({int64_t(1), bytes / std::max<int64_t>(1, lin.a_row_bytes), ceil_div(na, kMaxChunks / 4)});
     split_w(lin, per_w, s);
-    Job job{lin, call, x, xs, xq, xe, (xq || xe) ? qrows_dots_kernel() : nullptr, hrows_dots_kernel(), nb, s.h.data(),
+    const XTiles xt = tiles ? pack_tiles(xq, call.T, nb, is_paired(lin.fmt), s) : XTiles{};
+    Job job{lin, call, x, xs, xq, xe, (xq || xe) ? qrows_dots_kernel() : nullptr, hrows_dots_kernel(), tiles, xt, nb, s.h.data(),
             s.rows.data(), na, per_a, s.segs.data(), s.wch.data(), s.act.data(), nullptr, nullptr, 0, nullptr, 0,
             nullptr, nullptr};
     if (lin.efmt == FMT_Q8_0 && na > 0) {

@@ -26,6 +26,10 @@
 //   Q4_0  w . x = d_w d_x sum u q_x - 8 d_w s_x
 //   Q4_1  w . x = d_w d_x sum u q_x + m_w s_x
 //
+// Every path sums a block's integer products exactly first (its total), then scales it: the
+// vector tiles here (Fold) and amx.h's tiles give the same bits, whatever the instruction set, the
+// tile or the number of tokens (tests/test_isa.py).
+//
 // For Q4 the activation's values are stored pairwise to match the nibbles: blocks 2p, 2p + 1
 // (A, B) as [A 0:16, B 0:16, A 16:32, B 16:32], so that a pair's 32 nibble bytes give
 // (n & 15) = [A 0:16 | B 0:16] and (n >> 4) = [A 16:32 | B 16:32], each one maddubs.
@@ -237,7 +241,51 @@ inline __m256i q6_dot(__m256i u, __m256i qx, __m256i x32, __m256i sc16) {
 // caller walks next).  DRAM-resident weights (the LM head) read at about twice the rate with it.
 constexpr int64_t kAhead = 4;
 
+// A dot's float from its lanes: hsum(acc) (+ factor hsum(accm)), the one expression every path ends
+// with (amx.h too).
+template <bool MIN>
+inline float finish(__m256 acc, __m256 accm, float factor) {
+    float v = hsum(acc);
+    if constexpr (MIN) v += factor * hsum(accm);
+    return v;
+}
+
+// Block totals: a block's integer dot arrives spread over 8 int32 lanes; eight blocks' lanes fold
+// into one vector whose lane j is block j's total (integers: exact in any order).  Unpaired
+// formats give one vector per block (fold8: blocks 0..7 in turn); paired ones one per pair, lanes
+// 0-3 its first block and 4-7 its second (fold4: pairs 0..3 in turn).  Called with the position a
+// constant (unrolled loops): the branches fold.  A missing block or pair folds in as zero.
+struct Fold {
+    __m256i pend, h01, q0;
+
+    // Block j (0..7) of the group; returns true with ``total`` set after the eighth.
+    bool fold8(int j, __m256i p, __m256i& total) {
+        if (j % 2 == 0) { pend = p; return false; }
+        const __m256i h = _mm256_hadd_epi32(pend, p);       // [pj-1 01, 23, pj 01, 23 | 45, 67, 45, 67]
+        if (j == 1 || j == 5) { h01 = h; return false; }
+        const __m256i q = _mm256_hadd_epi32(h01, h);        // [b0 lo, b1 lo, b2 lo, b3 lo | b0 hi, ..]
+        if (j == 3) { q0 = q; return false; }
+        total = _mm256_add_epi32(_mm256_permute2x128_si256(q0, q, 0x20), _mm256_permute2x128_si256(q0, q, 0x31));
+        return true;
+    }
+
+    // Pair i (0..3) of the group (blocks 2i, 2i + 1); true with ``total`` after the fourth.
+    bool fold4(int i, __m256i p, __m256i& total) {
+        if (i % 2 == 0) { pend = p; return false; }
+        const __m256i h = _mm256_hadd_epi32(pend, p);
+        if (i == 1) { h01 = h; return false; }
+        const __m256i q = _mm256_hadd_epi32(h01, h);         // [b0, b2, b4, b6 | b1, b3, b5, b7]
+        total = _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        return true;
+    }
+};
+
 // out[r * os + t] = w_r . x[t] for NR weight rows (w_r at w + r * rb) and NT tokens X[t * xs].
+//
+// Each block's dot is its integer total (Fold) times d_w d_x: eight accumulator lanes, lane j the
+// sum over groups of block 8g + j's term in order (one FMA per group), then hsum; the per-block
+// term m_w s_x likewise in its own lanes, added last times the format's factor.  amx.h computes the
+// same totals with tiles and the same float operations in the same order: the same bits.
 template <int FMT, int NR, int NT>
 inline void qtile(const uint8_t* w, int64_t rb, const XRow* X, int64_t xs, int64_t nb, float* out, int64_t os) {
     using F = Traits<FMT>;
@@ -246,40 +294,43 @@ inline void qtile(const uint8_t* w, int64_t rb, const XRow* X, int64_t xs, int64
     __m256 acc[NR][NT], accm[NR][NT];
     for (int r = 0; r < NR; ++r)
         for (int t = 0; t < NT; ++t) acc[r][t] = accm[r][t] = _mm256_setzero_ps();
+    const __m256i zero = _mm256_setzero_si256();
     for (int64_t g = 0; g < nb; g += 8) {
         const int64_t nj = nb - g < 8 ? nb - g : 8;           // blocks in this group
-        __m256 sc[NR][NT];                                   // d_w d_x of the group's 8 blocks
+        __m256 dw[NR];                                       // d_w of the group's 8 blocks
         for (int r = 0; r < NR; ++r) {
             const uint8_t* wr = w + r * rb;
-            __m256 dw, mw;
-            group_scales<FMT>(wr, L, g, dw, mw);
-            for (int t = 0; t < NT; ++t) {
-                const XRow& x = X[t * xs];
-                sc[r][t] = _mm256_mul_ps(dw, _mm256_loadu_ps(x.d + g));
-                if constexpr (MIN) accm[r][t] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(x.s + g), accm[r][t]);
-            }
+            __m256 mw;
+            group_scales<FMT>(wr, L, g, dw[r], mw);
+            if constexpr (MIN)
+                for (int t = 0; t < NT; ++t) accm[r][t] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(X[t * xs].s + g), accm[r][t]);
             const uint8_t* q = wr + L.q + F::group_q_bytes * g / 8;
             for (int k = 0; k < F::group_q_bytes / 64; ++k)     // the same group, kAhead tiles on
                 _mm_prefetch(reinterpret_cast<const char*>(q + kAhead * NR * rb + 64 * k), _MM_HINT_T0);
         }
-        // Block (pair) by block, every row in turn: consecutive FMAs feed different accumulators.
+        Fold fold[NR][NT];
+        __m256i total;
+        const auto add = [&](int r, int t, __m256i tot) {
+            const __m256 sc = _mm256_mul_ps(dw[r], _mm256_loadu_ps(X[t * xs].d + g));   // d_w d_x
+            acc[r][t] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(tot), acc[r][t]);
+        };
+        // Block (pair) by block, every row in turn.
         if constexpr (F::paired) {
-            for (int64_t j = 0; j < nj; j += 2) {                // a pair of blocks: 32 bytes a row
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; ++i) {                        // a pair of blocks: 32 bytes a row
+                const int64_t j = 2 * i;
                 __m256i xl[NT], xh[NT];
-                for (int t = 0; t < NT; ++t) {
-                    const int8_t* xq = X[t * xs].q + (g + j) * QK;
-                    xl[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
-                    xh[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + QK));
-                }
-                const __m256i idx = _mm256_setr_epi32(j, j, j, j, j + 1, j + 1, j + 1, j + 1);
+                if (j < nj)
+                    for (int t = 0; t < NT; ++t) {
+                        const int8_t* xq = X[t * xs].q + (g + j) * QK;
+                        xl[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+                        xh[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + QK));
+                    }
                 for (int r = 0; r < NR; ++r) {
                     __m256i lo, hi;
-                    pair_values<FMT>(w + r * rb, L, g + j, lo, hi);
-                    for (int t = 0; t < NT; ++t) {
-                        const __m256i p = dot_q4(lo, xl[t], hi, xh[t]);
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc[r][t], idx),
-                                                    _mm256_cvtepi32_ps(p), acc[r][t]);
-                    }
+                    if (j < nj) pair_values<FMT>(w + r * rb, L, g + j, lo, hi);
+                    for (int t = 0; t < NT; ++t)
+                        if (fold[r][t].fold4(i, j < nj ? dot_q4(lo, xl[t], hi, xh[t]) : zero, total)) add(r, t, total);
                 }
             }
         } else if constexpr (FMT == FMT_Q6_K) {               // a whole super-block: j constant
@@ -293,38 +344,34 @@ inline void qtile(const uint8_t* w, int64_t rb, const XRow* X, int64_t xs, int64
                     qx[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X[t * xs].q + (g + j) * QK));
                     x32[t] = _mm256_maddubs_epi16(_mm256_set1_epi8(32), qx[t]);
                 }
-                const __m256i idx = _mm256_set1_epi32(j);
                 for (int r = 0; r < NR; ++r) {
                     const __m256i u = q6_values(w + r * rb + L.q + 24 * g, j), sc16 = q6_block_scales(s16[r], j);
                     for (int t = 0; t < NT; ++t)
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc[r][t], idx),
-                                                    _mm256_cvtepi32_ps(q6_dot(u, qx[t], x32[t], sc16)), acc[r][t]);
+                        if (fold[r][t].fold8(j, q6_dot(u, qx[t], x32[t], sc16), total)) add(r, t, total);
                 }
             }
         } else {
-            for (int64_t j = 0; j < nj; ++j) {
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) {                        // Q8_0
                 __m256i qx[NT];
-                for (int t = 0; t < NT; ++t)
-                    qx[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X[t * xs].q + (g + j) * QK));
-                const __m256i idx = _mm256_set1_epi32(static_cast<int>(j));
-                for (int r = 0; r < NR; ++r) {                     // Q8_0
-                    const __m256i qw = load32(w + r * rb + L.q + 32 * (g + j));
-                    const __m256i aw = _mm256_sign_epi8(qw, qw);
-                    for (int t = 0; t < NT; ++t) {
-                        const __m256i p = dot_q8(aw, _mm256_sign_epi8(qx[t], qw));
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc[r][t], idx),
-                                                    _mm256_cvtepi32_ps(p), acc[r][t]);
+                if (j < nj)
+                    for (int t = 0; t < NT; ++t)
+                        qx[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X[t * xs].q + (g + j) * QK));
+                for (int r = 0; r < NR; ++r) {
+                    __m256i qw = zero, aw = zero;
+                    if (j < nj) {
+                        qw = load32(w + r * rb + L.q + 32 * (g + j));
+                        aw = _mm256_sign_epi8(qw, qw);
                     }
+                    for (int t = 0; t < NT; ++t)
+                        if (fold[r][t].fold8(j, j < nj ? dot_q8(aw, _mm256_sign_epi8(qx[t], qw)) : zero, total))
+                            add(r, t, total);
                 }
             }
         }
     }
     for (int r = 0; r < NR; ++r)
-        for (int t = 0; t < NT; ++t) {
-            float v = hsum(acc[r][t]);
-            if constexpr (MIN) v += F::min_factor * hsum(accm[r][t]);
-            out[r * os + t] = v;
-        }
+        for (int t = 0; t < NT; ++t) out[r * os + t] = finish<MIN>(acc[r][t], accm[r][t], F::min_factor);
 }
 
 // NR weight rows against all T tokens, in tiles of up to NT tokens.

@@ -84,6 +84,23 @@ inline XRow xrow_at(float* base, int64_t nb) {
     return {base, base + n8, reinterpret_cast<int8_t*>(base + 2 * n8)};
 }
 
+// A call's quantized activations packed for AMX tiles (amx.h), made once per call from its XRows
+// (linear_plan.cpp's pack_tiles): tokens in groups of 16 (the last zero padded), and for group G
+// and block b (values in block order, also for the paired formats):
+//   q + (G nb + b) 512     the B tile: 8 rows of 16 tokens x 4 int8, row k holding values
+//                          4k..4k+3 of every token (AMX's VNNI layout)
+//   d + (G nb + b) 16      d_x of the 16 tokens; s likewise s_x (XRow's d and s)
+struct XTiles {
+    const int8_t* q = nullptr;
+    const float* d = nullptr;
+    const float* s = nullptr;
+    int64_t nb = 0;
+};
+constexpr int64_t TILE_ROWS = 16;   // weight rows per AMX tile, and tokens per token group
+
+// The formats amx.h runs: the 32-blocks and Q4_K / Q5_K (Q6_K's 16-value scales stay vector).
+inline bool has_tiles(int fmt) { return is_block(fmt) && fmt != FMT_Q6_K; }
+
 // One active expert block of a q8 part in pass 2 (expert.h's panels): its groups of 8 output
 // columns at panel + g * gstride bytes (an fp32 scale, then nq quads of 8 columns x 4 int8
 // values), and its activation h quantized per token: nq int32 words (4 int8 values each) at
