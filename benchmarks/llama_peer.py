@@ -15,6 +15,7 @@ bench_cpu.  Conversions are cached beside the other bench_cpu files.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import subprocess
@@ -54,6 +55,30 @@ def convert_lora(peft_dir: str, hf_folder: str, out: str, llama_src: str) -> str
                     out, llama_src)
 
 
+@contextlib.contextmanager
+def _plain_buffers(on: bool):
+    """With ``on``, models load without llama.cpp's extra buffer types (use_extra_bufts = false):
+    on a CPU with AMX llama.cpp repacks the weights for its AMX kernels, and a decode with LoRA
+    adapters on such weights crashes (segmentation fault in llama_decode, llama-cpp-python
+    0.3.36, Intel Xeon with AMX; the adapters print "cannot use buft 'AMX', fallback to CPU").
+    Its LoRA rows therefore run its plain CPU kernels; its base rows keep AMX."""
+    import llama_cpp.llama_cpp as low
+    if not on or not hasattr(low.llama_model_params, "use_extra_bufts"):
+        yield
+        return
+    default = low.llama_model_default_params
+
+    def plain():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+    low.llama_model_default_params = plain
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = default
+
+
 class LlamaRunner:
     """One llama.cpp model at ``threads`` threads, with LoRAs applied at ``scales``."""
 
@@ -61,8 +86,10 @@ class LlamaRunner:
                  logits_all: bool = False, n_batch: int = 512):
         import llama_cpp
         self.lib = llama_cpp
-        self.llm = llama_cpp.Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads,
-                                   n_ctx=n_ctx, n_batch=n_batch, verbose=False, logits_all=logits_all)
+        with _plain_buffers(bool(loras)):
+            self.llm = llama_cpp.Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads,
+                                       n_ctx=n_ctx, n_batch=n_batch, verbose=False,
+                                       logits_all=logits_all)
         self._adapters = []
         if loras:
             for path in loras:
