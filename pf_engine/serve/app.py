@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from pf_engine.errors import RequestError
 from pf_engine.serve.metrics import Metrics
-from pf_engine.serve import tokens
+from pf_engine.serve import aliases, tokens
 from pf_engine.serve.choices import Call
 from pf_engine.serve.limits import MAX_BODY_BYTES, read_json
 from pf_engine.serve.protocol import APIError, Catalog, new_id, parse
@@ -40,7 +40,7 @@ class Server:
 
     def __init__(self, engine, model_id: str, max_queue: int, timeout_s: float, max_body: int):
         self.engine, self.catalog = engine, Catalog(model_id, engine.bank)
-        self.metrics = Metrics(engine.scheduler)
+        self.metrics = Metrics(engine.scheduler, lambda: engine.bank)
         self.max_queue, self.timeout_s, self.max_body = max_queue, timeout_s, max_body
         self.served = {"requests": 0, "tokens": 0, "t0": time.monotonic()}
         self.live: set[Call] = set()          # admitted calls: their slots are reserved
@@ -63,7 +63,7 @@ class Server:
         """Count a finished (or refused) request in the metrics and log one line for it:
         id, model id, persona kind, status, prompt and completion tokens, ms since arrival."""
         kind, reqs = call.personas.kinds[0], call.all_reqs
-        self.metrics.finished(endpoint, kind, status, reqs)
+        self.metrics.finished(endpoint, kind, status, reqs, call.p.model)
         prompt = sum(len(ids) for ids in call.p.prompts)
         done = sum(len(r.tokens) for r in reqs)
         ms = 1e3 * (time.perf_counter() - t0)
@@ -202,6 +202,12 @@ async def models(request: Request):
     ids = await server(request).model_ids()
     return {"object": "list", "data": [{"id": i, "object": "model", "created": 0,
                                         "owned_by": "pf-engine"} for i in ids]}
+
+
+@routes.get("/lora-adapters")
+async def lora_adapters(request: Request):
+    """llama.cpp server's listing: the ids its clients' ``lora`` field names (aliases.py)."""
+    return aliases.adapters(await server(request).model_ids())
 
 
 @routes.post("/tokenize")

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 from pf_engine.errors import RequestError
+from pf_engine.serve import aliases
 from pf_engine.persona.specs import Personas
 from pf_engine.generation.sampling import MAX_LOGPROBS, SamplingParams
 from pf_engine.generation.structured import Grammars, check_response_format
@@ -191,13 +192,23 @@ def _defaults(engine, kind: str) -> dict:
 
 def _persona(body: dict, catalog: Catalog, engine) -> tuple[str, object, Personas]:
     """(model id, persona spec, the spec checked as a one-row Personas): the id names one, or
-    the bare id and a ``persona`` field."""
+    the bare id and a ``persona`` field, or llama.cpp's ``lora`` / LoRAX's ``merged_adapters``
+    (aliases.py)."""
     model = body.get("model")
     if not isinstance(model, str) or model not in catalog.personas:
         raise bad("model", f"unknown model {model!r}; "
                            f"GET /v1/models lists {', '.join(catalog.ids())}")
     persona = catalog.personas[model]
-    if body.get("persona") is not None:
+    try:
+        alias = aliases.persona(body, list(engine.bank.expert_names) if engine.bank else [])
+    except aliases.AliasError as e:
+        raise bad(e.field, str(e)) from None
+    if alias is not None:
+        field, persona = alias
+        if body.get("persona") is not None or model != catalog.base:
+            raise bad(field, f"the request already selects a persona (model {model!r} or a persona "
+                             f"field); use the bare id {catalog.base!r} with {field} alone")
+    elif body.get("persona") is not None:
         if model != catalog.base:
             raise bad("persona", f"model {model!r} already selects a persona; use the bare id "
                                  f"{catalog.base!r} with a persona field")
