@@ -22,7 +22,7 @@ import torch
 
 from pf_engine.errors import RequestError
 from pf_engine.outputs import GenerationOutput
-from pf_engine.persona.specs import Personas
+from pf_engine.persona.specs import BASE, TOKEN, Personas
 from pf_engine.generation.sampling import Sampler, SamplingParams
 from pf_engine.generation.structured import Grammars
 from pf_engine.tokenizer import Detokenizer
@@ -102,6 +102,17 @@ class Request:
             if not self.sched.wait(self._cond, lambda: self.done, timeout):
                 raise TimeoutError(f"request not finished after {timeout} s")
         return self.output()
+
+    def gate_row(self):
+        """The gates it ran with, [K] float32 on the CPU: its row (explicit, or the sequence
+        router's), for token routing the mean over its tokens and layers; None for the base
+        model (or token routing before its first step)."""
+        if self.kind == TOKEN:
+            if self.token_sum is None:
+                return None
+            return self.token_sum.float().cpu() / max(1, self.token_count)
+        rows = self.personas.rows
+        return None if rows is None or self.kind == BASE else rows[0].float().cpu()
 
     def output(self) -> GenerationOutput:
         """The GenerationOutput of a finished request (its error, if it failed)."""

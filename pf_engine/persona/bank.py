@@ -111,6 +111,7 @@ class AdapterBank:
                  module_experts: dict[str, list[int]], weights: dict[tuple[int, str], tuple],
                  router: SequenceRouter | None = None, token_router: TokenRouter | None = None,
                  lora_alpha=None, use_rslora=None, recipe: dict | None = None):
+        self.source: str | None = None     # the file it was read from (load), else None
         self.expert_names = [_check_name(n) for n in expert_names]
         if len(set(self.expert_names)) != len(self.expert_names):
             raise PFError(f"expert names are not unique: {self.expert_names}")
@@ -247,6 +248,7 @@ class AdapterBank:
         path = resolve_bank(path)
         meta, tensors = bank_file.read_file(path)
         bank = cls._from_file(path, meta, tensors, config)
+        bank.source = str(path)            # where it was read from (the metrics' bank label)
         if dtype is not None or device is not None:
             bank.to(dtype=dtype, device=device)
         return bank

@@ -50,8 +50,8 @@ def persona(body: dict, experts: list[str]) -> tuple[str, dict | None] | None:
 
 def adapters(model_ids: list[str]) -> list[dict]:
     """GET /lora-adapters: llama.cpp's listing, one entry per expert in bank order (``path``: the
-    expert's name; ``scale``: 0, a request without ``lora`` runs the base model).  model_ids: the
-    catalog's (protocol.Catalog), the bare id first, then one ``id:<expert>`` per expert in order."""
+    expert's name; ``scale``: 0, a request without ``lora`` runs the base model).  model_ids:
+    the catalog's (protocol.Catalog), the bare id first, then ``id:<expert>`` in bank order."""
     base = model_ids[0]
     names = [i.split(":", 1)[1] for i in model_ids if i.startswith(base + ":")]
     names = [n for n in names if n not in ("auto", "token")]
