@@ -240,6 +240,7 @@ def run(argv=None) -> dict:
             "prompt_tokens_by_format": {f: len(i) for f, i in ids_of.items()},
             "read_bandwidth_GBps": bw / 1e9, "weight_formats": {f: e.weight_formats for f, e in engines.items()},
             "weight_bytes": wb, "peer": "llama-cpp-python " + __import__("llama_cpp").__version__ if peer else None,
+            "peer_extra_buffers": (not llama_peer.cpu_has_amx()) if peer else None,   # llama_peer._plain_buffers
             "rows": out_rows, "quality": quality, "peak_rss_mb": rss, "expert_accuracy": accuracy,
             "expert_samples": samples}
 

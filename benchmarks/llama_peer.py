@@ -55,13 +55,22 @@ def convert_lora(peft_dir: str, hf_folder: str, out: str, llama_src: str) -> str
                     out, llama_src)
 
 
+def cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_int8" in f.read()
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def _plain_buffers(on: bool):
-    """With ``on``, models load without llama.cpp's extra buffer types (use_extra_bufts = false):
-    on a CPU with AMX llama.cpp repacks the weights for its AMX kernels, and a decode with LoRA
-    adapters on such weights crashes (segmentation fault in llama_decode, llama-cpp-python
-    0.3.36, Intel Xeon with AMX; the adapters print "cannot use buft 'AMX', fallback to CPU").
-    Its LoRA rows therefore run its plain CPU kernels; its base rows keep AMX."""
+    """With ``on``, models load without llama.cpp's extra buffer types (use_extra_bufts = false).
+    On a CPU with AMX llama.cpp puts the block-quantized weights in its AMX buffer type, and a
+    decode on them crashes (segmentation fault in llama_decode at q8_0, q4_1 and q4_k_m, with or
+    without LoRA adapters; llama-cpp-python 0.3.36 built with GGML_NATIVE on an Intel Xeon with
+    AMX-INT8; f32, f16 and bf16 run).  There its rows run its AVX-512 kernels instead; elsewhere
+    the extra buffer types (its weight repacking) stay on.  LlamaRunner.plain records which."""
     import llama_cpp.llama_cpp as low
     if not on or not hasattr(low.llama_model_params, "use_extra_bufts"):
         yield
@@ -86,7 +95,8 @@ class LlamaRunner:
                  logits_all: bool = False, n_batch: int = 512):
         import llama_cpp
         self.lib = llama_cpp
-        with _plain_buffers(bool(loras)):
+        self.plain = cpu_has_amx()
+        with _plain_buffers(self.plain):
             self.llm = llama_cpp.Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads,
                                        n_ctx=n_ctx, n_batch=n_batch, verbose=False,
                                        logits_all=logits_all)
