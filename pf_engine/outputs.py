@@ -35,6 +35,8 @@ class Stats:
     prefill_s: float = 0.0
     decode_tokens: int = 0
     decode_s: float = 0.0
+    draft_tokens: int = 0          # speculative decoding: tokens drafted, and of them accepted
+    accepted_tokens: int = 0
 
     @property
     def prefill_tps(self) -> float:

@@ -4,11 +4,14 @@
 //     four LinearPlans with the shapes of one block (d = qkv.d_in, f = down.d_in):
 //       qkv d -> (H + 2 H_kv) D,  o H D -> d,  gate_up d -> 2 f,  down f -> d,
 //     the same num_experts; attn_norm, mlp_norm float32 [d] contiguous; H % H_kv == 0, D even.
-//   step(h, gates, cos, sin, k_cache, v_cache, layer, row0, cols, bias, threads=1, group=None)
+//   step(h, gates, cos, sin, k_cache, v_cache, layer, row0, cols, bias, threads=1, group=None,
+//        slots=None)
 //     h float32 [B, d] C-contiguous, updated in place to the block's output; gates float32
 //     [B, num_experts] unit last stride or None (the base model); the rest as decode_attention's
 //     (with H, H_kv, D the plan's); group: a ShmGroup or None, the step of a tensor-parallel
-//     shard (block_plan.h: o's and down's outputs summed over the ranks through it).
+//     shard (block_plan.h: o's and down's outputs summed over the ranks through it); slots:
+//     None, or int64 [B], row b's slot (rows may share a slot, each attending over its own
+//     columns: several tokens of one request, runtime/speculative.py), as decode_attention's.
 #include <cmath>
 
 #include "binding.h"
@@ -69,7 +72,7 @@ public:
 
     void step(py::object h, py::object gates, py::object cos, py::object sin, py::object k_cache,
               py::object v_cache, int64_t layer, int64_t row0, py::object cols, py::object bias,
-              int threads, py::object group) const {
+              int threads, py::object group, py::object slots) const {
         const Checker ck("BlockPlan.step");
         ShmGroup* grp = nullptr;
         if (!group.is_none()) {
@@ -99,8 +102,9 @@ public:
         py::array c = ck.array("cos", cos, Dtype::F32), s = ck.array("sin", sin, Dtype::F32);
         py::array k = ck.array("k_cache", k_cache, Dtype::F32), v = ck.array("v_cache", v_cache, Dtype::F32);
         AttentionCall call;
-        std::vector<int64_t> cols_buf;
-        check_attention(ck, B, blk_.H, blk_.H_kv, blk_.D, c, s, k, v, layer, row0, cols, bias, call, cols_buf);
+        std::vector<int64_t> cols_buf, slots_buf;
+        check_attention(ck, B, blk_.H, blk_.H_kv, blk_.D, c, s, k, v, layer, row0, cols, bias, call, cols_buf,
+                        slots, &slots_buf);
         for (const auto& [name, a] : {std::pair<const char*, const py::array&>{"cos", c}, {"sin", s},
                                       {"k_cache", k}, {"v_cache", v}}) {
             ck.disjoint("h", ha, name, a);
@@ -133,7 +137,9 @@ void bind_block(py::module_& m) {
         .def("step", &BlockPlan::step, py::arg("h"), py::arg("gates"), py::arg("cos"), py::arg("sin"),
              py::arg("k_cache"), py::arg("v_cache"), py::arg("layer"), py::arg("row0"), py::arg("cols"),
              py::arg("bias"), py::arg("threads") = 1, py::arg("group") = py::none(),
-             "h [B, d] <- the block's output for one decode step (writes k, v at cols); GIL released")
+             py::arg("slots") = py::none(),
+             "h [B, d] <- the block's output for one decode step (writes k, v at cols; slots: "
+             "row b's slot, rows may share one, else row0 + b); GIL released")
         .def_property_readonly("d", [](const BlockPlan& b) { return b.core().qkv->d_in; })
         .def_property_readonly("num_experts", [](const BlockPlan& b) { return b.core().qkv->num_experts; })
         .def("__repr__", [](const BlockPlan& b) {

@@ -21,6 +21,7 @@ from pf_engine.generation.structured import check_response_format
 
 
 MAX_LOGPROBS = 20       # top logprobs a request may ask for per position (OpenAI's limit)
+MAX_DRAFT = 16          # speculative_tokens at most (runtime/speculative.py)
 
 
 @dataclass
@@ -36,6 +37,8 @@ class SamplingParams:
     response_format: dict | None = None   # OpenAI's: text, json_object, json_schema (structured.py)
     min_tokens: int = 0             # EOS is masked until this many new tokens (vLLM's field)
     ignore_eos: bool = False        # EOS does not end the request (benchmark clients send it)
+    speculative_tokens: int = 0     # draft this many tokens a step by prompt lookup and verify
+                                    # them in one forward (runtime/speculative.py); 0: off
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -69,6 +72,11 @@ class SamplingParams:
              f"({self.max_new_tokens})"),
             (isinstance(self.ignore_eos, bool),
              f"ignore_eos={self.ignore_eos!r}: expected true or false"),
+            (isinstance(self.speculative_tokens, int)
+             and not isinstance(self.speculative_tokens, bool)
+             and 0 <= self.speculative_tokens <= MAX_DRAFT,
+             f"speculative_tokens={self.speculative_tokens!r}: expected an integer in "
+             f"0..{MAX_DRAFT} (0: off)"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -40,6 +40,10 @@ class SlotCache:
         starts[b]..starts[b]+counts[b]-1: a prefill chunk, or a decode step (every count 1)."""
         return RowsView(self, s0, starts, counts)
 
+    def spread_view(self, slots: list[int], cols: list[int]) -> "RowsView":
+        """One token per row, row r at column cols[r] of slot slots[r] (RowsView.spread)."""
+        return RowsView.spread(self, slots, cols)
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` columns of slot ``src`` into slot ``dst`` (a request changes
         slot; columns beyond its length are never read before they are written)."""
@@ -66,6 +70,8 @@ class RowsView:
     query sees; ``positions`` are the tokens' positions.  Index tensors are built once here,
     not per layer.
     """
+
+    spread_rows = False          # rows at slots s0.. in order; spread(): each row its own slot
 
     def __init__(self, pool: SlotCache, s0: int, starts: list[int], counts: list[int]):
         self.pool, self.s0, self.m, self.starts, self.counts = pool, s0, len(starts), starts, counts
@@ -98,6 +104,26 @@ class RowsView:
         view.rows, view.cols = torch.arange(nb, device=lengths.device), lengths
         return view
 
+    @classmethod
+    def spread(cls, pool: SlotCache, slots: list[int], cols: list[int]) -> "RowsView":
+        """A decode-shaped view whose row r is one token of slot slots[r] at column cols[r]; rows
+        may share a slot (several tokens of one request, in column order: speculative decoding's
+        verify, runtime/speculative.py).  Every row's k, v is written before any row attends,
+        and row r sees its slot's columns up to cols[r]: the same step as decoding those tokens
+        one by one, row for row."""
+        view = cls.__new__(cls)
+        dev = pool.k.device
+        view.pool, view.s0, view.m, view.T = pool, 0, len(slots), 1
+        view.starts, view.counts, view.spread_rows = list(cols), [1] * len(slots), True
+        view.end = max(cols) + 1
+        if view.end > pool.max_len:
+            raise IndexError(f"KV slot holds {pool.max_len} columns; "
+                             f"asked to write column {view.end - 1}")
+        view.positions = torch.tensor(cols, device=dev).view(-1, 1)
+        view.valid = torch.ones(len(slots), 1, dtype=torch.bool, device=dev)
+        view.rows, view.cols = torch.tensor(slots, device=dev), view.positions[:, 0]
+        return view
+
     def mask(self, window: int | None) -> torch.Tensor:
         """bool [m, 1, T, end]: query t of row b sees column j iff j <= starts[b] + t (and, with a
         sliding window, starts[b] + t - j < window).  A padding query sees its row's real columns
@@ -112,6 +138,10 @@ class RowsView:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """k, v [m, H_kv, T, D] -> the m rows' keys and values [m, H_kv, end, D] (views)."""
         kc, vc = self.pool.k[layer], self.pool.v[layer]
+        if self.spread_rows:                                # each row its own slot (a gather)
+            kc[self.rows, :, self.cols] = k[:, :, 0]
+            vc[self.rows, :, self.cols] = v[:, :, 0]
+            return kc[self.rows, :, :self.end], vc[self.rows, :, :self.end]
         if self.m == 1 and self.starts is not None:   # one row: a slice write, not an index
             c0, c1 = self.starts[0], self.starts[0] + self.counts[0]
             kc[self.s0, :, c0:c1] = k[0, :, :c1 - c0]

@@ -106,6 +106,8 @@ class TPSlotCache(SlotCache):
     """Rank 0's slot pool: its own heads' KV, every move, save and load mirrored on the workers
     (each on its own heads)."""
 
+    spread_view = None     # no speculative verify: the workers rebuild consecutive rows only
+
     def __init__(self, *args, model, key: int):
         super().__init__(*args)
         self.key, self._workers = key, model.workers

@@ -28,6 +28,7 @@ import torch
 from pf_engine.model.step import Step
 from pf_engine.persona.mix import Mix
 from pf_engine.persona.specs import BASE, TOKEN
+from pf_engine.runtime.speculative import accepted
 from pf_engine.runtime.static_decode import CaptureFailed, StaticDecode
 from pf_engine.generation.scoring import logprobs_of
 from pf_engine.generation.structured import mask_rows
@@ -132,6 +133,71 @@ class StepRunner:
             self._sample_rows(plan.reqs, logits, plan.s0)
         return None
 
+    @property
+    def speculates(self) -> bool:
+        """Whether ``verify`` can run: a dynamic decode on a pool with spread views."""
+        return self.static is None and getattr(self.cache, "spread_view", None) is not None
+
+    def verify(self, reqs: list, drafts: list[list[int]]) -> list[int]:
+        """A decode step in which some rows verify a draft (speculative.py).  Every token is a
+        row of its own, as in a decode step of that many rows: request b's last token and its
+        draft at its next columns (a spread view: rows sharing its slot), so each token's logits
+        are those decoding it would give.  Each drafting request emits the targets up to its
+        draft's first miss (speculative.accepted) and the target there; the others one token.
+        Returns the columns each request filled (1 + its accepted drafts)."""
+        eng = self.engine
+        own = [b for b, d in enumerate(drafts) for _ in range(1 + len(d))]     # row -> request
+        slots = [reqs[b].slot for b in own]
+        first = [own.index(b) for b in range(len(reqs))]
+        cols = [reqs[b].length + i - first[b] for i, b in enumerate(own)]
+        toks = [t for r, d in zip(reqs, drafts) for t in [r.tokens[-1]] + d]
+        view = self.cache.spread_view(slots, cols)
+        step = Step(True, any(r.kind != BASE for r in reqs), any(r.kind == TOKEN for r in reqs))
+        mix = None
+        if step.mixed:
+            idx = torch.tensor(slots, device=eng.device)
+            active = None if step.token else tuple(sorted(set().union(*(r.active for r in reqs))))
+            mix = Mix.for_rows(self.gates[idx], self.token_rows[idx], 1, eng.bank.token_router,
+                               active, step.token)
+        with eng.backend.policy.forward(eng.device, eng.backend.own_threads(len(own))):
+            logits = eng.model(torch.tensor(toks, device=eng.device).view(-1, 1),
+                               self.positions(view), view, view.mask(eng.config.sliding_window),
+                               mix=mix, step=step)[:, -1]
+        plain = [b for b, d in enumerate(drafts) if not d]
+        if plain:
+            self._sample([reqs[b] for b in plain], logits[[first[b] for b in plain]],
+                         [reqs[b].slot for b in plain])
+        with eng.backend.policy.forward(eng.device, True):      # torch at one thread (_sample)
+            targets = logits.argmax(-1).tolist()                # one host sync
+        filled = [1] * len(reqs)
+        for b, d in enumerate(drafts):
+            if not d:
+                continue
+            r, t = reqs[b], targets[first[b]:first[b] + 1 + len(d)]
+            m = accepted(d, t)
+            for tok in t[:m + 1]:
+                if not r.done:
+                    r.emit(tok)
+            self.last_tok[r.slot] = t[m]
+            filled[b] = m + 1
+        self._add_row_gates(reqs, mix, own, first, filled)
+        return filled
+
+    def _add_row_gates(self, reqs, mix, own: list[int], first: list[int], filled: list[int]):
+        """``_add_token_gates`` for a verify step: request b's rows first[b].. of which the first
+        filled[b] count (the rejected drafts' do not)."""
+        if mix is None:
+            return
+        valid = torch.tensor([i - first[b] < filled[b] for i, b in enumerate(own)],
+                             device=self.gates.device).view(-1, 1)
+        sums = mix.request_sums(len(own), 1, valid)
+        if sums is None:
+            return
+        layers = self.engine.config.num_hidden_layers
+        for b, r in enumerate(reqs):
+            if r.kind == TOKEN:
+                r.add_token_gates(sums[first[b]:first[b] + filled[b]].sum(0), layers * filled[b])
+
     def _decode(self, plan: Plan) -> torch.Tensor:
         """Logits [n, V] of a decode step: the static step where there is one, else dynamic."""
         n = len(plan.reqs)
@@ -222,14 +288,15 @@ class StepRunner:
                 r.add_token_gates(sums[b], layers * counts[b])
 
     # sampling -----------------------------------------------------------------------------------
-    def _sample(self, reqs: list, logits: torch.Tensor, s0: int) -> None:
+    def _sample(self, reqs: list, logits: torch.Tensor, slots) -> None:
         """``_sample_rows`` with torch at one thread (backends/threads.py)."""
         if reqs:
             with self.engine.backend.policy.forward(self.engine.device, True):
-                self._sample_rows(reqs, logits, s0)
+                self._sample_rows(reqs, logits, slots)
 
-    def _sample_rows(self, reqs: list, logits: torch.Tensor, s0: int) -> None:
-        """Next tokens of ``reqs`` (slots s0..) from logits [n, V]: greedy rows by one argmax, the
+    def _sample_rows(self, reqs: list, logits: torch.Tensor, slots) -> None:
+        """Next tokens of ``reqs`` (slots ``slots``: the first of consecutive ones, or a list)
+        from logits [n, V]: greedy rows by one argmax, the
         others by their own samplers, structured rows masked by their grammar first (and EOS
         masked in rows short of their min_tokens); one host
         sync for all of them (and one more for the logprobs of the rows whose request asks for
@@ -244,7 +311,10 @@ class StepRunner:
         for b, r in enumerate(reqs):
             if not r.simple:
                 toks[b] = r.sampler(logits[b:b + 1], [0])[0]
-        self.last_tok[s0:s0 + len(reqs)] = toks
+        if isinstance(slots, int):
+            self.last_tok[slots:slots + len(reqs)] = toks
+        else:
+            self.last_tok[slots] = toks
         lps = [None] * len(reqs)
         want = [b for b, r in enumerate(reqs) if r.params.logprobs is not None]
         if want:                  # one more transfer, only for the rows that asked

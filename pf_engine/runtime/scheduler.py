@@ -58,6 +58,7 @@ from pf_engine.runtime.config import SchedulerConfig
 from pf_engine.runtime.prefix_cache import persona_root
 from pf_engine.runtime.routing import TwoPhase
 from pf_engine.runtime.runner import Plan, StepRunner
+from pf_engine.runtime.speculative import drafts_for
 from pf_engine.generation.sampling import SamplingParams
 
 
@@ -309,12 +310,21 @@ class Scheduler:
         self.decoding += done
 
     def _decode(self) -> None:
-        """One token for every decoding request (slots 0..decoding-1), each at its own column."""
+        """One token for every decoding request (slots 0..decoding-1), each at its own column;
+        where some draft (speculative.py), one forward verifying their drafts instead."""
         reqs = self.running[:self.decoding]
-        self.runner.run(Plan.decode_of(reqs))
-        for r in reqs:
-            r.length += 1
-        self.stats.decode_tokens += len(reqs)
+        drafts = drafts_for(reqs) if self.runner.speculates else []
+        if any(drafts):
+            filled = self.runner.verify(reqs, drafts)
+            st = self.stats
+            st.draft_tokens += sum(len(d) for d in drafts)
+            st.accepted_tokens += sum(f - 1 for f in filled)
+        else:
+            self.runner.run(Plan.decode_of(reqs))
+            filled = [1] * len(reqs)
+        for r, f in zip(reqs, filled):
+            r.length += f
+        self.stats.decode_tokens += sum(filled)
 
     def _retire(self) -> None:
         """Drop finished and cancelled requests; the slots stay consecutive (see ``_vacate``)."""

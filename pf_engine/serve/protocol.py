@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pf_engine.errors import RequestError
 from pf_engine.serve import aliases
 from pf_engine.persona.specs import Personas
-from pf_engine.generation.sampling import MAX_LOGPROBS, SamplingParams
+from pf_engine.generation.sampling import MAX_DRAFT, MAX_LOGPROBS, SamplingParams
 from pf_engine.generation.structured import Grammars, check_response_format
 
 ROLES = ("system", "user", "assistant")
@@ -271,9 +271,10 @@ def _sampling(body: dict, kind: str, engine, max_new: int, logprobs) -> Sampling
     if not isinstance(ignore_eos, bool):
         raise bad("ignore_eos", f"expected true or false, got {ignore_eos!r}")
     min_tokens = _number(body, "min_tokens", 0, 0, max(1, max_new), integer=True)
+    spec = _number(body, "speculative_tokens", 0, 0, MAX_DRAFT, integer=True)
     d = _defaults(engine, kind)
     return SamplingParams(max_new_tokens=max(1, max_new), seed=seed, stop=stop or [],
-                          min_tokens=min_tokens, ignore_eos=ignore_eos,
+                          min_tokens=min_tokens, ignore_eos=ignore_eos, speculative_tokens=spec,
                           logprobs=logprobs, response_format=_response_format(body, engine),
                           temperature=_number(body, "temperature", d["temperature"], 0, 2),
                           top_p=_number(body, "top_p", d["top_p"], 1e-9, 1),

@@ -72,10 +72,11 @@ class CpuRunner(Blocks):
         k, v = cache.pool.k.numpy(), cache.pool.v.numpy()
         cols, bias = cache.cols.contiguous().numpy(), mask.reshape(B, -1).contiguous().numpy()
         threads = self.policy.threads()
+        slots = cache.rows.to(torch.int64).numpy() if getattr(cache, "spread_rows", False) else None
         gates = None
         for blk, plan in zip(self.blocks, self.plans):
             if mix is not None:
                 gates = mix.enter_layer(blk.index, h.view(B, 1, d)).gates.numpy()
             plan.step(hn, gates, cos, sin, k, v, blk.index, cache.s0, cols, bias, threads,
-                      self.group)
+                      self.group, slots)
         return h.view(B, 1, d)
