@@ -66,7 +66,7 @@ def test_every_variant_gives_the_baselines_bits(variant):
     try:
         for fmt in (*sorted(FORMATS), "q8 experts"):
             run = _expert_outputs if fmt == "q8 experts" else lambda T: _outputs(fmt, T)
-            for T in (1, 3, 16, 40):
+            for T in (1, 3, 5, 6, 16, 40):
                 cpu_ops.set_isa("avx2")
                 base = run(T)
                 cpu_ops.set_isa(variant)

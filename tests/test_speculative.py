@@ -87,3 +87,24 @@ def test_a_verify_step_fits_the_fused_decode_step():
     from pf_engine.backends.cpu.kernel import MAX_ROWS
     from pf_engine.runtime import speculative
     assert speculative.MAX_ROWS == MAX_ROWS
+
+
+def test_drafting_adapts_its_length_and_backs_off():
+    from pf_engine.runtime.speculative import Drafting
+    d = Drafting(8)
+    d.done(8, 8)
+    assert (d.k, d.wait) == (8, 0)                      # all accepted: at most k_max
+    d.done(8, 3)
+    d.done(7, 1)
+    assert (d.k, d.wait) == (6, 0)                      # misses shorten it, not below 1
+    d.done(6, 6)
+    assert d.k == 8
+    d.done(8, 0)
+    assert (d.misses, d.wait) == (1, 2)
+    d.done(7, 0)
+    assert (d.misses, d.wait) == (2, 4)
+    for _ in range(8):
+        d.done(1, 0)
+    assert d.wait == Drafting.MAX_WAIT and d.k == 1
+    d.done(1, 1)
+    assert (d.misses, d.wait, d.k) == (0, 0, 3)

@@ -52,6 +52,8 @@ class Request:
         if params.response_format is not None:
             self.grammar = Grammars.of(eng).compile(params.response_format).matcher()
         self.active: set[int] = set()                     # expert ids with a nonzero gate
+        self.drafting = None                              # speculative decoding's state
+                                                          # (runtime/speculative.Drafting)
         self.token_sum, self.token_count = None, 0        # token routing: gates summed on device
         self.tokens: list[int] = []
         self.logprobs: list = []                          # Logprob per token, if params ask

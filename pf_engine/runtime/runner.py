@@ -175,6 +175,7 @@ class StepRunner:
                 continue
             r, t = reqs[b], targets[first[b]:first[b] + 1 + len(d)]
             m = accepted(d, t)
+            r.drafting.done(len(d), m)
             for tok in t[:m + 1]:
                 if not r.done:
                     r.emit(tok)

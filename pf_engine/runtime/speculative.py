@@ -55,13 +55,40 @@ def propose(seq: list[int], k: int) -> list[int]:
     return []
 
 
+class Drafting:
+    """A request's drafting state: how many tokens to draft next (k, from its speculative_tokens
+    down to 1), and how many steps to skip after drafts that missed outright.
+
+    After a verify of L drafted tokens with m accepted (transformers' assisted generation
+    heuristic, and a back-off): m = L: k += 2 (at most speculative_tokens); m < L: k -= 1 (at
+    least 1); m = 0: no draft for the next 2^misses steps (misses: drafts missed in a row, the
+    wait at most MAX_WAIT), so text the lookup cannot predict costs a verify now and then, not
+    every step."""
+
+    MAX_WAIT = 32
+
+    def __init__(self, k_max: int):
+        self.k_max, self.k, self.misses, self.wait = k_max, k_max, 0, 0
+
+    def done(self, drafted: int, m: int) -> None:
+        self.k = min(self.k_max, self.k + 2) if m == drafted else max(1, self.k - 1)
+        self.misses = self.misses + 1 if m == 0 else 0
+        self.wait = min(self.MAX_WAIT, 2 ** self.misses) if m == 0 else 0
+
+
 def draft_for(r) -> list[int]:
     """The draft of a decoding request ``r`` this step (empty: decode one token)."""
     k = r.params.speculative_tokens
     if (k <= 0 or not r.simple or r.grammar is not None or r.params.logprobs is not None
             or len(r.tokens) < r.params.min_tokens or not r.tokens):
         return []
-    k = min(k, r.budget - len(r.tokens) - 1)    # never past the budget (nor the slot's columns)
+    if r.drafting is None:
+        r.drafting = Drafting(k)
+    d = r.drafting
+    if d.wait > 0:
+        d.wait -= 1
+        return []
+    k = min(d.k, r.budget - len(r.tokens) - 1)  # never past the budget (nor the slot's columns)
     if k <= 0:
         return []
     return propose(r.ids + r.tokens, k)
