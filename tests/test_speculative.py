@@ -100,11 +100,40 @@ def test_drafting_adapts_its_length_and_backs_off():
     d.done(6, 6)
     assert d.k == 8
     d.done(8, 0)
-    assert (d.misses, d.wait) == (1, 2)
+    assert (d.misses, d.wait) == (1, 0)                 # one miss: no wait
     d.done(7, 0)
-    assert (d.misses, d.wait) == (2, 4)
+    assert (d.misses, d.wait) == (2, 2)
+    d.done(6, 0)
+    assert (d.misses, d.wait) == (3, 4)
     for _ in range(8):
         d.done(1, 0)
     assert d.wait == Drafting.MAX_WAIT and d.k == 1
     d.done(1, 1)
     assert (d.misses, d.wait, d.k) == (0, 0, 3)
+
+
+def test_through_pf_serve_with_its_counters(close_call_model):  # noqa: F811
+    """The body field through the openai client: the same completion, and /metrics counts the
+    drafted and accepted tokens (parsed by prometheus_client)."""
+    openai = pytest.importorskip("openai")
+    httpx = pytest.importorskip("httpx")
+    from prometheus_client.parser import text_string_to_metric_families
+    from pf_engine.serve import build_app
+    from pf_engine.serve.threaded import ThreadedServer
+    e = tiny_engine(close_call_model, quantize="q4")
+    e.new_scheduler(slots=2, max_len=256)
+    s = ThreadedServer(build_app(e, "tiny", timeout_s=60))
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        prompt = repetitive_prompts(1)[0]
+        kw = dict(model="tiny", prompt=prompt, max_tokens=48, temperature=0)
+        plain = c.completions.create(**kw).choices[0].text
+        assert c.completions.create(**kw, extra_body={"speculative_tokens": 6}).choices[0].text == plain
+        with pytest.raises(openai.BadRequestError, match="speculative_tokens"):
+            c.completions.create(**kw, extra_body={"speculative_tokens": 99})
+        text = httpx.get(s.url + "/metrics", timeout=30).text
+        got = {smp.name: smp.value for fam in text_string_to_metric_families(text)
+               for smp in fam.samples}
+        assert got["pf_speculative_draft_tokens_total"] >= got["pf_speculative_accepted_tokens_total"] > 0
+    finally:
+        s.close()

@@ -31,6 +31,8 @@ By the model id a request named (protocol.Catalog's ids: bounded) and by expert:
                                                             each choice's mean over tokens)
     pf_expert_generated_tokens_total{bank, expert}         their tokens
     pf_bank_bytes{bank}, pf_bank_experts{bank}             the bank loaded (bytes of its tensors)
+    pf_speculative_draft_tokens_total                      speculative decoding (speculative.py):
+    pf_speculative_accepted_tokens_total                    tokens drafted, and of them accepted
 
 persona_kind: base, explicit, sequence or token (persona.Personas kinds).  bank: the bank's name
 (its file's stem, else "default").
@@ -147,7 +149,8 @@ class Metrics:
 
 
 class PrefixCacheCollector:
-    """The prefix cache's counters (runtime/prefix_cache.py), read at scrape time; zero when off."""
+    """The prefix cache's counters (runtime/prefix_cache.py), read at scrape time; zero when off;
+    and speculative decoding's (the scheduler's Stats)."""
 
     COUNTERS = (("lookups", "Requests that looked in the prefix cache"),
                 ("hits", "Requests that reused cached prompt blocks"),
@@ -168,6 +171,11 @@ class PrefixCacheCollector:
                                 value=cache.bytes if cache else 0)
         yield GaugeMetricFamily("pf_prefix_cache_blocks", "Blocks the prefix cache holds",
                                 value=cache.blocks if cache else 0)
+        st = self.scheduler_of().stats
+        yield CounterMetricFamily("pf_speculative_draft_tokens", "Tokens drafted by prompt lookup",
+                                  value=st.draft_tokens)
+        yield CounterMetricFamily("pf_speculative_accepted_tokens", "Drafted tokens the target "
+                                  "accepted", value=st.accepted_tokens)
 
 
 def bank_name(bank) -> str:
