@@ -33,6 +33,7 @@ from pf_engine.outputs import GenerationOutput, Stats
 from pf_engine.parallel.options import check_parallel
 from pf_engine.parallel.runtime import tp_model
 from pf_engine.persona.bank import AdapterBank
+from pf_engine.runtime import banks
 from pf_engine.persona.mix import Mix
 from pf_engine.persona.specs import Personas
 from pf_engine.runtime.config import SchedulerConfig
@@ -121,7 +122,7 @@ class Engine:
         self.tensor_parallel = check_parallel(self.config, tensor_parallel, device,
                                               keep or mode not in (None, "f32"))
         weights = load_weights(folder, self.config, dtype, device, *self.load_args)
-        self.weight_formats = quantization.describe(weights)
+        self.base_formats = quantization.describe(weights)
         self.bank = None
         if adapters is not None:
             self.bank = adapters.for_model(self.config) if isinstance(adapters, AdapterBank) \
@@ -133,8 +134,7 @@ class Engine:
             self.model = Decoder(self.config, weights, device, self.backend)
             if self.bank is not None:
                 self.model.attach(self.bank)
-        if self.bank is not None:
-            self.weight_formats += f", {expert_formats(self.model)} experts"
+        self.describe_weights()
         if getattr(backend, "deterministic", False) and not self.batch_invariant:
             raise PFError(f"deterministic=True: the cpu kernel does not run this model's "
                           f"{self.weight_formats} weights; expected fp32 or a quantized format")
@@ -324,6 +324,30 @@ class Engine:
         self.stats = sched.stats
 
     # Continuous batching --------------------------------------------------------------------
+    def describe_weights(self) -> None:
+        """weight_formats: the base's formats, and the experts' when a bank is attached."""
+        self.weight_formats = self.base_formats
+        if self.bank is not None:
+            self.weight_formats += f", {expert_formats(self.model)} experts"
+
+    def load_bank(self, adapters) -> None:
+        """Replace the bank (a path, a shipped name or an AdapterBank), or load one, between
+        requests: a RequestError while any is in flight (runtime/banks.py)."""
+        banks.swap(self, banks.checked(self, adapters))
+
+    def unload_bank(self) -> None:
+        """Drop the bank (the base model alone from now on), between requests."""
+        banks.swap(self, None)
+
+    def load_expert(self, name: str, source) -> None:
+        """Add expert ``name`` (a PEFT folder, or a bank file's expert) to the bank, or replace the
+        one of that name, between requests (runtime/banks.py)."""
+        banks.load_expert(self, name, source)
+
+    def unload_expert(self, name: str) -> None:
+        """Remove expert ``name`` from the bank, between requests."""
+        banks.unload_expert(self, name)
+
     def prefix_cache(self):
         """The engine's prefix cache (runtime/prefix_cache.py), shared by its schedulers and
         generate calls: prompt KV blocks reused by later prompts that start the same way under the

@@ -102,9 +102,9 @@ def test_drafting_adapts_its_length_and_backs_off():
     d.done(8, 0)
     assert (d.misses, d.wait) == (1, 0)                 # one miss: no wait
     d.done(7, 0)
-    assert (d.misses, d.wait) == (2, 2)
+    assert (d.misses, d.wait) == (2, 4)
     d.done(6, 0)
-    assert (d.misses, d.wait) == (3, 4)
+    assert (d.misses, d.wait) == (3, 16)
     for _ in range(8):
         d.done(1, 0)
     assert d.wait == Drafting.MAX_WAIT and d.k == 1

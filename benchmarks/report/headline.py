@@ -217,6 +217,22 @@ def deterministic(res: dict) -> list[str]:
             f"stored as bytes (the bundled 4-bit one) is batch-invariant without it."]
 
 
+def speculative(res: dict) -> list[str]:
+    """Speculative decoding by prompt lookup: the editing stream's speedup, the worst case and
+    the equality rows (bench_speculative.json)."""
+    rows = res.get("rows") or {}
+    if "editing" not in rows or "missed" not in rows:
+        return []
+    e, m = rows["editing"], rows["missed"]
+    same = all(a == b for a, b in (v.split("/") for v in res["equal"].values()))
+    return [f"- **Speculative decoding by prompt lookup** ({res['machine']['cpu']}, the bundled "
+            f"model, draft {res['draft']}; {_at(res)}): a reply that copies its prompt decodes "
+            f"{e['speedup']:.2f}x faster (goal 1.5x: {_met(e['speedup'] >= 1.5)}), every draft "
+            f"wrong {m['speedup']:.2f}x (goal >= 0.95x: {_met(m['speedup'] >= 0.95)}); greedy "
+            f"tokens {'equal' if same else '**not** equal'} to decoding without drafts for base, "
+            f"explicit and auto personas."]
+
+
 def serving(srv: dict, where: str) -> list[str]:
     goals = srv.get("goals") or []
     if not goals:
@@ -249,6 +265,7 @@ def headline(results_dir: str, link: str) -> list[str]:
                      ("bench_tp.json", tensor_parallel),
                      ("bench_prefix_personas.json", prefix_personas),
                      ("bench_deterministic.json", deterministic),
+                     ("bench_speculative.json", speculative),
                      ("bench_replicas.json", replicas)):
         res = get(name)
         if res:

@@ -83,6 +83,12 @@ def deterministic_section(results_dir: str) -> list[str]:
                          "Batch-invariant fp32 products: what deterministic=True costs (CPU)")
 
 
+def speculative_section(results_dir: str) -> list[str]:
+    """Speculative decoding by prompt lookup, with against without (bench_speculative.json)."""
+    return bench_section(results_dir, "bench_speculative",
+                         "Speculative decoding by prompt lookup (CPU, the bundled model)")
+
+
 def replicas_section(results_dir: str) -> list[str]:
     """Replicas on Ray Serve: one, two round-robin, two by affinity (bench_replicas.json)."""
     return bench_section(results_dir, "bench_replicas",

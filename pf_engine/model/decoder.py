@@ -171,6 +171,14 @@ class Decoder:
                 lin.attach({m: bank.lora(i, m) for m in lin.modules}, bank.num_experts)
         self.runner = self.backend.runner(self)
 
+    def detach(self) -> None:
+        """Drop the attached experts (runtime/banks.py): the base model, its backend state
+        rebuilt."""
+        for blk in self.blocks:
+            for lin in blk.linears:
+                lin.attach({}, 0)
+        self.runner = self.backend.runner(self)
+
     def slot_cache(self, slots: int, max_len: int):
         """A KV pool of ``slots`` rows of ``max_len`` columns for this model's heads."""
         return SlotCache.for_model(self.cfg, slots, max_len, self.dtype, self.device)

@@ -22,6 +22,7 @@ The file (bank_file.py: format, reading, checks) and the import of PEFT folders
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -135,6 +136,7 @@ class AdapterBank:
         self.router = router
         self.token_router = token_router
         self.recipe = recipe
+        self._digest: str | None = None
         self._build_index()
 
     # Layout ---------------------------------------------------------------------------------
@@ -170,6 +172,19 @@ class AdapterBank:
         return [m for m, ids in self.module_experts.items() if k in ids]
 
     @property
+    def digest(self) -> str:
+        """A hash of what the bank computes (names, ranks, scalings, every tensor's bytes,
+        routers' too): the prefix cache's key (prefix_cache.persona_root), so KV computed under
+        one bank or expert is never served under another (run-time changes: runtime/banks.py)."""
+        if self._digest is None:
+            h = hashlib.sha256(repr((self.expert_names, self.ranks, self.scalings)).encode())
+            for key, t in self.tensors().items():
+                h.update(key.encode())
+                h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            self._digest = h.hexdigest()[:16]
+        return self._digest
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
@@ -186,6 +201,7 @@ class AdapterBank:
         """
         self._weights = {key: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
                          for key, (a, b) in self._weights.items()}
+        self._digest = None
         if device is not None:
             for r in (self.router, self.token_router):
                 if r is not None:

@@ -75,6 +75,11 @@ class SchedulerConfig:
         """A config from keywords, those given as None taking their defaults."""
         return cls(**{k: v for k, v in given.items() if v is not None})
 
+    def settings(self) -> dict:
+        """new_scheduler's keywords for a scheduler like this one (a resolved config's)."""
+        return {"slots": self.slots, "max_len": self.max_len, "prefill_budget": self.prefill_budget,
+                "background": self.background, "decode": self.decode}
+
     def resolved(self, engine) -> "SchedulerConfig":
         """Every default decided for ``engine`` and every value checked (one-line
         RequestErrors): slots, max_len and decode are set."""

@@ -269,7 +269,7 @@ def persona_root(req) -> tuple | None:
     after routing (its gate row is known)."""
     if req.kind == BASE:
         return ("base",)
-    bank = id(req.personas.bank)
+    bank = req.personas.bank.digest           # its content: a bank changed at run time differs
     if req.kind == TOKEN:
         return ("token", bank)
     return ("gates", bank, tuple(req.personas.rows[0].tolist()))

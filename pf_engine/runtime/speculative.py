@@ -61,12 +61,12 @@ class Drafting:
 
     After a verify of L drafted tokens with m accepted (transformers' assisted generation
     heuristic, and a back-off): m = L: k += 2 (at most speculative_tokens); m < L: k -= 1 (at
-    least 1); m = 0 for the second time in a row or more: no draft for the next 2^(misses - 1)
+    least 1); m = 0 for the second time in a row or more: no draft for the next 4^(misses - 1)
     steps (misses: drafts missed in a row; at most MAX_WAIT), so text the lookup cannot predict
     costs a verify now and then, not every step, while one miss (a copy that changed a word)
     costs no wait."""
 
-    MAX_WAIT = 32
+    MAX_WAIT = 64
 
     def __init__(self, k_max: int):
         self.k_max, self.k, self.misses, self.wait = k_max, k_max, 0, 0
@@ -74,7 +74,7 @@ class Drafting:
     def done(self, drafted: int, m: int) -> None:
         self.k = min(self.k_max, self.k + 2) if m == drafted else max(1, self.k - 1)
         self.misses = self.misses + 1 if m == 0 else 0
-        self.wait = min(self.MAX_WAIT, 2 ** (self.misses - 1)) if self.misses > 1 else 0
+        self.wait = min(self.MAX_WAIT, 4 ** (self.misses - 1)) if self.misses > 1 else 0
 
 
 def draft_for(r) -> list[int]:

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from pf_engine.errors import RequestError
 from pf_engine.serve.metrics import Metrics
-from pf_engine.serve import aliases, tokens
+from pf_engine.serve import adapters, aliases, tokens
 from pf_engine.serve.choices import Call
 from pf_engine.serve.limits import MAX_BODY_BYTES, read_json
 from pf_engine.serve.protocol import APIError, Catalog, new_id, parse
@@ -45,6 +45,7 @@ class Server:
         self.served = {"requests": 0, "tokens": 0, "t0": time.monotonic()}
         self.live: set[Call] = set()          # admitted calls: their slots are reserved
         self.metrics.reserved = self.reserved
+        self.changes = adapters.Changes()     # run-time bank changes (adapters.py)
 
     # what the routes ask (a Ray Serve ingress answers the same from its replicas) -----------
     async def model_ids(self) -> list[str]:
@@ -58,6 +59,10 @@ class Server:
 
     async def metrics_text(self) -> str:
         return self.metrics.text()
+
+    async def change_bank(self, body, load: bool) -> dict:
+        """/v1/load_lora_adapter (``load``) or /v1/unload_lora_adapter (adapters.py)."""
+        return await adapters.change(self, body, load)
 
     def record(self, endpoint: str, status: str, call: Call, rid: str, t0: float) -> None:
         """Count a finished (or refused) request in the metrics and log one line for it:
@@ -109,6 +114,7 @@ class Server:
         (APIError for a bad or refused one): what ``result`` or ``events`` then answer.  The
         HTTP handler and a Ray Serve replica (ray_serve.py) both start here."""
         t0 = time.perf_counter()
+        await self.changes.wait()             # no await from here to admit: a change drains us
         p = parse(body, kind, self.catalog, self.engine)
         call = Call(self.engine, p)
         endpoint = "chat" if kind == "chat" else "completions"
@@ -208,6 +214,18 @@ async def models(request: Request):
 async def lora_adapters(request: Request):
     """llama.cpp server's listing: the ids its clients' ``lora`` field names (aliases.py)."""
     return aliases.adapters(await server(request).model_ids())
+
+
+@routes.post("/v1/load_lora_adapter")
+async def load_lora_adapter(request: Request):
+    s = server(request)
+    return await s.change_bank(await read_json(request, s.max_body), True)
+
+
+@routes.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(request: Request):
+    s = server(request)
+    return await s.change_bank(await read_json(request, s.max_body), False)
 
 
 @routes.post("/tokenize")
