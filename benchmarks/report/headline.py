@@ -61,8 +61,16 @@ def cpu_formats(res: dict) -> list[str]:
     g = goals(res)
     met = sum(1 for *_, ok in g if ok)
     rss = res["peak_rss_mb"].get("q4_1")
+    pre = [f"{f} {rows[('pf_engine', f, 'base')]['prefill_tok_s']:.0f} vs "
+           f"{rows[('llama.cpp', f, 'base')]['prefill_tok_s']:.0f}"
+           for f in ("q4_1", "q8_0", "bf16", "f16", "f32", "q4_k_m")
+           if ("pf_engine", f, "base") in rows and ("llama.cpp", f, "base") in rows]
+    plain = res.get("peer_extra_buffers") is False
     return [f"- **CPU decode by weight format, ours vs llama.cpp on the same GGUF** ({res['machine']['cpu']}, "
-            f"{res['threads']} threads; {_at(res)}): " + ", ".join(parts)
+            f"{res['threads']} threads, our kernels {res.get('isa', '?')}; {_at(res)}): " + ", ".join(parts)
+            + ("; prefill tok/s " + ", ".join(pre) if pre else "")
+            + ("; llama.cpp without its extra buffer types (its AMX weights crash its decode on this "
+               "CPU: benchmarks/llama_peer.py)" if plain else "")
             + (f"; the bundled model in 4-bit peaks at {rss:.0f} MB RSS" if rss else "")
             + f"; {met} of {len(g)} goals of issues 21 and 32 met (table in RESULTS.md)."] + cpu_experts(res)
 
