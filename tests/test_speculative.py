@@ -137,3 +137,32 @@ def test_through_pf_serve_with_its_counters(close_call_model):  # noqa: F811
         assert got["pf_speculative_draft_tokens_total"] >= got["pf_speculative_accepted_tokens_total"] > 0
     finally:
         s.close()
+
+
+def test_sampling_keeps_the_distribution(eng):
+    """Temperature 1 on the close-call model (nearly flat: a drafted token is rarely likely).  The
+    statistic: how often a token (after the first) is the one prompt lookup would draft there.
+    Without drafts that is the model's own probability of it (small); with drafts it must stay so
+    (accepting every draft would make it nearly 1).  Over many seeds, within 4 standard errors.
+    Batches of 6 (a verify step holds 16 rows)."""
+    import math
+    prompt, n = repetitive_prompts(1)[0], 16
+
+    def hit_rate(k, base):
+        hits = total = drafted = 0
+        for s0 in range(0, 180, 6):
+            outs = eng.generate([prompt] * 6, max_new_tokens=n, temperature=1.0, seed=base + s0,
+                                speculative_tokens=k)
+            drafted += eng.stats.draft_tokens
+            for o in outs:
+                seq = prompt + o.token_ids
+                for i in range(len(prompt) + 1, len(seq)):
+                    d = propose(seq[:i], 1)
+                    if d:
+                        total += 1
+                        hits += seq[i] == d[0]
+        return hits / total, total, drafted
+    (p0, n0, _), (p1, n1, drafted) = hit_rate(0, 0), hit_rate(4, 10_000)
+    assert drafted > 0 and n0 > 40 and n1 > 40
+    p = (p0 * n0 + p1 * n1) / (n0 + n1)
+    assert abs(p1 - p0) < 4 * math.sqrt(p * (1 - p) * (1 / n0 + 1 / n1)) + 0.02, (p0, p1)

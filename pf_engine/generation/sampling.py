@@ -166,10 +166,15 @@ class Sampler:
             logits = apply_repetition_penalty(logits, self.seen[rows], p.repetition_penalty)
         if p.greedy:
             return logits.argmax(-1)
-        logits = top_p_filter(top_k_filter(logits / p.temperature, p.top_k), p.top_p)
-        probs = logits.softmax(-1)
+        probs = self.probs(logits)
         return torch.cat([torch.multinomial(probs[i], 1, generator=self.generators[r])
                           for i, r in enumerate(rows)])
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution a sampled token is drawn from, for logits [n, V] (after any
+        repetition penalty): temperature, then top-k, then top-p, softmax."""
+        p = self.params
+        return top_p_filter(top_k_filter(logits / p.temperature, p.top_k), p.top_p).softmax(-1)
 
 
 # Defaults a CLI or the server uses for the fields a user leaves out ------------------------------

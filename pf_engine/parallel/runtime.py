@@ -142,7 +142,8 @@ class TPDecoder:
     DATA = ("cfg", "dtype", "device", "backend", "blocks", "embed", "norm", "head", "rotary",
             "runner")
     LOCAL = ("embedding",)
-    REFUSED = ("attach", "layer_states",     # attach: each rank attaches its shard (tp.py)
+    REFUSED = ("attach", "detach",           # each rank attaches its shard (tp.py); banks
+               "layer_states",               # do not change at run time under TP
                "run_blocks", "resume",       # the prefix cache's split: 0 under TP (whole
                "lower")                      # blocks, prefix_cache.split_layer), and "auto"
                                              # routed by its own pass (runtime/routing.py)

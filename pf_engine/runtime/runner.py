@@ -28,7 +28,7 @@ import torch
 from pf_engine.model.step import Step
 from pf_engine.persona.mix import Mix
 from pf_engine.persona.specs import BASE, TOKEN
-from pf_engine.runtime.speculative import accepted
+from pf_engine.runtime.speculative import accepted, sampled
 from pf_engine.runtime.static_decode import CaptureFailed, StaticDecode
 from pf_engine.generation.scoring import logprobs_of
 from pf_engine.generation.structured import mask_rows
@@ -173,13 +173,20 @@ class StepRunner:
         for b, d in enumerate(drafts):
             if not d:
                 continue
-            r, t = reqs[b], targets[first[b]:first[b] + 1 + len(d)]
-            m = accepted(d, t)
+            r, rows = reqs[b], slice(first[b], first[b] + 1 + len(d))
+            if r.params.greedy:
+                t = targets[rows]
+                m = accepted(d, t)
+                out = t[:m + 1]
+            else:
+                with eng.backend.policy.forward(eng.device, True):
+                    m, nxt = sampled(r, d, logits[rows])
+                out = d[:m] + [nxt]
             r.drafting.done(len(d), m)
-            for tok in t[:m + 1]:
+            for tok in out:
                 if not r.done:
                     r.emit(tok)
-            self.last_tok[r.slot] = t[m]
+            self.last_tok[r.slot] = out[-1]
             filled[b] = m + 1
         self._add_row_gates(reqs, mix, own, first, filled)
         return filled

@@ -27,9 +27,12 @@ and are overwritten by its next step.  (A forward of k + 1 tokens as one prefill
 the weights once too, but its norms and residuals are torch's, not the decode step's: its logits
 differ in the last bits, which flips near-tied greedy tokens.)
 
-Per request: ``SamplingParams.speculative_tokens`` = k (0: off).  It applies to greedy requests
-without a repetition penalty, grammar, logprobs or a pending min_tokens (the others decode one
-token per step in the same forward); on CUDA's static decode and under tensor parallelism it
+Sampling requests (temperature > 0) verify by the standard acceptance rule instead (``sampled``):
+their tokens are distributed as without drafts.
+
+Per request: ``SamplingParams.speculative_tokens`` = k (0: off).  It applies to requests without
+a repetition penalty, grammar, logprobs or a pending min_tokens (the others decode one token per
+step in the same forward); on CUDA's static decode and under tensor parallelism it
 is off.  The scheduler counts
 drafted and accepted tokens (Stats.draft_tokens, accepted_tokens; pf-serve's /metrics).
 """
@@ -80,7 +83,8 @@ class Drafting:
 def draft_for(r) -> list[int]:
     """The draft of a decoding request ``r`` this step (empty: decode one token)."""
     k = r.params.speculative_tokens
-    if (k <= 0 or not r.simple or r.grammar is not None or r.params.logprobs is not None
+    if (k <= 0 or r.params.repetition_penalty != 1.0 or r.grammar is not None
+            or r.params.logprobs is not None
             or len(r.tokens) < r.params.min_tokens or not r.tokens):
         return []
     if r.drafting is None:
@@ -106,6 +110,26 @@ def drafts_for(reqs: list) -> list[list[int]]:
         room -= len(d)
         out.append(d)
     return out
+
+
+def sampled(r, draft: list[int], logits) -> tuple[int, int]:
+    """(m, the token after the m accepted) for a sampling request: the standard acceptance rule
+    with the draft a point mass (q(d) = 1).  At position i, p = the request's distribution
+    (Sampler.probs); d_i is accepted with probability p(d_i), else the token is drawn from p
+    without d_i, renormalised (max(0, p - q) normalised), and the draft ends; with all accepted,
+    the next token is drawn from p at the last position.  The tokens are then distributed as the
+    non-speculative sampler's (not the same draws: the request's generator is used differently).
+    logits: [len(draft) + 1, V], position i after last, d_1 .. d_i."""
+    import torch
+    probs = r.sampler.probs(logits.float())
+    gen = r.sampler.generators[0]
+    for i, d in enumerate(draft):
+        if torch.rand((), generator=gen, device=probs.device) < probs[i, d]:
+            continue
+        rest = probs[i].clone()
+        rest[d] = 0.0
+        return i, int(torch.multinomial(rest / rest.sum(), 1, generator=gen))
+    return len(draft), int(torch.multinomial(probs[-1], 1, generator=gen))
 
 
 def accepted(draft: list[int], targets: list[int]) -> int:

@@ -31,7 +31,7 @@ By the model id a request named (protocol.Catalog's ids: bounded) and by expert:
                                                             each choice's mean over tokens)
     pf_expert_generated_tokens_total{bank, expert}         their tokens
     pf_bank_bytes{bank}, pf_bank_experts{bank}             the bank loaded (bytes of its tensors)
-    pf_speculative_draft_tokens_total                      speculative decoding (speculative.py):
+    pf_speculative_draft_tokens_total                      runtime/speculative.py:
     pf_speculative_accepted_tokens_total                    tokens drafted, and of them accepted
 
 persona_kind: base, explicit, sequence or token (persona.Personas kinds).  bank: the bank's name
