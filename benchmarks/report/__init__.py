@@ -43,6 +43,7 @@ def results_page(results_dir: str, page_dir: str, command: str) -> str:
     parts += sections.prefix_personas_section(results_dir)
     parts += sections.deterministic_section(results_dir)
     parts += sections.speculative_section(results_dir)
+    parts += sections.guidellm_section(results_dir)
     parts += sections.tp_section(results_dir)
     parts += sections.replicas_section(results_dir)
     parts += sections.http_section(results_dir)

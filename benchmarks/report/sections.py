@@ -89,6 +89,12 @@ def speculative_section(results_dir: str) -> list[str]:
                          "Speculative decoding by prompt lookup (CPU, the bundled model)")
 
 
+def guidellm_section(results_dir: str) -> list[str]:
+    """guidellm (a vLLM benchmark client) against pf-serve (bench_guidellm.json)."""
+    return bench_section(results_dir, "bench_guidellm",
+                         "A vLLM benchmark client against pf-serve: guidellm, unchanged")
+
+
 def replicas_section(results_dir: str) -> list[str]:
     """Replicas on Ray Serve: one, two round-robin, two by affinity (bench_replicas.json)."""
     return bench_section(results_dir, "bench_replicas",
