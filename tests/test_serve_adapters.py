@@ -121,3 +121,12 @@ def test_the_api_key_guards_them(setup):
         assert r.status_code == 200 and eng.bank.expert_names == ["b"]
     finally:
         s.close()
+
+
+def test_replicas_refuse_run_time_changes_in_one_line():
+    import asyncio
+    ray_serve = pytest.importorskip("pf_engine.serve.ray_serve")
+    from pf_engine.serve.protocol import APIError
+    with pytest.raises(APIError, match="not supported with --replicas") as e:
+        asyncio.run(ray_serve.RemoteServer(None, 1).change_bank({"lora_name": "a"}, False))
+    assert e.value.status == 501

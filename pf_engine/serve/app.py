@@ -283,8 +283,8 @@ def build_app(engine, model_id: str, max_queue: int = 64, api_key: str | None = 
 
 def app_for(server_, api_key: str | None = None) -> FastAPI:
     """pf-serve's routes, errors and key check over ``server_``: a Server, or anything answering
-    its route methods (model_ids, tokens, metrics_text, complete) and holding ``max_body``, as
-    the Ray Serve ingress does (ray_serve.py)."""
+    its route methods (model_ids, tokens, metrics_text, change_bank, complete) and holding
+    ``max_body``, as the Ray Serve ingress does (ray_serve.py)."""
     app = FastAPI(title="pf-serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server_
     app.add_exception_handler(APIError, api_error)

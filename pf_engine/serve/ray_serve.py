@@ -186,6 +186,13 @@ class RemoteServer:
                   for (rep, st), n in sorted(self.answered.items())]
         return "\n".join(lines) + "\n"
 
+    async def change_bank(self, body, load: bool) -> dict:
+        """Run-time bank changes are a single server's (serve/adapters.py): each replica holds
+        its own engine, and a change across replicas is not one step."""
+        raise APIError(501, "loading or unloading adapters at run time is not supported with "
+                       "--replicas: restart the deployment with the new bank", None,
+                       "invalid_request_error", "not_supported")
+
     async def complete(self, request: Request, kind: str):
         body = await read_json(request, self.max_body)
         gen = self.handle.options(stream=True).complete.remote(
