@@ -1,13 +1,13 @@
 """pf-eval: measure the persona experts and the router on the held-out split.
 
     pf-eval [--adapters bigfive] [--data DIR] [--model M] [--out benchmarks/results/personas.json]
-            [--plot PNG] [--readme README.md] [--limit N] [--max-new-tokens 48]
+            [--plot PNG] [--readme PAGE.md] [--limit N] [--max-new-tokens 48]
             [--sample MESSAGE_ID] [--quantize FMT] [--compare JSON] [--no-retention]
             [--quiet]
 
 Writes the JSON (every figure, the generated replies, provenance), the trait x pole heat map and,
-with --readme, regenerates the README's Personas section from that JSON.  Errors print one line
-``pf-eval: error: ...`` and exit with 2.
+with --readme, regenerates a page's Personas section from that JSON (benchmarks/PERSONAS.md).
+Errors print one line ``pf-eval: error: ...`` and exit with 2.
 """
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ def build_parser() -> Parser:
     p.add_argument("--plot", default=os.path.join("benchmarks", "results", "plots",
                                                   "personas_heatmap.png"),
                    help="heat map PNG to write ('' for none)")
-    p.add_argument("--readme", default=None, help="regenerate this README's Personas section")
+    p.add_argument("--readme", default=None,
+                   help="regenerate the Personas section of this page (its markers), e.g. "
+                        "benchmarks/PERSONAS.md")
     p.add_argument("--limit", type=int, default=0,
                    help="use at most N items of each kind (0: all; a smoke test)")
     p.add_argument("--max-new-tokens", type=int, default=48)
