@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random HF models saved with save_pretrained (real safetensors)."""
+import contextlib
 import os
 
 import pytest
@@ -90,3 +91,25 @@ from gguf_fixtures import bundled_pf_home, converted_smollm2  # noqa: E402,F401
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a long test (about a minute); it runs in .ci/run")
+
+
+@contextlib.contextmanager
+def bank_server(folder, seed: int):
+    """A pf-serve (ThreadedServer, model id "tiny") over the tiny chat model in ``folder`` with a
+    seeded random bank of the Big Five poles and its routers, and the real openai client on it:
+    (server, client, bank); closed on exit."""
+    import openai
+    from pf_engine import Engine
+    from pf_engine.model.config import ModelConfig
+    from pf_engine.persona.bank import AdapterBank
+    from pf_engine.serve import build_app
+    from pf_engine.serve.threaded import ThreadedServer
+    bank = AdapterBank.random(ModelConfig.from_file(f"{folder}/config.json"), rank=4, seed=seed,
+                              router=True)
+    eng = Engine.from_pretrained(folder, adapters=bank, progress=False, device="cpu", dtype="fp32")
+    eng.new_scheduler(slots=4, max_len=128)
+    s = ThreadedServer(build_app(eng, "tiny", timeout_s=60))
+    try:
+        yield s, openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60), bank
+    finally:
+        s.close()

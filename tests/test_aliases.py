@@ -4,11 +4,8 @@ stand for, through the real openai client; GET /lora-adapters lists the ids; bad
 400 naming the field."""
 import pytest
 
-from pf_engine import Engine
-from pf_engine.model.config import ModelConfig
-from pf_engine.persona.bank import AdapterBank
-from pf_engine.serve import aliases, build_app
-from pf_engine.serve.threaded import ThreadedServer
+from conftest import bank_server
+from pf_engine.serve import aliases
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -16,15 +13,8 @@ httpx = pytest.importorskip("httpx")
 
 @pytest.fixture(scope="module")
 def served(tiny_chat_model):
-    folder, _ = tiny_chat_model
-    bank = AdapterBank.random(ModelConfig.from_file(f"{folder}/config.json"), rank=4, seed=11,
-                              router=True)
-    eng = Engine.from_pretrained(folder, adapters=bank, progress=False, device="cpu", dtype="fp32")
-    eng.new_scheduler(slots=4, max_len=128)
-    s = ThreadedServer(build_app(eng, "tiny", timeout_s=60))
-    c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
-    yield s, c, list(bank.expert_names)
-    s.close()
+    with bank_server(tiny_chat_model[0], seed=11) as (s, c, bank):
+        yield s, c, list(bank.expert_names)
 
 
 def _tokens(c, **extra):

@@ -3,11 +3,7 @@ request named (requests, tokens, latency) and by expert (choices, gate mass, tok
 loaded, parsed with prometheus_client's own parser after requests through the openai client."""
 import pytest
 
-from pf_engine import Engine
-from pf_engine.model.config import ModelConfig
-from pf_engine.persona.bank import AdapterBank
-from pf_engine.serve import build_app
-from pf_engine.serve.threaded import ThreadedServer
+from conftest import bank_server
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -16,15 +12,8 @@ parser = pytest.importorskip("prometheus_client.parser")
 
 @pytest.fixture(scope="module")
 def served(tiny_chat_model):
-    folder, _ = tiny_chat_model
-    bank = AdapterBank.random(ModelConfig.from_file(f"{folder}/config.json"), rank=4, seed=3,
-                              router=True)
-    eng = Engine.from_pretrained(folder, adapters=bank, progress=False, device="cpu", dtype="fp32")
-    eng.new_scheduler(slots=4, max_len=128)
-    s = ThreadedServer(build_app(eng, "tiny", timeout_s=60))
-    c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
-    yield s, c, bank
-    s.close()
+    with bank_server(tiny_chat_model[0], seed=3) as served:
+        yield served
 
 
 def scrape(url) -> dict:
