@@ -16,7 +16,7 @@ router trained for the new experts; pf-serve's model ids follow).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -85,9 +85,8 @@ def _shape(parts, layer: int, module: str) -> tuple[int, int]:
 def with_expert(bank, expert: Expert):
     """``bank`` with ``expert`` replacing the one of its name (routers kept), or added last
     (routers dropped)."""
-    if expert.weights and next(iter(expert.weights.values()))[0].dtype != bank.dtype:
-        expert.weights = {k: (a.to(bank.dtype), b.to(bank.dtype))
-                          for k, (a, b) in expert.weights.items()}
+    expert = replace(expert, weights={k: (a.to(bank.dtype), b.to(bank.dtype))
+                                      for k, (a, b) in expert.weights.items()})   # not the caller's
     experts = split(bank)
     names = [e.name for e in experts]
     if expert.name in names:

@@ -36,17 +36,13 @@ def expert_from(engine, name: str, source) -> bank_edit.Expert:
     file holding an expert of that name (or a single expert, renamed)."""
     from pf_engine.persona.bank import AdapterBank
     path = os.fspath(source)
-    if os.path.isdir(path):
-        bank = AdapterBank.from_peft(engine.config, {name: path})
-    else:
-        bank = checked(engine, path)
-        if name not in bank.expert_names:
-            if bank.num_experts != 1:
-                raise PFError(f"{path}: no expert {name!r} among {', '.join(bank.expert_names)}")
-            bank.expert_names = [name]
-    bank = bank.for_model(engine.config).to(dtype=engine.dtype, device=engine.device)
-    expert = bank_edit.split(bank)[bank.expert_names.index(name)]
-    expert.name = name
+    bank = checked(engine, AdapterBank.from_peft(engine.config, {name: path})
+                   if os.path.isdir(path) else path)
+    if name not in bank.expert_names and bank.num_experts != 1:
+        raise PFError(f"{path}: no expert {name!r} among {', '.join(bank.expert_names)}")
+    k = bank.expert_names.index(name) if name in bank.expert_names else 0
+    expert = bank_edit.split(bank)[k]
+    expert.name = name                     # a single expert takes the name it is loaded as
     return expert
 
 
