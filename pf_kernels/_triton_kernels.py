@@ -13,16 +13,23 @@ Constexpr flags common to all kernels:
     PREC    tl.dot's input_precision: "ieee" for fp32 inputs (tf32 would miss 1e-5), else "tf32"
             (ignored for fp16/bf16)
 
+The loops the kernels share are device functions (HELPERS): ``_dot_rows`` (the K-loop of every
+shrink and of the base GEMM), ``_expand_dot`` (one rank chunk of an expand) and ``_store_out``
+(the epilogue's bf16 rounding, cast and store).
+
 Each kernel is wrapped in a :class:`LazyKernel`, which builds the jitted (GPU) or interpreted
 (TRITON_INTERPRET=1, CPU) flavour when it is launched, so the mode is read at launch time and not
-frozen by whoever imported this module first.  For the same reason the kernels call no @jit
-function of triton.language (tl.zeros, tl.max, tl.cdiv, ...): those are jitted or interpreted
-once, when triton is imported, and an interpreted kernel cannot call a jitted one.  Builtins only
+frozen by whoever imported this module first.  An interpreted kernel cannot call a jitted
+function, nor a compiled one an interpreted function, so :func:`jitted` builds each mode's kernels
+over their own copy of this module's globals, in which the helpers are jitted for that mode too.
+For the same reason the kernels call no @jit function of triton.language (tl.zeros, tl.max,
+tl.cdiv, ...): those are jitted or interpreted once, when triton is imported.  Builtins only
 (tl.full, tl.reduce), so the interpreter works whatever the import order.
 """
 from __future__ import annotations
 
 import os
+import types
 
 import triton
 import triton.language as tl
@@ -37,6 +44,40 @@ def interpreting() -> bool:
         return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+HELPERS = ("_dot_rows", "_expand_dot", "_round_bf16", "_store_out")   # device functions
+_NAMESPACES: dict[bool, dict] = {}      # interpreting -> globals whose helpers have that flavour
+
+
+def _rebind(fn, namespace: dict):
+    """``fn`` (same code, signature and annotations) looking its globals up in ``namespace``."""
+    out = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+    out.__annotations__ = dict(fn.__annotations__)
+    out.__kwdefaults__, out.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    out.__module__, out.__doc__ = fn.__module__, fn.__doc__
+    return out
+
+
+def _namespace(interpret: bool) -> dict:
+    """This module's globals with every helper jitted (``interpret`` False) or interpreted."""
+    ns = _NAMESPACES.get(interpret)
+    if ns is None:
+        ns = dict(globals())
+        for name in HELPERS:                       # triton.jit reads the mode right now
+            ns[name] = triton.jit(_rebind(globals()[name], ns))
+        _NAMESPACES[interpret] = ns
+    return ns
+
+
+def jitted(fn, interpret: bool | None = None):
+    """Kernel ``fn`` jitted for the GPU (``interpret`` False) or the interpreter (True); None:
+    the mode current now.  Must be called in that mode, as triton.jit reads it."""
+    mode = interpreting() if interpret is None else interpret
+    if mode != interpreting():
+        raise RuntimeError(f"jitted(interpret={mode}) called while interpreting() is "
+                           f"{interpreting()}: triton.jit builds the current mode's flavour")
+    return triton.jit(_rebind(fn, _namespace(mode)))
+
+
 class LazyKernel:
     """``kernel[grid](...)`` that jits ``fn`` for the mode (GPU or interpreter) current at
     launch."""
@@ -49,7 +90,7 @@ class LazyKernel:
         mode = interpreting()
         kernel = self._by_mode.get(mode)
         if kernel is None:
-            kernel = self._by_mode[mode] = triton.jit(self.fn)   # jit reads the mode right now
+            kernel = self._by_mode[mode] = jitted(self.fn, mode)
         return kernel[grid]
 
 
@@ -67,6 +108,59 @@ _MAX = getattr(getattr(tl, "standard", None), "_elementwise_max", None) or JITFu
 def can_compile() -> bool:
     """False when triton was imported with TRITON_INTERPRET=1 (its @jit library is interpreted)."""
     return isinstance(_MAX, JITFunction)
+
+
+def _dot_rows(acc, x_ptr, xr, m_x, stride_xt, stride_xd, w_ptr, wr, m_w, stride_wr, stride_wd,
+              d_in, BK: tl.constexpr, INTERP_BF16: tl.constexpr, PREC: tl.constexpr):
+    """acc (BT, BN) + x[xr, :d_in] W[wr, :d_in]^T in fp32, walked in BK-wide column steps.
+
+    xr (BT,) int64 rows of x with mask m_x; wr (BN,) int64 rows of W with mask m_w; masked rows
+    and columns past d_in read zeros.  The K-loop of every shrink (W = A_cat) and of the base
+    GEMM (W = W_aug).
+    """
+    offs_k = tl.arange(0, BK)
+    for k0 in range(0, d_in, BK):
+        kk = k0 + offs_k
+        m_k = kk < d_in
+        xt = tl.load(x_ptr + xr[:, None] * stride_xt + kk[None, :] * stride_xd,
+                     mask=m_x[:, None] & m_k[None, :], other=0.0)                  # (BT, BK)
+        wt = tl.load(w_ptr + wr[None, :] * stride_wr + kk[:, None] * stride_wd,
+                     mask=m_w[None, :] & m_k[:, None], other=0.0)                  # (BK, BN)
+        if INTERP_BF16:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, wt, acc, input_precision=PREC)
+    return acc
+
+
+def _expand_dot(acc, h, b_ptr, cols, m_r, n64, m_n, stride_bn, stride_br,
+                INTERP_BF16: tl.constexpr, PREC: tl.constexpr):
+    """acc (BT, BN) + h B[n64, cols]^T: one rank chunk of an expand.
+
+    h (BT, BR) fp32, already gated; cols (BR,) int64 columns of B_cat with mask m_r; n64 (BN,)
+    output columns with mask m_n.  h is cast to B's dtype for the dot (fp32 accumulation).
+    """
+    b = tl.load(b_ptr + n64[None, :] * stride_bn + cols[:, None] * stride_br,
+                mask=m_r[:, None] & m_n[None, :], other=0.0)                       # (BR, BN)
+    if INTERP_BF16:
+        b = b.to(tl.float32)
+    else:
+        h = h.to(b.dtype)
+    return tl.dot(h, b, acc, input_precision=PREC)
+
+
+def _round_bf16(v):
+    """fp32 v rounded to the nearest bf16 (ties to even), still fp32: the interpreter's
+    fp32 -> bf16 cast truncates, a GPU's rounds."""
+    bits = v.to(tl.uint32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+def _store_out(ptrs, v, mask, INTERP_BF16: tl.constexpr):
+    """Store fp32 v at ptrs in their dtype, rounding as a GPU does when interpreting bf16."""
+    if INTERP_BF16:
+        v = _round_bf16(v)
+    tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
 
 
 def _shrink(x_ptr, a_ptr, h_ptr, tok_ptr, pair_w_ptr, count_ptr, start_ptr, active_ptr, ro_ptr,
@@ -93,24 +187,13 @@ def _shrink(x_ptr, a_ptr, h_ptr, tok_ptr, pair_w_ptr, count_ptr, start_ptr, acti
     m_p = offs_p < count
     tok = tl.load(tok_ptr + start + offs_p, mask=m_p, other=0).to(tl.int64)       # (BT,)
     w = tl.load(pair_w_ptr + start + offs_p, mask=m_p, other=0.0)                 # (BT,)
-    offs_k = tl.arange(0, BK)
 
     for rc in range(0, rk, BR):                  # rank chunks of BR (a bounded tile, any rank)
         offs_r = rc + tl.arange(0, BR)
         m_r = offs_r < rk
         rows = (r0 + offs_r).to(tl.int64)
-        acc = tl.full((BT, BR), 0.0, tl.float32)
-        for k0 in range(0, d_in, BK):
-            kk = k0 + offs_k
-            m_k = kk < d_in
-            xt = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :] * stride_xd,
-                         mask=m_p[:, None] & m_k[None, :], other=0.0)              # (BT, BK)
-            at = tl.load(a_ptr + rows[None, :] * stride_ar + kk[:, None] * stride_ad,
-                         mask=m_r[None, :] & m_k[:, None], other=0.0)              # (BK, BR)
-            if INTERP_BF16:
-                xt = xt.to(tl.float32)
-                at = at.to(tl.float32)
-            acc = tl.dot(xt, at, acc, input_precision=PREC)
+        acc = _dot_rows(tl.full((BT, BR), 0.0, tl.float32), x_ptr, tok, m_p, stride_xt, stride_xd,
+                        a_ptr, rows, m_r, stride_ar, stride_ad, d_in, BK, INTERP_BF16, PREC)
         acc = acc * w[:, None]
         tl.store(h_ptr + tok[:, None] * stride_ht + (r0 + offs_r)[None, :], acc,
                  mask=m_p[:, None] & m_r[None, :])
@@ -145,20 +228,11 @@ def _expand(y_ptr, h_ptr, b_ptr, g_ptr, ro_ptr, T, d_out, K,
                 cols = (r0 + offs_r).to(tl.int64)
                 h = tl.load(h_ptr + t64[:, None] * stride_ht + cols[None, :],
                             mask=m_t[:, None] & m_r[None, :], other=0.0)           # (BT, BR)
-                b = tl.load(b_ptr + n64[None, :] * stride_bn + cols[:, None] * stride_br,
-                            mask=m_r[:, None] & m_n[None, :], other=0.0)           # (BR, BN)
-                if INTERP_BF16:
-                    b = b.to(tl.float32)
-                else:
-                    h = h.to(b.dtype)
-                acc = tl.dot(h, b, acc, input_precision=PREC)
+                acc = _expand_dot(acc, h, b_ptr, cols, m_r, n64, m_n, stride_bn, stride_br,
+                                  INTERP_BF16, PREC)
     y_ptrs = y_ptr + t64[:, None] * stride_yt + n64[None, :] * stride_yn
     m_y = m_t[:, None] & m_n[None, :]
-    y = tl.load(y_ptrs, mask=m_y, other=0.0).to(tl.float32) + acc
-    if INTERP_BF16:   # round to nearest even: the interpreter's fp32 -> bf16 cast truncates
-        bits = y.to(tl.uint32, bitcast=True)
-        y = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_y)
+    _store_out(y_ptrs, tl.load(y_ptrs, mask=m_y, other=0.0).to(tl.float32) + acc, m_y, INTERP_BF16)
 
 
 def _fused_lora(y_ptr, x_ptr, a_ptr, b_ptr, g_ptr, ro_ptr, scal_ptr, T, d_in, d_out, K,
@@ -176,7 +250,6 @@ def _fused_lora(y_ptr, x_ptr, a_ptr, b_ptr, g_ptr, ro_ptr, scal_ptr, T, d_in, d_
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     m_t = offs_t < T
     m_n = offs_n < d_out
-    offs_k = tl.arange(0, BK)
     t64 = offs_t.to(tl.int64)
     n64 = offs_n.to(tl.int64)
 
@@ -191,33 +264,14 @@ def _fused_lora(y_ptr, x_ptr, a_ptr, b_ptr, g_ptr, ro_ptr, scal_ptr, T, d_in, d_
                 offs_r = rc + tl.arange(0, BR)
                 m_r = offs_r < rk
                 rows = (r0 + offs_r).to(tl.int64)
-                h = tl.full((BT, BR), 0.0, tl.float32)
-                for k0 in range(0, d_in, BK):
-                    kk = k0 + offs_k
-                    m_k = kk < d_in
-                    xt = tl.load(x_ptr + t64[:, None] * stride_xt + kk[None, :] * stride_xd,
-                                 mask=m_t[:, None] & m_k[None, :], other=0.0)      # (BT, BK)
-                    at = tl.load(a_ptr + rows[None, :] * stride_ar + kk[:, None] * stride_ad,
-                                 mask=m_r[None, :] & m_k[:, None], other=0.0)      # (BK, BR)
-                    if INTERP_BF16:
-                        xt = xt.to(tl.float32)
-                        at = at.to(tl.float32)
-                    h = tl.dot(xt, at, h, input_precision=PREC)
-                h = h * gs[:, None]
-                b = tl.load(b_ptr + n64[None, :] * stride_bn + rows[:, None] * stride_br,
-                            mask=m_r[:, None] & m_n[None, :], other=0.0)           # (BR, BN)
-                if INTERP_BF16:
-                    b = b.to(tl.float32)
-                    acc = tl.dot(h, b, acc, input_precision=PREC)
-                else:
-                    acc = tl.dot(h.to(b.dtype), b, acc, input_precision=PREC)
+                h = _dot_rows(tl.full((BT, BR), 0.0, tl.float32), x_ptr, t64, m_t, stride_xt,
+                              stride_xd, a_ptr, rows, m_r, stride_ar, stride_ad, d_in, BK,
+                              INTERP_BF16, PREC)                                   # (BT, BR)
+                acc = _expand_dot(acc, h * gs[:, None], b_ptr, rows, m_r, n64, m_n, stride_bn,
+                                  stride_br, INTERP_BF16, PREC)
     y_ptrs = y_ptr + t64[:, None] * stride_yt + n64[None, :] * stride_yn
     m_y = m_t[:, None] & m_n[None, :]
-    y = tl.load(y_ptrs, mask=m_y, other=0.0).to(tl.float32) + acc
-    if INTERP_BF16:   # round to nearest even: the interpreter's fp32 -> bf16 cast truncates
-        bits = y.to(tl.uint32, bitcast=True)
-        y = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_y)
+    _store_out(y_ptrs, tl.load(y_ptrs, mask=m_y, other=0.0).to(tl.float32) + acc, m_y, INTERP_BF16)
 
 
 def _linear_shrink(y_ptr, h_ptr, x_ptr, w_ptr, bias_ptr, g_ptr, scal_ptr, eor_ptr,
@@ -259,30 +313,17 @@ def _linear_shrink(y_ptr, h_ptr, x_ptr, w_ptr, bias_ptr, g_ptr, scal_ptr, eor_pt
 
     acc = tl.full((BM, BN), 0.0, tl.float32)
     if live:
-        offs_k = tl.arange(0, BK)
-        rows = (row0 + cols).to(tl.int64)
-        for k0 in range(0, d_in, BK):
-            kk = k0 + offs_k
-            m_k = kk < d_in
-            xt = tl.load(x_ptr + m64[:, None] * stride_xt + kk[None, :] * stride_xd,
-                         mask=m_m[:, None] & m_k[None, :], other=0.0)              # (BM, BK)
-            wt = tl.load(w_ptr + rows[None, :] * stride_wr + kk[:, None] * stride_wd,
-                         mask=m_n[None, :] & m_k[:, None], other=0.0)              # (BK, BN)
-            if INTERP_BF16:
-                xt = xt.to(tl.float32)
-                wt = wt.to(tl.float32)
-            acc = tl.dot(xt, wt, acc, input_precision=PREC)
+        acc = _dot_rows(acc, x_ptr, m64, m_m, stride_xt, stride_xd, w_ptr,
+                        (row0 + cols).to(tl.int64), m_n, stride_wr, stride_wd, d_in, BK,
+                        INTERP_BF16, PREC)
     m_out = m_m[:, None] & m_n[None, :]
     if is_lora:
         tl.store(h_ptr + m64[:, None] * stride_ht + c64[None, :], acc * gexp, mask=m_out)
     else:
         if HAS_BIAS:
             acc = acc + tl.load(bias_ptr + cols, mask=m_n, other=0.0).to(tl.float32)[None, :]
-        if INTERP_BF16:   # round to nearest even: the interpreter's fp32 -> bf16 cast truncates
-            bits = acc.to(tl.uint32, bitcast=True)
-            acc = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        tl.store(y_ptr + m64[:, None] * stride_yt + c64[None, :] * stride_yn,
-                 acc.to(y_ptr.dtype.element_ty), mask=m_out)
+        _store_out(y_ptr + m64[:, None] * stride_yt + c64[None, :] * stride_yn, acc, m_out,
+                   INTERP_BF16)
 
 
 shrink_kernel = LazyKernel(_shrink)

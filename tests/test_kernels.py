@@ -299,6 +299,29 @@ def test_all_zero_gates_leave_y_bit_identical(interp):
         assert torch.equal(y, y0)
 
 
+def test_bf16_outputs_round_to_nearest_as_on_a_gpu(interp):
+    """Every bf16 store rounds its fp32 value to nearest (ties to even), as a GPU's cast does;
+    the interpreter's own cast truncates.  The sums below are exact in fp32 and lie 3/4 of a bf16
+    step above 1.0 (step 2^-7), so truncation would give 1.0 and rounding gives 1 + 2^-7."""
+    up, step = 3 * 2.0 ** -9, 2.0 ** -7
+    bf = torch.bfloat16
+    for T in (2, 20):                               # decode (one launch) and prefill paths
+        x = torch.zeros(T, 32, dtype=bf)
+        x[:, 0] = 1.0
+        x[:, 1] = up
+        a_cat = torch.zeros(16, 32, dtype=bf)
+        a_cat[0, 0] = 1.0                           # h[:, 0] = x[:, 0] = 1
+        b_cat = torch.full((24, 16), up, dtype=bf)  # delta = 1 * up on every output
+        gates, offsets, scal = torch.ones(T, 1), [0, 16], torch.ones(1)
+        y = torch.ones(T, 24, dtype=bf)
+        grouped_lora(y, x, a_cat, b_cat, gates, offsets, scal)
+        assert torch.all(y == 1 + step), f"grouped_lora T={T}: {y[0, :4].tolist()}"
+        w = torch.zeros(24, 32, dtype=bf)
+        w[:, 0] = w[:, 1] = 1.0                     # base: 1 + up; the bank adds nothing
+        out = fused_linear(x, torch.cat([w, a_cat]), b_cat, torch.zeros(T, 1), offsets, scal, 24)
+        assert torch.all(out == 1 + step), f"fused_linear T={T}: {out[0, :4].tolist()}"
+
+
 def test_edge_sizes(interp, seed):
     """No tokens; an expert of rank 0 between two others; a bank with no rank rows at all."""
     for T in (0, 2, 20):
@@ -382,7 +405,9 @@ def _compile_for_gpu(fn, pointers: dict, constexprs: dict, arch: int, num_warps:
     params = list(inspect.signature(fn).parameters)
     sig = {p: ("constexpr" if p in constexprs else pointers[p] if p.endswith("_ptr")
                else "i64" if p.startswith("stride") else "i32") for p in params}
-    src = ASTSource(triton.jit(fn), sig, constexprs={(params.index(k),): v for k, v in constexprs.items()})
+    from pf_kernels import _triton_kernels as tk
+    src = ASTSource(tk.jitted(fn, interpret=False), sig,
+                    constexprs={(params.index(k),): v for k, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
