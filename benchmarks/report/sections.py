@@ -49,14 +49,15 @@ def mixing_section(results_dir: str, page_dir: str) -> list[str]:
     return parts
 
 
-def bench_section(results_dir: str, name: str, title: str, extra=None) -> list[str]:
+def bench_section(results_dir: str, name: str, title: str, extra=None, module: str | None = None) -> list[str]:
     """A benchmark's section: its title, command and machine, then its own markdown (and
-    ``extra(res)`` lines); nothing when benchmarks/results/<name>.json is missing."""
+    ``extra(res)`` lines); nothing when benchmarks/results/<name>.json is missing.  ``module``:
+    the benchmark that wrote it, when not ``name`` (a second run of it under another name)."""
     import importlib
     res = load(os.path.join(results_dir, f"{name}.json"))
     if not res:
         return []
-    md = importlib.import_module(f"benchmarks.{name}").markdown(res)
+    md = importlib.import_module(f"benchmarks.{module or name}").markdown(res)
     return [f"## {title}", "", f"`{res['command'].strip()}`; {provenance(res['machine'])}.", "",
             md, ""] + (extra(res) if extra else [])
 
@@ -107,8 +108,11 @@ def tp_section(results_dir: str) -> list[str]:
 
 
 def shared_section(results_dir: str) -> list[str]:
-    """Decode on a shared machine: quiet against busy processes beside it (bench_shared.json)."""
-    return bench_section(results_dir, "bench_shared", "On a shared machine: busy processes beside the engine")
+    """Decode on a shared machine: quiet against busy processes beside it (bench_shared.json, the
+    fp32 model beside transformers; bench_shared_q4.json, the 4-bit default)."""
+    return (bench_section(results_dir, "bench_shared", "On a shared machine: busy processes beside the engine")
+            + bench_section(results_dir, "bench_shared_q4", "On a shared machine: the 4-bit default",
+                            module="bench_shared"))
 
 
 def serving_section(results_dir: str) -> list[str]:
