@@ -289,6 +289,11 @@ def goals(result: dict) -> list[tuple[str, str, bool | None]]:
                         f"{t['decode_ms_per_token']:.1f} ms/token)", r <= 0.95))
             out.append((f"{f} prefill above llama.cpp", f"{o['prefill_tok_s']:.0f} vs {t['prefill_tok_s']:.0f} tok/s",
                         o["prefill_tok_s"] > t["prefill_tok_s"]))
+        g = ours("f32")                      # fp32 prefill: torch's GEMM (backends/cpu: rows > MAX_ROWS)
+        if o and g and f not in ("f32", "q4_k_m"):       # q4_k_m: another model (KQUANT)
+            out.append((f"{f} prefill above torch's fp32 GEMM (the f32 row, same shapes)",
+                        f"{o['prefill_tok_s']:.0f} vs {g['prefill_tok_s']:.0f} tok/s",
+                        o["prefill_tok_s"] > g["prefill_tok_s"]))
         if o and "over_floor" in o:
             out.append((f"{f} decode within 1.3x its read floor", f"{o['over_floor']:.2f}x", o["over_floor"] <= 1.3))
     b, t2, d10 = ours("q4_1"), ours("q4_1", "top2", "rank16", default), ours("q4_1", "dense10", "rank16", default)
