@@ -113,3 +113,20 @@ def test_one_budget_for_new_tokens(prompt_len, want):
     """max_new_tokens, or what the context leaves (64 here): the request, the scheduler's slot
     check and generate's pool all use SamplingParams.budget."""
     assert SamplingParams(max_new_tokens=5).budget(prompt_len, 64) == want
+
+
+def test_greedy_is_argmax_with_its_tie_rule():
+    """sampling.greedy (torch.max's indices, faster than argmax) picks what argmax picks: the
+    first of equal maxima, a NaN first, and index 0 of an all -inf row."""
+    from pf_engine.generation.sampling import greedy
+    g = torch.Generator().manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    for trial in range(300):
+        V = int(torch.randint(1, 50000, (1,), generator=g))
+        x = torch.randint(-3, 3, (3, V), generator=g).float()       # many ties
+        x[1, ::7] = float("-inf")
+        x[2, V // 2] = float("nan")
+        if trial % 7 == 0:
+            x[0] = float("-inf")
+        assert torch.equal(greedy(x), x.argmax(-1)), trial
+    x = torch.tensor([[1.0, 3.0, 3.0, float("nan"), 3.0], [2.0, 5.0, 1.0, 5.0, 0.0]])
+    assert greedy(x).tolist() == [3, 1]

@@ -116,6 +116,13 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax of each row of logits [n, V] -> [n] (the first of equal maxima, NaN first, as
+    ``argmax``): torch.max's indices, which torch 2.13 computes 2.6x faster than argmax on the
+    CPU (a 49152 vocabulary at one thread: 25 against 66 us, once per decode step)."""
+    return torch.max(logits, -1).indices
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
                              penalty: float) -> torch.Tensor:
     """logits [B, V]; seen [B, V] bool: tokens already in the sequence get l / p (l > 0) or
@@ -165,7 +172,7 @@ class Sampler:
         if p.repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, self.seen[rows], p.repetition_penalty)
         if p.greedy:
-            return logits.argmax(-1)
+            return greedy(logits)
         probs = self.probs(logits)
         return torch.cat([torch.multinomial(probs[i], 1, generator=self.generators[r])
                           for i, r in enumerate(rows)])

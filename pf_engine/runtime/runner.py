@@ -30,6 +30,7 @@ from pf_engine.persona.mix import Mix
 from pf_engine.persona.specs import BASE, TOKEN
 from pf_engine.runtime.speculative import accepted, sampled
 from pf_engine.runtime.static_decode import CaptureFailed, StaticDecode
+from pf_engine.generation.sampling import greedy
 from pf_engine.generation.scoring import logprobs_of
 from pf_engine.generation.structured import mask_rows
 
@@ -315,7 +316,7 @@ class StepRunner:
         for b, r in enumerate(reqs):
             if len(r.tokens) < r.params.min_tokens and r.eos_list:
                 logits[b, r.eos_list] = float("-inf")        # no EOS before min_tokens
-        toks = logits.argmax(-1)
+        toks = greedy(logits)
         for b, r in enumerate(reqs):
             if not r.simple:
                 toks[b] = r.sampler(logits[b:b + 1], [0])[0]
