@@ -75,6 +75,22 @@ inline void rows_dots(const float* w, int64_t ws, const float* x, int64_t xs, in
     }
 }
 
+// w . x as dots<1> sums it (the same FMAs in the same order: the same bits), asking for the
+// weights kAheadBytes ahead as it goes, one cache line per 16 values (fp32 decode).
+inline float dot_ahead(const float* w, const float* x, int d) {
+    __m256 acc = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= d; k += 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + k) + kAheadBytes, _MM_HINT_T0);
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), acc);
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), acc);
+    }
+    for (; k + 8 <= d; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), acc);
+    float s = hsum(acc);
+    for (; k < d; ++k) s += w[k] * x[k];
+    return s;
+}
+
 // out[t] = w . x[t] for all T rows (chunks of 4 rows: 4 accumulators, w read from L1 again).
 inline void row_dots(const float* w, const float* x, int64_t xs, int T, int d, float* out) {
     int t = 0;

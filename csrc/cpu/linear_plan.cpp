@@ -133,6 +133,10 @@ struct Job {
             rows_dots<kF32Rows>(lin.w + i * d_in, d_in, xg, xs, T, d_in, tmp, MAX_ROWS);
             for (int64_t r = 0; r < kF32Rows; ++r) store(i + r, tmp + r * MAX_ROWS, t0, T);
         }
+        for (; T == 1 && i < i1; ++i) {
+            tmp[0] = dot_ahead(lin.w + i * d_in, xg, d_in);
+            store(i, tmp, t0, T);
+        }
         for (; i < i1; ++i) {
             row_dots(lin.w + i * d_in, xg, xs, T, d_in, tmp);
             store(i, tmp, t0, T);

@@ -27,12 +27,13 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
-// half.h's decode dots ask for the 16-bit row kAheadBytes past the one they are about to dot, a
-// row at a time: the hardware prefetchers alone kept that stream short of the read bandwidth.
-// bench_ab in one run (bundled model, 2 threads, Intel Xeon with AMX): f16 decode 0.77-0.84x the
-// time, bf16 0.86x; at 8 KB f16 0.83x.  The same for q4_1 rows (quant.h) gave 0.99x at 4 KB and
-// 1.11x at 8 KB, for fp32 rows 1.00x and 0.99x: not used there.  A prefetch never faults, so
-// past a matrix's end it asks for nothing useful but is harmless.
+// Decode dots reading weights from memory ask for the bytes kAheadBytes past those they are
+// about to read: the hardware prefetchers alone kept the stream short of the read bandwidth.
+// half.h asks for the 16-bit row 4 KB ahead before each row; kernels.h's dot_ahead (fp32) for one
+// cache line per 16 values as it goes.  bench_ab in one run (bundled model, 2 threads, Intel Xeon
+// with AMX): f16 decode 0.78-0.85x the time, bf16 0.82-0.86x, f32 0.81x (a whole fp32 row asked
+// for at once: 1.00x).  The same for q4_1 rows (quant.h) gave 0.99x at 4 KB and 1.11x at 8 KB:
+// not used there.  A prefetch never faults, so past a matrix's end it is harmless.
 constexpr int64_t kAheadBytes = 4096;
 inline void prefetch_bytes(const void* p, int64_t n) {
     const char* c = static_cast<const char*>(p);
