@@ -127,8 +127,9 @@ struct Job {
             }
         }
         // fp32: kF32Rows x 4 register blocks once the chunk's rows are in cache (every group
-        // after the first); the first group streams W row by row, which the prefetchers follow
-        // (three rows at once from memory measured 1.5x slower at decode).  Same bits either way.
+        // after the first); the first group streams W row by row (three rows at once from memory
+        // measured 1.5x slower at decode), one token asking for the weights ahead as it goes
+        // (kernels.h dot_ahead).  Same bits every way.
         for (; t0 > 0 && i + kF32Rows <= i1; i += kF32Rows) {
             rows_dots<kF32Rows>(lin.w + i * d_in, d_in, xg, xs, T, d_in, tmp, MAX_ROWS);
             for (int64_t r = 0; r < kF32Rows; ++r) store(i + r, tmp + r * MAX_ROWS, t0, T);
