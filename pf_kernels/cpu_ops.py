@@ -67,9 +67,14 @@ TypeError for a wrong dtype, naming the argument, and nothing is written when on
     dequantize(weight, fmt, out, rows=None, threads=1)    stored rows -> float32
 
     isa(), isas(), set_isa(name)
-        The instruction set of the block formats' dots (csrc/cpu/isa.h): avx512vnni, avxvnni or
-        avx2, the best this CPU has unless PF_CPU_ISA (read at load) or set_isa picks another;
-        all give bit-identical outputs.  isas(): [(name, CPU features, supported here)].
+        The instruction set of the block formats' dots (csrc/cpu/isa.h): amx, avx512vnni,
+        avxvnni or avx2, the best this CPU has unless PF_CPU_ISA (read at load) or set_isa picks
+        another; all give bit-identical outputs (but for a bf16 W's tiles, below).
+        isas(): [(name, CPU features, supported here)].
+    bf16_tiles()
+        Whether a bf16 W's calls of 6 tokens or more take AMX-BF16 tiles here (amx in use on a
+        CPU with AMX-BF16: csrc/cpu/amx_bf16.h), rounding x' to bf16; LinearPlan.bf16_tiles =
+        False keeps such a plan on the fp32-activation dots.
 
     set_spin_us(us), spin_us(), pool_workers()
         The typed API runs on its own thread pool, not OpenMP: ``threads`` counts the caller
@@ -118,7 +123,7 @@ def _load():
 _TYPED = ("MAX_ROWS", "MAX_LINEAR_ROWS", "PRO_NONE", "PRO_RMSNORM", "PRO_SILU_MUL", "LinearPlan",
           "BlockPlan", "decode_attention", "set_spin_us", "spin_us", "pool_workers", "FMT_F32",
           "FMT_Q8_0", "FMT_Q4_0", "FMT_Q4_1", "FMT_F16", "FMT_BF16", "row_bytes", "dequantize",
-          "isa", "isas", "set_isa", "ShmGroup")
+          "isa", "isas", "set_isa", "bf16_tiles", "ShmGroup")
 
 
 def __getattr__(name: str):

@@ -118,6 +118,17 @@ def test_fp32_without_the_switch_is_not_claimed_invariant(close_call_model):
     assert not tiny_engine(close_call_model).batch_invariant
 
 
+def test_bf16_is_claimed_invariant_only_where_it_holds(close_call_model):
+    """A bf16 W's prefill takes AMX-BF16 tiles where the CPU has them (csrc/cpu/amx_bf16.h),
+    whose sums are not the decode dots': then the engine does not claim invariance, unless
+    deterministic=True, which keeps every bf16 product on the dots (checked token for token)."""
+    from pf_kernels import cpu_ops
+    assert tiny_engine(close_call_model, quantize="bf16").batch_invariant == (not cpu_ops.bf16_tiles())
+    eng = tiny_engine(close_call_model, quantize="bf16", deterministic=True)
+    assert eng.batch_invariant
+    assert differences(eng, random_prompts(), [None, EXPLICIT], 32, 3) == []
+
+
 def test_the_switch_where_it_cannot_hold_is_one_line(close_call_model):
     with pytest.raises(PFError, match=r"^deterministic=True: .*cpu backend only.*'torch'"):
         Engine.from_pretrained(close_call_model, backend="torch", deterministic=True,

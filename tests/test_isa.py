@@ -31,16 +31,19 @@ def test_the_best_supported_variant_is_in_use():
         assert cpu_ops.isa() == next(name for name, _, ok in table if ok)
 
 
-def _outputs(fmt, T):
-    rng = np.random.default_rng([T, len(fmt)])
-    O, d_in = 67, 544 if FORMATS[fmt].qk == 32 else 768
+def _outputs(fmt, T, tiles=False, O=67, d_in=None, threads=2):
+    """A random W in ``fmt`` against T random tokens; a bf16 W on AMX-BF16 tiles only with
+    ``tiles`` (their sums are not the dots': test_bf16_tiles_*)."""
+    rng = np.random.default_rng([T, len(fmt), O])
+    d_in = d_in or (544 if FORMATS[fmt].qk == 32 else 768)
     w = rng.standard_normal((O, d_in)).astype(np.float32)
     plan = cpu_ops.LinearPlan(repack(gguf_rows(w, fmt), FORMATS[fmt], d_in), O,
                               fmt=FORMATS[fmt].code, d_in=d_in)
+    plan.bf16_tiles = tiles
     x = rng.standard_normal((T, d_in)).astype(np.float32)
     y = np.empty((T, O), np.float32)
-    plan.run(x, y, threads=2)
-    return y
+    plan.run(x, y, threads=threads)
+    return (y, w, x) if tiles else y
 
 
 def _expert_outputs(T):
@@ -112,3 +115,62 @@ def test_build_refuses_a_variant_object_with_symbols_outside_its_namespace():
     build._check_namespace(variant, "avx2")
     with pytest.raises(RuntimeError, match="linear_plan.o defines symbols outside pf_cpu::avx2::"):
         build._check_namespace(other, "avx2")
+
+
+def _with_tiles():
+    """Switch to the amx variant; skip where a bf16 W's prefill has no AMX-BF16 tiles."""
+    if not {name: ok for name, _, ok in cpu_ops.isas()}.get("amx"):
+        pytest.skip("amx is not built or this CPU lacks it")
+    cpu_ops.set_isa("amx")
+    if not cpu_ops.bf16_tiles():
+        pytest.skip("this CPU lacks AMX-BF16")
+
+
+SHAPES = [(67, 544), (5, 32), (33, 96), (300, 1024), (16, 64)]   # rows: not 16s, < 16, 32 + 1
+
+
+@pytest.mark.parametrize("O,d_in", SHAPES)
+def test_bf16_tiles_against_the_fp64_reference_of_bf16_activations(O, d_in):
+    """csrc/cpu/amx_bf16.h: y = W . bf16(x) with fp32 sums, at rows and tokens not multiples of
+    16 (fails if x is truncated to bf16 rather than rounded, or a tile reads the wrong rows)."""
+    from test_quant import bf16_round
+    before = cpu_ops.isa()
+    try:
+        _with_tiles()
+        for T in (6, 16, 17, 40):
+            y, w, x = _outputs("bf16", T, tiles=True, O=O, d_in=d_in)
+            ref = bf16_round(x) @ bf16_round(w).T
+            assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max(), (O, d_in, T)
+    finally:
+        cpu_ops.set_isa(before)
+
+
+def test_bf16_tiles_give_each_token_its_own_outputs_among_tiled_calls():
+    """Every call of 6 or more tokens takes the tiles, whose elements are each their row's and
+    token's: a token's outputs are the same in a call of 6, 16, 17 or 40 tokens, on 1 or 2
+    threads (and bf16_tiles = False gives the baseline's dots, bit for bit)."""
+    before = cpu_ops.isa()
+    try:
+        _with_tiles()
+        rng = np.random.default_rng(5)
+        O, d_in = 83, 544
+        w = rng.standard_normal((O, d_in)).astype(np.float32)
+        plan = cpu_ops.LinearPlan(repack(gguf_rows(w, "bf16"), FORMATS["bf16"], d_in), O,
+                                  fmt=FORMATS["bf16"].code, d_in=d_in)
+        x = rng.standard_normal((40, d_in)).astype(np.float32)
+
+        def run(T, threads=2):
+            y = np.empty((T, O), np.float32)
+            plan.run(x[:T], y, threads=threads)
+            return y
+        full = run(40)
+        for T in (6, 16, 17):
+            assert np.array_equal(run(T), full[:T]), T
+        assert np.array_equal(run(40, threads=1), full)
+        plan.bf16_tiles = False
+        dots = run(40)
+        assert not np.array_equal(dots, full)          # the tiles' sums are their own
+        cpu_ops.set_isa("avx2")
+        assert np.array_equal(run(40), dots)
+    finally:
+        cpu_ops.set_isa(before)

@@ -26,6 +26,7 @@ public:
     void run(py::object x, py::object y, py::object gates, int threads, int prologue,
              py::object norm, double eps, py::object residual) const;
     const Linear& core() const { return lin_; }
+    void set_half_tiles(bool on) { lin_.half_tiles = on; }
     const py::array& w_aug() const { return w_aug_; }
 
 private:

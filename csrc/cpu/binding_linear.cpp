@@ -21,6 +21,8 @@
 //            increasing and non-overlapping in both ranges
 //     blocks (part, expert, r0, r1, scale): absolute rows r0:r1 of A_cat inside the part's rows,
 //            sorted by part, increasing and non-overlapping within a part; 0 <= expert < num_experts
+//   bf16_tiles  (read-write, default True) a bf16 W's calls of HALF_TILE_MIN tokens or more on
+//     AMX-BF16 tiles where the CPU has them (amx_bf16.h); False: half.h's dots at any T
 //   run(x, y, gates=None, threads=1, prologue=PRO_NONE, norm=None, eps=0.0, residual=None)
 //     x [T, d_in] ([T, 2 d_in] with PRO_SILU_MUL) unit last stride, 1 <= T <= MAX_LINEAR_ROWS;
 //     y [T, d_out] unit last stride, written; gates [T, num_experts] unit last stride or None;
@@ -296,6 +298,9 @@ void bind_linear(py::module_& m) {
         .def_property_readonly("num_experts", [](const LinearPlan& p) { return p.core().num_experts; })
         .def_property_readonly("fmt", [](const LinearPlan& p) { return p.core().fmt; })
         .def_property_readonly("expert_fmt", [](const LinearPlan& p) { return p.core().efmt; })
+        .def_property("bf16_tiles", [](const LinearPlan& p) { return p.core().half_tiles; }, &LinearPlan::set_half_tiles,
+                      "a bf16 W's prefill on AMX-BF16 tiles where the CPU has them (csrc/cpu/amx_bf16.h); "
+                      "False: the fp32-activation dots at any T (batch-invariant)")
         .def("__repr__", [](const LinearPlan& p) {
             const Linear& l = p.core();
             return cat("LinearPlan(fmt=", format_name(l.fmt), ", expert_fmt=", format_name(l.efmt), ", d_in=", l.d_in, ", d_out=", l.d_out, ", rank=", l.rank,

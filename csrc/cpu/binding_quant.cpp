@@ -6,6 +6,7 @@
 //     weight uint8 [O, row_bytes(fmt, d_in)] C-contiguous, stored rows (quant.h, half.h); out float32
 //     [n, d_in] C-contiguous, written: out[i] = W[rows[i]] (rows int64 [n], each in [0, O)), or
 //     out = W (rows None, n = O).  GIL released; rows split over the pool.
+//   bf16_tiles() -> whether a bf16 W's prefill takes AMX-BF16 tiles (amx_bf16.h)
 //   isa() -> name; isas() -> [(name, needs, supported)], best first; set_isa(name): ValueError
 //     (one line) when unknown or unsupported
 #include <stdexcept>
@@ -89,6 +90,8 @@ void bind_quant(py::module_& m) {
           py::arg("rows") = py::none(), py::arg("threads") = 1,
           "out = weight's rows (all, or rows[i]) as float32; GIL released");
     m.def("isa", [] { return isa(); }, "The instruction set the block-format dots use (isa.h)");
+    m.def("bf16_tiles", [] { return hrows_tiles_kernel() != nullptr; },
+          "Whether a bf16 W's prefill takes AMX-BF16 tiles here (the amx variant in use on a CPU with AMX-BF16)");
     m.def("isas", [] {
         py::list out;
         for (const IsaInfo& i : isas()) out.append(py::make_tuple(i.name, i.needs, i.supported));

@@ -50,8 +50,8 @@ ISAS = {
     "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-Wno-uninitialized",
                    "-Wno-maybe-uninitialized"],
 }
-# amx: avx512vnni's code, and amx.h's tiles for prefill
-ISAS["amx"] = [*ISAS["avx512vnni"], "-mamx-tile", "-mamx-int8"]
+# amx: avx512vnni's code, amx.h's tiles for prefill, amx_bf16.h's for a bf16 W
+ISAS["amx"] = [*ISAS["avx512vnni"], "-mamx-tile", "-mamx-int8", "-mamx-bf16"]
 LINK_FLAGS = ["-shared", "-pthread"]
 
 

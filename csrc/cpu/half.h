@@ -1,5 +1,6 @@
 // 16-bit float weights (FMT_F16, FMT_BF16): rows of d_in values as stored, dotted with fp32
 // activations (no activation quantization: the products are fp32 FMAs of the exact weights).
+// A bf16 W's calls of many tokens take AMX-BF16 tiles instead where the CPU has them (amx_bf16.h).
 // Header-only, no checks; compiled per instruction set like quant.h (namespace PF_ISA, isa.h):
 // the baseline with AVX2/FMA/F16C on 8 lanes, the avx512vnni variant on 16 (__AVX512F__).
 //

@@ -24,6 +24,8 @@ PF_DECLARE_VARIANT(amx)
 namespace amx {
 void qrows_tiles_isa(int fmt, const uint8_t* w, int64_t rb, int64_t R, const XTiles& xt, int64_t G, int T,
                      float* out, int64_t os);
+void hrows_tiles_isa(const uint8_t* w, int64_t rb, int64_t R, const uint16_t* xb, int64_t G, int T, int64_t d,
+                     float* out, int64_t os);
 }
 #endif
 #ifdef PF_HAVE_AVXVNNI
@@ -43,6 +45,7 @@ struct Variant {
     HrowsDots hrows;
     bool (*supported)();
     QrowsTiles tiles = nullptr;
+    HrowsTiles htiles = nullptr;   // with AMX-BF16 (amx_bf16_usable)
 };
 
 #ifdef PF_HAVE_AMX
@@ -67,7 +70,7 @@ const std::vector<Variant>& variants() {
         std::vector<Variant> out;
 #ifdef PF_HAVE_AMX
         out.push_back({"amx", "avx512vnni, amx-tile, amx-int8 (and Linux 5.16+)", &amx::qrows_dots_isa, &amx::expand_q8_isa,
-                       &amx::hrows_dots_isa, &amx_usable, &amx::qrows_tiles_isa});
+                       &amx::hrows_dots_isa, &amx_usable, &amx::qrows_tiles_isa, &amx::hrows_tiles_isa});
 #endif
 #ifdef PF_HAVE_AVX512VNNI
         out.push_back({"avx512vnni", "avx512f, avx512bw, avx512vl, avx512vnni", &avx512vnni::qrows_dots_isa, &avx512vnni::expand_q8_isa, &avx512vnni::hrows_dots_isa, [] {
@@ -132,5 +135,12 @@ QrowsDots qrows_dots_kernel() { return current()->fn; }
 ExpandQ8 expand_q8_kernel() { return current()->expand; }
 HrowsDots hrows_dots_kernel() { return current()->hrows; }
 QrowsTiles qrows_tiles_kernel() { return current()->tiles; }
+HrowsTiles hrows_tiles_kernel() {
+    static const bool bf16 = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("amx-bf16") != 0;
+    }();
+    return bf16 ? current()->htiles : nullptr;
+}
 
 }  // namespace pf_cpu

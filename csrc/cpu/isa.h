@@ -5,7 +5,8 @@
 // (AVX2/FMA/F16C), so one build runs on any such CPU and uses VNNI where the CPU has it:
 //
 //   amx         avx512vnni, and AMX-INT8 tiles for the block formats' dots over many tokens
-//               (amx.h: prefill); needs amx-tile, amx-int8 and the OS's grant of the tile state
+//               (amx.h: prefill); needs amx-tile, amx-int8 and the OS's grant of the tile state;
+//               with amx-bf16 too, every product of a bf16 W on AMX-BF16 tiles (amx_bf16.h)
 //   avx512vnni  vpdpbusd on 256-bit vectors, EVEX (Cascade Lake and later Xeons, Zen 4)
 //               needs avx512f, avx512bw, avx512vl, avx512vnni
 //   avxvnni     vpdpbusd, VEX (Alder Lake, Sapphire Rapids and later)   needs avxvnni
@@ -14,7 +15,8 @@
 // The same variants hold expand_q8.h's expand (the q8 experts', integer dots too) and half.h's
 // 16-bit dots (fp32 FMAs, 16 lanes in avx512vnni: the same sums lane by lane, bit-identical).
 // The first variant the CPU supports is used unless set_isa (PF_CPU_ISA from Python) picks
-// another; every variant computes the same integers, so their outputs are bit-identical.
+// another; every variant computes the same integers, so their outputs are bit-identical, but
+// for a bf16 W under amx with AMX-BF16 (its activations rounded to bf16: amx_bf16.h).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -42,6 +44,11 @@ using QrowsTiles = void (*)(int fmt, const uint8_t* w, int64_t rb, int64_t R, co
 using HrowsDots = void (*)(int fmt, const uint8_t* w, int64_t rb, int64_t R, const float* x, int64_t xs, int T,
                            int64_t d, float* out, int64_t os);
 
+// amx_bf16.h's hrows_tiles: out[r os + t] = w_r . bf16(x)[16 G + t] for R rows of a bf16 W (d
+// values a row) and the T <= 16 tokens of token group G of xb (quant_format.h's layout).
+using HrowsTiles = void (*)(const uint8_t* w, int64_t rb, int64_t R, const uint16_t* xb, int64_t G, int T,
+                            int64_t d, float* out, int64_t os);
+
 struct IsaInfo {
     std::string name, needs;
     bool supported;            // by this CPU (and its OS)
@@ -54,5 +61,6 @@ QrowsDots qrows_dots_kernel(); // the one in use
 ExpandQ8 expand_q8_kernel();
 HrowsDots hrows_dots_kernel();
 QrowsTiles qrows_tiles_kernel();   // null unless the variant in use has tiles
+HrowsTiles hrows_tiles_kernel();   // null unless it has them and the CPU has AMX-BF16
 
 }  // namespace pf_cpu

@@ -78,6 +78,8 @@ struct Linear {
     int64_t d_in = 0, d_out = 0, rank = 0, num_experts = 0;
     std::vector<LoraPart> parts;   // increasing, non-overlapping in columns and rows
     std::vector<LoraBlock> blocks; // by part, increasing rows
+    bool half_tiles = true;        // a bf16 W takes AMX-BF16 tiles in calls of many tokens where the
+                                   // CPU has them (amx_bf16.h); false: half.h's dots at any T
 };
 
 struct LinearCall {

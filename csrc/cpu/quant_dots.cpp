@@ -1,7 +1,8 @@
-// quant.h's qrows_dots, half.h's hrows_dots, expand_q8.h's expand (and amx.h's tiles in the amx
-// variant) for one instruction set: build.py compiles this file once per variant of
+// quant.h's qrows_dots, half.h's hrows_dots, expand_q8.h's expand (and amx.h's and amx_bf16.h's
+// tiles in the amx variant) for one instruction set: build.py compiles this file once per variant of
 // isa.h, with -DPF_ISA=<name> and that variant's flags; isa.cpp picks one at run time.
 #include "amx.h"
+#include "amx_bf16.h"
 #include "expand_q8.h"
 #include "half.h"
 #include "quant.h"
@@ -28,6 +29,11 @@ void expand_q8_isa(const PanelBlock* blk, int nblk, int64_t g0, int64_t g1, cons
 void qrows_tiles_isa(int fmt, const uint8_t* w, int64_t rb, int64_t R, const XTiles& xt, int64_t G, int T,
                      float* out, int64_t os) {
     qrows_tiles(fmt, w, rb, R, xt, G, T, out, os);
+}
+
+void hrows_tiles_isa(const uint8_t* w, int64_t rb, int64_t R, const uint16_t* xb, int64_t G, int T, int64_t d,
+                     float* out, int64_t os) {
+    hrows_tiles(w, rb, R, xb, G, T, d, out, os);
 }
 #endif
 

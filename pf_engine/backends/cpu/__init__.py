@@ -3,7 +3,9 @@
 * Weights in fp32, 16-bit (f16, bf16) or block-quantized (q8_0, q4_0, q4_1: model/qweight.py);
   the persona experts in fp32, bf16 or q8_0, chosen once per engine (experts.py).
   Every product of a W stored as bytes, decode or prefill, is the kernel's (MAX_ROWS rows per
-  call: its dot products keep pace with torch's fp32 GEMM, and W is never dequantized).
+  call: its dot products keep pace with torch's fp32 GEMM, and W is never dequantized); a bf16
+  W's prefill takes AMX-BF16 tiles where the CPU has them, unless ``deterministic``
+  (csrc/cpu/amx_bf16.h: then not batch-invariant).
 * Every product of at most ``MAX_ROWS`` fp32 rows (a decode step's projections and LM head, the
   mixed projections of a short prompt chunk) is one kernel call per projection group: one pass
   streams W and the active experts' rows of A_cat, each chunk of W's rows adding the expand
@@ -49,10 +51,12 @@ class Cpu(Backend):
         self.deterministic = deterministic      # fp32 products the kernel's at any rows too
         self.torch_linears = 0                  # Linears whose larger batches are torch's GEMMs
         self.unplanned = 0                      # Linears the kernel cannot run (not fp32 floats)
+        self.bf16_linears = 0                   # Linears with a bf16 W (tiles at prefill: amx_bf16.h)
 
     def prepare(self, lin) -> CpuLinear:
         self.torch_linears += not lin.quantized
-        plan = kernel.plan(lin, self.expert_format)
+        self.bf16_linears += lin.quantized and lin.weight.fmt.name == "bf16"
+        plan = kernel.plan(lin, self.expert_format, bf16_tiles=not self.deterministic)
         self.unplanned += plan is None
         return CpuLinear(plan, Gathered() if lin.parts and not lin.quantized else None)
 
@@ -68,9 +72,12 @@ class Cpu(Backend):
         return CpuRunner(model)
 
     def batch_invariant(self) -> bool:
-        """Every Linear stored as bytes (the kernel runs them at any rows), or ``deterministic``
-        and every fp32 Linear the kernel's; attention is csrc/cpu's on every slot-cache step."""
-        return self.torch_linears == 0 or (self.deterministic and self.unplanned == 0)
+        """Every Linear stored as bytes (the kernel runs them at any rows; but a bf16 W where
+        its prefill takes AMX-BF16 tiles, whose sums are not the decode dots'), or
+        ``deterministic`` (no tiles) and every fp32 Linear the kernel's; attention is csrc/cpu's
+        on every slot-cache step."""
+        tiles = self.bf16_linears > 0 and not self.deterministic and kernel.bf16_tiles()
+        return (self.torch_linears == 0 and not tiles) or (self.deterministic and self.unplanned == 0)
 
     def attention(self, blk, qkv, cos, sin, cache, mask):
         """csrc/cpu's attention, one job per (token, head) summing its own columns in order, for

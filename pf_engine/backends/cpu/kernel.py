@@ -34,10 +34,16 @@ def check_constants() -> None:
                                "csrc/cpu/build.py)")
 
 
-def plan(lin, expert_format: str | None = None):
+def bf16_tiles() -> bool:
+    """Whether a bf16 W's prefill takes AMX-BF16 tiles on this CPU and instruction set."""
+    return bool(cpu_ops.bf16_tiles())
+
+
+def plan(lin, expert_format: str | None = None, bf16_tiles: bool = True):
     """The LinearPlan of ``lin`` (model/linear.py), or None when its weights are neither fp32
     nor stored as bytes on CPU.  A quantized or 16-bit W is read as it is; the experts are
-    converted to ``expert_format`` (experts.py; None: auto's rule) once, here."""
+    converted to ``expert_format`` (experts.py; None: auto's rule) once, here.  ``bf16_tiles``:
+    a bf16 W's prefill may take AMX-BF16 tiles (csrc/cpu/amx_bf16.h; not batch-invariant)."""
     if not lin.quantized and (lin.weight.dtype != torch.float32 or lin.weight.device.type != "cpu"):
         return None
     efmt = experts.choose(expert_format, lin) if lin.parts else "f32"
@@ -49,8 +55,10 @@ def plan(lin, expert_format: str | None = None):
     kw = dict(bias=bias, parts=parts, blocks=blocks, num_experts=lin.num_experts,
               expert_fmt=experts.CODES[efmt])
     if lin.quantized:
-        return cpu_ops.LinearPlan(lin.weight.data.numpy(), lin.d_out, fmt=lin.weight.fmt.code,
-                                  a_cat=None if a is None else a.numpy(), d_in=lin.d_in, **kw)
+        p = cpu_ops.LinearPlan(lin.weight.data.numpy(), lin.d_out, fmt=lin.weight.fmt.code,
+                               a_cat=None if a is None else a.numpy(), d_in=lin.d_in, **kw)
+        p.bf16_tiles = bf16_tiles
+        return p
     if efmt == "f32":                     # W_aug = [W; A_cat]: the shrink's rows follow W's
         w = lin.w_aug if lin.parts else lin.weight
         return cpu_ops.LinearPlan(w.contiguous().numpy(), lin.d_out, **kw)
