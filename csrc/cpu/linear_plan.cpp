@@ -10,6 +10,7 @@
 #include "half.h"
 #include "isa.h"
 #include "kernels.h"
+#include "linear_x.h"
 #include "pool.h"
 #include "quant.h"
 
@@ -226,79 +227,6 @@ struct Job {
     }
 };
 
-// x' for the prologue (or x itself); sets xs to x's row stride.
-const float* prologue(const Linear& lin, const LinearCall& c, Scratch& s, int64_t& xs) {
-    xs = c.xs;
-    if (c.prologue == PRO_NONE) return c.x;
-    s.x.resize(static_cast<size_t>(c.T * lin.d_in));
-    for (int64_t t = 0; t < c.T; ++t) {
-        float* out = s.x.data() + t * lin.d_in;
-        if (c.prologue == PRO_RMSNORM) rmsnorm_row(c.x + t * c.xs, c.norm, lin.d_in, c.eps, out);
-        else silu_mul_row(c.x + t * c.xs, lin.d_in, out);
-    }
-    xs = lin.d_in;
-    return s.x.data();
-}
-
-// x' [T rows at stride xs] quantized per block into buf (pairs: the Q4 order); T XRows.
-const XRow* quantize_rows(const float* x, int64_t xs, int64_t T, int64_t nb, bool pairs,
-                          std::vector<float>& buf, std::vector<XRow>& rows) {
-    const int64_t per = xrow_floats(nb);
-    if (buf.size() < static_cast<size_t>(T * per)) buf.resize(static_cast<size_t>(T * per));
-    rows.resize(static_cast<size_t>(T));
-    for (int64_t t = 0; t < T; ++t) {
-        rows[t] = xrow_at(buf.data() + t * per, nb);
-        quantize_x(x + t * xs, nb, pairs, rows[t]);
-    }
-    return rows.data();
-}
-
-// Tokens from which the tiles pay (amx.h; any count gives the same bits): a tile's 16 token
-// columns cost the same however many are real.  Measured (1536 x 576, 2 threads, Xeon with
-// AMX): q8_0 from 4 tokens (40 vs 52 us), the unpacked nibble formats from 6 (63 vs 66 us; at 4,
-// 57 vs 44).
-inline int64_t tile_min_tokens(int fmt) { return fmt == FMT_Q8_0 ? 4 : 6; }
-
-// Tokens from which a bf16 W takes its tiles (amx_bf16.h; not the same bits as half.h's dots, so
-// the choice is per call: all of a call's groups one way).  Measured (1536 x 576, 2 threads, Xeon
-// with AMX), tiles against half.h: 0.85x the throughput at 4 tokens, 1.27x at 6, 1.3x at 8.
-constexpr int64_t HALF_TILE_MIN = 6;
-
-// x' quantized (T XRows, pair order if ``pairs``) packed for tiles (quant_format.h's XTiles).
-XTiles pack_tiles(const XRow* X, int64_t T, int64_t nb, bool pairs, Scratch& s) {
-    const int64_t ng = ceil_div(T, TILE_ROWS);
-    s.tq.assign(static_cast<size_t>(ng * nb * 128), 0);
-    s.td.assign(static_cast<size_t>(ng * nb * TILE_ROWS), 0.0f);
-    s.ts.assign(static_cast<size_t>(ng * nb * TILE_ROWS), 0.0f);
-    for (int64_t t = 0; t < T; ++t) {
-        const int64_t G = t / TILE_ROWS, n = t % TILE_ROWS;
-        const int32_t* q = reinterpret_cast<const int32_t*>(X[t].q);   // 8 words a block
-        for (int64_t b = 0; b < nb; ++b) {
-            int32_t* dst = s.tq.data() + (G * nb + b) * 128 + n;
-            const int64_t f = G * nb + b;
-            s.td[f * TILE_ROWS + n] = X[t].d[b];
-            s.ts[f * TILE_ROWS + n] = X[t].s[b];
-            for (int k = 0; k < 8; ++k) {           // word k of the block in block order
-                // pairs: block 2p's words are the pair's 0-3 and 8-11, block 2p + 1's 4-7 and 12-15
-                const int64_t src = pairs ? (b / 2) * 16 + (b % 2) * 4 + (k % 4) + (k / 4) * 8 : b * 8 + k;
-                dst[k * TILE_ROWS] = q[src];
-            }
-        }
-    }
-    return {reinterpret_cast<const int8_t*>(s.tq.data()), s.td.data(), s.ts.data(), nb};
-}
-
-// x' [T, d] rounded to bf16 and packed for a bf16 W's tiles (quant_format.h's layout).
-const uint16_t* pack_htiles(const float* x, int64_t xs, int64_t T, int64_t d, Scratch& s) {
-    const int64_t nk = d / 32;
-    s.hb.assign(static_cast<size_t>(ceil_div(T, TILE_ROWS) * nk * 512), 0);
-    for (int64_t t = 0; t < T; ++t) {
-        uint16_t* g = s.hb.data() + (t / TILE_ROWS) * nk * 512 + 2 * (t % TILE_ROWS);
-        for (int64_t k = 0; k < d; ++k) g[(k / 32) * 512 + ((k % 32) / 2) * 32 + k % 2] = bf16_rne(x[t * xs + k]);
-    }
-    return s.hb.data();
-}
-
 // q8 experts: each active block's panel and where its quantized h goes (made by the caller, before
 // the region); returns the int32 words of h per token.
 int64_t prepare_panels(const Linear& lin, int64_t T, Scratch& s) {
@@ -400,7 +328,7 @@ void split_w(const Linear& lin, int64_t per, Scratch& s) {
 void linear_run(const Linear& lin, const LinearCall& call, int threads) {
     thread_local Scratch s;
     int64_t xs = 0;
-    const float* x = prologue(lin, call, s, xs);
+    const float* x = prologue(lin, call, s.x, xs);
     route(lin, call, s);
     if (!s.rows.empty() && s.h.size() < static_cast<size_t>(call.T * lin.rank))
         s.h.resize(static_cast<size_t>(call.T * lin.rank));
@@ -418,8 +346,8 @@ void linear_run(const Linear& lin, const LinearCall& call, int threads) {
     if (tiles || htiles) per_w = round_up(per_w, TILE_ROWS);    // whole tiles (the part edges: multiples of 16)
     const int64_t per_a = std::max({int64_t(1), bytes / std::max<int64_t>(1, lin.a_row_bytes), ceil_div(na, kMaxChunks / 4)});
     split_w(lin, per_w, s);
-    const XTiles xt = tiles ? pack_tiles(xq, call.T, nb, is_paired(lin.fmt), s) : XTiles{};
-    const uint16_t* xb = htiles ? pack_htiles(x, xs, call.T, lin.d_in, s) : nullptr;
+    const XTiles xt = tiles ? pack_tiles(xq, call.T, nb, is_paired(lin.fmt), s.tq, s.td, s.ts) : XTiles{};
+    const uint16_t* xb = htiles ? pack_htiles(x, xs, call.T, lin.d_in, s.hb) : nullptr;
     Job job{lin, call, x, xs, xq, xe, (xq || xe) ? qrows_dots_kernel() : nullptr, hrows_dots_kernel(), tiles, xt,
             htiles, xb, nb, s.h.data(),
             s.rows.data(), na, per_a, s.segs.data(), s.wch.data(), s.act.data(), nullptr, nullptr, 0, nullptr, 0,
