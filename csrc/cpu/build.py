@@ -34,8 +34,8 @@ DEFAULT_OUT = HERE.parent.parent / "pf_kernels"
 OBJ_DIR = HERE.parent / "build" / "cpu"
 SOURCES = [HERE / n for n in ("binding.cpp", "binding_linear.cpp", "binding_attention.cpp",
                                "binding_block.cpp", "binding_quant.cpp", "check.cpp",
-                               "linear_plan.cpp", "linear_x.cpp", "attention.cpp", "block_plan.cpp", "pool.cpp",
-                               "isa.cpp", "shm_group.cpp", "binding_group.cpp")]
+                               "linear_plan.cpp", "linear_x.cpp", "attention.cpp", "block_plan.cpp",
+                               "pool.cpp", "isa.cpp", "shm_group.cpp", "binding_group.cpp")]
 VARIANT_SOURCE = HERE / "quant_dots.cpp"
 MODULE = "_pf_cpu"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-std=c++17", "-fvisibility=hidden",

@@ -51,7 +51,7 @@ class Cpu(Backend):
         self.deterministic = deterministic      # fp32 products the kernel's at any rows too
         self.torch_linears = 0                  # Linears whose larger batches are torch's GEMMs
         self.unplanned = 0                      # Linears the kernel cannot run (not fp32 floats)
-        self.bf16_linears = 0                   # Linears with a bf16 W (tiles at prefill: amx_bf16.h)
+        self.bf16_linears = 0                   # Linears with a bf16 W (amx_bf16.h's tiles)
 
     def prepare(self, lin) -> CpuLinear:
         self.torch_linears += not lin.quantized
@@ -77,7 +77,8 @@ class Cpu(Backend):
         ``deterministic`` (no tiles) and every fp32 Linear the kernel's; attention is csrc/cpu's
         on every slot-cache step."""
         tiles = self.bf16_linears > 0 and not self.deterministic and kernel.bf16_tiles()
-        return (self.torch_linears == 0 and not tiles) or (self.deterministic and self.unplanned == 0)
+        return (self.torch_linears == 0 and not tiles) or \
+            (self.deterministic and self.unplanned == 0)
 
     def attention(self, blk, qkv, cos, sin, cache, mask):
         """csrc/cpu's attention, one job per (token, head) summing its own columns in order, for
