@@ -18,7 +18,7 @@ import torch
 
 from kquants import gguf_rows
 from pf_kernels import cpu_ops
-from pf_kernels.quant import FORMATS, QK, dequantize_reference, quantize_x_reference, repack, unpack
+from pf_kernels.quant import FORMATS, QK, dequantize_reference, quantize, quantize_x_reference, repack, unpack
 
 OK, WHY = cpu_ops.cpu_available()
 needs_cpu = pytest.mark.skipif(not OK, reason=f"csrc/cpu unavailable: {WHY}")
@@ -46,9 +46,10 @@ def bf16_tiled(fmt: str, T: int) -> bool:
 
 
 def bf16_round(a) -> np.ndarray:
-    """a rounded to the nearest bf16, ties to even, as float64 (what the tiles multiply)."""
-    u = np.asarray(a, F32).view(np.uint32).astype(np.uint64)
-    return ((((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(F32).astype(np.float64))
+    """a [T, d] (d a multiple of 32) rounded to bf16 by gguf's quantizer (nearest, ties to even),
+    as float64: what the tiles multiply."""
+    f = FORMATS["bf16"]
+    return dequantize_reference(quantize(np.asarray(a, F32), f), f).astype(np.float64)
 
 
 def act_bound(x64, w64, fmt="q8_0"):
