@@ -117,13 +117,13 @@ struct Job {
             for (; i < i1; i += std::min(kTileBatch, i1 - i)) {
                 const int64_t n = std::min(kTileBatch, i1 - i);
                 htiles(lin.wq + i * lin.row_bytes, lin.row_bytes, n, xb, t0 / TILE_ROWS, T, lin.d_in, tmp, MAX_ROWS);
-                for (int64_t r = 0; r < n; ++r) store(i + r, tmp + r * MAX_ROWS, t0, T);
+                store_rows(i, n, tmp, t0, T);
             }
         if (tiles)                                   // 16 rows a tile, the rest below (same bits)
             while (i + TILE_ROWS <= i1) {
                 const int64_t n = std::min(kTileBatch, (i1 - i) / TILE_ROWS * TILE_ROWS);
                 tiles(lin.fmt, lin.wq + i * lin.row_bytes, lin.row_bytes, n, xt, t0 / TILE_ROWS, T, tmp, MAX_ROWS);
-                for (int64_t r = 0; r < n; ++r) store(i + r, tmp + r * MAX_ROWS, t0, T);
+                store_rows(i, n, tmp, t0, T);
                 i += n;
             }
         if (lin.fmt != FMT_F32) {                    // kRowBlock rows of W per kernel call
@@ -132,7 +132,7 @@ struct Job {
                 const uint8_t* w = lin.wq + i * lin.row_bytes;
                 if (xq) qdots(lin.fmt, w, lin.row_bytes, n, xq + t0, T, nb, tmp, MAX_ROWS);
                 else hdots(lin.fmt, w, lin.row_bytes, n, xg, xs, T, lin.d_in, tmp, MAX_ROWS);
-                for (int64_t r = 0; r < n; ++r) store(i + r, tmp + r * MAX_ROWS, t0, T);
+                store_rows(i, n, tmp, t0, T);
                 i += n;
             }
         }
@@ -142,7 +142,7 @@ struct Job {
         // (kernels.h dot_ahead).  Same bits every way.
         for (; t0 > 0 && i + kF32Rows <= i1; i += kF32Rows) {
             rows_dots<kF32Rows>(lin.w + i * d_in, d_in, xg, xs, T, d_in, tmp, MAX_ROWS);
-            for (int64_t r = 0; r < kF32Rows; ++r) store(i + r, tmp + r * MAX_ROWS, t0, T);
+            store_rows(i, kF32Rows, tmp, t0, T);
         }
         for (; T == 1 && i < i1; ++i) {
             tmp[0] = dot_ahead(lin.w + i * d_in, xg, d_in);
@@ -188,14 +188,20 @@ struct Job {
     }
 
     // y[t, i] = (res[t, i] +) v[t - t0] + bias[i] for base row i, tokens t0:t0 + T.
-    void store(int64_t i, const float* v, int64_t t0, int T) const {
-        const float b = lin.bias ? lin.bias[i] : 0.0f;
-        float* y = call.y + i;
-        if (call.res) {
-            const float* res = call.res + i;
-            for (int64_t t = t0; t < t0 + T; ++t) y[t * call.ys] = res[t * call.rs] + (v[t - t0] + b);
-        } else {
-            for (int64_t t = t0; t < t0 + T; ++t) y[t * call.ys] = v[t - t0] + b;
+    void store(int64_t i, const float* v, int64_t t0, int T) const { store_rows(i, 1, v, t0, T); }
+
+    // store for rows i:i + n, row r's values at v + r MAX_ROWS: token by token, so each token's
+    // n outputs are written side by side (a row at a time wrote one value per token's row of y).
+    void store_rows(int64_t i, int64_t n, const float* v, int64_t t0, int T) const {
+        const float* b = lin.bias ? lin.bias + i : nullptr;
+        for (int64_t t = t0; t < t0 + T; ++t) {
+            float* y = call.y + t * call.ys + i;
+            const float* vt = v + (t - t0);
+            const float* res = call.res ? call.res + t * call.rs + i : nullptr;
+            for (int64_t r = 0; r < n; ++r) {
+                const float o = vt[r * MAX_ROWS] + (b ? b[r] : 0.0f);
+                y[r] = res ? res[r] + o : o;
+            }
         }
     }
 
