@@ -1,6 +1,8 @@
 // linear_x.h: a LinearPlan call's activations for its dots.
 #include "linear_x.h"
 
+#include <immintrin.h>
+
 #include "kernels.h"
 #include "quant.h"
 
@@ -55,12 +57,37 @@ XTiles pack_tiles(const XRow* X, int64_t T, int64_t nb, bool pairs, std::vector<
     return {reinterpret_cast<const int8_t*>(q.data()), d.data(), s.data(), nb};
 }
 
+namespace {
+
+// 8 floats rounded to the nearest bf16, ties to even (gguf's rounding; a NaN stays a NaN, quieted),
+// each in the low half of its 32-bit lane.
+inline __m256i bf16_rne8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i near = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    return _mm256_blendv_epi8(near, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+}
+
+}  // namespace
+
+// 16 values at a time: rounded, packed to 8 pair words (value 2p in word p's low half), each
+// word to its B tile row (stride 16 words: one per token of the group).
 const uint16_t* pack_htiles(const float* x, int64_t xs, int64_t T, int64_t d, std::vector<uint16_t>& out) {
     const int64_t nk = d / 32;
     out.assign(static_cast<size_t>((T + TILE_ROWS - 1) / TILE_ROWS * nk * 512), 0);
+    uint32_t* words = reinterpret_cast<uint32_t*>(out.data());       // (G nk + k / 32) 256 + p 16 + n
     for (int64_t t = 0; t < T; ++t) {
-        uint16_t* g = out.data() + (t / TILE_ROWS) * nk * 512 + 2 * (t % TILE_ROWS);
-        for (int64_t k = 0; k < d; ++k) g[(k / 32) * 512 + ((k % 32) / 2) * 32 + k % 2] = bf16_rne(x[t * xs + k]);
+        const float* xt = x + t * xs;
+        uint32_t* g = words + (t / TILE_ROWS) * nk * 256 + t % TILE_ROWS;
+        for (int64_t k = 0; k < d; k += 16) {
+            const __m256i h = _mm256_packus_epi32(bf16_rne8(_mm256_loadu_ps(xt + k)), bf16_rne8(_mm256_loadu_ps(xt + k + 8)));
+            alignas(32) uint32_t w[8];
+            _mm256_store_si256(reinterpret_cast<__m256i*>(w), _mm256_permute4x64_epi64(h, 0xD8));
+            uint32_t* dst = g + (k / 32) * 256 + ((k % 32) / 2) * TILE_ROWS;
+            for (int p = 0; p < 8; ++p) dst[p * TILE_ROWS] = w[p];
+        }
     }
     return out.data();
 }

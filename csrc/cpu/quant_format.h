@@ -9,7 +9,6 @@
 //   FMT_F16, FMT_BF16                        16-bit floats, d_in values a row, as stored (half.h)
 #pragma once
 #include <cstdint>
-#include <cstring>
 
 namespace pf_cpu {
 
@@ -86,7 +85,7 @@ inline XRow xrow_at(float* base, int64_t nb) {
 }
 
 // A call's quantized activations packed for AMX tiles (amx.h), made once per call from its XRows
-// (linear_plan.cpp's pack_tiles): tokens in groups of 16 (the last zero padded), and for group G
+// (linear_x.cpp's pack_tiles): tokens in groups of 16 (the last zero padded), and for group G
 // and block b (values in block order, also for the paired formats):
 //   q + (G nb + b) 512     the B tile: 8 rows of 16 tokens x 4 int8, row k holding values
 //                          4k..4k+3 of every token (AMX's VNNI layout)
@@ -99,19 +98,11 @@ struct XTiles {
 };
 constexpr int64_t TILE_ROWS = 16;   // weight rows per AMX tile, and tokens per token group
 
-// A call's x' for a bf16 W on AMX-BF16 tiles (amx_bf16.h; linear_plan.cpp's pack_htiles): each
+// A call's x' for a bf16 W on AMX-BF16 tiles (amx_bf16.h; linear_x.cpp's pack_htiles): each
 // value rounded to bf16, tokens in groups of 16 (the last zero padded), K in chunks of 32 (d is a
 // multiple of 32): value k of token n of group G at
 //   (G nk + k / 32) 512 + ((k % 32) / 2) 32 + 2 n + k % 2      (nk = d / 32; uint16)
 // so each chunk is a B tile of 16 rows, row p holding values 2p, 2p + 1 of every token.
-
-// x rounded to the nearest bf16, ties to even (a NaN stays a NaN).
-inline uint16_t bf16_rne(float x) {
-    uint32_t u;
-    std::memcpy(&u, &x, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-    return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 // The formats amx.h runs: the 32-blocks and Q4_K / Q5_K (Q6_K's 16-value scales stay vector).
 inline bool has_tiles(int fmt) { return is_block(fmt) && fmt != FMT_Q6_K; }
