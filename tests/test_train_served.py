@@ -183,7 +183,7 @@ def test_preference_steps_raise_the_chosen_over_rejected_margin(tiny_chat_model,
     trunk.cache(chosen + rejected)
     rc = Recipe(pref_steps=steps, pref_lr=1e-2, pairs=4, w_kl=0.0)
     params = [p for p in pm.parameters() if p.requires_grad]
-    log, before, after = _train(trunk, params, chosen, rejected, [], rc, seed=0)
+    log, before, after = _train(trunk, params, chosen, rejected, [], [], rc, seed=0)
     assert before == 0.0 and len(log) == steps
     if steps:
         assert after > 0.05 and log[-1]["dpo"] < log[0]["dpo"]

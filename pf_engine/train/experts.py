@@ -14,20 +14,23 @@ Loss for the expert of pole p (trait T), per step, on per-token mean log-likelih
                                                                          neutral texts stay put
       + w_kl * mean_t KL(pi_base(. | y_<t) || pi(. | y_<t))              y: the base model's own
                                                                          filtered replies to
-                                                                         held-in prompts
+                                                                         held-in prompts, and
+                                                                         its continuations of
+                                                                         raw text (raw.py)
 
 The retention term is what keeps the other four traits where the base model has them
 (specificity); the pairwise term (DPO-like, base model as the reference) pushes p away from its
 opposite on the same content, and its cap stops it once the margin is pair_cap nats per token
 (past that it only sharpens pole words).  The KL term keeps the whole next-token distribution
 of the base model on replies that answer the question (distill.py), which is what keeps the
-substance of the answers.  Every ``eval_every`` steps a ``select`` callback scores the adapter
+substance of the answers, and on plain completions (raw.py), where a chat-trained expert would
+otherwise end its text early.  Every ``eval_every`` steps a ``select`` callback scores the adapter
 (validation replies: select.py); the best-scoring state is the one kept (early stopping).
 """
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +145,13 @@ class Pools:
     twin: list[Item]              # twin[i]: the opposite pole on the same message / slot
     keep: list[Item]
     distill: list[Item]           # the base model's own replies (with base_top), for the KL term
+    raw: list[Item] = field(default_factory=list)   # its raw-text continuations (raw.py), too
+
+
+def kl_items(rng: random.Random, distill: list[Item], raw: list[Item], rc) -> list[Item]:
+    """One step's KL batch: ``rc.distill`` chat replies and ``rc.raw`` raw continuations."""
+    return (rng.sample(distill, min(rc.distill, len(distill)))
+            + rng.sample(raw, min(rc.raw, len(raw))))
 
 
 def train_expert(trunk: Trunk, params: list[torch.nn.Parameter], pools: Pools, rc, seed: int,
@@ -181,8 +191,9 @@ def train_expert(trunk: Trunk, params: list[torch.nn.Parameter], pools: Pools, r
         pair = -F.logsigmoid(rc.beta * margin).mean()
         keep_loss = d[2 * n:].pow(2).mean() if keep else torch.zeros((), device=lp.device)
         kl = torch.zeros((), device=lp.device)
-        if rc.w_kl and pools.distill:
-            kl = trunk.kl_to_base(rng.sample(pools.distill, min(rc.distill, len(pools.distill))))
+        kl_batch = kl_items(rng, pools.distill, pools.raw, rc) if rc.w_kl else []
+        if kl_batch:
+            kl = trunk.kl_to_base(kl_batch)
         loss = nll + rc.w_pair * pair + rc.w_retain * keep_loss + rc.w_kl * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()

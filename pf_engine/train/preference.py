@@ -32,7 +32,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from pf_engine.train.experts import Item
+from pf_engine.train.experts import Item, kl_items
 from pf_engine.train.select import generate, reply_scores
 from pf_engine.train.sequences import Sequence
 
@@ -58,7 +58,7 @@ def dpo_loss(lp_w, lp_l, ref_w, ref_l, beta: float) -> tuple[torch.Tensor, torch
     return -F.logsigmoid(beta * margin).mean(), margin.detach()
 
 
-def _train(trunk, params, chosen, rejected, distill, rc,
+def _train(trunk, params, chosen, rejected, distill, raw, rc,
            seed: int) -> tuple[list[dict], float, float]:
     """The DPO steps; returns (log, mean margin before, mean margin after)."""
     with torch.no_grad():
@@ -72,8 +72,9 @@ def _train(trunk, params, chosen, rejected, distill, rc,
         n = len(pick)
         loss, margin = dpo_loss(lp[:n], lp[n:], ref_w[pick], ref_l[pick], rc.pref_beta)
         kl = torch.zeros((), device=lp.device)
-        if rc.w_kl and distill:
-            kl = trunk.kl_to_base(rng.sample(distill, min(rc.distill, len(distill))))
+        kl_batch = kl_items(rng, distill, raw, rc) if rc.w_kl else []
+        if kl_batch:
+            kl = trunk.kl_to_base(kl_batch)
         opt.zero_grad(set_to_none=True)
         (loss + rc.w_kl * kl).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -87,7 +88,7 @@ def _train(trunk, params, chosen, rejected, distill, rc,
 
 def preference_stage(trunk, params, enc, messages: list[str], encoder, classifier, pole: str,
                      distill: list[Item], rc, seed: int, select=None,
-                     before: dict | None = None) -> dict:
+                     before: dict | None = None, raw: list[Item] = ()) -> dict:
     """Steps 1-5 of the module doc for the active adapter of ``trunk.model``; returns the metrics.
     select: the validation scorer (None: the stage is always kept); before: its figures for the
     adapter as it stands, when known (early stopping's), else computed."""
@@ -120,7 +121,7 @@ def preference_stage(trunk, params, enc, messages: list[str], encoder, classifie
     if select is not None and before is None:
         before = select()
     saved = [p.detach().clone() for p in params]
-    log, m0, m1 = _train(trunk, params, chosen, rejected, distill, rc, seed)
+    log, m0, m1 = _train(trunk, params, chosen, rejected, distill, list(raw), rc, seed)
     after = select() if select is not None else None
     keep = before is None or after["score"] >= before["score"]
     if not keep:

@@ -1,0 +1,67 @@
+"""Raw-text items for the KL term: the experts keep the base model's next-token distribution on
+text that no chat template frames, as lm-evaluation-harness and ``/v1/completions`` send it.
+
+The experts learn on chat turns, where every reply ends with the end-of-turn token; at weight 1
+they carried that into plain completions (on the shipped bank, p(end of text) right after
+"Question: What is 5 plus 33?\\nAnswer:" is 0.13-0.19 against the base model's 0.09), and greedy
+arithmetic answers came back empty (pf-eval's retention: up to 11 of 60 per expert).
+
+For every train-split neutral prompt and fact question (file order) the prompt is written in one
+of ``FORMATS`` (by index) and the base model, as served, continues it greedily for at most
+``RAW_TOKENS`` tokens (ending early at its end token, which is then kept: the position that
+predicts it is the one that drifted).  The KL term then holds
+
+    mean over continuation tokens y_t of KL(pi_base(. | x, y_<t) || pi(. | x, y_<t))
+
+on these beside the chat replies (``Recipe.raw`` of them per step).  Questions that pf-eval's
+retention tasks ask (``data/evals/``) are left out, so the term never sees an evaluated item.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from pf_engine.train.sequences import Sequence
+
+FORMATS = ("Question: {q}\nAnswer:", "Q: {q}\nA:", "{q}\n")
+RAW_TOKENS = 12
+
+
+def evaluated_questions(evals_dir: str | None = None) -> set[str]:
+    """The questions of pf-eval's reasoning tasks (lower case, stripped)."""
+    from pf_engine.train.retention import default_evals_dir
+    folder = evals_dir or default_evals_dir()
+    out = set()
+    for name in ("reasoning_mc.jsonl", "reasoning_arith.jsonl"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                out.update(json.loads(line)["question"].strip().lower()
+                           for line in f if line.strip())
+    return out
+
+
+def raw_prompts(split, limit: int = 0, exclude: set[str] | None = None) -> list[str]:
+    """The split's neutral prompts then fact questions, each in ``FORMATS[i % 3]``, leaving out
+    ``exclude`` (default: the evaluated questions); at most ``limit`` (0: all)."""
+    exclude = evaluated_questions() if exclude is None else exclude
+    questions = [q for q, _ in split.neutral] + [f["question"] for f in split.facts]
+    questions = [q for q in questions if q.strip().lower() not in exclude]
+    if limit:
+        questions = questions[:limit]
+    return [FORMATS[i % len(FORMATS)].format(q=q) for i, q in enumerate(questions)]
+
+
+def raw_sequences(eng, split, limit: int = 0, progress=None) -> list[Sequence]:
+    """(prompt ids, the base model's greedy continuation ids) for ``raw_prompts(split)``: ``eng``
+    is the base as served, with no adapters; its tokenizer gives the ids a server would see."""
+    prompts = raw_prompts(split, limit)
+    out = []
+    for i in range(0, len(prompts), 32):
+        chunk = prompts[i:i + 32]
+        gens = eng.generate(chunk, max_new_tokens=RAW_TOKENS, temperature=0.0)
+        out += [Sequence(eng.tokenizer.encode(p), list(g.token_ids), f"raw:{i + j}")
+                for j, (p, g) in enumerate(zip(chunk, gens)) if g.token_ids]
+        if progress is not None:
+            progress.update(len(chunk))
+    return out

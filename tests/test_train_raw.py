@@ -1,0 +1,83 @@
+"""The KL term on raw text (train/raw.py): the experts keep the base model's plain completions."""
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from pf_engine.train.experts import Item, Pools, Trunk, load_hf_model, train_expert
+from pf_engine.train.raw import FORMATS, RAW_TOKENS, evaluated_questions, raw_prompts
+from pf_engine.train.recipe import Recipe
+from pf_engine.train.sequences import Sequence
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "personas")
+
+
+def test_raw_prompts_cycle_formats_and_leave_out_evaluated_questions():
+    from pf_engine.train.data import load_corpus
+    split = load_corpus(DATA, splits=("train",)).train
+    asked = evaluated_questions()
+    questions = [q for q, _ in split.neutral] + [f["question"] for f in split.facts]
+    clash = [q for q in questions if q.strip().lower() in asked]
+    assert clash                                   # the shipped corpus does share some
+    got = raw_prompts(split)
+    assert len(got) == len(questions) - len(clash)
+    assert not any(q in p for q in clash for p in got)
+    kept = [q for q in questions if q not in clash]
+    assert got == [FORMATS[i % 3].format(q=q) for i, q in enumerate(kept)]
+    assert len(raw_prompts(split, exclude=set())) == len(questions)
+    assert len(raw_prompts(split, limit=5)) == 5
+
+
+def test_raw_sequences_are_the_base_models_greedy_continuations(tiny_chat_model):
+    from pf_engine import Engine
+    from pf_engine.train.raw import raw_sequences
+    eng = Engine.from_pretrained(tiny_chat_model[0], progress=False, device="cpu", dtype="fp32")
+    split = SimpleNamespace(neutral=[("How do I boil an egg?", "x"), ("Name a tree.", "y")],
+                            facts=[{"question": "What is 3 plus 4?", "answers": ["7"]}])
+    seqs = raw_sequences(eng, split)
+    prompts = raw_prompts(split)
+    want = eng.generate(prompts, max_new_tokens=RAW_TOKENS, temperature=0.0)
+    assert [s.prompt for s in seqs] == [eng.tokenizer.encode(p) for p in prompts]
+    assert [s.reply for s in seqs] == [w.token_ids for w in want]
+    assert all(0 < len(s.reply) <= RAW_TOKENS for s in seqs)
+
+
+def _expert(folder):
+    from peft import LoraConfig, get_peft_model
+    hf = load_hf_model(folder)
+    torch.manual_seed(0)
+    pm = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                       target_modules=["q_proj", "v_proj", "down_proj"],
+                                       layers_to_transform=[1]))
+    return pm, Trunk(hf, 1)
+
+
+def _raw_kl_after_training(folder, raw_per_step: int) -> float:
+    """Train an expert on chat-like texts that all end with one token; return its KL to the base
+    on raw continuations (seen by the term when raw_per_step > 0)."""
+    pm, trunk = _expert(folder)
+    rng = np.random.default_rng(4)
+    end = 2
+    own = [Item(Sequence(rng.integers(3, 200, 6).tolist(), rng.integers(3, 200, 4).tolist() + [end]))
+           for _ in range(6)]
+    raw = [Item(Sequence(rng.integers(3, 200, 7).tolist(), rng.integers(3, 200, 5).tolist()))
+           for _ in range(4)]
+    trunk.cache(own + raw)
+    trunk.cache_base_top(raw)                     # the adapter starts as the identity (B = 0)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    rc = Recipe(steps=12, lr=2e-2, pairs=3, retain=0, distill=0, raw=raw_per_step, w_pair=0.0,
+                w_kl=4.0)
+    train_expert(trunk, params, Pools(own, own, [], [], raw), rc, seed=0)
+    with torch.no_grad():
+        return float(trunk.kl_to_base(raw))
+
+
+def test_raw_kl_term_holds_plain_completions(tiny_chat_model):
+    """Without the raw items the expert drifts on plain text; with them it stays near the base."""
+    free = _raw_kl_after_training(tiny_chat_model[0], 0)
+    held = _raw_kl_after_training(tiny_chat_model[0], 2)
+    assert free > 0.01
+    assert held < 0.3 * free, (held, free)
