@@ -37,8 +37,8 @@ def test_raw_sequences_are_the_base_models_greedy_continuations(tiny_chat_model)
     eng = Engine.from_pretrained(tiny_chat_model[0], progress=False, device="cpu", dtype="fp32")
     split = SimpleNamespace(neutral=[("How do I boil an egg?", "x"), ("Name a tree.", "y")],
                             facts=[{"question": "What is 3 plus 4?", "answers": ["7"]}])
-    seqs = raw_sequences(eng, split)
     prompts = raw_prompts(split)
+    seqs = raw_sequences(eng, prompts)
     want = eng.generate(prompts, max_new_tokens=RAW_TOKENS, temperature=0.0)
     assert [s.prompt for s in seqs] == [eng.tokenizer.encode(p) for p in prompts]
     assert [s.reply for s in seqs] == [w.token_ids for w in want]

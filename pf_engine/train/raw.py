@@ -52,10 +52,10 @@ def raw_prompts(split, limit: int = 0, exclude: set[str] | None = None) -> list[
     return [FORMATS[i % len(FORMATS)].format(q=q) for i, q in enumerate(questions)]
 
 
-def raw_sequences(eng, split, limit: int = 0, progress=None) -> list[Sequence]:
-    """(prompt ids, the base model's greedy continuation ids) for ``raw_prompts(split)``: ``eng``
-    is the base as served, with no adapters; its tokenizer gives the ids a server would see."""
-    prompts = raw_prompts(split, limit)
+def raw_sequences(eng, prompts: list[str], progress=None) -> list[Sequence]:
+    """(prompt ids, the base model's greedy continuation ids) for ``prompts`` (``raw_prompts``):
+    ``eng`` is the base as served, with no adapters; its tokenizer gives the ids a server
+    would see."""
     out = []
     for i in range(0, len(prompts), 32):
         chunk = prompts[i:i + 32]

@@ -277,9 +277,10 @@ def _raw_sequences(eng, corpus, recipe: Recipe, progress: bool):
     from pf_engine.train.raw import raw_prompts, raw_sequences
     if not recipe.raw:
         return []
-    n = len(raw_prompts(corpus.train, recipe.limit))
-    with tqdm(total=n, desc="raw continuations", disable=not progress, unit="prompt") as bar:
-        return raw_sequences(eng, corpus.train, recipe.limit, progress=bar)
+    prompts = raw_prompts(corpus.train, recipe.limit)
+    with tqdm(total=len(prompts), desc="raw continuations", disable=not progress,
+              unit="prompt") as bar:
+        return raw_sequences(eng, prompts, progress=bar)
 
 
 def _cached_items(corpus, enc, served, recipe: Recipe, mids, distilled, raw, progress: bool):
