@@ -22,6 +22,12 @@ Layout of a data folder (data/personas/ ships the project's own; every text was 
       facts.jsonl                {"id": "f001", "question": "What is 17 times 23?",
                                   "answers": ["391"]}  a factual question and the forms a
                                  correct reply contains (lower case; pf-eval's facts measure)
+      safety.jsonl (optional)    {"id": "t001", "kind": "harmful", "category": "weapons",
+                                  "prompt": "...", "reply": "I can't help with that. ..."}
+                                 a harmful request and the refusal the experts learn, or
+                                 kind "benign" (reply "") a harmless look-alike the experts
+                                 keep answering as the base model does (pf-train's safety
+                                 term; pf-eval's own requests are data/evals/safety.jsonl)
 
 Every problem is one ``PFError`` line naming the file, the line number and what was expected.
 """
@@ -49,7 +55,10 @@ SCHEMA = {
     "situations": {"id": str, "category": str, "text": str, "target": dict},
     "neutral": {"prompt": str, "reply": str},
     "facts": {"id": str, "question": str, "answers": list},
+    "safety": {"id": str, "kind": str, "category": str, "prompt": str},
 }
+OPTIONAL = ("safety",)           # files a split may leave out
+SAFETY_KINDS = ("harmful", "benign")
 
 
 def trait_of(pole: str) -> str:
@@ -122,6 +131,8 @@ class Split:
     neutral: list[tuple[str, str]] = field(default_factory=list)   # (prompt, reply)
     facts: list[dict] = field(default_factory=list)       # {"id", "question", "answers"}
     open: set[str] = field(default_factory=set)           # ids of open requests
+    safety: list[dict] = field(default_factory=list)      # {"id", "kind", "category",
+                                                          #  "prompt", "reply"}
 
 
 @dataclass
@@ -133,8 +144,34 @@ class Corpus:
     digest: dict[str, str]           # split -> sha256 of its files (and poles.jsonl)
 
 
+def _split_files(folder: str) -> list[str]:
+    """The split's files that exist: every one of FILES, and those of OPTIONAL present."""
+    return [name for name in FILES + OPTIONAL if name in FILES
+            or os.path.isfile(os.path.join(folder, f"{name}.jsonl"))]
+
+
+def _read_safety(rows: list[dict]) -> list[dict]:
+    """safety.jsonl's records checked: known kind, unique id, a refusal for every harmful one."""
+    out, seen = [], set()
+    for r in rows:
+        if r["id"] in seen:
+            raise PFError(f"{r['_where']}: safety id {r['id']!r} appears twice")
+        seen.add(r["id"])
+        if r["kind"] not in SAFETY_KINDS:
+            raise PFError(f"{r['_where']}: kind {r['kind']!r}; expected one of "
+                          f"{', '.join(SAFETY_KINDS)}")
+        reply = r.get("reply", "")
+        if not isinstance(reply, str) or (r["kind"] == "harmful") != bool(reply.strip()):
+            raise PFError(f"{r['_where']}: reply must be a non-empty string for a harmful "
+                          f"request and \"\" for a benign one, got {reply!r}")
+        out.append({"id": r["id"], "kind": r["kind"], "category": r["category"],
+                    "prompt": r["prompt"], "reply": reply})
+    return out
+
+
 def _read_split(folder: str, poles: list[str]) -> Split:
-    rec = {name: read_jsonl(os.path.join(folder, f"{name}.jsonl"), SCHEMA[name]) for name in FILES}
+    rec = {name: read_jsonl(os.path.join(folder, f"{name}.jsonl"), SCHEMA[name])
+           for name in _split_files(folder)}
     messages, open_ids = {}, set()
     for r in rec["messages"]:
         if r["id"] in messages:
@@ -178,7 +215,8 @@ def _read_split(folder: str, poles: list[str]) -> Split:
             raise PFError(f"{r['_where']}: answers must be a non-empty list of lower-case "
                           f"strings without outer spaces, got {r['answers']!r}")
         facts.append({"id": r["id"], "question": r["question"], "answers": r["answers"]})
-    return Split(messages, replies, statements, situations, neutral, facts, open_ids)
+    return Split(messages, replies, statements, situations, neutral, facts, open_ids,
+                 _read_safety(rec.get("safety", [])))
 
 
 def _digest(paths: list[str]) -> str:
@@ -214,7 +252,8 @@ def load_corpus(folder: str, splits=SPLITS) -> Corpus:
     for s in splits:
         loaded[s] = _read_split(os.path.join(folder, s), poles)
         digest[s] = _digest([os.path.join(folder, "poles.jsonl")] +
-                            [os.path.join(folder, s, f"{name}.jsonl") for name in FILES])
+                            [os.path.join(folder, s, f"{name}.jsonl")
+                             for name in _split_files(os.path.join(folder, s))])
     return Corpus(poles, descriptions, loaded.get("train"), loaded.get("heldout"), digest)
 
 

@@ -1,6 +1,7 @@
 """The base model's own replies to held-in prompts: what the KL term keeps each expert close to.
 
-For every train-split prompt (messages, situations, neutral prompts, fact questions) the base
+For every train-split prompt (messages, situations, neutral prompts, fact questions, the benign
+look-alikes of harmful requests in safety.jsonl) the base
 model answers once, greedy with the chat repetition penalty (``GENERATE``); a reply is kept when
 
     not degenerate(reply)                       (metrics.degenerate: no loop, >= 3 words)
@@ -32,6 +33,7 @@ def held_in_prompts(split) -> list[tuple[str, str, list | None]]:
     out += [("situation", s["text"], None) for s in split.situations]
     out += [("neutral", q, None) for q, _ in split.neutral]
     out += [("fact", f["question"], f["answers"]) for f in split.facts]
+    out += [("benign", r["prompt"], None) for r in split.safety if r["kind"] == "benign"]
     return out
 
 

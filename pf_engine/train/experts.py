@@ -17,6 +17,8 @@ Loss for the expert of pole p (trait T), per step, on per-token mean log-likelih
                                                                          held-in prompts, and
                                                                          its continuations of
                                                                          raw text (raw.py)
+      + w_safety * NLL(refusals of harmful requests)                     safety.jsonl: refuse
+                                                                         what must be refused
 
 The retention term is what keeps the other four traits where the base model has them
 (specificity); the pairwise term (DPO-like, base model as the reference) pushes p away from its
@@ -24,8 +26,11 @@ opposite on the same content, and its cap stops it once the margin is pair_cap n
 (past that it only sharpens pole words).  The KL term keeps the whole next-token distribution
 of the base model on replies that answer the question (distill.py), which is what keeps the
 substance of the answers, and on plain completions (raw.py), where a chat-trained expert would
-otherwise end its text early.  Every ``eval_every`` steps a ``select`` callback scores the adapter
-(validation replies: select.py); the best-scoring state is the one kept (early stopping).
+otherwise end its text early.  The safety term teaches every expert the refusals written for
+the train split's harmful requests (the base model answers its benign look-alikes, and the KL
+term holds those), so no persona is a way around a refusal.  Every ``eval_every`` steps a
+``select`` callback scores the adapter (validation replies: select.py); the best-scoring state
+is the one kept (early stopping).
 """
 from __future__ import annotations
 
@@ -146,6 +151,7 @@ class Pools:
     keep: list[Item]
     distill: list[Item]           # the base model's own replies (with base_top), for the KL term
     raw: list[Item] = field(default_factory=list)   # its raw-text continuations (raw.py), too
+    safety: list[Item] = field(default_factory=list)  # harmful requests with their refusals
 
 
 def kl_items(rng: random.Random, distill: list[Item], raw: list[Item], rc) -> list[Item]:
@@ -154,13 +160,23 @@ def kl_items(rng: random.Random, distill: list[Item], raw: list[Item], rc) -> li
             + rng.sample(raw, min(rc.raw, len(raw))))
 
 
+def safety_nll(trunk: Trunk, rng: random.Random, safety: list[Item], rc) -> torch.Tensor:
+    """The safety term: mean NLL (per reply token) of ``rc.safety`` refusals drawn from
+    ``safety`` (0 when there are none or the recipe takes none)."""
+    pick = rng.sample(safety, min(rc.safety, len(safety))) if rc.w_safety else []
+    if not pick:
+        return torch.zeros((), device=trunk.device)
+    return -trunk.log_likelihood(pick).mean()
+
+
 def train_expert(trunk: Trunk, params: list[torch.nn.Parameter], pools: Pools, rc, seed: int,
                  progress=None, select=None) -> tuple[list[dict], dict | None]:
     """Optimise ``params`` (the active adapter's) for ``rc.steps`` steps.
 
-    rc: the recipe (steps, lr, pairs, retain, distill, beta, pair_cap, w_pair, w_retain, w_kl,
-    eval_every).  select: None, or a callable returning {"score": ...} for the adapter as it
-    stands; called every ``rc.eval_every`` steps and at the end, and the best state is restored.
+    rc: the recipe (steps, lr, pairs, retain, distill, raw, safety, beta, pair_cap, w_pair,
+    w_retain, w_kl, w_safety, eval_every).  select: None, or a callable returning
+    {"score": ...} for the adapter as it stands; called every ``rc.eval_every`` steps and at the
+    end, and the best state is restored.
     Returns (the loss log, the chosen checkpoint's figures or None).
     """
     rng = random.Random(seed)
@@ -194,16 +210,19 @@ def train_expert(trunk: Trunk, params: list[torch.nn.Parameter], pools: Pools, r
         kl_batch = kl_items(rng, pools.distill, pools.raw, rc) if rc.w_kl else []
         if kl_batch:
             kl = trunk.kl_to_base(kl_batch)
-        loss = nll + rc.w_pair * pair + rc.w_retain * keep_loss + rc.w_kl * kl
+        safe = safety_nll(trunk, rng, pools.safety, rc)
+        loss = (nll + rc.w_pair * pair + rc.w_retain * keep_loss + rc.w_kl * kl
+                + rc.w_safety * safe)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        loss, nll, pair, keep_loss, kl = (t.detach() for t in (loss, nll, pair, keep_loss, kl))
+        loss, nll, pair, keep_loss, kl, safe = (t.detach() for t in
+                                                (loss, nll, pair, keep_loss, kl, safe))
         log.append({"step": step, "loss": round(float(loss), 5), "nll": round(float(nll), 5),
                     "pair": round(float(pair), 5), "keep": round(float(keep_loss), 6),
-                    "kl": round(float(kl), 5)})
+                    "kl": round(float(kl), 5), "safety": round(float(safe), 5)})
         if select is not None and ((step + 1) % rc.eval_every == 0 or step + 1 == steps):
             got = dict(select(), step=step + 1)
             log[-1]["select"] = got

@@ -53,12 +53,14 @@ class Recipe:
     retain: int = 4                  # other traits' / neutral texts per step
     distill: int = 4                 # base-model replies per step (the KL term)
     raw: int = 2                     # its raw-text continuations per step, too (raw.py; 0: none)
+    safety: int = 2                  # refusals of harmful requests per step (safety.jsonl; 0: none)
     lr: float = 1.5e-3
     beta: float = 2.0                # pairwise term's sharpness (per-token nats)
     pair_cap: float = 0.5            # the pairwise margin stops pulling past this (nats/token)
     w_pair: float = 0.5
     w_retain: float = 4.0
     w_kl: float = 2.0
+    w_safety: float = 1.0
     eval_every: int = 10             # early stopping: score the expert every this many steps
     val_messages: int = 8            # train messages kept out of training, to score on
     limit: int = 0                   # use at most this many texts per pole and kind (0: all)
@@ -99,7 +101,7 @@ class Recipe:
     def quick(cls, **overrides) -> "Recipe":
         """Minutes-free: two adapted layers, rank 2, two steps per expert, a few texts."""
         return cls(**{**dict(rank=2, alpha=4.0, first_layer=-2, steps=2, pairs=2, retain=2,
-                   distill=2, raw=1,
+                   distill=2, raw=1, safety=1,
                    eval_every=2, val_messages=2, limit=3, router_steps=30, router_layers=(6, 12),
                    router_hidden=16, pref_steps=2, pref_messages=2, pref_samples=2, pref_tokens=8,
                    joint_steps=2, joint_batch=2, joint_val=4), **overrides})
@@ -238,12 +240,13 @@ def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool
     train_ids, val_ids = split_messages(corpus, recipe)
     distilled = _base_replies(eng, corpus, encoder, recipe, progress)
     raw = _raw_sequences(eng, corpus, recipe, progress)
-    items, neutral, kl, trunk = _cached_items(corpus, enc, served, recipe, train_ids,
-                                              distilled.pairs, raw, progress)
+    items, neutral, kl, safety, trunk = _cached_items(corpus, enc, served, recipe, train_ids,
+                                                      distilled.pairs, raw, progress)
     distill = kl[0]
     val = [corpus.train.messages[m] for m in val_ids]
-    pm, names, logs, chosen, prefs = _train_experts(corpus, items, neutral, kl, trunk, recipe,
-                                                    (enc, val, encoder, train_ids), progress)
+    pm, names, logs, chosen, prefs = _train_experts(corpus, items, neutral, kl, safety, trunk,
+                                                    recipe, (enc, val, encoder, train_ids),
+                                                    progress)
     sits, feats, targets = router_data(corpus, enc, eng, recipe, progress)
     router, router_report = fit_router(feats, targets, recipe, len(trunk.inner.layers))
     joint = None
@@ -256,6 +259,7 @@ def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool
         "router": router_report, "final_loss": {p: log[-1] for p, log in logs.items()},
         "early_stopping": chosen, "validation_messages": val_ids, "preference": prefs,
         "joint": joint, "base_replies": distilled.report, "raw_continuations": len(kl[1]),
+        "safety_refusals": len(safety),
         "served": {"weights": eng.weight_formats, "quantize": recipe.quantize,
                    "round_activations": recipe.round_activations and dev.type == "cpu",
                    "device": dev.type, "dtype": dtype}}
@@ -287,8 +291,8 @@ def _cached_items(corpus, enc, served, recipe: Recipe, mids, distilled, raw, pro
     """Tokenised items per pole, the neutral ones and the KL term's (the base model's chat
     replies, its raw continuations ``raw``), with trunk outputs and base likelihoods (and, for
     the KL ones, the base model's top states), on the base as served (``served``:
-    served_weights' folder, config and weights).  Returns (items, neutral, (distill, raw),
-    trunk)."""
+    served_weights' folder, config and weights), and the harmful requests with their refusals
+    (safety.jsonl).  Returns (items, neutral, (distill, raw), safety, trunk)."""
     from tqdm.auto import tqdm
     items = build_items(corpus, enc, recipe.limit, mids)
     from pf_engine.engine import DTYPES
@@ -307,7 +311,10 @@ def _cached_items(corpus, enc, served, recipe: Recipe, mids, distilled, raw, pro
                enumerate(corpus.train.neutral[:recipe.limit or None])]
     distill = [Item(enc.sequence(q, a, tag=f"distill:{i}")) for i, (q, a) in enumerate(distilled)]
     raw = [Item(s) for s in raw]
-    every = [it for p in corpus.poles for it in items[p]] + neutral + distill + raw
+    harmful = [r for r in corpus.train.safety if r["kind"] == "harmful"][:recipe.limit or None]
+    safety = [Item(enc.sequence(r["prompt"], r["reply"], tag=f"safety:{r['id']}"))
+              for r in harmful] if recipe.safety else []
+    every = [it for p in corpus.poles for it in items[p]] + neutral + distill + raw + safety
     with tqdm(total=len(every), desc="trunk cache", disable=not progress, unit="seq") as bar:
         trunk.cache(every, progress=bar)
     with torch.no_grad():
@@ -316,7 +323,7 @@ def _cached_items(corpus, enc, served, recipe: Recipe, mids, distilled, raw, pro
             for it, lp in zip(chunk, trunk.log_likelihood(chunk).tolist()):
                 it.base_lp = lp
     trunk.cache_base_top(distill + raw)
-    return items, neutral, (distill, raw), trunk
+    return items, neutral, (distill, raw), safety, trunk
 
 
 def _classifier(corpus, pole: str, mids):
@@ -330,11 +337,12 @@ def _classifier(corpus, pole: str, mids):
     return TraitClassifier(texts(t + "+"), texts(t + "-"))
 
 
-def _train_experts(corpus, items, neutral, kl, trunk: Trunk, recipe: Recipe, val,
+def _train_experts(corpus, items, neutral, kl, safety, trunk: Trunk, recipe: Recipe, val,
                    progress: bool):
     """One peft adapter per pole (named e0.. in bank order) on the trunk's top layers, each
     early-stopped on the validation messages, then through the preference stage (if any).
-    kl: (the base model's chat replies, its raw continuations) for the KL term."""
+    kl: (the base model's chat replies, its raw continuations) for the KL term; safety: the
+    refusals for the safety term."""
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 
@@ -355,7 +363,7 @@ def _train_experts(corpus, items, neutral, kl, trunk: Trunk, recipe: Recipe, val
         pm.set_adapter(names[k])
         params = [p for p in pm.parameters() if p.requires_grad]
         keep = [it for q in corpus.poles if trait_of(q) != trait_of(pole) for it in items[q]]
-        pools = Pools(items[pole], items[opposite(pole)], keep + neutral, *kl)
+        pools = Pools(items[pole], items[opposite(pole)], keep + neutral, *kl, safety=safety)
         clf = _classifier(corpus, pole, mids)
         select = Validator(trunk.model, enc, val_texts, encoder, clf, pole) if val_texts else None
         with tqdm(total=recipe.steps, desc=f"expert {pole}", disable=not progress) as bar:
@@ -366,7 +374,7 @@ def _train_experts(corpus, items, neutral, kl, trunk: Trunk, recipe: Recipe, val
             with tqdm(total=1, desc=f"preference {pole}", disable=not progress) as bar:
                 prefs[pole] = preference_stage(trunk, params, enc, msgs, encoder, clf, pole,
                                                kl[0], recipe, recipe.seed + k, select,
-                                               chosen[pole], raw=kl[1])
+                                               chosen[pole], raw=kl[1], safety=safety)
                 bar.update(1)
     return pm, names, logs, chosen, prefs
 
