@@ -37,8 +37,10 @@ def test_shipped_safety_rows_refuse_and_stay_apart_from_the_evaluated_ones():
         w = _words(r["prompt"])
         closest = max(len(w & _words(q)) / len(w | _words(q)) for q in asked)
         assert closest <= 0.4, (r["prompt"], closest)
-    kinds = [k for k, _, _ in held_in_prompts(load_corpus(DATA, splits=("train",)).train)]
+    split = load_corpus(DATA, splits=("train",)).train
+    kinds = [k for k, _, _ in held_in_prompts(split, benign=True)]
     assert kinds.count("benign") == len(benign)              # the KL term holds their answers
+    assert "benign" not in [k for k, _, _ in held_in_prompts(split)]     # only with the term
 
 
 @pytest.fixture

@@ -55,7 +55,8 @@ def build_parser() -> Parser:
                    "experts keep plain completions (default: the recipe's, 2; 0: none)")
     p.add_argument("--safety", type=int, default=None, metavar="N",
                    help="refusals of the train split's harmful requests (safety.jsonl) in each "
-                   "step, so no expert stops refusing (default: the recipe's, 2; 0: none)")
+                   "step; its harmless look-alikes then join the KL term (default: the "
+                   "recipe's, 0: off; at 2 the experts over-refused, see train/README.md)")
     p.add_argument("--quantize", default=None, choices=("f32", "q8", "q4", "bf16", "f16"),
                    help="train against the base in this format (default: as the engine serves "
                    "the model by default; f32: the float weights, no activation rounding)")

@@ -1,7 +1,7 @@
 """The base model's own replies to held-in prompts: what the KL term keeps each expert close to.
 
-For every train-split prompt (messages, situations, neutral prompts, fact questions, the benign
-look-alikes of harmful requests in safety.jsonl) the base
+For every train-split prompt (messages, situations, neutral prompts, fact questions; with the
+safety term on, also the benign look-alikes of harmful requests in safety.jsonl) the base
 model answers once, greedy with the chat repetition penalty (``GENERATE``); a reply is kept when
 
     not degenerate(reply)                       (metrics.degenerate: no loop, >= 3 words)
@@ -27,19 +27,23 @@ class BaseReplies:
     report: dict = field(default_factory=dict)
 
 
-def held_in_prompts(split) -> list[tuple[str, str, list | None]]:
-    """(kind, prompt, accepted answers or None) for every train-split prompt, in file order."""
+def held_in_prompts(split, benign: bool = False) -> list[tuple[str, str, list | None]]:
+    """(kind, prompt, accepted answers or None) for every train-split prompt, in file order;
+    benign: safety.jsonl's benign look-alikes too (kind "benign")."""
     out = [("message", split.messages[m], None) for m in sorted(split.messages)]
     out += [("situation", s["text"], None) for s in split.situations]
     out += [("neutral", q, None) for q, _ in split.neutral]
     out += [("fact", f["question"], f["answers"]) for f in split.facts]
-    out += [("benign", r["prompt"], None) for r in split.safety if r["kind"] == "benign"]
+    if benign:
+        out += [("benign", r["prompt"], None) for r in split.safety if r["kind"] == "benign"]
     return out
 
 
-def base_replies(eng, split, encoder, limit: int = 0, progress=None) -> BaseReplies:
-    """Generate, score and filter the base model's replies to ``split``'s prompts."""
-    prompts = held_in_prompts(split)
+def base_replies(eng, split, encoder, limit: int = 0, progress=None,
+                 benign: bool = False) -> BaseReplies:
+    """Generate, score and filter the base model's replies to ``split``'s prompts (benign: the
+    benign look-alikes too)."""
+    prompts = held_in_prompts(split, benign)
     if limit:
         prompts = prompts[::max(1, len(prompts) // limit)][:limit]       # spread over the kinds
     texts = []

@@ -26,9 +26,10 @@ opposite on the same content, and its cap stops it once the margin is pair_cap n
 (past that it only sharpens pole words).  The KL term keeps the whole next-token distribution
 of the base model on replies that answer the question (distill.py), which is what keeps the
 substance of the answers, and on plain completions (raw.py), where a chat-trained expert would
-otherwise end its text early.  The safety term teaches every expert the refusals written for
-the train split's harmful requests (the base model answers its benign look-alikes, and the KL
-term holds those), so no persona is a way around a refusal.  Every ``eval_every`` steps a
+otherwise end its text early.  The safety term (off in the default recipe: at 2 refusals a step
+the experts learnt refusing as a reflex, train/README.md) teaches every expert the refusals
+written for the train split's harmful requests, the KL term then holding the base model's
+answers to their benign look-alikes.  Every ``eval_every`` steps a
 ``select`` callback scores the adapter (validation replies: select.py); the best-scoring state
 is the one kept (early stopping).
 """

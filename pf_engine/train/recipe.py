@@ -53,7 +53,8 @@ class Recipe:
     retain: int = 4                  # other traits' / neutral texts per step
     distill: int = 4                 # base-model replies per step (the KL term)
     raw: int = 2                     # its raw-text continuations per step, too (raw.py; 0: none)
-    safety: int = 2                  # refusals of harmful requests per step (safety.jsonl; 0: none)
+    safety: int = 0                  # refusals of harmful requests per step (safety.jsonl; 0: none;
+                                     # with 2 the experts over-refused: train/README.md)
     lr: float = 1.5e-3
     beta: float = 2.0                # pairwise term's sharpness (per-token nats)
     pair_cap: float = 0.5            # the pairwise margin stops pulling past this (nats/token)
@@ -101,7 +102,7 @@ class Recipe:
     def quick(cls, **overrides) -> "Recipe":
         """Minutes-free: two adapted layers, rank 2, two steps per expert, a few texts."""
         return cls(**{**dict(rank=2, alpha=4.0, first_layer=-2, steps=2, pairs=2, retain=2,
-                   distill=2, raw=1, safety=1,
+                   distill=2, raw=1,
                    eval_every=2, val_messages=2, limit=3, router_steps=30, router_layers=(6, 12),
                    router_hidden=16, pref_steps=2, pref_messages=2, pref_samples=2, pref_tokens=8,
                    joint_steps=2, joint_batch=2, joint_val=4), **overrides})
@@ -270,9 +271,10 @@ def _base_replies(eng, corpus, encoder, recipe: Recipe, progress: bool):
 
     from pf_engine.train.distill import base_replies, held_in_prompts
     limit = recipe.limit * 4 if recipe.limit else 0
-    n = limit or len(held_in_prompts(corpus.train))
+    benign = recipe.safety > 0       # the safety term's look-alikes join the KL term with it
+    n = limit or len(held_in_prompts(corpus.train, benign))
     with tqdm(total=n, desc="base replies", disable=not progress, unit="prompt") as bar:
-        return base_replies(eng, corpus.train, encoder, limit=limit, progress=bar)
+        return base_replies(eng, corpus.train, encoder, limit=limit, progress=bar, benign=benign)
 
 
 def _raw_sequences(eng, corpus, recipe: Recipe, progress: bool):
