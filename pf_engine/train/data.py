@@ -146,8 +146,8 @@ class Corpus:
 
 def _split_files(folder: str) -> list[str]:
     """The split's files that exist: every one of FILES, and those of OPTIONAL present."""
-    return [name for name in FILES + OPTIONAL if name in FILES
-            or os.path.isfile(os.path.join(folder, f"{name}.jsonl"))]
+    return list(FILES) + [name for name in OPTIONAL
+                          if os.path.isfile(os.path.join(folder, f"{name}.jsonl"))]
 
 
 def _read_safety(rows: list[dict]) -> list[dict]:

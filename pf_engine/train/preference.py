@@ -76,7 +76,7 @@ def _train(trunk, params, chosen, rejected, distill, raw, rc,
         kl_batch = kl_items(rng, distill, raw, rc) if rc.w_kl else []
         if kl_batch:
             kl = trunk.kl_to_base(kl_batch)
-        safe = safety_nll(trunk, rng, list(safety), rc)
+        safe = safety_nll(trunk, rng, safety, rc)
         opt.zero_grad(set_to_none=True)
         (loss + rc.w_kl * kl + rc.w_safety * safe).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
