@@ -14,7 +14,7 @@ from pf_engine.errors import PFError
 from pf_engine.train.data import default_data_dir, load_corpus
 from pf_engine.train.distill import held_in_prompts
 from pf_engine.train.experts import Item, Pools, Trunk, load_hf_model, train_expert
-from pf_engine.train.recipe import Recipe
+from pf_engine.train.recipe import Recipe, safety_pairs
 from pf_engine.train.retention import default_evals_dir, read_jsonl, refused
 from pf_engine.train.sequences import Sequence
 
@@ -94,7 +94,7 @@ def _refusal_nll_after_training(folder, per_step: int) -> float:
     params = [p for p in pm.parameters() if p.requires_grad]
     rc = Recipe(steps=30, lr=3e-2, pairs=3, retain=0, distill=0, raw=0, safety=per_step,
                 w_pair=0.0, w_kl=0.0)
-    log, _ = train_expert(trunk, params, Pools(own, own, [], [], [], safety=refusals), rc, seed=0)
+    log, _ = train_expert(trunk, params, Pools(own, own, [], [], [], refusals), rc, seed=0)
     assert all("safety" in row for row in log)
     with torch.no_grad():
         return float(-trunk.log_likelihood(refusals).mean())
@@ -106,3 +106,65 @@ def test_safety_term_teaches_the_refusals(tiny_chat_model):
     taught = _refusal_nll_after_training(tiny_chat_model[0], 4)
     assert free > 2.0
     assert taught < 0.5 * free, (taught, free)
+
+
+def test_safety_pairs_match_each_harmful_request_with_a_look_alike_of_its_category():
+    rows = [{"id": "a", "kind": "harmful", "category": "x"}, {"id": "b", "kind": "benign",
+            "category": "y"}, {"id": "c", "kind": "harmful", "category": "x"},
+            {"id": "d", "kind": "benign", "category": "x"}, {"id": "e", "kind": "harmful",
+            "category": "y"}]
+    got = [(h["id"], b and b["id"]) for h, b in safety_pairs(rows)]
+    assert got == [("a", "d"), ("c", None), ("e", "b")]
+    shipped = safety_pairs(load_corpus(DATA, splits=("train",)).train.safety)
+    assert len(shipped) == 60 and all(b is not None and b["category"] == h["category"]
+                                      for h, b in shipped)
+
+
+def _refusal_gains_after_training(folder, w_nll: float, w_pair: float) -> tuple[float, float]:
+    """Train an expert with the safety terms at these weights; return the refusals' mean
+    log-likelihood gain over the base (d) after the harmful requests and after their
+    look-alikes."""
+    from peft import LoraConfig, get_peft_model
+    hf = load_hf_model(folder)
+    torch.manual_seed(0)
+    pm = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                       target_modules=["q_proj", "v_proj", "down_proj"],
+                                       layers_to_transform=[1]))
+    trunk = Trunk(hf, 1)
+    rng = np.random.default_rng(5)
+    own = [Item(Sequence(rng.integers(3, 200, 6).tolist(), rng.integers(3, 200, 5).tolist()))
+           for _ in range(6)]
+    replies = [rng.integers(3, 200, 5).tolist() for _ in range(4)]
+    harmful = [Item(Sequence(rng.integers(3, 200, 7).tolist(), r)) for r in replies]
+    twins = [Item(Sequence(rng.integers(3, 200, 7).tolist(), r)) for r in replies]
+    trunk.cache(own + harmful + twins)
+    with pm.disable_adapter(), torch.no_grad():
+        for it, lp in zip(harmful + twins, trunk.log_likelihood(harmful + twins).tolist()):
+            it.base_lp = lp
+    params = [p for p in pm.parameters() if p.requires_grad]
+    rc = Recipe(steps=30, lr=3e-2, pairs=3, retain=0, distill=0, raw=0, safety=4,
+                w_pair=0.0, w_kl=0.0, w_safety=w_nll, w_safety_pair=w_pair)
+    log, _ = train_expert(trunk, params, Pools(own, own, [], [], [], harmful, twins), rc, seed=0)
+    assert all("safety_pair" in row for row in log)
+    with torch.no_grad():
+        d = trunk.log_likelihood(harmful + twins) - torch.tensor(
+            [it.base_lp for it in harmful + twins])
+    return float(d[:4].mean()), float(d[4:].mean())
+
+
+def test_safety_contrast_ties_the_refusal_to_the_harmful_request(tiny_chat_model):
+    """With the contrast the refusal gains as much after the harmful requests as with their
+    NLL alone, and less after their look-alikes."""
+    h_nll, b_nll = _refusal_gains_after_training(tiny_chat_model[0], 1.0, 0.0)
+    h_both, b_both = _refusal_gains_after_training(tiny_chat_model[0], 1.0, 1.0)
+    assert h_both > 0.8 * h_nll > 0, (h_both, h_nll)
+    assert b_both < b_nll - 0.2, (b_both, b_nll)
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_bad_safety_pair_is_one_line_before_any_loading(tmp_path, capsys, value):
+    from pf_engine.cli.train import main
+    assert main(["-o", str(tmp_path / "b.safetensors"), "--safety-pair", value, "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"pf-train: error: --safety-pair must be >= 0, got {float(value)}"
+    assert not (tmp_path / "b.safetensors").exists()

@@ -2,7 +2,7 @@
 
     pf-train -o bigfive.safetensors [--data data/personas] [--model M] [--quick] [--overwrite]
              [--peft-dir DIR] [--seed 0] [--steps N] [--pref-steps N | --no-preference]
-             [--joint-steps N | --no-joint] [--raw N] [--safety N]
+             [--joint-steps N | --no-joint] [--raw N] [--safety N] [--safety-pair W]
              [--quantize FMT] [--no-round-activations]
              [--device cpu|cuda] [--dtype bf16|fp16|fp32] [--checkpointing | --no-checkpointing]
              [--max-len 512]
@@ -57,6 +57,10 @@ def build_parser() -> Parser:
                    help="refusals of the train split's harmful requests (safety.jsonl) in each "
                    "step; its harmless look-alikes then join the KL term (default: the "
                    "recipe's, 0: off; at 2 the experts over-refused, see train/README.md)")
+    p.add_argument("--safety-pair", type=float, default=None, metavar="W",
+                   help="weight of the contrast that ties each refusal to its harmful request "
+                   "against the same refusal after a harmless look-alike (default: the "
+                   "recipe's, 1.0; 0: the refusals' likelihood alone)")
     p.add_argument("--quantize", default=None, choices=("f32", "q8", "q4", "bf16", "f16"),
                    help="train against the base in this format (default: as the engine serves "
                    "the model by default; f32: the float weights, no activation rounding)")
@@ -91,6 +95,10 @@ def main(argv=None) -> int:
                 if value < least:
                     raise PFError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
                 setattr(recipe, name, value)
+        if args.safety_pair is not None:
+            if not args.safety_pair >= 0:
+                raise PFError(f"--safety-pair must be >= 0, got {args.safety_pair}")
+            recipe.w_safety_pair = args.safety_pair
         if args.no_preference:
             recipe.pref_steps = 0
         for name in ("device", "dtype", "checkpointing"):

@@ -17,8 +17,10 @@ Loss for the expert of pole p (trait T), per step, on per-token mean log-likelih
                                                                          held-in prompts, and
                                                                          its continuations of
                                                                          raw text (raw.py)
-      + w_safety * NLL(refusals of harmful requests)                     safety.jsonl: refuse
-                                                                         what must be refused
+      + w_safety * NLL(r | h)                                            safety.jsonl: refuse
+                                                                         harmful requests h
+      + w_safety_pair * -log sigmoid(beta_s * min(d(r | h) - d(r | b),   ... and not their
+                                                  pair_cap))             benign look-alikes b
 
 The retention term is what keeps the other four traits where the base model has them
 (specificity); the pairwise term (DPO-like, base model as the reference) pushes p away from its
@@ -26,10 +28,12 @@ opposite on the same content, and its cap stops it once the margin is pair_cap n
 (past that it only sharpens pole words).  The KL term keeps the whole next-token distribution
 of the base model on replies that answer the question (distill.py), which is what keeps the
 substance of the answers, and on plain completions (raw.py), where a chat-trained expert would
-otherwise end its text early.  The safety term (off in the default recipe: at 2 refusals a step
-the experts learnt refusing as a reflex, train/README.md) teaches every expert the refusals
-written for the train split's harmful requests, the KL term then holding the base model's
-answers to their benign look-alikes.  Every ``eval_every`` steps a
+otherwise end its text early.  The safety terms (off in the default recipe, train/README.md)
+teach every expert the refusals r written for the train split's harmful requests, and the
+contrast ties each refusal to its request: the same refusal after a benign look-alike of the
+request is the pair's loser, as the opposite pole is in the pairwise term (with the NLL alone,
+2 refusals a step, the experts learnt refusing as a reflex); the KL term then holds the base
+model's answers to the look-alikes.  Every ``eval_every`` steps a
 ``select`` callback scores the adapter (validation replies: select.py); the best-scoring state
 is the one kept (early stopping).
 """
@@ -153,6 +157,8 @@ class Pools:
     distill: list[Item]           # the base model's own replies (with base_top), for the KL term
     raw: list[Item] = field(default_factory=list)   # its raw-text continuations (raw.py), too
     safety: list[Item] = field(default_factory=list)  # harmful requests with their refusals
+    safety_twin: list[Item] = field(default_factory=list)  # [i]: safety[i]'s refusal given to
+                                                           # a benign look-alike of its request
 
 
 def kl_items(rng: random.Random, distill: list[Item], raw: list[Item], rc) -> list[Item]:
@@ -161,13 +167,31 @@ def kl_items(rng: random.Random, distill: list[Item], raw: list[Item], rc) -> li
             + rng.sample(raw, min(rc.raw, len(raw))))
 
 
-def safety_nll(trunk: Trunk, rng: random.Random, safety: list[Item], rc) -> torch.Tensor:
-    """The safety term: mean NLL (per reply token) of ``rc.safety`` refusals drawn from
-    ``safety`` (0 when there are none or the recipe takes none)."""
-    pick = rng.sample(safety, min(rc.safety, len(safety))) if rc.w_safety else []
+def safety_terms(trunk: Trunk, rng: random.Random, safety: list[Item], twins: list[Item], rc
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The safety terms on ``rc.safety`` refusals r drawn from ``safety`` (zeros when there are
+    none or the recipe takes none), with d(x) = lp(x) - lp_base(x):
+
+        nll      = mean NLL of r after its harmful request h        (per reply token)
+        contrast = mean -log sigmoid(beta_s * min(d(r | h) - d(r | b), pair_cap))
+
+    b: the benign look-alike of h (``twins``; no contrast without them).  The contrast rewards
+    the refusal only where the request is harmful: a refusal that rises after every request
+    (a reflex) leaves it where it was."""
+    zero = torch.zeros((), device=trunk.device)
+    on = rc.w_safety or (rc.w_safety_pair and twins)
+    pick = rng.sample(range(len(safety)), min(rc.safety, len(safety))) if on else []
     if not pick:
-        return torch.zeros((), device=trunk.device)
-    return -trunk.log_likelihood(pick).mean()
+        return zero, zero
+    pair = bool(rc.w_safety_pair and twins)
+    batch = [safety[i] for i in pick] + ([twins[i] for i in pick] if pair else [])
+    lp = trunk.log_likelihood(batch)
+    n = len(pick)
+    if not pair:
+        return -lp.mean(), zero
+    d = lp - torch.tensor([it.base_lp for it in batch], device=lp.device)
+    margin = (d[:n] - d[n:]).clamp_max(rc.pair_cap)
+    return -lp[:n].mean(), -F.logsigmoid(rc.safety_beta * margin).mean()
 
 
 def train_expert(trunk: Trunk, params: list[torch.nn.Parameter], pools: Pools, rc, seed: int,
@@ -211,19 +235,20 @@ def train_expert(trunk: Trunk, params: list[torch.nn.Parameter], pools: Pools, r
         kl_batch = kl_items(rng, pools.distill, pools.raw, rc) if rc.w_kl else []
         if kl_batch:
             kl = trunk.kl_to_base(kl_batch)
-        safe = safety_nll(trunk, rng, pools.safety, rc)
+        safe, contrast = safety_terms(trunk, rng, pools.safety, pools.safety_twin, rc)
         loss = (nll + rc.w_pair * pair + rc.w_retain * keep_loss + rc.w_kl * kl
-                + rc.w_safety * safe)
+                + rc.w_safety * safe + rc.w_safety_pair * contrast)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        loss, nll, pair, keep_loss, kl, safe = (t.detach() for t in
-                                                (loss, nll, pair, keep_loss, kl, safe))
+        loss, nll, pair, keep_loss, kl, safe, contrast = (
+            t.detach() for t in (loss, nll, pair, keep_loss, kl, safe, contrast))
         log.append({"step": step, "loss": round(float(loss), 5), "nll": round(float(nll), 5),
                     "pair": round(float(pair), 5), "keep": round(float(keep_loss), 6),
-                    "kl": round(float(kl), 5), "safety": round(float(safe), 5)})
+                    "kl": round(float(kl), 5), "safety": round(float(safe), 5),
+                    "safety_pair": round(float(contrast), 5)})
         if select is not None and ((step + 1) % rc.eval_every == 0 or step + 1 == steps):
             got = dict(select(), step=step + 1)
             log[-1]["select"] = got

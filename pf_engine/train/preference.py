@@ -17,7 +17,8 @@ For the expert of pole p, on training messages m (never the validation ones):
 
         L = -log sigmoid(beta * ((lp(y_w) - lp_ref(y_w)) - (lp(y_l) - lp_ref(y_l))))
           + w_kl * KL(base || expert) on the base model's own replies (experts.py's KL term)
-          + w_safety * NLL(refusals of harmful requests)        (experts.py's safety term)
+          + w_safety * NLL(refusals of harmful requests)        (experts.py's safety terms)
+          + w_safety_pair * contrast(refusal | harmful vs its look-alike)
 
      (per-token means: beta = 4 on a ~40-token reply is DPO's usual 0.1 on summed log-probs);
   5. keep the result only if the validation score (select.Validator) did not fall.
@@ -33,7 +34,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from pf_engine.train.experts import Item, kl_items, safety_nll
+from pf_engine.train.experts import Item, kl_items, safety_terms
 from pf_engine.train.select import generate, reply_scores
 from pf_engine.train.sequences import Sequence
 
@@ -60,7 +61,7 @@ def dpo_loss(lp_w, lp_l, ref_w, ref_l, beta: float) -> tuple[torch.Tensor, torch
 
 
 def _train(trunk, params, chosen, rejected, distill, raw, rc,
-           seed: int, safety: list[Item] = ()) -> tuple[list[dict], float, float]:
+           seed: int, safety: tuple = ((), ())) -> tuple[list[dict], float, float]:
     """The DPO steps; returns (log, mean margin before, mean margin after)."""
     with torch.no_grad():
         ref_w, ref_l = trunk.log_likelihood(chosen), trunk.log_likelihood(rejected)
@@ -76,13 +77,14 @@ def _train(trunk, params, chosen, rejected, distill, raw, rc,
         kl_batch = kl_items(rng, distill, raw, rc) if rc.w_kl else []
         if kl_batch:
             kl = trunk.kl_to_base(kl_batch)
-        safe = safety_nll(trunk, rng, safety, rc)
+        safe, contrast = safety_terms(trunk, rng, *safety, rc)
         opt.zero_grad(set_to_none=True)
-        (loss + rc.w_kl * kl + rc.w_safety * safe).backward()
+        (loss + rc.w_kl * kl + rc.w_safety * safe + rc.w_safety_pair * contrast).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         log.append({"step": step, "dpo": round(loss.item(), 5), "kl": round(kl.item(), 5),
-                    "safety": round(safe.item(), 5), "margin": round(float(margin.mean()), 5)})
+                    "safety": round(safe.item(), 5), "safety_pair": round(contrast.item(), 5),
+                    "margin": round(float(margin.mean()), 5)})
     with torch.no_grad():
         after = (trunk.log_likelihood(chosen) - ref_w) - (trunk.log_likelihood(rejected) - ref_l)
     return log, 0.0, float(after.mean())
@@ -91,11 +93,12 @@ def _train(trunk, params, chosen, rejected, distill, raw, rc,
 def preference_stage(trunk, params, enc, messages: list[str], encoder, classifier, pole: str,
                      distill: list[Item], rc, seed: int, select=None,
                      before: dict | None = None, raw: list[Item] = (),
-                     safety: list[Item] = ()) -> dict:
+                     safety: tuple = ((), ())) -> dict:
     """Steps 1-5 of the module doc for the active adapter of ``trunk.model``; returns the metrics.
     select: the validation scorer (None: the stage is always kept); before: its figures for the
-    adapter as it stands, when known (early stopping's), else computed.  raw, safety: the raw
-    continuations and the refusals the KL and safety terms take (experts.Pools)."""
+    adapter as it stands, when known (early stopping's), else computed.  raw: the raw
+    continuations the KL term takes; safety: (the refusals, their look-alike twins) the safety
+    terms take (experts.Pools)."""
     prompts = [enc.prompt(m) for m in messages]
     out = generate(trunk.model, prompts, enc.end, rc.pref_tokens, samples=rc.pref_samples,
                    temperature=rc.pref_temperature, seed=seed)

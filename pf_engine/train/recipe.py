@@ -61,7 +61,9 @@ class Recipe:
     w_pair: float = 0.5
     w_retain: float = 4.0
     w_kl: float = 2.0
-    w_safety: float = 1.0
+    w_safety: float = 1.0            # the refusals' NLL (experts.safety_terms)
+    w_safety_pair: float = 1.0       # the refusal after a harmful request against after its
+    safety_beta: float = 2.0         # benign look-alike (the contrast's weight, sharpness)
     eval_every: int = 10             # early stopping: score the expert every this many steps
     val_messages: int = 8            # train messages kept out of training, to score on
     limit: int = 0                   # use at most this many texts per pole and kind (0: all)
@@ -260,7 +262,7 @@ def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool
         "router": router_report, "final_loss": {p: log[-1] for p, log in logs.items()},
         "early_stopping": chosen, "validation_messages": val_ids, "preference": prefs,
         "joint": joint, "base_replies": distilled.report, "raw_continuations": len(kl[1]),
-        "safety_refusals": len(safety),
+        "safety_refusals": len(safety[0]), "safety_twins": len(safety[1]),
         "served": {"weights": eng.weight_formats, "quantize": recipe.quantize,
                    "round_activations": recipe.round_activations and dev.type == "cpu",
                    "device": dev.type, "dtype": dtype}}
@@ -294,7 +296,8 @@ def _cached_items(corpus, enc, served, recipe: Recipe, mids, distilled, raw, pro
     replies, its raw continuations ``raw``), with trunk outputs and base likelihoods (and, for
     the KL ones, the base model's top states), on the base as served (``served``:
     served_weights' folder, config and weights), and the harmful requests with their refusals
-    (safety.jsonl).  Returns (items, neutral, (distill, raw), safety, trunk)."""
+    (safety.jsonl) and the same refusals after their look-alikes.  Returns (items, neutral,
+    (distill, raw), (refusals, their twins), trunk)."""
     from tqdm.auto import tqdm
     items = build_items(corpus, enc, recipe.limit, mids)
     from pf_engine.engine import DTYPES
@@ -313,10 +316,15 @@ def _cached_items(corpus, enc, served, recipe: Recipe, mids, distilled, raw, pro
                enumerate(corpus.train.neutral[:recipe.limit or None])]
     distill = [Item(enc.sequence(q, a, tag=f"distill:{i}")) for i, (q, a) in enumerate(distilled)]
     raw = [Item(s) for s in raw]
-    harmful = [r for r in corpus.train.safety if r["kind"] == "harmful"][:recipe.limit or None]
-    safety = [Item(enc.sequence(r["prompt"], r["reply"], tag=f"safety:{r['id']}"))
-              for r in harmful] if recipe.safety else []
-    every = [it for p in corpus.poles for it in items[p]] + neutral + distill + raw + safety
+    pairs = safety_pairs(corpus.train.safety)[:recipe.limit or None] if recipe.safety else []
+    safety = ([Item(enc.sequence(h["prompt"], h["reply"], tag=f"safety:{h['id']}"))
+               for h, _ in pairs],
+              [Item(enc.sequence(b["prompt"], h["reply"], tag=f"safety:{h['id']}:{b['id']}"))
+               for h, b in pairs if b is not None])
+    if len(safety[1]) != len(safety[0]):
+        safety = (safety[0], [])
+    every = ([it for p in corpus.poles for it in items[p]] + neutral + distill + raw
+             + safety[0] + safety[1])
     with tqdm(total=len(every), desc="trunk cache", disable=not progress, unit="seq") as bar:
         trunk.cache(every, progress=bar)
     with torch.no_grad():
@@ -326,6 +334,22 @@ def _cached_items(corpus, enc, served, recipe: Recipe, mids, distilled, raw, pro
                 it.base_lp = lp
     trunk.cache_base_top(distill + raw)
     return items, neutral, (distill, raw), safety, trunk
+
+
+def safety_pairs(rows: list[dict]) -> list[tuple[dict, dict | None]]:
+    """(harmful row, its benign look-alike or None) for safety.jsonl's harmful rows, in file
+    order: the k-th harmful request of a category with the k-th benign one of that category."""
+    benign: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["kind"] == "benign":
+            benign.setdefault(r["category"], []).append(r)
+    out, seen = [], {}
+    for r in rows:
+        if r["kind"] == "harmful":
+            k = seen[r["category"]] = seen.get(r["category"], -1) + 1
+            twins = benign.get(r["category"], [])
+            out.append((r, twins[k] if k < len(twins) else None))
+    return out
 
 
 def _classifier(corpus, pole: str, mids):
@@ -343,8 +367,8 @@ def _train_experts(corpus, items, neutral, kl, safety, trunk: Trunk, recipe: Rec
                    progress: bool):
     """One peft adapter per pole (named e0.. in bank order) on the trunk's top layers, each
     early-stopped on the validation messages, then through the preference stage (if any).
-    kl: (the base model's chat replies, its raw continuations) for the KL term; safety: the
-    refusals for the safety term."""
+    kl: (the base model's chat replies, its raw continuations) for the KL term; safety: (the
+    refusals, the same after the look-alikes) for the safety terms."""
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 
@@ -365,7 +389,7 @@ def _train_experts(corpus, items, neutral, kl, safety, trunk: Trunk, recipe: Rec
         pm.set_adapter(names[k])
         params = [p for p in pm.parameters() if p.requires_grad]
         keep = [it for q in corpus.poles if trait_of(q) != trait_of(pole) for it in items[q]]
-        pools = Pools(items[pole], items[opposite(pole)], keep + neutral, *kl, safety=safety)
+        pools = Pools(items[pole], items[opposite(pole)], keep + neutral, *kl, *safety)
         clf = _classifier(corpus, pole, mids)
         select = Validator(trunk.model, enc, val_texts, encoder, clf, pole) if val_texts else None
         with tqdm(total=recipe.steps, desc=f"expert {pole}", disable=not progress) as bar:
