@@ -298,7 +298,8 @@ def quick_bank(tmp_path_factory, converted_smollm2):
     out = folder / "quick.safetensors"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PF_HOME", _SESSION["home"])
-        assert main(["-o", str(out), "--quick", "-q", "--peft-dir", str(folder / "peft")]) == 0
+        assert main(["-o", str(out), "--quick", "-q", "--peft-dir", str(folder / "peft"),
+                     "--safety", "1"]) == 0
     return out
 
 
@@ -336,6 +337,9 @@ def test_quick_train_end_to_end(quick_bank, bundled_pf_home, capsys):
     # the preference stage ran for every expert and reported its figures
     assert set(rec["preference"]) == set(bank.expert_names)
     assert all(v["samples"] == 4 and 0 <= v["degenerate"] <= 1 for v in rec["preference"].values())
+    # --safety 1: the refusals of the first 3 harmful requests, each with its look-alike twin
+    assert rec["safety_refusals"] == rec["safety_twins"] == 3
+    assert all(v["safety"] > 0 and v["safety_pair"] > 0 for v in rec["final_loss"].values())
     assert bank_main(["inspect", str(quick_bank)]) == 0
     assert "recipe   pf-train --quick" in capsys.readouterr().out
 
