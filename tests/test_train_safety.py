@@ -168,3 +168,21 @@ def test_bad_safety_pair_is_one_line_before_any_loading(tmp_path, capsys, value)
     err = capsys.readouterr().err.strip()
     assert err == f"pf-train: error: --safety-pair must be >= 0, got {float(value)}"
     assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_a_harmful_request_without_a_look_alike_is_one_line_before_any_loading(data_copy,
+                                                                               tmp_path):
+    from pf_engine.train import train_bank
+    path = data_copy / "train" / "safety.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    drop = next(r for r in rows if r["kind"] == "benign" and r["category"] == "weapons")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r is not drop))
+    out = tmp_path / "b.safetensors"
+    with pytest.raises(PFError, match="harmful request 't006' .*'weapons'.* --safety-pair 0") as e:
+        train_bank(data_copy, out, model=str(tmp_path / "no-model"), recipe=Recipe(safety=1))
+    assert "\n" not in str(e.value) and not out.exists()
+    # without the contrast the same file trains (it fails later, on the missing model)
+    with pytest.raises(PFError) as e:
+        train_bank(data_copy, out, model=str(tmp_path / "no-model"),
+                   recipe=Recipe(safety=1, w_safety_pair=0.0))
+    assert "look-alike" not in str(e.value)

@@ -209,6 +209,8 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
     recipe = recipe or (Recipe.quick() if quick else Recipe())
     compute_device(recipe)
     corpus = load_corpus(data_dir, splits=("train",))
+    if recipe.safety and recipe.w_safety_pair:
+        check_safety_pairs(corpus.train.safety)
     if peft_dir is not None and os.path.exists(peft_dir) and os.listdir(peft_dir) \
             and not overwrite:
         raise PFError(f"{peft_dir} is not empty: pass overwrite=True (--overwrite) to reuse it")
@@ -320,9 +322,7 @@ def _cached_items(corpus, enc, served, recipe: Recipe, mids, distilled, raw, pro
     safety = ([Item(enc.sequence(h["prompt"], h["reply"], tag=f"safety:{h['id']}"))
                for h, _ in pairs],
               [Item(enc.sequence(b["prompt"], h["reply"], tag=f"safety:{h['id']}:{b['id']}"))
-               for h, b in pairs if b is not None])
-    if len(safety[1]) != len(safety[0]):
-        safety = (safety[0], [])
+               for h, b in pairs] if recipe.w_safety_pair else [])
     every = ([it for p in corpus.poles for it in items[p]] + neutral + distill + raw
              + safety[0] + safety[1])
     with tqdm(total=len(every), desc="trunk cache", disable=not progress, unit="seq") as bar:
@@ -350,6 +350,17 @@ def safety_pairs(rows: list[dict]) -> list[tuple[dict, dict | None]]:
             twins = benign.get(r["category"], [])
             out.append((r, twins[k] if k < len(twins) else None))
     return out
+
+
+def check_safety_pairs(rows: list[dict]) -> None:
+    """A PFError naming the first harmful request without a look-alike (the contrast needs one
+    each: safety_pairs)."""
+    for h, b in safety_pairs(rows):
+        if b is None:
+            raise PFError(f"safety.jsonl: harmful request {h['id']!r} (category "
+                          f"{h['category']!r}) has no benign look-alike of its own in that "
+                          "category: the safety contrast pairs the k-th of each; add one or "
+                          "pass --safety-pair 0")
 
 
 def _classifier(corpus, pole: str, mids):
