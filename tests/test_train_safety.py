@@ -75,19 +75,24 @@ def test_safety_file_is_optional_and_in_the_digest(data_copy):
     assert without.digest["train"] != with_it.digest["train"]
 
 
-def _refusal_nll_after_training(folder, per_step: int) -> float:
-    """Train an expert on its own texts with the safety term taking per_step refusals a step;
-    return the refusals' mean NLL afterwards."""
+def _expert(folder):
+    """(peft model with a fresh LoRA on layer 1, its Trunk, a seeded rng, 6 own texts)."""
     from peft import LoraConfig, get_peft_model
     hf = load_hf_model(folder)
     torch.manual_seed(0)
     pm = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                        target_modules=["q_proj", "v_proj", "down_proj"],
                                        layers_to_transform=[1]))
-    trunk = Trunk(hf, 1)
     rng = np.random.default_rng(5)
     own = [Item(Sequence(rng.integers(3, 200, 6).tolist(), rng.integers(3, 200, 5).tolist()))
            for _ in range(6)]
+    return pm, Trunk(hf, 1), rng, own
+
+
+def _refusal_nll_after_training(folder, per_step: int) -> float:
+    """Train an expert on its own texts with the safety term taking per_step refusals a step;
+    return the refusals' mean NLL afterwards."""
+    pm, trunk, rng, own = _expert(folder)
     refusals = [Item(Sequence(rng.integers(3, 200, 7).tolist(), [9, 11, 13, 17, 19]))
                 for _ in range(4)]
     trunk.cache(own + refusals)
@@ -124,16 +129,7 @@ def _refusal_gains_after_training(folder, w_nll: float, w_pair: float) -> tuple[
     """Train an expert with the safety terms at these weights; return the refusals' mean
     log-likelihood gain over the base (d) after the harmful requests and after their
     look-alikes."""
-    from peft import LoraConfig, get_peft_model
-    hf = load_hf_model(folder)
-    torch.manual_seed(0)
-    pm = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                       target_modules=["q_proj", "v_proj", "down_proj"],
-                                       layers_to_transform=[1]))
-    trunk = Trunk(hf, 1)
-    rng = np.random.default_rng(5)
-    own = [Item(Sequence(rng.integers(3, 200, 6).tolist(), rng.integers(3, 200, 5).tolist()))
-           for _ in range(6)]
+    pm, trunk, rng, own = _expert(folder)
     replies = [rng.integers(3, 200, 5).tolist() for _ in range(4)]
     harmful = [Item(Sequence(rng.integers(3, 200, 7).tolist(), r)) for r in replies]
     twins = [Item(Sequence(rng.integers(3, 200, 7).tolist(), r)) for r in replies]
