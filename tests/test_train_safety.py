@@ -14,7 +14,8 @@ from pf_engine.errors import PFError
 from pf_engine.train.data import default_data_dir, load_corpus
 from pf_engine.train.distill import held_in_prompts
 from pf_engine.train.experts import Item, Pools, Trunk, load_hf_model, train_expert
-from pf_engine.train.recipe import Recipe, safety_pairs
+from pf_engine.train.data import safety_pairs
+from pf_engine.train.recipe import Recipe
 from pf_engine.train.retention import default_evals_dir, read_jsonl, refused
 from pf_engine.train.sequences import Sequence
 

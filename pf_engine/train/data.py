@@ -169,6 +169,33 @@ def _read_safety(rows: list[dict]) -> list[dict]:
     return out
 
 
+def safety_pairs(rows: list[dict]) -> list[tuple[dict, dict | None]]:
+    """(harmful row, its benign look-alike or None) for safety.jsonl's harmful rows, in file
+    order: the k-th harmful request of a category with the k-th benign one of that category."""
+    benign: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["kind"] == "benign":
+            benign.setdefault(r["category"], []).append(r)
+    out, seen = [], {}
+    for r in rows:
+        if r["kind"] == "harmful":
+            k = seen[r["category"]] = seen.get(r["category"], -1) + 1
+            twins = benign.get(r["category"], [])
+            out.append((r, twins[k] if k < len(twins) else None))
+    return out
+
+
+def check_safety_pairs(rows: list[dict]) -> None:
+    """A PFError naming the first harmful request without a look-alike (the contrast needs one
+    each: safety_pairs)."""
+    for h, b in safety_pairs(rows):
+        if b is None:
+            raise PFError(f"safety.jsonl: harmful request {h['id']!r} (category "
+                          f"{h['category']!r}) has no benign look-alike of its own in that "
+                          "category: the safety contrast pairs the k-th of each; add one or "
+                          "pass --safety-pair 0")
+
+
 def _read_split(folder: str, poles: list[str]) -> Split:
     rec = {name: read_jsonl(os.path.join(folder, f"{name}.jsonl"), SCHEMA[name])
            for name in _split_files(folder)}

@@ -34,7 +34,8 @@ import torch
 
 from pf_engine.model.config import HF_MODULE_NAMES
 from pf_engine.errors import PFError
-from pf_engine.train.data import TRAITS, Corpus, load_corpus, opposite, trait_of
+from pf_engine.train.data import (TRAITS, Corpus, check_safety_pairs, load_corpus, opposite,
+                                  safety_pairs, trait_of)
 from pf_engine.train.experts import Item, Pools, Trunk, load_hf_model, train_expert
 from pf_engine.train.preference import preference_stage
 from pf_engine.train.router import fit_router, router_data
@@ -334,33 +335,6 @@ def _cached_items(corpus, enc, served, recipe: Recipe, mids, distilled, raw, pro
                 it.base_lp = lp
     trunk.cache_base_top(distill + raw)
     return items, neutral, (distill, raw), safety, trunk
-
-
-def safety_pairs(rows: list[dict]) -> list[tuple[dict, dict | None]]:
-    """(harmful row, its benign look-alike or None) for safety.jsonl's harmful rows, in file
-    order: the k-th harmful request of a category with the k-th benign one of that category."""
-    benign: dict[str, list[dict]] = {}
-    for r in rows:
-        if r["kind"] == "benign":
-            benign.setdefault(r["category"], []).append(r)
-    out, seen = [], {}
-    for r in rows:
-        if r["kind"] == "harmful":
-            k = seen[r["category"]] = seen.get(r["category"], -1) + 1
-            twins = benign.get(r["category"], [])
-            out.append((r, twins[k] if k < len(twins) else None))
-    return out
-
-
-def check_safety_pairs(rows: list[dict]) -> None:
-    """A PFError naming the first harmful request without a look-alike (the contrast needs one
-    each: safety_pairs)."""
-    for h, b in safety_pairs(rows):
-        if b is None:
-            raise PFError(f"safety.jsonl: harmful request {h['id']!r} (category "
-                          f"{h['category']!r}) has no benign look-alike of its own in that "
-                          "category: the safety contrast pairs the k-th of each; add one or "
-                          "pass --safety-pair 0")
 
 
 def _classifier(corpus, pole: str, mids):
