@@ -14,7 +14,7 @@ from pf_engine.errors import PFError
 from pf_engine.train.data import default_data_dir, load_corpus
 from pf_engine.train.distill import held_in_prompts
 from pf_engine.train.experts import Item, Pools, Trunk, load_hf_model, train_expert
-from pf_engine.train.data import safety_pairs
+from pf_engine.train.data import safety_pairs, split_safety
 from pf_engine.train.recipe import Recipe
 from pf_engine.train.retention import default_evals_dir, read_jsonl, refused
 from pf_engine.train.sequences import Sequence
@@ -183,3 +183,59 @@ def test_a_harmful_request_without_a_look_alike_is_one_line_before_any_loading(d
         train_bank(data_copy, out, model=str(tmp_path / "no-model"),
                    recipe=Recipe(safety=1, w_safety_pair=0.0))
     assert "look-alike" not in str(e.value)
+
+
+def test_split_safety_holds_out_whole_pairs_spread_over_the_categories():
+    pairs = safety_pairs(load_corpus(DATA, splits=("train",)).train.safety)
+    train, val = split_safety(pairs, 10)
+    assert len(val) == 10 and len(train) == 50
+    assert {h["category"] for h, _ in val} == {h["category"] for h, _ in pairs}   # one each
+    assert not {h["id"] for h, _ in train} & {h["id"] for h, _ in val}
+    assert split_safety(pairs, 0) == (pairs, [])
+    # a pair without a look-alike is never held out (it could not score over-refusal)
+    h = {"id": "h", "kind": "harmful", "category": "x"}
+    b = {"id": "b", "kind": "benign", "category": "x"}
+    assert split_safety([(h, None), (h, b)], 1) == ([(h, None)], [(h, b)])
+    # the held-out look-alikes stay out of the KL term's base replies as well
+    split = load_corpus(DATA, splits=("train",)).train
+    held = {b["prompt"] for _, b in val}
+    kept = [p for k, p, _ in held_in_prompts(split, benign=True, held=held) if k == "benign"]
+    assert len(kept) == 50 and not held & set(kept)
+
+
+class _Encoder:
+    def relevance(self, messages, texts):
+        return [0.5] * len(texts)
+
+
+class _Classifier:
+    def prob(self, texts):
+        return [0.7] * len(texts)
+
+
+@pytest.mark.parametrize("harmful, benign, everyday, term", [
+    ("I'm sorry, but I can't help with that.", "Sure, here is how.", "Happy to help!", 1.0),
+    ("Sure, here is how.", "Sure, here is how.", "Happy to help!", 0.0),
+    ("I'm sorry, but I can't help with that.", "I'm sorry, but I can't help with that.",
+     "Happy to help!", 0.0),
+    ("Sure, here is how.", "Sure, here is how.", "I'm sorry, but I can't help with that.", -1.0),
+])
+def test_validation_score_rewards_refusing_the_harmful_and_only_them(harmful, benign, everyday,
+                                                                     term):
+    """The early-stopping score gains W_SAFETY per share of held-out harmful requests refused and
+    loses as much per share of look-alikes or everyday messages refused (select.py)."""
+    from pf_engine.train import select
+    said = {"m": everyday, "h": harmful, "b": benign}
+
+    def replies(self, texts, tokens=select.VAL_TOKENS):
+        return [said[t] for t in texts]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(select.Validator, "replies", replies)
+        plain = select.Validator(None, None, ["m"], _Encoder(), _Classifier(), "x+")()
+        got = select.Validator(None, None, ["m"], _Encoder(), _Classifier(), "x+",
+                               (["h"], ["b"]))()
+    assert plain == {"score": 0.85, "relevance": 0.5, "degenerate": 0.0, "trait": 0.7}
+    assert got["score"] == pytest.approx(plain["score"] + term * select.W_SAFETY)
+    assert got["refused_harmful"] == float("sorry" in harmful)
+    assert got["refused_benign"] == float("sorry" in benign)
+    assert got["refused_messages"] == float("sorry" in everyday)

@@ -3,6 +3,7 @@
     pf-train -o bigfive.safetensors [--data data/personas] [--model M] [--quick] [--overwrite]
              [--peft-dir DIR] [--seed 0] [--steps N] [--pref-steps N | --no-preference]
              [--joint-steps N | --no-joint] [--raw N] [--safety N] [--safety-pair W]
+             [--val-safety N]
              [--quantize FMT] [--no-round-activations]
              [--device cpu|cuda] [--dtype bf16|fp16|fp32] [--checkpointing | --no-checkpointing]
              [--max-len 512]
@@ -61,6 +62,10 @@ def build_parser() -> Parser:
                    help="weight of the contrast that ties each refusal to its harmful request "
                    "against the same refusal after a harmless look-alike (default: the "
                    "recipe's, 1.0; 0: the refusals' likelihood alone)")
+    p.add_argument("--val-safety", type=int, default=None, metavar="N",
+                   help="keep N harmful requests of safety.jsonl and their look-alikes out of "
+                   "training; early stopping then prefers checkpoints that refuse those and "
+                   "not the look-alikes (default: the recipe's, 0: off)")
     p.add_argument("--quantize", default=None, choices=("f32", "q8", "q4", "bf16", "f16"),
                    help="train against the base in this format (default: as the engine serves "
                    "the model by default; f32: the float weights, no activation rounding)")
@@ -89,7 +94,7 @@ def main(argv=None) -> int:
     recipe = Recipe.quick() if args.quick else Recipe()
     try:
         for name, least in (("seed", 0), ("steps", 1), ("pref_steps", 0), ("joint_steps", 0),
-                            ("raw", 0), ("safety", 0), ("max_len", 16)):
+                            ("raw", 0), ("safety", 0), ("val_safety", 0), ("max_len", 16)):
             value = getattr(args, name)
             if value is not None:
                 if value < least:

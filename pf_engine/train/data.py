@@ -185,6 +185,17 @@ def safety_pairs(rows: list[dict]) -> list[tuple[dict, dict | None]]:
     return out
 
 
+def split_safety(pairs: list[tuple[dict, dict | None]], n: int
+                 ) -> tuple[list[tuple[dict, dict | None]], list[tuple[dict, dict]]]:
+    """(the pairs to train on, the ``n`` held out to score checkpoints on): every
+    len(pairs) // n-th pair that has a look-alike is held out, spread over the file's
+    categories as split_messages spreads the validation messages."""
+    whole = [i for i, (_, b) in enumerate(pairs) if b is not None]
+    held = set(whole[::max(1, len(whole) // n)][:n]) if n else set()
+    return ([p for i, p in enumerate(pairs) if i not in held],
+            [p for i, p in enumerate(pairs) if i in held])
+
+
 def check_safety_pairs(rows: list[dict]) -> None:
     """A PFError naming the first harmful request without a look-alike (the contrast needs one
     each: safety_pairs)."""

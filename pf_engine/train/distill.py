@@ -27,23 +27,26 @@ class BaseReplies:
     report: dict = field(default_factory=dict)
 
 
-def held_in_prompts(split, benign: bool = False) -> list[tuple[str, str, list | None]]:
+def held_in_prompts(split, benign: bool = False, held=frozenset()
+                    ) -> list[tuple[str, str, list | None]]:
     """(kind, prompt, accepted answers or None) for every train-split prompt, in file order;
-    benign: safety.jsonl's benign look-alikes too (kind "benign")."""
+    benign: safety.jsonl's benign look-alikes too (kind "benign"), but those in ``held`` (kept
+    out to score checkpoints on: data.split_safety)."""
     out = [("message", split.messages[m], None) for m in sorted(split.messages)]
     out += [("situation", s["text"], None) for s in split.situations]
     out += [("neutral", q, None) for q, _ in split.neutral]
     out += [("fact", f["question"], f["answers"]) for f in split.facts]
     if benign:
-        out += [("benign", r["prompt"], None) for r in split.safety if r["kind"] == "benign"]
+        out += [("benign", r["prompt"], None) for r in split.safety
+                if r["kind"] == "benign" and r["prompt"] not in held]
     return out
 
 
 def base_replies(eng, split, encoder, limit: int = 0, progress=None,
-                 benign: bool = False) -> BaseReplies:
+                 benign: bool = False, held=frozenset()) -> BaseReplies:
     """Generate, score and filter the base model's replies to ``split``'s prompts (benign: the
-    benign look-alikes too)."""
-    prompts = held_in_prompts(split, benign)
+    benign look-alikes too, but those in ``held``)."""
+    prompts = held_in_prompts(split, benign, held)
     if limit:
         prompts = prompts[::max(1, len(prompts) // limit)][:limit]       # spread over the kinds
     texts = []

@@ -35,7 +35,7 @@ import torch
 from pf_engine.model.config import HF_MODULE_NAMES
 from pf_engine.errors import PFError
 from pf_engine.train.data import (TRAITS, Corpus, check_safety_pairs, load_corpus, opposite,
-                                  safety_pairs, trait_of)
+                                  safety_pairs, split_safety, trait_of)
 from pf_engine.train.experts import Item, Pools, Trunk, load_hf_model, train_expert
 from pf_engine.train.preference import preference_stage
 from pf_engine.train.router import fit_router, router_data
@@ -67,6 +67,8 @@ class Recipe:
     safety_beta: float = 2.0         # benign look-alike (the contrast's weight, sharpness)
     eval_every: int = 10             # early stopping: score the expert every this many steps
     val_messages: int = 8            # train messages kept out of training, to score on
+    val_safety: int = 0              # harmful requests of safety.jsonl, with their look-alikes,
+                                     # kept out of training: refusals join the score (select.py)
     limit: int = 0                   # use at most this many texts per pole and kind (0: all)
     persona_strength: float = 0.75   # the router's target total weight where a persona is called
     router_none: bool = True         # the router has a "none" output (no persona called for)
@@ -210,7 +212,7 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
     recipe = recipe or (Recipe.quick() if quick else Recipe())
     compute_device(recipe)
     corpus = load_corpus(data_dir, splits=("train",))
-    if recipe.safety and recipe.w_safety_pair:
+    if (recipe.safety and recipe.w_safety_pair) or recipe.val_safety:
         check_safety_pairs(corpus.train.safety)
     if peft_dir is not None and os.path.exists(peft_dir) and os.listdir(peft_dir) \
             and not overwrite:
@@ -244,12 +246,15 @@ def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool
                                  progress=False)
     encoder = SentenceEncoder()
     train_ids, val_ids = split_messages(corpus, recipe)
-    distilled = _base_replies(eng, corpus, encoder, recipe, progress)
+    pairs, val_pairs = split_safety(safety_pairs(corpus.train.safety), recipe.val_safety)
+    held = {b["prompt"] for _, b in val_pairs}
+    distilled = _base_replies(eng, corpus, encoder, recipe, progress, held)
     raw = _raw_sequences(eng, corpus, recipe, progress)
     items, neutral, kl, safety, trunk = _cached_items(corpus, enc, served, recipe, train_ids,
-                                                      distilled.pairs, raw, progress)
+                                                      distilled.pairs, raw, pairs, progress)
     distill = kl[0]
-    val = [corpus.train.messages[m] for m in val_ids]
+    val = ([corpus.train.messages[m] for m in val_ids],
+           ([h["prompt"] for h, _ in val_pairs], [b["prompt"] for _, b in val_pairs]))
     pm, names, logs, chosen, prefs = _train_experts(corpus, items, neutral, kl, safety, trunk,
                                                     recipe, (enc, val, encoder, train_ids),
                                                     progress)
@@ -263,7 +268,8 @@ def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool
     bank.router = router
     return bank, {
         "router": router_report, "final_loss": {p: log[-1] for p, log in logs.items()},
-        "early_stopping": chosen, "validation_messages": val_ids, "preference": prefs,
+        "early_stopping": chosen, "validation_messages": val_ids,
+        "validation_safety": [h["id"] for h, _ in val_pairs], "preference": prefs,
         "joint": joint, "base_replies": distilled.report, "raw_continuations": len(kl[1]),
         "safety_refusals": len(safety[0]), "safety_twins": len(safety[1]),
         "served": {"weights": eng.weight_formats, "quantize": recipe.quantize,
@@ -271,15 +277,16 @@ def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool
                    "device": dev.type, "dtype": dtype}}
 
 
-def _base_replies(eng, corpus, encoder, recipe: Recipe, progress: bool):
+def _base_replies(eng, corpus, encoder, recipe: Recipe, progress: bool, held=frozenset()):
     from tqdm.auto import tqdm
 
     from pf_engine.train.distill import base_replies, held_in_prompts
     limit = recipe.limit * 4 if recipe.limit else 0
     benign = recipe.safety > 0       # the safety term's look-alikes join the KL term with it
-    n = limit or len(held_in_prompts(corpus.train, benign))
+    n = limit or len(held_in_prompts(corpus.train, benign, held))
     with tqdm(total=n, desc="base replies", disable=not progress, unit="prompt") as bar:
-        return base_replies(eng, corpus.train, encoder, limit=limit, progress=bar, benign=benign)
+        return base_replies(eng, corpus.train, encoder, limit=limit, progress=bar, benign=benign,
+                            held=held)
 
 
 def _raw_sequences(eng, corpus, recipe: Recipe, progress: bool):
@@ -294,12 +301,14 @@ def _raw_sequences(eng, corpus, recipe: Recipe, progress: bool):
         return raw_sequences(eng, prompts, progress=bar)
 
 
-def _cached_items(corpus, enc, served, recipe: Recipe, mids, distilled, raw, progress: bool):
+def _cached_items(corpus, enc, served, recipe: Recipe, mids, distilled, raw, pairs,
+                  progress: bool):
     """Tokenised items per pole, the neutral ones and the KL term's (the base model's chat
     replies, its raw continuations ``raw``), with trunk outputs and base likelihoods (and, for
     the KL ones, the base model's top states), on the base as served (``served``:
     served_weights' folder, config and weights), and the harmful requests with their refusals
-    (safety.jsonl) and the same refusals after their look-alikes.  Returns (items, neutral,
+    (safety.jsonl's ``pairs``: data.split_safety's training ones) and the same refusals after
+    their look-alikes.  Returns (items, neutral,
     (distill, raw), (refusals, their twins), trunk)."""
     from tqdm.auto import tqdm
     items = build_items(corpus, enc, recipe.limit, mids)
@@ -319,7 +328,7 @@ def _cached_items(corpus, enc, served, recipe: Recipe, mids, distilled, raw, pro
                enumerate(corpus.train.neutral[:recipe.limit or None])]
     distill = [Item(enc.sequence(q, a, tag=f"distill:{i}")) for i, (q, a) in enumerate(distilled)]
     raw = [Item(s) for s in raw]
-    pairs = safety_pairs(corpus.train.safety)[:recipe.limit or None] if recipe.safety else []
+    pairs = pairs[:recipe.limit or None] if recipe.safety else []
     safety = ([Item(enc.sequence(h["prompt"], h["reply"], tag=f"safety:{h['id']}"))
                for h, _ in pairs],
               [Item(enc.sequence(b["prompt"], h["reply"], tag=f"safety:{h['id']}:{b['id']}"))
@@ -358,7 +367,7 @@ def _train_experts(corpus, items, neutral, kl, safety, trunk: Trunk, recipe: Rec
     from tqdm.auto import tqdm
 
     from pf_engine.train.select import Validator
-    enc, val_texts, encoder, mids = val
+    enc, (val_texts, val_safety), encoder, mids = val
     L = len(trunk.inner.layers)
     config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0, bias="none",
                         target_modules=[HF_MODULE_NAMES[m].split(".")[-1]
@@ -376,7 +385,8 @@ def _train_experts(corpus, items, neutral, kl, safety, trunk: Trunk, recipe: Rec
         keep = [it for q in corpus.poles if trait_of(q) != trait_of(pole) for it in items[q]]
         pools = Pools(items[pole], items[opposite(pole)], keep + neutral, *kl, *safety)
         clf = _classifier(corpus, pole, mids)
-        select = Validator(trunk.model, enc, val_texts, encoder, clf, pole) if val_texts else None
+        select = (Validator(trunk.model, enc, val_texts, encoder, clf, pole,
+                            val_safety if val_safety[0] else None) if val_texts else None)
         with tqdm(total=recipe.steps, desc=f"expert {pole}", disable=not progress) as bar:
             logs[pole], chosen[pole] = train_expert(trunk, params, pools, recipe, recipe.seed + k,
                                                     progress=bar, select=select)
