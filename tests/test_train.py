@@ -12,6 +12,7 @@ from pf_engine.train.data import TRAITS, default_data_dir, load_corpus
 from pf_engine.train.sequences import Sequence, pad_batch
 
 DATA = default_data_dir()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -381,6 +382,22 @@ def test_quick_eval_writes_json_plot_and_readme(quick_bank, bundled_pf_home, tmp
     assert readme.read_text() == text[text.index("<!-- personas:start"):]
     assert main(["--from-json", str(tmp_path / "none.json"), "--plot", "", "-q"]) == 2
     assert "cannot read pf-eval results" in capsys.readouterr().err
+
+
+def test_eval_plot_goes_beside_its_json(tmp_path, monkeypatch):
+    """Without --plot the heat map is plots/NAME_heatmap.png beside the JSON, so a run that
+    writes elsewhere leaves the shipped plot (benchmarks/results/plots/...) alone."""
+    from pf_engine.cli.eval import main
+    shipped = tmp_path / "benchmarks" / "results" / "plots" / "personas_heatmap.png"
+    shipped.parent.mkdir(parents=True)
+    shipped.write_bytes(b"shipped")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    mine = tmp_path / "runs" / "trial.json"
+    shutil.copy(os.path.join(ROOT, "benchmarks", "results", "personas.json"), mine)
+    assert main(["--from-json", str(mine), "-q"]) == 0
+    assert (tmp_path / "runs" / "plots" / "trial_heatmap.png").stat().st_size > 1000
+    assert shipped.read_bytes() == b"shipped"
 
 
 def test_shipped_bank_resolves_by_name(bundled_pf_home, capsys):

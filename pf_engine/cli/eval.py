@@ -5,7 +5,8 @@
             [--sample MESSAGE_ID] [--quantize FMT] [--compare JSON] [--no-retention]
             [--quiet]
 
-Writes the JSON (every figure, the generated replies, provenance), the trait x pole heat map and,
+Writes the JSON (every figure, the generated replies, provenance), the trait x pole heat map
+(default: plots/NAME_heatmap.png in the JSON's folder) and,
 with --readme, regenerates a page's Personas section from that JSON (benchmarks/PERSONAS.md).
 Errors print one line ``pf-eval: error: ...`` and exit with 2.
 """
@@ -26,9 +27,9 @@ def build_parser() -> Parser:
     p.add_argument("--model", default=None, help="base model (default: the bundled SmolLM2)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "personas.json"),
                    help="JSON to write")
-    p.add_argument("--plot", default=os.path.join("benchmarks", "results", "plots",
-                                                  "personas_heatmap.png"),
-                   help="heat map PNG to write ('' for none)")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="heat map PNG to write ('' for none; default: beside the JSON, "
+                   "plots/NAME_heatmap.png in its folder, made if missing)")
     p.add_argument("--readme", default=None,
                    help="regenerate the Personas section of this page (its markers), e.g. "
                         "benchmarks/PERSONAS.md")
@@ -62,6 +63,14 @@ def _useful_summary(result: dict) -> str:
             f"no-persona prompts at low strength {u['strength']['all']['low_share']:.0%}")
 
 
+def default_plot(out: str) -> str:
+    """The heat map's path for the JSON ``out``: plots/NAME_heatmap.png in its folder (the
+    shipped personas.json's is benchmarks/results/plots/personas_heatmap.png), so a run that
+    writes its JSON elsewhere leaves the shipped plot alone."""
+    folder, name = os.path.split(out)
+    return os.path.join(folder, "plots", os.path.splitext(name)[0] + "_heatmap.png")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from pf_engine.errors import PFError
@@ -72,10 +81,14 @@ def main(argv=None) -> int:
         if args.limit < 0 or args.max_new_tokens < 1:
             raise PFError(f"--limit must be >= 0 and --max-new-tokens >= 1, got {args.limit} "
                           f"and {args.max_new_tokens}")
+        if args.from_json:
+            args.out = args.from_json
         for path in [args.out] + ([args.plot] if args.plot else []):
             folder = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(folder):
                 raise PFError(f"cannot write {path}: folder {folder} does not exist")
+        if args.plot is None:
+            args.plot = default_plot(args.out)
         if args.readme and not os.path.isfile(args.readme):
             raise PFError(f"--readme {args.readme}: no such file")
         if args.compare and not os.path.isfile(args.compare):
@@ -88,7 +101,6 @@ def main(argv=None) -> int:
                               f"one of {', '.join(sorted(held))}")
         if args.from_json:
             result = report.read_json(args.from_json)
-            args.out = args.from_json
             if args.sample is not None and args.sample != result.get("sample"):   # kept in the JSON
                 result["sample"] = args.sample
                 result["sample_chosen_by"] = "pf-eval " + " ".join(argv if argv is not None
@@ -103,6 +115,7 @@ def main(argv=None) -> int:
             result["command"] = "pf-eval " + " ".join(argv if argv is not None else sys.argv[1:])
             report.write_json(result, args.out)
         if args.plot:
+            os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
             report.plot_heatmap(result, args.plot)
         if args.readme:
             rel = os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.readme))) \
