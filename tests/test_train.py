@@ -300,7 +300,7 @@ def quick_bank(tmp_path_factory, converted_smollm2):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PF_HOME", _SESSION["home"])
         assert main(["-o", str(out), "--quick", "-q", "--peft-dir", str(folder / "peft"),
-                     "--safety", "1"]) == 0
+                     "--safety", "1", "--val-safety", "2"]) == 0
     return out
 
 
@@ -338,8 +338,12 @@ def test_quick_train_end_to_end(quick_bank, bundled_pf_home, capsys):
     # the preference stage ran for every expert and reported its figures
     assert set(rec["preference"]) == set(bank.expert_names)
     assert all(v["samples"] == 4 and 0 <= v["degenerate"] <= 1 for v in rec["preference"].values())
-    # --safety 1: the refusals of the first 3 harmful requests, each with its look-alike twin
+    # --safety 1: the refusals of the first 3 harmful requests, each with its look-alike twin;
+    # --val-safety 2: two more held out, spread over the file, whose refusals early stopping saw
     assert rec["safety_refusals"] == rec["safety_twins"] == 3
+    assert rec["validation_safety"] == ["t001", "t031"]
+    assert all({"refused_harmful", "refused_benign", "refused_messages"} <= set(v)
+               for v in rec["early_stopping"].values())
     assert all(v["safety"] > 0 and v["safety_pair"] > 0 for v in rec["final_loss"].values())
     assert bank_main(["inspect", str(quick_bank)]) == 0
     assert "recipe   pf-train --quick" in capsys.readouterr().out
