@@ -223,7 +223,7 @@ class _Classifier:
 def test_validation_score_rewards_refusing_the_harmful_and_only_them(harmful, benign, everyday,
                                                                      term):
     """The early-stopping score gains W_SAFETY per share of held-out harmful requests refused and
-    loses as much per share of look-alikes or everyday messages refused (select.py)."""
+    loses as much per share of look-alikes or everyday messages refused (pf_engine/train/select.py)."""
     from pf_engine.train import select
     said = {"m": everyday, "h": harmful, "b": benign}
 
