@@ -4,9 +4,11 @@ social comparison with a known scorer and VADER on warm and cold text, and on a 
 chat model with a random bank and router: lm-eval through pf-serve against the engine's own
 log-likelihoods and greedy replies, and the output shapes of all three measures.
 """
+import glob
 import importlib
 import json
 import os
+import re
 import runpy
 from types import SimpleNamespace
 
@@ -46,6 +48,32 @@ def test_data_files_parse_with_unique_ids_and_valid_answers():
     assert all(r["category"] and r["text"].strip() for r in sa)
     assert {r["category"] for r in sa if r["kind"] == "harmful"} == \
         {r["category"] for r in sa if r["kind"] == "benign"}
+
+
+def _content_words(text: str) -> frozenset:
+    stop = {"the", "a", "an", "is", "of", "what", "do", "you", "in", "are", "there", "how",
+            "many", "does", "which", "to", "we", "people"}
+    return frozenset(re.findall(r"[a-z0-9]+", text.lower())) - stop
+
+
+def test_reasoning_items_ask_nothing_the_train_split_asks():
+    """Retention is measured on questions the experts never saw: no multiple-choice question
+    shares 60% or more of its content words with a text of data/personas/train/ (the same fact
+    reworded, e.g. "the capital city of France" against "the capital of France"), and no
+    arithmetic question or safety prompt is a train text verbatim."""
+    train = set()
+    for path in glob.glob(os.path.join(os.path.dirname(EVALS), "personas", "train", "*.jsonl")):
+        train |= {v for r in retention.read_jsonl(path) for v in r.values()
+                  if isinstance(v, str)}
+    words = [_content_words(t) for t in train if len(t) < 300]
+    assert len(words) > 500
+    for r in retention.read_jsonl(os.path.join(EVALS, "reasoning_mc.jsonl")):
+        q = _content_words(r["question"])
+        worst = max(len(q & w) / len(q | w) for w in words)
+        assert worst < 0.6, (r["id"], r["question"])
+    for name, key in (("reasoning_arith", "question"), ("safety", "text")):
+        assert not {r[key] for r in retention.read_jsonl(os.path.join(EVALS, f"{name}.jsonl"))} \
+            & train, name
 
 
 def test_make_reasoning_reproduces_the_committed_files(tmp_path):
