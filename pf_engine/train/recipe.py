@@ -6,26 +6,22 @@
 Steps: load the base as the engine serves it (``recipe.quantize``; train/served.py: the
 transformers model gets the served weights and, through ``round_activations``, the served 8-bit
 activation rounding; on ``device="cuda"`` the model's float weights at ``dtype``, as the GPU
-engine serves them); read the train split (never heldout/); let the base model answer
-every held-in prompt
-and keep the replies that are fluent, relevant and right (distill.py); tokenise every reply and
-self-description with the model's chat template; run the frozen bottom layers once for all of
-them (experts.Trunk); train one LoRA per pole with peft, early-stopped on validation messages
-kept out of training (select.py), then tune each on its own sampled replies with DPO
-(preference.py: the best against the worst or a looping one); save the experts as PEFT folders
-and stack them with
-``AdapterBank.from_peft``; train the sequence router, with its "none" output, on the
-situations; train the experts and the router together on the routed mixture (joint.py);
-store in fp16 with the recipe in the bank's metadata; write the file atomically.
-An interrupted run leaves no bank.
+engine serves them); read the train split (never heldout/); let the base model answer every
+held-in prompt and keep the replies that are fluent, relevant and right (distill.py); tokenise
+every reply and self-description with the model's chat template and run the frozen bottom layers
+once for all of them (prepare.py, experts.Trunk); train one LoRA per pole with peft, early-stopped
+on validation messages kept out of training (select.py), then tune each on its own sampled replies
+with DPO (preference.py: the best against the worst or a looping one); save the experts as PEFT
+folders and stack them with ``AdapterBank.from_peft``; train the sequence router, with its "none"
+output, on the situations; train the experts and the router together on the routed mixture
+(joint.py); store in fp16 with the recipe in the bank's metadata; write the file atomically. An
+interrupted run leaves no bank.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,13 +30,16 @@ import torch
 
 from pf_engine.model.config import HF_MODULE_NAMES
 from pf_engine.errors import PFError
-from pf_engine.train.data import (TRAITS, Corpus, check_safety_pairs, load_corpus, opposite,
+from pf_engine.train.data import (TRAITS, check_safety_pairs, load_corpus, opposite,
                                   safety_pairs, split_safety, trait_of)
-from pf_engine.train.experts import Item, Pools, Trunk, load_hf_model, train_expert
+from pf_engine.train.experts import Pools, Trunk, train_expert
 from pf_engine.train.preference import preference_stage
+from pf_engine.train.prepare import (cached_items, distilled_replies, raw_continuations,
+                                     split_messages, trait_classifier)
+from pf_engine.train.provenance import git_commit, versions
 from pf_engine.train.router import fit_router, router_data
-from pf_engine.train.served import serve_like, served_weights
-from pf_engine.train.sequences import SELF_PROMPTS, ChatEncoder
+from pf_engine.train.served import served_weights
+from pf_engine.train.sequences import ChatEncoder
 
 
 @dataclass
@@ -133,59 +132,6 @@ def compute_device(recipe: Recipe) -> tuple[torch.device, str]:
     return torch.device(recipe.device), dtype
 
 
-def _git_commit() -> dict:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": sha or None, "dirty": bool(dirty) if sha else None}
-
-
-def _versions() -> dict:
-    import peft
-    import transformers
-    return {"python": sys.version.split()[0], "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__}
-
-
-def split_messages(corpus: Corpus, recipe: "Recipe") -> tuple[list[str], list[str]]:
-    """(training message ids, validation message ids): every ``n``-th message (sorted ids) is
-    kept out of training for early stopping, ``recipe.val_messages`` of them."""
-    mids = sorted(corpus.train.messages)
-    if recipe.limit:
-        mids = mids[:recipe.limit + recipe.val_messages]
-    n = recipe.val_messages
-    val = mids[::max(1, len(mids) // n)][:n] if n else []
-    return [m for m in mids if m not in val], val
-
-
-def build_items(corpus: Corpus, enc: ChatEncoder, limit: int = 0,
-                mids: list[str] | None = None) -> dict[str, list[Item]]:
-    """Per pole: its replies (message order) then its self-descriptions, as training items.
-
-    Items of opposite poles line up: item i of ``p`` and of ``opposite(p)`` answer the same
-    message (or sit in the same statement slot), which is what the pairwise term compares.
-    mids: the messages to use (default all of them).
-    """
-    split = corpus.train
-    mids = sorted(split.messages) if mids is None else list(mids)
-    n_st = min(len(split.statements[p]) for p in corpus.poles)
-    if limit:
-        mids, n_st = mids[:limit], min(n_st, limit)
-    items = {}
-    for p in corpus.poles:
-        seqs = [enc.sequence(split.messages[m], split.replies[p][m], tag=f"reply:{p}:{m}")
-                for m in mids]
-        seqs += [enc.sequence(SELF_PROMPTS[i % len(SELF_PROMPTS)], split.statements[p][i],
-                              tag=f"statement:{p}:{i}") for i in range(n_st)]
-        items[p] = [Item(s) for s in seqs]
-    return items
-
-
 def _check_output(output: str, overwrite: bool) -> str:
     output = os.fspath(output)
     if os.path.exists(output) and not overwrite:
@@ -219,13 +165,13 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
         raise PFError(f"{peft_dir} is not empty: pass overwrite=True (--overwrite) to reuse it")
     model_dir = resolve_model(model, progress)
     t_start = time.perf_counter()
-    source = _git_commit()          # the code that trains, read before anything can change it
+    source = git_commit()          # the code that trains, read before anything can change it
     bank, figures = _run(corpus, model, model_dir, recipe, peft_dir, progress)
     bank.recipe = {
         "recipe": {k: list(v) if isinstance(v, tuple) else v
                    for k, v in dataclasses.asdict(recipe).items()},
         "quick": quick, "data_sha256": corpus.digest["train"], "seed": recipe.seed,
-        "versions": _versions(), **source, "threads": torch.get_num_threads(),
+        "versions": versions(), **source, "threads": torch.get_num_threads(),
         "train_seconds": round(time.perf_counter() - t_start, 1), "traits": TRAITS, **figures}
     bank.to(dtype=DTYPES[recipe.storage_dtype])
     bank.save(output, overwrite=overwrite)
@@ -248,10 +194,11 @@ def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool
     train_ids, val_ids = split_messages(corpus, recipe)
     pairs, val_pairs = split_safety(safety_pairs(corpus.train.safety), recipe.val_safety)
     held = {b["prompt"] for _, b in val_pairs}
-    distilled = _base_replies(eng, corpus, encoder, recipe, progress, held)
-    raw = _raw_sequences(eng, corpus, recipe, progress)
-    items, neutral, kl, safety, trunk = _cached_items(corpus, enc, served, recipe, train_ids,
-                                                      distilled.pairs, raw, pairs, progress)
+    distilled = distilled_replies(eng, corpus, encoder, recipe, progress, held)
+    raw = raw_continuations(eng, corpus, recipe, progress)
+    items, neutral, kl, safety, trunk = cached_items(corpus, enc, served, (dev, dtype), recipe,
+                                                     train_ids, distilled.pairs, raw, pairs,
+                                                     progress)
     distill = kl[0]
     val = ([corpus.train.messages[m] for m in val_ids],
            ([h["prompt"] for h, _ in val_pairs], [b["prompt"] for _, b in val_pairs]))
@@ -275,86 +222,6 @@ def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool
         "served": {"weights": eng.weight_formats, "quantize": recipe.quantize,
                    "round_activations": recipe.round_activations and dev.type == "cpu",
                    "device": dev.type, "dtype": dtype}}
-
-
-def _base_replies(eng, corpus, encoder, recipe: Recipe, progress: bool, held=frozenset()):
-    from tqdm.auto import tqdm
-
-    from pf_engine.train.distill import base_replies, held_in_prompts
-    limit = recipe.limit * 4 if recipe.limit else 0
-    benign = recipe.safety > 0       # the safety term's look-alikes join the KL term with it
-    n = limit or len(held_in_prompts(corpus.train, benign, held))
-    with tqdm(total=n, desc="base replies", disable=not progress, unit="prompt") as bar:
-        return base_replies(eng, corpus.train, encoder, limit=limit, progress=bar, benign=benign,
-                            held=held)
-
-
-def _raw_sequences(eng, corpus, recipe: Recipe, progress: bool):
-    from tqdm.auto import tqdm
-
-    from pf_engine.train.raw import raw_prompts, raw_sequences
-    if not recipe.raw:
-        return []
-    prompts = raw_prompts(corpus.train, recipe.limit)
-    with tqdm(total=len(prompts), desc="raw continuations", disable=not progress,
-              unit="prompt") as bar:
-        return raw_sequences(eng, prompts, progress=bar)
-
-
-def _cached_items(corpus, enc, served, recipe: Recipe, mids, distilled, raw, pairs,
-                  progress: bool):
-    """Tokenised items per pole, the neutral ones and the KL term's (the base model's chat
-    replies, its raw continuations ``raw``), with trunk outputs and base likelihoods (and, for
-    the KL ones, the base model's top states), on the base as served (``served``:
-    served_weights' folder, config and weights), and the harmful requests with their refusals
-    (safety.jsonl's ``pairs``: data.split_safety's training ones) and the same refusals after
-    their look-alikes.  Returns (items, neutral,
-    (distill, raw), (refusals, their twins), trunk)."""
-    from tqdm.auto import tqdm
-    items = build_items(corpus, enc, recipe.limit, mids)
-    from pf_engine.engine import DTYPES
-    folder, cfg, weights = served
-    dev, dtype = compute_device(recipe)
-    hf = load_hf_model(folder, DTYPES[dtype], dev)
-    if weights is not None:
-        serve_like(hf, cfg, weights, recipe.round_activations)
-    L = hf.config.num_hidden_layers
-    first = recipe.first_layer % L if recipe.first_layer < 0 else recipe.first_layer
-    if not 0 <= first < L:
-        raise PFError(f"first_layer {recipe.first_layer} is outside the model's 0..{L - 1}")
-    trunk = Trunk(hf, first, dev.type != "cpu" if recipe.checkpointing is None
-                  else recipe.checkpointing)
-    neutral = [Item(enc.sequence(q, a, tag=f"neutral:{i}")) for i, (q, a) in
-               enumerate(corpus.train.neutral[:recipe.limit or None])]
-    distill = [Item(enc.sequence(q, a, tag=f"distill:{i}")) for i, (q, a) in enumerate(distilled)]
-    raw = [Item(s) for s in raw]
-    pairs = pairs[:recipe.limit or None] if recipe.safety else []
-    safety = ([Item(enc.sequence(h["prompt"], h["reply"], tag=f"safety:{h['id']}"))
-               for h, _ in pairs],
-              [Item(enc.sequence(b["prompt"], h["reply"], tag=f"safety:{h['id']}:{b['id']}"))
-               for h, b in pairs] if recipe.w_safety_pair else [])
-    every = ([it for p in corpus.poles for it in items[p]] + neutral + distill + raw
-             + safety[0] + safety[1])
-    with tqdm(total=len(every), desc="trunk cache", disable=not progress, unit="seq") as bar:
-        trunk.cache(every, progress=bar)
-    with torch.no_grad():
-        for i in range(0, len(every), 16):
-            chunk = every[i:i + 16]
-            for it, lp in zip(chunk, trunk.log_likelihood(chunk).tolist()):
-                it.base_lp = lp
-    trunk.cache_base_top(distill + raw)
-    return items, neutral, (distill, raw), safety, trunk
-
-
-def _classifier(corpus, pole: str, mids):
-    """The bag-of-words classifier of pole's trait on the training messages' replies and the
-    statements (validation messages left out)."""
-    from pf_engine.train.metrics import TraitClassifier
-    t, split = trait_of(pole), corpus.train
-
-    def texts(q):
-        return [split.replies[q][m] for m in mids] + split.statements[q]
-    return TraitClassifier(texts(t + "+"), texts(t + "-"))
 
 
 def _train_experts(corpus, items, neutral, kl, safety, trunk: Trunk, recipe: Recipe, val,
@@ -384,7 +251,7 @@ def _train_experts(corpus, items, neutral, kl, safety, trunk: Trunk, recipe: Rec
         params = [p for p in pm.parameters() if p.requires_grad]
         keep = [it for q in corpus.poles if trait_of(q) != trait_of(pole) for it in items[q]]
         pools = Pools(items[pole], items[opposite(pole)], keep + neutral, *kl, *safety)
-        clf = _classifier(corpus, pole, mids)
+        clf = trait_classifier(corpus, pole, mids)
         select = (Validator(trunk.model, enc, val_texts, encoder, clf, pole,
                             val_safety if val_safety[0] else None) if val_texts else None)
         with tqdm(total=recipe.steps, desc=f"expert {pole}", disable=not progress) as bar:

@@ -13,15 +13,15 @@ import platform
 from pf_engine.errors import PFError
 from pf_engine.train import goals
 from pf_engine.train.data import TRAITS
-from pf_engine.train.recipe import _git_commit, _versions
+from pf_engine.train.provenance import git_commit, versions
 
 START, END = "<!-- personas:start -->", "<!-- personas:end -->"
 
 
 def provenance() -> dict:
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": platform.machine(), "cpus": os.cpu_count(), **_git_commit(),
-            "versions": _versions()}
+            "machine": platform.machine(), "cpus": os.cpu_count(), **git_commit(),
+            "versions": versions()}
 
 
 def write_json(result: dict, path: str) -> None:
