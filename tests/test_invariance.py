@@ -114,6 +114,18 @@ def test_a_tiny_model_every_persona_kind(close_call_model, kw):
     assert differences(eng, random_prompts(), [None, EXPLICIT, "auto", "token"], 32, 3) == []
 
 
+@pytest.mark.parametrize("kw", [dict(quantize="q4"), dict(deterministic=True)],
+                         ids=["q4", "fp32-deterministic"])
+def test_more_rows_than_one_fused_decode_step(close_call_model, kw):
+    """A batch of more than MAX_ROWS requests decodes in the fused step's row chunks, as each
+    request alone does (model.decoder.Block's torch norms and RoPE round otherwise: the bundled
+    model's base reply to a held-out fact question differed at its 7th token in a batch of 48)."""
+    from pf_engine.backends.cpu.kernel import MAX_ROWS
+    eng = tiny_engine(close_call_model, **kw)
+    prompts = random_prompts(2 * MAX_ROWS + 3)
+    assert differences(eng, prompts, [None, EXPLICIT, "token"], 24, 3) == []
+
+
 def test_fp32_without_the_switch_is_not_claimed_invariant(close_call_model):
     assert not tiny_engine(close_call_model).batch_invariant
 

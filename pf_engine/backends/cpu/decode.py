@@ -1,5 +1,5 @@
-"""The cpu backend's runner: a decoder block's decode step in one csrc/cpu call, for up to
-MAX_ROWS rows.
+"""The cpu backend's runner: a decoder block's decode step in one csrc/cpu call per MAX_ROWS
+rows.
 
 model.decoder.Block computes a decode step with ~50 small torch ops per layer, each a few
 microseconds of dispatch: on a 135M model that is as much time as reading the weights.  Here a
@@ -14,8 +14,9 @@ place:
 
 with the experts mixed by the same fused pass as the backend's products (the Linears'
 LinearPlans) and the attention reading the scheduler's slot cache (model/kv_cache.RowsView).
-It applies to fp32 decode steps (one new token per row, at most MAX_ROWS rows) on a slot cache;
-every other forward (and a model whose weights the kernel cannot read) takes
+It applies to fp32 decode steps (one new token per row) on a slot cache, of at most MAX_ROWS rows
+or, on a batch-invariant model, of any rows, MAX_ROWS per call (so a row's sums are the same in
+any batch); every other forward (and a model whose weights the kernel cannot read) takes
 model.decoder.Block, which tests hold this path to.
 
 A tensor-parallel shard (parallel/tp.py: its blocks' ``reduce`` set) steps here when ``reduce``
@@ -46,6 +47,7 @@ class CpuRunner(Blocks):
 
     def __init__(self, model):
         super().__init__(model)
+        self.backend = model.backend
         self.policy = model.backend.policy
         plans = [block_plan(blk) for blk in model.blocks]
         reduce = model.blocks[0].reduce if model.blocks else None
@@ -54,10 +56,13 @@ class CpuRunner(Blocks):
         self.plans = plans if usable else None
 
     def applies(self, x: torch.Tensor, cache, step) -> bool:
-        """x [B, 1, d]: a decode step (model/step.py) of at most MAX_ROWS fp32 rows on a slot
-        cache."""
-        return self.plans is not None and step.decode and x.shape[0] <= MAX_ROWS and \
-            x.dtype == torch.float32 and getattr(cache, "pool", None) is not None
+        """x [B, 1, d]: a decode step (model/step.py) of fp32 rows on a slot cache, at most
+        MAX_ROWS of them, or any number where the model is batch-invariant (its products the
+        kernel's at any rows): then each layer steps MAX_ROWS rows per call, so a row rounds as
+        it does alone.  Larger steps of other models take torch's GEMMs (model.decoder.Block)."""
+        return self.plans is not None and step.decode and x.dtype == torch.float32 and \
+            getattr(cache, "pool", None) is not None and \
+            (x.shape[0] <= MAX_ROWS or self.backend.batch_invariant())
 
     def __call__(self, x, cos, sin, cache, mask, mix, step):
         if not self.applies(x, cache, step):
@@ -77,6 +82,9 @@ class CpuRunner(Blocks):
         for blk, plan in zip(self.blocks, self.plans):
             if mix is not None:
                 gates = mix.enter_layer(blk.index, h.view(B, 1, d)).gates.numpy()
-            plan.step(hn, gates, cos, sin, k, v, blk.index, cache.s0, cols, bias, threads,
-                      self.group, slots)
+            for j in range(0, B, MAX_ROWS):      # rows j.. at slots s0 + j.. (or slots[r])
+                r = slice(j, j + MAX_ROWS)
+                plan.step(hn[r], None if gates is None else gates[r], cos[r], sin[r], k, v,
+                          blk.index, cache.s0 + j if slots is None else cache.s0, cols[r],
+                          bias[r], threads, self.group, None if slots is None else slots[r])
         return h.view(B, 1, d)
