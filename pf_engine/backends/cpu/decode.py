@@ -78,13 +78,15 @@ class CpuRunner(Blocks):
         cols, bias = cache.cols.contiguous().numpy(), mask.reshape(B, -1).contiguous().numpy()
         threads = self.policy.threads()
         slots = cache.rows.to(torch.int64).numpy() if getattr(cache, "spread_rows", False) else None
+        # MAX_ROWS rows per call, sliced once per forward: rows r at slots s0 + r (or ``slots``)
+        calls = [(r, hn[r], cos[r], sin[r], cache.s0 + r.start if slots is None else cache.s0,
+                  cols[r], bias[r], None if slots is None else slots[r])
+                 for r in (slice(j, j + MAX_ROWS) for j in range(0, B, MAX_ROWS))]
         gates = None
         for blk, plan in zip(self.blocks, self.plans):
             if mix is not None:
                 gates = mix.enter_layer(blk.index, h.view(B, 1, d)).gates.numpy()
-            for j in range(0, B, MAX_ROWS):      # rows j.. at slots s0 + j.. (or slots[r])
-                r = slice(j, j + MAX_ROWS)
-                plan.step(hn[r], None if gates is None else gates[r], cos[r], sin[r], k, v,
-                          blk.index, cache.s0 + j if slots is None else cache.s0, cols[r],
-                          bias[r], threads, self.group, None if slots is None else slots[r])
+            for r, hr, cr, sr, row0, colr, br, slr in calls:
+                plan.step(hr, None if gates is None else gates[r], cr, sr, k, v, blk.index, row0,
+                          colr, br, threads, self.group, slr)
         return h.view(B, 1, d)
