@@ -14,8 +14,6 @@ states) so a training step only runs the adapted top layers.  ``recipe`` is a re
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from pf_engine.errors import PFError
@@ -24,11 +22,8 @@ from pf_engine.train.experts import Item, Trunk, load_hf_model
 from pf_engine.train.sequences import SELF_PROMPTS, ChatEncoder
 from pf_engine.train.served import serve_like
 
-if TYPE_CHECKING:
-    from pf_engine.train.recipe import Recipe
 
-
-def split_messages(corpus: Corpus, recipe: Recipe) -> tuple[list[str], list[str]]:
+def split_messages(corpus: Corpus, recipe) -> tuple[list[str], list[str]]:
     """(training message ids, validation message ids): every ``n``-th message (sorted ids) is
     kept out of training for early stopping, ``recipe.val_messages`` of them."""
     mids = sorted(corpus.train.messages)
@@ -62,7 +57,7 @@ def build_items(corpus: Corpus, enc: ChatEncoder, limit: int = 0,
     return items
 
 
-def distilled_replies(eng, corpus, encoder, recipe: Recipe, progress: bool, held=frozenset()):
+def distilled_replies(eng, corpus, encoder, recipe, progress: bool, held=frozenset()):
     """distill.base_replies on the held-in prompts (``held``: look-alikes kept out for
     validation), with a progress bar: the base model's kept replies for the KL term."""
     from tqdm.auto import tqdm
@@ -76,7 +71,7 @@ def distilled_replies(eng, corpus, encoder, recipe: Recipe, progress: bool, held
                             held=held)
 
 
-def raw_continuations(eng, corpus, recipe: Recipe, progress: bool):
+def raw_continuations(eng, corpus, recipe, progress: bool):
     """raw.raw_sequences: the base model's plain-text continuations (none if recipe.raw is 0)."""
     from tqdm.auto import tqdm
 
@@ -89,7 +84,7 @@ def raw_continuations(eng, corpus, recipe: Recipe, progress: bool):
         return raw_sequences(eng, prompts, progress=bar)
 
 
-def cached_items(corpus, enc, served, device, recipe: Recipe, mids, distilled, raw, pairs,
+def cached_items(corpus, enc, served, device, recipe, mids, distilled, raw, pairs,
                  progress: bool):
     """Tokenised items per pole, the neutral ones and the KL term's (the base model's chat
     replies, its raw continuations ``raw``), with trunk outputs and base likelihoods (and, for
