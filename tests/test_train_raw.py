@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pf_engine.train.experts import Item, Pools, Trunk, load_hf_model, train_expert
-from pf_engine.train.raw import FORMATS, RAW_TOKENS, evaluated_questions, raw_prompts
+from pf_engine.train.raw import (ARITH_QUESTIONS, ARITH_TAG, FORMATS, RAW_TOKENS, arith_prompts,
+                                 evaluated_questions, raw_prompts)
 from pf_engine.train.recipe import Recipe
 from pf_engine.train.sequences import Sequence
 
@@ -58,21 +59,65 @@ def _expert(folder):
     return pm, Trunk(hf, 1)
 
 
-def _raw_kl_after_training(folder, raw_per_step: int) -> float:
+def _question(prompt: str) -> str:
+    for f in FORMATS:
+        head, tail = f.split("{q}")
+        if prompt.startswith(head) and prompt.endswith(tail):
+            return prompt[len(head):len(prompt) - len(tail)]
+    raise AssertionError(prompt)
+
+
+def test_arith_prompts_are_distinct_and_ask_no_evaluated_question():
+    """48 distinct questions of six kinds, every kind in every format, none that pf-eval's
+    arithmetic asks (its own seed and words: not one is even excluded), and ``exclude`` holds."""
+    got = arith_prompts()
+    qs = [_question(p) for p in got]
+    assert len(got) == ARITH_QUESTIONS == len(set(qs))
+    assert not {q.lower() for q in qs} & evaluated_questions()
+    fmts = [0 if p.startswith("Question: ") else 1 if p.startswith("Q: ") else 2 for p in got]
+    assert {(i % 6, f) for i, f in enumerate(fmts)} == {(k, f) for k in range(6) for f in range(3)}
+    assert fmts.count(0) == ARITH_QUESTIONS // 3
+    assert got == arith_prompts()
+    assert arith_prompts(limit=5) == got[:5]
+    dropped = arith_prompts(exclude={qs[0].lower()})
+    assert qs[0] not in [_question(p) for p in dropped] and len(dropped) == ARITH_QUESTIONS
+
+
+def test_kl_items_draw_arithmetic_from_its_own_pool():
+    import random
+
+    from pf_engine.train.experts import kl_items
+    text = [Item(Sequence([1], [2], f"raw:{i}")) for i in range(20)]
+    arith = [Item(Sequence([1], [2], f"{ARITH_TAG}:{i}")) for i in range(20)]
+    distill = [Item(Sequence([1], [2], f"distill:{i}")) for i in range(5)]
+    rc = Recipe(distill=2, raw=2, arith=1)
+    for seed in range(20):
+        got = kl_items(random.Random(seed), distill, text + arith, rc)
+        tags = [it.seq.tag.split(":")[0] for it in got]
+        assert tags == ["distill", "distill", "raw", "raw", ARITH_TAG]
+    off = Recipe(distill=2, raw=2, arith=0)   # off: the draws of the recipe before arith
+    a = kl_items(random.Random(3), distill, text, off)
+    rng = random.Random(3)
+    assert a == rng.sample(distill, 2) + rng.sample(text, 2)
+
+
+def _raw_kl_after_training(folder, raw_per_step: int, arith_per_step: int = 0,
+                           tag: str = "raw") -> float:
     """Train an expert on chat-like texts that all end with one token; return its KL to the base
-    on raw continuations (seen by the term when raw_per_step > 0)."""
+    on raw continuations tagged ``tag`` (seen by the term when raw_per_step > 0, or, tagged as
+    arithmetic, when arith_per_step > 0)."""
     pm, trunk = _expert(folder)
     rng = np.random.default_rng(4)
     end = 2
     own = [Item(Sequence(rng.integers(3, 200, 6).tolist(), rng.integers(3, 200, 4).tolist() + [end]))
            for _ in range(6)]
-    raw = [Item(Sequence(rng.integers(3, 200, 7).tolist(), rng.integers(3, 200, 5).tolist()))
+    raw = [Item(Sequence(rng.integers(3, 200, 7).tolist(), rng.integers(3, 200, 5).tolist(), tag))
            for _ in range(4)]
     trunk.cache(own + raw)
     trunk.cache_base_top(raw)                     # the adapter starts as the identity (B = 0)
     params = [p for p in pm.parameters() if p.requires_grad]
-    rc = Recipe(steps=12, lr=2e-2, pairs=3, retain=0, distill=0, raw=raw_per_step, w_pair=0.0,
-                w_kl=4.0)
+    rc = Recipe(steps=12, lr=2e-2, pairs=3, retain=0, distill=0, raw=raw_per_step,
+                arith=arith_per_step, w_pair=0.0, w_kl=4.0)
     train_expert(trunk, params, Pools(own, own, [], [], raw), rc, seed=0)
     with torch.no_grad():
         return float(trunk.kl_to_base(raw))
@@ -82,5 +127,13 @@ def test_raw_kl_term_holds_plain_completions(tiny_chat_model):
     """Without the raw items the expert drifts on plain text; with them it stays near the base."""
     free = _raw_kl_after_training(tiny_chat_model[0], 0)
     held = _raw_kl_after_training(tiny_chat_model[0], 2)
+    assert free > 0.01
+    assert held < 0.3 * free, (held, free)
+
+
+def test_arith_kl_term_holds_arithmetic_completions(tiny_chat_model):
+    """The arithmetic items are held by ``arith`` per step, apart from ``raw``."""
+    free = _raw_kl_after_training(tiny_chat_model[0], 2, 0, tag=ARITH_TAG)
+    held = _raw_kl_after_training(tiny_chat_model[0], 0, 2, tag=ARITH_TAG)
     assert free > 0.01
     assert held < 0.3 * free, (held, free)

@@ -2,7 +2,7 @@
 
     pf-train -o bigfive.safetensors [--data data/personas] [--model M] [--quick] [--overwrite]
              [--peft-dir DIR] [--seed 0] [--steps N] [--pref-steps N | --no-preference]
-             [--joint-steps N | --no-joint] [--raw N] [--safety N] [--safety-pair W]
+             [--joint-steps N | --no-joint] [--raw N] [--arith N] [--safety N] [--safety-pair W]
              [--val-safety N]
              [--quantize FMT] [--no-round-activations]
              [--device cpu|cuda] [--dtype bf16|fp16|fp32] [--checkpointing | --no-checkpointing]
@@ -54,6 +54,9 @@ def build_parser() -> Parser:
     p.add_argument("--raw", type=int, default=None, metavar="N",
                    help="the base model's raw-text continuations in each step's KL term, so "
                    "experts keep plain completions (default: the recipe's, 2; 0: none)")
+    p.add_argument("--arith", type=int, default=None, metavar="N",
+                   help="its continuations of arithmetic questions in each step's KL term, so "
+                   "experts keep the base's arithmetic (default: the recipe's, 1; 0: none)")
     p.add_argument("--safety", type=int, default=None, metavar="N",
                    help="refusals of the train split's harmful requests (safety.jsonl) in each "
                    "step; its harmless look-alikes then join the KL term (default: the "
@@ -94,7 +97,8 @@ def main(argv=None) -> int:
     recipe = Recipe.quick() if args.quick else Recipe()
     try:
         for name, least in (("seed", 0), ("steps", 1), ("pref_steps", 0), ("joint_steps", 0),
-                            ("raw", 0), ("safety", 0), ("val_safety", 0), ("max_len", 16)):
+                            ("raw", 0), ("arith", 0), ("safety", 0), ("val_safety", 0),
+                            ("max_len", 16)):
             value = getattr(args, name)
             if value is not None:
                 if value < least:

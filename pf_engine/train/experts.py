@@ -16,7 +16,8 @@ Loss for the expert of pole p (trait T), per step, on per-token mean log-likelih
                                                                          filtered replies to
                                                                          held-in prompts, and
                                                                          its continuations of
-                                                                         raw text (raw.py)
+                                                                         raw text and arithmetic
+                                                                         questions (raw.py)
       + w_safety * NLL(r | h)                                            safety.jsonl: refuse
                                                                          harmful requests h
       + w_safety_pair * -log sigmoid(beta_s * min(d(r | h) - d(r | b),   ... and not their
@@ -162,9 +163,15 @@ class Pools:
 
 
 def kl_items(rng: random.Random, distill: list[Item], raw: list[Item], rc) -> list[Item]:
-    """One step's KL batch: ``rc.distill`` chat replies and ``rc.raw`` raw continuations."""
-    return (rng.sample(distill, min(rc.distill, len(distill)))
-            + rng.sample(raw, min(rc.raw, len(raw))))
+    """One step's KL batch: ``rc.distill`` chat replies, ``rc.raw`` raw continuations and
+    ``rc.arith`` of the raw items tagged as arithmetic (raw.ARITH_TAG), each drawn from its own
+    pool."""
+    from pf_engine.train.raw import ARITH_TAG
+    arith = [it for it in raw if it.seq.tag.startswith(ARITH_TAG)]
+    text = [it for it in raw if not it.seq.tag.startswith(ARITH_TAG)] if arith else raw
+    out = (rng.sample(distill, min(rc.distill, len(distill)))
+           + rng.sample(text, min(rc.raw, len(text))))
+    return out + rng.sample(arith, min(rc.arith, len(arith))) if rc.arith and arith else out
 
 
 def safety_terms(trunk: Trunk, rng: random.Random, safety: list[Item], twins: list[Item], rc

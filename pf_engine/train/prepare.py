@@ -72,16 +72,18 @@ def distilled_replies(eng, corpus, encoder, recipe, progress: bool, held=frozens
 
 
 def raw_continuations(eng, corpus, recipe, progress: bool):
-    """raw.raw_sequences: the base model's plain-text continuations (none if recipe.raw is 0)."""
+    """raw.raw_sequences: the base model's plain-text continuations of the split's questions
+    (none if recipe.raw is 0) and of arithmetic questions (tagged raw.ARITH_TAG; none if
+    recipe.arith is 0)."""
     from tqdm.auto import tqdm
 
-    from pf_engine.train.raw import raw_prompts, raw_sequences
-    if not recipe.raw:
-        return []
-    prompts = raw_prompts(corpus.train, recipe.limit)
-    with tqdm(total=len(prompts), desc="raw continuations", disable=not progress,
+    from pf_engine.train.raw import ARITH_TAG, arith_prompts, raw_prompts, raw_sequences
+    text = raw_prompts(corpus.train, recipe.limit) if recipe.raw else []
+    arith = arith_prompts(recipe.limit) if recipe.arith else []
+    with tqdm(total=len(text) + len(arith), desc="raw continuations", disable=not progress,
               unit="prompt") as bar:
-        return raw_sequences(eng, prompts, progress=bar)
+        return (raw_sequences(eng, text, progress=bar)
+                + raw_sequences(eng, arith, progress=bar, tag=ARITH_TAG))
 
 
 def cached_items(corpus, enc, served, device, recipe, mids, distilled, raw, pairs,

@@ -37,6 +37,7 @@ from pf_engine.train.preference import preference_stage
 from pf_engine.train.prepare import (cached_items, distilled_replies, raw_continuations,
                                      split_messages, trait_classifier)
 from pf_engine.train.provenance import git_commit, versions
+from pf_engine.train.raw import ARITH_TAG
 from pf_engine.train.router import fit_router, router_data
 from pf_engine.train.served import served_weights
 from pf_engine.train.sequences import ChatEncoder
@@ -53,6 +54,7 @@ class Recipe:
     retain: int = 4                  # other traits' / neutral texts per step
     distill: int = 4                 # base-model replies per step (the KL term)
     raw: int = 2                     # its raw-text continuations per step, too (raw.py; 0: none)
+    arith: int = 1                   # and its continuations of arithmetic questions (raw.py)
     safety: int = 0                  # refusals of harmful requests per step (safety.jsonl; 0: none;
                                      # with 2 the experts over-refused: train/README.md)
     lr: float = 1.5e-3
@@ -217,7 +219,9 @@ def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool
         "router": router_report, "final_loss": {p: log[-1] for p, log in logs.items()},
         "early_stopping": chosen, "validation_messages": val_ids,
         "validation_safety": [h["id"] for h, _ in val_pairs], "preference": prefs,
-        "joint": joint, "base_replies": distilled.report, "raw_continuations": len(kl[1]),
+        "joint": joint, "base_replies": distilled.report, "raw_continuations": sum(
+            not it.seq.tag.startswith(ARITH_TAG) for it in kl[1]),
+        "arith_continuations": sum(it.seq.tag.startswith(ARITH_TAG) for it in kl[1]),
         "safety_refusals": len(safety[0]), "safety_twins": len(safety[1]),
         "served": {"weights": eng.weight_formats, "quantize": recipe.quantize,
                    "round_activations": recipe.round_activations and dev.type == "cpu",
