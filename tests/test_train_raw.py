@@ -137,3 +137,26 @@ def test_arith_kl_term_holds_arithmetic_completions(tiny_chat_model):
     held = _raw_kl_after_training(tiny_chat_model[0], 0, 2, tag=ARITH_TAG)
     assert free > 0.01
     assert held < 0.3 * free, (held, free)
+
+
+@pytest.mark.parametrize("select_from, kept", [(0, 2), (4, 4), (99, 6)])
+def test_early_stopping_keeps_no_state_before_select_from(tiny_chat_model, select_from, kept):
+    """Scores that fall (3, 2, 1 at steps 2, 4, 6): the best state from step ``select_from`` on
+    is kept and restored (past the last step: the last state)."""
+    pm, trunk = _expert(tiny_chat_model[0])
+    rng = np.random.default_rng(5)
+    own = [Item(Sequence(rng.integers(3, 200, 6).tolist(), rng.integers(3, 200, 4).tolist()))
+           for _ in range(4)]
+    trunk.cache(own)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    states, scores = {}, iter([3.0, 2.0, 1.0])
+
+    def select():
+        states[len(states) * 2 + 2] = [p.detach().clone() for p in params]
+        return {"score": next(scores)}
+    rc = Recipe(steps=6, lr=2e-2, pairs=2, retain=0, distill=0, raw=0, arith=0, w_pair=0.0,
+                w_kl=0.0, eval_every=2, select_from=select_from)
+    _, best = train_expert(trunk, params, Pools(own, own, [], []), rc, seed=0, select=select)
+    assert best["step"] == kept
+    assert all(torch.equal(p, s) for p, s in zip(params, states[kept]))
+    assert not all(torch.equal(p, s) for p, s in zip(params, states[6 if kept != 6 else 2]))

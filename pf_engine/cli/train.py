@@ -2,8 +2,8 @@
 
     pf-train -o bigfive.safetensors [--data data/personas] [--model M] [--quick] [--overwrite]
              [--peft-dir DIR] [--seed 0] [--steps N] [--pref-steps N | --no-preference]
-             [--joint-steps N | --no-joint] [--raw N] [--arith N] [--safety N] [--safety-pair W]
-             [--val-safety N]
+             [--joint-steps N | --no-joint] [--raw N] [--arith N] [--select-from STEP]
+             [--safety N] [--safety-pair W] [--val-safety N]
              [--quantize FMT] [--no-round-activations]
              [--device cpu|cuda] [--dtype bf16|fp16|fp32] [--checkpointing | --no-checkpointing]
              [--max-len 512]
@@ -57,6 +57,9 @@ def build_parser() -> Parser:
     p.add_argument("--arith", type=int, default=None, metavar="N",
                    help="its continuations of arithmetic questions in each step's KL term, so "
                    "experts keep the base's arithmetic (default: the recipe's, 1; 0: none)")
+    p.add_argument("--select-from", type=int, default=None, metavar="STEP",
+                   help="early stopping keeps no expert state before this step (default: the "
+                   "recipe's, 0: any)")
     p.add_argument("--safety", type=int, default=None, metavar="N",
                    help="refusals of the train split's harmful requests (safety.jsonl) in each "
                    "step; its harmless look-alikes then join the KL term (default: the "
@@ -97,8 +100,8 @@ def main(argv=None) -> int:
     recipe = Recipe.quick() if args.quick else Recipe()
     try:
         for name, least in (("seed", 0), ("steps", 1), ("pref_steps", 0), ("joint_steps", 0),
-                            ("raw", 0), ("arith", 0), ("safety", 0), ("val_safety", 0),
-                            ("max_len", 16)):
+                            ("raw", 0), ("arith", 0), ("select_from", 0), ("safety", 0),
+                            ("val_safety", 0), ("max_len", 16)):
             value = getattr(args, name)
             if value is not None:
                 if value < least:

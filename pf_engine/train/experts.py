@@ -206,9 +206,10 @@ def train_expert(trunk: Trunk, params: list[torch.nn.Parameter], pools: Pools, r
     """Optimise ``params`` (the active adapter's) for ``rc.steps`` steps.
 
     rc: the recipe (steps, lr, pairs, retain, distill, raw, safety, beta, pair_cap, w_pair,
-    w_retain, w_kl, w_safety, eval_every).  select: None, or a callable returning
+    w_retain, w_kl, w_safety, eval_every, select_from).  select: None, or a callable returning
     {"score": ...} for the adapter as it stands; called every ``rc.eval_every`` steps and at the
-    end, and the best state is restored.
+    end, and the best state is restored (of those at step ``rc.select_from`` or later: earlier
+    ones are scored and logged, not kept).
     Returns (the loss log, the chosen checkpoint's figures or None).
     """
     rng = random.Random(seed)
@@ -259,7 +260,8 @@ def train_expert(trunk: Trunk, params: list[torch.nn.Parameter], pools: Pools, r
         if select is not None and ((step + 1) % rc.eval_every == 0 or step + 1 == steps):
             got = dict(select(), step=step + 1)
             log[-1]["select"] = got
-            if best is None or got["score"] > best["score"]:
+            if (step + 1 >= min(rc.select_from, steps)
+                    and (best is None or got["score"] > best["score"])):
                 best = got
                 saved = [p.detach().clone() for p in params]
         if progress is not None:
