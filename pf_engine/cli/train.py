@@ -59,7 +59,7 @@ def build_parser() -> Parser:
                    "experts keep the base's arithmetic (default: the recipe's, 1; 0: none)")
     p.add_argument("--select-from", type=int, default=None, metavar="STEP",
                    help="early stopping keeps no expert state before this step (default: the "
-                   "recipe's, 0: any)")
+                   "recipe's, 20; 0: any)")
     p.add_argument("--safety", type=int, default=None, metavar="N",
                    help="refusals of the train split's harmful requests (safety.jsonl) in each "
                    "step; its harmless look-alikes then join the KL term (default: the "

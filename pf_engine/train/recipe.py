@@ -67,7 +67,7 @@ class Recipe:
     w_safety_pair: float = 1.0       # the refusal after a harmful request against after its
     safety_beta: float = 2.0         # benign look-alike (the contrast's weight, sharpness)
     eval_every: int = 10             # early stopping: score the expert every this many steps
-    select_from: int = 0             # and keep no state before this step (0: any; step-10
+    select_from: int = 20            # and keep no state before this step (0: any; step-10
                                      # states expressed their pole half as much: README)
     val_messages: int = 8            # train messages kept out of training, to score on
     val_safety: int = 0              # harmful requests of safety.jsonl, with their look-alikes,
