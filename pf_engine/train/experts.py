@@ -36,7 +36,7 @@ request is the pair's loser, as the opposite pole is in the pairwise term (with 
 2 refusals a step, the experts learnt refusing as a reflex); the KL term then holds the base
 model's answers to the look-alikes.  Every ``eval_every`` steps a
 ``select`` callback scores the adapter (validation replies: select.py); the best-scoring state
-is the one kept (early stopping).
+from step ``select_from`` on is the one kept (early stopping).
 """
 from __future__ import annotations
 
