@@ -18,7 +18,7 @@ retention tasks ask (``data/evals/``) are left out, so the term never sees an ev
 
 Arithmetic (``arith_prompts``, ``Recipe.arith`` per step, drawn apart from the rest): the neutral
 and fact questions did not hold the experts' plain-text arithmetic (at 8a025ba conscientiousness-
-still answered 6 of pf-eval's 60 items with nothing and moved 7 more, -11.7 points), so the term
+still answered 6 of pf-eval's 60 items with nothing and scored -11.7 points), so the term
 also holds ``ARITH_QUESTIONS`` arithmetic questions of the same kinds as pf-eval's (bare sums,
 differences and products, one-step word problems), generated here from a seed and words of
 their own, none equal to an evaluated question.  The term only keeps the base model's own
