@@ -102,10 +102,12 @@ def test_kl_items_draw_arithmetic_from_its_own_pool():
 
 
 def _raw_kl_after_training(folder, raw_per_step: int, arith_per_step: int = 0,
-                           tag: str = "raw") -> float:
+                           tag: str = "raw", kl_first: float = 0.0, at_first: bool = False
+                           ) -> float:
     """Train an expert on chat-like texts that all end with one token; return its KL to the base
     on raw continuations tagged ``tag`` (seen by the term when raw_per_step > 0, or, tagged as
-    arithmetic, when arith_per_step > 0)."""
+    arithmetic, when arith_per_step > 0): the mean over their tokens, or with ``at_first`` the
+    mean at their first token (``kl_first``: that token's extra weight in training)."""
     pm, trunk = _expert(folder)
     rng = np.random.default_rng(4)
     end = 2
@@ -117,10 +119,11 @@ def _raw_kl_after_training(folder, raw_per_step: int, arith_per_step: int = 0,
     trunk.cache_base_top(raw)                     # the adapter starts as the identity (B = 0)
     params = [p for p in pm.parameters() if p.requires_grad]
     rc = Recipe(steps=12, lr=2e-2, pairs=3, retain=0, distill=0, raw=raw_per_step,
-                arith=arith_per_step, w_pair=0.0, w_kl=4.0)
+                arith=arith_per_step, w_pair=0.0, w_kl=4.0, kl_first=kl_first)
     train_expert(trunk, params, Pools(own, own, [], [], raw), rc, seed=0)
     with torch.no_grad():
-        return float(trunk.kl_to_base(raw))
+        mean = float(trunk.kl_to_base(raw))
+        return float(trunk.kl_to_base(raw, first=1.0)) - mean if at_first else mean
 
 
 def test_raw_kl_term_holds_plain_completions(tiny_chat_model):
@@ -137,6 +140,24 @@ def test_arith_kl_term_holds_arithmetic_completions(tiny_chat_model):
     held = _raw_kl_after_training(tiny_chat_model[0], 0, 2, tag=ARITH_TAG)
     assert free > 0.01
     assert held < 0.3 * free, (held, free)
+
+
+def test_kl_first_holds_the_first_continuation_token(tiny_chat_model):
+    """``kl_first`` weighs the first token of each raw continuation (where an empty answer
+    starts) on top of the mean: there the expert stays nearer the base."""
+    free = _raw_kl_after_training(tiny_chat_model[0], 2, at_first=True)
+    held = _raw_kl_after_training(tiny_chat_model[0], 2, kl_first=8.0, at_first=True)
+    assert free > 0.005
+    assert held < 0.5 * free, (held, free)
+
+
+def test_kl_first_weighs_only_plain_continuations():
+    """Chat replies (the distilled ones) get no extra weight: a persona's first word is its
+    own; raw and arithmetic continuations do."""
+    from pf_engine.train.raw import is_plain
+    assert is_plain(Sequence([1], [2], "raw:3")) and is_plain(Sequence([1], [2], f"{ARITH_TAG}:0"))
+    assert not is_plain(Sequence([1], [2], "distill:0"))
+    assert not is_plain(Sequence([1], [2], "reply:openness+:m001"))
 
 
 @pytest.mark.parametrize("select_from, kept", [(0, 2), (4, 4), (99, 6)])

@@ -2,7 +2,8 @@
 
     pf-train -o bigfive.safetensors [--data data/personas] [--model M] [--quick] [--overwrite]
              [--peft-dir DIR] [--seed 0] [--steps N] [--pref-steps N | --no-preference]
-             [--joint-steps N | --no-joint] [--raw N] [--arith N] [--select-from STEP]
+             [--joint-steps N | --no-joint] [--raw N] [--arith N] [--kl-first W]
+             [--select-from STEP]
              [--safety N] [--safety-pair W] [--val-safety N]
              [--quantize FMT] [--no-round-activations]
              [--device cpu|cuda] [--dtype bf16|fp16|fp32] [--checkpointing | --no-checkpointing]
@@ -57,6 +58,9 @@ def build_parser() -> Parser:
     p.add_argument("--arith", type=int, default=None, metavar="N",
                    help="its continuations of arithmetic questions in each step's KL term, so "
                    "experts keep the base's arithmetic (default: the recipe's, 1; 0: none)")
+    p.add_argument("--kl-first", type=float, default=None, metavar="W",
+                   help="extra KL weight on the first token of those continuations, where an "
+                   "expert's empty answer starts (default: the recipe's, 0: none)")
     p.add_argument("--select-from", type=int, default=None, metavar="STEP",
                    help="early stopping keeps no expert state before this step (default: the "
                    "recipe's, 20; 0: any)")
@@ -107,10 +111,12 @@ def main(argv=None) -> int:
                 if value < least:
                     raise PFError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
                 setattr(recipe, name, value)
-        if args.safety_pair is not None:
-            if not args.safety_pair >= 0:
-                raise PFError(f"--safety-pair must be >= 0, got {args.safety_pair}")
-            recipe.w_safety_pair = args.safety_pair
+        for name, field in (("safety_pair", "w_safety_pair"), ("kl_first", "kl_first")):
+            value = getattr(args, name)
+            if value is not None:
+                if not value >= 0:
+                    raise PFError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+                setattr(recipe, field, value)
         if args.no_preference:
             recipe.pref_steps = 0
         for name in ("device", "dtype", "checkpointing"):

@@ -18,6 +18,8 @@ Loss for the expert of pole p (trait T), per step, on per-token mean log-likelih
                                                                          its continuations of
                                                                          raw text and arithmetic
                                                                          questions (raw.py)
+      + w_kl * kl_first * mean KL at y_0 of the raw continuations        their first token: an
+                                                                         empty answer's place
       + w_safety * NLL(r | h)                                            safety.jsonl: refuse
                                                                          harmful requests h
       + w_safety_pair * -log sigmoid(beta_s * min(d(r | h) - d(r | b),   ... and not their
@@ -138,15 +140,22 @@ class Trunk:
             for j, it in enumerate(chunk):
                 it.base_top = h[j, :len(it.seq.ids)].clone()
 
-    def kl_to_base(self, items: list[Item]) -> torch.Tensor:
-        """mean over reply tokens of KL(pi_base || pi), the base from ``item.base_top``."""
+    def kl_to_base(self, items: list[Item], first: float = 0.0) -> torch.Tensor:
+        """mean over reply tokens of KL(pi_base || pi), the base from ``item.base_top``, plus
+        ``first`` times its mean at the first continuation position of the plain-text items
+        (raw.is_plain): the one that predicts an empty answer, 1 of ~250 tokens in the mean."""
+        from pf_engine.train.raw import is_plain
         h, _, mask = self.top(items)
         base = torch.zeros_like(h)
+        lead = torch.zeros_like(mask)
         for j, it in enumerate(items):
             base[j, :it.base_top.shape[0]] = it.base_top
+            lead[j, len(it.seq.prompt) - 1] = bool(first) and is_plain(it.seq)
         lp = F.log_softmax(self.model.lm_head(h[mask]).float(), -1)
         lb = F.log_softmax(self.model.lm_head(base[mask]).float(), -1)
-        return (lb.exp() * (lb - lp)).sum(-1).mean()
+        kl = (lb.exp() * (lb - lp)).sum(-1)
+        lead = lead[mask]
+        return kl.mean() + (first * kl[lead].mean() if lead.any() else 0.0)
 
 
 @dataclass
@@ -242,7 +251,7 @@ def train_expert(trunk: Trunk, params: list[torch.nn.Parameter], pools: Pools, r
         kl = torch.zeros((), device=lp.device)
         kl_batch = kl_items(rng, pools.distill, pools.raw, rc) if rc.w_kl else []
         if kl_batch:
-            kl = trunk.kl_to_base(kl_batch)
+            kl = trunk.kl_to_base(kl_batch, rc.kl_first)
         safe, contrast = safety_terms(trunk, rng, pools.safety, pools.safety_twin, rc)
         loss = (nll + rc.w_pair * pair + rc.w_retain * keep_loss + rc.w_kl * kl
                 + rc.w_safety * safe + rc.w_safety_pair * contrast)

@@ -76,7 +76,7 @@ def _train(trunk, params, chosen, rejected, distill, raw, rc,
         kl = torch.zeros((), device=lp.device)
         kl_batch = kl_items(rng, distill, raw, rc) if rc.w_kl else []
         if kl_batch:
-            kl = trunk.kl_to_base(kl_batch)
+            kl = trunk.kl_to_base(kl_batch, rc.kl_first)
         safe, contrast = safety_terms(trunk, rng, *safety, rc)
         opt.zero_grad(set_to_none=True)
         (loss + rc.w_kl * kl + rc.w_safety * safe + rc.w_safety_pair * contrast).backward()

@@ -40,6 +40,11 @@ _NAMES = ("Kai", "Nora", "Ivan", "Ella", "Hugo", "Sara", "Theo", "Ines")
 _THINGS = ("oranges", "buttons", "cards", "coins", "eggs", "balloons", "toys", "beads")
 
 
+def is_plain(seq: Sequence) -> bool:
+    """Whether ``seq`` is a raw-text or arithmetic continuation (``raw_sequences``' tags)."""
+    return seq.tag.startswith(("raw", ARITH_TAG))
+
+
 def evaluated_questions(evals_dir: str | None = None) -> set[str]:
     """The questions of pf-eval's reasoning tasks (lower case, stripped)."""
     from pf_engine.train.retention import default_evals_dir

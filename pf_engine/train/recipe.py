@@ -55,6 +55,7 @@ class Recipe:
     distill: int = 4                 # base-model replies per step (the KL term)
     raw: int = 2                     # its raw-text continuations per step, too (raw.py; 0: none)
     arith: int = 1                   # and its continuations of arithmetic questions (raw.py)
+    kl_first: float = 0.0            # extra KL weight on their first token (experts.py)
     safety: int = 0                  # refusals of harmful requests per step (safety.jsonl; 0: none;
                                      # with 2 the experts over-refused: train/README.md)
     lr: float = 1.5e-3
