@@ -11,6 +11,8 @@ import time
 import pf_engine  # noqa: F401  (before torch: its OpenMP spin default, pf_engine/__init__.py)
 import torch
 
+from pf_engine.train.provenance import cpu_name
+
 
 
 def copy_bandwidth(mbytes: int = 256, repeats: int = 10) -> float:
@@ -115,17 +117,6 @@ def git_dirty() -> list[str] | None:
     files = [line[3:] for line in out.splitlines() if line[3:]]
     # results and prose (the harness itself rewrites README.md) cannot change a figure
     return [f for f in files if not f.startswith("benchmarks/results/") and not f.endswith(".md")]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info() -> dict:

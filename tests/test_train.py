@@ -315,6 +315,7 @@ def test_quick_train_end_to_end(quick_bank, bundled_pf_home, capsys):
     rec = bank.recipe
     assert rec["quick"] and rec["data_sha256"] == load_corpus(DATA, ("train",)).digest["train"]
     assert set(rec["versions"]) >= {"torch", "transformers", "peft"} and "commit" in rec
+    assert rec["cpu"] and rec["threads"] >= 1          # the machine it trained on
     peft = quick_bank.parent / "peft"     # the experts in PEFT format, as stacked into the bank
     assert sorted(d for d in os.listdir(peft) if (peft / d).is_dir()) == sorted(bank.expert_names)
     assert (peft / "openness+" / "adapter_config.json").is_file()
@@ -374,11 +375,13 @@ def test_quick_eval_writes_json_plot_and_readme(quick_bank, bundled_pf_home, tmp
     assert kept["reasoning"]["conditions"]["base"]["n_mc"] == 1
     assert set(kept["social"]["conditions"]) == {"base", "auto"}
     assert r["weights"].startswith("q4_1") and r["quantize"] is None
+    assert r["provenance"]["cpu"] and r["provenance"]["commit"]    # the machine that measured
     assert plot.stat().st_size > 1000
     text = readme.read_text()
     assert "stale block" not in text and text.endswith("<!-- personas:end -->\ntail\n")
     assert "| LoRA expert |" in text and "Made by `pf-eval" in text
     assert "| auto |" in text and "side by side" in text and "Generated data:" in text
+    assert f"on {r['provenance']['cpu']};" in text
     assert "| multiple choice |" in text and "| goal | q4_1 (default) |" in text
     # the README section is a function of the JSON alone
     readme.write_text("<!-- personas:start -->\n<!-- personas:end -->\ntail\n")

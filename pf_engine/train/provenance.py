@@ -1,7 +1,8 @@
-"""Where a trained bank or a report came from: the code's commit and the library versions."""
+"""Where a trained bank or a report came from: the commit, the library versions and the CPU."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -25,3 +26,16 @@ def versions() -> dict:
     import transformers
     return {"python": sys.version.split()[0], "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform says: machines differ, and
+    timings and kernel paths with them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -36,7 +36,7 @@ from pf_engine.train.experts import Pools, Trunk, train_expert
 from pf_engine.train.preference import preference_stage
 from pf_engine.train.prepare import (cached_items, distilled_replies, raw_continuations,
                                      split_messages, trait_classifier)
-from pf_engine.train.provenance import git_commit, versions
+from pf_engine.train.provenance import cpu_name, git_commit, versions
 from pf_engine.train.raw import ARITH_TAG
 from pf_engine.train.router import fit_router, router_data
 from pf_engine.train.served import served_weights
@@ -176,7 +176,8 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
         "recipe": {k: list(v) if isinstance(v, tuple) else v
                    for k, v in dataclasses.asdict(recipe).items()},
         "quick": quick, "data_sha256": corpus.digest["train"], "seed": recipe.seed,
-        "versions": versions(), **source, "threads": torch.get_num_threads(),
+        "versions": versions(), **source, "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
         "train_seconds": round(time.perf_counter() - t_start, 1), "traits": TRAITS, **figures}
     bank.to(dtype=DTYPES[recipe.storage_dtype])
     bank.save(output, overwrite=overwrite)

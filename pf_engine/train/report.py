@@ -13,15 +13,21 @@ import platform
 from pf_engine.errors import PFError
 from pf_engine.train import goals
 from pf_engine.train.data import TRAITS
-from pf_engine.train.provenance import git_commit, versions
+from pf_engine.train.provenance import cpu_name, git_commit, versions
 
 START, END = "<!-- personas:start -->", "<!-- personas:end -->"
 
 
 def provenance() -> dict:
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": platform.machine(), "cpus": os.cpu_count(), **git_commit(),
+            "machine": platform.machine(), "cpu": cpu_name(), "cpus": os.cpu_count(),
+            **git_commit(),
             "versions": versions()}
+
+
+def _on(cpu: str | None, lead: str = ", ") -> str:
+    """", on CPU" where a result names its CPU (results before it did not)."""
+    return f"{lead}on {cpu}" if cpu else ""
 
 
 def write_json(result: dict, path: str) -> None:
@@ -154,11 +160,12 @@ def readme_section(result: dict, json_path: str, plot_path: str | None, command:
     commit = (prov.get("commit") or "unknown")[:10] + (" (dirty tree)" if prov.get("dirty") else "")
     rec = result.get("recipe") or {}
     lines = [START, "",
-             f"Made by `{command}` at commit {commit}, {prov.get('date', '?')}; the numbers are "
+             f"Made by `{command}` at commit {commit}, {prov.get('date', '?')}"
+             f"{_on(prov.get('cpu'))}; the numbers are "
              f"read from `{json_path}`.  Bank recipe: data sha256 "
              f"{str(rec.get('data_sha256'))[:12]}, trained at commit "
              f"{str(rec.get('commit'))[:10]} in {rec.get('train_seconds')} s "
-             f"({rec.get('threads')} threads).", "",
+             f"({rec.get('threads')} threads{_on(rec.get('cpu'), ', ')}).", "",
              *_recipe_lines(rec),
              "Trait expression on the held-out split (higher is better; goals in brackets):", "",
              "| condition | statements: own trait moved [>= 9/10] | traits separated [5/5] | "
