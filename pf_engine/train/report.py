@@ -25,9 +25,9 @@ def provenance() -> dict:
             "versions": versions()}
 
 
-def _on(cpu: str | None, lead: str = ", ") -> str:
+def _on(cpu: str | None) -> str:
     """", on CPU" where a result names its CPU (results before it did not)."""
-    return f"{lead}on {cpu}" if cpu else ""
+    return f", on {cpu}" if cpu else ""
 
 
 def write_json(result: dict, path: str) -> None:
@@ -165,7 +165,7 @@ def readme_section(result: dict, json_path: str, plot_path: str | None, command:
              f"read from `{json_path}`.  Bank recipe: data sha256 "
              f"{str(rec.get('data_sha256'))[:12]}, trained at commit "
              f"{str(rec.get('commit'))[:10]} in {rec.get('train_seconds')} s "
-             f"({rec.get('threads')} threads{_on(rec.get('cpu'), ', ')}).", "",
+             f"({rec.get('threads')} threads{_on(rec.get('cpu'))}).", "",
              *_recipe_lines(rec),
              "Trait expression on the held-out split (higher is better; goals in brackets):", "",
              "| condition | statements: own trait moved [>= 9/10] | traits separated [5/5] | "
