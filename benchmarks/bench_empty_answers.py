@@ -17,7 +17,6 @@ commit and each bank's digest.  train/README.md's p(end) figures come from this 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -28,14 +27,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import command_line, default_out, machine_info, write_json  # noqa: E402
 
-PROMPT = "Question: {q}\nAnswer:"          # lm-evaluation-harness's doc_to_text in pf-eval's task
+from pf_engine.train.raw import FORMATS  # noqa: E402
+from pf_engine.train.retention import default_evals_dir, read_jsonl  # noqa: E402
+
+PROMPT = FORMATS[0]          # "Question: {q}\nAnswer:", pf-eval's task's doc_to_text (retention.py)
 
 
 def questions(limit: int = 0) -> list[str]:
     """pf-eval's arithmetic questions, file order, at most ``limit`` (0: all)."""
-    from pf_engine.train.retention import default_evals_dir
-    with open(os.path.join(default_evals_dir(), "reasoning_arith.jsonl"), encoding="utf-8") as f:
-        qs = [json.loads(line)["question"] for line in f if line.strip()]
+    qs = [r["question"] for r in read_jsonl(os.path.join(default_evals_dir(),
+                                                          "reasoning_arith.jsonl"))]
     return qs[:limit] if limit else qs
 
 
