@@ -30,7 +30,7 @@ from benchmarks.common import command_line, default_out, machine_info, write_jso
 from pf_engine.train.raw import FORMATS  # noqa: E402
 from pf_engine.train.retention import default_evals_dir, read_jsonl  # noqa: E402
 
-PROMPT = FORMATS[0]          # "Question: {q}\nAnswer:", pf-eval's task's doc_to_text (retention.py)
+PROMPT = FORMATS[0]          # "Question: {q}\nAnswer:", pf-eval's task's doc_to_text (pf_engine/train/retention.py)
 
 
 def questions(limit: int = 0) -> list[str]:
