@@ -350,6 +350,30 @@ def test_quick_train_end_to_end(quick_bank, bundled_pf_home, capsys):
     assert "recipe   pf-train --quick" in capsys.readouterr().out
 
 
+def test_quick_train_continues_from_a_bank(quick_bank, tmp_path):
+    """--from: the experts and router of the bank given, then only the routed preference stage;
+    the bank written names where it started and keeps that bank's figures."""
+    from gguf_fixtures import _SESSION
+    from pf_engine.cli.train import main
+    from pf_engine.persona.bank import AdapterBank
+    out = tmp_path / "more.safetensors"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PF_HOME", _SESSION["home"])
+        assert main(["-o", str(out), "--quick", "-q", "--from", str(quick_bank),
+                     "--route-pref-steps", "2", "--route-pref-situations", "3"]) == 0
+    first, bank = AdapterBank.load(quick_bank), AdapterBank.load(out)
+    rec = bank.recipe
+    assert rec["continued_from"]["digest"] == first.digest
+    assert rec["continued_from"]["recipe"] == first.recipe["recipe"]
+    assert rec["preference"] == first.recipe["preference"] and rec["joint"] == first.recipe["joint"]
+    stage = rec["routed_preference"]
+    assert stage["situations"] == 3 and stage["samples"] == 6 and "validation_before" in stage
+    assert torch.equal(bank.router.w2, first.router.w2)
+    same = all(torch.equal(bank.lora(l, m).b, first.lora(l, m).b)
+               for l in first.layers() for m in first.target_modules if first.lora(l, m))
+    assert same is not (stage["kept"] and stage["pairs"] > 0)
+
+
 def test_quick_eval_writes_json_plot_and_readme(quick_bank, bundled_pf_home, tmp_path, capsys):
     from pf_engine.cli.eval import main
     readme = tmp_path / "README.md"

@@ -2,8 +2,8 @@
 
     pf-train -o bigfive.safetensors [--data data/personas] [--model M] [--quick] [--overwrite]
              [--peft-dir DIR] [--seed 0] [--steps N] [--pref-steps N | --no-preference]
-             [--joint-steps N | --no-joint] [--raw N] [--arith N] [--kl-first W]
-             [--select-from STEP]
+             [--joint-steps N | --no-joint] [--route-pref-steps N] [--route-pref-situations N]
+             [--from BANK] [--raw N] [--arith N] [--kl-first W] [--select-from STEP]
              [--safety N] [--safety-pair W] [--val-safety N]
              [--quantize FMT] [--no-round-activations]
              [--device cpu|cuda] [--dtype bf16|fp16|fp32] [--checkpointing | --no-checkpointing]
@@ -16,7 +16,8 @@ as stored), through the 8-bit activation rounding of block-quantized weights (tr
 --device cuda trains on a GPU against the model's float weights at --dtype (default bf16, as
 the GPU engine serves them; the adapters stay fp32), recomputing the top layers in the backward
 pass (gradient checkpointing, on by default there); --model takes any HF Llama-family folder
-(Llama, Mistral, Qwen2) or a GGUF file.
+(Llama, Mistral, Qwen2) or a GGUF file.  --from BANK continues from a trained bank: its
+experts and router are kept and only the routed preference stage (--route-pref-steps) runs.
 
 Reads only the train split of the data folder.  The full recipe (experts, preference, router,
 joint stage) takes 30-38 minutes on two CPU cores for the bundled model (1797 s at 8a025ba on an
@@ -52,6 +53,15 @@ def build_parser() -> Parser:
                    help="steps of the joint stage, experts and router together on the routed "
                    "mixture (default: the recipe's, 30)")
     p.add_argument("--no-joint", action="store_true", help="skip the joint stage")
+    p.add_argument("--route-pref-steps", type=int, default=None, metavar="N",
+                   help="DPO steps of the routed preference stage, on auto's own replies to "
+                   "train situations (default: the recipe's, 0: no stage)")
+    p.add_argument("--route-pref-situations", type=int, default=None, metavar="N",
+                   help="train situations auto samples replies to there (default: the "
+                   "recipe's, 32)")
+    p.add_argument("--from", dest="start", default=None, metavar="BANK",
+                   help="continue from this bank (a file or a shipped name): keep its experts "
+                   "and router and run only the routed preference stage")
     p.add_argument("--raw", type=int, default=None, metavar="N",
                    help="the base model's raw-text continuations in each step's KL term, so "
                    "experts keep plain completions (default: the recipe's, 2; 0: none)")
@@ -105,7 +115,8 @@ def main(argv=None) -> int:
     try:
         for name, least in (("seed", 0), ("steps", 1), ("pref_steps", 0), ("joint_steps", 0),
                             ("raw", 0), ("arith", 0), ("select_from", 0), ("safety", 0),
-                            ("val_safety", 0), ("max_len", 16)):
+                            ("val_safety", 0), ("max_len", 16),
+                            ("route_pref_steps", 0), ("route_pref_situations", 1)):
             value = getattr(args, name)
             if value is not None:
                 if value < least:
@@ -130,7 +141,7 @@ def main(argv=None) -> int:
             recipe.round_activations = False
         bank = train_bank(args.data or default_data_dir(), args.output, model=args.model,
                           quick=args.quick, overwrite=args.overwrite, recipe=recipe,
-                          peft_dir=args.peft_dir, progress=not args.quiet)
+                          peft_dir=args.peft_dir, progress=not args.quiet, start=args.start)
     except PFError as e:
         return fail("pf-train", e)
     except KeyboardInterrupt:

@@ -38,6 +38,7 @@ from pf_engine.train.prepare import (cached_items, distilled_replies, raw_contin
                                      split_messages, trait_classifier)
 from pf_engine.train.provenance import cpu_name, git_commit, versions
 from pf_engine.train.raw import ARITH_TAG
+from pf_engine.train.resume import bank_into_peft, continued_figures, load_start
 from pf_engine.train.router import fit_router, router_data
 from pf_engine.train.served import served_weights
 from pf_engine.train.sequences import ChatEncoder
@@ -99,6 +100,9 @@ class Recipe:
     joint_lr: float = 5e-4           # the experts' learning rate there
     joint_router_lr: float = 1e-4    # the router's
     joint_val: int = 8               # every n-th train situation scores the stage, kept out
+    route_pref_steps: int = 0        # the routed preference stage (routed_pref.py): DPO steps
+                                     # on auto's own replies to situations (0: no stage)
+    route_pref_situations: int = 32  # train situations auto samples replies to there
     quantize: str | None = None      # the base as served (Engine's quantize; None: the default)
     device: str = "cpu"              # where to train: cpu, or cuda (the GPU the engine serves on)
     dtype: str | None = None         # the base's compute dtype: fp32 on cpu; bf16 (default),
@@ -149,13 +153,15 @@ def _check_output(output: str, overwrite: bool) -> str:
 
 
 def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: bool = False,
-               recipe: Recipe | None = None, peft_dir=None, progress: bool = True):
+               recipe: Recipe | None = None, peft_dir=None, progress: bool = True,
+               start: str | None = None):
     """Train the ten experts and the router on ``data_dir``'s train split; write ``output``.
 
     model: the base (None: the bundled SmolLM2-135M-Instruct; an HF Llama-family folder; a
     .gguf).  recipe: the hyper-parameters (default ``Recipe()``, or ``Recipe.quick()`` with
-    quick=True).  peft_dir: also keep the experts' PEFT folders there.  Returns the AdapterBank
-    written.
+    quick=True).  peft_dir: also keep the experts' PEFT folders there.  start: continue from
+    this bank (a file or a shipped name; resume.py): its experts and router, then only the
+    routed preference stage.  Returns the AdapterBank written.
     """
     from pf_engine.engine import DTYPES, resolve_model
 
@@ -163,6 +169,13 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
     recipe = recipe or (Recipe.quick() if quick else Recipe())
     compute_device(recipe)
     corpus = load_corpus(data_dir, splits=("train",))
+    begun = None
+    if start is not None:
+        if not recipe.route_pref_steps:
+            raise PFError(f"--from {start}: nothing to train after its stages (pass "
+                          "--route-pref-steps N)")
+        first, recipe = load_start(start, corpus.poles, recipe)
+        begun = (first, start)
     if (recipe.safety and recipe.w_safety_pair) or recipe.val_safety:
         check_safety_pairs(corpus.train.safety)
     if peft_dir is not None and os.path.exists(peft_dir) and os.listdir(peft_dir) \
@@ -171,7 +184,7 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
     model_dir = resolve_model(model, progress)
     t_start = time.perf_counter()
     source = git_commit()          # the code that trains, read before anything can change it
-    bank, figures = _run(corpus, model, model_dir, recipe, peft_dir, progress)
+    bank, figures = _run(corpus, model, model_dir, recipe, peft_dir, progress, begun)
     bank.recipe = {
         "recipe": {k: list(v) if isinstance(v, tuple) else v
                    for k, v in dataclasses.asdict(recipe).items()},
@@ -184,8 +197,9 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
     return bank
 
 
-def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool):
-    """The recipe's stages (the module doc); returns (the bank, its figures for the metadata)."""
+def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool, begun=None):
+    """The recipe's stages (the module doc); returns (the bank, its figures for the metadata).
+    begun: (the bank to continue from, its name) or None (resume.py)."""
     from pf_engine.engine import Engine
     from pf_engine.tokenizer import Tokenizer
     from pf_engine.train.encoder import SentenceEncoder
@@ -208,25 +222,38 @@ def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool
     distill = kl[0]
     val = ([corpus.train.messages[m] for m in val_ids],
            ([h["prompt"] for h, _ in val_pairs], [b["prompt"] for _, b in val_pairs]))
-    pm, names, logs, chosen, prefs = _train_experts(corpus, items, neutral, kl, safety, trunk,
-                                                    recipe, (enc, val, encoder, train_ids),
-                                                    progress)
+    if begun is None:
+        pm, names, logs, chosen, prefs = _train_experts(corpus, items, neutral, kl, safety,
+                                                        trunk, recipe,
+                                                        (enc, val, encoder, train_ids), progress)
+    else:
+        pm, names = _peft_model(trunk, recipe, len(corpus.poles))
+        bank_into_peft(begun[0], pm, names)
     sits, feats, targets = router_data(corpus, enc, eng, recipe, progress)
-    router, router_report = fit_router(feats, targets, recipe, len(trunk.inner.layers))
-    joint = None
-    if recipe.joint_steps:
-        router, joint = _joint(trunk, pm, names, router, corpus, items, distill, distilled.pairs,
-                               (sits, feats, targets), recipe, progress)
+    if begun is None:
+        router, router_report = fit_router(feats, targets, recipe, len(trunk.inner.layers))
+        joint = None
+        if recipe.joint_steps:
+            router, joint = _joint(trunk, pm, names, router, corpus, items, distill,
+                                   distilled.pairs, (sits, feats, targets), recipe, progress)
+        figures = {
+            "router": router_report, "final_loss": {p: log[-1] for p, log in logs.items()},
+            "early_stopping": chosen, "validation_messages": val_ids,
+            "validation_safety": [h["id"] for h, _ in val_pairs], "preference": prefs,
+            "joint": joint, "base_replies": distilled.report, "raw_continuations": sum(
+                not it.seq.tag.startswith(ARITH_TAG) for it in kl[1]),
+            "arith_continuations": sum(it.seq.tag.startswith(ARITH_TAG) for it in kl[1]),
+            "safety_refusals": len(safety[0]), "safety_twins": len(safety[1])}
+    else:
+        router, figures = begun[0].router, continued_figures(*begun)
+    if recipe.route_pref_steps:
+        figures["routed_preference"] = _routed_pref(
+            trunk, pm, names, router, corpus, distill, distilled.pairs, (sits, feats),
+            (enc, encoder, train_ids), recipe, progress)
     bank = _assemble(pm, names, corpus.poles, model_dir, peft_dir)
     bank.router = router
     return bank, {
-        "router": router_report, "final_loss": {p: log[-1] for p, log in logs.items()},
-        "early_stopping": chosen, "validation_messages": val_ids,
-        "validation_safety": [h["id"] for h, _ in val_pairs], "preference": prefs,
-        "joint": joint, "base_replies": distilled.report, "raw_continuations": sum(
-            not it.seq.tag.startswith(ARITH_TAG) for it in kl[1]),
-        "arith_continuations": sum(it.seq.tag.startswith(ARITH_TAG) for it in kl[1]),
-        "safety_refusals": len(safety[0]), "safety_twins": len(safety[1]),
+        **figures,
         "served": {"weights": eng.weight_formats, "quantize": recipe.quantize,
                    "round_activations": recipe.round_activations and dev.type == "cpu",
                    "device": dev.type, "dtype": dtype}}
@@ -238,21 +265,11 @@ def _train_experts(corpus, items, neutral, kl, safety, trunk: Trunk, recipe: Rec
     early-stopped on the validation messages, then through the preference stage (if any).
     kl: (the base model's chat replies, its raw continuations) for the KL term; safety: (the
     refusals, the same after the look-alikes) for the safety terms."""
-    from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 
     from pf_engine.train.select import Validator
     enc, (val_texts, val_safety), encoder, mids = val
-    L = len(trunk.inner.layers)
-    config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0, bias="none",
-                        target_modules=[HF_MODULE_NAMES[m].split(".")[-1]
-                                        for m in recipe.modules],
-                        layers_to_transform=list(range(trunk.first, L)))
-    names = [f"e{k}" for k in range(len(corpus.poles))]
-    torch.manual_seed(recipe.seed)
-    pm = get_peft_model(trunk.model, config, adapter_name=names[0])
-    for n in names[1:]:
-        pm.add_adapter(n, config)
+    pm, names = _peft_model(trunk, recipe, len(corpus.poles))
     logs, chosen, prefs = {}, {}, {}
     for k, pole in enumerate(corpus.poles):
         pm.set_adapter(names[k])
@@ -273,6 +290,22 @@ def _train_experts(corpus, items, neutral, kl, safety, trunk: Trunk, recipe: Rec
                                                chosen[pole], raw=kl[1], safety=safety)
                 bar.update(1)
     return pm, names, logs, chosen, prefs
+
+
+def _peft_model(trunk: Trunk, recipe: Recipe, n: int):
+    """(the peft model on the trunk's model with n LoRA adapters e0..e{n-1} on its top layers,
+    their names), seeded by the recipe."""
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0, bias="none",
+                        target_modules=[HF_MODULE_NAMES[m].split(".")[-1]
+                                        for m in recipe.modules],
+                        layers_to_transform=list(range(trunk.first, len(trunk.inner.layers))))
+    names = [f"e{k}" for k in range(n)]
+    torch.manual_seed(recipe.seed)
+    pm = get_peft_model(trunk.model, config, adapter_name=names[0])
+    for name in names[1:]:
+        pm.add_adapter(name, config)
+    return pm, names
 
 
 def _assemble(pm, names: list[str], poles: list[str], model_dir: str, peft_dir):
@@ -305,3 +338,21 @@ def _joint(trunk, pm, names, router, corpus, items, distill, pairs, data, recipe
     with tqdm(total=recipe.joint_steps, desc="joint", disable=not progress) as bar:
         return joint_stage(trunk, pm, names, router, examples, items, corpus.poles, distill,
                            recipe, recipe.seed, progress=bar)
+
+
+def _routed_pref(trunk, pm, names, router, corpus, distill, pairs, data, ctx, recipe: Recipe,
+                 progress: bool) -> dict:
+    """The routed preference stage (routed_pref.py) on the router's situations, each with the
+    base model's kept reply to it where there is one."""
+    from tqdm.auto import tqdm
+
+    from pf_engine.train.routed_pref import routed_preference_stage
+    sits, feats = data
+    enc, encoder, mids = ctx
+    by_prompt = {q: it for (q, _), it in zip(pairs, distill)}
+    clfs = {t: trait_classifier(corpus, t + "+", mids) for t in TRAITS}
+    with tqdm(total=recipe.route_pref_steps, desc="routed preference",
+              disable=not progress) as bar:
+        return routed_preference_stage(trunk, pm, names, router, sits, feats[:, router.layer],
+                                       [by_prompt.get(s["text"]) for s in sits], enc, encoder,
+                                       clfs, recipe, recipe.seed, progress=bar)
