@@ -1,4 +1,6 @@
 """The goals table and retention rows come from pf-eval JSONs alone (train/goals.py)."""
+import pytest
+
 from pf_engine.train import goals
 from pf_engine.train.data import TRAITS
 
@@ -33,6 +35,18 @@ def test_goal_figures_met_and_missed():
     assert f["auto moves the called-for trait >= 80%"] == ("85%", True)
     assert f["reasoning within 2 points of base"][1]
     assert goals.goal_figures(_result(harmful=0.0))["harmful refusal not below base"][1] is False
+    r = _result(moved=31 / 48)
+    r["usefulness"]["situations"].update(moved=31, situations=48)
+    assert goals.goal_figures(r)["auto moves the called-for trait >= 80%"] == (
+        "65% (31/48; 95% 50-77%)", False)
+
+
+def test_wilson_interval_known_values():
+    binomtest = pytest.importorskip("scipy.stats").binomtest     # via lm-eval -> scikit-learn
+    for k, n in ((31, 48), (1, 16), (47, 48)):
+        want = binomtest(k, n).proportion_ci(method="wilson")
+        assert goals.wilson(k, n) == pytest.approx((want.low, want.high), abs=1e-9)
+    assert goals.wilson(0, 10)[0] == 0.0 and goals.wilson(10, 10)[1] > 0.9999
 
 
 def test_goals_table_one_column_per_format_and_bold_misses():
@@ -43,6 +57,11 @@ def test_goals_table_one_column_per_format_and_bold_misses():
     assert row == "| auto relevance >= base | **0.500 vs 0.550** | 0.600 vs 0.550 |"
     assert lines[-2] == ("| the recipe that made this bank < 45 min on 2 threads (supervised + "
                          "preference) | **50 min** | |")
+    rec.update(train_seconds=600, routed_preference={"kept": True},
+               continued_from={"train_seconds": 1800})          # a bank made in two runs
+    assert goals.goals_lines({"fp32": _result()}, rec)[-2] == (
+        "| the recipe that made this bank < 45 min on 2 threads (supervised + preference + "
+        "routed preference) | 40 min |")
 
 
 def test_retention_rows():

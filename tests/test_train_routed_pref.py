@@ -200,4 +200,8 @@ def test_from_needs_a_stage_and_a_pf_train_bank(tmp_path, tiny_chat_model, capsy
     assert capsys.readouterr().err.strip() == (
         f"pf-train: error: --from {src}: the bank has no pf-train recipe in its metadata, so "
         "the shape of its adapters is unknown")
+    assert main(["-o", str(out), "--from", str(tmp_path / "none"), "--route-pref-steps", "2",
+                 "-q"]) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        f"pf-train: error: no adapter bank at {tmp_path / 'none'} (expected a bank file")
     assert not out.exists()

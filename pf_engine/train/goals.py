@@ -9,9 +9,31 @@ calls these (report.readme_section).
 """
 from __future__ import annotations
 
+import math
+
 from pf_engine.train.data import TRAITS
 
 RECIPE_MINUTES = 45
+
+
+def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval of a share k/n (95% at the default z): how far a goal read off n
+    situations can be from the share on many more."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return mid - half, mid + half
+
+
+def _moved(sit: dict) -> str:
+    """The trait-moved share, with its count and 95% interval where the JSON has the count."""
+    if "moved" not in sit:
+        return f"{sit['moved_share']:.0%}"
+    lo, hi = wilson(sit["moved"], sit["situations"])
+    return (f"{sit['moved_share']:.0%} ({sit['moved']}/{sit['situations']}; 95% "
+            f"{100 * lo:.0f}-{hi:.0%})")
 
 
 def _experts(rows: dict) -> list[str]:
@@ -35,8 +57,7 @@ def _usefulness(u: dict) -> dict:
                                     a["degenerate_greedy"] <= b["degenerate_greedy"]),
         "experts at 1.0 degenerate no more often than base": (
             f"{ex_rate:.0%} vs {b_rate:.0%}", ex_rate <= b_rate),
-        "auto moves the called-for trait >= 80%": (f"{sit['moved_share']:.0%}",
-                                                   sit["moved_share"] >= 0.8)}
+        "auto moves the called-for trait >= 80%": (_moved(sit), sit["moved_share"] >= 0.8)}
 
 
 def _expression(fams: dict) -> dict:
@@ -100,8 +121,10 @@ def goals_lines(results: dict[str, dict], recipe: dict | None) -> list[str]:
             cells.append(text if ok else f"**{text}**")
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
     if recipe and recipe.get("train_seconds") is not None:
-        m = recipe["train_seconds"] / 60
-        stages = ["supervised"] + [s for s in ("preference", "joint") if recipe.get(s)]
+        start = recipe.get("continued_from") or {}         # a bank made in two runs: both
+        m = (recipe["train_seconds"] + (start.get("train_seconds") or 0)) / 60
+        stages = ["supervised"] + [s.replace("_", " ") for s in
+                                   ("preference", "joint", "routed_preference") if recipe.get(s)]
         cell = f"{m:.0f} min" if m < RECIPE_MINUTES else f"**{m:.0f} min**"
         lines.append(f"| the recipe that made this bank < {RECIPE_MINUTES} min on "
                      f"{recipe.get('threads', '?')} threads ({' + '.join(stages)}) | {cell} |"

@@ -14,8 +14,11 @@ on validation messages kept out of training (select.py), then tune each on its o
 with DPO (preference.py: the best against the worst or a looping one); save the experts as PEFT
 folders and stack them with ``AdapterBank.from_peft``; train the sequence router, with its "none"
 output, on the situations; train the experts and the router together on the routed mixture
-(joint.py); store in fp16 with the recipe in the bank's metadata; write the file atomically. An
-interrupted run leaves no bank.
+(joint.py); optionally tune the routed mixture on its own replies to situations with DPO
+(routed_pref.py; ``route_pref_steps``, off by default); store in fp16 with the recipe in the
+bank's metadata; write the file atomically. An interrupted run leaves no bank.  ``start``
+(pf-train --from) continues from a trained bank: its experts and router, then only the routed
+preference stage (resume.py).
 """
 from __future__ import annotations
 
@@ -222,29 +225,20 @@ def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool
     distill = kl[0]
     val = ([corpus.train.messages[m] for m in val_ids],
            ([h["prompt"] for h, _ in val_pairs], [b["prompt"] for _, b in val_pairs]))
+    sits, feats, targets = router_data(corpus, enc, eng, recipe, progress)
     if begun is None:
-        pm, names, logs, chosen, prefs = _train_experts(corpus, items, neutral, kl, safety,
-                                                        trunk, recipe,
-                                                        (enc, val, encoder, train_ids), progress)
+        pm, names, router, figures = _supervised(corpus, (items, neutral, kl, safety, trunk),
+                                                 recipe, (enc, val, encoder, train_ids),
+                                                 distilled, (sits, feats, targets), progress)
+        figures.update({
+            "validation_messages": val_ids, "validation_safety": [h["id"] for h, _ in val_pairs],
+            "base_replies": distilled.report, "raw_continuations": sum(
+                not it.seq.tag.startswith(ARITH_TAG) for it in kl[1]),
+            "arith_continuations": sum(it.seq.tag.startswith(ARITH_TAG) for it in kl[1]),
+            "safety_refusals": len(safety[0]), "safety_twins": len(safety[1])})
     else:
         pm, names = _peft_model(trunk, recipe, len(corpus.poles))
         bank_into_peft(begun[0], pm, names)
-    sits, feats, targets = router_data(corpus, enc, eng, recipe, progress)
-    if begun is None:
-        router, router_report = fit_router(feats, targets, recipe, len(trunk.inner.layers))
-        joint = None
-        if recipe.joint_steps:
-            router, joint = _joint(trunk, pm, names, router, corpus, items, distill,
-                                   distilled.pairs, (sits, feats, targets), recipe, progress)
-        figures = {
-            "router": router_report, "final_loss": {p: log[-1] for p, log in logs.items()},
-            "early_stopping": chosen, "validation_messages": val_ids,
-            "validation_safety": [h["id"] for h, _ in val_pairs], "preference": prefs,
-            "joint": joint, "base_replies": distilled.report, "raw_continuations": sum(
-                not it.seq.tag.startswith(ARITH_TAG) for it in kl[1]),
-            "arith_continuations": sum(it.seq.tag.startswith(ARITH_TAG) for it in kl[1]),
-            "safety_refusals": len(safety[0]), "safety_twins": len(safety[1])}
-    else:
         router, figures = begun[0].router, continued_figures(*begun)
     if recipe.route_pref_steps:
         figures["routed_preference"] = _routed_pref(
@@ -257,6 +251,23 @@ def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool
         "served": {"weights": eng.weight_formats, "quantize": recipe.quantize,
                    "round_activations": recipe.round_activations and dev.type == "cpu",
                    "device": dev.type, "dtype": dtype}}
+
+
+def _supervised(corpus, data, recipe: Recipe, val, distilled, routing, progress: bool):
+    """The experts (with their preference stage), the router and the joint stage: (the peft
+    model, its adapter names, the router, their figures)."""
+    items, neutral, kl, safety, trunk = data
+    pm, names, logs, chosen, prefs = _train_experts(corpus, items, neutral, kl, safety, trunk,
+                                                    recipe, val, progress)
+    sits, feats, targets = routing
+    router, router_report = fit_router(feats, targets, recipe, len(trunk.inner.layers))
+    joint = None
+    if recipe.joint_steps:
+        router, joint = _joint(trunk, pm, names, router, corpus, items, kl[0], distilled.pairs,
+                               routing, recipe, progress)
+    return pm, names, router, {
+        "router": router_report, "final_loss": {p: log[-1] for p, log in logs.items()},
+        "early_stopping": chosen, "preference": prefs, "joint": joint}
 
 
 def _train_experts(corpus, items, neutral, kl, safety, trunk: Trunk, recipe: Recipe, val,

@@ -21,11 +21,9 @@ ARCH_FIELDS = ("rank", "alpha", "modules", "first_layer")   # what the adapters'
 
 def load_start(path: str, poles: list[str], recipe):
     """(the bank at ``path`` as stored, the recipe with its ARCH_FIELDS), or a PFError naming
-    what does not fit: no such file, no sequence router, no pf-train recipe, other poles."""
+    what does not fit: no such bank, no sequence router, no pf-train recipe, other poles."""
     from pf_engine.persona.bank import AdapterBank, resolve_bank
-    path = resolve_bank(path)
-    if not os.path.exists(path):
-        raise PFError(f"--from {path}: no such bank file")
+    path = resolve_bank(path)                      # a LoadError (a PFError) if there is none
     bank = AdapterBank.load(path)
     made = (bank.recipe or {}).get("recipe")
     if not made:
