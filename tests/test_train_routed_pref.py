@@ -205,3 +205,12 @@ def test_from_needs_a_stage_and_a_pf_train_bank(tmp_path, tiny_chat_model, capsy
     assert capsys.readouterr().err.strip().startswith(
         f"pf-train: error: no adapter bank at {tmp_path / 'none'} (expected a bank file")
     assert not out.exists()
+
+
+def test_held_out_score_without_situations_is_zero(tiny_chat_model):
+    """joint_val 0 keeps no situation out: the held-out score is 0 before and after, so the
+    stage is kept, and nothing is generated for an empty list."""
+    from pf_engine.train.routed_pref import HeldOut
+    mix = _mixture(tiny_chat_model)
+    held = HeldOut(mix, [], torch.zeros(0, len(POLES)), _Encoder(), {})
+    assert held() == {"score": 0.0, "moved": 0.0, "degenerate": 0.0}

@@ -110,8 +110,9 @@ class HeldOut:
         self.encoder, self.classifiers = encoder, classifiers
         self.prompts = [mix.enc.prompt(s["text"]) for s in sits]
         self.leads = [lead_pole(s["target"]) for s in sits]
-        base = [mix.text(r) for r in mix.base_generate(self.prompts, VAL_TOKENS)]
-        self.base = self._scores(base)
+        self.base = (self._scores([mix.text(r) for r in
+                                   mix.base_generate(self.prompts, VAL_TOKENS)])
+                     if sits else [])
 
     def _scores(self, replies: list[str]) -> list[dict]:
         return situation_scores([s["text"] for s in self.sits], replies, self.leads,
