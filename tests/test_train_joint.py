@@ -12,8 +12,8 @@ from pf_engine.train.sequences import Sequence
 POLES = ["openness+", "openness-", "extraversion+", "extraversion-"]
 
 
-def _experts(folder, first: int = 1, seed: int = 0):
-    """A peft model with one random adapter per pole (B random too), its trunk."""
+def _experts(folder, first: int = 1, seed: int = 0, scale: float = 0.3):
+    """A peft model with one random adapter per pole (B random too, N(0, scale^2)), its trunk."""
     from peft import LoraConfig, get_peft_model
     hf = load_hf_model(folder)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
@@ -27,7 +27,7 @@ def _experts(folder, first: int = 1, seed: int = 0):
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
     return pm, names, Trunk(hf, first)
 
 

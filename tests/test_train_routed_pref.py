@@ -9,28 +9,14 @@ import torch
 from pf_engine.train.experts import Item
 from pf_engine.train.sequences import Sequence
 
-POLES = ["openness+", "openness-", "extraversion+", "extraversion-"]
+from test_train_joint import POLES
 
 
 def _experts(folder, seed: int = 0):
-    """A peft model with one random adapter per pole on layer 1 (B random too), its trunk."""
-    from peft import LoraConfig, get_peft_model
-
-    from pf_engine.train.experts import Trunk, load_hf_model
-    hf = load_hf_model(folder)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                     layers_to_transform=[1], lora_dropout=0.0)
-    names = [f"e{k}" for k in range(len(POLES))]
-    torch.manual_seed(seed)
-    pm = get_peft_model(hf, cfg, adapter_name=names[0])
-    for n in names[1:]:
-        pm.add_adapter(n, cfg)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return pm, names, Trunk(hf, 1)
+    """A peft model with one random adapter per pole on layer 1, its trunk (the joint stage's
+    test helper, with larger weights so the gates change greedy replies)."""
+    from test_train_joint import _experts as joint_experts
+    return joint_experts(folder, seed=seed, scale=0.5)
 
 
 def _mixture(tiny_chat_model, seed: int = 0):
