@@ -28,7 +28,7 @@ def _mixture(tiny_chat_model, seed: int = 0):
 
 
 def test_lead_pole_is_the_largest_persona_weight():
-    from pf_engine.train.routed_pref import lead_pole
+    from pf_engine.train.data import lead_pole
     assert lead_pole({"openness+": 0.3, "extraversion-": 0.45, "none": 0.25}) == "extraversion-"
     assert lead_pole({"none": 1.0}) is None and lead_pole({"openness+": 0.0}) is None
 

@@ -69,6 +69,13 @@ def opposite(pole: str) -> str:
     return pole[:-1] + ("-" if pole.endswith("+") else "+")
 
 
+def lead_pole(target: dict) -> str | None:
+    """A situation's leading pole (its target's largest persona weight, the first on a tie),
+    None if it calls for none."""
+    poles = {p: w for p, w in target.items() if p != NONE and w > 0}
+    return max(poles, key=poles.get) if poles else None
+
+
 def read_jsonl(path: str, schema: dict[str, type]) -> list[dict]:
     """Records of a JSON Lines file, each checked against ``schema`` {field: type}."""
     if not os.path.isfile(path):

@@ -50,7 +50,7 @@ import re
 import tempfile
 
 from pf_engine.errors import PFError
-from pf_engine.train.data import NONE
+from pf_engine.train.data import NONE, lead_pole
 from pf_engine.train.metrics import mean
 from pf_engine.train.usefulness import AUTO, generate
 
@@ -371,7 +371,7 @@ def _compare(sits: list[dict], x: list[dict], b: list[dict]) -> dict:
     lead: dict[str, dict[str, int]] = {}
     for s, p, q in zip(sits, x, b):
         cats.setdefault(s["category"], []).append((p["compound"], q["compound"]))
-        pole = max((k for k in s["target"] if k != NONE), key=lambda k: s["target"][k])
+        pole = lead_pole(s["target"])
         lead.setdefault(s["category"], {}).setdefault(pole, 0)
         lead[s["category"]][pole] += 1
     return {"compound": mean(v["compound"] for v in x), "pos": mean(v["pos"] for v in x),

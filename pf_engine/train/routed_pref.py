@@ -39,20 +39,13 @@ import random
 
 import torch
 
-from pf_engine.train.data import NONE, trait_of
+from pf_engine.train.data import lead_pole, trait_of
 from pf_engine.train.experts import Item
 from pf_engine.train.joint import routed
 from pf_engine.train.metrics import mean
 from pf_engine.train.preference import build_pairs, dpo_loss
 from pf_engine.train.select import VAL_TOKENS, generate, reply_scores
 from pf_engine.train.sequences import Sequence
-
-
-def lead_pole(target: dict) -> str | None:
-    """The situation's leading pole (its target's largest persona weight), None if it calls
-    for none."""
-    poles = {p: w for p, w in target.items() if p != NONE and w > 0}
-    return max(poles, key=poles.get) if poles else None
 
 
 class Mixture:
@@ -204,11 +197,9 @@ def routed_preference_stage(trunk, pm, names: list[str], router, sits: list[dict
     or None; classifiers: {trait: the train split's TraitClassifier}."""
     with torch.no_grad():
         gates = router.gates(router.probabilities(feats.float())).float().cpu()     # [N, K]
-    every = rc.joint_val or 0
-    val = [i for i in range(len(sits)) if every and i % every == 0
-           and lead_pole(sits[i]["target"])]
-    pool = [i for i in range(len(sits)) if not (every and i % every == 0)
-            and lead_pole(sits[i]["target"])]
+    persona = [i for i, s in enumerate(sits) if lead_pole(s["target"])]
+    val = [i for i in persona if rc.joint_val and i % rc.joint_val == 0]
+    pool = [i for i in persona if i not in val]
     rng = random.Random(seed)
     train = sorted(rng.sample(pool, min(rc.route_pref_situations, len(pool))))
     pm.base_model.set_adapter(list(names))            # every expert active and trainable

@@ -18,7 +18,7 @@ and on held-out fact questions (greedy, FACT_TOKENS): the share answered correct
 """
 from __future__ import annotations
 
-from pf_engine.train.data import NONE, trait_of
+from pf_engine.train.data import NONE, lead_pole, trait_of
 from pf_engine.train.metrics import degenerate, fact_correct, mean, substance
 from pf_engine.train.router import NONE_MAX
 
@@ -76,7 +76,7 @@ def situation_measures(sits: list[dict], replies: dict, encoder, clf) -> dict:
     ra = encoder.relevance(texts, replies["auto"])
     rb = encoder.relevance(texts, replies["base"])
     for s, a, b, x, y in zip(sits, replies["auto"], replies["base"], ra, rb):
-        lead = max((p for p in s["target"] if p != NONE), key=lambda p: s["target"][p])
+        lead = lead_pole(s["target"])
         t = trait_of(lead)
         pa, pb = clf[t].prob([a, b])
         if lead.endswith("-"):
