@@ -391,6 +391,11 @@ def test_quick_eval_writes_json_plot_and_readme(quick_bank, bundled_pf_home, tmp
     assert all(-1 <= v["relevance"] <= 1 for v in u["replies"].values())
     assert set(u["facts"]) == set(u["replies"]) and u["facts"]["base"]["n"] == 1
     assert 0 <= u["situations"]["moved"] <= u["situations"]["situations"]
+    lead = u["situations"]["lead"]            # the leading pole's expert and system prompt too
+    assert set(lead) == {"expert", "prompt"}
+    assert all(0 <= v["moved"] <= u["situations"]["situations"] for v in lead.values())
+    assert set(u["situation_replies"]["lead:expert"]) == {e["id"] for e in
+                                                         u["situations"]["each"]}
     assert u["strength"]["all"]["n"] == 3 and len(u["side_by_side"]) >= 2
     assert r["sampling"]["default"]["temperature"] == 0.2
     kept = r["retention"]                    # base, auto and the experts; no prompted poles
@@ -405,6 +410,7 @@ def test_quick_eval_writes_json_plot_and_readme(quick_bank, bundled_pf_home, tmp
     assert "stale block" not in text and text.endswith("<!-- personas:end -->\ntail\n")
     assert "| LoRA expert |" in text and "Made by `pf-eval" in text
     assert "| auto |" in text and "side by side" in text and "Generated data:" in text
+    assert "moved as well by its expert at 1.0 in " in text
     assert f"on {r['provenance']['cpu']};" in text
     assert "| multiple choice |" in text and "| goal | q4_1 (default) |" in text
     # the README section is a function of the JSON alone

@@ -104,6 +104,71 @@ def test_fact_and_situation_measures_known_values():
         "agreeableness": FakeClassifier()})["moved"] == 1
 
 
+def test_situation_measures_score_the_leading_poles_expert_and_prompt_against_base():
+    c = _corpus()
+    sits = c.heldout.situations[:2]
+    replies = {"auto": ["my dog died", "the shop was rude"],
+               "base": ["my dog died", "the shop was kind"],
+               "expert": ["so kind", "kind kind"], "prompt": ["so kind", "rude"]}
+    s = usefulness.situation_measures(sits, replies, FakeEncoder(), {
+        "agreeableness": FakeClassifier()})
+    # auto: s2 only (base "kind", target agreeableness-); expert: s1 only; prompt: both
+    assert s["moved"] == 1
+    assert {k: v["moved"] for k, v in s["lead"].items()} == {"expert": 1, "prompt": 2}
+    assert s["lead"]["prompt"]["moved_share"] == 1.0
+    assert s["each"][0]["p_expert"] == pytest.approx(0.9)
+    assert s["each"][1]["p_expert"] == pytest.approx(0.1)           # 1 - P(+) for a - pole
+    del replies["expert"], replies["prompt"]
+    assert "lead" not in usefulness.situation_measures(sits, replies, FakeEncoder(), {
+        "agreeableness": FakeClassifier()})
+
+
+class EchoEngine:
+    """generate() replies with the persona and the prompt, so a reply shows where it came from;
+    a batch of at most B prompts at a time."""
+
+    def generate(self, prompts, max_new_tokens, persona=None, **kw):
+        return [SimpleNamespace(text=f"{p}|{q}") for p, q in zip(persona, prompts)]
+
+
+class EchoEncoder:
+    def prompt(self, text, system=None):
+        return f"[{system}] {text}" if system else text
+
+
+def test_situation_replies_run_each_situations_leading_pole_conditions():
+    c = _corpus()
+    poles = ["agreeableness+", "agreeableness-", "neuroticism-"]
+    conds = [{"name": "base", "persona": None, "system": None},
+             {"name": "auto", "persona": "auto", "system": None}]
+    conds += [{"name": f"expert:{p}", "persona": p, "system": None} for p in poles]
+    conds += [{"name": f"prompt:{p}", "persona": None, "system": f"be {p}"} for p in poles]
+    persona_sits, none_sits = c.heldout.situations[:2], c.heldout.situations[2:]
+    reps, by_id = usefulness.situation_replies(EchoEngine(), EchoEncoder(), conds,
+                                               persona_sits, none_sits, 32)
+    assert reps["base"] == ["None|my dog died today", "None|the shop was rude"]
+    assert reps["auto"] == ["auto|my dog died today", "auto|the shop was rude"]
+    assert reps["expert"] == ["agreeableness+|my dog died today",
+                              "agreeableness-|the shop was rude"]
+    assert reps["prompt"] == ["None|[be agreeableness+] my dog died today",
+                              "None|[be agreeableness-] the shop was rude"]
+    assert by_id["base"]["s3"] == "None|capital of france"
+    assert sorted(by_id) == ["auto", "base", "lead:expert", "lead:prompt"]
+    assert by_id["lead:expert"] == {"s1": reps["expert"][0], "s2": reps["expert"][1]}
+    # without the prompted conditions only the experts are run
+    reps, by_id = usefulness.situation_replies(EchoEngine(), EchoEncoder(), conds[:5],
+                                               persona_sits, none_sits, 32)
+    assert sorted(reps) == ["auto", "base", "expert"]
+
+
+def test_run_jobs_keeps_the_order_of_its_jobs_across_batches():
+    conds = [{"name": "a", "persona": "x", "system": None},
+             {"name": "b", "persona": "y", "system": "s"}]
+    jobs = [(conds[i % 2], "w" * (7 - i)) for i in range(7)]
+    out = usefulness.run_jobs(EchoEngine(), EchoEncoder(), jobs, 8, B=2)
+    assert out == [f"{c['persona']}|{EchoEncoder().prompt(t, c['system'])}" for c, t in jobs]
+
+
 class FakeEngine:
     """generate() gives every prompt a strength read from a table (the router's "none")."""
 

@@ -277,7 +277,8 @@ def usefulness_lines(result: dict) -> list[str]:
               f"`auto` moves the target's leading pole above the base model in {sit['moved']} of "
               f"{sit['situations']} held-out situations ({sit['moved_share']:.0%}; goal >= 80%), "
               f"relevance {sit['relevance_auto']:.3f} against the base model's "
-              f"{sit['relevance_base']:.3f}.  Where no persona is called for, the total persona "
+              f"{sit['relevance_base']:.3f}{_lead_reach(sit)}.  Where no persona is called "
+              f"for, the total persona "
               f"weight under `auto` is <= {st['all']['threshold']} for {st['all']['low']} of "
               f"{st['all']['n']} prompts ({st['all']['low_share']:.0%}; goal >= 90%: " +
               ", ".join(f"{k} {v['low']}/{v['n']}" for k, v in st.items() if k != "all") +
@@ -290,6 +291,14 @@ def usefulness_lines(result: dict) -> list[str]:
         lines.append(f"| {_cell(row['prompt'], 120)} ({row['kind']}) | {gates or '-'} | "
                      f"{_cell(row['base'])} | {_cell(row['auto'])} |")
     return lines + [""]
+
+
+def _lead_reach(sit: dict) -> str:
+    """How often the leading pole's own conditions move it (usefulness.situation_measures)."""
+    names = {"expert": "its expert at 1.0", "prompt": "its system prompt"}
+    parts = [f"{names[k]} in {v['moved']} ({v['moved_share']:.0%}; relevance "
+             f"{v['relevance']:.3f})" for k, v in sit.get("lead", {}).items()]
+    return "; the leading pole is moved as well by " + " and by ".join(parts) if parts else ""
 
 
 def update_readme(readme: str, section: str) -> None:

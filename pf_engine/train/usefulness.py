@@ -12,7 +12,9 @@ and on held-out fact questions (greedy, FACT_TOKENS): the share answered correct
 
     trait moved   situations that call for a persona: the share where the classifier's
                   probability of the target's leading pole is higher in auto's reply than in
-                  the base model's, with the mean relevance of both beside it
+                  the base model's, with the mean relevance of both beside it; the same share
+                  for that pole's expert at 1.0 and for its system prompt (where pf-eval runs
+                  those conditions), the reach of the experts and of prompting on that measure
     strength      no-persona situations, fact questions and neutral prompts: the share routed
                   to a total persona weight <= NONE_MAX (router.py)
 """
@@ -29,17 +31,37 @@ SIDE_BY_SIDE = 6
 
 def generate(eng, enc, conds: list[dict], texts: list[str], max_new_tokens: int,
              sampling: dict | None = None, B: int = 48) -> dict[str, list[str]]:
-    """{condition name: [reply to texts[i]]}: every condition on every text, batched by length
-    (mixed personas share a batch).  sampling: SamplingParams fields (default greedy)."""
-    jobs = [(c, i, enc.prompt(t, system=c["system"])) for c in conds for i, t in enumerate(texts)]
-    out = {c["name"]: [""] * len(texts) for c in conds}
-    order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][2]))
+    """{condition name: [reply to texts[i]]}: every condition on every text (run_jobs)."""
+    jobs = [(c, t) for c in conds for t in texts]
+    flat = run_jobs(eng, enc, jobs, max_new_tokens, sampling, B)
+    return {c["name"]: flat[k * len(texts):(k + 1) * len(texts)] for k, c in enumerate(conds)}
+
+
+def run_jobs(eng, enc, jobs: list[tuple[dict, str]], max_new_tokens: int,
+             sampling: dict | None = None, B: int = 48) -> list[str]:
+    """[reply to each (condition, text) job], batched by prompt length (mixed personas and
+    system prompts share a batch).  sampling: SamplingParams fields (default greedy)."""
+    prompts = [enc.prompt(t, system=c["system"]) for c, t in jobs]
+    out = [""] * len(jobs)
+    order = sorted(range(len(jobs)), key=lambda j: len(prompts[j]))
     for s in range(0, len(order), B):
         idx = order[s:s + B]
-        res = eng.generate([jobs[j][2] for j in idx], max_new_tokens=max_new_tokens,
+        res = eng.generate([prompts[j] for j in idx], max_new_tokens=max_new_tokens,
                            persona=[jobs[j][0]["persona"] for j in idx], **(sampling or {}))
         for j, o in zip(idx, res):
-            out[jobs[j][0]["name"]][jobs[j][1]] = o.text.strip()
+            out[j] = o.text.strip()
+    return out
+
+
+def lead_conditions(conds: list[dict], sits: list[dict]) -> dict[str, list[dict]]:
+    """{family: [the condition of each situation's leading pole]} for the families ("expert",
+    "prompt") whose condition exists for every situation's leading pole."""
+    named = {c["name"]: c for c in conds}
+    out = {}
+    for fam in ("expert", "prompt"):
+        names = [f"{fam}:{lead_pole(s['target'])}" for s in sits]
+        if all(n in named for n in names):
+            out[fam] = [named[n] for n in names]
     return out
 
 
@@ -70,24 +92,29 @@ def fact_measures(facts: list[dict], replies: dict) -> dict:
 
 
 def situation_measures(sits: list[dict], replies: dict, encoder, clf) -> dict:
-    """auto against base on situations that call for a persona (see the module docstring)."""
-    moved, rel_a, rel_b, rows = 0, [], [], []
+    """auto against base on situations that call for a persona (see the module docstring).
+    replies: {"auto", "base", and optionally "expert"/"prompt" (the leading pole's condition):
+    [reply to sits[i]]}; the optional ones are scored against base under "lead"."""
     texts = [s["text"] for s in sits]
-    ra = encoder.relevance(texts, replies["auto"])
-    rb = encoder.relevance(texts, replies["base"])
-    for s, a, b, x, y in zip(sits, replies["auto"], replies["base"], ra, rb):
+    names = ["auto", "base"] + [k for k in ("expert", "prompt") if k in replies]
+    rel = {k: encoder.relevance(texts, replies[k]) for k in names}
+    moved, rows = dict.fromkeys(names, 0), []
+    for i, s in enumerate(sits):
         lead = lead_pole(s["target"])
-        t = trait_of(lead)
-        pa, pb = clf[t].prob([a, b])
+        p = dict(zip(names, clf[trait_of(lead)].prob([replies[k][i] for k in names])))
         if lead.endswith("-"):
-            pa, pb = 1 - pa, 1 - pb
-        moved += pa > pb
-        rel_a.append(x)
-        rel_b.append(y)
-        rows.append({"id": s["id"], "category": s["category"], "pole": lead,
-                     "p_auto": round(pa, 4), "p_base": round(pb, 4)})
-    return {"situations": len(sits), "moved": moved, "moved_share": moved / max(1, len(sits)),
-            "relevance_auto": mean(rel_a), "relevance_base": mean(rel_b), "each": rows}
+            p = {k: 1 - v for k, v in p.items()}
+        row = {"id": s["id"], "category": s["category"], "pole": lead}
+        for k in names:
+            moved[k] += k != "base" and p[k] > p["base"]
+            row[f"p_{k}"] = round(p[k], 4)
+        rows.append(row)
+    n = max(1, len(sits))
+    out = {"situations": len(sits), "moved": moved["auto"], "moved_share": moved["auto"] / n,
+           "relevance_auto": mean(rel["auto"]), "relevance_base": mean(rel["base"]), "each": rows}
+    lead = {k: {"moved": moved[k], "moved_share": moved[k] / n, "relevance": mean(rel[k])}
+            for k in names[2:]}
+    return {**out, "lead": lead} if lead else out
 
 
 def strength_measures(eng, corpus, limit: int) -> dict:
@@ -132,6 +159,28 @@ def side_by_side(persona_sits: list[dict], none_sits: list[dict], replies: dict,
     return rows
 
 
+def situation_replies(eng, enc, conds, persona_sits, none_sits, max_new_tokens):
+    """Greedy replies to the held-out situations in one batched run: base and auto to all of
+    them, each lead_conditions family to those that call for a persona.  Returns ({"base",
+    "auto", family: [reply to persona_sits[i]]} for situation_measures, {"base", "auto",
+    "lead:<family>": {situation id: reply}} for the JSON)."""
+    pair = [c for c in conds if c["name"] in ("base", "auto")]
+    sits = persona_sits + none_sits
+    lead = lead_conditions(conds, persona_sits)
+    jobs = [(c, s["text"]) for c in pair for s in sits]
+    jobs += [(c, s["text"]) for fam in lead for c, s in zip(lead[fam], persona_sits)]
+    flat = run_jobs(eng, enc, jobs, max_new_tokens)
+    n, total, ids = len(persona_sits), len(sits), [s["id"] for s in sits]
+    by_id = {c["name"]: dict(zip(ids, flat[k * total:(k + 1) * total]))
+             for k, c in enumerate(pair)}
+    reps = {name: list(v.values())[:n] for name, v in by_id.items()}
+    for k, fam in enumerate(lead):
+        at = len(pair) * total + k * n
+        reps[fam] = flat[at:at + n]
+        by_id[f"lead:{fam}"] = dict(zip(ids[:n], reps[fam]))
+    return reps, by_id
+
+
 def measure(eng, enc, corpus, conds: list[dict], greedy: dict, sampled: dict, mids, encoder,
             clf, limit: int, max_new_tokens: int, progress=None) -> dict:
     """Every usefulness figure for pf-eval's JSON (greedy/sampled: the message replies)."""
@@ -144,10 +193,9 @@ def measure(eng, enc, corpus, conds: list[dict], greedy: dict, sampled: dict, mi
     none_sits = [s for s in h.situations if s["target"].get(NONE)]
     if limit:
         persona_sits, none_sits = persona_sits[:limit * 4], none_sits[:limit]
-    pair = [c for c in conds if c["name"] in ("base", "auto")]
     sits = persona_sits + none_sits
-    gen = generate(eng, enc, pair, [s["text"] for s in sits], max_new_tokens)
-    sit_replies = {k: dict(zip([s["id"] for s in sits], v)) for k, v in gen.items()}
+    sit_reps, sit_replies = situation_replies(eng, enc, conds, persona_sits, none_sits,
+                                              max_new_tokens)
     open_ids = [m for m in mids if m in h.open]
     routed = [s["text"] for s in sits] + [h.messages[m] for m in open_ids[:1]]
     gates = {t: o.gates for t, o in zip(routed, eng.generate(
@@ -158,13 +206,11 @@ def measure(eng, enc, corpus, conds: list[dict], greedy: dict, sampled: dict, mi
     if open_ids:
         i = mids.index(open_ids[0])
         open_msg = (h.messages[open_ids[0]], greedy["base"][i], greedy["auto"][i])
-    n = len(persona_sits)
     return {
         "replies": reply_measures(corpus, mids, greedy, sampled, encoder),
         "facts": fact_measures(facts, fact_replies),
         "fact_replies": {k: v for k, v in fact_replies.items() if k in ("base", "auto")},
-        "situations": situation_measures(persona_sits,
-                                         {k: v[:n] for k, v in gen.items()}, encoder, clf),
+        "situations": situation_measures(persona_sits, sit_reps, encoder, clf),
         "situation_replies": sit_replies,
         "strength": strength_measures(eng, corpus, limit),
         "side_by_side": side_by_side(persona_sits, none_sits, sit_replies, gates, open_msg),
