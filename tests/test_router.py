@@ -308,3 +308,40 @@ def test_random_router_is_seeded():
     c = SequenceRouter.random(10, 64, seed=2)
     assert torch.equal(a.w1, b.w1) and not torch.equal(a.w1, c.w1)
     assert math.isclose(a.temperature, 1.0) and a.top_k == 2 and a.layer == 0
+
+
+# The same gates on every CPU ----------------------------------------------------------------------
+def _permuted_seq(r: SequenceRouter, pd: torch.Tensor, ph: torch.Tensor) -> SequenceRouter:
+    """r with its input features and hidden units reordered: the same function, other sums."""
+    return SequenceRouter(r.w1[ph][:, pd], r.b1[ph], r.w2[:, ph], r.b2, layer=r.layer,
+                          top_k=r.top_k, none=r.none, strength=r.strength)
+
+
+@pytest.mark.parametrize("none", [False, True])
+def test_sequence_gates_do_not_depend_on_the_order_of_the_sums(none):
+    """A float32 GEMM's blocking (and a reduction's lane order) differs between CPUs and BLAS
+    builds, so float32 gates differ in their last bits from one machine to another; on the 4-bit
+    default such bits reach the replies (the 8-bit activation rounding).  Reordering the sums
+    stands in for another machine: the gates must come out the same bits."""
+    g = torch.Generator().manual_seed(7)
+    d, H, K = 96, 48, 10
+    r = SequenceRouter.random(K, d, router_hidden=H, generator=g, none=none, top_k=2,
+                              strength={"scale": 0.75, "slope": 1.3, "centre": 0.2} if none
+                              else None)
+    r.b1 = 0.1 * torch.randn(H, generator=g)
+    hidden = torch.randn(64, 9, d, generator=g)
+    pd, ph, pt = (torch.randperm(n, generator=g) for n in (d, H, 9))
+    got = r(hidden)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, _permuted_seq(r, pd, ph)(hidden[:, pt][..., pd]))
+
+
+def test_token_gates_do_not_depend_on_the_order_of_the_sums():
+    g = torch.Generator().manual_seed(8)
+    d, K = 96, 10
+    r = TokenRouter.random(K, d, num_layers=2, generator=g)
+    pd = torch.randperm(d, generator=g)
+    h = torch.randn(256, d, generator=g)
+    other = TokenRouter([w[:, pd] for w in r.w], r.b, top_k=r.top_k)
+    got = r(1, h)
+    assert got.dtype == torch.float32 and torch.equal(got, other(1, h[:, pd]))

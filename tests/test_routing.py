@@ -42,6 +42,18 @@ def count_tokens(monkeypatch):
     return seen
 
 
+def same_outputs(on, off):
+    """Tokens and finish reasons equal, logprobs to 1e-5: the torch backend's fp32 GEMMs are not
+    batch-invariant (a prompt's tail computed as a chunk after cached blocks, or within its
+    whole prefill, is blocked differently), so logprobs may differ in their last bits: 5 of 12
+    prompts did so before the routers computed in float64, other prompts after."""
+    a, b = outputs(on), outputs(off)
+    assert [x[:2] for x in a] == [x[:2] for x in b]
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x[2], y[2], atol=1e-5, rtol=0)
+    return True
+
+
 def separate_pass_gates(eng, prompt):
     """The gates of Personas.route: the router over a pass of its own on the whole prompt."""
     r = eng.bank.router
@@ -86,7 +98,7 @@ def test_auto_computes_no_lower_layer_of_a_shared_system_prompt(folder, count_to
     lower_on = count_tokens[0]
     count_tokens.clear()
     off = run(eng, None, specs, arrive=[0, 6])
-    assert outputs(on) == outputs(off)
+    assert same_outputs(on, off)
     assert on[1].shared_cached_tokens == 3 * BLOCK
     assert count_tokens[0] - lower_on == 3 * BLOCK           # the blocks the cache shared
 
@@ -101,7 +113,7 @@ def test_auto_reuses_the_persona_blocks_of_the_same_gates(folder):
     specs = [(a, "auto", 3), (a, "auto", 3), (b, "auto", 3)]
     cache = PrefixCache.for_engine(eng, 0.01)
     on, off = run(eng, cache, specs, arrive=[0, 6, 12]), run(eng, None, specs, arrive=[0, 6, 12])
-    assert outputs(on) == outputs(off)
+    assert same_outputs(on, off)
     assert [(r.cached_tokens, r.shared_cached_tokens) for r in on] == \
         [(0, 0), (3 * BLOCK, 0), (3 * BLOCK, 3 * BLOCK)]
     assert on[0].result().gates != on[2].result().gates
@@ -145,4 +157,4 @@ def test_a_router_reading_an_adapted_layer_routes_by_its_own_pass(folder, monkey
     system = ids(3 * BLOCK + 2, 1)
     specs = [(system + ids(6, 7), None, 3), (system + ids(9, 8), "auto", 4)]
     on, off = run(eng, cache, specs, arrive=[0, 6]), run(eng, None, specs, arrive=[0, 6])
-    assert outputs(on) == outputs(off) and on[1].shared_cached_tokens == 3 * BLOCK
+    assert same_outputs(on, off) and on[1].shared_cached_tokens == 3 * BLOCK

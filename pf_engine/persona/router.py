@@ -14,7 +14,12 @@ Three sources, one per ``persona`` argument of the engine:
 * per token: the ``TokenRouter`` (MoLE / X-LoRA style) gives one row per token and layer.
 
 Routers keep their parameters in float32 and are deterministic: top-k ties go to the expert with
-the lower index.  Both save into and load from the adapter bank file (see bank.py):
+the lower index.  They compute in float64 (ROUTE_DTYPE) and round the gates to float32 once: a
+float32 GEMM's blocking and a reduction's lane order differ between CPUs and BLAS builds, so
+float32 gates differed in their last bits from one machine to another (1e-6 on bigfive's), and
+on the 4-bit default those bits reached the replies through the 8-bit activation rounding;
+float64 puts the difference far below float32's resolution.  Both save into and load from the
+adapter bank file (see bank.py):
 
     router.seq.w1 [H, d]  router.seq.b1 [H]  router.seq.w2 [K(+1), H]  router.seq.b2 [K(+1)]
                           (+1: the "none" output of a router whose config says "none": true)
@@ -29,6 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from pf_engine.errors import LoadError, PFError, RequestError
+
+
+ROUTE_DTYPE = torch.float64     # what routers compute in; their gates are float32
 
 
 # Explicit persona weights -------------------------------------------------------------------------
@@ -240,19 +248,22 @@ class SequenceRouter:
     device = property(lambda self: self.w1.device)
 
     def __call__(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [B, T, d] (any float dtype), mask [B, T] bool (None: all) -> gates [B, K] fp32."""
-        h = hidden.to(device=self.device, dtype=torch.float32)            # (B, T, d)
+        """hidden [B, T, d] (any float dtype), mask [B, T] bool (None: all) -> gates [B, K] fp32
+        (computed in ROUTE_DTYPE)."""
+        h = hidden.to(device=self.device, dtype=ROUTE_DTYPE)              # (B, T, d)
         if mask is None:
             pooled = h.mean(dim=1)
         else:
-            m = mask.to(device=self.device, dtype=torch.float32).unsqueeze(-1)   # (B, T, 1)
+            m = mask.to(device=self.device, dtype=ROUTE_DTYPE).unsqueeze(-1)     # (B, T, 1)
             pooled = (h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)   # (B, d)
-        return self.gates(self.probabilities(pooled))
+        return self.gates(self.probabilities(pooled)).to(torch.float32)
 
     def probabilities(self, pooled: torch.Tensor) -> torch.Tensor:
-        """pooled [B, d] fp32 -> softmax over the outputs [B, K] (or [B, K+1], none last)."""
-        z = F.silu(F.linear(pooled, self.w1, self.b1))                   # (B, H)
-        logits = F.linear(z, self.w2, self.b2) / self.temperature        # (B, K(+1))
+        """pooled [B, d] -> softmax over the outputs [B, K] (or [B, K+1], none last), in pooled's
+        dtype (ROUTE_DTYPE when serving; float32 in training, where the parameters get grads)."""
+        w1, b1, w2, b2 = (t.to(pooled.dtype) for t in (self.w1, self.b1, self.w2, self.b2))
+        z = F.silu(F.linear(pooled, w1, b1))                              # (B, H)
+        logits = F.linear(z, w2, b2) / self.temperature                   # (B, K(+1))
         return torch.softmax(logits, dim=-1)
 
     def gates(self, p: torch.Tensor) -> torch.Tensor:
@@ -348,12 +359,14 @@ class TokenRouter:
     device = property(lambda self: self.w[0].device)
 
     def __call__(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """h [N, d] (any float dtype) entering decoder layer ``layer`` -> gates [N, K] fp32."""
-        x = h.to(device=self.device, dtype=torch.float32)
+        """h [N, d] (any float dtype) entering decoder layer ``layer`` -> gates [N, K] fp32
+        (computed in ROUTE_DTYPE)."""
+        x = h.to(device=self.device, dtype=ROUTE_DTYPE)
+        w, b = self.w[layer].to(ROUTE_DTYPE), self.b[layer].to(ROUTE_DTYPE)
         # each row's K dot products summed on their own (not one GEMM over the N rows, whose
         # blocking depends on N): a token's gates do not depend on the batch or the chunk
-        logits = (x.unsqueeze(1) * self.w[layer]).sum(-1) + self.b[layer]          # (N, K)
-        return top_k_renormalise(torch.softmax(logits, dim=-1), self.top_k)
+        logits = (x.unsqueeze(1) * w).sum(-1) + b                                    # (N, K)
+        return top_k_renormalise(torch.softmax(logits, dim=-1), self.top_k).to(torch.float32)
 
     def to(self, device=None) -> "TokenRouter":
         """Move to ``device`` (in place; parameters stay float32); returns self."""
