@@ -46,6 +46,10 @@ def build_parser() -> Parser:
     p.add_argument("--compare", default=None, metavar="JSON",
                    help="another pf-eval JSON (e.g. one made with --quantize f32) whose goal "
                    "figures the README's goals table shows beside this run's")
+    p.add_argument("--draws", type=int, default=3, metavar="N",
+                   help="greedy draws of the base model and auto for the usefulness goals: draw "
+                   "0 as given, each further one with every mixing weight nudged by 1e-6 "
+                   "(train/draws.py); the goals read the mean (default 3; 1: one draw)")
     p.add_argument("--no-retention", action="store_true",
                    help="skip the reasoning, safety and social-emotional measures")
     p.add_argument("--quiet", "-q", action="store_true")
@@ -110,7 +114,8 @@ def main(argv=None) -> int:
             source = report.provenance()      # the code that evaluates, read before it runs
             result = evaluate(args.adapters, args.data, args.model, limit=args.limit,
                               max_new_tokens=args.max_new_tokens, progress=not args.quiet,
-                              quantize=args.quantize, retention=not args.no_retention)
+                              quantize=args.quantize, retention=not args.no_retention,
+                              draws=args.draws)
             result["provenance"] = source
             result["command"] = "pf-eval " + " ".join(argv if argv is not None else sys.argv[1:])
             report.write_json(result, args.out)

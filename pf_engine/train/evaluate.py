@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from pf_engine.errors import PFError
 from pf_engine.train.data import TRAITS, load_corpus
 from pf_engine.train.metrics import (TraitClassifier, degenerate, distinct_n, expression_summary,
                       gate_spread,
@@ -163,13 +164,17 @@ def _retention(eng, enc, corpus, conds, limit: int, max_new_tokens: int, bar) ->
 
 def evaluate(adapters="bigfive", data_dir=None, model=None, limit: int = 0,
              max_new_tokens: int = 48, progress: bool = True, quantize: str | None = None,
-             retention: bool = True) -> dict:
+             retention: bool = True, draws: int = 1) -> dict:
     """Run every measure on the held-out split; returns the results (pf-eval writes them).
     quantize: the weights the engine serves (Engine's; None: the model's default, for the
-    bundled model its 4-bit file; "f32": its float weights)."""
+    bundled model its 4-bit file; "f32": its float weights).  draws: greedy draws of the base
+    model and auto for the usefulness goals (draws.py; 1: the run as given only)."""
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise PFError(f"draws {draws!r}: expected a whole number >= 1")
     from tqdm.auto import tqdm
 
     from pf_engine.engine import Engine
+    from pf_engine.train import draws as drawing
     from pf_engine.train import usefulness
     from pf_engine.train.data import default_data_dir
     from pf_engine.train.encoder import SentenceEncoder
@@ -197,6 +202,9 @@ def evaluate(adapters="bigfive", data_dir=None, model=None, limit: int = 0,
             eng, enc, corpus, every, {k: [v[m] for m in mids] for k, v in texts.items()},
             {k: [v[m] for m in mids] for k, v in sampled.items()}, mids, encoder, clf, limit,
             max_new_tokens, bar) if routed else None
+        if useful is not None:
+            useful["draws"] = drawing.measure(eng, enc, corpus, useful, mids, encoder, clf,
+                                              draws, limit, max_new_tokens)
         kept = _retention(eng, enc, corpus, every, limit, max_new_tokens, bar) if retention \
             else None
     reply_p = {name: {t: sum(clf[t].prob(list(v.values()))) / len(v) for t in TRAITS}

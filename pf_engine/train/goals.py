@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 from pf_engine.train.data import TRAITS
+from pf_engine.train.draws import first_draw
 
 RECIPE_MINUTES = 45
 
@@ -41,23 +42,41 @@ def _experts(rows: dict) -> list[str]:
 
 
 def _usefulness(u: dict) -> dict:
-    rep, facts, sit = u["replies"], u["facts"], u["situations"]
+    """The usefulness goals; `auto`'s against the base model's read the mean over pf-eval's
+    greedy draws (draws.py) where the JSON has more than one."""
+    rep, sit = u["replies"], u["situations"]
     b, a = rep["base"], rep["auto"]
     ex = _experts(rep)
     ex_rate = sum(rep[k]["degenerate_greedy"] for k in ex) / max(1, sum(rep[k]["n"] for k in ex))
     b_rate = b["degenerate_greedy"] / b["n"]
+    fig = _draw_figures(u)
+    n, nf, tail = a["n"], u["facts"]["base"]["n"], fig.pop("tail")
+    num = "{:.0f}" if not tail else "{:.1f}"
+
+    def pair(k, fmt, per):
+        return f"{fmt.format(fig[k + '_auto'])}{per} vs {fmt.format(fig[k + '_base'])}{per}{tail}"
+    moved = _moved(sit) if not tail else (
+        f"{fig['moved_share']:.0%}{tail}, {u['draws']['min']['moved_share']:.0%}-"
+        f"{u['draws']['max']['moved_share']:.0%}")
     return {
-        "auto relevance >= base": (f"{a['relevance']:.3f} vs {b['relevance']:.3f}",
-                                   a["relevance"] >= b["relevance"]),
-        "auto facts >= base": (f"{facts['auto']['correct']}/{facts['auto']['n']} vs "
-                               f"{facts['base']['correct']}/{facts['base']['n']}",
-                               facts["auto"]["correct"] >= facts["base"]["correct"]),
-        "auto degenerate <= base": (f"{a['degenerate_greedy']}/{a['n']} vs "
-                                    f"{b['degenerate_greedy']}/{b['n']}",
-                                    a["degenerate_greedy"] <= b["degenerate_greedy"]),
+        "auto relevance >= base": (pair("relevance", "{:.3f}", ""),
+                                   fig["relevance_auto"] >= fig["relevance_base"]),
+        "auto facts >= base": (pair("facts", num, f"/{nf}"),
+                               fig["facts_auto"] >= fig["facts_base"]),
+        "auto degenerate <= base": (pair("degenerate", num, f"/{n}"),
+                                    fig["degenerate_auto"] <= fig["degenerate_base"]),
         "experts at 1.0 degenerate no more often than base": (
             f"{ex_rate:.0%} vs {b_rate:.0%}", ex_rate <= b_rate),
-        "auto moves the called-for trait >= 80%": (_moved(sit), sit["moved_share"] >= 0.8)}
+        "auto moves the called-for trait >= 80%": (moved, fig["moved_share"] >= 0.8)}
+
+
+def _draw_figures(u: dict) -> dict:
+    """draws.FIGURES for the goals: the mean over the draws (with "tail", the text that says
+    so), or draw 0's from the JSON's usefulness figures when it has one draw."""
+    d = u.get("draws")
+    if d and d["n"] > 1:
+        return {**d["mean"], "tail": f" (mean of {d['n']} draws)"}
+    return {**first_draw(u), "tail": ""}
 
 
 def _expression(fams: dict) -> dict:

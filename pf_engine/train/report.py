@@ -11,7 +11,7 @@ import os
 import platform
 
 from pf_engine.errors import PFError
-from pf_engine.train import goals
+from pf_engine.train import draws, goals
 from pf_engine.train.data import TRAITS
 from pf_engine.train.provenance import cpu_name, git_commit, versions
 
@@ -290,7 +290,7 @@ def usefulness_lines(result: dict) -> list[str]:
         gates = ", ".join(f"{k} {v:.2f}" for k, v in g.get("weights", {}).items())
         lines.append(f"| {_cell(row['prompt'], 120)} ({row['kind']}) | {gates or '-'} | "
                      f"{_cell(row['base'])} | {_cell(row['auto'])} |")
-    return lines + [""]
+    return lines + [""] + draws.lines(u)
 
 
 def _lead_reach(sit: dict) -> str:
