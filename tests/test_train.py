@@ -376,6 +376,7 @@ def test_quick_train_continues_from_a_bank(quick_bank, tmp_path):
 
 def test_quick_eval_writes_json_plot_and_readme(quick_bank, bundled_pf_home, tmp_path, capsys):
     from pf_engine.cli.eval import main
+    from pf_engine.train.draws import first_draw
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- personas:start -->\nstale block\n<!-- personas:end -->\ntail\n")
     out, plot = tmp_path / "p.json", tmp_path / "p.png"
@@ -397,6 +398,10 @@ def test_quick_eval_writes_json_plot_and_readme(quick_bank, bundled_pf_home, tmp
     assert set(u["situation_replies"]["lead:expert"]) == {e["id"] for e in
                                                          u["situations"]["each"]}
     assert u["strength"]["all"]["n"] == 3 and len(u["side_by_side"]) >= 2
+    dr = u["draws"]                          # pf-eval's default: 3 greedy draws, draw 0 as run
+    assert dr["n"] == 3 and len(dr["each"]) == 3 and dr["each"][0] == first_draw(u)
+    assert dr["situations"] == u["situations"]["situations"] and dr["facts"] == 1
+    assert all(dr["min"][k] <= dr["mean"][k] <= dr["max"][k] for k in dr["mean"])
     assert r["sampling"]["default"]["temperature"] == 0.2
     kept = r["retention"]                    # base, auto and the experts; no prompted poles
     want = {"base", "auto"} | {f"expert:{p}" for p in r["poles"]}
@@ -413,6 +418,7 @@ def test_quick_eval_writes_json_plot_and_readme(quick_bank, bundled_pf_home, tmp
     assert "moved as well by its expert at 1.0 in " in text
     assert f"on {r['provenance']['cpu']};" in text
     assert "| multiple choice |" in text and "| goal | q4_1 (default) |" in text
+    assert "Greedy draws (train/draws.py): 3 draws" in text and "(mean of 3 draws)" in text
     # the README section is a function of the JSON alone
     readme.write_text("<!-- personas:start -->\n<!-- personas:end -->\ntail\n")
     assert main(["--from-json", str(out), "--plot", str(plot), "--readme", str(readme), "-q"]) == 0

@@ -35,11 +35,15 @@ FIGURES = ("relevance_base", "relevance_auto", "degenerate_base", "degenerate_au
 
 def auto_gates(eng, token_prompts: list[list[int]]) -> list[dict[str, float]]:
     """{expert: weight} that the bank's sequence router gives each prompt (its float32 row,
-    zeros left out): what ``persona="auto"`` uses, as an explicit persona."""
-    p = Personas(eng.bank, "auto", len(token_prompts))
-    p.route_each(eng.model, token_prompts)
-    names = list(eng.bank.expert_names)
-    return [{names[k]: float(w) for k, w in enumerate(row.tolist()) if w != 0} for row in p.rows]
+    zeros left out): what ``persona="auto"`` uses, as an explicit persona.  Each prompt is routed
+    alone, as ``Engine.logits`` routes one prompt (a batch of prompts of one length would be a
+    GEMM blocked otherwise: the torch backend's gates then differ in their last bits)."""
+    names, out = list(eng.bank.expert_names), []
+    for prompt in token_prompts:
+        p = Personas(eng.bank, "auto", 1)
+        p.route_each(eng.model, [prompt])
+        out.append({names[k]: float(w) for k, w in enumerate(p.rows[0].tolist()) if w != 0})
+    return out
 
 
 def nudge(gates: dict[str, float] | None, draw: int, text: str, names: list[str]) -> dict:
