@@ -141,9 +141,10 @@ def lines(u: dict) -> list[str]:
             (f"facts answered, of {d['facts']}", "facts", "{:.1f}"),
             (f"relevance to the {d['situations']} situations that call for a persona",
              "situation_relevance", "{:.3f}")]
+    eps = f"{d['eps']:g}".replace("e-0", "e-")
     out = [f"Greedy draws (train/draws.py): {d['n']} draws of the base model and `auto`, the first "
            "as run above, each further one with every mixing weight nudged by "
-           f"{d['eps']:g} (the base model gets {d['eps']:g} of one expert), because greedy "
+           f"{eps} (the base model gets {eps} of one expert), because greedy "
            "replies turn on the last bits of the arithmetic; the goals read the mean (min-max "
            "in brackets):", "", "| figure | base | auto |", "|---|---|---|"]
     out += [f"| {name} | {cell(k + '_base', f)} | {cell(k + '_auto', f)} |" for name, k, f in rows]
