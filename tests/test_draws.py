@@ -89,7 +89,8 @@ def test_lines_show_each_figure_mean_and_range():
     other = dict(draws.first_draw(u), relevance_base=0.4, moved=30, moved_share=30 / 48)
     u["draws"] = draws.summarise([draws.first_draw(u), other], 16, 40, 48)
     text = "\n".join(draws.lines(u))
-    assert "2 draws of the base model and `auto`" in text and "nudged by 1e-6 (the base model gets 1e-6 of one expert)" in text
+    assert "2 draws of the base model and `auto`" in text
+    assert "nudged by 1e-6 (the base model gets 1e-6 of one expert)" in text
     assert "| relevance to the held-out messages | 0.450 (0.400-0.500) | 0.520 (0.520-0.520) |" \
         in text
     assert "| called-for trait moved above the base, of 48 | - | 35.0 (30.0-40.0), 73% |" in text

@@ -4,8 +4,11 @@ Greedy decoding on the served path is chaotic: the 8-bit rounding of activations
 in the last bits of a mixing weight into another token, and that into another reply.  On the
 bundled 4-bit model (measured by hand at ffdf042 on an AMD EPYC, shipped bank, 32 held-out
 situations, 48 tokens) a weight of 1e-6 on one expert changed 21 of the base model's 32 replies
-and 1e-12 none; `auto`'s gates rounded to 6 decimals changed 22 of its 32.  So one greedy run of a condition is one draw, and two runs (two banks, two
-CPUs) that differ by less than the spread of draws have not been told apart.
+and 1e-12 none; `auto`'s gates rounded to 6 decimals changed 22 of its 32.  So one greedy run
+of a condition is one draw, and two runs (two banks, two CPUs) that differ by less than the
+spread of draws have not been told apart.  On the fp32 weights (no activation rounding) the
+same nudge changed none of pf-eval's base or `auto` replies (personas_f32.json at ffdf042): there
+the draws are all alike and the mean is the one run.
 
 Draw 0 is the run as given.  Draw d >= 1 perturbs every job by the same rule:
 
