@@ -90,15 +90,16 @@ def one_draw(eng, enc, texts: dict[str, list[str]], facts: list[dict], sits: lis
 
 
 def first_draw(useful: dict) -> dict:
-    """FIGURES of draw 0, read from usefulness.measure's result."""
+    """FIGURES of draw 0, read from usefulness.measure's result (None for a figure that an
+    older JSON lacks: the count of situations moved, the situations' relevance)."""
     rep, facts, sit = useful["replies"], useful["facts"], useful["situations"]
     return {"relevance_base": rep["base"]["relevance"], "relevance_auto": rep["auto"]["relevance"],
             "degenerate_base": rep["base"]["degenerate_greedy"],
             "degenerate_auto": rep["auto"]["degenerate_greedy"],
             "facts_base": facts["base"]["correct"], "facts_auto": facts["auto"]["correct"],
             "moved": sit.get("moved"), "moved_share": sit["moved_share"],
-            "situation_relevance_base": sit["relevance_base"],
-            "situation_relevance_auto": sit["relevance_auto"]}
+            "situation_relevance_base": sit.get("relevance_base"),
+            "situation_relevance_auto": sit.get("relevance_auto")}
 
 
 def summarise(each: list[dict], n_messages: int, n_facts: int, n_situations: int) -> dict:
