@@ -138,8 +138,11 @@ def test_quick_recipe_on_other_llama_family_models(arch, family_model, tmp_path)
     else:
         model = family_model(arch)
     out = tmp_path / "bank.safetensors"
-    bank = train_bank(DATA, out, model=model, recipe=Recipe.quick(), progress=False)
+    recipe = Recipe.quick()
+    bank = train_bank(DATA, out, model=model, recipe=recipe, progress=False)
     assert bank.recipe["joint"]["steps"] == 2 and bank.recipe["served"]["device"] == "cpu"
+    assert bank.recipe["recipe"]["max_len"] == 512 and bank.recipe["memory"] is None
+    assert recipe.max_len == 0                     # the caller's recipe is left as it was
     eng = Engine.from_pretrained(model, adapters=str(out), device="cpu", progress=False)
     got = eng.generate("I feel a bit lost today.", chat=True, persona="auto", max_new_tokens=2)[0]
     assert got.gates["kind"] == "sequence"

@@ -7,7 +7,7 @@
              [--safety N] [--safety-pair W] [--val-safety N]
              [--quantize FMT] [--no-round-activations]
              [--device cpu|cuda] [--dtype bf16|fp16|fp32] [--checkpointing | --no-checkpointing]
-             [--max-len 512]
+             [--max-len N]
              [--quiet]
 
 The experts and the router learn on the base as the engine serves it on the CPU (--quantize, as
@@ -15,7 +15,9 @@ pf-generate's; default the model's own: the bundled model's 4-bit file, an HF fo
 as stored), through the 8-bit activation rounding of block-quantized weights (train/served.py).
 --device cuda trains on a GPU against the model's float weights at --dtype (default bf16, as
 the GPU engine serves them; the adapters stay fp32), recomputing the top layers in the backward
-pass (gradient checkpointing, on by default there); --model takes any HF Llama-family folder
+pass (gradient checkpointing, on by default there), with the sequence length (--max-len), the
+LM head's chunk of tokens and the rows of passes without gradients set by the GPU's free memory
+(train/memory.py; the plan is in the bank's metadata); --model takes any HF Llama-family folder
 (Llama, Mistral, Qwen2) or a GGUF file.  --from BANK continues from a trained bank: its
 experts and router are kept and only the routed preference stage (--route-pref-steps) runs.
 
@@ -99,7 +101,8 @@ def build_parser() -> Parser:
                    help="recompute the top layers in the backward pass (default: on cuda)")
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     p.add_argument("--max-len", type=int, default=None,
-                   help="tokens per training sequence at most (default: the recipe's, 512)")
+                   help="tokens per training sequence at most (default: 512 on the cpu; on "
+                   "cuda the longest up to 512 that the GPU's free memory holds)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no summary")
     return p
 

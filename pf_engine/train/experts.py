@@ -77,19 +77,28 @@ class Trunk:
     into this same module tree, so the top layers see the active adapter), on any device: the
     cached states live there.  ``checkpointing``: while gradients are on, each top layer keeps
     only its input and recomputes the rest in the backward pass (torch.utils.checkpoint), so a
-    7-8B model's top layers train in the memory of one of them.
+    7-8B model's top layers train in the memory of one of them.  ``head_chunk`` > 0: the LM
+    head takes that many reply tokens at a time and, under gradients, recomputes each chunk's
+    logits in the backward pass (only one chunk's [C, vocab] exist at once); ``rows`` > 0: rows
+    per pass without gradients (the cache, reference likelihoods).  Both are memory.py's plan
+    on a GPU; the CPU keeps 0 and 0 (the whole head; the cache 16 rows at a time, other passes
+    whole), the arithmetic as before.
     """
 
-    def __init__(self, model, first_layer: int, checkpointing: bool = False):
+    def __init__(self, model, first_layer: int, checkpointing: bool = False,
+                 head_chunk: int = 0, rows: int = 0):
         self.model, self.first, self.checkpointing = model, first_layer, checkpointing
+        self.head_chunk, self.rows = head_chunk, rows
         self.inner = model.model
         self.device = model.lm_head.weight.device
         if not 0 <= first_layer < len(self.inner.layers):
             raise ValueError(f"first_layer {first_layer} outside 0..{len(self.inner.layers) - 1}")
 
     @torch.no_grad()
-    def cache(self, items: list[Item], batch: int = 16, progress=None) -> None:
-        """Fill ``item.hidden``: the input of layer ``first_layer`` for every sequence."""
+    def cache(self, items: list[Item], batch: int = 0, progress=None) -> None:
+        """Fill ``item.hidden``: the input of layer ``first_layer`` for every sequence, ``batch``
+        (default ``rows``, or 16) at a time."""
+        batch = batch or self.rows or 16
         for i in range(0, len(items), batch):
             chunk = items[i:i + batch]
             ids, _, _ = pad_batch([it.seq for it in chunk])
@@ -123,17 +132,21 @@ class Trunk:
         return self.inner.norm(self._run(h, self.first, len(self.inner.layers))), targets, mask
 
     def log_likelihood(self, items: list[Item]) -> torch.Tensor:
-        """Per-sequence mean log-likelihood of the reply tokens [B], from the cached trunk."""
+        """Per-sequence mean log-likelihood of the reply tokens [B], from the cached trunk
+        (without gradients, ``rows`` sequences at a time)."""
+        if self.rows and not torch.is_grad_enabled() and len(items) > self.rows:
+            return torch.cat([self.log_likelihood(items[i:i + self.rows])
+                              for i in range(0, len(items), self.rows)])
         h, targets, mask = self.top(items)
-        logits = self.model.lm_head(h[mask])                             # (N, vocab)
-        lp = torch.gather(F.log_softmax(logits.float(), -1), 1, targets[mask].unsqueeze(1))[:, 0]
+        lp = self._by_chunk(_token_logprob, h[mask], targets[mask])      # (N,)
         row = torch.arange(len(items), device=self.device).unsqueeze(1).expand_as(mask)[mask]
         total = torch.zeros(len(items), device=self.device).index_add(0, row, lp)
         return total / mask.sum(1)
 
     @torch.no_grad()
-    def cache_base_top(self, items: list[Item], batch: int = 16) -> None:
+    def cache_base_top(self, items: list[Item], batch: int = 0) -> None:
         """Fill ``item.base_top`` (call before any adapter exists: the base model's states)."""
+        batch = batch or self.rows or 16
         for i in range(0, len(items), batch):
             chunk = items[i:i + batch]
             h, _, _ = self.top(chunk)
@@ -151,11 +164,37 @@ class Trunk:
         for j, it in enumerate(items):
             base[j, :it.base_top.shape[0]] = it.base_top
             lead[j, len(it.seq.prompt) - 1] = bool(first) and is_plain(it.seq)
-        lp = F.log_softmax(self.model.lm_head(h[mask]).float(), -1)
-        lb = F.log_softmax(self.model.lm_head(base[mask]).float(), -1)
-        kl = (lb.exp() * (lb - lp)).sum(-1)
+        kl = self._by_chunk(_token_kl, h[mask], base[mask])
         lead = lead[mask]
         return kl.mean() + (first * kl[lead].mean() if lead.any() else 0.0)
+
+    def _by_chunk(self, fn, h: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """fn(lm_head, h, other) per token [N], ``head_chunk`` tokens at a time (0: at once);
+        under gradients each chunk is checkpointed, its logits recomputed in backward."""
+        head, C = self.model.lm_head, self.head_chunk
+        if not C or h.shape[0] <= C:
+            return fn(head, h, other)
+        out = []
+        for i in range(0, h.shape[0], C):
+            if torch.is_grad_enabled():
+                from torch.utils.checkpoint import checkpoint
+                out.append(checkpoint(fn, head, h[i:i + C], other[i:i + C], use_reentrant=False))
+            else:
+                out.append(fn(head, h[i:i + C], other[i:i + C]))
+        return torch.cat(out)
+
+
+def _token_logprob(head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log pi(target | state) per token [N] for states h [N, d] through the LM head."""
+    logits = head(h)                                                     # (N, vocab)
+    return torch.gather(F.log_softmax(logits.float(), -1), 1, targets.unsqueeze(1))[:, 0]
+
+
+def _token_kl(head, h: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """KL(pi_base || pi) per token [N]: the model's states h and the base's ``base`` [N, d]."""
+    lp = F.log_softmax(head(h).float(), -1)
+    lb = F.log_softmax(head(base).float(), -1)
+    return (lb.exp() * (lb - lp)).sum(-1)
 
 
 @dataclass

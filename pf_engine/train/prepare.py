@@ -1,11 +1,11 @@
 """pf-train's inputs, prepared once before any expert trains (recipe.py runs them in order).
 
     train_ids, val_ids = split_messages(corpus, recipe)     # early stopping's messages kept out
-    distilled = distilled_replies(eng, corpus, encoder, recipe, progress, held)
-    raw = raw_continuations(eng, corpus, recipe, progress)
+    distilled, raw, (sits, feats, targets), formats = from_engine(   # the served engine's part:
+        corpus, model, recipe, (dev, dtype), (enc, encoder), held, progress)   # then let go
     items, neutral, (distill, raw), safety, trunk = cached_items(
         corpus, enc, served, (dev, dtype), recipe, train_ids, distilled.pairs, raw, pairs,
-        progress)
+        progress, sizes)                                      # sizes: memory.py's plan on a GPU
 
 Every text becomes an ``experts.Item`` (the chat template's tokens, which of them are the reply);
 the frozen bottom layers run once over all of them (``experts.Trunk.cache``) on the base as served,
@@ -86,16 +86,49 @@ def raw_continuations(eng, corpus, recipe, progress: bool):
                 + raw_sequences(eng, arith, progress=bar, tag=ARITH_TAG))
 
 
+def from_engine(corpus, model, recipe, device, encoders, held: set, progress: bool):
+    """What the served engine gives before training: the base model's kept replies (distill.py),
+    its raw continuations (raw.py), the router's situations, features and targets, and its
+    weight formats.  On a GPU the engine is then let go, so the training copy and the memory
+    plan have its memory."""
+    from pf_engine.engine import Engine
+    from pf_engine.train.router import router_data
+    dev, dtype = device
+    enc, encoder = encoders
+    eng = Engine.from_pretrained(model, device=str(dev), dtype=dtype, quantize=recipe.quantize,
+                                 progress=False)
+    distilled = distilled_replies(eng, corpus, encoder, recipe, progress, held)
+    raw = raw_continuations(eng, corpus, recipe, progress)
+    routing = router_data(corpus, enc, eng, recipe, progress)
+    formats = eng.weight_formats
+    if dev.type == "cuda":
+        import gc
+        del eng
+        gc.collect()
+        torch.cuda.empty_cache()
+    return distilled, raw, routing, formats
+
+
+def first_adapted(recipe, layers: int) -> int:
+    """The first adapted layer of a model with ``layers`` layers (recipe.first_layer; -n: the
+    top n), or a PFError."""
+    first = recipe.first_layer % layers if recipe.first_layer < 0 else recipe.first_layer
+    if not 0 <= first < layers:
+        raise PFError(f"first_layer {recipe.first_layer} is outside the model's 0..{layers - 1}")
+    return first
+
+
 def cached_items(corpus, enc, served, device, recipe, mids, distilled, raw, pairs,
-                 progress: bool):
+                 progress: bool, sizes=None):
     """Tokenised items per pole, the neutral ones and the KL term's (the base model's chat
     replies, its raw continuations ``raw``), with trunk outputs and base likelihoods (and, for
     the KL ones, the base model's top states), on the base as served (``served``:
     served_weights' folder, config and weights; ``device``: (torch device, dtype name), as
     recipe.compute_device gives), and the harmful requests with their refusals
     (safety.jsonl's ``pairs``: data.split_safety's training ones) and the same refusals after
-    their look-alikes.  Returns (items, neutral, (distill, raw), (refusals, their twins),
-    trunk)."""
+    their look-alikes.  sizes: memory.py's Plan on a GPU (the LM head's chunk, the rows of
+    passes without gradients), None on the CPU.  Returns (items, neutral, (distill, raw),
+    (refusals, their twins), trunk)."""
     from tqdm.auto import tqdm
 
     from pf_engine.engine import DTYPES
@@ -105,12 +138,9 @@ def cached_items(corpus, enc, served, device, recipe, mids, distilled, raw, pair
     hf = load_hf_model(folder, DTYPES[dtype], dev)
     if weights is not None:
         serve_like(hf, cfg, weights, recipe.round_activations)
-    L = hf.config.num_hidden_layers
-    first = recipe.first_layer % L if recipe.first_layer < 0 else recipe.first_layer
-    if not 0 <= first < L:
-        raise PFError(f"first_layer {recipe.first_layer} is outside the model's 0..{L - 1}")
+    first = first_adapted(recipe, hf.config.num_hidden_layers)
     trunk = Trunk(hf, first, dev.type != "cpu" if recipe.checkpointing is None
-                  else recipe.checkpointing)
+                  else recipe.checkpointing, *((sizes.head_chunk, sizes.rows) if sizes else ()))
     neutral = [Item(enc.sequence(q, a, tag=f"neutral:{i}")) for i, (q, a) in
                enumerate(corpus.train.neutral[:recipe.limit or None])]
     distill = [Item(enc.sequence(q, a, tag=f"distill:{i}")) for i, (q, a) in enumerate(distilled)]
@@ -125,8 +155,9 @@ def cached_items(corpus, enc, served, device, recipe, mids, distilled, raw, pair
     with tqdm(total=len(every), desc="trunk cache", disable=not progress, unit="seq") as bar:
         trunk.cache(every, progress=bar)
     with torch.no_grad():
-        for i in range(0, len(every), 16):
-            chunk = every[i:i + 16]
+        rows = trunk.rows or 16
+        for i in range(0, len(every), rows):
+            chunk = every[i:i + rows]
             for it, lp in zip(chunk, trunk.log_likelihood(chunk).tolist()):
                 it.base_lp = lp
     trunk.cache_base_top(distill + raw)

@@ -31,20 +31,25 @@ from dataclasses import dataclass
 
 import torch
 
+from pf_engine.engine import DTYPES
 from pf_engine.model.config import HF_MODULE_NAMES
 from pf_engine.errors import PFError
 from pf_engine.train.data import (TRAITS, check_safety_pairs, load_corpus, opposite,
                                   safety_pairs, split_safety, trait_of)
 from pf_engine.train.experts import Pools, Trunk, train_expert
+from pf_engine.train.memory import gpu_plan
 from pf_engine.train.preference import preference_stage
-from pf_engine.train.prepare import (cached_items, distilled_replies, raw_continuations,
-                                     split_messages, trait_classifier)
+from pf_engine.train.prepare import (cached_items, from_engine, split_messages,
+                                     trait_classifier)
 from pf_engine.train.provenance import cpu_name, git_commit, versions
 from pf_engine.train.raw import ARITH_TAG
 from pf_engine.train.resume import bank_into_peft, continued_figures, load_start
-from pf_engine.train.router import fit_router, router_data
+from pf_engine.train.router import fit_router
 from pf_engine.train.served import served_weights
 from pf_engine.train.sequences import ChatEncoder
+
+
+CPU_MAX_LEN = 512                    # tokens per training sequence on the cpu (Recipe.max_len 0)
 
 
 @dataclass
@@ -111,7 +116,9 @@ class Recipe:
     dtype: str | None = None         # the base's compute dtype: fp32 on cpu; bf16 (default),
                                      # fp16 or fp32 on cuda (the adapters stay fp32)
     checkpointing: bool | None = None  # recompute the top layers in backward (None: on cuda)
-    max_len: int = 512               # tokens per training sequence at most (longer: cut)
+    max_len: int = 0                 # tokens per training sequence at most (longer: cut); 0:
+                                     # 512 on the cpu, on cuda the longest up to 512 that the
+                                     # free GPU memory holds (memory.py)
     round_activations: bool = True   # through the served 8-bit activation rounding (served.py)
 
     @classmethod
@@ -166,10 +173,11 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
     this bank (a file or a shipped name; resume.py): its experts and router, then only the
     routed preference stage.  Returns the AdapterBank written.
     """
-    from pf_engine.engine import DTYPES, resolve_model
+    from pf_engine.engine import resolve_model
 
     output = _check_output(output, overwrite)
-    recipe = recipe or (Recipe.quick() if quick else Recipe())
+    recipe = dataclasses.replace(recipe or (Recipe.quick() if quick else Recipe()))  # _run
+                                          # sets its max_len: the caller's stays as it was
     compute_device(recipe)
     corpus = load_corpus(data_dir, splits=("train",))
     begun = None
@@ -203,29 +211,31 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
 def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool, begun=None):
     """The recipe's stages (the module doc); returns (the bank, its figures for the metadata).
     begun: (the bank to continue from, its name) or None (resume.py)."""
-    from pf_engine.engine import Engine
     from pf_engine.tokenizer import Tokenizer
     from pf_engine.train.encoder import SentenceEncoder
     torch.manual_seed(recipe.seed)
     dev, dtype = compute_device(recipe)
-    enc = ChatEncoder(Tokenizer(model_dir).hf, recipe.max_len)
-    served = (served_weights(model, recipe.quantize) if dev.type == "cpu"
-              else (model_dir, None, None))
-    eng = Engine.from_pretrained(model, device=str(dev), dtype=dtype, quantize=recipe.quantize,
-                                 progress=False)
+    enc = ChatEncoder(Tokenizer(model_dir).hf)   # prompts only until the plan sets max_len
     encoder = SentenceEncoder()
     train_ids, val_ids = split_messages(corpus, recipe)
     pairs, val_pairs = split_safety(safety_pairs(corpus.train.safety), recipe.val_safety)
     held = {b["prompt"] for _, b in val_pairs}
-    distilled = distilled_replies(eng, corpus, encoder, recipe, progress, held)
-    raw = raw_continuations(eng, corpus, recipe, progress)
+    distilled, raw, (sits, feats, targets), formats = from_engine(
+        corpus, model, recipe, (dev, dtype), (enc, encoder), held, progress)
+    sizes = (gpu_plan(model_dir, recipe, dev, DTYPES[dtype].itemsize) if dev.type == "cuda"
+             else None)
+    recipe.max_len = enc.max_len = sizes.max_len if sizes else recipe.max_len or CPU_MAX_LEN
+    served = (served_weights(model, recipe.quantize) if dev.type == "cpu"
+              else (model_dir, None, None))
     items, neutral, kl, safety, trunk = cached_items(corpus, enc, served, (dev, dtype), recipe,
                                                      train_ids, distilled.pairs, raw, pairs,
-                                                     progress)
+                                                     progress, sizes)
+    if sizes is not None:     # the trunk cache is on the GPU now: the step gets what is left
+        sizes = gpu_plan(model_dir, recipe, dev, DTYPES[dtype].itemsize, loaded=True)
+        trunk.head_chunk, trunk.rows = sizes.head_chunk, sizes.rows
     distill = kl[0]
     val = ([corpus.train.messages[m] for m in val_ids],
            ([h["prompt"] for h, _ in val_pairs], [b["prompt"] for _, b in val_pairs]))
-    sits, feats, targets = router_data(corpus, enc, eng, recipe, progress)
     if begun is None:
         pm, names, router, figures = _supervised(corpus, (items, neutral, kl, safety, trunk),
                                                  recipe, (enc, val, encoder, train_ids),
@@ -248,9 +258,10 @@ def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool
     bank.router = router
     return bank, {
         **figures,
-        "served": {"weights": eng.weight_formats, "quantize": recipe.quantize,
+        "served": {"weights": formats, "quantize": recipe.quantize,
                    "round_activations": recipe.round_activations and dev.type == "cpu",
-                   "device": dev.type, "dtype": dtype}}
+                   "device": dev.type, "dtype": dtype},
+        "memory": sizes.as_dict() if sizes else None}
 
 
 def _supervised(corpus, data, recipe: Recipe, val, distilled, routing, progress: bool):
