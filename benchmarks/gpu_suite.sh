@@ -3,6 +3,8 @@
 #
 #   bash benchmarks/gpu_suite.sh                      # every step
 #   STEPS="tests mixing" bash benchmarks/gpu_suite.sh # some steps (install build tests decode serving mixing generate)
+#   STEPS="install train" bash ...                      # pf-train --device cuda (not in the default steps):
+#       the cuda training tests on tiny models, then --quick on TRAIN_MODEL (default: the bundled model)
 #   TIMEOUT_TESTS=150 TIMEOUT_MIXING=200 bash ...       # cap a step (seconds; partial results kept)
 #   TESTS="tests/test_kernels.py" bash ...              # fewer test files
 #   GEN_CONFIGS="base,top2:cuda" bash ...               # fewer bench_generate rows
@@ -138,6 +140,22 @@ if want generate; then
     gpu_configs=${GEN_CONFIGS:-$gpu_configs}
     run_step generate env -u TRITON_INTERPRET $PY benchmarks/bench_generate.py --device cuda \
         "${model_args[@]}" --configs "$gpu_configs" --new-tokens 32 --out "$RESULTS/gpu_generate.json"
+fi
+
+if want train; then
+    step "pf-train on the GPU: the cuda tests (tiny models), then the quick recipe (bf16, checkpointing, memory plan)"
+    run_step train_tests env -u TRITON_INTERPRET $PY -m pytest -q -rs tests/test_train_device.py tests/test_train_memory.py
+    mkdir -p "$RESULTS"
+    run_step train env -u TRITON_INTERPRET $PY -m pf_engine.cli.train --device cuda --quick --overwrite \
+        ${TRAIN_MODEL:+--model "$TRAIN_MODEL"} -o "$RESULTS/gpu_quick_bank.safetensors"
+    # the bank's metadata (the memory plan, seconds, GPU) as gpu_train.json; the bank stays out of git
+    run_step train_json $PY -c "
+import json, sys, torch
+from pf_engine.persona.bank import AdapterBank
+r = AdapterBank.load(sys.argv[1]).recipe
+json.dump({'gpu': torch.cuda.get_device_name(), 'memory': r['memory'], 'served': r['served'],
+           'train_seconds': r['train_seconds'], 'commit': r.get('commit')}, open(sys.argv[2], 'w'), indent=1)
+" "$RESULTS/gpu_quick_bank.safetensors" "$RESULTS/gpu_train.json"
 fi
 
 step "done"
