@@ -112,9 +112,10 @@ def summarise(each: list[dict], n_messages: int, n_facts: int, n_situations: int
 
 
 def measure(eng, enc, corpus, useful: dict, mids: list[str], encoder, clf, draws: int,
-            limit: int, max_new_tokens: int) -> dict | None:
+            limit: int, max_new_tokens: int, bar=None) -> dict | None:
     """usefulness.measure's figures over `draws` draws (draw 0: `useful` itself); None where the
-    bank has no sequence router (auto's gates are then not one row per prompt) or draws < 2."""
+    bank has no sequence router (auto's gates are then not one row per prompt) or draws < 2.
+    bar: a progress bar, updated once per further draw."""
     if draws < 2 or eng.bank is None or eng.bank.router is None:
         return None
     h = corpus.heldout
@@ -128,6 +129,8 @@ def measure(eng, enc, corpus, useful: dict, mids: list[str], encoder, clf, draws
     for d in range(1, draws):
         each.append(one_draw(eng, enc, texts, facts, sits, gates, d, encoder, clf,
                              max_new_tokens))
+        if bar is not None:
+            bar.update(1)
     return summarise(each, len(mids), len(facts), len(sits))
 
 

@@ -190,7 +190,8 @@ def evaluate(adapters="bigfive", data_dir=None, model=None, limit: int = 0,
     sampling, sampling_source = eng.generation_defaults(chat=True)
     sampling = dict(sampling, seed=0)
     clf, clf_acc = _classifiers(corpus)
-    with tqdm(total=7 + 3 * retention, desc="pf-eval", disable=not progress) as bar:
+    with tqdm(total=7 + 3 * retention + (draws - 1) * routed, desc="pf-eval",
+              disable=not progress) as bar:
         shift, S = _statement_shifts(eng, enc, corpus, conds, limit, bar)
         texts = _replies(eng, enc, corpus, every, limit, max_new_tokens, bar)
         sampled = _replies(eng, enc, corpus, every, limit, max_new_tokens, bar, sampling)
@@ -204,7 +205,7 @@ def evaluate(adapters="bigfive", data_dir=None, model=None, limit: int = 0,
             max_new_tokens, bar) if routed else None
         if useful is not None:
             useful["draws"] = drawing.measure(eng, enc, corpus, useful, mids, encoder, clf,
-                                              draws, limit, max_new_tokens)
+                                              draws, limit, max_new_tokens, bar)
         kept = _retention(eng, enc, corpus, every, limit, max_new_tokens, bar) if retention \
             else None
     reply_p = {name: {t: sum(clf[t].prob(list(v.values()))) / len(v) for t in TRAITS}
