@@ -128,7 +128,8 @@ def family_model(tmp_path_factory):
 @pytest.mark.parametrize("arch", ["qwen2", "mistral", "gguf"])
 def test_quick_recipe_on_other_llama_family_models(arch, family_model, tmp_path):
     """The quick recipe (every stage) trains a bank that loads and routes on a Qwen2 and a
-    Mistral folder and on a GGUF file."""
+    Mistral folder and on a GGUF file; on Mistral with the cuda recipe's gradient checkpointing
+    and the routed preference stage too (the routed stages' backward passes recompute)."""
     from pf_engine import Engine
     from pf_engine.train import Recipe, train_bank
     if arch == "gguf":
@@ -138,8 +139,11 @@ def test_quick_recipe_on_other_llama_family_models(arch, family_model, tmp_path)
     else:
         model = family_model(arch)
     out = tmp_path / "bank.safetensors"
-    recipe = Recipe.quick()
+    extra = (dict(checkpointing=True, route_pref_steps=2, route_pref_situations=2)
+             if arch == "mistral" else {})
+    recipe = Recipe.quick(**extra)
     bank = train_bank(DATA, out, model=model, recipe=recipe, progress=False)
+    assert ("routed_preference" in bank.recipe) == bool(extra)
     assert bank.recipe["joint"]["steps"] == 2 and bank.recipe["served"]["device"] == "cpu"
     assert bank.recipe["recipe"]["max_len"] == 512 and bank.recipe["memory"] is None
     assert recipe.max_len == 0                     # the caller's recipe is left as it was

@@ -162,3 +162,32 @@ def test_the_mixture_terms_reach_the_router(tiny_chat_model):
     parts = loss([Example(torch.randn(d, generator=g), t, distill[0])] * 2)
     (parts["pair"] + parts["kl"]).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loss.router_params)
+
+
+def test_checkpointing_recomputes_the_routed_mixture(tiny_chat_model):
+    """The cuda recipe's gradient checkpointing (on there by default): the joint loss's
+    gradients, experts' and router's, as without it.  The per-row scalings are set within a
+    block that has ended when backward recomputes the layers (before the fix: an error)."""
+    from pf_engine.persona.router import SequenceRouter
+    from pf_engine.train.joint import Example, JointLoss
+    from pf_engine.train.recipe import Recipe
+    pm, names, trunk = _experts(tiny_chat_model[0], seed=6)
+    items, distill = _pools(pm, trunk, 2, seed=30)
+    pm.base_model.set_adapter(names)
+    d = trunk.model.config.hidden_size
+    router = SequenceRouter.random(len(POLES), d, router_hidden=8, top_k=2, none=True, seed=7)
+    g = torch.Generator().manual_seed(8)
+    batch = [Example(torch.randn(d, generator=g), torch.tensor(t), distill[i])
+             for i, t in enumerate([[0.45, 0.0, 0.3, 0.0, 0.25], [0.0, 0.75, 0.0, 0.0, 0.25]])]
+    lora = [p for n, p in pm.named_parameters() if "lora_" in n]
+    grads = []
+    for checkpointing in (False, True):
+        trunk.checkpointing = checkpointing
+        for p in lora:
+            p.grad = None
+        loss = JointLoss(trunk, pm, names, router, items, POLES, distill, Recipe())
+        loss(batch)["loss"].backward()
+        grads.append([p.grad.clone() for p in lora] + [p.grad.clone() for p in loss.router_params])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    assert sum(float(a.abs().sum()) for a in grads[0]) > 0

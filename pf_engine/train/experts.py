@@ -115,7 +115,8 @@ class Trunk:
             if self.checkpointing and torch.is_grad_enabled():
                 from torch.utils.checkpoint import checkpoint
                 h = checkpoint(layer, h, attention_mask=None, position_embeddings=pe,
-                               position_ids=pos, use_reentrant=False)
+                               position_ids=pos, use_reentrant=False,
+                               context_fn=_recompute_as_now(layer))
             else:
                 h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=pos)
         return h
@@ -182,6 +183,43 @@ class Trunk:
             else:
                 out.append(fn(head, h[i:i + C], other[i:i + C]))
         return torch.cat(out)
+
+
+def _recompute_as_now(layer):
+    """checkpoint's context_fn for ``layer``: the backward pass recomputes it with its LoRA
+    modules as they are at the forward pass (which adapters are active or disabled, and their
+    scalings: the joint and routed preference stages set them per row from the router's gates
+    within a block that has ended by the time backward runs, and a recompute with the restored
+    scalings would train other weights, or fail checkpoint's check)."""
+    from contextlib import nullcontext
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    mods = [m for m in layer.modules() if isinstance(m, BaseTunerLayer)]
+
+    def state():
+        return [(dict(getattr(m, "scaling", {})), m._active_adapter, m._disable_adapters)
+                for m in mods]
+
+    def make():
+        then = state()
+
+        class AsThen:
+            def __enter__(self):
+                self.now = state()
+                _set(mods, then)
+
+            def __exit__(self, *exc):
+                _set(mods, self.now)
+        return nullcontext(), AsThen()
+    return make
+
+
+def _set(mods, states) -> None:
+    for m, (scaling, active, disabled) in zip(mods, states):
+        if hasattr(m, "scaling"):
+            m.scaling.clear()
+            m.scaling.update(scaling)
+        m._active_adapter, m._disable_adapters = active, disabled
 
 
 def _token_logprob(head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
