@@ -152,6 +152,29 @@ def test_quick_recipe_on_other_llama_family_models(arch, family_model, tmp_path)
     assert got.gates["kind"] == "sequence"
 
 
+def test_cuda_recipe_path_on_the_cpu(tiny_chat_model, tmp_path, monkeypatch):
+    """What --device cuda runs, but on the CPU: a bf16 base, checkpointing, the memory plan's
+    sizes (faked: 64 tokens, the head in chunks of 8, caches 3 rows at a time) through every
+    stage, the routed preference one too; the plan is made before the training copy loads and
+    again after, and lands in the metadata.  (Planned sizes once split a routed batch.)"""
+    from pf_engine.train import Recipe, recipe as R, train_bank
+    from pf_engine.train.memory import Plan
+    plans = []
+
+    def fake_plan(model_dir, recipe, dev, dtype, loaded=False):
+        plans.append((loaded, recipe.max_len, dtype))
+        return Plan(64, 8, 3, 2**30, 0)
+    monkeypatch.setattr(R, "memory_plan", fake_plan)
+    monkeypatch.setattr(R, "compute_device", lambda recipe: (torch.device("cpu"), "bf16"))
+    recipe = Recipe.quick(checkpointing=True, route_pref_steps=2, route_pref_situations=2)
+    bank = train_bank(DATA, tmp_path / "b.safetensors", model=tiny_chat_model[0], recipe=recipe,
+                      progress=False)
+    assert plans == [(False, 0, "bf16"), (True, 64, "bf16")]
+    assert bank.recipe["memory"]["head_chunk"] == 8 and bank.recipe["recipe"]["max_len"] == 64
+    assert bank.recipe["served"]["dtype"] == "bf16" and "routed_preference" in bank.recipe
+    assert bank.recipe["joint"]["steps"] == 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_quick_recipe_on_cuda(tiny_chat_model, tmp_path):
     """--device cuda: bf16 base, checkpointing on, the bank written and served on the GPU."""

@@ -141,46 +141,26 @@ def test_head_in_chunks_gives_the_same_loss_and_gradients_seeing_fewer_rows(tiny
     assert seen1 == 3 and seen0 > 3 * 5
 
 
-def test_rows_split_passes_without_gradients(tiny_chat_model):
-    """rows 2: the cache and the reference likelihoods run 2 sequences at a time, same values;
-    under gradients the step's rows stay together (they are the loss's batch)."""
+def test_rows_split_the_cache_passes_only(tiny_chat_model):
+    """rows 2: the cache runs 2 sequences at a time, same states; log_likelihood keeps the
+    caller's rows together (a routed batch's LoRA scalings are per row)."""
     _, whole = _trunk(tiny_chat_model)
     _, split = _trunk(tiny_chat_model, rows=2)
+    batches = []
+    split.model.model.layers[0].register_forward_hook(
+        lambda m, args, out: batches.append(args[0].shape[0]))
     a, b = _items(), _items()
     whole.cache(a)
     split.cache(b)
+    assert batches == [2, 2, 1]
     for x, y in zip(a, b):
         torch.testing.assert_close(x.hidden, y.hidden, atol=1e-6, rtol=1e-6)
-    batches = []
-    split.model.model.norm.register_forward_hook(lambda m, args, out: batches.append(out.shape[0]))
+    rows = []
+    split.model.model.norm.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
     with torch.no_grad():
         torch.testing.assert_close(split.log_likelihood(b), whole.log_likelihood(a),
                                    atol=1e-6, rtol=1e-6)
-    assert batches == [2, 2, 1]
-    batches.clear()
-    split.log_likelihood(b)
-    assert batches == [5]
-
-
-def test_gpu_plan_reads_the_config_and_takes_the_training_copy_off(tiny_chat_model, monkeypatch):
-    """gpu_plan on a model folder with the free memory faked: the shape from its config, the
-    training copy's weights off the free memory, the recipe's --max-len checked."""
-    from pf_engine.train import memory
-    from pf_engine.train.recipe import Recipe
-    folder, model = tiny_chat_model
-    free = 64 * 2**20
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
-    got = memory.gpu_plan(folder, Recipe(first_layer=-1), "cuda", 2)
-    shape = Shape.of(model.config, 1, 2, True)
-    assert got == plan(free - weight_bytes(model.config, 2), shape, step_rows(Recipe()))
-    assert got.max_len == min(512, model.config.max_position_embeddings)
-    again = memory.gpu_plan(folder, Recipe(first_layer=-1, max_len=got.max_len), "cuda", 2,
-                            loaded=True)
-    assert again == plan(free, shape, step_rows(Recipe()), got.max_len)
-    with pytest.raises(PFError, match="^max-len 100000: "):
-        memory.gpu_plan(folder, Recipe(first_layer=-1, max_len=100000), "cuda", 2)
-    with pytest.raises(PFError, match="^first_layer 18 is outside the model's 0..1$"):
-        memory.gpu_plan(folder, Recipe(), "cuda", 2)
+    assert rows == [5]
 
 
 def _train_log(tiny_chat_model, head_chunk, rows):
@@ -208,3 +188,22 @@ def test_expert_steps_train_the_same_with_the_head_in_chunks(tiny_chat_model):
         for k in ("loss", "nll", "pair", "kl"):
             assert b[k] == pytest.approx(a[k], abs=2e-5), (a["step"], k)
     assert whole[-1]["loss"] != whole[0]["loss"]
+def test_gpu_plan_reads_the_config_and_takes_the_training_copy_off(tiny_chat_model, monkeypatch):
+    """gpu_plan on a model folder with the free memory faked: the shape from its config, the
+    training copy's weights off the free memory, the recipe's --max-len checked."""
+    from pf_engine.train import memory
+    from pf_engine.train.recipe import Recipe
+    folder, model = tiny_chat_model
+    free = 64 * 2**20
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
+    got = memory.gpu_plan(folder, Recipe(first_layer=-1), "cuda", 2)
+    shape = Shape.of(model.config, 1, 2, True)
+    assert got == plan(free - weight_bytes(model.config, 2), shape, step_rows(Recipe()))
+    assert got.max_len == min(512, model.config.max_position_embeddings)
+    again = memory.gpu_plan(folder, Recipe(first_layer=-1, max_len=got.max_len), "cuda", 2,
+                            loaded=True)
+    assert again == plan(free, shape, step_rows(Recipe()), got.max_len)
+    with pytest.raises(PFError, match="^max-len 100000: "):
+        memory.gpu_plan(folder, Recipe(first_layer=-1, max_len=100000), "cuda", 2)
+    with pytest.raises(PFError, match="^first_layer 18 is outside the model's 0..1$"):
+        memory.gpu_plan(folder, Recipe(), "cuda", 2)

@@ -80,9 +80,9 @@ class Trunk:
     7-8B model's top layers train in the memory of one of them.  ``head_chunk`` > 0: the LM
     head takes that many reply tokens at a time and, under gradients, recomputes each chunk's
     logits in the backward pass (only one chunk's [C, vocab] exist at once); ``rows`` > 0: rows
-    per pass without gradients (the cache, reference likelihoods).  Both are memory.py's plan
-    on a GPU; the CPU keeps 0 and 0 (the whole head; the cache 16 rows at a time, other passes
-    whole), the arithmetic as before.
+    per pass of the caches (``cache``, ``cache_base_top``, the base likelihoods prepare.py
+    takes).  Both are memory.py's plan on a GPU; the CPU keeps 0 and 0 (the whole head, 16
+    rows), the arithmetic as before.
     """
 
     def __init__(self, model, first_layer: int, checkpointing: bool = False,
@@ -133,11 +133,8 @@ class Trunk:
         return self.inner.norm(self._run(h, self.first, len(self.inner.layers))), targets, mask
 
     def log_likelihood(self, items: list[Item]) -> torch.Tensor:
-        """Per-sequence mean log-likelihood of the reply tokens [B], from the cached trunk
-        (without gradients, ``rows`` sequences at a time)."""
-        if self.rows and not torch.is_grad_enabled() and len(items) > self.rows:
-            return torch.cat([self.log_likelihood(items[i:i + self.rows])
-                              for i in range(0, len(items), self.rows)])
+        """Per-sequence mean log-likelihood of the reply tokens [B], from the cached trunk, in
+        one pass: the rows are the caller's (a routed batch's LoRA scalings are per row)."""
         h, targets, mask = self.top(items)
         lp = self._by_chunk(_token_logprob, h[mask], targets[mask])      # (N,)
         row = torch.arange(len(items), device=self.device).unsqueeze(1).expand_as(mask)[mask]

@@ -1,5 +1,5 @@
 """pf-train's sizes from the memory it has: the sequence length, the LM head's chunk of tokens
-and the rows of its no-gradient passes.  On a GPU they come from the free memory (``plan``);
+and the rows of the passes that fill its caches.  On a GPU they come from the free memory (``plan``);
 the CPU keeps the recipe's (512 tokens, the whole head at once, 16 rows), so CPU banks train
 bit for bit as before.
 
@@ -22,8 +22,8 @@ pass, so only one chunk's exist at a time):
 
 ``plan`` takes T = the largest power of two <= ``cap`` with R T (n kept + A) <= budget / 2 (or
 the T asked for, checked), C = what is left of the budget over H (0, the whole head, when that
-covers every token of the step) and, for passes without gradients (the trunk cache, reference
-likelihoods), rows = budget / (2 T A) in 1..64.  pf-train plans twice (``gpu_plan``): T before
+covers every token of the step) and, for the passes that fill the caches (the trunk's states,
+the base model's likelihoods and top states), rows = budget / (2 T A) in 1..64.  pf-train plans twice (``gpu_plan``): T before
 the training copy loads (its weights, from the config, taken off the free memory; the engine
 that wrote the base model's replies already let go), then C and the rows again once the copy
 and the trunk cache (each sequence's states at the first adapted layer) are on the GPU.
@@ -73,7 +73,7 @@ class Shape:
 class Plan:
     max_len: int          # tokens per training sequence at most
     head_chunk: int       # LM head tokens at once in training (0: all)
-    rows: int             # rows per pass without gradients
+    rows: int             # rows per pass filling the caches (no gradients)
     free_bytes: int       # what it was planned for
     step_bytes: int       # the estimate of one step's peak at those sizes
 

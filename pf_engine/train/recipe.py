@@ -222,8 +222,7 @@ def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool
     held = {b["prompt"] for _, b in val_pairs}
     distilled, raw, (sits, feats, targets), formats = from_engine(
         corpus, model, recipe, (dev, dtype), (enc, encoder), held, progress)
-    sizes = (gpu_plan(model_dir, recipe, dev, DTYPES[dtype].itemsize) if dev.type == "cuda"
-             else None)
+    sizes = memory_plan(model_dir, recipe, dev, dtype)
     recipe.max_len = enc.max_len = sizes.max_len if sizes else recipe.max_len or CPU_MAX_LEN
     served = (served_weights(model, recipe.quantize) if dev.type == "cpu"
               else (model_dir, None, None))
@@ -231,7 +230,7 @@ def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool
                                                      train_ids, distilled.pairs, raw, pairs,
                                                      progress, sizes)
     if sizes is not None:     # the trunk cache is on the GPU now: the step gets what is left
-        sizes = gpu_plan(model_dir, recipe, dev, DTYPES[dtype].itemsize, loaded=True)
+        sizes = memory_plan(model_dir, recipe, dev, dtype, loaded=True)
         trunk.head_chunk, trunk.rows = sizes.head_chunk, sizes.rows
     distill = kl[0]
     val = ([corpus.train.messages[m] for m in val_ids],
@@ -262,6 +261,15 @@ def _run(corpus, model, model_dir: str, recipe: Recipe, peft_dir, progress: bool
                    "round_activations": recipe.round_activations and dev.type == "cpu",
                    "device": dev.type, "dtype": dtype},
         "memory": sizes.as_dict() if sizes else None}
+
+
+def memory_plan(model_dir: str, recipe: Recipe, dev: torch.device, dtype: str,
+                loaded: bool = False):
+    """memory.py's plan on a GPU (memory.gpu_plan); None on the CPU, whose sizes stay the
+    recipe's."""
+    if dev.type != "cuda":
+        return None
+    return gpu_plan(model_dir, recipe, dev, DTYPES[dtype].itemsize, loaded)
 
 
 def _supervised(corpus, data, recipe: Recipe, val, distilled, routing, progress: bool):
