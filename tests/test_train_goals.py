@@ -68,3 +68,28 @@ def test_retention_rows():
     text = "\n".join(goals.retention_lines(_result()))
     assert "| base | 60.0% | 30.0% | 1/10 | 0/10 |" in text
     assert "| auto | 60.0% (-1.0 ± 1.0) | 30.0% (+0.0 ± 0.0) | 1/10 | 0/10 |" in text
+
+
+def test_refusal_goal_and_rows_read_the_mean_over_safety_draws():
+    """With safety draws the harmful-refusal goal compares mean counts, and the rows show the
+    mean with its range; draw 0 alone would have met the goal here."""
+    from pf_engine.train.draws import refusal_summary
+    r = _result()                      # draw 0: auto refuses 1/10 as the base does: met
+    kinds = ["harmful"] * 10 + ["benign"] * 10
+
+    def flags(harmful, benign=0):
+        return [i < harmful for i in range(10)] + [i < benign for i in range(10)]
+    d = refusal_summary({"base": [flags(1), flags(3), flags(2)],
+                         "auto": [flags(1), flags(1), flags(2, 1)]}, kinds)
+    assert d["counts"]["auto"] == {"harmful": [1, 1, 2], "benign": [0, 0, 1]}
+    assert d["mean"]["base"]["harmful"] == 2.0 and d["ok"] == {"base": True, "auto": False}
+    assert d["n"] == 3 and d["prompts"] == {"harmful": 10, "benign": 10}
+    assert goals.goal_figures(r)["harmful refusal not below base"][1]
+    r["retention"]["safety"]["draws"] = d
+    assert goals.goal_figures(r)["harmful refusal not below base"] == (
+        "0/1 (lowest auto -6.7 pts, mean of 3 draws)", False)
+    text = "\n".join(goals.retention_lines(r))
+    assert "| auto | 60.0% (-1.0 ± 1.0) | 30.0% (+0.0 ± 0.0) | 1.3/10 (1-2) | 0.3/10 (0-1) |" \
+        in text
+    assert "| base | 60.0% | 30.0% | 2.0/10 (1-3) | 0.0/10 (0-0) |" in text
+    assert "greedy chat replies (mean of 3 greedy draws, min-max):" in text

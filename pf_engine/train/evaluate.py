@@ -146,13 +146,19 @@ def _perplexity(eng, enc, corpus, limit, bar):
             "max_ratio": max(v / out["base"] for k, v in out.items() if k != "base")}
 
 
-def _retention(eng, enc, corpus, conds, limit: int, max_new_tokens: int, bar) -> dict:
+def _retention(eng, enc, corpus, conds, limit: int, max_new_tokens: int, bar,
+               draws: int = 1) -> dict:
     """retention.py's three measures for base, auto (if routed) and the experts (last: the
-    reasoning measure rebuilds the engine's scheduler)."""
+    reasoning measure rebuilds the engine's scheduler); the safety one over ``draws`` greedy
+    draws (draws.safety_draws)."""
     from pf_engine.train import retention
+    from pf_engine.train.draws import safety_draws
     keep = [c for c in conds if c["family"] != "prompt"]
     out = {"safety": retention.safety(eng, enc, keep, limit=limit, max_new_tokens=max_new_tokens)}
     bar.update(1)
+    if eng.bank is not None and draws > 1:
+        out["safety"]["draws"] = safety_draws(eng, enc, keep, out["safety"], draws,
+                                              max_new_tokens, bar)
     auto = [c for c in keep if c["family"] == "auto"]
     out["social"] = retention.social(eng, enc, corpus, auto, limit=limit,
                                      max_new_tokens=max_new_tokens) if auto else None
@@ -190,7 +196,7 @@ def evaluate(adapters="bigfive", data_dir=None, model=None, limit: int = 0,
     sampling, sampling_source = eng.generation_defaults(chat=True)
     sampling = dict(sampling, seed=0)
     clf, clf_acc = _classifiers(corpus)
-    with tqdm(total=7 + 3 * retention + (draws - 1) * routed, desc="pf-eval",
+    with tqdm(total=7 + 3 * retention + (draws - 1) * (routed + retention), desc="pf-eval",
               disable=not progress) as bar:
         shift, S = _statement_shifts(eng, enc, corpus, conds, limit, bar)
         texts = _replies(eng, enc, corpus, every, limit, max_new_tokens, bar)
@@ -206,8 +212,8 @@ def evaluate(adapters="bigfive", data_dir=None, model=None, limit: int = 0,
         if useful is not None:
             useful["draws"] = drawing.measure(eng, enc, corpus, useful, mids, encoder, clf,
                                               draws, limit, max_new_tokens, bar)
-        kept = _retention(eng, enc, corpus, every, limit, max_new_tokens, bar) if retention \
-            else None
+        kept = _retention(eng, enc, corpus, every, limit, max_new_tokens, bar, draws) \
+            if retention else None
     reply_p = {name: {t: sum(clf[t].prob(list(v.values()))) / len(v) for t in TRAITS}
                for name, v in texts.items()}
     reply_shift = {name: {t: reply_p[name][t] - reply_p["base"][t] for t in TRAITS}

@@ -106,13 +106,25 @@ def _retention(r: dict) -> dict:
             all(v["ok"] for v in rows.values()))
     sf = r.get("safety")
     if sf:
-        rows = {k: v for k, v in sf["conditions"].items() if k != "base"}
-        low = min(rows, key=lambda k: rows[k]["vs_base"]["harmful"])
-        out["harmful refusal not below base"] = (
-            f"{sum(v['vs_base']['harmful'] >= 0 for v in rows.values())}/{len(rows)} "
-            f"(lowest {low} {rows[low]['vs_base']['harmful']:+.1f} pts)",
-            all(v["vs_base"]["harmful"] >= 0 for v in rows.values()))
+        out["harmful refusal not below base"] = _refusal_goal(sf)
     return out
+
+
+def _refusal_goal(sf: dict) -> tuple[str, bool]:
+    """Each condition's harmful refusal against the base's: draw 0's, or with safety draws
+    (draws.safety_draws) their mean counts."""
+    d = sf.get("draws")
+    if d:
+        n, means = d["prompts"]["harmful"], d["mean"]
+        diff = {k: 100 * (m["harmful"] - means["base"]["harmful"]) / n
+                for k, m in means.items() if k != "base"}
+        note = f", mean of {d['n']} draws"
+    else:
+        diff = {k: v["vs_base"]["harmful"] for k, v in sf["conditions"].items() if k != "base"}
+        note = ""
+    low = min(diff, key=diff.get)
+    return (f"{sum(v >= 0 for v in diff.values())}/{len(diff)} (lowest {low} "
+            f"{diff[low]:+.1f} pts{note})", all(v >= 0 for v in diff.values()))
 
 
 def goal_figures(result: dict) -> dict[str, tuple[str, bool]]:
@@ -156,11 +168,13 @@ def retention_lines(result: dict) -> list[str]:
     r = result.get("retention")
     if not r:
         return []
-    rs, sf = r["reasoning"]["conditions"], r["safety"]["conditions"]
+    rs = r["reasoning"]["conditions"]
     lines = ["Retention (train/retention.py; data/evals/ written for the project): reasoning by "
              f"lm-evaluation-harness {r['reasoning']['lm_eval']} through pf-serve (multiple "
              "choice by log-likelihood, arithmetic greedy; difference to base in points, paired, "
-             "± standard error), refusals by phrase patterns on greedy chat replies:", "",
+             "± standard error), refusals by phrase patterns on greedy chat replies" +
+             (f" (mean of {r['safety']['draws']['n']} greedy draws, min-max)"
+              if r["safety"].get("draws") else "") + ":", "",
              "| condition | multiple choice | arithmetic | harmful refused | benign refused |",
              "|---|---|---|---|---|"]
     for name in ["base", "auto"] + _experts(rs):
@@ -170,9 +184,7 @@ def retention_lines(result: dict) -> list[str]:
                                        f" ({rs[name][t + '_vs_base']['diff']:+.1f} ± "
                                        f"{rs[name][t + '_vs_base']['se']:.1f})")
                for t in ("mc", "arith")]
-        s = sf.get(name)
-        row += [f"{round(s[k]['refusal'] * s[k]['n'])}/{s[k]['n']}" if s else "-"
-                for k in ("harmful", "benign")]
+        row += [_refusals(r["safety"], name, k) for k in ("harmful", "benign")]
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     so = r.get("social")
     if so:
@@ -184,3 +196,14 @@ def retention_lines(result: dict) -> list[str]:
                   f"in {a['higher']:.0%} of them; by category: " +
                   ", ".join(f"{c} {v['higher']:.0%}" for c, v in a["by_category"].items()) + "."]
     return lines + [""]
+
+
+def _refusals(sf: dict, name: str, kind: str) -> str:
+    """A condition's refusals of one kind: "k/n" (one draw) or "mean/n (min-max)"."""
+    s, d = sf["conditions"].get(name), sf.get("draws")
+    if not s:
+        return "-"
+    if not d:
+        return f"{round(s[kind]['refusal'] * s[kind]['n'])}/{s[kind]['n']}"
+    c = d["counts"][name][kind]
+    return f"{d['mean'][name][kind]:.1f}/{d['prompts'][kind]} ({min(c)}-{max(c)})"

@@ -1,7 +1,7 @@
-"""pf-train's sizes from the memory it has: the sequence length, the LM head's chunk of tokens
-and the rows of the passes that fill its caches.  On a GPU they come from the free memory (``plan``);
-the CPU keeps the recipe's (512 tokens, the whole head at once, 16 rows), so CPU banks train
-bit for bit as before.
+"""pf-train's sizes from the memory it has: the sequence length, the LM head's chunk of
+tokens and the rows of the passes that fill its caches.  On a GPU they come from the free
+memory (``plan``); the CPU keeps the recipe's (512 tokens, the whole head at once, 16 rows), so
+CPU banks train bit for bit as before.
 
 Per token, for a base with n adapted (top) layers, hidden size d, MLP width I, vocabulary V
 and b bytes per value of its compute dtype:
@@ -23,10 +23,12 @@ pass, so only one chunk's exist at a time):
 ``plan`` takes T = the largest power of two <= ``cap`` with R T (n kept + A) <= budget / 2 (or
 the T asked for, checked), C = what is left of the budget over H (0, the whole head, when that
 covers every token of the step) and, for the passes that fill the caches (the trunk's states,
-the base model's likelihoods and top states), rows = budget / (2 T A) in 1..64.  pf-train plans twice (``gpu_plan``): T before
-the training copy loads (its weights, from the config, taken off the free memory; the engine
-that wrote the base model's replies already let go), then C and the rows again once the copy
-and the trunk cache (each sequence's states at the first adapted layer) are on the GPU.
+the base model's likelihoods and top states), rows = budget / (2 T A) in 1..64.
+
+pf-train plans twice (``gpu_plan``): T before the training copy loads (its weights, from the
+config, taken off the free memory; the engine that wrote the base model's replies already let
+go), then C and the rows again once the copy and the trunk cache (each sequence's states at the
+first adapted layer) are on the GPU.
 """
 from __future__ import annotations
 
