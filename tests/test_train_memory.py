@@ -9,7 +9,7 @@ import torch
 
 from conftest import build_hf_model
 from pf_engine.errors import PFError
-from pf_engine.train.experts import Item, Trunk
+from pf_engine.train.experts import Item
 from pf_engine.train.memory import BUDGET, Shape, plan, step_rows, weight_bytes
 from pf_engine.train.sequences import Sequence
 
@@ -88,20 +88,11 @@ def test_weight_bytes_counts_the_parameters(arch):
 
 
 def _trunk(tiny_chat_model, head_chunk=0, rows=0):
-    from peft import LoraConfig, get_peft_model
-
-    from pf_engine.train.experts import load_hf_model
-    hf = load_hf_model(tiny_chat_model[0])
-    torch.manual_seed(0)
-    pm = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                       target_modules=["q_proj", "v_proj"],
-                                       layers_to_transform=[1]))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return pm, Trunk(hf, 1, False, head_chunk, rows)
+    """test_train_device's peft model with random B and its trunk, sized as given."""
+    from test_train_device import _peft
+    pm, trunk = _peft(tiny_chat_model[0])
+    trunk.head_chunk, trunk.rows = head_chunk, rows
+    return pm, trunk
 
 
 def _items(n=5):
