@@ -176,8 +176,8 @@ def train_bank(data_dir, output, model=None, quick: bool = False, overwrite: boo
     from pf_engine.engine import resolve_model
 
     output = _check_output(output, overwrite)
-    recipe = dataclasses.replace(recipe or (Recipe.quick() if quick else Recipe()))  # _run
-                                          # sets its max_len: the caller's stays as it was
+    # a copy: _run sets its max_len (the plan's), the caller's recipe stays as it was
+    recipe = dataclasses.replace(recipe or (Recipe.quick() if quick else Recipe()))
     compute_device(recipe)
     corpus = load_corpus(data_dir, splits=("train",))
     begun = None
