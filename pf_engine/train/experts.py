@@ -188,7 +188,7 @@ def _recompute_as_now(layer):
     scalings: the joint and routed preference stages set them per row from the router's gates
     within a block that has ended by the time backward runs, and a recompute with the restored
     scalings would train other weights, or fail checkpoint's check)."""
-    from contextlib import nullcontext
+    from contextlib import contextmanager, nullcontext
 
     from peft.tuners.tuners_utils import BaseTunerLayer
     mods = [m for m in layer.modules() if isinstance(m, BaseTunerLayer)]
@@ -197,18 +197,15 @@ def _recompute_as_now(layer):
         return [(dict(getattr(m, "scaling", {})), m._active_adapter, m._disable_adapters)
                 for m in mods]
 
-    def make():
-        then = state()
-
-        class AsThen:
-            def __enter__(self):
-                self.now = state()
-                _set(mods, then)
-
-            def __exit__(self, *exc):
-                _set(mods, self.now)
-        return nullcontext(), AsThen()
-    return make
+    @contextmanager
+    def as_then(then):
+        now = state()
+        _set(mods, then)
+        try:
+            yield
+        finally:
+            _set(mods, now)
+    return lambda: (nullcontext(), as_then(state()))
 
 
 def _set(mods, states) -> None:
