@@ -79,14 +79,14 @@ class Trunk:
     only its input and recomputes the rest in the backward pass (torch.utils.checkpoint), so a
     7-8B model's top layers train in the memory of one of them.  ``head_chunk`` > 0: the LM
     head takes that many reply tokens at a time and, under gradients, recomputes each chunk's
-    logits in the backward pass (only one chunk's [C, vocab] exist at once); ``rows`` > 0: rows
-    per pass of the caches (``cache``, ``cache_base_top``, the base likelihoods prepare.py
-    takes).  Both are memory.py's plan on a GPU; the CPU keeps 0 and 0 (the whole head, 16
-    rows), the arithmetic as before.
+    logits in the backward pass (only one chunk's [C, vocab] exist at once); ``rows``: rows per
+    pass of the caches (``cache``, ``cache_base_top``, the base likelihoods prepare.py takes).
+    Both are memory.py's plan on a GPU; the CPU keeps 0 and 16 (the whole head, 16 rows), the
+    arithmetic as before.
     """
 
     def __init__(self, model, first_layer: int, checkpointing: bool = False,
-                 head_chunk: int = 0, rows: int = 0):
+                 head_chunk: int = 0, rows: int = 16):
         self.model, self.first, self.checkpointing = model, first_layer, checkpointing
         self.head_chunk, self.rows = head_chunk, rows
         self.inner = model.model
@@ -97,8 +97,8 @@ class Trunk:
     @torch.no_grad()
     def cache(self, items: list[Item], batch: int = 0, progress=None) -> None:
         """Fill ``item.hidden``: the input of layer ``first_layer`` for every sequence, ``batch``
-        (default ``rows``, or 16) at a time."""
-        batch = batch or self.rows or 16
+        (default ``rows``) at a time."""
+        batch = batch or self.rows
         for i in range(0, len(items), batch):
             chunk = items[i:i + batch]
             ids, _, _ = pad_batch([it.seq for it in chunk])
@@ -144,7 +144,7 @@ class Trunk:
     @torch.no_grad()
     def cache_base_top(self, items: list[Item], batch: int = 0) -> None:
         """Fill ``item.base_top`` (call before any adapter exists: the base model's states)."""
-        batch = batch or self.rows or 16
+        batch = batch or self.rows
         for i in range(0, len(items), batch):
             chunk = items[i:i + batch]
             h, _, _ = self.top(chunk)

@@ -155,9 +155,8 @@ def cached_items(corpus, enc, served, device, recipe, mids, distilled, raw, pair
     with tqdm(total=len(every), desc="trunk cache", disable=not progress, unit="seq") as bar:
         trunk.cache(every, progress=bar)
     with torch.no_grad():
-        rows = trunk.rows or 16
-        for i in range(0, len(every), rows):
-            chunk = every[i:i + rows]
+        for i in range(0, len(every), trunk.rows):
+            chunk = every[i:i + trunk.rows]
             for it, lp in zip(chunk, trunk.log_likelihood(chunk).tolist()):
                 it.base_lp = lp
     trunk.cache_base_top(distill + raw)
